@@ -1,0 +1,133 @@
+//! Every failure an agent or a visitor can see, in one table: its number
+//! (shown as `ERR_POSTERN_<n>`), the HTTP status a visitor gets, and who is at
+//! fault. Numbers follow ngrok's `ERR_NGROK_<n>` where ngrok has the same
+//! situation, so that runbooks keyed on them carry over; Postern's own cases
+//! use 9000 and up.
+
+use std::fmt;
+
+use crate::pb;
+
+/// Who caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The visitor (public client) sent something wrong.
+    Client,
+    /// The agent or its configuration is wrong or gone.
+    Agent,
+    /// The agent's upstream service failed.
+    Upstream,
+    /// The edge itself failed or is overloaded.
+    Edge,
+}
+
+/// One entry of the error table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorCode {
+    pub number: u32,
+    /// Status for HTTP visitors; agent-side errors use 400.
+    pub http_status: u16,
+    pub fault: Fault,
+    /// One line, for the error page and logs.
+    pub summary: &'static str,
+}
+
+macro_rules! codes {
+    ($($name:ident = ($n:expr, $status:expr, $fault:ident, $summary:expr);)*) => {
+        impl ErrorCode {
+            $(pub const $name: ErrorCode = ErrorCode {
+                number: $n, http_status: $status, fault: Fault::$fault, summary: $summary,
+            };)*
+
+            /// Every code, in table order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+        }
+    };
+}
+
+codes! {
+    // Agent session and authentication.
+    PROTOCOL_VIOLATION = (100, 400, Agent, "the agent broke the tunnel protocol");
+    AUTHTOKEN_MALFORMED = (105, 400, Agent, "the authtoken is malformed");
+    AUTHTOKEN_INVALID = (107, 400, Agent, "the authtoken is not valid");
+    TOO_MANY_SESSIONS = (108, 400, Agent, "too many simultaneous agent sessions for this authtoken");
+    PROTOCOL_VERSION = (120, 400, Agent, "the agent and the edge have no protocol version in common");
+    SESSION_SUPERSEDED = (121, 400, Agent, "a newer session of the same agent replaced this one");
+    // Binding endpoints.
+    INVALID_TERMINATE_AT = (224, 400, Agent, "terminate_at must be edge, agent or upstream");
+    INVALID_BIND = (225, 400, Agent, "the bind request is invalid");
+    TCP_PORT_UNAVAILABLE = (307, 400, Agent, "the requested TCP port is not available");
+    ACL_DENIES_ADDRESS = (308, 400, Agent, "the authtoken's ACL does not permit binding this address");
+    ACL_DENIES_NAME = (316, 400, Agent, "the authtoken's ACL does not permit binding this name");
+    TOO_MANY_ENDPOINTS = (324, 400, Agent, "too many endpoints on one agent session");
+    INVALID_DOMAIN = (326, 400, Agent, "the domain name is invalid");
+    ENDPOINT_ALREADY_BOUND = (334, 400, Agent, "the endpoint is already online in another agent session");
+    UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");
+    DRAINING = (742, 503, Edge, "the edge node is draining; reconnect to another node");
+    // Visitors.
+    TLS_HANDSHAKE = (3002, 400, Client, "the TLS handshake failed");
+    TLS_NO_SNI = (3003, 400, Client, "the client sent no TLS SNI, which this endpoint needs");
+    UPSTREAM_INVALID_RESPONSE = (3004, 502, Upstream, "the upstream returned an invalid HTTP response");
+    UPSTREAM_TIMEOUT = (3008, 504, Upstream, "the upstream did not respond in time");
+    ENDPOINT_OFFLINE = (3200, 404, Client, "no endpoint is online for this host");
+    AGENT_FORWARD_FAILED = (3210, 502, Agent, "the connection to the agent failed");
+    UPSTREAM_DIAL_FAILED = (8012, 502, Upstream, "the agent could not connect to the upstream");
+    // Postern's own.
+    MISDIRECTED_REQUEST = (9001, 421, Client, "the Host header names another endpoint than the TLS SNI");
+    BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
+    STREAM_UNAVAILABLE = (9004, 503, Agent, "the agent did not provide a data stream in time");
+    CONNECTION_RESET = (9005, 502, Client, "the peer reset the connection");
+    INTERNAL = (9999, 500, Edge, "internal error");
+}
+
+impl ErrorCode {
+    /// Looks a code up by number, e.g. for a code that arrived from the peer.
+    pub fn from_number(number: u32) -> Option<ErrorCode> {
+        Self::ALL.iter().copied().find(|c| c.number == number)
+    }
+
+    /// `ERR_POSTERN_<n>`.
+    pub fn id(&self) -> String {
+        format!("ERR_POSTERN_{}", self.number)
+    }
+
+    /// The wire form with a specific message.
+    pub fn to_pb(&self, message: impl Into<String>) -> pb::Error {
+        pb::Error {
+            code: self.number,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.id(), self.summary)
+    }
+}
+
+impl fmt::Display for pb::Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ERR_POSTERN_{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for pb::Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn numbers_are_unique_and_round_trip() {
+        let mut seen = HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.number), "duplicate {}", code.number);
+            assert_eq!(ErrorCode::from_number(code.number), Some(*code));
+            assert!((100..600).contains(&code.http_status));
+        }
+        assert_eq!(ErrorCode::ENDPOINT_OFFLINE.id(), "ERR_POSTERN_3200");
+        assert_eq!(ErrorCode::from_number(1), None);
+    }
+}

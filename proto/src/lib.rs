@@ -1,0 +1,41 @@
+//! The Postern tunnel protocol, shared by agent and edge: the generated gRPC
+//! code, the adapters that carry a socket over a data stream, the PROXY
+//! header codec and the error table. No policy lives here: nothing about
+//! tokens, routing or modules. See `PROTOCOL.md` for the protocol in prose.
+
+mod error;
+mod pipe;
+pub mod proxy_header;
+mod tunnel_io;
+mod version;
+
+/// Generated messages and the `Tunnel` service (client and server).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("postern.tunnel.v1");
+}
+
+pub use error::{ErrorCode, Fault};
+pub use pipe::{End, INITIAL_READ, InboundPump, MAX_READ, OutboundFrames, PipeOutcome, pipe};
+pub use tunnel_io::{ChannelFrames, TunnelIo, tunnel_io};
+pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, negotiate};
+
+/// Request metadata keys on `Data` streams.
+pub mod metadata {
+    pub const SESSION: &str = "postern-session";
+    pub const STREAM_TOKEN: &str = "postern-stream-token";
+}
+
+/// HTTP/2 settings used on both ends of the agent connection.
+///
+/// The per-stream window bounds what one slow visitor or upstream can park in
+/// the receiver's buffers; the connection window bounds all of them together
+/// and must stay several stream windows wide, so that a few stalled streams
+/// cannot stall the rest of the session.
+pub mod h2_settings {
+    pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+    pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+    pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
+    /// Concurrent streams per agent connection (tonic's default is unlimited).
+    pub const MAX_CONCURRENT_STREAMS: u32 = 16 * 1024;
+}

@@ -1,0 +1,248 @@
+//! A tunnel data stream as an `AsyncRead + AsyncWrite` byte stream, for code
+//! that wants an IO object rather than a pump: hyper's HTTP/1 client at the
+//! edge, and TLS termination inside the agent.
+//!
+//! Writes go through a small channel to [`ChannelFrames`], the `Stream` handed
+//! to tonic. Prefer [`crate::pipe`] where both ends are sockets: it needs no
+//! channel.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes};
+use futures_util::Stream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::mpsc,
+};
+use tokio_util::sync::PollSender;
+
+use crate::{ErrorCode, pb, pipe::MAX_READ};
+
+/// Frames buffered between the writer and HTTP/2.
+const CHANNEL_FRAMES: usize = 8;
+
+/// Wraps the peer's frames (`inbound`) as a byte stream. The returned
+/// [`ChannelFrames`] must be sent to the peer; `first` frames lead it.
+pub fn tunnel_io<S>(inbound: S, first: Vec<pb::Frame>) -> (TunnelIo<S>, ChannelFrames) {
+    let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+    let io = TunnelIo {
+        inbound,
+        pending: Bytes::new(),
+        read_done: false,
+        tx: PollSender::new(tx),
+        write_closed: false,
+    };
+    let frames = ChannelFrames {
+        first: first.into_iter().rev().collect(),
+        rx,
+        sent_eof: false,
+        done: false,
+    };
+    (io, frames)
+}
+
+/// The byte-stream side. Dropping it without `shutdown` resets the stream.
+pub struct TunnelIo<S> {
+    inbound: S,
+    pending: Bytes,
+    read_done: bool,
+    tx: PollSender<pb::Frame>,
+    write_closed: bool,
+}
+
+impl<S> AsyncRead for TunnelIo<S>
+where
+    S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.inbound).poll_next(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(error) = frame.error {
+                        self.read_done = true;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            error,
+                        )));
+                    }
+                    self.pending = frame.data;
+                    if frame.eof {
+                        self.read_done = true;
+                    }
+                }
+                Some(Err(status)) => {
+                    self.read_done = true;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        format!("tunnel stream: {}", status.message()),
+                    )));
+                }
+                None => {
+                    self.read_done = true;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the tunnel stream ended without eof",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl<S: Unpin> AsyncWrite for TunnelIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
+        let n = buf.len().min(MAX_READ);
+        let frame = pb::Frame {
+            data: Bytes::copy_from_slice(&buf[..n]),
+            ..Default::default()
+        };
+        self.tx.send_item(frame).map_err(|_| broken())?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
+        let eof = pb::Frame {
+            eof: true,
+            ..Default::default()
+        };
+        self.tx.send_item(eof).map_err(|_| broken())?;
+        self.write_closed = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the tunnel stream is gone")
+}
+
+/// The frames a [`TunnelIo`] writes. It stays open after the writer's eof
+/// until the [`TunnelIo`] is dropped, and ends with an error frame when the
+/// writer went away without eof.
+pub struct ChannelFrames {
+    first: Vec<pb::Frame>,
+    rx: mpsc::Receiver<pb::Frame>,
+    sent_eof: bool,
+    done: bool,
+}
+
+impl Stream for ChannelFrames {
+    type Item = pb::Frame;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<pb::Frame>> {
+        if let Some(frame) = self.first.pop() {
+            return Poll::Ready(Some(frame));
+        }
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match ready!(self.rx.poll_recv(cx)) {
+            Some(frame) => {
+                self.sent_eof |= frame.eof;
+                Poll::Ready(Some(frame))
+            }
+            None => {
+                self.done = true;
+                if self.sent_eof {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(pb::Frame {
+                        error: Some(
+                            ErrorCode::CONNECTION_RESET.to_pb("the connection was dropped"),
+                        ),
+                        ..Default::default()
+                    }))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn reads_frames_and_writes_frames() {
+        let peer = futures_util::stream::iter(vec![
+            Ok(pb::Frame {
+                data: Bytes::from_static(b"abc"),
+                ..Default::default()
+            }),
+            Ok(pb::Frame {
+                data: Bytes::from_static(b"def"),
+                eof: true,
+                ..Default::default()
+            }),
+        ]);
+        let (mut io, mut frames) = tunnel_io(peer, vec![]);
+        let mut got = String::new();
+        io.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "abcdef");
+
+        io.write_all(b"xyz").await.unwrap();
+        io.shutdown().await.unwrap();
+        assert_eq!(&frames.next().await.unwrap().data[..], b"xyz");
+        assert!(frames.next().await.unwrap().eof);
+        drop(io);
+        assert!(frames.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn dropping_without_shutdown_sends_an_error() {
+        let (io, mut frames) = tunnel_io(
+            futures_util::stream::pending::<Result<pb::Frame, tonic::Status>>(),
+            vec![],
+        );
+        drop(io);
+        let f = frames.next().await.unwrap();
+        assert_eq!(f.error.unwrap().code, ErrorCode::CONNECTION_RESET.number);
+        assert!(frames.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn peer_error_is_a_reset() {
+        let peer = futures_util::stream::iter(vec![Ok(pb::Frame {
+            error: Some(ErrorCode::UPSTREAM_DIAL_FAILED.to_pb("connection refused")),
+            ..Default::default()
+        })]);
+        let (mut io, _frames) = tunnel_io(peer, vec![]);
+        let err = io.read_u8().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("ERR_POSTERN_8012"), "{err}");
+    }
+}
