@@ -106,6 +106,40 @@ impl fmt::Display for ErrorCode {
     }
 }
 
+/// A failure with its code and the specifics of this occurrence.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {detail}", code.id())]
+pub struct Failure {
+    pub code: ErrorCode,
+    pub detail: String,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// The wire form.
+    pub fn to_pb(&self) -> pb::Error {
+        self.code.to_pb(self.detail.clone())
+    }
+
+    /// From the wire; an unknown number becomes [`ErrorCode::INTERNAL`]
+    /// with the number kept in the detail.
+    pub fn from_pb(error: &pb::Error) -> Failure {
+        match ErrorCode::from_number(error.code) {
+            Some(code) => Failure::new(code, error.message.clone()),
+            None => Failure::new(
+                ErrorCode::INTERNAL,
+                format!("ERR_POSTERN_{}: {}", error.code, error.message),
+            ),
+        }
+    }
+}
+
 impl fmt::Display for pb::Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ERR_POSTERN_{}: {}", self.code, self.message)

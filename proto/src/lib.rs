@@ -15,7 +15,7 @@ pub mod pb {
     tonic::include_proto!("postern.tunnel.v1");
 }
 
-pub use error::{ErrorCode, Fault};
+pub use error::{ErrorCode, Failure, Fault};
 pub use pipe::{End, INITIAL_READ, InboundPump, MAX_READ, OutboundFrames, PipeOutcome, pipe};
 pub use tunnel_io::{ChannelFrames, TunnelIo, tunnel_io};
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, negotiate};

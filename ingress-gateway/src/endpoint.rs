@@ -1,0 +1,92 @@
+//! What the gateway knows about a bound endpoint, and the one thing it needs
+//! from the agent session behind it: a data stream per proxied connection.
+
+use std::{net::SocketAddr, pin::Pin, sync::Arc};
+
+use futures_util::{Stream, future::BoxFuture};
+use postern_proto::{Failure, pb};
+use rustls::ServerConfig;
+use tokio::sync::oneshot;
+
+/// The frames the gateway sends to the agent on a claimed stream.
+pub type BoxFrames = Pin<Box<dyn Stream<Item = pb::Frame> + Send>>;
+
+/// A data stream claimed from an agent session: the agent's frames, and the
+/// slot where the gateway plugs in the frames it sends back.
+pub struct ClaimedStream {
+    pub inbound: tonic::Streaming<pb::Frame>,
+    pub attach: oneshot::Sender<BoxFrames>,
+}
+
+/// Hands out data streams to the agent behind an endpoint.
+pub trait StreamSource: Send + Sync + 'static {
+    /// A stream ready for one proxied connection.
+    fn claim(&self) -> BoxFuture<'static, Result<ClaimedStream, Failure>>;
+    /// The agent session id, for logs and outcomes.
+    fn session_id(&self) -> &str;
+}
+
+/// Where TLS ends for a TLS endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TerminateAt {
+    Edge,
+    Agent,
+    Upstream,
+}
+
+/// What kind of endpoint, with what the gateway needs to serve it.
+#[derive(Clone)]
+pub enum EndpointKind {
+    Http,
+    Tls {
+        terminate_at: TerminateAt,
+        /// For `terminate_at = edge` with the endpoint's own certificate.
+        server_config: Option<Arc<ServerConfig>>,
+    },
+    Tcp {
+        port: u16,
+    },
+}
+
+impl EndpointKind {
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            EndpointKind::Http => "https",
+            EndpointKind::Tls { .. } => "tls",
+            EndpointKind::Tcp { .. } => "tcp",
+        }
+    }
+}
+
+/// A bound endpoint.
+pub struct Endpoint {
+    pub id: String,
+    /// The tunnel's name in the agent config.
+    pub name: String,
+    pub kind: EndpointKind,
+    pub public_url: String,
+    pub source: Arc<dyn StreamSource>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", &self.id)
+            .field("url", &self.public_url)
+            .field("session", &self.source.session_id())
+            .finish()
+    }
+}
+
+/// The `open` frame that starts a proxied connection.
+pub fn open_frame(endpoint: &Endpoint, client: SocketAddr, server: SocketAddr, name: &str) -> pb::Frame {
+    pb::Frame {
+        open: Some(pb::StreamOpen {
+            endpoint_id: endpoint.id.clone(),
+            client_addr: client.to_string(),
+            server_addr: server.to_string(),
+            server_name: name.to_string(),
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,436 @@
+//! HTTP endpoints: routing a request by Host, header hygiene, forwarding it
+//! as HTTP/1.1 over a pool of tunnel data streams, WebSocket upgrades, and
+//! the error pages visitors see.
+
+use std::{
+    convert::Infallible,
+    error::Error as StdError,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, HOST},
+};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo},
+};
+use postern_proto::{ErrorCode, Failure, TunnelIo, pb, tunnel_io};
+
+
+use crate::endpoint::{Endpoint, StreamSource};
+
+/// Response body: the upstream's, streamed, or an error page.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Header an edge failure carries; ngrok's name, so existing monitoring
+/// keeps working. Upstreams can never set it.
+pub const ERROR_CODE_HEADER: &str = "ngrok-error-code";
+
+/// The connection a request arrived on.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+    /// SNI of the TLS handshake, normalised; `None` on plain HTTP.
+    pub sni: Option<String>,
+}
+
+/// HTTP/1.1 connections to one endpoint's upstream, each over its own data
+/// stream, kept alive and reused across visitors.
+#[derive(Clone)]
+pub struct UpstreamPool {
+    client: Client<TunnelConnector, Incoming>,
+}
+
+impl UpstreamPool {
+    /// `client` is the address put in each stream's `open` frame (the agent
+    /// writes it into PROXY headers). Endpoints with PROXY headers therefore
+    /// get one pool per visitor connection; the others share one.
+    pub fn new(endpoint_id: String, source: Arc<dyn StreamSource>, client: SocketAddr, server: SocketAddr, name: String) -> UpstreamPool {
+        let connector = TunnelConnector {
+            inner: Arc::new(ConnectorInner {
+                endpoint_id,
+                source,
+                client,
+                server,
+                name,
+            }),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .set_host(false)
+            .build(connector);
+        UpstreamPool { client }
+    }
+}
+
+struct ConnectorInner {
+    endpoint_id: String,
+    source: Arc<dyn StreamSource>,
+    client: SocketAddr,
+    server: SocketAddr,
+    name: String,
+}
+
+/// "Connects" to the upstream by claiming a data stream from the agent.
+#[derive(Clone)]
+struct TunnelConnector {
+    inner: Arc<ConnectorInner>,
+}
+
+impl tower_service::Service<Uri> for TunnelConnector {
+    type Response = TunnelConn;
+    type Error = Failure;
+    type Future = Pin<Box<dyn Future<Output = Result<TunnelConn, Failure>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let claimed = inner.source.claim().await?;
+            let open = pb::Frame {
+                open: Some(pb::StreamOpen {
+                    endpoint_id: inner.endpoint_id.clone(),
+                    client_addr: inner.client.to_string(),
+                    server_addr: inner.server.to_string(),
+                    server_name: inner.name.clone(),
+                }),
+                ..Default::default()
+            };
+            let (io, frames) = tunnel_io(claimed.inbound, vec![open]);
+            claimed
+                .attach
+                .send(Box::pin(frames))
+                .map_err(|_| Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent's data stream closed"))?;
+            Ok(TunnelConn(TokioIo::new(io)))
+        })
+    }
+}
+
+/// A data stream as a hyper connection.
+struct TunnelConn(TokioIo<TunnelIo<tonic::Streaming<pb::Frame>>>);
+
+impl Connection for TunnelConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TunnelConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TunnelConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Forwards one request to an endpoint and returns what the visitor gets.
+pub async fn forward(
+    endpoint: &Endpoint,
+    pool: &UpstreamPool,
+    conn: &ConnInfo,
+    host: &str,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let wants_upgrade = is_upgrade_request(&req);
+    let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade) {
+        Ok(r) => r,
+        Err(failure) => return error_response(&failure),
+    };
+    let mut response = match pool.client.request(upstream_req).await {
+        Ok(response) => response,
+        Err(e) => {
+            let failure = classify_client_error(&e);
+            tracing::debug!(endpoint = %endpoint.id, host, error = %failure, "upstream request failed");
+            return error_response(&failure);
+        }
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(visitor_upgrade) = visitor_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(visitor_upgrade, upstream_upgrade) {
+                Ok((visitor, upstream)) => {
+                    let mut visitor = TokioIo::new(visitor);
+                    let mut upstream = TokioIo::new(upstream);
+                    let _ = tokio::io::copy_bidirectional(&mut visitor, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (mut parts, body) = response.into_parts();
+        clean_response_headers(&mut parts.headers, true);
+        return Response::from_parts(parts, body.boxed());
+    }
+    let (mut parts, body) = response.into_parts();
+    clean_response_headers(&mut parts.headers, false);
+    Response::from_parts(parts, body.boxed())
+}
+
+fn is_upgrade_request<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Headers that describe one connection and never cross a proxy
+/// (RFC 9110 7.6.1), plus the HTTP/2 `te`.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names;
+/// keeps `Connection: upgrade` and `Upgrade` when `keep_upgrade`.
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a header name is in the edge's reserved `ngrok-*` space, in any
+/// case and with `_` for `-`. Clients can never set these.
+pub fn is_reserved_header(name: &str) -> bool {
+    const PREFIX: &[u8] = b"ngrok-";
+    name.len() >= PREFIX.len()
+        && name.as_bytes()[..PREFIX.len()]
+            .iter()
+            .zip(PREFIX)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+}
+
+fn strip_reserved(headers: &mut HeaderMap) {
+    let reserved: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_reserved_header(n.as_str()))
+        .cloned()
+        .collect();
+    for name in reserved {
+        headers.remove(name);
+    }
+}
+
+/// The request as the upstream gets it.
+fn upstream_request(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    endpoint_id: &str,
+    upgrade: bool,
+) -> Result<Request<Incoming>, Failure> {
+    let (mut parts, body) = req.into_parts();
+    let authority = parts.uri.authority().map(|a| a.as_str().to_string());
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = format!("http://{endpoint_id}{path}")
+        .parse()
+        .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))?;
+    let headers = &mut parts.headers;
+    if !headers.contains_key(HOST)
+        && let Some(authority) = &authority
+    {
+        let value = HeaderValue::from_str(authority).map_err(|_| Failure::new(ErrorCode::BAD_HOST, "bad :authority"))?;
+        headers.insert(HOST, value);
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(headers);
+    }
+    parts.version = Version::HTTP_11;
+    remove_hop_by_hop(headers, upgrade);
+    strip_reserved(headers);
+    let client_ip = conn.client.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
+        _ => client_ip,
+    };
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_str(&forwarded_for).expect("IP addresses are valid header values"),
+    );
+    let proto = if conn.sni.is_some() { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = headers.get(HOST).cloned()
+    {
+        headers.insert("x-forwarded-host", host);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// HTTP/2 may split cookies over several fields; HTTP/1.1 wants one
+/// (RFC 9113 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let values: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if values.len() > 1
+        && let Ok(joined) = HeaderValue::from_str(&values.join("; "))
+    {
+        headers.insert(header::COOKIE, joined);
+    }
+}
+
+fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+    remove_hop_by_hop(headers, upgrade);
+    headers.remove(ERROR_CODE_HEADER);
+}
+
+/// Maps a client failure to what the visitor is told.
+fn classify_client_error(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    let mut io_reset = None;
+    while let Some(err) = source {
+        if let Some(failure) = err.downcast_ref::<Failure>() {
+            return failure.clone();
+        }
+        if let Some(remote) = err.downcast_ref::<pb::Error>() {
+            return Failure::from_pb(remote);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionReset
+        {
+            io_reset = Some(io.to_string());
+        }
+        source = err.source();
+    }
+    if let Some(detail) = io_reset {
+        return Failure::new(ErrorCode::AGENT_FORWARD_FAILED, detail);
+    }
+    Failure::new(ErrorCode::UPSTREAM_INVALID_RESPONSE, e.to_string())
+}
+
+/// The short page a visitor gets when the edge fails a request.
+pub fn error_response(failure: &Failure) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(failure.code.http_status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let id = failure.code.id();
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status}</title></head>\
+         <body><h1>{status}</h1><p>{}</p><p><code>{id}</code></p></body></html>\n",
+        html_escape(failure.code.summary)
+    );
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never: Infallible| match never {}).boxed());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(ERROR_CODE_HEADER, HeaderValue::from_str(&id).expect("ids are ASCII"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The Host a request names: the Host header, else the `:authority`.
+pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_headers_in_every_spelling() {
+        for name in [
+            "ngrok-mtls-subject-cn",
+            "Ngrok-Mtls-Subject-Cn",
+            "ngrok_mtls_subject_cn",
+            "NGROK_AUTH_USER_EMAIL",
+            "ngrok-error-code",
+        ] {
+            assert!(is_reserved_header(name), "{name}");
+        }
+        for name in ["ngrokx", "x-ngrok-foo", "ngro", "host"] {
+            assert!(!is_reserved_header(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_removed_and_connection_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut upgrade = h.clone();
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+        remove_hop_by_hop(&mut upgrade, true);
+        assert_eq!(upgrade.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(upgrade.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn error_page_carries_code_and_status() {
+        let r = error_response(&Failure::new(ErrorCode::ENDPOINT_OFFLINE, "x"));
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()[ERROR_CODE_HEADER], "ERR_POSTERN_3200");
+    }
+}

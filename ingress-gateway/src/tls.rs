@@ -1,0 +1,320 @@
+//! Certificates the edge presents: configured certificates (exact or
+//! wildcard names, taken from the certificate's DNS SANs), and in dev mode a
+//! local CA that issues a certificate for any routed name on first use.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::{
+    ServerConfig,
+    crypto::CryptoProvider,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+use crate::router::{DomainPattern, Router, normalize_name};
+
+/// A certificate or key that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: no PEM certificate found")]
+    NoCertificate { what: String },
+    #[error("{what}: bad PEM data: {detail}")]
+    BadPem { what: String, detail: String },
+    #[error("{what}: the private key is unusable: {detail}")]
+    BadKey { what: String, detail: String },
+    #[error("{what}: the certificate has no DNS names to serve")]
+    NoNames { what: String },
+    #[error("dev CA: {0}")]
+    DevCa(String),
+}
+
+/// The process-wide crypto provider (ring). Everything TLS in Postern uses it.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses a PEM certificate chain and private key into a signing key.
+pub fn certified_key_from_pem(
+    what: &str,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what: what.to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::BadKey {
+        what: what.to_string(),
+        detail: e.to_string(),
+    })?;
+    certified_key(what, certs, key)
+}
+
+fn certified_key(
+    what: &str,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, TlsError> {
+    let key = crypto_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::BadKey {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })?;
+    let certified = CertifiedKey::new(certs, key);
+    certified.keys_match().map_err(|e| TlsError::BadKey {
+        what: what.to_string(),
+        detail: format!("it does not match the certificate ({e})"),
+    })?;
+    Ok(certified)
+}
+
+/// The DNS names (SANs, else the CN) a leaf certificate is valid for.
+pub fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name {
+                names.push(dns.to_string());
+            }
+        }
+    }
+    if names.is_empty()
+        && let Some(cn) = cert.subject().iter_common_name().next()
+        && let Ok(cn) = cn.as_str()
+    {
+        names.push(cn.to_string());
+    }
+    names
+}
+
+/// A local certificate authority for `--dev`: created once in the data
+/// directory, trusted by agents and clients with `--root-cas` / `--cacert`.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+impl DevCa {
+    pub const CERT_FILE: &'static str = "dev-ca.pem";
+    pub const KEY_FILE: &'static str = "dev-ca-key.pem";
+
+    /// Loads the CA from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> Result<DevCa, TlsError> {
+        let cert_path = dir.join(Self::CERT_FILE);
+        let key_path = dir.join(Self::KEY_FILE);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TlsError::Io { path, source }
+        };
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key_pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::DevCa(e.to_string()))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| TlsError::DevCa(e.to_string()))?;
+            return Ok(DevCa { issuer, cert_pem });
+        }
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::DevCa(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Postern dev CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        let key = KeyPair::generate().map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let cert = params.self_signed(&key).map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let cert_pem = cert.pem();
+        fs::write(&key_path, key.serialize_pem()).map_err(io(&key_path))?;
+        fs::write(&cert_path, &cert_pem).map_err(io(&cert_path))?;
+        let issuer = Issuer::new(params, key);
+        Ok(DevCa { issuer, cert_pem })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a server certificate for `names`; returns (chain PEM, key PEM).
+    pub fn issue_pem(&self, names: &[String]) -> Result<(String, String), TlsError> {
+        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| TlsError::DevCa(e.to_string()))?;
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, first.as_str());
+        }
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        let key = KeyPair::generate().map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| TlsError::DevCa(e.to_string()))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn issue(&self, name: &str) -> Result<CertifiedKey, TlsError> {
+        let (cert, key) = self.issue_pem(&[name.to_string()])?;
+        certified_key_from_pem(name, cert.as_bytes(), key.as_bytes())
+    }
+}
+
+/// Picks the certificate for a TLS handshake by SNI.
+pub struct CertStore {
+    configured: RwLock<Router<Arc<CertifiedKey>>>,
+    dev_ca: Option<DevCa>,
+    issued: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("configured", &self.configured.read().map(|r| r.len()).unwrap_or(0))
+            .field("dev_ca", &self.dev_ca.is_some())
+            .finish()
+    }
+}
+
+impl CertStore {
+    pub fn new(dev_ca: Option<DevCa>) -> CertStore {
+        CertStore {
+            configured: RwLock::new(Router::default()),
+            dev_ca,
+            issued: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds a certificate for every DNS name it carries; returns the names.
+    pub fn add_pem(&self, what: &str, cert_pem: &[u8], key_pem: &[u8]) -> Result<Vec<DomainPattern>, TlsError> {
+        let certified = Arc::new(certified_key_from_pem(what, cert_pem, key_pem)?);
+        let names: Vec<DomainPattern> = certificate_names(&certified.cert[0])
+            .iter()
+            .filter_map(|n| DomainPattern::parse(n).ok())
+            .collect();
+        if names.is_empty() {
+            return Err(TlsError::NoNames { what: what.to_string() });
+        }
+        let mut router = self.configured.write().expect("cert store lock");
+        for name in &names {
+            router.remove(name);
+            let _ = router.insert(name, certified.clone());
+        }
+        Ok(names)
+    }
+
+    /// The certificate for a normalised name, issuing one in dev mode.
+    pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(key) = self.configured.read().expect("cert store lock").lookup(name) {
+            return Some(key.clone());
+        }
+        let ca = self.dev_ca.as_ref()?;
+        let mut issued = self.issued.lock().expect("cert store lock");
+        if let Some(key) = issued.get(name) {
+            return Some(key.clone());
+        }
+        match ca.issue(name) {
+            Ok(key) => {
+                let key = Arc::new(key);
+                issued.insert(name.to_string(), key.clone());
+                Some(key)
+            }
+            Err(e) => {
+                tracing::error!(name, error = %e, "dev CA could not issue a certificate");
+                None
+            }
+        }
+    }
+
+    pub fn dev_ca(&self) -> Option<&DevCa> {
+        self.dev_ca.as_ref()
+    }
+}
+
+/// Resolves by the handshake's SNI through a [`CertStore`].
+#[derive(Debug)]
+pub struct StoreResolver(pub Arc<CertStore>);
+
+impl ResolvesServerCert for StoreResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = normalize_name(hello.server_name()?).ok()?;
+        self.0.lookup(&name)
+    }
+}
+
+/// A server config that picks certificates from `store`, offering `alpn`.
+pub fn server_config(store: Arc<CertStore>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(StoreResolver(store)));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// A server config that always presents one certificate.
+pub fn single_cert_config(key: Arc<CertifiedKey>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_ca_persists_and_issues() {
+        let dir = std::env::temp_dir().join(format!("postern-devca-{}", rand::random::<u64>()));
+        let ca = DevCa::load_or_create(&dir).unwrap();
+        let again = DevCa::load_or_create(&dir).unwrap();
+        assert_eq!(ca.cert_pem(), again.cert_pem(), "the CA is reused, not regenerated");
+        let store = CertStore::new(Some(again));
+        let key = store.lookup("app.example.test").unwrap();
+        assert_eq!(certificate_names(&key.cert[0]), vec!["app.example.test".to_string()]);
+        assert!(Arc::ptr_eq(&key, &store.lookup("app.example.test").unwrap()), "cached");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn configured_wildcard_certificates() {
+        let dir = std::env::temp_dir().join(format!("postern-devca-{}", rand::random::<u64>()));
+        let ca = DevCa::load_or_create(&dir).unwrap();
+        let (cert, key) = ca.issue_pem(&["*.c1.example.test".into()]).unwrap();
+        let store = CertStore::new(None);
+        let names = store.add_pem("wildcard", cert.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(names, vec![DomainPattern::Wildcard("c1.example.test".into())]);
+        assert!(store.lookup("app.c1.example.test").is_some());
+        assert!(store.lookup("app.example.test").is_none(), "no dev CA: nothing issued");
+        let err = store.add_pem("bad", b"not pem", key.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("bad: no PEM certificate"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
