@@ -18,7 +18,7 @@ pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
-pub use tls::{CertStore, DevCa, TlsError, certificate_names, certified_key_from_pem, crypto_provider};
+pub use tls::{CertStore, DevCa, TlsError, certificate_names, certified_key_from_pem, crypto_provider, single_cert_config};
 
 /// A random id with a prefix, in the style of ngrok's (`ep_…`, `ts_…`):
 /// 27 base-62 characters, about 160 bits.

@@ -1,0 +1,122 @@
+//! Authtokens: stored only as SHA-256 hashes, looked up by the hash of what
+//! an agent presents, so the comparison reveals nothing through timing and a
+//! leaked config or store reveals no token.
+
+use std::collections::HashMap;
+
+use anyhow::bail;
+use postern_proto::{ErrorCode, Failure};
+
+use crate::acl::Acl;
+
+/// Longest token accepted on the wire.
+const MAX_TOKEN: usize = 512;
+/// Shortest token accepted in config.
+const MIN_TOKEN: usize = 8;
+
+/// One authtoken's record.
+#[derive(Clone, Debug)]
+pub struct AuthtokenRecord {
+    /// Hex SHA-256 of the token; also its id in logs (first 12 chars).
+    pub sha256: String,
+    pub acl: Acl,
+    pub description: String,
+}
+
+fn sha256_hex(token: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+}
+
+impl AuthtokenRecord {
+    pub fn from_token(token: &str, acl: Acl, description: String) -> anyhow::Result<Self> {
+        if let Err(e) = check_shape(token) {
+            bail!("{}", e.detail);
+        }
+        if token.len() < MIN_TOKEN {
+            bail!("the token must be at least {MIN_TOKEN} characters");
+        }
+        Ok(AuthtokenRecord {
+            sha256: sha256_hex(token),
+            acl,
+            description,
+        })
+    }
+
+    pub fn from_sha256_hex(hash: &str, acl: Acl, description: String) -> anyhow::Result<Self> {
+        let hash = hash.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("expected 64 hex characters (the token's SHA-256)");
+        }
+        Ok(AuthtokenRecord {
+            sha256: hash,
+            acl,
+            description,
+        })
+    }
+
+    /// Short id for logs.
+    pub fn id(&self) -> &str {
+        &self.sha256[..12]
+    }
+}
+
+/// A token must be printable ASCII without spaces, and not huge.
+fn check_shape(token: &str) -> Result<(), Failure> {
+    if token.is_empty() {
+        return Err(Failure::new(ErrorCode::AUTHTOKEN_MALFORMED, "no authtoken was given"));
+    }
+    if token.len() > MAX_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Failure::new(
+            ErrorCode::AUTHTOKEN_MALFORMED,
+            "the authtoken must be at most 512 printable characters without spaces",
+        ));
+    }
+    Ok(())
+}
+
+/// The known authtokens.
+#[derive(Clone, Debug, Default)]
+pub struct Authtokens {
+    by_hash: HashMap<String, AuthtokenRecord>,
+}
+
+impl Authtokens {
+    pub fn new(records: Vec<AuthtokenRecord>) -> Self {
+        Authtokens {
+            by_hash: records.into_iter().map(|r| (r.sha256.clone(), r)).collect(),
+        }
+    }
+
+    /// The record for a presented token. Unknown and revoked tokens get the
+    /// same answer.
+    pub fn authenticate(&self, token: &str) -> Result<&AuthtokenRecord, Failure> {
+        check_shape(token)?;
+        self.by_hash
+            .get(&sha256_hex(token))
+            .ok_or_else(|| Failure::new(ErrorCode::AUTHTOKEN_INVALID, "the authtoken is not valid"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authenticates_by_hash() {
+        let a = AuthtokenRecord::from_token("secret-token-1", Acl::default(), "a".into()).unwrap();
+        let b = AuthtokenRecord::from_sha256_hex(&sha256_hex("secret-token-2"), Acl::default(), "b".into()).unwrap();
+        let tokens = Authtokens::new(vec![a, b]);
+        assert_eq!(tokens.authenticate("secret-token-1").unwrap().description, "a");
+        assert_eq!(tokens.authenticate("secret-token-2").unwrap().description, "b");
+        assert_eq!(tokens.authenticate("secret-token-3").unwrap_err().code, ErrorCode::AUTHTOKEN_INVALID);
+        assert_eq!(tokens.authenticate("").unwrap_err().code, ErrorCode::AUTHTOKEN_MALFORMED);
+        assert_eq!(tokens.authenticate("has space").unwrap_err().code, ErrorCode::AUTHTOKEN_MALFORMED);
+        assert_eq!(tokens.authenticate(&"x".repeat(600)).unwrap_err().code, ErrorCode::AUTHTOKEN_MALFORMED);
+    }
+
+    #[test]
+    fn config_tokens_are_checked() {
+        assert!(AuthtokenRecord::from_token("short", Acl::default(), String::new()).is_err());
+        assert!(AuthtokenRecord::from_sha256_hex("abc", Acl::default(), String::new()).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! The edge's configuration, in two stages: [`RawConfig`] is what the TOML
+//! file says (unknown keys refused, every field documented), [`EdgeConfig`]
+//! is the validated form that cannot hold a bad value.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use postern_ingress::normalize_name;
+use serde::Deserialize;
+
+use crate::{acl::Acl, auth::AuthtokenRecord};
+
+/// The config file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// This node's name, unique in the cluster. Default: a random `edge-…`.
+    pub node_id: Option<String>,
+    /// Region code (`us`, `eu`, `ap`, …). Default `us`.
+    pub region: Option<String>,
+    /// Base domain: agents connect to `tunnel.<region>.connect.<domain>`.
+    pub domain: String,
+    /// Where the node keeps state (dev CA, …). Default `./postern-data`.
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub listen: RawListen,
+    #[serde(default)]
+    pub public: RawPublic,
+    #[serde(default)]
+    pub tcp: RawTcp,
+    #[serde(default)]
+    pub tls: RawTls,
+    /// Agent authtokens and their ACLs.
+    #[serde(default)]
+    pub authtokens: Vec<RawAuthtoken>,
+    #[serde(default)]
+    pub session: RawSession,
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// How long SIGTERM waits for in-flight work. Default `30s`.
+    pub drain_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    /// Agent listener (gRPC over TLS). Default `0.0.0.0:4443`.
+    pub agent: Option<String>,
+    /// Public plain HTTP. Default `0.0.0.0:80`; `""` turns it off.
+    pub http: Option<String>,
+    /// Public HTTPS and TLS endpoints. Default `0.0.0.0:443`.
+    pub https: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublic {
+    /// HTTPS port shown in URLs. Default: the HTTPS listener's port.
+    pub https_port: Option<u16>,
+    /// Host shown in `tcp://` URLs. Default: the base domain.
+    pub tcp_host: Option<String>,
+    /// Base for random endpoint names (binds without a domain). Default: none,
+    /// so agents must name a domain.
+    pub random_domain_base: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTcp {
+    /// Address TCP endpoints listen on. Default `0.0.0.0`.
+    pub bind_ip: Option<String>,
+    /// Port range, `"20000-29999"` (the default).
+    pub ports: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// Issue certificates from a local dev CA (kept in `data_dir`) for names
+    /// no configured certificate covers, including the agent ingress name.
+    #[serde(default)]
+    pub dev_ca: bool,
+    /// Certificate and key for `tunnel.<region>.connect.<domain>`.
+    pub agent_cert: Option<PathBuf>,
+    pub agent_key: Option<PathBuf>,
+    /// Certificates for public names; the names come from their DNS SANs.
+    #[serde(default)]
+    pub certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthtoken {
+    /// The token itself, or
+    pub token: Option<String>,
+    /// its SHA-256 in hex, so the file holds no secret.
+    pub token_sha256: Option<String>,
+    /// ngrok ACL rules: `bind:app.example.com`, `bind:*.example.com`,
+    /// `bind:*`, `bind:*:20000` (TCP port). Empty: unrestricted.
+    #[serde(default)]
+    pub acl: Vec<String>,
+    /// Free text, shown in logs.
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSession {
+    /// Heartbeat interval. Default `10s` (ngrok's).
+    pub heartbeat_interval: Option<String>,
+    /// A peer silent this long is dead. Default `15s` (ngrok's).
+    pub heartbeat_tolerance: Option<String>,
+    /// How long a visitor waits for the agent to open a data stream. Default `10s`.
+    pub stream_wait: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Endpoints one agent session may bind. Default 100.
+    pub endpoints_per_session: Option<usize>,
+    /// Simultaneous sessions per authtoken. Default 100.
+    pub sessions_per_token: Option<usize>,
+    /// Idle data streams an agent may keep parked. Default 16.
+    pub stream_pool: Option<u32>,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    pub node_id: String,
+    pub region: String,
+    pub domain: String,
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    pub public: Public,
+    pub tcp_bind_ip: IpAddr,
+    pub tcp_ports: RangeInclusive<u16>,
+    pub tls: Tls,
+    pub authtokens: Vec<AuthtokenRecord>,
+    pub session: SessionSettings,
+    pub limits: Limits,
+    pub drain_grace: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub agent: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub https: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct Public {
+    pub https_port: Option<u16>,
+    pub tcp_host: String,
+    pub random_domain_base: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub dev_ca: bool,
+    pub agent_cert: Option<(PathBuf, PathBuf)>,
+    pub certificates: Vec<(PathBuf, PathBuf)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_tolerance: Duration,
+    pub stream_wait: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub endpoints_per_session: usize,
+    pub sessions_per_token: usize,
+    pub stream_pool: u32,
+}
+
+impl EdgeConfig {
+    /// The agent ingress name this node serves.
+    pub fn agent_ingress_name(&self) -> String {
+        format!("tunnel.{}.connect.{}", self.region, self.domain)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<EdgeConfig> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        raw.validate()
+    }
+}
+
+fn duration(field: &str, value: &Option<String>, default: Duration) -> anyhow::Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v).with_context(|| format!("{field}: {v:?} is not a duration like \"10s\"")),
+    }
+}
+
+fn socket_addr(field: &str, value: &Option<String>, default: &str) -> anyhow::Result<SocketAddr> {
+    let v = value.as_deref().unwrap_or(default);
+    v.parse()
+        .with_context(|| format!("{field}: {v:?} is not an address like \"0.0.0.0:443\""))
+}
+
+fn port_range(field: &str, value: &str) -> anyhow::Result<RangeInclusive<u16>> {
+    let parse = |s: &str| s.trim().parse::<u16>();
+    let range = match value.split_once('-') {
+        Some((a, b)) => parse(a).and_then(|a| parse(b).map(|b| a..=b)),
+        None => parse(value).map(|p| p..=p),
+    }
+    .with_context(|| format!("{field}: {value:?} is not a port range like \"20000-29999\""))?;
+    if range.is_empty() || *range.start() == 0 {
+        bail!("{field}: {value:?} is an empty range or includes port 0");
+    }
+    Ok(range)
+}
+
+impl RawConfig {
+    pub fn validate(self) -> anyhow::Result<EdgeConfig> {
+        let domain = normalize_name(&self.domain).with_context(|| format!("domain: {:?}", self.domain))?;
+        let region = self.region.unwrap_or_else(|| "us".into());
+        normalize_name(&region)
+            .ok()
+            .filter(|r| !r.contains('.') && *r == region)
+            .with_context(|| format!("region: {region:?} must be one lower-case DNS label such as \"us\""))?;
+        let node_id = self
+            .node_id
+            .unwrap_or_else(|| format!("edge-{}", postern_ingress::random_label()));
+        let http = match self.listen.http.as_deref() {
+            Some("") => None,
+            _ => Some(socket_addr("listen.http", &self.listen.http, "0.0.0.0:80")?),
+        };
+        let listen = Listen {
+            agent: socket_addr("listen.agent", &self.listen.agent, "0.0.0.0:4443")?,
+            http,
+            https: socket_addr("listen.https", &self.listen.https, "0.0.0.0:443")?,
+        };
+        let random_domain_base = self
+            .public
+            .random_domain_base
+            .map(|b| normalize_name(&b).with_context(|| format!("public.random_domain_base: {b:?}")))
+            .transpose()?;
+        let tcp_bind_ip = match &self.tcp.bind_ip {
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(ip) => ip
+                .parse()
+                .with_context(|| format!("tcp.bind_ip: {ip:?} is not an IP address"))?,
+        };
+        let tcp_ports = port_range("tcp.ports", self.tcp.ports.as_deref().unwrap_or("20000-29999"))?;
+        let agent_cert = match (self.tls.agent_cert, self.tls.agent_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("tls.agent_cert and tls.agent_key must be given together"),
+        };
+        if agent_cert.is_none() && !self.tls.dev_ca {
+            bail!("tls.agent_cert/tls.agent_key are required unless tls.dev_ca = true");
+        }
+        let mut authtokens = Vec::new();
+        for (i, raw) in self.authtokens.into_iter().enumerate() {
+            let field = format!("authtokens[{i}]");
+            let acl = Acl::parse(&raw.acl).with_context(|| format!("{field}.acl"))?;
+            let record = match (raw.token, raw.token_sha256) {
+                (Some(token), None) => AuthtokenRecord::from_token(&token, acl, raw.description)
+                    .with_context(|| format!("{field}.token"))?,
+                (None, Some(hash)) => AuthtokenRecord::from_sha256_hex(&hash, acl, raw.description)
+                    .with_context(|| format!("{field}.token_sha256"))?,
+                _ => bail!("{field}: give exactly one of token and token_sha256"),
+            };
+            authtokens.push(record);
+        }
+        let session = SessionSettings {
+            heartbeat_interval: duration("session.heartbeat_interval", &self.session.heartbeat_interval, Duration::from_secs(10))?,
+            heartbeat_tolerance: duration("session.heartbeat_tolerance", &self.session.heartbeat_tolerance, Duration::from_secs(15))?,
+            stream_wait: duration("session.stream_wait", &self.session.stream_wait, Duration::from_secs(10))?,
+        };
+        if session.heartbeat_interval.is_zero() || session.heartbeat_tolerance <= session.heartbeat_interval {
+            bail!("session.heartbeat_tolerance must be longer than session.heartbeat_interval, which must not be zero");
+        }
+        Ok(EdgeConfig {
+            node_id,
+            region,
+            public: Public {
+                https_port: self.public.https_port,
+                tcp_host: self.public.tcp_host.unwrap_or_else(|| domain.clone()),
+                random_domain_base,
+            },
+            domain,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("postern-data")),
+            listen,
+            tcp_bind_ip,
+            tcp_ports,
+            tls: Tls {
+                dev_ca: self.tls.dev_ca,
+                agent_cert,
+                certificates: self.tls.certificates.into_iter().map(|c| (c.cert, c.key)).collect(),
+            },
+            authtokens,
+            session,
+            limits: Limits {
+                endpoints_per_session: self.limits.endpoints_per_session.unwrap_or(100),
+                sessions_per_token: self.limits.sessions_per_token.unwrap_or(100),
+                stream_pool: self.limits.stream_pool.unwrap_or(16),
+            },
+            drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+domain = "example.test"
+[tls]
+dev_ca = true
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = EdgeConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.region, "us");
+        assert_eq!(c.agent_ingress_name(), "tunnel.us.connect.example.test");
+        assert_eq!(c.listen.https.port(), 443);
+        assert_eq!(c.tcp_ports, 20000..=29999);
+        assert_eq!(c.session.heartbeat_tolerance, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("domain = \"example.test\"\nbogus = 1\n[tls]\ndev_ca = true", "bogus"),
+            ("domain = \"bad domain\"\n[tls]\ndev_ca = true", "domain"),
+            ("domain = \"example.test\"", "tls.agent_cert"),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[tcp]\nports = \"30-20\"",
+                "tcp.ports",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[session]\nheartbeat_interval = \"ten\"",
+                "session.heartbeat_interval",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[[authtokens]]\ntoken = \"t0k3n-123456\"\nacl = [\"bond:x\"]",
+                "authtokens[0].acl",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[[authtokens]]\nacl = []",
+                "authtokens[0]",
+            ),
+            ("domain = \"example.test\"\nregion = \"U S\"\n[tls]\ndev_ca = true", "region"),
+        ];
+        for (text, field) in cases {
+            let err = format!("{:#}", EdgeConfig::from_toml(text).unwrap_err());
+            assert!(err.contains(field), "{field:?} not named in: {err}");
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! A Postern edge node: the composition root. It loads the config, serves
+//! agents over gRPC/TLS on `tunnel.<region>.connect.<domain>`, keeps the
+//! registry of agent sessions, runs the public gateway, and drains on
+//! shutdown. Listeners are bound by the caller and passed in, so tests can
+//! run a whole node in-process on port 0.
+
+mod acl;
+mod auth;
+mod config;
+mod dev;
+mod service;
+mod session;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use postern_ingress::{CertStore, DevCa, Gateway, GatewayConfig, certified_key_from_pem, single_cert_config};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+pub use acl::Acl;
+pub use auth::{AuthtokenRecord, Authtokens};
+pub use config::{EdgeConfig, RawConfig};
+pub use dev::{DevSetup, dev_config};
+
+/// The node's listening sockets.
+pub struct Listeners {
+    pub agent: TcpListener,
+    pub http: Option<TcpListener>,
+    pub https: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in the config.
+    pub async fn bind(config: &EdgeConfig) -> anyhow::Result<Listeners> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the {what} listener on {addr}"))
+        };
+        Ok(Listeners {
+            agent: bind(config.listen.agent, "agent").await?,
+            http: match config.listen.http {
+                Some(addr) => Some(bind(addr, "http").await?),
+                None => None,
+            },
+            https: bind(config.listen.https, "https").await?,
+        })
+    }
+}
+
+/// Where a running node listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    pub agent: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub https: SocketAddr,
+}
+
+/// A running edge node.
+pub struct Edge {
+    config: EdgeConfig,
+    addresses: Addresses,
+    gateway: Gateway,
+    registry: Arc<session::Registry>,
+    stop_grpc: CancellationToken,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Edge {
+    /// Starts serving on `listeners`.
+    pub async fn start(config: EdgeConfig, listeners: Listeners) -> anyhow::Result<Edge> {
+        let dev_ca = if config.tls.dev_ca {
+            Some(DevCa::load_or_create(&config.data_dir).context("loading the dev CA")?)
+        } else {
+            None
+        };
+        let certs = Arc::new(CertStore::new(dev_ca));
+        for (cert, key) in &config.tls.certificates {
+            let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let names = certs.add_pem(&cert.display().to_string(), &read(cert)?, &read(key)?)?;
+            tracing::info!(cert = %cert.display(), names = ?names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
+        }
+        let agent_key = match &config.tls.agent_cert {
+            Some((cert, key)) => certified_key_from_pem(
+                "tls.agent_cert",
+                &std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                &std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+            )?,
+            None => {
+                let name = config.agent_ingress_name();
+                let ca = certs.dev_ca().context("no agent certificate and no dev CA")?;
+                let (cert, key) = ca.issue_pem(&[name])?;
+                certified_key_from_pem("dev agent certificate", cert.as_bytes(), key.as_bytes())?
+            }
+        };
+        let agent_tls = single_cert_config(Arc::new(agent_key), &[b"h2"]);
+
+        let addresses = Addresses {
+            agent: listeners.agent.local_addr()?,
+            http: listeners.http.as_ref().map(|l| l.local_addr()).transpose()?,
+            https: listeners.https.local_addr()?,
+        };
+        let gateway = Gateway::new(
+            GatewayConfig {
+                https_public_port: config.public.https_port.unwrap_or(addresses.https.port()),
+                tcp_bind_ip: config.tcp_bind_ip,
+                tcp_public_host: config.public.tcp_host.clone(),
+                tcp_ports: config.tcp_ports.clone(),
+                random_domain_base: config.public.random_domain_base.clone(),
+                ..GatewayConfig::default()
+            },
+            certs,
+        );
+        if let Some(http) = listeners.http {
+            gateway.serve_http(http);
+        }
+        gateway.serve_https(listeners.https);
+
+        let registry = session::Registry::new(
+            gateway.clone(),
+            Authtokens::new(config.authtokens.clone()),
+            session::RegistrySettings {
+                region: config.region.clone(),
+                node_id: config.node_id.clone(),
+                session: config.session.clone(),
+                limits: config.limits.clone(),
+            },
+        );
+        let stop_grpc = CancellationToken::new();
+        let incoming = service::agent_incoming(listeners.agent, agent_tls, stop_grpc.clone());
+        let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(registry.clone()));
+        let stop = stop_grpc.clone();
+        let grpc = tokio::spawn(
+            service::server_builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+        );
+        tracing::info!(
+            node_id = %config.node_id,
+            region = %config.region,
+            agent_ingress = %config.agent_ingress_name(),
+            agent = %addresses.agent,
+            https = %addresses.https,
+            http = ?addresses.http,
+            "edge node started"
+        );
+        Ok(Edge {
+            config,
+            addresses,
+            gateway,
+            registry,
+            stop_grpc,
+            grpc,
+        })
+    }
+
+    pub fn addresses(&self) -> Addresses {
+        self.addresses
+    }
+
+    pub fn config(&self) -> &EdgeConfig {
+        &self.config
+    }
+
+    /// Public-side counters.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let mut stats = self.gateway.stats().snapshot();
+        stats.push(("agent_sessions", self.registry.session_count() as u64));
+        stats
+    }
+
+    /// Drains: refuse new sessions and connections, let in-flight work
+    /// finish within the grace period, then close agent sessions.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!(grace = ?self.config.drain_grace, "draining");
+        self.registry.start_drain();
+        self.gateway.drain(self.config.drain_grace).await;
+        self.registry.shutdown().await;
+        self.stop_grpc.cancel();
+        match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {
+            Ok(Ok(result)) => result.context("agent gRPC server")?,
+            Ok(Err(join)) => return Err(join).context("agent gRPC server task"),
+            Err(_) => tracing::warn!("agent connections did not close within 5s"),
+        }
+        tracing::info!("edge node stopped");
+        Ok(())
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then drains.
+pub async fn run(config: EdgeConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let edge = Edge::start(config, listeners).await?;
+    shutdown.await;
+    edge.shutdown().await
+}

@@ -1,0 +1,91 @@
+//! `postern-edge`: parses flags, sets up logging, runs the node until
+//! SIGTERM or Ctrl-C, then drains.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use postern_edge::{EdgeConfig, Listeners, dev_config};
+
+/// A Postern edge node.
+#[derive(Debug, Parser)]
+#[command(name = "postern-edge", version)]
+struct Args {
+    /// Config file (TOML).
+    #[arg(long, short, conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Run one node on loopback with a local CA and a generated authtoken.
+    #[arg(long)]
+    dev: bool,
+    /// State directory for --dev.
+    #[arg(long, default_value = "postern-data")]
+    data_dir: PathBuf,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (config, dev_token) = match (&args.config, args.dev) {
+        (Some(path), _) => (EdgeConfig::load(path)?, None),
+        (None, true) => {
+            let setup = dev_config(&args.data_dir)?;
+            (setup.config, Some(setup.authtoken))
+        }
+        (None, false) => anyhow::bail!("give --config <file>, or --dev for a local node"),
+    };
+    let listeners = Listeners::bind(&config).await?;
+    let edge = postern_edge::Edge::start(config, listeners).await?;
+    if let Some(token) = dev_token {
+        print_dev_banner(&edge, &token);
+    }
+    shutdown_signal().await;
+    edge.shutdown().await
+}
+
+fn print_dev_banner(edge: &postern_edge::Edge, token: &str) {
+    let config = edge.config();
+    let addrs = edge.addresses();
+    let ca = config.data_dir.join(postern_ingress::DevCa::CERT_FILE);
+    println!(
+        "\nPostern edge (dev) is up.\n\
+         \n  agent ingress  {ingress}:{agent_port}\
+         \n  HTTPS          https://<name>.{domain}:{https_port}   (TLS endpoints too)\
+         \n  HTTP           http://<name>.{domain}:{http_port}\
+         \n  dev CA         {ca}\
+         \n\nStart an agent in another terminal:\
+         \n\n  cargo run --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
+         \n      --root-cas {ca} --authtoken {token}\
+         \n\nthen:  curl --cacert {ca} https://<the printed name>:{https_port}/\n",
+        ingress = config.agent_ingress_name(),
+        agent_port = addrs.agent.port(),
+        domain = config.domain,
+        https_port = addrs.https.port(),
+        http_port = addrs.http.map(|a| a.port()).unwrap_or(0),
+        ca = ca.display(),
+    );
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")
+        .expect("signal handlers can be installed");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}

@@ -1,0 +1,207 @@
+//! The agent-facing gRPC service and its TLS listener.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_util::Stream;
+use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
+use rustls::ServerConfig;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming, transport::server::Connected};
+
+use crate::session::{AttachedFrames, ControlOut, Registry};
+
+/// How long an agent has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent has for the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TunnelService {
+    registry: Arc<Registry>,
+}
+
+impl TunnelService {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        TunnelService { registry }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::tunnel_server::Tunnel for TunnelService {
+    type ControlStream = BoxStream<pb::EdgeMessage>;
+    type DataStream = BoxStream<pb::Frame>;
+
+    async fn control(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        let peer = request.extensions().get::<AgentPeer>().map(|p| p.0);
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    Failure::new(ErrorCode::PROTOCOL_VIOLATION, "the first control message must be a hello").to_string(),
+                ));
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        match self.registry.open_session(hello, tx.clone()) {
+            Ok(session) => {
+                let out = ControlOut::new(rx, Some(session.cancelled()));
+                self.registry.spawn_session(session, inbound);
+                Ok(Response::new(Box::pin(out)))
+            }
+            Err(failure) => {
+                tracing::info!(?peer, error = %failure, "agent session refused");
+                let error = pb::EdgeMessage {
+                    msg: Some(pb::edge_message::Msg::Error(failure.to_pb())),
+                };
+                let _ = tx.try_send(Ok(error));
+                drop(tx);
+                Ok(Response::new(Box::pin(ControlOut::new(rx, None))))
+            }
+        }
+    }
+
+    async fn data(&self, request: Request<Streaming<pb::Frame>>) -> Result<Response<Self::DataStream>, Status> {
+        let value = |key: &str| {
+            request
+                .metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (session_id, token) = (value(metadata::SESSION), value(metadata::STREAM_TOKEN));
+        let session = self
+            .registry
+            .session(&session_id)
+            .filter(|s| s.stream_token_matches(&token))
+            .ok_or_else(|| Status::permission_denied("unknown session or stream token"))?;
+        let (attach_tx, attach_rx) = oneshot::channel();
+        session.park(postern_ingress::ClaimedStream {
+            inbound: request.into_inner(),
+            attach: attach_tx,
+        });
+        Ok(Response::new(Box::pin(AttachedFrames::new(attach_rx))))
+    }
+}
+
+/// The agent's address, as a request extension.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentPeer(pub SocketAddr);
+
+/// An accepted agent connection.
+pub struct AgentConn {
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl Connected for AgentConn {
+    type ConnectInfo = AgentPeer;
+
+    fn connect_info(&self) -> AgentPeer {
+        AgentPeer(self.peer)
+    }
+}
+
+impl AsyncRead for AgentConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// Accepts agent connections and completes their TLS handshakes off the
+/// accept loop; yields the finished ones.
+pub fn agent_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<AgentConn, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(AgentConn { tls, peer })).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "agent TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "agent TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The tonic server with the tunnel's HTTP/2 settings.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(h2_settings::STREAM_WINDOW)
+        .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
+        .max_frame_size(h2_settings::MAX_FRAME_SIZE)
+        .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
+        .tcp_nodelay(true)
+}

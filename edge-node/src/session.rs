@@ -1,0 +1,549 @@
+//! Agent sessions: authentication, binds, heartbeats, the pool of parked data
+//! streams each session offers the gateway, and the registry of them all.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use futures_util::{Stream, future::BoxFuture};
+use postern_ingress::{
+    BoxFrames, ClaimedStream, DomainPattern, EndpointSpec, Gateway, Protocol, StreamSource, TerminateAt,
+    certified_key_from_pem,
+};
+use postern_proto::{ErrorCode, Failure, negotiate, pb};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::{Status, Streaming};
+
+use crate::{
+    auth::Authtokens,
+    config::{Limits, SessionSettings},
+};
+
+type ControlTx = mpsc::Sender<Result<pb::EdgeMessage, Status>>;
+
+fn edge_message(msg: pb::edge_message::Msg) -> Result<pb::EdgeMessage, Status> {
+    Ok(pb::EdgeMessage { msg: Some(msg) })
+}
+
+/// Everything the registry needs from the node.
+pub struct RegistrySettings {
+    pub region: String,
+    pub node_id: String,
+    pub session: SessionSettings,
+    pub limits: Limits,
+}
+
+/// All agent sessions of this node.
+pub struct Registry {
+    gateway: Gateway,
+    tokens: Authtokens,
+    settings: RegistrySettings,
+    sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    tracker: TaskTracker,
+    draining: AtomicBool,
+}
+
+/// One agent's session.
+pub struct AgentSession {
+    pub id: String,
+    token_hash: String,
+    instance_id: String,
+    stream_token: String,
+    acl: crate::acl::Acl,
+    control: ControlTx,
+    pool: Arc<Mutex<StreamPool>>,
+    endpoints: Mutex<Vec<String>>,
+    cancel: CancellationToken,
+    end_reason: Mutex<Option<Failure>>,
+    stream_wait: std::time::Duration,
+}
+
+struct StreamPool {
+    parked: VecDeque<ClaimedStream>,
+    waiters: VecDeque<oneshot::Sender<ClaimedStream>>,
+    cap: usize,
+    closed: bool,
+}
+
+impl Registry {
+    pub fn new(gateway: Gateway, tokens: Authtokens, settings: RegistrySettings) -> Arc<Registry> {
+        Arc::new(Registry {
+            gateway,
+            tokens,
+            settings,
+            sessions: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn session(&self, id: &str) -> Option<Arc<AgentSession>> {
+        self.sessions.lock().expect("sessions lock").get(id).cloned()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+    }
+
+    /// Authenticates a hello and registers the session; the caller then
+    /// runs [`Registry::spawn_session`]. On refusal, the error to send.
+    pub fn open_session(&self, hello: pb::Hello, control: ControlTx) -> Result<Arc<AgentSession>, Failure> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Failure::new(ErrorCode::DRAINING, "this edge node is shutting down"));
+        }
+        let version = negotiate(hello.min_protocol_version, hello.protocol_version)
+            .map_err(|m| Failure::new(ErrorCode::PROTOCOL_VERSION, m))?;
+        let record = self.tokens.authenticate(&hello.authtoken)?;
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let superseded: Vec<Arc<AgentSession>> = sessions
+            .values()
+            .filter(|s| {
+                s.token_hash == record.sha256 && !hello.instance_id.is_empty() && s.instance_id == hello.instance_id
+            })
+            .cloned()
+            .collect();
+        let live = sessions.values().filter(|s| s.token_hash == record.sha256).count() - superseded.len();
+        if live >= self.settings.limits.sessions_per_token {
+            return Err(Failure::new(
+                ErrorCode::TOO_MANY_SESSIONS,
+                format!("this authtoken already has {live} sessions (limit {})", self.settings.limits.sessions_per_token),
+            ));
+        }
+        for old in &superseded {
+            sessions.remove(&old.id);
+        }
+        let session = Arc::new(AgentSession {
+            id: postern_ingress::random_id("ts_"),
+            token_hash: record.sha256.clone(),
+            instance_id: hello.instance_id.clone(),
+            stream_token: postern_ingress::random_id(""),
+            acl: record.acl.clone(),
+            control: control.clone(),
+            pool: Arc::new(Mutex::new(StreamPool {
+                parked: VecDeque::new(),
+                waiters: VecDeque::new(),
+                cap: (self.settings.limits.stream_pool as usize * 2).max(8),
+                closed: false,
+            })),
+            endpoints: Mutex::new(Vec::new()),
+            cancel: CancellationToken::new(),
+            end_reason: Mutex::new(None),
+            stream_wait: self.settings.session.stream_wait,
+        });
+        sessions.insert(session.id.clone(), session.clone());
+        drop(sessions);
+        for old in superseded {
+            tracing::info!(old = %old.id, new = %session.id, "agent reconnected; the old session is superseded");
+            self.close(&old, Some(Failure::new(ErrorCode::SESSION_SUPERSEDED, "a newer session of this agent took over")));
+        }
+        let welcome = pb::Welcome {
+            protocol_version: version,
+            session_id: session.id.clone(),
+            stream_token: session.stream_token.clone(),
+            region: self.settings.region.clone(),
+            node_id: self.settings.node_id.clone(),
+            heartbeat_interval_ms: self.settings.session.heartbeat_interval.as_millis() as u32,
+            heartbeat_tolerance_ms: self.settings.session.heartbeat_tolerance.as_millis() as u32,
+        };
+        // The channel is new and empty: this cannot fail for lack of room.
+        let _ = control.try_send(edge_message(pb::edge_message::Msg::Welcome(welcome)));
+        tracing::info!(
+            session.id = %session.id,
+            token = %record.id(),
+            agent_version = %hello.agent_version,
+            "agent session opened"
+        );
+        Ok(session)
+    }
+
+    /// Runs the session's control loop as a tracked task.
+    pub fn spawn_session(self: &Arc<Self>, session: Arc<AgentSession>, inbound: Streaming<pb::AgentMessage>) {
+        let registry = self.clone();
+        self.tracker.spawn(async move {
+            let end = registry.session_loop(&session, inbound).await;
+            registry.close(&session, end);
+        });
+    }
+
+    async fn session_loop(&self, session: &Arc<AgentSession>, mut inbound: Streaming<pb::AgentMessage>) -> Option<Failure> {
+        let settings = &self.settings.session;
+        let mut ticker = tokio::time::interval(settings.heartbeat_interval);
+        ticker.tick().await;
+        let mut last_seen = Instant::now();
+        let mut nonce = 0u64;
+        loop {
+            let message = tokio::select! {
+                _ = session.cancel.cancelled() => return None,
+                _ = ticker.tick() => {
+                    if last_seen.elapsed() > settings.heartbeat_tolerance {
+                        tracing::info!(session.id = %session.id, "agent missed its heartbeats");
+                        return Some(Failure::new(ErrorCode::PROTOCOL_VIOLATION, "no heartbeat within the tolerance"));
+                    }
+                    nonce += 1;
+                    let ping = pb::edge_message::Msg::Ping(pb::Heartbeat { nonce });
+                    let _ = session.control.try_send(edge_message(ping));
+                    continue;
+                }
+                message = inbound.message() => message,
+            };
+            let msg = match message {
+                Ok(Some(pb::AgentMessage { msg: Some(msg) })) => msg,
+                Ok(Some(pb::AgentMessage { msg: None })) => continue,
+                Ok(None) => return None,
+                Err(status) => {
+                    tracing::debug!(session.id = %session.id, %status, "control stream failed");
+                    return None;
+                }
+            };
+            last_seen = Instant::now();
+            use pb::agent_message::Msg;
+            let reply = match msg {
+                Msg::Hello(_) => {
+                    return Some(Failure::new(ErrorCode::PROTOCOL_VIOLATION, "hello sent twice"));
+                }
+                Msg::Bind(req) => {
+                    let request_id = req.request_id;
+                    let response = match self.bind(session, req) {
+                        Ok((endpoint_id, public_url)) => pb::BindResponse {
+                            request_id,
+                            endpoint_id,
+                            public_url,
+                            error: None,
+                        },
+                        Err(failure) => {
+                            tracing::info!(session.id = %session.id, error = %failure, "bind refused");
+                            pb::BindResponse {
+                                request_id,
+                                error: Some(failure.to_pb()),
+                                ..Default::default()
+                            }
+                        }
+                    };
+                    pb::edge_message::Msg::Bind(response)
+                }
+                Msg::Unbind(req) => {
+                    let error = self.unbind(session, &req.endpoint_id).err().map(|f| f.to_pb());
+                    pb::edge_message::Msg::Unbind(pb::UnbindResponse {
+                        request_id: req.request_id,
+                        error,
+                    })
+                }
+                Msg::Ping(hb) => pb::edge_message::Msg::Pong(hb),
+                Msg::Pong(_) => continue,
+            };
+            if session.control.send(edge_message(reply)).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn bind(&self, session: &Arc<AgentSession>, req: pb::BindRequest) -> Result<(String, String), Failure> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Failure::new(ErrorCode::DRAINING, "this edge node is shutting down"));
+        }
+        let limit = self.settings.limits.endpoints_per_session;
+        if session.endpoints.lock().expect("endpoints lock").len() >= limit {
+            return Err(Failure::new(
+                ErrorCode::TOO_MANY_ENDPOINTS,
+                format!("this session already has {limit} endpoints"),
+            ));
+        }
+        let protocol = match pb::Protocol::try_from(req.protocol) {
+            Ok(pb::Protocol::Http) => Protocol::Http,
+            Ok(pb::Protocol::Tls) => Protocol::Tls,
+            Ok(pb::Protocol::Tcp) => Protocol::Tcp,
+            _ => return Err(Failure::new(ErrorCode::INVALID_BIND, "protocol must be http, tls or tcp")),
+        };
+        let mut spec = EndpointSpec {
+            name: req.name.clone(),
+            protocol,
+            domain: None,
+            remote_port: 0,
+            terminate_at: TerminateAt::Upstream,
+            certificate: None,
+            proxy_proto: req.proxy_proto != 0,
+        };
+        if protocol == Protocol::Tcp {
+            let port = u16::try_from(req.remote_port)
+                .map_err(|_| Failure::new(ErrorCode::INVALID_BIND, format!("{} is not a port", req.remote_port)))?;
+            if !session.acl.allows_port(port) {
+                return Err(Failure::new(
+                    ErrorCode::ACL_DENIES_ADDRESS,
+                    match port {
+                        0 => "the authtoken's ACL allows only certain ports; ask for one with --remote-addr".to_string(),
+                        p => format!("the authtoken's ACL does not permit binding port {p}"),
+                    },
+                ));
+            }
+            spec.remote_port = port;
+        } else {
+            if !req.domain.is_empty() {
+                let domain = DomainPattern::parse(&req.domain)
+                    .map_err(|e| Failure::new(ErrorCode::INVALID_DOMAIN, format!("{:?}: {e}", req.domain)))?;
+                if !session.acl.allows_name(&domain) {
+                    return Err(Failure::new(
+                        ErrorCode::ACL_DENIES_NAME,
+                        format!("the authtoken's ACL does not permit binding {domain}"),
+                    ));
+                }
+                spec.domain = Some(domain);
+            } else if !session.acl.is_unrestricted() {
+                return Err(Failure::new(
+                    ErrorCode::ACL_DENIES_NAME,
+                    "the authtoken's ACL allows only certain names; give one with --domain",
+                ));
+            }
+            if protocol == Protocol::Tls {
+                self.tls_options(&mut spec, &req)?;
+            }
+        }
+        let endpoint = self.gateway.add(spec, session.clone())?;
+        session.endpoints.lock().expect("endpoints lock").push(endpoint.id.clone());
+        tracing::info!(session.id = %session.id, endpoint = %endpoint.id, url = %endpoint.public_url, "endpoint bound");
+        Ok((endpoint.id.clone(), endpoint.public_url.clone()))
+    }
+
+    fn tls_options(&self, spec: &mut EndpointSpec, req: &pb::BindRequest) -> Result<(), Failure> {
+        let has_cert = !req.tls_cert_pem.is_empty() || !req.tls_key_pem.is_empty();
+        spec.terminate_at = match pb::TerminateAt::try_from(req.terminate_at) {
+            Ok(pb::TerminateAt::Unspecified) if has_cert => TerminateAt::Edge,
+            Ok(pb::TerminateAt::Unspecified | pb::TerminateAt::Upstream) => TerminateAt::Upstream,
+            Ok(pb::TerminateAt::Edge) => TerminateAt::Edge,
+            Ok(pb::TerminateAt::Agent) => TerminateAt::Agent,
+            Err(_) => return Err(Failure::new(ErrorCode::INVALID_TERMINATE_AT, format!("value {}", req.terminate_at))),
+        };
+        if spec.terminate_at != TerminateAt::Edge {
+            return Ok(());
+        }
+        if has_cert {
+            let key = certified_key_from_pem("crt/key", &req.tls_cert_pem, &req.tls_key_pem)
+                .map_err(|e| Failure::new(ErrorCode::INVALID_BIND, e.to_string()))?;
+            spec.certificate = Some(Arc::new(key));
+            return Ok(());
+        }
+        let name = match &spec.domain {
+            Some(DomainPattern::Exact(name)) => name.clone(),
+            Some(DomainPattern::Wildcard(suffix)) => format!("x.{suffix}"),
+            None => return Ok(()), // a random name under the base: the dev CA or a configured wildcard covers it
+        };
+        if self.gateway.certs().lookup(&name).is_none() {
+            return Err(Failure::new(
+                ErrorCode::INVALID_BIND,
+                format!("the edge has no certificate for {name}; pass --crt and --key to terminate at the edge"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn unbind(&self, session: &AgentSession, endpoint_id: &str) -> Result<(), Failure> {
+        let mut endpoints = session.endpoints.lock().expect("endpoints lock");
+        let Some(i) = endpoints.iter().position(|e| e == endpoint_id) else {
+            return Err(Failure::new(ErrorCode::UNKNOWN_ENDPOINT, endpoint_id.to_string()));
+        };
+        endpoints.remove(i);
+        self.gateway.remove(endpoint_id);
+        tracing::info!(session.id = %session.id, endpoint = endpoint_id, "endpoint unbound");
+        Ok(())
+    }
+
+    /// Ends a session: unbinds its endpoints, drops its parked streams and,
+    /// when `reason` is given, tells the agent why. Idempotent.
+    pub fn close(&self, session: &Arc<AgentSession>, reason: Option<Failure>) {
+        {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            if sessions.get(&session.id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+                sessions.remove(&session.id);
+            }
+        }
+        if let Some(reason) = reason {
+            let mut end = session.end_reason.lock().expect("end lock");
+            if end.is_none() {
+                let _ = session
+                    .control
+                    .try_send(edge_message(pb::edge_message::Msg::Error(reason.to_pb())));
+                *end = Some(reason);
+            }
+        }
+        for endpoint_id in session.endpoints.lock().expect("endpoints lock").drain(..) {
+            self.gateway.remove(&endpoint_id);
+        }
+        {
+            let mut pool = session.pool.lock().expect("pool lock");
+            pool.closed = true;
+            pool.parked.clear();
+            pool.waiters.clear();
+        }
+        if !session.cancel.is_cancelled() {
+            session.cancel.cancel();
+            tracing::info!(session.id = %session.id, "agent session closed");
+        }
+    }
+
+    /// Tells every agent the node is draining and refuses new sessions.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        for session in self.sessions.lock().expect("sessions lock").values() {
+            let drain = pb::edge_message::Msg::Drain(pb::Drain {
+                reason: "the edge node is shutting down".into(),
+            });
+            let _ = session.control.try_send(edge_message(drain));
+        }
+    }
+
+    /// Closes every session and waits for their tasks.
+    pub async fn shutdown(&self) {
+        let sessions: Vec<_> = self.sessions.lock().expect("sessions lock").values().cloned().collect();
+        for session in sessions {
+            self.close(&session, Some(Failure::new(ErrorCode::DRAINING, "the edge node is shutting down")));
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl AgentSession {
+    pub fn stream_token_matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.stream_token.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// The agent opened a data stream: hand it to a waiting visitor, or park it.
+    pub fn park(&self, mut stream: ClaimedStream) {
+        let mut pool = self.pool.lock().expect("pool lock");
+        if pool.closed {
+            return;
+        }
+        while let Some(waiter) = pool.waiters.pop_front() {
+            match waiter.send(stream) {
+                Ok(()) => return,
+                Err(back) => stream = back,
+            }
+        }
+        if pool.parked.len() < pool.cap {
+            pool.parked.push_back(stream);
+        }
+    }
+
+    /// Ends the control stream once queued messages are out.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.cancel.clone().cancelled_owned()
+    }
+}
+
+impl StreamSource for AgentSession {
+    fn claim(&self) -> BoxFuture<'static, Result<ClaimedStream, Failure>> {
+        let pool = self.pool.clone();
+        let control = self.control.clone();
+        let wait = self.stream_wait;
+        Box::pin(async move {
+            let rx = {
+                let mut pool = pool.lock().expect("pool lock");
+                if pool.closed {
+                    return Err(Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent session has ended"));
+                }
+                while let Some(parked) = pool.parked.pop_front() {
+                    if !parked.attach.is_closed() {
+                        return Ok(parked);
+                    }
+                }
+                let (tx, rx) = oneshot::channel();
+                pool.waiters.push_back(tx);
+                rx
+            };
+            let ask = pb::edge_message::Msg::OpenStreams(pb::OpenStreams { count: 1 });
+            if control.try_send(edge_message(ask)).is_err() {
+                tracing::debug!("control channel full; relying on the agent's own refill");
+            }
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(_)) => Err(Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent session has ended")),
+                Err(_) => Err(Failure::new(
+                    ErrorCode::STREAM_UNAVAILABLE,
+                    format!("no data stream from the agent within {wait:?}"),
+                )),
+            }
+        })
+    }
+
+    fn session_id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// The frames the edge sends on a parked data stream: nothing until the
+/// gateway claims it, then whatever the gateway plugs in. Ends quietly when
+/// the stream is dropped unclaimed.
+pub struct AttachedFrames {
+    attach: Option<oneshot::Receiver<BoxFrames>>,
+    frames: Option<BoxFrames>,
+}
+
+impl AttachedFrames {
+    pub fn new(attach: oneshot::Receiver<BoxFrames>) -> Self {
+        AttachedFrames {
+            attach: Some(attach),
+            frames: None,
+        }
+    }
+}
+
+impl Stream for AttachedFrames {
+    type Item = Result<pb::Frame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(attach) = self.attach.as_mut() {
+            match ready!(Pin::new(attach).poll(cx)) {
+                Ok(frames) => {
+                    self.frames = Some(frames);
+                    self.attach = None;
+                }
+                Err(_) => {
+                    self.attach = None;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+        match self.frames.as_mut() {
+            Some(frames) => frames.as_mut().poll_next(cx).map(|f| f.map(Ok)),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+use std::future::Future;
+
+/// The control stream the edge sends: queued messages, then the end once
+/// the session is cancelled.
+pub struct ControlOut {
+    rx: mpsc::Receiver<Result<pb::EdgeMessage, Status>>,
+    cancelled: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+}
+
+impl ControlOut {
+    pub fn new(rx: mpsc::Receiver<Result<pb::EdgeMessage, Status>>, cancelled: Option<tokio_util::sync::WaitForCancellationFutureOwned>) -> Self {
+        ControlOut {
+            rx,
+            cancelled: cancelled.map(Box::pin),
+        }
+    }
+}
+
+impl Stream for ControlOut {
+    type Item = Result<pb::EdgeMessage, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Poll::Ready(item) = self.rx.poll_recv(cx) {
+            return Poll::Ready(item);
+        }
+        let cancelled = self.cancelled.as_mut().is_some_and(|c| c.as_mut().poll(cx).is_ready());
+        if cancelled { Poll::Ready(None) } else { Poll::Pending }
+    }
+}
