@@ -40,7 +40,9 @@ impl Acl {
             || self.rules.iter().any(|rule| match rule {
                 Rule::Any => true,
                 Rule::Ports(_) => false,
-                Rule::Name(DomainPattern::Exact(name)) => *pattern == DomainPattern::Exact(name.clone()),
+                Rule::Name(DomainPattern::Exact(name)) => {
+                    *pattern == DomainPattern::Exact(name.clone())
+                }
                 Rule::Name(DomainPattern::Wildcard(suffix)) => match pattern {
                     DomainPattern::Exact(name) => under(name, suffix),
                     DomainPattern::Wildcard(other) => other == suffix || under(other, suffix),
@@ -71,7 +73,9 @@ fn under(name: &str, suffix: &str) -> bool {
 
 fn parse_rule(rule: &str) -> anyhow::Result<Rule> {
     let Some(target) = rule.strip_prefix("bind:") else {
-        bail!("only bind: rules exist (\"bind:app.example.com\", \"bind:*.example.com\", \"bind:*\")");
+        bail!(
+            "only bind: rules exist (\"bind:app.example.com\", \"bind:*.example.com\", \"bind:*\")"
+        );
     };
     if target == "*" {
         return Ok(Rule::Any);
@@ -106,7 +110,10 @@ mod tests {
 
     #[test]
     fn no_rules_and_star_allow_everything() {
-        for acl in [Acl::parse::<&str>(&[]).unwrap(), Acl::parse(&["bind:*"]).unwrap()] {
+        for acl in [
+            Acl::parse::<&str>(&[]).unwrap(),
+            Acl::parse(&["bind:*"]).unwrap(),
+        ] {
             assert!(acl.allows_name(&p("anything.example.org")));
             assert!(acl.allows_name(&p("*.example.org")));
             assert!(acl.allows_port(22));

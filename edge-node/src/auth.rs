@@ -24,7 +24,10 @@ pub struct AuthtokenRecord {
 }
 
 fn sha256_hex(token: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()))
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 impl AuthtokenRecord {
@@ -63,7 +66,10 @@ impl AuthtokenRecord {
 /// A token must be printable ASCII without spaces, and not huge.
 fn check_shape(token: &str) -> Result<(), Failure> {
     if token.is_empty() {
-        return Err(Failure::new(ErrorCode::AUTHTOKEN_MALFORMED, "no authtoken was given"));
+        return Err(Failure::new(
+            ErrorCode::AUTHTOKEN_MALFORMED,
+            "no authtoken was given",
+        ));
     }
     if token.len() > MAX_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Failure::new(
@@ -104,14 +110,37 @@ mod tests {
     #[test]
     fn authenticates_by_hash() {
         let a = AuthtokenRecord::from_token("secret-token-1", Acl::default(), "a".into()).unwrap();
-        let b = AuthtokenRecord::from_sha256_hex(&sha256_hex("secret-token-2"), Acl::default(), "b".into()).unwrap();
+        let b = AuthtokenRecord::from_sha256_hex(
+            &sha256_hex("secret-token-2"),
+            Acl::default(),
+            "b".into(),
+        )
+        .unwrap();
         let tokens = Authtokens::new(vec![a, b]);
-        assert_eq!(tokens.authenticate("secret-token-1").unwrap().description, "a");
-        assert_eq!(tokens.authenticate("secret-token-2").unwrap().description, "b");
-        assert_eq!(tokens.authenticate("secret-token-3").unwrap_err().code, ErrorCode::AUTHTOKEN_INVALID);
-        assert_eq!(tokens.authenticate("").unwrap_err().code, ErrorCode::AUTHTOKEN_MALFORMED);
-        assert_eq!(tokens.authenticate("has space").unwrap_err().code, ErrorCode::AUTHTOKEN_MALFORMED);
-        assert_eq!(tokens.authenticate(&"x".repeat(600)).unwrap_err().code, ErrorCode::AUTHTOKEN_MALFORMED);
+        assert_eq!(
+            tokens.authenticate("secret-token-1").unwrap().description,
+            "a"
+        );
+        assert_eq!(
+            tokens.authenticate("secret-token-2").unwrap().description,
+            "b"
+        );
+        assert_eq!(
+            tokens.authenticate("secret-token-3").unwrap_err().code,
+            ErrorCode::AUTHTOKEN_INVALID
+        );
+        assert_eq!(
+            tokens.authenticate("").unwrap_err().code,
+            ErrorCode::AUTHTOKEN_MALFORMED
+        );
+        assert_eq!(
+            tokens.authenticate("has space").unwrap_err().code,
+            ErrorCode::AUTHTOKEN_MALFORMED
+        );
+        assert_eq!(
+            tokens.authenticate(&"x".repeat(600)).unwrap_err().code,
+            ErrorCode::AUTHTOKEN_MALFORMED
+        );
     }
 
     #[test]

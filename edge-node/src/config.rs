@@ -199,7 +199,8 @@ impl EdgeConfig {
 
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_toml(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -212,7 +213,8 @@ impl EdgeConfig {
 fn duration(field: &str, value: &Option<String>, default: Duration) -> anyhow::Result<Duration> {
     match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v).with_context(|| format!("{field}: {v:?} is not a duration like \"10s\"")),
+        Some(v) => humantime::parse_duration(v)
+            .with_context(|| format!("{field}: {v:?} is not a duration like \"10s\"")),
     }
 }
 
@@ -237,12 +239,15 @@ fn port_range(field: &str, value: &str) -> anyhow::Result<RangeInclusive<u16>> {
 
 impl RawConfig {
     pub fn validate(self) -> anyhow::Result<EdgeConfig> {
-        let domain = normalize_name(&self.domain).with_context(|| format!("domain: {:?}", self.domain))?;
+        let domain =
+            normalize_name(&self.domain).with_context(|| format!("domain: {:?}", self.domain))?;
         let region = self.region.unwrap_or_else(|| "us".into());
         normalize_name(&region)
             .ok()
             .filter(|r| !r.contains('.') && *r == region)
-            .with_context(|| format!("region: {region:?} must be one lower-case DNS label such as \"us\""))?;
+            .with_context(|| {
+                format!("region: {region:?} must be one lower-case DNS label such as \"us\"")
+            })?;
         let node_id = self
             .node_id
             .unwrap_or_else(|| format!("edge-{}", postern_ingress::random_label()));
@@ -258,7 +263,9 @@ impl RawConfig {
         let random_domain_base = self
             .public
             .random_domain_base
-            .map(|b| normalize_name(&b).with_context(|| format!("public.random_domain_base: {b:?}")))
+            .map(|b| {
+                normalize_name(&b).with_context(|| format!("public.random_domain_base: {b:?}"))
+            })
             .transpose()?;
         let tcp_bind_ip = match &self.tcp.bind_ip {
             None => IpAddr::from([0, 0, 0, 0]),
@@ -266,7 +273,10 @@ impl RawConfig {
                 .parse()
                 .with_context(|| format!("tcp.bind_ip: {ip:?} is not an IP address"))?,
         };
-        let tcp_ports = port_range("tcp.ports", self.tcp.ports.as_deref().unwrap_or("20000-29999"))?;
+        let tcp_ports = port_range(
+            "tcp.ports",
+            self.tcp.ports.as_deref().unwrap_or("20000-29999"),
+        )?;
         let agent_cert = match (self.tls.agent_cert, self.tls.agent_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -289,12 +299,28 @@ impl RawConfig {
             authtokens.push(record);
         }
         let session = SessionSettings {
-            heartbeat_interval: duration("session.heartbeat_interval", &self.session.heartbeat_interval, Duration::from_secs(10))?,
-            heartbeat_tolerance: duration("session.heartbeat_tolerance", &self.session.heartbeat_tolerance, Duration::from_secs(15))?,
-            stream_wait: duration("session.stream_wait", &self.session.stream_wait, Duration::from_secs(10))?,
+            heartbeat_interval: duration(
+                "session.heartbeat_interval",
+                &self.session.heartbeat_interval,
+                Duration::from_secs(10),
+            )?,
+            heartbeat_tolerance: duration(
+                "session.heartbeat_tolerance",
+                &self.session.heartbeat_tolerance,
+                Duration::from_secs(15),
+            )?,
+            stream_wait: duration(
+                "session.stream_wait",
+                &self.session.stream_wait,
+                Duration::from_secs(10),
+            )?,
         };
-        if session.heartbeat_interval.is_zero() || session.heartbeat_tolerance <= session.heartbeat_interval {
-            bail!("session.heartbeat_tolerance must be longer than session.heartbeat_interval, which must not be zero");
+        if session.heartbeat_interval.is_zero()
+            || session.heartbeat_tolerance <= session.heartbeat_interval
+        {
+            bail!(
+                "session.heartbeat_tolerance must be longer than session.heartbeat_interval, which must not be zero"
+            );
         }
         Ok(EdgeConfig {
             node_id,
@@ -305,14 +331,21 @@ impl RawConfig {
                 random_domain_base,
             },
             domain,
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("postern-data")),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("postern-data")),
             listen,
             tcp_bind_ip,
             tcp_ports,
             tls: Tls {
                 dev_ca: self.tls.dev_ca,
                 agent_cert,
-                certificates: self.tls.certificates.into_iter().map(|c| (c.cert, c.key)).collect(),
+                certificates: self
+                    .tls
+                    .certificates
+                    .into_iter()
+                    .map(|c| (c.cert, c.key))
+                    .collect(),
             },
             authtokens,
             session,
@@ -349,7 +382,10 @@ dev_ca = true
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("domain = \"example.test\"\nbogus = 1\n[tls]\ndev_ca = true", "bogus"),
+            (
+                "domain = \"example.test\"\nbogus = 1\n[tls]\ndev_ca = true",
+                "bogus",
+            ),
             ("domain = \"bad domain\"\n[tls]\ndev_ca = true", "domain"),
             ("domain = \"example.test\"", "tls.agent_cert"),
             (
@@ -368,7 +404,10 @@ dev_ca = true
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[[authtokens]]\nacl = []",
                 "authtokens[0]",
             ),
-            ("domain = \"example.test\"\nregion = \"U S\"\n[tls]\ndev_ca = true", "region"),
+            (
+                "domain = \"example.test\"\nregion = \"U S\"\n[tls]\ndev_ca = true",
+                "region",
+            ),
         ];
         for (text, field) in cases {
             let err = format!("{:#}", EdgeConfig::from_toml(text).unwrap_err());

@@ -21,13 +21,15 @@ pub struct DevSetup {
 /// Builds the dev config, creating the data directory and the authtoken on
 /// first use.
 pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let token_path = data_dir.join(TOKEN_FILE);
     let authtoken = match std::fs::read_to_string(&token_path) {
         Ok(token) => token.trim().to_string(),
         Err(_) => {
             let token = postern_ingress::random_id("dev_");
-            std::fs::write(&token_path, &token).with_context(|| format!("writing {}", token_path.display()))?;
+            std::fs::write(&token_path, &token)
+                .with_context(|| format!("writing {}", token_path.display()))?;
             token
         }
     };

@@ -14,7 +14,9 @@ mod session;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use postern_ingress::{CertStore, DevCa, Gateway, GatewayConfig, certified_key_from_pem, single_cert_config};
+use postern_ingress::{
+    CertStore, DevCa, Gateway, GatewayConfig, certified_key_from_pem, single_cert_config,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -77,7 +79,9 @@ impl Edge {
         };
         let certs = Arc::new(CertStore::new(dev_ca));
         for (cert, key) in &config.tls.certificates {
-            let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
             let names = certs.add_pem(&cert.display().to_string(), &read(cert)?, &read(key)?)?;
             tracing::info!(cert = %cert.display(), names = ?names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
         }
@@ -89,7 +93,9 @@ impl Edge {
             )?,
             None => {
                 let name = config.agent_ingress_name();
-                let ca = certs.dev_ca().context("no agent certificate and no dev CA")?;
+                let ca = certs
+                    .dev_ca()
+                    .context("no agent certificate and no dev CA")?;
                 let (cert, key) = ca.issue_pem(&[name])?;
                 certified_key_from_pem("dev agent certificate", cert.as_bytes(), key.as_bytes())?
             }
@@ -98,7 +104,11 @@ impl Edge {
 
         let addresses = Addresses {
             agent: listeners.agent.local_addr()?,
-            http: listeners.http.as_ref().map(|l| l.local_addr()).transpose()?,
+            http: listeners
+                .http
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
             https: listeners.https.local_addr()?,
         };
         let gateway = Gateway::new(
@@ -129,7 +139,9 @@ impl Edge {
         );
         let stop_grpc = CancellationToken::new();
         let incoming = service::agent_incoming(listeners.agent, agent_tls, stop_grpc.clone());
-        let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(registry.clone()));
+        let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(
+            registry.clone(),
+        ));
         let stop = stop_grpc.clone();
         let grpc = tokio::spawn(
             service::server_builder()
@@ -189,7 +201,11 @@ impl Edge {
 }
 
 /// Runs a node until `shutdown` resolves, then drains.
-pub async fn run(config: EdgeConfig, listeners: Listeners, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    config: EdgeConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let edge = Edge::start(config, listeners).await?;
     shutdown.await;
     edge.shutdown().await

@@ -9,19 +9,19 @@ use std::{
     time::Duration,
 };
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::ServerConfig;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming, transport::server::Connected};
 
-use crate::session::{AttachedFrames, ControlOut, Registry};
+use crate::session::{ControlOut, Registry};
 
 /// How long an agent has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,7 +59,11 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
             _ => {
                 return Err(Status::invalid_argument(
-                    Failure::new(ErrorCode::PROTOCOL_VIOLATION, "the first control message must be a hello").to_string(),
+                    Failure::new(
+                        ErrorCode::PROTOCOL_VIOLATION,
+                        "the first control message must be a hello",
+                    )
+                    .to_string(),
                 ));
             }
         };
@@ -82,7 +86,10 @@ impl pb::tunnel_server::Tunnel for TunnelService {
         }
     }
 
-    async fn data(&self, request: Request<Streaming<pb::Frame>>) -> Result<Response<Self::DataStream>, Status> {
+    async fn data(
+        &self,
+        request: Request<Streaming<pb::Frame>>,
+    ) -> Result<Response<Self::DataStream>, Status> {
         let value = |key: &str| {
             request
                 .metadata()
@@ -97,12 +104,12 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             .session(&session_id)
             .filter(|s| s.stream_token_matches(&token))
             .ok_or_else(|| Status::permission_denied("unknown session or stream token"))?;
-        let (attach_tx, attach_rx) = oneshot::channel();
+        let (attach, frames) = postern_proto::attachable();
         session.park(postern_ingress::ClaimedStream {
             inbound: request.into_inner(),
-            attach: attach_tx,
+            attach,
         });
-        Ok(Response::new(Box::pin(AttachedFrames::new(attach_rx))))
+        Ok(Response::new(Box::pin(frames.map(Ok))))
     }
 }
 
@@ -125,13 +132,21 @@ impl Connected for AgentConn {
 }
 
 impl AsyncRead for AgentConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AgentConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 

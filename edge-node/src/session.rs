@@ -8,13 +8,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Instant,
 };
 
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
-    BoxFrames, ClaimedStream, DomainPattern, EndpointSpec, Gateway, Protocol, StreamSource, TerminateAt,
+    ClaimedStream, DomainPattern, EndpointSpec, Gateway, Protocol, StreamSource, TerminateAt,
     certified_key_from_pem,
 };
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
@@ -86,7 +86,11 @@ impl Registry {
     }
 
     pub fn session(&self, id: &str) -> Option<Arc<AgentSession>> {
-        self.sessions.lock().expect("sessions lock").get(id).cloned()
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .get(id)
+            .cloned()
     }
 
     pub fn session_count(&self) -> usize {
@@ -95,9 +99,16 @@ impl Registry {
 
     /// Authenticates a hello and registers the session; the caller then
     /// runs [`Registry::spawn_session`]. On refusal, the error to send.
-    pub fn open_session(&self, hello: pb::Hello, control: ControlTx) -> Result<Arc<AgentSession>, Failure> {
+    pub fn open_session(
+        &self,
+        hello: pb::Hello,
+        control: ControlTx,
+    ) -> Result<Arc<AgentSession>, Failure> {
         if self.draining.load(Ordering::Relaxed) {
-            return Err(Failure::new(ErrorCode::DRAINING, "this edge node is shutting down"));
+            return Err(Failure::new(
+                ErrorCode::DRAINING,
+                "this edge node is shutting down",
+            ));
         }
         let version = negotiate(hello.min_protocol_version, hello.protocol_version)
             .map_err(|m| Failure::new(ErrorCode::PROTOCOL_VERSION, m))?;
@@ -106,15 +117,24 @@ impl Registry {
         let superseded: Vec<Arc<AgentSession>> = sessions
             .values()
             .filter(|s| {
-                s.token_hash == record.sha256 && !hello.instance_id.is_empty() && s.instance_id == hello.instance_id
+                s.token_hash == record.sha256
+                    && !hello.instance_id.is_empty()
+                    && s.instance_id == hello.instance_id
             })
             .cloned()
             .collect();
-        let live = sessions.values().filter(|s| s.token_hash == record.sha256).count() - superseded.len();
+        let live = sessions
+            .values()
+            .filter(|s| s.token_hash == record.sha256)
+            .count()
+            - superseded.len();
         if live >= self.settings.limits.sessions_per_token {
             return Err(Failure::new(
                 ErrorCode::TOO_MANY_SESSIONS,
-                format!("this authtoken already has {live} sessions (limit {})", self.settings.limits.sessions_per_token),
+                format!(
+                    "this authtoken already has {live} sessions (limit {})",
+                    self.settings.limits.sessions_per_token
+                ),
             ));
         }
         for old in &superseded {
@@ -142,7 +162,13 @@ impl Registry {
         drop(sessions);
         for old in superseded {
             tracing::info!(old = %old.id, new = %session.id, "agent reconnected; the old session is superseded");
-            self.close(&old, Some(Failure::new(ErrorCode::SESSION_SUPERSEDED, "a newer session of this agent took over")));
+            self.close(
+                &old,
+                Some(Failure::new(
+                    ErrorCode::SESSION_SUPERSEDED,
+                    "a newer session of this agent took over",
+                )),
+            );
         }
         let welcome = pb::Welcome {
             protocol_version: version,
@@ -165,7 +191,11 @@ impl Registry {
     }
 
     /// Runs the session's control loop as a tracked task.
-    pub fn spawn_session(self: &Arc<Self>, session: Arc<AgentSession>, inbound: Streaming<pb::AgentMessage>) {
+    pub fn spawn_session(
+        self: &Arc<Self>,
+        session: Arc<AgentSession>,
+        inbound: Streaming<pb::AgentMessage>,
+    ) {
         let registry = self.clone();
         self.tracker.spawn(async move {
             let end = registry.session_loop(&session, inbound).await;
@@ -173,7 +203,11 @@ impl Registry {
         });
     }
 
-    async fn session_loop(&self, session: &Arc<AgentSession>, mut inbound: Streaming<pb::AgentMessage>) -> Option<Failure> {
+    async fn session_loop(
+        &self,
+        session: &Arc<AgentSession>,
+        mut inbound: Streaming<pb::AgentMessage>,
+    ) -> Option<Failure> {
         let settings = &self.settings.session;
         let mut ticker = tokio::time::interval(settings.heartbeat_interval);
         ticker.tick().await;
@@ -207,7 +241,10 @@ impl Registry {
             use pb::agent_message::Msg;
             let reply = match msg {
                 Msg::Hello(_) => {
-                    return Some(Failure::new(ErrorCode::PROTOCOL_VIOLATION, "hello sent twice"));
+                    return Some(Failure::new(
+                        ErrorCode::PROTOCOL_VIOLATION,
+                        "hello sent twice",
+                    ));
                 }
                 Msg::Bind(req) => {
                     let request_id = req.request_id;
@@ -230,7 +267,10 @@ impl Registry {
                     pb::edge_message::Msg::Bind(response)
                 }
                 Msg::Unbind(req) => {
-                    let error = self.unbind(session, &req.endpoint_id).err().map(|f| f.to_pb());
+                    let error = self
+                        .unbind(session, &req.endpoint_id)
+                        .err()
+                        .map(|f| f.to_pb());
                     pb::edge_message::Msg::Unbind(pb::UnbindResponse {
                         request_id: req.request_id,
                         error,
@@ -245,9 +285,16 @@ impl Registry {
         }
     }
 
-    fn bind(&self, session: &Arc<AgentSession>, req: pb::BindRequest) -> Result<(String, String), Failure> {
+    fn bind(
+        &self,
+        session: &Arc<AgentSession>,
+        req: pb::BindRequest,
+    ) -> Result<(String, String), Failure> {
         if self.draining.load(Ordering::Relaxed) {
-            return Err(Failure::new(ErrorCode::DRAINING, "this edge node is shutting down"));
+            return Err(Failure::new(
+                ErrorCode::DRAINING,
+                "this edge node is shutting down",
+            ));
         }
         let limit = self.settings.limits.endpoints_per_session;
         if session.endpoints.lock().expect("endpoints lock").len() >= limit {
@@ -260,7 +307,12 @@ impl Registry {
             Ok(pb::Protocol::Http) => Protocol::Http,
             Ok(pb::Protocol::Tls) => Protocol::Tls,
             Ok(pb::Protocol::Tcp) => Protocol::Tcp,
-            _ => return Err(Failure::new(ErrorCode::INVALID_BIND, "protocol must be http, tls or tcp")),
+            _ => {
+                return Err(Failure::new(
+                    ErrorCode::INVALID_BIND,
+                    "protocol must be http, tls or tcp",
+                ));
+            }
         };
         let mut spec = EndpointSpec {
             name: req.name.clone(),
@@ -272,8 +324,12 @@ impl Registry {
             proxy_proto: req.proxy_proto != 0,
         };
         if protocol == Protocol::Tcp {
-            let port = u16::try_from(req.remote_port)
-                .map_err(|_| Failure::new(ErrorCode::INVALID_BIND, format!("{} is not a port", req.remote_port)))?;
+            let port = u16::try_from(req.remote_port).map_err(|_| {
+                Failure::new(
+                    ErrorCode::INVALID_BIND,
+                    format!("{} is not a port", req.remote_port),
+                )
+            })?;
             if !session.acl.allows_port(port) {
                 return Err(Failure::new(
                     ErrorCode::ACL_DENIES_ADDRESS,
@@ -286,8 +342,9 @@ impl Registry {
             spec.remote_port = port;
         } else {
             if !req.domain.is_empty() {
-                let domain = DomainPattern::parse(&req.domain)
-                    .map_err(|e| Failure::new(ErrorCode::INVALID_DOMAIN, format!("{:?}: {e}", req.domain)))?;
+                let domain = DomainPattern::parse(&req.domain).map_err(|e| {
+                    Failure::new(ErrorCode::INVALID_DOMAIN, format!("{:?}: {e}", req.domain))
+                })?;
                 if !session.acl.allows_name(&domain) {
                     return Err(Failure::new(
                         ErrorCode::ACL_DENIES_NAME,
@@ -306,7 +363,11 @@ impl Registry {
             }
         }
         let endpoint = self.gateway.add(spec, session.clone())?;
-        session.endpoints.lock().expect("endpoints lock").push(endpoint.id.clone());
+        session
+            .endpoints
+            .lock()
+            .expect("endpoints lock")
+            .push(endpoint.id.clone());
         tracing::info!(session.id = %session.id, endpoint = %endpoint.id, url = %endpoint.public_url, "endpoint bound");
         Ok((endpoint.id.clone(), endpoint.public_url.clone()))
     }
@@ -318,7 +379,12 @@ impl Registry {
             Ok(pb::TerminateAt::Unspecified | pb::TerminateAt::Upstream) => TerminateAt::Upstream,
             Ok(pb::TerminateAt::Edge) => TerminateAt::Edge,
             Ok(pb::TerminateAt::Agent) => TerminateAt::Agent,
-            Err(_) => return Err(Failure::new(ErrorCode::INVALID_TERMINATE_AT, format!("value {}", req.terminate_at))),
+            Err(_) => {
+                return Err(Failure::new(
+                    ErrorCode::INVALID_TERMINATE_AT,
+                    format!("value {}", req.terminate_at),
+                ));
+            }
         };
         if spec.terminate_at != TerminateAt::Edge {
             return Ok(());
@@ -337,7 +403,9 @@ impl Registry {
         if self.gateway.certs().lookup(&name).is_none() {
             return Err(Failure::new(
                 ErrorCode::INVALID_BIND,
-                format!("the edge has no certificate for {name}; pass --crt and --key to terminate at the edge"),
+                format!(
+                    "the edge has no certificate for {name}; pass --crt and --key to terminate at the edge"
+                ),
             ));
         }
         Ok(())
@@ -346,7 +414,10 @@ impl Registry {
     fn unbind(&self, session: &AgentSession, endpoint_id: &str) -> Result<(), Failure> {
         let mut endpoints = session.endpoints.lock().expect("endpoints lock");
         let Some(i) = endpoints.iter().position(|e| e == endpoint_id) else {
-            return Err(Failure::new(ErrorCode::UNKNOWN_ENDPOINT, endpoint_id.to_string()));
+            return Err(Failure::new(
+                ErrorCode::UNKNOWN_ENDPOINT,
+                endpoint_id.to_string(),
+            ));
         };
         endpoints.remove(i);
         self.gateway.remove(endpoint_id);
@@ -359,7 +430,10 @@ impl Registry {
     pub fn close(&self, session: &Arc<AgentSession>, reason: Option<Failure>) {
         {
             let mut sessions = self.sessions.lock().expect("sessions lock");
-            if sessions.get(&session.id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            if sessions
+                .get(&session.id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
                 sessions.remove(&session.id);
             }
         }
@@ -400,9 +474,21 @@ impl Registry {
 
     /// Closes every session and waits for their tasks.
     pub async fn shutdown(&self) {
-        let sessions: Vec<_> = self.sessions.lock().expect("sessions lock").values().cloned().collect();
+        let sessions: Vec<_> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect();
         for session in sessions {
-            self.close(&session, Some(Failure::new(ErrorCode::DRAINING, "the edge node is shutting down")));
+            self.close(
+                &session,
+                Some(Failure::new(
+                    ErrorCode::DRAINING,
+                    "the edge node is shutting down",
+                )),
+            );
         }
         self.tracker.close();
         self.tracker.wait().await;
@@ -447,7 +533,10 @@ impl StreamSource for AgentSession {
             let rx = {
                 let mut pool = pool.lock().expect("pool lock");
                 if pool.closed {
-                    return Err(Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent session has ended"));
+                    return Err(Failure::new(
+                        ErrorCode::AGENT_FORWARD_FAILED,
+                        "the agent session has ended",
+                    ));
                 }
                 while let Some(parked) = pool.parked.pop_front() {
                     if !parked.attach.is_closed() {
@@ -464,7 +553,10 @@ impl StreamSource for AgentSession {
             }
             match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(_)) => Err(Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent session has ended")),
+                Ok(Err(_)) => Err(Failure::new(
+                    ErrorCode::AGENT_FORWARD_FAILED,
+                    "the agent session has ended",
+                )),
                 Err(_) => Err(Failure::new(
                     ErrorCode::STREAM_UNAVAILABLE,
                     format!("no data stream from the agent within {wait:?}"),
@@ -478,46 +570,6 @@ impl StreamSource for AgentSession {
     }
 }
 
-/// The frames the edge sends on a parked data stream: nothing until the
-/// gateway claims it, then whatever the gateway plugs in. Ends quietly when
-/// the stream is dropped unclaimed.
-pub struct AttachedFrames {
-    attach: Option<oneshot::Receiver<BoxFrames>>,
-    frames: Option<BoxFrames>,
-}
-
-impl AttachedFrames {
-    pub fn new(attach: oneshot::Receiver<BoxFrames>) -> Self {
-        AttachedFrames {
-            attach: Some(attach),
-            frames: None,
-        }
-    }
-}
-
-impl Stream for AttachedFrames {
-    type Item = Result<pb::Frame, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if let Some(attach) = self.attach.as_mut() {
-            match ready!(Pin::new(attach).poll(cx)) {
-                Ok(frames) => {
-                    self.frames = Some(frames);
-                    self.attach = None;
-                }
-                Err(_) => {
-                    self.attach = None;
-                    return Poll::Ready(None);
-                }
-            }
-        }
-        match self.frames.as_mut() {
-            Some(frames) => frames.as_mut().poll_next(cx).map(|f| f.map(Ok)),
-            None => Poll::Ready(None),
-        }
-    }
-}
-
 use std::future::Future;
 
 /// The control stream the edge sends: queued messages, then the end once
@@ -528,7 +580,10 @@ pub struct ControlOut {
 }
 
 impl ControlOut {
-    pub fn new(rx: mpsc::Receiver<Result<pb::EdgeMessage, Status>>, cancelled: Option<tokio_util::sync::WaitForCancellationFutureOwned>) -> Self {
+    pub fn new(
+        rx: mpsc::Receiver<Result<pb::EdgeMessage, Status>>,
+        cancelled: Option<tokio_util::sync::WaitForCancellationFutureOwned>,
+    ) -> Self {
         ControlOut {
             rx,
             cancelled: cancelled.map(Box::pin),
@@ -543,7 +598,14 @@ impl Stream for ControlOut {
         if let Poll::Ready(item) = self.rx.poll_recv(cx) {
             return Poll::Ready(item);
         }
-        let cancelled = self.cancelled.as_mut().is_some_and(|c| c.as_mut().poll(cx).is_ready());
-        if cancelled { Poll::Ready(None) } else { Poll::Pending }
+        let cancelled = self
+            .cancelled
+            .as_mut()
+            .is_some_and(|c| c.as_mut().poll(cx).is_ready());
+        if cancelled {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
     }
 }

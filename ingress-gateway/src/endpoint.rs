@@ -1,15 +1,12 @@
 //! What the gateway knows about a bound endpoint, and the one thing it needs
 //! from the agent session behind it: a data stream per proxied connection.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
-use futures_util::{Stream, future::BoxFuture};
-use postern_proto::{Failure, pb};
+use futures_util::future::BoxFuture;
+use postern_proto::{BoxFrames, Failure, pb};
 use rustls::ServerConfig;
 use tokio::sync::oneshot;
-
-/// The frames the gateway sends to the agent on a claimed stream.
-pub type BoxFrames = Pin<Box<dyn Stream<Item = pb::Frame> + Send>>;
 
 /// A data stream claimed from an agent session: the agent's frames, and the
 /// slot where the gateway plugs in the frames it sends back.
@@ -79,7 +76,12 @@ impl std::fmt::Debug for Endpoint {
 }
 
 /// The `open` frame that starts a proxied connection.
-pub fn open_frame(endpoint: &Endpoint, client: SocketAddr, server: SocketAddr, name: &str) -> pb::Frame {
+pub fn open_frame(
+    endpoint: &Endpoint,
+    client: SocketAddr,
+    server: SocketAddr,
+    name: &str,
+) -> pb::Frame {
     pb::Frame {
         open: Some(pb::StreamOpen {
             endpoint_id: endpoint.id.clone(),

@@ -122,7 +122,10 @@ impl Stats {
             ("tls_no_sni", get(&self.tls_no_sni)),
             ("tls_unknown_sni", get(&self.tls_unknown_sni)),
             ("tls_bad_client_hello", get(&self.tls_bad_client_hello)),
-            ("tls_client_hello_timeout", get(&self.tls_client_hello_timeout)),
+            (
+                "tls_client_hello_timeout",
+                get(&self.tls_client_hello_timeout),
+            ),
             ("tls_handshake_failed", get(&self.tls_handshake_failed)),
             ("accept_errors", get(&self.accept_errors)),
             ("http_requests", get(&self.http_requests)),
@@ -173,7 +176,9 @@ impl Gateway {
         http.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout);
-        http.http2().timer(TokioTimer::new()).max_concurrent_streams(100);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(100);
         Gateway {
             inner: Arc::new(Inner {
                 http_tls: server_config(certs.clone(), &[b"h2", b"http/1.1"]),
@@ -201,20 +206,40 @@ impl Gateway {
 
     /// Serves plain HTTP on `listener` until drain.
     pub fn serve_http(&self, listener: TcpListener) {
-        spawn_accept_loop(&self.inner, listener, self.inner.stop_accepting.clone(), |inner, stream, client| async move {
-            let Ok(local) = stream.local_addr() else { return };
-            let conn = ConnInfo { client, local, sni: None };
-            serve_http_connection(inner, stream, conn).await;
-        });
+        spawn_accept_loop(
+            &self.inner,
+            listener,
+            self.inner.stop_accepting.clone(),
+            |inner, stream, client| async move {
+                let Ok(local) = stream.local_addr() else {
+                    return;
+                };
+                let conn = ConnInfo {
+                    client,
+                    local,
+                    sni: None,
+                };
+                serve_http_connection(inner, stream, conn).await;
+            },
+        );
     }
 
     /// Serves HTTPS and SNI-routed TLS endpoints on `listener` until drain.
     pub fn serve_https(&self, listener: TcpListener) {
-        spawn_accept_loop(&self.inner, listener, self.inner.stop_accepting.clone(), handle_tls_port);
+        spawn_accept_loop(
+            &self.inner,
+            listener,
+            self.inner.stop_accepting.clone(),
+            handle_tls_port,
+        );
     }
 
     /// Adds an endpoint served by `source`.
-    pub fn add(&self, spec: EndpointSpec, source: Arc<dyn StreamSource>) -> Result<Arc<Endpoint>, Failure> {
+    pub fn add(
+        &self,
+        spec: EndpointSpec,
+        source: Arc<dyn StreamSource>,
+    ) -> Result<Arc<Endpoint>, Failure> {
         let id = crate::random_id("ep_");
         match spec.protocol {
             Protocol::Tcp => self.add_tcp(id, spec, source),
@@ -222,13 +247,21 @@ impl Gateway {
         }
     }
 
-    fn add_named(&self, id: String, spec: EndpointSpec, source: Arc<dyn StreamSource>) -> Result<Arc<Endpoint>, Failure> {
+    fn add_named(
+        &self,
+        id: String,
+        spec: EndpointSpec,
+        source: Arc<dyn StreamSource>,
+    ) -> Result<Arc<Endpoint>, Failure> {
         let config = &self.inner.config;
         let domain = match spec.domain {
             Some(domain) => domain,
             None => {
                 let base = config.random_domain_base.as_ref().ok_or_else(|| {
-                    Failure::new(ErrorCode::INVALID_BIND, "a domain is required: this edge assigns no random names")
+                    Failure::new(
+                        ErrorCode::INVALID_BIND,
+                        "a domain is required: this edge assigns no random names",
+                    )
                 })?;
                 DomainPattern::Exact(format!("{}.{base}", crate::random_label()))
             }
@@ -253,7 +286,13 @@ impl Gateway {
         });
         let shared_pool = (spec.protocol == Protocol::Http && !spec.proxy_proto).then(|| {
             let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-            UpstreamPool::new(id.clone(), endpoint.source.clone(), unspecified, unspecified, domain.to_string())
+            UpstreamPool::new(
+                id.clone(),
+                endpoint.source.clone(),
+                unspecified,
+                unspecified,
+                domain.to_string(),
+            )
         });
         let route = Arc::new(Route {
             endpoint: endpoint.clone(),
@@ -278,10 +317,18 @@ impl Gateway {
         Ok(endpoint)
     }
 
-    fn add_tcp(&self, id: String, spec: EndpointSpec, source: Arc<dyn StreamSource>) -> Result<Arc<Endpoint>, Failure> {
+    fn add_tcp(
+        &self,
+        id: String,
+        spec: EndpointSpec,
+        source: Arc<dyn StreamSource>,
+    ) -> Result<Arc<Endpoint>, Failure> {
         let config = &self.inner.config;
         let listener = bind_tcp_port(config, spec.remote_port)?;
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(spec.remote_port);
+        let port = listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(spec.remote_port);
         let endpoint = Arc::new(Endpoint {
             id: id.clone(),
             name: spec.name,
@@ -296,28 +343,45 @@ impl Gateway {
             .expect("bindings lock")
             .insert(id, Binding::Port(token.clone()));
         let served = endpoint.clone();
-        spawn_accept_loop(&self.inner, listener, token, move |inner, stream, client| {
-            let endpoint = served.clone();
-            async move {
-                bump(&inner.stats.tcp_connections);
-                let Ok(local) = stream.local_addr() else { return };
-                let (r, w) = stream.into_split();
-                if let Err(e) = proxy_bytes(&endpoint, r, w, Bytes::new(), client, local, "").await {
-                    tracing::debug!(endpoint = %endpoint.id, error = %e, "TCP connection not proxied");
+        spawn_accept_loop(
+            &self.inner,
+            listener,
+            token,
+            move |inner, stream, client| {
+                let endpoint = served.clone();
+                async move {
+                    bump(&inner.stats.tcp_connections);
+                    let Ok(local) = stream.local_addr() else {
+                        return;
+                    };
+                    let (r, w) = stream.into_split();
+                    if let Err(e) =
+                        proxy_bytes(&endpoint, r, w, Bytes::new(), client, local, "").await
+                    {
+                        tracing::debug!(endpoint = %endpoint.id, error = %e, "TCP connection not proxied");
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(endpoint)
     }
 
     /// Removes an endpoint; its TCP listener stops at once, connections in
     /// flight keep going until they end.
     pub fn remove(&self, endpoint_id: &str) -> bool {
-        let binding = self.inner.bindings.lock().expect("bindings lock").remove(endpoint_id);
+        let binding = self
+            .inner
+            .bindings
+            .lock()
+            .expect("bindings lock")
+            .remove(endpoint_id);
         match binding {
             Some(Binding::Domain(domain)) => {
                 let mut routes = self.inner.routes.write().expect("routes lock");
-                if routes.get(&domain).is_some_and(|r| r.endpoint.id == endpoint_id) {
+                if routes
+                    .get(&domain)
+                    .is_some_and(|r| r.endpoint.id == endpoint_id)
+                {
                     routes.remove(&domain);
                 }
                 true
@@ -366,11 +430,18 @@ fn bind_tcp_port(config: &GatewayConfig, requested: u16) -> Result<TcpListener, 
         if !range.contains(&requested) {
             return Err(Failure::new(
                 ErrorCode::TCP_PORT_UNAVAILABLE,
-                format!("port {requested} is outside this edge's TCP range {}-{}", range.start(), range.end()),
+                format!(
+                    "port {requested} is outside this edge's TCP range {}-{}",
+                    range.start(),
+                    range.end()
+                ),
             ));
         }
         return bind(requested).map_err(|e| {
-            Failure::new(ErrorCode::TCP_PORT_UNAVAILABLE, format!("port {requested} is not available: {e}"))
+            Failure::new(
+                ErrorCode::TCP_PORT_UNAVAILABLE,
+                format!("port {requested} is not available: {e}"),
+            )
         });
     }
     let span = u32::from(*range.end()) - u32::from(*range.start()) + 1;
@@ -381,13 +452,20 @@ fn bind_tcp_port(config: &GatewayConfig, requested: u16) -> Result<TcpListener, 
             return Ok(listener);
         }
     }
-    Err(Failure::new(ErrorCode::TCP_PORT_UNAVAILABLE, "no free port in this edge's TCP range"))
+    Err(Failure::new(
+        ErrorCode::TCP_PORT_UNAVAILABLE,
+        "no free port in this edge's TCP range",
+    ))
 }
 
 /// Accepts until `token` is cancelled. Running out of file descriptors is
 /// back-pressure: log, wait, keep serving what is open.
-fn spawn_accept_loop<F, Fut>(inner: &Arc<Inner>, listener: TcpListener, token: CancellationToken, handler: F)
-where
+fn spawn_accept_loop<F, Fut>(
+    inner: &Arc<Inner>,
+    listener: TcpListener,
+    token: CancellationToken,
+    handler: F,
+) where
     F: Fn(Arc<Inner>, TcpStream, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -448,10 +526,12 @@ where
     let prefix_len = prefix.len() as u64;
     open.data = prefix;
     let (outbound, pump) = pipe(reader, writer, claimed.inbound, vec![open]);
-    claimed
-        .attach
-        .send(Box::pin(outbound))
-        .map_err(|_| Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent's data stream closed"))?;
+    claimed.attach.send(Box::pin(outbound)).map_err(|_| {
+        Failure::new(
+            ErrorCode::AGENT_FORWARD_FAILED,
+            "the agent's data stream closed",
+        )
+    })?;
     let mut outcome = pump.run().await;
     outcome.bytes_to_peer += prefix_len;
     Ok(outcome)
@@ -468,7 +548,9 @@ where
         let inner = service_inner.clone();
         let conn = conn.clone();
         let pools = pools.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle_request(&inner, &conn, &pools, req).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(handle_request(&inner, &conn, &pools, req).await)
+        }
     });
     let connection = inner
         .http
@@ -492,7 +574,9 @@ async fn handle_request(
     bump(&inner.stats.http_requests);
     let host = match proxy::request_host(&req).map(normalize_host) {
         Some(Ok(host)) => host,
-        Some(Err(e)) => return proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, e.to_string())),
+        Some(Err(e)) => {
+            return proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, e.to_string()));
+        }
         None => return proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, "no Host header")),
     };
     let (route, sni_route) = {
@@ -537,10 +621,16 @@ async fn handle_request(
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 112];
 
 async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: SocketAddr) {
-    let Ok(local) = stream.local_addr() else { return };
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
     let config = &inner.config;
     let mut buf = BytesMut::with_capacity(1024);
-    let peeked = tokio::time::timeout(config.client_hello_timeout, read_client_hello(&mut stream, &mut buf, config.client_hello_max)).await;
+    let peeked = tokio::time::timeout(
+        config.client_hello_timeout,
+        read_client_hello(&mut stream, &mut buf, config.client_hello_max),
+    )
+    .await;
     let hello = match peeked {
         Err(_) => {
             bump(&inner.stats.tls_client_hello_timeout);
@@ -560,7 +650,12 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
         let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
         return;
     };
-    let route = inner.routes.read().expect("routes lock").lookup(&name).cloned();
+    let route = inner
+        .routes
+        .read()
+        .expect("routes lock")
+        .lookup(&name)
+        .cloned();
     let Some(route) = route else {
         bump(&inner.stats.tls_unknown_sni);
         let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
@@ -570,14 +665,27 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
     let endpoint = &route.endpoint;
     let result = match &endpoint.kind {
         EndpointKind::Http => {
-            let Some(tls) = accept_tls(&inner, inner.http_tls.clone(), prefix, stream).await else { return };
-            let conn = ConnInfo { client, local, sni: Some(name) };
+            let Some(tls) = accept_tls(&inner, inner.http_tls.clone(), prefix, stream).await else {
+                return;
+            };
+            let conn = ConnInfo {
+                client,
+                local,
+                sni: Some(name),
+            };
             serve_http_connection(inner.clone(), tls, conn).await;
             return;
         }
-        EndpointKind::Tls { terminate_at: TerminateAt::Edge, server_config } => {
-            let config = server_config.clone().unwrap_or_else(|| inner.tls_edge.clone());
-            let Some(tls) = accept_tls(&inner, config, prefix, stream).await else { return };
+        EndpointKind::Tls {
+            terminate_at: TerminateAt::Edge,
+            server_config,
+        } => {
+            let config = server_config
+                .clone()
+                .unwrap_or_else(|| inner.tls_edge.clone());
+            let Some(tls) = accept_tls(&inner, config, prefix, stream).await else {
+                return;
+            };
             let (r, w) = tokio::io::split(tls);
             proxy_bytes(endpoint, r, w, Bytes::new(), client, local, &name).await
         }
@@ -598,7 +706,10 @@ async fn accept_tls(
     prefix: Bytes,
     stream: TcpStream,
 ) -> Option<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>> {
-    let io = Prefixed { prefix, inner: stream };
+    let io = Prefixed {
+        prefix,
+        inner: stream,
+    };
     let accept = TlsAcceptor::from(config).accept(io);
     match tokio::time::timeout(inner.config.tls_handshake_timeout, accept).await {
         Ok(Ok(tls)) => Some(tls),
@@ -615,7 +726,11 @@ async fn accept_tls(
 }
 
 /// Reads until `buf` holds a whole ClientHello.
-async fn read_client_hello(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> io::Result<sni::ClientHello> {
+async fn read_client_hello(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> io::Result<sni::ClientHello> {
     loop {
         match sni::peek_client_hello(buf, max) {
             Ok(Peek::Complete(hello)) => return Ok(hello),
@@ -640,7 +755,11 @@ struct Prefixed<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             let chunk = self.prefix.split_to(n);
@@ -652,7 +771,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

@@ -29,7 +29,6 @@ use hyper_util::{
 };
 use postern_proto::{ErrorCode, Failure, TunnelIo, pb, tunnel_io};
 
-
 use crate::endpoint::{Endpoint, StreamSource};
 
 /// Response body: the upstream's, streamed, or an error page.
@@ -59,7 +58,13 @@ impl UpstreamPool {
     /// `client` is the address put in each stream's `open` frame (the agent
     /// writes it into PROXY headers). Endpoints with PROXY headers therefore
     /// get one pool per visitor connection; the others share one.
-    pub fn new(endpoint_id: String, source: Arc<dyn StreamSource>, client: SocketAddr, server: SocketAddr, name: String) -> UpstreamPool {
+    pub fn new(
+        endpoint_id: String,
+        source: Arc<dyn StreamSource>,
+        client: SocketAddr,
+        server: SocketAddr,
+        name: String,
+    ) -> UpstreamPool {
         let connector = TunnelConnector {
             inner: Arc::new(ConnectorInner {
                 endpoint_id,
@@ -115,10 +120,12 @@ impl tower_service::Service<Uri> for TunnelConnector {
                 ..Default::default()
             };
             let (io, frames) = tunnel_io(claimed.inbound, vec![open]);
-            claimed
-                .attach
-                .send(Box::pin(frames))
-                .map_err(|_| Failure::new(ErrorCode::AGENT_FORWARD_FAILED, "the agent's data stream closed"))?;
+            claimed.attach.send(Box::pin(frames)).map_err(|_| {
+                Failure::new(
+                    ErrorCode::AGENT_FORWARD_FAILED,
+                    "the agent's data stream closed",
+                )
+            })?;
             Ok(TunnelConn(TokioIo::new(io)))
         })
     }
@@ -144,7 +151,11 @@ impl hyper::rt::Read for TunnelConn {
 }
 
 impl hyper::rt::Write for TunnelConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
@@ -279,7 +290,11 @@ fn upstream_request(
 ) -> Result<Request<Incoming>, Failure> {
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_string());
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     parts.uri = format!("http://{endpoint_id}{path}")
         .parse()
         .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))?;
@@ -287,7 +302,8 @@ fn upstream_request(
     if !headers.contains_key(HOST)
         && let Some(authority) = &authority
     {
-        let value = HeaderValue::from_str(authority).map_err(|_| Failure::new(ErrorCode::BAD_HOST, "bad :authority"))?;
+        let value = HeaderValue::from_str(authority)
+            .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "bad :authority"))?;
         headers.insert(HOST, value);
     }
     if parts.version == Version::HTTP_2 {
@@ -368,17 +384,29 @@ pub fn error_response(failure: &Failure) -> Response<ProxyBody> {
          <body><h1>{status}</h1><p>{}</p><p><code>{id}</code></p></body></html>\n",
         html_escape(failure.code.summary)
     );
-    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never: Infallible| match never {}).boxed());
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    headers.insert(ERROR_CODE_HEADER, HeaderValue::from_str(&id).expect("ids are ASCII"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        ERROR_CODE_HEADER,
+        HeaderValue::from_str(&id).expect("ids are ASCII"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The Host a request names: the Host header, else the `:authority`.
@@ -412,10 +440,16 @@ mod tests {
     #[test]
     fn hop_by_hop_removed_and_connection_named_ones_too() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         let mut upgrade = h.clone();

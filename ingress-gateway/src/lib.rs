@@ -13,12 +13,15 @@ mod router;
 mod sni;
 mod tls;
 
-pub use endpoint::{BoxFrames, ClaimedStream, Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame};
+pub use endpoint::{ClaimedStream, Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame};
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
-pub use tls::{CertStore, DevCa, TlsError, certificate_names, certified_key_from_pem, crypto_provider, single_cert_config};
+pub use tls::{
+    CertStore, DevCa, TlsError, certificate_names, certified_key_from_pem, crypto_provider,
+    single_cert_config,
+};
 
 /// A random id with a prefix, in the style of ngrok's (`ep_…`, `ts_…`):
 /// 27 base-62 characters, about 160 bits.
@@ -39,5 +42,7 @@ pub fn random_label() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..12).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..12)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }

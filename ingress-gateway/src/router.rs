@@ -127,7 +127,10 @@ pub fn normalize_host(raw: &str) -> Result<String, NameError> {
 }
 
 fn is_port(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u16>().is_ok()
+    !s.is_empty()
+        && s.len() <= 5
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && s.parse::<u16>().is_ok()
 }
 
 /// Maps domains to values (endpoints).
@@ -215,10 +218,19 @@ mod tests {
 
     #[test]
     fn most_specific_wins() {
-        let r = router(&["app.example.test", "*.example.test", "*.test", "*.c1.example.test"]);
+        let r = router(&[
+            "app.example.test",
+            "*.example.test",
+            "*.test",
+            "*.c1.example.test",
+        ]);
         assert_eq!(r.lookup("app.example.test"), Some(&"app.example.test"));
         assert_eq!(r.lookup("other.example.test"), Some(&"*.example.test"));
-        assert_eq!(r.lookup("a.b.example.test"), Some(&"*.example.test"), "nested names");
+        assert_eq!(
+            r.lookup("a.b.example.test"),
+            Some(&"*.example.test"),
+            "nested names"
+        );
         assert_eq!(r.lookup("x.c1.example.test"), Some(&"*.c1.example.test"));
         assert_eq!(r.lookup("example.test"), Some(&"*.test"));
         assert_eq!(r.lookup("test"), None);
@@ -243,8 +255,14 @@ mod tests {
 
     #[test]
     fn host_normalisation() {
-        assert_eq!(normalize_host("App.Example.TEST.:443").unwrap(), "app.example.test");
-        assert_eq!(normalize_host("app.example.test").unwrap(), "app.example.test");
+        assert_eq!(
+            normalize_host("App.Example.TEST.:443").unwrap(),
+            "app.example.test"
+        );
+        assert_eq!(
+            normalize_host("app.example.test").unwrap(),
+            "app.example.test"
+        );
         assert_eq!(normalize_host("[::1]:8443").unwrap(), "::1");
         assert_eq!(normalize_host("127.0.0.1:80").unwrap(), "127.0.0.1");
         assert!(normalize_host("").is_err());

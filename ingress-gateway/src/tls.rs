@@ -135,11 +135,13 @@ impl DevCa {
             let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
             let key_pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
             let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::DevCa(e.to_string()))?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| TlsError::DevCa(e.to_string()))?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(|e| TlsError::DevCa(e.to_string()))?;
             return Ok(DevCa { issuer, cert_pem });
         }
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .map_err(|e| TlsError::DevCa(e.to_string()))?;
         params
             .distinguished_name
             .push(DnType::CommonName, "Postern dev CA");
@@ -148,7 +150,9 @@ impl DevCa {
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2049, 12, 31);
         let key = KeyPair::generate().map_err(|e| TlsError::DevCa(e.to_string()))?;
-        let cert = params.self_signed(&key).map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| TlsError::DevCa(e.to_string()))?;
         let cert_pem = cert.pem();
         fs::write(&key_path, key.serialize_pem()).map_err(io(&key_path))?;
         fs::write(&cert_path, &cert_pem).map_err(io(&cert_path))?;
@@ -163,9 +167,12 @@ impl DevCa {
 
     /// Issues a server certificate for `names`; returns (chain PEM, key PEM).
     pub fn issue_pem(&self, names: &[String]) -> Result<(String, String), TlsError> {
-        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(|e| TlsError::DevCa(e.to_string()))?;
         if let Some(first) = names.first() {
-            params.distinguished_name.push(DnType::CommonName, first.as_str());
+            params
+                .distinguished_name
+                .push(DnType::CommonName, first.as_str());
         }
         params.not_before = rcgen::date_time_ymd(2024, 1, 1);
         params.not_after = rcgen::date_time_ymd(2049, 12, 31);
@@ -192,7 +199,10 @@ pub struct CertStore {
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertStore")
-            .field("configured", &self.configured.read().map(|r| r.len()).unwrap_or(0))
+            .field(
+                "configured",
+                &self.configured.read().map(|r| r.len()).unwrap_or(0),
+            )
             .field("dev_ca", &self.dev_ca.is_some())
             .finish()
     }
@@ -208,14 +218,21 @@ impl CertStore {
     }
 
     /// Adds a certificate for every DNS name it carries; returns the names.
-    pub fn add_pem(&self, what: &str, cert_pem: &[u8], key_pem: &[u8]) -> Result<Vec<DomainPattern>, TlsError> {
+    pub fn add_pem(
+        &self,
+        what: &str,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Vec<DomainPattern>, TlsError> {
         let certified = Arc::new(certified_key_from_pem(what, cert_pem, key_pem)?);
         let names: Vec<DomainPattern> = certificate_names(&certified.cert[0])
             .iter()
             .filter_map(|n| DomainPattern::parse(n).ok())
             .collect();
         if names.is_empty() {
-            return Err(TlsError::NoNames { what: what.to_string() });
+            return Err(TlsError::NoNames {
+                what: what.to_string(),
+            });
         }
         let mut router = self.configured.write().expect("cert store lock");
         for name in &names {
@@ -227,7 +244,12 @@ impl CertStore {
 
     /// The certificate for a normalised name, issuing one in dev mode.
     pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(key) = self.configured.read().expect("cert store lock").lookup(name) {
+        if let Some(key) = self
+            .configured
+            .read()
+            .expect("cert store lock")
+            .lookup(name)
+        {
             return Some(key.clone());
         }
         let ca = self.dev_ca.as_ref()?;
@@ -295,11 +317,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("postern-devca-{}", rand::random::<u64>()));
         let ca = DevCa::load_or_create(&dir).unwrap();
         let again = DevCa::load_or_create(&dir).unwrap();
-        assert_eq!(ca.cert_pem(), again.cert_pem(), "the CA is reused, not regenerated");
+        assert_eq!(
+            ca.cert_pem(),
+            again.cert_pem(),
+            "the CA is reused, not regenerated"
+        );
         let store = CertStore::new(Some(again));
         let key = store.lookup("app.example.test").unwrap();
-        assert_eq!(certificate_names(&key.cert[0]), vec!["app.example.test".to_string()]);
-        assert!(Arc::ptr_eq(&key, &store.lookup("app.example.test").unwrap()), "cached");
+        assert_eq!(
+            certificate_names(&key.cert[0]),
+            vec!["app.example.test".to_string()]
+        );
+        assert!(
+            Arc::ptr_eq(&key, &store.lookup("app.example.test").unwrap()),
+            "cached"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -309,11 +341,21 @@ mod tests {
         let ca = DevCa::load_or_create(&dir).unwrap();
         let (cert, key) = ca.issue_pem(&["*.c1.example.test".into()]).unwrap();
         let store = CertStore::new(None);
-        let names = store.add_pem("wildcard", cert.as_bytes(), key.as_bytes()).unwrap();
-        assert_eq!(names, vec![DomainPattern::Wildcard("c1.example.test".into())]);
+        let names = store
+            .add_pem("wildcard", cert.as_bytes(), key.as_bytes())
+            .unwrap();
+        assert_eq!(
+            names,
+            vec![DomainPattern::Wildcard("c1.example.test".into())]
+        );
         assert!(store.lookup("app.c1.example.test").is_some());
-        assert!(store.lookup("app.example.test").is_none(), "no dev CA: nothing issued");
-        let err = store.add_pem("bad", b"not pem", key.as_bytes()).unwrap_err();
+        assert!(
+            store.lookup("app.example.test").is_none(),
+            "no dev CA: nothing issued"
+        );
+        let err = store
+            .add_pem("bad", b"not pem", key.as_bytes())
+            .unwrap_err();
         assert!(err.to_string().contains("bad: no PEM certificate"), "{err}");
         fs::remove_dir_all(dir).unwrap();
     }

@@ -3,6 +3,7 @@
 //! header codec and the error table. No policy lives here: nothing about
 //! tokens, routing or modules. See `PROTOCOL.md` for the protocol in prose.
 
+mod attach;
 mod error;
 mod pipe;
 pub mod proxy_header;
@@ -15,6 +16,7 @@ pub mod pb {
     tonic::include_proto!("postern.tunnel.v1");
 }
 
+pub use attach::{AttachedFrames, BoxFrames, attachable};
 pub use error::{ErrorCode, Failure, Fault};
 pub use pipe::{End, INITIAL_READ, InboundPump, MAX_READ, OutboundFrames, PipeOutcome, pipe};
 pub use tunnel_io::{ChannelFrames, TunnelIo, tunnel_io};

@@ -54,6 +54,15 @@ pub struct TunnelIo<S> {
     write_closed: bool,
 }
 
+impl<S> TunnelIo<S> {
+    /// Bytes that arrived before the stream was wrapped (with the `open`
+    /// frame); they are read first. Call before any read.
+    pub fn prepend(&mut self, data: Bytes) {
+        debug_assert!(self.pending.is_empty());
+        self.pending = data;
+    }
+}
+
 impl<S> AsyncRead for TunnelIo<S>
 where
     S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,

@@ -1,0 +1,677 @@
+//! The agent's configuration: ngrok v2-style YAML files (several may be
+//! given; later files win, maps merge key by key), overlaid by CLI flags, then
+//! validated into an [`AgentConfig`] that cannot hold a bad value.
+//!
+//! Keys ngrok has that Postern does not act on are accepted with a warning,
+//! so an existing `ngrok.yml` loads; any other unknown key is an error that
+//! names it.
+
+use std::{fmt, path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use postern_proto::proxy_header;
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value};
+
+/// ngrok agent keys Postern accepts and ignores.
+const IGNORED_AGENT_KEYS: &[&str] = &[
+    "api_key",
+    "connect_interface",
+    "console_ui",
+    "console_ui_color",
+    "crl_noverify",
+    "dns_resolver_ips",
+    "inspect_db_size",
+    "log",
+    "log_level",
+    "log_format",
+    "metadata",
+    "proxy_url",
+    "remote_management",
+    "update_channel",
+    "update_check",
+    "web_addr",
+    "web_allow_hosts",
+];
+
+/// ngrok tunnel keys Postern accepts and ignores.
+const IGNORED_TUNNEL_KEYS: &[&str] = &["inspect", "metadata", "schemes", "bind_tls"];
+
+/// A secret whose `Debug` and `Display` never show it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("********")
+    }
+}
+
+/// The config file as written (after merging).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentConfig {
+    /// `"2"`; other versions are refused.
+    pub version: Option<Value>,
+    pub authtoken: Option<String>,
+    /// `host:port` of the edge's agent listener.
+    pub server_addr: Option<String>,
+    /// Region code; with `connect_domain` gives `tunnel.<region>.connect.<connect_domain>:443`.
+    pub region: Option<String>,
+    /// Postern: base domain of the agent ingress (the edge's `domain`).
+    pub connect_domain: Option<String>,
+    /// Postern: TLS name to verify instead of the `server_addr` host.
+    pub tls_server_name: Option<String>,
+    /// `host` (system roots, the default) or a PEM file of CAs to trust instead.
+    pub root_cas: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub heartbeat_tolerance: Option<String>,
+    pub connect_timeout: Option<String>,
+    /// Postern: idle data streams kept open for the edge (0: open on demand).
+    pub stream_pool: Option<u32>,
+    #[serde(default)]
+    pub tunnels: indexmap_like::Tunnels,
+}
+
+/// Tunnel definitions keep their file order (serde_yaml's Mapping does).
+pub mod indexmap_like {
+    use super::RawTunnel;
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Debug, Default)]
+    pub struct Tunnels(pub Vec<(String, RawTunnel)>);
+
+    impl<'de> Deserialize<'de> for Tunnels {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let map = serde_yaml_ng::Mapping::deserialize(d)?;
+            let mut out = Vec::new();
+            for (k, v) in map {
+                let name = k
+                    .as_str()
+                    .ok_or_else(|| serde::de::Error::custom("tunnel names must be strings"))?
+                    .to_string();
+                let tunnel = RawTunnel::deserialize(v)
+                    .map_err(|e| serde::de::Error::custom(format!("tunnels.{name}: {e}")))?;
+                out.push((name, tunnel));
+            }
+            Ok(Tunnels(out))
+        }
+    }
+}
+
+/// One tunnel as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTunnel {
+    /// `http`, `tls` or `tcp`.
+    pub proto: Option<String>,
+    /// Upstream: `8080`, `host:port`, `http://…`, `https://…` or `tls://…`.
+    pub addr: Option<Value>,
+    /// HTTP/TLS: the domain to serve (`app.example.com` or `*.example.com`).
+    pub domain: Option<String>,
+    /// Older ngrok name for `domain`.
+    pub hostname: Option<String>,
+    /// TCP: `host:port` to ask for (the port is what counts).
+    pub remote_addr: Option<String>,
+    /// TLS: `edge`, `agent` or `upstream`.
+    pub terminate_at: Option<String>,
+    /// TLS: certificate and key (for `terminate_at: agent`, or sent to the edge).
+    pub crt: Option<String>,
+    pub key: Option<String>,
+    /// `1` or `2`: write a PROXY protocol header to the upstream.
+    pub proxy_proto: Option<Value>,
+    /// Postern: verify an `https://`/`tls://` upstream's certificate (default true).
+    pub upstream_tls_verify: Option<bool>,
+}
+
+/// The tunnel's protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Http,
+    Tls,
+    Tcp,
+}
+
+/// Where TLS ends for a TLS tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TerminateAt {
+    Edge,
+    Agent,
+    Upstream,
+}
+
+/// Where the agent sends the traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    /// Wrap the upstream connection in TLS.
+    pub tls: bool,
+    /// Verify the upstream's certificate.
+    pub verify: bool,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "tls" } else { "tcp" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+/// A validated tunnel.
+#[derive(Clone, Debug)]
+pub struct TunnelSpec {
+    pub name: String,
+    pub proto: Proto,
+    pub upstream: Upstream,
+    pub domain: Option<String>,
+    pub remote_port: u16,
+    pub terminate_at: Option<TerminateAt>,
+    /// PEM certificate chain and key.
+    pub crt_key: Option<(Vec<u8>, Secret)>,
+    pub proxy_proto: Option<proxy_header::Version>,
+}
+
+/// Which CAs the agent trusts for the edge.
+#[derive(Clone, Debug)]
+pub enum RootCas {
+    /// webpki's Mozilla roots.
+    Host,
+    /// Only these (PEM).
+    Pem(Vec<u8>),
+}
+
+/// Validated agent configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub authtoken: Secret,
+    pub server_addr: String,
+    pub server_name: String,
+    pub root_cas: RootCas,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_tolerance: Duration,
+    pub connect_timeout: Duration,
+    pub stream_pool: u32,
+    pub tunnels: Vec<TunnelSpec>,
+}
+
+/// Reads and merges config files, in order.
+pub fn load_files(paths: &[impl AsRef<Path>]) -> anyhow::Result<Value> {
+    let mut merged = Value::Mapping(Mapping::new());
+    for path in paths {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let value: Value = serde_yaml_ng::from_str(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        if !matches!(value, Value::Mapping(_) | Value::Null) {
+            bail!("{}: the top level must be a map of keys", path.display());
+        }
+        merge(&mut merged, value);
+    }
+    Ok(merged)
+}
+
+/// Deep merge: maps key by key, anything else replaced by the later value.
+pub fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Mapping(base), Value::Mapping(over)) => {
+            for (k, v) in over {
+                match base.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, Value::Null) if !base.is_null() => {}
+        (base, over) => *base = over,
+    }
+}
+
+/// Drops ngrok keys Postern ignores, warning once per key.
+fn drop_ignored(map: &mut Mapping, ignored: &[&str], context: &str) {
+    for key in ignored {
+        if map.remove(*key).is_some() {
+            tracing::warn!("{context}{key}: accepted for ngrok compatibility and ignored");
+        }
+    }
+}
+
+/// Parses the merged YAML into the raw config.
+pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
+    if value.is_null() {
+        return Ok(RawAgentConfig::default());
+    }
+    let Value::Mapping(map) = &mut value else {
+        bail!("the config must be a map of keys");
+    };
+    drop_ignored(map, IGNORED_AGENT_KEYS, "");
+    if let Some(Value::Mapping(tunnels)) = map.get_mut("tunnels") {
+        for (name, tunnel) in tunnels.iter_mut() {
+            if let Value::Mapping(t) = tunnel {
+                let context = format!("tunnels.{}.", name.as_str().unwrap_or("?"));
+                drop_ignored(t, IGNORED_TUNNEL_KEYS, &context);
+            }
+        }
+    }
+    let raw: RawAgentConfig =
+        serde_yaml_ng::from_value(value).map_err(|e| anyhow::anyhow!("{e}"))?;
+    match &raw.version {
+        None => {}
+        Some(Value::String(v)) if v == "2" => {}
+        Some(Value::Number(n)) if n.as_u64() == Some(2) => {}
+        Some(other) => {
+            bail!("version: {other:?} is not supported; Postern reads ngrok's version \"2\" files")
+        }
+    }
+    Ok(raw)
+}
+
+fn duration(field: &str, value: &Option<String>, default: Duration) -> anyhow::Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v)
+            .with_context(|| format!("{field}: {v:?} is not a duration like \"10s\"")),
+    }
+}
+
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses an upstream address. `default_tls` is for bare ports of TLS
+/// tunnels that re-encrypt; callers pass `false` for plain.
+pub fn parse_upstream(addr: &str, verify: bool) -> anyhow::Result<Upstream> {
+    let (tls, rest, default_port) = if let Some(rest) = addr.strip_prefix("https://") {
+        (true, rest, 443)
+    } else if let Some(rest) = addr.strip_prefix("tls://") {
+        (true, rest, 443)
+    } else if let Some(rest) = addr.strip_prefix("http://") {
+        (false, rest, 80)
+    } else if let Some(rest) = addr.strip_prefix("tcp://") {
+        (false, rest, 0)
+    } else if addr.contains("://") {
+        bail!("{addr:?}: the scheme must be http, https, tls or tcp");
+    } else {
+        (false, addr, 0)
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') {
+        bail!("{addr:?}: an upstream address cannot have a path");
+    }
+    let port_of = |s: &str| -> anyhow::Result<u16> {
+        s.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("{addr:?}: {s:?} is not a port"))
+    };
+    let (host, port) = if rest.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty() {
+        ("localhost".to_string(), port_of(rest)?)
+    } else if let Some(v6) = rest.strip_prefix('[') {
+        let (ip, after) = v6
+            .split_once(']')
+            .with_context(|| format!("{addr:?}: unclosed '['"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => port_of(p)?,
+            None if default_port != 0 => default_port,
+            None => bail!("{addr:?}: give a port"),
+        };
+        (ip.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), port_of(port)?),
+            None if default_port != 0 => (rest.to_string(), default_port),
+            None => bail!("{addr:?}: give a port, like \"8080\" or \"localhost:8080\""),
+        }
+    };
+    if host.is_empty() {
+        bail!("{addr:?}: no host");
+    }
+    Ok(Upstream {
+        host,
+        port,
+        tls,
+        verify,
+    })
+}
+
+impl RawTunnel {
+    fn validate(&self, name: &str) -> anyhow::Result<TunnelSpec> {
+        let field = |f: &str| format!("tunnels.{name}.{f}");
+        let proto = match self.proto.as_deref() {
+            Some("http") => Proto::Http,
+            Some("tls") => Proto::Tls,
+            Some("tcp") => Proto::Tcp,
+            Some(other) => bail!("{}: {other:?} must be http, tls or tcp", field("proto")),
+            None => bail!("{}: missing (http, tls or tcp)", field("proto")),
+        };
+        let addr = self
+            .addr
+            .as_ref()
+            .and_then(scalar)
+            .with_context(|| format!("{}: missing (a port or an address)", field("addr")))?;
+        let upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
+            .with_context(|| field("addr"))?;
+        let domain = self.domain.clone().or_else(|| self.hostname.clone());
+        if domain.is_some() && proto == Proto::Tcp {
+            bail!(
+                "{}: TCP tunnels have no domain; use remote_addr",
+                field("domain")
+            );
+        }
+        let remote_port = match &self.remote_addr {
+            None => 0,
+            Some(_) if proto != Proto::Tcp => bail!(
+                "{}: only TCP tunnels have a remote_addr",
+                field("remote_addr")
+            ),
+            Some(ra) => {
+                let port = ra.rsplit_once(':').map(|(_, p)| p).unwrap_or(ra);
+                port.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .with_context(|| {
+                        format!("{}: {ra:?} has no valid port", field("remote_addr"))
+                    })?
+            }
+        };
+        let terminate_at = match self.terminate_at.as_deref() {
+            None => None,
+            Some(_) if proto != Proto::Tls => bail!(
+                "{}: only TLS tunnels have terminate_at",
+                field("terminate_at")
+            ),
+            Some("edge") => Some(TerminateAt::Edge),
+            Some("agent") => Some(TerminateAt::Agent),
+            Some("upstream") => Some(TerminateAt::Upstream),
+            Some(other) => bail!(
+                "{}: {other:?} must be edge, agent or upstream",
+                field("terminate_at")
+            ),
+        };
+        let crt_key = match (&self.crt, &self.key) {
+            (None, None) => None,
+            (Some(crt), Some(key)) => {
+                let crt_pem = std::fs::read(crt)
+                    .with_context(|| format!("{}: reading {crt}", field("crt")))?;
+                let key_pem = std::fs::read_to_string(key)
+                    .with_context(|| format!("{}: reading {key}", field("key")))?;
+                Some((crt_pem, Secret::new(key_pem)))
+            }
+            _ => bail!("{}: crt and key must be given together", field("crt")),
+        };
+        if crt_key.is_some() && proto != Proto::Tls {
+            bail!("{}: only TLS tunnels take crt and key", field("crt"));
+        }
+        if terminate_at == Some(TerminateAt::Agent) && crt_key.is_none() {
+            bail!(
+                "{}: terminate_at: agent needs crt and key",
+                field("terminate_at")
+            );
+        }
+        if terminate_at == Some(TerminateAt::Upstream) && crt_key.is_some() {
+            bail!(
+                "{}: terminate_at: upstream passes TLS through; crt and key would go unused",
+                field("crt")
+            );
+        }
+        let proxy_proto = match &self.proxy_proto {
+            None => None,
+            Some(v) => {
+                let text = scalar(v).unwrap_or_default();
+                proxy_header::Version::from_config(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", field("proxy_proto")))?
+            }
+        };
+        Ok(TunnelSpec {
+            name: name.to_string(),
+            proto,
+            upstream,
+            domain,
+            remote_port,
+            terminate_at,
+            crt_key,
+            proxy_proto,
+        })
+    }
+}
+
+impl RawAgentConfig {
+    /// Validates; `names` picks tunnels (`None`: all of them).
+    pub fn validate(self, names: Option<&[String]>) -> anyhow::Result<AgentConfig> {
+        let authtoken = self.authtoken.filter(|t| !t.is_empty()).context(
+            "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config",
+        )?;
+        let server_addr = match (self.server_addr, &self.region, &self.connect_domain) {
+            (Some(addr), _, _) => addr,
+            (None, Some(region), Some(domain)) => format!("tunnel.{region}.connect.{domain}:443"),
+            (None, _, _) => bail!(
+                "server_addr: missing; pass --server-addr host:port, or --region with connect_domain \
+                 (dials tunnel.<region>.connect.<connect_domain>:443)"
+            ),
+        };
+        let (host, _port) = server_addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .with_context(|| format!("server_addr: {server_addr:?} is not host:port"))?;
+        let server_name = self.tls_server_name.unwrap_or_else(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
+        let root_cas = match self.root_cas.as_deref() {
+            None | Some("host") | Some("trusted") => RootCas::Host,
+            Some(path) => RootCas::Pem(
+                std::fs::read(path).with_context(|| format!("root_cas: reading {path}"))?,
+            ),
+        };
+        let mut tunnels = Vec::new();
+        for (name, raw) in &self.tunnels.0 {
+            if names.is_none_or(|n| n.contains(name)) {
+                tunnels.push(raw.validate(name)?);
+            }
+        }
+        if let Some(names) = names
+            && let Some(missing) = names
+                .iter()
+                .find(|n| !self.tunnels.0.iter().any(|(t, _)| t == *n))
+        {
+            bail!("tunnels: no tunnel named {missing:?} in the config");
+        }
+        let heartbeat_interval = duration(
+            "heartbeat_interval",
+            &self.heartbeat_interval,
+            Duration::from_secs(10),
+        )?;
+        let heartbeat_tolerance = duration(
+            "heartbeat_tolerance",
+            &self.heartbeat_tolerance,
+            Duration::from_secs(15),
+        )?;
+        if heartbeat_interval.is_zero() || heartbeat_tolerance <= heartbeat_interval {
+            bail!(
+                "heartbeat_tolerance must be longer than heartbeat_interval, which must not be zero"
+            );
+        }
+        Ok(AgentConfig {
+            authtoken: Secret::new(authtoken),
+            server_addr,
+            server_name,
+            root_cas,
+            heartbeat_interval,
+            heartbeat_tolerance,
+            connect_timeout: duration(
+                "connect_timeout",
+                &self.connect_timeout,
+                Duration::from_secs(10),
+            )?,
+            stream_pool: self.stream_pool.unwrap_or(8),
+            tunnels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> anyhow::Result<AgentConfig> {
+        parse_raw(serde_yaml_ng::from_str(yaml)?)?.validate(None)
+    }
+
+    #[test]
+    fn ngrok_v2_file_with_ignored_keys() {
+        let c = parse(
+            r#"
+version: "2"
+authtoken: tok-123
+server_addr: tunnel.us.connect.example.test:443
+console_ui: false
+web_addr: localhost:4040
+tunnels:
+  web:
+    proto: http
+    addr: 8080
+    domain: app.example.test
+    inspect: false
+  db:
+    proto: tcp
+    addr: 5432
+    remote_addr: 1.tcp.example.test:20001
+  secure:
+    proto: tls
+    addr: tls://internal:8443
+    domain: s.example.test
+    terminate_at: upstream
+    proxy_proto: 2
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.server_name, "tunnel.us.connect.example.test");
+        let names: Vec<_> = c.tunnels.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["web", "db", "secure"], "file order kept");
+        assert_eq!(
+            c.tunnels[0].upstream,
+            Upstream {
+                host: "localhost".into(),
+                port: 8080,
+                tls: false,
+                verify: true
+            }
+        );
+        assert_eq!(c.tunnels[1].remote_port, 20001);
+        assert!(c.tunnels[2].upstream.tls);
+        assert_eq!(c.tunnels[2].proxy_proto, Some(proxy_header::Version::V2));
+        assert_eq!(format!("{:?}", c.authtoken), "********");
+    }
+
+    #[test]
+    fn region_and_connect_domain_make_the_server_addr() {
+        let c = parse("authtoken: t\nregion: eu\nconnect_domain: example.test\n").unwrap();
+        assert_eq!(c.server_addr, "tunnel.eu.connect.example.test:443");
+    }
+
+    #[test]
+    fn merge_later_wins_and_maps_merge() {
+        let mut a: Value =
+            serde_yaml_ng::from_str("authtoken: a\ntunnels:\n  x:\n    proto: http\n    addr: 1\n")
+                .unwrap();
+        let b: Value = serde_yaml_ng::from_str(
+            "authtoken: b\ntunnels:\n  y:\n    proto: tcp\n    addr: 2\n  x:\n    addr: 3\n",
+        )
+        .unwrap();
+        merge(&mut a, b);
+        let c = parse_raw(a).unwrap();
+        assert_eq!(c.authtoken.as_deref(), Some("b"));
+        assert_eq!(c.tunnels.0.len(), 2);
+        assert_eq!(
+            c.tunnels.0[0].1.addr.as_ref().and_then(scalar).as_deref(),
+            Some("3")
+        );
+        assert_eq!(c.tunnels.0[0].1.proto.as_deref(), Some("http"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = "authtoken: t\nserver_addr: e:1\n";
+        for (tail, want) in [
+            ("bogus: 1\n", "bogus"),
+            (
+                "tunnels:\n  w:\n    proto: udp\n    addr: 1\n",
+                "tunnels.w.proto",
+            ),
+            ("tunnels:\n  w:\n    proto: http\n", "tunnels.w.addr"),
+            (
+                "tunnels:\n  w:\n    proto: http\n    addr: 99999\n",
+                "tunnels.w.addr",
+            ),
+            (
+                "tunnels:\n  w:\n    proto: tls\n    addr: 1\n    terminate_at: agent\n",
+                "tunnels.w.terminate_at",
+            ),
+            (
+                "tunnels:\n  w:\n    proto: tls\n    addr: 1\n    terminate_at: middle\n",
+                "tunnels.w.terminate_at",
+            ),
+            (
+                "tunnels:\n  w:\n    proto: http\n    addr: 1\n    proxy_proto: 3\n",
+                "tunnels.w.proxy_proto",
+            ),
+            (
+                "tunnels:\n  w:\n    proto: http\n    addr: 1\n    colour: red\n",
+                "colour",
+            ),
+            (
+                "tunnels:\n  w:\n    proto: tcp\n    addr: 1\n    domain: a.test\n",
+                "tunnels.w.domain",
+            ),
+            ("version: \"3\"\n", "version"),
+            ("heartbeat_interval: soon\n", "heartbeat_interval"),
+        ] {
+            let err = format!("{:#}", parse(&format!("{base}{tail}")).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        }
+        let err = format!("{:#}", parse("server_addr: e:1\n").unwrap_err());
+        assert!(err.contains("authtoken"), "{err}");
+    }
+
+    #[test]
+    fn upstream_addresses() {
+        let u = |s: &str| parse_upstream(s, true).unwrap();
+        assert_eq!(
+            u("8080"),
+            Upstream {
+                host: "localhost".into(),
+                port: 8080,
+                tls: false,
+                verify: true
+            }
+        );
+        assert_eq!(u("10.0.0.5:22").host, "10.0.0.5");
+        assert_eq!(u("http://web").port, 80);
+        assert_eq!(u("https://api.internal").port, 443);
+        assert!(u("https://api.internal:8443").tls);
+        assert!(u("tls://db:5433").tls);
+        assert_eq!(u("[::1]:80").host, "::1");
+        assert!(parse_upstream("ftp://x:1", true).is_err());
+        assert!(parse_upstream("localhost", true).is_err());
+        assert!(parse_upstream("http://x/path", true).is_err());
+        assert!(parse_upstream("x:0", true).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! The agent's data path: open a data stream, wait for the edge to claim it,
+//! dial the upstream (PROXY header, TLS), and pipe bytes both ways. With
+//! `terminate_at: agent`, TLS from the visitor ends here first.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use postern_proto::{
+    BoxFrames, ErrorCode, Failure, attachable, metadata, pb, pipe, proxy_header, tunnel_io,
+};
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Streaming, metadata::MetadataValue, transport::Channel};
+
+use crate::{
+    config::{TerminateAt, TunnelSpec},
+    tls::{agent_server_config, upstream_client_config},
+};
+
+/// How long dialling the upstream may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound tunnel, ready to serve streams.
+pub struct Target {
+    pub spec: TunnelSpec,
+    agent_tls: Option<TlsAcceptor>,
+    upstream_tls: Option<TlsConnector>,
+}
+
+impl Target {
+    pub fn new(spec: TunnelSpec) -> anyhow::Result<Target> {
+        let agent_tls = match (&spec.terminate_at, &spec.crt_key) {
+            (Some(TerminateAt::Agent), Some((crt, key))) => {
+                Some(TlsAcceptor::from(agent_server_config(crt, key)?))
+            }
+            _ => None,
+        };
+        let upstream_tls: Option<Arc<ClientConfig>> = spec
+            .upstream
+            .tls
+            .then(|| upstream_client_config(spec.upstream.verify));
+        Ok(Target {
+            agent_tls,
+            upstream_tls: upstream_tls.map(TlsConnector::from),
+            spec,
+        })
+    }
+}
+
+/// Bound endpoints by id.
+#[derive(Default)]
+pub struct Routes {
+    targets: RwLock<HashMap<String, Arc<Target>>>,
+}
+
+impl Routes {
+    pub fn replace(&self, targets: HashMap<String, Arc<Target>>) {
+        *self.targets.write().expect("routes lock") = targets;
+    }
+
+    fn get(&self, endpoint_id: &str) -> Option<Arc<Target>> {
+        self.targets
+            .read()
+            .expect("routes lock")
+            .get(endpoint_id)
+            .cloned()
+    }
+}
+
+/// What a stream task needs.
+pub struct StreamContext {
+    pub client: pb::tunnel_client::TunnelClient<Channel>,
+    pub session_id: MetadataValue<tonic::metadata::Ascii>,
+    pub stream_token: MetadataValue<tonic::metadata::Ascii>,
+    pub routes: Arc<Routes>,
+    pub tracker: TaskTracker,
+}
+
+/// Opens a data stream as a tracked task. A pooled stream opens its own
+/// replacement as soon as the edge claims it.
+pub fn spawn_stream(ctx: Arc<StreamContext>, pooled: bool) {
+    let tracker = ctx.tracker.clone();
+    tracker.spawn(async move {
+        if let Err(e) = serve_stream(&ctx, pooled).await {
+            tracing::debug!(error = %e, "data stream ended with an error");
+        }
+    });
+}
+
+async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Failure> {
+    let (attach_tx, frames) = attachable();
+    let mut request = Request::new(frames);
+    request
+        .metadata_mut()
+        .insert(metadata::SESSION, ctx.session_id.clone());
+    request
+        .metadata_mut()
+        .insert(metadata::STREAM_TOKEN, ctx.stream_token.clone());
+    let mut client = ctx.client.clone();
+    let response = client
+        .data(request)
+        .await
+        .map_err(|s| Failure::new(ErrorCode::AGENT_FORWARD_FAILED, s.message().to_string()))?;
+    let mut inbound = response.into_inner();
+    let first = match inbound.message().await {
+        Ok(Some(frame)) => frame,
+        // Ended unclaimed (pool trimmed, session over): nothing to do.
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    if pooled {
+        spawn_stream(ctx.clone(), true);
+    }
+    let refuse = |attach: oneshot::Sender<BoxFrames>, failure: Failure| {
+        let frame = pb::Frame {
+            error: Some(failure.to_pb()),
+            ..Default::default()
+        };
+        let _ = attach.send(Box::pin(futures_util::stream::iter([frame])));
+        failure
+    };
+    let Some(open) = first.open else {
+        return Err(refuse(
+            attach_tx,
+            Failure::new(
+                ErrorCode::PROTOCOL_VIOLATION,
+                "the first frame must open the stream",
+            ),
+        ));
+    };
+    let Some(target) = ctx.routes.get(&open.endpoint_id) else {
+        return Err(refuse(
+            attach_tx,
+            Failure::new(ErrorCode::UNKNOWN_ENDPOINT, open.endpoint_id),
+        ));
+    };
+    let upstream = match dial(&target, &open).await {
+        Ok(upstream) => upstream,
+        Err(failure) => {
+            tracing::warn!(tunnel = %target.spec.name, upstream = %target.spec.upstream, error = %failure.detail, "upstream unreachable");
+            return Err(refuse(attach_tx, failure));
+        }
+    };
+    match &target.agent_tls {
+        None => match upstream {
+            Upstream::Plain(tcp) => {
+                let (r, w) = tcp.into_split();
+                splice(r, w, inbound, first.data, attach_tx).await
+            }
+            Upstream::Tls(tls) => {
+                let (r, w) = tokio::io::split(*tls);
+                splice(r, w, inbound, first.data, attach_tx).await
+            }
+        },
+        Some(acceptor) => {
+            let (mut io, frames) = tunnel_io(inbound, Vec::new());
+            io.prepend(first.data);
+            let _ = attach_tx.send(Box::pin(frames));
+            let mut visitor = acceptor
+                .accept(io)
+                .await
+                .map_err(|e| Failure::new(ErrorCode::TLS_HANDSHAKE, e.to_string()))?;
+            let result = match upstream {
+                Upstream::Plain(mut tcp) => {
+                    tokio::io::copy_bidirectional(&mut visitor, &mut tcp).await
+                }
+                Upstream::Tls(mut tls) => {
+                    tokio::io::copy_bidirectional(&mut visitor, &mut *tls).await
+                }
+            };
+            result
+                .map(drop)
+                .map_err(|e| Failure::new(ErrorCode::CONNECTION_RESET, e.to_string()))
+        }
+    }
+}
+
+/// Pipes a dialled upstream and the data stream, after writing the bytes
+/// that came with the `open` frame.
+async fn splice<R, W>(
+    reader: R,
+    mut writer: W,
+    inbound: Streaming<pb::Frame>,
+    first: Bytes,
+    attach: oneshot::Sender<BoxFrames>,
+) -> Result<(), Failure>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+{
+    if !first.is_empty() {
+        writer
+            .write_all(&first)
+            .await
+            .map_err(|e| Failure::new(ErrorCode::CONNECTION_RESET, e.to_string()))?;
+    }
+    let (outbound, pump) = pipe(reader, writer, inbound, Vec::new());
+    if attach.send(Box::pin(outbound)).is_err() {
+        return Err(Failure::new(
+            ErrorCode::AGENT_FORWARD_FAILED,
+            "the data stream closed",
+        ));
+    }
+    pump.run().await;
+    Ok(())
+}
+
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn dial(target: &Target, open: &pb::StreamOpen) -> Result<Upstream, Failure> {
+    let upstream = &target.spec.upstream;
+    let fail = |detail: String| {
+        Failure::new(
+            ErrorCode::UPSTREAM_DIAL_FAILED,
+            format!("{upstream}: {detail}"),
+        )
+    };
+    let addr = (upstream.host.as_str(), upstream.port);
+    let mut tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => return Err(fail(format!("no connection within {DIAL_TIMEOUT:?}"))),
+    };
+    let _ = tcp.set_nodelay(true);
+    if let Some(version) = target.spec.proxy_proto {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        let client = open.client_addr.parse().unwrap_or(unspecified);
+        let server = open.server_addr.parse().unwrap_or(unspecified);
+        let header = proxy_header::encode(version, client, server);
+        tcp.write_all(&header)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let Some(connector) = &target.upstream_tls else {
+        return Ok(Upstream::Plain(tcp));
+    };
+    let name = ServerName::try_from(upstream.host.clone()).map_err(|e| fail(e.to_string()))?;
+    match tokio::time::timeout(DIAL_TIMEOUT, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(Upstream::Tls(Box::new(tls))),
+        Ok(Err(e)) => Err(fail(format!("TLS: {e}"))),
+        Err(_) => Err(fail("TLS handshake timed out".into())),
+    }
+}

@@ -1,0 +1,297 @@
+//! `postern`: the agent CLI, shaped like ngrok's.
+//!
+//! ```text
+//! postern http 8080 --domain app.example.com
+//! postern tls 443 --terminate-at agent --crt c.pem --key k.pem
+//! postern tcp 22
+//! postern start web db --config a.yml --config b.yml
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use postern_agent::{Agent, load_files, merge, parse_raw};
+use serde_yaml_ng::{Mapping, Value};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "postern",
+    version,
+    about = "Expose a local service through a Postern edge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Config file(s), ngrok v2 YAML; later files win. Default:
+    /// ~/.config/postern/postern.yml when it exists.
+    #[arg(long = "config", global = true)]
+    config: Vec<PathBuf>,
+    /// Authtoken.
+    #[arg(long, global = true, env = "POSTERN_AUTHTOKEN", hide_env_values = true)]
+    authtoken: Option<String>,
+    /// Edge agent listener, host:port.
+    #[arg(long, global = true)]
+    server_addr: Option<String>,
+    /// Region; with connect_domain dials tunnel.<region>.connect.<connect_domain>.
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// TLS name to verify instead of the server_addr host.
+    #[arg(long, global = true)]
+    tls_server_name: Option<String>,
+    /// PEM file of CAs to trust for the edge (a private edge CA).
+    #[arg(long, global = true)]
+    root_cas: Option<String>,
+    /// Idle data streams kept open for the edge (0: open each on demand).
+    #[arg(long, global = true)]
+    stream_pool: Option<u32>,
+    /// Log format.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve an HTTP upstream on an HTTPS endpoint.
+    Http {
+        /// Upstream: 8080, host:port, http://..., https://...
+        addr: String,
+        #[command(flatten)]
+        common: TunnelFlags,
+        /// Verify an https:// upstream's certificate.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        upstream_tls_verify: bool,
+    },
+    /// Serve a TLS endpoint routed by SNI.
+    Tls {
+        /// Upstream: 443, host:port, tls://...
+        addr: String,
+        #[command(flatten)]
+        common: TunnelFlags,
+        /// Where TLS ends: edge, agent or upstream (default upstream, or edge with --crt/--key).
+        #[arg(long)]
+        terminate_at: Option<String>,
+        /// Certificate (PEM) for terminate_at edge or agent.
+        #[arg(long)]
+        crt: Option<String>,
+        /// Private key (PEM).
+        #[arg(long)]
+        key: Option<String>,
+        /// Verify a tls:// upstream's certificate.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        upstream_tls_verify: bool,
+    },
+    /// Serve a TCP endpoint.
+    Tcp {
+        /// Upstream: 22 or host:port.
+        addr: String,
+        /// Ask for this public address (host:port; the port counts).
+        #[arg(long)]
+        remote_addr: Option<String>,
+        /// PROXY protocol version to write to the upstream (1 or 2).
+        #[arg(long)]
+        proxy_proto: Option<String>,
+    },
+    /// Start tunnels from the config files.
+    Start {
+        /// Tunnel names.
+        names: Vec<String>,
+        /// Start every tunnel in the config.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TunnelFlags {
+    /// Domain to serve: app.example.com or *.example.com.
+    #[arg(long, alias = "hostname")]
+    domain: Option<String>,
+    /// PROXY protocol version to write to the upstream (1 or 2).
+    #[arg(long)]
+    proxy_proto: Option<String>,
+}
+
+fn set(map: &mut Mapping, key: &str, value: Option<impl Into<Value>>) {
+    if let Some(v) = value {
+        map.insert(Value::from(key), v.into());
+    }
+}
+
+/// The merged config files with the command line on top, and the tunnel
+/// names to run.
+fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
+    let mut paths = cli.global.config.clone();
+    if paths.is_empty()
+        && let Some(default) = default_config_path().filter(|p| p.exists())
+    {
+        paths.push(default);
+    }
+    let mut value = load_files(&paths)?;
+    let mut top = Mapping::new();
+    let g = cli.global;
+    set(&mut top, "authtoken", g.authtoken);
+    set(&mut top, "server_addr", g.server_addr);
+    set(&mut top, "region", g.region);
+    set(&mut top, "tls_server_name", g.tls_server_name);
+    set(&mut top, "root_cas", g.root_cas);
+    set(&mut top, "stream_pool", g.stream_pool.map(u64::from));
+    let mut tunnel = Mapping::new();
+    let names = match cli.command {
+        Command::Start { names, all } => {
+            if all {
+                None
+            } else if names.is_empty() {
+                anyhow::bail!("name the tunnels to start, or pass --all");
+            } else {
+                Some(names)
+            }
+        }
+        Command::Http {
+            addr,
+            common,
+            upstream_tls_verify,
+        } => {
+            set(&mut tunnel, "proto", Some("http"));
+            set(&mut tunnel, "addr", Some(addr));
+            set(&mut tunnel, "domain", common.domain);
+            set(&mut tunnel, "proxy_proto", common.proxy_proto);
+            set(
+                &mut tunnel,
+                "upstream_tls_verify",
+                Some(upstream_tls_verify),
+            );
+            Some(vec!["command_line".to_string()])
+        }
+        Command::Tls {
+            addr,
+            common,
+            terminate_at,
+            crt,
+            key,
+            upstream_tls_verify,
+        } => {
+            set(&mut tunnel, "proto", Some("tls"));
+            set(&mut tunnel, "addr", Some(addr));
+            set(&mut tunnel, "domain", common.domain);
+            set(&mut tunnel, "proxy_proto", common.proxy_proto);
+            set(&mut tunnel, "terminate_at", terminate_at);
+            set(&mut tunnel, "crt", crt);
+            set(&mut tunnel, "key", key);
+            set(
+                &mut tunnel,
+                "upstream_tls_verify",
+                Some(upstream_tls_verify),
+            );
+            Some(vec!["command_line".to_string()])
+        }
+        Command::Tcp {
+            addr,
+            remote_addr,
+            proxy_proto,
+        } => {
+            set(&mut tunnel, "proto", Some("tcp"));
+            set(&mut tunnel, "addr", Some(addr));
+            set(&mut tunnel, "remote_addr", remote_addr);
+            set(&mut tunnel, "proxy_proto", proxy_proto);
+            Some(vec!["command_line".to_string()])
+        }
+    };
+    if !tunnel.is_empty() {
+        let mut tunnels = Mapping::new();
+        tunnels.insert(Value::from("command_line"), Value::Mapping(tunnel));
+        top.insert(Value::from("tunnels"), Value::Mapping(tunnels));
+    }
+    merge(&mut value, Value::Mapping(top));
+    Ok((value, names))
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("postern").join("postern.yml"))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_tracing(&cli.global.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Err(e) = run(cli).await {
+        eprintln!("ERROR: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (value, names) = build_config(cli)?;
+    let config = parse_raw(value)?.validate(names.as_deref())?;
+    anyhow::ensure!(
+        !config.tunnels.is_empty(),
+        "tunnels: the config defines no tunnels"
+    );
+    let upstreams: Vec<(String, String)> = config
+        .tunnels
+        .iter()
+        .map(|t| (t.name.clone(), t.upstream.to_string()))
+        .collect();
+    let agent = Agent::start(config);
+    let mut status = agent.status();
+    let printer = tokio::spawn(async move {
+        let mut shown = Vec::new();
+        while status.changed().await.is_ok() {
+            let s = status.borrow_and_update().clone();
+            if s.online && s.tunnels != shown {
+                println!("{:<16}online", "Session Status");
+                println!("{:<16}{}", "Session", s.session_id);
+                println!("{:<16}{} (node {})", "Region", s.region, s.node_id);
+                for (name, url) in &s.tunnels {
+                    let upstream = upstreams
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, u)| u.as_str())
+                        .unwrap_or("");
+                    println!("{:<16}{url} -> {upstream}", "Forwarding");
+                }
+                shown = s.tunnels.clone();
+            } else if !s.online && !shown.is_empty() {
+                println!(
+                    "{:<16}reconnecting ({})",
+                    "Session Status",
+                    s.last_error.as_deref().unwrap_or("")
+                );
+            }
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let result = agent.run_until(stop).await;
+    printer.abort();
+    result
+}
+
+fn init_tracing(format: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

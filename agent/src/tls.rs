@@ -1,0 +1,128 @@
+//! TLS for the agent: the client config toward the edge and toward TLS
+//! upstreams, and the server config for `terminate_at: agent`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+};
+
+use crate::config::{RootCas, Secret};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    match root_cas {
+        RootCas::Host => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        RootCas::Pem(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots
+                    .add(cert.context("root_cas: bad PEM")?)
+                    .context("root_cas")?;
+            }
+            if roots.is_empty() {
+                anyhow::bail!("root_cas: the file holds no certificate");
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// The client config for the edge's agent listener (HTTP/2 over TLS).
+pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(root_cas)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client config for a TLS upstream.
+pub fn upstream_client_config(verify: bool) -> Arc<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions");
+    let config = if verify {
+        builder
+            .with_root_certificates(roots(&RootCas::Host).expect("webpki roots load"))
+            .with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth()
+    };
+    Arc::new(config)
+}
+
+/// The server config for `terminate_at: agent`.
+pub fn agent_server_config(crt_pem: &[u8], key: &Secret) -> anyhow::Result<Arc<ServerConfig>> {
+    let certs = CertificateDer::pem_slice_iter(crt_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("crt: bad PEM")?;
+    anyhow::ensure!(!certs.is_empty(), "crt: no certificate in the file");
+    let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
+        .context("key: no private key in the file")?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("crt/key")?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts any upstream certificate (`upstream_tls_verify: false`).
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
