@@ -121,34 +121,19 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
     if pooled {
         spawn_stream(ctx.clone(), true);
     }
-    let refuse = |attach: oneshot::Sender<BoxFrames>, failure: Failure| {
-        let frame = pb::Frame {
-            error: Some(failure.to_pb()),
-            ..Default::default()
-        };
-        let _ = attach.send(Box::pin(futures_util::stream::iter([frame])));
-        failure
-    };
     let Some(open) = first.open else {
-        return Err(refuse(
-            attach_tx,
-            Failure::new(
-                ErrorCode::PROTOCOL_VIOLATION,
-                "the first frame must open the stream",
-            ),
-        ));
+        let failure = Failure::new(ErrorCode::PROTOCOL_VIOLATION, "the first frame must open the stream");
+        return Err(refuse(attach_tx, inbound, failure).await);
     };
     let Some(target) = ctx.routes.get(&open.endpoint_id) else {
-        return Err(refuse(
-            attach_tx,
-            Failure::new(ErrorCode::UNKNOWN_ENDPOINT, open.endpoint_id),
-        ));
+        let failure = Failure::new(ErrorCode::UNKNOWN_ENDPOINT, open.endpoint_id);
+        return Err(refuse(attach_tx, inbound, failure).await);
     };
     let upstream = match dial(&target, &open).await {
         Ok(upstream) => upstream,
         Err(failure) => {
             tracing::warn!(tunnel = %target.spec.name, upstream = %target.spec.upstream, error = %failure.detail, "upstream unreachable");
-            return Err(refuse(attach_tx, failure));
+            return Err(refuse(attach_tx, inbound, failure).await);
         }
     };
     match &target.agent_tls {
@@ -183,6 +168,20 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
                 .map_err(|e| Failure::new(ErrorCode::CONNECTION_RESET, e.to_string()))
         }
     }
+}
+
+/// Tells the edge why this stream cannot be served, then keeps the stream
+/// until the edge ends it: dropping it at once would reset the stream and
+/// lose the error frame.
+async fn refuse(attach: oneshot::Sender<BoxFrames>, mut inbound: Streaming<pb::Frame>, failure: Failure) -> Failure {
+    let frame = pb::Frame {
+        error: Some(failure.to_pb()),
+        ..Default::default()
+    };
+    let _ = attach.send(Box::pin(futures_util::stream::iter([frame])));
+    let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
+    failure
 }
 
 /// Pipes a dialled upstream and the data stream, after writing the bytes

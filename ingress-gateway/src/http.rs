@@ -362,10 +362,14 @@ fn classify_client_error(e: &hyper_util::client::legacy::Error) -> Failure {
         if let Some(remote) = err.downcast_ref::<pb::Error>() {
             return Failure::from_pb(remote);
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionReset
-        {
-            io_reset = Some(io.to_string());
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // io::Error::source() skips the error it wraps; look inside.
+            if let Some(remote) = io.get_ref().and_then(|inner| inner.downcast_ref::<pb::Error>()) {
+                return Failure::from_pb(remote);
+            }
+            if io.kind() == std::io::ErrorKind::ConnectionReset {
+                io_reset = Some(io.to_string());
+            }
         }
         source = err.source();
     }

@@ -1,1 +1,57 @@
-//! Test harness for the end-to-end tests.
+//! Harness for Postern's end-to-end tests: a real edge and real agents
+//! (in-process through the libraries, or as the built binaries), real
+//! upstream servers on loopback, and real clients (curl, openssl, a Rust
+//! HTTPS client). Everything binds 127.0.0.1 on port 0.
+
+mod client;
+mod edge;
+mod process;
+mod upstream;
+
+pub use client::{HttpsClient, Response, curl, openssl_s_client};
+pub use edge::{ACL_TOKEN, DOMAIN, TestEdge, init};
+pub use process::{Spawned, binary, read_rss_kib};
+pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
+
+use std::path::PathBuf;
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("postern-test-{tag}-{}", rand_suffix()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> String {
+    postern_ingress::random_label()
+}
+
+/// Waits until `check` holds, polling every 20 ms, or panics after `secs`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}

@@ -1,0 +1,115 @@
+//! Clients: curl and openssl as processes, and a Rust HTTPS client.
+
+use std::{net::SocketAddr, path::Path, process::Output, sync::Arc};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use tokio::net::TcpStream;
+
+/// Runs curl with `args`; `-sS` is added.
+pub async fn curl(args: &[&str]) -> Output {
+    tokio::process::Command::new("curl")
+        .arg("-sS")
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs (is it installed?)")
+}
+
+/// Runs `openssl s_client` against `addr` with extra args, feeding `stdin`.
+pub async fn openssl_s_client(addr: SocketAddr, args: &[&str], stdin: &[u8]) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("openssl")
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl runs (is it installed?)");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).await.unwrap();
+    // Keep stdin open briefly so the reply can arrive before EOF ends the session.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// HTTPS over HTTP/1.1 to 127.0.0.1:port with any SNI/Host, trusting one CA.
+#[derive(Clone)]
+pub struct HttpsClient {
+    config: Arc<ClientConfig>,
+    addr: SocketAddr,
+}
+
+impl HttpsClient {
+    pub fn new(addr: SocketAddr, ca_pem: &Path) -> HttpsClient {
+        let pem = std::fs::read(ca_pem).expect("CA file");
+        Self::with_ca_pem(addr, &pem)
+    }
+
+    pub fn with_ca_pem(addr: SocketAddr, pem: &[u8]) -> HttpsClient {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        HttpsClient {
+            config: Arc::new(config),
+            addr,
+        }
+    }
+
+    /// One request on a new connection.
+    pub async fn request(&self, host: &str, method: &str, path: &str, body: Bytes) -> anyhow::Result<Response> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::try_from(host.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host)
+            .body(Full::new(body))?;
+        let response = sender.send_request(req).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Response {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub async fn get(&self, host: &str, path: &str) -> anyhow::Result<Response> {
+        self.request(host, "GET", path, Bytes::new()).await
+    }
+}

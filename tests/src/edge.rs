@@ -1,0 +1,215 @@
+//! A real edge node in-process, and agents against it.
+
+use std::{path::PathBuf, sync::Once, time::Duration};
+
+use postern_agent::{Agent, AgentConfig, Status};
+use postern_edge::{Addresses, Edge, EdgeConfig, Listeners};
+use tokio::net::TcpListener;
+
+use crate::TempDir;
+
+/// The test edge's base domain.
+pub const DOMAIN: &str = "example.test";
+/// A token whose ACL only allows `*.customer1.example.test` and port 29500.
+pub const ACL_TOKEN: &str = "acl-token-customer1";
+
+/// Installs the crypto provider and a test log subscriber (RUST_LOG).
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// An edge node on loopback with a dev CA and two authtokens.
+pub struct TestEdge {
+    edge: Option<Edge>,
+    pub dir: TempDir,
+    pub token: String,
+    pub addrs: Addresses,
+    extra: String,
+}
+
+impl TestEdge {
+    pub async fn start() -> TestEdge {
+        Self::start_with("").await
+    }
+
+    /// `extra` is appended to the TOML config (e.g. a `[limits]` table).
+    pub async fn start_with(extra: &str) -> TestEdge {
+        init();
+        let dir = TempDir::new("edge");
+        let token = format!("test-token-{}", postern_ingress::random_label());
+        let listeners = Listeners {
+            agent: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            https: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let mut edge = TestEdge {
+            edge: None,
+            dir,
+            token,
+            addrs: Addresses {
+                agent: listeners.agent.local_addr().unwrap(),
+                http: listeners.http.as_ref().map(|l| l.local_addr().unwrap()),
+                https: listeners.https.local_addr().unwrap(),
+            },
+            extra: extra.to_string(),
+        };
+        let config = edge.config();
+        edge.edge = Some(Edge::start(config, listeners).await.expect("edge starts"));
+        edge
+    }
+
+    /// The config as TOML, for in-process nodes and for the binary.
+    pub fn config_toml(&self) -> String {
+        format!(
+            r#"
+node_id = "test-edge"
+region = "us"
+domain = "{DOMAIN}"
+data_dir = "{dir}"
+drain_grace = "3s"
+[listen]
+agent = "{agent}"
+http = "{http}"
+https = "{https}"
+[public]
+tcp_host = "127.0.0.1"
+[tcp]
+bind_ip = "127.0.0.1"
+ports = "20000-29999"
+[tls]
+dev_ca = true
+[session]
+heartbeat_interval = "1s"
+heartbeat_tolerance = "3s"
+[[authtokens]]
+token = "{token}"
+description = "unrestricted test token"
+[[authtokens]]
+token = "{ACL_TOKEN}"
+acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
+{extra}
+"#,
+            dir = self.dir.path().display(),
+            agent = self.addrs.agent,
+            http = self.addrs.http.expect("http listener"),
+            https = self.addrs.https,
+            token = self.token,
+            extra = self.extra,
+        )
+    }
+
+    fn config(&self) -> EdgeConfig {
+        EdgeConfig::from_toml(&self.config_toml()).expect("test config is valid")
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join(postern_ingress::DevCa::CERT_FILE)
+    }
+
+    pub fn edge(&self) -> &Edge {
+        self.edge.as_ref().expect("edge running")
+    }
+
+    /// A counter of the public side.
+    pub fn stat(&self, name: &str) -> u64 {
+        self.edge()
+            .stats()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Drains and stops the node.
+    pub async fn stop(&mut self) {
+        if let Some(edge) = self.edge.take() {
+            edge.shutdown().await.expect("edge drains cleanly");
+        }
+    }
+
+    /// Starts the node again on the same ports and data directory.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let bind = |addr| async move {
+            for _ in 0..100 {
+                if let Ok(l) = TcpListener::bind(addr).await {
+                    return l;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("could not bind {addr} again");
+        };
+        let listeners = Listeners {
+            agent: bind(self.addrs.agent).await,
+            http: Some(bind(self.addrs.http.unwrap()).await),
+            https: bind(self.addrs.https).await,
+        };
+        self.edge = Some(Edge::start(self.config(), listeners).await.expect("edge restarts"));
+    }
+
+    /// The agent YAML preamble for this edge with `token`.
+    pub fn agent_yaml(&self, token: &str, tunnels: &str) -> String {
+        format!(
+            "authtoken: {token}\nserver_addr: {agent}\ntls_server_name: tunnel.us.connect.{DOMAIN}\n\
+             root_cas: {ca}\nheartbeat_interval: 1s\nheartbeat_tolerance: 3s\ntunnels:\n{tunnels}",
+            agent = self.addrs.agent,
+            ca = self.ca_pem().display(),
+        )
+    }
+
+    pub fn agent_config(&self, token: &str, tunnels: &str) -> AgentConfig {
+        let value = serde_yaml_ng::from_str(&self.agent_yaml(token, tunnels)).expect("agent yaml");
+        postern_agent::parse_raw(value)
+            .and_then(|raw| raw.validate(None))
+            .expect("agent config is valid")
+    }
+
+    /// Starts an in-process agent with the default token and waits until
+    /// it is online. `tunnels` is the YAML body of the `tunnels:` map.
+    pub async fn agent(&self, tunnels: &str) -> (Agent, Status) {
+        self.agent_with(&self.token.clone(), tunnels).await.expect("agent comes online")
+    }
+
+    /// As [`TestEdge::agent`] with a token; the error is the agent's when
+    /// it stops before coming online.
+    pub async fn agent_with(&self, token: &str, tunnels: &str) -> anyhow::Result<(Agent, Status)> {
+        let agent = Agent::start(self.agent_config(token, tunnels));
+        let mut status = agent.status();
+        let online = tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.online)).await;
+        match online {
+            Ok(Ok(s)) => {
+                let s = s.clone();
+                Ok((agent, s))
+            }
+            Ok(Err(_)) => Err(agent.wait().await.expect_err("an agent that stops early has failed")),
+            Err(_) => panic!("agent not online within 20s: {:?}", agent.status().borrow().clone()),
+        }
+    }
+
+    /// `host:port:127.0.0.1` for curl's --resolve, on the HTTPS port.
+    pub fn resolve(&self, host: &str) -> String {
+        format!("{host}:{}:127.0.0.1", self.addrs.https.port())
+    }
+
+    pub fn https_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.addrs.https.port())
+    }
+}
+
+/// The URL a status lists for a tunnel.
+pub fn url_of(status: &Status, tunnel: &str) -> String {
+    status
+        .tunnels
+        .iter()
+        .find(|(n, _)| n == tunnel)
+        .map(|(_, u)| u.clone())
+        .unwrap_or_else(|| panic!("no tunnel {tunnel} in {status:?}"))
+}

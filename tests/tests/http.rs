@@ -1,0 +1,314 @@
+//! HTTPS endpoints end to end: a real edge, a real agent, a real upstream,
+//! driven by curl, openssl and a Rust client.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use postern_tests::{HttpUpstream, HttpsClient, TestEdge, curl, openssl_s_client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn http_tunnel(name: &str, domain: &str, port: u16) -> String {
+    format!("  {name}:\n    proto: http\n    addr: {port}\n    domain: {domain}\n")
+}
+
+#[tokio::test]
+async fn http1_and_http2_through_an_https_endpoint_with_forwarding_headers() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, status) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    assert_eq!(
+        status.tunnels,
+        vec![("web".to_string(), edge.https_url("app.example.test", ""))]
+    );
+    let ca = edge.ca_pem();
+    for (flag, want_version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = curl(&[
+            flag,
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &edge.resolve("app.example.test"),
+            "-w",
+            "\n%{http_code} %{http_version}",
+            &edge.https_url("app.example.test", "/echo?x=1"),
+        ])
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.ends_with(&format!("200 {want_version}")), "{text}");
+        assert!(text.starts_with("GET /echo?x=1 HTTP/1.1"), "the upstream always gets HTTP/1.1: {text}");
+        let seen = upstream.last("/echo");
+        assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(seen.headers["x-forwarded-proto"], "https");
+        let host = format!("app.example.test:{}", edge.addrs.https.port());
+        assert_eq!(seen.headers["host"], host.as_str(), "Host is preserved");
+        assert_eq!(seen.headers["x-forwarded-host"], host.as_str());
+    }
+}
+
+#[tokio::test]
+async fn plain_http_listener_routes_by_host_too() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let http = edge.addrs.http.unwrap();
+    let out = curl(&["-H", "Host: app.example.test", &format!("http://{http}/")]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from upstream");
+    assert_eq!(upstream.last("/").headers["x-forwarded-proto"], "http");
+}
+
+#[tokio::test]
+async fn spoofed_reserved_and_hop_by_hop_headers_never_reach_the_upstream() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    // HTTP/1.1: HTTP/2 has no Connection header for curl to send.
+    let out = curl(&[
+        "--http1.1",
+        "--cacert",
+        edge.ca_pem().to_str().unwrap(),
+        "--resolve",
+        &edge.resolve("app.example.test"),
+        "-H",
+        "Ngrok-Mtls-Subject-Cn: admin",
+        "-H",
+        "ngrok_auth_user_email: boss@example.test",
+        "-H",
+        "Connection: keep-alive, x-secret-hop",
+        "-H",
+        "x-secret-hop: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        &edge.https_url("app.example.test", "/echo"),
+    ])
+    .await;
+    assert!(out.status.success());
+    let seen = upstream.last("/echo");
+    for name in seen.headers.keys() {
+        assert!(!postern_ingress::is_reserved_header(name.as_str()), "{name} reached the upstream");
+    }
+    assert!(!seen.headers.contains_key("x-secret-hop"), "a header named by Connection is hop-by-hop");
+    assert!(!seen.headers.contains_key("keep-alive"));
+    assert_eq!(
+        seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
+        "the edge appends the real peer to a client's X-Forwarded-For"
+    );
+}
+
+#[tokio::test]
+async fn unknown_host_gets_404_and_unknown_or_missing_sni_is_refused_and_counted() {
+    let edge = TestEdge::start().await;
+    let http = edge.addrs.http.unwrap();
+    let out = curl(&["-i", "-H", "Host: nobody.example.test", &format!("http://{http}/")]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.starts_with("http/1.1 404"), "{text}");
+    assert!(text.contains("ngrok-error-code: err_postern_3200"), "{text}");
+
+    let unknown = openssl_s_client(edge.addrs.https, &["-servername", "nobody.example.test"], b"").await;
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains("unrecognized name") || err.contains("alert number 112"), "{err}");
+    assert_eq!(edge.stat("tls_unknown_sni"), 1);
+
+    let no_sni = openssl_s_client(edge.addrs.https, &["-noservername"], b"").await;
+    let err = String::from_utf8_lossy(&no_sni.stderr);
+    assert!(err.contains("unrecognized name") || err.contains("alert number 112"), "{err}");
+    assert_eq!(edge.stat("tls_no_sni"), 1);
+
+    // Not TLS at all on the TLS port: closed, counted, nothing else.
+    let mut raw = tokio::net::TcpStream::connect(edge.addrs.https).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut buf))
+        .await
+        .expect("the edge closes a non-TLS connection")
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(edge.stat("tls_bad_client_hello"), 1);
+}
+
+#[tokio::test]
+async fn most_specific_domain_wins_between_wildcard_and_exact() {
+    let edge = TestEdge::start().await;
+    let wild = HttpUpstream::start().await;
+    let exact = HttpUpstream::start().await;
+    let tunnels = format!(
+        "{}{}",
+        http_tunnel("wild", "'*.wild.example.test'", wild.port()),
+        http_tunnel("exact", "app.wild.example.test", exact.port())
+    );
+    let (_agent, status) = edge.agent(&tunnels).await;
+    assert_eq!(status.tunnels[0].1, edge.https_url("*.wild.example.test", ""));
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    for (host, path, want) in [
+        ("app.wild.example.test", "/a", &exact),
+        ("other.wild.example.test", "/b", &wild),
+        ("deep.er.wild.example.test", "/c", &wild),
+    ] {
+        let r = client.get(host, path).await.unwrap();
+        assert_eq!(r.status, 200, "{host}");
+        want.last(path);
+    }
+    assert!(wild.requests().iter().all(|r| r.path != "/a"));
+    assert!(exact.requests().iter().all(|r| r.path != "/b" && r.path != "/c"));
+    let r = client.get("example.test", "/").await;
+    assert!(r.is_err(), "the wildcard does not cover its own suffix (no route, TLS refused)");
+}
+
+#[tokio::test]
+async fn host_that_differs_from_sni_is_misdirected() {
+    let edge = TestEdge::start().await;
+    let a = HttpUpstream::start().await;
+    let b = HttpUpstream::start().await;
+    let tunnels = format!(
+        "{}{}",
+        http_tunnel("a", "a.example.test", a.port()),
+        http_tunnel("b", "b.example.test", b.port())
+    );
+    let (_agent, _) = edge.agent(&tunnels).await;
+    let out = curl(&[
+        "-i",
+        "--cacert",
+        edge.ca_pem().to_str().unwrap(),
+        "--resolve",
+        &edge.resolve("a.example.test"),
+        "-H",
+        "Host: b.example.test",
+        &edge.https_url("a.example.test", "/x"),
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.starts_with("http/1.1 421") || text.starts_with("http/2 421"), "{text}");
+    assert!(text.contains("err_postern_9001"), "{text}");
+    assert!(b.requests().is_empty(), "b's upstream saw nothing");
+}
+
+#[tokio::test]
+async fn websocket_echo_through_an_https_endpoint() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge.agent(&http_tunnel("ws", "ws.example.test", upstream.port())).await;
+    let pem = std::fs::read(edge.ca_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(edge.addrs.https).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("ws.example.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let url = format!("wss://ws.example.test:{}/ws", edge.addrs.https.port());
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("websocket handshake");
+    assert_eq!(response.status(), 101);
+    use tokio_tungstenite::tungstenite::Message;
+    for i in 0..5 {
+        let text = format!("ping-{i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed, Message::text(text));
+    }
+    ws.send(Message::binary(vec![0u8; 100_000])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().len(), 100_000);
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_requests_over_one_agent() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get("app.example.test", &format!("/slow/{}", i % 50)).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        let response = task.await.unwrap().expect("request completes");
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.body, "slow done");
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+    assert_eq!(upstream.requests().len(), 200);
+}
+
+#[tokio::test]
+async fn a_stalled_download_does_not_stall_other_connections_of_the_same_agent() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    // Three visitors start 300 MB downloads and never read them: their
+    // streams fill their flow-control windows and stop.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(edge.addrs.https).await.unwrap();
+        let pem = std::fs::read(edge.ca_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("app.example.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.write_all(b"GET /bytes/300000000 HTTP/1.1\r\nHost: app.example.test\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(tls);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everyone else is still served.
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    for i in 0..20 {
+        let r = tokio::time::timeout(Duration::from_secs(10), client.get("app.example.test", &format!("/n{i}")))
+            .await
+            .expect("not stalled behind the slow visitors")
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(20), client.get("app.example.test", "/bytes/5000000"))
+        .await
+        .expect("a second big download flows")
+        .unwrap();
+    assert_eq!(r.body.len(), 5_000_000);
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_with_the_agents_code() {
+    let edge = TestEdge::start().await;
+    // A port nothing listens on.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (_agent, _) = edge.agent(&http_tunnel("web", "down.example.test", port)).await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let r = client.get("down.example.test", "/").await.unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.headers["ngrok-error-code"], "ERR_POSTERN_8012");
+    // Request bodies are fine with it too.
+    let r = client
+        .request("down.example.test", "POST", "/", Bytes::from_static(b"payload"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+}
