@@ -122,7 +122,10 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
         spawn_stream(ctx.clone(), true);
     }
     let Some(open) = first.open else {
-        let failure = Failure::new(ErrorCode::PROTOCOL_VIOLATION, "the first frame must open the stream");
+        let failure = Failure::new(
+            ErrorCode::PROTOCOL_VIOLATION,
+            "the first frame must open the stream",
+        );
         return Err(refuse(attach_tx, inbound, failure).await);
     };
     let Some(target) = ctx.routes.get(&open.endpoint_id) else {
@@ -173,7 +176,11 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
 /// Tells the edge why this stream cannot be served, then keeps the stream
 /// until the edge ends it: dropping it at once would reset the stream and
 /// lose the error frame.
-async fn refuse(attach: oneshot::Sender<BoxFrames>, mut inbound: Streaming<pb::Frame>, failure: Failure) -> Failure {
+async fn refuse(
+    attach: oneshot::Sender<BoxFrames>,
+    mut inbound: Streaming<pb::Frame>,
+    failure: Failure,
+) -> Failure {
     let frame = pb::Frame {
         error: Some(failure.to_pb()),
         ..Default::default()

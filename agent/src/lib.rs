@@ -18,6 +18,7 @@ pub use config::{
 pub use session::Status;
 
 /// A running agent.
+#[derive(Debug)]
 pub struct Agent {
     status: watch::Receiver<Status>,
     shutdown: CancellationToken,

@@ -364,7 +364,10 @@ fn classify_client_error(e: &hyper_util::client::legacy::Error) -> Failure {
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             // io::Error::source() skips the error it wraps; look inside.
-            if let Some(remote) = io.get_ref().and_then(|inner| inner.downcast_ref::<pb::Error>()) {
+            if let Some(remote) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<pb::Error>())
+            {
                 return Failure::from_pb(remote);
             }
             if io.kind() == std::io::ErrorKind::ConnectionReset {

@@ -86,7 +86,13 @@ impl HttpsClient {
     }
 
     /// One request on a new connection.
-    pub async fn request(&self, host: &str, method: &str, path: &str, body: Bytes) -> anyhow::Result<Response> {
+    pub async fn request(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> anyhow::Result<Response> {
         let tcp = TcpStream::connect(self.addr).await?;
         let name = ServerName::try_from(host.to_string())?;
         let tls = tokio_rustls::TlsConnector::from(self.config.clone())

@@ -6,7 +6,9 @@ use postern_agent::{Agent, AgentConfig, Status};
 use postern_edge::{Addresses, Edge, EdgeConfig, Listeners};
 use tokio::net::TcpListener;
 
-use crate::TempDir;
+use tokio::process::Command;
+
+use crate::{Spawned, TempDir, binary};
 
 /// The test edge's base domain.
 pub const DOMAIN: &str = "example.test";
@@ -18,7 +20,8 @@ pub fn init() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+        let filter =
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_test_writer()
@@ -26,9 +29,11 @@ pub fn init() {
     });
 }
 
-/// An edge node on loopback with a dev CA and two authtokens.
+/// An edge node on loopback with a dev CA and two authtokens, in-process or
+/// as the `postern-edge` binary.
 pub struct TestEdge {
     edge: Option<Edge>,
+    process: Option<Spawned>,
     pub dir: TempDir,
     pub token: String,
     pub addrs: Addresses,
@@ -52,6 +57,7 @@ impl TestEdge {
         };
         let mut edge = TestEdge {
             edge: None,
+            process: None,
             dir,
             token,
             addrs: Addresses {
@@ -64,6 +70,46 @@ impl TestEdge {
         let config = edge.config();
         edge.edge = Some(Edge::start(config, listeners).await.expect("edge starts"));
         edge
+    }
+
+    /// Runs the `postern-edge` binary instead, on free loopback ports.
+    pub async fn start_process() -> TestEdge {
+        init();
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut edge = TestEdge {
+            edge: None,
+            process: None,
+            dir: TempDir::new("edge-bin"),
+            token: format!("test-token-{}", postern_ingress::random_label()),
+            addrs: Addresses {
+                agent: free(),
+                http: Some(free()),
+                https: free(),
+            },
+            extra: String::new(),
+        };
+        let config_path = edge.dir.path().join("edge.toml");
+        std::fs::write(&config_path, edge.config_toml()).unwrap();
+        let process = Spawned::spawn(
+            Command::new(binary("postern-edge"))
+                .arg("--config")
+                .arg(&config_path),
+        );
+        edge.process = Some(process);
+        let agent = edge.addrs.agent;
+        crate::eventually(20, "the edge binary listens", || async move {
+            tokio::net::TcpStream::connect(agent).await.is_ok()
+        })
+        .await;
+        edge
+    }
+
+    /// The edge process, when running the binary.
+    pub fn process(&mut self) -> &mut Spawned {
+        self.process.as_mut().expect("edge runs as a process")
     }
 
     /// The config as TOML, for in-process nodes and for the binary.
@@ -115,7 +161,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
     }
 
     pub fn edge(&self) -> &Edge {
-        self.edge.as_ref().expect("edge running")
+        self.edge.as_ref().expect("edge running in-process")
     }
 
     /// A counter of the public side.
@@ -152,10 +198,28 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             http: Some(bind(self.addrs.http.unwrap()).await),
             https: bind(self.addrs.https).await,
         };
-        self.edge = Some(Edge::start(self.config(), listeners).await.expect("edge restarts"));
+        self.edge = Some(
+            Edge::start(self.config(), listeners)
+                .await
+                .expect("edge restarts"),
+        );
     }
 
     /// The agent YAML preamble for this edge with `token`.
+    /// The agent's flags for the `postern` binary against this edge.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--authtoken".into(),
+            self.token.clone(),
+            "--server-addr".into(),
+            self.addrs.agent.to_string(),
+            "--tls-server-name".into(),
+            format!("tunnel.us.connect.{DOMAIN}"),
+            "--root-cas".into(),
+            self.ca_pem().display().to_string(),
+        ]
+    }
+
     pub fn agent_yaml(&self, token: &str, tunnels: &str) -> String {
         format!(
             "authtoken: {token}\nserver_addr: {agent}\ntls_server_name: tunnel.us.connect.{DOMAIN}\n\
@@ -175,7 +239,9 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
     /// Starts an in-process agent with the default token and waits until
     /// it is online. `tunnels` is the YAML body of the `tunnels:` map.
     pub async fn agent(&self, tunnels: &str) -> (Agent, Status) {
-        self.agent_with(&self.token.clone(), tunnels).await.expect("agent comes online")
+        self.agent_with(&self.token.clone(), tunnels)
+            .await
+            .expect("agent comes online")
     }
 
     /// As [`TestEdge::agent`] with a token; the error is the agent's when
@@ -183,14 +249,21 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
     pub async fn agent_with(&self, token: &str, tunnels: &str) -> anyhow::Result<(Agent, Status)> {
         let agent = Agent::start(self.agent_config(token, tunnels));
         let mut status = agent.status();
-        let online = tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.online)).await;
+        let online =
+            tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.online)).await;
         match online {
             Ok(Ok(s)) => {
                 let s = s.clone();
                 Ok((agent, s))
             }
-            Ok(Err(_)) => Err(agent.wait().await.expect_err("an agent that stops early has failed")),
-            Err(_) => panic!("agent not online within 20s: {:?}", agent.status().borrow().clone()),
+            Ok(Err(_)) => Err(agent
+                .wait()
+                .await
+                .expect_err("an agent that stops early has failed")),
+            Err(_) => panic!(
+                "agent not online within 20s: {:?}",
+                agent.status().borrow().clone()
+            ),
         }
     }
 

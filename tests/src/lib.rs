@@ -9,7 +9,7 @@ mod process;
 mod upstream;
 
 pub use client::{HttpsClient, Response, curl, openssl_s_client};
-pub use edge::{ACL_TOKEN, DOMAIN, TestEdge, init};
+pub use edge::{ACL_TOKEN, DOMAIN, TestEdge, init, url_of};
 pub use process::{Spawned, binary, read_rss_kib};
 pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
 

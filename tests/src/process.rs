@@ -66,8 +66,14 @@ impl Spawned {
             }
             match tokio::time::timeout_at(deadline, self.lines.recv()).await {
                 Ok(Some(line)) => self.seen.push(line),
-                Ok(None) => panic!("process exited before printing {needle:?}; saw {:?}", self.seen),
-                Err(_) => panic!("no line with {needle:?} within {secs}s; saw {:?}", self.seen),
+                Ok(None) => panic!(
+                    "process exited before printing {needle:?}; saw {:?}",
+                    self.seen
+                ),
+                Err(_) => panic!(
+                    "no line with {needle:?} within {secs}s; saw {:?}",
+                    self.seen
+                ),
             }
         }
     }
@@ -84,7 +90,11 @@ impl Spawned {
     /// SIGTERM, then wait for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.pid();
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("process exits after SIGTERM")

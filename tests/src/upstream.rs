@@ -37,7 +37,9 @@ pub struct Recorded {
 type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// An HTTP/1.1 upstream:
@@ -70,7 +72,9 @@ impl HttpUpstream {
         let recorded = requests.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let recorded = recorded.clone();
                 tokio::spawn(async move {
                     let header = if proxy {
@@ -89,7 +93,11 @@ impl HttpUpstream {
                 });
             }
         });
-        HttpUpstream { addr, requests, task }
+        HttpUpstream {
+            addr,
+            requests,
+            task,
+        }
     }
 
     /// Requests received so far.
@@ -153,7 +161,10 @@ async fn handle(
     if path == "/echo" {
         let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
         for (name, value) in req.headers() {
-            text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("<binary>")));
+            text.push_str(&format!(
+                "{name}: {}\n",
+                value.to_str().unwrap_or("<binary>")
+            ));
         }
         return Ok(Response::new(full(text)));
     }
@@ -178,13 +189,17 @@ async fn handle(
                     return None;
                 }
                 let n = left.min(chunk.len() as u64);
-                Some((Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n as usize))), left - n))
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n as usize))),
+                    left - n,
+                ))
             }
         });
         let mut response = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
-        response
-            .headers_mut()
-            .insert(http::header::CONTENT_LENGTH, total.to_string().parse().unwrap());
+        response.headers_mut().insert(
+            http::header::CONTENT_LENGTH,
+            total.to_string().parse().unwrap(),
+        );
         return Ok(response);
     }
     if let Some(ms) = path.strip_prefix("/slow/") {
@@ -245,7 +260,9 @@ impl TcpEcho {
         let seen = headers.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let seen = seen.clone();
                 tokio::spawn(async move {
                     if proxy {
@@ -260,7 +277,11 @@ impl TcpEcho {
                 });
             }
         });
-        TcpEcho { addr, headers, task }
+        TcpEcho {
+            addr,
+            headers,
+            task,
+        }
     }
 
     pub fn proxy_headers(&self) -> Vec<ProxyHeader> {
@@ -295,7 +316,9 @@ impl TlsUpstream {
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
         let certified = postern_ingress::certified_key_from_pem(
             "upstream",
@@ -309,10 +332,14 @@ impl TlsUpstream {
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
                     let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
                     let mut buf = vec![0u8; 4096];
                     let mut got = Vec::new();

@@ -16,7 +16,9 @@ fn http_tunnel(name: &str, domain: &str, port: u16) -> String {
 async fn http1_and_http2_through_an_https_endpoint_with_forwarding_headers() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, status) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let (_agent, status) = edge
+        .agent(&http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
     assert_eq!(
         status.tunnels,
         vec![("web".to_string(), edge.https_url("app.example.test", ""))]
@@ -35,9 +37,16 @@ async fn http1_and_http2_through_an_https_endpoint_with_forwarding_headers() {
         ])
         .await;
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(text.ends_with(&format!("200 {want_version}")), "{text}");
-        assert!(text.starts_with("GET /echo?x=1 HTTP/1.1"), "the upstream always gets HTTP/1.1: {text}");
+        assert!(
+            text.starts_with("GET /echo?x=1 HTTP/1.1"),
+            "the upstream always gets HTTP/1.1: {text}"
+        );
         let seen = upstream.last("/echo");
         assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
         assert_eq!(seen.headers["x-forwarded-proto"], "https");
@@ -51,7 +60,9 @@ async fn http1_and_http2_through_an_https_endpoint_with_forwarding_headers() {
 async fn plain_http_listener_routes_by_host_too() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
     let http = edge.addrs.http.unwrap();
     let out = curl(&["-H", "Host: app.example.test", &format!("http://{http}/")]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from upstream");
@@ -62,7 +73,9 @@ async fn plain_http_listener_routes_by_host_too() {
 async fn spoofed_reserved_and_hop_by_hop_headers_never_reach_the_upstream() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
     // HTTP/1.1: HTTP/2 has no Connection header for curl to send.
     let out = curl(&[
         "--http1.1",
@@ -88,9 +101,15 @@ async fn spoofed_reserved_and_hop_by_hop_headers_never_reach_the_upstream() {
     assert!(out.status.success());
     let seen = upstream.last("/echo");
     for name in seen.headers.keys() {
-        assert!(!postern_ingress::is_reserved_header(name.as_str()), "{name} reached the upstream");
+        assert!(
+            !postern_ingress::is_reserved_header(name.as_str()),
+            "{name} reached the upstream"
+        );
     }
-    assert!(!seen.headers.contains_key("x-secret-hop"), "a header named by Connection is hop-by-hop");
+    assert!(
+        !seen.headers.contains_key("x-secret-hop"),
+        "a header named by Connection is hop-by-hop"
+    );
     assert!(!seen.headers.contains_key("keep-alive"));
     assert_eq!(
         seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
@@ -102,24 +121,48 @@ async fn spoofed_reserved_and_hop_by_hop_headers_never_reach_the_upstream() {
 async fn unknown_host_gets_404_and_unknown_or_missing_sni_is_refused_and_counted() {
     let edge = TestEdge::start().await;
     let http = edge.addrs.http.unwrap();
-    let out = curl(&["-i", "-H", "Host: nobody.example.test", &format!("http://{http}/")]).await;
+    let out = curl(&[
+        "-i",
+        "-H",
+        "Host: nobody.example.test",
+        &format!("http://{http}/"),
+    ])
+    .await;
     let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(text.starts_with("http/1.1 404"), "{text}");
-    assert!(text.contains("ngrok-error-code: err_postern_3200"), "{text}");
+    assert!(
+        text.contains("ngrok-error-code: err_postern_3200"),
+        "{text}"
+    );
 
-    let unknown = openssl_s_client(edge.addrs.https, &["-servername", "nobody.example.test"], b"").await;
+    let unknown = openssl_s_client(
+        edge.addrs.https,
+        &["-servername", "nobody.example.test"],
+        b"",
+    )
+    .await;
     let err = String::from_utf8_lossy(&unknown.stderr);
-    assert!(err.contains("unrecognized name") || err.contains("alert number 112"), "{err}");
+    assert!(
+        err.contains("unrecognized name") || err.contains("alert number 112"),
+        "{err}"
+    );
     assert_eq!(edge.stat("tls_unknown_sni"), 1);
 
     let no_sni = openssl_s_client(edge.addrs.https, &["-noservername"], b"").await;
     let err = String::from_utf8_lossy(&no_sni.stderr);
-    assert!(err.contains("unrecognized name") || err.contains("alert number 112"), "{err}");
+    assert!(
+        err.contains("unrecognized name") || err.contains("alert number 112"),
+        "{err}"
+    );
     assert_eq!(edge.stat("tls_no_sni"), 1);
 
     // Not TLS at all on the TLS port: closed, counted, nothing else.
-    let mut raw = tokio::net::TcpStream::connect(edge.addrs.https).await.unwrap();
-    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut raw = tokio::net::TcpStream::connect(edge.addrs.https)
+        .await
+        .unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut buf))
         .await
@@ -140,7 +183,10 @@ async fn most_specific_domain_wins_between_wildcard_and_exact() {
         http_tunnel("exact", "app.wild.example.test", exact.port())
     );
     let (_agent, status) = edge.agent(&tunnels).await;
-    assert_eq!(status.tunnels[0].1, edge.https_url("*.wild.example.test", ""));
+    assert_eq!(
+        status.tunnels[0].1,
+        edge.https_url("*.wild.example.test", "")
+    );
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     for (host, path, want) in [
         ("app.wild.example.test", "/a", &exact),
@@ -152,9 +198,17 @@ async fn most_specific_domain_wins_between_wildcard_and_exact() {
         want.last(path);
     }
     assert!(wild.requests().iter().all(|r| r.path != "/a"));
-    assert!(exact.requests().iter().all(|r| r.path != "/b" && r.path != "/c"));
+    assert!(
+        exact
+            .requests()
+            .iter()
+            .all(|r| r.path != "/b" && r.path != "/c")
+    );
     let r = client.get("example.test", "/").await;
-    assert!(r.is_err(), "the wildcard does not cover its own suffix (no route, TLS refused)");
+    assert!(
+        r.is_err(),
+        "the wildcard does not cover its own suffix (no route, TLS refused)"
+    );
 }
 
 #[tokio::test]
@@ -180,7 +234,10 @@ async fn host_that_differs_from_sni_is_misdirected() {
     ])
     .await;
     let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
-    assert!(text.starts_with("http/1.1 421") || text.starts_with("http/2 421"), "{text}");
+    assert!(
+        text.starts_with("http/1.1 421") || text.starts_with("http/2 421"),
+        "{text}"
+    );
     assert!(text.contains("err_postern_9001"), "{text}");
     assert!(b.requests().is_empty(), "b's upstream saw nothing");
 }
@@ -189,26 +246,33 @@ async fn host_that_differs_from_sni_is_misdirected() {
 async fn websocket_echo_through_an_https_endpoint() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, _) = edge.agent(&http_tunnel("ws", "ws.example.test", upstream.port())).await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("ws", "ws.example.test", upstream.port()))
+        .await;
     let pem = std::fs::read(edge.ca_pem()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     for c in CertificateDer::pem_slice_iter(&pem) {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(edge.addrs.https).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(edge.addrs.https)
+        .await
+        .unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("ws.example.test".try_into().unwrap(), tcp)
         .await
         .unwrap();
     let url = format!("wss://ws.example.test:{}/ws", edge.addrs.https.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.expect("websocket handshake");
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("websocket handshake");
     assert_eq!(response.status(), 101);
     use tokio_tungstenite::tungstenite::Message;
     for i in 0..5 {
@@ -226,12 +290,18 @@ async fn websocket_echo_through_an_https_endpoint() {
 async fn two_hundred_concurrent_requests_over_one_agent() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let client = client.clone();
-            tokio::spawn(async move { client.get("app.example.test", &format!("/slow/{}", i % 50)).await })
+            tokio::spawn(async move {
+                client
+                    .get("app.example.test", &format!("/slow/{}", i % 50))
+                    .await
+            })
         })
         .collect();
     let mut ok = 0;
@@ -249,23 +319,28 @@ async fn two_hundred_concurrent_requests_over_one_agent() {
 async fn a_stalled_download_does_not_stall_other_connections_of_the_same_agent() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, _) = edge.agent(&http_tunnel("web", "app.example.test", upstream.port())).await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
     // Three visitors start 300 MB downloads and never read them: their
     // streams fill their flow-control windows and stop.
     let mut stalled = Vec::new();
     for _ in 0..3 {
-        let tcp = tokio::net::TcpStream::connect(edge.addrs.https).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(edge.addrs.https)
+            .await
+            .unwrap();
         let pem = std::fs::read(edge.ca_pem()).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         use rustls::pki_types::{CertificateDer, pem::PemObject};
         for c in CertificateDer::pem_slice_iter(&pem) {
             roots.add(c.unwrap()).unwrap();
         }
-        let config = rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config =
+            rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect("app.example.test".try_into().unwrap(), tcp)
             .await
@@ -279,16 +354,22 @@ async fn a_stalled_download_does_not_stall_other_connections_of_the_same_agent()
     // Everyone else is still served.
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     for i in 0..20 {
-        let r = tokio::time::timeout(Duration::from_secs(10), client.get("app.example.test", &format!("/n{i}")))
-            .await
-            .expect("not stalled behind the slow visitors")
-            .unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get("app.example.test", &format!("/n{i}")),
+        )
+        .await
+        .expect("not stalled behind the slow visitors")
+        .unwrap();
         assert_eq!(r.status, 200);
     }
-    let r = tokio::time::timeout(Duration::from_secs(20), client.get("app.example.test", "/bytes/5000000"))
-        .await
-        .expect("a second big download flows")
-        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.get("app.example.test", "/bytes/5000000"),
+    )
+    .await
+    .expect("a second big download flows")
+    .unwrap();
     assert_eq!(r.body.len(), 5_000_000);
     drop(stalled);
 }
@@ -300,14 +381,21 @@ async fn upstream_down_gives_502_with_the_agents_code() {
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let (_agent, _) = edge.agent(&http_tunnel("web", "down.example.test", port)).await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("web", "down.example.test", port))
+        .await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     let r = client.get("down.example.test", "/").await.unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(r.headers["ngrok-error-code"], "ERR_POSTERN_8012");
     // Request bodies are fine with it too.
     let r = client
-        .request("down.example.test", "POST", "/", Bytes::from_static(b"payload"))
+        .request(
+            "down.example.test",
+            "POST",
+            "/",
+            Bytes::from_static(b"payload"),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 502);
