@@ -161,10 +161,27 @@ pub struct Upstream {
     pub verify: bool,
 }
 
+impl Upstream {
+    /// How the upstream reads for a tunnel of `proto`, e.g.
+    /// `http://localhost:8080` or `tls://db:5433`.
+    pub fn url(&self, proto: Proto) -> String {
+        let scheme = match (proto, self.tls) {
+            (Proto::Http, false) => "http://",
+            (Proto::Http, true) => "https://",
+            (_, true) => "tls://",
+            (_, false) => "",
+        };
+        format!("{scheme}{self}")
+    }
+}
+
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "tls" } else { "tcp" };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 

@@ -240,7 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let upstreams: Vec<(String, String)> = config
         .tunnels
         .iter()
-        .map(|t| (t.name.clone(), t.upstream.to_string()))
+        .map(|t| (t.name.clone(), t.upstream.url(t.proto)))
         .collect();
     let agent = Agent::start(config);
     let mut status = agent.status();

@@ -149,6 +149,9 @@ async fn connect(config: &AgentConfig, tls: Arc<ClientConfig>) -> anyhow::Result
         .initial_stream_window_size(h2_settings::STREAM_WINDOW)
         .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
         .max_frame_size(h2_settings::MAX_FRAME_SIZE)
+        .http2_keep_alive_interval(config.heartbeat_interval)
+        .keep_alive_timeout(config.heartbeat_tolerance)
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     let channel = tokio::time::timeout(
         config.connect_timeout,
@@ -432,7 +435,7 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
         terminate_at: terminate_at as i32,
         tls_cert_pem,
         tls_key_pem,
-        forwards_to: spec.upstream.to_string(),
+        forwards_to: spec.upstream.url(spec.proto),
         proxy_proto: spec.proxy_proto.map_or(0, |v| match v {
             postern_proto::proxy_header::Version::V1 => 1,
             postern_proto::proxy_header::Version::V2 => 2,

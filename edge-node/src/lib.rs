@@ -144,9 +144,12 @@ impl Edge {
         ));
         let stop = stop_grpc.clone();
         let grpc = tokio::spawn(
-            service::server_builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+            service::server_builder(
+                config.session.heartbeat_interval,
+                config.session.heartbeat_tolerance,
+            )
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
         );
         tracing::info!(
             node_id = %config.node_id,

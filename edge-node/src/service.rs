@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{Future, Stream, StreamExt};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::ServerConfig;
 use tokio::{
@@ -49,7 +49,7 @@ impl pb::tunnel_server::Tunnel for TunnelService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        let peer = request.extensions().get::<AgentPeer>().map(|p| p.0);
+        let peer = request.extensions().get::<AgentPeer>().cloned();
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage {
@@ -68,14 +68,15 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             }
         };
         let (tx, rx) = mpsc::channel(64);
-        match self.registry.open_session(hello, tx.clone()) {
+        let cut = peer.as_ref().map(|p| p.cut.clone());
+        match self.registry.open_session(hello, tx.clone(), cut) {
             Ok(session) => {
                 let out = ControlOut::new(rx, Some(session.cancelled()));
                 self.registry.spawn_session(session, inbound);
                 Ok(Response::new(Box::pin(out)))
             }
             Err(failure) => {
-                tracing::info!(?peer, error = %failure, "agent session refused");
+                tracing::info!(peer = ?peer.map(|p| p.addr), error = %failure, "agent session refused");
                 let error = pb::EdgeMessage {
                     msg: Some(pb::edge_message::Msg::Error(failure.to_pb())),
                 };
@@ -113,21 +114,47 @@ impl pb::tunnel_server::Tunnel for TunnelService {
     }
 }
 
-/// The agent's address, as a request extension.
-#[derive(Clone, Copy, Debug)]
-pub struct AgentPeer(pub SocketAddr);
+/// The agent's connection as a request extension: its address, and the
+/// switch that cuts it (a closed session takes its data streams with it).
+#[derive(Clone, Debug)]
+pub struct AgentPeer {
+    pub addr: SocketAddr,
+    pub cut: CancellationToken,
+}
 
-/// An accepted agent connection.
+/// An accepted agent connection that can be cut from the session side.
 pub struct AgentConn {
     tls: TlsStream<TcpStream>,
-    peer: SocketAddr,
+    peer: AgentPeer,
+    cut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl AgentConn {
+    fn new(tls: TlsStream<TcpStream>, addr: SocketAddr) -> AgentConn {
+        let cut = CancellationToken::new();
+        AgentConn {
+            tls,
+            cut: Box::pin(cut.clone().cancelled_owned()),
+            peer: AgentPeer { addr, cut },
+        }
+    }
+
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the agent session was closed",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
 }
 
 impl Connected for AgentConn {
     type ConnectInfo = AgentPeer;
 
     fn connect_info(&self) -> AgentPeer {
-        AgentPeer(self.peer)
+        self.peer.clone()
     }
 }
 
@@ -137,6 +164,7 @@ impl AsyncRead for AgentConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_cut(cx)?;
         Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
@@ -147,6 +175,7 @@ impl AsyncWrite for AgentConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_cut(cx)?;
         Pin::new(&mut self.tls).poll_write(cx, buf)
     }
 
@@ -200,7 +229,7 @@ pub fn agent_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(AgentConn { tls, peer })).await;
+                        let _ = tx.send(Ok(AgentConn::new(tls, peer))).await;
                     }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "agent TLS handshake failed"),
                     Err(_) => tracing::info!(%peer, "agent TLS handshake timed out"),
@@ -211,9 +240,13 @@ pub fn agent_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The tonic server with the tunnel's HTTP/2 settings.
-pub fn server_builder() -> tonic::transport::Server {
+/// The tonic server with the tunnel's HTTP/2 settings. HTTP/2 pings on the
+/// heartbeat interval close a connection whose peer stopped answering,
+/// failing its data streams at once.
+pub fn server_builder(heartbeat: Duration, tolerance: Duration) -> tonic::transport::Server {
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(heartbeat))
+        .http2_keepalive_timeout(Some(tolerance))
         .initial_stream_window_size(h2_settings::STREAM_WINDOW)
         .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
         .max_frame_size(h2_settings::MAX_FRAME_SIZE)

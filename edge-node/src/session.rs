@@ -64,6 +64,8 @@ pub struct AgentSession {
     cancel: CancellationToken,
     end_reason: Mutex<Option<Failure>>,
     stream_wait: std::time::Duration,
+    /// Cuts the agent's connection, and with it every data stream.
+    cut_connection: Option<CancellationToken>,
 }
 
 struct StreamPool {
@@ -103,6 +105,7 @@ impl Registry {
         &self,
         hello: pb::Hello,
         control: ControlTx,
+        cut_connection: Option<CancellationToken>,
     ) -> Result<Arc<AgentSession>, Failure> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Failure::new(
@@ -157,6 +160,7 @@ impl Registry {
             cancel: CancellationToken::new(),
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
+            cut_connection,
         });
         sessions.insert(session.id.clone(), session.clone());
         drop(sessions);
@@ -219,7 +223,10 @@ impl Registry {
                 _ = ticker.tick() => {
                     if last_seen.elapsed() > settings.heartbeat_tolerance {
                         tracing::info!(session.id = %session.id, "agent missed its heartbeats");
-                        return Some(Failure::new(ErrorCode::PROTOCOL_VIOLATION, "no heartbeat within the tolerance"));
+                        return Some(Failure::new(
+                            ErrorCode::HEARTBEAT_TIMEOUT,
+                            format!("nothing from the agent for {:?}", settings.heartbeat_tolerance),
+                        ));
                     }
                     nonce += 1;
                     let ping = pb::edge_message::Msg::Ping(pb::Heartbeat { nonce });
@@ -458,6 +465,13 @@ impl Registry {
         if !session.cancel.is_cancelled() {
             session.cancel.cancel();
             tracing::info!(session.id = %session.id, "agent session closed");
+            if let Some(cut) = session.cut_connection.clone() {
+                // Let the goodbye message go out first.
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    cut.cancel();
+                });
+            }
         }
     }
 

@@ -77,6 +77,7 @@ codes! {
     BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
     STREAM_UNAVAILABLE = (9004, 503, Agent, "the agent did not provide a data stream in time");
     CONNECTION_RESET = (9005, 502, Client, "the peer reset the connection");
+    HEARTBEAT_TIMEOUT = (9006, 400, Agent, "no heartbeat arrived within the tolerance");
     INTERNAL = (9999, 500, Edge, "internal error");
 }
 

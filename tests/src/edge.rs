@@ -207,10 +207,10 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
 
     /// The agent YAML preamble for this edge with `token`.
     /// The agent's flags for the `postern` binary against this edge.
-    pub fn agent_args(&self) -> Vec<String> {
+    pub fn agent_args(&self, token: &str) -> Vec<String> {
         vec![
             "--authtoken".into(),
-            self.token.clone(),
+            token.to_string(),
             "--server-addr".into(),
             self.addrs.agent.to_string(),
             "--tls-server-name".into(),

@@ -78,6 +78,14 @@ impl Spawned {
         }
     }
 
+    /// Collects the lines printed so far.
+    pub fn drain_lines(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("process running")
     }
