@@ -261,3 +261,26 @@ async fn proxy_protocol_on_an_http_endpoint_is_per_visitor_connection() {
         assert_eq!(h.destination.unwrap(), edge.addrs.https);
     }
 }
+
+#[tokio::test]
+async fn https_upstreams_are_verified_unless_told_otherwise() {
+    let edge = TestEdge::start().await;
+    let upstream = TlsUpstream::start(&["localhost"]).await;
+    let port = upstream.addr.port();
+    let tunnels = format!(
+        "  strict:\n    proto: http\n    addr: https://localhost:{port}\n    domain: strict.example.test\n\
+         \x20 lax:\n    proto: http\n    addr: https://localhost:{port}\n    domain: lax.example.test\n    upstream_tls_verify: false\n"
+    );
+    let (_agent, _) = edge.agent(&tunnels).await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let strict = client.get("strict.example.test", "/").await.unwrap();
+    assert_eq!(strict.status, 502, "the upstream's CA is not trusted");
+    assert_eq!(strict.headers["ngrok-error-code"], "ERR_POSTERN_8012");
+    let lax = client.get("lax.example.test", "/").await.unwrap();
+    assert_eq!(lax.status, 200);
+    assert_eq!(
+        lax.text(),
+        "tls-upstream localhost",
+        "SNI is the upstream's host"
+    );
+}
