@@ -15,7 +15,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use postern_ingress::{
-    CertStore, DevCa, Gateway, GatewayConfig, certified_key_from_pem, single_cert_config,
+    CertStore, DevCa, Gateway, GatewayConfig, Outcomes, certified_key_from_pem, single_cert_config,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -121,6 +121,12 @@ impl Edge {
                 ..GatewayConfig::default()
             },
             certs,
+            Outcomes {
+                sink: None,
+                region: config.region.clone(),
+                node_id: config.node_id.clone(),
+                account_id: None,
+            },
         );
         if let Some(http) = listeners.http {
             gateway.serve_http(http);

@@ -13,7 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     endpoint::{Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool},
+    outcome::{self, Counted, HttpRecord, Outcomes, TlsMeta},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
     tls::{CertStore, server_config, single_cert_config},
@@ -152,6 +153,7 @@ enum Binding {
 
 struct Inner {
     config: GatewayConfig,
+    outcomes: Outcomes,
     certs: Arc<CertStore>,
     http_tls: Arc<ServerConfig>,
     tls_edge: Arc<ServerConfig>,
@@ -171,7 +173,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig, certs: Arc<CertStore>) -> Gateway {
+    pub fn new(config: GatewayConfig, certs: Arc<CertStore>, outcomes: Outcomes) -> Gateway {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -185,6 +187,7 @@ impl Gateway {
                 tls_edge: server_config(certs.clone(), &[]),
                 certs,
                 config,
+                outcomes,
                 routes: RwLock::new(Router::default()),
                 bindings: Mutex::new(HashMap::new()),
                 http,
@@ -218,6 +221,8 @@ impl Gateway {
                     client,
                     local,
                     sni: None,
+                    tls: None,
+                    start: SystemTime::now(),
                 };
                 serve_http_connection(inner, stream, conn).await;
             },
@@ -354,10 +359,22 @@ impl Gateway {
                     let Ok(local) = stream.local_addr() else {
                         return;
                     };
+                    let start = SystemTime::now();
                     let (r, w) = stream.into_split();
-                    if let Err(e) =
-                        proxy_bytes(&endpoint, r, w, Bytes::new(), client, local, "").await
-                    {
+                    let result =
+                        proxy_bytes(&endpoint, r, w, Bytes::new(), client, local, "").await;
+                    let ids = (endpoint.id.as_str(), endpoint.source.session_id());
+                    outcome::tcp_closed(
+                        &inner.outcomes,
+                        client,
+                        local,
+                        "",
+                        start,
+                        "tcp",
+                        Some(ids),
+                        &result,
+                    );
+                    if let Err(e) = result {
                         tracing::debug!(endpoint = %endpoint.id, error = %e, "TCP connection not proxied");
                     }
                 }
@@ -570,24 +587,51 @@ async fn handle_request(
     conn: &ConnInfo,
     pools: &Mutex<HashMap<String, UpstreamPool>>,
     req: Request<Incoming>,
-) -> http::Response<proxy::ProxyBody> {
+) -> http::Response<Counted<proxy::ProxyBody>> {
     bump(&inner.stats.http_requests);
-    let host = match proxy::request_host(&req).map(normalize_host) {
-        Some(Ok(host)) => host,
-        Some(Err(e)) => {
-            return proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, e.to_string()));
-        }
-        None => return proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, "no Host header")),
+    let host = proxy::request_host(&req).map(normalize_host);
+    let shown_host = match &host {
+        Some(Ok(h)) => h.as_str(),
+        _ => "",
     };
+    let mut record = HttpRecord::start(
+        &inner.outcomes,
+        &req,
+        conn.client,
+        conn.local,
+        shown_host,
+        conn.tls.as_ref(),
+        conn.start,
+    );
+    let req = req.map(|body| Counted::new(body, record.request_body_stats()));
+    let response = match host {
+        Some(Ok(host)) => route_request(inner, conn, pools, &mut record, &host, req).await,
+        Some(Err(e)) => proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, e.to_string())),
+        None => proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, "no Host header")),
+    };
+    record.finish(response)
+}
+
+async fn route_request(
+    inner: &Inner,
+    conn: &ConnInfo,
+    pools: &Mutex<HashMap<String, UpstreamPool>>,
+    record: &mut HttpRecord,
+    host: &str,
+    req: Request<Counted<Incoming>>,
+) -> http::Response<proxy::ProxyBody> {
     let (route, sni_route) = {
         let routes = inner.routes.read().expect("routes lock");
-        let route = routes.lookup(&host).cloned();
+        let route = routes.lookup(host).cloned();
         let sni_route = conn.sni.as_deref().map(|sni| routes.lookup(sni).cloned());
         (route, sni_route)
     };
     let Some(route) = route.filter(|r| matches!(r.endpoint.kind, EndpointKind::Http)) else {
         return proxy::error_response(&Failure::new(ErrorCode::ENDPOINT_OFFLINE, host));
     };
+    let postern = record.postern_mut();
+    postern.endpoint_id = Some(route.endpoint.id.clone());
+    postern.agent_session_id = Some(route.endpoint.source.session_id().to_string());
     if let Some(sni_route) = sni_route
         && !sni_route.is_some_and(|s| Arc::ptr_eq(&s, &route))
     {
@@ -608,12 +652,12 @@ async fn handle_request(
                     route.endpoint.source.clone(),
                     conn.client,
                     conn.local,
-                    host.clone(),
+                    host.to_string(),
                 )
             })
             .clone(),
     };
-    proxy::forward(&route.endpoint, &pool, conn, &host, req).await
+    proxy::forward(&route.endpoint, &pool, conn, host, req).await
 }
 
 /// The fatal `unrecognized_name` alert (RFC 6066), sent before any
@@ -663,6 +707,7 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
     };
     let prefix = buf.freeze();
     let endpoint = &route.endpoint;
+    let start = SystemTime::now();
     let result = match &endpoint.kind {
         EndpointKind::Http => {
             let Some(tls) = accept_tls(&inner, inner.http_tls.clone(), prefix, stream).await else {
@@ -672,6 +717,8 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
                 client,
                 local,
                 sni: Some(name),
+                tls: Some(TlsMeta::of(tls.get_ref().1)),
+                start,
             };
             serve_http_connection(inner.clone(), tls, conn).await;
             return;
@@ -695,6 +742,17 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
         }
         EndpointKind::Tcp { .. } => return,
     };
+    let ids = (endpoint.id.as_str(), endpoint.source.session_id());
+    outcome::tcp_closed(
+        &inner.outcomes,
+        client,
+        local,
+        &name,
+        start,
+        "tls",
+        Some(ids),
+        &result,
+    );
     if let Err(e) = result {
         tracing::debug!(endpoint = %endpoint.id, error = %e, "TLS connection not proxied");
     }

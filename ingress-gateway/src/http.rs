@@ -29,7 +29,10 @@ use hyper_util::{
 };
 use postern_proto::{ErrorCode, Failure, TunnelIo, pb, tunnel_io};
 
-use crate::endpoint::{Endpoint, StreamSource};
+use crate::{
+    endpoint::{Endpoint, StreamSource},
+    outcome::{Counted, TlsMeta},
+};
 
 /// Response body: the upstream's, streamed, or an error page.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -45,13 +48,17 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// SNI of the TLS handshake, normalised; `None` on plain HTTP.
     pub sni: Option<String>,
+    /// The TLS parameters; `None` on plain HTTP.
+    pub tls: Option<TlsMeta>,
+    /// When the connection was accepted.
+    pub start: std::time::SystemTime,
 }
 
 /// HTTP/1.1 connections to one endpoint's upstream, each over its own data
 /// stream, kept alive and reused across visitors.
 #[derive(Clone)]
 pub struct UpstreamPool {
-    client: Client<TunnelConnector, Incoming>,
+    client: Client<TunnelConnector, Counted<Incoming>>,
 }
 
 impl UpstreamPool {
@@ -174,7 +181,7 @@ pub async fn forward(
     pool: &UpstreamPool,
     conn: &ConnInfo,
     host: &str,
-    mut req: Request<Incoming>,
+    mut req: Request<Counted<Incoming>>,
 ) -> Response<ProxyBody> {
     let wants_upgrade = is_upgrade_request(&req);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -282,12 +289,12 @@ fn strip_reserved(headers: &mut HeaderMap) {
 }
 
 /// The request as the upstream gets it.
-fn upstream_request(
-    req: Request<Incoming>,
+fn upstream_request<B>(
+    req: Request<B>,
     conn: &ConnInfo,
     endpoint_id: &str,
     upgrade: bool,
-) -> Result<Request<Incoming>, Failure> {
+) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_string());
     let path = parts

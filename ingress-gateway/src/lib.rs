@@ -9,6 +9,7 @@
 mod endpoint;
 mod gateway;
 mod http;
+mod outcome;
 mod router;
 mod sni;
 mod tls;
@@ -16,6 +17,7 @@ mod tls;
 pub use endpoint::{ClaimedStream, Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame};
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
+pub use outcome::Outcomes;
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{

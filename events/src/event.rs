@@ -1,0 +1,284 @@
+//! The two traffic events, with ngrok's field names and nesting.
+//!
+//! Every field of `object` is optional, as ngrok's selectable fields make
+//! them; absent fields are not serialised. Decisions where ngrok's own
+//! material contradicts itself:
+//! - `http.request.method` is the method as the client sent it (`"GET"`),
+//!   as in ngrok's example payloads and the Datadog pipeline, not the
+//!   lower case of the field table.
+//! - `conn.server_port` is an integer (the field table's `int32`), never the
+//!   empty string of the examples.
+//! - timestamps are RFC 3339 with nanoseconds, UTC (`Z`).
+//! - `tls.version` is `"TLSv1.2"` / `"TLSv1.3"`; `tls.cipher_suite` is the
+//!   IANA name (`"TLS_AES_128_GCM_SHA256"`).
+//!
+//! Postern's additions live under `object.postern`, so consumers of ngrok's
+//! events read Postern's unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `http_request_complete.v0`
+pub const HTTP_REQUEST_COMPLETE: &str = "http_request_complete.v0";
+/// `tcp_connection_closed.v0`
+pub const TCP_CONNECTION_CLOSED: &str = "tcp_connection_closed.v0";
+
+/// Timestamps as RFC 3339 strings with nanoseconds.
+pub type Timestamp = String;
+
+/// The envelope every event travels in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// `ev_` + 27 base-62 characters.
+    pub event_id: String,
+    pub event_type: String,
+    pub event_timestamp: Timestamp,
+    /// `ac_…`; one configured account per deployment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    pub object: EventObject,
+    /// Always null for traffic events.
+    pub principal: Option<serde_json::Value>,
+}
+
+/// The body of an event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EventObject {
+    Http(Box<HttpRequestComplete>),
+    Tcp(Box<TcpConnectionClosed>),
+}
+
+/// `object` of `http_request_complete.v0`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequestComplete {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn: Option<Conn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_policy: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postern: Option<PosternFields>,
+}
+
+/// `object` of `tcp_connection_closed.v0`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcpConnectionClosed {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn: Option<Conn>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_policy: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postern: Option<PosternFields>,
+}
+
+/// `conn.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Conn {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_ts: Option<Timestamp>,
+    /// TCP events only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_ts: Option<Timestamp>,
+    /// TCP events only: bytes from the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    /// TCP events only: bytes to the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+}
+
+/// `http.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Http {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<HttpRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<HttpResponse>,
+}
+
+/// Headers as ngrok normalises them: keys capitalised (`Content-Type`),
+/// values lower-cased, every value kept.
+pub type Headers = BTreeMap<String, Vec<String>>;
+
+/// `http.request.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// `"HTTP/1.1"`, `"HTTP/2.0"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<Url>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_byte_ts: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_byte_ts: Option<Timestamp>,
+}
+
+/// `http.request.url.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Url {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// `http.response.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_byte_ts: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_byte_ts: Option<Timestamp>,
+}
+
+/// `tls.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cipher_suite: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<ClientCert>,
+}
+
+/// `tls.client_cert.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientCert {
+    /// Upper-case hex, colon-separated (`"0A:1B:…"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
+}
+
+/// `tls.client_cert.subject.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Subject {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cn: Option<String>,
+}
+
+/// `oauth.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OAuth {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<OAuthUser>,
+}
+
+/// `oauth.user.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OAuthUser {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A module's `allow` / `block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Block,
+}
+
+/// `ip_policy.decision` and the like.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecisionField {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+}
+
+/// `backend.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Backend {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_reused: Option<bool>,
+}
+
+/// `postern.*`: what Postern adds to ngrok's fields.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PosternFields {
+    /// Region and node that received the visitor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Region and node whose agent served it (differs when routed across regions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_node_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_session_id: Option<String>,
+    /// `tls` or `tcp` for connection events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_proto: Option<String>,
+    /// `ERR_POSTERN_<n>` when the edge failed or refused the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Whole request or connection, in milliseconds (fractional).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PosternClientCert>,
+}
+
+/// `postern.client_cert.*`: what ngrok does not report of the client certificate.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PosternClientCert {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Lower-case hex SHA-256 of the DER certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256_fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub san_dns: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Timestamp>,
+}

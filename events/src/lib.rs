@@ -1,0 +1,141 @@
+//! Postern's traffic events: `http_request_complete.v0` and
+//! `tcp_connection_closed.v0`, with ngrok's field names and nesting, and the
+//! sink trait the edge publishes them through. Publishing never blocks the
+//! request path.
+//!
+//! This crate must never depend on the gateway or the edge: they build
+//! events, this crate defines and delivers them.
+
+mod event;
+
+use std::time::SystemTime;
+
+pub use event::*;
+
+/// Where events go. `publish` must return at once: a sink queues, spools or
+/// drops (and counts), it never makes a request wait.
+pub trait EventSink: Send + Sync + 'static {
+    fn publish(&self, event: Event);
+}
+
+/// RFC 3339 in UTC with nanoseconds.
+pub fn timestamp(at: SystemTime) -> Timestamp {
+    humantime::format_rfc3339_nanos(at).to_string()
+}
+
+/// `ev_` + 27 base-62 characters.
+pub fn event_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let mut id = String::with_capacity(30);
+    id.push_str("ev_");
+    for _ in 0..27 {
+        id.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
+    }
+    id
+}
+
+impl Event {
+    /// A new `http_request_complete.v0`.
+    pub fn http(object: HttpRequestComplete, at: SystemTime, account_id: Option<String>) -> Event {
+        Event::new(
+            HTTP_REQUEST_COMPLETE,
+            EventObject::Http(Box::new(object)),
+            at,
+            account_id,
+        )
+    }
+
+    /// A new `tcp_connection_closed.v0`.
+    pub fn tcp(object: TcpConnectionClosed, at: SystemTime, account_id: Option<String>) -> Event {
+        Event::new(
+            TCP_CONNECTION_CLOSED,
+            EventObject::Tcp(Box::new(object)),
+            at,
+            account_id,
+        )
+    }
+
+    fn new(
+        event_type: &str,
+        object: EventObject,
+        at: SystemTime,
+        account_id: Option<String>,
+    ) -> Event {
+        Event {
+            event_id: event_id(),
+            event_type: event_type.to_string(),
+            event_timestamp: timestamp(at),
+            account_id,
+            object,
+            principal: None,
+        }
+    }
+}
+
+/// Headers as ngrok's events carry them: each key capitalised per word
+/// (`content-type` → `Content-Type`), values lower-cased, all values kept.
+pub fn normalize_headers(headers: &http::HeaderMap) -> Headers {
+    let mut out = Headers::new();
+    for (name, value) in headers {
+        let key = name
+            .as_str()
+            .split('-')
+            .map(|word| {
+                let mut chars = word.chars();
+                match chars.next() {
+                    Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                    None => String::new(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("-");
+        let value = String::from_utf8_lossy(value.as_bytes()).to_lowercase();
+        out.entry(key).or_default().push(value);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_shape() {
+        let object = HttpRequestComplete {
+            conn: Some(Conn {
+                client_ip: Some("127.0.0.1".into()),
+                server_port: Some(443),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let event = Event::http(object, SystemTime::UNIX_EPOCH, None);
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["event_type"], "http_request_complete.v0");
+        assert_eq!(json["event_timestamp"], "1970-01-01T00:00:00.000000000Z");
+        assert!(json["event_id"].as_str().unwrap().starts_with("ev_"));
+        assert_eq!(json["event_id"].as_str().unwrap().len(), 30);
+        assert_eq!(json["object"]["conn"]["client_ip"], "127.0.0.1");
+        assert_eq!(json["object"]["conn"]["server_port"], 443);
+        assert!(
+            json["object"].get("http").is_none(),
+            "absent fields are not written"
+        );
+        assert!(json["principal"].is_null());
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn headers_are_normalised_like_ngrok() {
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "Text/HTML".parse().unwrap());
+        h.append("x-multi", "A".parse().unwrap());
+        h.append("x-multi", "B".parse().unwrap());
+        let n = normalize_headers(&h);
+        assert_eq!(n["Content-Type"], vec!["text/html"]);
+        assert_eq!(n["X-Multi"], vec!["a", "b"]);
+    }
+}

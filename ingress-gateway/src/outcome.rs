@@ -1,0 +1,333 @@
+//! One outcome record per request or connection, published as an event
+//! when it ends: `http_request_complete.v0` when the response body is done
+//! (or dropped), `tcp_connection_closed.v0` when a piped connection closes.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use postern_events::{
+    Conn, Event, EventSink, Http, HttpRequest, HttpRequestComplete, HttpResponse, PosternFields,
+    TcpConnectionClosed, Tls, Url, normalize_headers, timestamp,
+};
+use postern_proto::PipeOutcome;
+
+/// Where outcomes go, and what every event says about this node.
+#[derive(Clone)]
+pub struct Outcomes {
+    pub sink: Option<Arc<dyn EventSink>>,
+    pub region: String,
+    pub node_id: String,
+    pub account_id: Option<String>,
+}
+
+impl Outcomes {
+    fn postern(&self) -> PosternFields {
+        PosternFields {
+            region: Some(self.region.clone()),
+            node_id: Some(self.node_id.clone()),
+            ..Default::default()
+        }
+    }
+
+    fn publish(&self, event: impl FnOnce(Option<String>) -> Event) {
+        if let Some(sink) = &self.sink {
+            sink.publish(event(self.account_id.clone()));
+        }
+    }
+}
+
+/// TLS parameters of a visitor's connection.
+#[derive(Clone, Debug, Default)]
+pub struct TlsMeta {
+    pub version: String,
+    pub cipher_suite: String,
+}
+
+impl TlsMeta {
+    pub fn of(conn: &rustls::ServerConnection) -> TlsMeta {
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        };
+        let cipher_suite = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or_default()
+            .to_string();
+        TlsMeta {
+            version,
+            cipher_suite,
+        }
+    }
+}
+
+fn conn_fields(client: SocketAddr, server: SocketAddr, name: &str, start: SystemTime) -> Conn {
+    Conn {
+        client_ip: Some(client.ip().to_string()),
+        server_ip: Some(server.ip().to_string()),
+        server_name: (!name.is_empty()).then(|| name.to_string()),
+        server_port: Some(server.port()),
+        start_ts: Some(timestamp(start)),
+        ..Default::default()
+    }
+}
+
+/// Byte count and first/last byte times of a body.
+#[derive(Default)]
+pub struct BodyStats {
+    bytes: AtomicU64,
+    times: Mutex<Option<(SystemTime, SystemTime)>>,
+}
+
+impl BodyStats {
+    fn saw(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let now = SystemTime::now();
+        let mut times = self.times.lock().expect("body stats lock");
+        match times.as_mut() {
+            Some((_, last)) => *last = now,
+            None => *times = Some((now, now)),
+        }
+    }
+
+    fn fill(&self) -> (u64, Option<String>, Option<String>) {
+        let times = *self.times.lock().expect("body stats lock");
+        (
+            self.bytes.load(Ordering::Relaxed),
+            times.map(|(first, _)| timestamp(first)),
+            times.map(|(_, last)| timestamp(last)),
+        )
+    }
+}
+
+/// A body that counts what passes through it, and optionally publishes an
+/// HTTP outcome when it is dropped.
+pub struct Counted<B> {
+    inner: B,
+    stats: Arc<BodyStats>,
+    /// Published when the body is dropped.
+    _record: Option<HttpRecord>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, stats: Arc<BodyStats>) -> Self {
+        Counted {
+            inner,
+            stats,
+            _record: None,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            self.stats.saw(data.len());
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The outcome of one HTTP request, published when dropped.
+pub struct HttpRecord {
+    outcomes: Outcomes,
+    object: HttpRequestComplete,
+    at: SystemTime,
+    started: Instant,
+    request_body: Arc<BodyStats>,
+    response_body: Arc<BodyStats>,
+}
+
+impl HttpRecord {
+    /// Starts a record from the request as the visitor sent it.
+    pub fn start<B>(
+        outcomes: &Outcomes,
+        req: &Request<B>,
+        client: SocketAddr,
+        server: SocketAddr,
+        host: &str,
+        tls: Option<&TlsMeta>,
+        conn_start: SystemTime,
+    ) -> HttpRecord {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        let raw = format!(
+            "{scheme}://{host}{}",
+            req.uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+        );
+        let object = HttpRequestComplete {
+            conn: Some(conn_fields(client, server, host, conn_start)),
+            http: Some(Http {
+                request: Some(HttpRequest {
+                    method: Some(req.method().to_string()),
+                    version: Some(format!("{:?}", req.version())),
+                    headers: Some(normalize_headers(req.headers())),
+                    user_agent: req
+                        .headers()
+                        .get(http::header::USER_AGENT)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                    url: Some(Url {
+                        raw: Some(raw),
+                        scheme: Some(scheme.to_string()),
+                        host: Some(host.to_string()),
+                        path: Some(path),
+                        query,
+                    }),
+                    ..Default::default()
+                }),
+                response: None,
+            }),
+            tls: tls.map(|t| Tls {
+                version: Some(t.version.clone()),
+                cipher_suite: Some(t.cipher_suite.clone()),
+                client_cert: None,
+            }),
+            postern: Some(outcomes.postern()),
+            ..Default::default()
+        };
+        HttpRecord {
+            outcomes: outcomes.clone(),
+            object,
+            at: SystemTime::now(),
+            started: Instant::now(),
+            request_body: Arc::default(),
+            response_body: Arc::default(),
+        }
+    }
+
+    /// The counter to put on the request body.
+    pub fn request_body_stats(&self) -> Arc<BodyStats> {
+        self.request_body.clone()
+    }
+
+    /// Mutable access for modules and routing to add what they know.
+    pub fn postern_mut(&mut self) -> &mut PosternFields {
+        self.object.postern.get_or_insert_with(Default::default)
+    }
+
+    /// Attaches the record to the response the visitor gets; it is
+    /// published when that body has been sent or dropped.
+    pub fn finish<B>(mut self, response: Response<B>) -> Response<Counted<B>> {
+        let (parts, body) = response.into_parts();
+        if let Some(code) = parts
+            .headers
+            .get(crate::http::ERROR_CODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            self.postern_mut().error_code = Some(code.to_string());
+        }
+        self.object
+            .http
+            .get_or_insert_with(Default::default)
+            .response = Some(HttpResponse {
+            status_code: Some(parts.status.as_u16()),
+            headers: Some(normalize_headers(&parts.headers)),
+            ..Default::default()
+        });
+        let stats = self.response_body.clone();
+        Response::from_parts(
+            parts,
+            Counted {
+                inner: body,
+                stats,
+                _record: Some(self),
+            },
+        )
+    }
+}
+
+impl Drop for HttpRecord {
+    fn drop(&mut self) {
+        let (req_len, req_first, req_last) = self.request_body.fill();
+        let (resp_len, resp_first, resp_last) = self.response_body.fill();
+        let http = self.object.http.get_or_insert_with(Default::default);
+        if let Some(request) = http.request.as_mut() {
+            request.body_length = Some(req_len);
+            request.first_byte_ts = req_first;
+            request.last_byte_ts = req_last;
+        }
+        if let Some(response) = http.response.as_mut() {
+            response.body_length = Some(resp_len);
+            response.first_byte_ts = resp_first;
+            response.last_byte_ts = resp_last;
+        }
+        self.postern_mut().duration_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+        let object = std::mem::take(&mut self.object);
+        let at = self.at;
+        self.outcomes
+            .publish(|account| Event::http(object, at, account));
+    }
+}
+
+/// Publishes `tcp_connection_closed.v0` for a piped connection.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_closed(
+    outcomes: &Outcomes,
+    client: SocketAddr,
+    server: SocketAddr,
+    name: &str,
+    start: SystemTime,
+    proto: &str,
+    endpoint: Option<(&str, &str)>,
+    result: &Result<PipeOutcome, postern_proto::Failure>,
+) {
+    let mut conn = conn_fields(client, server, name, start);
+    let (bytes_in, bytes_out) = match result {
+        Ok(outcome) => (outcome.bytes_to_peer, outcome.bytes_from_peer),
+        Err(_) => (0, 0),
+    };
+    conn.bytes_in = Some(bytes_in);
+    conn.bytes_out = Some(bytes_out);
+    conn.end_ts = Some(timestamp(SystemTime::now()));
+    let mut postern = outcomes.postern();
+    postern.endpoint_proto = Some(proto.to_string());
+    if let Some((endpoint_id, session_id)) = endpoint {
+        postern.endpoint_id = Some(endpoint_id.to_string());
+        postern.agent_session_id = Some(session_id.to_string());
+    }
+    if let Err(failure) = result {
+        postern.error_code = Some(failure.code.id());
+    }
+    postern.duration_ms = start.elapsed().ok().map(|d| d.as_secs_f64() * 1000.0);
+    let object = TcpConnectionClosed {
+        conn: Some(conn),
+        ip_policy: None,
+        postern: Some(postern),
+    };
+    outcomes.publish(|account| Event::tcp(object, SystemTime::now(), account));
+}
