@@ -79,6 +79,10 @@ pub struct RawAgentConfig {
     pub connect_timeout: Option<String>,
     /// Postern: idle data streams kept open for the edge (0: open on demand).
     pub stream_pool: Option<u32>,
+    /// Client certificates for TLS upstreams, keyed `host:port`, with `*`
+    /// as the default.
+    #[serde(default)]
+    pub upstream_tls: std::collections::BTreeMap<String, RawUpstreamTls>,
     #[serde(default)]
     pub tunnels: indexmap_like::Tunnels,
 }
@@ -132,6 +136,38 @@ pub struct RawTunnel {
     pub proxy_proto: Option<Value>,
     /// Postern: verify an `https://`/`tls://` upstream's certificate (default true).
     pub upstream_tls_verify: Option<bool>,
+    /// Mutual TLS: a PEM file of CAs client certificates must chain to, or
+    /// ids of CAs in the edge's store (`ca_…`, a list or comma-separated).
+    pub mutual_tls_cas: Option<Value>,
+}
+
+/// Client certificate and trusted CA for one upstream (Tyk's "upstream
+/// certificates"), keyed `host:port` or `*` in the agent config.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// Certificate (PEM) presented to the upstream.
+    pub crt: Option<String>,
+    pub key: Option<String>,
+    /// CA (PEM) the upstream's certificate must chain to; default: the
+    /// system roots.
+    pub ca: Option<String>,
+}
+
+/// Where client certificates are checked.
+#[derive(Clone, Debug)]
+pub enum MutualTlsCas {
+    /// A PEM bundle, checked where TLS ends (the edge, or this agent).
+    Pem(Vec<u8>),
+    /// CAs in the edge's store.
+    Ids(Vec<String>),
+}
+
+/// What the agent presents to, and trusts of, a TLS upstream.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamTls {
+    pub crt_key: Option<(Vec<u8>, Secret)>,
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// The tunnel's protocol.
@@ -197,6 +233,9 @@ pub struct TunnelSpec {
     /// PEM certificate chain and key.
     pub crt_key: Option<(Vec<u8>, Secret)>,
     pub proxy_proto: Option<proxy_header::Version>,
+    pub mutual_tls_cas: Option<MutualTlsCas>,
+    /// For `https://` and `tls://` upstreams.
+    pub upstream_tls: UpstreamTls,
 }
 
 /// Which CAs the agent trusts for the edge.
@@ -368,6 +407,71 @@ pub fn parse_upstream(addr: &str, verify: bool) -> anyhow::Result<Upstream> {
     })
 }
 
+/// Reads `mutual_tls_cas`: CA ids, or a PEM file. Where TLS ends at this
+/// agent, the bundle is checked here (only real CAs, at most ten).
+fn mutual_tls_cas(
+    value: &Value,
+    proto: Proto,
+    terminate_at: Option<TerminateAt>,
+    field: &str,
+) -> anyhow::Result<MutualTlsCas> {
+    let items: Vec<String> = match value {
+        Value::Sequence(items) => items.iter().filter_map(scalar).collect(),
+        other => scalar(other)
+            .map(|s| {
+                s.split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    match (proto, terminate_at) {
+        (Proto::Tcp, _) => {
+            bail!("{field}: TCP tunnels have no TLS to check client certificates in")
+        }
+        (Proto::Tls, None | Some(TerminateAt::Upstream)) => {
+            bail!("{field}: mutual TLS needs terminate_at: edge or agent (ERR_POSTERN_1694)")
+        }
+        _ => {}
+    }
+    if !items.is_empty() && items.iter().all(|i| i.starts_with("ca_")) {
+        if terminate_at == Some(TerminateAt::Agent) {
+            bail!(
+                "{field}: CA ids live in the edge's store; with terminate_at: agent give a PEM file"
+            );
+        }
+        return Ok(MutualTlsCas::Ids(items));
+    }
+    let [path] = items.as_slice() else {
+        bail!("{field}: give one PEM file, or CA ids (ca_…)");
+    };
+    let pem = std::fs::read(path).with_context(|| format!("{field}: reading {path}"))?;
+    if terminate_at == Some(TerminateAt::Agent) {
+        postern_ingress::parse_ca_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("{field}: {path}: {e}"))?;
+    }
+    Ok(MutualTlsCas::Pem(pem))
+}
+
+impl RawUpstreamTls {
+    fn validate(&self, field: &str) -> anyhow::Result<UpstreamTls> {
+        let read = |what: &str, path: &str| {
+            std::fs::read(path).with_context(|| format!("{field}.{what}: reading {path}"))
+        };
+        let crt_key = match (&self.crt, &self.key) {
+            (None, None) => None,
+            (Some(crt), Some(key)) => Some((
+                read("crt", crt)?,
+                Secret::new(String::from_utf8(read("key", key)?).context("key: not UTF-8 PEM")?),
+            )),
+            _ => bail!("{field}: crt and key must be given together"),
+        };
+        let ca_pem = self.ca.as_deref().map(|ca| read("ca", ca)).transpose()?;
+        Ok(UpstreamTls { crt_key, ca_pem })
+    }
+}
+
 impl RawTunnel {
     fn validate(&self, name: &str) -> anyhow::Result<TunnelSpec> {
         let field = |f: &str| format!("tunnels.{name}.{f}");
@@ -456,6 +560,15 @@ impl RawTunnel {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", field("proxy_proto")))?
             }
         };
+        let mutual_tls_cas = match &self.mutual_tls_cas {
+            None => None,
+            Some(value) => Some(mutual_tls_cas(
+                value,
+                proto,
+                terminate_at,
+                &field("mutual_tls_cas"),
+            )?),
+        };
         Ok(TunnelSpec {
             name: name.to_string(),
             proto,
@@ -465,6 +578,8 @@ impl RawTunnel {
             terminate_at,
             crt_key,
             proxy_proto,
+            mutual_tls_cas,
+            upstream_tls: UpstreamTls::default(),
         })
     }
 }
@@ -499,9 +614,18 @@ impl RawAgentConfig {
             ),
         };
         let mut tunnels = Vec::new();
+        let mut upstream_tls = std::collections::BTreeMap::new();
+        for (key, raw) in &self.upstream_tls {
+            upstream_tls.insert(key.clone(), raw.validate(&format!("upstream_tls.{key:?}"))?);
+        }
         for (name, raw) in &self.tunnels.0 {
             if names.is_none_or(|n| n.contains(name)) {
-                tunnels.push(raw.validate(name)?);
+                let mut spec = raw.validate(name)?;
+                let target = format!("{}:{}", spec.upstream.host, spec.upstream.port);
+                if let Some(entry) = upstream_tls.get(&target).or_else(|| upstream_tls.get("*")) {
+                    spec.upstream_tls = entry.clone();
+                }
+                tunnels.push(spec);
             }
         }
         if let Some(names) = names

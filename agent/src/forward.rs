@@ -13,9 +13,9 @@ use bytes::Bytes;
 use postern_proto::{
     BoxFrames, ErrorCode, Failure, attachable, metadata, pb, pipe, proxy_header, tunnel_io,
 };
-use rustls::{ClientConfig, pki_types::ServerName};
+use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWriteExt},
     net::TcpStream,
     sync::oneshot,
 };
@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Streaming, metadata::MetadataValue, transport::Channel};
 
 use crate::{
-    config::{TerminateAt, TunnelSpec},
+    config::{MutualTlsCas, TerminateAt, TunnelSpec},
     tls::{agent_server_config, upstream_client_config},
 };
 
@@ -42,17 +42,25 @@ impl Target {
     pub fn new(spec: TunnelSpec) -> anyhow::Result<Target> {
         let agent_tls = match (&spec.terminate_at, &spec.crt_key) {
             (Some(TerminateAt::Agent), Some((crt, key))) => {
-                Some(TlsAcceptor::from(agent_server_config(crt, key)?))
+                let cas = match &spec.mutual_tls_cas {
+                    Some(MutualTlsCas::Pem(pem)) => Some(pem.as_slice()),
+                    _ => None,
+                };
+                Some(TlsAcceptor::from(agent_server_config(crt, key, cas)?))
             }
             _ => None,
         };
-        let upstream_tls: Option<Arc<ClientConfig>> = spec
-            .upstream
-            .tls
-            .then(|| upstream_client_config(spec.upstream.verify));
+        let upstream_tls = if spec.upstream.tls {
+            Some(TlsConnector::from(upstream_client_config(
+                spec.upstream.verify,
+                &spec.upstream_tls,
+            )?))
+        } else {
+            None
+        };
         Ok(Target {
             agent_tls,
-            upstream_tls: upstream_tls.map(TlsConnector::from),
+            upstream_tls,
             spec,
         })
     }
@@ -202,7 +210,7 @@ async fn splice<R, W>(
 ) -> Result<(), Failure>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
+    W: postern_proto::LocalWrite,
 {
     if !first.is_empty() {
         writer
@@ -217,7 +225,8 @@ where
             "the data stream closed",
         ));
     }
-    pump.run().await;
+    let outcome = pump.run().await;
+    tracing::debug!(?outcome, "stream finished");
     Ok(())
 }
 

@@ -113,6 +113,10 @@ struct TunnelFlags {
     /// Domain to serve: app.example.com or *.example.com.
     #[arg(long, alias = "hostname")]
     domain: Option<String>,
+    /// Require client certificates from these CAs: a PEM file, or CA ids
+    /// (ca_…, comma-separated) of the edge's certificate-authority store.
+    #[arg(long)]
+    mutual_tls_cas: Option<String>,
     /// PROXY protocol version to write to the upstream (1 or 2).
     #[arg(long)]
     proxy_proto: Option<String>,
@@ -182,6 +186,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "domain", common.domain);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "terminate_at", terminate_at);
+            set(&mut tunnel, "mutual_tls_cas", common.mutual_tls_cas);
             set(&mut tunnel, "crt", crt);
             set(&mut tunnel, "key", key);
             set(

@@ -29,7 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    config::{AgentConfig, Proto, TerminateAt, TunnelSpec},
+    config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     forward::{Routes, StreamContext, Target, spawn_stream},
     tls::edge_client_config,
 };
@@ -436,6 +436,16 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
         tls_cert_pem,
         tls_key_pem,
         forwards_to: spec.upstream.url(spec.proto),
+        mutual_tls_cas_pem: match &spec.mutual_tls_cas {
+            Some(MutualTlsCas::Pem(pem)) if spec.terminate_at != Some(TerminateAt::Agent) => {
+                pem.clone()
+            }
+            _ => Vec::new(),
+        },
+        mutual_tls_ca_ids: match &spec.mutual_tls_cas {
+            Some(MutualTlsCas::Ids(ids)) => ids.clone(),
+            _ => Vec::new(),
+        },
         proxy_proto: spec.proxy_proto.map_or(0, |v| match v {
             postern_proto::proxy_header::Version::V1 => 1,
             postern_proto::proxy_header::Version::V2 => 2,

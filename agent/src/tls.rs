@@ -10,7 +10,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 
-use crate::config::{RootCas, Secret};
+use crate::config::{RootCas, Secret, UpstreamTls};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -44,38 +44,71 @@ pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig
     Ok(Arc::new(config))
 }
 
-/// The client config for a TLS upstream.
-pub fn upstream_client_config(verify: bool) -> Arc<ClientConfig> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions");
-    let config = if verify {
-        builder
-            .with_root_certificates(roots(&RootCas::Host).expect("webpki roots load"))
-            .with_no_client_auth()
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-            .with_no_client_auth()
-    };
-    Arc::new(config)
-}
-
-/// The server config for `terminate_at: agent`.
-pub fn agent_server_config(crt_pem: &[u8], key: &Secret) -> anyhow::Result<Arc<ServerConfig>> {
+fn chain_and_key(
+    crt_pem: &[u8],
+    key: &Secret,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let certs = CertificateDer::pem_slice_iter(crt_pem)
         .collect::<Result<Vec<_>, _>>()
         .context("crt: bad PEM")?;
     anyhow::ensure!(!certs.is_empty(), "crt: no certificate in the file");
     let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
         .context("key: no private key in the file")?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("crt/key")?;
+    Ok((certs, key))
+}
+
+/// The client config for a TLS upstream: its CA (or the system roots, or
+/// nothing with `verify: false`), and our client certificate if it wants one.
+pub fn upstream_client_config(
+    verify: bool,
+    upstream: &UpstreamTls,
+) -> anyhow::Result<Arc<ClientConfig>> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = if !verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+    } else {
+        let roots = match &upstream.ca_pem {
+            Some(pem) => roots(&RootCas::Pem(pem.clone())).context("upstream_tls ca")?,
+            None => roots(&RootCas::Host)?,
+        };
+        builder.with_root_certificates(roots)
+    };
+    let config = match &upstream.crt_key {
+        Some((crt, key)) => {
+            let (certs, key) = chain_and_key(crt, key).context("upstream_tls")?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .context("upstream_tls crt/key")?
+        }
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
+}
+
+/// The server config for `terminate_at: agent`, requiring client
+/// certificates from `mutual_tls_cas` when given.
+pub fn agent_server_config(
+    crt_pem: &[u8],
+    key: &Secret,
+    mutual_tls_cas: Option<&[u8]>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let (certs, key) = chain_and_key(crt_pem, key)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match mutual_tls_cas {
+        Some(pem) => {
+            let cas = postern_ingress::parse_ca_bundle(pem).context("mutual_tls_cas")?;
+            let policy = Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
+            builder.with_client_cert_verifier(Arc::new(postern_ingress::RequireClientCert(policy)))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(
+        builder.with_single_cert(certs, key).context("crt/key")?,
+    ))
 }
 
 /// Accepts any upstream certificate (`upstream_tls_verify: false`).

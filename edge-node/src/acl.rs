@@ -40,13 +40,7 @@ impl Acl {
             || self.rules.iter().any(|rule| match rule {
                 Rule::Any => true,
                 Rule::Ports(_) => false,
-                Rule::Name(DomainPattern::Exact(name)) => {
-                    *pattern == DomainPattern::Exact(name.clone())
-                }
-                Rule::Name(DomainPattern::Wildcard(suffix)) => match pattern {
-                    DomainPattern::Exact(name) => under(name, suffix),
-                    DomainPattern::Wildcard(other) => other == suffix || under(other, suffix),
-                },
+                Rule::Name(rule) => rule.covers(pattern),
             })
     }
 
@@ -63,12 +57,6 @@ impl Acl {
     pub fn is_unrestricted(&self) -> bool {
         self.rules.is_empty() || self.rules.contains(&Rule::Any)
     }
-}
-
-/// `name` is strictly below `suffix` (`a.example.com` under `example.com`).
-fn under(name: &str, suffix: &str) -> bool {
-    name.strip_suffix(suffix)
-        .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
 }
 
 fn parse_rule(rule: &str) -> anyhow::Result<Rule> {

@@ -42,8 +42,39 @@ pub struct RawConfig {
     pub session: RawSession,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Edge-side settings for endpoints by domain, applied whatever the agent asks.
+    #[serde(default)]
+    pub endpoint_policies: Vec<RawEndpointPolicy>,
     /// How long SIGTERM waits for in-flight work. Default `30s`.
     pub drain_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Bearer API keys accepted by the admin API.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// The same as SHA-256 hex digests, so the file holds no secret.
+    #[serde(default)]
+    pub api_key_sha256s: Vec<String>,
+    /// Secret that encrypts private keys stored with CAs (AES-256-GCM with
+    /// its SHA-256 as the key). Without it, private keys are refused.
+    pub key_encryption_secret: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpointPolicy {
+    /// `app.example.com` or `*.example.com`: endpoints bound on this
+    /// pattern, or on names under it.
+    pub domain: String,
+    /// Ids of CAs in the certificate-authority store that client
+    /// certificates must chain to.
+    #[serde(default)]
+    pub mutual_tls_cas: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +86,8 @@ pub struct RawListen {
     pub http: Option<String>,
     /// Public HTTPS and TLS endpoints. Default `0.0.0.0:443`.
     pub https: Option<String>,
+    /// Admin API. Default `127.0.0.1:9090`; `""` turns it off.
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +186,8 @@ pub struct EdgeConfig {
     pub authtokens: Vec<AuthtokenRecord>,
     pub session: SessionSettings,
     pub limits: Limits,
+    pub admin: Admin,
+    pub endpoint_policies: Vec<EndpointPolicy>,
     pub drain_grace: Duration,
 }
 
@@ -161,6 +196,31 @@ pub struct Listen {
     pub agent: SocketAddr,
     pub http: Option<SocketAddr>,
     pub https: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Clone)]
+pub struct Admin {
+    pub key_hashes: Vec<[u8; 32]>,
+    pub key_encryption_secret: Option<String>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("api_keys", &self.key_hashes.len())
+            .field(
+                "key_encryption_secret",
+                &self.key_encryption_secret.as_ref().map(|_| "********"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EndpointPolicy {
+    pub domain: postern_ingress::DomainPattern,
+    pub mutual_tls_cas: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -255,11 +315,59 @@ impl RawConfig {
             Some("") => None,
             _ => Some(socket_addr("listen.http", &self.listen.http, "0.0.0.0:80")?),
         };
+        let admin_addr = match self.listen.admin.as_deref() {
+            Some("") => None,
+            _ => Some(socket_addr(
+                "listen.admin",
+                &self.listen.admin,
+                "127.0.0.1:9090",
+            )?),
+        };
         let listen = Listen {
             agent: socket_addr("listen.agent", &self.listen.agent, "0.0.0.0:4443")?,
             http,
             https: socket_addr("listen.https", &self.listen.https, "0.0.0.0:443")?,
+            admin: admin_addr,
         };
+        let mut key_hashes = Vec::new();
+        for (i, key) in self.admin.api_keys.iter().enumerate() {
+            if key.len() < 16 {
+                bail!("admin.api_keys[{i}]: an API key must be at least 16 characters");
+            }
+            let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+            key_hashes.push(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"));
+        }
+        for (i, hash) in self.admin.api_key_sha256s.iter().enumerate() {
+            let bytes = hex::decode(hash.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .with_context(|| {
+                    format!("admin.api_key_sha256s[{i}]: expected 64 hex characters")
+                })?;
+            key_hashes.push(bytes);
+        }
+        let mut endpoint_policies = Vec::new();
+        for (i, policy) in self.endpoint_policies.into_iter().enumerate() {
+            let domain = postern_ingress::DomainPattern::parse(&policy.domain)
+                .with_context(|| format!("endpoint_policies[{i}].domain: {:?}", policy.domain))?;
+            if policy.mutual_tls_cas.len() > postern_ingress::MAX_CAS {
+                bail!(
+                    "endpoint_policies[{i}].mutual_tls_cas: at most {} CAs",
+                    postern_ingress::MAX_CAS
+                );
+            }
+            if let Some(bad) = policy
+                .mutual_tls_cas
+                .iter()
+                .find(|id| !id.starts_with("ca_"))
+            {
+                bail!("endpoint_policies[{i}].mutual_tls_cas: {bad:?} is not a CA id (ca_…)");
+            }
+            endpoint_policies.push(EndpointPolicy {
+                domain,
+                mutual_tls_cas: policy.mutual_tls_cas,
+            });
+        }
         let random_domain_base = self
             .public
             .random_domain_base
@@ -354,6 +462,11 @@ impl RawConfig {
                 sessions_per_token: self.limits.sessions_per_token.unwrap_or(100),
                 stream_pool: self.limits.stream_pool.unwrap_or(16),
             },
+            admin: Admin {
+                key_hashes,
+                key_encryption_secret: self.admin.key_encryption_secret,
+            },
+            endpoint_policies,
             drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
         })
     }

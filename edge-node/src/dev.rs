@@ -11,11 +11,24 @@ use crate::config::{EdgeConfig, RawConfig, RawListen, RawPublic, RawTcp, RawTls}
 /// The dev domain.
 pub const DEV_DOMAIN: &str = "postern.localhost";
 const TOKEN_FILE: &str = "dev-authtoken";
+const API_KEY_FILE: &str = "dev-api-key";
 
-/// A dev node's config and the token agents use.
+/// A random secret kept in a file of the data directory.
+fn kept_secret(data_dir: &Path, file: &str, prefix: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(file);
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        return Ok(secret.trim().to_string());
+    }
+    let secret = postern_ingress::random_id(prefix);
+    std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+/// A dev node's config, the token agents use and the admin API key.
 pub struct DevSetup {
     pub config: EdgeConfig,
     pub authtoken: String,
+    pub api_key: String,
 }
 
 /// Builds the dev config, creating the data directory and the authtoken on
@@ -23,16 +36,8 @@ pub struct DevSetup {
 pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let token_path = data_dir.join(TOKEN_FILE);
-    let authtoken = match std::fs::read_to_string(&token_path) {
-        Ok(token) => token.trim().to_string(),
-        Err(_) => {
-            let token = postern_ingress::random_id("dev_");
-            std::fs::write(&token_path, &token)
-                .with_context(|| format!("writing {}", token_path.display()))?;
-            token
-        }
-    };
+    let authtoken = kept_secret(data_dir, TOKEN_FILE, "dev_")?;
+    let api_key = kept_secret(data_dir, API_KEY_FILE, "devkey_")?;
     let raw = RawConfig {
         node_id: Some("dev".into()),
         region: Some("us".into()),
@@ -42,6 +47,7 @@ pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
             agent: Some("127.0.0.1:4443".into()),
             http: Some("127.0.0.1:8080".into()),
             https: Some("127.0.0.1:8443".into()),
+            admin: Some("127.0.0.1:9090".into()),
         },
         public: RawPublic {
             https_port: None,
@@ -56,6 +62,10 @@ pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
             dev_ca: true,
             ..RawTls::default()
         },
+        admin: crate::config::RawAdmin {
+            api_keys: vec![api_key.clone()],
+            ..Default::default()
+        },
         authtokens: vec![crate::config::RawAuthtoken {
             token: Some(authtoken.clone()),
             token_sha256: None,
@@ -68,5 +78,6 @@ pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
     Ok(DevSetup {
         config: raw.validate()?,
         authtoken,
+        api_key,
     })
 }

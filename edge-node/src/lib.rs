@@ -5,7 +5,9 @@
 //! run a whole node in-process on port 0.
 
 mod acl;
+mod admin;
 mod auth;
+mod ca_store;
 mod config;
 mod dev;
 mod service;
@@ -30,6 +32,7 @@ pub struct Listeners {
     pub agent: TcpListener,
     pub http: Option<TcpListener>,
     pub https: TcpListener,
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -47,6 +50,10 @@ impl Listeners {
                 None => None,
             },
             https: bind(config.listen.https, "https").await?,
+            admin: match config.listen.admin {
+                Some(addr) => Some(bind(addr, "admin").await?),
+                None => None,
+            },
         })
     }
 }
@@ -57,6 +64,7 @@ pub struct Addresses {
     pub agent: SocketAddr,
     pub http: Option<SocketAddr>,
     pub https: SocketAddr,
+    pub admin: Option<SocketAddr>,
 }
 
 /// A running edge node.
@@ -65,6 +73,7 @@ pub struct Edge {
     addresses: Addresses,
     gateway: Gateway,
     registry: Arc<session::Registry>,
+    admin: Option<admin::AdminHandle>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -78,6 +87,13 @@ impl Edge {
             None
         };
         let certs = Arc::new(CertStore::new(dev_ca));
+        let cas = Arc::new(
+            ca_store::CaStore::open(
+                config.data_dir.clone(),
+                config.admin.key_encryption_secret.as_deref(),
+            )
+            .context("opening the certificate-authority store")?,
+        );
         for (cert, key) in &config.tls.certificates {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).with_context(|| format!("reading {}", p.display()))
@@ -110,6 +126,11 @@ impl Edge {
                 .map(|l| l.local_addr())
                 .transpose()?,
             https: listeners.https.local_addr()?,
+            admin: listeners
+                .admin
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
         };
         let gateway = Gateway::new(
             GatewayConfig {
@@ -118,6 +139,7 @@ impl Edge {
                 tcp_public_host: config.public.tcp_host.clone(),
                 tcp_ports: config.tcp_ports.clone(),
                 random_domain_base: config.public.random_domain_base.clone(),
+                default_server_name: Some(config.domain.clone()),
                 ..GatewayConfig::default()
             },
             certs,
@@ -141,8 +163,17 @@ impl Edge {
                 node_id: config.node_id.clone(),
                 session: config.session.clone(),
                 limits: config.limits.clone(),
+                endpoint_policies: config.endpoint_policies.clone(),
+                cas: cas.clone(),
             },
         );
+        let admin = listeners.admin.map(|listener| {
+            let state = admin::AdminState {
+                key_hashes: config.admin.key_hashes.clone(),
+                cas: cas.clone(),
+            };
+            admin::serve(listener, Arc::new(state))
+        });
         let stop_grpc = CancellationToken::new();
         let incoming = service::agent_incoming(listeners.agent, agent_tls, stop_grpc.clone());
         let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(
@@ -171,6 +202,7 @@ impl Edge {
             addresses,
             gateway,
             registry,
+            admin,
             stop_grpc,
             grpc,
         })
@@ -198,6 +230,9 @@ impl Edge {
         self.registry.start_drain();
         self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
         self.stop_grpc.cancel();
         match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {
             Ok(Ok(result)) => result.context("agent gRPC server")?,

@@ -14,8 +14,8 @@ use std::{
 
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
-    ClaimedStream, DomainPattern, EndpointSpec, Gateway, Protocol, StreamSource, TerminateAt,
-    certified_key_from_pem,
+    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, MAX_CAS, MtlsPolicy, Protocol,
+    StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +24,8 @@ use tonic::{Status, Streaming};
 
 use crate::{
     auth::Authtokens,
-    config::{Limits, SessionSettings},
+    ca_store::CaStore,
+    config::{EndpointPolicy, Limits, SessionSettings},
 };
 
 type ControlTx = mpsc::Sender<Result<pb::EdgeMessage, Status>>;
@@ -39,6 +40,9 @@ pub struct RegistrySettings {
     pub node_id: String,
     pub session: SessionSettings,
     pub limits: Limits,
+    pub endpoint_policies: Vec<EndpointPolicy>,
+    /// CAs that endpoints reference by id.
+    pub cas: Arc<CaStore>,
 }
 
 /// All agent sessions of this node.
@@ -329,6 +333,7 @@ impl Registry {
             terminate_at: TerminateAt::Upstream,
             certificate: None,
             proxy_proto: req.proxy_proto != 0,
+            mutual_tls: None,
         };
         if protocol == Protocol::Tcp {
             let port = u16::try_from(req.remote_port).map_err(|_| {
@@ -369,6 +374,7 @@ impl Registry {
                 self.tls_options(&mut spec, &req)?;
             }
         }
+        spec.mutual_tls = self.mutual_tls(&spec, &req)?;
         let endpoint = self.gateway.add(spec, session.clone())?;
         session
             .endpoints
@@ -377,6 +383,57 @@ impl Registry {
             .push(endpoint.id.clone());
         tracing::info!(session.id = %session.id, endpoint = %endpoint.id, url = %endpoint.public_url, "endpoint bound");
         Ok((endpoint.id.clone(), endpoint.public_url.clone()))
+    }
+
+    /// The client-certificate policy: the agent's PEM bundle and CA ids,
+    /// plus the CAs edge policies require for this domain.
+    fn mutual_tls(
+        &self,
+        spec: &EndpointSpec,
+        req: &pb::BindRequest,
+    ) -> Result<Option<Arc<MtlsPolicy>>, Failure> {
+        let mut ids = req.mutual_tls_ca_ids.clone();
+        if let Some(domain) = &spec.domain {
+            for policy in &self.settings.endpoint_policies {
+                if policy.domain.covers(domain) {
+                    ids.extend(policy.mutual_tls_cas.iter().cloned());
+                }
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        let inline = if req.mutual_tls_cas_pem.is_empty() {
+            Vec::new()
+        } else {
+            parse_ca_bundle(&req.mutual_tls_cas_pem)
+                .map_err(|e| Failure::new(e.code(), format!("mutual_tls_cas: {e}")))?
+        };
+        if inline.is_empty() && ids.is_empty() {
+            return Ok(None);
+        }
+        let terminated_here = spec.protocol == Protocol::Http
+            || (spec.protocol == Protocol::Tls && spec.terminate_at == TerminateAt::Edge);
+        if !terminated_here {
+            return Err(Failure::new(
+                ErrorCode::MTLS_NEEDS_TERMINATION,
+                "mutual TLS needs terminate_at: edge (or terminate_at: agent with the CAs at the agent)",
+            ));
+        }
+        if let Some(missing) = ids.iter().find(|id| self.settings.cas.get(id).is_none()) {
+            return Err(Failure::new(
+                ErrorCode::MTLS_UNKNOWN_CA,
+                format!("mutual_tls_cas: {missing}"),
+            ));
+        }
+        let count = inline.len() + ids.len();
+        if count > MAX_CAS {
+            return Err(Failure::new(
+                ErrorCode::MTLS_TOO_MANY_CAS,
+                format!("mutual_tls_cas: {count} CAs; at most {MAX_CAS}"),
+            ));
+        }
+        let resolver: Arc<dyn CaResolver> = self.settings.cas.clone();
+        Ok(Some(Arc::new(MtlsPolicy::new(inline, ids, Some(resolver)))))
     }
 
     fn tls_options(&self, spec: &mut EndpointSpec, req: &pb::BindRequest) -> Result<(), Failure> {

@@ -5,7 +5,6 @@ use std::{net::SocketAddr, sync::Arc};
 
 use futures_util::future::BoxFuture;
 use postern_proto::{BoxFrames, Failure, pb};
-use rustls::ServerConfig;
 use tokio::sync::oneshot;
 
 /// A data stream claimed from an agent session: the agent's frames, and the
@@ -35,14 +34,8 @@ pub enum TerminateAt {
 #[derive(Clone)]
 pub enum EndpointKind {
     Http,
-    Tls {
-        terminate_at: TerminateAt,
-        /// For `terminate_at = edge` with the endpoint's own certificate.
-        server_config: Option<Arc<ServerConfig>>,
-    },
-    Tcp {
-        port: u16,
-    },
+    Tls { terminate_at: TerminateAt },
+    Tcp { port: u16 },
 }
 
 impl EndpointKind {

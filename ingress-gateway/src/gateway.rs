@@ -24,7 +24,7 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use postern_proto::{ErrorCode, Failure, PipeOutcome, pipe};
-use rustls::{ServerConfig, sign::CertifiedKey};
+use rustls::{ServerConfig, server::danger::ClientCertVerifier, sign::CertifiedKey};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -35,10 +35,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     endpoint::{Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool},
-    outcome::{self, Counted, HttpRecord, Outcomes, TlsMeta},
+    mtls::{ClientIdentity, MtlsPolicy, RequestClientCert, RequireClientCert},
+    outcome::{self, Counted, HttpRecord, Outcomes},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
-    tls::{CertStore, server_config, single_cert_config},
+    tls::{CertStore, FixedNameResolver, StoreResolver, build_server_config, server_config},
 };
 
 /// Settings of the public side.
@@ -62,6 +63,9 @@ pub struct GatewayConfig {
     pub tls_handshake_timeout: Duration,
     /// How long an HTTP/1 client may take to send request headers.
     pub header_read_timeout: Duration,
+    /// The name whose certificate clients without SNI get (they are then
+    /// routed by Host); `None` refuses them with `unrecognized_name`.
+    pub default_server_name: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -76,6 +80,7 @@ impl Default for GatewayConfig {
             client_hello_max: 16 * 1024 + 5,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
+            default_server_name: None,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct EndpointSpec {
     pub certificate: Option<Arc<CertifiedKey>>,
     /// The agent writes PROXY headers: never share upstream connections.
     pub proxy_proto: bool,
+    /// Require client certificates (HTTP, and TLS terminated at the edge).
+    pub mutual_tls: Option<Arc<MtlsPolicy>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +151,9 @@ struct Route {
     endpoint: Arc<Endpoint>,
     /// HTTP endpoints without PROXY headers share one upstream pool.
     shared_pool: Option<UpstreamPool>,
+    /// How TLS ends at the edge (HTTP, and TLS endpoints terminated here).
+    termination: Option<Arc<ServerConfig>>,
+    mtls: Option<Arc<MtlsPolicy>>,
 }
 
 enum Binding {
@@ -157,6 +167,9 @@ struct Inner {
     certs: Arc<CertStore>,
     http_tls: Arc<ServerConfig>,
     tls_edge: Arc<ServerConfig>,
+    /// For handshakes without SNI: the default certificate, and a client
+    /// certificate asked for (mTLS is then decided per request).
+    no_sni_tls: Option<Arc<ServerConfig>>,
     routes: RwLock<Router<Arc<Route>>>,
     bindings: Mutex<HashMap<String, Binding>>,
     http: auto::Builder<TokioExecutor>,
@@ -185,6 +198,21 @@ impl Gateway {
             inner: Arc::new(Inner {
                 http_tls: server_config(certs.clone(), &[b"h2", b"http/1.1"]),
                 tls_edge: server_config(certs.clone(), &[]),
+                no_sni_tls: config
+                    .default_server_name
+                    .clone()
+                    .filter(|name| certs.lookup(name).is_some())
+                    .map(|name| {
+                        let resolver = Arc::new(FixedNameResolver {
+                            store: certs.clone(),
+                            name,
+                        });
+                        build_server_config(
+                            resolver,
+                            Some(Arc::new(RequestClientCert)),
+                            &[b"h2", b"http/1.1"],
+                        )
+                    }),
                 certs,
                 config,
                 outcomes,
@@ -222,6 +250,7 @@ impl Gateway {
                     local,
                     sni: None,
                     tls: None,
+                    peer_chain: None,
                     start: SystemTime::now(),
                 };
                 serve_http_connection(inner, stream, conn).await;
@@ -279,9 +308,9 @@ impl Gateway {
             Protocol::Http => EndpointKind::Http,
             _ => EndpointKind::Tls {
                 terminate_at: spec.terminate_at,
-                server_config: spec.certificate.map(|key| single_cert_config(key, &[])),
             },
         };
+        let termination = self.termination(&kind, spec.certificate, spec.mutual_tls.clone());
         let endpoint = Arc::new(Endpoint {
             public_url: format!("{}://{domain}{port}", kind.scheme()),
             id: id.clone(),
@@ -302,6 +331,8 @@ impl Gateway {
         let route = Arc::new(Route {
             endpoint: endpoint.clone(),
             shared_pool,
+            termination,
+            mtls: spec.mutual_tls,
         });
         self.inner
             .routes
@@ -320,6 +351,34 @@ impl Gateway {
             .expect("bindings lock")
             .insert(id, Binding::Domain(domain));
         Ok(endpoint)
+    }
+
+    /// The server config that terminates TLS for an endpoint, if the edge
+    /// terminates it; shared unless the endpoint has its own certificate or
+    /// requires client certificates.
+    fn termination(
+        &self,
+        kind: &EndpointKind,
+        certificate: Option<Arc<CertifiedKey>>,
+        mtls: Option<Arc<MtlsPolicy>>,
+    ) -> Option<Arc<ServerConfig>> {
+        let (shared, alpn): (&Arc<ServerConfig>, &[&[u8]]) = match kind {
+            EndpointKind::Http => (&self.inner.http_tls, &[b"h2", b"http/1.1"]),
+            EndpointKind::Tls {
+                terminate_at: TerminateAt::Edge,
+            } => (&self.inner.tls_edge, &[]),
+            _ => return None,
+        };
+        if certificate.is_none() && mtls.is_none() {
+            return Some(shared.clone());
+        }
+        let resolver: Arc<dyn rustls::server::ResolvesServerCert> = match certificate {
+            Some(key) => Arc::new(rustls::sign::SingleCertAndKey::from(key)),
+            None => Arc::new(StoreResolver(self.inner.certs.clone())),
+        };
+        let verifier =
+            mtls.map(|policy| Arc::new(RequireClientCert(policy)) as Arc<dyn ClientCertVerifier>);
+        Some(build_server_config(resolver, verifier, alpn))
     }
 
     fn add_tcp(
@@ -536,7 +595,7 @@ async fn proxy_bytes<R, W>(
 ) -> Result<PipeOutcome, Failure>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
+    W: postern_proto::LocalWrite,
 {
     let claimed = endpoint.source.claim().await?;
     let mut open = open_frame(endpoint, client, local, name);
@@ -550,6 +609,7 @@ where
         )
     })?;
     let mut outcome = pump.run().await;
+    tracing::debug!(?outcome, "connection finished");
     outcome.bytes_to_peer += prefix_len;
     Ok(outcome)
 }
@@ -640,6 +700,16 @@ async fn route_request(
             format!("SNI {:?} but Host {host}", conn.sni),
         ));
     }
+    let identity_headers = match &route.mtls {
+        Some(policy) => match client_identity(conn, policy) {
+            Ok(identity) => {
+                record.client_cert(&identity);
+                identity.headers()
+            }
+            Err(failure) => return proxy::error_response(&failure),
+        },
+        None => Vec::new(),
+    };
     let pool = match &route.shared_pool {
         Some(pool) => pool.clone(),
         None => pools
@@ -657,7 +727,26 @@ async fn route_request(
             })
             .clone(),
     };
-    proxy::forward(&route.endpoint, &pool, conn, host, req).await
+    proxy::forward(&route.endpoint, &pool, conn, host, identity_headers, req).await
+}
+
+/// The client certificate of a request to an mTLS endpoint. When SNI chose
+/// the endpoint, the handshake already required and verified it; without
+/// SNI the certificate the client offered is verified here.
+fn client_identity(conn: &ConnInfo, policy: &MtlsPolicy) -> Result<ClientIdentity, Failure> {
+    let required = |detail: &str| Failure::new(ErrorCode::MTLS_CERT_REQUIRED, detail.to_string());
+    let chain = conn
+        .peer_chain
+        .as_ref()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| required("no client certificate was presented"))?;
+    if conn.sni.is_none() {
+        let now = rustls::pki_types::UnixTime::now();
+        policy
+            .verify(&chain[0], &chain[1..], now)
+            .map_err(|e| required(&format!("the client certificate was refused: {e}")))?;
+    }
+    ClientIdentity::of(&chain[0]).ok_or_else(|| required("the client certificate cannot be read"))
 }
 
 /// The fatal `unrecognized_name` alert (RFC 6066), sent before any
@@ -691,7 +780,19 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
     };
     let Some(name) = hello.server_name else {
         bump(&inner.stats.tls_no_sni);
-        let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        match inner.no_sni_tls.clone() {
+            // Serve HTTP with the default certificate; routing is by Host.
+            Some(config) => {
+                let start = SystemTime::now();
+                if let Some(tls) = accept_tls(&inner, config, buf.freeze(), stream).await {
+                    let conn = ConnInfo::tls(client, local, None, tls.get_ref().1, start);
+                    serve_http_connection(inner.clone(), tls, conn).await;
+                }
+            }
+            None => {
+                let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+            }
+        }
         return;
     };
     let route = inner
@@ -708,39 +809,27 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
     let prefix = buf.freeze();
     let endpoint = &route.endpoint;
     let start = SystemTime::now();
-    let result = match &endpoint.kind {
-        EndpointKind::Http => {
-            let Some(tls) = accept_tls(&inner, inner.http_tls.clone(), prefix, stream).await else {
+    let result = match (&endpoint.kind, route.termination.clone()) {
+        (EndpointKind::Http, Some(config)) => {
+            let Some(tls) = accept_tls(&inner, config, prefix, stream).await else {
                 return;
             };
-            let conn = ConnInfo {
-                client,
-                local,
-                sni: Some(name),
-                tls: Some(TlsMeta::of(tls.get_ref().1)),
-                start,
-            };
+            let conn = ConnInfo::tls(client, local, Some(name), tls.get_ref().1, start);
             serve_http_connection(inner.clone(), tls, conn).await;
             return;
         }
-        EndpointKind::Tls {
-            terminate_at: TerminateAt::Edge,
-            server_config,
-        } => {
-            let config = server_config
-                .clone()
-                .unwrap_or_else(|| inner.tls_edge.clone());
+        (EndpointKind::Tls { .. }, Some(config)) => {
             let Some(tls) = accept_tls(&inner, config, prefix, stream).await else {
                 return;
             };
             let (r, w) = tokio::io::split(tls);
             proxy_bytes(endpoint, r, w, Bytes::new(), client, local, &name).await
         }
-        EndpointKind::Tls { .. } => {
+        (EndpointKind::Tls { .. }, None) => {
             let (r, w) = stream.into_split();
             proxy_bytes(endpoint, r, w, prefix, client, local, &name).await
         }
-        EndpointKind::Tcp { .. } => return,
+        _ => return,
     };
     let ids = (endpoint.id.as_str(), endpoint.source.session_id());
     outcome::tcp_closed(
@@ -768,12 +857,18 @@ async fn accept_tls(
         prefix,
         inner: stream,
     };
-    let accept = TlsAcceptor::from(config).accept(io);
+    let accept = TlsAcceptor::from(config).accept(io).into_fallible();
     match tokio::time::timeout(inner.config.tls_handshake_timeout, accept).await {
         Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
+        Ok(Err((e, mut io))) => {
             bump(&inner.stats.tls_handshake_failed);
             tracing::debug!(error = %e, "TLS handshake failed");
+            // The alert is written; close gently so it is not lost to a
+            // reset (a TLS 1.3 client may already have sent its request).
+            let _ = io.shutdown().await;
+            let mut sink = tokio::io::sink();
+            let drain = tokio::io::copy(&mut io, &mut sink);
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             None
         }
         Err(_) => {

@@ -28,6 +28,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use postern_proto::{ErrorCode, Failure, TunnelIo, pb, tunnel_io};
+use rustls::pki_types::CertificateDer;
 
 use crate::{
     endpoint::{Endpoint, StreamSource},
@@ -50,8 +51,30 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     /// The TLS parameters; `None` on plain HTTP.
     pub tls: Option<TlsMeta>,
+    /// The client's certificate chain, leaf first, if it sent one.
+    pub peer_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// When the connection was accepted.
     pub start: std::time::SystemTime,
+}
+
+impl ConnInfo {
+    /// A TLS connection after its handshake.
+    pub fn tls(
+        client: SocketAddr,
+        local: SocketAddr,
+        sni: Option<String>,
+        tls: &rustls::ServerConnection,
+        start: std::time::SystemTime,
+    ) -> ConnInfo {
+        ConnInfo {
+            client,
+            local,
+            sni,
+            tls: Some(TlsMeta::of(tls)),
+            peer_chain: tls.peer_certificates().map(|c| Arc::new(c.to_vec())),
+            start,
+        }
+    }
 }
 
 /// HTTP/1.1 connections to one endpoint's upstream, each over its own data
@@ -181,11 +204,12 @@ pub async fn forward(
     pool: &UpstreamPool,
     conn: &ConnInfo,
     host: &str,
+    identity: Vec<(&'static str, String)>,
     mut req: Request<Counted<Incoming>>,
 ) -> Response<ProxyBody> {
     let wants_upgrade = is_upgrade_request(&req);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade) {
+    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade, &identity) {
         Ok(r) => r,
         Err(failure) => return error_response(&failure),
     };
@@ -294,6 +318,7 @@ fn upstream_request<B>(
     conn: &ConnInfo,
     endpoint_id: &str,
     upgrade: bool,
+    identity: &[(&'static str, String)],
 ) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_string());
@@ -319,6 +344,11 @@ fn upstream_request<B>(
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(headers, upgrade);
     strip_reserved(headers);
+    for (name, value) in identity {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(*name, value);
+        }
+    }
     let client_ip = conn.client.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),

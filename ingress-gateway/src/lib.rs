@@ -9,6 +9,7 @@
 mod endpoint;
 mod gateway;
 mod http;
+mod mtls;
 mod outcome;
 mod router;
 mod sni;
@@ -17,12 +18,16 @@ mod tls;
 pub use endpoint::{ClaimedStream, Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame};
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
+pub use mtls::{
+    CaCert, CaError, CaResolver, ClientIdentity, MAX_CAS, MtlsPolicy, RequireClientCert, ca_cert,
+    parse_ca_bundle,
+};
 pub use outcome::Outcomes;
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{
-    CertStore, DevCa, TlsError, certificate_names, certified_key_from_pem, crypto_provider,
-    single_cert_config,
+    CertStore, DevCa, TlsError, build_server_config, certificate_names, certified_key_from_pem,
+    crypto_provider, single_cert_config,
 };
 
 /// A random id with a prefix, in the style of ngrok's (`ep_…`, `ts_…`):

@@ -17,10 +17,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use postern_events::{
-    Conn, Event, EventSink, Http, HttpRequest, HttpRequestComplete, HttpResponse, PosternFields,
-    TcpConnectionClosed, Tls, Url, normalize_headers, timestamp,
+    ClientCert, Conn, Event, EventSink, Http, HttpRequest, HttpRequestComplete, HttpResponse,
+    PosternClientCert, PosternFields, Subject, TcpConnectionClosed, Tls, Url, normalize_headers,
+    timestamp,
 };
 use postern_proto::PipeOutcome;
+
+use crate::mtls::ClientIdentity;
 
 /// Where outcomes go, and what every event says about this node.
 #[derive(Clone)]
@@ -238,6 +241,23 @@ impl HttpRecord {
     /// Mutable access for modules and routing to add what they know.
     pub fn postern_mut(&mut self) -> &mut PosternFields {
         self.object.postern.get_or_insert_with(Default::default)
+    }
+
+    /// Records the verified client certificate.
+    pub fn client_cert(&mut self, identity: &ClientIdentity) {
+        let tls = self.object.tls.get_or_insert_with(Default::default);
+        tls.client_cert = Some(ClientCert {
+            serial_number: Some(identity.serial.clone()),
+            subject: Some(Subject {
+                cn: identity.subject_cn.clone(),
+            }),
+        });
+        self.postern_mut().client_cert = Some(PosternClientCert {
+            issuer: Some(identity.issuer.clone()),
+            sha256_fingerprint: Some(identity.sha256_fingerprint.clone()),
+            san_dns: (!identity.san_dns.is_empty()).then(|| identity.san_dns.clone()),
+            not_after: Some(timestamp(identity.not_after_time())),
+        });
     }
 
     /// Attaches the record to the response the visitor gets; it is

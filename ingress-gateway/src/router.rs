@@ -52,6 +52,19 @@ impl DomainPattern {
         Ok(DomainPattern::Exact(name))
     }
 
+    /// Whether this pattern covers `other`: the same name, a name under a
+    /// wildcard, or a narrower wildcard (`*.a.example.com` under `*.example.com`).
+    pub fn covers(&self, other: &DomainPattern) -> bool {
+        match (self, other) {
+            (DomainPattern::Exact(a), DomainPattern::Exact(b)) => a == b,
+            (DomainPattern::Exact(_), DomainPattern::Wildcard(_)) => false,
+            (DomainPattern::Wildcard(_), DomainPattern::Exact(name)) => self.matches(name),
+            (DomainPattern::Wildcard(suffix), DomainPattern::Wildcard(other)) => {
+                other == suffix || self.matches(other)
+            }
+        }
+    }
+
     /// Whether `name` (normalised) falls under this pattern.
     pub fn matches(&self, name: &str) -> bool {
         match self {

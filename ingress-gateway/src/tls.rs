@@ -13,7 +13,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::{
     ServerConfig,
     crypto::CryptoProvider,
-    server::{ClientHello, ResolvesServerCert},
+    server::{ClientHello, ResolvesServerCert, danger::ClientCertVerifier},
     sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -286,26 +286,51 @@ impl ResolvesServerCert for StoreResolver {
     }
 }
 
-/// A server config that picks certificates from `store`, offering `alpn`.
-pub fn server_config(store: Arc<CertStore>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+/// A server config presenting certificates from `resolver`, offering
+/// `alpn`, and checking client certificates with `client_auth` if given.
+pub fn build_server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    client_auth: Option<Arc<dyn ClientCertVerifier>>,
+    alpn: &[&[u8]],
+) -> Arc<ServerConfig> {
+    let builder = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(StoreResolver(store)));
+        .expect("ring supports the default TLS versions");
+    let builder = match client_auth {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 
+/// A server config that picks certificates from `store` by SNI.
+pub fn server_config(store: Arc<CertStore>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    build_server_config(Arc::new(StoreResolver(store)), None, alpn)
+}
+
 /// A server config that always presents one certificate.
 pub fn single_cert_config(key: Arc<CertifiedKey>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder_with_provider(crypto_provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(config)
+    build_server_config(
+        Arc::new(rustls::sign::SingleCertAndKey::from(key)),
+        None,
+        alpn,
+    )
+}
+
+/// Presents the certificate for one fixed name, whatever the handshake
+/// asks: for clients that send no SNI.
+#[derive(Debug)]
+pub struct FixedNameResolver {
+    pub store: Arc<CertStore>,
+    pub name: String,
+}
+
+impl ResolvesServerCert for FixedNameResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.store.lookup(&self.name)
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,11 @@ codes! {
     SESSION_SUPERSEDED = (121, 400, Agent, "a newer session of the same agent replaced this one");
     // Binding endpoints.
     INVALID_TERMINATE_AT = (224, 400, Agent, "terminate_at must be edge, agent or upstream");
+    MTLS_TOO_MANY_CAS = (1675, 400, Agent, "more than 10 certificate authorities for mutual TLS");
+    MTLS_NEEDS_TERMINATION = (1694, 400, Agent, "mutual TLS needs TLS terminated at the edge or the agent");
+    MTLS_NO_PEM = (1695, 400, Agent, "the CA bundle holds no PEM certificate");
+    MTLS_NOT_A_CA = (1696, 400, Agent, "a certificate given as a mutual TLS CA is not a valid CA");
+    MTLS_UNKNOWN_CA = (1697, 400, Agent, "no certificate authority with this id");
     INVALID_BIND = (225, 400, Agent, "the bind request is invalid");
     TCP_PORT_UNAVAILABLE = (307, 400, Agent, "the requested TCP port is not available");
     ACL_DENIES_ADDRESS = (308, 400, Agent, "the authtoken's ACL does not permit binding this address");
@@ -78,6 +83,11 @@ codes! {
     STREAM_UNAVAILABLE = (9004, 503, Agent, "the agent did not provide a data stream in time");
     CONNECTION_RESET = (9005, 502, Client, "the peer reset the connection");
     HEARTBEAT_TIMEOUT = (9006, 400, Agent, "no heartbeat arrived within the tolerance");
+    MTLS_CERT_REQUIRED = (9007, 403, Client, "a valid client certificate is required");
+    API_UNAUTHORIZED = (9401, 401, Client, "a valid API key is required");
+    API_NOT_FOUND = (9404, 404, Client, "no such resource");
+    API_BAD_REQUEST = (9400, 400, Client, "the request is invalid");
+    API_METHOD = (9405, 405, Client, "the method is not allowed here");
     INTERNAL = (9999, 500, Edge, "internal error");
 }
 

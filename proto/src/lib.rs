@@ -18,7 +18,9 @@ pub mod pb {
 
 pub use attach::{AttachedFrames, BoxFrames, attachable};
 pub use error::{ErrorCode, Failure, Fault};
-pub use pipe::{End, INITIAL_READ, InboundPump, MAX_READ, OutboundFrames, PipeOutcome, pipe};
+pub use pipe::{
+    End, INITIAL_READ, InboundPump, LocalWrite, MAX_READ, OutboundFrames, PipeOutcome, pipe,
+};
 pub use tunnel_io::{ChannelFrames, TunnelIo, tunnel_io};
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, negotiate};
 

@@ -74,7 +74,7 @@ pub fn pipe<R, W, S>(
 ) -> (OutboundFrames<R>, InboundPump<W, S>)
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: LocalWrite,
     S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,
 {
     let counters = Arc::new(Counters::default());
@@ -242,9 +242,28 @@ pub struct InboundPump<W, S> {
     counters: Arc<Counters>,
 }
 
+/// How long a finished pipe waits for the peer to end the stream.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The local socket's write side, and how to reset it.
+pub trait LocalWrite: AsyncWrite + Unpin {
+    /// Makes the coming close a reset (TCP: RST). The default does nothing:
+    /// for TLS, a close without close_notify already tells truncation apart.
+    fn abort(&mut self) {}
+}
+
+impl LocalWrite for tokio::net::tcp::OwnedWriteHalf {
+    fn abort(&mut self) {
+        let socket: &tokio::net::TcpStream = self.as_ref();
+        let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+impl<T: AsyncWrite> LocalWrite for tokio::io::WriteHalf<T> {}
+
 impl<W, S> InboundPump<W, S>
 where
-    W: AsyncWrite + Unpin,
+    W: LocalWrite,
     S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,
 {
     /// Runs until both directions have ended.
@@ -255,13 +274,20 @@ where
             let _ = tx.send(inbound.clone());
         }
         if inbound != End::Eof {
-            // Close the local socket's write side at once; the outbound
-            // direction drops the read side when it sees the abort.
-            let _ = self.writer.shutdown().await;
+            // The local peer must see a reset, not a clean close that would
+            // pass a truncated stream off as complete.
+            self.writer.abort();
         }
         let outbound = (&mut self.outbound_end)
             .await
             .unwrap_or_else(|_| End::Aborted("the outbound stream was dropped".into()));
+        if inbound == End::Eof && outbound == End::Eof {
+            // Keep the stream until the peer ends it: it ends only after it
+            // has received everything we sent, while dropping it now could
+            // reset it with our last frames still queued.
+            let drained = async { while let Some(Ok(_)) = self.inbound.next().await {} };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
+        }
         PipeOutcome {
             bytes_from_peer: from_peer,
             bytes_to_peer: self.counters.to_peer.load(Ordering::Relaxed),
@@ -296,7 +322,7 @@ where
     }
 }
 
-async fn write_data<W: AsyncWrite + Unpin>(writer: &mut W, data: &[u8]) -> io::Result<()> {
+async fn write_data<W: LocalWrite>(writer: &mut W, data: &[u8]) -> io::Result<()> {
     writer.write_all(data).await?;
     writer.flush().await
 }

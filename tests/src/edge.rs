@@ -14,6 +14,8 @@ use crate::{Spawned, TempDir, binary};
 pub const DOMAIN: &str = "example.test";
 /// A token whose ACL only allows `*.customer1.example.test` and port 29500.
 pub const ACL_TOKEN: &str = "acl-token-customer1";
+/// The admin API key of every test edge.
+pub const API_KEY: &str = "test-admin-api-key-0123456789";
 
 /// Installs the crypto provider and a test log subscriber (RUST_LOG).
 pub fn init() {
@@ -54,6 +56,7 @@ impl TestEdge {
             agent: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             https: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
         };
         let mut edge = TestEdge {
             edge: None,
@@ -64,6 +67,7 @@ impl TestEdge {
                 agent: listeners.agent.local_addr().unwrap(),
                 http: listeners.http.as_ref().map(|l| l.local_addr().unwrap()),
                 https: listeners.https.local_addr().unwrap(),
+                admin: listeners.admin.as_ref().map(|l| l.local_addr().unwrap()),
             },
             extra: extra.to_string(),
         };
@@ -88,6 +92,7 @@ impl TestEdge {
                 agent: free(),
                 http: Some(free()),
                 https: free(),
+                admin: Some(free()),
             },
             extra: String::new(),
         };
@@ -125,6 +130,7 @@ drain_grace = "3s"
 agent = "{agent}"
 http = "{http}"
 https = "{https}"
+admin = "{admin}"
 [public]
 tcp_host = "127.0.0.1"
 [tcp]
@@ -135,6 +141,8 @@ dev_ca = true
 [session]
 heartbeat_interval = "1s"
 heartbeat_tolerance = "3s"
+[admin]
+api_keys = ["{API_KEY}"]
 [[authtokens]]
 token = "{token}"
 description = "unrestricted test token"
@@ -147,6 +155,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             agent = self.addrs.agent,
             http = self.addrs.http.expect("http listener"),
             https = self.addrs.https,
+            admin = self.addrs.admin.expect("admin listener"),
             token = self.token,
             extra = self.extra,
         )
@@ -197,6 +206,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             agent: bind(self.addrs.agent).await,
             http: Some(bind(self.addrs.http.unwrap()).await),
             https: bind(self.addrs.https).await,
+            admin: Some(bind(self.addrs.admin.unwrap()).await),
         };
         self.edge = Some(
             Edge::start(self.config(), listeners)

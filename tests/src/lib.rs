@@ -5,11 +5,13 @@
 
 mod client;
 mod edge;
+mod pki;
 mod process;
 mod upstream;
 
 pub use client::{HttpsClient, Response, curl, openssl_s_client};
-pub use edge::{ACL_TOKEN, DOMAIN, TestEdge, init, url_of};
+pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, TestEdge, init, url_of};
+pub use pki::{Issued, TestCa};
 pub use process::{Spawned, binary, read_rss_kib};
 pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
 

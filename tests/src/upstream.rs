@@ -307,6 +307,16 @@ pub struct TlsUpstream {
 
 impl TlsUpstream {
     pub async fn start(names: &[&str]) -> TlsUpstream {
+        Self::start_inner(names, None).await
+    }
+
+    /// Requires a client certificate from `client_ca_pem`; the answer names
+    /// its CN.
+    pub async fn start_requiring_client_cert(names: &[&str], client_ca_pem: &str) -> TlsUpstream {
+        Self::start_inner(names, Some(client_ca_pem)).await
+    }
+
+    async fn start_inner(names: &[&str], client_ca_pem: Option<&str>) -> TlsUpstream {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -326,7 +336,14 @@ impl TlsUpstream {
             key.serialize_pem().as_bytes(),
         )
         .unwrap();
-        let config = postern_ingress::single_cert_config(Arc::new(certified), &[b"http/1.1"]);
+        let client_auth = client_ca_pem.map(|pem| {
+            let cas = postern_ingress::parse_ca_bundle(pem.as_bytes()).unwrap();
+            let policy = Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
+            Arc::new(postern_ingress::RequireClientCert(policy))
+                as Arc<dyn rustls::server::danger::ClientCertVerifier>
+        });
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(certified)));
+        let config = postern_ingress::build_server_config(resolver, client_auth, &[b"http/1.1"]);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -341,6 +358,14 @@ impl TlsUpstream {
                         return;
                     };
                     let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
+                    let client = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| postern_ingress::ClientIdentity::of(&c[0]))
+                        .and_then(|id| id.subject_cn)
+                        .map(|cn| format!(" client={cn}"))
+                        .unwrap_or_default();
                     let mut buf = vec![0u8; 4096];
                     let mut got = Vec::new();
                     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -349,7 +374,7 @@ impl TlsUpstream {
                             Ok(n) => got.extend_from_slice(&buf[..n]),
                         }
                     }
-                    let body = format!("tls-upstream {sni}");
+                    let body = format!("tls-upstream {sni}{client}");
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()

@@ -1,0 +1,373 @@
+//! The certificate-authority store: CAs uploaded through the admin API,
+//! referenced by endpoints as `mutual_tls_cas: [id, …]`. Ids are derived
+//! from the SHA-256 fingerprint, so the same CA always has the same id
+//! (Tyk's predictable ids). The store persists to one JSON file in the data
+//! directory; a private key uploaded with a CA is kept only encrypted
+//! (AES-256-GCM) and never returned.
+//!
+//! Every read goes through [`CaResolver`], so endpoints see a deletion or a
+//! replacement at their next handshake.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use base64::Engine;
+use postern_ingress::{CaCert, CaError, CaResolver, parse_ca_bundle};
+use postern_proto::{ErrorCode, Failure};
+use ring::aead;
+use rustls::pki_types::{
+    CertificateDer,
+    pem::{PemObject, SectionKind},
+};
+use serde::{Deserialize, Serialize};
+
+/// A stored CA with what the API shows about it.
+#[derive(Clone, Debug)]
+pub struct StoredCa {
+    pub id: String,
+    pub ca: CaCert,
+    pub created_at: String,
+    pub description: String,
+    pub metadata: String,
+    encrypted_key: Option<String>,
+}
+
+impl StoredCa {
+    pub fn has_private_key(&self) -> bool {
+        self.encrypted_key.is_some()
+    }
+}
+
+/// What an upload carries.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCa {
+    pub ca_pem: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub metadata: String,
+    /// Optional; stored encrypted, never returned.
+    #[serde(default)]
+    pub private_key_pem: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    id: String,
+    ca_pem: String,
+    created_at: String,
+    description: String,
+    metadata: String,
+    #[serde(default)]
+    encrypted_key: Option<String>,
+}
+
+/// The store.
+pub struct CaStore {
+    path: PathBuf,
+    key: Option<aead::LessSafeKey>,
+    cas: RwLock<BTreeMap<String, StoredCa>>,
+    version: AtomicU64,
+}
+
+/// `ca_` + the SHA-256 fingerprint.
+pub fn ca_id(ca: &CaCert) -> String {
+    format!("ca_{}", ca.fingerprint)
+}
+
+fn failure(e: CaError) -> Failure {
+    Failure::new(e.code(), e.to_string())
+}
+
+impl CaStore {
+    /// Opens the store in `data_dir`; `secret` (any string) is the key for
+    /// private keys, hashed to 256 bits.
+    pub fn open(data_dir: PathBuf, secret: Option<&str>) -> anyhow::Result<CaStore> {
+        let path = data_dir.join("certificate_authorities.json");
+        let key = secret.map(|s| {
+            let digest = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+            let unbound =
+                aead::UnboundKey::new(&aead::AES_256_GCM, digest.as_ref()).expect("32-byte key");
+            aead::LessSafeKey::new(unbound)
+        });
+        let mut cas = BTreeMap::new();
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)?;
+            let persisted: Vec<Persisted> = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            for p in persisted {
+                // Re-checked on load: a file edited by hand gets no pass.
+                let ca = parse_ca_bundle(p.ca_pem.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("{}: {}: {e}", path.display(), p.id))?
+                    .remove(0);
+                cas.insert(
+                    p.id.clone(),
+                    StoredCa {
+                        id: p.id,
+                        ca,
+                        created_at: p.created_at,
+                        description: p.description,
+                        metadata: p.metadata,
+                        encrypted_key: p.encrypted_key,
+                    },
+                );
+            }
+        }
+        Ok(CaStore {
+            path,
+            key,
+            cas: RwLock::new(cas),
+            version: AtomicU64::new(1),
+        })
+    }
+
+    /// Adds (or replaces, same id) a CA. Exactly one certificate, a CA.
+    pub fn insert(&self, new: NewCa) -> Result<StoredCa, Failure> {
+        let mut certificates = Vec::new();
+        let mut key_pem = new.private_key_pem.clone();
+        for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(new.ca_pem.as_bytes()) {
+            let (kind, der) = section.map_err(|e| failure(CaError::BadPem(e.to_string())))?;
+            match kind {
+                SectionKind::Certificate => certificates.push(der),
+                SectionKind::PrivateKey
+                | SectionKind::RsaPrivateKey
+                | SectionKind::EcPrivateKey
+                    if key_pem.is_none() =>
+                {
+                    key_pem = Some(new.ca_pem.clone());
+                }
+                other => {
+                    return Err(failure(CaError::NotACertificate {
+                        index: certificates.len() + 1,
+                        kind: format!("{other:?}"),
+                    }));
+                }
+            }
+        }
+        let der = match certificates.len() {
+            0 => return Err(failure(CaError::NoPemData)),
+            1 => certificates.remove(0),
+            n => {
+                return Err(Failure::new(
+                    ErrorCode::API_BAD_REQUEST,
+                    format!("{n} certificates in one upload; upload each CA on its own"),
+                ));
+            }
+        };
+        let ca = postern_ingress::ca_cert(1, CertificateDer::from(der)).map_err(failure)?;
+        let encrypted_key = match (key_pem, &self.key) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(Failure::new(
+                    ErrorCode::API_BAD_REQUEST,
+                    "a private key is stored only when admin.key_encryption_secret is set",
+                ));
+            }
+            (Some(pem), Some(key)) => Some(seal(key, pem.as_bytes())),
+        };
+        let stored = StoredCa {
+            id: ca_id(&ca),
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            description: new.description,
+            metadata: new.metadata,
+            ca,
+            encrypted_key,
+        };
+        {
+            let mut cas = self.cas.write().expect("ca store lock");
+            cas.insert(stored.id.clone(), stored.clone());
+            self.persist(&cas)?;
+        }
+        self.version.fetch_add(1, Ordering::SeqCst);
+        Ok(stored)
+    }
+
+    pub fn get_stored(&self, id: &str) -> Option<StoredCa> {
+        self.cas.read().expect("ca store lock").get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<StoredCa> {
+        self.cas
+            .read()
+            .expect("ca store lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn delete(&self, id: &str) -> Result<bool, Failure> {
+        let mut cas = self.cas.write().expect("ca store lock");
+        let removed = cas.remove(id).is_some();
+        if removed {
+            self.persist(&cas)?;
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(removed)
+    }
+
+    fn persist(&self, cas: &BTreeMap<String, StoredCa>) -> Result<(), Failure> {
+        let persisted: Vec<Persisted> = cas
+            .values()
+            .map(|s| Persisted {
+                id: s.id.clone(),
+                ca_pem: pem_of(&s.ca.der),
+                created_at: s.created_at.clone(),
+                description: s.description.clone(),
+                metadata: s.metadata.clone(),
+                encrypted_key: s.encrypted_key.clone(),
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&persisted).expect("CAs serialise");
+        let tmp = self.path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| {
+            Failure::new(
+                ErrorCode::INTERNAL,
+                format!("saving {}: {e}", self.path.display()),
+            )
+        })
+    }
+}
+
+impl CaResolver for CaStore {
+    fn get(&self, id: &str) -> Option<CaCert> {
+        self.cas
+            .read()
+            .expect("ca store lock")
+            .get(id)
+            .map(|s| s.ca.clone())
+    }
+
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+}
+
+fn pem_of(der: &CertificateDer<'_>) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// AES-256-GCM with a random nonce; base64 of nonce ‖ ciphertext ‖ tag.
+fn seal(key: &aead::LessSafeKey, plaintext: &[u8]) -> String {
+    let nonce_bytes: [u8; 12] = rand::random();
+    let mut buf = plaintext.to_vec();
+    key.seal_in_place_append_tag(
+        aead::Nonce::assume_unique_for_key(nonce_bytes),
+        aead::Aad::empty(),
+        &mut buf,
+    )
+    .expect("AES-GCM sealing cannot fail for small inputs");
+    let mut out = nonce_bytes.to_vec();
+    out.extend_from_slice(&buf);
+    base64::engine::general_purpose::STANDARD.encode(out)
+}
+
+#[cfg(test)]
+fn open_sealed(key: &aead::LessSafeKey, sealed: &str) -> Option<Vec<u8>> {
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(sealed)
+        .ok()?;
+    if bytes.len() < 12 {
+        return None;
+    }
+    let mut rest = bytes.split_off(12);
+    let nonce = aead::Nonce::try_assume_unique_for_key(&bytes).ok()?;
+    let plain = key
+        .open_in_place(nonce, aead::Aad::empty(), &mut rest)
+        .ok()?;
+    Some(plain.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem(name: &str, is_ca: bool) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        if is_ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn insert_list_delete_persist_and_refuse() {
+        let dir = std::env::temp_dir().join(format!("postern-castore-{}", rand::random::<u64>()));
+        let store = CaStore::open(dir.clone(), Some("secret")).unwrap();
+        let (pem, key) = ca_pem("Store CA", true);
+        let v0 = store.version();
+        let stored = store
+            .insert(NewCa {
+                ca_pem: format!("{pem}{key}"),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(stored.id.starts_with("ca_") && stored.id.len() == 3 + 64);
+        assert!(stored.has_private_key());
+        assert!(store.version() > v0);
+        let sealed = stored.encrypted_key.clone().unwrap();
+        assert!(!sealed.contains("PRIVATE KEY"), "never stored in the clear");
+        let k = store.key.as_ref().unwrap();
+        assert_eq!(
+            open_sealed(k, &sealed).unwrap(),
+            format!("{pem}{key}").as_bytes()
+        );
+        let on_disk = std::fs::read_to_string(dir.join("certificate_authorities.json")).unwrap();
+        assert!(!on_disk.contains("PRIVATE KEY"));
+
+        let again = CaStore::open(dir.clone(), Some("secret")).unwrap();
+        assert_eq!(again.list().len(), 1, "persists across restarts");
+        assert_eq!(
+            CaResolver::get(&again, &stored.id).unwrap().fingerprint,
+            stored.ca.fingerprint
+        );
+
+        let (leaf, _) = ca_pem("Not a CA", false);
+        let err = store
+            .insert(NewCa {
+                ca_pem: leaf,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::MTLS_NOT_A_CA);
+        assert!(err.detail.contains("CN=Not a CA"), "{err}");
+
+        assert!(store.delete(&stored.id).unwrap());
+        assert!(CaResolver::get(&store, &stored.id).is_none());
+        assert!(CaStore::open(dir.clone(), None).unwrap().list().is_empty());
+        let no_secret = CaStore::open(dir.clone(), None).unwrap();
+        let err = no_secret
+            .insert(NewCa {
+                ca_pem: format!("{pem}{key}"),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(err.detail.contains("key_encryption_secret"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
