@@ -680,3 +680,46 @@ async fn the_agent_presents_a_client_certificate_to_its_upstream() {
         "without a client certificate the upstream refuses the agent"
     );
 }
+
+#[tokio::test]
+async fn an_edge_policy_requires_client_certificates_whatever_the_agent_asks() {
+    let root = TestCa::root("Policy Root");
+    let id = format!(
+        "ca_{}",
+        postern_ingress::parse_ca_bundle(root.pem.as_bytes()).unwrap()[0].fingerprint
+    );
+    let edge = TestEdge::start_with(&format!(
+        "[[endpoint_policies]]\ndomain = \"*.customer1.example.test\"\nmutual_tls_cas = [\"{id}\"]\n"
+    ))
+    .await;
+    let upstream = HttpUpstream::start().await;
+    let (status, _) = api(
+        &edge,
+        "POST",
+        "/certificate_authorities",
+        Some(("Content-Type: text/plain", &root.pem)),
+        API_KEY,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let tunnel = format!(
+        "  web:\n    proto: http\n    addr: {}\n    domain: {DOMAIN}\n",
+        upstream.port()
+    );
+    let (_agent, _) = edge.agent(&tunnel).await;
+    let none = curl_mtls(&edge, DOMAIN, None, &[]).await;
+    assert!(
+        !none.status.success(),
+        "the policy applies though the agent asked for no mTLS"
+    );
+    let dir = TempDir::new("policy");
+    let (cert, key) = root
+        .client("policy-client", &[], &[], (-1, 30))
+        .write(dir.path(), "c", &[]);
+    let ok = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(
+        upstream.last("/echo").headers["ngrok-mtls-subject-cn"],
+        "policy-client"
+    );
+}
