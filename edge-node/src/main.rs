@@ -30,24 +30,24 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let (config, dev_token) = match (&args.config, args.dev) {
+    let (config, dev) = match (&args.config, args.dev) {
         (Some(path), _) => (EdgeConfig::load(path)?, None),
         (None, true) => {
             let setup = dev_config(&args.data_dir)?;
-            (setup.config, Some(setup.authtoken))
+            (setup.config, Some((setup.authtoken, setup.api_key)))
         }
         (None, false) => anyhow::bail!("give --config <file>, or --dev for a local node"),
     };
     let listeners = Listeners::bind(&config).await?;
     let edge = postern_edge::Edge::start(config, listeners).await?;
-    if let Some(token) = dev_token {
-        print_dev_banner(&edge, &token);
+    if let Some((token, api_key)) = dev {
+        print_dev_banner(&edge, &token, &api_key);
     }
     shutdown_signal().await;
     edge.shutdown().await
 }
 
-fn print_dev_banner(edge: &postern_edge::Edge, token: &str) {
+fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
     let config = edge.config();
     let addrs = edge.addresses();
     let ca = config.data_dir.join(postern_ingress::DevCa::CERT_FILE);
@@ -57,6 +57,7 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str) {
          \n  HTTPS          https://<name>.{domain}:{https_port}   (TLS endpoints too)\
          \n  HTTP           http://<name>.{domain}:{http_port}\
          \n  dev CA         {ca}\
+         \n  admin API      http://{admin}   (Authorization: Bearer {api_key})\
          \n\nStart an agent in another terminal:\
          \n\n  cargo run --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
          \n      --root-cas {ca} --authtoken {token}\
@@ -67,6 +68,7 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str) {
         https_port = addrs.https.port(),
         http_port = addrs.http.map(|a| a.port()).unwrap_or(0),
         ca = ca.display(),
+        admin = addrs.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
     );
 }
 
