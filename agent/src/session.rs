@@ -446,6 +446,8 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
             Some(MutualTlsCas::Ids(ids)) => ids.clone(),
             _ => Vec::new(),
         },
+        ip_restriction: None,
+        oauth: None,
         proxy_proto: spec.proxy_proto.map_or(0, |v| match v {
             postern_proto::proxy_header::Version::V1 => 1,
             postern_proto::proxy_header::Version::V2 => 2,
