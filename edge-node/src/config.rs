@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use postern_ingress::normalize_name;
+use postern_ingress::{TrustedProxies, normalize_name};
 use serde::Deserialize;
 
 use crate::{acl::Acl, auth::AuthtokenRecord};
@@ -44,11 +44,21 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub trusted_proxies: RawTrustedProxies,
     /// Edge-side settings for endpoints by domain, applied whatever the agent asks.
     #[serde(default)]
     pub endpoint_policies: Vec<RawEndpointPolicy>,
     /// How long SIGTERM waits for in-flight work. Default `30s`.
     pub drain_grace: Option<String>,
+    /// Event subscriptions (`[[events.subscriptions]]`), the flush timeout
+    /// and the pipeline's limits; see `postern_events::RawEventsConfig`.
+    #[serde(default)]
+    pub events: postern_events::RawEventsConfig,
+    /// OAuth/OIDC: the callback host, the session store (Redis) and its
+    /// key; see `crate::oauth::RawOAuth`.
+    #[serde(default)]
+    pub oauth: crate::oauth::RawOAuth,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +179,48 @@ pub struct RawLimits {
     pub sessions_per_token: Option<usize>,
     /// Idle data streams an agent may keep parked. Default 16.
     pub stream_pool: Option<u32>,
+    /// Proxied connections one agent session may carry at once. Default 10000.
+    pub streams_per_session: Option<usize>,
+    /// Control messages per second an agent may send before it is cut off. Default 100.
+    pub control_messages_per_second: Option<u32>,
+    /// Visitor connections open at once across the node. Default 20000.
+    pub max_connections: Option<usize>,
+    /// Time to receive a whole ClientHello. Default `10s`.
+    pub client_hello_timeout: Option<String>,
+    /// Largest ClientHello, bytes. Default 65536.
+    pub client_hello_max_bytes: Option<usize>,
+    /// Time for a TLS handshake once routed. Default `10s`.
+    pub tls_handshake_timeout: Option<String>,
+    /// Time to receive HTTP/1 request headers (slowloris). Default `30s`.
+    pub header_read_timeout: Option<String>,
+    /// Largest request head, bytes (431 past it). Default 61440.
+    pub max_header_bytes: Option<usize>,
+    /// Most request headers (431 past it). Default 100.
+    pub max_headers: Option<usize>,
+    /// Close TCP/TLS endpoint connections idle this long. Default `1h`.
+    pub idle_timeout: Option<String>,
+    /// HTTP/2 concurrent streams per visitor connection. Default 100.
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// HTTP/2 stream window, bytes. Default 65536.
+    pub h2_stream_window: Option<u32>,
+    /// HTTP/2 connection window, bytes. Default 1048576.
+    pub h2_connection_window: Option<u32>,
+}
+
+/// Load balancers in front of the edge whose word about the client address
+/// is taken. Nobody else's is.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrustedProxies {
+    /// Addresses of the load balancers.
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// They send a PROXY protocol header (v1 or v2) first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Their `X-Forwarded-For` names the client (HTTP).
+    #[serde(default)]
+    pub forwarded_for: bool,
 }
 
 /// Validated configuration.
@@ -186,9 +238,12 @@ pub struct EdgeConfig {
     pub authtokens: Vec<AuthtokenRecord>,
     pub session: SessionSettings,
     pub limits: Limits,
+    pub trusted_proxies: TrustedProxies,
     pub admin: Admin,
     pub endpoint_policies: Vec<EndpointPolicy>,
     pub drain_grace: Duration,
+    pub events: postern_events::EventsConfig,
+    pub oauth: crate::oauth::OAuthConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -249,6 +304,19 @@ pub struct Limits {
     pub endpoints_per_session: usize,
     pub sessions_per_token: usize,
     pub stream_pool: u32,
+    pub streams_per_session: usize,
+    pub control_messages_per_second: u32,
+    pub max_connections: usize,
+    pub client_hello_timeout: Duration,
+    pub client_hello_max_bytes: usize,
+    pub tls_handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub idle_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
 }
 
 impl EdgeConfig {
@@ -430,6 +498,7 @@ impl RawConfig {
                 "session.heartbeat_tolerance must be longer than session.heartbeat_interval, which must not be zero"
             );
         }
+        let oauth = self.oauth.validate(&domain)?;
         Ok(EdgeConfig {
             node_id,
             region,
@@ -461,6 +530,41 @@ impl RawConfig {
                 endpoints_per_session: self.limits.endpoints_per_session.unwrap_or(100),
                 sessions_per_token: self.limits.sessions_per_token.unwrap_or(100),
                 stream_pool: self.limits.stream_pool.unwrap_or(16),
+                streams_per_session: self.limits.streams_per_session.unwrap_or(10_000),
+                control_messages_per_second: self.limits.control_messages_per_second.unwrap_or(100),
+                max_connections: self.limits.max_connections.unwrap_or(20_000),
+                client_hello_timeout: duration(
+                    "limits.client_hello_timeout",
+                    &self.limits.client_hello_timeout,
+                    Duration::from_secs(10),
+                )?,
+                client_hello_max_bytes: self.limits.client_hello_max_bytes.unwrap_or(64 * 1024),
+                tls_handshake_timeout: duration(
+                    "limits.tls_handshake_timeout",
+                    &self.limits.tls_handshake_timeout,
+                    Duration::from_secs(10),
+                )?,
+                header_read_timeout: duration(
+                    "limits.header_read_timeout",
+                    &self.limits.header_read_timeout,
+                    Duration::from_secs(30),
+                )?,
+                max_header_bytes: self.limits.max_header_bytes.unwrap_or(60 * 1024),
+                max_headers: self.limits.max_headers.unwrap_or(100),
+                idle_timeout: duration("limits.idle_timeout", &self.limits.idle_timeout, Duration::from_secs(3600))?,
+                h2_max_concurrent_streams: self.limits.h2_max_concurrent_streams.unwrap_or(100),
+                h2_stream_window: self.limits.h2_stream_window.unwrap_or(64 * 1024),
+                h2_connection_window: self.limits.h2_connection_window.unwrap_or(1024 * 1024),
+            },
+            trusted_proxies: TrustedProxies {
+                cidrs: self
+                    .trusted_proxies
+                    .cidrs
+                    .iter()
+                    .map(|c| postern_ingress::parse_cidr("trusted_proxies.cidrs", c))
+                    .collect::<Result<_, _>>()?,
+                proxy_protocol: self.trusted_proxies.proxy_protocol,
+                forwarded_for: self.trusted_proxies.forwarded_for,
             },
             admin: Admin {
                 key_hashes,
@@ -468,6 +572,8 @@ impl RawConfig {
             },
             endpoint_policies,
             drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
+            events: self.events.validate()?,
+            oauth,
         })
     }
 }

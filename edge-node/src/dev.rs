@@ -31,6 +31,35 @@ pub struct DevSetup {
     pub api_key: String,
 }
 
+/// Where `--dev` writes every event, under the data directory.
+pub const DEV_EVENTS_FILE: &str = "events.jsonl";
+
+/// Every event as a JSON line in `<data_dir>/events.jsonl`.
+fn dev_events() -> postern_events::RawEventsConfig {
+    let source = |t: &str| postern_events::RawSource {
+        event_type: t.into(),
+        filter: None,
+        fields: None,
+    };
+    postern_events::RawEventsConfig {
+        subscriptions: vec![postern_events::RawSubscription {
+            id: "dev-events".into(),
+            description: "every event, as JSON lines".into(),
+            sources: vec![
+                source(postern_events::HTTP_REQUEST_COMPLETE),
+                source(postern_events::TCP_CONNECTION_CLOSED),
+            ],
+            destination: postern_events::RawDestination {
+                file: Some(postern_events::RawFile {
+                    path: DEV_EVENTS_FILE.into(),
+                }),
+                kafka: None,
+            },
+        }],
+        ..Default::default()
+    }
+}
+
 /// Builds the dev config, creating the data directory and the authtoken on
 /// first use.
 pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
@@ -73,6 +102,7 @@ pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
             description: "dev token".into(),
         }],
         drain_grace: Some("5s".into()),
+        events: dev_events(),
         ..RawConfig::default()
     };
     Ok(DevSetup {

@@ -10,6 +10,7 @@ mod auth;
 mod ca_store;
 mod config;
 mod dev;
+mod oauth;
 mod service;
 mod session;
 
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 pub use acl::Acl;
 pub use auth::{AuthtokenRecord, Authtokens};
 pub use config::{EdgeConfig, RawConfig};
-pub use dev::{DevSetup, dev_config};
+pub use dev::{DEV_EVENTS_FILE, DevSetup, dev_config};
 
 /// The node's listening sockets.
 pub struct Listeners {
@@ -76,6 +77,7 @@ pub struct Edge {
     admin: Option<admin::AdminHandle>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    events: postern_events::EventPipeline,
 }
 
 impl Edge {
@@ -132,19 +134,35 @@ impl Edge {
                 .map(|l| l.local_addr())
                 .transpose()?,
         };
+        let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
+            .context("starting the event pipeline")?;
+        let https_public_port = config.public.https_port.unwrap_or(addresses.https.port());
+        let oauth = oauth::service(&config.oauth, https_public_port).context("oauth")?;
         let gateway = Gateway::new(
             GatewayConfig {
-                https_public_port: config.public.https_port.unwrap_or(addresses.https.port()),
+                https_public_port,
                 tcp_bind_ip: config.tcp_bind_ip,
                 tcp_public_host: config.public.tcp_host.clone(),
                 tcp_ports: config.tcp_ports.clone(),
                 random_domain_base: config.public.random_domain_base.clone(),
                 default_server_name: Some(config.domain.clone()),
-                ..GatewayConfig::default()
+                client_hello_timeout: config.limits.client_hello_timeout,
+                client_hello_max: config.limits.client_hello_max_bytes,
+                tls_handshake_timeout: config.limits.tls_handshake_timeout,
+                header_read_timeout: config.limits.header_read_timeout,
+                max_connections: config.limits.max_connections,
+                max_header_bytes: config.limits.max_header_bytes,
+                max_headers: config.limits.max_headers,
+                h2_max_concurrent_streams: config.limits.h2_max_concurrent_streams,
+                h2_stream_window: config.limits.h2_stream_window,
+                h2_connection_window: config.limits.h2_connection_window,
+                idle_timeout: config.limits.idle_timeout,
+                trusted_proxies: config.trusted_proxies.clone(),
+                oauth: Some(oauth.clone()),
             },
             certs,
             Outcomes {
-                sink: None,
+                sink: events.sink(),
                 region: config.region.clone(),
                 node_id: config.node_id.clone(),
                 account_id: None,
@@ -165,12 +183,14 @@ impl Edge {
                 limits: config.limits.clone(),
                 endpoint_policies: config.endpoint_policies.clone(),
                 cas: cas.clone(),
+                oauth: oauth.clone(),
             },
         );
         let admin = listeners.admin.map(|listener| {
             let state = admin::AdminState {
                 key_hashes: config.admin.key_hashes.clone(),
                 cas: cas.clone(),
+                oauth: oauth.clone(),
             };
             admin::serve(listener, Arc::new(state))
         });
@@ -205,6 +225,7 @@ impl Edge {
             admin,
             stop_grpc,
             grpc,
+            events,
         })
     }
 
@@ -220,11 +241,14 @@ impl Edge {
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         let mut stats = self.gateway.stats().snapshot();
         stats.push(("agent_sessions", self.registry.session_count() as u64));
+        stats.push(("open_connections", self.gateway.open_connections() as u64));
+        stats.extend(self.events.metrics().pairs());
         stats
     }
 
     /// Drains: refuse new sessions and connections, let in-flight work
-    /// finish within the grace period, then close agent sessions.
+    /// finish within the grace period, then close agent sessions, then
+    /// flush the event pipeline (bounded by `events.flush_timeout`).
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!(grace = ?self.config.drain_grace, "draining");
         self.registry.start_drain();
@@ -234,11 +258,17 @@ impl Edge {
             admin.shutdown().await;
         }
         self.stop_grpc.cancel();
-        match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {
-            Ok(Ok(result)) => result.context("agent gRPC server")?,
-            Ok(Err(join)) => return Err(join).context("agent gRPC server task"),
-            Err(_) => tracing::warn!("agent connections did not close within 5s"),
-        }
+        let grpc = match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {
+            Ok(Ok(result)) => result.context("agent gRPC server"),
+            Ok(Err(join)) => Err(join).context("agent gRPC server task"),
+            Err(_) => {
+                tracing::warn!("agent connections did not close within 5s");
+                Ok(())
+            }
+        };
+        // Last, so that the events of connections closed above are in.
+        self.events.shutdown().await;
+        grpc?;
         tracing::info!("edge node stopped");
         Ok(())
     }

@@ -58,6 +58,7 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
          \n  HTTP           http://<name>.{domain}:{http_port}\
          \n  dev CA         {ca}\
          \n  admin API      http://{admin}   (Authorization: Bearer {api_key})\
+         \n  events         {events}   (JSON lines)\
          \n\nStart an agent in another terminal:\
          \n\n  cargo run --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
          \n      --root-cas {ca} --authtoken {token}\
@@ -68,7 +69,14 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
         https_port = addrs.https.port(),
         http_port = addrs.http.map(|a| a.port()).unwrap_or(0),
         ca = ca.display(),
-        admin = addrs.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        events = config
+            .data_dir
+            .join(postern_edge::DEV_EVENTS_FILE)
+            .display(),
+        admin = addrs
+            .admin
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into()),
     );
 }
 

@@ -109,6 +109,7 @@ impl pb::tunnel_server::Tunnel for TunnelService {
         session.park(postern_ingress::ClaimedStream {
             inbound: request.into_inner(),
             attach,
+            permit: None,
         });
         Ok(Response::new(Box::pin(frames.map(Ok))))
     }

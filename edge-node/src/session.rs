@@ -14,7 +14,7 @@ use std::{
 
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
-    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, MAX_CAS, MtlsPolicy, Protocol,
+    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, MAX_CAS, MtlsPolicy, Protocol,
     StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
@@ -43,6 +43,8 @@ pub struct RegistrySettings {
     pub endpoint_policies: Vec<EndpointPolicy>,
     /// CAs that endpoints reference by id.
     pub cas: Arc<CaStore>,
+    /// OAuth/OIDC for endpoints that ask for it.
+    pub oauth: Arc<postern_ingress::OAuthService>,
 }
 
 /// All agent sessions of this node.
@@ -70,6 +72,8 @@ pub struct AgentSession {
     stream_wait: std::time::Duration,
     /// Cuts the agent's connection, and with it every data stream.
     cut_connection: Option<CancellationToken>,
+    /// Permits for simultaneous proxied connections.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 struct StreamPool {
@@ -165,6 +169,7 @@ impl Registry {
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
             cut_connection,
+            streams: Arc::new(tokio::sync::Semaphore::new(self.settings.limits.streams_per_session)),
         });
         sessions.insert(session.id.clone(), session.clone());
         drop(sessions);
@@ -221,6 +226,8 @@ impl Registry {
         ticker.tick().await;
         let mut last_seen = Instant::now();
         let mut nonce = 0u64;
+        let limit = self.settings.limits.control_messages_per_second;
+        let (mut window, mut in_window) = (Instant::now(), 0u32);
         loop {
             let message = tokio::select! {
                 _ = session.cancel.cancelled() => return None,
@@ -249,6 +256,17 @@ impl Registry {
                 }
             };
             last_seen = Instant::now();
+            if window.elapsed() >= std::time::Duration::from_secs(1) {
+                (window, in_window) = (Instant::now(), 0);
+            }
+            in_window += 1;
+            if in_window > limit {
+                tracing::warn!(session.id = %session.id, limit, "agent flooded the control stream");
+                return Some(Failure::new(
+                    ErrorCode::CONTROL_FLOOD,
+                    format!("more than {limit} control messages in a second"),
+                ));
+            }
             use pb::agent_message::Msg;
             let reply = match msg {
                 Msg::Hello(_) => {
@@ -259,7 +277,7 @@ impl Registry {
                 }
                 Msg::Bind(req) => {
                     let request_id = req.request_id;
-                    let response = match self.bind(session, req) {
+                    let response = match self.bind(session, req).await {
                         Ok((endpoint_id, public_url)) => pb::BindResponse {
                             request_id,
                             endpoint_id,
@@ -296,7 +314,7 @@ impl Registry {
         }
     }
 
-    fn bind(
+    async fn bind(
         &self,
         session: &Arc<AgentSession>,
         req: pb::BindRequest,
@@ -334,6 +352,14 @@ impl Registry {
             certificate: None,
             proxy_proto: req.proxy_proto != 0,
             mutual_tls: None,
+            oauth: None,
+            ip_policy: match &req.ip_restriction {
+                Some(r) if !(r.allow_cidrs.is_empty() && r.deny_cidrs.is_empty()) => Some(Arc::new(
+                    IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs)
+                        .map_err(|e| Failure::new(ErrorCode::INVALID_BIND, format!("ip_restriction.{e}")))?,
+                )),
+                _ => None,
+            },
         };
         if protocol == Protocol::Tcp {
             let port = u16::try_from(req.remote_port).map_err(|_| {
@@ -375,6 +401,7 @@ impl Registry {
             }
         }
         spec.mutual_tls = self.mutual_tls(&spec, &req)?;
+        spec.oauth = crate::oauth::bind(&self.settings.oauth, &spec, &req).await?;
         let endpoint = self.gateway.add(spec, session.clone())?;
         session
             .endpoints
@@ -600,44 +627,64 @@ impl StreamSource for AgentSession {
         let pool = self.pool.clone();
         let control = self.control.clone();
         let wait = self.stream_wait;
+        let permit = self.streams.clone().try_acquire_owned();
         Box::pin(async move {
-            let rx = {
-                let mut pool = pool.lock().expect("pool lock");
-                if pool.closed {
-                    return Err(Failure::new(
-                        ErrorCode::AGENT_FORWARD_FAILED,
-                        "the agent session has ended",
-                    ));
-                }
-                while let Some(parked) = pool.parked.pop_front() {
-                    if !parked.attach.is_closed() {
-                        return Ok(parked);
-                    }
-                }
-                let (tx, rx) = oneshot::channel();
-                pool.waiters.push_back(tx);
-                rx
-            };
-            let ask = pb::edge_message::Msg::OpenStreams(pb::OpenStreams { count: 1 });
-            if control.try_send(edge_message(ask)).is_err() {
-                tracing::debug!("control channel full; relying on the agent's own refill");
-            }
-            match tokio::time::timeout(wait, rx).await {
-                Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(_)) => Err(Failure::new(
-                    ErrorCode::AGENT_FORWARD_FAILED,
-                    "the agent session has ended",
-                )),
-                Err(_) => Err(Failure::new(
-                    ErrorCode::STREAM_UNAVAILABLE,
-                    format!("no data stream from the agent within {wait:?}"),
-                )),
-            }
+            let permit = permit.map_err(|_| {
+                Failure::new(
+                    ErrorCode::AGENT_CONNECTION_LIMIT,
+                    "the agent is at its limit of simultaneous connections",
+                )
+            })?;
+            let mut claimed = Self::take_stream(pool, control, wait).await?;
+            claimed.permit = Some(permit);
+            Ok(claimed)
         })
     }
 
     fn session_id(&self) -> &str {
         &self.id
+    }
+}
+
+impl AgentSession {
+    /// A parked data stream, or one the agent opens on request.
+    async fn take_stream(
+        pool: Arc<Mutex<StreamPool>>,
+        control: ControlTx,
+        wait: std::time::Duration,
+    ) -> Result<ClaimedStream, Failure> {
+        let rx = {
+            let mut pool = pool.lock().expect("pool lock");
+            if pool.closed {
+                return Err(Failure::new(
+                    ErrorCode::AGENT_FORWARD_FAILED,
+                    "the agent session has ended",
+                ));
+            }
+            while let Some(parked) = pool.parked.pop_front() {
+                if !parked.attach.is_closed() {
+                    return Ok(parked);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            pool.waiters.push_back(tx);
+            rx
+        };
+        let ask = pb::edge_message::Msg::OpenStreams(pb::OpenStreams { count: 1 });
+        if control.try_send(edge_message(ask)).is_err() {
+            tracing::debug!("control channel full; relying on the agent's own refill");
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(_)) => Err(Failure::new(
+                ErrorCode::AGENT_FORWARD_FAILED,
+                "the agent session has ended",
+            )),
+            Err(_) => Err(Failure::new(
+                ErrorCode::STREAM_UNAVAILABLE,
+                format!("no data stream from the agent within {wait:?}"),
+            )),
+        }
     }
 }
 

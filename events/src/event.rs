@@ -27,8 +27,41 @@ pub const TCP_CONNECTION_CLOSED: &str = "tcp_connection_closed.v0";
 /// Timestamps as RFC 3339 strings with nanoseconds.
 pub type Timestamp = String;
 
-/// The envelope every event travels in.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The event types Postern publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    HttpRequestComplete,
+    TcpConnectionClosed,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 2] = [
+        EventType::HttpRequestComplete,
+        EventType::TcpConnectionClosed,
+    ];
+
+    /// ngrok's name, `http_request_complete.v0`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::HttpRequestComplete => HTTP_REQUEST_COMPLETE,
+            EventType::TcpConnectionClosed => TCP_CONNECTION_CLOSED,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The envelope every event travels in. Deserialising picks the shape of
+/// `object` from `event_type`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
     /// `ev_` + 27 base-62 characters.
     pub event_id: String,
@@ -42,12 +75,77 @@ pub struct Event {
     pub principal: Option<serde_json::Value>,
 }
 
-/// The body of an event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl Event {
+    /// The type named by `event_type`, if Postern knows it.
+    pub fn kind(&self) -> Option<EventType> {
+        EventType::parse(&self.event_type)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Event, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        struct Envelope {
+            event_id: String,
+            event_type: String,
+            event_timestamp: Timestamp,
+            #[serde(default)]
+            account_id: Option<String>,
+            object: serde_json::Value,
+            #[serde(default)]
+            principal: Option<serde_json::Value>,
+        }
+        let e = Envelope::deserialize(deserializer)?;
+        let object = match EventType::parse(&e.event_type) {
+            Some(EventType::HttpRequestComplete) => {
+                EventObject::Http(serde_json::from_value(e.object).map_err(D::Error::custom)?)
+            }
+            Some(EventType::TcpConnectionClosed) => {
+                EventObject::Tcp(serde_json::from_value(e.object).map_err(D::Error::custom)?)
+            }
+            None => {
+                return Err(D::Error::custom(format_args!(
+                    "unknown event_type {:?}",
+                    e.event_type
+                )));
+            }
+        };
+        Ok(Event {
+            event_id: e.event_id,
+            event_type: e.event_type,
+            event_timestamp: e.event_timestamp,
+            account_id: e.account_id,
+            object,
+            principal: e.principal,
+        })
+    }
+}
+
+/// The body of an event; which one is told by `event_type`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum EventObject {
     Http(Box<HttpRequestComplete>),
     Tcp(Box<TcpConnectionClosed>),
+}
+
+impl EventObject {
+    /// `conn.*`, which both objects have.
+    pub fn conn(&self) -> Option<&Conn> {
+        match self {
+            EventObject::Http(o) => o.conn.as_ref(),
+            EventObject::Tcp(o) => o.conn.as_ref(),
+        }
+    }
+
+    /// `postern.*`, which both objects have.
+    pub fn postern(&self) -> Option<&PosternFields> {
+        match self {
+            EventObject::Http(o) => o.postern.as_ref(),
+            EventObject::Tcp(o) => o.postern.as_ref(),
+        }
+    }
 }
 
 /// `object` of `http_request_complete.v0`.

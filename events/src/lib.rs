@@ -1,16 +1,45 @@
 //! Postern's traffic events: `http_request_complete.v0` and
-//! `tcp_connection_closed.v0`, with ngrok's field names and nesting, and the
-//! sink trait the edge publishes them through. Publishing never blocks the
-//! request path.
+//! `tcp_connection_closed.v0`, with ngrok's field names and nesting, their
+//! JSON Schemas, the sink trait the edge publishes them through, and the
+//! pipeline behind it: ngrok-style subscriptions (event types, CEL
+//! filter, field selection) delivering to a JSON-lines file or, with the
+//! `kafka` feature, to Kafka through a bounded on-disk spool. Publishing
+//! never blocks the request path.
 //!
 //! This crate must never depend on the gateway or the edge: they build
 //! events, this crate defines and delivers them.
 
+mod config;
 mod event;
+mod filter;
+#[cfg(feature = "kafka")]
+mod kafka;
+mod memory;
+mod metrics;
+mod pipeline;
+mod schema;
+mod select;
+#[cfg(feature = "kafka")]
+mod spool;
+#[cfg(feature = "kafka")]
+mod tail;
 
 use std::time::SystemTime;
 
+pub use config::{
+    ByteSize, ConfigError, DEFAULT_TOPIC, Destination, EventsConfig, FileDestination,
+    KafkaDestination, Limits, RawDestination, RawEventsConfig, RawFile, RawKafka, RawLimits,
+    RawSource, RawSubscription, Secret, Source, Subscription, topic_name,
+};
 pub use event::*;
+pub use filter::{FILTERABLE_FIELDS, Filter, FilterError, FilterInput};
+pub use memory::MemorySink;
+pub use metrics::{EventMetrics, MetricsSnapshot};
+pub use pipeline::{EventPipeline, EventsError, ShutdownReport, event_key};
+pub use schema::{HTTP_REQUEST_COMPLETE_SCHEMA, TCP_CONNECTION_CLOSED_SCHEMA, field_paths, schema};
+pub use select::FieldSelection;
+#[cfg(feature = "kafka")]
+pub use tail::{TailError, TailOptions, tail};
 
 /// Where events go. `publish` must return at once: a sink queues, spools or
 /// drops (and counts), it never makes a request wait.

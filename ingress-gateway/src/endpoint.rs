@@ -12,6 +12,9 @@ use tokio::sync::oneshot;
 pub struct ClaimedStream {
     pub inbound: tonic::Streaming<pb::Frame>,
     pub attach: oneshot::Sender<BoxFrames>,
+    /// Counts against the agent's limit of concurrent connections while
+    /// held: keep it for as long as the connection lives.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Hands out data streams to the agent behind an endpoint.

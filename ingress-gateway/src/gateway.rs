@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, SystemTime},
@@ -23,7 +23,8 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use postern_proto::{ErrorCode, Failure, PipeOutcome, pipe};
+use postern_events::Decision;
+use postern_proto::{ErrorCode, Failure, PipeOutcome, pipe, proxy_header};
 use rustls::{ServerConfig, server::danger::ClientCertVerifier, sign::CertifiedKey};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
@@ -35,8 +36,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     endpoint::{Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool},
+    ip::{IpPolicy, TrustedProxies},
     mtls::{ClientIdentity, MtlsPolicy, RequestClientCert, RequireClientCert},
-    outcome::{self, Counted, HttpRecord, Outcomes},
+    oauth::{Gate, OAuthEndpoint, OAuthService},
+    outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
     tls::{CertStore, FixedNameResolver, StoreResolver, build_server_config, server_config},
@@ -66,6 +69,23 @@ pub struct GatewayConfig {
     /// The name whose certificate clients without SNI get (they are then
     /// routed by Host); `None` refuses them with `unrecognized_name`.
     pub default_server_name: Option<String>,
+    /// Visitor connections open at once; past it, new ones are shed.
+    pub max_connections: usize,
+    /// Largest HTTP/1 request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Most HTTP/1 request headers.
+    pub max_headers: usize,
+    /// HTTP/2: concurrent streams per connection, and flow-control windows.
+    pub h2_max_concurrent_streams: u32,
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
+    /// TCP and TLS endpoint connections with no byte either way for this
+    /// long are closed.
+    pub idle_timeout: Duration,
+    /// Load balancers in front of the edge.
+    pub trusted_proxies: TrustedProxies,
+    /// OAuth/OIDC: the session store, the auth host and its callback.
+    pub oauth: Option<Arc<OAuthService>>,
 }
 
 impl Default for GatewayConfig {
@@ -81,6 +101,15 @@ impl Default for GatewayConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(30),
             default_server_name: None,
+            max_connections: 20_000,
+            max_header_bytes: 60 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 100,
+            h2_stream_window: 64 * 1024,
+            h2_connection_window: 1024 * 1024,
+            idle_timeout: Duration::from_secs(3600),
+            trusted_proxies: TrustedProxies::default(),
+            oauth: None,
         }
     }
 }
@@ -100,6 +129,10 @@ pub struct EndpointSpec {
     pub proxy_proto: bool,
     /// Require client certificates (HTTP, and TLS terminated at the edge).
     pub mutual_tls: Option<Arc<MtlsPolicy>>,
+    /// Who may connect, by address.
+    pub ip_policy: Option<Arc<IpPolicy>>,
+    /// Log visitors in with OAuth/OIDC (HTTP endpoints).
+    pub oauth: Option<Arc<OAuthEndpoint>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +153,14 @@ pub struct Stats {
     pub accept_errors: AtomicU64,
     pub http_requests: AtomicU64,
     pub tcp_connections: AtomicU64,
+    /// New connections closed because the edge was at its connection cap.
+    pub shed_connections: AtomicU64,
+    /// Connections or requests refused by an IP restriction.
+    pub ip_denied: AtomicU64,
+    /// Bad or missing PROXY headers from trusted load balancers.
+    pub bad_proxy_headers: AtomicU64,
+    /// TCP/TLS endpoint connections closed for being idle.
+    pub idle_closed: AtomicU64,
 }
 
 impl Stats {
@@ -138,6 +179,10 @@ impl Stats {
             ("accept_errors", get(&self.accept_errors)),
             ("http_requests", get(&self.http_requests)),
             ("tcp_connections", get(&self.tcp_connections)),
+            ("shed_connections", get(&self.shed_connections)),
+            ("ip_denied", get(&self.ip_denied)),
+            ("bad_proxy_headers", get(&self.bad_proxy_headers)),
+            ("idle_closed", get(&self.idle_closed)),
         ]
     }
 }
@@ -154,6 +199,8 @@ struct Route {
     /// How TLS ends at the edge (HTTP, and TLS endpoints terminated here).
     termination: Option<Arc<ServerConfig>>,
     mtls: Option<Arc<MtlsPolicy>>,
+    ip_policy: Option<Arc<IpPolicy>>,
+    oauth: Option<Arc<OAuthEndpoint>>,
 }
 
 enum Binding {
@@ -177,6 +224,8 @@ struct Inner {
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
     stats: Stats,
+    /// Visitor connections open now.
+    open_connections: AtomicUsize,
 }
 
 /// The public side of one edge node. Cheap to clone.
@@ -190,10 +239,17 @@ impl Gateway {
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout);
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_header_bytes.max(8192))
+            .max_headers(config.max_headers);
         http.http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(100);
+            .max_concurrent_streams(config.h2_max_concurrent_streams)
+            .initial_stream_window_size(config.h2_stream_window)
+            .initial_connection_window_size(config.h2_connection_window)
+            .max_header_list_size(config.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
         Gateway {
             inner: Arc::new(Inner {
                 http_tls: server_config(certs.clone(), &[b"h2", b"http/1.1"]),
@@ -223,12 +279,18 @@ impl Gateway {
                 tracker: TaskTracker::new(),
                 stop_accepting: CancellationToken::new(),
                 stats: Stats::default(),
+                open_connections: AtomicUsize::new(0),
             }),
         }
     }
 
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// Visitor connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.inner.open_connections.load(Ordering::Relaxed)
     }
 
     pub fn certs(&self) -> &Arc<CertStore> {
@@ -241,19 +303,24 @@ impl Gateway {
             &self.inner,
             listener,
             self.inner.stop_accepting.clone(),
-            |inner, stream, client| async move {
-                let Ok(local) = stream.local_addr() else {
-                    return;
-                };
+            Shed::Http503,
+            |inner, accepted| async move {
+                // Move it whole: the connection slot must live as long as
+                // the connection (a closure captures only the fields used).
+                let accepted = accepted;
                 let conn = ConnInfo {
-                    client,
-                    local,
+                    client: accepted.client,
+                    local: accepted.local,
                     sni: None,
                     tls: None,
                     peer_chain: None,
                     start: SystemTime::now(),
                 };
-                serve_http_connection(inner, stream, conn).await;
+                let io = Prefixed {
+                    prefix: accepted.prefix,
+                    inner: accepted.stream,
+                };
+                serve_http_connection(inner, io, conn).await;
             },
         );
     }
@@ -264,6 +331,7 @@ impl Gateway {
             &self.inner,
             listener,
             self.inner.stop_accepting.clone(),
+            Shed::Close,
             handle_tls_port,
         );
     }
@@ -333,6 +401,8 @@ impl Gateway {
             shared_pool,
             termination,
             mtls: spec.mutual_tls,
+            ip_policy: spec.ip_policy,
+            oauth: spec.oauth,
         });
         self.inner
             .routes
@@ -407,32 +477,47 @@ impl Gateway {
             .expect("bindings lock")
             .insert(id, Binding::Port(token.clone()));
         let served = endpoint.clone();
+        let policy = spec.ip_policy.clone();
         spawn_accept_loop(
             &self.inner,
             listener,
             token,
-            move |inner, stream, client| {
+            Shed::Close,
+            move |inner, accepted| {
                 let endpoint = served.clone();
+                let policy = policy.clone();
                 async move {
+                    let accepted = accepted;
                     bump(&inner.stats.tcp_connections);
-                    let Ok(local) = stream.local_addr() else {
-                        return;
+                    let record = ConnRecord {
+                        client: accepted.client,
+                        server: accepted.local,
+                        name: "",
+                        start: SystemTime::now(),
+                        proto: "tcp",
+                        endpoint: &endpoint,
+                        ip_decision: ip_decision(&inner, policy.as_deref(), accepted.client.ip()),
                     };
-                    let start = SystemTime::now();
-                    let (r, w) = stream.into_split();
-                    let result =
-                        proxy_bytes(&endpoint, r, w, Bytes::new(), client, local, "").await;
-                    let ids = (endpoint.id.as_str(), endpoint.source.session_id());
-                    outcome::tcp_closed(
-                        &inner.outcomes,
-                        client,
-                        local,
-                        "",
-                        start,
-                        "tcp",
-                        Some(ids),
-                        &result,
-                    );
+                    let result = if record.ip_decision == Some(Decision::Block) {
+                        Err(Failure::new(
+                            ErrorCode::IP_RESTRICTED,
+                            accepted.client.ip().to_string(),
+                        ))
+                    } else {
+                        let (r, w) = accepted.stream.into_split();
+                        proxy_bytes(
+                            &inner,
+                            &endpoint,
+                            r,
+                            w,
+                            accepted.prefix,
+                            accepted.client,
+                            accepted.local,
+                            "",
+                        )
+                        .await
+                    };
+                    outcome::tcp_closed(&inner.outcomes, &record, &result);
                     if let Err(e) = result {
                         tracing::debug!(endpoint = %endpoint.id, error = %e, "TCP connection not proxied");
                     }
@@ -534,19 +619,55 @@ fn bind_tcp_port(config: &GatewayConfig, requested: u16) -> Result<TcpListener, 
     ))
 }
 
-/// Accepts until `token` is cancelled. Running out of file descriptors is
-/// back-pressure: log, wait, keep serving what is open.
+/// What a connection over the edge's cap gets.
+#[derive(Clone, Copy)]
+enum Shed {
+    /// A plain-HTTP `503` with `Retry-After`.
+    Http503,
+    /// Closed at once.
+    Close,
+}
+
+const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+ngrok-error-code: ERR_POSTERN_9003\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// An accepted visitor connection.
+struct Accepted {
+    stream: TcpStream,
+    /// The visitor: the TCP peer, or the source a trusted load balancer's
+    /// PROXY header names.
+    client: SocketAddr,
+    local: SocketAddr,
+    /// Bytes read after a PROXY header, to be handled as the connection's first.
+    prefix: Bytes,
+    _slot: ConnectionSlot,
+}
+
+/// Counts an open visitor connection while it lives.
+struct ConnectionSlot(Arc<Inner>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts until `token` is cancelled. Past the connection cap new
+/// connections are shed; running out of file descriptors is back-pressure:
+/// log, wait, keep serving what is open.
 fn spawn_accept_loop<F, Fut>(
     inner: &Arc<Inner>,
     listener: TcpListener,
     token: CancellationToken,
+    shed: Shed,
     handler: F,
 ) where
-    F: Fn(Arc<Inner>, TcpStream, SocketAddr) -> Fut + Send + 'static,
+    F: Fn(Arc<Inner>, Accepted) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let inner = inner.clone();
     let tracker = inner.tracker.clone();
+    let handler = Arc::new(handler);
     tracker.spawn(async move {
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -555,10 +676,27 @@ fn spawn_accept_loop<F, Fut>(
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, client)) => {
+                Ok((mut stream, peer)) => {
                     backoff = Duration::from_millis(10);
+                    let open = inner.open_connections.fetch_add(1, Ordering::Relaxed);
+                    let slot = ConnectionSlot(inner.clone());
+                    if open >= inner.config.max_connections {
+                        bump(&inner.stats.shed_connections);
+                        if let Shed::Http503 = shed {
+                            inner.tracker.spawn(async move {
+                                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(SHED_RESPONSE)).await;
+                                drop(slot);
+                            });
+                        }
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
-                    inner.tracker.spawn(handler(inner.clone(), stream, client));
+                    let (inner2, handler) = (inner.clone(), handler.clone());
+                    inner.tracker.spawn(async move {
+                        if let Some(accepted) = read_proxy_header(&inner2, stream, peer, slot).await {
+                            handler(inner2, accepted).await;
+                        }
+                    });
                 }
                 Err(e) => {
                     bump(&inner.stats.accept_errors);
@@ -578,13 +716,87 @@ fn spawn_accept_loop<F, Fut>(
     });
 }
 
+/// Learns who the visitor is: behind a trusted load balancer speaking the
+/// PROXY protocol, the header's source; otherwise the TCP peer. A trusted
+/// peer that sends no valid header is closed and counted.
+async fn read_proxy_header(
+    inner: &Arc<Inner>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+) -> Option<Accepted> {
+    let local = stream.local_addr().ok()?;
+    let trusted = &inner.config.trusted_proxies;
+    if !(trusted.proxy_protocol && trusted.trusts(peer.ip())) {
+        return Some(Accepted {
+            stream,
+            client: peer,
+            local,
+            prefix: Bytes::new(),
+            _slot: slot,
+        });
+    }
+    let mut buf = BytesMut::with_capacity(256);
+    let read = async {
+        loop {
+            match proxy_header::parse(&buf) {
+                Ok(Some((header, used))) => return Ok((header, used)),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if buf.len() >= 16 + proxy_header::V2_MAX_BLOCK {
+                return Err("PROXY header too long".to_string());
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) => return Err("closed before the PROXY header".to_string()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    match tokio::time::timeout(inner.config.client_hello_timeout, read).await {
+        Ok(Ok((header, used))) => {
+            let prefix = buf.split_off(used).freeze();
+            Some(Accepted {
+                stream,
+                client: header.source.unwrap_or(peer),
+                local: header.destination.unwrap_or(local),
+                prefix,
+                _slot: slot,
+            })
+        }
+        Ok(Err(reason)) => {
+            bump(&inner.stats.bad_proxy_headers);
+            tracing::debug!(%peer, reason, "bad PROXY header from a trusted peer");
+            None
+        }
+        Err(_) => {
+            bump(&inner.stats.bad_proxy_headers);
+            None
+        }
+    }
+}
+
+/// An IP restriction's verdict on a visitor, counted when it refuses.
+fn ip_decision(inner: &Inner, policy: Option<&IpPolicy>, client: IpAddr) -> Option<Decision> {
+    let policy = policy?;
+    if policy.allows(client) {
+        Some(Decision::Allow)
+    } else {
+        bump(&inner.stats.ip_denied);
+        Some(Decision::Block)
+    }
+}
+
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE, ENFILE, ENOBUFS, ENOMEM
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
 /// Pipes a visitor's connection into a data stream of the endpoint's agent.
+#[allow(clippy::too_many_arguments)]
 async fn proxy_bytes<R, W>(
+    inner: &Inner,
     endpoint: &Endpoint,
     reader: R,
     writer: W,
@@ -598,6 +810,7 @@ where
     W: postern_proto::LocalWrite,
 {
     let claimed = endpoint.source.claim().await?;
+    let _permit = claimed.permit;
     let mut open = open_frame(endpoint, client, local, name);
     let prefix_len = prefix.len() as u64;
     open.data = prefix;
@@ -608,7 +821,11 @@ where
             "the agent's data stream closed",
         )
     })?;
-    let mut outcome = pump.run().await;
+    let mut outcome = pump.run_with_idle_timeout(inner.config.idle_timeout).await;
+    if matches!(&outcome.inbound, postern_proto::End::Aborted(reason) if reason.starts_with("idle"))
+    {
+        bump(&inner.stats.idle_closed);
+    }
     tracing::debug!(?outcome, "connection finished");
     outcome.bytes_to_peer += prefix_len;
     Ok(outcome)
@@ -654,29 +871,52 @@ async fn handle_request(
         Some(Ok(h)) => h.as_str(),
         _ => "",
     };
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client_ip = inner
+        .config
+        .trusted_proxies
+        .http_client(conn.client, forwarded_for);
     let mut record = HttpRecord::start(
         &inner.outcomes,
         &req,
-        conn.client,
+        SocketAddr::new(client_ip, conn.client.port()),
         conn.local,
         shown_host,
         conn.tls.as_ref(),
         conn.start,
     );
+    let malformed = proxy::malformed(&req);
     let req = req.map(|body| Counted::new(body, record.request_body_stats()));
-    let response = match host {
-        Some(Ok(host)) => route_request(inner, conn, pools, &mut record, &host, req).await,
-        Some(Err(e)) => proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, e.to_string())),
-        None => proxy::error_response(&Failure::new(ErrorCode::BAD_HOST, "no Host header")),
+    let response = match (host, malformed) {
+        (_, Some(failure)) => proxy::close_after(proxy::error_response(&failure)),
+        (Some(Ok(host)), None) => match &inner.config.oauth {
+            Some(oauth) if oauth.is_auth_host(&host) => {
+                auth_host_request(oauth, conn, &host, &req).await
+            }
+            _ => route_request(inner, conn, pools, &mut record, client_ip, &host, req).await,
+        },
+        (Some(Err(e)), None) => proxy::close_after(proxy::error_response(&Failure::new(
+            ErrorCode::BAD_HOST,
+            e.to_string(),
+        ))),
+        (None, None) => proxy::close_after(proxy::error_response(&Failure::new(
+            ErrorCode::BAD_HOST,
+            "no Host header",
+        ))),
     };
     record.finish(response)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn route_request(
     inner: &Inner,
     conn: &ConnInfo,
     pools: &Mutex<HashMap<String, UpstreamPool>>,
     record: &mut HttpRecord,
+    client_ip: IpAddr,
     host: &str,
     req: Request<Counted<Incoming>>,
 ) -> http::Response<proxy::ProxyBody> {
@@ -692,6 +932,15 @@ async fn route_request(
     let postern = record.postern_mut();
     postern.endpoint_id = Some(route.endpoint.id.clone());
     postern.agent_session_id = Some(route.endpoint.source.session_id().to_string());
+    if let Some(decision) = ip_decision(inner, route.ip_policy.as_deref(), client_ip) {
+        record.ip_decision(decision);
+        if decision == Decision::Block {
+            return proxy::error_response(&Failure::new(
+                ErrorCode::IP_RESTRICTED,
+                client_ip.to_string(),
+            ));
+        }
+    }
     if let Some(sni_route) = sni_route
         && !sni_route.is_some_and(|s| Arc::ptr_eq(&s, &route))
     {
@@ -700,7 +949,7 @@ async fn route_request(
             format!("SNI {:?} but Host {host}", conn.sni),
         ));
     }
-    let identity_headers = match &route.mtls {
+    let mut identity_headers = match &route.mtls {
         Some(policy) => match client_identity(conn, policy) {
             Ok(identity) => {
                 record.client_cert(&identity);
@@ -710,6 +959,15 @@ async fn route_request(
         },
         None => Vec::new(),
     };
+    // OAuth/OIDC: the module answers by itself (login, special paths,
+    // refusals) or names the user to the upstream.
+    let mut req = req;
+    if let Some(oauth) = &route.oauth {
+        match oauth.gate(&mut req, conn.tls.is_some(), host, record).await {
+            Gate::Respond(response) => return response,
+            Gate::Forward(headers) => identity_headers.extend(headers),
+        }
+    }
     let pool = match &route.shared_pool {
         Some(pool) => pool.clone(),
         None => pools
@@ -728,6 +986,23 @@ async fn route_request(
             .clone(),
     };
     proxy::forward(&route.endpoint, &pool, conn, host, identity_headers, req).await
+}
+
+/// A request to the OAuth auth host (the one callback URL). Over TLS its
+/// SNI must name the auth host too.
+async fn auth_host_request<B>(
+    oauth: &OAuthService,
+    conn: &ConnInfo,
+    host: &str,
+    req: &Request<B>,
+) -> http::Response<proxy::ProxyBody> {
+    if conn.sni.as_deref().is_some_and(|sni| sni != host) {
+        return proxy::error_response(&Failure::new(
+            ErrorCode::MISDIRECTED_REQUEST,
+            format!("SNI {:?} but Host {host}", conn.sni),
+        ));
+    }
+    oauth.serve_auth_host(req, conn.tls.is_some()).await
 }
 
 /// The client certificate of a request to an mTLS endpoint. When SNI chose
@@ -753,12 +1028,16 @@ fn client_identity(conn: &ConnInfo, policy: &MtlsPolicy) -> Result<ClientIdentit
 /// handshake state exists.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 112];
 
-async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: SocketAddr) {
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
+async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
+    let Accepted {
+        mut stream,
+        client,
+        local,
+        prefix,
+        _slot,
+    } = accepted;
     let config = &inner.config;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::from(prefix.as_ref());
     let peeked = tokio::time::timeout(
         config.client_hello_timeout,
         read_client_hello(&mut stream, &mut buf, config.client_hello_max),
@@ -795,6 +1074,21 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
         }
         return;
     };
+    if inner
+        .config
+        .oauth
+        .as_ref()
+        .is_some_and(|o| o.is_auth_host(&name))
+    {
+        // The OAuth callback host: HTTPS with the shared certificates.
+        let start = SystemTime::now();
+        let config = inner.http_tls.clone();
+        if let Some(tls) = accept_tls(&inner, config, buf.freeze(), stream).await {
+            let conn = ConnInfo::tls(client, local, Some(name), tls.get_ref().1, start);
+            serve_http_connection(inner.clone(), tls, conn).await;
+        }
+        return;
+    }
     let route = inner
         .routes
         .read()
@@ -809,39 +1103,42 @@ async fn handle_tls_port(inner: Arc<Inner>, mut stream: TcpStream, client: Socke
     let prefix = buf.freeze();
     let endpoint = &route.endpoint;
     let start = SystemTime::now();
-    let result = match (&endpoint.kind, route.termination.clone()) {
-        (EndpointKind::Http, Some(config)) => {
-            let Some(tls) = accept_tls(&inner, config, prefix, stream).await else {
-                return;
-            };
+    if let (EndpointKind::Http, Some(config)) = (&endpoint.kind, route.termination.clone()) {
+        // HTTP endpoints apply IP restrictions per request, with a 403 page.
+        if let Some(tls) = accept_tls(&inner, config, prefix, stream).await {
             let conn = ConnInfo::tls(client, local, Some(name), tls.get_ref().1, start);
             serve_http_connection(inner.clone(), tls, conn).await;
-            return;
         }
-        (EndpointKind::Tls { .. }, Some(config)) => {
+        return;
+    }
+    let record = ConnRecord {
+        client,
+        server: local,
+        name: &name,
+        start,
+        proto: "tls",
+        endpoint,
+        ip_decision: ip_decision(&inner, route.ip_policy.as_deref(), client.ip()),
+    };
+    let result = match route.termination.clone() {
+        // Refused before any byte reaches the agent, without a handshake.
+        _ if record.ip_decision == Some(Decision::Block) => Err(Failure::new(
+            ErrorCode::IP_RESTRICTED,
+            client.ip().to_string(),
+        )),
+        Some(config) => {
             let Some(tls) = accept_tls(&inner, config, prefix, stream).await else {
                 return;
             };
             let (r, w) = tokio::io::split(tls);
-            proxy_bytes(endpoint, r, w, Bytes::new(), client, local, &name).await
+            proxy_bytes(&inner, endpoint, r, w, Bytes::new(), client, local, &name).await
         }
-        (EndpointKind::Tls { .. }, None) => {
+        None => {
             let (r, w) = stream.into_split();
-            proxy_bytes(endpoint, r, w, prefix, client, local, &name).await
+            proxy_bytes(&inner, endpoint, r, w, prefix, client, local, &name).await
         }
-        _ => return,
     };
-    let ids = (endpoint.id.as_str(), endpoint.source.session_id());
-    outcome::tcp_closed(
-        &inner.outcomes,
-        client,
-        local,
-        &name,
-        start,
-        "tls",
-        Some(ids),
-        &result,
-    );
+    outcome::tcp_closed(&inner.outcomes, &record, &result);
     if let Err(e) = result {
         tracing::debug!(endpoint = %endpoint.id, error = %e, "TLS connection not proxied");
     }

@@ -156,13 +156,20 @@ impl tower_service::Service<Uri> for TunnelConnector {
                     "the agent's data stream closed",
                 )
             })?;
-            Ok(TunnelConn(TokioIo::new(io)))
+            Ok(TunnelConn {
+                io: TokioIo::new(io),
+                _permit: claimed.permit,
+            })
         })
     }
 }
 
-/// A data stream as a hyper connection.
-struct TunnelConn(TokioIo<TunnelIo<tonic::Streaming<pb::Frame>>>);
+/// A data stream as a hyper connection, holding its place in the agent's
+/// connection limit.
+struct TunnelConn {
+    io: TokioIo<TunnelIo<tonic::Streaming<pb::Frame>>>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl Connection for TunnelConn {
     fn connected(&self) -> Connected {
@@ -176,7 +183,7 @@ impl hyper::rt::Read for TunnelConn {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -186,15 +193,15 @@ impl hyper::rt::Write for TunnelConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -213,8 +220,15 @@ pub async fn forward(
         Ok(r) => r,
         Err(failure) => return error_response(&failure),
     };
+    let request_body = upstream_req.body().stats();
     let mut response = match pool.client.request(upstream_req).await {
         Ok(response) => response,
+        Err(_) if request_body.failed() => {
+            // The client's own body was malformed (a bad chunk size, say):
+            // its fault, and the connection cannot be trusted any more.
+            let failure = Failure::new(ErrorCode::BAD_REQUEST, "the request body is malformed");
+            return close_after(error_response(&failure));
+        }
         Err(e) => {
             let failure = classify_client_error(&e);
             tracing::debug!(endpoint = %endpoint.id, host, error = %failure, "upstream request failed");
@@ -417,6 +431,52 @@ fn classify_client_error(e: &hyper_util::client::legacy::Error) -> Failure {
         return Failure::new(ErrorCode::AGENT_FORWARD_FAILED, detail);
     }
     Failure::new(ErrorCode::UPSTREAM_INVALID_RESPONSE, e.to_string())
+}
+
+/// What makes a request unsafe to forward whatever its route: two Host
+/// headers, `Content-Length` with `Transfer-Encoding` (request smuggling),
+/// an HTTP/2 `Host` that differs from `:authority`.
+pub fn malformed<B>(req: &Request<B>) -> Option<Failure> {
+    let headers = req.headers();
+    if headers.get_all(HOST).iter().count() > 1 {
+        return Some(Failure::new(
+            ErrorCode::BAD_HOST,
+            "more than one Host header",
+        ));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Some(Failure::new(
+            ErrorCode::BAD_REQUEST,
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    let lengths: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if lengths.windows(2).any(|w| w[0] != w[1]) {
+        return Some(Failure::new(
+            ErrorCode::BAD_REQUEST,
+            "conflicting Content-Length headers",
+        ));
+    }
+    if req.version() == Version::HTTP_2
+        && let (Some(authority), Some(host)) = (req.uri().authority(), headers.get(HOST))
+        && authority.as_str().as_bytes() != host.as_bytes()
+    {
+        return Some(Failure::new(
+            ErrorCode::BAD_HOST,
+            "Host differs from :authority",
+        ));
+    }
+    None
+}
+
+/// Asks the server to close the connection after this response.
+pub fn close_after(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// The short page a visitor gets when the edge fails a request.

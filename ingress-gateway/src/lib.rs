@@ -9,7 +9,9 @@
 mod endpoint;
 mod gateway;
 mod http;
+mod ip;
 mod mtls;
+mod oauth;
 mod outcome;
 mod router;
 mod sni;
@@ -18,9 +20,15 @@ mod tls;
 pub use endpoint::{ClaimedStream, Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame};
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
+pub use ip::{CidrError, IpPolicy, TrustedProxies, parse_cidr};
 pub use mtls::{
     CaCert, CaError, CaResolver, ClientIdentity, MAX_CAS, MtlsPolicy, RequireClientCert, ca_cert,
     parse_ca_bundle,
+};
+pub use oauth::{
+    Gate, IdpHttp, MemoryStore, NAMED_PROVIDERS, OAuthEndpoint, OAuthService, OAuthSettings,
+    RedisOptions, RedisStore, RedisTarget, Secret, SessionKey, SessionQuery, SessionStore,
+    SessionView, StoreError, StoreFuture, redact_url,
 };
 pub use outcome::Outcomes;
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};

@@ -17,9 +17,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use postern_events::{
-    ClientCert, Conn, Event, EventSink, Http, HttpRequest, HttpRequestComplete, HttpResponse,
-    PosternClientCert, PosternFields, Subject, TcpConnectionClosed, Tls, Url, normalize_headers,
-    timestamp,
+    ClientCert, Conn, Decision, DecisionField, Event, EventSink, Http, HttpRequest,
+    HttpRequestComplete, HttpResponse, PosternClientCert, PosternFields, Subject,
+    TcpConnectionClosed, Tls, Url, normalize_headers, timestamp,
 };
 use postern_proto::PipeOutcome;
 
@@ -65,11 +65,15 @@ impl TlsMeta {
             Some(other) => format!("{other:?}"),
             None => String::new(),
         };
+        // IANA names: rustls calls the TLS 1.3 suites `TLS13_…`.
         let cipher_suite = conn
             .negotiated_cipher_suite()
             .and_then(|s| s.suite().as_str())
-            .unwrap_or_default()
-            .to_string();
+            .map(|name| match name.strip_prefix("TLS13_") {
+                Some(rest) => format!("TLS_{rest}"),
+                None => name.to_string(),
+            })
+            .unwrap_or_default();
         TlsMeta {
             version,
             cipher_suite,
@@ -93,6 +97,9 @@ fn conn_fields(client: SocketAddr, server: SocketAddr, name: &str, start: System
 pub struct BodyStats {
     bytes: AtomicU64,
     times: Mutex<Option<(SystemTime, SystemTime)>>,
+    /// The body could not be read (for a request: the client sent a
+    /// malformed body, such as a bad chunk size).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl BodyStats {
@@ -125,7 +132,19 @@ pub struct Counted<B> {
     _record: Option<HttpRecord>,
 }
 
+impl BodyStats {
+    /// Whether reading the body failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
 impl<B> Counted<B> {
+    /// The counters of this body.
+    pub fn stats(&self) -> Arc<BodyStats> {
+        self.stats.clone()
+    }
+
     pub fn new(inner: B, stats: Arc<BodyStats>) -> Self {
         Counted {
             inner,
@@ -144,10 +163,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-        {
-            self.stats.saw(data.len());
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.stats.saw(data.len());
+                }
+            }
+            Some(Err(_)) => self.stats.failed.store(true, Ordering::Relaxed),
+            None => {}
         }
         Poll::Ready(frame)
     }
@@ -260,6 +283,18 @@ impl HttpRecord {
         });
     }
 
+    /// Records an IP restriction's decision.
+    pub fn ip_decision(&mut self, decision: Decision) {
+        self.object.ip_policy = Some(DecisionField {
+            decision: Some(decision),
+        });
+    }
+
+    /// The `oauth.*` fields, for the OAuth module to fill.
+    pub fn oauth_mut(&mut self) -> &mut postern_events::OAuth {
+        self.object.oauth.get_or_insert_with(Default::default)
+    }
+
     /// Attaches the record to the response the visitor gets; it is
     /// published when that body has been sent or dropped.
     pub fn finish<B>(mut self, response: Response<B>) -> Response<Counted<B>> {
@@ -314,19 +349,26 @@ impl Drop for HttpRecord {
     }
 }
 
+/// A TCP or TLS endpoint connection, as its event describes it.
+pub struct ConnRecord<'a> {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// The SNI, for TLS endpoints.
+    pub name: &'a str,
+    pub start: SystemTime,
+    /// `tcp` or `tls`.
+    pub proto: &'static str,
+    pub endpoint: &'a crate::Endpoint,
+    pub ip_decision: Option<Decision>,
+}
+
 /// Publishes `tcp_connection_closed.v0` for a piped connection.
-#[allow(clippy::too_many_arguments)]
 pub fn tcp_closed(
     outcomes: &Outcomes,
-    client: SocketAddr,
-    server: SocketAddr,
-    name: &str,
-    start: SystemTime,
-    proto: &str,
-    endpoint: Option<(&str, &str)>,
+    record: &ConnRecord<'_>,
     result: &Result<PipeOutcome, postern_proto::Failure>,
 ) {
-    let mut conn = conn_fields(client, server, name, start);
+    let mut conn = conn_fields(record.client, record.server, record.name, record.start);
     let (bytes_in, bytes_out) = match result {
         Ok(outcome) => (outcome.bytes_to_peer, outcome.bytes_from_peer),
         Err(_) => (0, 0),
@@ -335,18 +377,22 @@ pub fn tcp_closed(
     conn.bytes_out = Some(bytes_out);
     conn.end_ts = Some(timestamp(SystemTime::now()));
     let mut postern = outcomes.postern();
-    postern.endpoint_proto = Some(proto.to_string());
-    if let Some((endpoint_id, session_id)) = endpoint {
-        postern.endpoint_id = Some(endpoint_id.to_string());
-        postern.agent_session_id = Some(session_id.to_string());
-    }
+    postern.endpoint_proto = Some(record.proto.to_string());
+    postern.endpoint_id = Some(record.endpoint.id.clone());
+    postern.agent_session_id = Some(record.endpoint.source.session_id().to_string());
     if let Err(failure) = result {
         postern.error_code = Some(failure.code.id());
     }
-    postern.duration_ms = start.elapsed().ok().map(|d| d.as_secs_f64() * 1000.0);
+    postern.duration_ms = record
+        .start
+        .elapsed()
+        .ok()
+        .map(|d| d.as_secs_f64() * 1000.0);
     let object = TcpConnectionClosed {
         conn: Some(conn),
-        ip_policy: None,
+        ip_policy: record
+            .ip_decision
+            .map(|d| DecisionField { decision: Some(d) }),
         postern: Some(postern),
     };
     outcomes.publish(|account| Event::tcp(object, SystemTime::now(), account));

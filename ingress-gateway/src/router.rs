@@ -119,6 +119,9 @@ pub fn normalize_name(raw: &str) -> Result<String, NameError> {
 /// [`normalize_name`]. IP literals are returned as they are.
 pub fn normalize_host(raw: &str) -> Result<String, NameError> {
     let raw = raw.trim();
+    if let Ok(ip) = raw.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
+    }
     if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: "[::1]" or "[::1]:443"
         let (ip, after) = rest.split_once(']').ok_or(NameError::BadCharacter('['))?;

@@ -65,6 +65,7 @@ codes! {
     ACL_DENIES_ADDRESS = (308, 400, Agent, "the authtoken's ACL does not permit binding this address");
     ACL_DENIES_NAME = (316, 400, Agent, "the authtoken's ACL does not permit binding this name");
     TOO_MANY_ENDPOINTS = (324, 400, Agent, "too many endpoints on one agent session");
+    AGENT_CONNECTION_LIMIT = (714, 503, Agent, "the agent is at its limit of simultaneous connections");
     INVALID_DOMAIN = (326, 400, Agent, "the domain name is invalid");
     ENDPOINT_ALREADY_BOUND = (334, 400, Agent, "the endpoint is already online in another agent session");
     UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");
@@ -74,12 +75,33 @@ codes! {
     TLS_NO_SNI = (3003, 400, Client, "the client sent no TLS SNI, which this endpoint needs");
     UPSTREAM_INVALID_RESPONSE = (3004, 502, Upstream, "the upstream returned an invalid HTTP response");
     UPSTREAM_TIMEOUT = (3008, 504, Upstream, "the upstream did not respond in time");
+    IP_RESTRICTED = (3205, 403, Client, "the client's IP address is not allowed by the endpoint's IP restrictions");
     ENDPOINT_OFFLINE = (3200, 404, Client, "no endpoint is online for this host");
     AGENT_FORWARD_FAILED = (3210, 502, Agent, "the connection to the agent failed");
     UPSTREAM_DIAL_FAILED = (8012, 502, Upstream, "the agent could not connect to the upstream");
+    // OAuth and OpenID Connect: binding, then what visitors see (ngrok's
+    // 31xx numbers where ngrok has the case).
+    OIDC_DISCOVERY_FAILED = (2227, 400, Agent, "OpenID Connect discovery failed for the issuer");
+    OAUTH_INVALID_CONFIG = (2228, 400, Agent, "the OAuth/OIDC configuration is invalid");
+    OAUTH_CLIENT_REQUIRED = (2229, 400, Agent, "OAuth/OIDC needs the app's client id and client secret (there are no managed apps)");
+    OAUTH_LOGIN_REQUIRED = (3100, 401, Client, "the login session is missing or expired; reload the page to log in");
+    OAUTH_USER_NOT_ALLOWED = (3105, 403, Client, "the signed-in user is not allowed to use this site");
+    OAUTH_STATE_MISSING = (3107, 400, Client, "the login callback carried no state or code");
+    OAUTH_NO_EMAIL = (3109, 403, Client, "the identity provider gave no usable email address");
+    OAUTH_IDP_ERROR = (3112, 400, Client, "the identity provider returned an error");
+    OAUTH_LOGIN_TOO_SLOW = (3119, 400, Client, "the login took too long; start again");
+    OAUTH_STATE_INVALID = (3120, 400, Client, "the login state is unknown, already used or expired");
+    OAUTH_NONCE_MISSING = (3121, 400, Client, "the login's nonce cookie is missing; start the login again in this browser");
+    OAUTH_STATE_WRONG_HOST = (3124, 400, Client, "the login state belongs to another endpoint");
+    OAUTH_STORE_UNAVAILABLE = (3150, 503, Edge, "the session store is unavailable; try again shortly");
+    OAUTH_IDP_UNAVAILABLE = (3160, 502, Edge, "the identity provider could not be reached");
+    OAUTH_RESERVED_PATH = (9010, 404, Client, "paths under /auth/ are reserved for login and logout");
     // Postern's own.
     MISDIRECTED_REQUEST = (9001, 421, Client, "the Host header names another endpoint than the TLS SNI");
     BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
+    BAD_REQUEST = (9009, 400, Client, "the request is malformed");
+    CONTROL_FLOOD = (9008, 400, Agent, "the agent sent control messages faster than allowed");
+    EDGE_OVERLOADED = (9003, 503, Edge, "the edge is at its connection limit");
     STREAM_UNAVAILABLE = (9004, 503, Agent, "the agent did not provide a data stream in time");
     CONNECTION_RESET = (9005, 502, Client, "the peer reset the connection");
     HEARTBEAT_TIMEOUT = (9006, 400, Agent, "no heartbeat arrived within the tolerance");

@@ -57,9 +57,23 @@ pub struct PipeOutcome {
     pub outbound: End,
 }
 
-#[derive(Default)]
 struct Counters {
     to_peer: AtomicU64,
+    epoch: tokio::time::Instant,
+    /// Milliseconds after `epoch` of the last byte either way.
+    touched: AtomicU64,
+}
+
+impl Counters {
+    fn touch(&self) {
+        self.touched
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.touched.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
 }
 
 /// Builds both directions of a pipe between a local socket (`reader` and
@@ -77,7 +91,11 @@ where
     W: LocalWrite,
     S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,
 {
-    let counters = Arc::new(Counters::default());
+    let counters = Arc::new(Counters {
+        to_peer: AtomicU64::new(0),
+        epoch: tokio::time::Instant::now(),
+        touched: AtomicU64::new(0),
+    });
     let (inbound_end_tx, inbound_end_rx) = oneshot::channel();
     let (outbound_end_tx, outbound_end_rx) = oneshot::channel();
     let outbound = OutboundFrames {
@@ -203,6 +221,7 @@ impl<R: AsyncRead + Unpin> Stream for OutboundFrames<R> {
                                 this.next_read *= 2;
                             }
                             this.counters.to_peer.fetch_add(n as u64, Ordering::Relaxed);
+                            this.counters.touch();
                             let data = this.buf.split_to(n).freeze();
                             return Poll::Ready(Some(pb::Frame {
                                 data,
@@ -296,6 +315,30 @@ where
         }
     }
 
+    /// As [`InboundPump::run`], but gives up when no byte has moved either
+    /// way for `idle`.
+    pub async fn run_with_idle_timeout(self, idle: std::time::Duration) -> PipeOutcome {
+        let counters = self.counters.clone();
+        let run = self.run();
+        tokio::pin!(run);
+        loop {
+            let quiet = counters.idle_for();
+            if quiet >= idle {
+                let reason = format!("idle for {quiet:?}");
+                return PipeOutcome {
+                    bytes_from_peer: 0,
+                    bytes_to_peer: counters.to_peer.load(Ordering::Relaxed),
+                    inbound: End::Aborted(reason.clone()),
+                    outbound: End::Aborted(reason),
+                };
+            }
+            tokio::select! {
+                outcome = &mut run => return outcome,
+                _ = tokio::time::sleep(idle - quiet) => {}
+            }
+        }
+    }
+
     async fn pump(&mut self, written: &mut u64) -> End {
         loop {
             let frame = match self.inbound.next().await {
@@ -310,6 +353,7 @@ where
                     return End::Aborted(format!("write to the local socket: {e}"));
                 }
                 *written += frame.data.len() as u64;
+                self.counters.touch();
             }
             if frame.eof {
                 let _ = self.writer.shutdown().await;
@@ -412,6 +456,15 @@ mod tests {
         let outcome = pump.await.unwrap();
         assert_eq!(outcome.bytes_from_peer, 1);
         assert!(matches!(outcome.inbound, End::Aborted(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_pipe_is_given_up() {
+        let (local, _app) = duplex(1024);
+        let (r, w) = tokio::io::split(local);
+        let (_out, pump) = pipe(r, w, futures_util::stream::pending(), vec![]);
+        let outcome = pump.run_with_idle_timeout(std::time::Duration::from_secs(60)).await;
+        assert!(matches!(outcome.inbound, End::Aborted(ref m) if m.starts_with("idle")), "{outcome:?}");
     }
 
     #[tokio::test]

@@ -119,3 +119,63 @@ impl HttpsClient {
         self.request(host, "GET", path, Bytes::new()).await
     }
 }
+
+/// `GET` every path with `Host: host` over plain HTTP/1.1 to `addr`, on
+/// `connections` kept-alive connections in parallel; the statuses in the
+/// order of `paths`. A request that fails gets `None`.
+pub async fn http1_get_all(
+    addr: SocketAddr,
+    host: &str,
+    paths: &[String],
+    connections: usize,
+) -> Vec<Option<StatusCode>> {
+    let mut tasks = Vec::new();
+    for lane in 0..connections {
+        let mine: Vec<(usize, String)> = paths
+            .iter()
+            .enumerate()
+            .skip(lane)
+            .step_by(connections)
+            .map(|(i, p)| (i, p.clone()))
+            .collect();
+        let host = host.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut sender = None;
+            let mut out = Vec::new();
+            for (i, path) in mine {
+                let status = async {
+                    if sender.is_none() {
+                        let tcp = TcpStream::connect(addr).await.ok()?;
+                        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                            .await
+                            .ok()?;
+                        tokio::spawn(conn);
+                        sender = Some(s);
+                    }
+                    let req = Request::get(path.as_str())
+                        .header("host", host.as_str())
+                        .body(Full::new(Bytes::new()))
+                        .ok()?;
+                    let result = sender.as_mut()?.send_request(req).await;
+                    let Ok(response) = result else {
+                        sender = None;
+                        return None;
+                    };
+                    let status = response.status();
+                    response.into_body().collect().await.ok()?;
+                    Some(status)
+                }
+                .await;
+                out.push((i, status));
+            }
+            out
+        }));
+    }
+    let mut all = vec![None; paths.len()];
+    for task in tasks {
+        for (i, status) in task.await.expect("request task") {
+            all[i] = status;
+        }
+    }
+    all
+}

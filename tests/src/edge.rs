@@ -40,6 +40,8 @@ pub struct TestEdge {
     pub token: String,
     pub addrs: Addresses,
     extra: String,
+    /// `ulimit -n` for the binary.
+    fd_limit: Option<u32>,
 }
 
 impl TestEdge {
@@ -49,14 +51,24 @@ impl TestEdge {
 
     /// `extra` is appended to the TOML config (e.g. a `[limits]` table).
     pub async fn start_with(extra: &str) -> TestEdge {
+        Self::start_on("127.0.0.1", extra).await
+    }
+
+    /// An edge whose listeners are on `[::1]`, for IPv6 clients.
+    pub async fn start_v6() -> TestEdge {
+        Self::start_on("[::1]", "").await
+    }
+
+    async fn start_on(ip: &str, extra: &str) -> TestEdge {
         init();
         let dir = TempDir::new("edge");
         let token = format!("test-token-{}", postern_ingress::random_label());
+        let bind = || async { TcpListener::bind(format!("{ip}:0")).await.unwrap() };
         let listeners = Listeners {
-            agent: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            http: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            https: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            agent: bind().await,
+            http: Some(bind().await),
+            https: bind().await,
+            admin: Some(bind().await),
         };
         let mut edge = TestEdge {
             edge: None,
@@ -70,6 +82,7 @@ impl TestEdge {
                 admin: listeners.admin.as_ref().map(|l| l.local_addr().unwrap()),
             },
             extra: extra.to_string(),
+            fd_limit: None,
         };
         let config = edge.config();
         edge.edge = Some(Edge::start(config, listeners).await.expect("edge starts"));
@@ -78,6 +91,20 @@ impl TestEdge {
 
     /// Runs the `postern-edge` binary instead, on free loopback ports.
     pub async fn start_process() -> TestEdge {
+        Self::start_process_with("").await
+    }
+
+    /// As [`TestEdge::start_process`], with `extra` appended to the config.
+    pub async fn start_process_with(extra: &str) -> TestEdge {
+        Self::spawn_binary(extra, None).await
+    }
+
+    /// The binary with at most `fds` open file descriptors (`ulimit -n`).
+    pub async fn start_process_with_fd_limit(fds: u32) -> TestEdge {
+        Self::spawn_binary("", Some(fds)).await
+    }
+
+    async fn spawn_binary(extra: &str, fd_limit: Option<u32>) -> TestEdge {
         init();
         let free = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -94,22 +121,46 @@ impl TestEdge {
                 https: free(),
                 admin: Some(free()),
             },
-            extra: String::new(),
+            extra: extra.to_string(),
+            fd_limit: None,
         };
-        let config_path = edge.dir.path().join("edge.toml");
-        std::fs::write(&config_path, edge.config_toml()).unwrap();
+        edge.fd_limit = fd_limit;
+        std::fs::write(edge.dir.path().join("edge.toml"), edge.config_toml()).unwrap();
+        edge.spawn_process().await;
+        edge
+    }
+
+    /// Runs the binary again on the same config and data directory, after
+    /// the previous process has exited.
+    pub async fn restart_process(&mut self) {
+        if let Some(mut old) = self.process.take() {
+            let _ = old.child.wait().await;
+        }
+        self.spawn_process().await;
+    }
+
+    async fn spawn_process(&mut self) {
+        let mut command = match self.fd_limit {
+            None => Command::new(binary("postern-edge")),
+            Some(fds) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+                    .arg(binary("postern-edge"));
+                sh
+            }
+        };
         let process = Spawned::spawn(
-            Command::new(binary("postern-edge"))
+            command
                 .arg("--config")
-                .arg(&config_path),
+                .arg(self.dir.path().join("edge.toml")),
         );
-        edge.process = Some(process);
-        let agent = edge.addrs.agent;
+        self.process = Some(process);
+        let agent = self.addrs.agent;
         crate::eventually(20, "the edge binary listens", || async move {
             tokio::net::TcpStream::connect(agent).await.is_ok()
         })
         .await;
-        edge
     }
 
     /// The edge process, when running the binary.
@@ -232,7 +283,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
 
     pub fn agent_yaml(&self, token: &str, tunnels: &str) -> String {
         format!(
-            "authtoken: {token}\nserver_addr: {agent}\ntls_server_name: tunnel.us.connect.{DOMAIN}\n\
+            "authtoken: {token}\nserver_addr: \"{agent}\"\ntls_server_name: tunnel.us.connect.{DOMAIN}\n\
              root_cas: {ca}\nheartbeat_interval: 1s\nheartbeat_tolerance: 3s\ntunnels:\n{tunnels}",
             agent = self.addrs.agent,
             ca = self.ca_pem().display(),

@@ -5,14 +5,25 @@
 
 mod client;
 mod edge;
+mod kafka;
+mod oidc;
 mod pki;
 mod process;
+mod redis;
 mod upstream;
 
-pub use client::{HttpsClient, Response, curl, openssl_s_client};
+pub use client::{HttpsClient, Response, curl, http1_get_all, openssl_s_client};
 pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, TestEdge, init, url_of};
+pub use kafka::{
+    Broker, Consumed, assert_schema_valid, consume, kafka_subscription, topic, topic_template,
+};
+pub use oidc::{
+    Browser, CLIENT_ID, CLIENT_SECRET, ChromiumLogin, OidcProvider, Page, chromium_login, oidc_dir,
+    resolve, spki_hash,
+};
 pub use pki::{Issued, TestCa};
 pub use process::{Spawned, binary, read_rss_kib};
+pub use redis::{RedisCluster, RedisServer};
 pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
 
 use std::path::PathBuf;

@@ -1,0 +1,87 @@
+//! The agent API and the inspector page, on `web_addr` (127.0.0.1:4040 by
+//! default), in ngrok's paths and JSON shapes: list, start and stop tunnels,
+//! list, show, replay and clear captured requests, and the agent's status.
+//!
+//! Who may call it: loopback `Host` names and `web_allow_hosts`, plus the
+//! domains of tunnels that forward to the API itself (so the API can be
+//! reached through its own tunnel); the `web_auth` credentials when set; and
+//! no browser request from another site may change anything.
+
+mod config;
+mod guard;
+mod json;
+mod routes;
+
+use std::{sync::Arc, time::Duration};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::{RawWebAuth, WebAddr, WebAuth, WebConfig};
+pub use guard::HostRule;
+
+use crate::state::AgentState;
+
+/// How long a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves the API on `listener` until `shutdown`; the task then finishes
+/// the requests in flight and the replays it started.
+pub(crate) fn spawn(
+    listener: std::net::TcpListener,
+    state: Arc<AgentState>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
+    let listener = TcpListener::from_std(listener)
+        .map_err(|e| anyhow::anyhow!("web_addr: using the listener: {e}"))?;
+    let api = Arc::new(routes::Api {
+        state,
+        web_addr: listener.local_addr()?,
+        tracker: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
+    Ok(tokio::spawn(serve(listener, api, shutdown)))
+}
+
+async fn serve(listener: TcpListener, api: Arc<routes::Api>, shutdown: CancellationToken) {
+    tracing::info!(addr = %api.web_addr, "agent API listening");
+    loop {
+        let tcp = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        let shutdown = shutdown.clone();
+        api.tracker.clone().spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = &mut conn => result,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "agent API connection failed");
+            }
+        });
+    }
+    api.tracker.close();
+    api.tracker.wait().await;
+}

@@ -1,0 +1,548 @@
+//! HTTP on an inspected tunnel's data stream. The edge speaks HTTP/1.1 on
+//! the stream; the agent serves it with hyper and forwards each request over
+//! one upstream connection per stream (dialled with the stream's PROXY
+//! header, as the byte pipe would), so a stream is still exactly one
+//! upstream connection. WebSocket and other upgrades are spliced through
+//! after the 101. Replays go the same way, from the agent to the upstream.
+
+use std::{
+    convert::Infallible,
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    body::{Body, Incoming},
+    client::conn::http1::SendRequest,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use postern_proto::{ErrorCode, Failure, TunnelIo, pb};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    BODY_CAPTURE_LIMIT,
+    store::{Captured, CapturedBody, Captures, RequestHead, ResponseCapture},
+    tee::Tee,
+};
+use crate::{
+    forward::{Io, Target, dial},
+    state::{ConnGuard, TunnelMetrics},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Bodies toward the upstream and back toward the edge.
+type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// One claimed data stream of an inspected tunnel.
+pub(crate) struct Stream {
+    pub target: Arc<Target>,
+    pub captures: Arc<Captures>,
+    pub open: pb::StreamOpen,
+    /// The session's tasks: the upstream connection and upgraded splices.
+    pub tracker: TaskTracker,
+    /// Counts the stream as open for as long as anything uses it (held
+    /// for its `Drop`).
+    pub _conn: ConnGuard,
+}
+
+/// What the requests of one stream share.
+struct Shared {
+    stream: Stream,
+    sender: tokio::sync::Mutex<SendRequest<ProxyBody>>,
+    /// An upgrade is under way: the upstream connection ending is expected.
+    upgrading: Arc<AtomicBool>,
+    /// The upstream connection is gone: stop serving the stream.
+    upstream_closed: CancellationToken,
+}
+
+/// Serves HTTP/1.1 on `visitor` (the data stream) until the edge or the
+/// upstream closes it.
+pub(crate) async fn serve(
+    stream: Stream,
+    visitor: Visitor,
+    upstream: Box<dyn Io>,
+) -> Result<(), Failure> {
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(upstream))
+        .await
+        .map_err(|e| Failure::new(ErrorCode::UPSTREAM_DIAL_FAILED, e.to_string()))?;
+    let shared = Arc::new(Shared {
+        sender: tokio::sync::Mutex::new(sender),
+        upgrading: Arc::default(),
+        upstream_closed: CancellationToken::new(),
+        stream,
+    });
+    // The connection ends when the upstream closes it, or once the sender
+    // is dropped with the service; it must not hold the sender itself.
+    let upgrading = shared.upgrading.clone();
+    let closed = shared.upstream_closed.clone();
+    shared.stream.tracker.spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection failed");
+        }
+        if !upgrading.load(Ordering::Acquire) {
+            closed.cancel();
+        }
+    });
+    let visitor = StreamIo {
+        inner: Some(visitor),
+        metrics: shared.stream.target.metrics.clone(),
+        tracker: shared.stream.tracker.clone(),
+    };
+    let closed = shared.upstream_closed.clone();
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(shared.handle(req).await) }
+    });
+    let server = hyper::server::conn::http1::Builder::new()
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(visitor), service)
+        .with_upgrades();
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        _ = closed.cancelled() => {
+            server.as_mut().graceful_shutdown();
+            server.await
+        }
+    };
+    result.map_err(|e| Failure::new(ErrorCode::CONNECTION_RESET, e.to_string()))
+}
+
+impl Shared {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let stream = &self.stream;
+        stream.target.metrics.add_request();
+        let upgrade = is_upgrade(&req);
+        let visitor_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let remote_addr = remote_addr(&parts.headers, &stream.open.client_addr);
+        let capture = Capture::begin(
+            stream.captures.clone(),
+            &stream.target.spec.name,
+            remote_addr,
+            &stream.open,
+            head_of(&parts),
+            None,
+        );
+        let req = Request::from_parts(parts, capture.tee_request(body));
+        if upgrade {
+            self.upgrading.store(true, Ordering::Release);
+        }
+        let result = {
+            let mut sender = self.sender.lock().await;
+            match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            }
+        };
+        let mut response = match result {
+            Ok(response) => response,
+            Err(e) => {
+                let failure = Failure::new(
+                    ErrorCode::UPSTREAM_INVALID_RESPONSE,
+                    format!("{}: {e}", stream.target.spec.upstream),
+                );
+                capture.failed(failure.to_string());
+                self.upstream_closed.cancel();
+                return bad_gateway(&failure);
+            }
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(visitor_upgrade) = visitor_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let (parts, _) = response.into_parts();
+            capture.response(&parts, true);
+            let keep = self.clone();
+            self.stream.tracker.spawn(async move {
+                match tokio::try_join!(visitor_upgrade, upstream_upgrade) {
+                    Ok((visitor, upstream)) => {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(visitor),
+                            &mut TokioIo::new(upstream),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+                drop(keep);
+            });
+            return Response::from_parts(parts, empty());
+        }
+        self.upgrading.store(false, Ordering::Release);
+        let (parts, body) = response.into_parts();
+        capture.response(&parts, false);
+        Response::from_parts(parts, capture.tee_response(body))
+    }
+}
+
+/// A request to send again, as captured or edited.
+pub(crate) struct Replay {
+    pub method: Method,
+    /// Path and query.
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The capture replayed; its addresses go in PROXY headers.
+    pub of: Captured,
+}
+
+/// Sends a request to `target`'s upstream from the agent, capturing it as a
+/// new request; returns the new capture's id once the upstream answered.
+/// The response body is read to its end in the background (on `tracker`,
+/// until `shutdown`).
+pub(crate) async fn replay(
+    target: Arc<Target>,
+    captures: Arc<Captures>,
+    replay: Replay,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<String, Failure> {
+    let open = pb::StreamOpen {
+        client_addr: replay.of.client_addr.clone(),
+        server_addr: replay.of.server_addr.clone(),
+        ..Default::default()
+    };
+    let upstream = dial(&target, &open).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, ProxyBody>(TokioIo::new(upstream.boxed()))
+        .await
+        .map_err(|e| Failure::new(ErrorCode::UPSTREAM_DIAL_FAILED, e.to_string()))?;
+    tracker.spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "replay connection failed");
+        }
+    });
+    let mut headers = replay.headers;
+    for name in [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::CONTENT_LENGTH,
+        http::HeaderName::from_static("keep-alive"),
+    ] {
+        headers.remove(name);
+    }
+    if !replay.body.is_empty() || replay.method == Method::POST || replay.method == Method::PUT {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(replay.body.len()));
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = replay.method;
+    *req.uri_mut() = replay.uri;
+    *req.headers_mut() = headers;
+    let (parts, ()) = req.into_parts();
+    let capture = Capture::begin(
+        captures,
+        &target.spec.name,
+        replay.of.remote_addr.clone(),
+        &open,
+        head_of(&parts),
+        Some(replay.of.id.clone()),
+    );
+    let body = capture.tee_request(Full::new(replay.body));
+    let response = match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(response) => response,
+        Err(e) => {
+            let failure = Failure::new(
+                ErrorCode::UPSTREAM_INVALID_RESPONSE,
+                format!("{}: {e}", target.spec.upstream),
+            );
+            capture.failed(failure.to_string());
+            return Err(failure);
+        }
+    };
+    let (parts, body) = response.into_parts();
+    capture.response(&parts, false);
+    let id = capture.id.clone();
+    let mut body = capture.tee_response(body);
+    let shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+        tokio::select! {
+            _ = drain => {}
+            _ = shutdown.cancelled() => {}
+        }
+        drop(sender);
+    });
+    Ok(id)
+}
+
+/// One request's entry in the store, filled in as the exchange goes.
+struct Capture {
+    captures: Arc<Captures>,
+    id: String,
+    started: Instant,
+}
+
+impl Capture {
+    fn begin(
+        captures: Arc<Captures>,
+        tunnel_name: &str,
+        remote_addr: String,
+        open: &pb::StreamOpen,
+        request: RequestHead,
+        replay_of: Option<String>,
+    ) -> Capture {
+        let id = postern_ingress::random_id("airt_");
+        captures.insert(Captured {
+            id: id.clone(),
+            tunnel_name: tunnel_name.to_string(),
+            remote_addr,
+            client_addr: open.client_addr.clone(),
+            server_addr: open.server_addr.clone(),
+            start: SystemTime::now(),
+            duration: None,
+            request,
+            request_body: CapturedBody::default(),
+            response: None,
+            error: None,
+            replay_of,
+        });
+        Capture {
+            captures,
+            id,
+            started: Instant::now(),
+        }
+    }
+
+    fn tee_request<B>(&self, body: B) -> ProxyBody
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError> + std::fmt::Display,
+    {
+        let captures = self.captures.clone();
+        let id = self.id.clone();
+        Tee::new(body, BODY_CAPTURE_LIMIT, move |body| {
+            captures.update(&id, |c| c.request_body = body);
+        })
+        .map_err(Into::into)
+        .boxed_unsync()
+    }
+
+    /// Records the response head; an upgrade is complete at once.
+    fn response(&self, parts: &http::response::Parts, upgraded: bool) {
+        let elapsed = self.started.elapsed();
+        self.captures.update(&self.id, |c| {
+            c.response = Some(ResponseCapture {
+                status: parts.status,
+                version: parts.version,
+                headers: parts.headers.clone(),
+                body: CapturedBody::default(),
+            });
+            if upgraded {
+                c.duration = Some(elapsed);
+            }
+        });
+    }
+
+    fn tee_response(&self, body: Incoming) -> ProxyBody {
+        let captures = self.captures.clone();
+        let id = self.id.clone();
+        let started = self.started;
+        Tee::new(body, BODY_CAPTURE_LIMIT, move |body| {
+            let elapsed = started.elapsed();
+            captures.update(&id, |c| {
+                c.duration = Some(elapsed);
+                if let Some(response) = &mut c.response {
+                    response.body = body;
+                }
+            });
+        })
+        .map_err(Into::into)
+        .boxed_unsync()
+    }
+
+    fn failed(&self, error: String) {
+        let elapsed = self.started.elapsed();
+        self.captures.update(&self.id, |c| {
+            c.duration = Some(elapsed);
+            c.error = Some(error);
+        });
+    }
+}
+
+fn head_of(parts: &http::request::Parts) -> RequestHead {
+    RequestHead {
+        method: parts.method.clone(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    }
+}
+
+/// The visitor's IP: the last `X-Forwarded-For` entry, which the edge
+/// appends; else the stream's client address (the visitor that opened a
+/// pooled stream, not necessarily this request's).
+fn remote_addr(headers: &HeaderMap, client_addr: &str) -> String {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .rfind(|v| !v.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            client_addr
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|_| client_addr.to_string())
+        })
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// What the edge gets when the upstream connection fails mid-request.
+fn bad_gateway(failure: &Failure) -> Response<ProxyBody> {
+    let body = format!("502 Bad Gateway\n{failure}\n");
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// How long a finished stream waits for the edge to end its side.
+const LINGER: Duration = Duration::from_secs(5);
+
+type Visitor = TunnelIo<tonic::Streaming<pb::Frame>>;
+
+/// The data stream as hyper's IO: counts its bytes into the tunnel's
+/// metrics as they move, and when dropped (hyper is done with it) keeps the
+/// stream until the edge has ended its side too. Dropping it at once would
+/// reset the stream and could lose the last frames, the response's end
+/// among them (the edge's pooled client reads to the eof).
+struct StreamIo {
+    /// `None` only once dropped.
+    inner: Option<Visitor>,
+    metrics: Arc<TunnelMetrics>,
+    tracker: TaskTracker,
+}
+
+impl StreamIo {
+    fn io(&mut self) -> Pin<&mut Visitor> {
+        Pin::new(self.inner.as_mut().expect("used before drop"))
+    }
+}
+
+impl Drop for StreamIo {
+    fn drop(&mut self) {
+        if let Some(mut io) = self.inner.take() {
+            self.tracker.spawn(async move {
+                let mut buf = [0u8; 4096];
+                let drained = async {
+                    while let Ok(n) = tokio::io::AsyncReadExt::read(&mut io, &mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(LINGER, drained).await;
+            });
+        }
+    }
+}
+
+impl AsyncRead for StreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = self.io().poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.metrics.add_bytes(n as u64, 0);
+        result
+    }
+}
+
+impl AsyncWrite for StreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = self.io().poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            self.metrics.add_bytes(0, n as u64);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_visitor_is_the_last_forwarded_for_entry() {
+        let mut h = HeaderMap::new();
+        assert_eq!(remote_addr(&h, "198.51.100.2:4431"), "198.51.100.2");
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 127.0.0.1"),
+        );
+        assert_eq!(remote_addr(&h, "198.51.100.2:4431"), "127.0.0.1");
+    }
+
+    #[test]
+    fn upgrades_need_the_connection_token() {
+        let req = |conn: &str| {
+            Request::builder()
+                .header("upgrade", "websocket")
+                .header("connection", conn)
+                .body(())
+                .unwrap()
+        };
+        assert!(is_upgrade(&req("keep-alive, Upgrade")));
+        assert!(!is_upgrade(&req("keep-alive")));
+    }
+}

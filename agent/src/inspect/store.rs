@@ -1,0 +1,289 @@
+//! Captured requests in memory, oldest evicted first once their estimated
+//! size passes `inspect_db_size`.
+
+use std::{
+    collections::VecDeque,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Version};
+
+/// How far a captured body got.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum BodyState {
+    /// Still streaming.
+    #[default]
+    Streaming,
+    /// Read to its end.
+    Complete,
+    /// Ended early: the peer went away or failed.
+    Cut(String),
+}
+
+/// A request or response body as captured: the first bytes, and the size
+/// of the whole.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CapturedBody {
+    /// At most [`super::BODY_CAPTURE_LIMIT`] bytes.
+    pub data: Bytes,
+    /// Bytes that went through, captured or not.
+    pub size: u64,
+    pub state: BodyState,
+}
+
+impl CapturedBody {
+    /// Whether `data` misses part of the body.
+    pub fn truncated(&self) -> bool {
+        self.size > self.data.len() as u64
+    }
+}
+
+/// The request line and headers as the agent received them.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestHead {
+    pub method: Method,
+    /// Path and query.
+    pub uri: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// The upstream's answer.
+#[derive(Clone, Debug)]
+pub(crate) struct ResponseCapture {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: CapturedBody,
+}
+
+/// One request through an inspected tunnel (or a replay).
+#[derive(Clone, Debug)]
+pub(crate) struct Captured {
+    pub id: String,
+    pub tunnel_name: String,
+    /// The visitor's IP, as the edge reported it.
+    pub remote_addr: String,
+    /// The data stream's addresses, for PROXY headers on replay.
+    pub client_addr: String,
+    pub server_addr: String,
+    pub start: SystemTime,
+    /// Until the response body ended; `None` while in flight.
+    pub duration: Option<Duration>,
+    pub request: RequestHead,
+    pub request_body: CapturedBody,
+    /// `None` until the upstream answers.
+    pub response: Option<ResponseCapture>,
+    /// Why the upstream gave no answer.
+    pub error: Option<String>,
+    /// The capture this one replayed.
+    pub replay_of: Option<String>,
+}
+
+impl Captured {
+    /// What the capture costs in memory, roughly: the bodies kept, the
+    /// headers, and a fixed overhead.
+    fn weight(&self) -> u64 {
+        let headers = |h: &HeaderMap| -> usize {
+            h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum()
+        };
+        let mut n = 256
+            + self.id.len()
+            + self.tunnel_name.len()
+            + self.request.uri.len()
+            + headers(&self.request.headers)
+            + self.request_body.data.len();
+        if let Some(response) = &self.response {
+            n += headers(&response.headers) + response.body.data.len();
+        }
+        n as u64
+    }
+}
+
+/// The inspector's store.
+pub(crate) struct Captures {
+    limit: u64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Oldest first, each with its weight when last changed.
+    entries: VecDeque<(u64, Captured)>,
+    total: u64,
+}
+
+impl Inner {
+    fn evict(&mut self, limit: u64) {
+        while self.total > limit {
+            match self.entries.pop_front() {
+                Some((weight, _)) => self.total -= weight,
+                None => break,
+            }
+        }
+    }
+
+    fn position(&self, id: &str) -> Option<usize> {
+        self.entries.iter().rposition(|(_, c)| c.id == id)
+    }
+}
+
+impl Captures {
+    /// A store of at most `limit` bytes (estimated).
+    pub fn new(limit: u64) -> Captures {
+        Captures {
+            limit,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("captures lock")
+    }
+
+    /// Adds a capture as the newest.
+    pub fn insert(&self, captured: Captured) {
+        let weight = captured.weight();
+        let mut inner = self.lock();
+        inner.total += weight;
+        inner.entries.push_back((weight, captured));
+        inner.evict(self.limit);
+    }
+
+    /// Changes a capture, if it is still kept.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Captured)) {
+        let mut inner = self.lock();
+        let Some(i) = inner.position(id) else { return };
+        let (old, captured) = &mut inner.entries[i];
+        let old = *old;
+        f(captured);
+        let new = captured.weight();
+        inner.entries[i].0 = new;
+        inner.total = inner.total - old + new;
+        inner.evict(self.limit);
+    }
+
+    /// Newest first, at most `limit`, optionally of one tunnel.
+    pub fn list(&self, limit: usize, tunnel_name: Option<&str>) -> Vec<Captured> {
+        self.lock()
+            .entries
+            .iter()
+            .rev()
+            .map(|(_, c)| c)
+            .filter(|c| tunnel_name.is_none_or(|t| c.tunnel_name == t))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Captured> {
+        let inner = self.lock();
+        inner.position(id).map(|i| inner.entries[i].1.clone())
+    }
+
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.entries.clear();
+        inner.total = 0;
+    }
+
+    /// Estimated bytes held.
+    #[cfg(test)]
+    fn total(&self) -> u64 {
+        self.lock().total
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A capture with a body of `body` bytes.
+    pub(crate) fn captured(id: &str, tunnel: &str, body: usize) -> Captured {
+        Captured {
+            id: id.to_string(),
+            tunnel_name: tunnel.to_string(),
+            remote_addr: "203.0.113.7".into(),
+            client_addr: "203.0.113.7:5000".into(),
+            server_addr: "127.0.0.1:443".into(),
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            duration: None,
+            request: RequestHead {
+                method: Method::POST,
+                uri: "/items?x=1".into(),
+                version: Version::HTTP_11,
+                headers: HeaderMap::new(),
+            },
+            request_body: CapturedBody {
+                data: Bytes::from(vec![b'a'; body]),
+                size: body as u64,
+                state: BodyState::Complete,
+            },
+            response: None,
+            error: None,
+            replay_of: None,
+        }
+    }
+
+    #[test]
+    fn newest_first_filtered_and_limited() {
+        let store = Captures::new(1 << 20);
+        store.insert(captured("a", "web", 1));
+        store.insert(captured("b", "api", 1));
+        store.insert(captured("c", "web", 1));
+        let ids = |v: Vec<Captured>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list(10, None)), ["c", "b", "a"]);
+        assert_eq!(ids(store.list(10, Some("web"))), ["c", "a"]);
+        assert_eq!(ids(store.list(1, None)), ["c"]);
+        assert_eq!(store.get("b").unwrap().tunnel_name, "api");
+        assert!(store.get("zz").is_none());
+        store.clear();
+        assert!(store.list(10, None).is_empty());
+        assert_eq!(store.total(), 0);
+    }
+
+    #[test]
+    fn the_oldest_go_when_the_size_limit_is_passed() {
+        // Each capture weighs a little over 10 KB.
+        let store = Captures::new(35_000);
+        for id in ["a", "b", "c", "d"] {
+            store.insert(captured(id, "web", 10_000));
+        }
+        let ids: Vec<_> = store.list(10, None).into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, ["d", "c", "b"], "a was evicted");
+        assert!(store.total() <= 35_000);
+        // Growing a capture (its response arrives) evicts older ones too.
+        store.update("d", |c| {
+            c.response = Some(ResponseCapture {
+                status: StatusCode::OK,
+                version: Version::HTTP_11,
+                headers: HeaderMap::new(),
+                body: CapturedBody {
+                    data: Bytes::from(vec![b'r'; 10_000]),
+                    size: 10_000,
+                    state: BodyState::Complete,
+                },
+            })
+        });
+        let ids: Vec<_> = store.list(10, None).into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, ["d", "c"]);
+        assert!(store.total() <= 35_000);
+        // Updating an evicted capture is a no-op.
+        store.update("a", |c| c.error = Some("late".into()));
+        assert!(store.get("a").is_none());
+    }
+
+    #[test]
+    fn truncation_is_size_beyond_data() {
+        let mut body = CapturedBody {
+            data: Bytes::from_static(b"abc"),
+            size: 3,
+            state: BodyState::Complete,
+        };
+        assert!(!body.truncated());
+        body.size = 4;
+        assert!(body.truncated());
+    }
+}

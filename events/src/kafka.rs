@@ -1,0 +1,619 @@
+//! The Kafka destination: one delivery thread per subscription reads its
+//! spool in order and produces with an idempotent librdkafka producer,
+//! moving the spool's committed offset only on delivery reports.
+//!
+//! Guarantees and their limits:
+//! - **Nothing lost** while the spool is below its limits: a record leaves
+//!   the spool only after Kafka acknowledged it (`acks=all`). librdkafka
+//!   never gives up on a message (`message.timeout.ms=0`): the spool, not
+//!   librdkafka's timer, bounds how long events wait, and a finite timeout
+//!   would only turn in-flight messages into "possibly persisted" ones.
+//! - **Order per key** (the endpoint host): records go to librdkafka in
+//!   spool order, the default partitioner keeps a key on one partition,
+//!   and idempotence keeps order through librdkafka's retries. After a
+//!   failed delivery report nothing new is sent until every in-flight
+//!   record has reported; then the failed ones are sent again, in order.
+//! - **No duplicates from Postern's side** through outages and graceful
+//!   restarts: idempotence drops librdkafka's own retries at the broker,
+//!   and a record is re-sent only if its delivery failed or was never
+//!   confirmed. A crash (SIGKILL, power loss) can re-send up to 200 ms of
+//!   confirmed records (the committed offset is persisted at most every
+//!   200 ms), and a shutdown that purges in-flight messages re-sends those
+//!   (the broker may have stored them without the report arriving).
+//! - **Bounded memory**: at most `WINDOW_EVENTS` records / `WINDOW_BYTES`
+//!   are in librdkafka at once, and librdkafka's queue is capped to twice
+//!   that.
+//! - **A wedged producer is replaced**: when the broker answers (it is up
+//!   and responses arrive) but no delivery report came for `STALL`, the
+//!   producer is rebuilt with a new producer id and the records in flight
+//!   are sent again in order. This happens when a broker lost the
+//!   producer's state (a new cluster at the same address, or tansu's
+//!   memory storage after a restart): librdkafka then bumps the epoch and
+//!   retries forever. Records the broker had stored without answering for
+//!   `STALL` would be duplicated by this; a broker that answers other
+//!   requests but not produce requests for that long is not healthy.
+
+use std::{
+    collections::BTreeMap,
+    mem,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    ClientConfig, ClientContext,
+    error::{KafkaError, RDKafkaErrorCode as Code},
+    producer::{
+        BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+    },
+};
+
+use crate::{
+    KafkaDestination,
+    metrics::{EventMetrics, LogLimiter, add},
+    spool::{Record, Spool, SpoolReader},
+};
+
+/// Records handed to librdkafka and not yet reported, at most.
+const WINDOW_EVENTS: usize = 10_000;
+/// Bytes of those records, at most.
+const WINDOW_BYTES: usize = 16 << 20;
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often the thread wakes without news, to persist the offset.
+const TICK: Duration = Duration::from_millis(100);
+/// After the flush deadline: time for in-flight records to report.
+const LAST_REPORTS: Duration = Duration::from_millis(500);
+/// No delivery report for this long while the broker answers: the
+/// producer is wedged and is rebuilt.
+const STALL: Duration = Duration::from_secs(10);
+
+/// The librdkafka settings Postern chooses for a destination.
+pub(crate) fn producer_config(id: &str, dest: &KafkaDestination) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", dest.brokers.join(","))
+        .set("client.id", format!("postern-events-{id}"))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &dest.compression)
+        .set("linger.ms", dest.linger.as_millis().to_string())
+        .set("message.timeout.ms", "0")
+        .set(
+            "queue.buffering.max.messages",
+            (2 * WINDOW_EVENTS).to_string(),
+        )
+        .set(
+            "queue.buffering.max.kbytes",
+            (2 * WINDOW_BYTES / 1024).to_string(),
+        )
+        // Find a restarted broker within 2 s rather than librdkafka's 10 s.
+        .set("reconnect.backoff.max.ms", "2000")
+        // Broker state and response counts, for the wedge check.
+        .set("statistics.interval.ms", "1000");
+    if let Some(p) = &dest.security_protocol {
+        config.set("security.protocol", p);
+    }
+    if let Some(m) = &dest.sasl_mechanism {
+        config.set("sasl.mechanism", m);
+    }
+    if let Some(u) = &dest.sasl_username {
+        config.set("sasl.username", u);
+    }
+    if let Some(p) = &dest.sasl_password {
+        config.set("sasl.password", p.expose());
+    }
+    config
+}
+
+/// A delivery report: producer generation, seq, result.
+type Report = (u64, u64, Result<(), KafkaError>);
+
+/// What the delivery thread learns from outside: delivery reports, new
+/// records in the spool, the broker's health, and when to finish.
+#[derive(Default)]
+struct Inbox {
+    reports: Vec<Report>,
+    news: bool,
+    finish_by: Option<Instant>,
+    health: Health,
+}
+
+/// From librdkafka's statistics.
+#[derive(Clone, Copy, Default)]
+struct Health {
+    /// Some broker connection is up.
+    up: bool,
+    /// Responses received from brokers so far.
+    responses: i64,
+}
+
+#[derive(Default)]
+struct Shared {
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().expect("delivery inbox lock")
+    }
+}
+
+/// Lets the writer tell the delivery thread about new records.
+#[derive(Clone)]
+pub(crate) struct Notify(Arc<Shared>);
+
+impl Notify {
+    pub(crate) fn records_written(&self) {
+        self.0.lock().news = true;
+        self.0.wake.notify_one();
+    }
+}
+
+struct Context {
+    shared: Arc<Shared>,
+    id: String,
+    generation: u64,
+    errors: Arc<LogLimiter>,
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(n) = self.errors.hit() {
+            tracing::warn!(subscription = %self.id, %error, reason, occurrences = n, "Kafka client error");
+        }
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Broker {
+            state: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            rx: i64,
+            brokers: std::collections::HashMap<String, Broker>,
+        }
+        if let Ok(stats) = serde_json::from_slice::<Stats>(statistics) {
+            self.shared.lock().health = Health {
+                up: stats.brokers.values().any(|b| b.state == "UP"),
+                responses: stats.rx,
+            };
+        }
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let result = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.shared
+            .lock()
+            .reports
+            .push((self.generation, seq as u64, result));
+        self.shared.wake.notify_one();
+    }
+}
+
+fn create_producer(
+    config: &ClientConfig,
+    shared: &Arc<Shared>,
+    id: &str,
+    generation: u64,
+    errors: &Arc<LogLimiter>,
+) -> Result<ThreadedProducer<Context>, KafkaError> {
+    config.create_with_context(Context {
+        shared: shared.clone(),
+        id: id.to_string(),
+        generation,
+        errors: errors.clone(),
+    })
+}
+
+/// Errors that no retry can fix: the record is dropped and counted.
+fn permanent(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::InvalidRecord
+                | Code::BadMessage
+        )
+    )
+}
+
+/// How a delivery thread ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct DeliveryOutcome {
+    /// Records left in the spool for the next start.
+    pub undelivered: u64,
+}
+
+/// A running delivery thread.
+pub(crate) struct KafkaDelivery {
+    shared: Arc<Shared>,
+    thread: Option<thread::JoinHandle<DeliveryOutcome>>,
+}
+
+impl KafkaDelivery {
+    pub(crate) fn start(
+        id: &str,
+        dest: &KafkaDestination,
+        spool: Arc<Spool>,
+        metrics: Arc<EventMetrics>,
+    ) -> Result<(KafkaDelivery, Notify), KafkaError> {
+        let shared = Arc::new(Shared::default());
+        let config = producer_config(id, dest);
+        let errors = Arc::new(LogLimiter::new(Duration::from_secs(10)));
+        let producer = create_producer(&config, &shared, id, 0, &errors)?;
+        let run = Run {
+            id: id.to_string(),
+            config,
+            errors,
+            generation: 0,
+            producer,
+            reader: spool.reader(),
+            spool,
+            shared: shared.clone(),
+            metrics,
+            window: BTreeMap::new(),
+            window_bytes: 0,
+            unsent: None,
+            retry_at: None,
+            backoff: RETRY_FIRST,
+            failures: LogLimiter::new(Duration::from_secs(10)),
+            progress: (Instant::now(), 0),
+        };
+        let thread = thread::Builder::new()
+            .name(format!("events-kafka-{id}"))
+            .spawn(move || run.run())
+            .map_err(|e| {
+                KafkaError::ClientCreation(format!("starting the delivery thread: {e}"))
+            })?;
+        Ok((
+            KafkaDelivery {
+                shared: shared.clone(),
+                thread: Some(thread),
+            },
+            Notify(shared),
+        ))
+    }
+
+    /// Asks the thread to deliver what it can by `deadline`, then stop.
+    pub(crate) fn finish_by(&self, deadline: Instant) {
+        self.shared.lock().finish_by = Some(deadline);
+        self.shared.wake.notify_one();
+    }
+
+    /// Waits for the thread (after [`KafkaDelivery::finish_by`]).
+    pub(crate) fn join(mut self) -> DeliveryOutcome {
+        match self.thread.take().map(thread::JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => {
+                tracing::error!("the Kafka delivery thread panicked");
+                DeliveryOutcome::default()
+            }
+            None => DeliveryOutcome::default(),
+        }
+    }
+}
+
+impl Drop for KafkaDelivery {
+    /// Dropped without `join` (a failed start, a test that panicked):
+    /// the thread stops at once; what it did not deliver stays spooled.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.finish_by(Instant::now());
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Slot {
+    InFlight,
+    Acked,
+    Failed,
+}
+
+struct Run {
+    id: String,
+    config: ClientConfig,
+    errors: Arc<LogLimiter>,
+    /// Which producer this is; reports of earlier ones are ignored.
+    generation: u64,
+    producer: ThreadedProducer<Context>,
+    reader: SpoolReader,
+    spool: Arc<Spool>,
+    shared: Arc<Shared>,
+    metrics: Arc<EventMetrics>,
+    /// Records sent and not yet out of the window, by seq.
+    window: BTreeMap<u64, (Slot, Record)>,
+    window_bytes: usize,
+    /// Read from the spool but not accepted by librdkafka yet.
+    unsent: Option<(u64, Record)>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    failures: LogLimiter,
+    /// When the last report arrived (or the window filled from empty),
+    /// and the broker responses counted then.
+    progress: (Instant, i64),
+}
+
+enum Sent {
+    Ok,
+    QueueFull,
+    Dropped,
+    Retry,
+}
+
+impl Run {
+    fn run(mut self) -> DeliveryOutcome {
+        loop {
+            let (reports, finish_by, health) = {
+                let mut inbox = self.shared.lock();
+                inbox.news = false;
+                (mem::take(&mut inbox.reports), inbox.finish_by, inbox.health)
+            };
+            if !reports.is_empty() || !self.in_flight() {
+                self.progress = (Instant::now(), health.responses);
+            }
+            for (generation, seq, result) in reports {
+                if generation == self.generation {
+                    self.report(seq, result);
+                }
+            }
+            self.commit(false);
+            let now = Instant::now();
+            if self.in_flight()
+                && health.up
+                && now.duration_since(self.progress.0) >= STALL
+                && health.responses > self.progress.1 + 2
+            {
+                self.rebuild(health.responses);
+            }
+            if let Some(deadline) = finish_by
+                && (self.all_delivered() || now >= deadline)
+            {
+                break;
+            }
+            self.send(now);
+            let mut wait = TICK;
+            if let Some(at) = self.retry_at
+                && at > now
+            {
+                wait = wait.min(at - now);
+            }
+            if let Some(deadline) = finish_by {
+                wait = wait.min(deadline.saturating_duration_since(now));
+            }
+            let inbox = self.shared.lock();
+            if inbox.reports.is_empty() && !inbox.news && inbox.finish_by == finish_by {
+                let _ = self.shared.wake.wait_timeout(inbox, wait);
+            }
+        }
+        self.finish()
+    }
+
+    fn in_flight(&self) -> bool {
+        self.window
+            .values()
+            .any(|(slot, _)| *slot == Slot::InFlight)
+    }
+
+    /// Replaces a wedged producer: the broker answers, nothing is
+    /// delivered. Records in flight are sent again, in order, by the new one.
+    fn rebuild(&mut self, responses: i64) {
+        self.progress = (Instant::now(), responses);
+        let generation = self.generation + 1;
+        let producer = match create_producer(
+            &self.config,
+            &self.shared,
+            &self.id,
+            generation,
+            &self.errors,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(subscription = %self.id, error = %e, "could not create a new Kafka producer");
+                return;
+            }
+        };
+        tracing::warn!(subscription = %self.id, stalled_for = ?STALL, "the broker answers but delivers nothing (it may have lost the producer's state); starting a new producer");
+        self.generation = generation;
+        let old = mem::replace(&mut self.producer, producer);
+        old.purge(PurgeConfig::default().queue().inflight());
+        drop(old);
+        for (slot, _) in self.window.values_mut() {
+            if *slot == Slot::InFlight {
+                *slot = Slot::Failed;
+            }
+        }
+        self.retry_at = None;
+        self.backoff = RETRY_FIRST;
+    }
+
+    fn all_delivered(&self) -> bool {
+        self.window.is_empty()
+            && self.unsent.is_none()
+            && self.spool.caught_up(self.reader.position())
+    }
+
+    fn report(&mut self, seq: u64, result: Result<(), KafkaError>) {
+        let Some((slot, _)) = self.window.get_mut(&seq) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                *slot = Slot::Acked;
+                add(&self.metrics.delivered, 1);
+                self.backoff = RETRY_FIRST;
+            }
+            Err(e) if permanent(&e) => {
+                *slot = Slot::Acked;
+                add(&self.metrics.failed, 1);
+                add(&self.metrics.dropped, 1);
+                tracing::error!(subscription = %self.id, seq, error = %e, "Kafka refused an event for good; dropped");
+            }
+            Err(e) => {
+                *slot = Slot::Failed;
+                add(&self.metrics.failed, 1);
+                self.retry_at = Some(Instant::now() + self.backoff);
+                if let Some(n) = self.failures.hit() {
+                    tracing::warn!(subscription = %self.id, error = %e, failures = n, retry_in = ?self.backoff, "Kafka delivery failed; the events stay spooled and are sent again");
+                }
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+
+    /// Drops acknowledged records from the front of the window and moves
+    /// the spool's committed offset to the first record not acknowledged.
+    fn commit(&mut self, force: bool) {
+        while let Some(entry) = self.window.first_entry() {
+            if entry.get().0 != Slot::Acked {
+                break;
+            }
+            let (_, record) = entry.remove();
+            self.window_bytes -= record.size();
+        }
+        let first_open = self
+            .window
+            .first_key_value()
+            .map(|(seq, _)| *seq)
+            .into_iter()
+            .chain(self.unsent.as_ref().map(|(seq, _)| *seq))
+            .min()
+            .unwrap_or(self.reader.position());
+        if let Err(e) = self.spool.commit(first_open, force) {
+            tracing::error!(subscription = %self.id, error = %e, "spool: could not persist the committed offset");
+        }
+    }
+
+    fn send(&mut self, now: Instant) {
+        if self.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let failed: Vec<u64> = self
+            .window
+            .iter()
+            .filter(|(_, (slot, _))| *slot == Slot::Failed)
+            .map(|(seq, _)| *seq)
+            .collect();
+        if !failed.is_empty() {
+            if self
+                .window
+                .values()
+                .any(|(slot, _)| *slot == Slot::InFlight)
+            {
+                return; // resend in order once everything in flight has reported
+            }
+            self.retry_at = None;
+            for seq in failed {
+                let (_, record) = &self.window[&seq];
+                match self.produce(seq, record) {
+                    Sent::Ok => {
+                        self.window.get_mut(&seq).expect("in window").0 = Slot::InFlight;
+                    }
+                    Sent::Dropped => {
+                        self.window.get_mut(&seq).expect("in window").0 = Slot::Acked;
+                    }
+                    Sent::QueueFull | Sent::Retry => {
+                        self.retry_at.get_or_insert(now + self.backoff);
+                        return;
+                    }
+                }
+            }
+            return;
+        }
+        self.retry_at = None;
+        while self.window.len() < WINDOW_EVENTS && self.window_bytes < WINDOW_BYTES {
+            let (seq, record) = match self.unsent.take() {
+                Some(next) => next,
+                None => match self.reader.next() {
+                    Ok(Some(next)) => next,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::error!(subscription = %self.id, error = %e, "spool: read failed; trying again");
+                        self.retry_at = Some(now + self.backoff);
+                        return;
+                    }
+                },
+            };
+            match self.produce(seq, &record) {
+                Sent::Ok => {
+                    add(&self.metrics.produced, 1);
+                    self.window_bytes += record.size();
+                    self.window.insert(seq, (Slot::InFlight, record));
+                }
+                Sent::Dropped => {
+                    self.window_bytes += record.size();
+                    self.window.insert(seq, (Slot::Acked, record));
+                }
+                Sent::QueueFull => {
+                    self.unsent = Some((seq, record));
+                    return;
+                }
+                Sent::Retry => {
+                    self.unsent = Some((seq, record));
+                    self.retry_at = Some(now + self.backoff);
+                    self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn produce(&self, seq: u64, record: &Record) -> Sent {
+        let mut base = BaseRecord::with_opaque_to(&record.topic, seq as usize)
+            .payload(record.value.as_slice());
+        if let Some(key) = &record.key {
+            base = base.key(key.as_str());
+        }
+        match self.producer.send(base) {
+            Ok(()) => Sent::Ok,
+            Err((KafkaError::MessageProduction(Code::QueueFull), _)) => Sent::QueueFull,
+            Err((e, _)) if permanent(&e) => {
+                add(&self.metrics.failed, 1);
+                add(&self.metrics.dropped, 1);
+                tracing::error!(subscription = %self.id, seq, error = %e, "Kafka refused an event for good; dropped");
+                Sent::Dropped
+            }
+            Err((e, _)) => {
+                add(&self.metrics.failed, 1);
+                if let Some(n) = self.failures.hit() {
+                    tracing::warn!(subscription = %self.id, error = %e, failures = n, "could not hand an event to librdkafka; trying again");
+                }
+                Sent::Retry
+            }
+        }
+    }
+
+    /// After the deadline: let what is in flight report for a moment, keep
+    /// what was confirmed, and leave the rest in the spool.
+    fn finish(mut self) -> DeliveryOutcome {
+        if !self.window.is_empty() {
+            self.producer.purge(PurgeConfig::default().queue());
+            let _ = self.producer.flush(LAST_REPORTS);
+            let reports = mem::take(&mut self.shared.lock().reports);
+            for (generation, seq, result) in reports {
+                if generation == self.generation && result.is_ok() {
+                    self.report(seq, result);
+                }
+            }
+        }
+        self.commit(true);
+        DeliveryOutcome {
+            undelivered: self.spool.pending(),
+        }
+        // Dropping the producer purges whatever is still in flight; those
+        // records are not committed, so the next start sends them.
+    }
+}
