@@ -4,6 +4,9 @@
 #   bench/run.sh            full run (3 rounds x 10 s per measurement, ~25 min)
 #   bench/run.sh --quick    smoke test (1 round x 2 s, small N)
 #   bench/run.sh --help     harness options (workload/system selection, ...)
+#   bench/run.sh --rev=HEAD [...]   benchmark a committed revision instead of
+#                           the working tree (built from `git archive` in
+#                           bench/out/src with its own target dir)
 #
 # It installs what it compares against when missing (nginx, wrk, iperf3,
 # gnuplot, perf from Debian; rathole from crates.io into bench/.tools),
@@ -16,10 +19,14 @@ BENCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$BENCH")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 
+REV=""
+ARGS=()
 for arg in "$@"; do
-    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-        exec python3 "$BENCH/harness.py" --help
-    fi
+    case "$arg" in
+        -h | --help) exec python3 "$BENCH/harness.py" --help ;;
+        --rev=*) REV="${arg#--rev=}" ;;
+        *) ARGS+=("$arg") ;;
+    esac
 done
 
 log() { printf '\n== %s\n' "$*" >&2; }
@@ -50,28 +57,67 @@ if [[ ! -x "$BENCH/.tools/bin/rathole" ]]; then
 fi
 
 # --- Postern and the load agent --------------------------------------------
-log "cargo build --release (postern-edge, postern)"
-(cd "$REPO" && cargo build --release --bin postern-edge --bin postern)
+SRC="$REPO"
+if [[ -n "$REV" ]]; then
+    SHA="$(git -C "$REPO" rev-parse --short "$REV")"
+    log "exporting $REV ($SHA) to bench/out/src"
+    SRC="$BENCH/out/src"
+    rm -rf "$SRC"
+    mkdir -p "$SRC"
+    git -C "$REPO" archive "$SHA" | tar -x -C "$SRC"
+    # The load agent as it is now, built against that revision's agent crate.
+    rm -rf "$SRC/bench"
+    mkdir -p "$SRC/bench/loadagent"
+    cp -r "$BENCH/loadagent/Cargo.toml" "$BENCH/loadagent/src" "$SRC/bench/loadagent/"
+    # Its own target dir, so the workspace's target/release stays the other
+    # builds' own.
+    export CARGO_TARGET_DIR="$BENCH/out/target"
+    if [[ ! -d "$CARGO_TARGET_DIR/release" && -d "$REPO/target/release" ]]; then
+        # Seed it with the workspace's compiled dependencies (saves ~10 min).
+        mkdir -p "$CARGO_TARGET_DIR"
+        cp -a "$REPO/target/release" "$CARGO_TARGET_DIR/release"
+    fi
+    export POSTERN_BENCH_SOURCE="git $SHA (committed revision $REV, built from git archive)"
+else
+    dirty=""
+    [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no -- proto edge-node ingress-gateway agent 2>/dev/null)" ]] \
+        && dirty=", with uncommitted changes"
+    export POSTERN_BENCH_SOURCE="working tree at git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$dirty"
+fi
+
+log "cargo build --release (postern-edge, postern) in $SRC"
+(cd "$SRC" && cargo build --release --bin postern-edge --bin postern)
 
 log "cargo build --release (bench/loadagent)"
 # Start from the workspace's lock file so the shared crates resolve to the
-# same versions and their compiled artifacts in target/ are reused.
-cp "$REPO/Cargo.lock" "$BENCH/loadagent/Cargo.lock"
-cargo build --release --manifest-path "$BENCH/loadagent/Cargo.toml"
+# same versions and their compiled artifacts in the target dir are reused.
+cp "$SRC/Cargo.lock" "$SRC/bench/loadagent/Cargo.lock"
+cargo build --release --manifest-path "$SRC/bench/loadagent/Cargo.toml"
+
+# Run private copies: a rebuild elsewhere during the run must not swap the
+# binaries between rounds.
+mkdir -p "$BENCH/out/bin"
+for b in postern-edge postern postern-loadagent; do
+    cp "$CARGO_TARGET_DIR/release/$b" "$BENCH/out/bin/$b.new"
+    mv -f "$BENCH/out/bin/$b.new" "$BENCH/out/bin/$b"
+done
+export POSTERN_BIN_DIR="$BENCH/out/bin"
 
 # --- run -------------------------------------------------------------------
 mkdir -p "$BENCH/out/run"
 PIDS="$BENCH/out/run/pids"
 cleanup() {
     # The harness stops what it started; this is the backstop if it died.
-    # Only the PIDs it recorded are signalled.
+    # Only the PIDs it recorded, and only while they still run the recorded
+    # program (a PID can be reused).
+    ours() { [[ -n "$1" && -r "/proc/$1/cmdline" ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF -- "$2"; }
     if [[ -f "$PIDS" ]]; then
-        while read -r pid _name; do
-            [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null || true
+        while read -r pid exe; do
+            if ours "$pid" "$exe"; then kill -TERM "$pid" 2>/dev/null || true; fi
         done <"$PIDS"
         sleep 1
-        while read -r pid _name; do
-            [[ -n "$pid" ]] && kill -KILL "$pid" 2>/dev/null || true
+        while read -r pid exe; do
+            if ours "$pid" "$exe"; then kill -KILL "$pid" 2>/dev/null || true; fi
         done <"$PIDS"
         rm -f "$PIDS"
     fi
@@ -79,4 +125,4 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-python3 "$BENCH/harness.py" "$@"
+python3 "$BENCH/harness.py" "${ARGS[@]}"

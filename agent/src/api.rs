@@ -12,7 +12,7 @@ mod guard;
 mod json;
 mod routes;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -21,7 +21,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub use config::{RawWebAuth, WebAddr, WebAuth, WebConfig};
 pub use guard::HostRule;
 
-use crate::state::AgentState;
+use crate::{
+    config::{Proto, TunnelSpec},
+    state::AgentState,
+};
 
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,13 +38,38 @@ pub(crate) fn spawn(
 ) -> anyhow::Result<JoinHandle<()>> {
     let listener = TcpListener::from_std(listener)
         .map_err(|e| anyhow::anyhow!("web_addr: using the listener: {e}"))?;
+    let web_addr = listener.local_addr()?;
+    for t in state.tunnels() {
+        warn_if_open(&state, &t.target.spec, web_addr);
+    }
     let api = Arc::new(routes::Api {
         state,
-        web_addr: listener.local_addr()?,
+        web_addr,
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
     });
     Ok(tokio::spawn(serve(listener, api, shutdown)))
+}
+
+/// Whether a tunnel publishes this API: an HTTP tunnel to a loopback
+/// address on the API's port.
+pub(crate) fn forwards_to_api(spec: &TunnelSpec, web_addr: SocketAddr) -> bool {
+    let host = &spec.upstream.host;
+    let local = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip == web_addr.ip());
+    spec.proto == Proto::Http && spec.upstream.port == web_addr.port() && local
+}
+
+/// Warns when a tunnel publishes an API that asks for no credentials.
+pub(crate) fn warn_if_open(state: &AgentState, spec: &TunnelSpec, web_addr: SocketAddr) {
+    if matches!(state.config.web.auth, WebAuth::Open) && forwards_to_api(spec, web_addr) {
+        tracing::warn!(
+            tunnel = %spec.name,
+            "this tunnel publishes the agent API without web_auth: whoever reaches it can start tunnels"
+        );
+    }
 }
 
 async fn serve(listener: TcpListener, api: Arc<routes::Api>, shutdown: CancellationToken) {

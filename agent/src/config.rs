@@ -661,6 +661,13 @@ pub(crate) fn api_tunnel(
 ) -> anyhow::Result<TunnelSpec> {
     if let Value::Mapping(map) = &mut body {
         drop_ignored(map, IGNORED_TUNNEL_KEYS, "");
+        // Key by key first, so that a value of the wrong type is named.
+        for (key, value) in map.iter() {
+            let one = Mapping::from_iter([(key.clone(), value.clone())]);
+            if let Err(e) = RawTunnel::deserialize(Value::Mapping(one)) {
+                bail!("{}: {e}", key.as_str().unwrap_or("?"));
+            }
+        }
     }
     let raw = RawTunnel::deserialize(body).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut spec = raw.validate(name)?;

@@ -72,7 +72,7 @@ enum Command {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         upstream_tls_verify: bool,
         #[command(flatten)]
-        auth: postern_agent::AuthFlags,
+        auth: Box<postern_agent::AuthFlags>,
     },
     /// Serve a TLS endpoint routed by SNI.
     Tls {
@@ -154,7 +154,8 @@ impl CidrFlags {
         if self.allow.is_empty() && self.deny.is_empty() {
             return None;
         }
-        let list = |v: &[String]| Value::Sequence(v.iter().map(|c| Value::from(c.as_str())).collect());
+        let list =
+            |v: &[String]| Value::Sequence(v.iter().map(|c| Value::from(c.as_str())).collect());
         let mut map = Mapping::new();
         map.insert(Value::from("allow_cidrs"), list(&self.allow));
         map.insert(Value::from("deny_cidrs"), list(&self.deny));

@@ -200,7 +200,8 @@ impl AuthFlags {
         }
         let text = |s: &Option<String>| s.clone().map(Value::from);
         let list = |v: &[String]| {
-            (!v.is_empty()).then(|| Value::Sequence(v.iter().map(|s| Value::from(s.as_str())).collect()))
+            (!v.is_empty())
+                .then(|| Value::Sequence(v.iter().map(|s| Value::from(s.as_str())).collect()))
         };
         let oauth = map(vec![
             ("provider", text(&self.oauth)),
@@ -249,10 +250,14 @@ impl Common<'_> {
     fn apply(&self, field: &str, spec: &mut OAuthSpec) -> anyhow::Result<()> {
         spec.allow_emails = self.allow_emails.to_vec();
         spec.allow_domains = self.allow_domains.to_vec();
-        spec.auth_check_interval_secs =
-            seconds(&format!("{field}.auth_check_interval"), self.auth_check_interval)?;
-        spec.inactivity_timeout_secs =
-            seconds(&format!("{field}.inactivity_timeout"), self.inactivity_timeout)?;
+        spec.auth_check_interval_secs = seconds(
+            &format!("{field}.auth_check_interval"),
+            self.auth_check_interval,
+        )?;
+        spec.inactivity_timeout_secs = seconds(
+            &format!("{field}.inactivity_timeout"),
+            self.inactivity_timeout,
+        )?;
         spec.maximum_duration_secs =
             seconds(&format!("{field}.maximum_duration"), self.maximum_duration)?;
         spec.options_passthrough = self.options_passthrough;
@@ -284,7 +289,12 @@ pub fn spec(
                 provider,
                 client_id: raw.client_id.clone().unwrap_or_default(),
                 client_secret: Secret::new(raw.client_secret.clone().unwrap_or_default()),
-                scopes: raw.scopes.iter().chain(&raw.oauth_scopes).cloned().collect(),
+                scopes: raw
+                    .scopes
+                    .iter()
+                    .chain(&raw.oauth_scopes)
+                    .cloned()
+                    .collect(),
                 ..Default::default()
             };
             common!(raw).apply(&field, &mut spec)?;
@@ -360,11 +370,18 @@ mod tests {
 
     #[test]
     fn oidc_and_errors_name_the_field() {
-        let raw: RawOidc = parse("issuer_url: https://idp.example\nclient_id: c\nclient_secret: s\n");
+        let raw: RawOidc =
+            parse("issuer_url: https://idp.example\nclient_id: c\nclient_secret: s\n");
         let s = spec("tunnels.w", true, None, Some(&raw)).unwrap().unwrap();
-        assert_eq!((s.provider.as_str(), s.issuer_url.as_str()), ("oidc", "https://idp.example"));
+        assert_eq!(
+            (s.provider.as_str(), s.issuer_url.as_str()),
+            ("oidc", "https://idp.example")
+        );
         let cases: Vec<(anyhow::Error, &str)> = vec![
-            (spec("tunnels.w", false, None, Some(&raw)).unwrap_err(), "tunnels.w.oidc"),
+            (
+                spec("tunnels.w", false, None, Some(&raw)).unwrap_err(),
+                "tunnels.w.oidc",
+            ),
             (
                 spec("tunnels.w", true, Some(&RawOAuth::default()), Some(&raw)).unwrap_err(),
                 "tunnels.w.oidc",
@@ -374,18 +391,31 @@ mod tests {
                 "tunnels.w.oauth.provider",
             ),
             (
-                spec("tunnels.w", true, Some(&parse("provider: x\nmaximum_duration: 1500ms\n")), None)
-                    .unwrap_err(),
+                spec(
+                    "tunnels.w",
+                    true,
+                    Some(&parse("provider: x\nmaximum_duration: 1500ms\n")),
+                    None,
+                )
+                .unwrap_err(),
                 "tunnels.w.oauth.maximum_duration",
             ),
             (
-                spec("tunnels.w", true, Some(&parse("provider: x\ninactivity_timeout: soon\n")), None)
-                    .unwrap_err(),
+                spec(
+                    "tunnels.w",
+                    true,
+                    Some(&parse("provider: x\ninactivity_timeout: soon\n")),
+                    None,
+                )
+                .unwrap_err(),
                 "tunnels.w.oauth.inactivity_timeout",
             ),
         ];
         for (err, field) in cases {
-            assert!(format!("{err:#}").contains(field), "{field:?} not in {err:#}");
+            assert!(
+                format!("{err:#}").contains(field),
+                "{field:?} not in {err:#}"
+            );
         }
     }
 }

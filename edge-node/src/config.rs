@@ -98,6 +98,8 @@ pub struct RawListen {
     pub https: Option<String>,
     /// Admin API. Default `127.0.0.1:9090`; `""` turns it off.
     pub admin: Option<String>,
+    /// `/metrics`, `/healthz` and `/readyz`. Default `127.0.0.1:9100`; `""` turns it off.
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +254,7 @@ pub struct Listen {
     pub http: Option<SocketAddr>,
     pub https: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -383,6 +386,14 @@ impl RawConfig {
             Some("") => None,
             _ => Some(socket_addr("listen.http", &self.listen.http, "0.0.0.0:80")?),
         };
+        let metrics_addr = match self.listen.metrics.as_deref() {
+            Some("") => None,
+            _ => Some(socket_addr(
+                "listen.metrics",
+                &self.listen.metrics,
+                "127.0.0.1:9100",
+            )?),
+        };
         let admin_addr = match self.listen.admin.as_deref() {
             Some("") => None,
             _ => Some(socket_addr(
@@ -396,6 +407,7 @@ impl RawConfig {
             http,
             https: socket_addr("listen.https", &self.listen.https, "0.0.0.0:443")?,
             admin: admin_addr,
+            metrics: metrics_addr,
         };
         let mut key_hashes = Vec::new();
         for (i, key) in self.admin.api_keys.iter().enumerate() {
@@ -551,7 +563,11 @@ impl RawConfig {
                 )?,
                 max_header_bytes: self.limits.max_header_bytes.unwrap_or(60 * 1024),
                 max_headers: self.limits.max_headers.unwrap_or(100),
-                idle_timeout: duration("limits.idle_timeout", &self.limits.idle_timeout, Duration::from_secs(3600))?,
+                idle_timeout: duration(
+                    "limits.idle_timeout",
+                    &self.limits.idle_timeout,
+                    Duration::from_secs(3600),
+                )?,
                 h2_max_concurrent_streams: self.limits.h2_max_concurrent_streams.unwrap_or(100),
                 h2_stream_window: self.limits.h2_stream_window.unwrap_or(64 * 1024),
                 h2_connection_window: self.limits.h2_connection_window.unwrap_or(1024 * 1024),

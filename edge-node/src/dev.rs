@@ -77,6 +77,7 @@ pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
             http: Some("127.0.0.1:8080".into()),
             https: Some("127.0.0.1:8443".into()),
             admin: Some("127.0.0.1:9090".into()),
+            metrics: Some("127.0.0.1:9100".into()),
         },
         public: RawPublic {
             https_port: None,

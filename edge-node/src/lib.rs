@@ -10,9 +10,11 @@ mod auth;
 mod ca_store;
 mod config;
 mod dev;
+mod http_server;
 mod oauth;
 mod service;
 mod session;
+mod telemetry;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -34,6 +36,8 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
     pub https: TcpListener,
     pub admin: Option<TcpListener>,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -55,6 +59,10 @@ impl Listeners {
                 Some(addr) => Some(bind(addr, "admin").await?),
                 None => None,
             },
+            metrics: match config.listen.metrics {
+                Some(addr) => Some(bind(addr, "metrics").await?),
+                None => None,
+            },
         })
     }
 }
@@ -66,6 +74,7 @@ pub struct Addresses {
     pub http: Option<SocketAddr>,
     pub https: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running edge node.
@@ -78,6 +87,9 @@ pub struct Edge {
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     events: postern_events::EventPipeline,
+    telemetry: Option<http_server::ServerHandle>,
+    /// `/readyz`: true once serving, false from the start of a drain.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Edge {
@@ -133,6 +145,11 @@ impl Edge {
                 .as_ref()
                 .map(|l| l.local_addr())
                 .transpose()?,
+            metrics: listeners
+                .metrics
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
         };
         let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
             .context("starting the event pipeline")?;
@@ -166,6 +183,7 @@ impl Edge {
                 region: config.region.clone(),
                 node_id: config.node_id.clone(),
                 account_id: None,
+                metrics: Arc::default(),
             },
         );
         if let Some(http) = listeners.http {
@@ -217,6 +235,17 @@ impl Edge {
             http = ?addresses.http,
             "edge node started"
         );
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let telemetry = listeners.metrics.map(|listener| {
+            let state = telemetry::Telemetry {
+                gateway: gateway.clone(),
+                registry: registry.clone(),
+                region: config.region.clone(),
+                events: events.metrics_handle(),
+                ready: ready.clone(),
+            };
+            http_server::serve("metrics", listener, Arc::new(state), telemetry::handle)
+        });
         Ok(Edge {
             config,
             addresses,
@@ -226,6 +255,8 @@ impl Edge {
             stop_grpc,
             grpc,
             events,
+            telemetry,
+            ready,
         })
     }
 
@@ -246,11 +277,18 @@ impl Edge {
         stats
     }
 
+    /// The endpoints bound on this node.
+    pub fn endpoints(&self) -> Vec<Arc<postern_ingress::Endpoint>> {
+        self.gateway.endpoints()
+    }
+
     /// Drains: refuse new sessions and connections, let in-flight work
     /// finish within the grace period, then close agent sessions, then
     /// flush the event pipeline (bounded by `events.flush_timeout`).
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!(grace = ?self.config.drain_grace, "draining");
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.registry.start_drain();
         self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
@@ -268,6 +306,9 @@ impl Edge {
         };
         // Last, so that the events of connections closed above are in.
         self.events.shutdown().await;
+        if let Some(telemetry) = self.telemetry {
+            telemetry.shutdown().await;
+        }
         grpc?;
         tracing::info!("edge node stopped");
         Ok(())

@@ -97,7 +97,8 @@ fn redis_url(field: &str, url: &str) -> anyhow::Result<String> {
 }
 
 fn read_pem_certs(field: &str, path: &PathBuf) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("{field}: reading {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("{field}: reading {}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{field}: {}: {e}", path.display()))?;
@@ -110,15 +111,23 @@ fn read_pem_certs(field: &str, path: &PathBuf) -> anyhow::Result<Vec<Certificate
 impl RawOAuth {
     pub fn validate(self, domain: &str) -> anyhow::Result<OAuthConfig> {
         let auth_host = match &self.auth_host {
-            Some(host) => normalize_name(host).with_context(|| format!("oauth.auth_host: {host:?}"))?,
+            Some(host) => {
+                normalize_name(host).with_context(|| format!("oauth.auth_host: {host:?}"))?
+            }
             None => format!("auth.{domain}"),
         };
-        let timeout = duration("oauth.redis_timeout", &self.redis_timeout, Duration::from_millis(300))?;
+        let timeout = duration(
+            "oauth.redis_timeout",
+            &self.redis_timeout,
+            Duration::from_millis(300),
+        )?;
         if timeout.is_zero() {
             bail!("oauth.redis_timeout: must not be zero");
         }
         let target = match (&self.redis_url, self.redis_cluster.as_slice()) {
-            (Some(_), [_, ..]) => bail!("oauth.redis_url and oauth.redis_cluster: give one of them"),
+            (Some(_), [_, ..]) => {
+                bail!("oauth.redis_url and oauth.redis_cluster: give one of them")
+            }
             (Some(url), []) => Some(RedisTarget::Single(redis_url("oauth.redis_url", url)?)),
             (None, []) => None,
             (None, urls) => Some(RedisTarget::Cluster(
@@ -129,7 +138,9 @@ impl RawOAuth {
             )),
         };
         let session_key = match self.session_key {
-            Some(key) if key.len() < 32 => bail!("oauth.session_key: must be at least 32 characters"),
+            Some(key) if key.len() < 32 => {
+                bail!("oauth.session_key: must be at least 32 characters")
+            }
             Some(key) => Some(Secret::new(key)),
             None if target.is_some() => bail!(
                 "oauth.session_key: required with Redis (every node sharing it must seal with the same key)"
@@ -148,17 +159,30 @@ impl RawOAuth {
                 ca_pem: self
                     .redis_ca
                     .as_ref()
-                    .map(|p| std::fs::read(p).with_context(|| format!("oauth.redis_ca: reading {}", p.display())))
+                    .map(|p| {
+                        std::fs::read(p)
+                            .with_context(|| format!("oauth.redis_ca: reading {}", p.display()))
+                    })
                     .transpose()?,
                 timeout,
-                key_prefix: self.redis_key_prefix.unwrap_or_else(|| "postern:oauth:".into()),
+                key_prefix: self
+                    .redis_key_prefix
+                    .unwrap_or_else(|| "postern:oauth:".into()),
             }),
         };
-        let login_timeout = duration("oauth.login_timeout", &self.login_timeout, Duration::from_secs(15 * 60))?;
+        let login_timeout = duration(
+            "oauth.login_timeout",
+            &self.login_timeout,
+            Duration::from_secs(15 * 60),
+        )?;
         if login_timeout < Duration::from_secs(1) {
             bail!("oauth.login_timeout: must be at least 1s");
         }
-        let idp_timeout = duration("oauth.idp_timeout", &self.idp_timeout, Duration::from_secs(5))?;
+        let idp_timeout = duration(
+            "oauth.idp_timeout",
+            &self.idp_timeout,
+            Duration::from_secs(5),
+        )?;
         if idp_timeout.is_zero() {
             bail!("oauth.idp_timeout: must not be zero");
         }
@@ -186,7 +210,9 @@ impl RawOAuth {
 pub fn service(config: &OAuthConfig, https_port: u16) -> anyhow::Result<Arc<OAuthService>> {
     let store: Arc<dyn SessionStore> = match &config.store {
         StoreConfig::Memory => {
-            tracing::info!("OAuth sessions are kept in this node's memory (no oauth.redis_url): per node, lost on restart");
+            tracing::info!(
+                "OAuth sessions are kept in this node's memory (no oauth.redis_url): per node, lost on restart"
+            );
             Arc::new(MemoryStore::new())
         }
         StoreConfig::Redis(options) => {
@@ -278,7 +304,10 @@ mod tests {
         for (text, field) in [
             ("redis_url = \"redis://x:1\"", "oauth.session_key"),
             ("session_key = \"short\"", "oauth.session_key"),
-            ("redis_url = \"http://x:1\"\nsession_key = \"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk\"", "oauth.redis_url"),
+            (
+                "redis_url = \"http://x:1\"\nsession_key = \"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk\"",
+                "oauth.redis_url",
+            ),
             (
                 "redis_cluster = [\"redis://a:1\", \"tcp://b:2\"]\nsession_key = \"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk\"",
                 "oauth.redis_cluster[1]",

@@ -14,8 +14,8 @@ use std::{
 
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
-    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, MAX_CAS, MtlsPolicy, Protocol,
-    StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
+    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, MAX_CAS, MtlsPolicy,
+    Protocol, StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
@@ -169,7 +169,9 @@ impl Registry {
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
             cut_connection,
-            streams: Arc::new(tokio::sync::Semaphore::new(self.settings.limits.streams_per_session)),
+            streams: Arc::new(tokio::sync::Semaphore::new(
+                self.settings.limits.streams_per_session,
+            )),
         });
         sessions.insert(session.id.clone(), session.clone());
         drop(sessions);
@@ -354,10 +356,11 @@ impl Registry {
             mutual_tls: None,
             oauth: None,
             ip_policy: match &req.ip_restriction {
-                Some(r) if !(r.allow_cidrs.is_empty() && r.deny_cidrs.is_empty()) => Some(Arc::new(
-                    IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs)
-                        .map_err(|e| Failure::new(ErrorCode::INVALID_BIND, format!("ip_restriction.{e}")))?,
-                )),
+                Some(r) if !(r.allow_cidrs.is_empty() && r.deny_cidrs.is_empty()) => Some(
+                    Arc::new(IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs).map_err(|e| {
+                        Failure::new(ErrorCode::INVALID_BIND, format!("ip_restriction.{e}"))
+                    })?),
+                ),
                 _ => None,
             },
         };

@@ -35,7 +35,7 @@ pub use event::*;
 pub use filter::{FILTERABLE_FIELDS, Filter, FilterError, FilterInput};
 pub use memory::MemorySink;
 pub use metrics::{EventMetrics, MetricsSnapshot};
-pub use pipeline::{EventPipeline, EventsError, ShutdownReport, event_key};
+pub use pipeline::{EventPipeline, EventsError, MetricsHandle, ShutdownReport, event_key};
 pub use schema::{HTTP_REQUEST_COMPLETE_SCHEMA, TCP_CONNECTION_CLOSED_SCHEMA, field_paths, schema};
 pub use select::FieldSelection;
 #[cfg(feature = "kafka")]

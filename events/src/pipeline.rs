@@ -192,6 +192,22 @@ impl EventSink for Front {
     }
 }
 
+/// Reads a pipeline's totals.
+#[derive(Clone)]
+pub struct MetricsHandle {
+    front: Arc<Front>,
+    subscriptions: Vec<Arc<EventMetrics>>,
+}
+
+impl MetricsHandle {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        self.subscriptions
+            .iter()
+            .map(|m| m.snapshot())
+            .fold(self.front.metrics.snapshot(), MetricsSnapshot::merge)
+    }
+}
+
 /// A running pipeline: the sink the gateway publishes into, the writer
 /// thread and one delivery thread per Kafka subscription.
 pub struct EventPipeline {
@@ -334,10 +350,15 @@ impl EventPipeline {
 
     /// Totals over the queue and every subscription.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.subscriptions
-            .iter()
-            .map(|(_, m)| m.snapshot())
-            .fold(self.front.metrics.snapshot(), MetricsSnapshot::merge)
+        self.metrics_handle().snapshot()
+    }
+
+    /// A handle that reads the totals later, from elsewhere (`/metrics`).
+    pub fn metrics_handle(&self) -> MetricsHandle {
+        MetricsHandle {
+            front: self.front.clone(),
+            subscriptions: self.subscriptions.iter().map(|(_, m)| m.clone()).collect(),
+        }
     }
 
     /// Each subscription's own counters.

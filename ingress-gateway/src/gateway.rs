@@ -37,6 +37,7 @@ use crate::{
     endpoint::{Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool},
     ip::{IpPolicy, TrustedProxies},
+    metrics::Metrics,
     mtls::{ClientIdentity, MtlsPolicy, RequestClientCert, RequireClientCert},
     oauth::{Gate, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
@@ -150,6 +151,8 @@ pub struct Stats {
     pub tls_bad_client_hello: AtomicU64,
     pub tls_client_hello_timeout: AtomicU64,
     pub tls_handshake_failed: AtomicU64,
+    /// Handshakes refused for a missing or bad client certificate (mTLS).
+    pub tls_bad_client_cert: AtomicU64,
     pub accept_errors: AtomicU64,
     pub http_requests: AtomicU64,
     pub tcp_connections: AtomicU64,
@@ -176,6 +179,7 @@ impl Stats {
                 get(&self.tls_client_hello_timeout),
             ),
             ("tls_handshake_failed", get(&self.tls_handshake_failed)),
+            ("tls_bad_client_cert", get(&self.tls_bad_client_cert)),
             ("accept_errors", get(&self.accept_errors)),
             ("http_requests", get(&self.http_requests)),
             ("tcp_connections", get(&self.tcp_connections)),
@@ -203,7 +207,13 @@ struct Route {
     oauth: Option<Arc<OAuthEndpoint>>,
 }
 
-enum Binding {
+/// Where an endpoint is bound, by id.
+struct Binding {
+    endpoint: Arc<Endpoint>,
+    place: Place,
+}
+
+enum Place {
     Domain(DomainPattern),
     Port(CancellationToken),
 }
@@ -286,6 +296,11 @@ impl Gateway {
 
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// Requests and connections by endpoint.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.outcomes.metrics
     }
 
     /// Visitor connections open now.
@@ -415,11 +430,13 @@ impl Gateway {
                     format!("{domain} is already bound by another agent session"),
                 )
             })?;
-        self.inner
-            .bindings
-            .lock()
-            .expect("bindings lock")
-            .insert(id, Binding::Domain(domain));
+        self.inner.bindings.lock().expect("bindings lock").insert(
+            id,
+            Binding {
+                endpoint: endpoint.clone(),
+                place: Place::Domain(domain),
+            },
+        );
         Ok(endpoint)
     }
 
@@ -471,11 +488,13 @@ impl Gateway {
             source,
         });
         let token = self.inner.stop_accepting.child_token();
-        self.inner
-            .bindings
-            .lock()
-            .expect("bindings lock")
-            .insert(id, Binding::Port(token.clone()));
+        self.inner.bindings.lock().expect("bindings lock").insert(
+            id,
+            Binding {
+                endpoint: endpoint.clone(),
+                place: Place::Port(token.clone()),
+            },
+        );
         let served = endpoint.clone();
         let policy = spec.ip_policy.clone();
         spawn_accept_loop(
@@ -527,6 +546,12 @@ impl Gateway {
         Ok(endpoint)
     }
 
+    /// The bound endpoints.
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        let bindings = self.inner.bindings.lock().expect("bindings lock");
+        bindings.values().map(|b| b.endpoint.clone()).collect()
+    }
+
     /// Removes an endpoint; its TCP listener stops at once, connections in
     /// flight keep going until they end.
     pub fn remove(&self, endpoint_id: &str) -> bool {
@@ -536,8 +561,8 @@ impl Gateway {
             .lock()
             .expect("bindings lock")
             .remove(endpoint_id);
-        match binding {
-            Some(Binding::Domain(domain)) => {
+        match binding.map(|b| b.place) {
+            Some(Place::Domain(domain)) => {
                 let mut routes = self.inner.routes.write().expect("routes lock");
                 if routes
                     .get(&domain)
@@ -547,7 +572,7 @@ impl Gateway {
                 }
                 true
             }
-            Some(Binding::Port(token)) => {
+            Some(Place::Port(token)) => {
                 token.cancel();
                 true
             }
@@ -1159,6 +1184,19 @@ async fn accept_tls(
         Ok(Ok(tls)) => Some(tls),
         Ok(Err((e, mut io))) => {
             bump(&inner.stats.tls_handshake_failed);
+            let client_cert = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| {
+                    matches!(
+                        r,
+                        rustls::Error::InvalidCertificate(_)
+                            | rustls::Error::NoCertificatesPresented
+                    )
+                });
+            if client_cert {
+                bump(&inner.stats.tls_bad_client_cert);
+            }
             tracing::debug!(error = %e, "TLS handshake failed");
             // The alert is written; close gently so it is not lost to a
             // reset (a TLS 1.3 client may already have sent its request).

@@ -10,6 +10,7 @@ mod endpoint;
 mod gateway;
 mod http;
 mod ip;
+mod metrics;
 mod mtls;
 mod oauth;
 mod outcome;
@@ -21,6 +22,7 @@ pub use endpoint::{ClaimedStream, Endpoint, EndpointKind, StreamSource, Terminat
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
 pub use ip::{CidrError, IpPolicy, TrustedProxies, parse_cidr};
+pub use metrics::{Metrics, header as metric_header, sample as metric_sample};
 pub use mtls::{
     CaCert, CaError, CaResolver, ClientIdentity, MAX_CAS, MtlsPolicy, RequireClientCert, ca_cert,
     parse_ca_bundle,

@@ -236,7 +236,12 @@ impl OAuthService {
     }
 
     /// The endpoint for validated options and a ready provider.
-    fn endpoint_with(self: &Arc<Self>, options: &pb::OAuthOptions, provider: Provider, checked: Checked) -> OAuthEndpoint {
+    fn endpoint_with(
+        self: &Arc<Self>,
+        options: &pb::OAuthOptions,
+        provider: Provider,
+        checked: Checked,
+    ) -> OAuthEndpoint {
         let Checked {
             oidc,
             allow_emails,

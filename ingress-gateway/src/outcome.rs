@@ -23,7 +23,10 @@ use postern_events::{
 };
 use postern_proto::PipeOutcome;
 
-use crate::mtls::ClientIdentity;
+use crate::{
+    metrics::{Metrics, decision_label},
+    mtls::ClientIdentity,
+};
 
 /// Where outcomes go, and what every event says about this node.
 #[derive(Clone)]
@@ -32,6 +35,8 @@ pub struct Outcomes {
     pub region: String,
     pub node_id: String,
     pub account_id: Option<String>,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Outcomes {
@@ -342,6 +347,30 @@ impl Drop for HttpRecord {
             response.last_byte_ts = resp_last;
         }
         self.postern_mut().duration_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+        let decision = decision_label(&[
+            self.object.ip_policy.as_ref().and_then(|d| d.decision),
+            self.object.oauth.as_ref().and_then(|o| o.decision),
+        ]);
+        let status = self
+            .object
+            .http
+            .as_ref()
+            .and_then(|h| h.response.as_ref())
+            .and_then(|r| r.status_code)
+            .unwrap_or(0);
+        let endpoint = self
+            .object
+            .postern
+            .as_ref()
+            .and_then(|p| p.endpoint_id.clone())
+            .unwrap_or_default();
+        self.outcomes.metrics.request(
+            &endpoint,
+            status,
+            decision,
+            self.started.elapsed(),
+            (req_len, resp_len),
+        );
         let object = std::mem::take(&mut self.object);
         let at = self.at;
         self.outcomes
@@ -395,5 +424,12 @@ pub fn tcp_closed(
             .map(|d| DecisionField { decision: Some(d) }),
         postern: Some(postern),
     };
+    outcomes.metrics.connection(
+        &record.endpoint.id,
+        record.proto,
+        decision_label(&[record.ip_decision]),
+        bytes_in,
+        bytes_out,
+    );
     outcomes.publish(|account| Event::tcp(object, SystemTime::now(), account));
 }

@@ -53,6 +53,7 @@ codes! {
     TOO_MANY_SESSIONS = (108, 400, Agent, "too many simultaneous agent sessions for this authtoken");
     PROTOCOL_VERSION = (120, 400, Agent, "the agent and the edge have no protocol version in common");
     SESSION_SUPERSEDED = (121, 400, Agent, "a newer session of the same agent replaced this one");
+    AGENT_INGRESS_NOT_PERMITTED = (122, 400, Agent, "the authtoken's owner may not use this agent ingress");
     // Binding endpoints.
     INVALID_TERMINATE_AT = (224, 400, Agent, "terminate_at must be edge, agent or upstream");
     MTLS_TOO_MANY_CAS = (1675, 400, Agent, "more than 10 certificate authorities for mutual TLS");
@@ -68,6 +69,7 @@ codes! {
     AGENT_CONNECTION_LIMIT = (714, 503, Agent, "the agent is at its limit of simultaneous connections");
     INVALID_DOMAIN = (326, 400, Agent, "the domain name is invalid");
     ENDPOINT_ALREADY_BOUND = (334, 400, Agent, "the endpoint is already online in another agent session");
+    DOMAIN_RESERVED = (320, 400, Agent, "the domain is reserved by another owner");
     UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");
     DRAINING = (742, 503, Edge, "the edge node is draining; reconnect to another node");
     // Visitors.

@@ -24,10 +24,16 @@ pub use pipe::{
 pub use tunnel_io::{ChannelFrames, TunnelIo, tunnel_io};
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, negotiate};
 
-/// Request metadata keys on `Data` streams.
+/// Request metadata keys on `Data` and `NodeLink.Forward` streams.
 pub mod metadata {
     pub const SESSION: &str = "postern-session";
     pub const STREAM_TOKEN: &str = "postern-stream-token";
+    /// `NodeLink.Forward`: the endpoint id at the receiving node.
+    pub const FORWARD_ENDPOINT: &str = "postern-forward-endpoint";
+    /// `NodeLink.Forward`: the node that forwards.
+    pub const FORWARD_FROM: &str = "postern-forward-from";
+    /// On a refused `NodeLink.Forward`: the error code number.
+    pub const ERROR_CODE: &str = "postern-error-code";
 }
 
 /// HTTP/2 settings used on both ends of the agent connection.

@@ -463,8 +463,13 @@ mod tests {
         let (local, _app) = duplex(1024);
         let (r, w) = tokio::io::split(local);
         let (_out, pump) = pipe(r, w, futures_util::stream::pending(), vec![]);
-        let outcome = pump.run_with_idle_timeout(std::time::Duration::from_secs(60)).await;
-        assert!(matches!(outcome.inbound, End::Aborted(ref m) if m.starts_with("idle")), "{outcome:?}");
+        let outcome = pump
+            .run_with_idle_timeout(std::time::Duration::from_secs(60))
+            .await;
+        assert!(
+            matches!(outcome.inbound, End::Aborted(ref m) if m.starts_with("idle")),
+            "{outcome:?}"
+        );
     }
 
     #[tokio::test]

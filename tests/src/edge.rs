@@ -69,6 +69,7 @@ impl TestEdge {
             http: Some(bind().await),
             https: bind().await,
             admin: Some(bind().await),
+            metrics: Some(bind().await),
         };
         let mut edge = TestEdge {
             edge: None,
@@ -80,6 +81,7 @@ impl TestEdge {
                 http: listeners.http.as_ref().map(|l| l.local_addr().unwrap()),
                 https: listeners.https.local_addr().unwrap(),
                 admin: listeners.admin.as_ref().map(|l| l.local_addr().unwrap()),
+                metrics: listeners.metrics.as_ref().map(|l| l.local_addr().unwrap()),
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -120,6 +122,7 @@ impl TestEdge {
                 http: Some(free()),
                 https: free(),
                 admin: Some(free()),
+                metrics: Some(free()),
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -182,6 +185,7 @@ agent = "{agent}"
 http = "{http}"
 https = "{https}"
 admin = "{admin}"
+metrics = "{metrics}"
 [public]
 tcp_host = "127.0.0.1"
 [tcp]
@@ -207,6 +211,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             http = self.addrs.http.expect("http listener"),
             https = self.addrs.https,
             admin = self.addrs.admin.expect("admin listener"),
+            metrics = self.addrs.metrics.expect("metrics listener"),
             token = self.token,
             extra = self.extra,
         )
@@ -258,6 +263,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             http: Some(bind(self.addrs.http.unwrap()).await),
             https: bind(self.addrs.https).await,
             admin: Some(bind(self.addrs.admin.unwrap()).await),
+            metrics: Some(bind(self.addrs.metrics.unwrap()).await),
         };
         self.edge = Some(
             Edge::start(self.config(), listeners)

@@ -192,15 +192,19 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let port = nodes[0].port;
-        crate::eventually(20, "cluster_state:ok", || async move {
-            tokio::process::Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "cluster", "info"])
-                .output()
-                .await
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
-        })
-        .await;
+        // Every node, not just the first, must know the whole slot map
+        // before a client may be pointed at any of them.
+        for node in &nodes {
+            let port = node.port;
+            crate::eventually(20, "cluster_state:ok on every node", || async move {
+                tokio::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .await
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            })
+            .await;
+        }
         RedisCluster { nodes }
     }
 

@@ -650,6 +650,7 @@ async fn dev_mode_writes_events_as_json_lines() {
         http: Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
         https: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         admin: None,
+        metrics: None,
     };
     let edge = postern_edge::Edge::start(setup.config, listeners)
         .await

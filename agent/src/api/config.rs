@@ -257,6 +257,47 @@ mod tests {
     }
 
     #[test]
+    fn two_config_files_merge_into_the_site_to_site_setup() {
+        let dir = std::env::temp_dir().join(format!(
+            "postern-web-merge-{}",
+            postern_ingress::random_label()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let customer = dir.join("ngrok.yml");
+        let ours = dir.join("postern.yml");
+        std::fs::write(
+            &customer,
+            "version: \"2\"\nauthtoken: tok\nserver_addr: edge.example.test:443\n\
+             web_addr: 127.0.0.1:4040\ntunnels:\n  their-app:\n    proto: http\n    addr: 3000\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &ours,
+            "web_addr: 127.0.0.1:4141\nweb_auth:\n  bearer_token: tok-0123456789abcdef\n\
+             tunnels:\n  agent-api:\n    proto: http\n    addr: 4141\n    \
+             domain: agent.customer1.example.test\n    inspect: false\n",
+        )
+        .unwrap();
+        let merged = crate::config::load_files(&[&customer, &ours]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let config = crate::config::parse_raw(merged)
+            .unwrap()
+            .validate(Some(&["agent-api".to_string()]))
+            .unwrap();
+        assert_eq!(config.authtoken.expose(), "tok", "from the first file");
+        assert_eq!(
+            config.web.addr,
+            Some(WebAddr::At("127.0.0.1:4141".into())),
+            "the later file wins"
+        );
+        assert!(matches!(config.web.auth, WebAuth::Bearer(_)));
+        let names: Vec<_> = config.tunnels.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["agent-api"], "only the named tunnel starts");
+        assert!(!config.tunnels[0].inspect);
+        assert_eq!(config.tunnels[0].upstream.port, 4141);
+    }
+
+    #[test]
     fn an_explicit_address_that_is_taken_is_an_error() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap().to_string();

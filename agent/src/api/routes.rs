@@ -290,13 +290,7 @@ impl Api {
         let mut domains = Vec::new();
         for t in self.state.tunnels() {
             let spec = &t.target.spec;
-            let local = spec.upstream.host == "localhost"
-                || spec
-                    .upstream
-                    .host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback() || ip == self.web_addr.ip());
-            if spec.proto != Proto::Http || spec.upstream.port != self.web_addr.port() || !local {
+            if !super::forwards_to_api(spec, self.web_addr) {
                 continue;
             }
             domains.extend(spec.domain.clone());
@@ -345,6 +339,7 @@ impl Api {
             serde_json::from_value(Value::Object(fields)).map_err(|e| invalid(e.to_string()))?;
         let spec = api_tunnel(&name, keys, &self.state.config.upstream_tls)
             .map_err(|e| invalid(format!("{e:#}")))?;
+        super::warn_if_open(&self.state, &spec, self.web_addr);
         let target = Target::new(spec, self.state.captures.as_ref())
             .map_err(|e| invalid(format!("{e:#}")))?;
         if self.state.tunnel(&name).is_some() {
@@ -651,6 +646,39 @@ mod tests {
             .expect("a valid query");
         assert_eq!(q["limit"], "5");
         assert_eq!(q["tunnel_name"], "my web");
+    }
+
+    #[test]
+    fn json_bodies_become_tunnel_specs() {
+        let spec = |body: &str| {
+            let yaml: serde_yaml_ng::Value = serde_json::from_str(body).unwrap();
+            api_tunnel("t", yaml, &BTreeMap::new())
+        };
+        let s = spec(
+            r#"{"proto":"tcp","addr":22,"remote_addr":"1.tcp.example.test:20022","metadata":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.proto, Proto::Tcp);
+        assert_eq!(s.upstream.port, 22);
+        assert_eq!(s.remote_port, 20022);
+        let s = spec(r#"{"proto":"http","addr":"8080","inspect":false}"#).unwrap();
+        assert!(!s.inspect);
+        assert!(spec(r#"{"proto":"http","addr":"8080"}"#).unwrap().inspect);
+        for (body, want) in [
+            (r#"{"proto":"http","addr":"1","colour":"red"}"#, "colour"),
+            (r#"{"proto":"http"}"#, "addr"),
+            (
+                r#"{"proto":"http","addr":"1","inspect":"maybe"}"#,
+                "inspect",
+            ),
+            (
+                r#"{"proto":"tls","addr":"1","crt":"/nonexistent.pem","key":"/k"}"#,
+                "crt",
+            ),
+        ] {
+            let err = format!("{:#}", spec(body).unwrap_err());
+            assert!(err.contains(want), "{body}: {want:?} not in {err}");
+        }
     }
 
     #[test]

@@ -341,7 +341,7 @@ impl Capture {
             c.response = Some(ResponseCapture {
                 status: parts.status,
                 version: parts.version,
-                headers: parts.headers.clone(),
+                headers: owned(&parts.headers),
                 body: CapturedBody::default(),
             });
             if upgraded {
@@ -385,8 +385,21 @@ fn head_of(parts: &http::request::Parts) -> RequestHead {
             .map_or("/", |p| p.as_str())
             .to_string(),
         version: parts.version,
-        headers: parts.headers.clone(),
+        headers: owned(&parts.headers),
     }
+}
+
+/// A copy of `headers` that owns its values. hyper's values are slices of
+/// the connection's read buffer; a capture holding them would keep that
+/// whole buffer alive.
+fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut v = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        v.set_sensitive(value.is_sensitive());
+        copy.append(name.clone(), v);
+    }
+    copy
 }
 
 /// The visitor's IP: the last `X-Forwarded-For` entry, which the edge

@@ -42,8 +42,9 @@ impl Capture {
 
     fn finish(&mut self, state: BodyState) {
         if let Some(done) = self.done.take() {
+            // A copy trims the buffer's spare capacity.
             done(CapturedBody {
-                data: std::mem::take(&mut self.buf).freeze(),
+                data: Bytes::copy_from_slice(&self.buf),
                 size: self.size,
                 state,
             });

@@ -5,7 +5,7 @@
 //! lines and holds the sessions until SIGTERM or Ctrl-C.
 //!
 //! ```text
-//! postern-loadagent --sessions 10000 --server-addr tunnel.us.connect.postern.localhost:34443 \
+//! postern-loadagent --sessions 10000 --server-addr tunnel.us.connect.postern.localhost:30446 \
 //!     --root-cas DIR/dev-ca.pem --authtoken T --proto http --upstream 127.0.0.1:30080
 //! ```
 
@@ -45,7 +45,7 @@ fn parse_args() -> anyhow::Result<Args> {
         upstream: "127.0.0.1:30080".into(),
         domain: "postern.localhost".into(),
         tcp_host: "127.0.0.1".into(),
-        tcp_port_base: 35000,
+        tcp_port_base: 31000,
         batch: 250,
         batch_timeout: Duration::from_secs(20),
     };

@@ -114,18 +114,27 @@ pub(super) async fn handle(
         }
         (Method::DELETE, []) => {
             let user_id = query_param(&req, "user_id").ok_or_else(|| {
-                Failure::new(ErrorCode::API_BAD_REQUEST, "give ?user_id= to revoke a user's sessions")
+                Failure::new(
+                    ErrorCode::API_BAD_REQUEST,
+                    "give ?user_id= to revoke a user's sessions",
+                )
             })?;
             let deleted = oauth.revoke_user(&user_id).await.map_err(unavailable)?;
             tracing::info!(user = %user_id, deleted, "OAuth sessions revoked");
-            Ok(json_response(StatusCode::OK, &json!({ "deleted": deleted })))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "deleted": deleted }),
+            ))
         }
         (Method::DELETE, [id]) => {
             if oauth.revoke(id).await.map_err(unavailable)? {
                 tracing::info!(session = %id, "OAuth session revoked");
                 Ok(empty(StatusCode::NO_CONTENT))
             } else {
-                Err(Failure::new(ErrorCode::API_NOT_FOUND, format!("no OAuth session {id}")))
+                Err(Failure::new(
+                    ErrorCode::API_NOT_FOUND,
+                    format!("no OAuth session {id}"),
+                ))
             }
         }
         _ => Err(Failure::new(ErrorCode::API_METHOD, "use GET or DELETE")),

@@ -121,13 +121,16 @@ pub(super) enum UserApi {
 
 enum Kind {
     Oidc {
-        metadata: RwLock<CoreProviderMetadata>,
+        metadata: Box<RwLock<CoreProviderMetadata>>,
     },
-    OAuth2 {
-        auth_url: Url,
-        token_url: Url,
-        user_api: UserApi,
-    },
+    OAuth2(Box<OAuth2Api>),
+}
+
+/// A plain OAuth 2.0 provider's endpoints.
+struct OAuth2Api {
+    auth_url: Url,
+    token_url: Url,
+    user_api: UserApi,
 }
 
 /// An identity provider with its endpoints.
@@ -272,11 +275,11 @@ impl Provider {
     ) -> Provider {
         Provider {
             name: name.to_string(),
-            kind: Kind::OAuth2 {
+            kind: Kind::OAuth2(Box::new(OAuth2Api {
                 auth_url,
                 token_url,
                 user_api,
-            },
+            })),
             base_scopes,
             auth_params: &[],
             force_login,
@@ -302,7 +305,7 @@ impl Provider {
         Ok(Provider {
             name: "oidc".to_string(),
             kind: Kind::Oidc {
-                metadata: RwLock::new(metadata),
+                metadata: Box::new(RwLock::new(metadata)),
             },
             base_scopes: &["openid"],
             auth_params: &[],
@@ -323,7 +326,7 @@ impl Provider {
     fn metadata(&self) -> Result<CoreProviderMetadata, IdpError> {
         match &self.kind {
             Kind::Oidc { metadata } => Ok(metadata.read().expect("metadata lock").clone()),
-            Kind::OAuth2 { .. } => Err(IdpError::Invalid("not an OpenID provider".into())),
+            Kind::OAuth2(_) => Err(IdpError::Invalid("not an OpenID provider".into())),
         }
     }
 
@@ -358,8 +361,8 @@ impl Provider {
                 let (url, _, _) = auth.url();
                 Ok(url.to_string())
             }
-            Kind::OAuth2 { auth_url, .. } => {
-                let mut url = auth_url.clone();
+            Kind::OAuth2(api) => {
+                let mut url = api.auth_url.clone();
                 {
                     let mut q = url.query_pairs_mut();
                     q.append_pair("response_type", "code")
@@ -413,11 +416,12 @@ impl Provider {
                     .ok_or_else(|| IdpError::Invalid("no ID token in the token response".into()))?;
                 self.oidc_login(http, client, response, from_token).await
             }
-            Kind::OAuth2 {
-                token_url,
-                user_api,
-                ..
-            } => {
+            Kind::OAuth2(api) => {
+                let OAuth2Api {
+                    token_url,
+                    user_api,
+                    ..
+                } = api.as_ref();
                 let tokens = oauth2_token(
                     http,
                     token_url,
@@ -483,11 +487,12 @@ impl Provider {
                     }
                 }
             }
-            Kind::OAuth2 {
-                token_url,
-                user_api,
-                ..
-            } => {
+            Kind::OAuth2(api) => {
+                let OAuth2Api {
+                    token_url,
+                    user_api,
+                    ..
+                } = api.as_ref();
                 let tokens = match &tokens.refresh {
                     Some(refresh) => {
                         let mut fresh = oauth2_token(
@@ -835,4 +840,3 @@ impl UserApi {
         }
     }
 }
-

@@ -43,7 +43,9 @@ impl FakeGitHub {
         let shared = email.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let email = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| answer(req, email.clone()));
@@ -93,11 +95,15 @@ async fn answer(
     match path.as_str() {
         "/login/oauth/access_token" => {
             if field("client_secret") != Some("s3cret") {
-                return json(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "incorrect_client_credentials"}));
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "incorrect_client_credentials"}),
+                );
             }
             let ok = match field("grant_type") {
                 Some("authorization_code") => {
-                    field("code") == Some("good") && field("code_verifier").is_some_and(|v| v.len() >= 43)
+                    field("code") == Some("good")
+                        && field("code_verifier").is_some_and(|v| v.len() >= 43)
                 }
                 Some("refresh_token") => field("refresh_token") == Some("r1"),
                 _ => false,
@@ -109,13 +115,20 @@ async fn answer(
                 )
             } else {
                 // GitHub answers errors with 200.
-                json(StatusCode::OK, serde_json::json!({"error": "bad_verification_code"}))
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"error": "bad_verification_code"}),
+                )
             }
         }
-        _ if bearer.as_deref() != Some("Bearer gho_token") => {
-            json(StatusCode::UNAUTHORIZED, serde_json::json!({"message": "Bad credentials"}))
-        }
-        "/user" => json(StatusCode::OK, serde_json::json!({"id": 42, "login": "octo", "name": null})),
+        _ if bearer.as_deref() != Some("Bearer gho_token") => json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"message": "Bad credentials"}),
+        ),
+        "/user" => json(
+            StatusCode::OK,
+            serde_json::json!({"id": 42, "login": "octo", "name": null}),
+        ),
         "/user/emails" => {
             let (email, verified) = email.lock().unwrap().clone();
             json(
@@ -165,13 +178,25 @@ async fn options_are_checked_with_codes() {
     };
     assert_eq!(code(options(|o| o.provider.clear())).await, 2228);
     assert_eq!(code(options(|o| o.provider = "myspace".into())).await, 2228);
-    assert_eq!(code(options(|o| o.issuer_url = "https://idp.example".into())).await, 2228);
+    assert_eq!(
+        code(options(|o| o.issuer_url = "https://idp.example".into())).await,
+        2228
+    );
     assert_eq!(code(options(|o| o.client_secret.clear())).await, 2229);
     assert_eq!(code(options(|o| o.client_id = "  ".into())).await, 2229);
-    assert_eq!(code(options(|o| o.allow_emails = vec!["a@b@c".into()])).await, 2228);
-    assert_eq!(code(options(|o| o.allow_domains = vec!["a@b".into()])).await, 2228);
+    assert_eq!(
+        code(options(|o| o.allow_emails = vec!["a@b@c".into()])).await,
+        2228
+    );
+    assert_eq!(
+        code(options(|o| o.allow_domains = vec!["a@b".into()])).await,
+        2228
+    );
     assert_eq!(code(options(|o| o.scopes = vec!["a b".into()])).await, 2228);
-    assert_eq!(code(options(|o| o.cookie_prefix = "a;b".into())).await, 2228);
+    assert_eq!(
+        code(options(|o| o.cookie_prefix = "a;b".into())).await,
+        2228
+    );
     assert_eq!(code(options(|o| o.provider = "oidc".into())).await, 2228);
     // An unreachable issuer fails discovery.
     let e = service
@@ -223,12 +248,24 @@ async fn github_code_exchange_user_api_and_refresh() {
             },
         )
         .unwrap();
-    for part in ["state=st", "code_challenge_method=S256", "scope=read%3Auser+user%3Aemail", "prompt=select_account"] {
+    for part in [
+        "state=st",
+        "code_challenge_method=S256",
+        "scope=read%3Auser+user%3Aemail",
+        "prompt=select_account",
+    ] {
         assert!(url.contains(part), "{part} not in {url}");
     }
     assert!(!url.contains(&verifier), "only the challenge travels");
     let login = provider
-        .exchange(&http, &client, "good", "https://auth.example.test/oauth2/callback", &verifier, "n")
+        .exchange(
+            &http,
+            &client,
+            "good",
+            "https://auth.example.test/oauth2/callback",
+            &verifier,
+            "n",
+        )
         .await
         .unwrap();
     assert_eq!(login.user.id, "42");
@@ -240,11 +277,20 @@ async fn github_code_exchange_user_api_and_refresh() {
         .exchange(&http, &client, "bad", "https://x/", &verifier, "n")
         .await
         .unwrap_err();
-    assert!(matches!(refused, IdpError::Rejected(ref e) if e == "bad_verification_code"), "{refused:?}");
+    assert!(
+        matches!(refused, IdpError::Rejected(ref e) if e == "bad_verification_code"),
+        "{refused:?}"
+    );
     *fake.email.lock().unwrap() = ("octo@elsewhere.org".into(), true);
-    let again = provider.refresh(&http, &client, &login.tokens, "42").await.unwrap();
+    let again = provider
+        .refresh(&http, &client, &login.tokens, "42")
+        .await
+        .unwrap();
     assert_eq!(again.user.email.as_deref(), Some("octo@elsewhere.org"));
-    let other = provider.refresh(&http, &client, &login.tokens, "41").await.unwrap_err();
+    let other = provider
+        .refresh(&http, &client, &login.tokens, "41")
+        .await
+        .unwrap_err();
     assert!(matches!(other, IdpError::Invalid(_)));
     let dead = Tokens {
         access: "expired".into(),
@@ -262,9 +308,18 @@ fn record(sink: &Arc<MemorySink>, req: &Request<()>) -> HttpRecord {
         region: "us".into(),
         node_id: "n".into(),
         account_id: None,
+        metrics: Default::default(),
     };
     let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    HttpRecord::start(&outcomes, req, addr, addr, "app.example.test", None, SystemTime::now())
+    HttpRecord::start(
+        &outcomes,
+        req,
+        addr,
+        addr,
+        "app.example.test",
+        None,
+        SystemTime::now(),
+    )
 }
 
 fn get(path: &str, cookies: &[String]) -> Request<()> {
@@ -291,12 +346,17 @@ fn set_cookie<B>(response: &Response<B>, prefix: &str) -> String {
 }
 
 fn location<B>(response: &Response<B>) -> String {
-    response.headers()[header::LOCATION].to_str().unwrap().to_string()
+    response.headers()[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 async fn gate(endpoint: &OAuthEndpoint, sink: &Arc<MemorySink>, mut req: Request<()>) -> Gate {
     let mut rec = record(sink, &req);
-    endpoint.gate(&mut req, true, "app.example.test", &mut rec).await
+    endpoint
+        .gate(&mut req, true, "app.example.test", &mut rec)
+        .await
 }
 
 fn respond(gate: Gate) -> Response<crate::http::ProxyBody> {
@@ -344,7 +404,9 @@ async fn a_whole_login_through_the_gate_and_the_auth_host() {
     let handoff = service.serve_auth_host(&callback, true).await;
     assert_eq!(handoff.status(), StatusCode::FOUND);
     let handoff = location(&handoff);
-    let path = handoff.strip_prefix("https://app.example.test").expect("to the endpoint");
+    let path = handoff
+        .strip_prefix("https://app.example.test")
+        .expect("to the endpoint");
     assert!(path.starts_with("/auth/callback?code="));
     let replay = service.serve_auth_host(&callback, true).await;
     assert_eq!(replay.headers()["ngrok-error-code"], "ERR_POSTERN_3120");
@@ -360,12 +422,19 @@ async fn a_whole_login_through_the_gate_and_the_auth_host() {
     req.headers_mut()
         .insert("x-keep", HeaderValue::from_static("1"));
     let mut rec = record(&sink, &req);
-    let forwarded = endpoint.gate(&mut req, true, "app.example.test", &mut rec).await;
+    let forwarded = endpoint
+        .gate(&mut req, true, "app.example.test", &mut rec)
+        .await;
     drop(rec);
     let Gate::Forward(headers) = forwarded else {
         panic!("not forwarded")
     };
-    let get_h = |n: &str| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+    let get_h = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.as_str())
+    };
     assert_eq!(get_h("ngrok-auth-user-id"), Some("42"));
     assert_eq!(get_h("ngrok-auth-user-name"), Some("octo"));
     assert_eq!(get_h("ngrok-auth-user-email"), Some("octo@acme.org"));
@@ -379,15 +448,34 @@ async fn a_whole_login_through_the_gate_and_the_auth_host() {
     assert_eq!(object["oauth"]["app_client_id"], "client-1");
 
     // Options and reserved paths.
-    let reserved = respond(gate(&endpoint, &sink, get("/auth/other", std::slice::from_ref(&session))).await);
+    let reserved = respond(
+        gate(
+            &endpoint,
+            &sink,
+            get("/auth/other", std::slice::from_ref(&session)),
+        )
+        .await,
+    );
     assert_eq!(reserved.headers()["ngrok-error-code"], "ERR_POSTERN_9010");
     let mut options_req = Request::options("/x").body(()).unwrap();
     let mut rec = record(&sink, &options_req);
-    let options_gate = endpoint.gate(&mut options_req, true, "app.example.test", &mut rec).await;
-    assert!(matches!(options_gate, Gate::Respond(_)), "no passthrough configured");
+    let options_gate = endpoint
+        .gate(&mut options_req, true, "app.example.test", &mut rec)
+        .await;
+    assert!(
+        matches!(options_gate, Gate::Respond(_)),
+        "no passthrough configured"
+    );
 
     // Logout ends it.
-    let out = respond(gate(&endpoint, &sink, get("/auth/logout", std::slice::from_ref(&session))).await);
+    let out = respond(
+        gate(
+            &endpoint,
+            &sink,
+            get("/auth/logout", std::slice::from_ref(&session)),
+        )
+        .await,
+    );
     assert_eq!(out.status(), StatusCode::OK);
     let after = respond(gate(&endpoint, &sink, get("/deep", &[session])).await);
     assert_eq!(after.status(), StatusCode::FOUND);
@@ -403,9 +491,14 @@ async fn a_whole_login_through_the_gate_and_the_auth_host() {
         .1
         .into_owned();
     let nonce = set_cookie(&start, "ngrok.nonce.");
-    let cb = Request::get(format!("/oauth2/callback?code=good&state={state}")).body(()).unwrap();
+    let cb = Request::get(format!("/oauth2/callback?code=good&state={state}"))
+        .body(())
+        .unwrap();
     let handoff = location(&service.serve_auth_host(&cb, true).await);
-    let path = handoff.strip_prefix("https://app.example.test").unwrap().to_string();
+    let path = handoff
+        .strip_prefix("https://app.example.test")
+        .unwrap()
+        .to_string();
     let blocked = respond(gate(&endpoint, &sink, get(&path, &[nonce])).await);
     assert_eq!(blocked.status(), StatusCode::FORBIDDEN);
     assert_eq!(blocked.headers()["ngrok-error-code"], "ERR_POSTERN_3105");
@@ -485,15 +578,22 @@ async fn a_store_that_is_down_means_503_everywhere() {
         let r = respond(gate(&endpoint, &sink, get(path, &cookies)).await);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
-        assert!(r.headers().get(header::SET_COOKIE).is_none(), "{path}: cookies untouched");
+        assert!(
+            r.headers().get(header::SET_COOKIE).is_none(),
+            "{path}: cookies untouched"
+        );
     }
-    let cb = Request::get("/oauth2/callback?code=c&state=s").body(()).unwrap();
+    let cb = Request::get("/oauth2/callback?code=c&state=s")
+        .body(())
+        .unwrap();
     assert_eq!(
         service.serve_auth_host(&cb, true).await.status(),
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert!(matches!(
-        service.list_sessions(&SessionQuery::UserId("u".into())).await,
+        service
+            .list_sessions(&SessionQuery::UserId("u".into()))
+            .await,
         Err(StoreError::Failed(_))
     ));
 }

@@ -1,0 +1,189 @@
+//! `[cluster]`: how a node joins the others. Without it the node runs as a
+//! cluster of one (its admin objects still live in config-sync, with a key
+//! kept in the data directory).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use postern_config_sync::ClusterKey;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// Name of the cluster; nodes gossip only with the same id. Required.
+    pub cluster_id: String,
+    /// The shared secret (at least 32 characters) that signs every gossiped
+    /// value and derives the internal CA. Give this or `key_file`.
+    pub key: Option<String>,
+    /// A file holding the secret (trimmed), e.g. a mounted Kubernetes Secret.
+    pub key_file: Option<PathBuf>,
+    /// UDP address for gossip. Default `0.0.0.0:7946`.
+    pub gossip_listen: Option<String>,
+    /// Gossip address the other nodes use. Default: `gossip_listen`, which
+    /// then must not be `0.0.0.0`.
+    pub gossip_advertise: Option<String>,
+    /// `host:port` gossip addresses of other nodes (names are resolved again
+    /// while running, so a headless Kubernetes service works).
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Gossip round interval. Default `1s`.
+    pub gossip_interval: Option<String>,
+    /// Phi-accrual threshold: a node silent for about this many mean
+    /// heartbeat intervals is dead. Default 6 (≈ 6–7 s at 1 s gossip).
+    pub phi_threshold: Option<f64>,
+    /// TCP address of the inter-node link (gRPC over mutual TLS). Default
+    /// `0.0.0.0:7947`.
+    pub rpc_listen: Option<String>,
+    /// Inter-node address the other nodes dial. Default: `rpc_listen` with
+    /// the bound port, which then must not be `0.0.0.0`.
+    pub rpc_advertise: Option<String>,
+    /// How long deletions are remembered; a node cut off for longer can
+    /// bring a deleted object back. Default `7d`.
+    pub tombstone_ttl: Option<String>,
+    /// How long a forwarding node waits for the holding node to hand over a
+    /// stream. Default `5s`.
+    pub forward_timeout: Option<String>,
+}
+
+/// Validated `[cluster]`.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub cluster_id: String,
+    pub key: ClusterKey,
+    pub gossip_listen: SocketAddr,
+    pub gossip_advertise: Option<SocketAddr>,
+    pub seeds: Vec<String>,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub rpc_listen: SocketAddr,
+    pub rpc_advertise: Option<SocketAddr>,
+    pub tombstone_ttl: Duration,
+    pub forward_timeout: Duration,
+}
+
+fn addr(field: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
+    let v = value.unwrap_or(default);
+    v.parse()
+        .with_context(|| format!("{field}: {v:?} is not an address like \"0.0.0.0:7946\""))
+}
+
+fn duration(field: &str, value: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v)
+            .with_context(|| format!("{field}: {v:?} is not a duration like \"1s\"")),
+    }
+}
+
+impl RawCluster {
+    pub fn validate(self) -> anyhow::Result<ClusterConfig> {
+        if self.cluster_id.trim().is_empty() {
+            bail!("cluster.cluster_id: must not be empty");
+        }
+        let secret = match (self.key, self.key_file) {
+            (Some(k), None) => k,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .with_context(|| format!("cluster.key_file: reading {}", path.display()))?
+                .trim()
+                .to_string(),
+            _ => bail!("cluster: give exactly one of key and key_file"),
+        };
+        let key = ClusterKey::from_secret(&secret).context("cluster.key")?;
+        let gossip_listen = addr(
+            "cluster.gossip_listen",
+            self.gossip_listen.as_deref(),
+            "0.0.0.0:7946",
+        )?;
+        let gossip_advertise = self
+            .gossip_advertise
+            .as_deref()
+            .map(|a| addr("cluster.gossip_advertise", Some(a), ""))
+            .transpose()?;
+        if gossip_advertise.is_none() && gossip_listen.ip().is_unspecified() {
+            bail!("cluster.gossip_advertise: required when cluster.gossip_listen is {gossip_listen}");
+        }
+        let rpc_listen = addr("cluster.rpc_listen", self.rpc_listen.as_deref(), "0.0.0.0:7947")?;
+        let rpc_advertise = self
+            .rpc_advertise
+            .as_deref()
+            .map(|a| addr("cluster.rpc_advertise", Some(a), ""))
+            .transpose()?;
+        if rpc_advertise.is_none() && rpc_listen.ip().is_unspecified() {
+            bail!("cluster.rpc_advertise: required when cluster.rpc_listen is {rpc_listen}");
+        }
+        let phi_threshold = self.phi_threshold.unwrap_or(6.0);
+        if !(1.0..=50.0).contains(&phi_threshold) {
+            bail!("cluster.phi_threshold: {phi_threshold} is outside 1–50");
+        }
+        let gossip_interval = duration(
+            "cluster.gossip_interval",
+            self.gossip_interval.as_deref(),
+            Duration::from_secs(1),
+        )?;
+        if gossip_interval < Duration::from_millis(10) {
+            bail!("cluster.gossip_interval: at least 10ms");
+        }
+        Ok(ClusterConfig {
+            cluster_id: self.cluster_id,
+            key,
+            gossip_listen,
+            gossip_advertise,
+            seeds: self.seeds,
+            gossip_interval,
+            phi_threshold,
+            rpc_listen,
+            rpc_advertise,
+            tombstone_ttl: duration(
+                "cluster.tombstone_ttl",
+                self.tombstone_ttl.as_deref(),
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
+            forward_timeout: duration(
+                "cluster.forward_timeout",
+                self.forward_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<ClusterConfig> {
+        toml::from_str::<RawCluster>(text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .validate()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let key = "key = \"0123456789abcdef0123456789abcdef\"";
+        for (text, field) in [
+            (format!("cluster_id = \"\"\n{key}"), "cluster.cluster_id"),
+            ("cluster_id = \"c\"\nkey = \"short\"".to_string(), "cluster.key"),
+            ("cluster_id = \"c\"".to_string(), "key_file"),
+            (format!("cluster_id = \"c\"\n{key}"), "cluster.gossip_advertise"),
+            (
+                format!("cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"x\""),
+                "cluster.rpc_listen",
+            ),
+            (
+                format!("cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"127.0.0.1:0\"\nphi_threshold = 0.1"),
+                "cluster.phi_threshold",
+            ),
+        ] {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(field), "{field:?} not named in: {err}");
+        }
+        let ok = parse(&format!(
+            "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"127.0.0.1:0\""
+        ))
+        .unwrap();
+        assert_eq!(ok.gossip_interval, Duration::from_secs(1));
+        assert!(format!("{ok:?}").contains("********"));
+        assert!(!format!("{ok:?}").contains("0123456789abcdef"));
+    }
+}

@@ -1,0 +1,163 @@
+//! `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (ready to
+//! take traffic: not before the node has started, not while it drains) on
+//! their own listener.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use postern_ingress::{Gateway, metric_header, metric_sample};
+
+use crate::session::Registry;
+
+/// What the telemetry endpoints read.
+pub struct Telemetry {
+    pub gateway: Gateway,
+    pub registry: Arc<Registry>,
+    pub region: String,
+    pub events: postern_events::MetricsHandle,
+    pub ready: Arc<AtomicBool>,
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+pub async fn handle(
+    state: Arc<Telemetry>,
+    req: Request<Incoming>,
+    _peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => {
+            text(StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", state.render()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+impl Telemetry {
+    /// Every metric of the node.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        self.gateway.metrics().render(&mut out);
+        let stats = self.gateway.stats();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        metric_header(
+            &mut out,
+            "postern_tls_handshake_failures_total",
+            "counter",
+            "TLS connections refused before any endpoint saw them, by reason.",
+        );
+        for (reason, counter) in [
+            ("no_sni", &stats.tls_no_sni),
+            ("unknown_sni", &stats.tls_unknown_sni),
+            ("bad_client_hello", &stats.tls_bad_client_hello),
+            ("client_hello_timeout", &stats.tls_client_hello_timeout),
+            ("bad_client_certificate", &stats.tls_bad_client_cert),
+            ("handshake", &stats.tls_handshake_failed),
+        ] {
+            metric_sample(
+                &mut out,
+                "postern_tls_handshake_failures_total",
+                &[("reason", reason)],
+                get(counter),
+            );
+        }
+        for (name, help, counter) in [
+            (
+                "postern_connections_shed_total",
+                "Connections shed at the connection cap.",
+                &stats.shed_connections,
+            ),
+            (
+                "postern_ip_denied_total",
+                "Connections and requests refused by IP restrictions.",
+                &stats.ip_denied,
+            ),
+            (
+                "postern_bad_proxy_headers_total",
+                "Bad PROXY headers from trusted load balancers.",
+                &stats.bad_proxy_headers,
+            ),
+            (
+                "postern_idle_closed_total",
+                "TCP/TLS endpoint connections closed for idleness.",
+                &stats.idle_closed,
+            ),
+            (
+                "postern_accept_errors_total",
+                "Failed accepts on public listeners.",
+                &stats.accept_errors,
+            ),
+        ] {
+            metric_header(&mut out, name, "counter", help);
+            metric_sample(&mut out, name, &[], get(counter));
+        }
+        metric_header(
+            &mut out,
+            "postern_open_connections",
+            "gauge",
+            "Visitor connections open now.",
+        );
+        metric_sample(
+            &mut out,
+            "postern_open_connections",
+            &[],
+            self.gateway.open_connections() as u64,
+        );
+        metric_header(
+            &mut out,
+            "postern_agent_sessions",
+            "gauge",
+            "Agent sessions connected to this node, by region.",
+        );
+        metric_sample(
+            &mut out,
+            "postern_agent_sessions",
+            &[("region", &self.region)],
+            self.registry.session_count() as u64,
+        );
+        metric_header(
+            &mut out,
+            "postern_events_total",
+            "counter",
+            "Events, by what happened to them.",
+        );
+        let mut gauges = Vec::new();
+        for (name, value) in self.events.snapshot().pairs() {
+            let name = name.trim_start_matches("events_");
+            match name {
+                "published" | "filtered" | "spooled" | "produced" | "delivered" | "failed"
+                | "dropped" => {
+                    metric_sample(&mut out, "postern_events_total", &[("state", name)], value)
+                }
+                _ => gauges.push((name, value)),
+            }
+        }
+        for (name, value) in gauges {
+            let name = format!("postern_events_{name}");
+            metric_header(&mut out, &name, "gauge", "Event queue and spool occupancy.");
+            metric_sample(&mut out, &name, &[], value);
+        }
+        out
+    }
+}

@@ -1,0 +1,258 @@
+//! Traffic metrics of the public side, rendered in the Prometheus text
+//! format. Labels stay bounded: endpoint ids (one per bound endpoint),
+//! status classes and decisions — never paths or client addresses.
+
+use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
+
+/// Upper bounds of the request-duration histogram, in seconds.
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, bucket) in BUCKETS.iter().zip(self.buckets.iter_mut()) {
+            if seconds <= *bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// `allow`, `block`, or `none` when no module decided.
+pub fn decision_label(decisions: &[Option<postern_events::Decision>]) -> &'static str {
+    use postern_events::Decision;
+    if decisions.contains(&Some(Decision::Block)) {
+        "block"
+    } else if decisions.contains(&Some(Decision::Allow)) {
+        "allow"
+    } else {
+        "none"
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[derive(Default)]
+struct ConnSeries {
+    connections: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// Requests and connections by endpoint.
+#[derive(Default)]
+pub struct Metrics {
+    /// (endpoint, status class, decision) → count
+    requests: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
+    /// endpoint → durations
+    durations: Mutex<BTreeMap<String, Histogram>>,
+    /// HTTP body bytes by endpoint: (in, out)
+    http_bytes: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// (endpoint, `tcp`/`tls`, decision) → series
+    connections: Mutex<BTreeMap<(String, &'static str, &'static str), ConnSeries>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// One finished HTTP request.
+    pub fn request(
+        &self,
+        endpoint: &str,
+        status: u16,
+        decision: &'static str,
+        took: Duration,
+        bytes: (u64, u64),
+    ) {
+        let endpoint = if endpoint.is_empty() {
+            "none"
+        } else {
+            endpoint
+        };
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((endpoint.to_string(), status_class(status), decision))
+            .or_default() += 1;
+        self.durations
+            .lock()
+            .expect("metrics lock")
+            .entry(endpoint.to_string())
+            .or_default()
+            .observe(took.as_secs_f64());
+        let mut http_bytes = self.http_bytes.lock().expect("metrics lock");
+        let entry = http_bytes.entry(endpoint.to_string()).or_default();
+        entry.0 += bytes.0;
+        entry.1 += bytes.1;
+    }
+
+    /// One finished TCP or TLS endpoint connection.
+    pub fn connection(
+        &self,
+        endpoint: &str,
+        proto: &'static str,
+        decision: &'static str,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let mut connections = self.connections.lock().expect("metrics lock");
+        let series = connections
+            .entry((endpoint.to_string(), proto, decision))
+            .or_default();
+        series.connections += 1;
+        series.bytes_in += bytes_in;
+        series.bytes_out += bytes_out;
+    }
+
+    /// Appends the Prometheus text form.
+    pub fn render(&self, out: &mut String) {
+        header(
+            out,
+            "postern_http_requests_total",
+            "counter",
+            "HTTP requests answered, by endpoint, status class and module decision.",
+        );
+        for ((endpoint, class, decision), n) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "postern_http_requests_total{{endpoint=\"{endpoint}\",code=\"{class}\",decision=\"{decision}\"}} {n}"
+            );
+        }
+        header(
+            out,
+            "postern_http_request_duration_seconds",
+            "histogram",
+            "Time from request to the end of the response body.",
+        );
+        for (endpoint, h) in self.durations.lock().expect("metrics lock").iter() {
+            for (bound, n) in BUCKETS.iter().zip(h.buckets.iter()) {
+                let _ = writeln!(
+                    out,
+                    "postern_http_request_duration_seconds_bucket{{endpoint=\"{endpoint}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "postern_http_request_duration_seconds_bucket{{endpoint=\"{endpoint}\",le=\"+Inf\"}} {}\n\
+                 postern_http_request_duration_seconds_sum{{endpoint=\"{endpoint}\"}} {}\n\
+                 postern_http_request_duration_seconds_count{{endpoint=\"{endpoint}\"}} {}",
+                h.count, h.sum, h.count
+            );
+        }
+        header(
+            out,
+            "postern_http_body_bytes_total",
+            "counter",
+            "HTTP body bytes, by endpoint and direction (in: from visitors).",
+        );
+        for (endpoint, (bytes_in, bytes_out)) in
+            self.http_bytes.lock().expect("metrics lock").iter()
+        {
+            let _ = writeln!(
+                out,
+                "postern_http_body_bytes_total{{endpoint=\"{endpoint}\",direction=\"in\"}} {bytes_in}"
+            );
+            let _ = writeln!(
+                out,
+                "postern_http_body_bytes_total{{endpoint=\"{endpoint}\",direction=\"out\"}} {bytes_out}"
+            );
+        }
+        header(
+            out,
+            "postern_connections_total",
+            "counter",
+            "TCP and TLS endpoint connections, by endpoint, protocol and decision.",
+        );
+        let connections = self.connections.lock().expect("metrics lock");
+        for ((endpoint, proto, decision), s) in connections.iter() {
+            let _ = writeln!(
+                out,
+                "postern_connections_total{{endpoint=\"{endpoint}\",proto=\"{proto}\",decision=\"{decision}\"}} {}",
+                s.connections
+            );
+        }
+        header(
+            out,
+            "postern_connection_bytes_total",
+            "counter",
+            "TCP and TLS endpoint bytes, by endpoint, protocol and direction.",
+        );
+        for ((endpoint, proto, decision), s) in connections.iter() {
+            for (direction, n) in [("in", s.bytes_in), ("out", s.bytes_out)] {
+                let _ = writeln!(
+                    out,
+                    "postern_connection_bytes_total{{endpoint=\"{endpoint}\",proto=\"{proto}\",decision=\"{decision}\",direction=\"{direction}\"}} {n}"
+                );
+            }
+        }
+    }
+}
+
+/// `# HELP` and `# TYPE` lines.
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// One unlabelled or labelled sample.
+pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Metrics::default();
+        m.request("ep_1", 200, "none", Duration::from_millis(30), (10, 20));
+        m.request("ep_1", 503, "block", Duration::from_millis(2), (0, 5));
+        m.connection("ep_2", "tcp", "allow", 7, 9);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains(
+            "postern_http_requests_total{endpoint=\"ep_1\",code=\"2xx\",decision=\"none\"} 1"
+        ));
+        assert!(out.contains(
+            "postern_http_requests_total{endpoint=\"ep_1\",code=\"5xx\",decision=\"block\"} 1"
+        ));
+        assert!(out.contains(
+            "postern_http_request_duration_seconds_bucket{endpoint=\"ep_1\",le=\"0.005\"} 1"
+        ));
+        assert!(out.contains(
+            "postern_http_request_duration_seconds_bucket{endpoint=\"ep_1\",le=\"0.05\"} 2"
+        ));
+        assert!(out.contains("postern_http_request_duration_seconds_count{endpoint=\"ep_1\"} 2"));
+        assert!(out.contains("postern_connection_bytes_total{endpoint=\"ep_2\",proto=\"tcp\",decision=\"allow\",direction=\"out\"} 9"));
+        assert_eq!(status_class(101), "1xx");
+    }
+}
