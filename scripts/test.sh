@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl; a Kafka-protocol broker and a Kafka client in
+# drive (curl, openssl; Redis; a Kafka-protocol broker and a Kafka client in
 # .venv-svc; Chromium and playwright-core for the inspector's browser test),
 # builds the binaries the end-to-end tests start, then runs
 # every test with cargo-nextest (cargo test if nextest is absent).
@@ -11,6 +11,8 @@ need=()
 for tool in curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
+# The OAuth tests' session store: a real Redis and Redis Cluster.
+command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need+=(redis-server redis-tools)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -45,11 +47,15 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; th
   command -v npm >/dev/null 2>&1 || browser_pkgs+=(nodejs npm)
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${browser_pkgs[@]}" >/dev/null
 fi
-if [ ! -d tests/browser/node_modules/playwright-core ] \
-  || [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
-  echo "installing playwright-core into tests/browser"
-  (cd tests/browser && { npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent; })
-fi
+# tests/browser: playwright-core for the inspector; tests/oidc: the OAuth
+# tests' OpenID Provider (panva's oidc-provider) and its Chromium login.
+for dir in tests/browser tests/oidc; do
+  if [ ! -d "$dir/node_modules/playwright-core" ] \
+    || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "installing node modules into $dir"
+    (cd "$dir" && { npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent; })
+  fi
+done
 
 cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then
