@@ -381,12 +381,7 @@ impl ClientCertVerifier for RequireClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &crypto_provider().signature_verification_algorithms,
-        )
+        signatures::tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -395,27 +390,11 @@ impl ClientCertVerifier for RequireClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algorithms = crypto_provider().signature_verification_algorithms;
-        // webpki cannot parse a v1 certificate; check the signature with its
-        // public key directly (the chain was checked in verify_client_cert).
-        if let Ok((_, leaf)) = X509Certificate::from_der(cert.as_ref())
-            && leaf.version() == X509Version::V1
-        {
-            let spki = SubjectPublicKeyInfoDer::from(leaf.public_key().raw);
-            return rustls::crypto::verify_tls13_signature_with_raw_key(
-                message,
-                &spki,
-                dss,
-                &algorithms,
-            );
-        }
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms)
+        signatures::tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crypto_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        signatures::schemes()
     }
 }
 
@@ -449,12 +428,7 @@ impl ClientCertVerifier for RequestClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &crypto_provider().signature_verification_algorithms,
-        )
+        signatures::tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -463,7 +437,24 @@ impl ClientCertVerifier for RequestClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
+        signatures::tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        signatures::schemes()
+    }
+}
+
+/// Handshake signature checks shared by both client-certificate verifiers.
+mod signatures {
+    use super::*;
+
+    pub fn tls12(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
@@ -471,7 +462,30 @@ impl ClientCertVerifier for RequestClientCert {
         )
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    /// TLS 1.3, including v1 leaves: webpki cannot parse a v1 certificate,
+    /// so its signature is checked with its public key directly (its chain
+    /// is checked by the verifier, or at the HTTP layer).
+    pub fn tls13(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        let algorithms = crypto_provider().signature_verification_algorithms;
+        if let Ok((_, leaf)) = X509Certificate::from_der(cert.as_ref())
+            && leaf.version() == X509Version::V1
+        {
+            let spki = SubjectPublicKeyInfoDer::from(leaf.public_key().raw);
+            return rustls::crypto::verify_tls13_signature_with_raw_key(
+                message,
+                &spki,
+                dss,
+                &algorithms,
+            );
+        }
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms)
+    }
+
+    pub fn schemes() -> Vec<SignatureScheme> {
         crypto_provider()
             .signature_verification_algorithms
             .supported_schemes()
