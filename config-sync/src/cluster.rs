@@ -72,8 +72,9 @@ pub struct ClusterSettings {
     pub tombstone_ttl: Duration,
     /// Where the config snapshot lives; `None` keeps nothing on disk.
     pub data_dir: Option<PathBuf>,
-    /// This node's inter-node (forwarding) address, told to the others.
-    pub rpc_addr: SocketAddr,
+    /// This node's inter-node (forwarding) address, told to the others;
+    /// `None` when the node offers none.
+    pub rpc_addr: Option<SocketAddr>,
 }
 
 /// A live node.
@@ -81,8 +82,8 @@ pub struct ClusterSettings {
 pub struct Member {
     pub node_id: String,
     pub region: String,
-    /// Its inter-node address.
-    pub rpc_addr: SocketAddr,
+    /// Its inter-node address, if it offers one.
+    pub rpc_addr: Option<SocketAddr>,
     pub gossip_addr: SocketAddr,
     /// Changes at every restart.
     pub generation: u64,
@@ -113,7 +114,8 @@ pub enum Change {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct NodeInfo {
     region: String,
-    rpc: SocketAddr,
+    #[serde(default)]
+    rpc: Option<SocketAddr>,
     #[serde(default)]
     leaving: bool,
 }
@@ -166,7 +168,7 @@ struct Inner {
     key: ClusterKey,
     tombstone_ttl: Duration,
     gossip_interval: Duration,
-    rpc_addr: SocketAddr,
+    rpc_addr: Option<SocketAddr>,
     self_id: ChitchatId,
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     clock: Clock,

@@ -45,7 +45,7 @@ fn settings(node: &str, region: &str, seeds: Vec<String>, dir: Option<PathBuf>) 
         phi_threshold: 6.0,
         tombstone_ttl: Duration::from_secs(3600),
         data_dir: dir,
-        rpc_addr: "127.0.0.1:1".parse().unwrap(),
+        rpc_addr: None,
     }
 }
 
