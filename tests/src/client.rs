@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// Runs curl with `args`; `-sS` is added.
 pub async fn curl(args: &[&str]) -> Output {
@@ -17,6 +18,41 @@ pub async fn curl(args: &[&str]) -> Output {
         .output()
         .await
         .expect("curl runs (is it installed?)")
+}
+
+/// Streams `bytes` up to `{url}/count` (curl reads stdin as it goes, the
+/// upstream counts) and then down from `{url}/bytes/<n>` (the upstream
+/// streams, curl counts), asserting that every byte arrived both ways.
+/// `url` is `https://<host>:<port>`, `resolve` curl's `--resolve` value.
+pub async fn stream_each_way(url: &str, ca: &Path, resolve: &str, bytes: u64) {
+    let ca = ca.display().to_string();
+    let upload = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {bytes} /dev/zero | curl -sS --http1.1 --cacert {ca} --resolve {resolve} -T - {url}/count"
+        ))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        upload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&upload.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&upload.stdout), bytes.to_string());
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        resolve,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        &format!("{url}/bytes/{bytes}"),
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), bytes.to_string());
 }
 
 /// Runs `openssl s_client` against `addr` with extra args, feeding `stdin`.
@@ -85,6 +121,22 @@ impl HttpsClient {
         }
     }
 
+    /// Offers these ALPN protocols instead of `http/1.1`.
+    pub fn with_alpn(mut self, protocols: &[&[u8]]) -> HttpsClient {
+        Arc::make_mut(&mut self.config).alpn_protocols =
+            protocols.iter().map(|p| p.to_vec()).collect();
+        self
+    }
+
+    /// A new TLS connection with `host` as SNI.
+    pub async fn connect(&self, host: &str) -> anyhow::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let name = ServerName::try_from(host.to_string())?;
+        Ok(tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await?)
+    }
+
     /// One request on a new connection.
     pub async fn request(
         &self,
@@ -93,11 +145,7 @@ impl HttpsClient {
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<Response> {
-        let tcp = TcpStream::connect(self.addr).await?;
-        let name = ServerName::try_from(host.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone())
-            .connect(name, tcp)
-            .await?;
+        let tls = self.connect(host).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(conn);
         let req = Request::builder()

@@ -7,7 +7,6 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use postern_agent::{Agent, Status};
 use postern_tests::{
     ACL_TOKEN, HttpUpstream, HttpsClient, Spawned, TempDir, TestCa, TestEdge, binary, curl,
-    read_rss_kib, url_of,
+    read_rss_kib, stream_each_way, url_of,
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, process::Command};
@@ -681,22 +680,8 @@ async fn websocket_upgrades_work_through_the_inspector_and_are_captured() {
         &http_tunnel("ws", "ws.example.test", upstream.port()),
     )
     .await;
-    let pem = std::fs::read(edge.ca_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(edge.addrs.https).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("ws.example.test".try_into().unwrap(), tcp)
+    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
+        .connect("ws.example.test")
         .await
         .unwrap();
     let url = format!("wss://ws.example.test:{}/ws", edge.addrs.https.port());
@@ -973,36 +958,9 @@ async fn one_gib_each_way_streams_through_the_inspector_without_being_held() {
         .expect("the banner names the API address");
     agent.wait_for_line("Forwarding", 20).await;
     let url = edge.https_url("big.example.test", "");
-    let ca = edge.ca_pem().display().to_string();
     let resolve = edge.resolve("big.example.test");
     let started = Instant::now();
-    let upload = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c {GIB} /dev/zero | curl -sS --http1.1 --cacert {ca} --resolve {resolve} -T - {url}/count"
-        ))
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        upload.status.success(),
-        "{}",
-        String::from_utf8_lossy(&upload.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&upload.stdout), GIB.to_string());
-    let out = curl(&[
-        "--cacert",
-        &ca,
-        "--resolve",
-        &resolve,
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{size_download}",
-        &format!("{url}/bytes/{GIB}"),
-    ])
-    .await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), GIB.to_string());
+    stream_each_way(&url, &edge.ca_pem(), &resolve, GIB).await;
     let (rss, peak) = read_rss_kib(agent.pid());
     println!(
         "2 GiB through the inspected path in {:?}; agent RSS {rss} KiB, peak {peak} KiB",

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use postern_tests::{
     ACL_TOKEN, HttpUpstream, HttpsClient, Spawned, TempDir, TestEdge, binary, curl, read_rss_kib,
+    stream_each_way,
 };
 use tokio::process::Command;
 
@@ -71,39 +72,8 @@ async fn one_gib_each_way_streams_through_without_the_edge_holding_it() {
     );
     agent.wait_for_line("Forwarding", 20).await;
     let url = edge.https_url("big.example.test", "");
-    let ca = edge.ca_pem().display().to_string();
     let resolve = edge.resolve("big.example.test");
-
-    // Upload: curl reads stdin as it goes (-T -), the upstream counts.
-    let upload = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c {GIB} /dev/zero | curl -sS --http1.1 --cacert {ca} --resolve {resolve} -T - {url}/count"
-        ))
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        upload.status.success(),
-        "{}",
-        String::from_utf8_lossy(&upload.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&upload.stdout), GIB.to_string());
-
-    // Download: the upstream streams 1 GiB, curl counts.
-    let out = curl(&[
-        "--cacert",
-        &ca,
-        "--resolve",
-        &resolve,
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{size_download}",
-        &format!("{url}/bytes/{GIB}"),
-    ])
-    .await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), GIB.to_string());
+    stream_each_way(&url, &edge.ca_pem(), &resolve, GIB).await;
 
     let (rss, peak) = read_rss_kib(edge.process().pid());
     println!("edge RSS after 2 GiB: {rss} KiB, peak {peak} KiB");

@@ -2,12 +2,9 @@
 //! smuggling, HTTP/2 rapid reset, oversize and stalled ClientHellos, too many
 //! connections, and too few file descriptors.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use postern_tests::{HttpUpstream, TestEdge, curl, eventually};
+use postern_tests::{HttpUpstream, HttpsClient, TestEdge, curl, eventually};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -197,22 +194,9 @@ async fn request_smuggling_variants_are_refused_and_never_forwarded() {
 #[tokio::test]
 async fn http2_rapid_reset_is_answered_with_goaway() {
     let (edge, upstream, _agent) = http_edge_with_upstream("").await;
-    let pem = std::fs::read(edge.ca_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(edge.addrs.https).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("app.example.test".try_into().unwrap(), tcp)
+    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
+        .with_alpn(&[b"h2"])
+        .connect("app.example.test")
         .await
         .unwrap();
     let (mut client, connection) = h2::client::handshake(tls).await.unwrap();

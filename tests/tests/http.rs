@@ -1,7 +1,7 @@
 //! HTTPS endpoints end to end: a real edge, a real agent, a real upstream,
 //! driven by curl, openssl and a Rust client.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -266,24 +266,8 @@ async fn websocket_echo_through_an_https_endpoint() {
     let (_agent, _) = edge
         .agent(&http_tunnel("ws", "ws.example.test", upstream.port()))
         .await;
-    let pem = std::fs::read(edge.ca_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(edge.addrs.https)
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("ws.example.test".try_into().unwrap(), tcp)
+    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
+        .connect("ws.example.test")
         .await
         .unwrap();
     let url = format!("wss://ws.example.test:{}/ws", edge.addrs.https.port());
@@ -343,23 +327,8 @@ async fn a_stalled_download_does_not_stall_other_connections_of_the_same_agent()
     // streams fill their flow-control windows and stop.
     let mut stalled = Vec::new();
     for _ in 0..3 {
-        let tcp = tokio::net::TcpStream::connect(edge.addrs.https)
-            .await
-            .unwrap();
-        let pem = std::fs::read(edge.ca_pem()).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        use rustls::pki_types::{CertificateDer, pem::PemObject};
-        for c in CertificateDer::pem_slice_iter(&pem) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let config =
-            rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect("app.example.test".try_into().unwrap(), tcp)
+        let mut tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
+            .connect("app.example.test")
             .await
             .unwrap();
         tls.write_all(b"GET /bytes/300000000 HTTP/1.1\r\nHost: app.example.test\r\n\r\n")
