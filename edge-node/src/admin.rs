@@ -6,6 +6,8 @@
 //! `{ca_pem, description, metadata}`; GET list; GET `/{id}` or
 //! `/{id},{id}`; DELETE `/{id}`); `/oauth_sessions` (GET `?user_id=` or
 //! `?email=`; DELETE `/{id}`, or `?user_id=` for all of a user's).
+//!
+//! In a cluster, CA writes go to the cluster and reach every node.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -19,7 +21,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::ca_store::{CaStore, NewCa, StoredCa};
+use crate::{
+    ca_store::{CaStore, NewCa, StoredCa},
+    cluster::ClusterNode,
+};
 
 mod oauth_sessions;
 
@@ -33,6 +38,8 @@ pub struct AdminState {
     pub cas: Arc<CaStore>,
     /// OAuth sessions, for listing and revocation.
     pub oauth: Arc<postern_ingress::OAuthService>,
+    /// Where CA writes go when the node is in a cluster.
+    pub cluster: Option<Arc<ClusterNode>>,
 }
 
 /// A running admin API.
@@ -154,7 +161,7 @@ async fn handle(
             }),
         )),
         (Method::GET, ["certificate_authorities", ids]) => get_cas(state, ids),
-        (Method::DELETE, ["certificate_authorities", id]) => match state.cas.delete(id) {
+        (Method::DELETE, ["certificate_authorities", id]) => match delete_ca(state, id).await {
             Ok(true) => {
                 tracing::info!(id, "certificate authority deleted");
                 Ok(empty(StatusCode::NO_CONTENT))
@@ -213,9 +220,23 @@ async fn create_ca(
             ..Default::default()
         }
     };
-    let stored = state.cas.insert(new)?;
+    let stored = match &state.cluster {
+        Some(cluster) => {
+            let stored = state.cas.prepare(new)?;
+            cluster.put_ca(&stored).await?;
+            stored
+        }
+        None => state.cas.insert(new)?,
+    };
     tracing::info!(id = %stored.id, subject = %stored.ca.subject, "certificate authority stored");
     Ok(json_response(StatusCode::CREATED, &ca_json(&stored)))
+}
+
+async fn delete_ca(state: &AdminState, id: &str) -> Result<bool, Failure> {
+    match &state.cluster {
+        Some(cluster) => cluster.delete_ca(id).await,
+        None => state.cas.delete(id),
+    }
 }
 
 fn get_cas(state: &AdminState, ids: &str) -> Result<Response<Full<Bytes>>, Failure> {

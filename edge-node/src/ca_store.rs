@@ -59,15 +59,53 @@ pub struct NewCa {
     pub private_key_pem: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Persisted {
-    id: String,
-    ca_pem: String,
-    created_at: String,
-    description: String,
-    metadata: String,
+/// A CA as stored on disk and gossiped between nodes: the certificate as
+/// PEM (checked again wherever it is read), the key still encrypted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub id: String,
+    pub ca_pem: String,
+    pub created_at: String,
+    pub description: String,
+    pub metadata: String,
     #[serde(default)]
-    encrypted_key: Option<String>,
+    pub encrypted_key: Option<String>,
+}
+
+impl CaRecord {
+    /// The stored CA, after the same checks as an upload: one real CA
+    /// certificate whose fingerprint is the id.
+    fn check(self) -> Result<StoredCa, String> {
+        let mut cas = parse_ca_bundle(self.ca_pem.as_bytes()).map_err(|e| e.to_string())?;
+        if cas.len() != 1 {
+            return Err(format!("{} certificates; one expected", cas.len()));
+        }
+        let ca = cas.remove(0);
+        if ca_id(&ca) != self.id {
+            return Err(format!("the certificate's id is {}", ca_id(&ca)));
+        }
+        Ok(StoredCa {
+            id: self.id,
+            ca,
+            created_at: self.created_at,
+            description: self.description,
+            metadata: self.metadata,
+            encrypted_key: self.encrypted_key,
+        })
+    }
+}
+
+impl StoredCa {
+    pub fn record(&self) -> CaRecord {
+        CaRecord {
+            id: self.id.clone(),
+            ca_pem: pem_of(&self.ca.der),
+            created_at: self.created_at.clone(),
+            description: self.description.clone(),
+            metadata: self.metadata.clone(),
+            encrypted_key: self.encrypted_key.clone(),
+        }
+    }
 }
 
 /// The store.
@@ -101,24 +139,15 @@ impl CaStore {
         let mut cas = BTreeMap::new();
         if path.exists() {
             let text = std::fs::read_to_string(&path)?;
-            let persisted: Vec<Persisted> = serde_json::from_str(&text)
+            let persisted: Vec<CaRecord> = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             for p in persisted {
                 // Re-checked on load: a file edited by hand gets no pass.
-                let ca = parse_ca_bundle(p.ca_pem.as_bytes())
-                    .map_err(|e| anyhow::anyhow!("{}: {}: {e}", path.display(), p.id))?
-                    .remove(0);
-                cas.insert(
-                    p.id.clone(),
-                    StoredCa {
-                        id: p.id,
-                        ca,
-                        created_at: p.created_at,
-                        description: p.description,
-                        metadata: p.metadata,
-                        encrypted_key: p.encrypted_key,
-                    },
-                );
+                let id = p.id.clone();
+                let stored = p
+                    .check()
+                    .map_err(|e| anyhow::anyhow!("{}: {id}: {e}", path.display()))?;
+                cas.insert(id, stored);
             }
         }
         Ok(CaStore {
@@ -131,6 +160,19 @@ impl CaStore {
 
     /// Adds (or replaces, same id) a CA. Exactly one certificate, a CA.
     pub fn insert(&self, new: NewCa) -> Result<StoredCa, Failure> {
+        let stored = self.prepare(new)?;
+        {
+            let mut cas = self.cas.write().expect("ca store lock");
+            cas.insert(stored.id.clone(), stored.clone());
+            self.persist(&cas)?;
+        }
+        self.version.fetch_add(1, Ordering::SeqCst);
+        Ok(stored)
+    }
+
+    /// Checks an upload and builds what [`CaStore::insert`] would store,
+    /// without storing it (a cluster node stores what the cluster merged).
+    pub fn prepare(&self, new: NewCa) -> Result<StoredCa, Failure> {
         let mut certificates = Vec::new();
         let mut key_pem = new.private_key_pem.clone();
         for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(new.ca_pem.as_bytes()) {
@@ -173,21 +215,46 @@ impl CaStore {
             }
             (Some(pem), Some(key)) => Some(seal(key, pem.as_bytes())),
         };
-        let stored = StoredCa {
+        Ok(StoredCa {
             id: ca_id(&ca),
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             description: new.description,
             metadata: new.metadata,
             ca,
             encrypted_key,
-        };
-        {
-            let mut cas = self.cas.write().expect("ca store lock");
-            cas.insert(stored.id.clone(), stored.clone());
-            self.persist(&cas)?;
+        })
+    }
+
+    /// Makes the store hold exactly `records` (the cluster's CAs), each
+    /// checked as an upload is; a record that fails is left out and logged.
+    pub fn replace_all(&self, records: Vec<CaRecord>) -> Result<(), Failure> {
+        let mut next = BTreeMap::new();
+        for record in records {
+            let id = record.id.clone();
+            match record.check() {
+                Ok(stored) => {
+                    next.insert(id, stored);
+                }
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "a certificate authority from the cluster is refused");
+                }
+            }
         }
-        self.version.fetch_add(1, Ordering::SeqCst);
-        Ok(stored)
+        let mut cas = self.cas.write().expect("ca store lock");
+        let same = cas.len() == next.len()
+            && cas.iter().zip(&next).all(|((a, x), (b, y))| {
+                a == b
+                    && x.ca.fingerprint == y.ca.fingerprint
+                    && x.description == y.description
+                    && x.metadata == y.metadata
+                    && x.encrypted_key == y.encrypted_key
+            });
+        if !same {
+            *cas = next;
+            self.persist(&cas)?;
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     pub fn get_stored(&self, id: &str) -> Option<StoredCa> {
@@ -214,17 +281,7 @@ impl CaStore {
     }
 
     fn persist(&self, cas: &BTreeMap<String, StoredCa>) -> Result<(), Failure> {
-        let persisted: Vec<Persisted> = cas
-            .values()
-            .map(|s| Persisted {
-                id: s.id.clone(),
-                ca_pem: pem_of(&s.ca.der),
-                created_at: s.created_at.clone(),
-                description: s.description.clone(),
-                metadata: s.metadata.clone(),
-                encrypted_key: s.encrypted_key.clone(),
-            })
-            .collect();
+        let persisted: Vec<CaRecord> = cas.values().map(StoredCa::record).collect();
         let text = serde_json::to_string_pretty(&persisted).expect("CAs serialise");
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {

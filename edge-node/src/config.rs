@@ -59,6 +59,9 @@ pub struct RawConfig {
     /// key; see `crate::oauth::RawOAuth`.
     #[serde(default)]
     pub oauth: crate::oauth::RawOAuth,
+    /// Joining other nodes: gossip, seeds, the cluster key; see
+    /// `crate::cluster::RawCluster`. Without it the node runs alone.
+    pub cluster: Option<crate::cluster::RawCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +249,7 @@ pub struct EdgeConfig {
     pub drain_grace: Duration,
     pub events: postern_events::EventsConfig,
     pub oauth: crate::oauth::OAuthConfig,
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -590,6 +594,7 @@ impl RawConfig {
             drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
             events: self.events.validate()?,
             oauth,
+            cluster: self.cluster.map(|c| c.validate()).transpose()?,
         })
     }
 }

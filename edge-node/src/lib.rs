@@ -8,6 +8,7 @@ mod acl;
 mod admin;
 mod auth;
 mod ca_store;
+mod cluster;
 mod config;
 mod dev;
 mod http_server;
@@ -90,6 +91,8 @@ pub struct Edge {
     telemetry: Option<http_server::ServerHandle>,
     /// `/readyz`: true once serving, false from the start of a drain.
     ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Membership of a cluster (`[cluster]`).
+    cluster: Option<Arc<cluster::ClusterNode>>,
 }
 
 impl Edge {
@@ -108,6 +111,19 @@ impl Edge {
             )
             .context("opening the certificate-authority store")?,
         );
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(
+                cluster::ClusterNode::start(
+                    c,
+                    &config.node_id,
+                    &config.region,
+                    &config.data_dir,
+                    cas.clone(),
+                )
+                .await?,
+            )),
+            None => None,
+        };
         for (cert, key) in &config.tls.certificates {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).with_context(|| format!("reading {}", p.display()))
@@ -209,6 +225,7 @@ impl Edge {
                 key_hashes: config.admin.key_hashes.clone(),
                 cas: cas.clone(),
                 oauth: oauth.clone(),
+                cluster: cluster.clone(),
             };
             admin::serve(listener, Arc::new(state))
         });
@@ -257,6 +274,7 @@ impl Edge {
             events,
             telemetry,
             ready,
+            cluster,
         })
     }
 
@@ -274,7 +292,15 @@ impl Edge {
         stats.push(("agent_sessions", self.registry.session_count() as u64));
         stats.push(("open_connections", self.gateway.open_connections() as u64));
         stats.extend(self.events.metrics().pairs());
+        if let Some(cluster) = &self.cluster {
+            stats.extend(cluster.stats());
+        }
         stats
+    }
+
+    /// The address other nodes gossip with this one on, in a cluster.
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(|c| c.gossip_addr())
     }
 
     /// The endpoints bound on this node.
@@ -294,6 +320,9 @@ impl Edge {
         self.registry.shutdown().await;
         if let Some(admin) = self.admin {
             admin.shutdown().await;
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
         }
         self.stop_grpc.cancel();
         let grpc = match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {

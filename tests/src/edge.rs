@@ -42,6 +42,8 @@ pub struct TestEdge {
     extra: String,
     /// `ulimit -n` for the binary.
     fd_limit: Option<u32>,
+    node_id: String,
+    region: String,
 }
 
 impl TestEdge {
@@ -51,15 +53,21 @@ impl TestEdge {
 
     /// `extra` is appended to the TOML config (e.g. a `[limits]` table).
     pub async fn start_with(extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra).await
+        Self::start_on("127.0.0.1", extra, "test-edge", "us").await
     }
 
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
     pub async fn start_v6() -> TestEdge {
-        Self::start_on("[::1]", "").await
+        Self::start_on("[::1]", "", "test-edge", "us").await
     }
 
-    async fn start_on(ip: &str, extra: &str) -> TestEdge {
+    /// A node named `node_id` in `region` (e.g. one of a cluster, with a
+    /// `[cluster]` table in `extra`).
+    pub async fn start_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
+        Self::start_on("127.0.0.1", extra, node_id, region).await
+    }
+
+    async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str) -> TestEdge {
         init();
         let dir = TempDir::new("edge");
         let token = format!("test-token-{}", postern_ingress::random_label());
@@ -85,6 +93,8 @@ impl TestEdge {
             },
             extra: extra.to_string(),
             fd_limit: None,
+            node_id: node_id.to_string(),
+            region: region.to_string(),
         };
         let config = edge.config();
         edge.edge = Some(Edge::start(config, listeners).await.expect("edge starts"));
@@ -126,6 +136,8 @@ impl TestEdge {
             },
             extra: extra.to_string(),
             fd_limit: None,
+            node_id: "test-edge".to_string(),
+            region: "us".to_string(),
         };
         edge.fd_limit = fd_limit;
         std::fs::write(edge.dir.path().join("edge.toml"), edge.config_toml()).unwrap();
@@ -175,8 +187,8 @@ impl TestEdge {
     pub fn config_toml(&self) -> String {
         format!(
             r#"
-node_id = "test-edge"
-region = "us"
+node_id = "{node_id}"
+region = "{region}"
 domain = "{DOMAIN}"
 data_dir = "{dir}"
 drain_grace = "3s"
@@ -214,6 +226,8 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             metrics = self.addrs.metrics.expect("metrics listener"),
             token = self.token,
             extra = self.extra,
+            node_id = self.node_id,
+            region = self.region,
         )
     }
 
@@ -281,7 +295,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             "--server-addr".into(),
             self.addrs.agent.to_string(),
             "--tls-server-name".into(),
-            format!("tunnel.us.connect.{DOMAIN}"),
+            format!("tunnel.{}.connect.{DOMAIN}", self.region),
             "--root-cas".into(),
             self.ca_pem().display().to_string(),
         ]
@@ -289,10 +303,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
 
     pub fn agent_yaml(&self, token: &str, tunnels: &str) -> String {
         format!(
-            "authtoken: {token}\nserver_addr: \"{agent}\"\ntls_server_name: tunnel.us.connect.{DOMAIN}\n\
+            "authtoken: {token}\nserver_addr: \"{agent}\"\ntls_server_name: tunnel.{region}.connect.{DOMAIN}\n\
              root_cas: {ca}\nheartbeat_interval: 1s\nheartbeat_tolerance: 3s\ntunnels:\n{tunnels}",
             agent = self.addrs.agent,
             ca = self.ca_pem().display(),
+            region = self.region,
         )
     }
 
@@ -332,6 +347,54 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
                 agent.status().borrow().clone()
             ),
         }
+    }
+
+    /// Calls the admin API with `key` and an optional `(content type,
+    /// body)`: the status and the JSON answer (`Null` when there is none).
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &str)>,
+        key: &str,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("http://{}{path}", self.addrs.admin.expect("admin listener"));
+        let auth = format!("Authorization: Bearer {key}");
+        let mut args = vec!["-X", method, "-H", &auth, "-w", "\n%{http_code}"];
+        if let Some((content_type, data)) = body {
+            args.extend(["-H", content_type, "--data-binary", data]);
+        }
+        args.push(&url);
+        let out = crate::curl(&args).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').expect("curl wrote the status");
+        (
+            code.parse().expect("an HTTP status"),
+            serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// `curl` to `https://<host>/echo` on this edge, trusting its dev CA,
+    /// with an optional client certificate and key and extra arguments.
+    pub async fn curl_mtls(
+        &self,
+        host: &str,
+        cert: Option<(&std::path::Path, &std::path::Path)>,
+        extra: &[&str],
+    ) -> std::process::Output {
+        let ca = self.ca_pem();
+        let resolve = self.resolve(host);
+        let url = self.https_url(host, "/echo");
+        let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
+        let (c, k);
+        if let Some((cert, key)) = cert {
+            c = cert.display().to_string();
+            k = key.display().to_string();
+            args.extend(["--cert", &c, "--key", &k]);
+        }
+        args.extend(extra);
+        args.push(&url);
+        crate::curl(&args).await
     }
 
     /// `host:port:127.0.0.1` for curl's --resolve, on the HTTPS port.

@@ -8,7 +8,6 @@ use std::{path::Path, process::Output};
 use postern_tests::{
     API_KEY, HttpUpstream, TempDir, TestCa, TestEdge, TlsUpstream, curl, openssl_s_client,
 };
-use serde_json::Value;
 use tokio::process::Command;
 
 const DOMAIN: &str = "app.customer1.example.test";
@@ -47,27 +46,6 @@ openssl x509 -req -days 9999 -in client-csr.pem -CA ca-crt.pem -CAkey ca-key.pem
     .await;
 }
 
-async fn curl_mtls(
-    edge: &TestEdge,
-    host: &str,
-    cert: Option<(&Path, &Path)>,
-    extra: &[&str],
-) -> Output {
-    let ca = edge.ca_pem();
-    let resolve = edge.resolve(host);
-    let url = edge.https_url(host, "/echo");
-    let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
-    let (c, k);
-    if let Some((cert, key)) = cert {
-        c = cert.display().to_string();
-        k = key.display().to_string();
-        args.extend(["--cert", &c, "--key", &k]);
-    }
-    args.extend(extra);
-    args.push(&url);
-    curl(&args).await
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_lowercase()
 }
@@ -100,18 +78,18 @@ async fn the_seed_scripts_certificates_and_curl_command_work_end_to_end() {
         pki.path().join("client-crt.pem"),
         pki.path().join("client-key.pem"),
     );
-    let ok = curl_mtls(
-        &edge,
-        DOMAIN,
-        Some((&client.0, &client.1)),
-        &[
-            "-H",
-            "Ngrok-Mtls-Subject-Cn: admin",
-            "-H",
-            "ngrok_mtls_subject_cn: admin",
-        ],
-    )
-    .await;
+    let ok = edge
+        .curl_mtls(
+            DOMAIN,
+            Some((&client.0, &client.1)),
+            &[
+                "-H",
+                "Ngrok-Mtls-Subject-Cn: admin",
+                "-H",
+                "ngrok_mtls_subject_cn: admin",
+            ],
+        )
+        .await;
     assert!(ok.status.success(), "{}", stderr(&ok));
     let seen = upstream.last("/echo");
     let serial = Command::new("openssl")
@@ -190,7 +168,7 @@ async fn bad_client_certificates_are_refused_in_the_handshake_and_chains_work() 
         (-1, 30),
     );
     let (cert, key) = good.write(dir.path(), "good", &[]);
-    let ok = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+    let ok = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
     assert!(ok.status.success(), "{}", stderr(&ok));
     let seen = upstream.last("/echo");
     assert_eq!(seen.headers["ngrok-mtls-subject-cn"], "alice");
@@ -206,7 +184,7 @@ async fn bad_client_certificates_are_refused_in_the_handshake_and_chains_work() 
 
     let chained = intermediate.client("bob", &[], &[], (-1, 30));
     let (cert, key) = chained.write(dir.path(), "chained", &[&intermediate.pem]);
-    let ok = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+    let ok = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
     assert!(
         ok.status.success(),
         "an intermediate sent by the client chains: {}",
@@ -242,7 +220,7 @@ async fn bad_client_certificates_are_refused_in_the_handshake_and_chains_work() 
     let before = upstream.requests().len();
     for (what, issued, alerts) in cases {
         let (cert, key) = issued.write(dir.path(), "bad", &[]);
-        let out = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+        let out = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
         let err = stderr(&out);
         assert!(!out.status.success(), "{what} was accepted");
         assert!(alerts.iter().any(|a| err.contains(a)), "{what}: {err}");
@@ -252,10 +230,10 @@ async fn bad_client_certificates_are_refused_in_the_handshake_and_chains_work() 
     let ca_key = dir.path().join("ca-as-leaf-key.pem");
     std::fs::write(&ca_cert, &root.pem).unwrap();
     std::fs::write(&ca_key, &root.key_pem).unwrap();
-    let out = curl_mtls(&edge, DOMAIN, Some((&ca_cert, &ca_key)), &[]).await;
+    let out = edge.curl_mtls(DOMAIN, Some((&ca_cert, &ca_key)), &[]).await;
     assert!(!out.status.success(), "a CA used as a leaf was accepted");
     assert!(stderr(&out).contains("bad certificate"), "{}", stderr(&out));
-    let none = curl_mtls(&edge, DOMAIN, None, &[]).await;
+    let none = edge.curl_mtls(DOMAIN, None, &[]).await;
     assert!(!none.status.success());
     assert!(
         stderr(&none).contains("certificate required"),
@@ -388,30 +366,6 @@ async fn without_sni_the_mtls_decision_is_made_per_request_and_host_must_match_s
     assert!(secure.requests().iter().all(|r| r.path != "/fronted"));
 }
 
-/// `curl` against the admin API; returns (status, JSON body).
-async fn api(
-    edge: &TestEdge,
-    method: &str,
-    path: &str,
-    body: Option<(&str, &str)>,
-    key: &str,
-) -> (u16, Value) {
-    let url = format!("http://{}{path}", edge.addrs.admin.unwrap());
-    let auth = format!("Authorization: Bearer {key}");
-    let mut args = vec!["-X", method, "-H", &auth, "-w", "\n%{http_code}"];
-    if let Some((content_type, data)) = body {
-        args.extend(["-H", content_type, "--data-binary", data]);
-    }
-    args.push(&url);
-    let out = curl(&args).await;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (json, code) = text.rsplit_once('\n').unwrap();
-    (
-        code.parse().unwrap(),
-        serde_json::from_str(json).unwrap_or(Value::Null),
-    )
-}
-
 #[tokio::test]
 async fn the_certificate_authority_store_api() {
     let mut edge = TestEdge::start().await;
@@ -419,18 +373,20 @@ async fn the_certificate_authority_store_api() {
     let root = TestCa::root("Store Root");
     let other = TestCa::root("Second Root");
 
-    let (status, body) = api(&edge, "GET", "/certificate_authorities", None, "wrong-key").await;
+    let (status, body) = edge
+        .api("GET", "/certificate_authorities", None, "wrong-key")
+        .await;
     assert_eq!(status, 401);
     assert_eq!(body["error_code"], "ERR_POSTERN_9401");
 
-    let (status, created) = api(
-        &edge,
-        "POST",
-        "/certificate_authorities",
-        Some(("Content-Type: application/x-pem-file", &root.pem)),
-        API_KEY,
-    )
-    .await;
+    let (status, created) = edge
+        .api(
+            "POST",
+            "/certificate_authorities",
+            Some(("Content-Type: application/x-pem-file", &root.pem)),
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 201, "{created}");
     let fingerprint = created["fingerprint"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
@@ -450,49 +406,51 @@ async fn the_certificate_authority_store_api() {
     );
 
     let json = serde_json::json!({ "ca_pem": other.pem, "description": "second" }).to_string();
-    let (status, second) = api(
-        &edge,
-        "POST",
-        "/certificate_authorities",
-        Some(("Content-Type: application/json", &json)),
-        API_KEY,
-    )
-    .await;
+    let (status, second) = edge
+        .api(
+            "POST",
+            "/certificate_authorities",
+            Some(("Content-Type: application/json", &json)),
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 201);
     let second_id = second["id"].as_str().unwrap().to_string();
     assert_eq!(second["description"], "second");
 
-    let (_, list) = api(&edge, "GET", "/certificate_authorities", None, API_KEY).await;
+    let (_, list) = edge
+        .api("GET", "/certificate_authorities", None, API_KEY)
+        .await;
     assert_eq!(list["certificate_authorities"].as_array().unwrap().len(), 2);
-    let (status, one) = api(
-        &edge,
-        "GET",
-        &format!("/certificate_authorities/{id}"),
-        None,
-        API_KEY,
-    )
-    .await;
+    let (status, one) = edge
+        .api(
+            "GET",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(one["id"], id.as_str());
-    let (_, many) = api(
-        &edge,
-        "GET",
-        &format!("/certificate_authorities/{id},{second_id}"),
-        None,
-        API_KEY,
-    )
-    .await;
+    let (_, many) = edge
+        .api(
+            "GET",
+            &format!("/certificate_authorities/{id},{second_id}"),
+            None,
+            API_KEY,
+        )
+        .await;
     assert_eq!(many["certificate_authorities"].as_array().unwrap().len(), 2);
 
     let leaf = root.client("leaf", &[], &[], (-1, 30));
-    let (status, refused) = api(
-        &edge,
-        "POST",
-        "/certificate_authorities",
-        Some(("Content-Type: text/plain", &leaf.cert_pem)),
-        API_KEY,
-    )
-    .await;
+    let (status, refused) = edge
+        .api(
+            "POST",
+            "/certificate_authorities",
+            Some(("Content-Type: text/plain", &leaf.cert_pem)),
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 400);
     assert_eq!(refused["error_code"], "ERR_POSTERN_1696");
     assert!(
@@ -510,13 +468,15 @@ async fn the_certificate_authority_store_api() {
     let (cert, key) = root
         .client("by-id", &[], &[], (-1, 30))
         .write(dir.path(), "client", &[]);
-    let ok = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+    let ok = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
     assert!(ok.status.success(), "{}", stderr(&ok));
 
     // Survives a restart of the node.
     agent.shutdown().await.unwrap();
     edge.restart().await;
-    let (_, list) = api(&edge, "GET", "/certificate_authorities", None, API_KEY).await;
+    let (_, list) = edge
+        .api("GET", "/certificate_authorities", None, API_KEY)
+        .await;
     assert_eq!(
         list["certificate_authorities"].as_array().unwrap().len(),
         2,
@@ -524,35 +484,35 @@ async fn the_certificate_authority_store_api() {
     );
     let (_agent, _) = edge.agent(&tunnel).await;
     assert!(
-        curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[])
+        edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[])
             .await
             .status
             .success()
     );
 
     // Deleting the CA takes effect for the next handshake, no restart.
-    let (status, _) = api(
-        &edge,
-        "DELETE",
-        &format!("/certificate_authorities/{id}"),
-        None,
-        API_KEY,
-    )
-    .await;
+    let (status, _) = edge
+        .api(
+            "DELETE",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 204);
-    let out = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+    let out = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
     assert!(
         !out.status.success(),
         "the deleted CA no longer admits its clients"
     );
-    let (status, _) = api(
-        &edge,
-        "GET",
-        &format!("/certificate_authorities/{id}"),
-        None,
-        API_KEY,
-    )
-    .await;
+    let (status, _) = edge
+        .api(
+            "GET",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 404);
 }
 
@@ -693,21 +653,21 @@ async fn an_edge_policy_requires_client_certificates_whatever_the_agent_asks() {
     ))
     .await;
     let upstream = HttpUpstream::start().await;
-    let (status, _) = api(
-        &edge,
-        "POST",
-        "/certificate_authorities",
-        Some(("Content-Type: text/plain", &root.pem)),
-        API_KEY,
-    )
-    .await;
+    let (status, _) = edge
+        .api(
+            "POST",
+            "/certificate_authorities",
+            Some(("Content-Type: text/plain", &root.pem)),
+            API_KEY,
+        )
+        .await;
     assert_eq!(status, 201);
     let tunnel = format!(
         "  web:\n    proto: http\n    addr: {}\n    domain: {DOMAIN}\n",
         upstream.port()
     );
     let (_agent, _) = edge.agent(&tunnel).await;
-    let none = curl_mtls(&edge, DOMAIN, None, &[]).await;
+    let none = edge.curl_mtls(DOMAIN, None, &[]).await;
     assert!(
         !none.status.success(),
         "the policy applies though the agent asked for no mTLS"
@@ -716,7 +676,7 @@ async fn an_edge_policy_requires_client_certificates_whatever_the_agent_asks() {
     let (cert, key) = root
         .client("policy-client", &[], &[], (-1, 30))
         .write(dir.path(), "c", &[]);
-    let ok = curl_mtls(&edge, DOMAIN, Some((&cert, &key)), &[]).await;
+    let ok = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert_eq!(
         upstream.last("/echo").headers["ngrok-mtls-subject-cn"],

@@ -1,6 +1,5 @@
-//! `[cluster]`: how a node joins the others. Without it the node runs as a
-//! cluster of one (its admin objects still live in config-sync, with a key
-//! kept in the data directory).
+//! `[cluster]`: how a node joins the others. Without it the node runs
+//! alone and keeps its admin objects in its own files.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -32,18 +31,9 @@ pub struct RawCluster {
     /// Phi-accrual threshold: a node silent for about this many mean
     /// heartbeat intervals is dead. Default 6 (≈ 6–7 s at 1 s gossip).
     pub phi_threshold: Option<f64>,
-    /// TCP address of the inter-node link (gRPC over mutual TLS). Default
-    /// `0.0.0.0:7947`.
-    pub rpc_listen: Option<String>,
-    /// Inter-node address the other nodes dial. Default: `rpc_listen` with
-    /// the bound port, which then must not be `0.0.0.0`.
-    pub rpc_advertise: Option<String>,
     /// How long deletions are remembered; a node cut off for longer can
     /// bring a deleted object back. Default `7d`.
     pub tombstone_ttl: Option<String>,
-    /// How long a forwarding node waits for the holding node to hand over a
-    /// stream. Default `5s`.
-    pub forward_timeout: Option<String>,
 }
 
 /// Validated `[cluster]`.
@@ -56,10 +46,7 @@ pub struct ClusterConfig {
     pub seeds: Vec<String>,
     pub gossip_interval: Duration,
     pub phi_threshold: f64,
-    pub rpc_listen: SocketAddr,
-    pub rpc_advertise: Option<SocketAddr>,
     pub tombstone_ttl: Duration,
-    pub forward_timeout: Duration,
 }
 
 fn addr(field: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
@@ -101,16 +88,9 @@ impl RawCluster {
             .map(|a| addr("cluster.gossip_advertise", Some(a), ""))
             .transpose()?;
         if gossip_advertise.is_none() && gossip_listen.ip().is_unspecified() {
-            bail!("cluster.gossip_advertise: required when cluster.gossip_listen is {gossip_listen}");
-        }
-        let rpc_listen = addr("cluster.rpc_listen", self.rpc_listen.as_deref(), "0.0.0.0:7947")?;
-        let rpc_advertise = self
-            .rpc_advertise
-            .as_deref()
-            .map(|a| addr("cluster.rpc_advertise", Some(a), ""))
-            .transpose()?;
-        if rpc_advertise.is_none() && rpc_listen.ip().is_unspecified() {
-            bail!("cluster.rpc_advertise: required when cluster.rpc_listen is {rpc_listen}");
+            bail!(
+                "cluster.gossip_advertise: required when cluster.gossip_listen is {gossip_listen}"
+            );
         }
         let phi_threshold = self.phi_threshold.unwrap_or(6.0);
         if !(1.0..=50.0).contains(&phi_threshold) {
@@ -132,17 +112,10 @@ impl RawCluster {
             seeds: self.seeds,
             gossip_interval,
             phi_threshold,
-            rpc_listen,
-            rpc_advertise,
             tombstone_ttl: duration(
                 "cluster.tombstone_ttl",
                 self.tombstone_ttl.as_deref(),
                 Duration::from_secs(7 * 24 * 3600),
-            )?,
-            forward_timeout: duration(
-                "cluster.forward_timeout",
-                self.forward_timeout.as_deref(),
-                Duration::from_secs(5),
             )?,
         })
     }
@@ -163,15 +136,23 @@ mod tests {
         let key = "key = \"0123456789abcdef0123456789abcdef\"";
         for (text, field) in [
             (format!("cluster_id = \"\"\n{key}"), "cluster.cluster_id"),
-            ("cluster_id = \"c\"\nkey = \"short\"".to_string(), "cluster.key"),
-            ("cluster_id = \"c\"".to_string(), "key_file"),
-            (format!("cluster_id = \"c\"\n{key}"), "cluster.gossip_advertise"),
             (
-                format!("cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"x\""),
-                "cluster.rpc_listen",
+                "cluster_id = \"c\"\nkey = \"short\"".to_string(),
+                "cluster.key",
+            ),
+            ("cluster_id = \"c\"".to_string(), "key_file"),
+            (
+                format!("cluster_id = \"c\"\n{key}"),
+                "cluster.gossip_advertise",
             ),
             (
-                format!("cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"127.0.0.1:0\"\nphi_threshold = 0.1"),
+                format!("cluster_id = \"c\"\n{key}\ngossip_listen = \"x\""),
+                "cluster.gossip_listen",
+            ),
+            (
+                format!(
+                    "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nphi_threshold = 0.1"
+                ),
                 "cluster.phi_threshold",
             ),
         ] {
@@ -179,7 +160,7 @@ mod tests {
             assert!(err.contains(field), "{field:?} not named in: {err}");
         }
         let ok = parse(&format!(
-            "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"127.0.0.1:0\""
+            "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\""
         ))
         .unwrap();
         assert_eq!(ok.gossip_interval, Duration::from_secs(1));

@@ -1,0 +1,446 @@
+//! A cluster of three real edge nodes (us, eu, ap) in this process, each
+//! with its own listeners, data directory and UDP gossip socket on
+//! 127.0.0.1: certificate authorities written through the admin API of one
+//! node are enforced by the others and deleted everywhere; forged gossip
+//! changes nothing and is counted; a restarted node serves its CAs from its
+//! snapshot and converges without bringing a deleted one back.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use postern_config_sync::{Cluster, ClusterKey, ClusterSettings, GossipTransport, Kind};
+use postern_tests::{API_KEY, HttpUpstream, TempDir, TestCa, TestEdge, eventually};
+use serde::{Deserialize, Serialize};
+
+const SECRET: &str = "cluster-test-key-0123456789abcdef-0123";
+const HOST: &str = "app.customer1.example.test";
+/// Gossip round of the test clusters; detection and convergence scale
+/// with it.
+const GOSSIP: &str = "100ms";
+
+/// A free UDP port on loopback.
+fn udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Trio {
+    cluster_id: String,
+    ports: [u16; 3],
+    nodes: Vec<TestEdge>,
+}
+
+const NODES: [(&str, &str); 3] = [
+    ("edge-us-1", "us"),
+    ("edge-eu-1", "eu"),
+    ("edge-ap-1", "ap"),
+];
+
+fn cluster_toml(cluster_id: &str, ports: &[u16; 3], i: usize) -> String {
+    let seeds: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "[cluster]\ncluster_id = \"{cluster_id}\"\nkey = \"{SECRET}\"\n\
+         gossip_listen = \"127.0.0.1:{port}\"\nseeds = [{seeds}]\ngossip_interval = \"{GOSSIP}\"\n",
+        port = ports[i],
+        seeds = seeds.join(", "),
+    )
+}
+
+impl Trio {
+    /// Three nodes, each seeded with the other two, once all see three
+    /// members.
+    async fn start() -> Trio {
+        let cluster_id = format!("test-{}", postern_ingress::random_label());
+        let ports = [udp_port(), udp_port(), udp_port()];
+        let mut nodes = Vec::new();
+        for (i, (node, region)) in NODES.iter().enumerate() {
+            nodes.push(
+                TestEdge::start_node(node, region, &cluster_toml(&cluster_id, &ports, i)).await,
+            );
+        }
+        let trio = Trio {
+            cluster_id,
+            ports,
+            nodes,
+        };
+        trio.wait_members(&[0, 1, 2], 3).await;
+        trio
+    }
+
+    async fn wait_members(&self, which: &[usize], n: u64) {
+        let nodes: Vec<&TestEdge> = which.iter().map(|i| &self.nodes[*i]).collect();
+        eventually(30, &format!("{n} members at nodes {which:?}"), || {
+            let ok = nodes.iter().all(|e| e.stat("cluster_members") == n);
+            async move { ok }
+        })
+        .await;
+    }
+
+    fn us(&self) -> &TestEdge {
+        &self.nodes[0]
+    }
+}
+
+/// Uploads a CA's PEM at `edge`; its id.
+async fn upload(edge: &TestEdge, ca: &TestCa, description: &str) -> String {
+    let body = serde_json::json!({ "ca_pem": ca.pem, "description": description }).to_string();
+    let (status, created) = edge
+        .api(
+            "POST",
+            "/certificate_authorities",
+            Some(("Content-Type: application/json", &body)),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    created["id"].as_str().unwrap().to_string()
+}
+
+async fn has_ca(edge: &TestEdge, id: &str) -> bool {
+    let (status, _) = edge
+        .api(
+            "GET",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    status == 200
+}
+
+/// Waits until `check` holds at every node of `nodes`; how long it took.
+async fn until_all<'a>(
+    nodes: impl IntoIterator<Item = &'a TestEdge> + Clone,
+    what: &str,
+    id: &str,
+    present: bool,
+) -> Duration {
+    let start = Instant::now();
+    eventually(30, what, || {
+        let nodes = nodes.clone();
+        async move {
+            for edge in nodes {
+                if has_ca(edge, id).await != present {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    start.elapsed()
+}
+
+fn mtls_tunnel(upstream: &HttpUpstream, ca_id: &str) -> String {
+    format!(
+        "  web:\n    proto: http\n    addr: {}\n    domain: {HOST}\n    mutual_tls_cas: [{ca_id}]\n",
+        upstream.port()
+    )
+}
+
+fn client_cert(ca: &TestCa, dir: &TempDir, name: &str) -> (PathBuf, PathBuf) {
+    ca.client(name, &[], &[], (-1, 30))
+        .write(dir.path(), name, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_uploaded_at_us_is_enforced_at_eu_and_ap_and_a_delete_at_ap_reaches_all() {
+    let trio = Trio::start().await;
+    let upstream = HttpUpstream::start().await;
+    let root = TestCa::root("Cluster Root");
+    let stranger = TestCa::root("Stranger Root");
+    let dir = TempDir::new("cluster-pki");
+    let (cert, key) = client_cert(&root, &dir, "member");
+    let (bad_cert, bad_key) = client_cert(&stranger, &dir, "stranger");
+
+    let id = upload(trio.us(), &root, "uploaded at us").await;
+    let took = until_all(&trio.nodes[1..], "the CA at eu and ap", &id, true).await;
+    println!("CA uploaded at us visible at eu and ap after {took:?} (gossip every {GOSSIP})");
+    let (_, at_ap) = trio.nodes[2]
+        .api(
+            "GET",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(at_ap["description"], "uploaded at us");
+    assert_eq!(at_ap["subject_common_name"], "Cluster Root");
+
+    // Endpoints at eu and ap that require it: the bind succeeds only
+    // because the CA arrived (an unknown CA id is refused), and the
+    // handshake enforces it.
+    let mut agents = Vec::new();
+    for edge in &trio.nodes[1..] {
+        let (agent, _) = edge.agent(&mtls_tunnel(&upstream, &id)).await;
+        agents.push(agent);
+        let ok = edge.curl_mtls(HOST, Some((&cert, &key)), &[]).await;
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let none = edge.curl_mtls(HOST, None, &[]).await;
+        assert!(!none.status.success(), "no client certificate: refused");
+        let wrong = edge.curl_mtls(HOST, Some((&bad_cert, &bad_key)), &[]).await;
+        assert!(
+            !wrong.status.success(),
+            "a certificate of another CA: refused"
+        );
+    }
+
+    // Deleted at ap: gone at us and eu, and eu's endpoint stops admitting
+    // its clients at the next handshake.
+    let (status, _) = trio.nodes[2]
+        .api(
+            "DELETE",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let took = until_all(&trio.nodes[..2], "the CA gone at us and eu", &id, false).await;
+    println!("CA deleted at ap gone at us and eu after {took:?}");
+    let eu = &trio.nodes[1];
+    eventually(10, "eu refuses the deleted CA's clients", || async {
+        !eu.curl_mtls(HOST, Some((&cert, &key)), &[])
+            .await
+            .status
+            .success()
+    })
+    .await;
+    let (status, _) = trio.nodes[0]
+        .api(
+            "DELETE",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 404, "already deleted, cluster-wide");
+    for agent in agents {
+        agent.shutdown().await.unwrap();
+    }
+}
+
+/// What a rogue node puts under the edge's CA kind.
+#[derive(Serialize, Deserialize)]
+struct ForgedCa {
+    id: String,
+    ca_pem: String,
+    created_at: String,
+    description: String,
+    metadata: String,
+}
+
+impl Kind for ForgedCa {
+    const KIND: &'static str = "ca";
+}
+
+fn forged(ca: &TestCa, id: &str, description: &str) -> ForgedCa {
+    ForgedCa {
+        id: id.to_string(),
+        ca_pem: ca.pem.clone(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+        description: description.into(),
+        metadata: String::new(),
+    }
+}
+
+/// A gossip speaker in this process: the cluster's id, `secret` as key.
+async fn speaker(trio: &Trio, node_id: &str, secret: &str) -> Cluster {
+    Cluster::start(ClusterSettings {
+        cluster_id: trio.cluster_id.clone(),
+        node_id: node_id.into(),
+        region: "us".into(),
+        key: ClusterKey::from_secret(secret).unwrap(),
+        transport: GossipTransport::Udp {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+        },
+        seeds: vec![format!("127.0.0.1:{}", trio.ports[0])],
+        gossip_interval: Duration::from_millis(100),
+        phi_threshold: 6.0,
+        tombstone_ttl: Duration::from_secs(3600),
+        data_dir: None,
+        rpc_addr: None,
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_gossip_changes_nothing_and_is_counted_and_a_non_ca_is_refused_on_arrival() {
+    let trio = Trio::start().await;
+    let real = TestCa::root("Real Root");
+    let evil = TestCa::root("Evil Root");
+    let real_id = upload(trio.us(), &real, "real").await;
+    until_all(&trio.nodes, "the real CA everywhere", &real_id, true).await;
+    let before: Vec<u64> = trio
+        .nodes
+        .iter()
+        .map(|e| e.stat("cluster_values_refused"))
+        .collect();
+
+    // Real chitchat datagrams with the right cluster id, signed with
+    // another key: a new CA, and a takeover of the real one.
+    let rogue = speaker(&trio, "rogue", "not-the-cluster-key-but-long-enough!!").await;
+    let evil_id = format!("ca_{}", "e".repeat(64));
+    rogue
+        .put(&evil_id, &forged(&evil, &evil_id, "evil"))
+        .await
+        .unwrap();
+    rogue
+        .put(&real_id, &forged(&evil, &real_id, "taken over"))
+        .await
+        .unwrap();
+    let nodes = &trio.nodes;
+    let before_ref = &before;
+    eventually(30, "every node refused the forged values", || async move {
+        nodes
+            .iter()
+            .zip(before_ref)
+            .all(|(e, b)| e.stat("cluster_values_refused") >= b + 2)
+    })
+    .await;
+    for edge in &trio.nodes {
+        assert!(
+            !has_ca(edge, &evil_id).await,
+            "the forged CA is not applied"
+        );
+        let (_, real) = edge
+            .api(
+                "GET",
+                &format!("/certificate_authorities/{real_id}"),
+                None,
+                API_KEY,
+            )
+            .await;
+        assert_eq!(real["description"], "real", "the real CA is untouched");
+        assert_eq!(real["subject_common_name"], "Real Root");
+        assert_eq!(edge.stat("cluster_members"), 3, "the rogue is no member");
+    }
+    rogue.shutdown().await;
+
+    // A holder of the key that gossips a leaf as a CA: signed, so merged,
+    // but every node checks the certificate again and leaves it out.
+    let insider = speaker(&trio, "insider", SECRET).await;
+    let leaf = real.client("not a ca", &[], &[], (-1, 30));
+    let leaf_id = format!("ca_{}", "1".repeat(64));
+    insider
+        .put(
+            &leaf_id,
+            &ForgedCa {
+                ca_pem: leaf.cert_pem.clone(),
+                ..forged(&real, &leaf_id, "leaf")
+            },
+        )
+        .await
+        .unwrap();
+    eventually(
+        30,
+        "the insider's value merged at every node",
+        || async move { nodes.iter().all(|e| e.stat("cluster_objects") == 2) },
+    )
+    .await;
+    // A CA written after it: once a node shows this one, it has applied
+    // the cluster's CAs with the leaf among them.
+    let marker = TestCa::root("After the leaf");
+    let marker_id = upload(&trio.nodes[2], &marker, "after").await;
+    until_all(&trio.nodes, "a later CA everywhere", &marker_id, true).await;
+    for edge in &trio.nodes {
+        assert!(!has_ca(edge, &leaf_id).await, "a leaf is no CA");
+        assert!(has_ca(edge, &real_id).await);
+    }
+    insider.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_serves_its_snapshot_and_converges_without_resurrecting_deletes() {
+    let mut trio = Trio::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (kept, doomed, later) = (
+        TestCa::root("Kept Root"),
+        TestCa::root("Doomed Root"),
+        TestCa::root("Later Root"),
+    );
+    let dir = TempDir::new("cluster-snapshot");
+    let (cert, key) = client_cert(&kept, &dir, "kept-client");
+    let kept_id = upload(trio.us(), &kept, "kept").await;
+    let doomed_id = upload(trio.us(), &doomed, "doomed").await;
+    until_all(&trio.nodes, "both CAs everywhere", &doomed_id, true).await;
+    until_all(&trio.nodes, "both CAs everywhere", &kept_id, true).await;
+
+    // eu goes down; meanwhile ap deletes one CA and adds another.
+    trio.nodes[1].stop().await;
+    let (status, _) = trio.nodes[2]
+        .api(
+            "DELETE",
+            &format!("/certificate_authorities/{doomed_id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let later_id = upload(&trio.nodes[2], &later, "later").await;
+    until_all(&trio.nodes[..1], "the later CA at us", &later_id, true).await;
+    until_all(
+        &trio.nodes[..1],
+        "the doomed CA gone at us",
+        &doomed_id,
+        false,
+    )
+    .await;
+
+    // Every node down, then eu alone: it has its config from its snapshot
+    // (with no peer to tell it about the delete) and enforces it at once.
+    trio.nodes[0].stop().await;
+    trio.nodes[2].stop().await;
+    trio.nodes[1].restart().await;
+    let eu = &trio.nodes[1];
+    assert!(
+        has_ca(eu, &kept_id).await,
+        "from the snapshot, before any gossip"
+    );
+    assert!(has_ca(eu, &doomed_id).await, "eu never heard of the delete");
+    assert!(!has_ca(eu, &later_id).await);
+    let (agent, _) = eu.agent(&mtls_tunnel(&upstream, &kept_id)).await;
+    let ok = eu.curl_mtls(HOST, Some((&cert, &key)), &[]).await;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!eu.curl_mtls(HOST, None, &[]).await.status.success());
+
+    // The others come back: eu learns the delete and the new CA, and its
+    // stale copy of the deleted CA does not come back anywhere.
+    trio.nodes[0].restart().await;
+    trio.nodes[2].restart().await;
+    trio.wait_members(&[0, 1, 2], 3).await;
+    let start = Instant::now();
+    until_all(&trio.nodes, "the later CA everywhere", &later_id, true).await;
+    until_all(&trio.nodes, "the deleted CA nowhere", &doomed_id, false).await;
+    println!(
+        "converged {:?} after the cluster came back",
+        start.elapsed()
+    );
+    // Stays deleted: a few more rounds change nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for edge in &trio.nodes {
+        assert!(!has_ca(edge, &doomed_id).await, "no deleted CA returns");
+        assert!(has_ca(edge, &kept_id).await);
+    }
+    agent.shutdown().await.unwrap();
+}
