@@ -1,6 +1,7 @@
 //! The agent API and the inspector page, on `web_addr` (127.0.0.1:4040 by
 //! default), in ngrok's paths and JSON shapes: list, start and stop tunnels,
-//! list, show, replay and clear captured requests, and the agent's status.
+//! list, show, replay and clear captured requests, and the agent's status;
+//! and Prometheus metrics on `/metrics`.
 //!
 //! Who may call it: loopback `Host` names and `web_allow_hosts`, plus the
 //! domains of tunnels that forward to the API itself (so the API can be
@@ -10,6 +11,7 @@
 mod config;
 mod guard;
 mod json;
+mod metrics;
 mod routes;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -23,6 +23,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Streaming, metadata::MetadataValue, transport::Channel};
+use tracing::Instrument;
 
 use crate::{
     config::{MutualTlsCas, TerminateAt, TunnelSpec},
@@ -160,6 +161,31 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
         let failure = Failure::new(ErrorCode::UNKNOWN_ENDPOINT, open.endpoint_id);
         return Err(refuse(attach_tx, inbound, failure).await);
     };
+    // One span per visitor connection, under the edge's when it sent one.
+    let span = tracing::info_span!(
+        parent: None,
+        "stream",
+        otel.kind = "server",
+        tunnel = %target.spec.name,
+        proto = ?target.spec.proto,
+        endpoint.id = %open.endpoint_id,
+        client.addr = %open.client_addr,
+    );
+    postern_telemetry::continue_traceparent(&span, &open.traceparent);
+    serve_open(ctx, target, open, first.data, inbound, attach_tx)
+        .instrument(span)
+        .await
+}
+
+/// Serves a stream the edge opened for `target`.
+async fn serve_open(
+    ctx: &Arc<StreamContext>,
+    target: Arc<Target>,
+    open: pb::StreamOpen,
+    first: Bytes,
+    inbound: Streaming<pb::Frame>,
+    attach_tx: oneshot::Sender<BoxFrames>,
+) -> Result<(), Failure> {
     let conn = target.metrics.open_conn();
     let upstream = match dial(&target, &open).await {
         Ok(upstream) => upstream,
@@ -170,7 +196,7 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
     };
     if let Some(captures) = &target.captures {
         let (mut io, frames) = tunnel_io(inbound, Vec::new());
-        io.prepend(first.data);
+        io.prepend(first);
         if attach_tx.send(Box::pin(frames)).is_err() {
             return Err(Failure::new(
                 ErrorCode::AGENT_FORWARD_FAILED,
@@ -191,16 +217,16 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
         None => match upstream {
             Upstream::Plain(tcp) => {
                 let (r, w) = tcp.into_split();
-                splice(r, w, inbound, first.data, attach_tx, metrics).await
+                splice(r, w, inbound, first, attach_tx, metrics).await
             }
             Upstream::Tls(tls) => {
                 let (r, w) = tokio::io::split(*tls);
-                splice(r, w, inbound, first.data, attach_tx, metrics).await
+                splice(r, w, inbound, first, attach_tx, metrics).await
             }
         },
         Some(acceptor) => {
             let (mut io, frames) = tunnel_io(inbound, Vec::new());
-            io.prepend(first.data);
+            io.prepend(first);
             let _ = attach_tx.send(Box::pin(frames));
             let mut visitor = acceptor
                 .accept(io)

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use postern_agent::{Agent, load_files, merge, parse_raw};
+use postern_telemetry::{LogFormat, Telemetry, TraceSettings};
 use serde_yaml_ng::{Mapping, Value};
 
 #[derive(Debug, Parser)]
@@ -55,9 +56,9 @@ struct Global {
     /// Idle data streams kept open for the edge (0: open each on demand).
     #[arg(long, global = true)]
     stream_pool: Option<u32>,
-    /// Log format.
-    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
-    log_format: String,
+    /// Log format: text (human-readable) or json (one object per line).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,9 +278,22 @@ fn default_config_path() -> Option<PathBuf> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    init_tracing(&cli.global.log_format);
+    let telemetry = match Telemetry::init(
+        "postern",
+        "warn",
+        cli.global.log_format,
+        &TraceSettings::default(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("ERROR: {e:#}");
+            std::process::exit(1);
+        }
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Err(e) = run(cli).await {
+    let result = run(cli).await;
+    telemetry.shutdown().await;
+    if let Err(e) = result {
         eprintln!("ERROR: {e:#}");
         std::process::exit(1);
     }
@@ -343,17 +357,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let result = agent.run_until(stop).await;
     printer.abort();
     result
-}
-
-fn init_tracing(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -31,6 +31,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
@@ -94,7 +95,15 @@ pub(crate) async fn run(
                     shutdown: &shutdown,
                     ever_online,
                 };
-                session.serve(channel, &mut commands).await
+                let span = tracing::info_span!(
+                    parent: None,
+                    "agent_session",
+                    server.addr = %config.server_addr,
+                    session.id = tracing::field::Empty,
+                    region = tracing::field::Empty,
+                    node.id = tracing::field::Empty,
+                );
+                session.serve(channel, &mut commands).instrument(span).await
             }
             Err(e) => SessionEnd::Lost(format!("connecting to {}: {e:#}", config.server_addr)),
         };
@@ -376,6 +385,10 @@ impl Session<'_> {
             s.node_id = welcome.node_id.clone();
             s.tunnels = self.state.bound_urls();
         });
+        let span = tracing::Span::current();
+        span.record("session.id", welcome.session_id.as_str());
+        span.record("region", welcome.region.as_str());
+        span.record("node.id", welcome.node_id.as_str());
         tracing::info!(session.id = %welcome.session_id, region = %welcome.region, "session online");
 
         // A first ping at once, so the latency is known without waiting a

@@ -51,6 +51,10 @@ pub struct RawConfig {
     pub endpoint_policies: Vec<RawEndpointPolicy>,
     /// How long SIGTERM waits for in-flight work. Default `30s`.
     pub drain_grace: Option<String>,
+    /// Trace export over OTLP (`otlp_endpoint`, `service_name`,
+    /// `sample_ratio`); unset keys fall back to the `OTEL_*` variables.
+    #[serde(default)]
+    pub telemetry: postern_telemetry::RawTraceSettings,
     /// Event subscriptions (`[[events.subscriptions]]`), the flush timeout
     /// and the pipeline's limits; see `postern_events::RawEventsConfig`.
     #[serde(default)]
@@ -247,6 +251,7 @@ pub struct EdgeConfig {
     pub admin: Admin,
     pub endpoint_policies: Vec<EndpointPolicy>,
     pub drain_grace: Duration,
+    pub telemetry: postern_telemetry::TraceSettings,
     pub events: postern_events::EventsConfig,
     pub oauth: crate::oauth::OAuthConfig,
     pub cluster: Option<crate::cluster::ClusterConfig>,
@@ -592,6 +597,10 @@ impl RawConfig {
             },
             endpoint_policies,
             drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
+            telemetry: self
+                .telemetry
+                .validate()
+                .map_err(|e| anyhow::anyhow!("telemetry.{e}"))?,
             events: self.events.validate()?,
             oauth,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use postern_edge::{EdgeConfig, Listeners, dev_config};
+use postern_telemetry::{LogFormat, Telemetry};
 
 /// A Postern edge node.
 #[derive(Debug, Parser)]
@@ -20,15 +21,14 @@ struct Args {
     /// State directory for --dev.
     #[arg(long, default_value = "postern-data")]
     data_dir: PathBuf,
-    /// Log format.
-    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
-    log_format: String,
+    /// Log format: text (human-readable) or json (one object per line).
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(&args.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (config, dev) = match (&args.config, args.dev) {
         (Some(path), _) => (EdgeConfig::load(path)?, None),
@@ -38,13 +38,16 @@ async fn main() -> anyhow::Result<()> {
         }
         (None, false) => anyhow::bail!("give --config <file>, or --dev for a local node"),
     };
+    let telemetry = Telemetry::init("postern-edge", "info", args.log_format, &config.telemetry)?;
     let listeners = Listeners::bind(&config).await?;
     let edge = postern_edge::Edge::start(config, listeners).await?;
     if let Some((token, api_key)) = dev {
         print_dev_banner(&edge, &token, &api_key);
     }
     shutdown_signal().await;
-    edge.shutdown().await
+    let stopped = edge.shutdown().await;
+    telemetry.shutdown().await;
+    stopped
 }
 
 fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
@@ -78,19 +81,6 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "off".into()),
     );
-}
-
-fn init_tracing(format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn shutdown_signal() {

@@ -21,6 +21,7 @@ use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 use crate::{
     auth::Authtokens,
@@ -212,10 +213,20 @@ impl Registry {
         inbound: Streaming<pb::AgentMessage>,
     ) {
         let registry = self.clone();
-        self.tracker.spawn(async move {
-            let end = registry.session_loop(&session, inbound).await;
-            registry.close(&session, end);
-        });
+        let span = tracing::info_span!(
+            parent: None,
+            "agent_session",
+            session.id = %session.id,
+            region = %self.settings.region,
+            node.id = %self.settings.node_id,
+        );
+        self.tracker.spawn(
+            async move {
+                let end = registry.session_loop(&session, inbound).await;
+                registry.close(&session, end);
+            }
+            .instrument(span),
+        );
     }
 
     async fn session_loop(

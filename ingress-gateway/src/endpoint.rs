@@ -71,7 +71,8 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// The `open` frame that starts a proxied connection.
+/// The `open` frame that starts a proxied connection, with the trace
+/// context of the current span.
 pub fn open_frame(
     endpoint: &Endpoint,
     client: SocketAddr,
@@ -84,6 +85,8 @@ pub fn open_frame(
             client_addr: client.to_string(),
             server_addr: server.to_string(),
             server_name: name.to_string(),
+            traceparent: postern_telemetry::traceparent(&tracing::Span::current())
+                .unwrap_or_default(),
         }),
         ..Default::default()
     }

@@ -32,6 +32,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use crate::{
     endpoint::{Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame},
@@ -517,6 +518,7 @@ impl Gateway {
                         endpoint: &endpoint,
                         ip_decision: ip_decision(&inner, policy.as_deref(), accepted.client.ip()),
                     };
+                    let span = record.span();
                     let result = if record.ip_decision == Some(Decision::Block) {
                         Err(Failure::new(
                             ErrorCode::IP_RESTRICTED,
@@ -534,9 +536,10 @@ impl Gateway {
                             accepted.local,
                             "",
                         )
+                        .instrument(span.clone())
                         .await
                     };
-                    outcome::tcp_closed(&inner.outcomes, &record, &result);
+                    outcome::tcp_closed(&inner.outcomes, &record, &span, &result);
                     if let Err(e) = result {
                         tracing::debug!(endpoint = %endpoint.id, error = %e, "TCP connection not proxied");
                     }
@@ -915,23 +918,28 @@ async fn handle_request(
     );
     let malformed = proxy::malformed(&req);
     let req = req.map(|body| Counted::new(body, record.request_body_stats()));
-    let response = match (host, malformed) {
-        (_, Some(failure)) => proxy::close_after(proxy::error_response(&failure)),
-        (Some(Ok(host)), None) => match &inner.config.oauth {
-            Some(oauth) if oauth.is_auth_host(&host) => {
-                auth_host_request(oauth, conn, &host, &req).await
-            }
-            _ => route_request(inner, conn, pools, &mut record, client_ip, &host, req).await,
-        },
-        (Some(Err(e)), None) => proxy::close_after(proxy::error_response(&Failure::new(
-            ErrorCode::BAD_HOST,
-            e.to_string(),
-        ))),
-        (None, None) => proxy::close_after(proxy::error_response(&Failure::new(
-            ErrorCode::BAD_HOST,
-            "no Host header",
-        ))),
-    };
+    let span = record.span().clone();
+    let response = async {
+        match (host, malformed) {
+            (_, Some(failure)) => proxy::close_after(proxy::error_response(&failure)),
+            (Some(Ok(host)), None) => match &inner.config.oauth {
+                Some(oauth) if oauth.is_auth_host(&host) => {
+                    auth_host_request(oauth, conn, &host, &req).await
+                }
+                _ => route_request(inner, conn, pools, &mut record, client_ip, &host, req).await,
+            },
+            (Some(Err(e)), None) => proxy::close_after(proxy::error_response(&Failure::new(
+                ErrorCode::BAD_HOST,
+                e.to_string(),
+            ))),
+            (None, None) => proxy::close_after(proxy::error_response(&Failure::new(
+                ErrorCode::BAD_HOST,
+                "no Host header",
+            ))),
+        }
+    }
+    .instrument(span)
+    .await;
     record.finish(response)
 }
 
@@ -1145,25 +1153,31 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         endpoint,
         ip_decision: ip_decision(&inner, route.ip_policy.as_deref(), client.ip()),
     };
-    let result = match route.termination.clone() {
-        // Refused before any byte reaches the agent, without a handshake.
-        _ if record.ip_decision == Some(Decision::Block) => Err(Failure::new(
-            ErrorCode::IP_RESTRICTED,
-            client.ip().to_string(),
-        )),
-        Some(config) => {
-            let Some(tls) = accept_tls(&inner, config, prefix, stream).await else {
-                return;
-            };
-            let (r, w) = tokio::io::split(tls);
-            proxy_bytes(&inner, endpoint, r, w, Bytes::new(), client, local, &name).await
+    let span = record.span();
+    let result = async {
+        match route.termination.clone() {
+            // Refused before any byte reaches the agent, without a handshake.
+            _ if record.ip_decision == Some(Decision::Block) => Some(Err(Failure::new(
+                ErrorCode::IP_RESTRICTED,
+                client.ip().to_string(),
+            ))),
+            Some(config) => {
+                let tls = accept_tls(&inner, config, prefix, stream).await?;
+                let (r, w) = tokio::io::split(tls);
+                Some(proxy_bytes(&inner, endpoint, r, w, Bytes::new(), client, local, &name).await)
+            }
+            None => {
+                let (r, w) = stream.into_split();
+                Some(proxy_bytes(&inner, endpoint, r, w, prefix, client, local, &name).await)
+            }
         }
-        None => {
-            let (r, w) = stream.into_split();
-            proxy_bytes(&inner, endpoint, r, w, prefix, client, local, &name).await
-        }
+    }
+    .instrument(span.clone())
+    .await;
+    let Some(result) = result else {
+        return;
     };
-    outcome::tcp_closed(&inner.outcomes, &record, &result);
+    outcome::tcp_closed(&inner.outcomes, &record, &span, &result);
     if let Err(e) = result {
         tracing::debug!(endpoint = %endpoint.id, error = %e, "TLS connection not proxied");
     }

@@ -146,6 +146,9 @@ impl tower_service::Service<Uri> for TunnelConnector {
                     client_addr: inner.client.to_string(),
                     server_addr: inner.server.to_string(),
                     server_name: inner.name.clone(),
+                    // A pooled stream outlives any one request: each
+                    // request carries its trace context in its headers.
+                    traceparent: String::new(),
                 }),
                 ..Default::default()
             };
@@ -374,6 +377,8 @@ fn upstream_request<B>(
     );
     let proto = if conn.sni.is_some() { "https" } else { "http" };
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    // The request's span (see `HttpRecord`) becomes the upstream's parent.
+    postern_telemetry::inject_trace(&tracing::Span::current(), headers);
     if !headers.contains_key("x-forwarded-host")
         && let Some(host) = headers.get(HOST).cloned()
     {

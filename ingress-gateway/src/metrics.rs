@@ -217,9 +217,18 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// One unlabelled or labelled sample.
+/// One unlabelled or labelled sample; label values are escaped.
 pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
     if labels.is_empty() {
         let _ = writeln!(out, "{name} {value}");
     } else {
@@ -254,5 +263,8 @@ mod tests {
         assert!(out.contains("postern_http_request_duration_seconds_count{endpoint=\"ep_1\"} 2"));
         assert!(out.contains("postern_connection_bytes_total{endpoint=\"ep_2\",proto=\"tcp\",decision=\"allow\",direction=\"out\"} 9"));
         assert_eq!(status_class(101), "1xx");
+        let mut out = String::new();
+        sample(&mut out, "x", &[("tunnel", "a\"b\\c\nd")], 1);
+        assert_eq!(out, "x{tunnel=\"a\\\"b\\\\c\\nd\"} 1\n");
     }
 }

@@ -197,6 +197,9 @@ pub struct HttpRecord {
     started: Instant,
     request_body: Arc<BodyStats>,
     response_body: Arc<BodyStats>,
+    /// The request's span: continues the visitor's `traceparent`, ends
+    /// with the record, and carries the outcome as fields.
+    span: tracing::Span,
 }
 
 impl HttpRecord {
@@ -251,6 +254,26 @@ impl HttpRecord {
             postern: Some(outcomes.postern()),
             ..Default::default()
         };
+        // A root of its own (not a child of the connection), unless the
+        // visitor sent a trace context to continue.
+        let span = tracing::info_span!(
+            parent: None,
+            "request",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = %req.method(),
+            http.host = host,
+            client.addr = %client,
+            endpoint.id = tracing::field::Empty,
+            agent.session_id = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            ip.decision = tracing::field::Empty,
+            oauth.decision = tracing::field::Empty,
+            mtls.subject_cn = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+        );
+        postern_telemetry::continue_trace(&span, req.headers());
         HttpRecord {
             outcomes: outcomes.clone(),
             object,
@@ -258,7 +281,13 @@ impl HttpRecord {
             started: Instant::now(),
             request_body: Arc::default(),
             response_body: Arc::default(),
+            span,
         }
+    }
+
+    /// The request's span; routing, modules and forwarding run in it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// The counter to put on the request body.
@@ -280,6 +309,8 @@ impl HttpRecord {
                 cn: identity.subject_cn.clone(),
             }),
         });
+        self.span
+            .record("mtls.subject_cn", identity.subject_cn.as_deref());
         self.postern_mut().client_cert = Some(PosternClientCert {
             issuer: Some(identity.issuer.clone()),
             sha256_fingerprint: Some(identity.sha256_fingerprint.clone()),
@@ -290,6 +321,8 @@ impl HttpRecord {
 
     /// Records an IP restriction's decision.
     pub fn ip_decision(&mut self, decision: Decision) {
+        self.span
+            .record("ip.decision", decision_label(&[Some(decision)]));
         self.object.ip_policy = Some(DecisionField {
             decision: Some(decision),
         });
@@ -371,6 +404,20 @@ impl Drop for HttpRecord {
             self.started.elapsed(),
             (req_len, resp_len),
         );
+        let span = &self.span;
+        span.record("http.response.status_code", status);
+        span.record("decision", decision);
+        if let Some(oauth) = self.object.oauth.as_ref().and_then(|o| o.decision) {
+            span.record("oauth.decision", decision_label(&[Some(oauth)]));
+        }
+        if let Some(postern) = &self.object.postern {
+            span.record("endpoint.id", postern.endpoint_id.as_deref());
+            span.record("agent.session_id", postern.agent_session_id.as_deref());
+            span.record("error.code", postern.error_code.as_deref());
+        }
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
         let object = std::mem::take(&mut self.object);
         let at = self.at;
         self.outcomes
@@ -391,10 +438,34 @@ pub struct ConnRecord<'a> {
     pub ip_decision: Option<Decision>,
 }
 
-/// Publishes `tcp_connection_closed.v0` for a piped connection.
+impl ConnRecord<'_> {
+    /// The connection's span, a trace root: TCP and TLS clients send no
+    /// trace context. The agent's span for the stream continues it.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            parent: None,
+            "connection",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            proto = self.proto,
+            client.addr = %self.client,
+            sni = self.name,
+            endpoint.id = %self.endpoint.id,
+            agent.session_id = %self.endpoint.source.session_id(),
+            decision = decision_label(&[self.ip_decision]),
+            bytes.in = tracing::field::Empty,
+            bytes.out = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+        )
+    }
+}
+
+/// Publishes `tcp_connection_closed.v0` for a piped connection and ends
+/// its span with the byte counts and error code.
 pub fn tcp_closed(
     outcomes: &Outcomes,
     record: &ConnRecord<'_>,
+    span: &tracing::Span,
     result: &Result<PipeOutcome, postern_proto::Failure>,
 ) {
     let mut conn = conn_fields(record.client, record.server, record.name, record.start);
@@ -404,6 +475,8 @@ pub fn tcp_closed(
     };
     conn.bytes_in = Some(bytes_in);
     conn.bytes_out = Some(bytes_out);
+    span.record("bytes.in", bytes_in);
+    span.record("bytes.out", bytes_out);
     conn.end_ts = Some(timestamp(SystemTime::now()));
     let mut postern = outcomes.postern();
     postern.endpoint_proto = Some(record.proto.to_string());
@@ -411,6 +484,8 @@ pub fn tcp_closed(
     postern.agent_session_id = Some(record.endpoint.source.session_id().to_string());
     if let Err(failure) = result {
         postern.error_code = Some(failure.code.id());
+        span.record("error.code", failure.code.id());
+        span.record("otel.status_code", "ERROR");
     }
     postern.duration_ms = record
         .start

@@ -7,6 +7,7 @@ mod client;
 mod edge;
 mod kafka;
 mod oidc;
+mod otlp;
 mod pki;
 mod process;
 mod redis;
@@ -21,6 +22,7 @@ pub use oidc::{
     Browser, CLIENT_ID, CLIENT_SECRET, ChromiumLogin, OidcProvider, Page, chromium_login, oidc_dir,
     resolve, spki_hash,
 };
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::{Issued, TestCa};
 pub use process::{Spawned, binary, read_rss_kib};
 pub use redis::{RedisCluster, RedisServer};

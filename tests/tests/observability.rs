@@ -1,9 +1,13 @@
-//! `/metrics` counts exactly the traffic sent, `/readyz` turns not-ready
-//! during a drain.
+//! `/metrics` counts exactly the traffic sent (edge and agent), `/readyz`
+//! turns not-ready during a drain, and one trace runs from the client
+//! through the edge and the agent to the upstream.
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use postern_tests::{HttpUpstream, HttpsClient, TcpEcho, TestEdge, curl, openssl_s_client, url_of};
+use postern_tests::{
+    HttpUpstream, HttpsClient, OtlpReceiver, ReceivedSpan, Spawned, TcpEcho, TempDir, TestEdge,
+    binary, curl, eventually, openssl_s_client, url_of,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -216,4 +220,222 @@ async fn readyz_turns_not_ready_during_a_drain() {
         200,
         "the in-flight request finished"
     );
+}
+
+async fn tcp_round_trip(addr: SocketAddr, bytes: &[u8]) {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(bytes).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    conn.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, bytes);
+}
+
+#[tokio::test]
+async fn agent_metrics_count_sessions_reconnects_and_tunnel_traffic() {
+    let mut edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let echo = TcpEcho::start(false).await;
+    let tunnels = format!(
+        "  web:\n    proto: http\n    addr: {}\n    domain: am.example.test\n  db:\n    proto: tcp\n    addr: {}\nweb_addr: 127.0.0.1:0\n",
+        upstream.port(),
+        echo.addr.port()
+    );
+    let (agent, status) = edge.agent(&tunnels).await;
+    let api = agent.web_addr().expect("the agent API listens");
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    for i in 0..3 {
+        let response = client.get("am.example.test", &format!("/{i}")).await;
+        assert_eq!(response.unwrap().status, 200);
+    }
+    let tcp: SocketAddr = url_of(&status, "db")
+        .strip_prefix("tcp://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    tcp_round_trip(tcp, b"0123456789").await;
+
+    let mut m = HashMap::new();
+    for _ in 0..100 {
+        m = scrape(api).await;
+        if get(
+            &m,
+            "postern_agent_tunnel_bytes_total{direction=out,tunnel=db}",
+        ) == 10.0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&m, "postern_agent_session_up{region=us}"), 1.0);
+    assert_eq!(get(&m, "postern_agent_reconnects_total{}"), 0.0);
+    assert_eq!(get(&m, "postern_agent_tunnel_up{tunnel=web}"), 1.0);
+    assert_eq!(
+        get(&m, "postern_agent_tunnel_http_requests_total{tunnel=web}"),
+        3.0
+    );
+    assert_eq!(
+        get(&m, "postern_agent_tunnel_connections_total{tunnel=db}"),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "postern_agent_tunnel_bytes_total{direction=in,tunnel=db}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        get(
+            &m,
+            "postern_agent_tunnel_bytes_total{direction=out,tunnel=db}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        get(&m, "postern_agent_tunnel_open_connections{tunnel=db}"),
+        0.0
+    );
+
+    // The edge goes away and comes back: reconnects counted, online again.
+    edge.restart().await;
+    eventually(30, "the agent reconnects and says so", || async {
+        let m = scrape(api).await;
+        get(&m, "postern_agent_reconnects_total{}") >= 1.0
+            && get(&m, "postern_agent_session_up{region=us}") == 1.0
+    })
+    .await;
+    agent.shutdown().await.unwrap();
+}
+
+/// The span of `service` named `name` in trace `trace_id`.
+fn find<'a>(
+    spans: &'a [ReceivedSpan],
+    service: &str,
+    name: &str,
+    trace_id: &str,
+) -> Option<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .find(|s| s.service == service && s.name == name && s.trace_id == trace_id)
+}
+
+#[tokio::test]
+async fn one_trace_runs_from_the_client_through_edge_and_agent_to_the_upstream() {
+    let otlp = OtlpReceiver::start().await;
+    let edge = TestEdge::start_process_with(&format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\nservice_name = \"edge-under-test\"\n",
+        otlp.endpoint()
+    ))
+    .await;
+    let upstream = HttpUpstream::start().await;
+    let echo = TcpEcho::start(false).await;
+    let dir = TempDir::new("trace-agent");
+    let config = dir.path().join("agent.yml");
+    std::fs::write(
+        &config,
+        edge.agent_yaml(
+            &edge.token,
+            &format!(
+                "  web:\n    proto: http\n    addr: {}\n    domain: trace.example.test\n  db:\n    proto: tcp\n    addr: {}\nweb_addr: 127.0.0.1:0\n",
+                upstream.port(),
+                echo.addr.port()
+            ),
+        ),
+    )
+    .unwrap();
+    let mut agent = Spawned::spawn(
+        tokio::process::Command::new(binary("postern"))
+            .args(["start", "--all", "--config"])
+            .arg(&config)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint())
+            .env("OTEL_SERVICE_NAME", "agent-under-test")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    );
+    let line = agent.wait_for_line("tcp://", 20).await;
+    let tcp_port: u16 = line
+        .split("tcp://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.rsplit(':').next())
+        .and_then(|port| port.parse().ok())
+        .expect("the TCP tunnel's address");
+
+    // An HTTP request that carries the client's trace context.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let out = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--cacert",
+        edge.ca_pem().to_str().unwrap(),
+        "--resolve",
+        &edge.resolve("trace.example.test"),
+        "-H",
+        &format!("traceparent: 00-{trace_id}-{client_span}-01"),
+        &edge.https_url("trace.example.test", "/traced"),
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    // A TCP connection: the edge's span travels in the stream's open frame.
+    tcp_round_trip(SocketAddr::from(([127, 0, 0, 1], tcp_port)), b"ping").await;
+
+    // The edge exports on its default schedule (5 s), the agent sooner.
+    let mut spans = Vec::new();
+    eventually(30, "the edge's and the agent's spans arrive", || {
+        spans = otlp.spans();
+        let tcp_done = spans.iter().any(|c| {
+            c.service == "edge-under-test"
+                && c.name == "connection"
+                && spans.iter().any(|s| {
+                    s.service == "agent-under-test"
+                        && s.name == "stream"
+                        && s.trace_id == c.trace_id
+                })
+        });
+        let done = find(&spans, "edge-under-test", "request", trace_id).is_some()
+            && find(&spans, "agent-under-test", "request", trace_id).is_some()
+            && tcp_done;
+        async move { done }
+    })
+    .await;
+
+    // Client → edge → agent → upstream, each the parent of the next.
+    let edge_request = find(&spans, "edge-under-test", "request", trace_id).unwrap();
+    assert_eq!(edge_request.parent_span_id, client_span);
+    assert_eq!(edge_request.attributes["http.response.status_code"], "200");
+    assert_eq!(edge_request.attributes["decision"], "none");
+    assert!(edge_request.attributes["endpoint.id"].starts_with("ep_"));
+    let agent_request = find(&spans, "agent-under-test", "request", trace_id).unwrap();
+    assert_eq!(agent_request.parent_span_id, edge_request.span_id);
+    let received = upstream
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/traced")
+        .expect("the upstream got the request");
+    assert_eq!(
+        received.headers["traceparent"],
+        format!("00-{trace_id}-{}-01", agent_request.span_id).as_str()
+    );
+
+    // TCP: the agent's stream span is a child of the edge's connection span.
+    let connection = spans
+        .iter()
+        .find(|s| s.service == "edge-under-test" && s.name == "connection")
+        .unwrap();
+    assert_eq!(connection.attributes["proto"], "tcp");
+    assert_eq!(connection.attributes["bytes.in"], "4");
+    let stream = find(&spans, "agent-under-test", "stream", &connection.trace_id).unwrap();
+    assert_eq!(stream.parent_span_id, connection.span_id);
+    assert_eq!(stream.attributes["tunnel"], "db");
+
+    // No secret reaches a span.
+    for span in &spans {
+        for value in span.attributes.values() {
+            assert!(!value.contains(&edge.token), "a token in {span:?}");
+        }
+    }
 }

@@ -280,6 +280,14 @@ impl Api {
                 Method::GET => Ok(self.status()),
                 _ => Err(method_not_allowed("GET")),
             },
+            ["metrics"] => match *m {
+                Method::GET => Ok(with_headers(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    Bytes::from(super::metrics::render(&self.state)),
+                )),
+                _ => Err(method_not_allowed("GET")),
+            },
             _ => Err(ApiError::not_found(format!("no such path: {path}"))),
         }
     }

@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use postern_proto::{ErrorCode, Failure, TunnelIo, pb};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use super::{
     BODY_CAPTURE_LIMIT,
@@ -122,12 +123,32 @@ pub(crate) async fn serve(
 }
 
 impl Shared {
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    /// One request, in a span under the request's `traceparent` (the
+    /// edge's span when the edge traces), ended when the response head is
+    /// back.
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let span = tracing::info_span!(
+            "request",
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        postern_telemetry::continue_trace(&span, req.headers());
+        let response = self.forward(req, &span).instrument(span.clone()).await;
+        span.record("http.response.status_code", response.status().as_u16());
+        response
+    }
+
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        span: &tracing::Span,
+    ) -> Response<ProxyBody> {
         let stream = &self.stream;
         stream.target.metrics.add_request();
         let upgrade = is_upgrade(&req);
         let visitor_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let remote_addr = remote_addr(&parts.headers, &stream.open.client_addr);
         let capture = Capture::begin(
             stream.captures.clone(),
@@ -137,6 +158,8 @@ impl Shared {
             head_of(&parts),
             None,
         );
+        // Captured as the edge sent it; the upstream's parent is this span.
+        postern_telemetry::inject_trace(span, &mut parts.headers);
         let req = Request::from_parts(parts, capture.tee_request(body));
         if upgrade {
             self.upgrading.store(true, Ordering::Release);
