@@ -9,17 +9,14 @@
 //!
 //! In a cluster, CA writes go to the cluster and reach every node.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use postern_proto::{ErrorCode, Failure};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     ca_store::{CaStore, NewCa, StoredCa},
@@ -40,57 +37,6 @@ pub struct AdminState {
     pub oauth: Arc<postern_ingress::OAuthService>,
     /// Where CA writes go when the node is in a cluster.
     pub cluster: Option<Arc<ClusterNode>>,
-}
-
-/// A running admin API.
-pub struct AdminHandle {
-    stop: CancellationToken,
-    tracker: TaskTracker,
-}
-
-impl AdminHandle {
-    pub async fn shutdown(self) {
-        self.stop.cancel();
-        self.tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
-    }
-}
-
-/// Serves the API on `listener`.
-pub fn serve(listener: TcpListener, state: Arc<AdminState>) -> AdminHandle {
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let (accept_stop, accept_tracker) = (stop.clone(), tracker.clone());
-    tracker.spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = accept_stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let state = state.clone();
-            let stop = accept_stop.clone();
-            accept_tracker.spawn(async move {
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(&state, req, peer).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
-        }
-    });
-    AdminHandle { stop, tracker }
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
@@ -135,11 +81,13 @@ fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
     })
 }
 
-async fn handle(
-    state: &AdminState,
+/// Answers one request (served by `crate::http_server`).
+pub async fn handle(
+    state: Arc<AdminState>,
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
+    let state = &*state;
     if !authorized(state, &req) {
         tracing::info!(%peer, path = req.uri().path(), "admin API: missing or wrong API key");
         return error(&Failure::new(

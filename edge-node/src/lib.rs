@@ -84,7 +84,7 @@ pub struct Edge {
     addresses: Addresses,
     gateway: Gateway,
     registry: Arc<session::Registry>,
-    admin: Option<admin::AdminHandle>,
+    admin: Option<http_server::ServerHandle>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     events: postern_events::EventPipeline,
@@ -227,7 +227,7 @@ impl Edge {
                 oauth: oauth.clone(),
                 cluster: cluster.clone(),
             };
-            admin::serve(listener, Arc::new(state))
+            http_server::serve("admin", listener, Arc::new(state), admin::handle)
         });
         let stop_grpc = CancellationToken::new();
         let incoming = service::agent_incoming(listeners.agent, agent_tls, stop_grpc.clone());
