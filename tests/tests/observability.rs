@@ -439,3 +439,59 @@ async fn one_trace_runs_from_the_client_through_edge_and_agent_to_the_upstream()
         }
     }
 }
+
+/// The Kubernetes manifests carry a config the edge accepts, and their
+/// probes ask its metrics listener for /healthz and /readyz.
+#[test]
+fn the_kubernetes_manifests_probe_health_on_the_metrics_listener() {
+    use serde::Deserialize;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/postern-edge.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml_ng::Value::deserialize(doc).unwrap())
+        .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"].as_str() == Some(k))
+            .unwrap_or_else(|| panic!("a {k}"))
+    };
+    let toml = kind("ConfigMap")["data"]["edge.toml"].as_str().unwrap();
+    let config = postern_edge::EdgeConfig::from_toml(toml).expect("the manifest's config loads");
+    let metrics = config.listen.metrics.expect("a metrics listener");
+    assert!(
+        metrics.ip().is_unspecified(),
+        "the kubelet reaches the probes on the pod's address"
+    );
+    let container = &kind("StatefulSet")["spec"]["template"]["spec"]["containers"][0];
+    let port = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("metrics"))
+        .expect("a metrics port");
+    assert_eq!(
+        port["containerPort"].as_u64(),
+        Some(u64::from(metrics.port()))
+    );
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        assert_eq!(container[probe]["httpGet"]["path"].as_str(), Some(path));
+        assert_eq!(
+            container[probe]["httpGet"]["port"].as_str(),
+            Some("metrics")
+        );
+    }
+    let grace = kind("StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace > config.drain_grace.as_secs(),
+        "the drain fits the grace period"
+    );
+}
