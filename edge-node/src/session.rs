@@ -684,11 +684,18 @@ impl AgentSession {
             pool.waiters.push_back(tx);
             rx
         };
+        // An agent without a pool opens a stream only when asked: wait for
+        // room on a busy control stream rather than drop the request.
+        let deadline = tokio::time::Instant::now() + wait;
         let ask = pb::edge_message::Msg::OpenStreams(pb::OpenStreams { count: 1 });
-        if control.try_send(edge_message(ask)).is_err() {
-            tracing::debug!("control channel full; relying on the agent's own refill");
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, control.send(edge_message(ask))).await
+        {
+            return Err(Failure::new(
+                ErrorCode::AGENT_FORWARD_FAILED,
+                "the agent session has ended",
+            ));
         }
-        match tokio::time::timeout(wait, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(_)) => Err(Failure::new(
                 ErrorCode::AGENT_FORWARD_FAILED,

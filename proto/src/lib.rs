@@ -4,6 +4,7 @@
 //! tokens, routing or modules. See `PROTOCOL.md` for the protocol in prose.
 
 mod attach;
+mod codec;
 mod error;
 mod pipe;
 pub mod proxy_header;
@@ -17,6 +18,8 @@ pub mod pb {
 }
 
 pub use attach::{AttachedFrames, BoxFrames, attachable};
+/// The generated code names it as `crate::TunnelCodec`.
+use codec::TunnelCodec;
 pub use error::{ErrorCode, Failure, Fault};
 pub use pipe::{
     End, INITIAL_READ, InboundPump, LocalWrite, MAX_READ, OutboundFrames, PipeOutcome, pipe,

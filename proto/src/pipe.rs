@@ -14,6 +14,7 @@
 use std::{
     future::Future,
     io,
+    mem::MaybeUninit,
     pin::Pin,
     sync::{
         Arc,
@@ -25,14 +26,15 @@ use std::{
 use bytes::{BufMut, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     sync::oneshot,
 };
 
 use crate::{ErrorCode, pb};
 
 /// First read size of a direction; it doubles after every read that fills
-/// the buffer, up to [`MAX_READ`], so idle connections stay small.
+/// the buffer, up to [`MAX_READ`]. Reads of this size go through the stack,
+/// so a connection holds no read buffer until it moves bulk data.
 pub const INITIAL_READ: usize = 4 * 1024;
 /// Largest read, and so the largest data frame.
 pub const MAX_READ: usize = 64 * 1024;
@@ -198,16 +200,28 @@ impl<R: AsyncRead + Unpin> Stream for OutboundFrames<R> {
                         this.finish(End::Aborted(reason));
                         return Poll::Ready(None);
                     }
-                    if this.buf.capacity() < this.next_read {
-                        this.buf.reserve(this.next_read);
-                    }
                     let reader = this.reader.as_mut().expect("reader present while reading");
-                    let mut window = (&mut this.buf).limit(this.next_read);
-                    match ready!(tokio_util::io::poll_read_buf(
-                        Pin::new(reader),
-                        cx,
-                        &mut window
-                    )) {
+                    let read = if this.next_read == INITIAL_READ {
+                        // Small reads go through the stack: a connection
+                        // waiting for its next bytes holds no buffer.
+                        let mut chunk = [MaybeUninit::<u8>::uninit(); INITIAL_READ];
+                        let mut window = ReadBuf::uninit(&mut chunk);
+                        ready!(Pin::new(reader).poll_read(cx, &mut window)).map(|()| {
+                            this.buf.extend_from_slice(window.filled());
+                            window.filled().len()
+                        })
+                    } else {
+                        if this.buf.capacity() < this.next_read {
+                            this.buf.reserve(this.next_read);
+                        }
+                        let mut window = (&mut this.buf).limit(this.next_read);
+                        ready!(tokio_util::io::poll_read_buf(
+                            Pin::new(reader),
+                            cx,
+                            &mut window
+                        ))
+                    };
+                    match read {
                         Ok(0) => {
                             this.state = OutState::Lingering;
                             this.reader = None;
@@ -300,13 +314,15 @@ where
         let outbound = (&mut self.outbound_end)
             .await
             .unwrap_or_else(|_| End::Aborted("the outbound stream was dropped".into()));
-        if inbound == End::Eof && outbound == End::Eof {
-            // Keep the stream until the peer ends it: it ends only after it
-            // has received everything we sent, while dropping it now could
-            // reset it with our last frames still queued.
-            let drained = async { while let Some(Ok(_)) = self.inbound.next().await {} };
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
-        }
+        // Keep the stream until the peer ends its half, however this side
+        // ended: dropping it earlier resets it (RST_STREAM) with our last
+        // frames still queued, and the peer's frames already on the way then
+        // arrive for a stream HTTP/2 has forgotten. It answers each of those
+        // with a reset of its own and closes the whole connection after
+        // 1,024 of them. The peer ends its half at once after our eof, our
+        // error frame or the end of our half.
+        let drained = async { while let Some(Ok(_)) = self.inbound.next().await {} };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
         PipeOutcome {
             bytes_from_peer: from_peer,
             bytes_to_peer: self.counters.to_peer.load(Ordering::Relaxed),
@@ -444,6 +460,30 @@ mod tests {
         assert!(out.next().await.is_none());
         let outcome = pump.await.unwrap();
         assert!(matches!(outcome.inbound, End::Aborted(ref m) if m.contains("8012")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aborted_pipe_keeps_the_stream_until_the_peer_ends_it() {
+        let (local, _app) = duplex(1024);
+        let (r, w) = tokio::io::split(local);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let peer = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let (mut out, pump) = pipe(r, w, peer, vec![]);
+        let mut pump = tokio::spawn(pump.run());
+        tx.send(Ok(pb::Frame {
+            error: Some(ErrorCode::CONNECTION_RESET.to_pb("reset")),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert!(out.next().await.is_none(), "our half ends at once");
+        let early = tokio::time::timeout(std::time::Duration::from_secs(1), &mut pump).await;
+        assert!(
+            early.is_err(),
+            "dropping the stream before the peer ends it would reset it"
+        );
+        drop(tx);
+        let outcome = pump.await.unwrap();
+        assert!(matches!(outcome.inbound, End::Aborted(ref m) if m.contains("9005")));
     }
 
     #[tokio::test]

@@ -284,3 +284,86 @@ async fn https_upstreams_are_verified_unless_told_otherwise() {
         "SNI is the upstream's host"
     );
 }
+
+/// An agent without parked streams opens one stream per visitor on request.
+/// Many short connections, where the upstream answers and closes first (as
+/// nginx does with `Connection: close`), must all go through on the same
+/// session: HTTP/2 closes a connection after 1,024 resets it makes itself,
+/// so a data stream that is not ended cleanly on both sides would sooner or
+/// later take the session down with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_0_agent_serves_thousands_of_short_connections_on_one_session() {
+    const CONNECTIONS: usize = 2_400;
+    const CONCURRENT: usize = 16;
+    let edge = TestEdge::start().await;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = upstream.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = [0u8; 5];
+                if conn.read_exact(&mut request).await.is_ok() {
+                    let _ = conn.write_all(b"reply").await;
+                }
+            });
+        }
+    });
+    let tunnel = format!("  db:\n    proto: tcp\n    addr: 127.0.0.1:{port}\n");
+    let mut config = edge.agent_config(&edge.token, &tunnel);
+    config.stream_pool = 0;
+    let agent = postern_agent::Agent::start(config);
+    let mut status = agent.status();
+    let online = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        status.wait_for(|s| s.online),
+    )
+    .await
+    .expect("online within 20 s")
+    .unwrap()
+    .clone();
+    let addr: SocketAddr = url_of(&online, "db")
+        .strip_prefix("tcp://")
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..CONCURRENT)
+        .map(|_| {
+            let served = served.clone();
+            tokio::spawn(async move {
+                for i in 0..CONNECTIONS / CONCURRENT {
+                    let mut conn = TcpStream::connect(addr).await.unwrap();
+                    conn.write_all(b"hello").await.unwrap();
+                    if i % 2 == 1 {
+                        // A visitor that leaves before the answer: the
+                        // answer meets a closed socket, and the stream ends
+                        // in an abort rather than a clean eof.
+                        drop(conn);
+                        continue;
+                    }
+                    let mut back = Vec::new();
+                    conn.read_to_end(&mut back).await.unwrap();
+                    if back == b"reply" {
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    server.abort();
+    let after = agent.status().borrow().clone();
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::Relaxed),
+        CONNECTIONS / CONCURRENT / 2 * CONCURRENT,
+        "every visitor that waited got its answer"
+    );
+    assert_eq!(after.reconnects, 0, "the session survived: {after:?}");
+    assert_eq!(after.session_id, online.session_id);
+}
