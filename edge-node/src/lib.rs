@@ -260,6 +260,7 @@ impl Edge {
                 region: config.region.clone(),
                 events: events.metrics_handle(),
                 ready: ready.clone(),
+                cluster: cluster.clone(),
             };
             http_server::serve("metrics", listener, Arc::new(state), telemetry::handle)
         });

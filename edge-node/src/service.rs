@@ -76,6 +76,7 @@ impl pb::tunnel_server::Tunnel for TunnelService {
                 Ok(Response::new(Box::pin(out)))
             }
             Err(failure) => {
+                self.registry.counters().session_refused(&failure);
                 tracing::info!(peer = ?peer.map(|p| p.addr), error = %failure, "agent session refused");
                 let error = pb::EdgeMessage {
                     msg: Some(pb::edge_message::Msg::Error(failure.to_pb())),

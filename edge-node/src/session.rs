@@ -2,11 +2,11 @@
 //! streams each session offers the gateway, and the registry of them all.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Instant,
@@ -56,6 +56,50 @@ pub struct Registry {
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
     tracker: TaskTracker,
     draining: AtomicBool,
+    counters: SessionCounters,
+}
+
+/// What happened to sessions and binds, for `/metrics`. Refusals are
+/// counted by error code (a fixed set).
+#[derive(Default)]
+pub struct SessionCounters {
+    pub opened: AtomicU64,
+    /// Replaced by a newer session of the same agent (it reconnected
+    /// before the old one timed out).
+    pub superseded: AtomicU64,
+    refused: Mutex<BTreeMap<String, u64>>,
+    binds_refused: Mutex<BTreeMap<String, u64>>,
+}
+
+impl SessionCounters {
+    /// A hello refused with `failure`.
+    pub fn session_refused(&self, failure: &Failure) {
+        *self
+            .refused
+            .lock()
+            .expect("counters lock")
+            .entry(failure.code.id())
+            .or_default() += 1;
+    }
+
+    fn bind_refused(&self, failure: &Failure) {
+        *self
+            .binds_refused
+            .lock()
+            .expect("counters lock")
+            .entry(failure.code.id())
+            .or_default() += 1;
+    }
+
+    /// Session refusals by error code.
+    pub fn sessions_refused(&self) -> BTreeMap<String, u64> {
+        self.refused.lock().expect("counters lock").clone()
+    }
+
+    /// Bind refusals by error code.
+    pub fn binds_refused(&self) -> BTreeMap<String, u64> {
+        self.binds_refused.lock().expect("counters lock").clone()
+    }
 }
 
 /// One agent's session.
@@ -93,7 +137,12 @@ impl Registry {
             sessions: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            counters: SessionCounters::default(),
         })
+    }
+
+    pub fn counters(&self) -> &SessionCounters {
+        &self.counters
     }
 
     pub fn session(&self, id: &str) -> Option<Arc<AgentSession>> {
@@ -176,7 +225,9 @@ impl Registry {
         });
         sessions.insert(session.id.clone(), session.clone());
         drop(sessions);
+        self.counters.opened.fetch_add(1, Ordering::Relaxed);
         for old in superseded {
+            self.counters.superseded.fetch_add(1, Ordering::Relaxed);
             tracing::info!(old = %old.id, new = %session.id, "agent reconnected; the old session is superseded");
             self.close(
                 &old,
@@ -298,6 +349,7 @@ impl Registry {
                             error: None,
                         },
                         Err(failure) => {
+                            self.counters.bind_refused(&failure);
                             tracing::info!(session.id = %session.id, error = %failure, "bind refused");
                             pb::BindResponse {
                                 request_id,

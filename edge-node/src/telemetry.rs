@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use postern_ingress::{Gateway, metric_header, metric_sample};
 
-use crate::session::Registry;
+use crate::{cluster::ClusterNode, session::Registry};
 
 /// What the telemetry endpoints read.
 pub struct Telemetry {
@@ -22,6 +22,8 @@ pub struct Telemetry {
     pub region: String,
     pub events: postern_events::MetricsHandle,
     pub ready: Arc<AtomicBool>,
+    /// Gossip counters, in a cluster.
+    pub cluster: Option<Arc<ClusterNode>>,
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -136,6 +138,43 @@ impl Telemetry {
             &[("region", &self.region)],
             self.registry.session_count() as u64,
         );
+        let counters = self.registry.counters();
+        let region = [("region", self.region.as_str())];
+        for (name, help, value) in [
+            (
+                "postern_agent_sessions_opened_total",
+                "Agent sessions opened on this node.",
+                &counters.opened,
+            ),
+            (
+                "postern_agent_sessions_superseded_total",
+                "Sessions replaced by a newer one of the same agent (it reconnected first).",
+                &counters.superseded,
+            ),
+        ] {
+            metric_header(&mut out, name, "counter", help);
+            metric_sample(&mut out, name, &region, get(value));
+        }
+        for (name, help, by_code) in [
+            (
+                "postern_agent_sessions_refused_total",
+                "Agent hellos refused, by error code.",
+                counters.sessions_refused(),
+            ),
+            (
+                "postern_binds_refused_total",
+                "Binds refused, by error code.",
+                counters.binds_refused(),
+            ),
+        ] {
+            metric_header(&mut out, name, "counter", help);
+            for (code, n) in by_code {
+                metric_sample(&mut out, name, &[("code", &code)], n);
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            render_cluster(&mut out, &cluster.stats());
+        }
         metric_header(
             &mut out,
             "postern_events_total",
@@ -159,5 +198,30 @@ impl Telemetry {
             metric_sample(&mut out, &name, &[], value);
         }
         out
+    }
+}
+
+/// Gossip: members and objects as gauges, the rest as counters
+/// (`postern_cluster_merge_passes_total` shows convergence work).
+fn render_cluster(out: &mut String, stats: &[(&'static str, u64)]) {
+    for (name, value) in stats {
+        let (kind, help) = match *name {
+            "cluster_members" => ("gauge", "Live members of the cluster."),
+            "cluster_objects" => ("gauge", "Replicated objects (CAs) this node holds."),
+            "cluster_values_refused" => (
+                "counter",
+                "Gossiped values refused: bad signature, malformed or misplaced.",
+            ),
+            "cluster_values_stale" => ("counter", "Gossiped values older than what is held."),
+            "cluster_merge_passes" => ("counter", "Passes merging gossiped state."),
+            "cluster_gossip_dropped" => ("counter", "Gossip datagrams dropped."),
+            _ => ("counter", "Cluster gossip."),
+        };
+        let metric = match kind {
+            "gauge" => format!("postern_{name}"),
+            _ => format!("postern_{name}_total"),
+        };
+        metric_header(out, &metric, kind, help);
+        metric_sample(out, &metric, &[], *value);
     }
 }

@@ -5,8 +5,8 @@
 use std::{collections::HashMap, net::SocketAddr};
 
 use postern_tests::{
-    HttpUpstream, HttpsClient, OtlpReceiver, ReceivedSpan, Spawned, TcpEcho, TempDir, TestEdge,
-    binary, curl, eventually, openssl_s_client, url_of,
+    ACL_TOKEN, HttpUpstream, HttpsClient, OtlpReceiver, ReceivedSpan, Spawned, TcpEcho, TempDir,
+    TestEdge, binary, curl, eventually, openssl_s_client, url_of,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -160,6 +160,37 @@ async fn metrics_count_exactly_the_traffic_sent() {
         1.0
     );
     assert_eq!(get(&after, "postern_agent_sessions{region=us}"), 1.0);
+    assert_eq!(
+        delta("postern_agent_sessions_opened_total{region=us}"),
+        0.0,
+        "the agent connected before the first scrape"
+    );
+    assert_eq!(
+        get(&after, "postern_agent_sessions_opened_total{region=us}"),
+        1.0
+    );
+
+    // A bad token and a bind the token's ACL forbids: counted by code.
+    let refused = |m: &HashMap<String, f64>, prefix: &str| -> f64 {
+        m.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert!(edge.agent_with("not-a-token", &tunnels).await.is_err());
+    let forbidden = "  x:\n    proto: http\n    addr: 9\n    domain: elsewhere.example.test\n";
+    assert!(edge.agent_with(ACL_TOKEN, forbidden).await.is_err());
+    let last = scrape(metrics).await;
+    assert_eq!(
+        refused(&last, "postern_agent_sessions_refused_total{code=")
+            - refused(&after, "postern_agent_sessions_refused_total{code="),
+        1.0
+    );
+    assert_eq!(
+        get(&last, "postern_binds_refused_total{code=ERR_POSTERN_316}")
+            - get(&after, "postern_binds_refused_total{code=ERR_POSTERN_316}"),
+        1.0
+    );
     for key in after.keys() {
         assert!(
             !key.contains("127.0.0.1") && !key.contains("path="),
