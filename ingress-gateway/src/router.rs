@@ -28,6 +28,8 @@ pub enum NameError {
     BadWildcard,
     #[error("the port in {0:?} is not a number")]
     BadPort(String),
+    #[error("{0:?} is not a valid IPv6 address")]
+    BadAddress(String),
 }
 
 /// A domain an endpoint binds: an exact name or a wildcard.
@@ -128,7 +130,10 @@ pub fn normalize_host(raw: &str) -> Result<String, NameError> {
         if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
             return Err(NameError::BadPort(raw.to_string()));
         }
-        return Ok(ip.to_ascii_lowercase());
+        let ip: std::net::Ipv6Addr = ip
+            .parse()
+            .map_err(|_| NameError::BadAddress(ip.to_string()))?;
+        return Ok(ip.to_string());
     }
     let host = match raw.rsplit_once(':') {
         Some((host, port)) => {
@@ -280,6 +285,13 @@ mod tests {
             "app.example.test"
         );
         assert_eq!(normalize_host("[::1]:8443").unwrap(), "::1");
+        assert_eq!(normalize_host("[0:0::1]").unwrap(), "::1");
+        // Found by the `host` fuzz target: brackets must hold an address.
+        assert_eq!(
+            normalize_host("[\n:1]:8443"),
+            Err(NameError::BadAddress("\n:1".into()))
+        );
+        assert!(normalize_host("[app.test]").is_err());
         assert_eq!(normalize_host("127.0.0.1:80").unwrap(), "127.0.0.1");
         assert!(normalize_host("").is_err());
         assert!(normalize_host("a@b.test").is_err());
