@@ -444,3 +444,32 @@ async fn a_restarted_node_serves_its_snapshot_and_converges_without_resurrecting
     }
     agent.shutdown().await.unwrap();
 }
+
+#[test]
+fn the_local_cluster_example_configs_are_valid_and_seed_each_other() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local-cluster");
+    let mut gossip = Vec::new();
+    let mut seeds = Vec::new();
+    for region in ["us", "eu", "ap"] {
+        let config = postern_edge::EdgeConfig::load(&dir.join(format!("{region}.toml")))
+            .unwrap_or_else(|e| panic!("{region}.toml: {e:#}"));
+        assert_eq!(config.region, region);
+        let cluster = config.cluster.expect("a [cluster] table");
+        assert_eq!(cluster.cluster_id, "postern-local");
+        gossip.push(cluster.gossip_listen.to_string());
+        seeds.push(cluster.seeds);
+    }
+    for (i, node_seeds) in seeds.iter().enumerate() {
+        let others: Vec<&String> = gossip
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, g)| g)
+            .collect();
+        assert_eq!(
+            node_seeds.iter().collect::<Vec<_>>(),
+            others,
+            "node {i} seeds the other two"
+        );
+    }
+}
