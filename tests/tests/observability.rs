@@ -526,3 +526,57 @@ fn the_kubernetes_manifests_probe_health_on_the_metrics_listener() {
         "the drain fits the grace period"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, with the event's
+/// fields, and never the authtoken.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_without_secrets() {
+    use tokio::io::AsyncBufReadExt;
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let mut agent = tokio::process::Command::new(binary("postern"))
+        .args([
+            "http",
+            &upstream.port().to_string(),
+            "--domain",
+            "json.example.test",
+            "--log-format",
+            "json",
+        ])
+        .args(edge.agent_args(&edge.token))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let online = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let value: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            seen.push(line);
+            if value["fields"]["message"] == "session online" {
+                return value;
+            }
+        }
+        panic!("stderr closed before the session came online: {seen:?}");
+    })
+    .await
+    .expect("the agent logs that it is online");
+    assert_eq!(online["level"], "INFO");
+    assert!(
+        online["fields"]["session.id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("ts_")),
+        "{online}"
+    );
+    assert_eq!(online["fields"]["region"], "us");
+    for line in &seen {
+        assert!(
+            !line.contains(&edge.token),
+            "the authtoken in a log line: {line}"
+        );
+    }
+}
