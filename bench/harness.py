@@ -43,6 +43,11 @@ BIN_DIR = os.environ.get("POSTERN_BIN_DIR", os.path.join(TARGET, "release"))
 EDGE_BIN = os.path.join(BIN_DIR, "postern-edge")
 AGENT_BIN = os.path.join(BIN_DIR, "postern")
 LOADAGENT_BIN = os.path.join(BIN_DIR, "postern-loadagent")
+# bench/run.sh --baseline=REV: a second Postern (edge + agent) built from REV,
+# measured as one more system in the same run, for before/after numbers.
+BASE_BIN_DIR = os.environ.get("POSTERN_BASELINE_BIN_DIR")
+BASE_SOURCE = os.environ.get("POSTERN_BASELINE_SOURCE", "baseline")
+BASE = ["postern-tcp-base"] if BASE_BIN_DIR else []
 RATHOLE_BIN = os.path.join(TOOLS, "bin", "rathole")
 BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
 
@@ -58,6 +63,8 @@ P = dict(
     nginx=30080, nginx_tls=30443, iperf=30201,
     edge_agent=30444, edge_http=30081, edge_https=30445, edge_tcp="30100-30199",
     p_web=30101, p_iperf=30102, p_web0=30103,
+    edge_agent_b=30450, edge_http_b=30084, edge_https_b=30451, edge_tcp_b="30110-30119",
+    p_web_b=30111, p_iperf_b=30112,
     rh_ctl=30300, rh_web=30301, rh_iperf=30302,
     rht_ctl=30310, rht_web=30311, rht_iperf=30312,
     sess_agent=30446, sess_http=30082, sess_https=30447, sess_tcp_base=31000,
@@ -74,8 +81,12 @@ SYSTEMS = {
     "direct-https": ("direct nginx HTTPS", P["nginx_tls"], None, True, None),
     "postern-https": ("Postern HTTPS endpoint", P["edge_https"], None, True, "direct-https"),
 }
-HTTP_SYSTEMS = ["direct", "postern-tcp", "rathole", "rathole-tls", "direct-https", "postern-https"]
-TCP_SYSTEMS = ["direct", "postern-tcp", "rathole", "rathole-tls"]
+if BASE:
+    SYSTEMS["postern-tcp-base"] = (f"Postern TCP endpoint, before ({BASE_SOURCE})", P["p_web_b"],
+                                   P["p_iperf_b"], False, "direct")
+HTTP_SYSTEMS = ["direct", "postern-tcp"] + BASE + ["rathole", "rathole-tls", "direct-https",
+                                                  "postern-https"]
+TCP_SYSTEMS = ["direct", "postern-tcp"] + BASE + ["rathole", "rathole-tls"]
 # workload: (label, systems, metric, unit, higher is better)
 WORKLOADS = {
     "ka": ("HTTP keep-alive, wrk -t2 -c64", HTTP_SYSTEMS, "rps", "req/s", True),
@@ -91,11 +102,12 @@ WORKLOADS = {
     "bulk8": ("TCP bulk, iperf3 -P 8", TCP_SYSTEMS, "gbps", "Gbit/s", True),
 }
 LATENCY_WORKLOADS = ("lat", "close1")
-RSS_SYSTEMS = ["postern-tcp", "rathole", "rathole-tls"]
+RSS_SYSTEMS = ["postern-tcp"] + BASE + ["rathole", "rathole-tls"]
 # The proxy's own processes, for CPU per request and RSS.
 PROXY_PROCS = {
     "postern-tcp": ["edge", "agent"],
     "postern-tcp-pool0": ["edge", "agent0"],
+    "postern-tcp-base": ["edge-base", "agent-base"],
     "postern-https": ["edge", "agent"],
     "rathole": ["rathole-plain-server", "rathole-plain-client"],
     "rathole-tls": ["rathole-tls-server", "rathole-tls-client"],
@@ -415,6 +427,27 @@ tunnels:
     addr: "127.0.0.1:{P['nginx']}"
     domain: "{HTTPS_NAME}"
 """)
+    if BASE:
+        cfg["edge-base"] = write(os.path.join(RUN, "edge-base.toml"), edge_toml(
+            "bench-base", P["edge_agent_b"], P["edge_http_b"], P["edge_https_b"], P["edge_tcp_b"],
+            "edge-base-data"))
+        ca_b = os.path.join(RUN, "edge-base-data", "dev-ca.pem")
+        cfg["agent-base"] = write(os.path.join(RUN, "agent-base.yml"), f"""version: "2"
+authtoken: "{TOKEN}"
+server_addr: "tunnel.us.connect.{DOMAIN}:{P['edge_agent_b']}"
+root_cas: "{ca_b}"
+web_addr: false
+stream_pool: {ARGS.stream_pool}
+tunnels:
+  web-tcp:
+    proto: tcp
+    addr: "127.0.0.1:{P['nginx']}"
+    remote_addr: "127.0.0.1:{P['p_web_b']}"
+  iperf-tcp:
+    proto: tcp
+    addr: "127.0.0.1:{P['iperf']}"
+    remote_addr: "127.0.0.1:{P['p_iperf_b']}"
+""")
     cfg["agent0"] = write(os.path.join(RUN, "agent0.yml"), common + f"""stream_pool: 0
 tunnels:
   web-tcp-pool0:
@@ -545,13 +578,21 @@ def start_systems(cfg):
     wait_for(lambda: os.path.exists(os.path.join(RUN, "edge-data", "dev-ca.pem")), 5, "dev CA")
     PROCS.start("agent", [AGENT_BIN, "start", "--all", "--config", cfg["agent"]], nofile=65536)
     PROCS.start("agent0", [AGENT_BIN, "start", "--all", "--config", cfg["agent0"]], nofile=65536)
+    if BASE:
+        PROCS.start("edge-base", [os.path.join(BASE_BIN_DIR, "postern-edge"), "--config",
+                                  cfg["edge-base"]], nofile=65536)
+        wait_for(lambda: port_open(P["edge_agent_b"]), 15, "the baseline edge")
+        wait_for(lambda: os.path.exists(os.path.join(RUN, "edge-base-data", "dev-ca.pem")), 5,
+                 "the baseline dev CA")
+        PROCS.start("agent-base", [os.path.join(BASE_BIN_DIR, "postern"), "start", "--all",
+                                   "--config", cfg["agent-base"]], nofile=65536)
     for kind in ("plain", "tls"):
         PROCS.start(f"rathole-{kind}-server",
                     [RATHOLE_BIN, "--server", cfg[f"rathole-{kind}-server"]], nofile=65536)
         PROCS.start(f"rathole-{kind}-client",
                     [RATHOLE_BIN, "--client", cfg[f"rathole-{kind}-client"]], nofile=65536)
-    for name in ("postern-tcp", "postern-tcp-pool0", "rathole", "rathole-tls", "direct-https",
-                 "postern-https"):
+    for name in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["rathole", "rathole-tls",
+                                                               "direct-https", "postern-https"]:
         _, port, _, tls, _ = SYSTEMS[name]
         sni = HTTPS_NAME if tls else None
         wait_for(lambda: http_get(port, sni=sni) == 200, 30, name)
@@ -1190,6 +1231,7 @@ def write_plots(summary):
     os.makedirs(pd, exist_ok=True)
     made = []
     colors = {"direct": "#555555", "postern-tcp": "#1f77b4", "postern-tcp-pool0": "#9ecae1",
+              "postern-tcp-base": "#8c564b",
               "rathole": "#d62728", "rathole-tls": "#ff9896", "direct-https": "#999999",
               "postern-https": "#2ca02c"}
 
@@ -1249,8 +1291,8 @@ plot {', '.join(plots)}
         v = [x for x in e["p99_values"] if x is not None]
         return (e["p99_median"], min(v), max(v))
 
-    every = ["direct", "postern-tcp", "postern-tcp-pool0", "rathole", "rathole-tls",
-             "direct-https", "postern-https"]
+    every = ["direct", "postern-tcp", "postern-tcp-pool0"] + BASE + ["rathole", "rathole-tls",
+                                                                     "direct-https", "postern-https"]
     n = ARGS.duration
     hist("requests", f"HTTP requests/s through each system (median, min–max of {ARGS.rounds} rounds, {n} s each)",
          "requests/s", [("keep-alive", "ka"), ("Connection: close", "close")], every, abs_val)
@@ -1269,7 +1311,8 @@ plot {', '.join(plots)}
                    "(HTTPS endpoint: to nginx HTTPS)", "ratio to direct",
          [("keep-alive", "ka"), ("Connection: close", "close"), ("bulk 1 stream", "bulk1"),
           ("bulk 8 streams", "bulk8")],
-         ["postern-tcp", "postern-tcp-pool0", "rathole", "rathole-tls", "postern-https"], ratio_val)
+         ["postern-tcp", "postern-tcp-pool0"] + BASE + ["rathole", "rathole-tls", "postern-https"],
+         ratio_val)
     return made
 
 
@@ -1376,7 +1419,8 @@ def md_tables(summary, results, meta, sessions, fdres, perf, plots):
     def rss_cell(e):
         return "–" if not e else f"{e['median']:.0f}"
 
-    for s in ["postern-tcp", "postern-tcp-pool0", "postern-https", "rathole", "rathole-tls"]:
+    for s in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["postern-https", "rathole",
+                                                            "rathole-tls"]:
         e = summary.get(("rss:kb_per_conn_idle", s))
         a(f"| {SYSTEMS[s][0]} (this run) | {cell('ka', s)} | {cell('close', s)} | "
           f"{cell('lat', s, 'added_p50_us')} | {cell('bulk1', s)} | {cell('bulk8', s)} | "
@@ -1397,7 +1441,8 @@ def md_tables(summary, results, meta, sessions, fdres, perf, plots):
         v = e.get(k) if e else None
         return "–" if v is None else (f"{v:.0f}" if k == "proxy_cpu_us_per_req" else f"{v:.2f}")
 
-    for s in ["postern-tcp", "postern-tcp-pool0", "postern-https", "rathole", "rathole-tls"]:
+    for s in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["postern-https", "rathole",
+                                                            "rathole-tls"]:
         a(f"| {SYSTEMS[s][0]} | {cpu_cell('ka', s, 'proxy_cpu_us_per_req')} | "
           f"{cpu_cell('close', s, 'proxy_cpu_us_per_req')} | {cpu_cell('bulk1', s, 'proxy_cpu_s_per_gb')} | "
           f"{cpu_cell('bulk8', s, 'proxy_cpu_s_per_gb')} |")
@@ -1408,6 +1453,43 @@ def md_tables(summary, results, meta, sessions, fdres, perf, plots):
     for name, goal, got, ok in targets(summary, sessions):
         a(f"| {name} | {goal} | {got} | {'yes' if ok else ('–' if ok is None else '**no**')} |")
     a("")
+    if BASE:
+        a(f"### Before and after: this build against {BASE_SOURCE}\n")
+        a("The same TCP endpoint served by both builds, measured alternately in every round of "
+          "this run. Throughput: after ÷ before (higher is better); latency and memory: after − "
+          "before (lower is better). Per-round values in brackets.\n")
+        a("| workload | before | after | change |")
+        a("|---|---:|---:|---|")
+        for w in WORKLOADS:
+            new_e, old_e = summary.get((w, "postern-tcp")), summary.get((w, "postern-tcp-base"))
+            if not (new_e and old_e):
+                continue
+            unit = WORKLOADS[w][3]
+            rounds = list(zip(new_e["values"], old_e["values"]))
+            if w in LATENCY_WORKLOADS:
+                per = ", ".join(f"{n - o:+.0f}" for n, o in rounds)
+                change = f"**{new_e['median'] - old_e['median']:+.0f} µs** ({per})"
+            else:
+                per = ", ".join(f"{n / o:.2f}" for n, o in rounds if o)
+                change = f"**×{new_e['median'] / old_e['median']:.2f}** ({per})"
+            a(f"| {WORKLOADS[w][0]} | {old_e['median']:,.{2 if unit == 'Gbit/s' else 0}f} {unit} | "
+              f"{new_e['median']:,.{2 if unit == 'Gbit/s' else 0}f} {unit} | {change} |")
+        for key, label in (("kb_per_conn_idle", "RSS per idle proxied connection"),
+                           ("kb_per_conn_used", "RSS per proxied connection after one request")):
+            new_e = summary.get((f"rss:{key}", "postern-tcp"))
+            old_e = summary.get((f"rss:{key}", "postern-tcp-base"))
+            if new_e and old_e:
+                per = ", ".join(f"{n - o:+.1f}" for n, o in zip(new_e["values"], old_e["values"]))
+                a(f"| {label} | {old_e['median']:.1f} KB | {new_e['median']:.1f} KB | "
+                  f"**{new_e['median'] - old_e['median']:+.1f} KB** ({per}) |")
+        for w, k, unit in (("ka", "proxy_cpu_us_per_req", "µs/request"),
+                           ("bulk1", "proxy_cpu_s_per_gb", "CPU-s/GB"),
+                           ("bulk8", "proxy_cpu_s_per_gb", "CPU-s/GB")):
+            new_e, old_e = summary.get((w, "postern-tcp")), summary.get((w, "postern-tcp-base"))
+            if new_e and old_e and new_e.get(k) and old_e.get(k):
+                a(f"| edge + agent CPU, {WORKLOADS[w][0]} | {old_e[k]:.2f} {unit} | "
+                  f"{new_e[k]:.2f} {unit} | ×{new_e[k] / old_e[k]:.2f} |")
+        a("")
     pool = summary.get(("close", "postern-tcp"))
     pool0 = summary.get(("close", "postern-tcp-pool0"))
     if pool and pool0:
@@ -1574,6 +1656,8 @@ def machine_meta():
             "postern": f"{first_line([EDGE_BIN, '--version'])}, "
                        + os.environ.get("POSTERN_BENCH_SOURCE",
                                         f"git {git}{', with uncommitted changes' if dirty else ''}"),
+            **({"postern baseline": f"{first_line([os.path.join(BASE_BIN_DIR, 'postern-edge'), '--version'])}, "
+                                    f"{BASE_SOURCE}"} if BASE else {}),
             "rathole": "rathole " + re.sub(r"(?s).*Build Version:\s*(\S+).*", r"\1", subprocess.run(
                 [RATHOLE_BIN, "--version"], capture_output=True, text=True).stdout).strip()
             + " (crates.io, default features: native-tls)",

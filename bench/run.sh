@@ -7,6 +7,9 @@
 #   bench/run.sh --rev=HEAD [...]   benchmark a committed revision instead of
 #                           the working tree (built from `git archive` in
 #                           bench/out/src with its own target dir)
+#   bench/run.sh --baseline=REV [...]   also build REV and measure it as one
+#                           more system ("Postern TCP endpoint, before"), for
+#                           before/after numbers from the same run
 #
 # It installs what it compares against when missing (nginx, wrk, iperf3,
 # gnuplot, perf from Debian; rathole from crates.io into bench/.tools),
@@ -20,11 +23,13 @@ REPO="$(dirname "$BENCH")"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 
 REV=""
+BASELINE=""
 ARGS=()
 for arg in "$@"; do
     case "$arg" in
         -h | --help) exec python3 "$BENCH/harness.py" --help ;;
         --rev=*) REV="${arg#--rev=}" ;;
+        --baseline=*) BASELINE="${arg#--baseline=}" ;;
         *) ARGS+=("$arg") ;;
     esac
 done
@@ -102,6 +107,23 @@ for b in postern-edge postern postern-loadagent; do
     mv -f "$BENCH/out/bin/$b.new" "$BENCH/out/bin/$b"
 done
 export POSTERN_BIN_DIR="$BENCH/out/bin"
+
+if [[ -n "$BASELINE" ]]; then
+    BSHA="$(git -C "$REPO" rev-parse --short "$BASELINE")"
+    BSRC="$BENCH/out/src-base"
+    log "exporting the baseline $BASELINE ($BSHA) to bench/out/src-base and building it"
+    rm -rf "$BSRC"
+    mkdir -p "$BSRC"
+    git -C "$REPO" archive "$BSHA" | tar -x -C "$BSRC"
+    (cd "$BSRC" && cargo build --release --bin postern-edge --bin postern)
+    mkdir -p "$BENCH/out/bin-base"
+    for b in postern-edge postern; do
+        cp "$CARGO_TARGET_DIR/release/$b" "$BENCH/out/bin-base/$b.new"
+        mv -f "$BENCH/out/bin-base/$b.new" "$BENCH/out/bin-base/$b"
+    done
+    export POSTERN_BASELINE_BIN_DIR="$BENCH/out/bin-base"
+    export POSTERN_BASELINE_SOURCE="git $BSHA"
+fi
 
 # --- run -------------------------------------------------------------------
 mkdir -p "$BENCH/out/run"
