@@ -657,6 +657,14 @@ dev_ca = true
                 "domain = \"example.test\"\nregion = \"U S\"\n[tls]\ndev_ca = true",
                 "region",
             ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[telemetry]\nsample_ratio = 2.0",
+                "telemetry.sample_ratio",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[telemetry]\notlp_endpoint = \"https://c:4317\"",
+                "telemetry.otlp_endpoint",
+            ),
         ];
         for (text, field) in cases {
             let err = format!("{:#}", EdgeConfig::from_toml(text).unwrap_err());
