@@ -108,15 +108,25 @@ impl TestEdge {
 
     /// As [`TestEdge::start_process`], with `extra` appended to the config.
     pub async fn start_process_with(extra: &str) -> TestEdge {
-        Self::spawn_binary(extra, None).await
+        Self::spawn_binary(extra, None, "test-edge", "us").await
+    }
+
+    /// As [`TestEdge::start_node`], running the binary.
+    pub async fn start_process_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
+        Self::spawn_binary(extra, None, node_id, region).await
     }
 
     /// The binary with at most `fds` open file descriptors (`ulimit -n`).
     pub async fn start_process_with_fd_limit(fds: u32) -> TestEdge {
-        Self::spawn_binary("", Some(fds)).await
+        Self::spawn_binary("", Some(fds), "test-edge", "us").await
     }
 
-    async fn spawn_binary(extra: &str, fd_limit: Option<u32>) -> TestEdge {
+    async fn spawn_binary(
+        extra: &str,
+        fd_limit: Option<u32>,
+        node_id: &str,
+        region: &str,
+    ) -> TestEdge {
         init();
         let free = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -136,8 +146,8 @@ impl TestEdge {
             },
             extra: extra.to_string(),
             fd_limit: None,
-            node_id: "test-edge".to_string(),
-            region: "us".to_string(),
+            node_id: node_id.to_string(),
+            region: region.to_string(),
         };
         edge.fd_limit = fd_limit;
         std::fs::write(edge.dir.path().join("edge.toml"), edge.config_toml()).unwrap();

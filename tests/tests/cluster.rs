@@ -473,3 +473,74 @@ fn the_local_cluster_example_configs_are_valid_and_seed_each_other() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_dropped_its_writes_survive_and_it_restarts_from_its_snapshot() {
+    let cluster_id = format!("test-{}", postern_ingress::random_label());
+    let ports = [udp_port(), udp_port(), udp_port()];
+    let mut nodes = Vec::new();
+    for (i, (node, region)) in NODES[..2].iter().enumerate() {
+        nodes.push(TestEdge::start_node(node, region, &cluster_toml(&cluster_id, &ports, i)).await);
+    }
+    // ap runs as the postern-edge binary, so it can be SIGKILLed.
+    let (node, region) = NODES[2];
+    let mut ap =
+        TestEdge::start_process_node(node, region, &cluster_toml(&cluster_id, &ports, 2)).await;
+    eventually(30, "three members at us and eu", || {
+        let ok = nodes.iter().all(|e| e.stat("cluster_members") == 3);
+        async move { ok }
+    })
+    .await;
+    let root = TestCa::root("Written at ap");
+    let id = upload(&ap, &root, "from ap").await;
+    until_all(&nodes, "ap's CA at us and eu", &id, true).await;
+
+    // Killed: no goodbye, the others' failure detectors must notice.
+    ap.process().kill().await;
+    let start = Instant::now();
+    eventually(60, "ap dropped at us and eu", || {
+        let ok = nodes.iter().all(|e| e.stat("cluster_members") == 2);
+        async move { ok }
+    })
+    .await;
+    println!(
+        "a SIGKILLed node was dropped by both others after {:?} (gossip every {GOSSIP}, phi threshold 6)",
+        start.elapsed()
+    );
+    for edge in &nodes {
+        assert!(
+            has_ca(edge, &id).await,
+            "the write outlives the node that took it"
+        );
+    }
+
+    // The kill lost nothing: the snapshot is saved at every change.
+    let snapshot = std::fs::read_to_string(ap.dir.path().join("cluster-config.json")).unwrap();
+    assert!(snapshot.contains(&format!("c/ca/{id}")), "{snapshot}");
+
+    // Deleted while ap is dead: ap comes back with its snapshot's (stale)
+    // copy and learns the delete, which its copy does not undo.
+    let (status, _) = nodes[1]
+        .api(
+            "DELETE",
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 204);
+    ap.restart_process().await;
+    until_all([&ap], "the delete reaches the restarted ap", &id, false).await;
+    eventually(30, "three members again", || {
+        let ok = nodes.iter().all(|e| e.stat("cluster_members") == 3);
+        async move { ok }
+    })
+    .await;
+    for edge in &nodes {
+        assert!(
+            !has_ca(edge, &id).await,
+            "ap's stale copy does not bring it back"
+        );
+    }
+    ap.process().terminate().await;
+}
