@@ -7,7 +7,10 @@
 //! `/{id},{id}`; DELETE `/{id}`); `/oauth_sessions` (GET `?user_id=` or
 //! `?email=`; DELETE `/{id}`, or `?user_id=` for all of a user's).
 //!
-//! In a cluster, CA writes go to the cluster and reach every node.
+//! `/credentials` (authtokens created through the API, in a cluster).
+//!
+//! In a cluster, CA and credential writes go to the cluster and reach every
+//! node.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,6 +26,7 @@ use crate::{
     cluster::ClusterNode,
 };
 
+mod credentials;
 mod oauth_sessions;
 
 /// Largest request body.
@@ -125,6 +129,7 @@ pub async fn handle(
             "use GET, POST or DELETE",
         )),
         (_, ["oauth_sessions", ..]) => oauth_sessions::handle(state, req, &segments[1..]).await,
+        (_, ["credentials", ..]) => credentials::handle(state, req, &segments[1..]).await,
         _ => Err(Failure::new(
             ErrorCode::API_NOT_FOUND,
             format!("no resource at {path}"),

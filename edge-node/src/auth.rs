@@ -2,7 +2,7 @@
 //! an agent presents, so the comparison reveals nothing through timing and a
 //! leaked config or store reveals no token.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::RwLock};
 
 use anyhow::bail;
 use postern_proto::{ErrorCode, Failure};
@@ -80,25 +80,48 @@ fn check_shape(token: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The known authtokens.
-#[derive(Clone, Debug, Default)]
+/// The known authtokens: those of the config file, and in a cluster the
+/// credentials created through the admin API of any node.
+#[derive(Debug, Default)]
 pub struct Authtokens {
     by_hash: HashMap<String, AuthtokenRecord>,
+    credentials: RwLock<HashMap<String, AuthtokenRecord>>,
 }
 
 impl Authtokens {
     pub fn new(records: Vec<AuthtokenRecord>) -> Self {
         Authtokens {
             by_hash: records.into_iter().map(|r| (r.sha256.clone(), r)).collect(),
+            credentials: RwLock::default(),
         }
+    }
+
+    /// Replaces the API credentials (the cluster's current set).
+    pub fn set_credentials(&self, records: Vec<AuthtokenRecord>) {
+        *self.credentials.write().expect("credentials lock") =
+            records.into_iter().map(|r| (r.sha256.clone(), r)).collect();
+    }
+
+    fn lookup(&self, sha256: &str) -> Option<AuthtokenRecord> {
+        self.by_hash.get(sha256).cloned().or_else(|| {
+            self.credentials
+                .read()
+                .expect("credentials lock")
+                .get(sha256)
+                .cloned()
+        })
+    }
+
+    /// Whether a token (by hash) is still valid.
+    pub fn knows(&self, sha256: &str) -> bool {
+        self.lookup(sha256).is_some()
     }
 
     /// The record for a presented token. Unknown and revoked tokens get the
     /// same answer.
-    pub fn authenticate(&self, token: &str) -> Result<&AuthtokenRecord, Failure> {
+    pub fn authenticate(&self, token: &str) -> Result<AuthtokenRecord, Failure> {
         check_shape(token)?;
-        self.by_hash
-            .get(&sha256_hex(token))
+        self.lookup(&sha256_hex(token))
             .ok_or_else(|| Failure::new(ErrorCode::AUTHTOKEN_INVALID, "the authtoken is not valid"))
     }
 }
@@ -140,6 +163,26 @@ mod tests {
         assert_eq!(
             tokens.authenticate(&"x".repeat(600)).unwrap_err().code,
             ErrorCode::AUTHTOKEN_MALFORMED
+        );
+    }
+
+    #[test]
+    fn credentials_are_replaced_as_a_set() {
+        let tokens = Authtokens::new(Vec::new());
+        let cred =
+            AuthtokenRecord::from_token("api-credential-1", Acl::default(), "c".into()).unwrap();
+        let hash = cred.sha256.clone();
+        tokens.set_credentials(vec![cred]);
+        assert!(tokens.knows(&hash));
+        assert_eq!(
+            tokens.authenticate("api-credential-1").unwrap().description,
+            "c"
+        );
+        tokens.set_credentials(Vec::new());
+        assert!(!tokens.knows(&hash), "revoked");
+        assert_eq!(
+            tokens.authenticate("api-credential-1").unwrap_err().code,
+            ErrorCode::AUTHTOKEN_INVALID
         );
     }
 

@@ -116,6 +116,11 @@ pub struct CaStore {
     version: AtomicU64,
 }
 
+/// Now, as API objects show times.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
 /// `ca_` + the SHA-256 fingerprint.
 pub fn ca_id(ca: &CaCert) -> String {
     format!("ca_{}", ca.fingerprint)
@@ -217,7 +222,7 @@ impl CaStore {
         };
         Ok(StoredCa {
             id: ca_id(&ca),
-            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            created_at: now_rfc3339(),
             description: new.description,
             metadata: new.metadata,
             ca,

@@ -111,6 +111,7 @@ impl Edge {
             )
             .context("opening the certificate-authority store")?,
         );
+        let tokens = Arc::new(Authtokens::new(config.authtokens.clone()));
         let cluster = match &config.cluster {
             Some(c) => Some(Arc::new(
                 cluster::ClusterNode::start(
@@ -119,6 +120,7 @@ impl Edge {
                     &config.region,
                     &config.data_dir,
                     cas.clone(),
+                    tokens.clone(),
                 )
                 .await?,
             )),
@@ -209,7 +211,7 @@ impl Edge {
 
         let registry = session::Registry::new(
             gateway.clone(),
-            Authtokens::new(config.authtokens.clone()),
+            tokens,
             session::RegistrySettings {
                 region: config.region.clone(),
                 node_id: config.node_id.clone(),
@@ -220,6 +222,9 @@ impl Edge {
                 oauth: oauth.clone(),
             },
         );
+        if let Some(cluster) = &cluster {
+            cluster.follow(registry.clone());
+        }
         let admin = listeners.admin.map(|listener| {
             let state = admin::AdminState {
                 key_hashes: config.admin.key_hashes.clone(),

@@ -51,7 +51,7 @@ pub struct RegistrySettings {
 /// All agent sessions of this node.
 pub struct Registry {
     gateway: Gateway,
-    tokens: Authtokens,
+    tokens: Arc<Authtokens>,
     settings: RegistrySettings,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
     tracker: TaskTracker,
@@ -129,7 +129,11 @@ struct StreamPool {
 }
 
 impl Registry {
-    pub fn new(gateway: Gateway, tokens: Authtokens, settings: RegistrySettings) -> Arc<Registry> {
+    pub fn new(
+        gateway: Gateway,
+        tokens: Arc<Authtokens>,
+        settings: RegistrySettings,
+    ) -> Arc<Registry> {
         Arc::new(Registry {
             gateway,
             tokens,
@@ -580,6 +584,29 @@ impl Registry {
         self.gateway.remove(endpoint_id);
         tracing::info!(session.id = %session.id, endpoint = endpoint_id, "endpoint unbound");
         Ok(())
+    }
+
+    /// Closes the sessions whose authtoken is no longer valid (a credential
+    /// revoked anywhere in the cluster).
+    pub fn revalidate(&self) {
+        let revoked: Vec<Arc<AgentSession>> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|s| !self.tokens.knows(&s.token_hash))
+            .cloned()
+            .collect();
+        for session in revoked {
+            tracing::info!(session.id = %session.id, "the session's authtoken was revoked");
+            self.close(
+                &session,
+                Some(Failure::new(
+                    ErrorCode::AUTHTOKEN_INVALID,
+                    "the authtoken was revoked",
+                )),
+            );
+        }
     }
 
     /// Ends a session: unbinds its endpoints, drops its parked streams and,

@@ -544,3 +544,103 @@ async fn a_killed_node_is_dropped_its_writes_survive_and_it_restarts_from_its_sn
     }
     ap.process().terminate().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_created_at_us_serves_at_eu_and_revoked_at_ap_disconnects_its_agent() {
+    let trio = Trio::start().await;
+    let upstream = HttpUpstream::start().await;
+    let json = "Content-Type: application/json";
+
+    let bad = r#"{"acl": ["bond:*.customer1.example.test"]}"#;
+    let (status, refused) = trio
+        .us()
+        .api("POST", "/credentials", Some((json, bad)), API_KEY)
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error_code"], "ERR_POSTERN_9400");
+    assert!(
+        refused["msg"].as_str().unwrap().starts_with("acl: "),
+        "{refused}"
+    );
+
+    let body = r#"{"description": "site agent", "acl": ["bind:*.customer1.example.test"]}"#;
+    let (status, created) = trio
+        .us()
+        .api("POST", "/credentials", Some((json, body)), API_KEY)
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let token = created["token"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["acl"][0], "bind:*.customer1.example.test");
+
+    let eu = &trio.nodes[1];
+    eventually(30, "the credential at eu", || async {
+        eu.api("GET", &format!("/credentials/{id}"), None, API_KEY)
+            .await
+            .0
+            == 200
+    })
+    .await;
+    let (_, listed) = eu.api("GET", "/credentials", None, API_KEY).await;
+    assert_eq!(listed["credentials"][0]["id"], id.as_str());
+    assert!(
+        listed["credentials"][0]["token"].is_null(),
+        "the token is shown only once"
+    );
+
+    // An agent at eu with the token made at us: its ACL applies there.
+    let outside = "  web:\n    proto: http\n    addr: 1\n    domain: app.customer2.example.test\n";
+    let Err(denied) = eu.agent_with(&token, outside).await else {
+        panic!("a name outside the ACL was bound");
+    };
+    assert!(
+        format!("{denied:#}").contains("ERR_POSTERN_316"),
+        "{denied:#}"
+    );
+    let tunnel = format!(
+        "  web:\n    proto: http\n    addr: {}\n    domain: {HOST}\n",
+        upstream.port()
+    );
+    let (agent, _) = eu
+        .agent_with(&token, &tunnel)
+        .await
+        .expect("the credential works at eu");
+    let code = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let served = eu
+        .curl_mtls(HOST, None, &["-o", "/dev/null", "-w", "%{http_code}"])
+        .await;
+    assert_eq!(code(served), "200");
+
+    // Revoked at ap: eu closes the agent's session, and the agent, told its
+    // token is no longer valid, stops.
+    let (status, _) = trio.nodes[2]
+        .api("DELETE", &format!("/credentials/{id}"), None, API_KEY)
+        .await;
+    assert_eq!(status, 204);
+    let start = Instant::now();
+    eventually(30, "eu closed the revoked credential's session", || {
+        let closed = eu.stat("agent_sessions") == 0;
+        async move { closed }
+    })
+    .await;
+    println!(
+        "a credential revoked at ap closed its session at eu after {:?}",
+        start.elapsed()
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(30), agent.wait())
+        .await
+        .expect("the agent stops");
+    let error = format!("{:#}", stopped.expect_err("with an error"));
+    assert!(error.contains("ERR_POSTERN_107"), "{error}");
+    // The name has no route at eu any more: TLS is refused by SNI.
+    let gone = eu.curl_mtls(HOST, None, &[]).await;
+    let stderr = String::from_utf8_lossy(&gone.stderr).to_lowercase();
+    assert!(stderr.contains("unrecognized name"), "{stderr}");
+    let Err(refused) = eu.agent_with(&token, &tunnel).await else {
+        panic!("a revoked credential connected");
+    };
+    assert!(
+        format!("{refused:#}").contains("ERR_POSTERN_107"),
+        "{refused:#}"
+    );
+}
