@@ -115,7 +115,14 @@ impl ClusterNode {
     /// Applies every change as it is merged, and closes the sessions of
     /// revoked credentials in `registry`.
     pub fn follow(&self, registry: Arc<Registry>) {
+        // Subscribed before applying, so a change merged in between is
+        // applied here or seen by the task, never lost.
+        let changes = self.cluster.subscribe();
+        apply_cas(&self.cluster, &self.cas);
+        apply_credentials(&self.cluster, &self.tokens);
+        registry.revalidate();
         let task = tokio::spawn(follow(
+            changes,
             self.cluster.clone(),
             self.cas.clone(),
             self.tokens.clone(),
@@ -254,13 +261,13 @@ fn apply_credentials(cluster: &Cluster, tokens: &Authtokens) {
 }
 
 async fn follow(
+    mut changes: tokio::sync::broadcast::Receiver<Change>,
     cluster: Cluster,
     cas: Arc<CaStore>,
     tokens: Arc<Authtokens>,
     registry: Arc<Registry>,
     stop: CancellationToken,
 ) {
-    let mut changes = cluster.subscribe();
     loop {
         let change = tokio::select! {
             _ = stop.cancelled() => break,
