@@ -204,11 +204,6 @@ impl ClusterNode {
         self.cluster.stats()
     }
 
-    /// The address other nodes gossip with this one on.
-    pub fn gossip_addr(&self) -> std::net::SocketAddr {
-        self.cluster.gossip_addr()
-    }
-
     /// Stops applying changes, tells the others this node leaves, saves the
     /// snapshot. Idempotent.
     pub async fn shutdown(&self) {

@@ -304,11 +304,6 @@ impl Edge {
         stats
     }
 
-    /// The address other nodes gossip with this one on, in a cluster.
-    pub fn gossip_addr(&self) -> Option<SocketAddr> {
-        self.cluster.as_ref().map(|c| c.gossip_addr())
-    }
-
     /// The endpoints bound on this node.
     pub fn endpoints(&self) -> Vec<Arc<postern_ingress::Endpoint>> {
         self.gateway.endpoints()
