@@ -58,7 +58,8 @@ impl Kind for Credential {
     const KIND: &'static str = "credential";
 }
 
-/// The node's membership and the task that applies the cluster's CAs.
+/// The node's membership and the task that applies the cluster's CAs and
+/// credentials.
 pub struct ClusterNode {
     cluster: Cluster,
     cas: Arc<CaStore>,
