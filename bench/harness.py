@@ -63,8 +63,8 @@ P = dict(
     nginx=30080, nginx_tls=30443, iperf=30201,
     edge_agent=30444, edge_http=30081, edge_https=30445, edge_tcp="30100-30199",
     p_web=30101, p_iperf=30102, p_web0=30103,
-    edge_agent_b=30450, edge_http_b=30084, edge_https_b=30451, edge_tcp_b="30110-30119",
-    p_web_b=30111, p_iperf_b=30112,
+    edge_agent_b=30450, edge_http_b=30084, edge_https_b=30451, edge_tcp_b="30500-30509",
+    p_web_b=30501, p_iperf_b=30502,
     rh_ctl=30300, rh_web=30301, rh_iperf=30302,
     rht_ctl=30310, rht_web=30311, rht_iperf=30312,
     sess_agent=30446, sess_http=30082, sess_https=30447, sess_tcp_base=31000,
@@ -430,13 +430,12 @@ tunnels:
     if BASE:
         cfg["edge-base"] = write(os.path.join(RUN, "edge-base.toml"), edge_toml(
             "bench-base", P["edge_agent_b"], P["edge_http_b"], P["edge_https_b"], P["edge_tcp_b"],
-            "edge-base-data"))
+            "edge-base-data", metrics=False))
         ca_b = os.path.join(RUN, "edge-base-data", "dev-ca.pem")
         cfg["agent-base"] = write(os.path.join(RUN, "agent-base.yml"), f"""version: "2"
 authtoken: "{TOKEN}"
 server_addr: "tunnel.us.connect.{DOMAIN}:{P['edge_agent_b']}"
 root_cas: "{ca_b}"
-web_addr: false
 stream_pool: {ARGS.stream_pool}
 tunnels:
   web-tcp:
@@ -491,7 +490,7 @@ local_addr = "127.0.0.1:{P['iperf']}"
     return cfg
 
 
-def edge_toml(node, agent, http, https, tcp_ports, data_dir, extra=""):
+def edge_toml(node, agent, http, https, tcp_ports, data_dir, extra="", metrics=True):
     return f"""node_id = "{node}"
 region = "us"
 domain = "{DOMAIN}"
@@ -502,6 +501,7 @@ agent = "127.0.0.1:{agent}"
 http = "127.0.0.1:{http}"
 https = "127.0.0.1:{https}"
 admin = ""  # no admin API (its default port, 9090, is not ours)
+{'metrics = ""  # nor /metrics (9100)' if metrics else ''}
 [public]
 tcp_host = "127.0.0.1"
 https_port = {https}

@@ -93,19 +93,26 @@ fi
 log "cargo build --release (postern-edge, postern) in $SRC"
 (cd "$SRC" && cargo build --release --bin postern-edge --bin postern)
 
-log "cargo build --release (bench/loadagent)"
-# Start from the workspace's lock file so the shared crates resolve to the
-# same versions and their compiled artifacts in the target dir are reused.
-cp "$SRC/Cargo.lock" "$SRC/bench/loadagent/Cargo.lock"
-cargo build --release --manifest-path "$SRC/bench/loadagent/Cargo.toml"
+# POSTERN_LOADAGENT_BIN=path: use an already built load agent (its agents
+# only load the edge, which is what the session test measures).
+LOADAGENT="${POSTERN_LOADAGENT_BIN:-$CARGO_TARGET_DIR/release/postern-loadagent}"
+if [[ -z "${POSTERN_LOADAGENT_BIN:-}" ]]; then
+    log "cargo build --release (bench/loadagent)"
+    # Start from the workspace's lock file so the shared crates resolve to the
+    # same versions and their compiled artifacts in the target dir are reused.
+    cp "$SRC/Cargo.lock" "$SRC/bench/loadagent/Cargo.lock"
+    cargo build --release --manifest-path "$SRC/bench/loadagent/Cargo.toml"
+fi
 
 # Run private copies: a rebuild elsewhere during the run must not swap the
 # binaries between rounds.
 mkdir -p "$BENCH/out/bin"
-for b in postern-edge postern postern-loadagent; do
+for b in postern-edge postern; do
     cp "$CARGO_TARGET_DIR/release/$b" "$BENCH/out/bin/$b.new"
     mv -f "$BENCH/out/bin/$b.new" "$BENCH/out/bin/$b"
 done
+cp "$LOADAGENT" "$BENCH/out/bin/postern-loadagent.new"
+mv -f "$BENCH/out/bin/postern-loadagent.new" "$BENCH/out/bin/postern-loadagent"
 export POSTERN_BIN_DIR="$BENCH/out/bin"
 
 if [[ -n "$BASELINE" ]]; then
