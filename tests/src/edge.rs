@@ -128,10 +128,7 @@ impl TestEdge {
         region: &str,
     ) -> TestEdge {
         init();
-        let free = || {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let free = || std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
         let mut edge = TestEdge {
             edge: None,
             process: None,

@@ -67,11 +67,7 @@ pub struct Broker {
 impl Broker {
     /// Starts on a free port.
     pub async fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         let mut broker = Broker { port, child: None };
         broker.restart().await;
         broker
@@ -86,11 +82,7 @@ impl Broker {
 
     /// A port nothing listens on, for an edge whose broker is "down".
     pub fn unused_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::free_port()
     }
 
     pub fn addr(&self) -> String {

@@ -24,7 +24,7 @@ pub use oidc::{
 };
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::{Issued, TestCa};
-pub use process::{Spawned, binary, read_rss_kib};
+pub use process::{Spawned, binary, free_port, read_rss_kib};
 pub use redis::{RedisCluster, RedisServer};
 pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
 

@@ -25,6 +25,26 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A free loopback port for a process the test starts and points at it
+/// (an edge binary, Redis, the broker). It is picked at random in
+/// 12000–19999, below the kernel's ephemeral range (32768–60999), so that
+/// listeners other tests bind on port 0 can never take it between this
+/// check and the process binding it; only two such picks could collide,
+/// one chance in thousands.
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = 12000 + (hasher.finish() % 8000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
 /// A spawned process whose stdout lines are collected.
 pub struct Spawned {
     pub child: Child,

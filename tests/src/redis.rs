@@ -22,14 +22,6 @@ fn require(binary: &str) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Sends `PING` and waits for `+PONG`.
 async fn ping(port: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,7 +60,7 @@ impl RedisServer {
     async fn start_with(extra: &[&str]) -> RedisServer {
         require("redis-server");
         let mut server = RedisServer {
-            port: free_port(),
+            port: crate::free_port(),
             dir: TempDir::new("redis"),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use postern_agent::{Agent, Status};
 use postern_tests::{
     ACL_TOKEN, HttpUpstream, HttpsClient, Spawned, TempDir, TestCa, TestEdge, binary, curl,
-    read_rss_kib, stream_each_way, url_of,
+    free_port, read_rss_kib, stream_each_way, url_of,
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, process::Command};
@@ -737,15 +737,6 @@ fn pki(dir: &Path, names: &[&str]) -> Pki {
         client_crt,
         client_key,
     }
-}
-
-/// A free loopback port (bound and released; the agent binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The site-to-site guide with the real binary: the agent API is exposed
