@@ -381,6 +381,18 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         )
     }
 
+    /// `GET` or `DELETE` `/certificate_authorities/{id}` with the test
+    /// admin key.
+    pub async fn ca(&self, method: &str, id: &str) -> (u16, serde_json::Value) {
+        self.api(
+            method,
+            &format!("/certificate_authorities/{id}"),
+            None,
+            API_KEY,
+        )
+        .await
+    }
+
     /// `curl` to `https://<host>/echo` on this edge, trusting its dev CA,
     /// with an optional client certificate and key and extra arguments.
     pub async fn curl_mtls(

@@ -107,14 +107,7 @@ async fn upload(edge: &TestEdge, ca: &TestCa, description: &str) -> String {
 }
 
 async fn has_ca(edge: &TestEdge, id: &str) -> bool {
-    let (status, _) = edge
-        .api(
-            "GET",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, _) = edge.ca("GET", id).await;
     status == 200
 }
 
@@ -166,14 +159,7 @@ async fn a_ca_uploaded_at_us_is_enforced_at_eu_and_ap_and_a_delete_at_ap_reaches
     let id = upload(trio.us(), &root, "uploaded at us").await;
     let took = until_all(&trio.nodes[1..], "the CA at eu and ap", &id, true).await;
     println!("CA uploaded at us visible at eu and ap after {took:?} (gossip every {GOSSIP})");
-    let (_, at_ap) = trio.nodes[2]
-        .api(
-            "GET",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (_, at_ap) = trio.nodes[2].ca("GET", &id).await;
     assert_eq!(at_ap["description"], "uploaded at us");
     assert_eq!(at_ap["subject_common_name"], "Cluster Root");
 
@@ -201,14 +187,7 @@ async fn a_ca_uploaded_at_us_is_enforced_at_eu_and_ap_and_a_delete_at_ap_reaches
 
     // Deleted at ap: gone at us and eu, and eu's endpoint stops admitting
     // its clients at the next handshake.
-    let (status, _) = trio.nodes[2]
-        .api(
-            "DELETE",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, _) = trio.nodes[2].ca("DELETE", &id).await;
     assert_eq!(status, 204);
     let took = until_all(&trio.nodes[..2], "the CA gone at us and eu", &id, false).await;
     println!("CA deleted at ap gone at us and eu after {took:?}");
@@ -220,14 +199,7 @@ async fn a_ca_uploaded_at_us_is_enforced_at_eu_and_ap_and_a_delete_at_ap_reaches
             .success()
     })
     .await;
-    let (status, _) = trio.nodes[0]
-        .api(
-            "DELETE",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, _) = trio.nodes[0].ca("DELETE", &id).await;
     assert_eq!(status, 404, "already deleted, cluster-wide");
     for agent in agents {
         agent.shutdown().await.unwrap();
@@ -520,14 +492,7 @@ async fn a_killed_node_is_dropped_its_writes_survive_and_it_restarts_from_its_sn
 
     // Deleted while ap is dead: ap comes back with its snapshot's (stale)
     // copy and learns the delete, which its copy does not undo.
-    let (status, _) = nodes[1]
-        .api(
-            "DELETE",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, _) = nodes[1].ca("DELETE", &id).await;
     assert_eq!(status, 204);
     ap.restart_process().await;
     until_all([&ap], "the delete reaches the restarted ap", &id, false).await;

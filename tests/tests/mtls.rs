@@ -422,14 +422,7 @@ async fn the_certificate_authority_store_api() {
         .api("GET", "/certificate_authorities", None, API_KEY)
         .await;
     assert_eq!(list["certificate_authorities"].as_array().unwrap().len(), 2);
-    let (status, one) = edge
-        .api(
-            "GET",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, one) = edge.ca("GET", &id).await;
     assert_eq!(status, 200);
     assert_eq!(one["id"], id.as_str());
     let (_, many) = edge
@@ -491,28 +484,14 @@ async fn the_certificate_authority_store_api() {
     );
 
     // Deleting the CA takes effect for the next handshake, no restart.
-    let (status, _) = edge
-        .api(
-            "DELETE",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, _) = edge.ca("DELETE", &id).await;
     assert_eq!(status, 204);
     let out = edge.curl_mtls(DOMAIN, Some((&cert, &key)), &[]).await;
     assert!(
         !out.status.success(),
         "the deleted CA no longer admits its clients"
     );
-    let (status, _) = edge
-        .api(
-            "GET",
-            &format!("/certificate_authorities/{id}"),
-            None,
-            API_KEY,
-        )
-        .await;
+    let (status, _) = edge.ca("GET", &id).await;
     assert_eq!(status, 404);
 }
 
