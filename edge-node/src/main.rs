@@ -61,6 +61,7 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
          \n  HTTP           http://<name>.{domain}:{http_port}\
          \n  dev CA         {ca}\
          \n  admin API      http://{admin}   (Authorization: Bearer {api_key})\
+         \n  metrics        {metrics}   (Prometheus; /healthz, /readyz)\
          \n  events         {events}   (JSON lines)\
          \n\nStart an agent in another terminal:\
          \n\n  cargo run --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
@@ -79,6 +80,10 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
         admin = addrs
             .admin
             .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into()),
+        metrics = addrs
+            .metrics
+            .map(|a| format!("http://{a}/metrics"))
             .unwrap_or_else(|| "off".into()),
     );
 }
