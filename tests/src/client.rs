@@ -55,6 +55,33 @@ pub async fn stream_each_way(url: &str, ca: &Path, resolve: &str, bytes: u64) {
     assert_eq!(String::from_utf8_lossy(&out.stdout), bytes.to_string());
 }
 
+/// A WebSocket through the edge at `addr` (trusting `ca_pem`) to
+/// `wss://<host>/ws`, the upstream's echo: checks the 101, echoes three
+/// text messages and one 100 KB binary message, and returns the socket
+/// still open.
+pub async fn websocket_echo(
+    addr: SocketAddr,
+    ca_pem: &Path,
+    host: &str,
+) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let tls = HttpsClient::new(addr, ca_pem).connect(host).await.unwrap();
+    let url = format!("wss://{host}:{}/ws", addr.port());
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        let text = format!("ping-{i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    ws.send(Message::binary(vec![7u8; 100_000])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().len(), 100_000);
+    ws
+}
+
 /// Runs `openssl s_client` against `addr` with extra args, feeding `stdin`.
 pub async fn openssl_s_client(addr: SocketAddr, args: &[&str], stdin: &[u8]) -> Output {
     use tokio::io::AsyncWriteExt;

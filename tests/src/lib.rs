@@ -13,7 +13,9 @@ mod process;
 mod redis;
 mod upstream;
 
-pub use client::{HttpsClient, Response, curl, http1_get_all, openssl_s_client, stream_each_way};
+pub use client::{
+    HttpsClient, Response, curl, http1_get_all, openssl_s_client, stream_each_way, websocket_echo,
+};
 pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, TestEdge, init, url_of};
 pub use kafka::{
     Broker, Consumed, assert_schema_valid, consume, kafka_subscription, topic, topic_template,

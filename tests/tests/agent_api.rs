@@ -11,14 +11,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use postern_agent::{Agent, Status};
 use postern_tests::{
     ACL_TOKEN, HttpUpstream, HttpsClient, Spawned, TempDir, TestCa, TestEdge, binary, curl,
-    free_port, read_rss_kib, stream_each_way, url_of,
+    free_port, read_rss_kib, stream_each_way, url_of, websocket_echo,
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, process::Command};
@@ -680,23 +679,7 @@ async fn websocket_upgrades_work_through_the_inspector_and_are_captured() {
         &http_tunnel("ws", "ws.example.test", upstream.port()),
     )
     .await;
-    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
-        .connect("ws.example.test")
-        .await
-        .unwrap();
-    let url = format!("wss://ws.example.test:{}/ws", edge.addrs.https.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls)
-        .await
-        .expect("websocket handshake");
-    assert_eq!(response.status(), 101);
-    use tokio_tungstenite::tungstenite::Message;
-    for i in 0..3 {
-        let text = format!("ping-{i}");
-        ws.send(Message::text(text.clone())).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
-    }
-    ws.send(Message::binary(vec![7u8; 100_000])).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().len(), 100_000);
+    let mut ws = websocket_echo(edge.addrs.https, &edge.ca_pem(), "ws.example.test").await;
     let list = get(api, "/api/requests/http").await.json;
     assert_eq!(list["requests"][0]["request"]["uri"], "/ws");
     assert_eq!(list["requests"][0]["response"]["status_code"], 101);

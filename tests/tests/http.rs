@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use postern_tests::{HttpUpstream, HttpsClient, TestEdge, curl, openssl_s_client};
+use postern_tests::{HttpUpstream, HttpsClient, TestEdge, curl, openssl_s_client, websocket_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn http_tunnel(name: &str, domain: &str, port: u16) -> String {
@@ -266,24 +265,7 @@ async fn websocket_echo_through_an_https_endpoint() {
     let (_agent, _) = edge
         .agent(&http_tunnel("ws", "ws.example.test", upstream.port()))
         .await;
-    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
-        .connect("ws.example.test")
-        .await
-        .unwrap();
-    let url = format!("wss://ws.example.test:{}/ws", edge.addrs.https.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls)
-        .await
-        .expect("websocket handshake");
-    assert_eq!(response.status(), 101);
-    use tokio_tungstenite::tungstenite::Message;
-    for i in 0..5 {
-        let text = format!("ping-{i}");
-        ws.send(Message::text(text.clone())).await.unwrap();
-        let echoed = ws.next().await.unwrap().unwrap();
-        assert_eq!(echoed, Message::text(text));
-    }
-    ws.send(Message::binary(vec![0u8; 100_000])).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().len(), 100_000);
+    let mut ws = websocket_echo(edge.addrs.https, &edge.ca_pem(), "ws.example.test").await;
     ws.close(None).await.unwrap();
 }
 
