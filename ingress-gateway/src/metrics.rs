@@ -58,17 +58,35 @@ struct ConnSeries {
     bytes_out: u64,
 }
 
-/// Requests and connections by endpoint.
+/// One endpoint's connection series by (`tcp`/`tls`, decision).
+type ConnsByKind = BTreeMap<(&'static str, &'static str), ConnSeries>;
+
+/// One endpoint's HTTP series.
+#[derive(Default)]
+struct HttpSeries {
+    /// (status class, decision) → count
+    requests: BTreeMap<(&'static str, &'static str), u64>,
+    durations: Histogram,
+    /// Body bytes (in: from visitors, out).
+    bytes: (u64, u64),
+}
+
+/// Requests and connections by endpoint. One lock per kind, taken once per
+/// request or connection; a known endpoint's name is not copied again.
 #[derive(Default)]
 pub struct Metrics {
-    /// (endpoint, status class, decision) → count
-    requests: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
-    /// endpoint → durations
-    durations: Mutex<BTreeMap<String, Histogram>>,
-    /// HTTP body bytes by endpoint: (in, out)
-    http_bytes: Mutex<BTreeMap<String, (u64, u64)>>,
-    /// (endpoint, `tcp`/`tls`, decision) → series
-    connections: Mutex<BTreeMap<(String, &'static str, &'static str), ConnSeries>>,
+    /// endpoint → HTTP series
+    http: Mutex<BTreeMap<String, HttpSeries>>,
+    /// endpoint → (`tcp`/`tls`, decision) → series
+    connections: Mutex<BTreeMap<String, ConnsByKind>>,
+}
+
+/// The entry for `key`, allocating its name only the first time.
+fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,22 +110,15 @@ impl Metrics {
         } else {
             endpoint
         };
-        *self
+        let mut http = self.http.lock().expect("metrics lock");
+        let series = entry(&mut http, endpoint);
+        *series
             .requests
-            .lock()
-            .expect("metrics lock")
-            .entry((endpoint.to_string(), status_class(status), decision))
+            .entry((status_class(status), decision))
             .or_default() += 1;
-        self.durations
-            .lock()
-            .expect("metrics lock")
-            .entry(endpoint.to_string())
-            .or_default()
-            .observe(took.as_secs_f64());
-        let mut http_bytes = self.http_bytes.lock().expect("metrics lock");
-        let entry = http_bytes.entry(endpoint.to_string()).or_default();
-        entry.0 += bytes.0;
-        entry.1 += bytes.1;
+        series.durations.observe(took.as_secs_f64());
+        series.bytes.0 += bytes.0;
+        series.bytes.1 += bytes.1;
     }
 
     /// One finished TCP or TLS endpoint connection.
@@ -120,8 +131,8 @@ impl Metrics {
         bytes_out: u64,
     ) {
         let mut connections = self.connections.lock().expect("metrics lock");
-        let series = connections
-            .entry((endpoint.to_string(), proto, decision))
+        let series = entry(&mut connections, endpoint)
+            .entry((proto, decision))
             .or_default();
         series.connections += 1;
         series.bytes_in += bytes_in;
@@ -136,11 +147,14 @@ impl Metrics {
             "counter",
             "HTTP requests answered, by endpoint, status class and module decision.",
         );
-        for ((endpoint, class, decision), n) in self.requests.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "postern_http_requests_total{{endpoint=\"{endpoint}\",code=\"{class}\",decision=\"{decision}\"}} {n}"
-            );
+        let http = self.http.lock().expect("metrics lock");
+        for (endpoint, series) in http.iter() {
+            for ((class, decision), n) in &series.requests {
+                let _ = writeln!(
+                    out,
+                    "postern_http_requests_total{{endpoint=\"{endpoint}\",code=\"{class}\",decision=\"{decision}\"}} {n}"
+                );
+            }
         }
         header(
             out,
@@ -148,7 +162,7 @@ impl Metrics {
             "histogram",
             "Time from request to the end of the response body.",
         );
-        for (endpoint, h) in self.durations.lock().expect("metrics lock").iter() {
+        for (endpoint, h) in http.iter().map(|(e, s)| (e, &s.durations)) {
             for (bound, n) in BUCKETS.iter().zip(h.buckets.iter()) {
                 let _ = writeln!(
                     out,
@@ -169,9 +183,7 @@ impl Metrics {
             "counter",
             "HTTP body bytes, by endpoint and direction (in: from visitors).",
         );
-        for (endpoint, (bytes_in, bytes_out)) in
-            self.http_bytes.lock().expect("metrics lock").iter()
-        {
+        for (endpoint, (bytes_in, bytes_out)) in http.iter().map(|(e, s)| (e, s.bytes)) {
             let _ = writeln!(
                 out,
                 "postern_http_body_bytes_total{{endpoint=\"{endpoint}\",direction=\"in\"}} {bytes_in}"
@@ -188,7 +200,14 @@ impl Metrics {
             "TCP and TLS endpoint connections, by endpoint, protocol and decision.",
         );
         let connections = self.connections.lock().expect("metrics lock");
-        for ((endpoint, proto, decision), s) in connections.iter() {
+        let by_endpoint = || {
+            connections.iter().flat_map(|(endpoint, series)| {
+                series
+                    .iter()
+                    .map(move |((proto, decision), s)| (endpoint, proto, decision, s))
+            })
+        };
+        for (endpoint, proto, decision, s) in by_endpoint() {
             let _ = writeln!(
                 out,
                 "postern_connections_total{{endpoint=\"{endpoint}\",proto=\"{proto}\",decision=\"{decision}\"}} {}",
@@ -201,7 +220,7 @@ impl Metrics {
             "counter",
             "TCP and TLS endpoint bytes, by endpoint, protocol and direction.",
         );
-        for ((endpoint, proto, decision), s) in connections.iter() {
+        for (endpoint, proto, decision, s) in by_endpoint() {
             for (direction, n) in [("in", s.bytes_in), ("out", s.bytes_out)] {
                 let _ = writeln!(
                     out,
