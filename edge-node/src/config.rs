@@ -350,7 +350,12 @@ impl EdgeConfig {
     }
 }
 
-fn duration(field: &str, value: &Option<String>, default: Duration) -> anyhow::Result<Duration> {
+/// `value` as a duration (`"300ms"`, `"10s"`, `"7d"`), or `default`.
+pub(crate) fn duration(
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> anyhow::Result<Duration> {
     match value {
         None => Ok(default),
         Some(v) => humantime::parse_duration(v)

@@ -14,6 +14,8 @@ use postern_proto::{ErrorCode, Failure, pb};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
 
+use crate::config::duration;
+
 /// `[oauth]` as written. Every field is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,14 +78,6 @@ pub struct OAuthConfig {
     pub login_timeout: Duration,
     pub idp_timeout: Duration,
     pub idp_root_cas: Vec<CertificateDer<'static>>,
-}
-
-fn duration(field: &str, value: &Option<String>, default: Duration) -> anyhow::Result<Duration> {
-    match value {
-        None => Ok(default),
-        Some(v) => humantime::parse_duration(v)
-            .with_context(|| format!("{field}: {v:?} is not a duration like \"300ms\"")),
-    }
 }
 
 fn redis_url(field: &str, url: &str) -> anyhow::Result<String> {

@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use postern_config_sync::ClusterKey;
 use serde::Deserialize;
 
+use crate::config::duration;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
@@ -55,14 +57,6 @@ fn addr(field: &str, value: Option<&str>, default: &str) -> anyhow::Result<Socke
         .with_context(|| format!("{field}: {v:?} is not an address like \"0.0.0.0:7946\""))
 }
 
-fn duration(field: &str, value: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
-    match value {
-        None => Ok(default),
-        Some(v) => humantime::parse_duration(v)
-            .with_context(|| format!("{field}: {v:?} is not a duration like \"1s\"")),
-    }
-}
-
 impl RawCluster {
     pub fn validate(self) -> anyhow::Result<ClusterConfig> {
         if self.cluster_id.trim().is_empty() {
@@ -98,7 +92,7 @@ impl RawCluster {
         }
         let gossip_interval = duration(
             "cluster.gossip_interval",
-            self.gossip_interval.as_deref(),
+            &self.gossip_interval,
             Duration::from_secs(1),
         )?;
         if gossip_interval < Duration::from_millis(10) {
@@ -114,7 +108,7 @@ impl RawCluster {
             phi_threshold,
             tombstone_ttl: duration(
                 "cluster.tombstone_ttl",
-                self.tombstone_ttl.as_deref(),
+                &self.tombstone_ttl,
                 Duration::from_secs(7 * 24 * 3600),
             )?,
         })
