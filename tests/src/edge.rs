@@ -381,6 +381,27 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         )
     }
 
+    /// The HTTP status curl gets for `https://<host><path>` on this edge
+    /// (trusting its dev CA), with `extra` curl arguments.
+    pub async fn https_status(&self, host: &str, path: &str, extra: &[&str]) -> String {
+        let ca = self.ca_pem();
+        let resolve = self.resolve(host);
+        let url = self.https_url(host, path);
+        let mut args = vec![
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &resolve,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        String::from_utf8_lossy(&crate::curl(&args).await.stdout).into_owned()
+    }
+
     /// `GET` or `DELETE` `/certificate_authorities/{id}` with the test
     /// admin key.
     pub async fn ca(&self, method: &str, id: &str) -> (u16, serde_json::Value) {

@@ -99,22 +99,14 @@ async fn every_request_and_connection_is_one_event_in_kafka() {
     let missing = http1_get_all(http, "nobody.example.test", &["/missing".into()], 1).await;
     assert_eq!(missing, vec![Some(http::StatusCode::NOT_FOUND)]);
     // TLS for one endpoint, Host for another: 421.
-    let misdirected = postern_tests::curl(&[
-        "--http1.1",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--cacert",
-        edge.ca_pem().to_str().unwrap(),
-        "--resolve",
-        &edge.resolve("app.example.test"),
-        "-H",
-        "Host: down.example.test",
-        &edge.https_url("app.example.test", "/other"),
-    ])
-    .await;
-    assert_eq!(String::from_utf8_lossy(&misdirected.stdout), "421");
+    let misdirected = edge
+        .https_status(
+            "app.example.test",
+            "/other",
+            &["--http1.1", "-H", "Host: down.example.test"],
+        )
+        .await;
+    assert_eq!(misdirected, "421");
     // The agent cannot reach the upstream: 502.
     let bad = client.get("down.example.test", "/x").await.unwrap();
     assert_eq!(bad.status, 502);

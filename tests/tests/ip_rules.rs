@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use postern_tests::{HttpUpstream, HttpsClient, TcpEcho, TestEdge, TlsUpstream, curl, url_of};
+use postern_tests::{HttpUpstream, HttpsClient, TcpEcho, TestEdge, TlsUpstream, url_of};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -146,21 +146,13 @@ async fn forwarded_for_is_believed_only_from_trusted_load_balancers() {
     );
     for (edge, spoof_wins) in [(&untrusted, false), (&trusted, true)] {
         let (_agent, _) = edge.agent(&tunnel).await;
-        let out = curl(&[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--cacert",
-            edge.ca_pem().to_str().unwrap(),
-            "--resolve",
-            &edge.resolve("xff.example.test"),
-            "-H",
-            "X-Forwarded-For: 198.51.100.7",
-            &edge.https_url("xff.example.test", "/"),
-        ])
-        .await;
-        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = edge
+            .https_status(
+                "xff.example.test",
+                "/",
+                &["-H", "X-Forwarded-For: 198.51.100.7"],
+            )
+            .await;
         assert_eq!(
             code,
             if spoof_wins { "200" } else { "403" },

@@ -395,22 +395,11 @@ async fn one_trace_runs_from_the_client_through_edge_and_agent_to_the_upstream()
     // An HTTP request that carries the client's trace context.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
-    let out = curl(&[
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--cacert",
-        edge.ca_pem().to_str().unwrap(),
-        "--resolve",
-        &edge.resolve("trace.example.test"),
-        "-H",
-        &format!("traceparent: 00-{trace_id}-{client_span}-01"),
-        &edge.https_url("trace.example.test", "/traced"),
-    ])
-    .await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let traceparent = format!("traceparent: 00-{trace_id}-{client_span}-01");
+    let status = edge
+        .https_status("trace.example.test", "/traced", &["-H", &traceparent])
+        .await;
+    assert_eq!(status, "200");
     // A TCP connection: the edge's span travels in the stream's open frame.
     tcp_round_trip(SocketAddr::from(([127, 0, 0, 1], tcp_port)), b"ping").await;
 
