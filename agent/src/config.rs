@@ -158,6 +158,9 @@ pub struct RawTunnel {
     pub oauth: Option<crate::oauth::RawOAuth>,
     /// HTTP: log visitors in with any OpenID Provider.
     pub oidc: Option<crate::oauth::RawOidc>,
+    /// ngrok's endpoint pooling: share the name or port with other agents
+    /// that pool with the same settings; the edge balances across them.
+    pub pooling_enabled: Option<bool>,
 }
 
 /// Who may connect to an endpoint, by source address.
@@ -271,6 +274,8 @@ pub struct TunnelSpec {
     pub inspect: bool,
     /// HTTP tunnels: OAuth/OIDC, enforced by the edge.
     pub oauth: Option<crate::oauth::OAuthSpec>,
+    /// Share the name or port with other pooling endpoints.
+    pub pooling_enabled: bool,
 }
 
 /// Which CAs the agent trusts for the edge.
@@ -635,6 +640,7 @@ impl RawTunnel {
                 self.oauth.as_ref(),
                 self.oidc.as_ref(),
             )?,
+            pooling_enabled: self.pooling_enabled.unwrap_or(false),
         })
     }
 }

@@ -106,6 +106,8 @@ enum Command {
         proxy_proto: Option<String>,
         #[command(flatten)]
         cidrs: CidrFlags,
+        #[command(flatten)]
+        pooling: PoolingFlag,
     },
     /// Start tunnels from the config files.
     Start {
@@ -136,6 +138,25 @@ struct TunnelFlags {
     proxy_proto: Option<String>,
     #[command(flatten)]
     cidrs: CidrFlags,
+    #[command(flatten)]
+    pooling: PoolingFlag,
+}
+
+/// ngrok's `--pooling-enabled`.
+#[derive(Debug, Args)]
+struct PoolingFlag {
+    /// Share the endpoint with other agents that pool it with the same
+    /// settings; the edge balances visitors across them.
+    #[arg(long = "pooling-enabled")]
+    enabled: bool,
+}
+
+impl PoolingFlag {
+    fn set(&self, tunnel: &mut Mapping) {
+        if self.enabled {
+            set(tunnel, "pooling_enabled", Some(true));
+        }
+    }
 }
 
 /// ngrok's IP restriction flags.
@@ -214,6 +235,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "domain", common.domain);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
+            common.pooling.set(&mut tunnel);
             set(
                 &mut tunnel,
                 "upstream_tls_verify",
@@ -234,6 +256,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "domain", common.domain);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
+            common.pooling.set(&mut tunnel);
             set(&mut tunnel, "terminate_at", terminate_at);
             set(&mut tunnel, "mutual_tls_cas", common.mutual_tls_cas);
             set(&mut tunnel, "crt", crt);
@@ -250,8 +273,10 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             remote_addr,
             proxy_proto,
             cidrs,
+            pooling,
         } => {
             set(&mut tunnel, "ip_restriction", cidrs.to_yaml());
+            pooling.set(&mut tunnel);
             set(&mut tunnel, "proto", Some("tcp"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "remote_addr", remote_addr);

@@ -43,6 +43,8 @@ use crate::{
 /// First reconnect delay cap; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// At most this many alternate addresses are kept from a welcome.
+const MAX_ALTERNATES: usize = 16;
 /// A session that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -82,10 +84,23 @@ pub(crate) async fn run(
     let instance_id = postern_proto_random();
     let mut attempt: u32 = 0;
     let mut ever_online = false;
+    // Where to reconnect besides `server_addr`: the other nodes of the
+    // region, as the last node to welcome us listed them.
+    let alternates = std::sync::Mutex::new(Vec::new());
+    let mut next_addr = 0usize;
     loop {
         let started = Instant::now();
-        let connected =
-            refusing_commands(connect(config, tls.clone()), &mut commands, "connecting").await;
+        let addr = pick_addr(
+            &config.server_addr,
+            &alternates.lock().expect("alternates lock"),
+            next_addr,
+        );
+        let connected = refusing_commands(
+            connect(config, &addr, tls.clone()),
+            &mut commands,
+            "connecting",
+        )
+        .await;
         let end = match connected {
             Ok(channel) => {
                 let session = Session {
@@ -94,20 +109,29 @@ pub(crate) async fn run(
                     status: &status,
                     shutdown: &shutdown,
                     ever_online,
+                    alternates: &alternates,
                 };
                 let span = tracing::info_span!(
                     parent: None,
                     "agent_session",
-                    server.addr = %config.server_addr,
+                    server.addr = %addr,
                     session.id = tracing::field::Empty,
                     region = tracing::field::Empty,
                     node.id = tracing::field::Empty,
                 );
                 session.serve(channel, &mut commands).instrument(span).await
             }
-            Err(e) => SessionEnd::Lost(format!("connecting to {}: {e:#}", config.server_addr)),
+            Err(e) => SessionEnd::Lost(format!("connecting to {addr}: {e:#}")),
         };
-        ever_online |= status.borrow().online;
+        // A node that welcomed us is tried first again; one that did not,
+        // or could not be reached, gives way to the next address.
+        let was_online = status.borrow().online;
+        next_addr = if was_online {
+            0
+        } else {
+            next_addr.wrapping_add(1)
+        };
+        ever_online |= was_online;
         // Endpoint ids die with the session.
         state.update(|tunnels| {
             for t in tunnels.iter_mut() {
@@ -174,6 +198,14 @@ impl Command {
     }
 }
 
+/// The `n`th address to try, round the configured one and the alternates.
+fn pick_addr(server_addr: &str, alternates: &[String], n: usize) -> String {
+    match n % (alternates.len() + 1) {
+        0 => server_addr.to_string(),
+        i => alternates[i - 1].clone(),
+    }
+}
+
 /// Full jitter: uniform in `[0, min(cap, base * 2^attempt))`.
 fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_BASE
@@ -189,14 +221,18 @@ fn postern_proto_random() -> String {
 }
 
 /// Dials the edge: TCP, TLS with ALPN h2, then the HTTP/2 channel.
-async fn connect(config: &AgentConfig, tls: Arc<ClientConfig>) -> anyhow::Result<Channel> {
+async fn connect(
+    config: &AgentConfig,
+    addr: &str,
+    tls: Arc<ClientConfig>,
+) -> anyhow::Result<Channel> {
     let name = ServerName::try_from(config.server_name.clone())?;
     let connector = EdgeConnector {
-        addr: config.server_addr.clone(),
+        addr: addr.to_string(),
         name,
         tls: TlsConnector::from(tls),
     };
-    let endpoint = Endpoint::from_shared(format!("http://{}", config.server_addr))?
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(config.connect_timeout)
         .initial_stream_window_size(h2_settings::STREAM_WINDOW)
         .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
@@ -258,6 +294,7 @@ struct Session<'a> {
     status: &'a watch::Sender<Status>,
     shutdown: &'a CancellationToken,
     ever_online: bool,
+    alternates: &'a std::sync::Mutex<Vec<String>>,
 }
 
 fn agent_message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
@@ -308,6 +345,16 @@ impl Session<'_> {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) | (_, Err(e)) => return e,
             };
+        *self.alternates.lock().expect("alternates lock") = welcome
+            .alternate_addrs
+            .iter()
+            .filter(|a| {
+                a.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            })
+            .take(MAX_ALTERNATES)
+            .cloned()
+            .collect();
         let routes = Arc::new(Routes::default());
         let tracker = TaskTracker::new();
         let ctx = Arc::new(StreamContext {
@@ -720,7 +767,8 @@ fn refused(failure: Failure) -> SessionEnd {
     match failure.code {
         ErrorCode::AUTHTOKEN_INVALID
         | ErrorCode::AUTHTOKEN_MALFORMED
-        | ErrorCode::PROTOCOL_VERSION => SessionEnd::Fatal(failure),
+        | ErrorCode::PROTOCOL_VERSION
+        | ErrorCode::SESSION_STOPPED => SessionEnd::Fatal(failure),
         _ => SessionEnd::Lost(failure.to_string()),
     }
 }
@@ -777,6 +825,7 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
             postern_proto::proxy_header::Version::V1 => 1,
             postern_proto::proxy_header::Version::V2 => 2,
         }),
+        pooling_enabled: spec.pooling_enabled,
     }
 }
 
@@ -846,5 +895,13 @@ mod tests {
             Some(([127, 0, 0, 1], 1).into())
         );
         assert_eq!(localhost_addr("example.test:443"), None);
+    }
+
+    #[test]
+    fn reconnects_go_round_the_configured_address_and_the_alternates() {
+        let alternates = ["b:2".to_string(), "c:3".to_string()];
+        let order: Vec<String> = (0..4).map(|n| pick_addr("a:1", &alternates, n)).collect();
+        assert_eq!(order, ["a:1", "b:2", "c:3", "a:1"]);
+        assert_eq!(pick_addr("a:1", &[], 7), "a:1");
     }
 }

@@ -51,6 +51,7 @@ fn settings(
         tombstone_ttl: Duration::from_secs(3600),
         data_dir: None,
         rpc_addr: None,
+        agent_addr: None,
     }
 }
 

@@ -75,6 +75,9 @@ pub struct ClusterSettings {
     /// This node's inter-node (forwarding) address, told to the others;
     /// `None` when the node offers none.
     pub rpc_addr: Option<SocketAddr>,
+    /// Where agents reach this node (`host:port`), told to the others so
+    /// that agents can be pointed at another node of their region.
+    pub agent_addr: Option<String>,
 }
 
 /// A live node.
@@ -84,6 +87,8 @@ pub struct Member {
     pub region: String,
     /// Its inter-node address, if it offers one.
     pub rpc_addr: Option<SocketAddr>,
+    /// Where agents reach it, if it says.
+    pub agent_addr: Option<String>,
     pub gossip_addr: SocketAddr,
     /// Changes at every restart.
     pub generation: u64,
@@ -116,6 +121,8 @@ struct NodeInfo {
     region: String,
     #[serde(default)]
     rpc: Option<SocketAddr>,
+    #[serde(default)]
+    agent: Option<String>,
     #[serde(default)]
     leaving: bool,
 }
@@ -169,6 +176,7 @@ struct Inner {
     tombstone_ttl: Duration,
     gossip_interval: Duration,
     rpc_addr: Option<SocketAddr>,
+    agent_addr: Option<String>,
     self_id: ChitchatId,
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     clock: Clock,
@@ -347,6 +355,7 @@ impl Cluster {
             tombstone_ttl: settings.tombstone_ttl,
             gossip_interval: settings.gossip_interval,
             rpc_addr: settings.rpc_addr,
+            agent_addr: settings.agent_addr,
             self_id,
             chitchat: chitchat.clone(),
             clock,
@@ -403,6 +412,7 @@ impl Cluster {
         let info = NodeInfo {
             region: self.inner.region.clone(),
             rpc: self.inner.rpc_addr,
+            agent: self.inner.agent_addr.clone(),
             leaving,
         };
         let value = serde_json::to_value(info).expect("node info serialises");
@@ -907,6 +917,7 @@ impl Reconciler {
                 node_id: id.node_id.to_string(),
                 region: info.region.clone(),
                 rpc_addr: info.rpc,
+                agent_addr: info.agent.clone(),
                 gossip_addr: id.gossip_advertise_addr,
                 generation: id.generation_id,
                 is_self: *id == self_id,

@@ -46,6 +46,7 @@ fn settings(node: &str, region: &str, seeds: Vec<String>, dir: Option<PathBuf>) 
         tombstone_ttl: Duration::from_secs(3600),
         data_dir: dir,
         rpc_addr: None,
+        agent_addr: None,
     }
 }
 

@@ -7,10 +7,11 @@
 //! `/{id},{id}`; DELETE `/{id}`); `/oauth_sessions` (GET `?user_id=` or
 //! `?email=`; DELETE `/{id}`, or `?user_id=` for all of a user's).
 //!
-//! `/credentials` (authtokens created through the API, in a cluster).
+//! `/endpoints` and `/tunnel_sessions` (`live`): what is online, and
+//! where. In a cluster: `/credentials`, `/bot_users`, `/reserved_domains`
+//! and `/agent_ingresses` (`objects`).
 //!
-//! In a cluster, CA and credential writes go to the cluster and reach every
-//! node.
+//! In a cluster, every write goes to the cluster and reaches every node.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -22,12 +23,13 @@ use postern_proto::{ErrorCode, Failure};
 use serde_json::{Value, json};
 
 use crate::{
-    ca_store::{CaStore, NewCa, StoredCa},
-    cluster::ClusterNode,
+    ca_store::{CaRecord, CaStore, NewCa, StoredCa},
+    cluster::{AgentIngress, BotUser, ClusterNode, Credential, ReservedDomain},
 };
 
-mod credentials;
+mod live;
 mod oauth_sessions;
+mod objects;
 
 /// Largest request body.
 const MAX_BODY: usize = 1024 * 1024;
@@ -41,6 +43,8 @@ pub struct AdminState {
     pub oauth: Arc<postern_ingress::OAuthService>,
     /// Where CA writes go when the node is in a cluster.
     pub cluster: Option<Arc<ClusterNode>>,
+    /// This node's sessions and the endpoints its gateway routes.
+    pub registry: Arc<crate::session::Registry>,
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
@@ -129,7 +133,16 @@ pub async fn handle(
             "use GET, POST or DELETE",
         )),
         (_, ["oauth_sessions", ..]) => oauth_sessions::handle(state, req, &segments[1..]).await,
-        (_, ["credentials", ..]) => credentials::handle(state, req, &segments[1..]).await,
+        (_, ["credentials", ..]) => objects::handle::<Credential>(state, req, &segments[1..]).await,
+        (_, ["bot_users", ..]) => objects::handle::<BotUser>(state, req, &segments[1..]).await,
+        (_, ["reserved_domains", ..]) => {
+            objects::handle::<ReservedDomain>(state, req, &segments[1..]).await
+        }
+        (_, ["agent_ingresses", ..]) => {
+            objects::handle::<AgentIngress>(state, req, &segments[1..]).await
+        }
+        (_, ["endpoints", ..]) => live::endpoints(state, req.method(), &segments[1..]),
+        (_, ["tunnel_sessions", ..]) => live::sessions(state, req.method(), &segments[1..]),
         _ => Err(Failure::new(
             ErrorCode::API_NOT_FOUND,
             format!("no resource at {path}"),
@@ -176,7 +189,7 @@ async fn create_ca(
     let stored = match &state.cluster {
         Some(cluster) => {
             let stored = state.cas.prepare(new)?;
-            cluster.put_ca(&stored).await?;
+            cluster.put_object(&stored.id, &stored.record()).await?;
             stored
         }
         None => state.cas.insert(new)?,
@@ -187,7 +200,7 @@ async fn create_ca(
 
 async fn delete_ca(state: &AdminState, id: &str) -> Result<bool, Failure> {
     match &state.cluster {
-        Some(cluster) => cluster.delete_ca(id).await,
+        Some(cluster) => cluster.delete_object::<CaRecord>(id).await,
         None => state.cas.delete(id),
     }
 }

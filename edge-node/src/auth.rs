@@ -21,6 +21,16 @@ pub struct AuthtokenRecord {
     pub sha256: String,
     pub acl: Acl,
     pub description: String,
+    /// For a credential of the admin API: its id and owner (a bot user).
+    /// Tokens of the config file have none.
+    pub credential: Option<CredentialRef>,
+}
+
+/// Which API credential a token is, and whose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRef {
+    pub id: String,
+    pub owner_id: Option<String>,
 }
 
 fn sha256_hex(token: &str) -> String {
@@ -42,6 +52,7 @@ impl AuthtokenRecord {
             sha256: sha256_hex(token),
             acl,
             description,
+            credential: None,
         })
     }
 
@@ -54,7 +65,13 @@ impl AuthtokenRecord {
             sha256: hash,
             acl,
             description,
+            credential: None,
         })
+    }
+
+    /// The owner of a credential's token.
+    pub fn owner_id(&self) -> Option<&str> {
+        self.credential.as_ref()?.owner_id.as_deref()
     }
 
     /// Short id for logs.

@@ -11,30 +11,49 @@
 //!   with one, and a credential deleted anywhere closes its sessions
 //!   everywhere.
 //!
+//! - bot users, reserved domains and agent ingresses (`objects`): who owns
+//!   credentials, which names only one owner may bind, and the names agents
+//!   connect to, with certificates from the cluster's agent-ingress CA
+//!   (`pki`);
+//! - the live routing state (`routes`): the endpoints and sessions of every
+//!   node; the other nodes' endpoints are installed in this node's gateway
+//!   and reached over the link between nodes (`crate::node_link`).
+//!
 //! Without `[cluster]` the node keeps its CAs on its own and has no API
 //! credentials.
 
 mod config;
+mod objects;
+mod pki;
+mod routes;
 
 use std::{
-    path::Path,
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context;
-use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind};
-use postern_proto::{ErrorCode, Failure};
-use tokio::sync::broadcast::error::RecvError;
+use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
+use postern_ingress::{EndpointSpec, Protocol};
+use postern_proto::{ErrorCode, Failure, pb};
+use tokio::{net::TcpListener, sync::broadcast::error::RecvError, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     acl::Acl,
-    auth::{AuthtokenRecord, Authtokens},
-    ca_store::{CaRecord, CaStore, StoredCa},
-    session::Registry,
+    auth::{AuthtokenRecord, Authtokens, CredentialRef},
+    ca_store::{CaRecord, CaStore},
+    node_link::NodeLinks,
+    session::{AgentSession, Registry},
 };
 
 pub use config::{ClusterConfig, RawCluster};
+pub use objects::{AgentIngress, BotUser, ReservedDomain, bad, check_text, parse_domain};
+pub use pki::{AgentCerts, IngressCerts};
+use routes::{Announce, RemoteEndpoints};
+pub use routes::{EndpointAd, SessionAd, session_ad};
 
 impl Kind for CaRecord {
     const KIND: &'static str = "ca";
@@ -52,20 +71,44 @@ pub struct Credential {
     #[serde(default)]
     pub metadata: String,
     pub created_at: String,
+    /// The bot user it belongs to, if any.
+    #[serde(default)]
+    pub owner_id: Option<String>,
 }
 
 impl Kind for Credential {
     const KIND: &'static str = "credential";
 }
 
-/// The node's membership and the task that applies the cluster's CAs and
-/// credentials.
+/// What a node joins with.
+pub struct Joining<'a> {
+    pub config: &'a ClusterConfig,
+    pub node_id: &'a str,
+    pub region: &'a str,
+    pub data_dir: PathBuf,
+    pub cas: Arc<CaStore>,
+    pub tokens: Arc<Authtokens>,
+    /// The link between nodes, when `rpc_listen` is set.
+    pub link: Option<TcpListener>,
+    /// Where agents reach this node.
+    pub agent_addr: Option<String>,
+    /// How long a forwarded visitor waits for a stream.
+    pub stream_wait: Duration,
+}
+
+/// The node's membership and the task that applies the cluster's objects
+/// and follows the other nodes' endpoints.
 pub struct ClusterNode {
     cluster: Cluster,
     cas: Arc<CaStore>,
     tokens: Arc<Authtokens>,
+    links: Arc<NodeLinks>,
+    link_listener: Mutex<Option<TcpListener>>,
+    ingress_certs: Arc<IngressCerts>,
+    announce: mpsc::UnboundedSender<Announce>,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    link_server: Mutex<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>>,
 }
 
 fn cluster_failure(e: postern_config_sync::ClusterError) -> Failure {
@@ -76,18 +119,19 @@ impl ClusterNode {
     /// Joins the cluster (the snapshot in `data_dir` gives the config before
     /// gossip catches up) and applies its CAs to `cas` and its credentials
     /// to `tokens`; [`ClusterNode::follow`] keeps them applied.
-    pub async fn start(
-        config: &ClusterConfig,
-        node_id: &str,
-        region: &str,
-        data_dir: &Path,
-        cas: Arc<CaStore>,
-        tokens: Arc<Authtokens>,
-    ) -> anyhow::Result<ClusterNode> {
+    pub async fn start(joining: Joining<'_>) -> anyhow::Result<ClusterNode> {
+        let config = joining.config;
+        let rpc_addr = match &joining.link {
+            Some(listener) => Some(match config.rpc_advertise {
+                Some(addr) => addr,
+                None => listener.local_addr()?,
+            }),
+            None => None,
+        };
         let cluster = Cluster::start(ClusterSettings {
             cluster_id: config.cluster_id.clone(),
-            node_id: node_id.to_string(),
-            region: region.to_string(),
+            node_id: joining.node_id.to_string(),
+            region: joining.region.to_string(),
             key: config.key.clone(),
             transport: GossipTransport::Udp {
                 listen: config.gossip_listen,
@@ -97,106 +141,76 @@ impl ClusterNode {
             gossip_interval: config.gossip_interval,
             phi_threshold: config.phi_threshold,
             tombstone_ttl: config.tombstone_ttl,
-            data_dir: Some(data_dir.to_path_buf()),
-            rpc_addr: None,
+            data_dir: Some(joining.data_dir),
+            rpc_addr,
+            agent_addr: joining.agent_addr,
         })
         .await
         .context("joining the cluster")?;
-        apply_cas(&cluster, &cas);
-        apply_credentials(&cluster, &tokens);
-        Ok(ClusterNode {
+        let links = NodeLinks::new(
+            joining.node_id,
+            &pki::node_ca(&config.cluster_id, &config.key)?,
+            joining.stream_wait,
+        )
+        .context("the link between nodes")?;
+        let ingress_certs = Arc::new(IngressCerts::new(
+            pki::agent_ca(&config.cluster_id, &config.key)?,
+            joining.region,
+        ));
+        let node = ClusterNode {
+            announce: routes::spawn_announcer(cluster.clone()),
             cluster,
-            cas,
-            tokens,
+            cas: joining.cas,
+            tokens: joining.tokens,
+            links: Arc::new(links),
+            link_listener: Mutex::new(joining.link),
+            ingress_certs,
             stop: CancellationToken::new(),
             task: Mutex::new(None),
-        })
+            link_server: Mutex::new(None),
+        };
+        node.apply_all();
+        Ok(node)
+    }
+
+    /// Makes this node's stores hold the cluster's objects.
+    fn apply_all(&self) {
+        apply_cas(&self.cluster, &self.cas);
+        apply_credentials(&self.cluster, &self.tokens);
+        self.apply_ingresses();
+    }
+
+    fn apply_ingresses(&self) {
+        let domains: BTreeSet<String> = self
+            .cluster
+            .list::<AgentIngress>()
+            .into_iter()
+            .map(|(_, ingress)| ingress.domain)
+            .collect();
+        self.ingress_certs.set_domains(domains);
+    }
+
+    /// Certificates for agents connecting through agent ingresses.
+    pub fn ingress_certs(&self) -> Arc<IngressCerts> {
+        self.ingress_certs.clone()
     }
 
     /// Applies every change as it is merged, and closes the sessions of
     /// revoked credentials in `registry`.
-    pub fn follow(&self, registry: Arc<Registry>) {
+    pub fn follow(self: &Arc<Self>, registry: Arc<Registry>) {
         // Subscribed before applying, so a change merged in between is
         // applied here or seen by the task, never lost.
         let changes = self.cluster.subscribe();
-        apply_cas(&self.cluster, &self.cas);
-        apply_credentials(&self.cluster, &self.tokens);
+        self.apply_all();
         registry.revalidate();
-        let task = tokio::spawn(follow(
-            changes,
-            self.cluster.clone(),
-            self.cas.clone(),
-            self.tokens.clone(),
-            registry,
-            self.stop.clone(),
-        ));
+        if let Some(listener) = self.link_listener.lock().expect("link lock").take() {
+            let server = self
+                .links
+                .serve(listener, registry.gateway().clone(), self.stop.clone());
+            *self.link_server.lock().expect("link lock") = Some(server);
+        }
+        let task = tokio::spawn(follow(changes, self.clone(), registry));
         *self.task.lock().expect("task lock") = Some(task);
-    }
-
-    /// Creates a credential: a new authtoken, returned once, whose hash
-    /// every node learns.
-    pub async fn create_credential(
-        &self,
-        acl: Vec<String>,
-        description: String,
-        metadata: String,
-    ) -> Result<(String, String, Credential), Failure> {
-        Acl::parse(&acl)
-            .map_err(|e| Failure::new(ErrorCode::API_BAD_REQUEST, format!("acl: {e:#}")))?;
-        let token = postern_ingress::random_id("pt_");
-        let record = AuthtokenRecord::from_token(&token, Acl::default(), String::new())
-            .map_err(|e| Failure::new(ErrorCode::INTERNAL, format!("a new token: {e:#}")))?;
-        let id = postern_ingress::random_id("cr_");
-        let credential = Credential {
-            token_sha256: record.sha256,
-            acl,
-            description,
-            metadata,
-            created_at: crate::ca_store::now_rfc3339(),
-        };
-        self.cluster
-            .put(&id, &credential)
-            .await
-            .map_err(cluster_failure)?;
-        apply_credentials(&self.cluster, &self.tokens);
-        Ok((id, token, credential))
-    }
-
-    /// Every credential, by id.
-    pub fn credentials(&self) -> Vec<(String, Credential)> {
-        self.cluster.list::<Credential>()
-    }
-
-    /// Revokes a credential cluster-wide; `false` when there is none.
-    pub async fn delete_credential(&self, id: &str) -> Result<bool, Failure> {
-        let deleted = self
-            .cluster
-            .delete::<Credential>(id)
-            .await
-            .map_err(cluster_failure)?;
-        apply_credentials(&self.cluster, &self.tokens);
-        Ok(deleted)
-    }
-
-    /// Publishes a checked upload to the cluster and stores it here.
-    pub async fn put_ca(&self, stored: &StoredCa) -> Result<(), Failure> {
-        self.cluster
-            .put(&stored.id, &stored.record())
-            .await
-            .map_err(cluster_failure)?;
-        apply_cas(&self.cluster, &self.cas);
-        Ok(())
-    }
-
-    /// Deletes a CA cluster-wide; `false` when the cluster has no such CA.
-    pub async fn delete_ca(&self, id: &str) -> Result<bool, Failure> {
-        let deleted = self
-            .cluster
-            .delete::<CaRecord>(id)
-            .await
-            .map_err(cluster_failure)?;
-        apply_cas(&self.cluster, &self.cas);
-        Ok(deleted)
     }
 
     /// Gossip counters: refused (forged, altered, replayed) values, live
@@ -213,7 +227,159 @@ impl ClusterNode {
         if let Some(task) = task {
             let _ = task.await;
         }
+        let server = self.link_server.lock().expect("link lock").take();
+        if let Some(server) = server
+            && tokio::time::timeout(Duration::from_secs(5), server)
+                .await
+                .is_err()
+        {
+            tracing::warn!("the link between nodes did not stop within 5s");
+        }
         self.cluster.shutdown().await;
+    }
+
+    /// Writes an object of the admin API to the cluster and applies it here
+    /// at once (the other nodes apply it as it arrives).
+    pub async fn put_object<T: Kind>(&self, id: &str, value: &T) -> Result<(), Failure> {
+        self.cluster.put(id, value).await.map_err(cluster_failure)?;
+        self.apply_all();
+        Ok(())
+    }
+
+    /// Deletes an object cluster-wide; `false` when there is none.
+    pub async fn delete_object<T: Kind>(&self, id: &str) -> Result<bool, Failure> {
+        let deleted = self
+            .cluster
+            .delete::<T>(id)
+            .await
+            .map_err(cluster_failure)?;
+        self.apply_all();
+        Ok(deleted)
+    }
+
+    /// Every object of a kind, by id.
+    pub fn objects<T: Kind>(&self) -> Vec<(String, T)> {
+        self.cluster.list::<T>()
+    }
+
+    /// One object.
+    pub fn object<T: Kind>(&self, id: &str) -> Option<T> {
+        self.cluster.get::<T>(id)
+    }
+
+    /// Every region a node has announced.
+    pub fn regions(&self) -> BTreeSet<String> {
+        self.cluster.regions()
+    }
+
+    /// Live values of a kind (endpoints, sessions) of every live node.
+    pub fn live<T: Kind>(&self) -> Vec<Local<T>> {
+        self.cluster.locals::<T>()
+    }
+
+    /// Agent addresses of the other live nodes of this node's region.
+    pub fn region_agent_addrs(&self) -> Vec<String> {
+        self.cluster
+            .members()
+            .into_iter()
+            .filter(|m: &Member| !m.is_self && m.region == self.cluster.region())
+            .filter_map(|m| m.agent_addr)
+            .collect()
+    }
+
+    /// Refuses an agent connecting through an agent ingress its token's
+    /// owner may not use.
+    pub fn check_ingress(
+        &self,
+        server_name: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<(), Failure> {
+        let Some(domain) = server_name.and_then(|n| self.ingress_certs.ingress_of(n)) else {
+            return Ok(());
+        };
+        let refused = self
+            .cluster
+            .list::<AgentIngress>()
+            .into_iter()
+            .find(|(_, ingress)| ingress.domain == domain)
+            .and_then(|(id, ingress)| {
+                let allowed = ingress.owner_id.is_none() || ingress.owner_id.as_deref() == owner;
+                (!allowed).then_some((id, ingress))
+            });
+        match refused {
+            Some((id, ingress)) => Err(Failure::new(
+                ErrorCode::AGENT_INGRESS_NOT_PERMITTED,
+                format!(
+                    "agent ingress {id} ({}) belongs to {}; this authtoken belongs to {}",
+                    ingress.domain,
+                    ingress.owner_id.as_deref().unwrap_or("nobody"),
+                    owner.unwrap_or("no bot user"),
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses binding a name reserved for another owner.
+    pub fn check_bind(&self, spec: &EndpointSpec, owner: Option<&str>) -> Result<(), Failure> {
+        let Some(domain) = spec
+            .domain
+            .as_ref()
+            .filter(|_| spec.protocol != Protocol::Tcp)
+        else {
+            return Ok(());
+        };
+        let taken = self
+            .cluster
+            .list::<ReservedDomain>()
+            .into_iter()
+            .find(|(_, r)| r.covers(domain) && r.owner_id.as_deref() != owner);
+        match taken {
+            Some((id, reserved)) => Err(Failure::new(
+                ErrorCode::DOMAIN_RESERVED,
+                format!(
+                    "{domain} falls under {} (reserved domain {id}), reserved for {}",
+                    reserved.domain,
+                    reserved
+                        .owner_id
+                        .as_deref()
+                        .unwrap_or("tokens without an owner"),
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the cluster an agent of this node serves `endpoint`.
+    pub fn publish_endpoint(
+        &self,
+        endpoint: &postern_ingress::Endpoint,
+        session: &AgentSession,
+        req: &pb::BindRequest,
+    ) {
+        let ad = routes::endpoint_ad(&self.cluster, endpoint, session, req);
+        let _ = self
+            .announce
+            .send(Announce::Endpoint(endpoint.id.clone(), Box::new(ad)));
+    }
+
+    pub fn withdraw_endpoint(&self, id: &str) {
+        let _ = self
+            .announce
+            .send(Announce::WithdrawEndpoint(id.to_string()));
+    }
+
+    pub fn publish_session(&self, session: &AgentSession) {
+        let ad = routes::session_ad(session);
+        let _ = self
+            .announce
+            .send(Announce::Session(session.id.clone(), ad));
+    }
+
+    pub fn withdraw_session(&self, id: &str) {
+        let _ = self
+            .announce
+            .send(Announce::WithdrawSession(id.to_string()));
     }
 }
 
@@ -236,9 +402,19 @@ fn apply_cas(cluster: &Cluster, cas: &CaStore) {
 /// Makes the API credentials those of the cluster; a credential whose ACL
 /// does not parse is left out.
 fn apply_credentials(cluster: &Cluster, tokens: &Authtokens) {
+    let active: HashMap<String, bool> = cluster
+        .list::<BotUser>()
+        .into_iter()
+        .map(|(id, bot)| (id, bot.active))
+        .collect();
     let records = cluster
         .list::<Credential>()
         .into_iter()
+        .filter(|(_, c)| {
+            c.owner_id
+                .as_ref()
+                .is_none_or(|owner| active.get(owner).copied().unwrap_or(false))
+        })
         .filter_map(|(id, c)| {
             let acl = Acl::parse(&c.acl)
                 .inspect_err(
@@ -246,11 +422,16 @@ fn apply_credentials(cluster: &Cluster, tokens: &Authtokens) {
                 )
                 .ok()?;
             let description = format!("credential {id}");
-            AuthtokenRecord::from_sha256_hex(&c.token_sha256, acl, description)
+            let mut record = AuthtokenRecord::from_sha256_hex(&c.token_sha256, acl, description)
                 .inspect_err(
                     |e| tracing::warn!(id, error = %e, "a credential from the cluster is refused"),
                 )
-                .ok()
+                .ok()?;
+            record.credential = Some(CredentialRef {
+                id,
+                owner_id: c.owner_id,
+            });
+            Some(record)
         })
         .collect();
     tokens.set_credentials(records);
@@ -258,28 +439,51 @@ fn apply_credentials(cluster: &Cluster, tokens: &Authtokens) {
 
 async fn follow(
     mut changes: tokio::sync::broadcast::Receiver<Change>,
-    cluster: Cluster,
-    cas: Arc<CaStore>,
-    tokens: Arc<Authtokens>,
+    node: Arc<ClusterNode>,
     registry: Arc<Registry>,
-    stop: CancellationToken,
 ) {
+    let mut remote = RemoteEndpoints::default();
+    remote
+        .reconcile(&node.cluster, &registry, &node.links)
+        .await;
     loop {
         let change = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = node.stop.cancelled() => break,
             change = changes.recv() => change,
         };
         match change {
-            Ok(Change::Config(kind)) if kind == CaRecord::KIND => apply_cas(&cluster, &cas),
-            Ok(Change::Config(kind)) if kind == Credential::KIND => {
-                apply_credentials(&cluster, &tokens);
+            Ok(Change::Config(kind)) if kind == CaRecord::KIND => {
+                apply_cas(&node.cluster, &node.cas)
+            }
+            Ok(Change::Config(kind)) if kind == Credential::KIND || kind == BotUser::KIND => {
+                apply_credentials(&node.cluster, &node.tokens);
                 registry.revalidate();
+            }
+            Ok(Change::Config(kind)) if kind == AgentIngress::KIND => node.apply_ingresses(),
+            Ok(Change::Local(kind)) if kind == EndpointAd::KIND => {
+                remote
+                    .reconcile(&node.cluster, &registry, &node.links)
+                    .await;
+            }
+            Ok(Change::Members) => {
+                let live: BTreeSet<String> = node
+                    .cluster
+                    .members()
+                    .into_iter()
+                    .map(|m| m.node_id)
+                    .collect();
+                node.links.retain(&live);
+                remote
+                    .reconcile(&node.cluster, &registry, &node.links)
+                    .await;
             }
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => {
-                apply_cas(&cluster, &cas);
-                apply_credentials(&cluster, &tokens);
+                node.apply_all();
                 registry.revalidate();
+                remote
+                    .reconcile(&node.cluster, &registry, &node.links)
+                    .await;
             }
             Err(RecvError::Closed) => break,
         }

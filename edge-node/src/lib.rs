@@ -12,6 +12,7 @@ mod cluster;
 mod config;
 mod dev;
 mod http_server;
+mod node_link;
 mod oauth;
 mod service;
 mod session;
@@ -21,7 +22,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use postern_ingress::{
-    CertStore, DevCa, Gateway, GatewayConfig, Outcomes, certified_key_from_pem, single_cert_config,
+    CertStore, DevCa, Gateway, GatewayConfig, Outcomes, build_server_config, certified_key_from_pem,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,8 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics: Option<TcpListener>,
+    /// The link between nodes (`[cluster] rpc_listen`).
+    pub node_link: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -62,6 +65,10 @@ impl Listeners {
             },
             metrics: match config.listen.metrics {
                 Some(addr) => Some(bind(addr, "metrics").await?),
+                None => None,
+            },
+            node_link: match config.cluster.as_ref().and_then(|c| c.rpc_listen) {
+                Some(addr) => Some(bind(addr, "cluster.rpc_listen").await?),
                 None => None,
             },
         })
@@ -112,16 +119,22 @@ impl Edge {
             .context("opening the certificate-authority store")?,
         );
         let tokens = Arc::new(Authtokens::new(config.authtokens.clone()));
+        let agent_addr = listeners.agent.local_addr()?;
         let cluster = match &config.cluster {
             Some(c) => Some(Arc::new(
-                cluster::ClusterNode::start(
-                    c,
-                    &config.node_id,
-                    &config.region,
-                    &config.data_dir,
-                    cas.clone(),
-                    tokens.clone(),
-                )
+                cluster::ClusterNode::start(cluster::Joining {
+                    config: c,
+                    node_id: &config.node_id,
+                    region: &config.region,
+                    data_dir: config.data_dir.clone(),
+                    cas: cas.clone(),
+                    tokens: tokens.clone(),
+                    link: listeners.node_link,
+                    agent_addr: c.agent_advertise.clone().or_else(|| {
+                        (!agent_addr.ip().is_unspecified()).then(|| agent_addr.to_string())
+                    }),
+                    stream_wait: config.session.stream_wait,
+                })
                 .await?,
             )),
             None => None,
@@ -148,7 +161,11 @@ impl Edge {
                 certified_key_from_pem("dev agent certificate", cert.as_bytes(), key.as_bytes())?
             }
         };
-        let agent_tls = single_cert_config(Arc::new(agent_key), &[b"h2"]);
+        let agent_certs = cluster::AgentCerts {
+            default: Arc::new(agent_key),
+            ingresses: cluster.as_ref().map(|c| c.ingress_certs()),
+        };
+        let agent_tls = build_server_config(Arc::new(agent_certs), None, &[b"h2"]);
 
         let addresses = Addresses {
             agent: listeners.agent.local_addr()?,
@@ -223,6 +240,7 @@ impl Edge {
             },
         );
         if let Some(cluster) = &cluster {
+            registry.attach_cluster(cluster.clone());
             cluster.follow(registry.clone());
         }
         let admin = listeners.admin.map(|listener| {
@@ -231,11 +249,12 @@ impl Edge {
                 cas: cas.clone(),
                 oauth: oauth.clone(),
                 cluster: cluster.clone(),
+                registry: registry.clone(),
             };
             http_server::serve("admin", listener, Arc::new(state), admin::handle)
         });
         let stop_grpc = CancellationToken::new();
-        let incoming = service::agent_incoming(listeners.agent, agent_tls, stop_grpc.clone());
+        let incoming = service::tls_incoming(listeners.agent, agent_tls, stop_grpc.clone());
         let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(
             registry.clone(),
         ));

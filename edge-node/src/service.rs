@@ -49,7 +49,7 @@ impl pb::tunnel_server::Tunnel for TunnelService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        let peer = request.extensions().get::<AgentPeer>().cloned();
+        let peer = request.extensions().get::<PeerInfo>().cloned();
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage {
@@ -68,8 +68,8 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             }
         };
         let (tx, rx) = mpsc::channel(64);
-        let cut = peer.as_ref().map(|p| p.cut.clone());
-        match self.registry.open_session(hello, tx.clone(), cut) {
+        let addr = peer.as_ref().map(|p| p.addr);
+        match self.registry.open_session(hello, tx.clone(), peer) {
             Ok(session) => {
                 let out = ControlOut::new(rx, Some(session.cancelled()));
                 self.registry.spawn_session(session, inbound);
@@ -77,7 +77,7 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             }
             Err(failure) => {
                 self.registry.counters().session_refused(&failure);
-                tracing::info!(peer = ?peer.map(|p| p.addr), error = %failure, "agent session refused");
+                tracing::info!(peer = ?addr, error = %failure, "agent session refused");
                 let error = pb::EdgeMessage {
                     msg: Some(pb::edge_message::Msg::Error(failure.to_pb())),
                 };
@@ -116,28 +116,36 @@ impl pb::tunnel_server::Tunnel for TunnelService {
     }
 }
 
-/// The agent's connection as a request extension: its address, and the
-/// switch that cuts it (a closed session takes its data streams with it).
+/// The peer's connection as a request extension: its address, the name it
+/// asked for in TLS (for an agent: which agent ingress), and the switch
+/// that cuts it (a closed session takes its data streams with it).
 #[derive(Clone, Debug)]
-pub struct AgentPeer {
+pub struct PeerInfo {
     pub addr: SocketAddr,
+    pub server_name: Option<String>,
     pub cut: CancellationToken,
 }
 
-/// An accepted agent connection that can be cut from the session side.
-pub struct AgentConn {
+/// An accepted TLS connection (an agent's, or another node's) that can be
+/// cut from the session side.
+pub struct TlsConn {
     tls: TlsStream<TcpStream>,
-    peer: AgentPeer,
+    peer: PeerInfo,
     cut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
-impl AgentConn {
-    fn new(tls: TlsStream<TcpStream>, addr: SocketAddr) -> AgentConn {
+impl TlsConn {
+    fn new(tls: TlsStream<TcpStream>, addr: SocketAddr) -> TlsConn {
         let cut = CancellationToken::new();
-        AgentConn {
+        let server_name = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+        TlsConn {
             tls,
             cut: Box::pin(cut.clone().cancelled_owned()),
-            peer: AgentPeer { addr, cut },
+            peer: PeerInfo {
+                addr,
+                server_name,
+                cut,
+            },
         }
     }
 
@@ -152,15 +160,15 @@ impl AgentConn {
     }
 }
 
-impl Connected for AgentConn {
-    type ConnectInfo = AgentPeer;
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
 
-    fn connect_info(&self) -> AgentPeer {
+    fn connect_info(&self) -> PeerInfo {
         self.peer.clone()
     }
 }
 
-impl AsyncRead for AgentConn {
+impl AsyncRead for TlsConn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -171,7 +179,7 @@ impl AsyncRead for AgentConn {
     }
 }
 
-impl AsyncWrite for AgentConn {
+impl AsyncWrite for TlsConn {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -202,13 +210,13 @@ impl AsyncWrite for AgentConn {
     }
 }
 
-/// Accepts agent connections and completes their TLS handshakes off the
-/// accept loop; yields the finished ones.
-pub fn agent_incoming(
+/// Accepts connections (of agents, or of other nodes) and completes their
+/// TLS handshakes off the accept loop; yields the finished ones.
+pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     stop: CancellationToken,
-) -> impl Stream<Item = Result<AgentConn, io::Error>> {
+) -> impl Stream<Item = Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -220,7 +228,7 @@ pub fn agent_incoming(
             let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "agent accept failed");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -231,10 +239,10 @@ pub fn agent_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(AgentConn::new(tls, peer))).await;
+                        let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;
                     }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "agent TLS handshake failed"),
-                    Err(_) => tracing::info!(%peer, "agent TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                 }
             });
         }

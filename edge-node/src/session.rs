@@ -3,19 +3,20 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
-    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, MAX_CAS, MtlsPolicy,
-    Protocol, StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
+    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, Location, MAX_CAS,
+    MtlsPolicy, Protocol, StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
@@ -24,9 +25,11 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
-    auth::Authtokens,
+    auth::{Authtokens, CredentialRef},
     ca_store::CaStore,
+    cluster::ClusterNode,
     config::{EndpointPolicy, Limits, SessionSettings},
+    service::PeerInfo,
 };
 
 type ControlTx = mpsc::Sender<Result<pb::EdgeMessage, Status>>;
@@ -53,6 +56,8 @@ pub struct Registry {
     gateway: Gateway,
     tokens: Arc<Authtokens>,
     settings: RegistrySettings,
+    /// The cluster, told of endpoints and sessions, asked about binds.
+    cluster: OnceLock<Arc<ClusterNode>>,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
     tracker: TaskTracker,
     draining: AtomicBool,
@@ -109,6 +114,13 @@ pub struct AgentSession {
     instance_id: String,
     stream_token: String,
     acl: crate::acl::Acl,
+    /// The API credential the token is, with its owner.
+    pub credential: Option<CredentialRef>,
+    pub agent_version: String,
+    pub os: String,
+    pub started_at: SystemTime,
+    /// The agent's address.
+    pub peer: Option<SocketAddr>,
     control: ControlTx,
     pool: Arc<Mutex<StreamPool>>,
     endpoints: Mutex<Vec<String>>,
@@ -138,6 +150,7 @@ impl Registry {
             gateway,
             tokens,
             settings,
+            cluster: OnceLock::new(),
             sessions: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
@@ -147,6 +160,33 @@ impl Registry {
 
     pub fn counters(&self) -> &SessionCounters {
         &self.counters
+    }
+
+    /// Makes this node's endpoints and sessions known to the cluster.
+    pub fn attach_cluster(&self, cluster: Arc<ClusterNode>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// This node, as endpoints name the node serving them.
+    pub fn location(&self) -> Location {
+        Location {
+            node_id: self.settings.node_id.clone(),
+            region: self.settings.region.clone(),
+        }
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Every session of this node.
+    pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn session(&self, id: &str) -> Option<Arc<AgentSession>> {
@@ -167,7 +207,7 @@ impl Registry {
         &self,
         hello: pb::Hello,
         control: ControlTx,
-        cut_connection: Option<CancellationToken>,
+        peer: Option<PeerInfo>,
     ) -> Result<Arc<AgentSession>, Failure> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Failure::new(
@@ -178,6 +218,10 @@ impl Registry {
         let version = negotiate(hello.min_protocol_version, hello.protocol_version)
             .map_err(|m| Failure::new(ErrorCode::PROTOCOL_VERSION, m))?;
         let record = self.tokens.authenticate(&hello.authtoken)?;
+        if let Some(cluster) = self.cluster.get() {
+            let ingress = peer.as_ref().and_then(|p| p.server_name.as_deref());
+            cluster.check_ingress(ingress, record.owner_id())?;
+        }
         let mut sessions = self.sessions.lock().expect("sessions lock");
         let superseded: Vec<Arc<AgentSession>> = sessions
             .values()
@@ -211,6 +255,11 @@ impl Registry {
             instance_id: hello.instance_id.clone(),
             stream_token: postern_ingress::random_id(""),
             acl: record.acl.clone(),
+            credential: record.credential.clone(),
+            agent_version: hello.agent_version.clone(),
+            os: hello.os.clone(),
+            started_at: SystemTime::now(),
+            peer: peer.as_ref().map(|p| p.addr),
             control: control.clone(),
             pool: Arc::new(Mutex::new(StreamPool {
                 parked: VecDeque::new(),
@@ -222,7 +271,7 @@ impl Registry {
             cancel: CancellationToken::new(),
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
-            cut_connection,
+            cut_connection: peer.map(|p| p.cut),
             streams: Arc::new(tokio::sync::Semaphore::new(
                 self.settings.limits.streams_per_session,
             )),
@@ -230,6 +279,9 @@ impl Registry {
         sessions.insert(session.id.clone(), session.clone());
         drop(sessions);
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
+        if let Some(cluster) = self.cluster.get() {
+            cluster.publish_session(&session);
+        }
         for old in superseded {
             self.counters.superseded.fetch_add(1, Ordering::Relaxed);
             tracing::info!(old = %old.id, new = %session.id, "agent reconnected; the old session is superseded");
@@ -249,6 +301,11 @@ impl Registry {
             node_id: self.settings.node_id.clone(),
             heartbeat_interval_ms: self.settings.session.heartbeat_interval.as_millis() as u32,
             heartbeat_tolerance_ms: self.settings.session.heartbeat_tolerance.as_millis() as u32,
+            alternate_addrs: self
+                .cluster
+                .get()
+                .map(|c| c.region_agent_addrs())
+                .unwrap_or_default(),
         };
         // The channel is new and empty: this cannot fail for lack of room.
         let _ = control.try_send(edge_message(pb::edge_message::Msg::Welcome(welcome)));
@@ -401,77 +458,39 @@ impl Registry {
                 format!("this session already has {limit} endpoints"),
             ));
         }
-        let protocol = match pb::Protocol::try_from(req.protocol) {
-            Ok(pb::Protocol::Http) => Protocol::Http,
-            Ok(pb::Protocol::Tls) => Protocol::Tls,
-            Ok(pb::Protocol::Tcp) => Protocol::Tcp,
-            _ => {
-                return Err(Failure::new(
-                    ErrorCode::INVALID_BIND,
-                    "protocol must be http, tls or tcp",
-                ));
-            }
-        };
-        let mut spec = EndpointSpec {
-            name: req.name.clone(),
-            protocol,
-            domain: None,
-            remote_port: 0,
-            terminate_at: TerminateAt::Upstream,
-            certificate: None,
-            proxy_proto: req.proxy_proto != 0,
-            mutual_tls: None,
-            oauth: None,
-            ip_policy: match &req.ip_restriction {
-                Some(r) if !(r.allow_cidrs.is_empty() && r.deny_cidrs.is_empty()) => Some(
-                    Arc::new(IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs).map_err(|e| {
-                        Failure::new(ErrorCode::INVALID_BIND, format!("ip_restriction.{e}"))
-                    })?),
-                ),
-                _ => None,
-            },
-        };
-        if protocol == Protocol::Tcp {
-            let port = u16::try_from(req.remote_port).map_err(|_| {
-                Failure::new(
-                    ErrorCode::INVALID_BIND,
-                    format!("{} is not a port", req.remote_port),
-                )
-            })?;
-            if !session.acl.allows_port(port) {
+        let mut spec = base_spec(&req)?;
+        if spec.protocol == Protocol::Tcp {
+            if !session.acl.allows_port(spec.remote_port) {
                 return Err(Failure::new(
                     ErrorCode::ACL_DENIES_ADDRESS,
-                    match port {
+                    match spec.remote_port {
                         0 => "the authtoken's ACL allows only certain ports; ask for one with --remote-addr".to_string(),
                         p => format!("the authtoken's ACL does not permit binding port {p}"),
                     },
                 ));
             }
-            spec.remote_port = port;
         } else {
-            if !req.domain.is_empty() {
-                let domain = DomainPattern::parse(&req.domain).map_err(|e| {
-                    Failure::new(ErrorCode::INVALID_DOMAIN, format!("{:?}: {e}", req.domain))
-                })?;
-                if !session.acl.allows_name(&domain) {
+            match &spec.domain {
+                Some(domain) if !session.acl.allows_name(domain) => {
                     return Err(Failure::new(
                         ErrorCode::ACL_DENIES_NAME,
                         format!("the authtoken's ACL does not permit binding {domain}"),
                     ));
                 }
-                spec.domain = Some(domain);
-            } else if !session.acl.is_unrestricted() {
-                return Err(Failure::new(
-                    ErrorCode::ACL_DENIES_NAME,
-                    "the authtoken's ACL allows only certain names; give one with --domain",
-                ));
-            }
-            if protocol == Protocol::Tls {
-                self.tls_options(&mut spec, &req)?;
+                None if !session.acl.is_unrestricted() => {
+                    return Err(Failure::new(
+                        ErrorCode::ACL_DENIES_NAME,
+                        "the authtoken's ACL allows only certain names; give one with --domain",
+                    ));
+                }
+                _ => {}
             }
         }
-        spec.mutual_tls = self.mutual_tls(&spec, &req)?;
-        spec.oauth = crate::oauth::bind(&self.settings.oauth, &spec, &req).await?;
+        let cluster = self.cluster.get();
+        if let Some(cluster) = cluster {
+            cluster.check_bind(&spec, session.owner_id())?;
+        }
+        self.finish_spec(&mut spec, &req).await?;
         let endpoint = self.gateway.add(spec, session.clone())?;
         session
             .endpoints
@@ -479,7 +498,36 @@ impl Registry {
             .expect("endpoints lock")
             .push(endpoint.id.clone());
         tracing::info!(session.id = %session.id, endpoint = %endpoint.id, url = %endpoint.public_url, "endpoint bound");
+        if let Some(cluster) = cluster {
+            cluster.publish_endpoint(&endpoint, session, &req);
+        }
         Ok((endpoint.id.clone(), endpoint.public_url.clone()))
+    }
+
+    /// The settings of an endpoint another node's agent serves, from its
+    /// bind request as that node announced it.
+    pub async fn remote_spec(&self, req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
+        let mut spec = base_spec(req)?;
+        self.finish_spec(&mut spec, req).await?;
+        Ok(spec)
+    }
+
+    /// What the gateway needs beyond the name or port: TLS termination,
+    /// client certificates, OAuth, and the pool key of a pooling endpoint.
+    /// The same for an endpoint of this node's agents and for one served
+    /// through another node.
+    pub async fn finish_spec(
+        &self,
+        spec: &mut EndpointSpec,
+        req: &pb::BindRequest,
+    ) -> Result<(), Failure> {
+        if spec.protocol == Protocol::Tls {
+            self.tls_options(spec, req)?;
+        }
+        spec.mutual_tls = self.mutual_tls(spec, req)?;
+        spec.oauth = crate::oauth::bind(&self.settings.oauth, spec, req).await?;
+        spec.pool_key = req.pooling_enabled.then(|| pool_key(req));
+        Ok(())
     }
 
     /// The client-certificate policy: the agent's PEM bundle and CA ids,
@@ -582,6 +630,9 @@ impl Registry {
         };
         endpoints.remove(i);
         self.gateway.remove(endpoint_id);
+        if let Some(cluster) = self.cluster.get() {
+            cluster.withdraw_endpoint(endpoint_id);
+        }
         tracing::info!(session.id = %session.id, endpoint = endpoint_id, "endpoint unbound");
         Ok(())
     }
@@ -630,8 +681,12 @@ impl Registry {
                 *end = Some(reason);
             }
         }
+        let cluster = self.cluster.get();
         for endpoint_id in session.endpoints.lock().expect("endpoints lock").drain(..) {
             self.gateway.remove(&endpoint_id);
+            if let Some(cluster) = cluster {
+                cluster.withdraw_endpoint(&endpoint_id);
+            }
         }
         {
             let mut pool = session.pool.lock().expect("pool lock");
@@ -641,6 +696,9 @@ impl Registry {
         }
         if !session.cancel.is_cancelled() {
             session.cancel.cancel();
+            if let Some(cluster) = cluster {
+                cluster.withdraw_session(&session.id);
+            }
             tracing::info!(session.id = %session.id, "agent session closed");
             if let Some(cut) = session.cut_connection.clone() {
                 // Let the goodbye message go out first.
@@ -686,7 +744,78 @@ impl Registry {
     }
 }
 
+/// The name or port, protocol and IP policy a bind asks for, checked for
+/// form only.
+pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
+    let protocol = match pb::Protocol::try_from(req.protocol) {
+        Ok(pb::Protocol::Http) => Protocol::Http,
+        Ok(pb::Protocol::Tls) => Protocol::Tls,
+        Ok(pb::Protocol::Tcp) => Protocol::Tcp,
+        _ => {
+            return Err(Failure::new(
+                ErrorCode::INVALID_BIND,
+                "protocol must be http, tls or tcp",
+            ));
+        }
+    };
+    let mut spec = EndpointSpec {
+        id: None,
+        name: req.name.clone(),
+        protocol,
+        domain: None,
+        remote_port: 0,
+        terminate_at: TerminateAt::Upstream,
+        certificate: None,
+        proxy_proto: req.proxy_proto != 0,
+        mutual_tls: None,
+        oauth: None,
+        ip_policy: match &req.ip_restriction {
+            Some(r) if !(r.allow_cidrs.is_empty() && r.deny_cidrs.is_empty()) => Some(Arc::new(
+                IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs).map_err(|e| {
+                    Failure::new(ErrorCode::INVALID_BIND, format!("ip_restriction.{e}"))
+                })?,
+            )),
+            _ => None,
+        },
+        pool_key: None,
+        remote: None,
+    };
+    if protocol == Protocol::Tcp {
+        spec.remote_port = u16::try_from(req.remote_port).map_err(|_| {
+            Failure::new(
+                ErrorCode::INVALID_BIND,
+                format!("{} is not a port", req.remote_port),
+            )
+        })?;
+    } else if !req.domain.is_empty() {
+        spec.domain = Some(DomainPattern::parse(&req.domain).map_err(|e| {
+            Failure::new(ErrorCode::INVALID_DOMAIN, format!("{:?}: {e}", req.domain))
+        })?);
+    }
+    Ok(spec)
+}
+
+/// What endpoints of one pool must share, as a digest: everything a bind
+/// sets but its request id, tunnel name, upstream, name and port.
+fn pool_key(req: &pb::BindRequest) -> String {
+    use prost::Message;
+    let mut settings = req.clone();
+    settings.request_id = 0;
+    settings.name.clear();
+    settings.forwards_to.clear();
+    settings.domain.clear();
+    settings.remote_port = 0;
+    settings.mutual_tls_ca_ids.sort();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &settings.encode_to_vec());
+    hex::encode(&digest.as_ref()[..16])
+}
+
 impl AgentSession {
+    /// The owner of the session's credential, if any.
+    pub fn owner_id(&self) -> Option<&str> {
+        self.credential.as_ref()?.owner_id.as_deref()
+    }
+
     pub fn stream_token_matches(&self, presented: &str) -> bool {
         let (a, b) = (self.stream_token.as_bytes(), presented.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

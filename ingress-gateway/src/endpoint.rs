@@ -34,7 +34,7 @@ pub enum TerminateAt {
 }
 
 /// What kind of endpoint, with what the gateway needs to serve it.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointKind {
     Http,
     Tls { terminate_at: TerminateAt },
@@ -51,7 +51,15 @@ impl EndpointKind {
     }
 }
 
-/// A bound endpoint.
+/// Another node of the cluster, where the agent serving an endpoint is
+/// connected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub node_id: String,
+    pub region: String,
+}
+
+/// A bound endpoint: one agent's, served here or through another node.
 pub struct Endpoint {
     pub id: String,
     /// The tunnel's name in the agent config.
@@ -59,7 +67,14 @@ pub struct Endpoint {
     pub kind: EndpointKind,
     pub public_url: String,
     pub source: Arc<dyn StreamSource>,
+    /// `None`: an agent of this node. Otherwise the node whose agent serves
+    /// it, reached over the link between nodes.
+    pub remote: Option<Location>,
 }
+
+/// The endpoint that served a request, in the response's extensions.
+#[derive(Clone)]
+pub struct ServedBy(pub Arc<Endpoint>);
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,6 +82,7 @@ impl std::fmt::Debug for Endpoint {
             .field("id", &self.id)
             .field("url", &self.public_url)
             .field("session", &self.source.session_id())
+            .field("remote", &self.remote)
             .finish()
     }
 }

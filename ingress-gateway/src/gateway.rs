@@ -35,13 +35,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    endpoint::{Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame},
+    endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool},
     ip::{IpPolicy, TrustedProxies},
     metrics::Metrics,
     mtls::{ClientIdentity, MtlsPolicy, RequestClientCert, RequireClientCert},
     oauth::{Gate, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
+    route::{Member, Pool, Route},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
     tls::{CertStore, FixedNameResolver, StoreResolver, build_server_config, server_config},
@@ -118,6 +119,9 @@ impl Default for GatewayConfig {
 
 /// What an agent asks to bind, after the edge has checked it is allowed.
 pub struct EndpointSpec {
+    /// The endpoint's id; `None` makes a new one. An endpoint served
+    /// through another node keeps the id it has there.
+    pub id: Option<String>,
     pub name: String,
     pub protocol: Protocol,
     /// HTTP/TLS: the domain; `None` picks a random name.
@@ -135,6 +139,12 @@ pub struct EndpointSpec {
     pub ip_policy: Option<Arc<IpPolicy>>,
     /// Log visitors in with OAuth/OIDC (HTTP endpoints).
     pub oauth: Option<Arc<OAuthEndpoint>>,
+    /// Pooling (ngrok's `pooling_enabled`): endpoints with the same key
+    /// share a name or port and its traffic. The key stands for the
+    /// settings above, which all endpoints of a pool must share.
+    pub pool_key: Option<String>,
+    /// The node whose agent serves it, when not this one.
+    pub remote: Option<Location>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,18 +206,6 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A routed endpoint with what serving it needs.
-struct Route {
-    endpoint: Arc<Endpoint>,
-    /// HTTP endpoints without PROXY headers share one upstream pool.
-    shared_pool: Option<UpstreamPool>,
-    /// How TLS ends at the edge (HTTP, and TLS endpoints terminated here).
-    termination: Option<Arc<ServerConfig>>,
-    mtls: Option<Arc<MtlsPolicy>>,
-    ip_policy: Option<Arc<IpPolicy>>,
-    oauth: Option<Arc<OAuthEndpoint>>,
-}
-
 /// Where an endpoint is bound, by id.
 struct Binding {
     endpoint: Arc<Endpoint>,
@@ -216,7 +214,40 @@ struct Binding {
 
 enum Place {
     Domain(DomainPattern),
-    Port(CancellationToken),
+    Port(u16),
+}
+
+/// A TCP endpoint's port: its route and the switch of its listener.
+struct TcpRoute {
+    route: Arc<Route>,
+    stop: CancellationToken,
+}
+
+/// Whether an endpoint may join the pool already serving its name or port:
+/// both pool, with the same settings.
+fn joinable(
+    route: &Route,
+    spec: &EndpointSpec,
+    kind: &EndpointKind,
+    place: &str,
+) -> Result<(), Failure> {
+    match (&route.pool_key, &spec.pool_key) {
+        (Some(theirs), Some(ours)) if theirs == ours && route.kind == *kind => Ok(()),
+        (Some(_), Some(_)) => Err(Failure::new(
+            ErrorCode::ENDPOINT_ALREADY_BOUND,
+            format!(
+                "{place} is already bound by a pool of endpoints with other settings; \
+                 every endpoint of a pool needs the same protocol and settings"
+            ),
+        )),
+        _ => Err(Failure::new(
+            ErrorCode::ENDPOINT_ALREADY_BOUND,
+            format!(
+                "{place} is already bound by another agent session; to share it, \
+                 start every endpoint on it with pooling enabled"
+            ),
+        )),
+    }
 }
 
 struct Inner {
@@ -229,6 +260,7 @@ struct Inner {
     /// certificate asked for (mTLS is then decided per request).
     no_sni_tls: Option<Arc<ServerConfig>>,
     routes: RwLock<Router<Arc<Route>>>,
+    tcp_routes: Mutex<HashMap<u16, TcpRoute>>,
     bindings: Mutex<HashMap<String, Binding>>,
     http: auto::Builder<TokioExecutor>,
     graceful: Mutex<Option<GracefulShutdown>>,
@@ -284,6 +316,7 @@ impl Gateway {
                 config,
                 outcomes,
                 routes: RwLock::new(Router::default()),
+                tcp_routes: Mutex::new(HashMap::new()),
                 bindings: Mutex::new(HashMap::new()),
                 http,
                 graceful: Mutex::new(Some(GracefulShutdown::new())),
@@ -352,13 +385,15 @@ impl Gateway {
         );
     }
 
-    /// Adds an endpoint served by `source`.
+    /// Adds an endpoint served by `source`: a new route, or a new member
+    /// of the pool of endpoints already serving its name or port when both
+    /// pool with the same settings.
     pub fn add(
         &self,
         spec: EndpointSpec,
         source: Arc<dyn StreamSource>,
     ) -> Result<Arc<Endpoint>, Failure> {
-        let id = crate::random_id("ep_");
+        let id = spec.id.clone().unwrap_or_else(|| crate::random_id("ep_"));
         match spec.protocol {
             Protocol::Tcp => self.add_tcp(id, spec, source),
             Protocol::Http | Protocol::Tls => self.add_named(id, spec, source),
@@ -372,7 +407,7 @@ impl Gateway {
         source: Arc<dyn StreamSource>,
     ) -> Result<Arc<Endpoint>, Failure> {
         let config = &self.inner.config;
-        let domain = match spec.domain {
+        let domain = match spec.domain.clone() {
             Some(domain) => domain,
             None => {
                 let base = config.random_domain_base.as_ref().ok_or_else(|| {
@@ -394,43 +429,39 @@ impl Gateway {
                 terminate_at: spec.terminate_at,
             },
         };
-        let termination = self.termination(&kind, spec.certificate, spec.mutual_tls.clone());
         let endpoint = Arc::new(Endpoint {
             public_url: format!("{}://{domain}{port}", kind.scheme()),
             id: id.clone(),
-            name: spec.name,
+            name: spec.name.clone(),
             kind,
             source,
+            remote: spec.remote.clone(),
         });
+        let mut routes = self.inner.routes.write().expect("routes lock");
+        let route = match routes.get(&domain) {
+            Some(route) => {
+                joinable(route, &spec, &endpoint.kind, &domain.to_string())?;
+                route.clone()
+            }
+            None => {
+                let route = self.new_route(&endpoint.kind, &spec);
+                // A fresh pattern: inserting cannot collide.
+                let _ = routes.insert(&domain, route.clone());
+                route
+            }
+        };
         let shared_pool = (spec.protocol == Protocol::Http && !spec.proxy_proto).then(|| {
             let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
             UpstreamPool::new(
-                id.clone(),
-                endpoint.source.clone(),
+                endpoint.clone(),
+                Arc::downgrade(&route.pool),
                 unspecified,
                 unspecified,
                 domain.to_string(),
             )
         });
-        let route = Arc::new(Route {
-            endpoint: endpoint.clone(),
-            shared_pool,
-            termination,
-            mtls: spec.mutual_tls,
-            ip_policy: spec.ip_policy,
-            oauth: spec.oauth,
-        });
-        self.inner
-            .routes
-            .write()
-            .expect("routes lock")
-            .insert(&domain, route)
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::ENDPOINT_ALREADY_BOUND,
-                    format!("{domain} is already bound by another agent session"),
-                )
-            })?;
+        route.pool.add(Member::new(endpoint.clone(), shared_pool));
+        drop(routes);
         self.inner.bindings.lock().expect("bindings lock").insert(
             id,
             Binding {
@@ -439,6 +470,19 @@ impl Gateway {
             },
         );
         Ok(endpoint)
+    }
+
+    /// A route with the settings of its first endpoint and no member yet.
+    fn new_route(&self, kind: &EndpointKind, spec: &EndpointSpec) -> Arc<Route> {
+        Arc::new(Route {
+            kind: kind.clone(),
+            pool_key: spec.pool_key.clone(),
+            termination: self.termination(kind, spec.certificate.clone(), spec.mutual_tls.clone()),
+            mtls: spec.mutual_tls.clone(),
+            ip_policy: spec.ip_policy.clone(),
+            oauth: spec.oauth.clone(),
+            pool: Pool::new(self.inner.outcomes.region.as_str().into()),
+        })
     }
 
     /// The server config that terminates TLS for an endpoint, if the edge
@@ -476,47 +520,86 @@ impl Gateway {
         source: Arc<dyn StreamSource>,
     ) -> Result<Arc<Endpoint>, Failure> {
         let config = &self.inner.config;
-        let listener = bind_tcp_port(config, spec.remote_port)?;
-        let port = listener
-            .local_addr()
-            .map(|a| a.port())
-            .unwrap_or(spec.remote_port);
+        let mut tcp_routes = self.inner.tcp_routes.lock().expect("tcp routes lock");
+        let joined = match tcp_routes.get(&spec.remote_port) {
+            Some(existing) if spec.remote_port != 0 => {
+                let kind = EndpointKind::Tcp {
+                    port: spec.remote_port,
+                };
+                let address = format!("port {}", spec.remote_port);
+                joinable(&existing.route, &spec, &kind, &address)?;
+                Some(existing.route.clone())
+            }
+            _ => None,
+        };
+        let (route, port) = match joined {
+            Some(route) => (route, spec.remote_port),
+            None => {
+                let listener = bind_tcp_port(config, spec.remote_port)?;
+                let port = listener
+                    .local_addr()
+                    .map(|a| a.port())
+                    .unwrap_or(spec.remote_port);
+                let route = self.new_route(&EndpointKind::Tcp { port }, &spec);
+                let stop = self.inner.stop_accepting.child_token();
+                tcp_routes.insert(
+                    port,
+                    TcpRoute {
+                        route: route.clone(),
+                        stop: stop.clone(),
+                    },
+                );
+                self.serve_tcp(listener, route.clone(), stop);
+                (route, port)
+            }
+        };
         let endpoint = Arc::new(Endpoint {
             id: id.clone(),
             name: spec.name,
             kind: EndpointKind::Tcp { port },
             public_url: format!("tcp://{}:{port}", config.tcp_public_host),
             source,
+            remote: spec.remote,
         });
-        let token = self.inner.stop_accepting.child_token();
+        route.pool.add(Member::new(endpoint.clone(), None));
+        drop(tcp_routes);
         self.inner.bindings.lock().expect("bindings lock").insert(
             id,
             Binding {
                 endpoint: endpoint.clone(),
-                place: Place::Port(token.clone()),
+                place: Place::Port(port),
             },
         );
-        let served = endpoint.clone();
-        let policy = spec.ip_policy.clone();
+        Ok(endpoint)
+    }
+
+    /// Accepts visitors of a TCP endpoint until `stop`.
+    fn serve_tcp(&self, listener: TcpListener, route: Arc<Route>, stop: CancellationToken) {
         spawn_accept_loop(
             &self.inner,
             listener,
-            token,
+            stop,
             Shed::Close,
             move |inner, accepted| {
-                let endpoint = served.clone();
-                let policy = policy.clone();
+                let route = route.clone();
                 async move {
                     let accepted = accepted;
                     bump(&inner.stats.tcp_connections);
-                    let record = ConnRecord {
+                    let Some(first) = route.pool.pick(&[]) else {
+                        return;
+                    };
+                    let mut record = ConnRecord {
                         client: accepted.client,
                         server: accepted.local,
                         name: "",
                         start: SystemTime::now(),
                         proto: "tcp",
-                        endpoint: &endpoint,
-                        ip_decision: ip_decision(&inner, policy.as_deref(), accepted.client.ip()),
+                        endpoint: first.endpoint.clone(),
+                        ip_decision: ip_decision(
+                            &inner,
+                            route.ip_policy.as_deref(),
+                            accepted.client.ip(),
+                        ),
                     };
                     let span = record.span();
                     let result = if record.ip_decision == Some(Decision::Block) {
@@ -526,36 +609,48 @@ impl Gateway {
                         ))
                     } else {
                         let (r, w) = accepted.stream.into_split();
+                        let visitor = Visitor {
+                            client: accepted.client,
+                            local: accepted.local,
+                            name: "",
+                        };
                         proxy_bytes(
                             &inner,
-                            &endpoint,
+                            &route,
+                            first,
+                            &mut record,
                             r,
                             w,
                             accepted.prefix,
-                            accepted.client,
-                            accepted.local,
-                            "",
+                            &visitor,
                         )
                         .instrument(span.clone())
                         .await
                     };
                     outcome::tcp_closed(&inner.outcomes, &record, &span, &result);
                     if let Err(e) = result {
-                        tracing::debug!(endpoint = %endpoint.id, error = %e, "TCP connection not proxied");
+                        tracing::debug!(endpoint = %record.endpoint.id, error = %e, "TCP connection not proxied");
                     }
                 }
             },
         );
-        Ok(endpoint)
     }
 
-    /// The bound endpoints.
+    /// A bound endpoint by id.
+    pub fn endpoint(&self, id: &str) -> Option<Arc<Endpoint>> {
+        let bindings = self.inner.bindings.lock().expect("bindings lock");
+        bindings.get(id).map(|b| b.endpoint.clone())
+    }
+
+    /// The bound endpoints: this node's agents' and, in a cluster, those
+    /// served through other nodes.
     pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
         let bindings = self.inner.bindings.lock().expect("bindings lock");
         bindings.values().map(|b| b.endpoint.clone()).collect()
     }
 
-    /// Removes an endpoint; its TCP listener stops at once, connections in
+    /// Removes an endpoint; a name or port whose last endpoint goes is
+    /// routed no more (a TCP listener stops at once); connections in
     /// flight keep going until they end.
     pub fn remove(&self, endpoint_id: &str) -> bool {
         let binding = self
@@ -567,16 +662,21 @@ impl Gateway {
         match binding.map(|b| b.place) {
             Some(Place::Domain(domain)) => {
                 let mut routes = self.inner.routes.write().expect("routes lock");
-                if routes
-                    .get(&domain)
-                    .is_some_and(|r| r.endpoint.id == endpoint_id)
+                if let Some(route) = routes.get(&domain)
+                    && !route.pool.remove(endpoint_id)
                 {
                     routes.remove(&domain);
                 }
                 true
             }
-            Some(Place::Port(token)) => {
-                token.cancel();
+            Some(Place::Port(port)) => {
+                let mut tcp_routes = self.inner.tcp_routes.lock().expect("tcp routes lock");
+                if let Some(tcp) = tcp_routes.get(&port)
+                    && !tcp.route.pool.remove(endpoint_id)
+                {
+                    tcp.stop.cancel();
+                    tcp_routes.remove(&port);
+                }
                 true
             }
             None => false,
@@ -821,25 +921,41 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
-/// Pipes a visitor's connection into a data stream of the endpoint's agent.
+/// Who a piped connection is from and for.
+struct Visitor<'a> {
+    client: SocketAddr,
+    local: SocketAddr,
+    /// The SNI, for TLS endpoints.
+    name: &'a str,
+}
+
+/// Pipes a visitor's connection into a data stream of `first`'s agent, or
+/// of another endpoint of the pool when that agent is gone; the record
+/// names the endpoint that served.
 #[allow(clippy::too_many_arguments)]
 async fn proxy_bytes<R, W>(
     inner: &Inner,
-    endpoint: &Endpoint,
+    route: &Route,
+    first: Arc<Member>,
+    record: &mut ConnRecord<'_>,
     reader: R,
     writer: W,
     prefix: Bytes,
-    client: SocketAddr,
-    local: SocketAddr,
-    name: &str,
+    visitor: &Visitor<'_>,
 ) -> Result<PipeOutcome, Failure>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: postern_proto::LocalWrite,
 {
-    let claimed = endpoint.source.claim().await?;
+    let (member, claimed) = route.pool.claim(first).await?;
+    record.served_by(&member.endpoint);
     let _permit = claimed.permit;
-    let mut open = open_frame(endpoint, client, local, name);
+    let mut open = open_frame(
+        &member.endpoint,
+        visitor.client,
+        visitor.local,
+        visitor.name,
+    );
     let prefix_len = prefix.len() as u64;
     open.data = prefix;
     let (outbound, pump) = pipe(reader, writer, claimed.inbound, vec![open]);
@@ -959,12 +1075,13 @@ async fn route_request(
         let sni_route = conn.sni.as_deref().map(|sni| routes.lookup(sni).cloned());
         (route, sni_route)
     };
-    let Some(route) = route.filter(|r| matches!(r.endpoint.kind, EndpointKind::Http)) else {
+    let Some((route, member)) = route
+        .filter(|r| matches!(r.kind, EndpointKind::Http))
+        .and_then(|r| Some((r.clone(), r.pool.pick(&[])?)))
+    else {
         return proxy::error_response(&Failure::new(ErrorCode::ENDPOINT_OFFLINE, host));
     };
-    let postern = record.postern_mut();
-    postern.endpoint_id = Some(route.endpoint.id.clone());
-    postern.agent_session_id = Some(route.endpoint.source.session_id().to_string());
+    record.served_by(&member.endpoint);
     if let Some(decision) = ip_decision(inner, route.ip_policy.as_deref(), client_ip) {
         record.ip_decision(decision);
         if decision == Decision::Block {
@@ -1001,16 +1118,16 @@ async fn route_request(
             Gate::Forward(headers) => identity_headers.extend(headers),
         }
     }
-    let pool = match &route.shared_pool {
+    let pool = match &member.shared_pool {
         Some(pool) => pool.clone(),
         None => pools
             .lock()
             .expect("pools lock")
-            .entry(route.endpoint.id.clone())
+            .entry(member.endpoint.id.clone())
             .or_insert_with(|| {
                 UpstreamPool::new(
-                    route.endpoint.id.clone(),
-                    route.endpoint.source.clone(),
+                    member.endpoint.clone(),
+                    Arc::downgrade(&route.pool),
                     conn.client,
                     conn.local,
                     host.to_string(),
@@ -1018,7 +1135,11 @@ async fn route_request(
             })
             .clone(),
     };
-    proxy::forward(&route.endpoint, &pool, conn, host, identity_headers, req).await
+    let response = proxy::forward(&member.endpoint, &pool, conn, host, identity_headers, req).await;
+    if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
+        record.served_by(endpoint);
+    }
+    response
 }
 
 /// A request to the OAuth auth host (the one callback URL). Over TLS its
@@ -1134,9 +1255,8 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         return;
     };
     let prefix = buf.freeze();
-    let endpoint = &route.endpoint;
     let start = SystemTime::now();
-    if let (EndpointKind::Http, Some(config)) = (&endpoint.kind, route.termination.clone()) {
+    if let (EndpointKind::Http, Some(config)) = (&route.kind, route.termination.clone()) {
         // HTTP endpoints apply IP restrictions per request, with a 403 page.
         if let Some(tls) = accept_tls(&inner, config, prefix, stream).await {
             let conn = ConnInfo::tls(client, local, Some(name), tls.get_ref().1, start);
@@ -1144,16 +1264,26 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         }
         return;
     }
-    let record = ConnRecord {
+    let Some(first) = route.pool.pick(&[]) else {
+        bump(&inner.stats.tls_unknown_sni);
+        let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+        return;
+    };
+    let mut record = ConnRecord {
         client,
         server: local,
         name: &name,
         start,
         proto: "tls",
-        endpoint,
+        endpoint: first.endpoint.clone(),
         ip_decision: ip_decision(&inner, route.ip_policy.as_deref(), client.ip()),
     };
     let span = record.span();
+    let visitor = Visitor {
+        client,
+        local,
+        name: &name,
+    };
     let result = async {
         match route.termination.clone() {
             // Refused before any byte reaches the agent, without a handshake.
@@ -1164,11 +1294,23 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
             Some(config) => {
                 let tls = accept_tls(&inner, config, prefix, stream).await?;
                 let (r, w) = tokio::io::split(tls);
-                Some(proxy_bytes(&inner, endpoint, r, w, Bytes::new(), client, local, &name).await)
+                Some(
+                    proxy_bytes(
+                        &inner,
+                        &route,
+                        first,
+                        &mut record,
+                        r,
+                        w,
+                        Bytes::new(),
+                        &visitor,
+                    )
+                    .await,
+                )
             }
             None => {
                 let (r, w) = stream.into_split();
-                Some(proxy_bytes(&inner, endpoint, r, w, prefix, client, local, &name).await)
+                Some(proxy_bytes(&inner, &route, first, &mut record, r, w, prefix, &visitor).await)
             }
         }
     }
@@ -1179,7 +1321,7 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
     };
     outcome::tcp_closed(&inner.outcomes, &record, &span, &result);
     if let Err(e) = result {
-        tracing::debug!(endpoint = %endpoint.id, error = %e, "TLS connection not proxied");
+        tracing::debug!(endpoint = %record.endpoint.id, error = %e, "TLS connection not proxied");
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Weak},
     task::{Context, Poll},
     time::Duration,
 };
@@ -31,8 +31,9 @@ use postern_proto::{ErrorCode, Failure, TunnelIo, pb, tunnel_io};
 use rustls::pki_types::CertificateDer;
 
 use crate::{
-    endpoint::{Endpoint, StreamSource},
+    endpoint::{ClaimedStream, Endpoint, ServedBy},
     outcome::{Counted, TlsMeta},
+    route::Pool,
 };
 
 /// Response body: the upstream's, streamed, or an error page.
@@ -87,18 +88,20 @@ pub struct UpstreamPool {
 impl UpstreamPool {
     /// `client` is the address put in each stream's `open` frame (the agent
     /// writes it into PROXY headers). Endpoints with PROXY headers therefore
-    /// get one pool per visitor connection; the others share one.
-    pub fn new(
-        endpoint_id: String,
-        source: Arc<dyn StreamSource>,
+    /// get one pool per visitor connection; the others share one. When the
+    /// endpoint's agent is gone, a new connection comes from another
+    /// endpoint of its `pool`.
+    pub(crate) fn new(
+        endpoint: Arc<Endpoint>,
+        pool: Weak<Pool>,
         client: SocketAddr,
         server: SocketAddr,
         name: String,
     ) -> UpstreamPool {
         let connector = TunnelConnector {
             inner: Arc::new(ConnectorInner {
-                endpoint_id,
-                source,
+                endpoint,
+                pool,
                 client,
                 server,
                 name,
@@ -114,11 +117,32 @@ impl UpstreamPool {
 }
 
 struct ConnectorInner {
-    endpoint_id: String,
-    source: Arc<dyn StreamSource>,
+    endpoint: Arc<Endpoint>,
+    pool: Weak<Pool>,
     client: SocketAddr,
     server: SocketAddr,
     name: String,
+}
+
+impl ConnectorInner {
+    /// A stream from this endpoint's agent or, when it is gone, another
+    /// member of the pool; and the endpoint that gave it.
+    async fn claim(&self) -> Result<(Arc<Endpoint>, ClaimedStream), Failure> {
+        let pool = self.pool.upgrade();
+        let member = pool.as_ref().and_then(|pool| {
+            pool.members()
+                .iter()
+                .find(|m| Arc::ptr_eq(&m.endpoint, &self.endpoint))
+                .cloned()
+        });
+        match (pool, member) {
+            (Some(pool), Some(member)) => {
+                let (member, claimed) = pool.claim(member).await?;
+                Ok((member.endpoint.clone(), claimed))
+            }
+            _ => Ok((self.endpoint.clone(), self.endpoint.source.claim().await?)),
+        }
+    }
 }
 
 /// "Connects" to the upstream by claiming a data stream from the agent.
@@ -139,10 +163,10 @@ impl tower_service::Service<Uri> for TunnelConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let claimed = inner.source.claim().await?;
+            let (endpoint, claimed) = inner.claim().await?;
             let open = pb::Frame {
                 open: Some(pb::StreamOpen {
-                    endpoint_id: inner.endpoint_id.clone(),
+                    endpoint_id: endpoint.id.clone(),
                     client_addr: inner.client.to_string(),
                     server_addr: inner.server.to_string(),
                     server_name: inner.name.clone(),
@@ -161,6 +185,7 @@ impl tower_service::Service<Uri> for TunnelConnector {
             })?;
             Ok(TunnelConn {
                 io: TokioIo::new(io),
+                served: ServedBy(endpoint),
                 _permit: claimed.permit,
             })
         })
@@ -171,12 +196,14 @@ impl tower_service::Service<Uri> for TunnelConnector {
 /// connection limit.
 struct TunnelConn {
     io: TokioIo<TunnelIo<tonic::Streaming<pb::Frame>>>,
+    /// Tells each response which endpoint served it.
+    served: ServedBy,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Connection for TunnelConn {
     fn connected(&self) -> Connected {
-        Connected::new()
+        Connected::new().extra(self.served.clone())
     }
 }
 

@@ -14,11 +14,15 @@ mod metrics;
 mod mtls;
 mod oauth;
 mod outcome;
+mod route;
 mod router;
 mod sni;
 mod tls;
 
-pub use endpoint::{ClaimedStream, Endpoint, EndpointKind, StreamSource, TerminateAt, open_frame};
+pub use endpoint::{
+    ClaimedStream, Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt,
+    open_frame,
+};
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
 pub use ip::{CidrError, IpPolicy, TrustedProxies, parse_cidr};

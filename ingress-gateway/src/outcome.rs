@@ -24,6 +24,7 @@ use postern_events::{
 use postern_proto::PipeOutcome;
 
 use crate::{
+    endpoint::Endpoint,
     metrics::{Metrics, decision_label},
     mtls::ClientIdentity,
 };
@@ -300,6 +301,12 @@ impl HttpRecord {
         self.object.postern.get_or_insert_with(Default::default)
     }
 
+    /// Names the endpoint that serves (or was chosen to serve) the request.
+    pub fn served_by(&mut self, endpoint: &Endpoint) {
+        let (region, node) = (self.outcomes.region.clone(), self.outcomes.node_id.clone());
+        serving_fields(self.postern_mut(), endpoint, region, node);
+    }
+
     /// Records the verified client certificate.
     pub fn client_cert(&mut self, identity: &ClientIdentity) {
         let tls = self.object.tls.get_or_insert_with(Default::default);
@@ -425,6 +432,19 @@ impl Drop for HttpRecord {
     }
 }
 
+/// `postern.endpoint_id`, `agent_session_id` and the serving region and
+/// node: another node's when the endpoint is served through it.
+fn serving_fields(postern: &mut PosternFields, endpoint: &Endpoint, region: String, node: String) {
+    postern.endpoint_id = Some(endpoint.id.clone());
+    postern.agent_session_id = Some(endpoint.source.session_id().to_string());
+    let (region, node) = match &endpoint.remote {
+        Some(at) => (at.region.clone(), at.node_id.clone()),
+        None => (region, node),
+    };
+    postern.serving_region = Some(region);
+    postern.serving_node_id = Some(node);
+}
+
 /// A TCP or TLS endpoint connection, as its event describes it.
 pub struct ConnRecord<'a> {
     pub client: SocketAddr,
@@ -434,11 +454,24 @@ pub struct ConnRecord<'a> {
     pub start: SystemTime,
     /// `tcp` or `tls`.
     pub proto: &'static str,
-    pub endpoint: &'a crate::Endpoint,
+    /// The endpoint serving it: the one first chosen from the pool, then
+    /// the one that gave the data stream.
+    pub endpoint: Arc<Endpoint>,
     pub ip_decision: Option<Decision>,
 }
 
 impl ConnRecord<'_> {
+    /// The endpoint whose agent took the connection, when another member
+    /// of the pool than the first chosen did.
+    pub fn served_by(&mut self, endpoint: &Arc<Endpoint>) {
+        if !Arc::ptr_eq(&self.endpoint, endpoint) {
+            self.endpoint = endpoint.clone();
+            let span = tracing::Span::current();
+            span.record("endpoint.id", &endpoint.id);
+            span.record("agent.session_id", endpoint.source.session_id());
+        }
+    }
+
     /// The connection's span, a trace root: TCP and TLS clients send no
     /// trace context. The agent's span for the stream continues it.
     pub fn span(&self) -> tracing::Span {
@@ -480,8 +513,8 @@ pub fn tcp_closed(
     conn.end_ts = Some(timestamp(SystemTime::now()));
     let mut postern = outcomes.postern();
     postern.endpoint_proto = Some(record.proto.to_string());
-    postern.endpoint_id = Some(record.endpoint.id.clone());
-    postern.agent_session_id = Some(record.endpoint.source.session_id().to_string());
+    let (region, node) = (outcomes.region.clone(), outcomes.node_id.clone());
+    serving_fields(&mut postern, &record.endpoint, region, node);
     if let Err(failure) = result {
         postern.error_code = Some(failure.code.id());
         span.record("error.code", failure.code.id());

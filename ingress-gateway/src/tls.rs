@@ -160,12 +160,50 @@ impl DevCa {
         Ok(DevCa { issuer, cert_pem })
     }
 
+    /// A CA whose Ed25519 key is `seed`: every holder of the seed makes the
+    /// same key and, Ed25519 signatures being deterministic, the same
+    /// certificate byte for byte, without exchanging either. For the
+    /// internal CAs of a cluster, derived from the cluster key.
+    pub fn derived(common_name: &str, seed: &[u8; 32]) -> Result<DevCa, TlsError> {
+        // RFC 8410 PKCS#8 v1 for an Ed25519 private key: this prefix, then
+        // the 32-byte seed.
+        const PKCS8_PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let mut der = PKCS8_PREFIX.to_vec();
+        der.extend_from_slice(seed);
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls::pki_types::PrivatePkcs8KeyDer::from(der),
+            &rcgen::PKCS_ED25519,
+        )
+        .map_err(|e| TlsError::DevCa(e.to_string()))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .map_err(|e| TlsError::DevCa(e.to_string()))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        params.serial_number = Some(rcgen::SerialNumber::from(1u64));
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| TlsError::DevCa(e.to_string()))?;
+        Ok(DevCa {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
     /// The CA certificate, PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
-    /// Issues a server certificate for `names`; returns (chain PEM, key PEM).
+    /// Issues a certificate for `names` (for servers, and for clients where
+    /// both ends use it, as nodes do); returns (chain PEM, key PEM).
     pub fn issue_pem(&self, names: &[String]) -> Result<(String, String), TlsError> {
         let mut params =
             CertificateParams::new(names.to_vec()).map_err(|e| TlsError::DevCa(e.to_string()))?;
@@ -358,6 +396,34 @@ mod tests {
             "cached"
         );
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn derived_ca_is_the_same_everywhere_and_verifies_its_leaves() {
+        let seed = [7u8; 32];
+        let a = DevCa::derived("Postern test CA", &seed).unwrap();
+        let b = DevCa::derived("Postern test CA", &seed).unwrap();
+        assert_eq!(a.cert_pem(), b.cert_pem(), "byte for byte");
+        let other = DevCa::derived("Postern test CA", &[8u8; 32]).unwrap();
+        assert_ne!(a.cert_pem(), other.cert_pem());
+        // A leaf issued by one copy chains to the other copy's certificate.
+        let (leaf, _) = b.issue_pem(&["node.example.test".into()]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        let ca_der =
+            rustls::pki_types::CertificateDer::from_pem_slice(a.cert_pem().as_bytes()).unwrap();
+        roots.add(ca_der).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        let leaf = rustls::pki_types::CertificateDer::from_pem_slice(leaf.as_bytes()).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("node.example.test").unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], rustls::pki_types::UnixTime::now())
+            .expect("the leaf chains to the derived CA");
     }
 
     #[test]

@@ -80,6 +80,8 @@ codes! {
     IP_RESTRICTED = (3205, 403, Client, "the client's IP address is not allowed by the endpoint's IP restrictions");
     ENDPOINT_OFFLINE = (3200, 404, Client, "no endpoint is online for this host");
     AGENT_FORWARD_FAILED = (3210, 502, Agent, "the connection to the agent failed");
+    NODE_UNREACHABLE = (9011, 502, Edge, "the edge node the endpoint's agent is connected to could not be reached");
+    SESSION_STOPPED = (9012, 400, Agent, "the session was stopped through the admin API");
     UPSTREAM_DIAL_FAILED = (8012, 502, Upstream, "the agent could not connect to the upstream");
     // OAuth and OpenID Connect: binding, then what visitors see (ngrok's
     // 31xx numbers where ngrok has the case).

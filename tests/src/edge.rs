@@ -78,6 +78,7 @@ impl TestEdge {
             https: bind().await,
             admin: Some(bind().await),
             metrics: Some(bind().await),
+            node_link: None,
         };
         let mut edge = TestEdge {
             edge: None,
@@ -285,6 +286,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             https: bind(self.addrs.https).await,
             admin: Some(bind(self.addrs.admin.unwrap()).await),
             metrics: Some(bind(self.addrs.metrics.unwrap()).await),
+            node_link: None,
         };
         self.edge = Some(
             Edge::start(self.config(), listeners)

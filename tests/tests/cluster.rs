@@ -247,6 +247,7 @@ async fn speaker(trio: &Trio, node_id: &str, secret: &str) -> Cluster {
         tombstone_ttl: Duration::from_secs(3600),
         data_dir: None,
         rpc_addr: None,
+        agent_addr: None,
     })
     .await
     .unwrap()

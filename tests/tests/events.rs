@@ -643,6 +643,7 @@ async fn dev_mode_writes_events_as_json_lines() {
         https: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         admin: None,
         metrics: None,
+        node_link: None,
     };
     let edge = postern_edge::Edge::start(setup.config, listeners)
         .await

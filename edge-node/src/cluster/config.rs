@@ -36,6 +36,17 @@ pub struct RawCluster {
     /// How long deletions are remembered; a node cut off for longer can
     /// bring a deleted object back. Default `7d`.
     pub tombstone_ttl: Option<String>,
+    /// TCP address of the link between nodes (gRPC over mutual TLS), over
+    /// which visitors reach agents connected to other nodes. Without it
+    /// this node serves only its own agents and is not forwarded to.
+    pub rpc_listen: Option<String>,
+    /// The link address the other nodes dial. Default: `rpc_listen`, which
+    /// then must not be `0.0.0.0`.
+    pub rpc_advertise: Option<String>,
+    /// `host:port` agents dial to reach this node, told to agents of its
+    /// region as where to reconnect when their node goes away. Default:
+    /// `listen.agent` unless that is `0.0.0.0`.
+    pub agent_advertise: Option<String>,
 }
 
 /// Validated `[cluster]`.
@@ -49,6 +60,9 @@ pub struct ClusterConfig {
     pub gossip_interval: Duration,
     pub phi_threshold: f64,
     pub tombstone_ttl: Duration,
+    pub rpc_listen: Option<SocketAddr>,
+    pub rpc_advertise: Option<SocketAddr>,
+    pub agent_advertise: Option<String>,
 }
 
 fn addr(field: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
@@ -98,7 +112,34 @@ impl RawCluster {
         if gossip_interval < Duration::from_millis(10) {
             bail!("cluster.gossip_interval: at least 10ms");
         }
+        let rpc_listen = self
+            .rpc_listen
+            .as_deref()
+            .map(|a| addr("cluster.rpc_listen", Some(a), ""))
+            .transpose()?;
+        let rpc_advertise = self
+            .rpc_advertise
+            .as_deref()
+            .map(|a| addr("cluster.rpc_advertise", Some(a), ""))
+            .transpose()?;
+        match (rpc_listen, rpc_advertise) {
+            (None, Some(_)) => bail!("cluster.rpc_advertise: needs cluster.rpc_listen"),
+            (Some(listen), None) if listen.ip().is_unspecified() => {
+                bail!("cluster.rpc_advertise: required when cluster.rpc_listen is {listen}")
+            }
+            _ => {}
+        }
+        if let Some(agent) = &self.agent_advertise
+            && agent
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            bail!("cluster.agent_advertise: {agent:?} is not host:port");
+        }
         Ok(ClusterConfig {
+            rpc_listen,
+            rpc_advertise,
+            agent_advertise: self.agent_advertise,
             cluster_id: self.cluster_id,
             key,
             gossip_listen,
@@ -148,6 +189,24 @@ mod tests {
                     "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nphi_threshold = 0.1"
                 ),
                 "cluster.phi_threshold",
+            ),
+            (
+                format!(
+                    "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"0.0.0.0:7947\""
+                ),
+                "cluster.rpc_advertise",
+            ),
+            (
+                format!(
+                    "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nrpc_listen = \"nowhere\""
+                ),
+                "cluster.rpc_listen",
+            ),
+            (
+                format!(
+                    "cluster_id = \"c\"\n{key}\ngossip_listen = \"127.0.0.1:0\"\nagent_advertise = \"edge-1\""
+                ),
+                "cluster.agent_advertise",
             ),
         ] {
             let err = format!("{:#}", parse(&text).unwrap_err());

@@ -1,0 +1,445 @@
+//! Admin-API resources kept as cluster objects, in ngrok's shapes, behind
+//! one handler: `POST /<path>` (201 with the object), `GET /<path>` (the
+//! list), `GET /<path>/{id}`, `PATCH /<path>/{id}`, `DELETE /<path>/{id}`
+//! (204). A write at any node reaches every node. Needs `[cluster]`.
+//!
+//! - `/bot_users`: `{name, active}`; deleting one deletes its credentials.
+//! - `/credentials`: `{description, metadata, acl, owner_id}`; the token
+//!   is in the answer to the `POST` only.
+//! - `/reserved_domains`: `{domain, description, metadata, owner_id}`,
+//!   exact or `*.` wildcard: the name and everything under it may be bound
+//!   only by the owner's credentials.
+//! - `/agent_ingresses`: `{domain, description, metadata, owner_id}`:
+//!   agents connect to `tunnel.<region>.<domain>` at the nodes of each
+//!   region; `region_domains` lists them.
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use postern_config_sync::Kind;
+use postern_proto::{ErrorCode, Failure};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use super::{AdminState, empty, json_response, read_body};
+use crate::{
+    acl::Acl,
+    auth::AuthtokenRecord,
+    ca_store::now_rfc3339,
+    cluster::{
+        AgentIngress, BotUser, ClusterNode, Credential, ReservedDomain, bad, check_text,
+        parse_domain,
+    },
+};
+
+/// One kind of object on the admin API.
+pub trait Resource: Kind + Clone {
+    /// The collection's path and JSON key, e.g. `bot_users`.
+    const PATH: &'static str;
+    /// Prefix of new ids, e.g. `bot_`.
+    const ID_PREFIX: &'static str;
+    /// For messages: `bot user`.
+    const NAME: &'static str;
+    type New: DeserializeOwned;
+    type Update: DeserializeOwned;
+
+    /// A new object from a `POST` body, and fields to show only in the
+    /// answer to it (a credential's token).
+    fn create(node: &ClusterNode, new: Self::New) -> Result<(Self, Value), Failure>;
+    /// The object after a `PATCH`.
+    fn update(self, node: &ClusterNode, update: Self::Update) -> Result<Self, Failure>;
+    /// The object as the API shows it.
+    fn json(&self, node: &ClusterNode, id: &str) -> Value;
+    /// Ids of credentials to delete with it.
+    fn owned_credentials(_node: &ClusterNode, _id: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Serves `/<R::PATH>` and below.
+pub async fn handle<R: Resource>(
+    state: &AdminState,
+    req: Request<Incoming>,
+    rest: &[&str],
+) -> Result<Response<Full<Bytes>>, Failure> {
+    let node: &ClusterNode = state.cluster.as_deref().ok_or_else(|| {
+        Failure::new(
+            ErrorCode::API_NOT_FOUND,
+            format!("/{} needs a [cluster] table in the edge config", R::PATH),
+        )
+    })?;
+    let not_found =
+        |id: &str| Failure::new(ErrorCode::API_NOT_FOUND, format!("no {} {id}", R::NAME));
+    match (req.method().clone(), rest) {
+        (Method::POST, []) => {
+            let new: R::New = body(req).await?;
+            let (object, shown_once) = R::create(node, new)?;
+            let id = postern_ingress::random_id(R::ID_PREFIX);
+            node.put_object(&id, &object).await?;
+            tracing::info!(id, kind = R::NAME, "created");
+            let mut shown = object.json(node, &id);
+            if let (Some(shown), Value::Object(extra)) = (shown.as_object_mut(), shown_once) {
+                shown.extend(extra);
+            }
+            Ok(json_response(StatusCode::CREATED, &shown))
+        }
+        (Method::GET, []) => {
+            let list: Vec<Value> = node
+                .objects::<R>()
+                .iter()
+                .map(|(id, object)| object.json(node, id))
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ R::PATH: list, "uri": format!("/{}", R::PATH), "next_page_uri": null }),
+            ))
+        }
+        (Method::GET, [id]) => node
+            .object::<R>(id)
+            .map(|object| json_response(StatusCode::OK, &object.json(node, id)))
+            .ok_or_else(|| not_found(id)),
+        (Method::PATCH, [id]) => {
+            let object = node.object::<R>(id).ok_or_else(|| not_found(id))?;
+            let update: R::Update = body(req).await?;
+            let object = object.update(node, update)?;
+            node.put_object(id, &object).await?;
+            tracing::info!(id, kind = R::NAME, "updated");
+            Ok(json_response(StatusCode::OK, &object.json(node, id)))
+        }
+        (Method::DELETE, [id]) => {
+            let owned = R::owned_credentials(node, id);
+            if !node.delete_object::<R>(id).await? {
+                return Err(not_found(id));
+            }
+            for credential in owned {
+                node.delete_object::<Credential>(&credential).await?;
+            }
+            tracing::info!(id, kind = R::NAME, "deleted");
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        _ => Err(Failure::new(
+            ErrorCode::API_METHOD,
+            "use GET, POST, PATCH or DELETE",
+        )),
+    }
+}
+
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Failure> {
+    let bytes = read_body(req).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::new(ErrorCode::API_BAD_REQUEST, format!("body: {e}")))
+}
+
+/// An `owner_id` must name a bot user.
+fn check_owner(node: &ClusterNode, owner: &Option<String>) -> Result<(), Failure> {
+    match owner {
+        Some(id) if node.object::<BotUser>(id).is_none() => {
+            Err(bad("owner_id", format!("no bot user {id}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `description` and `metadata`, as a `PATCH` may change them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextUpdate {
+    description: Option<String>,
+    metadata: Option<String>,
+}
+
+impl TextUpdate {
+    fn apply(self, description: &mut String, metadata: &mut String) -> Result<(), Failure> {
+        let new_description = self.description.unwrap_or_else(|| description.clone());
+        let new_metadata = self.metadata.unwrap_or_else(|| metadata.clone());
+        check_text(&new_description, &new_metadata)?;
+        (*description, *metadata) = (new_description, new_metadata);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewBotUser {
+    #[serde(default)]
+    name: String,
+    active: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotUserUpdate {
+    name: Option<String>,
+    active: Option<bool>,
+}
+
+fn check_name(name: &str) -> Result<(), Failure> {
+    if name.trim().is_empty() || name.len() > 255 {
+        return Err(bad("name", "1 to 255 bytes"));
+    }
+    Ok(())
+}
+
+impl Resource for BotUser {
+    const PATH: &'static str = "bot_users";
+    const ID_PREFIX: &'static str = "bot_";
+    const NAME: &'static str = "bot user";
+    type New = NewBotUser;
+    type Update = BotUserUpdate;
+
+    fn create(_node: &ClusterNode, new: NewBotUser) -> Result<(Self, Value), Failure> {
+        check_name(&new.name)?;
+        let bot = BotUser {
+            name: new.name,
+            active: new.active.unwrap_or(true),
+            created_at: now_rfc3339(),
+        };
+        Ok((bot, Value::Null))
+    }
+
+    fn update(mut self, _node: &ClusterNode, update: BotUserUpdate) -> Result<Self, Failure> {
+        if let Some(name) = update.name {
+            check_name(&name)?;
+            self.name = name;
+        }
+        if let Some(active) = update.active {
+            self.active = active;
+        }
+        Ok(self)
+    }
+
+    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+        json!({
+            "id": id,
+            "uri": format!("/bot_users/{id}"),
+            "name": self.name,
+            "active": self.active,
+            "created_at": self.created_at,
+        })
+    }
+
+    fn owned_credentials(node: &ClusterNode, id: &str) -> Vec<String> {
+        node.objects::<Credential>()
+            .into_iter()
+            .filter(|(_, c)| c.owner_id.as_deref() == Some(id))
+            .map(|(credential, _)| credential)
+            .collect()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCredential {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: String,
+    /// ngrok's rules, e.g. `bind:*.customer1.example.com`; none: any name.
+    #[serde(default)]
+    acl: Vec<String>,
+    owner_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialUpdate {
+    #[serde(flatten)]
+    text: TextUpdate,
+    acl: Option<Vec<String>>,
+}
+
+fn check_acl(acl: &[String]) -> Result<(), Failure> {
+    Acl::parse(acl)
+        .map(|_| ())
+        .map_err(|e| Failure::new(ErrorCode::API_BAD_REQUEST, format!("acl: {e:#}")))
+}
+
+impl Resource for Credential {
+    const PATH: &'static str = "credentials";
+    const ID_PREFIX: &'static str = "cr_";
+    const NAME: &'static str = "credential";
+    type New = NewCredential;
+    type Update = CredentialUpdate;
+
+    fn create(node: &ClusterNode, new: NewCredential) -> Result<(Self, Value), Failure> {
+        check_acl(&new.acl)?;
+        check_text(&new.description, &new.metadata)?;
+        check_owner(node, &new.owner_id)?;
+        let token = postern_ingress::random_id("pt_");
+        let record = AuthtokenRecord::from_token(&token, Acl::default(), String::new())
+            .map_err(|e| Failure::new(ErrorCode::INTERNAL, format!("a new token: {e:#}")))?;
+        let credential = Credential {
+            token_sha256: record.sha256,
+            acl: new.acl,
+            description: new.description,
+            metadata: new.metadata,
+            created_at: now_rfc3339(),
+            owner_id: new.owner_id,
+        };
+        Ok((credential, json!({ "token": token })))
+    }
+
+    fn update(mut self, _node: &ClusterNode, update: CredentialUpdate) -> Result<Self, Failure> {
+        update
+            .text
+            .apply(&mut self.description, &mut self.metadata)?;
+        if let Some(acl) = update.acl {
+            check_acl(&acl)?;
+            self.acl = acl;
+        }
+        Ok(self)
+    }
+
+    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+        json!({
+            "id": id,
+            "uri": format!("/credentials/{id}"),
+            "created_at": self.created_at,
+            "description": self.description,
+            "metadata": self.metadata,
+            "token": null,
+            "acl": self.acl,
+            "owner_id": self.owner_id,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewNamed {
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: String,
+    owner_id: Option<String>,
+    /// ngrok's deprecated region of a reserved domain: names are served in
+    /// every region, so it is accepted and ignored.
+    #[serde(default, rename = "region")]
+    _region: Option<String>,
+}
+
+impl Resource for ReservedDomain {
+    const PATH: &'static str = "reserved_domains";
+    const ID_PREFIX: &'static str = "rd_";
+    const NAME: &'static str = "reserved domain";
+    type New = NewNamed;
+    type Update = TextUpdate;
+
+    fn create(node: &ClusterNode, new: NewNamed) -> Result<(Self, Value), Failure> {
+        let domain = parse_domain(&new.domain, true)?;
+        check_text(&new.description, &new.metadata)?;
+        check_owner(node, &new.owner_id)?;
+        let reserved = ReservedDomain {
+            domain: domain.to_string(),
+            description: new.description,
+            metadata: new.metadata,
+            owner_id: new.owner_id,
+            created_at: now_rfc3339(),
+        };
+        let overlap = node
+            .objects::<ReservedDomain>()
+            .into_iter()
+            .find(|(_, other)| {
+                let other_pattern = parse_domain(&other.domain, true).ok();
+                other.domain == reserved.domain
+                    || (other.owner_id != reserved.owner_id
+                        && (other.covers(&domain)
+                            || other_pattern.is_some_and(|p| reserved.covers(&p))))
+            });
+        if let Some((id, other)) = overlap {
+            return Err(Failure::new(
+                ErrorCode::DOMAIN_RESERVED,
+                format!(
+                    "domain: {} overlaps {} (reserved domain {id})",
+                    reserved.domain, other.domain
+                ),
+            ));
+        }
+        Ok((reserved, Value::Null))
+    }
+
+    fn update(mut self, _node: &ClusterNode, update: TextUpdate) -> Result<Self, Failure> {
+        update.apply(&mut self.description, &mut self.metadata)?;
+        Ok(self)
+    }
+
+    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+        json!({
+            "id": id,
+            "uri": format!("/reserved_domains/{id}"),
+            "created_at": self.created_at,
+            "description": self.description,
+            "metadata": self.metadata,
+            "domain": self.domain,
+            "region": null,
+            "cname_target": null,
+            "certificate": null,
+            "certificate_management_policy": null,
+            "certificate_management_status": null,
+            "acme_challenge_cname_target": null,
+            "owner_id": self.owner_id,
+        })
+    }
+}
+
+impl Resource for AgentIngress {
+    const PATH: &'static str = "agent_ingresses";
+    const ID_PREFIX: &'static str = "agin_";
+    const NAME: &'static str = "agent ingress";
+    type New = NewNamed;
+    type Update = TextUpdate;
+
+    fn create(node: &ClusterNode, new: NewNamed) -> Result<(Self, Value), Failure> {
+        let domain = parse_domain(&new.domain, false)?.to_string();
+        check_text(&new.description, &new.metadata)?;
+        check_owner(node, &new.owner_id)?;
+        if let Some((id, _)) = node
+            .objects::<AgentIngress>()
+            .into_iter()
+            .find(|(_, other)| other.domain == domain)
+        {
+            return Err(bad(
+                "domain",
+                format!("{domain} is agent ingress {id} already"),
+            ));
+        }
+        let ingress = AgentIngress {
+            domain,
+            description: new.description,
+            metadata: new.metadata,
+            owner_id: new.owner_id,
+            created_at: now_rfc3339(),
+        };
+        Ok((ingress, Value::Null))
+    }
+
+    fn update(mut self, _node: &ClusterNode, update: TextUpdate) -> Result<Self, Failure> {
+        update.apply(&mut self.description, &mut self.metadata)?;
+        Ok(self)
+    }
+
+    fn json(&self, node: &ClusterNode, id: &str) -> Value {
+        let region_domains: Vec<String> = node
+            .regions()
+            .iter()
+            .map(|region| self.region_domain(region))
+            .collect();
+        json!({
+            "id": id,
+            "uri": format!("/agent_ingresses/{id}"),
+            "description": self.description,
+            "metadata": self.metadata,
+            "domain": self.domain,
+            "ns_targets": [],
+            "region_domains": region_domains,
+            "created_at": self.created_at,
+            "certificate_management_policy": null,
+            "certificate_management_status": null,
+            "owner_id": self.owner_id,
+            "certificate_authority_pem": node.ingress_certs().ca_pem(),
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! Cluster objects of the admin API besides CAs and credentials, in
+//! ngrok's shapes: bot users (who owns credentials), reserved domains
+//! (exclusive names) and agent ingresses (the names agents connect to,
+//! one per region).
+
+use postern_config_sync::Kind;
+use postern_ingress::DomainPattern;
+use postern_proto::{ErrorCode, Failure};
+use serde::{Deserialize, Serialize};
+
+/// A service account owning credentials (ngrok's bot user). Tokens of an
+/// inactive or deleted bot user are refused everywhere.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BotUser {
+    pub name: String,
+    pub active: bool,
+    pub created_at: String,
+}
+
+impl Kind for BotUser {
+    const KIND: &'static str = "bot_user";
+}
+
+/// A name (and everything under it) that only one owner's agents may
+/// bind: an exact domain or a `*.` wildcard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReservedDomain {
+    pub domain: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub metadata: String,
+    /// The bot user whose credentials may bind it; `None`: only tokens
+    /// without an owner (the config file's, and credentials without one).
+    #[serde(default)]
+    pub owner_id: Option<String>,
+    pub created_at: String,
+}
+
+impl Kind for ReservedDomain {
+    const KIND: &'static str = "reserved_domain";
+}
+
+impl ReservedDomain {
+    /// Whether binding `name` falls under this reservation: the name
+    /// itself, or anything below it.
+    pub fn covers(&self, name: &DomainPattern) -> bool {
+        match DomainPattern::parse(&self.domain) {
+            Ok(reserved @ DomainPattern::Exact(_)) => {
+                let below = DomainPattern::Wildcard(reserved.to_string());
+                reserved.covers(name) || below.covers(name)
+            }
+            Ok(wildcard) => wildcard.covers(name),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Where agents of one owner connect: `tunnel.<region>.<domain>` for every
+/// region of the cluster (ngrok's agent ingress).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentIngress {
+    pub domain: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub metadata: String,
+    /// The bot user whose tokens may connect through it; `None`: any token
+    /// of the cluster.
+    #[serde(default)]
+    pub owner_id: Option<String>,
+    pub created_at: String,
+}
+
+impl Kind for AgentIngress {
+    const KIND: &'static str = "agent_ingress";
+}
+
+impl AgentIngress {
+    /// The name agents of `region` connect to.
+    pub fn region_domain(&self, region: &str) -> String {
+        format!("tunnel.{region}.{}", self.domain)
+    }
+}
+
+/// ngrok's limits on descriptions and metadata.
+pub fn check_text(description: &str, metadata: &str) -> Result<(), Failure> {
+    if description.len() > 255 {
+        return Err(bad("description", "at most 255 bytes"));
+    }
+    if metadata.len() > 4096 {
+        return Err(bad("metadata", "at most 4096 bytes"));
+    }
+    Ok(())
+}
+
+/// A 400 naming the field.
+pub fn bad(field: &str, reason: impl std::fmt::Display) -> Failure {
+    Failure::new(ErrorCode::API_BAD_REQUEST, format!("{field}: {reason}"))
+}
+
+/// A domain as an API body gives it: normalised, wildcards only where
+/// allowed.
+pub fn parse_domain(raw: &str, wildcard: bool) -> Result<DomainPattern, Failure> {
+    if raw.is_empty() {
+        return Err(bad("domain", "required"));
+    }
+    let pattern = DomainPattern::parse(raw)
+        .map_err(|e| Failure::new(ErrorCode::INVALID_DOMAIN, format!("domain: {raw:?}: {e}")))?;
+    if !wildcard && matches!(pattern, DomainPattern::Wildcard(_)) {
+        return Err(Failure::new(
+            ErrorCode::INVALID_DOMAIN,
+            format!("domain: {raw:?}: a wildcard is not allowed here"),
+        ));
+    }
+    if !pattern.to_string().contains('.') {
+        return Err(Failure::new(
+            ErrorCode::INVALID_DOMAIN,
+            format!("domain: {raw:?}: needs at least two labels"),
+        ));
+    }
+    Ok(pattern)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reserved(domain: &str) -> ReservedDomain {
+        ReservedDomain {
+            domain: domain.into(),
+            description: String::new(),
+            metadata: String::new(),
+            owner_id: None,
+            created_at: String::new(),
+        }
+    }
+
+    fn name(raw: &str) -> DomainPattern {
+        DomainPattern::parse(raw).unwrap()
+    }
+
+    #[test]
+    fn a_reservation_covers_its_name_and_everything_below() {
+        let exact = reserved("foo.example.test");
+        for covered in [
+            "foo.example.test",
+            "bar.foo.example.test",
+            "a.b.foo.example.test",
+            "*.foo.example.test",
+        ] {
+            assert!(exact.covers(&name(covered)), "{covered}");
+        }
+        for free in ["example.test", "xfoo.example.test", "*.example.test"] {
+            assert!(!exact.covers(&name(free)), "{free}");
+        }
+        let wildcard = reserved("*.example.test");
+        for covered in ["a.example.test", "a.b.example.test", "*.example.test"] {
+            assert!(wildcard.covers(&name(covered)), "{covered}");
+        }
+        assert!(!wildcard.covers(&name("example.test")));
+        assert!(!wildcard.covers(&name("other.test")));
+    }
+
+    #[test]
+    fn api_domains_are_checked() {
+        assert_eq!(
+            parse_domain("App.Example.TEST.", false)
+                .unwrap()
+                .to_string(),
+            "app.example.test"
+        );
+        assert_eq!(
+            parse_domain("*.example.test", false).unwrap_err().code,
+            ErrorCode::INVALID_DOMAIN
+        );
+        assert!(parse_domain("*.example.test", true).is_ok());
+        assert_eq!(
+            parse_domain("a..b", true).unwrap_err().code,
+            ErrorCode::INVALID_DOMAIN
+        );
+        assert_eq!(
+            parse_domain("localhost", true).unwrap_err().code,
+            ErrorCode::INVALID_DOMAIN
+        );
+        assert_eq!(
+            parse_domain("", true).unwrap_err().code,
+            ErrorCode::API_BAD_REQUEST
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Live routing state: each node publishes the endpoints its agents serve
+//! and its agent sessions (gossip values owned by the node, gone with it),
+//! and installs the endpoints of the other nodes in its gateway, served
+//! over the link between nodes.
+
+use std::{collections::HashMap, sync::Arc};
+
+use postern_config_sync::{Cluster, Kind, Local, Member};
+use postern_ingress::{Endpoint, EndpointKind, Location};
+use postern_proto::pb;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::{
+    node_link::{NodeLinks, RemoteSource},
+    session::{AgentSession, Registry},
+};
+
+/// An endpoint an agent of the publishing node serves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointAd {
+    pub public_url: String,
+    /// `https`, `tls` or `tcp`.
+    pub proto: String,
+    /// The tunnel's name in the agent's config.
+    pub name: String,
+    pub session_id: String,
+    pub forwards_to: String,
+    pub pooling_enabled: bool,
+    pub created_at: String,
+    /// The bind request with the name or port as bound (protobuf), sealed
+    /// with the cluster key: it may carry a private key and an OAuth client
+    /// secret. Every node builds the endpoint's settings from it.
+    pub bind: String,
+}
+
+impl Kind for EndpointAd {
+    const KIND: &'static str = "endpoint";
+}
+
+/// An agent session of the publishing node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionAd {
+    pub agent_version: String,
+    pub os: String,
+    pub started_at: String,
+    /// The agent's address as the node saw it.
+    pub ip: String,
+    pub credential_id: Option<String>,
+}
+
+impl Kind for SessionAd {
+    const KIND: &'static str = "session";
+}
+
+/// What this node announces or withdraws, in order.
+pub enum Announce {
+    Endpoint(String, Box<EndpointAd>),
+    WithdrawEndpoint(String),
+    Session(String, SessionAd),
+    WithdrawSession(String),
+}
+
+/// Writes announcements to the gossip one after another, so a withdrawal
+/// never overtakes the announcement it withdraws.
+pub fn spawn_announcer(cluster: Cluster) -> mpsc::UnboundedSender<Announce> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(announce) = rx.recv().await {
+            let written = match announce {
+                Announce::Endpoint(id, ad) => cluster.set_local(&id, &*ad).await,
+                Announce::Session(id, ad) => cluster.set_local(&id, &ad).await,
+                Announce::WithdrawEndpoint(id) => {
+                    cluster.remove_local::<EndpointAd>(&id).await;
+                    Ok(())
+                }
+                Announce::WithdrawSession(id) => {
+                    cluster.remove_local::<SessionAd>(&id).await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "announcing to the cluster");
+            }
+        }
+    });
+    tx
+}
+
+/// The announcement of an endpoint bound here.
+pub fn endpoint_ad(
+    cluster: &Cluster,
+    endpoint: &Endpoint,
+    session: &AgentSession,
+    req: &pb::BindRequest,
+) -> EndpointAd {
+    let mut bound = req.clone();
+    bound.request_id = 0;
+    match endpoint.kind {
+        EndpointKind::Tcp { port } => bound.remote_port = u32::from(port),
+        _ => bound.domain = host_of(&endpoint.public_url).to_string(),
+    }
+    EndpointAd {
+        public_url: endpoint.public_url.clone(),
+        proto: endpoint.kind.scheme().to_string(),
+        name: endpoint.name.clone(),
+        session_id: session.id.clone(),
+        forwards_to: req.forwards_to.clone(),
+        pooling_enabled: req.pooling_enabled,
+        created_at: crate::ca_store::now_rfc3339(),
+        bind: cluster.seal(&bound.encode_to_vec()),
+    }
+}
+
+/// The announcement of a session opened here.
+pub fn session_ad(session: &AgentSession) -> SessionAd {
+    SessionAd {
+        agent_version: session.agent_version.clone(),
+        os: session.os.clone(),
+        started_at: humantime::format_rfc3339_seconds(session.started_at).to_string(),
+        ip: session.peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        credential_id: session.credential.as_ref().map(|c| c.id.clone()),
+    }
+}
+
+/// `app.example.com` of `https://app.example.com:8443`.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.rsplit_once(':').map_or(rest, |(host, _)| host)
+}
+
+/// The endpoints of other nodes installed in this node's gateway.
+#[derive(Default)]
+pub struct RemoteEndpoints {
+    /// By endpoint id: the node and announcement installed, or refused.
+    known: HashMap<String, (Member, EndpointAd, bool)>,
+}
+
+impl RemoteEndpoints {
+    /// Makes the gateway hold exactly the other live nodes' endpoints that
+    /// can be reached (nodes with a link address).
+    pub async fn reconcile(
+        &mut self,
+        cluster: &Cluster,
+        registry: &Registry,
+        links: &Arc<NodeLinks>,
+    ) {
+        let wanted: HashMap<String, Local<EndpointAd>> = cluster
+            .locals::<EndpointAd>()
+            .into_iter()
+            .filter(|l| !l.node.is_self && l.node.rpc_addr.is_some())
+            .map(|l| (l.id.clone(), l))
+            .collect();
+        let gone: Vec<String> = self
+            .known
+            .iter()
+            .filter(|(id, (node, ad, _))| {
+                wanted
+                    .get(*id)
+                    .is_none_or(|l| l.node != *node || l.value != *ad)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((node, _, installed)) = self.known.remove(&id)
+                && installed
+            {
+                registry.gateway().remove(&id);
+                tracing::info!(endpoint = %id, node = %node.node_id, "endpoint of another node withdrawn");
+            }
+        }
+        for (id, local) in wanted {
+            if self
+                .known
+                .get(&id)
+                .is_some_and(|(_, _, installed)| *installed)
+            {
+                continue;
+            }
+            let first_try = !self.known.contains_key(&id);
+            let installed = match install(cluster, registry, links, &id, &local).await {
+                Ok(endpoint) => {
+                    tracing::info!(endpoint = %id, url = %endpoint.public_url, node = %local.node.node_id, region = %local.node.region, "serving an endpoint of another node");
+                    true
+                }
+                Err(e) => {
+                    if first_try {
+                        tracing::warn!(endpoint = %id, node = %local.node.node_id, error = %e, "an endpoint of another node is not served here");
+                    }
+                    false
+                }
+            };
+            self.known.insert(id, (local.node, local.value, installed));
+        }
+    }
+}
+
+async fn install(
+    cluster: &Cluster,
+    registry: &Registry,
+    links: &Arc<NodeLinks>,
+    id: &str,
+    local: &Local<EndpointAd>,
+) -> anyhow::Result<Arc<Endpoint>> {
+    let sealed = cluster
+        .open_sealed(&local.value.bind)
+        .ok_or_else(|| anyhow::anyhow!("the bind request does not open with the cluster key"))?;
+    let req = pb::BindRequest::decode(sealed.as_slice())?;
+    let mut spec = registry.remote_spec(&req).await?;
+    spec.id = Some(id.to_string());
+    spec.remote = Some(Location {
+        node_id: local.node.node_id.clone(),
+        region: local.node.region.clone(),
+    });
+    let source = RemoteSource {
+        links: links.clone(),
+        node_id: local.node.node_id.clone(),
+        addr: local.node.rpc_addr.expect("filtered on a link address"),
+        endpoint_id: id.to_string(),
+        session_id: local.value.session_id.clone(),
+    };
+    Ok(registry.gateway().add(spec, Arc::new(source))?)
+}
