@@ -436,7 +436,12 @@ impl Session<'_> {
         span.record("session.id", welcome.session_id.as_str());
         span.record("region", welcome.region.as_str());
         span.record("node.id", welcome.node_id.as_str());
-        tracing::info!(session.id = %welcome.session_id, region = %welcome.region, "session online");
+        tracing::info!(
+            session.id = %welcome.session_id,
+            region = %welcome.region,
+            alternates = ?welcome.alternate_addrs,
+            "session online"
+        );
 
         // A first ping at once, so the latency is known without waiting a
         // whole heartbeat interval.
@@ -768,6 +773,7 @@ fn refused(failure: Failure) -> SessionEnd {
         ErrorCode::AUTHTOKEN_INVALID
         | ErrorCode::AUTHTOKEN_MALFORMED
         | ErrorCode::PROTOCOL_VERSION
+        | ErrorCode::AGENT_INGRESS_NOT_PERMITTED
         | ErrorCode::SESSION_STOPPED => SessionEnd::Fatal(failure),
         _ => SessionEnd::Lost(failure.to_string()),
     }

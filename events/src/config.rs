@@ -7,10 +7,20 @@
 //! selection, as ngrok's first Event Source objects had) and a
 //! destination (ngrok's Event Destination `target`, which names exactly
 //! one kind). Kafka and file destinations are Postern's own.
+//!
+//! Subscriptions set at run time (through the admin API) are
+//! [`ApiSubscription`]s, ngrok's Event Subscription object as JSON; they
+//! are validated by the same code, and errors name the field from the
+//! object's root (`sources[0].filter`).
 
-use std::{collections::BTreeSet, fmt, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Component, Path, PathBuf},
+    time::Duration,
+};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{EventType, FieldSelection, Filter};
 
@@ -64,7 +74,7 @@ pub struct RawSubscription {
 }
 
 /// One event source of a subscription (ngrok's Event Source object).
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// `http_request_complete.v0` or `tcp_connection_closed.v0`.
@@ -74,25 +84,30 @@ pub struct RawSource {
     /// for an event to be sent, e.g. `ev.conn.server_name == "a.example.com"`.
     /// Only `ev.conn.client_ip`, `ev.conn.server_ip`, `ev.conn.server_name`
     /// and `ev.conn.server_port` may be used, as in ngrok. Default: all events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
     /// Dotted paths under `object` to keep, e.g. `["conn.client_ip",
     /// "http.response.status_code"]`; naming an object keeps all of it.
     /// The envelope is always kept. Default: every field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<Vec<String>>,
 }
 
 /// A subscription's destination: exactly one of `kafka` and `file`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDestination {
     /// Produce to Kafka, through a spool on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<RawKafka>,
     /// Append JSON lines to a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<RawFile>,
 }
 
-/// `destination.kafka`
-#[derive(Debug, Deserialize)]
+/// `destination.kafka`. Serialising it writes `sasl_password` as it is
+/// (see [`Secret`]).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKafka {
     /// Bootstrap brokers, `host:port`.
@@ -100,31 +115,216 @@ pub struct RawKafka {
     /// Topic name; `{event_type}` is replaced by the event type, so the
     /// default `"postern.{event_type}"` gives one topic per type
     /// (`postern.http_request_complete.v0`, `postern.tcp_connection_closed.v0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     /// librdkafka `security.protocol`: `plaintext` (default), `ssl`,
     /// `sasl_plaintext` or `sasl_ssl`. TLS needs a build with rdkafka's
     /// `ssl` feature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_protocol: Option<String>,
     /// librdkafka `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_mechanism: Option<String>,
     /// librdkafka `sasl.username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_username: Option<String>,
     /// librdkafka `sasl.password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_password: Option<Secret>,
     /// `lz4` (default), `gzip`, `snappy` or `none`: what the bundled
     /// librdkafka has built in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
     /// librdkafka `linger.ms`: how long to wait to fill a batch. Default `"5ms"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linger: Option<String>,
 }
 
 /// `destination.file`
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFile {
     /// JSON lines file, appended to; a relative path is under the edge's
-    /// `data_dir`.
+    /// `data_dir`. A subscription set through the admin API may only name
+    /// a relative path without `..`.
     pub path: PathBuf,
+}
+
+/// An event subscription as the admin API takes and returns it: ngrok's
+/// Event Subscription object (`id`, `description`, `metadata`, `sources`)
+/// with the destination inline, in the same shape as
+/// `[[events.subscriptions]]`:
+///
+/// ```json
+/// {
+///   "id": "traffic",
+///   "description": "HTTP traffic of example.com",
+///   "metadata": "{\"team\": \"web\"}",
+///   "sources": [
+///     {"type": "http_request_complete.v0",
+///      "filter": "ev.conn.server_name.endsWith(\".example.com\")",
+///      "fields": ["conn.client_ip", "http.response.status_code"]}
+///   ],
+///   "destination": {"kafka": {"brokers": ["kafka-1:9092"], "topic": "postern.{event_type}"}}
+/// }
+/// ```
+///
+/// Unknown keys are refused. [`ApiSubscription::validate`] checks it as the
+/// edge config's subscriptions are checked; a validated [`Subscription`]
+/// serialises back to this shape. Serialising writes `sasl_password` as it
+/// is, so that the object can travel to the other nodes; answer API
+/// clients with [`ApiSubscription::redacted`].
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSubscription {
+    /// Letters, digits, `-`, `_`, at most 128; it names the spool
+    /// directory (`<data_dir>/events-spool/<id>`).
+    pub id: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Free text for the API's users (ngrok: arbitrary user-defined data,
+    /// at most 4096 bytes).
+    #[serde(default)]
+    pub metadata: String,
+    /// Which events, each with an optional filter and field selection.
+    pub sources: Vec<RawSource>,
+    /// Where they go: `{"kafka": {…}}` or `{"file": {"path": …}}`.
+    pub destination: RawDestination,
+}
+
+/// ngrok's limit on an object's `metadata`.
+const MAX_METADATA: usize = 4096;
+/// An id names a directory.
+const MAX_ID: usize = 128;
+
+impl ApiSubscription {
+    /// Validates as the edge config's subscriptions are validated; errors
+    /// name the field from the object's root, e.g.
+    /// `sources[0].filter: ERR_POSTERN_6013: …`. A file destination must
+    /// be a relative path without `..` (it is under the data directory),
+    /// outside `events-spool/`.
+    pub fn validate(self) -> Result<Subscription, ConfigError> {
+        if self.metadata.len() > MAX_METADATA {
+            return Err(invalid(
+                "metadata",
+                format!("{} bytes; at most {MAX_METADATA}", self.metadata.len()),
+            ));
+        }
+        if let Some(file) = &self.destination.file
+            && !file.path.as_os_str().is_empty()
+            && let Some(problem) = runtime_path_problem(&file.path)
+        {
+            return Err(invalid("destination.file.path", problem));
+        }
+        validate_subscription(
+            "",
+            self.id,
+            self.description,
+            self.metadata,
+            self.sources,
+            self.destination,
+        )
+    }
+
+    /// The same object with `sasl_password` shown as `********`: what an
+    /// answer to an API client may carry.
+    pub fn redacted(mut self) -> ApiSubscription {
+        if let Some(kafka) = &mut self.destination.kafka
+            && kafka.sasl_password.is_some()
+        {
+            kafka.sasl_password = Some(Secret::new("********"));
+        }
+        self
+    }
+}
+
+impl From<&Subscription> for ApiSubscription {
+    fn from(sub: &Subscription) -> ApiSubscription {
+        let sources = sub
+            .sources
+            .iter()
+            .map(|source| RawSource {
+                event_type: source.event_type.as_str().to_string(),
+                filter: source.filter.as_ref().map(|f| f.source().to_string()),
+                fields: source.fields.as_ref().map(FieldSelection::paths),
+            })
+            .collect();
+        let destination = match &sub.destination {
+            Destination::Kafka(k) => RawDestination {
+                kafka: Some(RawKafka {
+                    brokers: k.brokers.clone(),
+                    topic: Some(k.topic.clone()),
+                    security_protocol: k.security_protocol.clone(),
+                    sasl_mechanism: k.sasl_mechanism.clone(),
+                    sasl_username: k.sasl_username.clone(),
+                    sasl_password: k.sasl_password.clone(),
+                    compression: Some(k.compression.clone()),
+                    linger: Some(humantime::format_duration(k.linger).to_string()),
+                }),
+                file: None,
+            },
+            Destination::File(f) => RawDestination {
+                kafka: None,
+                file: Some(RawFile {
+                    path: f.path.clone(),
+                }),
+            },
+        };
+        ApiSubscription {
+            id: sub.id.clone(),
+            description: sub.description.clone(),
+            metadata: sub.metadata.clone(),
+            sources,
+            destination,
+        }
+    }
+}
+
+/// As an [`ApiSubscription`], the secret included.
+impl Serialize for Subscription {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ApiSubscription::from(self).serialize(s)
+    }
+}
+
+/// The directory under the data directory that holds the Kafka spools,
+/// one per subscription id.
+pub(crate) const SPOOL_DIR: &str = "events-spool";
+
+/// Why a subscription set at run time may not write to the file `path`:
+/// it must stay under the data directory (relative, without `..` or a
+/// root) and out of the spools there.
+pub(crate) fn runtime_path_problem(path: &Path) -> Option<String> {
+    let plain = !path.as_os_str().is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    let shown = path.display().to_string();
+    if !plain {
+        return Some(format!(
+            "{shown:?}: a subscription set at run time writes under the data directory; \
+             give a relative path without `..`"
+        ));
+    }
+    let first = path
+        .components()
+        .find(|c| matches!(c, Component::Normal(_)));
+    first
+        .is_some_and(|c| c.as_os_str() == SPOOL_DIR)
+        .then(|| format!("{shown:?}: {SPOOL_DIR}/ holds the Kafka spools"))
+}
+
+/// Why `id` cannot name a subscription (and its spool directory).
+pub(crate) fn id_problem(id: &str) -> Option<String> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    (!ok).then(|| {
+        format!("{id:?} must be 1 to {MAX_ID} letters, digits, '-' and '_' (it names a directory)")
+    })
 }
 
 /// A size in bytes: an integer, or a string like `"64KiB"`, `"32MiB"`, `"1GB"`.
@@ -172,8 +372,12 @@ impl ByteSize {
     }
 }
 
-/// A password or other secret: `Debug` never shows it.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+/// A password or other secret: `Debug` never shows it (and it has no
+/// `Display`). `Serialize` writes the secret itself: a subscription set
+/// through the admin API reaches the other nodes serialised, and they need
+/// the password; what is shown to people goes through
+/// [`ApiSubscription::redacted`].
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -232,17 +436,21 @@ impl Default for Limits {
     }
 }
 
-/// A validated subscription.
-#[derive(Clone, Debug)]
+/// A validated subscription. Equal subscriptions have equal settings
+/// (filters compare by their source text). It serialises as an
+/// [`ApiSubscription`].
+#[derive(Clone, Debug, PartialEq)]
 pub struct Subscription {
     pub id: String,
     pub description: String,
+    /// Set through the admin API; empty for the edge config's.
+    pub metadata: String,
     pub sources: Vec<Source>,
     pub destination: Destination,
 }
 
 /// A validated event source.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Source {
     pub event_type: EventType,
     pub filter: Option<Filter>,
@@ -250,14 +458,14 @@ pub struct Source {
 }
 
 /// Where a subscription's events go.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Destination {
     Kafka(KafkaDestination),
     File(FileDestination),
 }
 
 /// A validated Kafka destination.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct KafkaDestination {
     pub brokers: Vec<String>,
     pub topic: String,
@@ -285,7 +493,7 @@ impl KafkaDestination {
 }
 
 /// A validated file destination.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FileDestination {
     /// As configured; relative to the edge's `data_dir` when relative.
     pub path: PathBuf,
@@ -383,19 +591,8 @@ impl RawEventsConfig {
         let mut subscriptions = Vec::new();
         for (i, raw) in self.subscriptions.into_iter().enumerate() {
             let field = format!("events.subscriptions[{i}]");
-            if raw.id.is_empty()
-                || !raw
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(invalid(
-                    format!("{field}.id"),
-                    format!(
-                        "{:?} must be letters, digits, '-' and '_' (it names a directory)",
-                        raw.id
-                    ),
-                ));
+            if let Some(problem) = id_problem(&raw.id) {
+                return Err(invalid(format!("{field}.id"), problem));
             }
             if !ids.insert(raw.id.clone()) {
                 return Err(invalid(
@@ -403,7 +600,14 @@ impl RawEventsConfig {
                     format!("{:?} is used by another subscription", raw.id),
                 ));
             }
-            subscriptions.push(raw.validate(&field)?);
+            subscriptions.push(validate_subscription(
+                &field,
+                raw.id,
+                raw.description,
+                String::new(),
+                raw.sources,
+                raw.destination,
+            )?);
         }
         Ok(EventsConfig {
             flush_timeout,
@@ -413,74 +617,92 @@ impl RawEventsConfig {
     }
 }
 
-impl RawSubscription {
-    fn validate(self, field: &str) -> Result<Subscription, ConfigError> {
-        if self.sources.is_empty() {
+/// `field` under `prefix`, or alone at the root.
+fn under(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+/// One subscription, from the edge config (`field` is
+/// `events.subscriptions[i]`) or the admin API (`field` is empty).
+fn validate_subscription(
+    field: &str,
+    id: String,
+    description: String,
+    metadata: String,
+    raw_sources: Vec<RawSource>,
+    raw_destination: RawDestination,
+) -> Result<Subscription, ConfigError> {
+    if let Some(problem) = id_problem(&id) {
+        return Err(invalid(under(field, "id"), problem));
+    }
+    if raw_sources.is_empty() {
+        return Err(invalid(
+            under(field, "sources"),
+            "name at least one event type",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    let mut sources = Vec::new();
+    for (j, raw) in raw_sources.into_iter().enumerate() {
+        let field = under(field, &format!("sources[{j}]"));
+        let event_type =
+            EventType::parse(&raw.event_type).ok_or_else(|| ConfigError::UnknownEventType {
+                field: format!("{field}.type"),
+                value: raw.event_type.clone(),
+            })?;
+        if !seen.insert(event_type) {
             return Err(invalid(
-                format!("{field}.sources"),
-                "name at least one event type",
+                format!("{field}.type"),
+                format!("{event_type} is named twice in this subscription"),
             ));
         }
-        let mut seen = BTreeSet::new();
-        let mut sources = Vec::new();
-        for (j, raw) in self.sources.into_iter().enumerate() {
-            let field = format!("{field}.sources[{j}]");
-            let event_type =
-                EventType::parse(&raw.event_type).ok_or_else(|| ConfigError::UnknownEventType {
-                    field: format!("{field}.type"),
-                    value: raw.event_type.clone(),
-                })?;
-            if !seen.insert(event_type) {
-                return Err(invalid(
-                    format!("{field}.type"),
-                    format!("{event_type} is named twice in this subscription"),
-                ));
-            }
-            let filter = raw
-                .filter
-                .map(|f| {
-                    Filter::compile(&f).map_err(|e| ConfigError::FilterCompile {
-                        field: format!("{field}.filter"),
-                        reason: e.to_string(),
-                    })
+        let filter = raw
+            .filter
+            .map(|f| {
+                Filter::compile(&f).map_err(|e| ConfigError::FilterCompile {
+                    field: format!("{field}.filter"),
+                    reason: e.to_string(),
                 })
-                .transpose()?;
-            let fields = raw
-                .fields
-                .map(|paths| {
-                    FieldSelection::new(event_type, &paths).map_err(|path| {
-                        ConfigError::UnknownField {
-                            field: format!("{field}.fields"),
-                            path,
-                            event_type,
-                        }
-                    })
+            })
+            .transpose()?;
+        let fields = raw
+            .fields
+            .map(|paths| {
+                FieldSelection::new(event_type, &paths).map_err(|path| ConfigError::UnknownField {
+                    field: format!("{field}.fields"),
+                    path,
+                    event_type,
                 })
-                .transpose()?;
-            sources.push(Source {
-                event_type,
-                filter,
-                fields,
-            });
-        }
-        let field = format!("{field}.destination");
-        let destination = match (self.destination.kafka, self.destination.file) {
-            (Some(kafka), None) => Destination::Kafka(kafka.validate(&format!("{field}.kafka"))?),
-            (None, Some(file)) => {
-                if file.path.as_os_str().is_empty() {
-                    return Err(invalid(format!("{field}.file.path"), "must not be empty"));
-                }
-                Destination::File(FileDestination { path: file.path })
-            }
-            _ => return Err(ConfigError::Destination { field }),
-        };
-        Ok(Subscription {
-            id: self.id,
-            description: self.description,
-            sources,
-            destination,
-        })
+            })
+            .transpose()?;
+        sources.push(Source {
+            event_type,
+            filter,
+            fields,
+        });
     }
+    let field = under(field, "destination");
+    let destination = match (raw_destination.kafka, raw_destination.file) {
+        (Some(kafka), None) => Destination::Kafka(kafka.validate(&format!("{field}.kafka"))?),
+        (None, Some(file)) => {
+            if file.path.as_os_str().is_empty() {
+                return Err(invalid(format!("{field}.file.path"), "must not be empty"));
+            }
+            Destination::File(FileDestination { path: file.path })
+        }
+        _ => return Err(ConfigError::Destination { field }),
+    };
+    Ok(Subscription {
+        id,
+        description,
+        metadata,
+        sources,
+        destination,
+    })
 }
 
 impl RawKafka {

@@ -36,6 +36,13 @@ impl fmt::Debug for Filter {
     }
 }
 
+/// Filters are equal when their source text is.
+impl PartialEq for Filter {
+    fn eq(&self, other: &Filter) -> bool {
+        self.source == other.source
+    }
+}
+
 /// Why a filter did not compile or run.
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {

@@ -36,7 +36,7 @@
 use std::{
     collections::BTreeMap,
     mem,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex, MutexGuard, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -107,6 +107,18 @@ pub(crate) fn producer_config(id: &str, dest: &KafkaDestination) -> ClientConfig
     config
 }
 
+/// Whether two destinations make the same producer: everything but the
+/// topic, which each spooled record carries itself.
+pub(crate) fn same_producer(a: &KafkaDestination, b: &KafkaDestination) -> bool {
+    KafkaDestination {
+        topic: String::new(),
+        ..a.clone()
+    } == KafkaDestination {
+        topic: String::new(),
+        ..b.clone()
+    }
+}
+
 /// A delivery report: producer generation, seq, result.
 type Report = (u64, u64, Result<(), KafkaError>);
 
@@ -117,6 +129,8 @@ struct Inbox {
     reports: Vec<Report>,
     news: bool,
     finish_by: Option<Instant>,
+    /// Stop without waiting for reports: the spool is about to be deleted.
+    discard: bool,
     health: Health,
 }
 
@@ -243,6 +257,29 @@ pub(crate) struct KafkaDelivery {
     thread: Option<thread::JoinHandle<DeliveryOutcome>>,
 }
 
+/// A delivery thread with its producer, not reading the spool yet: it
+/// starts on [`PendingDelivery::take_over`]. Dropped instead, it ends
+/// without having read anything.
+pub(crate) struct PendingDelivery {
+    delivery: KafkaDelivery,
+    notify: Notify,
+    gate: mpsc::Sender<Option<KafkaDelivery>>,
+}
+
+impl PendingDelivery {
+    /// Starts reading the spool, once `previous` (the thread that read the
+    /// same spool until now) has stopped: it gets no more time than its
+    /// in-flight records need to report, and what it did not deliver is
+    /// read again from its committed offset by this thread, so nothing is
+    /// lost and nothing sent twice. Returns at once.
+    pub(crate) fn take_over(self, previous: Option<KafkaDelivery>) -> (KafkaDelivery, Notify) {
+        // A thread that is gone has dropped the receiver; `previous` then
+        // comes back in the error and is dropped, which stops it.
+        let _ = self.gate.send(previous);
+        (self.delivery, self.notify)
+    }
+}
+
 impl KafkaDelivery {
     pub(crate) fn start(
         id: &str,
@@ -250,47 +287,84 @@ impl KafkaDelivery {
         spool: Arc<Spool>,
         metrics: Arc<EventMetrics>,
     ) -> Result<(KafkaDelivery, Notify), KafkaError> {
+        Ok(KafkaDelivery::prepare(id, dest, spool, metrics)?.take_over(None))
+    }
+
+    /// Creates the producer and the thread, which waits for
+    /// [`PendingDelivery::take_over`].
+    pub(crate) fn prepare(
+        id: &str,
+        dest: &KafkaDestination,
+        spool: Arc<Spool>,
+        metrics: Arc<EventMetrics>,
+    ) -> Result<PendingDelivery, KafkaError> {
         let shared = Arc::new(Shared::default());
         let config = producer_config(id, dest);
         let errors = Arc::new(LogLimiter::new(Duration::from_secs(10)));
         let producer = create_producer(&config, &shared, id, 0, &errors)?;
-        let run = Run {
-            id: id.to_string(),
-            config,
-            errors,
-            generation: 0,
-            producer,
-            reader: spool.reader(),
-            spool,
-            shared: shared.clone(),
-            metrics,
-            window: BTreeMap::new(),
-            window_bytes: 0,
-            unsent: None,
-            retry_at: None,
-            backoff: RETRY_FIRST,
-            failures: LogLimiter::new(Duration::from_secs(10)),
-            progress: (Instant::now(), 0),
-        };
+        let (gate, gated) = mpsc::channel::<Option<KafkaDelivery>>();
+        let id = id.to_string();
+        let thread_shared = shared.clone();
         let thread = thread::Builder::new()
             .name(format!("events-kafka-{id}"))
-            .spawn(move || run.run())
+            .spawn(move || {
+                let Ok(previous) = gated.recv() else {
+                    return DeliveryOutcome {
+                        undelivered: spool.pending(),
+                    };
+                };
+                if let Some(previous) = previous {
+                    previous.finish_by(Instant::now());
+                    previous.join();
+                }
+                // Only now: the previous thread's last commit is in.
+                let reader = spool.reader();
+                let run = Run {
+                    id,
+                    config,
+                    errors,
+                    generation: 0,
+                    producer,
+                    reader,
+                    spool,
+                    shared: thread_shared,
+                    metrics,
+                    window: BTreeMap::new(),
+                    window_bytes: 0,
+                    unsent: None,
+                    retry_at: None,
+                    backoff: RETRY_FIRST,
+                    failures: LogLimiter::new(Duration::from_secs(10)),
+                    progress: (Instant::now(), 0),
+                };
+                run.run()
+            })
             .map_err(|e| {
                 KafkaError::ClientCreation(format!("starting the delivery thread: {e}"))
             })?;
-        Ok((
-            KafkaDelivery {
+        Ok(PendingDelivery {
+            delivery: KafkaDelivery {
                 shared: shared.clone(),
                 thread: Some(thread),
             },
-            Notify(shared),
-        ))
+            notify: Notify(shared),
+            gate,
+        })
     }
 
     /// Asks the thread to deliver what it can by `deadline`, then stop.
     pub(crate) fn finish_by(&self, deadline: Instant) {
         self.shared.lock().finish_by = Some(deadline);
         self.shared.wake.notify_one();
+    }
+
+    /// Stops the thread at once, without waiting for in-flight records to
+    /// report or committing their offsets (the spool is going away), and
+    /// waits for it.
+    pub(crate) fn discard(self) {
+        self.shared.lock().discard = true;
+        self.finish_by(Instant::now());
+        self.join();
     }
 
     /// Waits for the thread (after [`KafkaDelivery::finish_by`]).
@@ -599,6 +673,13 @@ impl Run {
     /// After the deadline: let what is in flight report for a moment, keep
     /// what was confirmed, and leave the rest in the spool.
     fn finish(mut self) -> DeliveryOutcome {
+        if self.shared.lock().discard {
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            return DeliveryOutcome {
+                undelivered: self.spool.pending(),
+            };
+        }
         if !self.window.is_empty() {
             self.producer.purge(PurgeConfig::default().queue());
             let _ = self.producer.flush(LAST_REPORTS);

@@ -27,15 +27,17 @@ mod tail;
 use std::time::SystemTime;
 
 pub use config::{
-    ByteSize, ConfigError, DEFAULT_TOPIC, Destination, EventsConfig, FileDestination,
-    KafkaDestination, Limits, RawDestination, RawEventsConfig, RawFile, RawKafka, RawLimits,
-    RawSource, RawSubscription, Secret, Source, Subscription, topic_name,
+    ApiSubscription, ByteSize, ConfigError, DEFAULT_TOPIC, Destination, EventsConfig,
+    FileDestination, KafkaDestination, Limits, RawDestination, RawEventsConfig, RawFile, RawKafka,
+    RawLimits, RawSource, RawSubscription, Secret, Source, Subscription, topic_name,
 };
 pub use event::*;
 pub use filter::{FILTERABLE_FIELDS, Filter, FilterError, FilterInput};
 pub use memory::MemorySink;
 pub use metrics::{EventMetrics, MetricsSnapshot};
-pub use pipeline::{EventPipeline, EventsError, MetricsHandle, ShutdownReport, event_key};
+pub use pipeline::{
+    EventPipeline, EventsError, MetricsHandle, RuntimeSubscriptions, ShutdownReport, event_key,
+};
 pub use schema::{HTTP_REQUEST_COMPLETE_SCHEMA, TCP_CONNECTION_CLOSED_SCHEMA, field_paths, schema};
 pub use select::FieldSelection;
 #[cfg(feature = "kafka")]

@@ -30,6 +30,11 @@ impl FieldSelection {
         Ok(FieldSelection { paths: out })
     }
 
+    /// The selected paths, dotted, as written (duplicates once).
+    pub fn paths(&self) -> Vec<String> {
+        self.paths.iter().map(|p| p.join(".")).collect()
+    }
+
     /// Prunes `object` of an event (as JSON) to the selected fields.
     pub fn apply(&self, event: &mut Value) {
         let Some(object) = event.get_mut("object") else {

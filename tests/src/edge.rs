@@ -72,7 +72,7 @@ impl TestEdge {
         let dir = TempDir::new("edge");
         let token = format!("test-token-{}", postern_ingress::random_label());
         let bind = || async { TcpListener::bind(format!("{ip}:0")).await.unwrap() };
-        let listeners = Listeners {
+        let mut listeners = Listeners {
             agent: bind().await,
             http: Some(bind().await),
             https: bind().await,
@@ -98,6 +98,7 @@ impl TestEdge {
             region: region.to_string(),
         };
         let config = edge.config();
+        listeners.node_link = link_listener(&config).await;
         edge.edge = Some(Edge::start(config, listeners).await.expect("edge starts"));
         edge
     }
@@ -251,6 +252,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         self.edge.as_ref().expect("edge running in-process")
     }
 
+    /// Whether the node runs in this process (not as the binary).
+    pub fn in_process(&self) -> bool {
+        self.edge.is_some()
+    }
+
     /// A counter of the public side.
     pub fn stat(&self, name: &str) -> u64 {
         self.edge()
@@ -288,11 +294,12 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             metrics: Some(bind(self.addrs.metrics.unwrap()).await),
             node_link: None,
         };
-        self.edge = Some(
-            Edge::start(self.config(), listeners)
-                .await
-                .expect("edge restarts"),
-        );
+        let config = self.config();
+        let listeners = Listeners {
+            node_link: link_listener(&config).await,
+            ..listeners
+        };
+        self.edge = Some(Edge::start(config, listeners).await.expect("edge restarts"));
     }
 
     /// The agent YAML preamble for this edge with `token`.
@@ -311,20 +318,29 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
     }
 
     pub fn agent_yaml(&self, token: &str, tunnels: &str) -> String {
+        let name = format!("tunnel.{}.connect.{DOMAIN}", self.region);
+        self.agent_yaml_through(token, &name, &self.ca_pem(), tunnels)
+    }
+
+    /// The agent YAML for connecting as `server_name` (an agent ingress's
+    /// region domain), trusting `root_cas`.
+    fn agent_yaml_through(
+        &self,
+        token: &str,
+        server_name: &str,
+        root_cas: &std::path::Path,
+        tunnels: &str,
+    ) -> String {
         format!(
-            "authtoken: {token}\nserver_addr: \"{agent}\"\ntls_server_name: tunnel.{region}.connect.{DOMAIN}\n\
+            "authtoken: {token}\nserver_addr: \"{agent}\"\ntls_server_name: {server_name}\n\
              root_cas: {ca}\nheartbeat_interval: 1s\nheartbeat_tolerance: 3s\ntunnels:\n{tunnels}",
             agent = self.addrs.agent,
-            ca = self.ca_pem().display(),
-            region = self.region,
+            ca = root_cas.display(),
         )
     }
 
     pub fn agent_config(&self, token: &str, tunnels: &str) -> AgentConfig {
-        let value = serde_yaml_ng::from_str(&self.agent_yaml(token, tunnels)).expect("agent yaml");
-        postern_agent::parse_raw(value)
-            .and_then(|raw| raw.validate(None))
-            .expect("agent config is valid")
+        parse_agent_config(&self.agent_yaml(token, tunnels))
     }
 
     /// Starts an in-process agent with the default token and waits until
@@ -338,24 +354,20 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
     /// As [`TestEdge::agent`] with a token; the error is the agent's when
     /// it stops before coming online.
     pub async fn agent_with(&self, token: &str, tunnels: &str) -> anyhow::Result<(Agent, Status)> {
-        let agent = Agent::start(self.agent_config(token, tunnels));
-        let mut status = agent.status();
-        let online =
-            tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.online)).await;
-        match online {
-            Ok(Ok(s)) => {
-                let s = s.clone();
-                Ok((agent, s))
-            }
-            Ok(Err(_)) => Err(agent
-                .wait()
-                .await
-                .expect_err("an agent that stops early has failed")),
-            Err(_) => panic!(
-                "agent not online within 20s: {:?}",
-                agent.status().borrow().clone()
-            ),
-        }
+        online(Agent::start(self.agent_config(token, tunnels))).await
+    }
+
+    /// As [`TestEdge::agent_with`], connecting as `server_name` and
+    /// trusting `root_cas`.
+    pub async fn agent_through(
+        &self,
+        token: &str,
+        server_name: &str,
+        root_cas: &std::path::Path,
+        tunnels: &str,
+    ) -> anyhow::Result<(Agent, Status)> {
+        let yaml = self.agent_yaml_through(token, server_name, root_cas, tunnels);
+        online(Agent::start(parse_agent_config(&yaml))).await
     }
 
     /// Calls the admin API with `key` and an optional `(content type,
@@ -447,6 +459,44 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
     pub fn https_url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.addrs.https.port())
     }
+}
+
+fn parse_agent_config(yaml: &str) -> AgentConfig {
+    let value = serde_yaml_ng::from_str(yaml).expect("agent yaml");
+    postern_agent::parse_raw(value)
+        .and_then(|raw| raw.validate(None))
+        .expect("agent config is valid")
+}
+
+/// Waits until `agent` is online: its status then, or its error when it
+/// stops first.
+async fn online(agent: Agent) -> anyhow::Result<(Agent, Status)> {
+    let mut status = agent.status();
+    let online = tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.online)).await;
+    match online {
+        Ok(Ok(s)) => {
+            let s = s.clone();
+            Ok((agent, s))
+        }
+        Ok(Err(_)) => Err(agent
+            .wait()
+            .await
+            .expect_err("an agent that stops early has failed")),
+        Err(_) => panic!(
+            "agent not online within 20s: {:?}",
+            agent.status().borrow().clone()
+        ),
+    }
+}
+
+/// The listener of `[cluster] rpc_listen` (e.g. `127.0.0.1:0`), if set.
+async fn link_listener(config: &EdgeConfig) -> Option<TcpListener> {
+    let addr = config.cluster.as_ref()?.rpc_listen?;
+    Some(
+        TcpListener::bind(addr)
+            .await
+            .expect("binding the node link"),
+    )
 }
 
 /// The URL a status lists for a tunnel.

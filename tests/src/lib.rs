@@ -4,6 +4,7 @@
 //! HTTPS client). Everything binds 127.0.0.1 on port 0.
 
 mod client;
+pub mod cluster;
 mod edge;
 mod kafka;
 mod oidc;

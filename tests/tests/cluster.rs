@@ -11,85 +11,16 @@ use std::{
 };
 
 use postern_config_sync::{Cluster, ClusterKey, ClusterSettings, GossipTransport, Kind};
-use postern_tests::{API_KEY, HttpUpstream, TempDir, TestCa, TestEdge, eventually};
+use postern_tests::{
+    API_KEY, HttpUpstream, TempDir, TestCa, TestEdge,
+    cluster::{GOSSIP, Run, SECRET, TestCluster},
+    eventually,
+};
 use serde::{Deserialize, Serialize};
 
-const SECRET: &str = "cluster-test-key-0123456789abcdef-0123";
+type Trio = TestCluster;
+
 const HOST: &str = "app.customer1.example.test";
-/// Gossip round of the test clusters; detection and convergence scale
-/// with it.
-const GOSSIP: &str = "100ms";
-
-/// A free UDP port on loopback.
-fn udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Trio {
-    cluster_id: String,
-    ports: [u16; 3],
-    nodes: Vec<TestEdge>,
-}
-
-const NODES: [(&str, &str); 3] = [
-    ("edge-us-1", "us"),
-    ("edge-eu-1", "eu"),
-    ("edge-ap-1", "ap"),
-];
-
-fn cluster_toml(cluster_id: &str, ports: &[u16; 3], i: usize) -> String {
-    let seeds: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .filter(|(j, _)| *j != i)
-        .map(|(_, p)| format!("\"127.0.0.1:{p}\""))
-        .collect();
-    format!(
-        "[cluster]\ncluster_id = \"{cluster_id}\"\nkey = \"{SECRET}\"\n\
-         gossip_listen = \"127.0.0.1:{port}\"\nseeds = [{seeds}]\ngossip_interval = \"{GOSSIP}\"\n",
-        port = ports[i],
-        seeds = seeds.join(", "),
-    )
-}
-
-impl Trio {
-    /// Three nodes, each seeded with the other two, once all see three
-    /// members.
-    async fn start() -> Trio {
-        let cluster_id = format!("test-{}", postern_ingress::random_label());
-        let ports = [udp_port(), udp_port(), udp_port()];
-        let mut nodes = Vec::new();
-        for (i, (node, region)) in NODES.iter().enumerate() {
-            nodes.push(
-                TestEdge::start_node(node, region, &cluster_toml(&cluster_id, &ports, i)).await,
-            );
-        }
-        let trio = Trio {
-            cluster_id,
-            ports,
-            nodes,
-        };
-        trio.wait_members(&[0, 1, 2], 3).await;
-        trio
-    }
-
-    async fn wait_members(&self, which: &[usize], n: u64) {
-        let nodes: Vec<&TestEdge> = which.iter().map(|i| &self.nodes[*i]).collect();
-        eventually(30, &format!("{n} members at nodes {which:?}"), || {
-            let ok = nodes.iter().all(|e| e.stat("cluster_members") == n);
-            async move { ok }
-        })
-        .await;
-    }
-
-    fn us(&self) -> &TestEdge {
-        &self.nodes[0]
-    }
-}
 
 /// Uploads a CA's PEM at `edge`; its id.
 async fn upload(edge: &TestEdge, ca: &TestCa, description: &str) -> String {
@@ -134,9 +65,12 @@ async fn until_all<'a>(
     start.elapsed()
 }
 
+/// Pooled: the agents at eu and ap serve one endpoint, each node preferring
+/// its own.
 fn mtls_tunnel(upstream: &HttpUpstream, ca_id: &str) -> String {
     format!(
-        "  web:\n    proto: http\n    addr: {}\n    domain: {HOST}\n    mutual_tls_cas: [{ca_id}]\n",
+        "  web:\n    proto: http\n    addr: {}\n    domain: {HOST}\n    mutual_tls_cas: [{ca_id}]\n    \
+         pooling_enabled: true\n",
         upstream.port()
     )
 }
@@ -449,21 +383,15 @@ fn the_local_cluster_example_configs_are_valid_and_seed_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_is_dropped_its_writes_survive_and_it_restarts_from_its_snapshot() {
-    let cluster_id = format!("test-{}", postern_ingress::random_label());
-    let ports = [udp_port(), udp_port(), udp_port()];
-    let mut nodes = Vec::new();
-    for (i, (node, region)) in NODES[..2].iter().enumerate() {
-        nodes.push(TestEdge::start_node(node, region, &cluster_toml(&cluster_id, &ports, i)).await);
-    }
     // ap runs as the postern-edge binary, so it can be SIGKILLed.
-    let (node, region) = NODES[2];
-    let mut ap =
-        TestEdge::start_process_node(node, region, &cluster_toml(&cluster_id, &ports, 2)).await;
-    eventually(30, "three members at us and eu", || {
-        let ok = nodes.iter().all(|e| e.stat("cluster_members") == 3);
-        async move { ok }
-    })
-    .await;
+    let specs = [
+        ("edge-us-1", "us", Run::InProcess),
+        ("edge-eu-1", "eu", Run::InProcess),
+        ("edge-ap-1", "ap", Run::Binary),
+    ];
+    let mut cluster = TestCluster::start_nodes(&specs, "").await;
+    let mut ap = cluster.nodes.pop().unwrap();
+    let nodes = cluster.nodes;
     let root = TestCa::root("Written at ap");
     let id = upload(&ap, &root, "from ap").await;
     until_all(&nodes, "ap's CA at us and eu", &id, true).await;
@@ -512,14 +440,13 @@ async fn a_killed_node_is_dropped_its_writes_survive_and_it_restarts_from_its_sn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_credential_created_at_us_serves_at_eu_and_revoked_at_ap_disconnects_its_agent() {
+async fn a_credential_created_at_eu_serves_at_us_and_revoked_at_ap_disconnects_its_agent() {
     let trio = Trio::start().await;
     let upstream = HttpUpstream::start().await;
     let json = "Content-Type: application/json";
 
     let bad = r#"{"acl": ["bond:*.customer1.example.test"]}"#;
-    let (status, refused) = trio
-        .us()
+    let (status, refused) = trio.nodes[1]
         .api("POST", "/credentials", Some((json, bad)), API_KEY)
         .await;
     assert_eq!(status, 400, "{refused}");
@@ -530,8 +457,7 @@ async fn a_credential_created_at_us_serves_at_eu_and_revoked_at_ap_disconnects_i
     );
 
     let body = r#"{"description": "site agent", "acl": ["bind:*.customer1.example.test"]}"#;
-    let (status, created) = trio
-        .us()
+    let (status, created) = trio.nodes[1]
         .api("POST", "/credentials", Some((json, body)), API_KEY)
         .await;
     assert_eq!(status, 201, "{created}");
@@ -539,24 +465,24 @@ async fn a_credential_created_at_us_serves_at_eu_and_revoked_at_ap_disconnects_i
     let id = created["id"].as_str().unwrap().to_string();
     assert_eq!(created["acl"][0], "bind:*.customer1.example.test");
 
-    let eu = &trio.nodes[1];
-    eventually(30, "the credential at eu", || async {
-        eu.api("GET", &format!("/credentials/{id}"), None, API_KEY)
+    let us = trio.us();
+    eventually(30, "the credential at us", || async {
+        us.api("GET", &format!("/credentials/{id}"), None, API_KEY)
             .await
             .0
             == 200
     })
     .await;
-    let (_, listed) = eu.api("GET", "/credentials", None, API_KEY).await;
+    let (_, listed) = us.api("GET", "/credentials", None, API_KEY).await;
     assert_eq!(listed["credentials"][0]["id"], id.as_str());
     assert!(
         listed["credentials"][0]["token"].is_null(),
         "the token is shown only once"
     );
 
-    // An agent at eu with the token made at us: its ACL applies there.
+    // An agent at us with the token made at eu: its ACL applies there.
     let outside = "  web:\n    proto: http\n    addr: 1\n    domain: app.customer2.example.test\n";
-    let Err(denied) = eu.agent_with(&token, outside).await else {
+    let Err(denied) = us.agent_with(&token, outside).await else {
         panic!("a name outside the ACL was bound");
     };
     assert!(
@@ -567,30 +493,30 @@ async fn a_credential_created_at_us_serves_at_eu_and_revoked_at_ap_disconnects_i
         "  web:\n    proto: http\n    addr: {}\n    domain: {HOST}\n",
         upstream.port()
     );
-    let (agent, _) = eu
+    let (agent, _) = us
         .agent_with(&token, &tunnel)
         .await
-        .expect("the credential works at eu");
+        .expect("the credential works at us");
     let code = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
-    let served = eu
+    let served = us
         .curl_mtls(HOST, None, &["-o", "/dev/null", "-w", "%{http_code}"])
         .await;
     assert_eq!(code(served), "200");
 
-    // Revoked at ap: eu closes the agent's session, and the agent, told its
+    // Revoked at ap: us closes the agent's session, and the agent, told its
     // token is no longer valid, stops.
     let (status, _) = trio.nodes[2]
         .api("DELETE", &format!("/credentials/{id}"), None, API_KEY)
         .await;
     assert_eq!(status, 204);
     let start = Instant::now();
-    eventually(30, "eu closed the revoked credential's session", || {
-        let closed = eu.stat("agent_sessions") == 0;
+    eventually(30, "us closed the revoked credential's session", || {
+        let closed = us.stat("agent_sessions") == 0;
         async move { closed }
     })
     .await;
     println!(
-        "a credential revoked at ap closed its session at eu after {:?}",
+        "a credential revoked at ap closed its session at us after {:?}",
         start.elapsed()
     );
     let stopped = tokio::time::timeout(Duration::from_secs(30), agent.wait())
@@ -598,11 +524,11 @@ async fn a_credential_created_at_us_serves_at_eu_and_revoked_at_ap_disconnects_i
         .expect("the agent stops");
     let error = format!("{:#}", stopped.expect_err("with an error"));
     assert!(error.contains("ERR_POSTERN_107"), "{error}");
-    // The name has no route at eu any more: TLS is refused by SNI.
-    let gone = eu.curl_mtls(HOST, None, &[]).await;
+    // The name has no route at us any more: TLS is refused by SNI.
+    let gone = us.curl_mtls(HOST, None, &[]).await;
     let stderr = String::from_utf8_lossy(&gone.stderr).to_lowercase();
     assert!(stderr.contains("unrecognized name"), "{stderr}");
-    let Err(refused) = eu.agent_with(&token, &tunnel).await else {
+    let Err(refused) = us.agent_with(&token, &tunnel).await else {
         panic!("a revoked credential connected");
     };
     assert!(

@@ -167,6 +167,7 @@ fn file_config(sources: Vec<Source>) -> EventsConfig {
         subscriptions: vec![Subscription {
             id: "file".into(),
             description: String::new(),
+            metadata: String::new(),
             sources,
             destination: Destination::File(FileDestination {
                 path: "out/events.jsonl".into(),
@@ -443,6 +444,194 @@ async fn no_subscriptions_means_no_sink() {
     assert!(pipeline.sink().is_none());
     assert_eq!(pipeline.shutdown().await, ShutdownReport::default());
 }
+
+/// Publishes `sample(0)`, `sample(1)`, … from a thread, one every
+/// `pace`, until stopped; event `i` has the id `ids[i]`.
+pub(crate) struct Publisher {
+    ids: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Events whose `publish` has returned.
+    published: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Where a change fell among the published events: those below `lo`
+/// were published before the call, those from `hi` on after it returned.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cut {
+    pub(crate) lo: usize,
+    pub(crate) hi: usize,
+}
+
+impl Publisher {
+    pub(crate) fn start(sink: Arc<dyn EventSink>, pace: Duration) -> Publisher {
+        use std::sync::atomic::Ordering;
+        let ids = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let published = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (ids, published, stop) = (ids.clone(), published.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let event = sample(i);
+                    ids.lock().unwrap().push(event.event_id.clone());
+                    sink.publish(event);
+                    i += 1;
+                    published.store(i, Ordering::Release);
+                    std::thread::sleep(pace);
+                }
+            })
+        };
+        Publisher {
+            ids,
+            published,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub(crate) fn published(&self) -> usize {
+        self.published.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `n` more events have been published.
+    pub(crate) fn wait_for_more(&self, n: usize) {
+        let target = self.published() + n;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.published() < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the publisher is stuck"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Runs `change` and says where it fell.
+    pub(crate) fn around(&self, change: impl FnOnce()) -> Cut {
+        let lo = self.published();
+        change();
+        // Event `published()` may have been mid-publish at the return;
+        // the next one started after it.
+        Cut {
+            lo,
+            hi: self.published() + 1,
+        }
+    }
+
+    /// Stops; the ids of every event published, in order.
+    pub(crate) fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.take().unwrap().join().unwrap();
+        self.ids.lock().unwrap().clone()
+    }
+}
+
+/// Whether `got` (event indexes, in arrival order) is what a subscription
+/// changed at `cuts` should have received of `n` published events: for
+/// some point `c[k]` within each cut, the events from `c[k]` up to the
+/// next point are taken where `phases[k]` says so, none before the first.
+/// `ordered: false` compares as sets (Kafka partitions reorder); either
+/// way nothing may come twice.
+pub(crate) fn explained_by_cuts(
+    n: usize,
+    got: &[usize],
+    cuts: &[Cut],
+    phases: &[&dyn Fn(usize) -> bool],
+    ordered: bool,
+) -> bool {
+    assert_eq!(cuts.len(), phases.len());
+    let mut got = got.to_vec();
+    if !ordered {
+        got.sort_unstable();
+    }
+    fn search(
+        n: usize,
+        got: &[usize],
+        cuts: &[Cut],
+        phases: &[&dyn Fn(usize) -> bool],
+        points: &mut Vec<usize>,
+    ) -> bool {
+        let k = points.len();
+        if k == cuts.len() {
+            let expected: Vec<usize> = (0..n)
+                .filter(|&i| {
+                    let phase = points.iter().rposition(|&c| i >= c);
+                    phase.is_some_and(|p| phases[p](i))
+                })
+                .collect();
+            return expected == got;
+        }
+        let from = cuts[k].lo.max(points.last().copied().unwrap_or(0));
+        for c in from..=cuts[k].hi.min(n) {
+            points.push(c);
+            if search(n, got, cuts, phases, points) {
+                return true;
+            }
+            points.pop();
+        }
+        false
+    }
+    search(n, &got, cuts, phases, &mut Vec::new())
+}
+
+/// Indexes of `ids` in `published` (which lists every event once).
+pub(crate) fn indexes(published: &[String], ids: &[&str]) -> Vec<usize> {
+    let at: BTreeMap<&str, usize> = published
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    ids.iter()
+        .map(|id| {
+            *at.get(id)
+                .unwrap_or_else(|| panic!("{id} was never published"))
+        })
+        .collect()
+}
+
+#[test]
+fn cuts_explain_exactly_what_they_should() {
+    let cut = |lo, hi| Cut { lo, hi };
+    let all: &dyn Fn(usize) -> bool = &|_| true;
+    let even: &dyn Fn(usize) -> bool = &|i| i % 2 == 0;
+    let none: &dyn Fn(usize) -> bool = &|_| false;
+    let phases = [all, even, none];
+    let cuts = [cut(2, 4), cut(6, 7), cut(9, 9)];
+    // Cut points 3, 6, 9: 3 4 5 then 6 8 then nothing.
+    assert!(explained_by_cuts(
+        12,
+        &[3, 4, 5, 6, 8],
+        &cuts,
+        &phases,
+        true
+    ));
+    assert!(explained_by_cuts(12, &[4, 5, 6, 8], &cuts, &phases, true));
+    assert!(explained_by_cuts(12, &[8, 6, 5, 4], &cuts, &phases, false));
+    assert!(!explained_by_cuts(12, &[8, 6, 5, 4], &cuts, &phases, true));
+    assert!(!explained_by_cuts(
+        12,
+        &[1, 2, 3, 4, 5, 6, 8],
+        &cuts,
+        &phases,
+        true
+    ));
+    assert!(
+        !explained_by_cuts(12, &[3, 5, 6, 8], &cuts, &phases, true),
+        "a gap"
+    );
+    assert!(
+        !explained_by_cuts(12, &[3, 4, 5, 6, 8, 8], &cuts, &phases, false),
+        "twice"
+    );
+    assert!(
+        !explained_by_cuts(12, &[3, 4, 5, 6, 8, 10], &cuts, &phases, true),
+        "after removal"
+    );
+}
+
+mod runtime;
 
 #[cfg(feature = "kafka")]
 mod kafka;

@@ -182,6 +182,7 @@ fn kafka_config(brokers: &str, topic: &str) -> EventsConfig {
         subscriptions: vec![Subscription {
             id: "kafka".into(),
             description: String::new(),
+            metadata: String::new(),
             sources: all_types(),
             destination: Destination::Kafka(KafkaDestination {
                 brokers: vec![brokers.to_string()],
@@ -429,4 +430,64 @@ async fn throughput_through_the_kafka_sink() {
     );
     assert_eq!(m.dropped, 0);
     pipeline.shutdown().await;
+}
+
+/// A runtime Kafka subscription whose producer settings change while
+/// events flow keeps its spool: a new delivery thread takes over from the
+/// old one's offset, and every event arrives once. Removing it deletes
+/// the spool.
+#[tokio::test]
+async fn new_producer_settings_at_run_time_keep_the_spool_and_lose_nothing() {
+    let broker = Tansu::start();
+    let template = random_template("rt-producer");
+    for topic in topics(&template) {
+        assert!(broker.create_topic(&topic));
+    }
+    let dir = TempDir::new("rt-kafka");
+    let pipeline = EventPipeline::start(&EventsConfig::default(), &dir.0).unwrap();
+    let mut sub = kafka_config(&broker.addr, &template)
+        .subscriptions
+        .remove(0);
+    sub.id = "rt".into();
+    pipeline
+        .set_runtime_subscriptions(vec![sub.clone()])
+        .unwrap();
+    let spool = dir.0.join("events-spool/rt");
+    assert!(spool.is_dir());
+
+    let publisher = Publisher::start(pipeline.publisher(), Duration::from_micros(300));
+    publisher.wait_for_more(200);
+    let Destination::Kafka(kafka) = &mut sub.destination else {
+        unreachable!()
+    };
+    kafka.compression = "gzip".into();
+    kafka.linger = Duration::from_millis(20);
+    publisher.around(|| {
+        pipeline
+            .set_runtime_subscriptions(vec![sub.clone()])
+            .unwrap()
+    });
+    assert!(spool.is_dir(), "the same spool");
+    publisher.wait_for_more(200);
+    let published = publisher.stop();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pipeline.metrics().delivered < published.len() as u64 {
+        assert!(Instant::now() < deadline, "{:?}", pipeline.metrics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pipeline.set_runtime_subscriptions(Vec::new()).unwrap();
+    assert!(!spool.exists(), "a removed subscription's spool is deleted");
+    let report = pipeline.shutdown().await;
+    assert_eq!(report.metrics.dropped, 0, "{report:?}");
+    let addr = broker.addr.clone();
+    let all = tokio::task::spawn_blocking(move || consume_all(&addr, &topics(&template)))
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = all
+        .iter()
+        .map(|(_, v)| v["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(all.len(), published.len(), "none twice");
+    assert_eq!(ids, published.iter().map(String::as_str).collect());
 }
