@@ -2,6 +2,8 @@
 //! data directory, UDP gossip socket and link between nodes: in-process,
 //! or as the `postern-edge` binary where a test kills one.
 
+use std::net::SocketAddr;
+
 use crate::{TestEdge, eventually};
 
 /// The cluster key of every test cluster.
@@ -26,20 +28,21 @@ pub fn udp_port() -> u16 {
         .port()
 }
 
-/// Node `i`'s `[cluster]` table: gossip on `ports[i]`, seeded with the
-/// other ports, the link between nodes on a free port.
-pub fn cluster_toml(cluster_id: &str, ports: &[u16], i: usize) -> String {
-    let seeds: Vec<String> = ports
+/// Node `i`'s `[cluster]` table: gossip on `gossip[i]`, seeded with the
+/// others, the link between nodes on a free port of the same address.
+pub fn cluster_toml(cluster_id: &str, gossip: &[SocketAddr], i: usize) -> String {
+    let seeds: Vec<String> = gossip
         .iter()
         .enumerate()
         .filter(|(j, _)| *j != i)
-        .map(|(_, p)| format!("\"127.0.0.1:{p}\""))
+        .map(|(_, a)| format!("\"{a}\""))
         .collect();
     format!(
         "[cluster]\ncluster_id = \"{cluster_id}\"\nkey = \"{SECRET}\"\n\
-         gossip_listen = \"127.0.0.1:{port}\"\nrpc_listen = \"127.0.0.1:0\"\n\
+         gossip_listen = \"{listen}\"\nrpc_listen = \"{ip}:0\"\n\
          seeds = [{seeds}]\ngossip_interval = \"{GOSSIP}\"\n",
-        port = ports[i],
+        listen = gossip[i],
+        ip = gossip[i].ip(),
         seeds = seeds.join(", "),
     )
 }
@@ -54,7 +57,8 @@ pub enum Run {
 
 pub struct TestCluster {
     pub cluster_id: String,
-    pub ports: Vec<u16>,
+    /// Each node's gossip address.
+    pub gossip: Vec<SocketAddr>,
     pub nodes: Vec<TestEdge>,
 }
 
@@ -77,10 +81,13 @@ impl TestCluster {
     /// once the in-process ones see them all.
     pub async fn start_nodes(specs: &[(&str, &str, Run)], extra: &str) -> TestCluster {
         let cluster_id = format!("test-{}", postern_ingress::random_label());
-        let ports: Vec<u16> = specs.iter().map(|_| udp_port()).collect();
+        let gossip: Vec<SocketAddr> = specs
+            .iter()
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], udp_port())))
+            .collect();
         let mut nodes = Vec::new();
         for (i, (node, region, run)) in specs.iter().enumerate() {
-            let config = format!("{extra}\n{}", cluster_toml(&cluster_id, &ports, i));
+            let config = format!("{extra}\n{}", cluster_toml(&cluster_id, &gossip, i));
             nodes.push(match run {
                 Run::InProcess => TestEdge::start_node(node, region, &config).await,
                 Run::Binary => TestEdge::start_process_node(node, region, &config).await,
@@ -88,7 +95,7 @@ impl TestCluster {
         }
         let cluster = TestCluster {
             cluster_id,
-            ports,
+            gossip,
             nodes,
         };
         let all: Vec<usize> = (0..specs.len()).collect();
@@ -120,7 +127,7 @@ impl TestCluster {
 
 /// The live members a node counts: its counter in-process, its
 /// `/metrics` when it runs as the binary.
-async fn members(edge: &TestEdge) -> Option<u64> {
+pub async fn members(edge: &TestEdge) -> Option<u64> {
     if edge.in_process() {
         return Some(edge.stat("cluster_members"));
     }

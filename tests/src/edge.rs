@@ -44,6 +44,8 @@ pub struct TestEdge {
     fd_limit: Option<u32>,
     node_id: String,
     region: String,
+    /// The network namespace the binary runs in, if not this one.
+    netns: Option<String>,
 }
 
 impl TestEdge {
@@ -96,6 +98,7 @@ impl TestEdge {
             fd_limit: None,
             node_id: node_id.to_string(),
             region: region.to_string(),
+            netns: None,
         };
         let config = edge.config();
         listeners.node_link = link_listener(&config).await;
@@ -110,17 +113,29 @@ impl TestEdge {
 
     /// As [`TestEdge::start_process`], with `extra` appended to the config.
     pub async fn start_process_with(extra: &str) -> TestEdge {
-        Self::spawn_binary(extra, None, "test-edge", "us").await
+        Self::spawn_binary(extra, None, "test-edge", "us", None).await
     }
 
     /// As [`TestEdge::start_node`], running the binary.
     pub async fn start_process_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
-        Self::spawn_binary(extra, None, node_id, region).await
+        Self::spawn_binary(extra, None, node_id, region, None).await
+    }
+
+    /// As [`TestEdge::start_process_node`], inside the network namespace
+    /// `netns` and listening on its address `ip`.
+    pub async fn start_process_in(
+        node_id: &str,
+        region: &str,
+        extra: &str,
+        netns: &crate::netns::NetNs,
+    ) -> TestEdge {
+        let at = Some((netns.name.clone(), netns.ns_ip));
+        Self::spawn_binary(extra, None, node_id, region, at).await
     }
 
     /// The binary with at most `fds` open file descriptors (`ulimit -n`).
     pub async fn start_process_with_fd_limit(fds: u32) -> TestEdge {
-        Self::spawn_binary("", Some(fds), "test-edge", "us").await
+        Self::spawn_binary("", Some(fds), "test-edge", "us", None).await
     }
 
     async fn spawn_binary(
@@ -128,9 +143,13 @@ impl TestEdge {
         fd_limit: Option<u32>,
         node_id: &str,
         region: &str,
+        netns: Option<(String, std::net::Ipv4Addr)>,
     ) -> TestEdge {
         init();
-        let free = || std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
+        let ip = netns
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.1);
+        let free = || std::net::SocketAddr::from((ip, crate::free_port()));
         let mut edge = TestEdge {
             edge: None,
             process: None,
@@ -147,6 +166,7 @@ impl TestEdge {
             fd_limit: None,
             node_id: node_id.to_string(),
             region: region.to_string(),
+            netns: netns.map(|n| n.0),
         };
         edge.fd_limit = fd_limit;
         std::fs::write(edge.dir.path().join("edge.toml"), edge.config_toml()).unwrap();
@@ -164,9 +184,15 @@ impl TestEdge {
     }
 
     async fn spawn_process(&mut self) {
-        let mut command = match self.fd_limit {
-            None => Command::new(binary("postern-edge")),
-            Some(fds) => {
+        let mut command = match (self.fd_limit, &self.netns) {
+            (None, None) => Command::new(binary("postern-edge")),
+            (None, Some(netns)) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns])
+                    .arg(binary("postern-edge"));
+                ip
+            }
+            (Some(fds), _) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
                     .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))

@@ -7,6 +7,7 @@ mod client;
 pub mod cluster;
 mod edge;
 mod kafka;
+pub mod netns;
 mod oidc;
 mod otlp;
 mod pki;

@@ -12,9 +12,10 @@ use std::{
 
 use postern_config_sync::{Cluster, ClusterKey, ClusterSettings, GossipTransport, Kind};
 use postern_tests::{
-    API_KEY, HttpUpstream, TempDir, TestCa, TestEdge,
-    cluster::{GOSSIP, Run, SECRET, TestCluster},
-    eventually,
+    API_KEY, HttpUpstream, Spawned, TempDir, TestCa, TestEdge, binary,
+    cluster::{GOSSIP, Run, SECRET, TestCluster, cluster_toml, members, udp_port},
+    eventually, free_port,
+    netns::NetNs,
 };
 use serde::{Deserialize, Serialize};
 
@@ -175,7 +176,7 @@ async fn speaker(trio: &Trio, node_id: &str, secret: &str) -> Cluster {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
         },
-        seeds: vec![format!("127.0.0.1:{}", trio.ports[0])],
+        seeds: vec![trio.gossip[0].to_string()],
         gossip_interval: Duration::from_millis(100),
         phi_threshold: 6.0,
         tombstone_ttl: Duration::from_secs(3600),
@@ -535,4 +536,181 @@ async fn a_credential_created_at_eu_serves_at_us_and_revoked_at_ap_disconnects_i
         format!("{refused:#}").contains("ERR_POSTERN_107"),
         "{refused:#}"
     );
+}
+
+/// `curl` inside `netns`: the status line `-w` prints and the body.
+async fn ns_curl(netns: &NetNs, args: &[&str]) -> (String, String) {
+    let out = netns
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+/// The status of `GET /certificate_authorities/{id}` at a node inside
+/// `netns`, asked from inside it.
+async fn ca_status_inside(netns: &NetNs, edge: &TestEdge, id: &str) -> String {
+    let url = format!(
+        "http://{}/certificate_authorities/{id}",
+        edge.addrs.admin.unwrap()
+    );
+    let auth = format!("Authorization: Bearer {API_KEY}");
+    ns_curl(netns, &["-o", "/dev/null", "-H", &auth, &url])
+        .await
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_region_keeps_serving_and_converges_after_the_heal_without_resurrecting_deletes()
+ {
+    // ap runs in its own network namespace; its link to us and eu is a
+    // veth pair the test cuts.
+    let netns = NetNs::create().expect("a network namespace (needs root and iproute2)");
+    let cluster_id = format!("test-{}", postern_ingress::random_label());
+    let gossip: Vec<std::net::SocketAddr> = [netns.host_ip, netns.host_ip, netns.ns_ip]
+        .into_iter()
+        .map(|ip| (ip, udp_port()).into())
+        .collect();
+    let toml = |i| cluster_toml(&cluster_id, &gossip, i);
+    let us = TestEdge::start_node("edge-us-1", "us", &toml(0)).await;
+    let eu = TestEdge::start_node("edge-eu-1", "eu", &toml(1)).await;
+    let mut ap = TestEdge::start_process_in("edge-ap-1", "ap", &toml(2), &netns).await;
+    let all = [&us, &eu, &ap];
+    eventually(60, "three members at each node", || async {
+        for edge in all {
+            if members(edge).await != Some(3) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    let doomed = TestCa::root("Deleted during the partition");
+    let doomed_id = upload(&us, &doomed, "deleted while ap is cut off").await;
+    until_all([&ap], "the CA at ap", &doomed_id, true).await;
+
+    // An agent and its upstream inside ap's namespace.
+    let site = TempDir::new("ap-site");
+    std::fs::write(site.path().join("index.html"), "served in ap").unwrap();
+    let port = free_port().to_string();
+    let _upstream = Spawned::spawn(netns.command("python3").args([
+        "-m",
+        "http.server",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        site.path().to_str().unwrap(),
+    ]));
+    let host = "site.ap.example.test";
+    let mut agent = Spawned::spawn(
+        netns
+            .command(binary("postern"))
+            .args(["http", &port, "--domain", host])
+            .args(ap.agent_args(&ap.token)),
+    );
+    agent.wait_for_line("Forwarding", 20).await;
+    let ap_https = ap.addrs.https;
+    let ap_ca = ap.ca_pem();
+    let resolve = format!("{host}:{}:{}", ap_https.port(), ap_https.ip());
+    let url = format!("https://{host}:{}/", ap_https.port());
+    let inside = || {
+        let (ca, resolve, url) = (ap_ca.clone(), resolve.clone(), url.clone());
+        let netns = &netns;
+        async move {
+            let ca = ca.to_str().unwrap().to_string();
+            ns_curl(netns, &["--cacert", &ca, "--resolve", &resolve, &url]).await
+        }
+    };
+    eventually(20, "the upstream answers through ap", || async {
+        inside().await.0 == "200"
+    })
+    .await;
+    // us reaches it over the link between nodes.
+    eventually(20, "us serves the ap agent's endpoint", || async {
+        us.https_status(host, "/", &[]).await == "200"
+    })
+    .await;
+
+    netns.cut();
+    let cut_at = Instant::now();
+    eventually(60, "us and eu drop ap", || async {
+        us.stat("cluster_members") == 2 && eu.stat("cluster_members") == 2
+    })
+    .await;
+    println!(
+        "partition: us and eu dropped ap after {:?}",
+        cut_at.elapsed()
+    );
+    // Each side writes while cut off.
+    let (status, _) = us.ca("DELETE", &doomed_id).await;
+    assert_eq!(status, 204);
+    let at_us = TestCa::root("Written at us during the partition");
+    let at_us_id = upload(&us, &at_us, "us, cut off").await;
+    let pem = site.path().join("ap-ca.pem");
+    let at_ap = TestCa::root("Written at ap during the partition");
+    std::fs::write(&pem, &at_ap.pem).unwrap();
+    let (code, created) = ns_curl(
+        &netns,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {API_KEY}"),
+            "--data-binary",
+            &format!("@{}", pem.display()),
+            &format!("http://{}/certificate_authorities", ap.addrs.admin.unwrap()),
+        ],
+    )
+    .await;
+    assert_eq!(code, "201", "{created}");
+    let at_ap_id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // ap keeps serving its own agent with the config it last had.
+    assert_eq!(inside().await.0, "200", "ap serves its agent while cut off");
+    assert_eq!(
+        ca_status_inside(&netns, &ap, &doomed_id).await,
+        "200",
+        "ap still has its last config"
+    );
+    // At us the endpoint is gone with ap: refused at once, no hang.
+    let started = Instant::now();
+    assert_ne!(
+        us.https_status(host, "/", &["--max-time", "5"]).await,
+        "200"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    netns.heal();
+    let healed_at = Instant::now();
+    until_all([&us, &eu], "ap's write at us and eu", &at_ap_id, true).await;
+    until_all([&ap], "us's write at ap", &at_us_id, true).await;
+    until_all([&ap], "the delete at ap", &doomed_id, false).await;
+    println!(
+        "partition healed: both sides' writes everywhere after {:?}",
+        healed_at.elapsed()
+    );
+    eventually(60, "three members again", || async {
+        us.stat("cluster_members") == 3 && eu.stat("cluster_members") == 3
+    })
+    .await;
+    // Ten more gossip rounds: ap's old copy does not bring the CA back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for edge in [&us, &eu, &ap] {
+        assert!(!has_ca(edge, &doomed_id).await, "no deleted object returns");
+    }
+    eventually(20, "us serves the ap agent's endpoint again", || async {
+        us.https_status(host, "/", &[]).await == "200"
+    })
+    .await;
+    agent.kill().await;
+    ap.process().kill().await;
 }
