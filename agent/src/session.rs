@@ -110,6 +110,7 @@ pub(crate) async fn run(
                     shutdown: &shutdown,
                     ever_online,
                     alternates: &alternates,
+                    addr: &addr,
                 };
                 let span = tracing::info_span!(
                     parent: None,
@@ -196,6 +197,25 @@ impl Command {
         };
         let _ = reply.send(Err(error));
     }
+}
+
+/// Where to reconnect besides `server_addr`: the node that welcomed us
+/// (when it is not `server_addr`) and the other nodes of its region it
+/// listed, valid `host:port`s once each. The welcoming node comes first:
+/// its list may still hold a node that just died, whose successor this
+/// is.
+fn alternates(server_addr: &str, welcomed_at: &str, listed: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for addr in std::iter::once(welcomed_at).chain(listed.iter().map(String::as_str)) {
+        let valid = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if valid && addr != server_addr && !out.iter().any(|a| a == addr) {
+            out.push(addr.to_string());
+        }
+    }
+    out.truncate(MAX_ALTERNATES);
+    out
 }
 
 /// The `n`th address to try, round the configured one and the alternates.
@@ -295,6 +315,8 @@ struct Session<'a> {
     shutdown: &'a CancellationToken,
     ever_online: bool,
     alternates: &'a std::sync::Mutex<Vec<String>>,
+    /// The address this session dialled.
+    addr: &'a str,
 }
 
 fn agent_message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
@@ -345,16 +367,11 @@ impl Session<'_> {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) | (_, Err(e)) => return e,
             };
-        *self.alternates.lock().expect("alternates lock") = welcome
-            .alternate_addrs
-            .iter()
-            .filter(|a| {
-                a.rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-            })
-            .take(MAX_ALTERNATES)
-            .cloned()
-            .collect();
+        *self.alternates.lock().expect("alternates lock") = alternates(
+            &self.state.config.server_addr,
+            self.addr,
+            &welcome.alternate_addrs,
+        );
         let routes = Arc::new(Routes::default());
         let tracker = TaskTracker::new();
         let ctx = Arc::new(StreamContext {
@@ -909,5 +926,16 @@ mod tests {
         let order: Vec<String> = (0..4).map(|n| pick_addr("a:1", &alternates, n)).collect();
         assert_eq!(order, ["a:1", "b:2", "c:3", "a:1"]);
         assert_eq!(pick_addr("a:1", &[], 7), "a:1");
+    }
+
+    #[test]
+    fn the_welcoming_node_is_kept_even_when_its_list_names_a_dead_one() {
+        // Welcomed by b after a died; b still lists a.
+        let listed = ["a:1".to_string(), "c:3".to_string(), "bad".to_string()];
+        assert_eq!(alternates("a:1", "b:2", &listed), ["b:2", "c:3"]);
+        // Welcomed by the configured node: only what it lists.
+        assert_eq!(alternates("a:1", "a:1", &["b:2".to_string()]), ["b:2"]);
+        let many: Vec<String> = (0..40).map(|i| format!("n{i}:1")).collect();
+        assert_eq!(alternates("a:1", "a:1", &many).len(), MAX_ALTERNATES);
     }
 }

@@ -338,16 +338,57 @@ impl EdgeConfig {
     }
 
     /// Reads and validates a TOML file.
+    /// Reads a config file; `${NAME}` in it is replaced by the
+    /// environment variable `NAME` first (see [`expand_env`]).
     pub fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_toml(&text).with_context(|| format!("in {}", path.display()))
+        expand_env(&text, |name| std::env::var(name).ok())
+            .and_then(|text| Self::from_toml(&text))
+            .with_context(|| format!("in {}", path.display()))
     }
 
     pub fn from_toml(text: &str) -> anyhow::Result<EdgeConfig> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         raw.validate()
     }
+}
+
+/// Replaces every `${NAME}` (letters, digits, `_`) in a config file with
+/// `var(NAME)`, so that one file serves every pod of a StatefulSet
+/// (`node_id = "${POD_NAME}"`, `gossip_advertise = "${POD_IP}:7946"`).
+/// `$${` stands for a literal `${`. An unset variable is an error naming
+/// it and its line; nothing else is touched.
+pub fn expand_env(text: &str, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(text.len());
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find("${") {
+            if rest[..at].ends_with('$') {
+                out.push_str(&rest[..at]);
+                out.push('{');
+                rest = &rest[at + 2..];
+                continue;
+            }
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 2..];
+            let end = after
+                .find('}')
+                .with_context(|| format!("line {}: `${{` without a closing `}}`", n + 1))?;
+            let name = &after[..end];
+            anyhow::ensure!(
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "line {}: ${{{name}}} is not a variable name",
+                n + 1
+            );
+            let value =
+                var(name).with_context(|| format!("line {}: ${{{name}}} is not set", n + 1))?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
 }
 
 /// `value` as a duration (`"300ms"`, `"10s"`, `"7d"`), or `default`.
@@ -610,6 +651,26 @@ impl RawConfig {
             oauth,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::expand_env;
+
+    #[test]
+    fn variables_are_expanded_and_an_unset_one_is_named() {
+        let var = |name: &str| (name == "POD_IP").then(|| "10.1.2.3".to_string());
+        assert_eq!(
+            expand_env("a = \"${POD_IP}:7946\"\nb = \"$${POD_IP}\"\n", var).unwrap(),
+            "a = \"10.1.2.3:7946\"\nb = \"${POD_IP}\"\n"
+        );
+        let err = expand_env("x = 1\nnode_id = \"${POD_NAME}\"\n", var).unwrap_err();
+        assert_eq!(err.to_string(), "line 2: ${POD_NAME} is not set");
+        let err = expand_env("a = \"${POD IP}\"", var).unwrap_err();
+        assert_eq!(err.to_string(), "line 1: ${POD IP} is not a variable name");
+        assert!(expand_env("a = \"${POD_IP\"", var).is_err());
+        assert_eq!(expand_env("cost = \"$5\"", var).unwrap(), "cost = \"$5\"");
     }
 }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use acl::Acl;
 pub use auth::{AuthtokenRecord, Authtokens};
-pub use config::{EdgeConfig, RawConfig};
+pub use config::{EdgeConfig, RawConfig, expand_env};
 pub use dev::{DEV_EVENTS_FILE, DevSetup, dev_config};
 
 /// The node's listening sockets.
