@@ -536,9 +536,7 @@ impl Session<'_> {
                     Msg::Drain(drain) => {
                         tracing::info!(reason = %drain.reason, "the edge is draining")
                     }
-                    Msg::Error(error) => {
-                        return SessionEnd::Lost(Failure::from_pb(&error).to_string());
-                    }
+                    Msg::Error(error) => return refused(Failure::from_pb(&error)),
                     Msg::Bind(response) => {
                         if let Err(end) = live.bound(response, true).await {
                             return end;

@@ -94,7 +94,7 @@ async fn an_agent_in_ap_serves_a_request_arriving_at_us_and_the_event_names_both
     let cluster = TestCluster::start_with(EVENTS).await;
     let (us, ap) = (cluster.us(), &cluster.nodes[2]);
     let upstream = HttpUpstream::start().await;
-    let (_agent, status) = ap.agent(&http_tunnel(upstream.port(), "")).await;
+    let (agent, status) = ap.agent(&http_tunnel(upstream.port(), "")).await;
     assert_eq!(status.region, "ap");
 
     let took = until_serving(us, &[("ap", "edge-ap-1")]).await;
@@ -140,6 +140,23 @@ async fn an_agent_in_ap_serves_a_request_arriving_at_us_and_the_event_names_both
         .await;
     assert_eq!(sessions["region"], "ap", "{sessions}");
     assert_eq!(sessions["node_id"], "edge-ap-1");
+
+    // Stopped through the API of its node (elsewhere: told where it is);
+    // the agent exits with the reason.
+    let stop = format!("/tunnel_sessions/{}/stop", status.session_id);
+    let (code, elsewhere) = us.api("POST", &stop, None, API_KEY).await;
+    assert_eq!(code, 400, "{elsewhere}");
+    assert!(
+        elsewhere["msg"].as_str().unwrap().contains("edge-ap-1"),
+        "{elsewhere}"
+    );
+    let (code, _) = ap.api("POST", &stop, None, API_KEY).await;
+    assert_eq!(code, 204);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .expect("the agent stops");
+    let error = format!("{:#}", stopped.expect_err("with the reason"));
+    assert!(error.contains("ERR_POSTERN_9012"), "{error}");
 }
 
 fn agent_process(edge: &TestEdge, port: u16, extra: &[&str]) -> Spawned {
