@@ -45,6 +45,10 @@ if [ -x "$TANSU" ]; then
         --advertised-listener-url tcp://127.0.0.1:9093 \
         --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
     pids+=("$!")
+    for _ in $(seq 100); do
+        (exec 3<>/dev/tcp/127.0.0.1/9093) 2>/dev/null && break
+        sleep 0.1
+    done
 else
     echo "no tansu (run ./scripts/test.sh once to set up .venv-svc): events stay spooled" >&2
 fi
