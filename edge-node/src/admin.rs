@@ -8,8 +8,8 @@
 //! `?email=`; DELETE `/{id}`, or `?user_id=` for all of a user's).
 //!
 //! `/endpoints` and `/tunnel_sessions` (`live`): what is online, and
-//! where. In a cluster: `/credentials`, `/bot_users`, `/reserved_domains`
-//! and `/agent_ingresses` (`objects`).
+//! where. In a cluster: `/credentials`, `/bot_users`, `/reserved_domains`,
+//! `/agent_ingresses` and `/event_subscriptions` (`objects`).
 //!
 //! In a cluster, every write goes to the cluster and reaches every node.
 
@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     ca_store::{CaRecord, CaStore, NewCa, StoredCa},
-    cluster::{AgentIngress, BotUser, ClusterNode, Credential, ReservedDomain},
+    cluster::{AgentIngress, BotUser, ClusterNode, Credential, EventSubscription, ReservedDomain},
 };
 
 mod live;
@@ -140,6 +140,9 @@ pub async fn handle(
         }
         (_, ["agent_ingresses", ..]) => {
             objects::handle::<AgentIngress>(state, req, &segments[1..]).await
+        }
+        (_, ["event_subscriptions", ..]) => {
+            objects::handle::<EventSubscription>(state, req, &segments[1..]).await
         }
         (_, ["endpoints", ..]) => live::endpoints(state, req.method(), &segments[1..]),
         (_, ["tunnel_sessions", ..]) => live::sessions(state, req.method(), &segments[1..]),

@@ -15,6 +15,8 @@
 //!   credentials, which names only one owner may bind, and the names agents
 //!   connect to, with certificates from the cluster's agent-ingress CA
 //!   (`pki`);
+//! - event subscriptions (`/event_subscriptions`): every node runs each
+//!   of them for its own events, beside its edge config's;
 //! - the live routing state (`routes`): the endpoints and sessions of every
 //!   node; the other nodes' endpoints are installed in this node's gateway
 //!   and reached over the link between nodes (`crate::node_link`).
@@ -36,6 +38,7 @@ use std::{
 
 use anyhow::Context;
 use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
+use postern_events::{RuntimeSubscriptions, Subscription};
 use postern_ingress::{EndpointSpec, Protocol};
 use postern_proto::{ErrorCode, Failure, pb};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, sync::mpsc};
@@ -50,7 +53,9 @@ use crate::{
 };
 
 pub use config::{ClusterConfig, RawCluster};
-pub use objects::{AgentIngress, BotUser, ReservedDomain, bad, check_text, parse_domain};
+pub use objects::{
+    AgentIngress, BotUser, EventSubscription, ReservedDomain, bad, check_text, parse_domain,
+};
 pub use pki::{AgentCerts, IngressCerts};
 use routes::{Announce, RemoteEndpoints};
 pub use routes::{EndpointAd, SessionAd, session_ad};
@@ -195,9 +200,10 @@ impl ClusterNode {
         self.ingress_certs.clone()
     }
 
-    /// Applies every change as it is merged, and closes the sessions of
-    /// revoked credentials in `registry`.
-    pub fn follow(self: &Arc<Self>, registry: Arc<Registry>) {
+    /// Applies every change as it is merged, closes the sessions of
+    /// revoked credentials in `registry` and runs the cluster's event
+    /// subscriptions in `events`.
+    pub fn follow(self: &Arc<Self>, registry: Arc<Registry>, events: RuntimeSubscriptions) {
         // Subscribed before applying, so a change merged in between is
         // applied here or seen by the task, never lost.
         let changes = self.cluster.subscribe();
@@ -209,7 +215,7 @@ impl ClusterNode {
                 .serve(listener, registry.gateway().clone(), self.stop.clone());
             *self.link_server.lock().expect("link lock") = Some(server);
         }
-        let task = tokio::spawn(follow(changes, self.clone(), registry));
+        let task = tokio::spawn(follow(changes, self.clone(), registry, events));
         *self.task.lock().expect("task lock") = Some(task);
     }
 
@@ -244,6 +250,12 @@ impl ClusterNode {
         self.cluster.put(id, value).await.map_err(cluster_failure)?;
         self.apply_all();
         Ok(())
+    }
+
+    /// Encrypts a secret of an object so that only the cluster's nodes can
+    /// read it.
+    pub fn seal(&self, plaintext: &[u8]) -> String {
+        self.cluster.seal(plaintext)
     }
 
     /// Deletes an object cluster-wide; `false` when there is none.
@@ -437,11 +449,50 @@ fn apply_credentials(cluster: &Cluster, tokens: &Authtokens) {
     tokens.set_credentials(records);
 }
 
+/// Makes the pipeline's runtime subscriptions the cluster's event
+/// subscriptions. One that cannot run here (it does not validate, its
+/// password was sealed with another key, its destination does not open)
+/// is left out and logged; the others run.
+async fn apply_event_subscriptions(cluster: &Cluster, events: &RuntimeSubscriptions) {
+    let mut subscriptions: Vec<Subscription> = cluster
+        .list::<EventSubscription>()
+        .into_iter()
+        .filter_map(|(id, stored)| {
+            stored
+                .runnable(&id, |sealed| cluster.open_sealed(sealed))
+                .inspect_err(|e| tracing::warn!(id, error = %e, "an event subscription from the cluster is refused"))
+                .ok()
+        })
+        .collect();
+    let events = events.clone();
+    let applied = tokio::task::spawn_blocking(move || {
+        loop {
+            let error = match events.set(subscriptions.clone()) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let Some(id) = error.subscription_id().map(str::to_string) else {
+                return Err(error);
+            };
+            tracing::warn!(id, error = %error, "an event subscription from the cluster does not run here");
+            subscriptions.retain(|s| s.id != id);
+        }
+    })
+    .await;
+    match applied {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "applying the cluster's event subscriptions"),
+        Err(e) => tracing::warn!(error = %e, "applying the cluster's event subscriptions"),
+    }
+}
+
 async fn follow(
     mut changes: tokio::sync::broadcast::Receiver<Change>,
     node: Arc<ClusterNode>,
     registry: Arc<Registry>,
+    events: RuntimeSubscriptions,
 ) {
+    apply_event_subscriptions(&node.cluster, &events).await;
     let mut remote = RemoteEndpoints::default();
     remote
         .reconcile(&node.cluster, &registry, &node.links)
@@ -460,6 +511,9 @@ async fn follow(
                 registry.revalidate();
             }
             Ok(Change::Config(kind)) if kind == AgentIngress::KIND => node.apply_ingresses(),
+            Ok(Change::Config(kind)) if kind == EventSubscription::KIND => {
+                apply_event_subscriptions(&node.cluster, &events).await
+            }
             Ok(Change::Local(kind)) if kind == EndpointAd::KIND => {
                 remote
                     .reconcile(&node.cluster, &registry, &node.links)
@@ -481,6 +535,7 @@ async fn follow(
             Err(RecvError::Lagged(_)) => {
                 node.apply_all();
                 registry.revalidate();
+                apply_event_subscriptions(&node.cluster, &events).await;
                 remote
                     .reconcile(&node.cluster, &registry, &node.links)
                     .await;

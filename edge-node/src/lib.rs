@@ -241,7 +241,7 @@ impl Edge {
         );
         if let Some(cluster) = &cluster {
             registry.attach_cluster(cluster.clone());
-            cluster.follow(registry.clone());
+            cluster.follow(registry.clone(), events.runtime_handle());
         }
         let admin = listeners.admin.map(|listener| {
             let state = admin::AdminState {

@@ -91,6 +91,23 @@ pub enum EventsError {
     Stopped,
 }
 
+impl EventsError {
+    /// The subscription an error is about, when it is about one: leaving
+    /// that one out lets the others run.
+    pub fn subscription_id(&self) -> Option<&str> {
+        match self {
+            EventsError::Spool { id, .. }
+            | EventsError::File { id, .. }
+            | EventsError::IdInConfig { id }
+            | EventsError::DuplicateId { id }
+            | EventsError::Invalid { id, .. } => Some(id),
+            #[cfg(feature = "kafka")]
+            EventsError::Kafka { id, .. } => Some(id),
+            EventsError::Thread(_) | EventsError::Stopped => None,
+        }
+    }
+}
+
 /// What a shutdown left behind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ShutdownReport {

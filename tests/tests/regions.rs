@@ -30,13 +30,25 @@ fn http_tunnel(port: u16, extra: &str) -> String {
     format!("  web:\n    proto: http\n    addr: {port}\n    domain: {HOST}\n{extra}")
 }
 
-/// The node's events so far.
-fn events(edge: &TestEdge) -> Vec<Value> {
-    std::fs::read_to_string(edge.dir.path().join("events.jsonl"))
+/// The node's events so far in `file` under its data directory.
+fn events_in(edge: &TestEdge, file: &str) -> Vec<Value> {
+    std::fs::read_to_string(edge.dir.path().join(file))
         .unwrap_or_default()
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
+}
+
+/// The node's events so far from the `EVENTS` subscription.
+fn events(edge: &TestEdge) -> Vec<Value> {
+    events_in(edge, "events.jsonl")
+}
+
+/// Whether one of `events` is of a request for `path`.
+fn has_path(events: &[Value], path: &str) -> bool {
+    events
+        .iter()
+        .any(|e| e["object"]["http"]["request"]["url"]["path"] == path)
 }
 
 /// `POST` at `edge`, expecting 201; the object.
@@ -491,4 +503,169 @@ async fn a_killed_node_fails_fast_and_its_agent_moves_to_the_other_node_of_its_r
     until_serving(us, &[("ap", "edge-ap-2")]).await;
     assert_eq!(client.get(HOST, "/after").await.unwrap().status, 200);
     agent.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_subscription_made_at_eu_runs_at_every_node_until_deleted_at_ap() {
+    let cluster = TestCluster::start_with(EVENTS).await;
+    let (us, eu, ap) = (cluster.us(), &cluster.nodes[1], &cluster.nodes[2]);
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = us.agent(&http_tunnel(upstream.port(), "")).await;
+    until_serving(eu, &[("us", "edge-us-1")]).await;
+
+    // Bad input: 400 naming the field, and nothing is stored.
+    let source = r#"{"type": "http_request_complete.v0"}"#;
+    let file = r#"{"file": {"path": "traffic.jsonl"}}"#;
+    for (body, field) in [
+        (format!(r#"{{"destination": {file}}}"#), "sources"),
+        (
+            format!(
+                r#"{{"sources": [{{"type": "http_request_complete.v0", "filter": "ev.nope == 1"}}], "destination": {file}}}"#
+            ),
+            "sources[0].filter",
+        ),
+        (
+            format!(
+                r#"{{"sources": [{source}], "destination": {{"file": {{"path": "../cas.json"}}}}}}"#
+            ),
+            "destination.file.path",
+        ),
+        (
+            format!(r#"{{"sources": [{source}], "destination_ids": ["ed_1"]}}"#),
+            "destination_ids",
+        ),
+        (format!(r#"{{"sources": [{source}]}}"#), "destination"),
+    ] {
+        let (status, answer) = eu
+            .api("POST", "/event_subscriptions", Some((JSON, &body)), API_KEY)
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error_code"], "ERR_POSTERN_9400", "{answer}");
+        let msg = answer["msg"].as_str().unwrap();
+        assert!(msg.contains(field), "{body}: {msg} should name {field}");
+    }
+    let (_, list) = eu.api("GET", "/event_subscriptions", None, API_KEY).await;
+    assert_eq!(list["event_subscriptions"], serde_json::json!([]), "{list}");
+
+    // Made at eu, with a field selection; a Kafka one's password is sealed
+    // in gossip and never shown.
+    let created = create(
+        eu,
+        "/event_subscriptions",
+        &format!(
+            r#"{{"description": "traffic", "sources": [{{"type": "http_request_complete.v0", "fields": ["http.request.url.path", "http.response.status_code"]}}], "destination": {file}}}"#
+        ),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("esb_"), "{created}");
+    assert_eq!(created["uri"], format!("/event_subscriptions/{id}"));
+    let kafka = create(
+        eu,
+        "/event_subscriptions",
+        &format!(
+            r#"{{"sources": [{source}], "destination": {{"kafka": {{"brokers": ["127.0.0.1:9"], "security_protocol": "sasl_plaintext", "sasl_mechanism": "PLAIN", "sasl_username": "postern", "sasl_password": "hunter2-secret"}}}}}}"#
+        ),
+    )
+    .await;
+    let kafka_id = kafka["id"].as_str().unwrap().to_string();
+    visible_at(&cluster.nodes, &format!("/event_subscriptions/{kafka_id}")).await;
+    for edge in &cluster.nodes {
+        let (_, shown) = edge
+            .api(
+                "GET",
+                &format!("/event_subscriptions/{kafka_id}"),
+                None,
+                API_KEY,
+            )
+            .await;
+        assert_eq!(shown["destination"]["kafka"]["sasl_password"], "********");
+        assert!(!shown.to_string().contains("hunter2"), "{shown}");
+    }
+    let snapshot = std::fs::read_dir(ap.dir.path())
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.unwrap().path()).ok())
+        .any(|bytes| String::from_utf8_lossy(&bytes).contains("hunter2"));
+    assert!(!snapshot, "ap's files hold the password in the clear");
+    let (status, _) = us
+        .api(
+            "DELETE",
+            &format!("/event_subscriptions/{kafka_id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 204);
+
+    // Each node records its own requests in <data_dir>/event-files/.
+    for (edge, path) in [(us, "/at-us"), (eu, "/at-eu")] {
+        let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+        eventually(30, &format!("{path} in {id}'s file"), || async {
+            let response = client.get(HOST, path).await.unwrap();
+            assert_eq!(response.status, 200, "{}", response.text());
+            has_path(&events_in(edge, "event-files/traffic.jsonl"), path)
+        })
+        .await;
+        let event = events_in(edge, "event-files/traffic.jsonl").remove(0);
+        assert_eq!(event["event_type"], "http_request_complete.v0", "{event}");
+        assert_eq!(event["object"]["http"]["response"]["status_code"], 200);
+        assert!(
+            event["object"]["conn"].is_null(),
+            "fields not selected: {event}"
+        );
+    }
+
+    // Changed at us, seen at ap; deleted at ap, it stops at us.
+    let (status, patched) = us
+        .api(
+            "PATCH",
+            &format!("/event_subscriptions/{id}"),
+            Some((JSON, r#"{"description": "traffic, renamed"}"#)),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    eventually(30, "the new description at ap", || async {
+        let (_, shown) = ap
+            .api("GET", &format!("/event_subscriptions/{id}"), None, API_KEY)
+            .await;
+        shown["description"] == "traffic, renamed"
+    })
+    .await;
+    let (status, _) = ap
+        .api(
+            "DELETE",
+            &format!("/event_subscriptions/{id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let client = HttpsClient::new(us.addrs.https, &us.ca_pem());
+    let mut n = 0;
+    eventually(
+        30,
+        "us no longer writes to the deleted subscription",
+        || {
+            n += 1;
+            let path = format!("/after-delete-{n}");
+            let client = &client;
+            async move {
+                client.get(HOST, &path).await.unwrap();
+                // The edge config's subscription takes every request; the same
+                // writer writes both files in one pass.
+                eventually(10, &format!("{path} in events.jsonl"), || async {
+                    has_path(&events(us), &path)
+                })
+                .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                !has_path(&events_in(us, "event-files/traffic.jsonl"), &path)
+            }
+        },
+    )
+    .await;
+    assert!(
+        has_path(&events_in(us, "event-files/traffic.jsonl"), "/at-us"),
+        "the file stays"
+    );
 }

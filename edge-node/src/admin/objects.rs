@@ -12,12 +12,18 @@
 //! - `/agent_ingresses`: `{domain, description, metadata, owner_id}`:
 //!   agents connect to `tunnel.<region>.<domain>` at the nodes of each
 //!   region; `region_domains` lists them.
+//! - `/event_subscriptions`: `{description, metadata, sources,
+//!   destination}` (ngrok's Event Subscription with the destination
+//!   inline, see `postern_events::ApiSubscription`); every node runs it for
+//!   its own events. A file destination's path is relative to
+//!   `<data_dir>/event-files/`; a Kafka `sasl_password` is never shown.
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use postern_config_sync::Kind;
+use postern_events::{ApiSubscription, RawDestination, RawSource, Secret};
 use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
@@ -28,8 +34,8 @@ use crate::{
     auth::AuthtokenRecord,
     ca_store::now_rfc3339,
     cluster::{
-        AgentIngress, BotUser, ClusterNode, Credential, ReservedDomain, bad, check_text,
-        parse_domain,
+        AgentIngress, BotUser, ClusterNode, Credential, EventSubscription, ReservedDomain, bad,
+        check_text, parse_domain,
     },
 };
 
@@ -46,7 +52,7 @@ pub trait Resource: Kind + Clone {
 
     /// A new object from a `POST` body, and fields to show only in the
     /// answer to it (a credential's token).
-    fn create(node: &ClusterNode, new: Self::New) -> Result<(Self, Value), Failure>;
+    fn create(node: &ClusterNode, id: &str, new: Self::New) -> Result<(Self, Value), Failure>;
     /// The object after a `PATCH`.
     fn update(self, node: &ClusterNode, update: Self::Update) -> Result<Self, Failure>;
     /// The object as the API shows it.
@@ -74,8 +80,8 @@ pub async fn handle<R: Resource>(
     match (req.method().clone(), rest) {
         (Method::POST, []) => {
             let new: R::New = body(req).await?;
-            let (object, shown_once) = R::create(node, new)?;
             let id = postern_ingress::random_id(R::ID_PREFIX);
+            let (object, shown_once) = R::create(node, &id, new)?;
             node.put_object(&id, &object).await?;
             tracing::info!(id, kind = R::NAME, "created");
             let mut shown = object.json(node, &id);
@@ -188,7 +194,7 @@ impl Resource for BotUser {
     type New = NewBotUser;
     type Update = BotUserUpdate;
 
-    fn create(_node: &ClusterNode, new: NewBotUser) -> Result<(Self, Value), Failure> {
+    fn create(_node: &ClusterNode, _id: &str, new: NewBotUser) -> Result<(Self, Value), Failure> {
         check_name(&new.name)?;
         let bot = BotUser {
             name: new.name,
@@ -262,7 +268,7 @@ impl Resource for Credential {
     type New = NewCredential;
     type Update = CredentialUpdate;
 
-    fn create(node: &ClusterNode, new: NewCredential) -> Result<(Self, Value), Failure> {
+    fn create(node: &ClusterNode, _id: &str, new: NewCredential) -> Result<(Self, Value), Failure> {
         check_acl(&new.acl)?;
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
@@ -328,7 +334,7 @@ impl Resource for ReservedDomain {
     type New = NewNamed;
     type Update = TextUpdate;
 
-    fn create(node: &ClusterNode, new: NewNamed) -> Result<(Self, Value), Failure> {
+    fn create(node: &ClusterNode, _id: &str, new: NewNamed) -> Result<(Self, Value), Failure> {
         let domain = parse_domain(&new.domain, true)?;
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
@@ -392,7 +398,7 @@ impl Resource for AgentIngress {
     type New = NewNamed;
     type Update = TextUpdate;
 
-    fn create(node: &ClusterNode, new: NewNamed) -> Result<(Self, Value), Failure> {
+    fn create(node: &ClusterNode, _id: &str, new: NewNamed) -> Result<(Self, Value), Failure> {
         let domain = parse_domain(&new.domain, false)?.to_string();
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
@@ -441,5 +447,124 @@ impl Resource for AgentIngress {
             "owner_id": self.owner_id,
             "certificate_authority_pem": node.ingress_certs().ca_pem(),
         })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEventSubscription {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: String,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    destination: RawDestination,
+    /// ngrok's references to Event Destination objects: refused with a
+    /// message saying what to send instead.
+    destination_ids: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSubscriptionUpdate {
+    description: Option<String>,
+    metadata: Option<String>,
+    sources: Option<Vec<RawSource>>,
+    destination: Option<RawDestination>,
+    destination_ids: Option<Vec<String>>,
+}
+
+fn refuse_destination_ids(ids: &Option<Vec<String>>) -> Result<(), Failure> {
+    match ids {
+        Some(_) => Err(bad(
+            "destination_ids",
+            "Postern takes the destination inline: \"destination\": {\"kafka\": {\"brokers\": [...], \"topic\": ...}} \
+             or {\"file\": {\"path\": ...}}",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks a subscription as the events pipeline will, and seals a
+/// password not sealed yet.
+fn checked_subscription(
+    node: &ClusterNode,
+    mut api: ApiSubscription,
+    seal_password: bool,
+) -> Result<ApiSubscription, Failure> {
+    api.clone()
+        .validate()
+        .map_err(|e| Failure::new(ErrorCode::API_BAD_REQUEST, e.to_string()))?;
+    if seal_password
+        && let Some(kafka) = &mut api.destination.kafka
+        && let Some(password) = &kafka.sasl_password
+    {
+        kafka.sasl_password = Some(Secret::new(node.seal(password.expose().as_bytes())));
+    }
+    Ok(api)
+}
+
+impl Resource for EventSubscription {
+    const PATH: &'static str = "event_subscriptions";
+    const ID_PREFIX: &'static str = "esb_";
+    const NAME: &'static str = "event subscription";
+    type New = NewEventSubscription;
+    type Update = EventSubscriptionUpdate;
+
+    fn create(
+        node: &ClusterNode,
+        id: &str,
+        new: NewEventSubscription,
+    ) -> Result<(Self, Value), Failure> {
+        refuse_destination_ids(&new.destination_ids)?;
+        check_text(&new.description, &new.metadata)?;
+        let api = ApiSubscription {
+            id: id.to_string(),
+            description: new.description,
+            metadata: new.metadata,
+            sources: new.sources,
+            destination: new.destination,
+        };
+        let subscription = EventSubscription {
+            subscription: checked_subscription(node, api, true)?,
+            created_at: now_rfc3339(),
+        };
+        Ok((subscription, Value::Null))
+    }
+
+    fn update(
+        mut self,
+        node: &ClusterNode,
+        update: EventSubscriptionUpdate,
+    ) -> Result<Self, Failure> {
+        refuse_destination_ids(&update.destination_ids)?;
+        let api = &mut self.subscription;
+        TextUpdate {
+            description: update.description,
+            metadata: update.metadata,
+        }
+        .apply(&mut api.description, &mut api.metadata)?;
+        if let Some(sources) = update.sources {
+            api.sources = sources;
+        }
+        let new_destination = update.destination.is_some();
+        if let Some(destination) = update.destination {
+            api.destination = destination;
+        }
+        self.subscription = checked_subscription(node, self.subscription, new_destination)?;
+        Ok(self)
+    }
+
+    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+        let mut shown = serde_json::to_value(self.subscription.clone().redacted())
+            .unwrap_or_else(|_| json!({}));
+        if let Some(fields) = shown.as_object_mut() {
+            fields.insert("id".into(), json!(id));
+            fields.insert("uri".into(), json!(format!("/event_subscriptions/{id}")));
+            fields.insert("created_at".into(), json!(self.created_at));
+        }
+        shown
     }
 }

@@ -1,9 +1,12 @@
 //! Cluster objects of the admin API besides CAs and credentials, in
 //! ngrok's shapes: bot users (who owns credentials), reserved domains
 //! (exclusive names) and agent ingresses (the names agents connect to,
-//! one per region).
+//! one per region), and event subscriptions.
+
+use std::path::Path;
 
 use postern_config_sync::Kind;
+use postern_events::{ApiSubscription, Secret, Subscription};
 use postern_ingress::DomainPattern;
 use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, Serialize};
@@ -187,5 +190,49 @@ mod tests {
             parse_domain("", true).unwrap_err().code,
             ErrorCode::API_BAD_REQUEST
         );
+    }
+}
+
+/// Where the files of event subscriptions set through the admin API go,
+/// under the data directory: their paths are relative to it, so they
+/// cannot touch the node's own files.
+pub const EVENT_FILES: &str = "event-files";
+
+/// An event subscription set through the admin API
+/// (`/event_subscriptions`): every node sends its own events to it. A
+/// Kafka `sasl_password` is kept sealed with the cluster key, so gossip
+/// does not carry it in the clear.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventSubscription {
+    pub subscription: ApiSubscription,
+    pub created_at: String,
+}
+
+impl Kind for EventSubscription {
+    const KIND: &'static str = "event_subscription";
+}
+
+impl EventSubscription {
+    /// The subscription as this node runs it: the gossip key as its id,
+    /// its file under [`EVENT_FILES`], its password opened.
+    pub fn runnable(
+        &self,
+        id: &str,
+        open: impl Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Subscription, String> {
+        let mut api = self.subscription.clone();
+        api.id = id.to_string();
+        if let Some(file) = &mut api.destination.file {
+            file.path = Path::new(EVENT_FILES).join(&file.path);
+        }
+        if let Some(kafka) = &mut api.destination.kafka
+            && let Some(sealed) = &kafka.sasl_password
+        {
+            let plain = open(sealed.expose())
+                .and_then(|p| String::from_utf8(p).ok())
+                .ok_or("its sasl_password was sealed with another cluster key")?;
+            kafka.sasl_password = Some(Secret::new(plain));
+        }
+        api.validate().map_err(|e| e.to_string())
     }
 }
