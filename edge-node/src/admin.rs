@@ -9,7 +9,8 @@
 //!
 //! `/endpoints` and `/tunnel_sessions` (`live`): what is online, and
 //! where. In a cluster: `/credentials`, `/bot_users`, `/reserved_domains`,
-//! `/agent_ingresses` and `/event_subscriptions` (`objects`).
+//! `/agent_ingresses`, `/endpoint_policies` and `/event_subscriptions`
+//! (`objects`).
 //!
 //! In a cluster, every write goes to the cluster and reaches every node.
 
@@ -24,7 +25,10 @@ use serde_json::{Value, json};
 
 use crate::{
     ca_store::{CaRecord, CaStore, NewCa, StoredCa},
-    cluster::{AgentIngress, BotUser, ClusterNode, Credential, EventSubscription, ReservedDomain},
+    cluster::{
+        AgentIngress, BotUser, ClusterNode, Credential, EndpointPolicyRecord, EventSubscription,
+        ReservedDomain,
+    },
 };
 
 mod live;
@@ -140,6 +144,9 @@ pub async fn handle(
         }
         (_, ["agent_ingresses", ..]) => {
             objects::handle::<AgentIngress>(state, req, &segments[1..]).await
+        }
+        (_, ["endpoint_policies", ..]) => {
+            objects::handle::<EndpointPolicyRecord>(state, req, &segments[1..]).await
         }
         (_, ["event_subscriptions", ..]) => {
             objects::handle::<EventSubscription>(state, req, &segments[1..]).await

@@ -48,17 +48,19 @@ use crate::{
     acl::Acl,
     auth::{AuthtokenRecord, Authtokens, CredentialRef},
     ca_store::{CaRecord, CaStore},
+    config::EndpointPolicy,
     node_link::NodeLinks,
     session::{AgentSession, Registry},
 };
 
 pub use config::{ClusterConfig, RawCluster};
 pub use objects::{
-    AgentIngress, BotUser, EventSubscription, ReservedDomain, bad, check_text, parse_domain,
+    AgentIngress, BotUser, EndpointPolicyRecord, EventSubscription, ReservedDomain, bad,
+    check_text, parse_domain,
 };
 pub use pki::{AgentCerts, IngressCerts};
 use routes::{Announce, RemoteEndpoints};
-pub use routes::{EndpointAd, SessionAd, session_ad};
+pub use routes::{EndpointAd, SessionAd, bound_request, session_ad};
 
 impl Kind for CaRecord {
     const KIND: &'static str = "ca";
@@ -277,6 +279,32 @@ impl ClusterNode {
     /// One object.
     pub fn object<T: Kind>(&self, id: &str) -> Option<T> {
         self.cluster.get::<T>(id)
+    }
+
+    /// Whether the CA store holds `id`.
+    pub fn has_ca(&self, id: &str) -> bool {
+        self.cas.get_stored(id).is_some()
+    }
+
+    /// The endpoint policies of the cluster; one that does not parse is
+    /// left out (and logged).
+    pub fn endpoint_policies(&self) -> Vec<EndpointPolicy> {
+        self.cluster
+            .list::<EndpointPolicyRecord>()
+            .into_iter()
+            .filter_map(|(id, record)| {
+                EndpointPolicy::parse(&record.domain, record.mutual_tls_cas)
+                    .inspect_err(|(field, reason)| {
+                        tracing::warn!(
+                            id,
+                            field,
+                            reason,
+                            "an endpoint policy from the cluster is refused"
+                        )
+                    })
+                    .ok()
+            })
+            .collect()
     }
 
     /// Every region a node has announced.
@@ -511,6 +539,12 @@ async fn follow(
                 registry.revalidate();
             }
             Ok(Change::Config(kind)) if kind == AgentIngress::KIND => node.apply_ingresses(),
+            Ok(Change::Config(kind)) if kind == EndpointPolicyRecord::KIND => {
+                registry.apply_policies().await;
+                remote
+                    .reconcile(&node.cluster, &registry, &node.links)
+                    .await;
+            }
             Ok(Change::Config(kind)) if kind == EventSubscription::KIND => {
                 apply_event_subscriptions(&node.cluster, &events).await
             }
@@ -535,6 +569,7 @@ async fn follow(
             Err(RecvError::Lagged(_)) => {
                 node.apply_all();
                 registry.revalidate();
+                registry.apply_policies().await;
                 apply_event_subscriptions(&node.cluster, &events).await;
                 remote
                     .reconcile(&node.cluster, &registry, &node.links)

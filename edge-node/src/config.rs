@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use postern_ingress::{TrustedProxies, normalize_name};
 use serde::Deserialize;
 
@@ -284,10 +284,52 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-#[derive(Clone, Debug)]
+/// CAs the edge requires for the endpoints on a domain, whatever their
+/// agents ask: from `[[endpoint_policies]]` or the cluster's
+/// `/endpoint_policies`.
+#[derive(Clone, Debug, PartialEq)]
 pub struct EndpointPolicy {
     pub domain: postern_ingress::DomainPattern,
     pub mutual_tls_cas: Vec<String>,
+}
+
+impl EndpointPolicy {
+    /// Checks a policy as written; an error names the field.
+    pub fn parse(
+        domain: &str,
+        mutual_tls_cas: Vec<String>,
+    ) -> Result<EndpointPolicy, (&'static str, String)> {
+        let domain = postern_ingress::DomainPattern::parse(domain)
+            .map_err(|e| ("domain", format!("{domain:?}: {e:#}")))?;
+        if mutual_tls_cas.len() > postern_ingress::MAX_CAS {
+            return Err((
+                "mutual_tls_cas",
+                format!("at most {} CAs", postern_ingress::MAX_CAS),
+            ));
+        }
+        if let Some(bad) = mutual_tls_cas.iter().find(|id| !id.starts_with("ca_")) {
+            return Err(("mutual_tls_cas", format!("{bad:?} is not a CA id (ca_…)")));
+        }
+        Ok(EndpointPolicy {
+            domain,
+            mutual_tls_cas,
+        })
+    }
+
+    /// The CAs the policies require for endpoints on `domain`, sorted.
+    pub fn cas_for<'a>(
+        policies: impl IntoIterator<Item = &'a EndpointPolicy>,
+        domain: &postern_ingress::DomainPattern,
+    ) -> Vec<String> {
+        let mut cas: Vec<String> = policies
+            .into_iter()
+            .filter(|p| p.domain.covers(domain))
+            .flat_map(|p| p.mutual_tls_cas.iter().cloned())
+            .collect();
+        cas.sort();
+        cas.dedup();
+        cas
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -483,25 +525,11 @@ impl RawConfig {
         }
         let mut endpoint_policies = Vec::new();
         for (i, policy) in self.endpoint_policies.into_iter().enumerate() {
-            let domain = postern_ingress::DomainPattern::parse(&policy.domain)
-                .with_context(|| format!("endpoint_policies[{i}].domain: {:?}", policy.domain))?;
-            if policy.mutual_tls_cas.len() > postern_ingress::MAX_CAS {
-                bail!(
-                    "endpoint_policies[{i}].mutual_tls_cas: at most {} CAs",
-                    postern_ingress::MAX_CAS
-                );
-            }
-            if let Some(bad) = policy
-                .mutual_tls_cas
-                .iter()
-                .find(|id| !id.starts_with("ca_"))
-            {
-                bail!("endpoint_policies[{i}].mutual_tls_cas: {bad:?} is not a CA id (ca_…)");
-            }
-            endpoint_policies.push(EndpointPolicy {
-                domain,
-                mutual_tls_cas: policy.mutual_tls_cas,
-            });
+            endpoint_policies.push(
+                EndpointPolicy::parse(&policy.domain, policy.mutual_tls_cas).map_err(
+                    |(field, reason)| anyhow!("endpoint_policies[{i}].{field}: {reason}"),
+                )?,
+            );
         }
         let random_domain_base = self
             .public

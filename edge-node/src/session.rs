@@ -123,7 +123,7 @@ pub struct AgentSession {
     pub peer: Option<SocketAddr>,
     control: ControlTx,
     pool: Arc<Mutex<StreamPool>>,
-    endpoints: Mutex<Vec<String>>,
+    endpoints: Mutex<Vec<Bound>>,
     cancel: CancellationToken,
     end_reason: Mutex<Option<Failure>>,
     stream_wait: std::time::Duration,
@@ -131,6 +131,30 @@ pub struct AgentSession {
     cut_connection: Option<CancellationToken>,
     /// Permits for simultaneous proxied connections.
     streams: Arc<tokio::sync::Semaphore>,
+}
+
+/// An endpoint a session bound, with what it takes to build it again.
+#[derive(Clone)]
+struct Bound {
+    id: String,
+    /// The bind request with the name or port as bound.
+    req: pb::BindRequest,
+    /// The CAs endpoint policies required when it was built.
+    policy_cas: Vec<String>,
+}
+
+impl Bound {
+    fn domain(&self) -> Option<DomainPattern> {
+        domain_of(&self.req)
+    }
+}
+
+/// The name a bind request binds, if it binds one (not TCP).
+pub fn domain_of(req: &pb::BindRequest) -> Option<DomainPattern> {
+    base_spec(req)
+        .ok()
+        .filter(|spec| spec.protocol != Protocol::Tcp)
+        .and_then(|spec| spec.domain)
 }
 
 struct StreamPool {
@@ -490,13 +514,18 @@ impl Registry {
         if let Some(cluster) = cluster {
             cluster.check_bind(&spec, session.owner_id())?;
         }
+        let policy_cas = self.policy_cas(spec.domain.as_ref());
         self.finish_spec(&mut spec, &req).await?;
         let endpoint = self.gateway.add(spec, session.clone())?;
         session
             .endpoints
             .lock()
             .expect("endpoints lock")
-            .push(endpoint.id.clone());
+            .push(Bound {
+                id: endpoint.id.clone(),
+                req: crate::cluster::bound_request(&endpoint, &req),
+                policy_cas,
+            });
         tracing::info!(session.id = %session.id, endpoint = %endpoint.id, url = %endpoint.public_url, "endpoint bound");
         if let Some(cluster) = cluster {
             cluster.publish_endpoint(&endpoint, session, &req);
@@ -538,13 +567,7 @@ impl Registry {
         req: &pb::BindRequest,
     ) -> Result<Option<Arc<MtlsPolicy>>, Failure> {
         let mut ids = req.mutual_tls_ca_ids.clone();
-        if let Some(domain) = &spec.domain {
-            for policy in &self.settings.endpoint_policies {
-                if policy.domain.covers(domain) {
-                    ids.extend(policy.mutual_tls_cas.iter().cloned());
-                }
-            }
-        }
+        ids.extend(self.policy_cas(spec.domain.as_ref()));
         ids.sort();
         ids.dedup();
         let inline = if req.mutual_tls_cas_pem.is_empty() {
@@ -622,7 +645,7 @@ impl Registry {
 
     fn unbind(&self, session: &AgentSession, endpoint_id: &str) -> Result<(), Failure> {
         let mut endpoints = session.endpoints.lock().expect("endpoints lock");
-        let Some(i) = endpoints.iter().position(|e| e == endpoint_id) else {
+        let Some(i) = endpoints.iter().position(|e| e.id == endpoint_id) else {
             return Err(Failure::new(
                 ErrorCode::UNKNOWN_ENDPOINT,
                 endpoint_id.to_string(),
@@ -660,6 +683,65 @@ impl Registry {
         }
     }
 
+    /// The CAs the edge config's and the cluster's endpoint policies
+    /// require for endpoints on `domain`, sorted.
+    pub fn policy_cas(&self, domain: Option<&DomainPattern>) -> Vec<String> {
+        let Some(domain) = domain else {
+            return Vec::new();
+        };
+        let cluster = self.cluster.get().map(|c| c.endpoint_policies());
+        EndpointPolicy::cas_for(
+            self.settings
+                .endpoint_policies
+                .iter()
+                .chain(cluster.iter().flatten()),
+            domain,
+        )
+    }
+
+    /// Builds again the endpoints of this node's agents whose endpoint
+    /// policies changed, in place: the agent's session and the endpoint's
+    /// id stay, the next handshake asks for the new CAs. An endpoint that
+    /// can no longer be built (a required CA is not known here) ends its
+    /// session with the reason, so the agent reconnects and is told at
+    /// bind; nothing is served without the CAs a policy requires.
+    pub async fn apply_policies(&self) {
+        for session in self.sessions() {
+            let bound: Vec<Bound> = session.endpoints.lock().expect("endpoints lock").clone();
+            for old in bound {
+                let policy_cas = self.policy_cas(old.domain().as_ref());
+                if policy_cas == old.policy_cas {
+                    continue;
+                }
+                if let Err(failure) = self.rebuild(&session, &old, policy_cas).await {
+                    tracing::warn!(session.id = %session.id, endpoint = %old.id, error = %failure.detail, "an endpoint policy changed and the endpoint cannot be built again");
+                    self.close(&session, Some(failure));
+                    break;
+                }
+                tracing::info!(session.id = %session.id, endpoint = %old.id, "endpoint built again for a changed endpoint policy");
+            }
+        }
+    }
+
+    async fn rebuild(
+        &self,
+        session: &Arc<AgentSession>,
+        old: &Bound,
+        policy_cas: Vec<String>,
+    ) -> Result<(), Failure> {
+        let mut spec = base_spec(&old.req)?;
+        spec.id = Some(old.id.clone());
+        self.finish_spec(&mut spec, &old.req).await?;
+        let mut endpoints = session.endpoints.lock().expect("endpoints lock");
+        let Some(bound) = endpoints.iter_mut().find(|b| b.id == old.id) else {
+            return Ok(()); // unbound meanwhile
+        };
+        self.gateway.remove(&old.id);
+        self.gateway.add(spec, session.clone())?;
+        bound.policy_cas = policy_cas;
+        Ok(())
+    }
+
     /// Ends a session: unbinds its endpoints, drops its parked streams and,
     /// when `reason` is given, tells the agent why. Idempotent.
     pub fn close(&self, session: &Arc<AgentSession>, reason: Option<Failure>) {
@@ -682,10 +764,10 @@ impl Registry {
             }
         }
         let cluster = self.cluster.get();
-        for endpoint_id in session.endpoints.lock().expect("endpoints lock").drain(..) {
-            self.gateway.remove(&endpoint_id);
+        for bound in session.endpoints.lock().expect("endpoints lock").drain(..) {
+            self.gateway.remove(&bound.id);
             if let Some(cluster) = cluster {
-                cluster.withdraw_endpoint(&endpoint_id);
+                cluster.withdraw_endpoint(&bound.id);
             }
         }
         {

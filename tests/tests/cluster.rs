@@ -714,3 +714,115 @@ async fn a_partitioned_region_keeps_serving_and_converges_after_the_heal_without
     agent.kill().await;
     ap.process().kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_policy_made_at_eu_makes_every_node_require_its_ca_for_an_endpoint_already_bound()
+ {
+    let trio = Trio::start().await;
+    let (us, eu, ap) = (trio.us(), &trio.nodes[1], &trio.nodes[2]);
+    let upstream = HttpUpstream::start().await;
+    let root = TestCa::root("Policy Root");
+    let dir = TempDir::new("policy-pki");
+    let (cert, key) = client_cert(&root, &dir, "member");
+    let ca_id = upload(us, &root, "required by a policy").await;
+    until_all(&trio.nodes[1..], "the CA at eu and ap", &ca_id, true).await;
+
+    // An endpoint without mTLS, bound at ap, served at every node.
+    let tunnel = format!(
+        "  web:\n    proto: http\n    addr: {}\n    domain: {HOST}\n",
+        upstream.port()
+    );
+    let (agent, agent_status) = ap.agent(&tunnel).await;
+    for edge in &trio.nodes {
+        eventually(30, "served without a client certificate", || async {
+            edge.curl_mtls(HOST, None, &["-f"]).await.status.success()
+        })
+        .await;
+    }
+
+    // Bad input: 400 with a code and the field.
+    let json = ("Content-Type: application/json", "");
+    let domain = "*.customer1.example.test";
+    for (body, code, field) in [
+        (
+            serde_json::json!({ "domain": domain, "mutual_tls_cas": ["ca_0000"] }),
+            "ERR_POSTERN_1697",
+            "mutual_tls_cas",
+        ),
+        (
+            serde_json::json!({ "domain": "a..example.test", "mutual_tls_cas": [ca_id] }),
+            "ERR_POSTERN_326",
+            "domain",
+        ),
+        (
+            serde_json::json!({ "domain": domain }),
+            "ERR_POSTERN_9400",
+            "mutual_tls_cas",
+        ),
+    ] {
+        let body = body.to_string();
+        let (status, answer) = eu
+            .api("POST", "/endpoint_policies", Some((json.0, &body)), API_KEY)
+            .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error_code"], code, "{answer}");
+        assert!(
+            answer["msg"].as_str().unwrap().starts_with(field),
+            "{answer}"
+        );
+    }
+
+    // Made at eu: every node asks for a certificate of the CA, at ap (the
+    // agent's node) and at us and eu (which forward to it).
+    let body = serde_json::json!({ "domain": domain, "mutual_tls_cas": [ca_id] }).to_string();
+    let (status, policy) = eu
+        .api("POST", "/endpoint_policies", Some((json.0, &body)), API_KEY)
+        .await;
+    assert_eq!(status, 201, "{policy}");
+    let policy_id = policy["id"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    for edge in &trio.nodes {
+        eventually(30, "refused without a client certificate", || async {
+            !edge.curl_mtls(HOST, None, &["-f"]).await.status.success()
+        })
+        .await;
+        let ok = edge.curl_mtls(HOST, Some((&cert, &key)), &["-f"]).await;
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
+    println!(
+        "an endpoint policy made at eu enforced at every node after {:?}",
+        start.elapsed()
+    );
+
+    // Built again in place: the agent kept its session.
+    let (_, sessions) = ap.api("GET", "/tunnel_sessions", None, API_KEY).await;
+    let ids: Vec<&str> = sessions["tunnel_sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert_eq!(ids, [agent_status.session_id.as_str()], "{sessions}");
+
+    // Deleted at us: no certificate needed again, anywhere.
+    let (deleted, _) = us
+        .api(
+            "DELETE",
+            &format!("/endpoint_policies/{policy_id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(deleted, 204);
+    for edge in &trio.nodes {
+        eventually(30, "served without a client certificate again", || async {
+            edge.curl_mtls(HOST, None, &["-f"]).await.status.success()
+        })
+        .await;
+    }
+    agent.shutdown().await.unwrap();
+}

@@ -12,6 +12,9 @@
 //! - `/agent_ingresses`: `{domain, description, metadata, owner_id}`:
 //!   agents connect to `tunnel.<region>.<domain>` at the nodes of each
 //!   region; `region_domains` lists them.
+//! - `/endpoint_policies`: `{domain, mutual_tls_cas, description,
+//!   metadata}`, as `[[endpoint_policies]]`: every node requires the CAs
+//!   for the endpoints on the domain, those already bound included.
 //! - `/event_subscriptions`: `{description, metadata, sources,
 //!   destination}` (ngrok's Event Subscription with the destination
 //!   inline, see `postern_events::ApiSubscription`); every node runs it for
@@ -34,9 +37,10 @@ use crate::{
     auth::AuthtokenRecord,
     ca_store::now_rfc3339,
     cluster::{
-        AgentIngress, BotUser, ClusterNode, Credential, EventSubscription, ReservedDomain, bad,
-        check_text, parse_domain,
+        AgentIngress, BotUser, ClusterNode, Credential, EndpointPolicyRecord, EventSubscription,
+        ReservedDomain, bad, check_text, parse_domain,
     },
+    config::EndpointPolicy,
 };
 
 /// One kind of object on the admin API.
@@ -566,5 +570,100 @@ impl Resource for EventSubscription {
             fields.insert("created_at".into(), json!(self.created_at));
         }
         shown
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEndpointPolicy {
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    mutual_tls_cas: Vec<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointPolicyUpdate {
+    #[serde(flatten)]
+    text: TextUpdate,
+    mutual_tls_cas: Option<Vec<String>>,
+}
+
+/// CAs a policy may require: at least one, each in the store.
+fn check_policy(node: &ClusterNode, domain: &str, cas: &[String]) -> Result<(), Failure> {
+    EndpointPolicy::parse(domain, cas.to_vec()).map_err(|(field, reason)| bad(field, reason))?;
+    if cas.is_empty() {
+        return Err(bad("mutual_tls_cas", "name at least one CA id"));
+    }
+    match cas.iter().find(|id| !node.has_ca(id)) {
+        Some(id) => Err(Failure::new(
+            ErrorCode::MTLS_UNKNOWN_CA,
+            format!("mutual_tls_cas: no certificate authority {id}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl Resource for EndpointPolicyRecord {
+    const PATH: &'static str = "endpoint_policies";
+    const ID_PREFIX: &'static str = "epp_";
+    const NAME: &'static str = "endpoint policy";
+    type New = NewEndpointPolicy;
+    type Update = EndpointPolicyUpdate;
+
+    fn create(
+        node: &ClusterNode,
+        _id: &str,
+        new: NewEndpointPolicy,
+    ) -> Result<(Self, Value), Failure> {
+        let domain = parse_domain(&new.domain, true)?.to_string();
+        check_policy(node, &domain, &new.mutual_tls_cas)?;
+        check_text(&new.description, &new.metadata)?;
+        if let Some((id, _)) = node
+            .objects::<EndpointPolicyRecord>()
+            .into_iter()
+            .find(|(_, other)| other.domain == domain)
+        {
+            return Err(bad(
+                "domain",
+                format!("{domain} has endpoint policy {id} already; change that one"),
+            ));
+        }
+        let policy = EndpointPolicyRecord {
+            domain,
+            mutual_tls_cas: new.mutual_tls_cas,
+            description: new.description,
+            metadata: new.metadata,
+            created_at: now_rfc3339(),
+        };
+        Ok((policy, Value::Null))
+    }
+
+    fn update(mut self, node: &ClusterNode, update: EndpointPolicyUpdate) -> Result<Self, Failure> {
+        update
+            .text
+            .apply(&mut self.description, &mut self.metadata)?;
+        if let Some(cas) = update.mutual_tls_cas {
+            check_policy(node, &self.domain, &cas)?;
+            self.mutual_tls_cas = cas;
+        }
+        Ok(self)
+    }
+
+    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+        json!({
+            "id": id,
+            "uri": format!("/endpoint_policies/{id}"),
+            "created_at": self.created_at,
+            "description": self.description,
+            "metadata": self.metadata,
+            "domain": self.domain,
+            "mutual_tls_cas": self.mutual_tls_cas,
+        })
     }
 }

@@ -236,3 +236,21 @@ impl EventSubscription {
         api.validate().map_err(|e| e.to_string())
     }
 }
+
+/// CAs every node requires for the endpoints on a domain (and the names
+/// under a `*.` pattern), whatever their agents ask: the cluster's form of
+/// `[[endpoint_policies]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndpointPolicyRecord {
+    pub domain: String,
+    pub mutual_tls_cas: Vec<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub metadata: String,
+    pub created_at: String,
+}
+
+impl Kind for EndpointPolicyRecord {
+    const KIND: &'static str = "endpoint_policy";
+}

@@ -6,7 +6,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use postern_config_sync::{Cluster, Kind, Local, Member};
-use postern_ingress::{Endpoint, EndpointKind, Location};
+use postern_ingress::{DomainPattern, Endpoint, EndpointKind, Location};
 use postern_proto::pb;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -95,12 +95,7 @@ pub fn endpoint_ad(
     session: &AgentSession,
     req: &pb::BindRequest,
 ) -> EndpointAd {
-    let mut bound = req.clone();
-    bound.request_id = 0;
-    match endpoint.kind {
-        EndpointKind::Tcp { port } => bound.remote_port = u32::from(port),
-        _ => bound.domain = host_of(&endpoint.public_url).to_string(),
-    }
+    let bound = bound_request(endpoint, req);
     EndpointAd {
         public_url: endpoint.public_url.clone(),
         proto: endpoint.kind.scheme().to_string(),
@@ -111,6 +106,18 @@ pub fn endpoint_ad(
         created_at: crate::ca_store::now_rfc3339(),
         bind: cluster.seal(&bound.encode_to_vec()),
     }
+}
+
+/// `req` with the name or port `endpoint` was bound on: what builds the
+/// same endpoint again, here or at another node.
+pub fn bound_request(endpoint: &Endpoint, req: &pb::BindRequest) -> pb::BindRequest {
+    let mut bound = req.clone();
+    bound.request_id = 0;
+    match endpoint.kind {
+        EndpointKind::Tcp { port } => bound.remote_port = u32::from(port),
+        _ => bound.domain = host_of(&endpoint.public_url).to_string(),
+    }
+    bound
 }
 
 /// The announcement of a session opened here.
@@ -134,12 +141,30 @@ fn host_of(url: &str) -> &str {
 #[derive(Default)]
 pub struct RemoteEndpoints {
     /// By endpoint id: the node and announcement installed, or refused.
-    known: HashMap<String, (Member, EndpointAd, bool)>,
+    known: HashMap<String, Known>,
+}
+
+struct Known {
+    node: Member,
+    ad: EndpointAd,
+    installed: bool,
+    /// The CAs endpoint policies required when it was built.
+    policy_cas: Vec<String>,
+}
+
+/// The CAs this node's endpoint policies require for an endpoint of
+/// another node.
+fn policy_cas(registry: &Registry, ad: &EndpointAd) -> Vec<String> {
+    let domain = (ad.proto != "tcp")
+        .then(|| DomainPattern::parse(host_of(&ad.public_url)).ok())
+        .flatten();
+    registry.policy_cas(domain.as_ref())
 }
 
 impl RemoteEndpoints {
     /// Makes the gateway hold exactly the other live nodes' endpoints that
-    /// can be reached (nodes with a link address).
+    /// can be reached (nodes with a link address), each built with the
+    /// endpoint policies as they are now.
     pub async fn reconcile(
         &mut self,
         cluster: &Cluster,
@@ -155,29 +180,28 @@ impl RemoteEndpoints {
         let gone: Vec<String> = self
             .known
             .iter()
-            .filter(|(id, (node, ad, _))| {
-                wanted
-                    .get(*id)
-                    .is_none_or(|l| l.node != *node || l.value != *ad)
+            .filter(|(id, known)| {
+                wanted.get(*id).is_none_or(|l| {
+                    l.node != known.node
+                        || l.value != known.ad
+                        || policy_cas(registry, &l.value) != known.policy_cas
+                })
             })
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
-            if let Some((node, _, installed)) = self.known.remove(&id)
-                && installed
+            if let Some(known) = self.known.remove(&id)
+                && known.installed
             {
                 registry.gateway().remove(&id);
-                tracing::info!(endpoint = %id, node = %node.node_id, "endpoint of another node withdrawn");
+                tracing::info!(endpoint = %id, node = %known.node.node_id, "endpoint of another node withdrawn");
             }
         }
         for (id, local) in wanted {
-            if self
-                .known
-                .get(&id)
-                .is_some_and(|(_, _, installed)| *installed)
-            {
+            if self.known.get(&id).is_some_and(|known| known.installed) {
                 continue;
             }
+            let policy_cas = policy_cas(registry, &local.value);
             let first_try = !self.known.contains_key(&id);
             let installed = match install(cluster, registry, links, &id, &local).await {
                 Ok(endpoint) => {
@@ -191,7 +215,15 @@ impl RemoteEndpoints {
                     false
                 }
             };
-            self.known.insert(id, (local.node, local.value, installed));
+            self.known.insert(
+                id,
+                Known {
+                    node: local.node,
+                    ad: local.value,
+                    installed,
+                    policy_cas,
+                },
+            );
         }
     }
 }
