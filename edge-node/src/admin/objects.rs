@@ -151,6 +151,25 @@ fn check_owner(node: &ClusterNode, owner: &Option<String>) -> Result<(), Failure
     }
 }
 
+/// Refuses a second object of a kind on one domain.
+fn unique_domain<R: Resource>(
+    node: &ClusterNode,
+    domain: &str,
+    domain_of: fn(&R) -> &str,
+) -> Result<(), Failure> {
+    match node
+        .objects::<R>()
+        .into_iter()
+        .find(|(_, other)| domain_of(other) == domain)
+    {
+        Some((id, _)) => Err(bad(
+            "domain",
+            format!("{domain} is {} {id} already", R::NAME),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `description` and `metadata`, as a `PATCH` may change them.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -406,16 +425,7 @@ impl Resource for AgentIngress {
         let domain = parse_domain(&new.domain, false)?.to_string();
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
-        if let Some((id, _)) = node
-            .objects::<AgentIngress>()
-            .into_iter()
-            .find(|(_, other)| other.domain == domain)
-        {
-            return Err(bad(
-                "domain",
-                format!("{domain} is agent ingress {id} already"),
-            ));
-        }
+        unique_domain::<AgentIngress>(node, &domain, |i| &i.domain)?;
         let ingress = AgentIngress {
             domain,
             description: new.description,
@@ -624,16 +634,7 @@ impl Resource for EndpointPolicyRecord {
         let domain = parse_domain(&new.domain, true)?.to_string();
         check_policy(node, &domain, &new.mutual_tls_cas)?;
         check_text(&new.description, &new.metadata)?;
-        if let Some((id, _)) = node
-            .objects::<EndpointPolicyRecord>()
-            .into_iter()
-            .find(|(_, other)| other.domain == domain)
-        {
-            return Err(bad(
-                "domain",
-                format!("{domain} has endpoint policy {id} already; change that one"),
-            ));
-        }
+        unique_domain::<EndpointPolicyRecord>(node, &domain, |p| &p.domain)?;
         let policy = EndpointPolicyRecord {
             domain,
             mutual_tls_cas: new.mutual_tls_cas,
