@@ -91,11 +91,12 @@ impl Routes {
             .insert(endpoint_id, target);
     }
 
-    pub fn remove(&self, endpoint_id: &str) {
+    /// The target of an endpoint that was bound.
+    pub fn remove(&self, endpoint_id: &str) -> Option<Arc<Target>> {
         self.targets
             .write()
             .expect("routes lock")
-            .remove(endpoint_id);
+            .remove(endpoint_id)
     }
 
     fn get(&self, endpoint_id: &str) -> Option<Arc<Target>> {

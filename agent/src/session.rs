@@ -547,6 +547,14 @@ impl Session<'_> {
                         live.unbound(response);
                         self.publish_tunnels();
                     }
+                    Msg::EndpointStopped(stopped) => {
+                        let failure = stopped.error.as_ref().map(Failure::from_pb);
+                        if let Some(failure) = live.stopped(&stopped.endpoint_id, failure) {
+                            self.status
+                                .send_modify(|s| s.last_error = Some(failure.to_string()));
+                        }
+                        self.publish_tunnels();
+                    }
                     Msg::Welcome(_) => {}
                 },
                 Ok(Some(pb::EdgeMessage { msg: None })) => {}
@@ -712,6 +720,25 @@ impl Live<'_> {
         if let Some(reply) = pending.reply {
             let _ = reply.send(Ok(()));
         }
+    }
+
+    /// The edge stopped an endpoint: its tunnel is refused, and asked for
+    /// again every heartbeat (it takes over when the other endpoint goes).
+    /// The failure, when the endpoint was one of this session's.
+    fn stopped(&mut self, endpoint_id: &str, failure: Option<Failure>) -> Option<Failure> {
+        self.routes.remove(endpoint_id)?;
+        let failure = failure.unwrap_or_else(|| {
+            Failure::new(ErrorCode::UNKNOWN_ENDPOINT, "the edge stopped the endpoint")
+        });
+        self.state.update(|ts| {
+            for t in ts.iter_mut() {
+                if matches!(&t.state, BindState::Bound { endpoint_id: id, .. } if id == endpoint_id) {
+                    tracing::warn!(tunnel = t.name(), error = %failure, "the edge stopped the tunnel's endpoint; retrying every heartbeat");
+                    t.state = BindState::Failed(failure.to_string());
+                }
+            }
+        });
+        Some(failure)
     }
 
     async fn command(&mut self, command: Command) -> Result<(), SessionEnd> {

@@ -660,6 +660,32 @@ impl Registry {
         Ok(())
     }
 
+    /// Stops one endpoint of this node's agents and tells its agent why;
+    /// the session goes on. Nothing when no session has it.
+    pub fn stop_endpoint(&self, endpoint_id: &str, failure: Failure) {
+        let Some(session) = self.sessions().into_iter().find(|s| {
+            s.endpoints
+                .lock()
+                .expect("endpoints lock")
+                .iter()
+                .any(|b| b.id == endpoint_id)
+        }) else {
+            return;
+        };
+        if self.unbind(&session, endpoint_id).is_ok() {
+            tracing::warn!(session.id = %session.id, endpoint = endpoint_id, error = %failure.detail, "endpoint stopped");
+            let stopped = pb::EndpointStopped {
+                endpoint_id: endpoint_id.to_string(),
+                error: Some(failure.to_pb()),
+            };
+            let _ = session
+                .control
+                .try_send(edge_message(pb::edge_message::Msg::EndpointStopped(
+                    stopped,
+                )));
+        }
+    }
+
     /// Closes the sessions whose authtoken is no longer valid (a credential
     /// revoked anywhere in the cluster).
     pub fn revalidate(&self) {

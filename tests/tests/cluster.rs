@@ -12,7 +12,7 @@ use std::{
 
 use postern_config_sync::{Cluster, ClusterKey, ClusterSettings, GossipTransport, Kind};
 use postern_tests::{
-    API_KEY, HttpUpstream, Spawned, TempDir, TestCa, TestEdge, binary,
+    API_KEY, HttpUpstream, HttpsClient, Spawned, TempDir, TestCa, TestEdge, binary,
     cluster::{GOSSIP, Run, SECRET, TestCluster, cluster_toml, members, udp_port},
     eventually, free_port,
     netns::NetNs,
@@ -688,6 +688,24 @@ async fn a_partitioned_region_keeps_serving_and_converges_after_the_heal_without
         "200"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Meanwhile an agent at us binds the same name: neither side can see
+    // the other's bind.
+    let upstream = HttpUpstream::start().await;
+    let (rival, _) = us
+        .agent(&format!(
+            "  web:\n    proto: http\n    addr: {}\n    domain: {host}\n",
+            upstream.port()
+        ))
+        .await;
+    let client = HttpsClient::new(us.addrs.https, &us.ca_pem());
+    let body = || async {
+        client
+            .get(host, "/")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    };
+    assert_eq!(body().await, "hello from upstream");
 
     netns.heal();
     let healed_at = Instant::now();
@@ -707,12 +725,49 @@ async fn a_partitioned_region_keeps_serving_and_converges_after_the_heal_without
     for edge in [&us, &eu, &ap] {
         assert!(!has_ca(edge, &doomed_id).await, "no deleted object returns");
     }
-    eventually(20, "us serves the ap agent's endpoint again", || async {
-        us.https_status(host, "/", &[]).await == "200"
+    // One owner after the heal: ap's endpoint was bound first, so us stops
+    // its own agent's endpoint and tells the agent; every node routes the
+    // name to ap.
+    eventually(30, "us and eu route the name to ap only", || async {
+        body().await == "served in ap"
+            && serving_nodes(&us, host).await == ["edge-ap-1"]
+            && serving_nodes(&eu, host).await == ["edge-ap-1"]
     })
     .await;
+    println!(
+        "the bind conflict was resolved when looked at, {:?} after the heal",
+        healed_at.elapsed()
+    );
+    let told = rival.status().borrow().clone();
+    assert!(told.tunnels.is_empty(), "{told:?}");
+    assert!(
+        told.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("ERR_POSTERN_334") && e.contains("edge-ap-1")),
+        "the loser is told: {told:?}"
+    );
+    // It stands by: once ap's agent is gone it gets the name.
     agent.kill().await;
+    eventually(30, "us's agent takes the name over", || async {
+        body().await == "hello from upstream"
+    })
+    .await;
+    rival.shutdown().await.unwrap();
     ap.process().kill().await;
+}
+
+/// The nodes serving endpoints on `host`, as `edge`'s `/endpoints` lists them.
+async fn serving_nodes(edge: &TestEdge, host: &str) -> Vec<String> {
+    let (_, list) = edge.api("GET", "/endpoints", None, API_KEY).await;
+    let mut nodes: Vec<String> = list["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["public_url"].as_str().is_some_and(|u| u.contains(host)))
+        .filter_map(|e| e["node_id"].as_str().map(str::to_string))
+        .collect();
+    nodes.sort();
+    nodes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use postern_config_sync::{Cluster, Kind, Local, Member};
 use postern_ingress::{DomainPattern, Endpoint, EndpointKind, Location};
-use postern_proto::pb;
+use postern_proto::{ErrorCode, Failure, pb};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -29,6 +29,11 @@ pub struct EndpointAd {
     pub forwards_to: String,
     pub pooling_enabled: bool,
     pub created_at: String,
+    /// When it was bound, in milliseconds since the Unix epoch by the
+    /// binding node's clock: of two endpoints that conflict, the earlier
+    /// stays.
+    #[serde(default)]
+    pub bound_at_ms: u64,
     /// The bind request with the name or port as bound (protobuf), sealed
     /// with the cluster key: it may carry a private key and an OAuth client
     /// secret. Every node builds the endpoint's settings from it.
@@ -104,6 +109,9 @@ pub fn endpoint_ad(
         forwards_to: req.forwards_to.clone(),
         pooling_enabled: req.pooling_enabled,
         created_at: crate::ca_store::now_rfc3339(),
+        bound_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         bind: cluster.seal(&bound.encode_to_vec()),
     }
 }
@@ -135,6 +143,38 @@ pub fn session_ad(session: &AgentSession) -> SessionAd {
 fn host_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.rsplit_once(':').map_or(rest, |(host, _)| host)
+}
+
+/// The name two endpoints conflict on: the host, or a TCP endpoint's port.
+fn name_of(ad: &EndpointAd) -> String {
+    match ad.proto.as_str() {
+        "tcp" => format!(
+            "tcp port {}",
+            ad.public_url.rsplit(':').next().unwrap_or("")
+        ),
+        _ => host_of(&ad.public_url).to_string(),
+    }
+}
+
+/// This node's endpoints that lose a conflict, each with the winner: an
+/// endpoint of another node on the same name (or TCP port), where not both
+/// pool, that was bound earlier (ties: node id, then endpoint id). Every
+/// node ranks the same way, so once the view has converged exactly one of
+/// them stays. Such conflicts arise only from binds the nodes could not
+/// see in time: in one gossip round, or on two sides of a partition.
+pub fn losing_endpoints(ads: &[Local<EndpointAd>]) -> Vec<(String, Local<EndpointAd>)> {
+    let rank = |l: &Local<EndpointAd>| (l.value.bound_at_ms, l.node.node_id.clone(), l.id.clone());
+    ads.iter()
+        .filter(|own| own.node.is_self)
+        .filter_map(|own| {
+            ads.iter()
+                .filter(|other| !other.node.is_self && name_of(&other.value) == name_of(&own.value))
+                .filter(|other| !(other.value.pooling_enabled && own.value.pooling_enabled))
+                .filter(|other| rank(other) < rank(own))
+                .min_by_key(|other| rank(other))
+                .map(|winner| (own.id.clone(), winner.clone()))
+        })
+        .collect()
 }
 
 /// The endpoints of other nodes installed in this node's gateway.
@@ -171,8 +211,23 @@ impl RemoteEndpoints {
         registry: &Registry,
         links: &Arc<NodeLinks>,
     ) {
-        let wanted: HashMap<String, Local<EndpointAd>> = cluster
-            .locals::<EndpointAd>()
+        let ads = cluster.locals::<EndpointAd>();
+        for (own, winner) in losing_endpoints(&ads) {
+            registry.stop_endpoint(
+                &own,
+                Failure::new(
+                    ErrorCode::ENDPOINT_ALREADY_BOUND,
+                    format!(
+                        "{} is online at {} ({}) since before this endpoint was bound; \
+                         the two binds did not see each other in time",
+                        name_of(&winner.value),
+                        winner.node.node_id,
+                        winner.node.region,
+                    ),
+                ),
+            );
+        }
+        let wanted: HashMap<String, Local<EndpointAd>> = ads
             .into_iter()
             .filter(|l| !l.node.is_self && l.node.rpc_addr.is_some())
             .map(|l| (l.id.clone(), l))
@@ -253,4 +308,102 @@ async fn install(
         session_id: local.value.session_id.clone(),
     };
     Ok(registry.gateway().add(spec, Arc::new(source))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ad(
+        node: &str,
+        is_self: bool,
+        id: &str,
+        url: &str,
+        at: u64,
+        pooled: bool,
+    ) -> Local<EndpointAd> {
+        Local {
+            node: Member {
+                node_id: node.into(),
+                region: "us".into(),
+                rpc_addr: None,
+                agent_addr: None,
+                gossip_addr: "127.0.0.1:1".parse().unwrap(),
+                generation: 1,
+                is_self,
+            },
+            id: id.into(),
+            value: EndpointAd {
+                public_url: url.into(),
+                proto: url.split("://").next().unwrap().into(),
+                name: "web".into(),
+                session_id: "ts_1".into(),
+                forwards_to: String::new(),
+                pooling_enabled: pooled,
+                created_at: String::new(),
+                bound_at_ms: at,
+                bind: String::new(),
+            },
+        }
+    }
+
+    fn losers(ads: &[Local<EndpointAd>]) -> Vec<(String, String)> {
+        losing_endpoints(ads)
+            .into_iter()
+            .map(|(own, winner)| (own, winner.id))
+            .collect()
+    }
+
+    #[test]
+    fn of_two_binds_on_one_name_the_earlier_stays_whatever_the_port() {
+        let mine = ad(
+            "a",
+            true,
+            "ep_mine",
+            "https://app.example.com:8443",
+            20,
+            false,
+        );
+        let theirs = ad(
+            "b",
+            false,
+            "ep_theirs",
+            "https://app.example.com",
+            10,
+            false,
+        );
+        assert_eq!(
+            losers(&[mine.clone(), theirs.clone()]),
+            [("ep_mine".to_string(), "ep_theirs".to_string())]
+        );
+        let later = ad(
+            "b",
+            false,
+            "ep_theirs",
+            "https://app.example.com",
+            30,
+            false,
+        );
+        assert!(losers(&[mine.clone(), later]).is_empty(), "mine is earlier");
+        let other_name = ad("b", false, "ep_x", "https://other.example.com", 1, false);
+        assert!(losers(&[mine.clone(), other_name]).is_empty());
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_node_id_and_pooled_pairs_do_not_conflict() {
+        let mine = ad("b", true, "ep_mine", "tcp://1.2.3.4:20001", 10, false);
+        let tie = ad("a", false, "ep_a", "tcp://5.6.7.8:20001", 10, false);
+        assert_eq!(losers(&[mine.clone(), tie]).len(), 1);
+        let other_port = ad("a", false, "ep_a", "tcp://5.6.7.8:20002", 1, false);
+        assert!(losers(&[mine, other_port]).is_empty());
+        let pooled = ad("b", true, "ep_mine", "https://app.example.com", 20, true);
+        let pooled_too = ad("a", false, "ep_a", "https://app.example.com", 10, true);
+        assert!(losers(&[pooled.clone(), pooled_too]).is_empty());
+        let unpooled = ad("a", false, "ep_a", "https://app.example.com", 10, false);
+        assert_eq!(
+            losers(&[pooled, unpooled]).len(),
+            1,
+            "one side does not pool"
+        );
+    }
 }
