@@ -214,7 +214,7 @@ impl ClusterNode {
         if let Some(listener) = self.link_listener.lock().expect("link lock").take() {
             let server = self
                 .links
-                .serve(listener, registry.gateway().clone(), self.stop.clone());
+                .serve(listener, registry.clone(), self.stop.clone());
             *self.link_server.lock().expect("link lock") = Some(server);
         }
         let task = tokio::spawn(follow(changes, self.clone(), registry, events));
@@ -315,6 +315,26 @@ impl ClusterNode {
     /// Live values of a kind (endpoints, sessions) of every live node.
     pub fn live<T: Kind>(&self) -> Vec<Local<T>> {
         self.cluster.locals::<T>()
+    }
+
+    /// Ends the agent session `id` of another node, over the link between
+    /// nodes; `None` when no live node announces it.
+    pub async fn stop_remote_session(&self, id: &str) -> Option<Result<(), Failure>> {
+        let local = self
+            .cluster
+            .locals::<routes::SessionAd>()
+            .into_iter()
+            .find(|l| l.id == id && !l.node.is_self)?;
+        let node = &local.node.node_id;
+        Some(match local.node.rpc_addr {
+            Some(addr) => self.links.stop_session(node, addr, id).await,
+            None => Err(Failure::new(
+                ErrorCode::NODE_UNREACHABLE,
+                format!(
+                    "tunnel session {id} is connected to node {node}, which has no rpc_listen; stop it there"
+                ),
+            )),
+        })
     }
 
     /// Agent addresses of the other live nodes of this node's region.

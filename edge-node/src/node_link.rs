@@ -8,7 +8,8 @@
 //! another node goes there as one `Forward` stream: the frames of a data
 //! stream, relayed both ways by the receiving node into a data stream of
 //! its agent. TLS, modules and the event stay at the node the visitor
-//! reached; the serving node only relays.
+//! reached; the serving node only relays. `StopSession` ends an agent
+//! session of the receiving node for another node's admin API.
 
 use std::{
     collections::HashMap,
@@ -24,7 +25,7 @@ use std::{
 use futures_util::{Stream, StreamExt, future::BoxFuture};
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use postern_ingress::{ClaimedStream, DevCa, Gateway, StreamSource, certified_key_from_pem};
+use postern_ingress::{ClaimedStream, DevCa, StreamSource, certified_key_from_pem};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -32,6 +33,8 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::session::Registry;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -139,16 +142,17 @@ impl NodeLinks {
             .retain(|node, _| live.contains(node));
     }
 
-    /// Serves `Forward` streams for this node's endpoints on `listener`.
+    /// Serves `Forward` streams for this node's endpoints, and
+    /// `StopSession` for its sessions, on `listener`.
     pub fn serve(
         &self,
         listener: TcpListener,
-        gateway: Gateway,
+        registry: Arc<Registry>,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
         let incoming =
             crate::service::tls_incoming(listener, self.server_tls.clone(), stop.clone());
-        let service = pb::node_link_server::NodeLinkServer::new(LinkService { gateway });
+        let service = pb::node_link_server::NodeLinkServer::new(LinkService { registry });
         tokio::spawn(
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(KEEPALIVE))
@@ -161,6 +165,32 @@ impl NodeLinks {
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
         )
+    }
+}
+
+impl NodeLinks {
+    /// Asks `node` at `addr` to end its session `session_id`.
+    pub async fn stop_session(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        session_id: &str,
+    ) -> Result<(), Failure> {
+        let mut client = pb::node_link_client::NodeLinkClient::new(self.channel(node, addr));
+        let request = pb::StopSessionRequest {
+            session_id: session_id.to_string(),
+            from_node: self.node_id.clone(),
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, client.stop_session(request))
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorCode::NODE_UNREACHABLE,
+                    format!("node {node} did not answer"),
+                )
+            })?
+            .map(|_| ())
+            .map_err(|status| refusal(node, &status))
     }
 }
 
@@ -276,7 +306,7 @@ fn status_of(failure: &Failure) -> Status {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 struct LinkService {
-    gateway: Gateway,
+    registry: Arc<Registry>,
 }
 
 #[tonic::async_trait]
@@ -295,7 +325,8 @@ impl pb::node_link_server::NodeLink for LinkService {
             .to_string();
         // Only this node's own agents: a forwarded stream never travels on.
         let endpoint = self
-            .gateway
+            .registry
+            .gateway()
             .endpoint(&endpoint_id)
             .filter(|e| e.remote.is_none())
             .ok_or_else(|| {
@@ -320,6 +351,23 @@ impl pb::node_link_server::NodeLink for LinkService {
             frame
         });
         Ok(Response::new(Box::pin(to_peer)))
+    }
+
+    async fn stop_session(
+        &self,
+        request: Request<pb::StopSessionRequest>,
+    ) -> Result<Response<pb::StopSessionResponse>, Status> {
+        let request = request.into_inner();
+        let id = &request.session_id;
+        let session = self.registry.session(id).ok_or_else(|| {
+            status_of(&Failure::new(
+                ErrorCode::API_NOT_FOUND,
+                format!("no tunnel session {id} here"),
+            ))
+        })?;
+        tracing::info!(id, from = %request.from_node, "tunnel session stopped through another node's admin API");
+        self.registry.stop_session(&session);
+        Ok(Response::new(pb::StopSessionResponse {}))
     }
 }
 

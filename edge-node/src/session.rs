@@ -660,6 +660,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Ends a session at an administrator's request: the agent exits with
+    /// `ERR_POSTERN_9012` instead of reconnecting.
+    pub fn stop_session(&self, session: &Arc<AgentSession>) {
+        self.close(
+            session,
+            Some(Failure::new(
+                ErrorCode::SESSION_STOPPED,
+                "the session was stopped through the admin API",
+            )),
+        );
+    }
+
     /// Stops one endpoint of this node's agents and tells its agent why;
     /// the session goes on. Nothing when no session has it.
     pub fn stop_endpoint(&self, endpoint_id: &str, failure: Failure) {

@@ -153,22 +153,28 @@ async fn an_agent_in_ap_serves_a_request_arriving_at_us_and_the_event_names_both
     assert_eq!(sessions["region"], "ap", "{sessions}");
     assert_eq!(sessions["node_id"], "edge-ap-1");
 
-    // Stopped through the API of its node (elsewhere: told where it is);
-    // the agent exits with the reason.
+    // Stopped through the API of another node (us asks ap over the link
+    // between nodes); the agent exits with the reason, and the session is
+    // gone from every node.
     let stop = format!("/tunnel_sessions/{}/stop", status.session_id);
-    let (code, elsewhere) = us.api("POST", &stop, None, API_KEY).await;
-    assert_eq!(code, 400, "{elsewhere}");
-    assert!(
-        elsewhere["msg"].as_str().unwrap().contains("edge-ap-1"),
-        "{elsewhere}"
-    );
-    let (code, _) = ap.api("POST", &stop, None, API_KEY).await;
-    assert_eq!(code, 204);
+    let (code, _) = us
+        .api("POST", "/tunnel_sessions/ts_nope/stop", None, API_KEY)
+        .await;
+    assert_eq!(code, 404);
+    let (code, answer) = us.api("POST", &stop, None, API_KEY).await;
+    assert_eq!(code, 204, "{answer}");
     let stopped = tokio::time::timeout(Duration::from_secs(10), agent.wait())
         .await
         .expect("the agent stops");
     let error = format!("{:#}", stopped.expect_err("with the reason"));
     assert!(error.contains("ERR_POSTERN_9012"), "{error}");
+    let session = format!("/tunnel_sessions/{}", status.session_id);
+    eventually(30, "the stopped session gone at eu", || async {
+        cluster.nodes[1].api("GET", &session, None, API_KEY).await.0 == 404
+    })
+    .await;
+    let (code, _) = us.api("POST", &stop, None, API_KEY).await;
+    assert_eq!(code, 404, "stopped already");
 }
 
 fn agent_process(edge: &TestEdge, port: u16, extra: &[&str]) -> Spawned {

@@ -3,7 +3,8 @@
 //! other nodes) and `/tunnel_sessions` (every agent session of the
 //! cluster, or of this node without one), in ngrok's shapes plus the
 //! serving `region` and `node_id`. `POST /tunnel_sessions/{id}/stop` ends a
-//! session of this node.
+//! session of this node, or asks the node holding it over the link between
+//! nodes.
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
@@ -90,7 +91,7 @@ fn session_json(id: &str, at: &Location, ad: &SessionAd) -> Value {
 
 /// `GET /tunnel_sessions`, `GET /tunnel_sessions/{id}`,
 /// `POST /tunnel_sessions/{id}/stop`.
-pub fn sessions(
+pub async fn sessions(
     state: &AdminState,
     method: &Method,
     rest: &[&str],
@@ -121,30 +122,29 @@ pub fn sessions(
         (&Method::GET, []) => Ok(listing("tunnel_sessions", items)),
         (&Method::GET, [id]) => one(items, "tunnel session", id),
         (&Method::POST, [id, "stop"]) => {
-            let Some(session) = state.registry.session(id) else {
-                let elsewhere = items.iter().find(|item| item["id"] == *id);
-                return Err(match elsewhere {
-                    Some(item) => Failure::new(
-                        ErrorCode::API_BAD_REQUEST,
-                        format!(
-                            "tunnel session {id} is connected to node {}; stop it there",
-                            item["node_id"]
-                        ),
-                    ),
-                    None => {
-                        Failure::new(ErrorCode::API_NOT_FOUND, format!("no tunnel session {id}"))
-                    }
-                });
+            if let Some(session) = state.registry.session(id) {
+                tracing::info!(id, "tunnel session stopped through the admin API");
+                state.registry.stop_session(&session);
+                return Ok(empty(StatusCode::NO_CONTENT));
+            }
+            let remote = match &state.cluster {
+                Some(node) => node.stop_remote_session(id).await,
+                None => None,
             };
-            tracing::info!(id, "tunnel session stopped through the admin API");
-            state.registry.close(
-                &session,
-                Some(Failure::new(
-                    ErrorCode::SESSION_STOPPED,
-                    "the session was stopped through the admin API",
+            match remote {
+                Some(Ok(())) => {
+                    tracing::info!(
+                        id,
+                        "tunnel session of another node stopped through the admin API"
+                    );
+                    Ok(empty(StatusCode::NO_CONTENT))
+                }
+                Some(Err(failure)) => Err(failure),
+                None => Err(Failure::new(
+                    ErrorCode::API_NOT_FOUND,
+                    format!("no tunnel session {id}"),
                 )),
-            );
-            Ok(empty(StatusCode::NO_CONTENT))
+            }
         }
         _ => Err(Failure::new(
             ErrorCode::API_METHOD,
