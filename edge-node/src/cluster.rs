@@ -33,7 +33,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -113,6 +113,7 @@ pub struct ClusterNode {
     link_listener: Mutex<Option<TcpListener>>,
     ingress_certs: Arc<IngressCerts>,
     announce: mpsc::UnboundedSender<Announce>,
+    catch_up: CatchUp,
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     link_server: Mutex<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>>,
@@ -172,6 +173,7 @@ impl ClusterNode {
             links: Arc::new(links),
             link_listener: Mutex::new(joining.link),
             ingress_certs,
+            catch_up: CatchUp::new(config.gossip_interval, config.catch_up_timeout),
             stop: CancellationToken::new(),
             task: Mutex::new(None),
             link_server: Mutex::new(None),
@@ -219,6 +221,13 @@ impl ClusterNode {
         }
         let task = tokio::spawn(follow(changes, self.clone(), registry, events));
         *self.task.lock().expect("task lock") = Some(task);
+    }
+
+    /// Whether the node holds the cluster's config (see
+    /// `catch_up_timeout`); once true, it stays true (a partitioned node
+    /// keeps serving with its last config).
+    pub fn caught_up(&self) -> bool {
+        self.catch_up.done()
     }
 
     /// Gossip counters: refused (forged, altered, replayed) values, live
@@ -443,6 +452,57 @@ impl ClusterNode {
     }
 }
 
+/// When a starting node holds the cluster's config: a peer was seen and
+/// the config has not changed for two gossip rounds since, or no peer
+/// answered within the timeout.
+struct CatchUp {
+    started: Instant,
+    settle: Duration,
+    timeout: Duration,
+    state: Mutex<CatchUpState>,
+}
+
+#[derive(Default)]
+struct CatchUpState {
+    peer_seen: Option<Instant>,
+    last_change: Option<Instant>,
+    done: bool,
+}
+
+impl CatchUp {
+    fn new(gossip_interval: Duration, timeout: Duration) -> CatchUp {
+        CatchUp {
+            started: Instant::now(),
+            settle: gossip_interval * 2,
+            timeout,
+            state: Mutex::default(),
+        }
+    }
+
+    fn members(&self, live: usize) {
+        let mut state = self.state.lock().expect("catch-up lock");
+        if live > 1 && state.peer_seen.is_none() {
+            state.peer_seen = Some(Instant::now());
+        }
+    }
+
+    fn config_changed(&self) {
+        self.state.lock().expect("catch-up lock").last_change = Some(Instant::now());
+    }
+
+    fn done(&self) -> bool {
+        let mut state = self.state.lock().expect("catch-up lock");
+        let settled = |at: Option<Instant>| at.is_none_or(|t| t.elapsed() >= self.settle);
+        if !state.done {
+            state.done = self.started.elapsed() >= self.timeout
+                || (state.peer_seen.is_some()
+                    && settled(state.peer_seen)
+                    && settled(state.last_change));
+        }
+        state.done
+    }
+}
+
 /// Makes the store hold the cluster's CAs.
 fn apply_cas(cluster: &Cluster, cas: &CaStore) {
     let records = cluster
@@ -545,11 +605,17 @@ async fn follow(
     remote
         .reconcile(&node.cluster, &registry, &node.links)
         .await;
+    node.catch_up.members(node.cluster.members().len());
     loop {
         let change = tokio::select! {
             _ = node.stop.cancelled() => break,
             change = changes.recv() => change,
         };
+        match &change {
+            Ok(Change::Config(_)) | Err(RecvError::Lagged(_)) => node.catch_up.config_changed(),
+            Ok(Change::Members) => node.catch_up.members(node.cluster.members().len()),
+            _ => {}
+        }
         match change {
             Ok(Change::Config(kind)) if kind == CaRecord::KIND => {
                 apply_cas(&node.cluster, &node.cas)

@@ -1,5 +1,6 @@
 //! `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (ready to
-//! take traffic: not before the node has started, not while it drains) on
+//! take traffic: not before the node has started, in a cluster not before
+//! it has caught up with the cluster's config, not while it drains) on
 //! their own listener.
 
 use std::sync::{
@@ -43,14 +44,17 @@ pub async fn handle(
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => {
-            text(StatusCode::OK, "text/plain", "ready\n".into())
-        }
-        "/readyz" => text(
+        "/readyz" if !state.ready.load(Ordering::Relaxed) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "not ready\n".into(),
         ),
+        "/readyz" if state.cluster.as_ref().is_some_and(|c| !c.caught_up()) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: catching up with the cluster's config\n".into(),
+        ),
+        "/readyz" => text(StatusCode::OK, "text/plain", "ready\n".into()),
         "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", state.render()),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

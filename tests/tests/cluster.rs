@@ -881,3 +881,66 @@ async fn an_endpoint_policy_made_at_eu_makes_every_node_require_its_ca_for_an_en
     }
     agent.shutdown().await.unwrap();
 }
+
+/// `/readyz` of `edge`: the status and the body.
+async fn readyz(edge: &TestEdge) -> (String, String) {
+    let url = format!("http://{}/readyz", edge.addrs.metrics.unwrap());
+    let out = postern_tests::curl(&["-s", "-w", "\n%{http_code}", &url]).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+    (code.to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_is_ready_once_it_caught_up_with_a_peer_or_after_the_timeout_alone() {
+    // Alone (its seed does not answer): not ready at first, ready on its
+    // snapshot's config once the timeout has passed.
+    let cluster_id = format!("test-{}", postern_ingress::random_label());
+    let gossip: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| ([127, 0, 0, 1], udp_port()).into())
+        .collect();
+    let alone = TestEdge::start_node(
+        "edge-us-9",
+        "us",
+        &format!(
+            "{}catch_up_timeout = \"3s\"\n",
+            cluster_toml(&cluster_id, &gossip, 0)
+        ),
+    )
+    .await;
+    let (code, body) = readyz(&alone).await;
+    assert_eq!(code, "503", "{body}");
+    assert!(body.contains("catching up"), "{body}");
+    eventually(20, "ready alone after the timeout", || async {
+        readyz(&alone).await.0 == "200"
+    })
+    .await;
+
+    // Joining a live cluster: ready after catching up, long before its
+    // 60 s timeout.
+    let trio = Trio::start().await;
+    let mut gossip = trio.gossip.clone();
+    gossip.push(([127, 0, 0, 1], udp_port()).into());
+    let joining = TestEdge::start_node(
+        "edge-us-2",
+        "us",
+        &format!(
+            "{}catch_up_timeout = \"60s\"\n",
+            cluster_toml(&trio.cluster_id, &gossip, 3)
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    eventually(30, "the joining node ready", || async {
+        readyz(&joining).await.0 == "200"
+    })
+    .await;
+    println!(
+        "a node joining a live cluster was ready after {:?}",
+        started.elapsed()
+    );
+    eventually(30, "four members at the joining node", || async {
+        members(&joining).await == Some(4)
+    })
+    .await;
+}

@@ -47,6 +47,12 @@ pub struct RawCluster {
     /// region as where to reconnect when their node goes away. Default:
     /// `listen.agent` unless that is `0.0.0.0`.
     pub agent_advertise: Option<String>,
+    /// `/readyz` says not ready until the node has caught up with a peer's
+    /// config (a peer seen and two gossip rounds without a config change),
+    /// or, when no peer answers, until this long after the start: then it
+    /// serves the config of its snapshot (the first node of a cluster
+    /// started cold). Default `10s`.
+    pub catch_up_timeout: Option<String>,
 }
 
 /// Validated `[cluster]`.
@@ -63,6 +69,7 @@ pub struct ClusterConfig {
     pub rpc_listen: Option<SocketAddr>,
     pub rpc_advertise: Option<SocketAddr>,
     pub agent_advertise: Option<String>,
+    pub catch_up_timeout: Duration,
 }
 
 fn addr(field: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
@@ -151,6 +158,11 @@ impl RawCluster {
                 "cluster.tombstone_ttl",
                 &self.tombstone_ttl,
                 Duration::from_secs(7 * 24 * 3600),
+            )?,
+            catch_up_timeout: duration(
+                "cluster.catch_up_timeout",
+                &self.catch_up_timeout,
+                Duration::from_secs(10),
             )?,
         })
     }
