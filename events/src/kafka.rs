@@ -65,6 +65,10 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 /// After the flush deadline: time for in-flight records to report.
 const LAST_REPORTS: Duration = Duration::from_millis(500);
+/// The same when another delivery thread takes over the spool (new
+/// producer settings at run time): nothing waits on it but that thread, so
+/// it may take longer; a record still unreported after it is sent again.
+const HANDOVER_REPORTS: Duration = STALL;
 /// No delivery report for this long while the broker answers: the
 /// producer is wedged and is rebuilt.
 const STALL: Duration = Duration::from_secs(10);
@@ -131,6 +135,9 @@ struct Inbox {
     finish_by: Option<Instant>,
     /// Stop without waiting for reports: the spool is about to be deleted.
     discard: bool,
+    /// Another thread takes over the spool: wait up to `HANDOVER_REPORTS`
+    /// for in-flight records to report, so that it sends none of them again.
+    handing_over: bool,
     health: Health,
 }
 
@@ -269,9 +276,10 @@ pub(crate) struct PendingDelivery {
 impl PendingDelivery {
     /// Starts reading the spool, once `previous` (the thread that read the
     /// same spool until now) has stopped: it gets no more time than its
-    /// in-flight records need to report, and what it did not deliver is
-    /// read again from its committed offset by this thread, so nothing is
-    /// lost and nothing sent twice. Returns at once.
+    /// in-flight records need to report (at most `HANDOVER_REPORTS`), and
+    /// what it did not deliver is read again from its committed offset by
+    /// this thread, so nothing is lost and, unless a report takes longer
+    /// than that, nothing is sent twice. Returns at once.
     pub(crate) fn take_over(self, previous: Option<KafkaDelivery>) -> (KafkaDelivery, Notify) {
         // A thread that is gone has dropped the receiver; `previous` then
         // comes back in the error and is dropped, which stops it.
@@ -314,6 +322,7 @@ impl KafkaDelivery {
                     };
                 };
                 if let Some(previous) = previous {
+                    previous.shared.lock().handing_over = true;
                     previous.finish_by(Instant::now());
                     previous.join();
                 }
@@ -682,7 +691,11 @@ impl Run {
         }
         if !self.window.is_empty() {
             self.producer.purge(PurgeConfig::default().queue());
-            let _ = self.producer.flush(LAST_REPORTS);
+            let wait = match self.shared.lock().handing_over {
+                true => HANDOVER_REPORTS,
+                false => LAST_REPORTS,
+            };
+            let _ = self.producer.flush(wait);
             let reports = mem::take(&mut self.shared.lock().reports);
             for (generation, seq, result) in reports {
                 if generation == self.generation && result.is_ok() {
