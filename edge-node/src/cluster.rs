@@ -398,12 +398,8 @@ impl ClusterNode {
         else {
             return Ok(());
         };
-        let taken = self
-            .cluster
-            .list::<ReservedDomain>()
-            .into_iter()
-            .find(|(_, r)| r.covers(domain) && r.owner_id.as_deref() != owner);
-        match taken {
+        let reservations = self.cluster.list::<ReservedDomain>();
+        match ReservedDomain::refusing(&reservations, domain, owner) {
             Some((id, reserved)) => Err(Failure::new(
                 ErrorCode::DOMAIN_RESERVED,
                 format!(

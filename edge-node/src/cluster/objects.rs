@@ -57,6 +57,20 @@ impl ReservedDomain {
             Err(_) => false,
         }
     }
+
+    /// The first of `reservations` that keeps an agent of `owner` from
+    /// binding `name`: one covering it that belongs to someone else. Two
+    /// overlapping reservations of two owners (written at two nodes within
+    /// one gossip round) thus fail closed: neither owner may bind under both.
+    pub fn refusing<'a>(
+        reservations: &'a [(String, ReservedDomain)],
+        name: &DomainPattern,
+        owner: Option<&str>,
+    ) -> Option<&'a (String, ReservedDomain)> {
+        reservations
+            .iter()
+            .find(|(_, r)| r.covers(name) && r.owner_id.as_deref() != owner)
+    }
 }
 
 /// Where agents of one owner connect: `tunnel.<region>.<domain>` for every
@@ -163,6 +177,45 @@ mod tests {
         }
         assert!(!wildcard.covers(&name("example.test")));
         assert!(!wildcard.covers(&name("other.test")));
+    }
+
+    #[test]
+    fn overlapping_reservations_of_two_owners_fail_closed() {
+        let owned = |domain: &str, owner: &str| ReservedDomain {
+            owner_id: Some(owner.into()),
+            ..reserved(domain)
+        };
+        let both = vec![
+            ("rd_1".to_string(), owned("*.example.test", "bot_a")),
+            ("rd_2".to_string(), owned("app.example.test", "bot_b")),
+        ];
+        let app = name("app.example.test");
+        assert_eq!(
+            ReservedDomain::refusing(&both, &app, Some("bot_a"))
+                .unwrap()
+                .0,
+            "rd_2"
+        );
+        assert_eq!(
+            ReservedDomain::refusing(&both, &app, Some("bot_b"))
+                .unwrap()
+                .0,
+            "rd_1"
+        );
+        assert_eq!(
+            ReservedDomain::refusing(&both, &app, None).unwrap().0,
+            "rd_1"
+        );
+        // Outside the overlap each owner keeps its own names.
+        let other = name("other.example.test");
+        assert!(ReservedDomain::refusing(&both, &other, Some("bot_a")).is_none());
+        assert_eq!(
+            ReservedDomain::refusing(&both, &other, Some("bot_b"))
+                .unwrap()
+                .0,
+            "rd_1"
+        );
+        assert!(ReservedDomain::refusing(&both, &name("free.test"), None).is_none());
     }
 
     #[test]
