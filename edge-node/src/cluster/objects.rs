@@ -189,33 +189,19 @@ mod tests {
             ("rd_1".to_string(), owned("*.example.test", "bot_a")),
             ("rd_2".to_string(), owned("app.example.test", "bot_b")),
         ];
-        let app = name("app.example.test");
-        assert_eq!(
-            ReservedDomain::refusing(&both, &app, Some("bot_a"))
-                .unwrap()
-                .0,
-            "rd_2"
-        );
-        assert_eq!(
-            ReservedDomain::refusing(&both, &app, Some("bot_b"))
-                .unwrap()
-                .0,
-            "rd_1"
-        );
-        assert_eq!(
-            ReservedDomain::refusing(&both, &app, None).unwrap().0,
-            "rd_1"
-        );
+        let refused_by = |raw: &str, owner: Option<&str>| {
+            ReservedDomain::refusing(&both, &name(raw), owner).map(|(id, _)| id.as_str())
+        };
+        assert_eq!(refused_by("app.example.test", Some("bot_a")), Some("rd_2"));
+        assert_eq!(refused_by("app.example.test", Some("bot_b")), Some("rd_1"));
+        assert_eq!(refused_by("app.example.test", None), Some("rd_1"));
         // Outside the overlap each owner keeps its own names.
-        let other = name("other.example.test");
-        assert!(ReservedDomain::refusing(&both, &other, Some("bot_a")).is_none());
+        assert_eq!(refused_by("other.example.test", Some("bot_a")), None);
         assert_eq!(
-            ReservedDomain::refusing(&both, &other, Some("bot_b"))
-                .unwrap()
-                .0,
-            "rd_1"
+            refused_by("other.example.test", Some("bot_b")),
+            Some("rd_1")
         );
-        assert!(ReservedDomain::refusing(&both, &name("free.test"), None).is_none());
+        assert_eq!(refused_by("free.test", None), None);
     }
 
     #[test]
