@@ -65,9 +65,10 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 /// After the flush deadline: time for in-flight records to report.
 const LAST_REPORTS: Duration = Duration::from_millis(500);
-/// The same when another delivery thread takes over the spool (new
-/// producer settings at run time): nothing waits on it but that thread, so
-/// it may take longer; a record still unreported after it is sent again.
+/// Time for queued and in-flight records to report when another delivery
+/// thread takes over the spool (new producer settings at run time):
+/// nothing waits on it but that thread, so it may take longer; a record
+/// still unreported after it is sent again.
 const HANDOVER_REPORTS: Duration = STALL;
 /// No delivery report for this long while the broker answers: the
 /// producer is wedged and is rebuilt.
@@ -690,10 +691,16 @@ impl Run {
             };
         }
         if !self.window.is_empty() {
-            self.producer.purge(PurgeConfig::default().queue());
+            // Handing over, queued records are sent rather than purged: a
+            // purged record leaves a gap in the window (records on other
+            // partitions behind it are delivered), the offset stops before
+            // it, and the next thread would send those delivered ones again.
             let wait = match self.shared.lock().handing_over {
                 true => HANDOVER_REPORTS,
-                false => LAST_REPORTS,
+                false => {
+                    self.producer.purge(PurgeConfig::default().queue());
+                    LAST_REPORTS
+                }
             };
             let _ = self.producer.flush(wait);
             let reports = mem::take(&mut self.shared.lock().reports);
