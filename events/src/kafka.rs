@@ -63,7 +63,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often the thread wakes without news, to persist the offset.
 const TICK: Duration = Duration::from_millis(100);
-/// After the flush deadline: time for in-flight records to report.
+/// After the flush deadline: time for queued and in-flight records to
+/// report.
 const LAST_REPORTS: Duration = Duration::from_millis(500);
 /// Time for queued and in-flight records to report when another delivery
 /// thread takes over the spool (new producer settings at run time):
@@ -691,16 +692,13 @@ impl Run {
             };
         }
         if !self.window.is_empty() {
-            // Handing over, queued records are sent rather than purged: a
-            // purged record leaves a gap in the window (records on other
-            // partitions behind it are delivered), the offset stops before
-            // it, and the next thread would send those delivered ones again.
+            // Queued records are sent, not purged: a purged record would
+            // leave a gap in the window behind which records of other
+            // partitions are delivered; the offset stops at the gap, and
+            // whoever reads the spool next would send those again.
             let wait = match self.shared.lock().handing_over {
                 true => HANDOVER_REPORTS,
-                false => {
-                    self.producer.purge(PurgeConfig::default().queue());
-                    LAST_REPORTS
-                }
+                false => LAST_REPORTS,
             };
             let _ = self.producer.flush(wait);
             let reports = mem::take(&mut self.shared.lock().reports);
