@@ -26,12 +26,21 @@ def main():
     parser.add_argument("--brokers", required=True)
     parser.add_argument("--topic", action="append", required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--tls-ca", help="connect with TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", help="client certificate (PEM), with --tls-key")
+    parser.add_argument("--tls-key")
     args = parser.parse_args()
 
+    common = {"bootstrap.servers": args.brokers}
+    if args.tls_ca:
+        common.update({"security.protocol": "ssl", "ssl.ca.location": args.tls_ca})
+    if args.tls_cert:
+        common.update({"ssl.certificate.location": args.tls_cert,
+                       "ssl.key.location": args.tls_key})
     marker = "end-marker-" + uuid.uuid4().hex
-    producer = Producer({"bootstrap.servers": args.brokers})
+    producer = Producer(dict(common))
     consumer = Consumer({
-        "bootstrap.servers": args.brokers,
+        **common,
         "group.id": "independent-" + uuid.uuid4().hex,
         "enable.auto.commit": False,
     })

@@ -118,10 +118,21 @@ pub struct RawKafka {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     /// librdkafka `security.protocol`: `plaintext` (default), `ssl`,
-    /// `sasl_plaintext` or `sasl_ssl`. TLS needs a build with rdkafka's
-    /// `ssl` feature.
+    /// `sasl_plaintext` or `sasl_ssl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_protocol: Option<String>,
+    /// librdkafka `ssl.ca.location`: PEM file of the CAs that sign the
+    /// brokers' certificates. Default: the system's CA store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_ca_location: Option<PathBuf>,
+    /// librdkafka `ssl.certificate.location`: PEM client certificate, for
+    /// brokers that require one (with `ssl_key_location`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// librdkafka `ssl.key.location`: the client certificate's PEM private
+    /// key, unencrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_key_location: Option<PathBuf>,
     /// librdkafka `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_mechanism: Option<String>,
@@ -256,6 +267,9 @@ impl From<&Subscription> for ApiSubscription {
                     brokers: k.brokers.clone(),
                     topic: Some(k.topic.clone()),
                     security_protocol: k.security_protocol.clone(),
+                    ssl_ca_location: k.tls.ca_location.clone(),
+                    ssl_certificate_location: k.tls.certificate_location.clone(),
+                    ssl_key_location: k.tls.key_location.clone(),
                     sasl_mechanism: k.sasl_mechanism.clone(),
                     sasl_username: k.sasl_username.clone(),
                     sasl_password: k.sasl_password.clone(),
@@ -470,11 +484,80 @@ pub struct KafkaDestination {
     pub brokers: Vec<String>,
     pub topic: String,
     pub security_protocol: Option<String>,
+    pub tls: KafkaTls,
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
     pub sasl_password: Option<Secret>,
     pub compression: String,
     pub linger: Duration,
+}
+
+/// TLS to the brokers (`security_protocol` `ssl` or `sasl_ssl`): the files
+/// librdkafka reads, each checked to hold PEM of the right kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KafkaTls {
+    pub ca_location: Option<PathBuf>,
+    /// Client certificate and its key, both or neither.
+    pub certificate_location: Option<PathBuf>,
+    pub key_location: Option<PathBuf>,
+}
+
+impl KafkaTls {
+    /// The `ssl_*` files: only with a TLS `security_protocol`, the
+    /// certificate and key together, each a readable PEM file of its kind.
+    fn check(self, field: &str, security_protocol: Option<&str>) -> Result<KafkaTls, ConfigError> {
+        let files = [
+            ("ssl_ca_location", &self.ca_location, "CERTIFICATE"),
+            (
+                "ssl_certificate_location",
+                &self.certificate_location,
+                "CERTIFICATE",
+            ),
+            ("ssl_key_location", &self.key_location, "PRIVATE KEY"),
+        ];
+        let uses_tls = matches!(security_protocol, Some("ssl" | "sasl_ssl"));
+        for (name, path, kind) in files {
+            let Some(path) = path else { continue };
+            let at = format!("{field}.{name}");
+            if !uses_tls {
+                return Err(invalid(
+                    at,
+                    "TLS settings need security_protocol ssl or sasl_ssl",
+                ));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(&at, format!("cannot read {}: {e}", path.display())))?;
+            let label = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("-----BEGIN "))
+                .and_then(|l| l.strip_suffix("-----"));
+            match label {
+                Some(l) if l.contains("ENCRYPTED") => {
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "{} holds an encrypted key; give it unencrypted",
+                            path.display()
+                        ),
+                    ));
+                }
+                Some(l) if l.ends_with(kind) => {}
+                _ => {
+                    return Err(invalid(
+                        at,
+                        format!("{} holds no PEM {kind}", path.display()),
+                    ));
+                }
+            }
+        }
+        if self.certificate_location.is_some() != self.key_location.is_some() {
+            return Err(invalid(
+                format!("{field}.ssl_key_location"),
+                "ssl_certificate_location and ssl_key_location go together",
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// The default topic template.
@@ -743,6 +826,7 @@ impl RawKafka {
         }
         let security_protocol = self
             .security_protocol
+            .as_ref()
             .map(|p| {
                 let p = p.to_ascii_lowercase();
                 match p.as_str() {
@@ -754,6 +838,12 @@ impl RawKafka {
                 }
             })
             .transpose()?;
+        let tls = KafkaTls {
+            ca_location: self.ssl_ca_location,
+            certificate_location: self.ssl_certificate_location,
+            key_location: self.ssl_key_location,
+        }
+        .check(&field, security_protocol.as_deref())?;
         let sasl_mechanism = self
             .sasl_mechanism
             .map(|m| {
@@ -820,6 +910,7 @@ impl RawKafka {
             brokers: self.brokers,
             topic,
             security_protocol,
+            tls,
             sasl_mechanism,
             sasl_username: self.sasl_username,
             sasl_password: self.sasl_password,
@@ -974,6 +1065,104 @@ mod tests {
         assert_eq!(ByteSize::parse("1GB"), Some(ByteSize(1_000_000_000)));
         assert_eq!(ByteSize::parse("4096"), Some(ByteSize(4096)));
         assert_eq!(ByteSize::parse("lots"), None);
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn tls_files_are_checked_and_errors_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("postern-kafka-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let cert = file(
+            "c.pem",
+            "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n",
+        );
+        let key = file(
+            "k.pem",
+            "-----BEGIN PRIVATE KEY-----\nMII=\n-----END PRIVATE KEY-----\n",
+        );
+        let sealed = file(
+            "e.pem",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMII=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        );
+        let missing = dir.join("none.pem").display().to_string();
+        let kafka = |protocol: &str, tls: &str| {
+            format!(
+                r#"{{"events": {{"subscriptions": [{{"id": "s", "sources": [{{"type": "http_request_complete.v0"}}], "destination": {{"kafka": {{"brokers": ["h:1"], "security_protocol": "{protocol}"{tls}}}}}}}]}}}}"#
+            )
+        };
+        let ok = parse(&kafka(
+            "ssl",
+            &format!(r#", "ssl_ca_location": "{cert}", "ssl_certificate_location": "{cert}", "ssl_key_location": "{key}""#),
+        ))
+        .unwrap();
+        let Destination::Kafka(k) = &ok.subscriptions[0].destination else {
+            panic!("a Kafka destination")
+        };
+        assert_eq!(
+            k.tls.key_location.as_ref().unwrap().display().to_string(),
+            key
+        );
+        let cases = [
+            (
+                kafka(
+                    "sasl_plaintext",
+                    &format!(r#", "ssl_ca_location": "{cert}""#),
+                ),
+                "kafka.ssl_ca_location: ",
+                "need security_protocol ssl or sasl_ssl",
+            ),
+            (
+                kafka("ssl", &format!(r#", "ssl_ca_location": "{missing}""#)),
+                "kafka.ssl_ca_location: ",
+                "cannot read",
+            ),
+            (
+                kafka("ssl", &format!(r#", "ssl_ca_location": "{key}""#)),
+                "kafka.ssl_ca_location: ",
+                "no PEM CERTIFICATE",
+            ),
+            (
+                kafka(
+                    "sasl_ssl",
+                    &format!(r#", "ssl_certificate_location": "{cert}""#),
+                ),
+                "kafka.ssl_key_location: ",
+                "go together",
+            ),
+            (
+                kafka(
+                    "ssl",
+                    &format!(
+                        r#", "ssl_certificate_location": "{cert}", "ssl_key_location": "{cert}""#
+                    ),
+                ),
+                "kafka.ssl_key_location: ",
+                "no PEM PRIVATE KEY",
+            ),
+            (
+                kafka(
+                    "ssl",
+                    &format!(
+                        r#", "ssl_certificate_location": "{cert}", "ssl_key_location": "{sealed}""#
+                    ),
+                ),
+                "kafka.ssl_key_location: ",
+                "encrypted",
+            ),
+        ];
+        for (text, field, reason) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert!(
+                err.contains(field) && err.contains(reason),
+                "{field}{reason:?} not in: {err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[cfg(feature = "kafka")]

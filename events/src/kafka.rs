@@ -101,6 +101,18 @@ pub(crate) fn producer_config(id: &str, dest: &KafkaDestination) -> ClientConfig
     if let Some(p) = &dest.security_protocol {
         config.set("security.protocol", p);
     }
+    // Without a CA file, the system's store: librdkafka's OpenSSL is built
+    // in, and its own default directory holds none.
+    let ca = match &dest.tls.ca_location {
+        Some(path) => path.display().to_string(),
+        None => "probe".into(),
+    };
+    config.set("ssl.ca.location", ca);
+    if let (Some(cert), Some(key)) = (&dest.tls.certificate_location, &dest.tls.key_location) {
+        config
+            .set("ssl.certificate.location", cert.display().to_string())
+            .set("ssl.key.location", key.display().to_string());
+    }
     if let Some(m) = &dest.sasl_mechanism {
         config.set("sasl.mechanism", m);
     }

@@ -61,6 +61,9 @@ pub fn tansu() -> PathBuf {
 /// every topic.
 pub struct Broker {
     pub port: u16,
+    /// What the broker tells clients to connect to, when not itself (a
+    /// TLS front); `127.0.0.1:<port>` otherwise.
+    advertised: Option<String>,
     child: Option<Child>,
 }
 
@@ -68,14 +71,33 @@ impl Broker {
     /// Starts on a free port.
     pub async fn start() -> Broker {
         let port = crate::free_port();
-        let mut broker = Broker { port, child: None };
+        let mut broker = Broker {
+            port,
+            advertised: None,
+            child: None,
+        };
         broker.restart().await;
         broker
     }
 
     /// Starts on `port` (one an edge was already pointed at).
     pub async fn start_on(port: u16) -> Broker {
-        let mut broker = Broker { port, child: None };
+        let mut broker = Broker {
+            port,
+            advertised: None,
+            child: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    /// Starts on `port`, telling clients to connect to `advertised`.
+    pub async fn start_advertising(port: u16, advertised: &str) -> Broker {
+        let mut broker = Broker {
+            port,
+            advertised: Some(advertised.to_string()),
+            child: None,
+        };
         broker.restart().await;
         broker
     }
@@ -100,6 +122,7 @@ impl Broker {
     pub async fn restart(&mut self) {
         self.stop().await;
         let addr = self.addr();
+        let advertised = self.advertised.clone().unwrap_or_else(|| addr.clone());
         for _ in 0..50 {
             let mut child = Command::new(tansu())
                 .args([
@@ -107,7 +130,7 @@ impl Broker {
                     "--listener-url",
                     &format!("tcp://{addr}"),
                     "--advertised-listener-url",
-                    &format!("tcp://{addr}"),
+                    &format!("tcp://{advertised}"),
                     "--storage-engine",
                     "memory://tansu/",
                 ])
@@ -152,6 +175,59 @@ impl Broker {
     }
 }
 
+/// TLS in front of a broker (tansu speaks only plain TCP): terminates TLS
+/// with a certificate for 127.0.0.1 from `ca`, requires a client
+/// certificate from `ca`, and relays the bytes to the broker.
+pub struct KafkaTlsFront {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KafkaTlsFront {
+    /// Listens at once; relays to `backend` (which may start later).
+    pub async fn start(ca: &crate::TestCa, backend: String) -> Self {
+        let server = ca.server(&["127.0.0.1"]);
+        let certified = postern_ingress::certified_key_from_pem(
+            "kafka front",
+            server.cert_pem.as_bytes(),
+            server.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let cas = postern_ingress::parse_ca_bundle(ca.pem.as_bytes()).unwrap();
+        let policy = std::sync::Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
+        let verifier = std::sync::Arc::new(postern_ingress::RequireClientCert(policy))
+            as std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>;
+        let resolver = std::sync::Arc::new(rustls::sign::SingleCertAndKey::from(
+            std::sync::Arc::new(certified),
+        ));
+        let config = postern_ingress::build_server_config(resolver, Some(verifier), &[]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, backend) = (acceptor.clone(), backend.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return; // a client that does not trust us, or has no certificate
+                    };
+                    let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        KafkaTlsFront { addr, task }
+    }
+}
+
+impl Drop for KafkaTlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Topic names unique to one test: `<tag>-<random>.{event_type}`.
 pub fn topic_template(tag: &str) -> String {
     format!("{tag}-{}.{{event_type}}", postern_ingress::random_label())
@@ -174,10 +250,17 @@ pub struct Consumed {
 
 /// Everything in `topics` up to now, read by the independent consumer.
 pub async fn consume(brokers: &str, topics: &[String]) -> Vec<Consumed> {
+    consume_with(brokers, topics, &[]).await
+}
+
+/// The same with more consumer arguments (`--tls-ca`, `--tls-cert`,
+/// `--tls-key`).
+pub async fn consume_with(brokers: &str, topics: &[String], extra: &[&str]) -> Vec<Consumed> {
     let mut command = Command::new(python());
     command
         .arg(repo().join("tests/kafka_consume.py"))
-        .args(["--brokers", brokers]);
+        .args(["--brokers", brokers])
+        .args(extra);
     for topic in topics {
         command.args(["--topic", topic]);
     }

@@ -10,9 +10,9 @@ use std::{
 };
 
 use postern_tests::{
-    Broker, Consumed, HttpUpstream, HttpsClient, TcpEcho, TestEdge, TlsUpstream,
-    assert_schema_valid, binary, consume, eventually, http1_get_all, kafka_subscription, topic,
-    topic_template, url_of,
+    Broker, Consumed, HttpUpstream, HttpsClient, KafkaTlsFront, TcpEcho, TempDir, TestCa, TestEdge,
+    TlsUpstream, assert_schema_valid, binary, consume, consume_with, eventually, http1_get_all,
+    kafka_subscription, topic, topic_template, url_of,
 };
 use serde_json::Value;
 use tokio::{
@@ -664,4 +664,109 @@ async fn dev_mode_writes_events_as_json_lines() {
         events[0]["object"]["conn"]["server_name"],
         "nobody.postern.localhost"
     );
+}
+
+/// Kafka over TLS with a client certificate (the front in
+/// `KafkaTlsFront` stands for a broker's TLS listener): the edge checks
+/// the broker's certificate against `ssl_ca_location`, presents its own,
+/// and every event arrives once. Beside it, a subscription trusting
+/// another CA and one with no client certificate deliver nothing: their
+/// events wait in their spools.
+#[tokio::test]
+async fn kafka_over_tls_checks_the_broker_and_presents_a_client_certificate() {
+    let pki = TempDir::new("kafka-tls");
+    let ca = TestCa::root("kafka test CA");
+    let ca_file = pki.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let other_ca = pki.path().join("other-ca.pem");
+    std::fs::write(&other_ca, TestCa::root("another CA").pem).unwrap();
+    let (cert, key) = ca
+        .client("postern-edge", &[], &[], (-1, 1))
+        .write(pki.path(), "client", &[]);
+
+    let port = Broker::unused_port();
+    let front = KafkaTlsFront::start(&ca, format!("127.0.0.1:{port}")).await;
+    let broker = Broker::start_advertising(port, &front.addr.to_string()).await;
+    let brokers = front.addr.to_string();
+    let tls = |ca: &std::path::Path, client: bool| {
+        let mut lines = format!(
+            "security_protocol = \"ssl\"\nssl_ca_location = \"{}\"\n",
+            ca.display()
+        );
+        if client {
+            lines += &format!(
+                "ssl_certificate_location = \"{}\"\nssl_key_location = \"{}\"\n",
+                cert.display(),
+                key.display()
+            );
+        }
+        lines
+    };
+    let mut config = String::new();
+    let mut templates = Vec::new();
+    for (id, ca, client) in [
+        ("good", ca_file.as_path(), true),
+        ("wrong-ca", other_ca.as_path(), true),
+        ("no-client-cert", ca_file.as_path(), false),
+    ] {
+        let template = topic_template(id);
+        create_topics(&broker, &template).await;
+        config += &kafka_subscription(id, &brokers, &template, "");
+        config += &tls(ca, client);
+        templates.push(template);
+    }
+    let edge = TestEdge::start_with(&config).await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge
+        .agent(&http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
+    let paths: Vec<String> = (0..20).map(|i| format!("/over-tls/{i}")).collect();
+    let statuses = http1_get_all(edge.addrs.http.unwrap(), "app.example.test", &paths, 4).await;
+    assert!(statuses.iter().all(|s| *s == Some(http::StatusCode::OK)));
+
+    let consumer_tls = [
+        "--tls-ca",
+        ca_file.to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consumed = loop {
+        let consumed = consume_with(&brokers, &topics(&templates[0]), &consumer_tls).await;
+        if consumed.len() >= paths.len() || Instant::now() > deadline {
+            break consumed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(consumed.len(), paths.len(), "every event once, over TLS");
+    let got: BTreeSet<String> = consumed
+        .iter()
+        .map(|c| {
+            let v = checked(c, &templates[0]);
+            v["object"]["http"]["request"]["url"]["path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(got, paths.iter().cloned().collect::<BTreeSet<_>>());
+
+    // The refused ones: nothing in their topics, their events still in
+    // their spools (the good one's are delivered and committed).
+    for (id, template) in ["wrong-ca", "no-client-cert"]
+        .into_iter()
+        .zip(&templates[1..])
+    {
+        let none = consume_with(&brokers, &topics(template), &consumer_tls).await;
+        assert!(none.is_empty(), "{id}: {none:?}");
+    }
+    let n = paths.len() as u64;
+    eventually(10, "the good subscription's spool is committed", || async {
+        edge.stat("events_spool_events") == 2 * n
+    })
+    .await;
+    assert_eq!(edge.stat("events_delivered"), n);
+    assert_eq!(edge.stat("events_dropped"), 0);
 }

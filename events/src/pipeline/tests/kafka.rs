@@ -188,6 +188,7 @@ fn kafka_config(brokers: &str, topic: &str) -> EventsConfig {
                 brokers: vec![brokers.to_string()],
                 topic: topic.to_string(),
                 security_protocol: None,
+                tls: Default::default(),
                 sasl_mechanism: None,
                 sasl_username: None,
                 sasl_password: None,
