@@ -484,7 +484,7 @@ pub struct KafkaDestination {
     pub brokers: Vec<String>,
     pub topic: String,
     pub security_protocol: Option<String>,
-    pub tls: KafkaTls,
+    pub tls: Box<KafkaTls>,
     pub sasl_mechanism: Option<String>,
     pub sasl_username: Option<String>,
     pub sasl_password: Option<Secret>,
@@ -838,12 +838,14 @@ impl RawKafka {
                 }
             })
             .transpose()?;
-        let tls = KafkaTls {
-            ca_location: self.ssl_ca_location,
-            certificate_location: self.ssl_certificate_location,
-            key_location: self.ssl_key_location,
-        }
-        .check(&field, security_protocol.as_deref())?;
+        let tls = Box::new(
+            KafkaTls {
+                ca_location: self.ssl_ca_location,
+                certificate_location: self.ssl_certificate_location,
+                key_location: self.ssl_key_location,
+            }
+            .check(field, security_protocol.as_deref())?,
+        );
         let sasl_mechanism = self
             .sasl_mechanism
             .map(|m| {
