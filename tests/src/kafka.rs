@@ -70,32 +70,23 @@ pub struct Broker {
 impl Broker {
     /// Starts on a free port.
     pub async fn start() -> Broker {
-        let port = crate::free_port();
-        let mut broker = Broker {
-            port,
-            advertised: None,
-            child: None,
-        };
-        broker.restart().await;
-        broker
+        Broker::launch(crate::free_port(), None).await
     }
 
     /// Starts on `port` (one an edge was already pointed at).
     pub async fn start_on(port: u16) -> Broker {
-        let mut broker = Broker {
-            port,
-            advertised: None,
-            child: None,
-        };
-        broker.restart().await;
-        broker
+        Broker::launch(port, None).await
     }
 
     /// Starts on `port`, telling clients to connect to `advertised`.
     pub async fn start_advertising(port: u16, advertised: &str) -> Broker {
+        Broker::launch(port, Some(advertised.to_string())).await
+    }
+
+    async fn launch(port: u16, advertised: Option<String>) -> Broker {
         let mut broker = Broker {
             port,
-            advertised: Some(advertised.to_string()),
+            advertised,
             child: None,
         };
         broker.restart().await;
