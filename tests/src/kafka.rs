@@ -178,21 +178,8 @@ impl KafkaTlsFront {
     /// Listens at once; relays to `backend` (which may start later).
     pub async fn start(ca: &crate::TestCa, backend: String) -> Self {
         let server = ca.server(&["127.0.0.1"]);
-        let certified = postern_ingress::certified_key_from_pem(
-            "kafka front",
-            server.cert_pem.as_bytes(),
-            server.key_pem.as_bytes(),
-        )
-        .unwrap();
-        let cas = postern_ingress::parse_ca_bundle(ca.pem.as_bytes()).unwrap();
-        let policy = std::sync::Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
-        let verifier = std::sync::Arc::new(postern_ingress::RequireClientCert(policy))
-            as std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>;
-        let resolver = std::sync::Arc::new(rustls::sign::SingleCertAndKey::from(
-            std::sync::Arc::new(certified),
-        ));
-        let config = postern_ingress::build_server_config(resolver, Some(verifier), &[]);
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let acceptor =
+            crate::upstream::tls_acceptor(&server.cert_pem, &server.key_pem, Some(&ca.pem), &[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {

@@ -330,21 +330,12 @@ impl TlsUpstream {
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
-        let certified = postern_ingress::certified_key_from_pem(
-            "upstream",
-            cert.pem().as_bytes(),
-            key.serialize_pem().as_bytes(),
-        )
-        .unwrap();
-        let client_auth = client_ca_pem.map(|pem| {
-            let cas = postern_ingress::parse_ca_bundle(pem.as_bytes()).unwrap();
-            let policy = Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
-            Arc::new(postern_ingress::RequireClientCert(policy))
-                as Arc<dyn rustls::server::danger::ClientCertVerifier>
-        });
-        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(certified)));
-        let config = postern_ingress::build_server_config(resolver, client_auth, &[b"http/1.1"]);
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let acceptor = tls_acceptor(
+            &cert.pem(),
+            &key.serialize_pem(),
+            client_ca_pem,
+            &[b"http/1.1"],
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -390,6 +381,34 @@ impl TlsUpstream {
             task,
         }
     }
+}
+
+/// A TLS acceptor for a test server: its certificate and key (PEM), and,
+/// with `client_ca_pem`, a required client certificate from that CA.
+pub(crate) fn tls_acceptor(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsAcceptor {
+    let certified = postern_ingress::certified_key_from_pem(
+        "test server",
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+    )
+    .unwrap();
+    let client_auth = client_ca_pem.map(|pem| {
+        let cas = postern_ingress::parse_ca_bundle(pem.as_bytes()).unwrap();
+        let policy = Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
+        Arc::new(postern_ingress::RequireClientCert(policy))
+            as Arc<dyn rustls::server::danger::ClientCertVerifier>
+    });
+    let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(certified)));
+    tokio_rustls::TlsAcceptor::from(postern_ingress::build_server_config(
+        resolver,
+        client_auth,
+        alpn,
+    ))
 }
 
 impl Drop for TlsUpstream {

@@ -60,6 +60,23 @@ fn checked(c: &Consumed, template: &str) -> Value {
     v.clone()
 }
 
+/// What the consumer reads once it holds `n` messages, or after 60 s.
+async fn consume_at_least(
+    brokers: &str,
+    topics: &[String],
+    extra: &[&str],
+    n: usize,
+) -> Vec<Consumed> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let consumed = consume_with(brokers, topics, extra).await;
+        if consumed.len() >= n || Instant::now() > deadline {
+            return consumed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn status(v: &Value) -> u64 {
     v["object"]["http"]["response"]["status_code"]
         .as_u64()
@@ -371,14 +388,7 @@ async fn events_spooled_while_the_broker_is_down_survive_an_edge_restart() {
     let broker = Broker::start_on(port).await;
     create_topics(&broker, &template).await;
     edge.restart_process().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let consumed = loop {
-        let consumed = consume(&brokers, &topics(&template)).await;
-        if consumed.len() >= paths.len() || Instant::now() > deadline {
-            break consumed;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let consumed = consume_at_least(&brokers, &topics(&template), &[], paths.len()).await;
     assert_eq!(
         consumed.len(),
         paths.len(),
@@ -732,14 +742,8 @@ async fn kafka_over_tls_checks_the_broker_and_presents_a_client_certificate() {
         "--tls-key",
         key.to_str().unwrap(),
     ];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let consumed = loop {
-        let consumed = consume_with(&brokers, &topics(&templates[0]), &consumer_tls).await;
-        if consumed.len() >= paths.len() || Instant::now() > deadline {
-            break consumed;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let consumed =
+        consume_at_least(&brokers, &topics(&templates[0]), &consumer_tls, paths.len()).await;
     assert_eq!(consumed.len(), paths.len(), "every event once, over TLS");
     let got: BTreeSet<String> = consumed
         .iter()
