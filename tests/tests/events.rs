@@ -77,6 +77,20 @@ async fn consume_at_least(
     }
 }
 
+/// The request paths of `consumed`, each event [`checked`].
+fn checked_paths(consumed: &[Consumed], template: &str) -> BTreeSet<String> {
+    consumed
+        .iter()
+        .map(|c| {
+            let v = checked(c, template);
+            v["object"]["http"]["request"]["url"]["path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 fn status(v: &Value) -> u64 {
     v["object"]["http"]["response"]["status_code"]
         .as_u64()
@@ -394,17 +408,10 @@ async fn events_spooled_while_the_broker_is_down_survive_an_edge_restart() {
         paths.len(),
         "the first run's events, once each"
     );
-    let got: BTreeSet<String> = consumed
-        .iter()
-        .map(|c| {
-            let v = checked(c, &template);
-            v["object"]["http"]["request"]["url"]["path"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(got, paths.iter().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(
+        checked_paths(&consumed, &template),
+        paths.iter().cloned().collect::<BTreeSet<_>>()
+    );
     assert!(edge.process().terminate().await.success());
 }
 
@@ -745,17 +752,10 @@ async fn kafka_over_tls_checks_the_broker_and_presents_a_client_certificate() {
     let consumed =
         consume_at_least(&brokers, &topics(&templates[0]), &consumer_tls, paths.len()).await;
     assert_eq!(consumed.len(), paths.len(), "every event once, over TLS");
-    let got: BTreeSet<String> = consumed
-        .iter()
-        .map(|c| {
-            let v = checked(c, &templates[0]);
-            v["object"]["http"]["request"]["url"]["path"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(got, paths.iter().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(
+        checked_paths(&consumed, &templates[0]),
+        paths.iter().cloned().collect::<BTreeSet<_>>()
+    );
 
     // The refused ones: nothing in their topics, their events still in
     // their spools (the good one's are delivered and committed).
