@@ -578,7 +578,10 @@ impl RawTunnel {
                     .with_context(|| format!("{}: reading {crt}", field("crt")))?;
                 let key_pem = std::fs::read_to_string(key)
                     .with_context(|| format!("{}: reading {key}", field("key")))?;
-                Some((crt_pem, Secret::new(key_pem)))
+                let key_pem = Secret::new(key_pem);
+                crate::tls::serving_key((crt, &crt_pem), (key, &key_pem))
+                    .with_context(|| format!("{}/key", field("crt")))?;
+                Some((crt_pem, key_pem))
             }
             _ => bail!("{}: crt and key must be given together", field("crt")),
         };

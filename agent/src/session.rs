@@ -8,7 +8,7 @@
 //! again after every reconnect, for as long as the agent runs.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     io,
     pin::Pin,
@@ -20,7 +20,7 @@ use std::{
 use http::Uri;
 use hyper_util::rt::TokioIo;
 use postern_proto::{
-    ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, h2_settings, pb,
+    ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, TokenBucket, h2_settings, pb,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{
@@ -47,6 +47,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const MAX_ALTERNATES: usize = 16;
 /// A session that lived this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// Binds and unbinds that may wait to be sent within the edge's control
+/// budget; past it the API answers `429` with `Retry-After`.
+pub(crate) const OUTBOX_MAX: usize = 64;
+/// Of the edge's control burst, what is left to heartbeats (pings and
+/// pongs are never held back).
+const HEARTBEAT_RESERVE: u32 = 8;
+/// A refused tunnel is asked for again after 1, 2, 4, then every 8
+/// heartbeat intervals (with jitter).
+const MAX_RETRY_DOUBLINGS: u32 = 3;
 
 /// What the agent is doing, for the CLI and for tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -388,6 +397,11 @@ impl Session<'_> {
             next_request: 0,
             binds: HashMap::new(),
             unbinds: HashMap::new(),
+            outbox: VecDeque::new(),
+            budget: pacing(&welcome),
+            endpoint_limit: usize::try_from(welcome.endpoints_per_session)
+                .ok()
+                .filter(|&n| n > 0),
         };
         let end = self
             .run_session(&welcome, &mut live, &mut inbound, &ctx, commands)
@@ -405,8 +419,13 @@ impl Session<'_> {
         commands: &mut mpsc::Receiver<Command>,
     ) -> SessionEnd {
         let config = &self.state.config;
-        // Bind every tunnel, and wait for all the answers before going online.
+        // Bind every tunnel the edge has not refused (those wait for their
+        // retry time), paced within the edge's budget, and wait for all the
+        // answers before going online.
         for tunnel in self.state.tunnels() {
+            if matches!(tunnel.state, BindState::Failed { .. }) {
+                continue;
+            }
             if let Err(end) = live.bind(tunnel.target, PendingKind::Initial).await {
                 return end;
             }
@@ -417,7 +436,17 @@ impl Session<'_> {
             .any(|p| matches!(p.kind, PendingKind::Initial))
         {
             use pb::edge_message::Msg;
-            match inbound.message().await {
+            let pace = live.next_send();
+            let message = tokio::select! {
+                _ = sleep_for(pace) => {
+                    if let Err(end) = live.flush().await {
+                        return end;
+                    }
+                    continue;
+                }
+                message = inbound.message() => message,
+            };
+            match message {
                 Ok(Some(pb::EdgeMessage { msg: Some(msg) })) => match msg {
                     Msg::Bind(response) => {
                         if let Err(end) = live.bound(response, self.ever_online).await {
@@ -473,6 +502,7 @@ impl Session<'_> {
         ticker.tick().await;
         let mut last_seen = Instant::now();
         loop {
+            let pace = live.next_send();
             let message = tokio::select! {
                 _ = self.shutdown.cancelled() => {
                     let bound: Vec<String> = self
@@ -484,7 +514,7 @@ impl Session<'_> {
                             _ => None,
                         })
                         .collect();
-                    unbind_all(live.tx, inbound, bound.iter()).await;
+                    unbind_all(live, inbound, bound.iter()).await;
                     return SessionEnd::Shutdown;
                 }
                 _ = ticker.tick() => {
@@ -498,6 +528,12 @@ impl Session<'_> {
                     ping_sent = Some((nonce, Instant::now()));
                     let _ = live.tx.try_send(agent_message(pb::agent_message::Msg::Ping(pb::Heartbeat { nonce })));
                     if let Err(end) = live.retry_failed().await {
+                        return end;
+                    }
+                    continue;
+                }
+                _ = sleep_for(pace) => {
+                    if let Err(end) = live.flush().await {
                         return end;
                     }
                     continue;
@@ -544,7 +580,9 @@ impl Session<'_> {
                         self.publish_tunnels();
                     }
                     Msg::Unbind(response) => {
-                        live.unbound(response);
+                        if let Err(end) = live.unbound(response).await {
+                            return end;
+                        }
                         self.publish_tunnels();
                     }
                     Msg::EndpointStopped(stopped) => {
@@ -600,7 +638,40 @@ struct PendingUnbind {
     reply: Option<oneshot::Sender<Result<(), CommandError>>>,
 }
 
-/// The binds and unbinds of one session that await the edge's answer.
+/// The pacing of this agent's binds and unbinds: within the budget the
+/// edge stated, less a reserve for heartbeats and a tenth of the rate; an
+/// edge that states none allowed 100 messages in any one second.
+fn pacing(welcome: &pb::Welcome) -> TokenBucket {
+    if welcome.control_rate == 0 {
+        return TokenBucket::new(50, 50);
+    }
+    TokenBucket::new(
+        welcome.control_rate - welcome.control_rate / 10,
+        welcome
+            .control_burst
+            .saturating_sub(HEARTBEAT_RESERVE)
+            .max(welcome.control_burst / 2),
+    )
+}
+
+/// When a tunnel refused `attempts` times is asked for again: 1, 2, 4,
+/// then 8 heartbeat intervals, each between half and all of that.
+fn retry_delay(heartbeat: Duration, attempts: u32) -> Duration {
+    let ceiling =
+        heartbeat.saturating_mul(1 << attempts.saturating_sub(1).min(MAX_RETRY_DOUBLINGS));
+    ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+}
+
+/// Sleeps `pace`, or forever when there is nothing to send.
+async fn sleep_for(pace: Option<Duration>) {
+    match pace {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The binds and unbinds of one session: those waiting to be sent within
+/// the edge's control budget, and those that await the edge's answer.
 struct Live<'a> {
     state: &'a AgentState,
     tx: &'a mpsc::Sender<pb::AgentMessage>,
@@ -608,6 +679,11 @@ struct Live<'a> {
     next_request: u64,
     binds: HashMap<u64, PendingBind>,
     unbinds: HashMap<u64, PendingUnbind>,
+    /// Binds and unbinds not sent yet, oldest first.
+    outbox: VecDeque<pb::agent_message::Msg>,
+    budget: TokenBucket,
+    /// The edge's endpoint limit for this session, when it stated one.
+    endpoint_limit: Option<usize>,
 }
 
 impl Live<'_> {
@@ -616,6 +692,37 @@ impl Live<'_> {
             .send(agent_message(msg))
             .await
             .map_err(|_| SessionEnd::Lost("control stream closed".into()))
+    }
+
+    /// Sends what the budget allows now, oldest first.
+    async fn flush(&mut self) -> Result<(), SessionEnd> {
+        let now = Instant::now();
+        while !self.outbox.is_empty() && self.budget.try_take(now) {
+            if let Some(msg) = self.outbox.pop_front() {
+                self.send(msg).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How long until the next queued message may go; `None` when none waits.
+    fn next_send(&mut self) -> Option<Duration> {
+        (!self.outbox.is_empty()).then(|| self.budget.wait(Instant::now()))
+    }
+
+    /// Queues `msg` (first when it was refused for the budget) and sends
+    /// what the budget allows.
+    async fn enqueue(
+        &mut self,
+        msg: pb::agent_message::Msg,
+        first: bool,
+    ) -> Result<(), SessionEnd> {
+        if first {
+            self.outbox.push_front(msg);
+        } else {
+            self.outbox.push_back(msg);
+        }
+        self.flush().await
     }
 
     fn request_id(&mut self) -> u64 {
@@ -627,7 +734,25 @@ impl Live<'_> {
         let request_id = self.request_id();
         let request = bind_request(request_id, &target.spec);
         self.binds.insert(request_id, PendingBind { target, kind });
-        self.send(pb::agent_message::Msg::Bind(request)).await
+        self.enqueue(pb::agent_message::Msg::Bind(request), false)
+            .await
+    }
+
+    /// The edge refused a message for our budget: we were too fast (our
+    /// pacing starts from the edge's numbers, but clocks and heartbeats
+    /// differ), so slow down and send it again first.
+    async fn resend(&mut self, msg: pb::agent_message::Msg) -> Result<(), SessionEnd> {
+        self.budget.drain(Instant::now());
+        self.enqueue(msg, true).await
+    }
+
+    /// Endpoints this session holds or has asked for.
+    fn holding(&self) -> usize {
+        self.state
+            .tunnels()
+            .iter()
+            .filter(|t| !matches!(t.state, BindState::Failed { .. }))
+            .count()
     }
 
     async fn unbind(
@@ -649,13 +774,15 @@ impl Live<'_> {
                 reply,
             },
         );
-        self.send(pb::agent_message::Msg::Unbind(request)).await
+        self.enqueue(pb::agent_message::Msg::Unbind(request), false)
+            .await
     }
 
-    /// Handles the edge's answer to a bind. Only a config tunnel refused at
-    /// connect ends the session: fatally before the agent was ever online,
-    /// otherwise to be retried (the name may still be held by our own old
-    /// session).
+    /// Handles the edge's answer to a bind. Only a config tunnel refused
+    /// before the agent was ever online ends the session (fatally: the
+    /// config is wrong); any other refusal leaves the tunnel failed, asked
+    /// for again with back-off, and the session goes on. A bind refused for
+    /// the control budget is sent again, first in the queue.
     async fn bound(
         &mut self,
         response: pb::BindResponse,
@@ -667,6 +794,11 @@ impl Live<'_> {
         let name = pending.target.spec.name.clone();
         if let Some(error) = response.error {
             let failure = Failure::from_pb(&error);
+            if failure.code == ErrorCode::CONTROL_THROTTLED {
+                let request = bind_request(response.request_id, &pending.target.spec);
+                self.binds.insert(response.request_id, pending);
+                return self.resend(pb::agent_message::Msg::Bind(request)).await;
+            }
             let failure =
                 Failure::new(failure.code, format!("tunnel {name:?}: {}", failure.detail));
             let origin = self.state.tunnel(&name).map(|t| t.origin);
@@ -675,17 +807,10 @@ impl Live<'_> {
                     self.state.update(|ts| ts.retain(|t| t.name() != name));
                     let _ = reply.send(Err(CommandError::Refused(failure)));
                 }
-                (PendingKind::Initial, Some(Origin::Config)) => {
-                    return Err(if ever_online {
-                        SessionEnd::Lost(failure.to_string())
-                    } else {
-                        SessionEnd::Fatal(failure)
-                    });
+                (PendingKind::Initial, Some(Origin::Config)) if !ever_online => {
+                    return Err(SessionEnd::Fatal(failure));
                 }
-                (PendingKind::Initial | PendingKind::Retry, _) => {
-                    tracing::warn!(error = %failure, "tunnel not bound; retrying every heartbeat");
-                    self.set_state(&name, BindState::Failed(failure.to_string()));
-                }
+                (PendingKind::Initial | PendingKind::Retry, _) => self.failed(&name, failure),
             }
             return Ok(());
         }
@@ -704,12 +829,45 @@ impl Live<'_> {
         Ok(())
     }
 
+    /// Marks a tunnel refused and schedules its next bind.
+    fn failed(&self, name: &str, failure: Failure) {
+        let heartbeat = self.state.config.heartbeat_interval;
+        self.state.update(|ts| {
+            if let Some(t) = ts.iter_mut().find(|t| t.name() == name) {
+                let attempts = match t.state {
+                    BindState::Failed { attempts, .. } => attempts + 1,
+                    _ => 1,
+                };
+                let delay = retry_delay(heartbeat, attempts);
+                tracing::warn!(tunnel = name, error = %failure, retry_in = ?delay, "tunnel not bound");
+                t.state = BindState::Failed {
+                    error: failure.to_string(),
+                    attempts,
+                    retry_at: Instant::now() + delay,
+                };
+            }
+        });
+    }
+
     /// Handles the edge's answer to an unbind: the tunnel is gone either
-    /// way (an unknown endpoint is not bound).
-    fn unbound(&mut self, response: pb::UnbindResponse) {
+    /// way (an unknown endpoint is not bound), unless the edge refused it
+    /// for the control budget: then it is sent again.
+    async fn unbound(&mut self, response: pb::UnbindResponse) -> Result<(), SessionEnd> {
         let Some(pending) = self.unbinds.remove(&response.request_id) else {
-            return;
+            return Ok(());
         };
+        if response
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::CONTROL_THROTTLED.number)
+        {
+            let request = pb::UnbindRequest {
+                request_id: response.request_id,
+                endpoint_id: pending.endpoint_id.clone(),
+            };
+            self.unbinds.insert(response.request_id, pending);
+            return self.resend(pb::agent_message::Msg::Unbind(request)).await;
+        }
         self.routes.remove(&pending.endpoint_id);
         self.state.update(|ts| {
             ts.retain(|t| {
@@ -720,24 +878,30 @@ impl Live<'_> {
         if let Some(reply) = pending.reply {
             let _ = reply.send(Ok(()));
         }
+        Ok(())
     }
 
     /// The edge stopped an endpoint: its tunnel is refused, and asked for
-    /// again every heartbeat (it takes over when the other endpoint goes).
+    /// again with back-off (it takes over when the other endpoint goes).
     /// The failure, when the endpoint was one of this session's.
     fn stopped(&mut self, endpoint_id: &str, failure: Option<Failure>) -> Option<Failure> {
         self.routes.remove(endpoint_id)?;
         let failure = failure.unwrap_or_else(|| {
             Failure::new(ErrorCode::UNKNOWN_ENDPOINT, "the edge stopped the endpoint")
         });
-        self.state.update(|ts| {
-            for t in ts.iter_mut() {
-                if matches!(&t.state, BindState::Bound { endpoint_id: id, .. } if id == endpoint_id) {
-                    tracing::warn!(tunnel = t.name(), error = %failure, "the edge stopped the tunnel's endpoint; retrying every heartbeat");
-                    t.state = BindState::Failed(failure.to_string());
-                }
-            }
-        });
+        let name = self
+            .state
+            .tunnels()
+            .into_iter()
+            .find_map(|t| match &t.state {
+                BindState::Bound {
+                    endpoint_id: id, ..
+                } if id == endpoint_id => Some(t.name().to_string()),
+                _ => None,
+            });
+        if let Some(name) = name {
+            self.failed(&name, failure.clone());
+        }
         Some(failure)
     }
 
@@ -745,6 +909,28 @@ impl Live<'_> {
         match command {
             Command::Start { target, reply } => {
                 let name = target.spec.name.clone();
+                // What the edge would refuse, or what would overrun its
+                // budget, is answered here without sending anything.
+                if let Some(limit) = self.endpoint_limit
+                    && self.holding() >= limit
+                {
+                    let failure = Failure::new(
+                        ErrorCode::TOO_MANY_ENDPOINTS,
+                        format!(
+                            "tunnel {name:?}: the session already holds or is binding {limit} endpoints, the edge's limit"
+                        ),
+                    );
+                    let _ = reply.send(Err(CommandError::OverLimit(failure)));
+                    return Ok(());
+                }
+                if self.outbox.len() >= OUTBOX_MAX {
+                    let rate_wait = self.budget.wait(Instant::now());
+                    let retry_after = rate_wait
+                        .saturating_mul(u32::try_from(self.outbox.len()).unwrap_or(u32::MAX))
+                        .max(Duration::from_secs(1));
+                    let _ = reply.send(Err(CommandError::Busy { retry_after }));
+                    return Ok(());
+                }
                 let added = self.state.update(|ts| {
                     if ts.iter().any(|t| t.name() == name) {
                         return false;
@@ -771,7 +957,7 @@ impl Live<'_> {
                 Some(BindState::Bound { endpoint_id, .. }) => {
                     self.unbind(name, endpoint_id, Some(reply)).await
                 }
-                Some(BindState::Binding | BindState::Failed(_)) => {
+                Some(BindState::Binding | BindState::Failed { .. }) => {
                     self.state.update(|ts| ts.retain(|t| t.name() != name));
                     let _ = reply.send(Ok(()));
                     Ok(())
@@ -780,13 +966,14 @@ impl Live<'_> {
         }
     }
 
-    /// Binds again the API tunnels the edge refused after a reconnect.
+    /// Binds again the refused tunnels whose retry time has come.
     async fn retry_failed(&mut self) -> Result<(), SessionEnd> {
+        let now = Instant::now();
         let failed: Vec<Arc<Target>> = self
             .state
             .tunnels()
             .into_iter()
-            .filter(|t| matches!(t.state, BindState::Failed(_)))
+            .filter(|t| matches!(t.state, BindState::Failed { retry_at, .. } if retry_at <= now))
             .filter(|t| !self.binds.values().any(|p| p.target.spec.name == t.name()))
             .map(|t| t.target)
             .collect();
@@ -877,34 +1064,40 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
     }
 }
 
-/// Unbinds everything before leaving, waiting briefly for the answers.
+/// Unbinds everything before leaving, paced within the budget, waiting
+/// up to 2 s for the answers (what is not sent by then the edge frees when
+/// the session closes).
 async fn unbind_all<'a>(
-    tx: &mpsc::Sender<pb::AgentMessage>,
+    live: &mut Live<'_>,
     inbound: &mut tonic::Streaming<pb::EdgeMessage>,
     endpoint_ids: impl Iterator<Item = &'a String>,
 ) {
-    let mut pending = 0;
-    for (i, id) in endpoint_ids.enumerate() {
-        let unbind = pb::UnbindRequest {
-            request_id: 1_000_000 + i as u64,
-            endpoint_id: id.clone(),
-        };
-        if tx
-            .send(agent_message(pb::agent_message::Msg::Unbind(unbind)))
-            .await
-            .is_ok()
-        {
-            pending += 1;
-        }
+    live.outbox.clear();
+    for id in endpoint_ids {
+        let request_id = live.request_id();
+        live.outbox
+            .push_back(pb::agent_message::Msg::Unbind(pb::UnbindRequest {
+                request_id,
+                endpoint_id: id.clone(),
+            }));
     }
+    let mut pending = live.outbox.len();
     let answers = async {
         while pending > 0 {
-            match inbound.message().await {
-                Ok(Some(pb::EdgeMessage {
-                    msg: Some(pb::edge_message::Msg::Unbind(_)),
-                })) => pending -= 1,
-                Ok(Some(_)) => {}
-                _ => break,
+            let pace = live.next_send();
+            tokio::select! {
+                _ = sleep_for(pace) => {
+                    if live.flush().await.is_err() {
+                        break;
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(pb::EdgeMessage {
+                        msg: Some(pb::edge_message::Msg::Unbind(_)),
+                    })) => pending -= 1,
+                    Ok(Some(_)) => {}
+                    _ => break,
+                },
             }
         }
     };

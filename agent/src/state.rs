@@ -51,8 +51,16 @@ pub(crate) enum BindState {
         endpoint_id: String,
         public_url: String,
     },
-    /// The edge refused it after a reconnect; retried every heartbeat.
-    Failed(String),
+    /// The edge refused it (after a reconnect, or for an API tunnel that
+    /// was bound before) or stopped it; asked for again at `retry_at`,
+    /// paced, with the delay doubling per refusal (see
+    /// `session::retry_delay`). Kept across reconnects, so a reconnect
+    /// sends no burst of binds the edge refused before.
+    Failed {
+        error: String,
+        attempts: u32,
+        retry_at: std::time::Instant,
+    },
 }
 
 /// One tunnel the agent runs.
@@ -160,6 +168,13 @@ pub(crate) enum CommandError {
     Refused(Failure),
     /// No session to bind on.
     Offline(String),
+    /// The session already holds as many endpoints as the edge allows
+    /// (`Welcome.endpoints_per_session`); not sent to the edge.
+    OverLimit(Failure),
+    /// Too many binds wait to be sent within the edge's control budget.
+    Busy {
+        retry_after: Duration,
+    },
 }
 
 impl fmt::Display for CommandError {
@@ -171,6 +186,14 @@ impl fmt::Display for CommandError {
             CommandError::Offline(why) => {
                 write!(f, "the agent is not connected to the edge ({why})")
             }
+            CommandError::OverLimit(failure) => write!(f, "{failure}"),
+            CommandError::Busy { retry_after } => write!(
+                f,
+                "{}: {} tunnel starts are waiting to be sent to the edge; try again in {} s",
+                postern_proto::ErrorCode::AGENT_QUEUE_FULL.id(),
+                crate::session::OUTBOX_MAX,
+                retry_after.as_secs().max(1)
+            ),
         }
     }
 }

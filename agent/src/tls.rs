@@ -95,7 +95,7 @@ pub fn agent_server_config(
     key: &Secret,
     mutual_tls_cas: Option<&[u8]>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    let (certs, key) = chain_and_key(crt_pem, key)?;
+    let certified = serving_key(("crt", crt_pem), ("key", key))?;
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match mutual_tls_cas {
@@ -106,9 +106,23 @@ pub fn agent_server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    Ok(Arc::new(
-        builder.with_single_cert(certs, key).context("crt/key")?,
-    ))
+    Ok(Arc::new(builder.with_cert_resolver(Arc::new(
+        rustls::sign::SingleCertAndKey::from(Arc::new(certified)),
+    ))))
+}
+
+/// The certificate and key a tunnel presents (`terminate_at: agent`, or
+/// sent to the edge), each with the name of where it came from, checked as a
+/// server checks its own: see [`postern_ingress::certified_key_from_pem`].
+/// X.509 v1 certificates, as seed 001's script makes them, are served.
+pub fn serving_key(
+    (crt_name, crt_pem): (&str, &[u8]),
+    (key_name, key): (&str, &Secret),
+) -> Result<rustls::sign::CertifiedKey, postern_ingress::TlsError> {
+    postern_ingress::certified_key_from_pem(
+        postern_ingress::Pem::new(crt_name, crt_pem),
+        postern_ingress::Pem::new(key_name, key.expose().as_bytes()),
+    )
 }
 
 /// Accepts any upstream certificate (`upstream_tls_verify: false`).

@@ -190,8 +190,15 @@ pub struct RawLimits {
     pub stream_pool: Option<u32>,
     /// Proxied connections one agent session may carry at once. Default 10000.
     pub streams_per_session: Option<usize>,
-    /// Control messages per second an agent may send before it is cut off. Default 100.
+    /// The rate of an agent's control budget, messages per second: over
+    /// it, binds and unbinds are refused one by one (`ERR_POSTERN_9013`),
+    /// and an agent that goes on a whole burst beyond it is cut off
+    /// (`ERR_POSTERN_9008`). Default 100.
     pub control_messages_per_second: Option<u32>,
+    /// The burst of that budget: messages an agent may send at once.
+    /// Default `endpoints_per_session` + 20, so a full rebind plus
+    /// heartbeats fits.
+    pub control_burst: Option<u32>,
     /// Visitor connections open at once across the node. Default 20000.
     pub max_connections: Option<usize>,
     /// Time to receive a whole ClientHello. Default `10s`.
@@ -360,6 +367,7 @@ pub struct Limits {
     pub stream_pool: u32,
     pub streams_per_session: usize,
     pub control_messages_per_second: u32,
+    pub control_burst: u32,
     pub max_connections: usize,
     pub client_hello_timeout: Duration,
     pub client_hello_max_bytes: usize,
@@ -594,6 +602,7 @@ impl RawConfig {
             );
         }
         let oauth = self.oauth.validate(&domain)?;
+        let endpoints_per_session = self.limits.endpoints_per_session.unwrap_or(100);
         Ok(EdgeConfig {
             node_id,
             region,
@@ -622,11 +631,20 @@ impl RawConfig {
             authtokens,
             session,
             limits: Limits {
-                endpoints_per_session: self.limits.endpoints_per_session.unwrap_or(100),
+                endpoints_per_session,
                 sessions_per_token: self.limits.sessions_per_token.unwrap_or(100),
                 stream_pool: self.limits.stream_pool.unwrap_or(16),
                 streams_per_session: self.limits.streams_per_session.unwrap_or(10_000),
-                control_messages_per_second: self.limits.control_messages_per_second.unwrap_or(100),
+                control_messages_per_second: self
+                    .limits
+                    .control_messages_per_second
+                    .unwrap_or(100)
+                    .max(1),
+                control_burst: self.limits.control_burst.unwrap_or_else(|| {
+                    u32::try_from(endpoints_per_session)
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(20)
+                }),
                 max_connections: self.limits.max_connections.unwrap_or(20_000),
                 client_hello_timeout: duration(
                     "limits.client_hello_timeout",

@@ -22,7 +22,8 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use postern_ingress::{
-    CertStore, DevCa, Gateway, GatewayConfig, Outcomes, build_server_config, certified_key_from_pem,
+    CertStore, DevCa, Gateway, GatewayConfig, Outcomes, Pem, build_server_config,
+    certified_key_from_pem,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -143,14 +144,23 @@ impl Edge {
             let read = |p: &std::path::Path| {
                 std::fs::read(p).with_context(|| format!("reading {}", p.display()))
             };
-            let names = certs.add_pem(&cert.display().to_string(), &read(cert)?, &read(key)?)?;
+            let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
+            let names = certs.add_pem(
+                Pem::new(&cert_name, &read(cert)?),
+                Pem::new(&key_name, &read(key)?),
+            )?;
             tracing::info!(cert = %cert.display(), names = ?names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
         }
         let agent_key = match &config.tls.agent_cert {
             Some((cert, key)) => certified_key_from_pem(
-                "tls.agent_cert",
-                &std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
-                &std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+                Pem::new(
+                    &format!("tls.agent_cert {}", cert.display()),
+                    &std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                ),
+                Pem::new(
+                    &format!("tls.agent_key {}", key.display()),
+                    &std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+                ),
             )?,
             None => {
                 let name = config.agent_ingress_name();
@@ -158,7 +168,10 @@ impl Edge {
                     .dev_ca()
                     .context("no agent certificate and no dev CA")?;
                 let (cert, key) = ca.issue_pem(&[name])?;
-                certified_key_from_pem("dev agent certificate", cert.as_bytes(), key.as_bytes())?
+                certified_key_from_pem(
+                    Pem::new("dev agent certificate", cert.as_bytes()),
+                    Pem::new("dev agent key", key.as_bytes()),
+                )?
             }
         };
         let agent_certs = cluster::AgentCerts {

@@ -64,7 +64,7 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
          \n  metrics        {metrics}   (Prometheus; /healthz, /readyz)\
          \n  events         {events}   (JSON lines)\
          \n\nStart an agent in another terminal:\
-         \n\n  cargo run --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
+         \n\n  cargo run --release --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
          \n      --root-cas {ca} --authtoken {token}\
          \n\nthen:  curl --cacert {ca} https://<the printed name>:{https_port}/\n",
         ingress = config.agent_ingress_name(),

@@ -25,7 +25,7 @@ use std::{
 use futures_util::{Stream, StreamExt, future::BoxFuture};
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use postern_ingress::{ClaimedStream, DevCa, StreamSource, certified_key_from_pem};
+use postern_ingress::{ClaimedStream, DevCa, Pem, StreamSource, certified_key_from_pem};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -76,9 +76,8 @@ impl NodeLinks {
     pub fn new(node_id: &str, ca: &DevCa, stream_wait: Duration) -> anyhow::Result<NodeLinks> {
         let (cert, key) = ca.issue_pem(&[node_name(node_id)])?;
         let key = Arc::new(certified_key_from_pem(
-            "the node's link certificate",
-            cert.as_bytes(),
-            key.as_bytes(),
+            Pem::new("the node's link certificate", cert.as_bytes()),
+            Pem::new("the node's link key", key.as_bytes()),
         )?);
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;

@@ -16,9 +16,9 @@ use std::{
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
     CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, Location, MAX_CAS,
-    MtlsPolicy, Protocol, StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
+    MtlsPolicy, Pem, Protocol, StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
 };
-use postern_proto::{ErrorCode, Failure, negotiate, pb};
+use postern_proto::{ErrorCode, Failure, Take, TokenBucket, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Status, Streaming};
@@ -330,6 +330,10 @@ impl Registry {
                 .get()
                 .map(|c| c.region_agent_addrs())
                 .unwrap_or_default(),
+            control_rate: self.settings.limits.control_messages_per_second,
+            control_burst: self.settings.limits.control_burst,
+            endpoints_per_session: u32::try_from(self.settings.limits.endpoints_per_session)
+                .unwrap_or(u32::MAX),
         };
         // The channel is new and empty: this cannot fail for lack of room.
         let _ = control.try_send(edge_message(pb::edge_message::Msg::Welcome(welcome)));
@@ -375,8 +379,8 @@ impl Registry {
         ticker.tick().await;
         let mut last_seen = Instant::now();
         let mut nonce = 0u64;
-        let limit = self.settings.limits.control_messages_per_second;
-        let (mut window, mut in_window) = (Instant::now(), 0u32);
+        let limits = &self.settings.limits;
+        let mut budget = TokenBucket::new(limits.control_messages_per_second, limits.control_burst);
         loop {
             let message = tokio::select! {
                 _ = session.cancel.cancelled() => return None,
@@ -405,58 +409,88 @@ impl Registry {
                 }
             };
             last_seen = Instant::now();
-            if window.elapsed() >= std::time::Duration::from_secs(1) {
-                (window, in_window) = (Instant::now(), 0);
-            }
-            in_window += 1;
-            if in_window > limit {
-                tracing::warn!(session.id = %session.id, limit, "agent flooded the control stream");
-                return Some(Failure::new(
-                    ErrorCode::CONTROL_FLOOD,
-                    format!("more than {limit} control messages in a second"),
-                ));
-            }
-            use pb::agent_message::Msg;
-            let reply = match msg {
-                Msg::Hello(_) => {
+            // Over the budget, binds and unbinds are refused one by one (a
+            // heartbeat is still answered: it is what keeps the session
+            // alive); a peer a whole burst beyond it is cut off.
+            let throttled = match budget.take(last_seen) {
+                Take::Granted => None,
+                Take::Throttled { retry_after } => Some(Failure::new(
+                    ErrorCode::CONTROL_THROTTLED,
+                    format!(
+                        "over the control budget ({} messages a second, burst {}); send it again in {} ms",
+                        limits.control_messages_per_second,
+                        limits.control_burst,
+                        retry_after.as_millis().max(1)
+                    ),
+                )),
+                Take::Exhausted => {
+                    tracing::warn!(session.id = %session.id, "agent flooded the control stream");
                     return Some(Failure::new(
-                        ErrorCode::PROTOCOL_VIOLATION,
-                        "hello sent twice",
+                        ErrorCode::CONTROL_FLOOD,
+                        format!(
+                            "a whole burst ({}) of control messages beyond the budget of {} a second",
+                            limits.control_burst, limits.control_messages_per_second
+                        ),
                     ));
                 }
-                Msg::Bind(req) => {
-                    let request_id = req.request_id;
-                    let response = match self.bind(session, req).await {
-                        Ok((endpoint_id, public_url)) => pb::BindResponse {
-                            request_id,
-                            endpoint_id,
-                            public_url,
-                            error: None,
-                        },
-                        Err(failure) => {
-                            self.counters.bind_refused(&failure);
-                            tracing::info!(session.id = %session.id, error = %failure, "bind refused");
-                            pb::BindResponse {
-                                request_id,
-                                error: Some(failure.to_pb()),
-                                ..Default::default()
-                            }
-                        }
-                    };
-                    pb::edge_message::Msg::Bind(response)
-                }
-                Msg::Unbind(req) => {
-                    let error = self
-                        .unbind(session, &req.endpoint_id)
-                        .err()
-                        .map(|f| f.to_pb());
-                    pb::edge_message::Msg::Unbind(pb::UnbindResponse {
+            };
+            use pb::agent_message::Msg;
+            let reply = match (msg, throttled) {
+                (Msg::Bind(req), Some(failure)) => {
+                    self.counters.bind_refused(&failure);
+                    pb::edge_message::Msg::Bind(pb::BindResponse {
                         request_id: req.request_id,
-                        error,
+                        error: Some(failure.to_pb()),
+                        ..Default::default()
                     })
                 }
-                Msg::Ping(hb) => pb::edge_message::Msg::Pong(hb),
-                Msg::Pong(_) => continue,
+                (Msg::Unbind(req), Some(failure)) => {
+                    pb::edge_message::Msg::Unbind(pb::UnbindResponse {
+                        request_id: req.request_id,
+                        error: Some(failure.to_pb()),
+                    })
+                }
+                (msg, _) => match msg {
+                    Msg::Hello(_) => {
+                        return Some(Failure::new(
+                            ErrorCode::PROTOCOL_VIOLATION,
+                            "hello sent twice",
+                        ));
+                    }
+                    Msg::Bind(req) => {
+                        let request_id = req.request_id;
+                        let response = match self.bind(session, req).await {
+                            Ok((endpoint_id, public_url)) => pb::BindResponse {
+                                request_id,
+                                endpoint_id,
+                                public_url,
+                                error: None,
+                            },
+                            Err(failure) => {
+                                self.counters.bind_refused(&failure);
+                                tracing::info!(session.id = %session.id, error = %failure, "bind refused");
+                                pb::BindResponse {
+                                    request_id,
+                                    error: Some(failure.to_pb()),
+                                    ..Default::default()
+                                }
+                            }
+                        };
+                        pb::edge_message::Msg::Bind(response)
+                    }
+                    Msg::Unbind(req) => {
+                        let error = self
+                            .unbind(session, &req.endpoint_id)
+                            .err()
+                            .map(|f| f.to_pb());
+                        pb::edge_message::Msg::Unbind(pb::UnbindResponse {
+                            request_id: req.request_id,
+                            error,
+                        })
+                    }
+                    Msg::Ping(hb) => pb::edge_message::Msg::Pong(hb),
+                    Msg::Pong(_) => continue,
+                },
             };
             if session.control.send(edge_message(reply)).await.is_err() {
                 return None;
@@ -622,8 +656,11 @@ impl Registry {
             return Ok(());
         }
         if has_cert {
-            let key = certified_key_from_pem("crt/key", &req.tls_cert_pem, &req.tls_key_pem)
-                .map_err(|e| Failure::new(ErrorCode::INVALID_BIND, e.to_string()))?;
+            let key = certified_key_from_pem(
+                Pem::new("crt", &req.tls_cert_pem),
+                Pem::new("key", &req.tls_key_pem),
+            )
+            .map_err(|e| Failure::new(ErrorCode::INVALID_BIND, e.to_string()))?;
             spec.certificate = Some(Arc::new(key));
             return Ok(());
         }

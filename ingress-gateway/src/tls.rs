@@ -34,6 +34,14 @@ pub enum TlsError {
     BadPem { what: String, detail: String },
     #[error("{what}: the private key is unusable: {detail}")]
     BadKey { what: String, detail: String },
+    #[error("{what}: the first certificate is not well-formed X.509: {detail}")]
+    BadCertificate { what: String, detail: String },
+    #[error("the private key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch { cert: String, key: String },
+    #[error("{what}: the certificate is not valid before {when}")]
+    NotYetValid { what: String, when: String },
+    #[error("{what}: the certificate expired on {when}")]
+    Expired { what: String, when: String },
     #[error("{what}: the certificate has no DNS names to serve")]
     NoNames { what: String },
     #[error("dev CA: {0}")]
@@ -45,48 +53,89 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Parses a PEM certificate chain and private key into a signing key.
-pub fn certified_key_from_pem(
-    what: &str,
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::BadPem {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            what: what.to_string(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::BadKey {
-        what: what.to_string(),
-        detail: e.to_string(),
-    })?;
-    certified_key(what, certs, key)
+/// A PEM document and where it came from (a file name, a config key), for
+/// messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Pem<'a> {
+    pub source: &'a str,
+    pub bytes: &'a [u8],
 }
 
-fn certified_key(
-    what: &str,
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<CertifiedKey, TlsError> {
-    let key = crypto_provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::BadKey {
-            what: what.to_string(),
+impl<'a> Pem<'a> {
+    pub fn new(source: &'a str, bytes: &'a [u8]) -> Pem<'a> {
+        Pem { source, bytes }
+    }
+}
+
+/// A serving certificate expiring sooner than this is logged as a warning.
+const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Parses a PEM certificate chain and its private key into a key a server
+/// can present, checking only what a server must: that both parse, that the
+/// key belongs to the first certificate (checked first, naming both
+/// sources), and that today is within the certificate's validity dates (a
+/// warning when it expires within 30 days). Whether the certificate is
+/// trusted is the client's business, so an X.509 v1 certificate without
+/// extensions, as `openssl x509 -req` makes it, serves like any other.
+pub fn certified_key_from_pem(cert: Pem<'_>, key: Pem<'_>) -> Result<CertifiedKey, TlsError> {
+    use x509_parser::prelude::*;
+    let certs = CertificateDer::pem_slice_iter(cert.bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            what: cert.source.to_string(),
             detail: e.to_string(),
         })?;
-    let certified = CertifiedKey::new(certs, key);
-    certified.keys_match().map_err(|e| TlsError::BadKey {
-        what: what.to_string(),
-        detail: format!("it does not match the certificate ({e})"),
-    })?;
-    Ok(certified)
+    let Some(leaf) = certs.first() else {
+        return Err(TlsError::NoCertificate {
+            what: cert.source.to_string(),
+        });
+    };
+    let bad_key = |detail: String| TlsError::BadKey {
+        what: key.source.to_string(),
+        detail,
+    };
+    let private = PrivateKeyDer::from_pem_slice(key.bytes).map_err(|e| bad_key(e.to_string()))?;
+    let (_, parsed) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|e| TlsError::BadCertificate {
+            what: cert.source.to_string(),
+            detail: e.to_string(),
+        })?;
+    let signing = crypto_provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| bad_key(e.to_string()))?;
+    let public = signing
+        .public_key()
+        .ok_or_else(|| bad_key("its public key cannot be derived".into()))?;
+    if public.as_ref() != parsed.public_key().raw {
+        return Err(TlsError::KeyMismatch {
+            cert: cert.source.to_string(),
+            key: key.source.to_string(),
+        });
+    }
+    let validity = parsed.validity();
+    let now = ASN1Time::now();
+    if now < validity.not_before {
+        return Err(TlsError::NotYetValid {
+            what: cert.source.to_string(),
+            when: validity.not_before.to_string(),
+        });
+    }
+    match validity.time_to_expiration() {
+        None => {
+            return Err(TlsError::Expired {
+                what: cert.source.to_string(),
+                when: validity.not_after.to_string(),
+            });
+        }
+        Some(left) if left < EXPIRY_WARNING => tracing::warn!(
+            certificate = cert.source,
+            not_after = %validity.not_after,
+            "the certificate expires within 30 days"
+        ),
+        Some(_) => {}
+    }
+    Ok(CertifiedKey::new(certs, signing))
 }
 
 /// The DNS names (SANs, else the CN) a leaf certificate is valid for.
@@ -223,7 +272,10 @@ impl DevCa {
 
     fn issue(&self, name: &str) -> Result<CertifiedKey, TlsError> {
         let (cert, key) = self.issue_pem(&[name.to_string()])?;
-        certified_key_from_pem(name, cert.as_bytes(), key.as_bytes())
+        certified_key_from_pem(
+            Pem::new(name, cert.as_bytes()),
+            Pem::new(name, key.as_bytes()),
+        )
     }
 }
 
@@ -256,20 +308,15 @@ impl CertStore {
     }
 
     /// Adds a certificate for every DNS name it carries; returns the names.
-    pub fn add_pem(
-        &self,
-        what: &str,
-        cert_pem: &[u8],
-        key_pem: &[u8],
-    ) -> Result<Vec<DomainPattern>, TlsError> {
-        let certified = Arc::new(certified_key_from_pem(what, cert_pem, key_pem)?);
+    pub fn add_pem(&self, cert: Pem<'_>, key: Pem<'_>) -> Result<Vec<DomainPattern>, TlsError> {
+        let certified = Arc::new(certified_key_from_pem(cert, key)?);
         let names: Vec<DomainPattern> = certificate_names(&certified.cert[0])
             .iter()
             .filter_map(|n| DomainPattern::parse(n).ok())
             .collect();
         if names.is_empty() {
             return Err(TlsError::NoNames {
-                what: what.to_string(),
+                what: cert.source.to_string(),
             });
         }
         let mut router = self.configured.write().expect("cert store lock");
@@ -433,7 +480,10 @@ mod tests {
         let (cert, key) = ca.issue_pem(&["*.c1.example.test".into()]).unwrap();
         let store = CertStore::new(None);
         let names = store
-            .add_pem("wildcard", cert.as_bytes(), key.as_bytes())
+            .add_pem(
+                Pem::new("wildcard", cert.as_bytes()),
+                Pem::new("wildcard key", key.as_bytes()),
+            )
             .unwrap();
         assert_eq!(
             names,
@@ -445,7 +495,7 @@ mod tests {
             "no dev CA: nothing issued"
         );
         let err = store
-            .add_pem("bad", b"not pem", key.as_bytes())
+            .add_pem(Pem::new("bad", b"not pem"), Pem::new("key", key.as_bytes()))
             .unwrap_err();
         assert!(err.to_string().contains("bad: no PEM certificate"), "{err}");
         fs::remove_dir_all(dir).unwrap();

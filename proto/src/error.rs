@@ -105,6 +105,8 @@ codes! {
     BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
     BAD_REQUEST = (9009, 400, Client, "the request is malformed");
     CONTROL_FLOOD = (9008, 400, Agent, "the agent sent control messages faster than allowed");
+    CONTROL_THROTTLED = (9013, 429, Agent, "the agent is over its control budget; this message was refused, send it again later");
+    AGENT_QUEUE_FULL = (9014, 429, Agent, "the agent has too many tunnel starts waiting for the edge; try again later");
     EDGE_OVERLOADED = (9003, 503, Edge, "the edge is at its connection limit");
     STREAM_UNAVAILABLE = (9004, 503, Agent, "the agent did not provide a data stream in time");
     CONNECTION_RESET = (9005, 502, Client, "the peer reset the connection");

@@ -4,6 +4,7 @@
 //! tokens, routing or modules. See `PROTOCOL.md` for the protocol in prose.
 
 mod attach;
+mod budget;
 mod codec;
 mod error;
 mod pipe;
@@ -18,6 +19,7 @@ pub mod pb {
 }
 
 pub use attach::{AttachedFrames, BoxFrames, attachable};
+pub use budget::{Take, TokenBucket};
 /// The generated code names it as `crate::TunnelCodec`.
 use codec::TunnelCodec;
 pub use error::{ErrorCode, Failure, Fault};

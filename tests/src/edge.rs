@@ -442,6 +442,17 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         String::from_utf8_lossy(&crate::curl(&args).await.stdout).into_owned()
     }
 
+    /// The Prometheus text of the node's `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let url = format!(
+            "http://{}/metrics",
+            self.addrs.metrics.expect("metrics listener")
+        );
+        let out = crate::curl(&["-f", &url]).await;
+        assert!(out.status.success(), "GET {url} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `GET` or `DELETE` `/certificate_authorities/{id}` with the test
     /// admin key.
     pub async fn ca(&self, method: &str, id: &str) -> (u16, serde_json::Value) {

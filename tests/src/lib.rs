@@ -12,6 +12,7 @@ mod oidc;
 mod otlp;
 mod pki;
 mod process;
+mod raw_agent;
 mod redis;
 mod upstream;
 
@@ -28,8 +29,9 @@ pub use oidc::{
     resolve, spki_hash,
 };
 pub use otlp::{OtlpReceiver, ReceivedSpan};
-pub use pki::{Issued, TestCa};
+pub use pki::{Issued, TestCa, seed_001_certificates};
 pub use process::{Spawned, binary, free_port, read_rss_kib};
+pub use raw_agent::RawSession;
 pub use redis::{RedisCluster, RedisServer};
 pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
 

@@ -120,3 +120,48 @@ fn time_now() -> time::OffsetDateTime {
 fn time_days(days: i64) -> time::Duration {
     time::Duration::days(days)
 }
+
+/// Seed 001's "Generate test certificates" script, run unchanged from
+/// `tests/data/seed-001/gen-certs.sh` in `dir` with its placeholder
+/// substituted (as the seed tells the reader to) by `wildcard`, on a
+/// pseudo-terminal that types `pass_phrase` at each of OpenSSL's prompts.
+/// Leaves the script's nine files in `dir`; the certificates it signs are
+/// X.509 v1 with the CA's own subject.
+pub async fn seed_001_certificates(dir: &Path, wildcard: &str, pass_phrase: &str) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/seed-001");
+    let script = std::fs::read_to_string(data.join("gen-certs.sh")).unwrap();
+    let script_path = dir.join("gen-certs.sh");
+    std::fs::write(
+        &script_path,
+        script.replace("{YOUR_WILDCARD_DOMAIN}", wildcard),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(data.join("answer-pass-phrases.py"))
+        .arg(pass_phrase)
+        .arg("sh")
+        .arg(&script_path)
+        .current_dir(dir)
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "seed 001's script failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for file in [
+        "ca-crt.pem",
+        "ca-key.pem",
+        "server-crt.pem",
+        "server-key.pem",
+        "client-crt.pem",
+        "client-key.pem",
+    ] {
+        assert!(
+            dir.join(file).exists(),
+            "seed 001's script made no {file}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -392,9 +392,8 @@ pub(crate) fn tls_acceptor(
     alpn: &[&[u8]],
 ) -> tokio_rustls::TlsAcceptor {
     let certified = postern_ingress::certified_key_from_pem(
-        "test server",
-        cert_pem.as_bytes(),
-        key_pem.as_bytes(),
+        postern_ingress::Pem::new("test server certificate", cert_pem.as_bytes()),
+        postern_ingress::Pem::new("test server key", key_pem.as_bytes()),
     )
     .unwrap();
     let client_auth = client_ca_pem.map(|pem| {

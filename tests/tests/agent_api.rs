@@ -7,6 +7,10 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -1131,4 +1135,128 @@ async fn drive(
         all.extend(t.await.unwrap());
     }
     (started.elapsed(), all)
+}
+
+/// Issue 26: 300 concurrent `POST /api/tunnels` never cost the session.
+/// The agent answers what the edge would refuse itself (`409` with
+/// `ERR_POSTERN_324` past the endpoint limit) and paces the rest within the
+/// edge's control budget (`429` with `Retry-After` when too many wait, which
+/// this client honours, as a script should); the config tunnel serves
+/// throughout and the session never reconnects.
+/// `budget` is the edge's `[limits]` control budget, when not the default.
+async fn a_burst_of_tunnel_starts_keeps_the_session(preloaded: usize, budget: Option<&str>) -> u32 {
+    const LIMIT: usize = 100; // the edge's endpoints_per_session
+    let edge = TestEdge::start_with(
+        &budget
+            .map(|b| format!("[limits]\n{b}\n"))
+            .unwrap_or_default(),
+    )
+    .await;
+    let upstream = HttpUpstream::start().await;
+    let (agent, api, _) = agent_with_api(
+        &edge,
+        "",
+        &http_tunnel("web", "web.example.test", upstream.port()),
+    )
+    .await;
+    let start = |name: String| {
+        json!({"name": name, "proto": "http", "addr": upstream.port(), "domain": format!("{name}.example.test")})
+            .to_string()
+    };
+    for i in 0..preloaded {
+        let a = post(api, "/api/tunnels", &start(format!("pre{i}"))).await;
+        assert_eq!(a.status, 201, "{}", a.json);
+    }
+
+    // A visitor of the config tunnel, every 20 ms during the burst.
+    let stop = Arc::new(AtomicBool::new(false));
+    let visitor = tokio::spawn({
+        let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+        let stop = stop.clone();
+        async move {
+            let mut served = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let r = client.get("web.example.test", "/").await;
+                assert!(
+                    r.as_ref().is_ok_and(|r| r.status == 200),
+                    "the config tunnel stopped serving during the burst after {served} requests: {:?}",
+                    r.map(|r| r.status)
+                );
+                served += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            served
+        }
+    });
+    let starts: Vec<_> = (0..300)
+        .map(|i| {
+            let body = start(format!("burst{i}"));
+            tokio::spawn(async move {
+                let mut told_to_wait = 0;
+                loop {
+                    let a = post(api, "/api/tunnels", &body).await;
+                    if a.status != StatusCode::TOO_MANY_REQUESTS {
+                        return (a, told_to_wait);
+                    }
+                    told_to_wait += 1;
+                    let after: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                    assert!(after >= 1, "{}", a.json);
+                    tokio::time::sleep(Duration::from_secs(after)).await;
+                }
+            })
+        })
+        .collect();
+    let (mut created, mut over_limit, mut waits) = (0, 0, 0);
+    for task in starts {
+        let (a, told_to_wait) = task.await.unwrap();
+        waits += told_to_wait;
+        match a.status.as_u16() {
+            201 => created += 1,
+            409 => {
+                assert_error(&a, 409, "ERR_POSTERN_324");
+                over_limit += 1;
+            }
+            other => panic!("unexpected answer {other}: {}", a.json),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = visitor.await.unwrap();
+    println!(
+        "{created} created, {over_limit} over the limit, {waits} times told to wait; the config tunnel served {served} requests meanwhile"
+    );
+    assert_eq!(created, LIMIT - 1 - preloaded, "exactly up to the limit");
+    assert_eq!(over_limit, 300 - created);
+    assert!(served > 0);
+    let listed = get(api, "/api/tunnels").await.json;
+    assert_eq!(listed["tunnels"].as_array().unwrap().len(), LIMIT);
+    let s = get(api, "/api/status").await.json;
+    assert_eq!(s["session"]["reconnects"], 0, "{s}");
+    assert!(agent.status().borrow().online);
+    agent.shutdown().await.unwrap();
+    waits
+}
+
+#[tokio::test]
+async fn a_burst_of_300_tunnel_starts_on_a_nearly_full_session_never_costs_the_session() {
+    a_burst_of_tunnel_starts_keeps_the_session(95, None).await;
+}
+
+#[tokio::test]
+async fn a_burst_of_300_tunnel_starts_on_an_empty_session_never_costs_the_session() {
+    a_burst_of_tunnel_starts_keeps_the_session(0, None).await;
+}
+
+/// With a budget too small for 99 binds at once, the agent's queue fills
+/// and callers are told to come back (`429`, `Retry-After`) instead.
+#[tokio::test]
+async fn a_burst_of_300_tunnel_starts_within_a_small_budget_is_queued_and_told_to_wait() {
+    let waits = a_burst_of_tunnel_starts_keeps_the_session(
+        0,
+        Some("control_messages_per_second = 20\ncontrol_burst = 30"),
+    )
+    .await;
+    assert!(
+        waits > 0,
+        "the queue of 64 filled, so some callers were told to wait"
+    );
 }

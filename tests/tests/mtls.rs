@@ -7,44 +7,11 @@ use std::{path::Path, process::Output};
 
 use postern_tests::{
     API_KEY, HttpUpstream, TempDir, TestCa, TestEdge, TlsUpstream, curl, openssl_s_client,
+    seed_001_certificates,
 };
 use tokio::process::Command;
 
 const DOMAIN: &str = "app.customer1.example.test";
-
-async fn sh(dir: &Path, script: &str) {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The seed's "Generate test certificates" script, with the pass phrase
-/// given on the command line instead of prompted for.
-async fn seed_pki(dir: &Path) {
-    sh(
-        dir,
-        r#"
-CN='*.customer1.example.test'
-openssl req -new -x509 -days 9999 -keyout ca-key.pem -out ca-crt.pem -subj "/CN=$CN" -passout pass:testpass 2>/dev/null
-openssl genrsa -out server-key.pem 4096 2>/dev/null
-openssl req -new -key server-key.pem -out server-csr.pem -subj "/CN=$CN"
-openssl x509 -req -days 9999 -in server-csr.pem -CA ca-crt.pem -CAkey ca-key.pem -CAcreateserial -out server-crt.pem -passin pass:testpass 2>/dev/null
-openssl genrsa -out client-key.pem 4096 2>/dev/null
-openssl req -new -key client-key.pem -out client-csr.pem -subj "/CN=$CN"
-openssl x509 -req -days 9999 -in client-csr.pem -CA ca-crt.pem -CAkey ca-key.pem -CAcreateserial -out client-crt.pem -passin pass:testpass 2>/dev/null
-"#,
-    )
-    .await;
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_lowercase()
@@ -55,7 +22,7 @@ async fn the_seed_scripts_certificates_and_curl_command_work_end_to_end() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
     let pki = TempDir::new("seed-pki");
-    seed_pki(pki.path()).await;
+    seed_001_certificates(pki.path(), "*.customer1.example.test", "testpass").await;
     let ca = pki.path().join("ca-crt.pem");
     let version = Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])

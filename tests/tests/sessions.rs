@@ -1,8 +1,9 @@
 //! Agent sessions: authtokens, ACLs, duplicate binds, reconnecting after the
-//! edge restarts.
+//! edge restarts, the control budget.
 
 use std::time::Duration;
 
+use postern_proto::pb;
 use postern_tests::{ACL_TOKEN, HttpUpstream, HttpsClient, TestEdge, eventually};
 
 fn http_tunnel(domain: &str, port: u16) -> String {
@@ -132,4 +133,119 @@ async fn the_agent_reconnects_and_rebinds_after_the_edge_restarts() {
     })
     .await;
     assert!(agent.status().borrow().reconnects >= 1);
+}
+
+/// Issue 26: an agent holding the edge's whole endpoint limit (100) binds
+/// every tunnel again after the edge restarts, paced within the budget the
+/// edge states in its welcome: no bind is refused for the budget and the
+/// session is not cut.
+#[tokio::test]
+async fn a_full_session_rebinds_every_tunnel_after_a_restart_within_the_budget() {
+    let mut edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let tunnels: String = (0..100)
+        .map(|i| {
+            http_tunnel(&format!("t{i}.example.test"), upstream.port())
+                .replace("  web:", &format!("  t{i}:"))
+        })
+        .collect();
+    let (agent, first) = edge.agent(&tunnels).await;
+    assert_eq!(first.tunnels.len(), 100);
+    edge.restart().await;
+    let mut status = agent.status();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        status.wait_for(|s| s.online && s.session_id != first.session_id && s.tunnels.len() == 100),
+    )
+    .await
+    .expect("all 100 tunnels bound again")
+    .unwrap();
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    assert_eq!(
+        client.get("t99.example.test", "/").await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        agent.status().borrow().reconnects,
+        1,
+        "one reconnect: the restart"
+    );
+    let metrics = edge.metrics_text().await;
+    for code in ["ERR_POSTERN_9013", "ERR_POSTERN_9008"] {
+        assert!(!metrics.contains(code), "{code} in\n{metrics}");
+    }
+    agent.shutdown().await.unwrap();
+}
+
+/// Issue 26: an agent that ignores the budget has binds refused one by one
+/// (`ERR_POSTERN_9013`), then, a whole burst beyond it, its session closed
+/// with `ERR_POSTERN_9008`; another agent's session goes on serving.
+#[tokio::test]
+async fn an_agent_that_ignores_the_control_budget_is_cut_and_others_are_not() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (agent, _) = edge
+        .agent(&http_tunnel("calm.example.test", upstream.port()))
+        .await;
+    let mut hostile = edge.raw_session(&edge.token.clone()).await;
+    let (rate, burst) = (hostile.welcome.control_rate, hostile.welcome.control_burst);
+    assert_eq!(
+        (rate, burst, hostile.welcome.endpoints_per_session),
+        (100, 120, 100)
+    );
+    // Binds over the budget are refused one by one before the cut.
+    let bind = |i: u64| {
+        pb::agent_message::Msg::Bind(pb::BindRequest {
+            request_id: i,
+            name: format!("b{i}"),
+            protocol: pb::Protocol::Http as i32,
+            domain: format!("flood{i}.example.test"),
+            forwards_to: "http://localhost:9".into(),
+            ..Default::default()
+        })
+    };
+    for i in 0..u64::from(burst) + 5 {
+        assert!(hostile.send(bind(i)).await);
+    }
+    let (mut bound, mut throttled) = (0, 0);
+    while bound + throttled < burst + 5 {
+        // Bound, or refused for the endpoint limit (324) past 100.
+        if let pb::edge_message::Msg::Bind(r) = hostile.next().await.expect("the session is open") {
+            match r.error {
+                Some(e) if e.code == 9013 => throttled += 1,
+                _ => bound += 1,
+            }
+        }
+    }
+    assert!(throttled >= 5, "{bound} bound, {throttled} throttled");
+    // It goes on regardless.
+    for i in 0..10 * burst {
+        let ping = pb::agent_message::Msg::Ping(pb::Heartbeat {
+            nonce: u64::from(i),
+        });
+        if !hostile.send(ping).await {
+            break;
+        }
+    }
+    let cut = loop {
+        match hostile.next().await {
+            Some(pb::edge_message::Msg::Error(e)) => break e,
+            Some(_) => {}
+            None => panic!("the session ended without an error"),
+        }
+    };
+    assert_eq!(cut.code, 9008, "{}", cut.message);
+    assert!(
+        hostile.next().await.is_none(),
+        "the session is closed after the error"
+    );
+
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    assert_eq!(
+        client.get("calm.example.test", "/").await.unwrap().status,
+        200
+    );
+    assert_eq!(agent.status().borrow().reconnects, 0);
+    assert!(agent.status().borrow().online);
+    agent.shutdown().await.unwrap();
 }

@@ -50,7 +50,7 @@ pub(crate) fn tunnel(t: &Tunnel) -> Value {
     let (status, error) = match &t.state {
         BindState::Bound { .. } => ("online", None),
         BindState::Binding => ("binding", None),
-        BindState::Failed(e) => ("failed", Some(e.as_str())),
+        BindState::Failed { error, .. } => ("failed", Some(error.as_str())),
     };
     let mut v = json!({
         "name": spec.name,
@@ -265,7 +265,11 @@ mod tests {
 
         let t = tunnel_of(
             "authtoken: t\nserver_addr: e:1\ntunnels:\n  w:\n    proto: http\n    addr: 1\n    inspect: false\n",
-            BindState::Failed("ERR_POSTERN_334".into()),
+            BindState::Failed {
+                error: "ERR_POSTERN_334".into(),
+                attempts: 1,
+                retry_at: std::time::Instant::now(),
+            },
         );
         let v = tunnel(&t);
         assert_eq!(v["config"]["inspect"], false);

@@ -50,6 +50,8 @@ struct ApiError {
     code: u32,
     msg: &'static str,
     err: String,
+    /// Sent as `Retry-After` (whole seconds, at least 1).
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -59,6 +61,7 @@ impl ApiError {
             code,
             msg,
             err: err.into(),
+            retry_after: None,
         }
     }
 
@@ -71,10 +74,17 @@ impl ApiError {
     }
 
     fn response(&self) -> ApiResponse {
-        json_response(
+        let mut response = json_response(
             self.status,
             &json::error(self.status, self.code, self.msg, &self.err),
-        )
+        );
+        if let Some(after) = self.retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
+        response
     }
 }
 
@@ -95,6 +105,18 @@ impl From<CommandError> for ApiError {
                 "the agent is offline",
                 err,
             ),
+            CommandError::OverLimit(_) => {
+                ApiError::new(StatusCode::CONFLICT, 103, "failed to start tunnel", err)
+            }
+            CommandError::Busy { retry_after } => ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    103,
+                    "too many tunnel starts at once",
+                    err,
+                )
+            },
         }
     }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use postern_config_sync::ClusterKey;
-use postern_ingress::{DevCa, certified_key_from_pem, normalize_name};
+use postern_ingress::{DevCa, Pem, certified_key_from_pem, normalize_name};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
@@ -86,9 +86,8 @@ impl IngressCerts {
             .map_err(anyhow::Error::from)
             .and_then(|(cert, key)| {
                 Ok(certified_key_from_pem(
-                    &name,
-                    cert.as_bytes(),
-                    key.as_bytes(),
+                    Pem::new(&name, cert.as_bytes()),
+                    Pem::new(&name, key.as_bytes()),
                 )?)
             })
             .inspect_err(

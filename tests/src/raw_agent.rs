@@ -1,0 +1,129 @@
+//! A raw agent session: the tunnel protocol's control stream driven by the
+//! test itself, for agents that break the rules (floods, bad messages).
+
+use std::{future::Future, io, pin::Pin, sync::Arc, task::Poll};
+
+use hyper_util::rt::TokioIo;
+use postern_proto::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, pb};
+use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use tokio::{net::TcpStream, sync::mpsc};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::TestEdge;
+
+/// A control stream opened with Hello and answered with Welcome.
+pub struct RawSession {
+    pub tx: mpsc::Sender<pb::AgentMessage>,
+    pub inbound: tonic::Streaming<pb::EdgeMessage>,
+    pub welcome: pb::Welcome,
+}
+
+impl RawSession {
+    /// Sends one message; false when the stream is gone.
+    pub async fn send(&self, msg: pb::agent_message::Msg) -> bool {
+        self.tx
+            .send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .is_ok()
+    }
+
+    /// The next message from the edge; `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<pb::edge_message::Msg> {
+        loop {
+            match self.inbound.message().await {
+                Ok(Some(pb::EdgeMessage { msg: Some(msg) })) => return Some(msg),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Connector {
+    addr: std::net::SocketAddr,
+    tls: TlsConnector,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(this.addr).await?;
+            let name = ServerName::try_from("tunnel.us.connect.example.test").expect("a DNS name");
+            Ok(TokioIo::new(this.tls.connect(name, tcp).await?))
+        })
+    }
+}
+
+impl TestEdge {
+    /// Opens a control stream with `token` and waits for the Welcome.
+    pub async fn raw_session(&self, token: &str) -> RawSession {
+        let mut roots = RootCertStore::empty();
+        let pem = std::fs::read(self.ca_pem()).expect("the dev CA");
+        for cert in pem_certs(&pem) {
+            roots.add(cert).expect("the dev CA parses");
+        }
+        let mut tls =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = Connector {
+            addr: self.addrs.agent,
+            tls: TlsConnector::from(Arc::new(tls)),
+        };
+        let channel = tonic::transport::Endpoint::from_static("http://edge")
+            .connect_with_connector(connector)
+            .await
+            .expect("the edge accepts the connection");
+        let mut client = pb::tunnel_client::TunnelClient::new(channel);
+        let (tx, rx) = mpsc::channel(4096);
+        let hello = pb::Hello {
+            protocol_version: MAX_PROTOCOL_VERSION,
+            min_protocol_version: MIN_PROTOCOL_VERSION,
+            authtoken: token.to_string(),
+            agent_version: "raw-test-agent".into(),
+            instance_id: crate::rand_suffix(),
+            os: "linux".into(),
+            stream_pool: 0,
+        };
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut session = RawSession {
+            inbound: client
+                .control(ReceiverStream::new(rx))
+                .await
+                .expect("the control stream opens")
+                .into_inner(),
+            tx,
+            welcome: pb::Welcome::default(),
+        };
+        match session.next().await {
+            Some(pb::edge_message::Msg::Welcome(welcome)) => session.welcome = welcome,
+            other => panic!("no welcome: {other:?}"),
+        }
+        session
+    }
+}
+
+fn pem_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .expect("PEM certificates")
+}
