@@ -16,7 +16,8 @@ use std::{
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
     CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, Location, MAX_CAS,
-    MtlsPolicy, Pem, Protocol, StreamSource, TerminateAt, certified_key_from_pem, parse_ca_bundle,
+    MtlsPolicy, Pem, PolicyDocument, Protocol, StreamSource, TerminateAt, certified_key_from_pem,
+    parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, Take, TokenBucket, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
@@ -936,6 +937,16 @@ pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
         },
         pool_key: None,
         remote: None,
+        traffic_policy: match req.traffic_policy.trim() {
+            "" => None,
+            text => Some(PolicyDocument::parse(text).map_err(|e| {
+                Failure::new(
+                    ErrorCode::POLICY_INVALID,
+                    format!("the traffic policy is not a policy document: {e}"),
+                )
+            })?),
+        },
+        operator_policy: None,
     };
     if protocol == Protocol::Tcp {
         spec.remote_port = u16::try_from(req.remote_port).map_err(|_| {

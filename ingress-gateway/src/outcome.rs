@@ -335,6 +335,26 @@ impl HttpRecord {
         });
     }
 
+    /// The IP restriction's decision, once made.
+    pub fn ip_decision_made(&self) -> Option<Decision> {
+        self.object.ip_policy.as_ref().and_then(|d| d.decision)
+    }
+
+    /// Records basic auth's decision and the user it let in.
+    pub fn basic_auth(&mut self, decision: Decision, username: Option<&str>) {
+        self.object.basic_auth = Some(postern_events::BasicAuth {
+            decision: Some(decision),
+            username: username.map(str::to_string),
+        });
+    }
+
+    /// What the policy's `log` actions recorded.
+    pub fn policy_logs(&mut self, logs: Vec<serde_json::Value>) {
+        if !logs.is_empty() {
+            self.object.traffic_policy = Some(postern_events::TrafficPolicyLogs { logs });
+        }
+    }
+
     /// The `oauth.*` fields, for the OAuth module to fill.
     pub fn oauth_mut(&mut self) -> &mut postern_events::OAuth {
         self.object.oauth.get_or_insert_with(Default::default)
@@ -390,6 +410,7 @@ impl Drop for HttpRecord {
         let decision = decision_label(&[
             self.object.ip_policy.as_ref().and_then(|d| d.decision),
             self.object.oauth.as_ref().and_then(|o| o.decision),
+            self.object.basic_auth.as_ref().and_then(|b| b.decision),
         ]);
         let status = self
             .object
@@ -458,6 +479,8 @@ pub struct ConnRecord<'a> {
     /// the one that gave the data stream.
     pub endpoint: Arc<Endpoint>,
     pub ip_decision: Option<Decision>,
+    /// What the policy's `log` actions recorded.
+    pub logs: Vec<serde_json::Value>,
 }
 
 impl ConnRecord<'_> {
@@ -530,6 +553,9 @@ pub fn tcp_closed(
         ip_policy: record
             .ip_decision
             .map(|d| DecisionField { decision: Some(d) }),
+        traffic_policy: (!record.logs.is_empty()).then(|| postern_events::TrafficPolicyLogs {
+            logs: record.logs.clone(),
+        }),
         postern: Some(postern),
     };
     outcomes.metrics.connection(

@@ -1,0 +1,242 @@
+//! Traffic Policy end to end: an agent's `traffic_policy` compiled by a
+//! real edge and applied to requests from curl, and bad policies refused at
+//! bind naming the rule.
+
+use postern_tests::{HttpUpstream, TcpEcho, TestEdge, curl};
+
+/// curl through the edge: (status, response headers, body).
+async fn fetch(edge: &TestEdge, host: &str, path: &str, extra: &[&str]) -> (u16, String, String) {
+    let ca = edge.ca_pem().display().to_string();
+    let resolve = edge.resolve(host);
+    let url = edge.https_url(host, path);
+    let mut args = vec!["--cacert", &ca, "--resolve", &resolve, "-D", "-"];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let out = curl(&args).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no status from {url}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn tunnel(name: &str, domain: &str, port: u16, policy: &str) -> String {
+    let indented: String = policy.lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        "  {name}:\n    proto: http\n    addr: {port}\n    domain: {domain}\n    inspect: false\n    traffic_policy:\n{indented}"
+    )
+}
+
+const POLICY: &str = r#"on_http_request:
+  - name: teapot
+    expressions: ["req.url.path == '/teapot'"]
+    actions:
+      - type: custom-response
+        config:
+          status_code: 418
+          body: "short and stout, asked with ${req.method}"
+          headers: {x-brewed: "yes"}
+  - name: no deletes
+    expressions: ["req.method == 'DELETE'"]
+    actions: [{type: deny, config: {status_code: 405}}]
+  - name: moved
+    expressions: ["req.url.path.startsWith('/old/')"]
+    actions: [{type: redirect, config: {from: "/old/(.*)", to: "/new/$1", status_code: 301}}]
+  - name: api v1 is v2 now
+    actions: [{type: url-rewrite, config: {from: "/api/v1/", to: "/api/v2/"}}]
+  - actions:
+      - type: set-vars
+        config: {vars: [{who: "${conn.client_ip}"}]}
+      - type: add-headers
+        config: {headers: {x-client: "${vars.who}", x-endpoint: "${endpoint.id}"}}
+      - type: remove-headers
+        config: {headers: [x-secret]}
+on_http_response:
+  - expressions: ["res.status_code == 200 && hasReqHeader('x-want-hsts')"]
+    actions:
+      - type: add-headers
+        config: {headers: {strict-transport-security: "max-age=31536000"}}
+"#;
+
+#[tokio::test]
+async fn an_agents_policy_answers_redirects_rewrites_and_edits_headers() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = "policy.example.test";
+    let (agent, status) = edge
+        .agent(&tunnel("web", host, upstream.port(), POLICY))
+        .await;
+    assert_eq!(status.tunnels.len(), 1);
+
+    // A custom response, without the upstream.
+    let (code, head, body) = fetch(&edge, host, "/teapot", &[]).await;
+    assert_eq!(code, 418);
+    assert_eq!(body, "short and stout, asked with GET");
+    assert!(head.contains("x-brewed: yes"), "{head}");
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    // Denied, without the upstream.
+    let (code, _, _) = fetch(&edge, host, "/anything", &["-X", "DELETE"]).await;
+    assert_eq!(code, 405);
+    assert!(
+        upstream
+            .requests()
+            .iter()
+            .all(|r| r.path != "/teapot" && r.method != "DELETE")
+    );
+    // A redirect to the rewritten URL.
+    let (code, head, _) = fetch(&edge, host, "/old/page", &[]).await;
+    assert_eq!(code, 301);
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .unwrap();
+    assert_eq!(location.trim(), edge.https_url(host, "/new/page"));
+    // A rewrite the upstream sees.
+    let (code, _, _) = fetch(&edge, host, "/api/v1/items", &[]).await;
+    assert_eq!(code, 200);
+    assert_eq!(upstream.requests().last().unwrap().path, "/api/v2/items");
+    // Variables and headers.
+    let (code, head, _) = fetch(
+        &edge,
+        host,
+        "/echo",
+        &["-H", "x-secret: hush", "-H", "x-want-hsts: 1"],
+    )
+    .await;
+    assert_eq!(code, 200);
+    let seen = upstream.last("/echo");
+    assert_eq!(seen.headers["x-client"], "127.0.0.1");
+    assert!(
+        seen.headers["x-endpoint"]
+            .to_str()
+            .unwrap()
+            .starts_with("ep_")
+    );
+    assert!(!seen.headers.contains_key("x-secret"));
+    assert!(
+        head.contains("strict-transport-security: max-age=31536000"),
+        "{head}"
+    );
+    let (_, head, _) = fetch(&edge, host, "/echo", &[]).await;
+    assert!(
+        !head.contains("strict-transport-security"),
+        "only when asked: {head}"
+    );
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn basic_auth_from_a_policy_asks_for_and_checks_credentials() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = "private.example.test";
+    let policy = "on_http_request:\n  - actions:\n      - type: basic-auth\n        config: {credentials: [\"alice:correct horse\"]}\n";
+    let (agent, _) = edge
+        .agent(&tunnel("web", host, upstream.port(), policy))
+        .await;
+    let (code, head, _) = fetch(&edge, host, "/echo", &[]).await;
+    assert_eq!(code, 401);
+    assert!(
+        head.contains("www-authenticate: basic realm=\"ngrok\""),
+        "{head}"
+    );
+    assert!(
+        head.contains("ngrok-error-code: err_postern_9016"),
+        "{head}"
+    );
+    let (code, _, _) = fetch(&edge, host, "/echo", &["-u", "alice:wrong password"]).await;
+    assert_eq!(code, 401);
+    let (code, _, _) = fetch(&edge, host, "/echo", &["-u", "alice:correct horse"]).await;
+    assert_eq!(code, 200);
+    assert!(upstream.last("/echo").headers.contains_key("authorization"));
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tcp_endpoints_connect_rules_close_refused_visitors() {
+    let edge = TestEdge::start().await;
+    let echo = TcpEcho::start(false).await;
+    let policy = "on_tcp_connect:\n  - actions:\n      - type: restrict-ips\n        config: {deny: [127.0.0.0/8]}\n";
+    let indented: String = policy.lines().map(|l| format!("      {l}\n")).collect();
+    let (agent, status) = edge
+        .agent(&format!(
+            "  db:\n    proto: tcp\n    addr: {}\n    traffic_policy:\n{indented}",
+            echo.addr.port()
+        ))
+        .await;
+    let url = &status.tunnels[0].1;
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = conn.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("the edge closes the connection");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "nothing is echoed: {read:?}"
+    );
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_policies_are_refused_at_bind_naming_the_rule_and_the_reason() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let cases = [
+        ("on_http_requests: []\n", "on_http_requests"),
+        (
+            "on_http_request:\n  - actions: [{type: teleport}]\n",
+            "on_http_request[0].actions[0] (teleport): unknown action type \"teleport\"",
+        ),
+        (
+            "on_http_request:\n  - expressions: [\"req.method ==\"]\n    actions: [{type: deny}]\n",
+            "on_http_request[0].expressions[0]: does not compile",
+        ),
+        (
+            "on_http_request:\n  - expressions: [\"req.nope == 1\"]\n    actions: [{type: deny}]\n",
+            "unknown variable `req.nope`",
+        ),
+        (
+            "on_http_response:\n  - actions: [{type: deny}]\n",
+            "deny does not run in on_http_response",
+        ),
+        (
+            "on_http_request:\n  - actions: [{type: forward-internal, config: {url: \"https://x.internal\"}}]\n",
+            "not supported by Postern",
+        ),
+        (
+            "on_http_request:\n  - actions: [{type: basic-auth, config: {credentials: [\"bob:short\"]}}]\n",
+            "8 to 128 characters",
+        ),
+    ];
+    for (i, (policy, want)) in cases.iter().enumerate() {
+        let err = edge
+            .agent_with(
+                &edge.token.clone(),
+                &tunnel(
+                    "web",
+                    &format!("bad{i}.example.test"),
+                    upstream.port(),
+                    policy,
+                ),
+            )
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("case {i} was accepted: {policy}"));
+        let text = format!("{err:#}");
+        assert!(text.contains("ERR_POSTERN_2236"), "case {i}: {text}");
+        assert!(text.contains(want), "case {i}: {want:?} not in {text}");
+    }
+}
