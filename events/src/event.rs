@@ -164,6 +164,12 @@ pub struct HttpRequestComplete {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_verification: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<TrafficPolicyLogs>,
@@ -343,6 +349,14 @@ pub struct BasicAuth {
     pub decision: Option<Decision>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+}
+
+/// `compression.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compression {
+    /// `gzip`, `deflate`, `br` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
 }
 
 /// `traffic_policy.logs`: what the policy's `log` actions recorded.

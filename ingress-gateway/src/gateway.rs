@@ -1201,6 +1201,9 @@ async fn route_request(
     if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
         record.served_by(endpoint);
     }
+    for observer in scratch.observers.drain(..) {
+        observer.observe(response.status());
+    }
     if let (Some((conn_facts, endpoint_facts)), Some(head)) = (&facts, &head) {
         let mut cx = ResponseCx {
             res: &mut response,

@@ -36,12 +36,19 @@ use crate::{
     route::Pool,
 };
 
-/// Response body: the upstream's, streamed, or an error page.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Any error a body may end with.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// The visitor's request body on its way upstream, streamed as it arrives.
+/// Response body: the upstream's, streamed (possibly compressed on the
+/// way), or a page of the edge's own.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// The visitor's request body on its way upstream: streamed as it arrives,
+/// or, once a policy action had to read it whole (a webhook signature), the
+/// bytes it read.
 pub enum VisitorBody {
     Streamed(Counted<Incoming>),
+    Read(Full<Bytes>),
 }
 
 impl http_body::Body for VisitorBody {
@@ -54,18 +61,23 @@ impl http_body::Body for VisitorBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             VisitorBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            VisitorBody::Read(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never: Infallible| match never {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             VisitorBody::Streamed(body) => body.is_end_stream(),
+            VisitorBody::Read(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             VisitorBody::Streamed(body) => body.size_hint(),
+            VisitorBody::Read(body) => body.size_hint(),
         }
     }
 }
@@ -76,6 +88,7 @@ impl VisitorBody {
     fn stats(&self) -> Option<Arc<crate::outcome::BodyStats>> {
         match self {
             VisitorBody::Streamed(body) => Some(body.stats()),
+            VisitorBody::Read(_) => None,
         }
     }
 }
@@ -334,11 +347,11 @@ pub async fn forward(
         });
         let (mut parts, body) = response.into_parts();
         clean_response_headers(&mut parts.headers, true);
-        return Response::from_parts(parts, body.boxed());
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
     }
     let (mut parts, body) = response.into_parts();
     clean_response_headers(&mut parts.headers, false);
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 fn is_upgrade_request<B>(req: &Request<B>) -> bool {

@@ -135,7 +135,7 @@ pub struct Counted<B> {
     inner: B,
     stats: Arc<BodyStats>,
     /// Published when the body is dropped.
-    _record: Option<HttpRecord>,
+    _record: Option<Box<HttpRecord>>,
 }
 
 impl BodyStats {
@@ -348,6 +348,28 @@ impl HttpRecord {
         });
     }
 
+    /// Records the compression chosen (`none` when the body passed as it
+    /// was).
+    pub fn compression(&mut self, algorithm: &str) {
+        self.object.compression = Some(postern_events::Compression {
+            algorithm: Some(algorithm.to_string()),
+        });
+    }
+
+    /// Records webhook verification's decision.
+    pub fn webhook_verification(&mut self, decision: Decision) {
+        self.object.webhook_verification = Some(DecisionField {
+            decision: Some(decision),
+        });
+    }
+
+    /// Records the circuit breaker's decision.
+    pub fn circuit_breaker(&mut self, decision: Decision) {
+        self.object.circuit_breaker = Some(DecisionField {
+            decision: Some(decision),
+        });
+    }
+
     /// What the policy's `log` actions recorded.
     pub fn policy_logs(&mut self, logs: Vec<serde_json::Value>) {
         if !logs.is_empty() {
@@ -385,7 +407,7 @@ impl HttpRecord {
             Counted {
                 inner: body,
                 stats,
-                _record: Some(self),
+                _record: Some(Box::new(self)),
             },
         )
     }

@@ -163,6 +163,11 @@ pub(crate) struct ConnectCx<'a> {
     pub ip_decision: &'a mut Option<postern_events::Decision>,
 }
 
+/// Told the status of the upstream's answer to a request it let through.
+pub(crate) trait ResponseObserver: Send + Sync {
+    fn observe(&self, status: http::StatusCode);
+}
+
 /// An action that runs in `on_tcp_connect`.
 pub(crate) trait ConnectAction: Send + Sync {
     fn on_connect(&self, cx: &mut ConnectCx<'_>) -> Result<Flow, String>;
@@ -464,6 +469,14 @@ fn holds(label: &str, when: &[Expression], facts: &Facts<'_>) -> Result<bool, Fa
 fn failed(label: &str, reason: String) -> Failure {
     tracing::warn!(rule = label, %reason, "traffic policy failed");
     Failure::new(ErrorCode::POLICY_FAILED, format!("{label}: {reason}"))
+}
+
+/// A body with nothing in it.
+pub(crate) fn empty_body() -> ProxyBody {
+    use http_body_util::{BodyExt, Empty};
+    Empty::new()
+        .map_err(|never: std::convert::Infallible| match never {})
+        .boxed()
 }
 
 /// A plain response with `status`, `body` and headers.

@@ -240,3 +240,231 @@ async fn bad_policies_are_refused_at_bind_naming_the_rule_and_the_reason() {
         assert!(text.contains(want), "case {i}: {want:?} not in {text}");
     }
 }
+
+#[tokio::test]
+async fn responses_are_compressed_by_what_the_visitor_accepts() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = "zip.example.test";
+    let policy = "on_http_response:\n  - actions: [{type: compress-response}]\n";
+    let (agent, _) = edge
+        .agent(&tunnel("web", host, upstream.port(), policy))
+        .await;
+    for (accept, encoding) in [
+        ("gzip", "gzip"),
+        ("br, gzip;q=0.5", "br"),
+        ("deflate", "deflate"),
+    ] {
+        // curl decodes what it asked for; the body must come out whole.
+        let header = format!("accept-encoding: {accept}");
+        let (code, head, body) = fetch(
+            &edge,
+            host,
+            "/bytes/200000",
+            &["-H", &header, "--compressed"],
+        )
+        .await;
+        assert_eq!(code, 200);
+        assert!(
+            head.contains(&format!("content-encoding: {encoding}")),
+            "{head}"
+        );
+        assert!(!head.contains("content-length: 200000"), "{head}");
+        assert!(head.contains("vary: accept-encoding"), "{head}");
+        assert_eq!(body.len(), 200_000, "{accept}");
+    }
+    // Nothing accepted, or a small body: as it was.
+    let (_, head, body) = fetch(&edge, host, "/bytes/200000", &[]).await;
+    assert!(!head.contains("content-encoding"), "{head}");
+    assert_eq!(body.len(), 200_000);
+    let (_, head, _) = fetch(&edge, host, "/bytes/100", &["-H", "accept-encoding: gzip"]).await;
+    assert!(!head.contains("content-encoding"), "{head}");
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_circuit_breaker_opens_on_upstream_errors_and_closes_after_a_good_probe() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = "fragile.example.test";
+    let policy = "on_http_request:\n  - actions:\n      - type: circuit-breaker\n        config: {error_threshold: 0.5, volume_threshold: 4, tripped_duration: 1s}\n";
+    let (agent, _) = edge
+        .agent(&tunnel("web", host, upstream.port(), policy))
+        .await;
+    for _ in 0..4 {
+        let (code, _, _) = fetch(&edge, host, "/status/500", &[]).await;
+        assert_eq!(code, 500, "the upstream's own error passes while closed");
+    }
+    let (code, head, _) = fetch(&edge, host, "/status/200", &[]).await;
+    assert_eq!(code, 503, "open: refused at the edge");
+    assert!(head.contains("err_postern_3202"), "{head}");
+    let seen = upstream.requests().len();
+    // After the tripped time one probe goes through; a good answer closes it.
+    let mut code = 503;
+    for _ in 0..100 {
+        (code, _, _) = fetch(&edge, host, "/status/200", &[]).await;
+        if code == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        code, 200,
+        "the probe went through once the breaker half-opened"
+    );
+    assert_eq!(
+        upstream.requests().len(),
+        seen + 1,
+        "refused requests never reached it"
+    );
+    let (code, _, _) = fetch(&edge, host, "/status/200", &[]).await;
+    assert_eq!(code, 200, "closed again");
+    agent.shutdown().await.unwrap();
+}
+
+/// Signatures computed here as each provider's documentation describes,
+/// independently of the edge.
+mod webhooks {
+    use super::*;
+    use base64::Engine;
+
+    /// Header names and values a provider sends.
+    type Headers = Vec<(String, String)>;
+
+    fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+        ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), data)
+            .as_ref()
+            .to_vec()
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[tokio::test]
+    async fn each_providers_signature_is_verified_and_a_forgery_refused() {
+        let edge = TestEdge::start().await;
+        let upstream = HttpUpstream::start().await;
+        let body = r#"{"event":"push","id":42}"#;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let ts = now().to_string();
+        let svix_key = b"svix test key 0123456789abcdef!";
+        let cases: Vec<(&str, String, Headers)> = vec![
+            (
+                "github",
+                "gh-secret".into(),
+                vec![(
+                    "x-hub-signature-256".into(),
+                    format!(
+                        "sha256={}",
+                        hex::encode(hmac_sha256(b"gh-secret", body.as_bytes()))
+                    ),
+                )],
+            ),
+            (
+                "stripe",
+                "whsec_stripe_test".into(),
+                vec![(
+                    "stripe-signature".into(),
+                    format!(
+                        "t={ts},v1={}",
+                        hex::encode(hmac_sha256(
+                            b"whsec_stripe_test",
+                            format!("{ts}.{body}").as_bytes()
+                        ))
+                    ),
+                )],
+            ),
+            (
+                "shopify",
+                "shpss_test".into(),
+                vec![(
+                    "x-shopify-hmac-sha256".into(),
+                    b64.encode(hmac_sha256(b"shpss_test", body.as_bytes())),
+                )],
+            ),
+            (
+                "gitlab",
+                "gitlab-token".into(),
+                vec![("x-gitlab-token".into(), "gitlab-token".into())],
+            ),
+            (
+                "svix",
+                format!("whsec_{}", b64.encode(svix_key)),
+                vec![
+                    ("svix-id".into(), "msg_1".into()),
+                    ("svix-timestamp".into(), ts.clone()),
+                    (
+                        "svix-signature".into(),
+                        format!(
+                            "v1,{}",
+                            b64.encode(hmac_sha256(
+                                svix_key,
+                                format!("msg_1.{ts}.{body}").as_bytes()
+                            ))
+                        ),
+                    ),
+                ],
+            ),
+            (
+                "slack",
+                "slack-signing".into(),
+                vec![
+                    ("x-slack-request-timestamp".into(), ts.clone()),
+                    (
+                        "x-slack-signature".into(),
+                        format!(
+                            "v0={}",
+                            hex::encode(hmac_sha256(
+                                b"slack-signing",
+                                format!("v0:{ts}:{body}").as_bytes()
+                            ))
+                        ),
+                    ),
+                ],
+            ),
+        ];
+        for (i, (provider, secret, headers)) in cases.iter().enumerate() {
+            let host = format!("hook{i}.example.test");
+            let policy = format!(
+                "on_http_request:\n  - actions:\n      - type: verify-webhook\n        config: {{provider: {provider}, secret: \"{secret}\"}}\n"
+            );
+            let (agent, _) = edge
+                .agent(&tunnel(
+                    &format!("hook{i}"),
+                    &host,
+                    upstream.port(),
+                    &policy,
+                ))
+                .await;
+            let mut args: Vec<String> = vec![
+                "-X".into(),
+                "POST".into(),
+                "--data-binary".into(),
+                body.into(),
+            ];
+            for (k, v) in headers {
+                args.extend(["-H".into(), format!("{k}: {v}")]);
+            }
+            let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, _, echoed) = fetch(&edge, &host, "/echo", &args_ref).await;
+            assert_eq!(code, 200, "{provider}: a genuine webhook passes");
+            assert!(echoed.starts_with("POST /echo"), "{provider}: {echoed}");
+            // The same signature on another body is a forgery.
+            let mut forged = args.clone();
+            forged[3] = r#"{"event":"push","id":43}"#.into();
+            let forged_ref: Vec<&str> = forged.iter().map(String::as_str).collect();
+            let (code, head, _) = fetch(&edge, &host, "/echo", &forged_ref).await;
+            if *provider == "gitlab" {
+                assert_eq!(code, 200, "gitlab signs nothing but the token");
+            } else {
+                assert_eq!(code, 403, "{provider}: a forged body is refused");
+                assert!(head.contains("err_postern_3204"), "{head}");
+            }
+            agent.shutdown().await.unwrap();
+        }
+    }
+}

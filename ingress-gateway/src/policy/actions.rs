@@ -4,6 +4,8 @@
 //! them) and returns the action for the phase asked for.
 
 mod basic_auth;
+mod circuit_breaker;
+mod compress;
 mod custom_response;
 mod deny;
 mod headers;
@@ -12,6 +14,9 @@ mod redirect;
 pub(super) mod restrict_ips;
 mod set_vars;
 mod values;
+mod verify_webhook;
+
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
@@ -97,6 +102,9 @@ pub(crate) const ACTIONS: &[(&str, &[Phase], Builder)] = &[
         restrict_ips::build,
     ),
     ("basic-auth", &[Request], basic_auth::build),
+    ("circuit-breaker", &[Request], circuit_breaker::build),
+    ("compress-response", &[Response], compress::build),
+    ("verify-webhook", &[Request], verify_webhook::build),
 ];
 
 /// ngrok's actions that Postern does not run; a policy naming one is
@@ -146,6 +154,34 @@ fn config<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, String> {
         other => other.clone(),
     };
     serde_json::from_value(value).map_err(|e| format!("config: {e}"))
+}
+
+/// A duration as ngrok writes them (`500ms`, `10s`, `2m`, `24h`), or
+/// `default` when absent.
+fn duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("config.{key}: {text:?} is not a duration like 10s or 2m"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => {
+            return Err(format!(
+                "config.{key}: {text:?} is not a duration like 10s or 2m"
+            ));
+        }
+    };
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Refuses a list longer than `max`.

@@ -687,12 +687,14 @@ impl VariableResolver for Resolver<'_> {
 
 /// Results of actions (`actions.ngrok.<action>`) and user variables
 /// (`vars.<name>`) gathered while a request is evaluated.
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Scratch {
     pub actions: BTreeMap<&'static str, Value>,
     pub vars: BTreeMap<String, Value>,
     /// What `log` actions recorded, for the event's `traffic_policy.logs`.
     pub logs: Vec<serde_json::Value>,
+    /// Actions that want to see the upstream's status (circuit breaker).
+    pub observers: Vec<Arc<dyn super::ResponseObserver>>,
 }
 
 #[cfg(test)]
