@@ -224,6 +224,7 @@ impl Edge {
                 idle_timeout: config.limits.idle_timeout,
                 trusted_proxies: config.trusted_proxies.clone(),
                 oauth: Some(oauth.clone()),
+                rate_store: None,
             },
             certs,
             Outcomes {

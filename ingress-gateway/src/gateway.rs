@@ -40,11 +40,11 @@ use crate::{
     ip::{IpPolicy, TrustedProxies},
     metrics::Metrics,
     mtls::{MtlsPolicy, RequestClientCert, RequireClientCert},
-    oauth::{OAuthEndpoint, OAuthService},
+    oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
     policy::{
-        ConnFacts, Document, EndpointFacts, Modules, Phase, PolicyEnv, RequestCx, ResponseCx,
-        Scratch, TlsFacts, TrafficPolicy,
+        ConnFacts, Document, EndpointFacts, LocalRates, Modules, Phase, PolicyEnv, RateStore,
+        RequestCx, ResponseCx, Scratch, TlsFacts, TrafficPolicy,
     },
     route::{Member, Pool, Route},
     router::{DomainPattern, Router, normalize_host},
@@ -93,6 +93,9 @@ pub struct GatewayConfig {
     pub trusted_proxies: TrustedProxies,
     /// OAuth/OIDC: the session store, the auth host and its callback.
     pub oauth: Option<Arc<OAuthService>>,
+    /// Where traffic policies' rate limits count: this node's memory when
+    /// `None`.
+    pub rate_store: Option<Arc<dyn RateStore>>,
 }
 
 impl Default for GatewayConfig {
@@ -117,6 +120,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(3600),
             trusted_proxies: TrustedProxies::default(),
             oauth: None,
+            rate_store: None,
         }
     }
 }
@@ -278,6 +282,9 @@ struct Inner {
     stats: Stats,
     /// Visitor connections open now.
     open_connections: AtomicUsize,
+    rates: Arc<dyn RateStore>,
+    /// For JWKS: the OAuth client (its extra roots) or a plain one.
+    http_client: IdpHttp,
 }
 
 /// The public side of one edge node. Cheap to clone.
@@ -302,6 +309,14 @@ impl Gateway {
             .max_header_list_size(config.max_header_bytes as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
+        let rates = config
+            .rate_store
+            .clone()
+            .unwrap_or_else(|| Arc::new(LocalRates::default()));
+        let http_client = match &config.oauth {
+            Some(oauth) => oauth.http().clone(),
+            None => IdpHttp::new(&[], Duration::from_secs(10)),
+        };
         Gateway {
             inner: Arc::new(Inner {
                 http_tls: server_config(certs.clone(), &[b"h2", b"http/1.1"]),
@@ -333,6 +348,8 @@ impl Gateway {
                 stop_accepting: CancellationToken::new(),
                 stats: Stats::default(),
                 open_connections: AtomicUsize::new(0),
+                rates,
+                http_client,
             }),
         }
     }
@@ -492,6 +509,8 @@ impl Gateway {
         };
         let env = PolicyEnv {
             http: *kind == EndpointKind::Http,
+            rates: self.inner.rates.clone(),
+            http_client: self.inner.http_client.clone(),
         };
         let policy = TrafficPolicy::build(
             spec.operator_policy.clone(),

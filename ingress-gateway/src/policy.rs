@@ -27,6 +27,8 @@ use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use postern_proto::{ErrorCode, Failure};
 
+pub(crate) use actions::rate_limit::LocalRates;
+pub use actions::rate_limit::RateStore;
 pub use document::{Document, Phase};
 pub use facts::{ConnFacts, EndpointFacts, TlsFacts};
 pub use modules::Modules;
@@ -213,6 +215,10 @@ impl std::fmt::Debug for TrafficPolicy {
 pub struct PolicyEnv {
     /// The endpoint speaks HTTP (all three phases) or not (connect only).
     pub http: bool,
+    /// Where rate limits count.
+    pub(crate) rates: Arc<dyn RateStore>,
+    /// The client for JWKS and other back-channel calls.
+    pub(crate) http_client: crate::oauth::IdpHttp,
 }
 
 impl TrafficPolicy {

@@ -110,6 +110,8 @@ codes! {
     CONTROL_FLOOD = (9008, 400, Agent, "the agent sent control messages faster than allowed");
     POLICY_FAILED = (9015, 500, Agent, "the endpoint's traffic policy failed while running");
     BASIC_AUTH_REQUIRED = (9016, 401, Client, "valid basic auth credentials are required");
+    RATE_LIMITED = (9018, 429, Client, "the endpoint's rate limit is reached; try again later");
+    JWT_INVALID = (9019, 401, Client, "a valid JWT is required");
     POLICY_DENIED = (9017, 403, Client, "the endpoint's traffic policy refused the connection");
     CONTROL_THROTTLED = (9013, 429, Agent, "the agent is over its control budget; this message was refused, send it again later");
     AGENT_QUEUE_FULL = (9014, 429, Agent, "the agent has too many tunnel starts waiting for the edge; try again later");

@@ -468,3 +468,128 @@ mod webhooks {
         }
     }
 }
+
+#[tokio::test]
+async fn a_per_ip_rate_limit_answers_429_past_capacity_and_recovers() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = "limited.example.test";
+    let policy = "on_http_request:\n  - actions:\n      - type: rate-limit\n        config: {name: per ip, algorithm: sliding_window, capacity: 3, rate: 2s, bucket_key: [conn.client_ip]}\n";
+    let (agent, _) = edge
+        .agent(&tunnel("web", host, upstream.port(), policy))
+        .await;
+    // The first 3 pass; within a few more (a window may roll over between
+    // requests, and the previous one then weighs a little less) one is
+    // refused.
+    let mut codes = Vec::new();
+    let (mut code, mut head) = (0, String::new());
+    while code != 429 && codes.len() < 20 {
+        (code, head, _) = fetch(&edge, host, "/", &[]).await;
+        codes.push(code);
+    }
+    assert_eq!(&codes[..3], [200, 200, 200], "{codes:?}");
+    assert_eq!(code, 429, "{codes:?}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert!(head.contains("err_postern_9018"), "{head}");
+    // Two quiet windows later the count has decayed.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(fetch(&edge, host, "/", &[]).await.0, 200, "recovered");
+    agent.shutdown().await.unwrap();
+}
+
+mod jwt {
+    use super::*;
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves `body` as JSON to every request on a loopback port.
+    async fn serve_json(body: String) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        port
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[tokio::test]
+    async fn a_jwt_signed_by_the_issuers_key_passes_and_a_tampered_one_does_not() {
+        let edge = TestEdge::start().await;
+        let upstream = HttpUpstream::start().await;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = key.public_key_raw().to_vec();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "test-key", "alg": "ES256", "use": "sig",
+            "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..65]),
+        }]});
+        let jwks_port = serve_json(jwks.to_string()).await;
+        let signing = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        let sign = |claims: serde_json::Value| {
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            header.kid = Some("test-key".into());
+            jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+        };
+        let issuer = "https://issuer.example.test";
+        let good = sign(
+            serde_json::json!({"iss": issuer, "aud": "orders-api", "sub": "u1", "exp": now() + 300}),
+        );
+        let host = "jwt.example.test";
+        let policy = format!(
+            "on_http_request:\n  - actions:\n      - type: jwt-validation\n        config:\n          issuer: {{allow_list: [{{value: \"{issuer}\"}}]}}\n          audience: {{allow_list: [{{value: orders-api}}]}}\n          http: {{tokens: [{{type: jwt, method: header, name: Authorization, prefix: \"Bearer \"}}]}}\n          jws: {{allowed_algorithms: [ES256], keys: {{sources: {{additional_jkus: [\"http://127.0.0.1:{jwks_port}/jwks.json\"]}}}}}}\n"
+        );
+        let (agent, _) = edge
+            .agent(&tunnel("web", host, upstream.port(), &policy))
+            .await;
+        let bearer = |token: &str| format!("authorization: Bearer {token}");
+        let (code, _, _) = fetch(&edge, host, "/echo", &["-H", &bearer(&good)]).await;
+        assert_eq!(code, 200, "a good token passes");
+        assert!(upstream.last("/echo").headers.contains_key("authorization"));
+        // The payload changed after signing.
+        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+        let payload = String::from_utf8(b64.decode(&parts[1]).unwrap()).unwrap();
+        parts[1] = b64.encode(payload.replace("u1", "admin"));
+        let tampered = parts.join(".");
+        let wrong_issuer = sign(
+            serde_json::json!({"iss": "https://evil.example", "aud": "orders-api", "exp": now() + 300}),
+        );
+        let expired =
+            sign(serde_json::json!({"iss": issuer, "aud": "orders-api", "exp": now() - 600}));
+        let wrong_audience =
+            sign(serde_json::json!({"iss": issuer, "aud": "billing", "exp": now() + 300}));
+        for (what, token) in [
+            ("tampered", tampered),
+            ("another issuer", wrong_issuer),
+            ("expired", expired),
+            ("another audience", wrong_audience),
+        ] {
+            let (code, head, _) = fetch(&edge, host, "/echo", &["-H", &bearer(&token)]).await;
+            assert_eq!(code, 401, "{what}");
+            assert!(
+                head.contains("www-authenticate: bearer error=\"invalid_token\""),
+                "{head}"
+            );
+        }
+        let (code, _, _) = fetch(&edge, host, "/echo", &[]).await;
+        assert_eq!(code, 401, "no token");
+        agent.shutdown().await.unwrap();
+    }
+}

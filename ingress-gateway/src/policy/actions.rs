@@ -9,7 +9,9 @@ mod compress;
 mod custom_response;
 mod deny;
 mod headers;
+mod jwt_validation;
 mod log;
+pub(super) mod rate_limit;
 mod redirect;
 pub(super) mod restrict_ips;
 mod set_vars;
@@ -105,6 +107,8 @@ pub(crate) const ACTIONS: &[(&str, &[Phase], Builder)] = &[
     ("circuit-breaker", &[Request], circuit_breaker::build),
     ("compress-response", &[Response], compress::build),
     ("verify-webhook", &[Request], verify_webhook::build),
+    ("rate-limit", &[Request], rate_limit::build),
+    ("jwt-validation", &[Request], jwt_validation::build),
 ];
 
 /// ngrok's actions that Postern does not run; a policy naming one is
