@@ -511,6 +511,7 @@ impl Gateway {
             http: *kind == EndpointKind::Http,
             rates: self.inner.rates.clone(),
             http_client: self.inner.http_client.clone(),
+            oauth: self.inner.config.oauth.clone(),
         };
         let policy = TrafficPolicy::build(
             spec.operator_policy.clone(),

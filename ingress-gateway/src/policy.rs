@@ -219,6 +219,9 @@ pub struct PolicyEnv {
     pub(crate) rates: Arc<dyn RateStore>,
     /// The client for JWKS and other back-channel calls.
     pub(crate) http_client: crate::oauth::IdpHttp,
+    /// The edge's OAuth (sessions, auth host), for `oauth` and
+    /// `openid-connect`.
+    pub(crate) oauth: Option<Arc<crate::oauth::OAuthService>>,
 }
 
 impl TrafficPolicy {

@@ -11,6 +11,7 @@ mod deny;
 mod headers;
 mod jwt_validation;
 mod log;
+mod oauth;
 pub(super) mod rate_limit;
 mod redirect;
 pub(super) mod restrict_ips;
@@ -109,6 +110,8 @@ pub(crate) const ACTIONS: &[(&str, &[Phase], Builder)] = &[
     ("verify-webhook", &[Request], verify_webhook::build),
     ("rate-limit", &[Request], rate_limit::build),
     ("jwt-validation", &[Request], jwt_validation::build),
+    ("oauth", &[Request], oauth::oauth),
+    ("openid-connect", &[Request], oauth::openid_connect),
 ];
 
 /// ngrok's actions that Postern does not run; a policy naming one is

@@ -106,7 +106,7 @@ impl RequestAction for ClientCertificate {
     }
 }
 
-fn insert_headers(cx: &mut RequestCx<'_>, headers: Vec<(&'static str, String)>) {
+pub(super) fn insert_headers(cx: &mut RequestCx<'_>, headers: Vec<(&'static str, String)>) {
     for (name, value) in headers {
         if let Ok(value) = http::HeaderValue::from_str(&value) {
             cx.req.headers_mut().insert(name, value);
