@@ -17,14 +17,13 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use postern_net::{IpPolicy, MtlsPolicy};
 use postern_proto::{ErrorCode, Failure};
 use rustls::ServerConfig;
 
 use crate::{
     endpoint::{ClaimedStream, Endpoint, EndpointKind},
     http::UpstreamPool,
-    ip::IpPolicy,
-    mtls::MtlsPolicy,
     oauth::OAuthEndpoint,
 };
 

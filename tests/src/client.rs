@@ -136,7 +136,7 @@ impl HttpsClient {
         for cert in CertificateDer::pem_slice_iter(pem) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let mut config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+        let mut config = ClientConfig::builder_with_provider(postern_net::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

@@ -169,7 +169,7 @@ impl Browser {
                 roots.add(cert.unwrap()).unwrap();
             }
         }
-        let mut config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+        let mut config = ClientConfig::builder_with_provider(postern_net::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
@@ -444,7 +444,7 @@ pub async fn spki_hash(addr: SocketAddr, name: &str, ca_pem: &Path) -> String {
     for cert in CertificateDer::pem_slice_iter(&std::fs::read(ca_pem).unwrap()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+    let config = ClientConfig::builder_with_provider(postern_net::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
