@@ -371,3 +371,111 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::{ip::parse_cidr, proxy_header::Version};
+
+    #[derive(Default)]
+    struct Counts {
+        shed: AtomicU64,
+        bad_proxy_headers: AtomicU64,
+    }
+
+    impl AcceptEvents for Counts {
+        fn shed(&self) {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+        }
+
+        fn bad_proxy_header(&self) {
+            self.bad_proxy_headers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A loop set up by `setup` whose connections come out of the receiver.
+    async fn start(
+        setup: impl FnOnce(AcceptLoop) -> AcceptLoop,
+    ) -> (SocketAddr, mpsc::Receiver<Accepted>, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+        let (tx, rx) = mpsc::channel(4);
+        setup(AcceptLoop::new("test", &tracker, &stop)).spawn(listener, move |accepted| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(accepted).await;
+            }
+        });
+        (addr, rx, stop)
+    }
+
+    async fn read_all(mut stream: TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+            .await
+            .expect("closed")
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_new_connections_are_shed_until_a_place_frees() {
+        let limit = ConnectionLimit::new(1);
+        let counts = Arc::new(Counts::default());
+        let (addr, mut accepted, stop) =
+            start(|l| l.cap(&limit, Shed::Reply(b"busy")).events(counts.clone())).await;
+        let _first = TcpStream::connect(addr).await.unwrap();
+        let held = accepted.recv().await.unwrap();
+        assert_eq!(limit.open(), 1);
+        let shed = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_all(shed).await, b"busy");
+        assert_eq!(counts.shed.load(Ordering::Relaxed), 1);
+        drop(held);
+        let _third = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            accepted.recv().await.is_some(),
+            "served once a place is free"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn trusted_peers_name_the_client_in_a_proxy_header() {
+        let trusted = TrustedProxies {
+            cidrs: vec![parse_cidr("cidrs", "127.0.0.1").unwrap()],
+            proxy_protocol: true,
+            forwarded_for: false,
+        };
+        let counts = Arc::new(Counts::default());
+        let (addr, mut accepted, stop) = start(|l| {
+            l.proxy_headers(&trusted, Duration::from_secs(5))
+                .events(counts.clone())
+        })
+        .await;
+        let visitor: SocketAddr = "203.0.113.7:4000".parse().unwrap();
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let mut sent = proxy_header::encode(Version::V2, visitor, addr);
+        sent.extend_from_slice(b"hello");
+        conn.write_all(&sent).await.unwrap();
+        drop(conn);
+        let got = accepted.recv().await.unwrap();
+        assert_eq!((got.client, got.local), (visitor, addr));
+        let mut first = got.prefix.to_vec();
+        first.extend(read_all(got.stream).await);
+        assert_eq!(
+            first, b"hello",
+            "bytes after the header are the connection's"
+        );
+
+        let mut bad = TcpStream::connect(addr).await.unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_all(bad).await.is_empty(), "closed without a header");
+        assert_eq!(counts.bad_proxy_headers.load(Ordering::Relaxed), 1);
+        stop.cancel();
+    }
+}

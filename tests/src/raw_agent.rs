@@ -73,12 +73,11 @@ impl TestEdge {
         for cert in pem_certs(&pem) {
             roots.add(cert).expect("the dev CA parses");
         }
-        let mut tls =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let mut tls = ClientConfig::builder_with_provider(postern_net::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let connector = Connector {
             addr: self.addrs.agent,
