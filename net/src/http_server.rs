@@ -240,9 +240,11 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn server(timeouts: HttpTimeouts) -> (HttpServer, SocketAddr) {
+    /// A server answering with the path and the body's length.
+    async fn server(header_read: Duration, idle: Duration) -> (HttpServer, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let timeouts = HttpTimeouts { header_read, idle };
         let server = HttpServer::start("test", listener, timeouts, |req, _client| async move {
             let path = req.uri().path().to_string();
             let body = req.into_body().collect().await.map(|b| b.to_bytes());
@@ -252,8 +254,11 @@ mod tests {
         (server, addr)
     }
 
-    /// Reads until the server closes; `None` when it has not within 5 s.
-    async fn read_to_close(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    /// Sends `bytes` and reads until the server closes; `None` when it has
+    /// not within 5 s.
+    async fn send(addr: SocketAddr, bytes: &[u8]) -> Option<String> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
         let mut out = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out));
         read.await
@@ -263,43 +268,27 @@ mod tests {
 
     #[tokio::test]
     async fn answers_and_cuts_a_slow_request_head() {
-        let timeouts = HttpTimeouts {
-            header_read: Duration::from_millis(200),
-            idle: Duration::from_secs(60),
-        };
-        let (server, addr) = server(timeouts).await;
-        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
-        ok.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let answer = read_to_close(&mut ok).await.unwrap();
+        let (server, addr) = server(Duration::from_millis(200), Duration::from_secs(60)).await;
+        let answer = send(
+            addr,
+            b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.ends_with("/hello 0"),
             "{answer}"
         );
-
-        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-        slow.write_all(b"GET /slow HTTP/1.1\r\nHost:")
-            .await
-            .unwrap();
-        let cut = read_to_close(&mut slow).await;
+        let cut = send(addr, b"GET /slow HTTP/1.1\r\nHost:").await;
         assert!(cut.is_some(), "the slow client is cut off");
         server.shutdown(Duration::from_secs(1)).await;
     }
 
     #[tokio::test]
     async fn a_stalled_body_is_cut_at_the_idle_timeout() {
-        let timeouts = HttpTimeouts {
-            header_read: Duration::from_secs(60),
-            idle: Duration::from_millis(200),
-        };
-        let (server, addr) = server(timeouts).await;
-        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stalled
-            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
-            .await
-            .unwrap();
-        assert!(read_to_close(&mut stalled).await.is_some(), "cut when idle");
+        let (server, addr) = server(Duration::from_secs(60), Duration::from_millis(200)).await;
+        let stalled = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc";
+        assert!(send(addr, stalled).await.is_some(), "cut when idle");
         server.shutdown(Duration::from_secs(1)).await;
     }
 }

@@ -132,6 +132,19 @@ async fn closed_by_the_edge(mut conn: TcpStream, opened: Instant, what: &str) ->
     opened.elapsed()
 }
 
+/// A normal request to the admin API and one to `/metrics` succeed.
+async fn both_answer(edge: &TestEdge) {
+    let (status, _) = edge
+        .api("GET", "/certificate_authorities", None, API_KEY)
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        edge.metrics_text()
+            .await
+            .contains("postern_open_connections")
+    );
+}
+
 #[tokio::test]
 async fn admin_and_metrics_listeners_cut_a_slow_client_at_the_header_read_timeout() {
     let edge = TestEdge::start_with("[limits]\nheader_read_timeout = \"1s\"\n").await;
@@ -140,15 +153,7 @@ async fn admin_and_metrics_listeners_cut_a_slow_client_at_the_header_read_timeou
     let slow_admin = half_a_request_head(admin).await;
     let slow_metrics = half_a_request_head(metrics).await;
     // Both listeners answer everyone else while the slow clients wait.
-    let (status, _) = edge
-        .api("GET", "/certificate_authorities", None, API_KEY)
-        .await;
-    assert_eq!(status, 200);
-    assert!(
-        edge.metrics_text()
-            .await
-            .contains("postern_open_connections")
-    );
+    both_answer(&edge).await;
     for (conn, what) in [(slow_admin, "admin"), (slow_metrics, "metrics")] {
         let took = closed_by_the_edge(conn, opened, what).await;
         assert!(
@@ -157,15 +162,7 @@ async fn admin_and_metrics_listeners_cut_a_slow_client_at_the_header_read_timeou
         );
     }
     // And after.
-    let (status, _) = edge
-        .api("GET", "/certificate_authorities", None, API_KEY)
-        .await;
-    assert_eq!(status, 200);
-    assert!(
-        edge.metrics_text()
-            .await
-            .contains("postern_open_connections")
-    );
+    both_answer(&edge).await;
 }
 
 #[tokio::test]
