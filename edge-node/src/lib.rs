@@ -30,9 +30,9 @@ pub use auth::{AuthtokenRecord, Authtokens};
 pub use config::{EdgeConfig, RawConfig, expand_env};
 pub use dev::{DEV_EVENTS_FILE, DevSetup, dev_config};
 
-/// How long the admin and metrics servers let requests in flight finish at
-/// shutdown.
-const HTTP_SERVER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the node's own servers (admin, metrics, the agent listener)
+/// get to stop at shutdown, after the drain.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The node's listening sockets.
 pub struct Listeners {
@@ -379,7 +379,7 @@ impl Edge {
         self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
         if let Some(admin) = self.admin {
-            admin.shutdown(HTTP_SERVER_GRACE).await;
+            admin.shutdown(STOP_WAIT).await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;
@@ -387,11 +387,8 @@ impl Edge {
         self.stop_grpc.cancel();
         self.agent_connections.close();
         let (grpc, _) = tokio::join!(
-            tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc),
-            tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                self.agent_connections.wait()
-            ),
+            tokio::time::timeout(STOP_WAIT, self.grpc),
+            tokio::time::timeout(STOP_WAIT, self.agent_connections.wait()),
         );
         let grpc = match grpc {
             Ok(Ok(result)) => result.context("agent gRPC server"),
@@ -404,7 +401,7 @@ impl Edge {
         // Last, so that the events of connections closed above are in.
         self.events.shutdown().await;
         if let Some(telemetry) = self.telemetry {
-            telemetry.shutdown(HTTP_SERVER_GRACE).await;
+            telemetry.shutdown(STOP_WAIT).await;
         }
         grpc?;
         tracing::info!("edge node stopped");

@@ -28,7 +28,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{ip::TrustedProxies, proxy_header};
 
-/// First and longest wait after an accept that failed for lack of resources.
+/// The wait after an accept that failed for lack of resources: 10 ms,
+/// doubling with every failure in a row up to 1 s.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How long a shed connection's reply may take to write.
@@ -250,6 +251,7 @@ impl AcceptLoop {
 /// Whether an accept error means the process is out of something (EMFILE,
 /// ENFILE, ENOBUFS, ENOMEM) rather than that one connection went wrong.
 fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM (Linux numbers).
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
