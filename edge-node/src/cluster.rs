@@ -42,7 +42,7 @@ use postern_events::{RuntimeSubscriptions, Subscription};
 use postern_ingress::{EndpointSpec, Protocol};
 use postern_proto::{ErrorCode, Failure, pb};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, sync::mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     acl::Acl,
@@ -117,6 +117,8 @@ pub struct ClusterNode {
     stop: CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     link_server: Mutex<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>>,
+    /// The link listener's connection tasks.
+    link_connections: TaskTracker,
 }
 
 fn cluster_failure(e: postern_config_sync::ClusterError) -> Failure {
@@ -177,6 +179,7 @@ impl ClusterNode {
             stop: CancellationToken::new(),
             task: Mutex::new(None),
             link_server: Mutex::new(None),
+            link_connections: TaskTracker::new(),
         };
         node.apply_all();
         Ok(node)
@@ -214,9 +217,12 @@ impl ClusterNode {
         self.apply_all();
         registry.revalidate();
         if let Some(listener) = self.link_listener.lock().expect("link lock").take() {
-            let server = self
-                .links
-                .serve(listener, registry.clone(), self.stop.clone());
+            let server = self.links.serve(
+                listener,
+                registry.clone(),
+                &self.link_connections,
+                self.stop.clone(),
+            );
             *self.link_server.lock().expect("link lock") = Some(server);
         }
         let task = tokio::spawn(follow(changes, self.clone(), registry, events));
@@ -245,10 +251,16 @@ impl ClusterNode {
             let _ = task.await;
         }
         let server = self.link_server.lock().expect("link lock").take();
-        if let Some(server) = server
-            && tokio::time::timeout(Duration::from_secs(5), server)
-                .await
-                .is_err()
+        self.link_connections.close();
+        let stopped = async {
+            if let Some(server) = server {
+                let _ = server.await;
+            }
+            self.link_connections.wait().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .is_err()
         {
             tracing::warn!("the link between nodes did not stop within 5s");
         }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use postern_net::Secret;
 
 use crate::config::{EdgeConfig, RawConfig, RawListen, RawPublic, RawTcp, RawTls};
 
@@ -19,7 +20,7 @@ fn kept_secret(data_dir: &Path, file: &str, prefix: &str) -> anyhow::Result<Stri
     if let Ok(secret) = std::fs::read_to_string(&path) {
         return Ok(secret.trim().to_string());
     }
-    let secret = postern_ingress::random_id(prefix);
+    let secret = postern_net::random_id(prefix);
     std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
     Ok(secret)
 }
@@ -93,11 +94,11 @@ pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
             ..RawTls::default()
         },
         admin: crate::config::RawAdmin {
-            api_keys: vec![api_key.clone()],
+            api_keys: vec![Secret::new(api_key.clone())],
             ..Default::default()
         },
         authtokens: vec![crate::config::RawAuthtoken {
-            token: Some(authtoken.clone()),
+            token: Some(Secret::new(authtoken.clone())),
             token_sha256: None,
             acl: Vec::new(),
             description: "dev token".into(),

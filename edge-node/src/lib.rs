@@ -11,7 +11,6 @@ mod ca_store;
 mod cluster;
 mod config;
 mod dev;
-mod http_server;
 mod node_link;
 mod oauth;
 mod service;
@@ -21,17 +20,19 @@ mod telemetry;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use postern_ingress::{
-    CertStore, DevCa, Gateway, GatewayConfig, Outcomes, Pem, build_server_config,
-    certified_key_from_pem,
-};
+use postern_ingress::{CertStore, DevCa, Gateway, GatewayConfig, Outcomes, build_server_config};
+use postern_net::{HttpServer, HttpTimeouts, Pem, Secret, certified_key_from_pem};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use acl::Acl;
 pub use auth::{AuthtokenRecord, Authtokens};
 pub use config::{EdgeConfig, RawConfig, expand_env};
 pub use dev::{DEV_EVENTS_FILE, DevSetup, dev_config};
+
+/// How long the node's own servers (admin, metrics, the agent listener)
+/// get to stop at shutdown, after the drain.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The node's listening sockets.
 pub struct Listeners {
@@ -92,11 +93,13 @@ pub struct Edge {
     addresses: Addresses,
     gateway: Gateway,
     registry: Arc<session::Registry>,
-    admin: Option<http_server::ServerHandle>,
+    admin: Option<HttpServer>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The agent listener's connection tasks (TLS handshakes).
+    agent_connections: TaskTracker,
     events: postern_events::EventPipeline,
-    telemetry: Option<http_server::ServerHandle>,
+    telemetry: Option<HttpServer>,
     /// `/readyz`: true once serving, false from the start of a drain.
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// Membership of a cluster (`[cluster]`).
@@ -115,7 +118,11 @@ impl Edge {
         let cas = Arc::new(
             ca_store::CaStore::open(
                 config.data_dir.clone(),
-                config.admin.key_encryption_secret.as_deref(),
+                config
+                    .admin
+                    .key_encryption_secret
+                    .as_ref()
+                    .map(Secret::expose),
             )
             .context("opening the certificate-authority store")?,
         );
@@ -257,6 +264,12 @@ impl Edge {
             registry.attach_cluster(cluster.clone());
             cluster.follow(registry.clone(), events.runtime_handle());
         }
+        // The admin and metrics listeners cut slow request heads as the
+        // public side does.
+        let http_timeouts = HttpTimeouts {
+            header_read: config.limits.header_read_timeout,
+            ..HttpTimeouts::default()
+        };
         let admin = listeners.admin.map(|listener| {
             let state = admin::AdminState {
                 key_hashes: config.admin.key_hashes.clone(),
@@ -265,10 +278,20 @@ impl Edge {
                 cluster: cluster.clone(),
                 registry: registry.clone(),
             };
-            http_server::serve("admin", listener, Arc::new(state), admin::handle)
+            let state = Arc::new(state);
+            HttpServer::start("admin", listener, http_timeouts, move |req, peer| {
+                admin::handle(state.clone(), req, peer)
+            })
         });
         let stop_grpc = CancellationToken::new();
-        let incoming = service::tls_incoming(listeners.agent, agent_tls, stop_grpc.clone());
+        let agent_connections = TaskTracker::new();
+        let incoming = service::tls_incoming(
+            "agent",
+            listeners.agent,
+            agent_tls,
+            &agent_connections,
+            &stop_grpc,
+        );
         let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(
             registry.clone(),
         ));
@@ -300,7 +323,10 @@ impl Edge {
                 ready: ready.clone(),
                 cluster: cluster.clone(),
             };
-            http_server::serve("metrics", listener, Arc::new(state), telemetry::handle)
+            let state = Arc::new(state);
+            HttpServer::start("metrics", listener, http_timeouts, move |req, peer| {
+                telemetry::handle(state.clone(), req, peer)
+            })
         });
         Ok(Edge {
             config,
@@ -310,6 +336,7 @@ impl Edge {
             admin,
             stop_grpc,
             grpc,
+            agent_connections,
             events,
             telemetry,
             ready,
@@ -353,13 +380,18 @@ impl Edge {
         self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
         if let Some(admin) = self.admin {
-            admin.shutdown().await;
+            admin.shutdown(STOP_WAIT).await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;
         }
         self.stop_grpc.cancel();
-        let grpc = match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {
+        self.agent_connections.close();
+        let (grpc, _) = tokio::join!(
+            tokio::time::timeout(STOP_WAIT, self.grpc),
+            tokio::time::timeout(STOP_WAIT, self.agent_connections.wait()),
+        );
+        let grpc = match grpc {
             Ok(Ok(result)) => result.context("agent gRPC server"),
             Ok(Err(join)) => Err(join).context("agent gRPC server task"),
             Err(_) => {
@@ -370,7 +402,7 @@ impl Edge {
         // Last, so that the events of connections closed above are in.
         self.events.shutdown().await;
         if let Some(telemetry) = self.telemetry {
-            telemetry.shutdown().await;
+            telemetry.shutdown(STOP_WAIT).await;
         }
         grpc?;
         tracing::info!("edge node stopped");

@@ -15,9 +15,12 @@ use std::{
 
 use futures_util::{Stream, future::BoxFuture};
 use postern_ingress::{
-    CaResolver, ClaimedStream, DomainPattern, EndpointSpec, Gateway, IpPolicy, Location, MAX_CAS,
-    MtlsPolicy, Pem, PolicyDocument, Protocol, StreamSource, TerminateAt, certified_key_from_pem,
-    parse_ca_bundle,
+    ClaimedStream, DomainPattern, EndpointSpec, Gateway, Location, PolicyDocument, Protocol,
+    StreamSource, TerminateAt,
+};
+use postern_net::{
+    CaResolver, IpPolicy, MAX_CAS, MtlsPolicy, Pem, certified_key_from_pem, parse_ca_bundle,
+    random_id,
 };
 use postern_proto::{ErrorCode, Failure, Take, TokenBucket, negotiate, pb};
 use tokio::sync::{mpsc, oneshot};
@@ -27,7 +30,7 @@ use tracing::Instrument;
 
 use crate::{
     auth::{Authtokens, CredentialRef},
-    ca_store::CaStore,
+    ca_store::{CaStore, ca_error_code},
     cluster::ClusterNode,
     config::{EndpointPolicy, Limits, SessionSettings},
     service::PeerInfo,
@@ -275,10 +278,10 @@ impl Registry {
             sessions.remove(&old.id);
         }
         let session = Arc::new(AgentSession {
-            id: postern_ingress::random_id("ts_"),
+            id: random_id("ts_"),
             token_hash: record.sha256.clone(),
             instance_id: hello.instance_id.clone(),
-            stream_token: postern_ingress::random_id(""),
+            stream_token: random_id(""),
             acl: record.acl.clone(),
             credential: record.credential.clone(),
             agent_version: hello.agent_version.clone(),
@@ -609,7 +612,7 @@ impl Registry {
             Vec::new()
         } else {
             parse_ca_bundle(&req.mutual_tls_cas_pem)
-                .map_err(|e| Failure::new(e.code(), format!("mutual_tls_cas: {e}")))?
+                .map_err(|e| Failure::new(ca_error_code(&e), format!("mutual_tls_cas: {e}")))?
         };
         if inline.is_empty() && ids.is_empty() {
             return Ok(None);
