@@ -224,7 +224,8 @@ impl Visit<'_> {
                 })
                 .clone(),
         };
-        let mut response = proxy::forward(&member.endpoint, &pool, conn, host, req).await;
+        let mut response =
+            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await;
         if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
             record.served_by(endpoint);
         }
