@@ -950,6 +950,7 @@ pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
             })?),
         },
         operator_policy: None,
+        http_modules: req.modules.clone(),
     };
     if protocol == Protocol::Tcp {
         spec.remote_port = u16::try_from(req.remote_port).map_err(|_| {
