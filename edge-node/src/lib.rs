@@ -14,8 +14,8 @@ mod dev;
 mod http_server;
 mod node_link;
 mod oauth;
+mod registry;
 mod service;
-mod session;
 mod telemetry;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
@@ -91,7 +91,7 @@ pub struct Edge {
     config: EdgeConfig,
     addresses: Addresses,
     gateway: Gateway,
-    registry: Arc<session::Registry>,
+    registry: Arc<registry::Registry>,
     admin: Option<http_server::ServerHandle>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -239,10 +239,10 @@ impl Edge {
         }
         gateway.serve_https(listeners.https);
 
-        let registry = session::Registry::new(
+        let registry = registry::Registry::new(
             gateway.clone(),
             tokens,
-            session::RegistrySettings {
+            registry::RegistrySettings {
                 region: config.region.clone(),
                 node_id: config.node_id.clone(),
                 session: config.session.clone(),
@@ -250,10 +250,10 @@ impl Edge {
                 endpoint_policies: config.endpoint_policies.clone(),
                 cas: cas.clone(),
                 oauth: oauth.clone(),
+                cluster: cluster.clone().map(|c| c as Arc<dyn registry::ClusterView>),
             },
         );
         if let Some(cluster) = &cluster {
-            registry.attach_cluster(cluster.clone());
             cluster.follow(registry.clone(), events.runtime_handle());
         }
         let admin = listeners.admin.map(|listener| {
@@ -366,6 +366,7 @@ impl Edge {
                 Ok(())
             }
         };
+        self.registry.cut_connections().await;
         // Last, so that the events of connections closed above are in.
         self.events.shutdown().await;
         if let Some(telemetry) = self.telemetry {

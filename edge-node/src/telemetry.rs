@@ -14,7 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use postern_ingress::{Gateway, metric_header, metric_sample};
 
-use crate::{cluster::ClusterNode, session::Registry};
+use crate::{cluster::ClusterNode, registry::Registry};
 
 /// What the telemetry endpoints read.
 pub struct Telemetry {
