@@ -40,7 +40,7 @@ pub use outcome::Outcomes;
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{
-    CertStore, DevCa, Pem, TlsError, build_server_config, certificate_names,
+    CertStore, DevCa, Pem, ServingCert, TlsError, build_server_config, certificate_names,
     certified_key_from_pem, crypto_provider, single_cert_config,
 };
 
