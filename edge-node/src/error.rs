@@ -54,9 +54,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
-    /// A listener's address cannot be read.
-    #[error(transparent)]
-    Listener(#[from] io::Error),
+    #[error("reading the address a listener is bound to")]
+    Listener(#[source] io::Error),
     #[error("loading the dev CA")]
     DevCa(#[source] TlsError),
     #[error("opening the certificate-authority store")]

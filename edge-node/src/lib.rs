@@ -123,7 +123,7 @@ impl Edge {
     /// Starts serving on `listeners`: the gateway, the agent listener,
     /// the admin API and telemetry, in the cluster when the config has one.
     pub async fn start(config: EdgeConfig, listeners: Listeners) -> Result<Edge, StartError> {
-        let addresses = listeners.addresses()?;
+        let addresses = listeners.addresses().map_err(StartError::Listener)?;
         let certs = Arc::new(cert_store(&config)?);
         let cas = Arc::new(
             ca_store::CaStore::open(
