@@ -161,6 +161,11 @@ pub struct RawTunnel {
     /// ngrok's endpoint pooling: share the name or port with other agents
     /// that pool with the same settings; the edge balances across them.
     pub pooling_enabled: Option<bool>,
+    /// ngrok's Traffic Policy for the endpoint: the document inline (a
+    /// map), or its YAML or JSON text (`--traffic-policy-file` reads a
+    /// file into it). `policy` is the name before ngrok agent 3.14.
+    #[serde(alias = "policy")]
+    pub traffic_policy: Option<Value>,
 }
 
 /// Who may connect to an endpoint, by source address.
@@ -276,6 +281,8 @@ pub struct TunnelSpec {
     pub oauth: Option<crate::oauth::OAuthSpec>,
     /// Share the name or port with other pooling endpoints.
     pub pooling_enabled: bool,
+    /// The Traffic Policy document's text, compiled and enforced by the edge.
+    pub traffic_policy: Option<String>,
 }
 
 /// Which CAs the agent trusts for the edge.
@@ -644,7 +651,32 @@ impl RawTunnel {
                 self.oidc.as_ref(),
             )?,
             pooling_enabled: self.pooling_enabled.unwrap_or(false),
+            traffic_policy: self
+                .traffic_policy
+                .as_ref()
+                .map(|v| policy_text(v, &field("traffic_policy")))
+                .transpose()?,
         })
+    }
+}
+
+/// A Traffic Policy as the text the edge compiles: a string as written,
+/// a map as JSON. Only its shape is checked here; the edge checks the
+/// rules and refuses the bind naming the one it cannot run.
+fn policy_text(value: &Value, field: &str) -> anyhow::Result<String> {
+    let text = match value {
+        Value::String(text) => text.clone(),
+        Value::Mapping(_) => serde_json::to_string(value)
+            .with_context(|| format!("{field}: cannot be written as JSON"))?,
+        _ => bail!("{field}: a Traffic Policy document (a map of phases), or its text"),
+    };
+    match serde_yaml_ng::from_str::<Value>(&text) {
+        Ok(Value::Mapping(_)) => Ok(text),
+        Ok(Value::Null) => bail!("{field}: the policy is empty"),
+        Ok(_) => {
+            bail!("{field}: a Traffic Policy document is a map of phases (on_http_request: …)")
+        }
+        Err(e) => bail!("{field}: not YAML or JSON: {e}"),
     }
 }
 

@@ -108,6 +108,8 @@ enum Command {
         cidrs: CidrFlags,
         #[command(flatten)]
         pooling: PoolingFlag,
+        #[command(flatten)]
+        policy: PolicyFlag,
     },
     /// Start tunnels from the config files.
     Start {
@@ -122,6 +124,27 @@ enum Command {
         #[command(subcommand)]
         command: events_cli::EventsCommand,
     },
+}
+
+/// `--traffic-policy-file`.
+#[derive(Debug, Args)]
+struct PolicyFlag {
+    /// ngrok's Traffic Policy for the endpoint: a YAML or JSON file.
+    #[arg(long, alias = "policy-file")]
+    traffic_policy_file: Option<PathBuf>,
+}
+
+impl PolicyFlag {
+    /// Puts the file's text in the tunnel's `traffic_policy`.
+    fn set(self, tunnel: &mut Mapping) -> anyhow::Result<()> {
+        if let Some(path) = self.traffic_policy_file {
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("--traffic-policy-file: cannot read {}", path.display())
+            })?;
+            set(tunnel, "traffic_policy", Some(text));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +163,8 @@ struct TunnelFlags {
     cidrs: CidrFlags,
     #[command(flatten)]
     pooling: PoolingFlag,
+    #[command(flatten)]
+    policy: PolicyFlag,
 }
 
 /// ngrok's `--pooling-enabled`.
@@ -236,6 +261,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             common.pooling.set(&mut tunnel);
+            common.policy.set(&mut tunnel)?;
             set(
                 &mut tunnel,
                 "upstream_tls_verify",
@@ -257,6 +283,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             common.pooling.set(&mut tunnel);
+            common.policy.set(&mut tunnel)?;
             set(&mut tunnel, "terminate_at", terminate_at);
             set(&mut tunnel, "mutual_tls_cas", common.mutual_tls_cas);
             set(&mut tunnel, "crt", crt);
@@ -274,9 +301,11 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             proxy_proto,
             cidrs,
             pooling,
+            policy,
         } => {
             set(&mut tunnel, "ip_restriction", cidrs.to_yaml());
             pooling.set(&mut tunnel);
+            policy.set(&mut tunnel)?;
             set(&mut tunnel, "proto", Some("tcp"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "remote_addr", remote_addr);

@@ -1061,6 +1061,7 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
             postern_proto::proxy_header::Version::V2 => 2,
         }),
         pooling_enabled: spec.pooling_enabled,
+        traffic_policy: spec.traffic_policy.clone().unwrap_or_default(),
     }
 }
 

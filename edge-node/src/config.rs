@@ -446,6 +446,7 @@ impl EdgeConfig {
             idle_timeout: limits.idle_timeout,
             trusted_proxies: self.trusted_proxies.clone(),
             oauth: Some(oauth),
+            rate_store: None,
         }
     }
 }

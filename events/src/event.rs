@@ -162,7 +162,17 @@ pub struct HttpRequestComplete {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_policy: Option<DecisionField>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_verification: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicyLogs>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postern: Option<PosternFields>,
 }
@@ -174,6 +184,8 @@ pub struct TcpConnectionClosed {
     pub conn: Option<Conn>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_policy: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicyLogs>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postern: Option<PosternFields>,
 }
@@ -328,6 +340,30 @@ pub enum Decision {
 pub struct DecisionField {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+}
+
+/// `basic_auth.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BasicAuth {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+}
+
+/// `compression.*`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compression {
+    /// `gzip`, `deflate`, `br` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+}
+
+/// `traffic_policy.logs`: what the policy's `log` actions recorded.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrafficPolicyLogs {
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub logs: Vec<serde_json::Value>,
 }
 
 /// `backend.*`

@@ -36,12 +36,16 @@ use tracing::Instrument;
 
 use crate::{
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
-    http::{self as proxy, ConnInfo, UpstreamPool},
+    http::{self as proxy, ConnInfo, UpstreamPool, VisitorBody},
     ip::{IpPolicy, TrustedProxies},
     metrics::Metrics,
-    mtls::{ClientIdentity, MtlsPolicy, RequestClientCert, RequireClientCert},
-    oauth::{Gate, OAuthEndpoint, OAuthService},
+    mtls::{MtlsPolicy, RequestClientCert, RequireClientCert},
+    oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
+    policy::{
+        ConnFacts, Document, EndpointFacts, LocalRates, Modules, Phase, PolicyEnv, RateStore,
+        RequestCx, ResponseCx, Scratch, TlsFacts, TrafficPolicy,
+    },
     route::{Member, Pool, Route},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
@@ -89,6 +93,9 @@ pub struct GatewayConfig {
     pub trusted_proxies: TrustedProxies,
     /// OAuth/OIDC: the session store, the auth host and its callback.
     pub oauth: Option<Arc<OAuthService>>,
+    /// Where traffic policies' rate limits count: this node's memory when
+    /// `None`.
+    pub rate_store: Option<Arc<dyn RateStore>>,
 }
 
 impl Default for GatewayConfig {
@@ -113,6 +120,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(3600),
             trusted_proxies: TrustedProxies::default(),
             oauth: None,
+            rate_store: None,
         }
     }
 }
@@ -139,6 +147,11 @@ pub struct EndpointSpec {
     pub ip_policy: Option<Arc<IpPolicy>>,
     /// Log visitors in with OAuth/OIDC (HTTP endpoints).
     pub oauth: Option<Arc<OAuthEndpoint>>,
+    /// The agent's traffic policy.
+    pub traffic_policy: Option<Document>,
+    /// The operator's traffic policy for the domain: runs first, and the
+    /// agent cannot change it.
+    pub operator_policy: Option<Document>,
     /// Pooling (ngrok's `pooling_enabled`): endpoints with the same key
     /// share a name or port and its traffic. The key stands for the
     /// settings above, which all endpoints of a pool must share.
@@ -269,6 +282,9 @@ struct Inner {
     stats: Stats,
     /// Visitor connections open now.
     open_connections: AtomicUsize,
+    rates: Arc<dyn RateStore>,
+    /// For JWKS: the OAuth client (its extra roots) or a plain one.
+    http_client: IdpHttp,
 }
 
 /// The public side of one edge node. Cheap to clone.
@@ -293,6 +309,14 @@ impl Gateway {
             .max_header_list_size(config.max_header_bytes as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
+        let rates = config
+            .rate_store
+            .clone()
+            .unwrap_or_else(|| Arc::new(LocalRates::default()));
+        let http_client = match &config.oauth {
+            Some(oauth) => oauth.http().clone(),
+            None => IdpHttp::new(&[], Duration::from_secs(10)),
+        };
         Gateway {
             inner: Arc::new(Inner {
                 http_tls: server_config(certs.clone(), &[b"h2", b"http/1.1"]),
@@ -324,6 +348,8 @@ impl Gateway {
                 stop_accepting: CancellationToken::new(),
                 stats: Stats::default(),
                 open_connections: AtomicUsize::new(0),
+                rates,
+                http_client,
             }),
         }
     }
@@ -363,6 +389,7 @@ impl Gateway {
                     sni: None,
                     tls: None,
                     peer_chain: None,
+                    client_identity: None,
                     start: SystemTime::now(),
                 };
                 let io = Prefixed {
@@ -444,7 +471,7 @@ impl Gateway {
                 route.clone()
             }
             None => {
-                let route = self.new_route(&endpoint.kind, &spec);
+                let route = self.new_route(&endpoint.kind, &spec)?;
                 // A fresh pattern: inserting cannot collide.
                 let _ = routes.insert(&domain, route.clone());
                 route
@@ -472,17 +499,34 @@ impl Gateway {
         Ok(endpoint)
     }
 
-    /// A route with the settings of its first endpoint and no member yet.
-    fn new_route(&self, kind: &EndpointKind, spec: &EndpointSpec) -> Arc<Route> {
-        Arc::new(Route {
+    /// A route with the settings of its first endpoint and no member yet:
+    /// its TLS termination and its compiled traffic policy.
+    fn new_route(&self, kind: &EndpointKind, spec: &EndpointSpec) -> Result<Arc<Route>, Failure> {
+        let modules = Modules {
+            ip_restriction: spec.ip_policy.as_deref().cloned(),
+            mutual_tls: spec.mutual_tls.clone(),
+            oauth: spec.oauth.clone(),
+        };
+        let env = PolicyEnv {
+            http: *kind == EndpointKind::Http,
+            rates: self.inner.rates.clone(),
+            http_client: self.inner.http_client.clone(),
+            oauth: self.inner.config.oauth.clone(),
+        };
+        let policy = TrafficPolicy::build(
+            spec.operator_policy.clone(),
+            modules,
+            spec.traffic_policy.clone(),
+            &env,
+        )
+        .map_err(|e| e.failure())?;
+        Ok(Arc::new(Route {
             kind: kind.clone(),
             pool_key: spec.pool_key.clone(),
             termination: self.termination(kind, spec.certificate.clone(), spec.mutual_tls.clone()),
-            mtls: spec.mutual_tls.clone(),
-            ip_policy: spec.ip_policy.clone(),
-            oauth: spec.oauth.clone(),
+            policy,
             pool: Pool::new(self.inner.outcomes.region.as_str().into()),
-        })
+        }))
     }
 
     /// The server config that terminates TLS for an endpoint, if the edge
@@ -540,7 +584,7 @@ impl Gateway {
                     .local_addr()
                     .map(|a| a.port())
                     .unwrap_or(spec.remote_port);
-                let route = self.new_route(&EndpointKind::Tcp { port }, &spec);
+                let route = self.new_route(&EndpointKind::Tcp { port }, &spec)?;
                 let stop = self.inner.stop_accepting.child_token();
                 tcp_routes.insert(
                     port,
@@ -595,18 +639,13 @@ impl Gateway {
                         start: SystemTime::now(),
                         proto: "tcp",
                         endpoint: first.endpoint.clone(),
-                        ip_decision: ip_decision(
-                            &inner,
-                            route.ip_policy.as_deref(),
-                            accepted.client.ip(),
-                        ),
+                        ip_decision: None,
+                        logs: Vec::new(),
                     };
+                    let admitted = on_connect(&inner, &route, &mut record);
                     let span = record.span();
-                    let result = if record.ip_decision == Some(Decision::Block) {
-                        Err(Failure::new(
-                            ErrorCode::IP_RESTRICTED,
-                            accepted.client.ip().to_string(),
-                        ))
+                    let result = if let Err(refused) = admitted {
+                        Err(refused)
                     } else {
                         let (r, w) = accepted.stream.into_split();
                         let visitor = Visitor {
@@ -905,14 +944,36 @@ async fn read_proxy_header(
     }
 }
 
-/// An IP restriction's verdict on a visitor, counted when it refuses.
-fn ip_decision(inner: &Inner, policy: Option<&IpPolicy>, client: IpAddr) -> Option<Decision> {
-    let policy = policy?;
-    if policy.allows(client) {
-        Some(Decision::Allow)
-    } else {
+/// Runs a TCP or TLS endpoint's `on_tcp_connect` rules for a new
+/// connection; an `Err` closes it. The record gets the IP verdict and the
+/// policy's logs.
+fn on_connect(inner: &Inner, route: &Route, record: &mut ConnRecord<'_>) -> Result<(), Failure> {
+    if !route.policy.has(Phase::Connect) {
+        return Ok(());
+    }
+    let conn = ConnFacts {
+        client: record.client,
+        server: record.server,
+        region: inner.outcomes.region.as_str().into(),
+        start: record.start,
+        tls: (!record.name.is_empty()).then(|| TlsFacts {
+            sni: Some(record.name.to_string()),
+            ..Default::default()
+        }),
+    };
+    let verdict = route
+        .policy
+        .on_connect(&conn, &EndpointFacts::of(&record.endpoint));
+    record.ip_decision = verdict.ip_decision;
+    record.logs = verdict.logs;
+    count_ip_denial(inner, verdict.ip_decision);
+    verdict.result
+}
+
+/// Counts a visitor an IP restriction refused.
+fn count_ip_denial(inner: &Inner, decision: Option<Decision>) {
+    if decision == Some(Decision::Block) {
         bump(&inner.stats.ip_denied);
-        Some(Decision::Block)
     }
 }
 
@@ -1082,15 +1143,6 @@ async fn route_request(
         return proxy::error_response(&Failure::new(ErrorCode::ENDPOINT_OFFLINE, host));
     };
     record.served_by(&member.endpoint);
-    if let Some(decision) = ip_decision(inner, route.ip_policy.as_deref(), client_ip) {
-        record.ip_decision(decision);
-        if decision == Decision::Block {
-            return proxy::error_response(&Failure::new(
-                ErrorCode::IP_RESTRICTED,
-                client_ip.to_string(),
-            ));
-        }
-    }
     if let Some(sni_route) = sni_route
         && !sni_route.is_some_and(|s| Arc::ptr_eq(&s, &route))
     {
@@ -1099,23 +1151,53 @@ async fn route_request(
             format!("SNI {:?} but Host {host}", conn.sni),
         ));
     }
-    let mut identity_headers = match &route.mtls {
-        Some(policy) => match client_identity(conn, policy) {
-            Ok(identity) => {
-                record.client_cert(&identity);
-                identity.headers()
+    let mut req = req.map(VisitorBody::Streamed);
+    proxy::strip_reserved(req.headers_mut());
+    let policy = &route.policy;
+    let facts = (!policy.is_empty()).then(|| {
+        let conn_facts = ConnFacts {
+            client: SocketAddr::new(client_ip, conn.client.port()),
+            server: conn.local,
+            region: inner.outcomes.region.as_str().into(),
+            start: conn.start,
+            tls: conn.tls.as_ref().map(|tls| TlsFacts {
+                sni: conn.sni.clone(),
+                version: tls.version.clone(),
+                cipher_suite: tls.cipher_suite.clone(),
+                peer_chain: conn.peer_chain.clone(),
+                client: conn.client_identity.clone(),
+            }),
+        };
+        (conn_facts, EndpointFacts::of(&member.endpoint))
+    });
+    let scheme = if conn.tls.is_some() { "https" } else { "http" };
+    let mut scratch = Scratch::default();
+    let mut head = None;
+    if let Some((conn_facts, endpoint_facts)) = &facts {
+        let mut cx = RequestCx {
+            req: &mut req,
+            conn: conn_facts,
+            endpoint: endpoint_facts,
+            scheme,
+            host,
+            record,
+            scratch: &mut scratch,
+        };
+        let stop = policy.on_request(&mut cx).await;
+        count_ip_denial(inner, record.ip_decision_made());
+        match stop {
+            Ok(None) => {}
+            Ok(Some(response)) => {
+                record.policy_logs(scratch.logs);
+                return response;
             }
-            Err(failure) => return proxy::error_response(&failure),
-        },
-        None => Vec::new(),
-    };
-    // OAuth/OIDC: the module answers by itself (login, special paths,
-    // refusals) or names the user to the upstream.
-    let mut req = req;
-    if let Some(oauth) = &route.oauth {
-        match oauth.gate(&mut req, conn.tls.is_some(), host, record).await {
-            Gate::Respond(response) => return response,
-            Gate::Forward(headers) => identity_headers.extend(headers),
+            Err(failure) => {
+                record.policy_logs(scratch.logs);
+                return proxy::error_response(&failure);
+            }
+        }
+        if policy.has(Phase::Response) {
+            head = Some(request_head(&req));
         }
     }
     let pool = match &member.shared_pool {
@@ -1135,11 +1217,41 @@ async fn route_request(
             })
             .clone(),
     };
-    let response = proxy::forward(&member.endpoint, &pool, conn, host, identity_headers, req).await;
+    let mut response = proxy::forward(&member.endpoint, &pool, conn, host, req).await;
     if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
         record.served_by(endpoint);
     }
+    for observer in scratch.observers.drain(..) {
+        observer.observe(response.status());
+    }
+    if let (Some((conn_facts, endpoint_facts)), Some(head)) = (&facts, &head) {
+        let mut cx = ResponseCx {
+            res: &mut response,
+            req: head,
+            conn: conn_facts,
+            endpoint: endpoint_facts,
+            scheme,
+            host,
+            record,
+            scratch: &mut scratch,
+        };
+        if let Err(failure) = policy.on_response(&mut cx) {
+            response = proxy::error_response(&failure);
+        }
+    }
+    record.policy_logs(scratch.logs);
     response
+}
+
+/// The method, target, version and headers of a request, for the rules
+/// that look at it once the response is back.
+fn request_head<B>(req: &Request<B>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    head
 }
 
 /// A request to the OAuth auth host (the one callback URL). Over TLS its
@@ -1157,25 +1269,6 @@ async fn auth_host_request<B>(
         ));
     }
     oauth.serve_auth_host(req, conn.tls.is_some()).await
-}
-
-/// The client certificate of a request to an mTLS endpoint. When SNI chose
-/// the endpoint, the handshake already required and verified it; without
-/// SNI the certificate the client offered is verified here.
-fn client_identity(conn: &ConnInfo, policy: &MtlsPolicy) -> Result<ClientIdentity, Failure> {
-    let required = |detail: &str| Failure::new(ErrorCode::MTLS_CERT_REQUIRED, detail.to_string());
-    let chain = conn
-        .peer_chain
-        .as_ref()
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| required("no client certificate was presented"))?;
-    if conn.sni.is_none() {
-        let now = rustls::pki_types::UnixTime::now();
-        policy
-            .verify(&chain[0], &chain[1..], now)
-            .map_err(|e| required(&format!("the client certificate was refused: {e}")))?;
-    }
-    ClientIdentity::of(&chain[0]).ok_or_else(|| required("the client certificate cannot be read"))
 }
 
 /// The fatal `unrecognized_name` alert (RFC 6066), sent before any
@@ -1276,8 +1369,10 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         start,
         proto: "tls",
         endpoint: first.endpoint.clone(),
-        ip_decision: ip_decision(&inner, route.ip_policy.as_deref(), client.ip()),
+        ip_decision: None,
+        logs: Vec::new(),
     };
+    let admitted = on_connect(&inner, &route, &mut record);
     let span = record.span();
     let visitor = Visitor {
         client,
@@ -1287,10 +1382,7 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
     let result = async {
         match route.termination.clone() {
             // Refused before any byte reaches the agent, without a handshake.
-            _ if record.ip_decision == Some(Decision::Block) => Some(Err(Failure::new(
-                ErrorCode::IP_RESTRICTED,
-                client.ip().to_string(),
-            ))),
+            _ if let Err(refused) = admitted => Some(Err(refused)),
             Some(config) => {
                 let tls = accept_tls(&inner, config, prefix, stream).await?;
                 let (r, w) = tokio::io::split(tls);

@@ -36,8 +36,62 @@ use crate::{
     route::Pool,
 };
 
-/// Response body: the upstream's, streamed, or an error page.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Any error a body may end with.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Response body: the upstream's, streamed (possibly compressed on the
+/// way), or a page of the edge's own.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// The visitor's request body on its way upstream: streamed as it arrives,
+/// or, once a policy action had to read it whole (a webhook signature), the
+/// bytes it read.
+pub enum VisitorBody {
+    Streamed(Counted<Incoming>),
+    Read(Full<Bytes>),
+}
+
+impl http_body::Body for VisitorBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            VisitorBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            VisitorBody::Read(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never: Infallible| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            VisitorBody::Streamed(body) => body.is_end_stream(),
+            VisitorBody::Read(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            VisitorBody::Streamed(body) => body.size_hint(),
+            VisitorBody::Read(body) => body.size_hint(),
+        }
+    }
+}
+
+impl VisitorBody {
+    /// The counters of a body still streaming, which tell a malformed
+    /// visitor body from an upstream failure.
+    fn stats(&self) -> Option<Arc<crate::outcome::BodyStats>> {
+        match self {
+            VisitorBody::Streamed(body) => Some(body.stats()),
+            VisitorBody::Read(_) => None,
+        }
+    }
+}
 
 /// Header an edge failure carries; ngrok's name, so existing monitoring
 /// keeps working. Upstreams can never set it.
@@ -54,6 +108,9 @@ pub struct ConnInfo {
     pub tls: Option<TlsMeta>,
     /// The client's certificate chain, leaf first, if it sent one.
     pub peer_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The client certificate the handshake verified: an SNI-routed
+    /// handshake to an endpoint requiring one.
+    pub client_identity: Option<crate::mtls::ClientIdentity>,
     /// When the connection was accepted.
     pub start: std::time::SystemTime,
 }
@@ -67,12 +124,20 @@ impl ConnInfo {
         tls: &rustls::ServerConnection,
         start: std::time::SystemTime,
     ) -> ConnInfo {
+        let peer_chain = tls.peer_certificates().map(|c| Arc::new(c.to_vec()));
+        // Without SNI the client certificate was asked for, not verified.
+        let client_identity = peer_chain
+            .as_ref()
+            .filter(|_| sni.is_some())
+            .and_then(|chain| chain.first())
+            .and_then(crate::mtls::ClientIdentity::of);
         ConnInfo {
             client,
             local,
             sni,
             tls: Some(TlsMeta::of(tls)),
-            peer_chain: tls.peer_certificates().map(|c| Arc::new(c.to_vec())),
+            peer_chain,
+            client_identity,
             start,
         }
     }
@@ -82,7 +147,7 @@ impl ConnInfo {
 /// stream, kept alive and reused across visitors.
 #[derive(Clone)]
 pub struct UpstreamPool {
-    client: Client<TunnelConnector, Counted<Incoming>>,
+    client: Client<TunnelConnector, VisitorBody>,
 }
 
 impl UpstreamPool {
@@ -236,24 +301,25 @@ impl hyper::rt::Write for TunnelConn {
 }
 
 /// Forwards one request to an endpoint and returns what the visitor gets.
+/// The request's `ngrok-*` headers are the edge's own by now (see
+/// [`strip_reserved`]).
 pub async fn forward(
     endpoint: &Endpoint,
     pool: &UpstreamPool,
     conn: &ConnInfo,
     host: &str,
-    identity: Vec<(&'static str, String)>,
-    mut req: Request<Counted<Incoming>>,
+    mut req: Request<VisitorBody>,
 ) -> Response<ProxyBody> {
     let wants_upgrade = is_upgrade_request(&req);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade, &identity) {
+    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade) {
         Ok(r) => r,
         Err(failure) => return error_response(&failure),
     };
     let request_body = upstream_req.body().stats();
     let mut response = match pool.client.request(upstream_req).await {
         Ok(response) => response,
-        Err(_) if request_body.failed() => {
+        Err(_) if request_body.is_some_and(|b| b.failed()) => {
             // The client's own body was malformed (a bad chunk size, say):
             // its fault, and the connection cannot be trusted any more.
             let failure = Failure::new(ErrorCode::BAD_REQUEST, "the request body is malformed");
@@ -281,11 +347,11 @@ pub async fn forward(
         });
         let (mut parts, body) = response.into_parts();
         clean_response_headers(&mut parts.headers, true);
-        return Response::from_parts(parts, body.boxed());
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
     }
     let (mut parts, body) = response.into_parts();
     clean_response_headers(&mut parts.headers, false);
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 fn is_upgrade_request<B>(req: &Request<B>) -> bool {
@@ -345,7 +411,9 @@ pub fn is_reserved_header(name: &str) -> bool {
             .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
 }
 
-fn strip_reserved(headers: &mut HeaderMap) {
+/// Removes every header in the `ngrok-*` space a visitor sent: from here
+/// on only the edge (its modules and policies) sets them.
+pub fn strip_reserved(headers: &mut HeaderMap) {
     let reserved: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_reserved_header(n.as_str()))
@@ -362,7 +430,6 @@ fn upstream_request<B>(
     conn: &ConnInfo,
     endpoint_id: &str,
     upgrade: bool,
-    identity: &[(&'static str, String)],
 ) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_string());
@@ -387,12 +454,6 @@ fn upstream_request<B>(
     }
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(headers, upgrade);
-    strip_reserved(headers);
-    for (name, value) in identity {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(*name, value);
-        }
-    }
     let client_ip = conn.client.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),

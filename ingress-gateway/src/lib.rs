@@ -14,6 +14,7 @@ mod metrics;
 mod mtls;
 mod oauth;
 mod outcome;
+mod policy;
 mod route;
 mod router;
 mod sni;
@@ -37,6 +38,7 @@ pub use oauth::{
     SessionView, StoreError, StoreFuture, redact_url,
 };
 pub use outcome::Outcomes;
+pub use policy::{Document as PolicyDocument, PolicyError, TrafficPolicy};
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{

@@ -107,6 +107,11 @@ impl OAuthService {
         &self.settings
     }
 
+    /// The client for calls to identity providers (its trusted roots).
+    pub fn http(&self) -> &IdpHttp {
+        &self.http
+    }
+
     /// Whether requests for `host` (normalised) go to the callback handler.
     pub fn is_auth_host(&self, host: &str) -> bool {
         host == self.settings.auth_host

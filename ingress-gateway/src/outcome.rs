@@ -135,7 +135,7 @@ pub struct Counted<B> {
     inner: B,
     stats: Arc<BodyStats>,
     /// Published when the body is dropped.
-    _record: Option<HttpRecord>,
+    _record: Option<Box<HttpRecord>>,
 }
 
 impl BodyStats {
@@ -335,6 +335,48 @@ impl HttpRecord {
         });
     }
 
+    /// The IP restriction's decision, once made.
+    pub fn ip_decision_made(&self) -> Option<Decision> {
+        self.object.ip_policy.as_ref().and_then(|d| d.decision)
+    }
+
+    /// Records basic auth's decision and the user it let in.
+    pub fn basic_auth(&mut self, decision: Decision, username: Option<&str>) {
+        self.object.basic_auth = Some(postern_events::BasicAuth {
+            decision: Some(decision),
+            username: username.map(str::to_string),
+        });
+    }
+
+    /// Records the compression chosen (`none` when the body passed as it
+    /// was).
+    pub fn compression(&mut self, algorithm: &str) {
+        self.object.compression = Some(postern_events::Compression {
+            algorithm: Some(algorithm.to_string()),
+        });
+    }
+
+    /// Records webhook verification's decision.
+    pub fn webhook_verification(&mut self, decision: Decision) {
+        self.object.webhook_verification = Some(DecisionField {
+            decision: Some(decision),
+        });
+    }
+
+    /// Records the circuit breaker's decision.
+    pub fn circuit_breaker(&mut self, decision: Decision) {
+        self.object.circuit_breaker = Some(DecisionField {
+            decision: Some(decision),
+        });
+    }
+
+    /// What the policy's `log` actions recorded.
+    pub fn policy_logs(&mut self, logs: Vec<serde_json::Value>) {
+        if !logs.is_empty() {
+            self.object.traffic_policy = Some(postern_events::TrafficPolicyLogs { logs });
+        }
+    }
+
     /// The `oauth.*` fields, for the OAuth module to fill.
     pub fn oauth_mut(&mut self) -> &mut postern_events::OAuth {
         self.object.oauth.get_or_insert_with(Default::default)
@@ -365,7 +407,7 @@ impl HttpRecord {
             Counted {
                 inner: body,
                 stats,
-                _record: Some(self),
+                _record: Some(Box::new(self)),
             },
         )
     }
@@ -390,6 +432,7 @@ impl Drop for HttpRecord {
         let decision = decision_label(&[
             self.object.ip_policy.as_ref().and_then(|d| d.decision),
             self.object.oauth.as_ref().and_then(|o| o.decision),
+            self.object.basic_auth.as_ref().and_then(|b| b.decision),
         ]);
         let status = self
             .object
@@ -458,6 +501,8 @@ pub struct ConnRecord<'a> {
     /// the one that gave the data stream.
     pub endpoint: Arc<Endpoint>,
     pub ip_decision: Option<Decision>,
+    /// What the policy's `log` actions recorded.
+    pub logs: Vec<serde_json::Value>,
 }
 
 impl ConnRecord<'_> {
@@ -530,6 +575,9 @@ pub fn tcp_closed(
         ip_policy: record
             .ip_decision
             .map(|d| DecisionField { decision: Some(d) }),
+        traffic_policy: (!record.logs.is_empty()).then(|| postern_events::TrafficPolicyLogs {
+            logs: record.logs.clone(),
+        }),
         postern: Some(postern),
     };
     outcomes.metrics.connection(

@@ -23,9 +23,7 @@ use rustls::ServerConfig;
 use crate::{
     endpoint::{ClaimedStream, Endpoint, EndpointKind},
     http::UpstreamPool,
-    ip::IpPolicy,
-    mtls::MtlsPolicy,
-    oauth::OAuthEndpoint,
+    policy::TrafficPolicy,
 };
 
 /// How long a member that failed a claim is tried only when nothing else is
@@ -41,9 +39,9 @@ pub(crate) struct Route {
     pub pool_key: Option<String>,
     /// How TLS ends at the edge (HTTP, and TLS endpoints terminated here).
     pub termination: Option<Arc<ServerConfig>>,
-    pub mtls: Option<Arc<MtlsPolicy>>,
-    pub ip_policy: Option<Arc<IpPolicy>>,
-    pub oauth: Option<Arc<OAuthEndpoint>>,
+    /// What happens to its traffic: the operator's policy, the bind's
+    /// modules and the agent's policy, compiled.
+    pub policy: Arc<TrafficPolicy>,
     pub pool: Arc<Pool>,
 }
 

@@ -132,7 +132,8 @@ mod tests {
     #[test]
     fn a_throttled_take_says_when_to_come_back() {
         let now = Instant::now();
-        let mut bucket = TokenBucket::new(4, 1);
+        let mut bucket = TokenBucket::new(4, 2);
+        assert_eq!(bucket.take(now), Take::Granted);
         assert_eq!(bucket.take(now), Take::Granted);
         match bucket.take(now) {
             Take::Throttled { retry_after } => assert_eq!(retry_after, Duration::from_millis(250)),

@@ -62,6 +62,7 @@ codes! {
     MTLS_NOT_A_CA = (1696, 400, Agent, "a certificate given as a mutual TLS CA is not a valid CA");
     MTLS_UNKNOWN_CA = (1697, 400, Agent, "no certificate authority with this id");
     INVALID_BIND = (225, 400, Agent, "the bind request is invalid");
+    POLICY_INVALID = (2236, 400, Agent, "the traffic policy is invalid");
     TCP_PORT_UNAVAILABLE = (307, 400, Agent, "the requested TCP port is not available");
     ACL_DENIES_ADDRESS = (308, 400, Agent, "the authtoken's ACL does not permit binding this address");
     ACL_DENIES_NAME = (316, 400, Agent, "the authtoken's ACL does not permit binding this name");
@@ -77,6 +78,8 @@ codes! {
     TLS_NO_SNI = (3003, 400, Client, "the client sent no TLS SNI, which this endpoint needs");
     UPSTREAM_INVALID_RESPONSE = (3004, 502, Upstream, "the upstream returned an invalid HTTP response");
     UPSTREAM_TIMEOUT = (3008, 504, Upstream, "the upstream did not respond in time");
+    CIRCUIT_OPEN = (3202, 503, Upstream, "the circuit breaker is open: the upstream failed too often; try again shortly");
+    WEBHOOK_UNVERIFIED = (3204, 403, Client, "the webhook's signature could not be verified");
     IP_RESTRICTED = (3205, 403, Client, "the client's IP address is not allowed by the endpoint's IP restrictions");
     ENDPOINT_OFFLINE = (3200, 404, Client, "no endpoint is online for this host");
     AGENT_FORWARD_FAILED = (3210, 502, Agent, "the connection to the agent failed");
@@ -105,6 +108,11 @@ codes! {
     BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
     BAD_REQUEST = (9009, 400, Client, "the request is malformed");
     CONTROL_FLOOD = (9008, 400, Agent, "the agent sent control messages faster than allowed");
+    POLICY_FAILED = (9015, 500, Agent, "the endpoint's traffic policy failed while running");
+    BASIC_AUTH_REQUIRED = (9016, 401, Client, "valid basic auth credentials are required");
+    RATE_LIMITED = (9018, 429, Client, "the endpoint's rate limit is reached; try again later");
+    JWT_INVALID = (9019, 401, Client, "a valid JWT is required");
+    POLICY_DENIED = (9017, 403, Client, "the endpoint's traffic policy refused the connection");
     CONTROL_THROTTLED = (9013, 429, Agent, "the agent is over its control budget; this message was refused, send it again later");
     AGENT_QUEUE_FULL = (9014, 429, Agent, "the agent has too many tunnel starts waiting for the edge; try again later");
     EDGE_OVERLOADED = (9003, 503, Edge, "the edge is at its connection limit");

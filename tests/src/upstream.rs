@@ -202,6 +202,11 @@ async fn handle(
         );
         return Ok(response);
     }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut response = Response::new(full(format!("status {code}")));
+        *response.status_mut() = code.parse().unwrap_or(StatusCode::OK);
+        return Ok(response);
+    }
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         return Ok(Response::new(full("slow done")));

@@ -1733,3 +1733,55 @@ async fn options_passthrough_fetches_and_plain_http() {
         0
     );
 }
+
+/// Issue 28: `openid-connect` as a Traffic Policy action (no `oidc:`
+/// module), and a later rule deciding on the signed-in user it exposes.
+#[tokio::test]
+async fn openid_connect_as_a_policy_action_and_a_rule_on_the_user() {
+    let redis = RedisServer::start().await;
+    let edge = TestEdge::start_with(&oauth_toml(&redis, "")).await;
+    let callback = format!("https://{AUTH}:{}/oauth2/callback", edge.addrs.https.port());
+    let idp = OidcProvider::start(&[callback]).await;
+    let upstream = HttpUpstream::start().await;
+    let policy = format!(
+        "on_http_request:\n\
+         \x20 - actions:\n\
+         \x20     - type: openid-connect\n\
+         \x20       config: {{issuer_url: \"{issuer}\", client_id: {CLIENT_ID}, client_secret: {CLIENT_SECRET}, scopes: [openid, email, profile]}}\n\
+         \x20 - expressions: [\"actions.ngrok.oauth.identity.email != 'alice@example.test'\"]\n\
+         \x20   actions: [{{type: custom-response, config: {{status_code: 403, body: \"only alice\"}}}}]\n",
+        issuer = idp.issuer
+    );
+    let indented: String = policy.lines().map(|l| format!("      {l}\n")).collect();
+    let (_agent, _) = edge
+        .agent(&format!(
+            "  web:\n    proto: http\n    addr: {}\n    domain: {APP}\n    inspect: false\n    traffic_policy:\n{indented}",
+            upstream.port()
+        ))
+        .await;
+    let url = format!("https://{APP}:{}/private", edge.addrs.https.port());
+    let mut alice = Browser::new(&[edge.ca_pem().as_path()], edge.addrs.https.port());
+    let start = alice.get(&url).await;
+    assert_eq!(start.status, StatusCode::FOUND, "{}", start.text());
+    let (page, _) = alice.login(start, "alice").await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+    assert_eq!(page.text(), "hello from upstream");
+    let seen = upstream.last("/private");
+    assert_eq!(
+        header(&seen, "ngrok-auth-user-email"),
+        ["alice@example.test"]
+    );
+    let mut bob = Browser::new(&[edge.ca_pem().as_path()], edge.addrs.https.port());
+    let start = bob.get(&url).await;
+    let (page, _) = bob.login(start, "bob").await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert_eq!(page.text(), "only alice");
+    assert_eq!(
+        upstream
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/private")
+            .count(),
+        1
+    );
+}

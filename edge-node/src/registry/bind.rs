@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use postern_ingress::{
     CaResolver, CertStore, DomainPattern, Endpoint, EndpointKind, EndpointSpec, IpPolicy, MAX_CAS,
-    MtlsPolicy, OAuthService, Pem, Protocol, TerminateAt, certified_key_from_pem, parse_ca_bundle,
+    MtlsPolicy, OAuthService, Pem, PolicyDocument, Protocol, TerminateAt, certified_key_from_pem,
+    parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, pb};
 
@@ -238,6 +239,16 @@ pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
         },
         pool_key: None,
         remote: None,
+        traffic_policy: match req.traffic_policy.trim() {
+            "" => None,
+            text => Some(PolicyDocument::parse(text).map_err(|e| {
+                Failure::new(
+                    ErrorCode::POLICY_INVALID,
+                    format!("the traffic policy is not a policy document: {e}"),
+                )
+            })?),
+        },
+        operator_policy: None,
     };
     if protocol == Protocol::Tcp {
         spec.remote_port = u16::try_from(req.remote_port).map_err(|_| {

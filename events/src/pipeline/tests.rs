@@ -101,6 +101,7 @@ pub(crate) fn sample(i: usize) -> Event {
                     ..conn
                 }),
                 ip_policy: None,
+                traffic_policy: None,
                 postern: Some(PosternFields {
                     endpoint_proto: Some("tls".into()),
                     ..postern

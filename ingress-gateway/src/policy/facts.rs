@@ -1,0 +1,369 @@
+//! What a policy's expressions see: the connection, the endpoint, the
+//! request and response as they are at that point, and what earlier
+//! actions found. Each turns into a CEL value only when an expression
+//! names it.
+
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+
+use cel::Value;
+use http::HeaderMap;
+
+use super::cel::{Scratch, map_value};
+use crate::mtls::ClientIdentity;
+
+/// The visitor's connection.
+#[derive(Clone, Debug)]
+pub struct ConnFacts {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// This node's region.
+    pub region: Arc<str>,
+    pub start: SystemTime,
+    pub tls: Option<TlsFacts>,
+}
+
+/// The TLS of the visitor's connection, when the edge terminated it.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFacts {
+    pub sni: Option<String>,
+    pub version: String,
+    pub cipher_suite: String,
+    /// The client's certificate chain, leaf first, if it sent one.
+    pub peer_chain: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+    /// The verified client certificate, once the mutual TLS module has
+    /// read it.
+    pub client: Option<ClientIdentity>,
+}
+
+/// The endpoint serving.
+#[derive(Clone, Debug)]
+pub struct EndpointFacts {
+    pub id: String,
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    /// `https`, `http`, `tls` or `tcp`.
+    pub protocol: &'static str,
+}
+
+impl EndpointFacts {
+    pub(crate) fn of(endpoint: &crate::endpoint::Endpoint) -> EndpointFacts {
+        let protocol = match endpoint.kind {
+            crate::endpoint::EndpointKind::Http => "https",
+            crate::endpoint::EndpointKind::Tls { .. } => "tls",
+            crate::endpoint::EndpointKind::Tcp { .. } => "tcp",
+        };
+        let authority = endpoint
+            .public_url
+            .split_once("://")
+            .map_or(endpoint.public_url.as_str(), |(_, rest)| rest);
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => {
+                (host, port.parse().unwrap_or_default())
+            }
+            _ => (authority, 443),
+        };
+        EndpointFacts {
+            id: endpoint.id.clone(),
+            url: endpoint.public_url.clone(),
+            host: host.to_string(),
+            port,
+            protocol,
+        }
+    }
+}
+
+/// The request as the policy has it so far.
+pub(crate) struct ReqView<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub version: http::Version,
+    pub headers: &'a HeaderMap,
+    /// `http` or `https`: how the visitor reached the edge.
+    pub scheme: &'static str,
+    /// The routed name.
+    pub host: &'a str,
+    /// The name and port as the visitor wrote them (`Host`).
+    pub authority: &'a str,
+}
+
+impl<'a> ReqView<'a> {
+    pub fn of<B>(req: &'a http::Request<B>, scheme: &'static str, host: &'a str) -> Self {
+        ReqView {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+            scheme,
+            host,
+            authority: crate::http::request_host(req).unwrap_or(host),
+        }
+    }
+
+    /// `scheme://authority/path?query`, the URL as the visitor asked for it.
+    pub fn url(&self) -> String {
+        let path = self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        format!("{}://{}{path}", self.scheme, self.authority)
+    }
+}
+
+/// The response as the policy has it so far: status and headers.
+pub(crate) type ResView<'a> = (http::StatusCode, &'a HeaderMap);
+
+/// Everything one evaluation may read.
+pub(crate) struct Facts<'a> {
+    pub conn: &'a ConnFacts,
+    pub endpoint: &'a EndpointFacts,
+    pub req: Option<ReqView<'a>>,
+    pub res: Option<ResView<'a>>,
+    pub scratch: &'a Scratch,
+}
+
+fn s(v: impl Into<String>) -> Value {
+    Value::String(Arc::new(v.into()))
+}
+
+fn list(items: impl IntoIterator<Item = String>) -> Value {
+    Value::List(Arc::new(items.into_iter().map(s).collect()))
+}
+
+/// Header names (lower case) to their values, in order.
+fn headers_value(headers: &HeaderMap) -> Value {
+    let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for (name, value) in headers {
+        map.entry(name.as_str().to_string())
+            .or_default()
+            .push(s(String::from_utf8_lossy(value.as_bytes())));
+    }
+    map_value(
+        map.iter()
+            .map(|(k, v)| (k.as_str(), Value::List(Arc::new(v.clone())))),
+    )
+}
+
+fn header_text(headers: &HeaderMap, name: http::HeaderName) -> Value {
+    s(headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default())
+}
+
+fn content_length(headers: &HeaderMap) -> Value {
+    Value::Int(
+        headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1),
+    )
+}
+
+/// `a=1&b=2&a=3` as `{a: [1, 3], b: [2]}`, percent-decoded.
+fn query_params(query: &str) -> Value {
+    let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        map.entry(percent_decode(k))
+            .or_default()
+            .push(s(percent_decode(v)));
+    }
+    map_value(
+        map.iter()
+            .map(|(k, v)| (k.as_str(), Value::List(Arc::new(v.clone())))),
+    )
+}
+
+pub(crate) fn percent_decode(text: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `Cookie: a=1; b=2` as `{a: ['1'], b: ['2']}`.
+fn cookies(headers: &HeaderMap) -> Value {
+    let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    for value in headers.get_all(http::header::COOKIE) {
+        let Ok(value) = value.to_str() else { continue };
+        for pair in value.split(';') {
+            let pair = pair.trim();
+            if let Some((k, v)) = pair.split_once('=') {
+                map.entry(k.trim().to_string())
+                    .or_default()
+                    .push(s(v.trim()));
+            }
+        }
+    }
+    map_value(
+        map.iter()
+            .map(|(k, v)| (k.as_str(), Value::List(Arc::new(v.clone())))),
+    )
+}
+
+impl Facts<'_> {
+    pub fn conn_value(&self) -> Value {
+        let c = self.conn;
+        let tls = c.tls.as_ref().map(|t| {
+            let client = t.client.as_ref().map(|id| {
+                map_value([
+                    (
+                        "subject",
+                        map_value([("common_name", s(id.subject_cn.clone().unwrap_or_default()))]),
+                    ),
+                    ("serial_number", s(id.serial.clone())),
+                    (
+                        "san",
+                        map_value([
+                            ("dns_names", list(id.san_dns.clone())),
+                            ("email_addresses", list(id.emails.clone())),
+                        ]),
+                    ),
+                    (
+                        "validity",
+                        map_value([(
+                            "not_after",
+                            s(postern_events::timestamp(id.not_after_time())),
+                        )]),
+                    ),
+                ])
+            });
+            map_value([
+                ("sni", s(t.sni.clone().unwrap_or_default())),
+                ("version", s(t.version.clone())),
+                ("cipher_suite", s(t.cipher_suite.clone())),
+                ("client", client.unwrap_or(Value::Null)),
+            ])
+        });
+        map_value([
+            ("client_ip", s(c.client.ip().to_string())),
+            ("client_port", Value::Int(i64::from(c.client.port()))),
+            ("server_ip", s(c.server.ip().to_string())),
+            ("server_port", Value::Int(i64::from(c.server.port()))),
+            ("server_region", s(c.region.to_string())),
+            (
+                "ts",
+                map_value([("start", s(postern_events::timestamp(c.start)))]),
+            ),
+            ("tls", tls.unwrap_or(Value::Null)),
+        ])
+    }
+
+    pub fn endpoint_value(&self) -> Value {
+        let e = self.endpoint;
+        map_value([
+            ("id", s(e.id.clone())),
+            ("url", s(e.url.clone())),
+            ("host", s(e.host.clone())),
+            ("port", Value::Int(i64::from(e.port))),
+            ("protocol", s(e.protocol)),
+        ])
+    }
+
+    pub fn req_value(&self) -> Option<Value> {
+        let r = self.req.as_ref()?;
+        let uri = r.uri;
+        let headers = r.headers;
+        let path = uri.path();
+        let query = uri.query().unwrap_or_default();
+        let port = r
+            .authority
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<i64>().ok())
+            .unwrap_or(if r.scheme == "https" { 443 } else { 80 });
+        let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let url = map_value([
+            ("scheme", s(r.scheme)),
+            ("host", s(r.host)),
+            ("port", Value::Int(port)),
+            ("path", s(percent_decode(path))),
+            ("raw_path", s(path)),
+            ("query", s(query)),
+            ("query_params", query_params(query)),
+            ("authority", s(r.authority)),
+            ("uri", s(path_and_query)),
+            ("raw", s(r.url())),
+        ]);
+        Some(map_value([
+            ("method", s(r.method.as_str())),
+            ("host", s(r.host)),
+            ("url", url),
+            ("headers", headers_value(headers)),
+            ("cookies", cookies(headers)),
+            ("content_length", content_length(headers)),
+            (
+                "content_type",
+                header_text(headers, http::header::CONTENT_TYPE),
+            ),
+            (
+                "content_encoding",
+                header_text(headers, http::header::CONTENT_ENCODING),
+            ),
+            ("location", header_text(headers, http::header::LOCATION)),
+            ("version", s(format!("{:?}", r.version))),
+            ("user_agent", header_text(headers, http::header::USER_AGENT)),
+        ]))
+    }
+
+    pub fn res_value(&self) -> Option<Value> {
+        let (status, headers) = self.res?;
+        Some(map_value([
+            ("status_code", Value::Int(i64::from(status.as_u16()))),
+            ("headers", headers_value(headers)),
+            ("content_length", content_length(headers)),
+            (
+                "content_type",
+                header_text(headers, http::header::CONTENT_TYPE),
+            ),
+            (
+                "content_encoding",
+                header_text(headers, http::header::CONTENT_ENCODING),
+            ),
+            ("location", header_text(headers, http::header::LOCATION)),
+        ]))
+    }
+
+    pub fn actions_value(&self) -> Value {
+        map_value([(
+            "ngrok",
+            map_value(self.scratch.actions.iter().map(|(k, v)| (*k, v.clone()))),
+        )])
+    }
+
+    pub fn vars_value(&self) -> Value {
+        map_value(
+            self.scratch
+                .vars
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone())),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+}
