@@ -15,7 +15,15 @@ fn at(millis: u64) -> Hlc {
     Hlc(millis << 16)
 }
 
-fn copy(key: &str, h: Hlc, origin: &str, value: Option<serde_json::Value>) -> Parsed {
+/// The copy of config object `key` that node `by` holds, written by
+/// `origin` at `h` (`None`: a tombstone).
+fn copy(
+    by: &ChitchatId,
+    key: &str,
+    h: Hlc,
+    origin: &str,
+    value: Option<serde_json::Value>,
+) -> (ChitchatId, String, Parsed) {
     let payload = Payload {
         k: key.to_string(),
         h,
@@ -25,7 +33,7 @@ fn copy(key: &str, h: Hlc, origin: &str, value: Option<serde_json::Value>) -> Pa
         v: value,
     };
     let env: Arc<str> = format!("env:{key}:{}:{origin}", h.0).into();
-    Arc::new((payload, env))
+    (by.clone(), key.to_string(), Arc::new((payload, env)))
 }
 
 fn info(region: &str) -> NodeInfo {
@@ -44,15 +52,14 @@ fn live(ids: &[&ChitchatId]) -> HashSet<ChitchatId> {
 #[test]
 fn the_newest_copy_wins_and_this_node_republishes_what_it_lacks() {
     let (me, other) = (node("a", 1), node("b", 1));
-    let old = copy("c/ca/x", at(NOW - 10), "a", Some(json!(1)));
-    let new = copy("c/ca/x", at(NOW - 5), "b", Some(json!(2)));
-    let theirs_only = copy("c/ca/y", at(NOW - 7), "b", Some(json!(3)));
+    let new = copy(&other, "c/ca/x", at(NOW - 5), "b", Some(json!(2)));
+    let new_envelope = new.2.1.clone();
     let gossiped = Gossiped {
         live: live(&[&me, &other]),
         config: vec![
-            (me.clone(), "c/ca/x".into(), old),
-            (other.clone(), "c/ca/x".into(), new.clone()),
-            (other.clone(), "c/ca/y".into(), theirs_only.clone()),
+            copy(&me, "c/ca/x", at(NOW - 10), "a", Some(json!(1))),
+            new,
+            copy(&other, "c/ca/y", at(NOW - 7), "b", Some(json!(3))),
         ],
         ..Gossiped::default()
     };
@@ -70,7 +77,7 @@ fn the_newest_copy_wins_and_this_node_republishes_what_it_lacks() {
             .find(|(k, _)| k == "c/ca/x")
             .unwrap()
             .1,
-        new.1
+        new_envelope
     );
     assert_eq!(merged.newest, Some(at(NOW - 5)));
     assert!(merged.collect.is_empty());
@@ -83,16 +90,8 @@ fn ties_go_to_the_higher_node_id_and_a_held_winner_is_not_republished() {
     let gossiped = Gossiped {
         live: live(&[&me, &other]),
         config: vec![
-            (
-                other.clone(),
-                "c/ca/x".into(),
-                copy("c/ca/x", h, "a", Some(json!("a"))),
-            ),
-            (
-                me.clone(),
-                "c/ca/x".into(),
-                copy("c/ca/x", h, "b", Some(json!("b"))),
-            ),
+            copy(&other, "c/ca/x", h, "a", Some(json!("a"))),
+            copy(&me, "c/ca/x", h, "b", Some(json!("b"))),
         ],
         ..Gossiped::default()
     };
@@ -109,26 +108,10 @@ fn an_expired_tombstone_is_forgotten_and_collected_where_held() {
     let gossiped = Gossiped {
         live: live(&[&me, &other]),
         config: vec![
-            (
-                me.clone(),
-                "c/ca/old".into(),
-                copy("c/ca/old", at(expired), "b", None),
-            ),
-            (
-                other.clone(),
-                "c/ca/old".into(),
-                copy("c/ca/old", at(expired), "b", None),
-            ),
-            (
-                other.clone(),
-                "c/ca/theirs".into(),
-                copy("c/ca/theirs", at(expired), "b", None),
-            ),
-            (
-                other.clone(),
-                "c/ca/new".into(),
-                copy("c/ca/new", at(fresh), "b", None),
-            ),
+            copy(&me, "c/ca/old", at(expired), "b", None),
+            copy(&other, "c/ca/old", at(expired), "b", None),
+            copy(&other, "c/ca/theirs", at(expired), "b", None),
+            copy(&other, "c/ca/new", at(fresh), "b", None),
         ],
         ..Gossiped::default()
     };
@@ -192,11 +175,7 @@ fn applying_reports_what_changed_and_bumps_the_generation_only_for_config() {
     let me = node("a", 1);
     let gossiped = |value: serde_json::Value| Gossiped {
         live: live(&[&me]),
-        config: vec![(
-            me.clone(),
-            "c/ca/x".into(),
-            copy("c/ca/x", at(NOW - 1), "a", Some(value)),
-        )],
+        config: vec![copy(&me, "c/ca/x", at(NOW - 1), "a", Some(value))],
         infos: vec![(me.clone(), info("us"))],
         locals: vec![(me.clone(), "l/endpoint/ep_1".into(), json!(1))],
     };
