@@ -770,6 +770,13 @@ impl RawSession {
 
 impl RawLimits {
     fn validate(&self) -> anyhow::Result<Limits> {
+        let timeout = |field: &str, value: &Option<String>, default_secs: u64| {
+            duration(
+                &format!("limits.{field}"),
+                value,
+                Duration::from_secs(default_secs),
+            )
+        };
         let endpoints_per_session = self.endpoints_per_session.unwrap_or(100);
         Ok(Limits {
             endpoints_per_session,
@@ -783,29 +790,17 @@ impl RawLimits {
                     .saturating_add(20)
             }),
             max_connections: self.max_connections.unwrap_or(20_000),
-            client_hello_timeout: duration(
-                "limits.client_hello_timeout",
-                &self.client_hello_timeout,
-                Duration::from_secs(10),
-            )?,
+            client_hello_timeout: timeout("client_hello_timeout", &self.client_hello_timeout, 10)?,
             client_hello_max_bytes: self.client_hello_max_bytes.unwrap_or(64 * 1024),
-            tls_handshake_timeout: duration(
-                "limits.tls_handshake_timeout",
+            tls_handshake_timeout: timeout(
+                "tls_handshake_timeout",
                 &self.tls_handshake_timeout,
-                Duration::from_secs(10),
+                10,
             )?,
-            header_read_timeout: duration(
-                "limits.header_read_timeout",
-                &self.header_read_timeout,
-                Duration::from_secs(30),
-            )?,
+            header_read_timeout: timeout("header_read_timeout", &self.header_read_timeout, 30)?,
             max_header_bytes: self.max_header_bytes.unwrap_or(60 * 1024),
             max_headers: self.max_headers.unwrap_or(100),
-            idle_timeout: duration(
-                "limits.idle_timeout",
-                &self.idle_timeout,
-                Duration::from_secs(3600),
-            )?,
+            idle_timeout: timeout("idle_timeout", &self.idle_timeout, 3600)?,
             h2_max_concurrent_streams: self.h2_max_concurrent_streams.unwrap_or(100),
             h2_stream_window: self.h2_stream_window.unwrap_or(64 * 1024),
             h2_connection_window: self.h2_connection_window.unwrap_or(1024 * 1024),
