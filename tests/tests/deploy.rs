@@ -116,18 +116,9 @@ fn every_region_of_the_cluster_manifest_loads_and_seeds_every_region() {
         };
         let expanded = postern_edge::expand_env(toml, env).unwrap();
         // Loading the config reads the cluster key and the TLS certificate
-        // and key; here they are written where their Secrets are mounted.
+        // and key, written here where their Secrets are mounted.
         let dir = postern_tests::TempDir::new("k8s-config");
-        std::fs::write(dir.path().join("key"), "0123456789abcdef0123456789abcdef").unwrap();
-        let tls = rcgen::generate_simple_self_signed(vec!["*.example.com".to_string()]).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), tls.cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), tls.signing_key.serialize_pem()).unwrap();
-        let expanded = expanded
-            .replace(
-                "/etc/postern/cluster/key",
-                &dir.path().join("key").display().to_string(),
-            )
-            .replace("/etc/postern/tls/", &format!("{}/", dir.path().display()));
+        let expanded = postern_tests::with_mounted_secrets(&expanded, dir.path());
         let config = postern_edge::EdgeConfig::from_toml(&expanded)
             .unwrap_or_else(|e| panic!("region {region}: {e:#}"));
         assert_eq!(config.region, region);
