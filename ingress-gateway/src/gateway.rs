@@ -17,6 +17,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::Request;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
@@ -43,8 +44,8 @@ use crate::{
     oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
     policy::{
-        ConnFacts, Document, EndpointFacts, LocalRates, Modules, Phase, PolicyEnv, RateStore,
-        RequestCx, ResponseCx, Scratch, TlsFacts, TrafficPolicy,
+        ConnFacts, Document, EndpointFacts, InternalMiss, InternalRoutes, LocalRates, Modules,
+        Phase, PolicyEnv, RateStore, RequestCx, ResponseCx, Scratch, TlsFacts, TrafficPolicy,
     },
     route::{Member, Pool, Route},
     router::{DomainPattern, Router, normalize_host},
@@ -227,7 +228,19 @@ struct Binding {
 
 enum Place {
     Domain(DomainPattern),
+    /// A `.internal` name.
+    Internal(DomainPattern),
     Port(u16),
+}
+
+/// Whether a name is an internal endpoint's (`*.internal`), reachable only
+/// through `forward-internal`.
+fn is_internal(domain: &DomainPattern) -> bool {
+    let name = match domain {
+        DomainPattern::Exact(name) => name.as_str(),
+        DomainPattern::Wildcard(suffix) => suffix.as_str(),
+    };
+    name == "internal" || name.ends_with(".internal")
 }
 
 /// A TCP endpoint's port: its route and the switch of its listener.
@@ -273,6 +286,9 @@ struct Inner {
     /// certificate asked for (mTLS is then decided per request).
     no_sni_tls: Option<Arc<ServerConfig>>,
     routes: RwLock<Router<Arc<Route>>>,
+    /// HTTP endpoints on `.internal` names: never routed from a listener,
+    /// reached only through `forward-internal`.
+    internal: RwLock<Router<Arc<Route>>>,
     tcp_routes: Mutex<HashMap<u16, TcpRoute>>,
     bindings: Mutex<HashMap<String, Binding>>,
     http: auto::Builder<TokioExecutor>,
@@ -340,6 +356,7 @@ impl Gateway {
                 config,
                 outcomes,
                 routes: RwLock::new(Router::default()),
+                internal: RwLock::new(Router::default()),
                 tcp_routes: Mutex::new(HashMap::new()),
                 bindings: Mutex::new(HashMap::new()),
                 http,
@@ -446,8 +463,16 @@ impl Gateway {
                 DomainPattern::Exact(format!("{}.{base}", crate::random_label()))
             }
         };
+        let internal = is_internal(&domain);
+        if internal && spec.protocol != Protocol::Http {
+            return Err(Failure::new(
+                ErrorCode::INVALID_BIND,
+                format!("{domain}: only HTTP endpoints can be internal in Postern"),
+            ));
+        }
         let port = match config.https_public_port {
             443 => String::new(),
+            _ if internal => String::new(),
             p => format!(":{p}"),
         };
         let kind = match spec.protocol {
@@ -464,7 +489,12 @@ impl Gateway {
             source,
             remote: spec.remote.clone(),
         });
-        let mut routes = self.inner.routes.write().expect("routes lock");
+        let table = if internal {
+            &self.inner.internal
+        } else {
+            &self.inner.routes
+        };
+        let mut routes = table.write().expect("routes lock");
         let route = match routes.get(&domain) {
             Some(route) => {
                 joinable(route, &spec, &endpoint.kind, &domain.to_string())?;
@@ -493,7 +523,11 @@ impl Gateway {
             id,
             Binding {
                 endpoint: endpoint.clone(),
-                place: Place::Domain(domain),
+                place: if internal {
+                    Place::Internal(domain)
+                } else {
+                    Place::Domain(domain)
+                },
             },
         );
         Ok(endpoint)
@@ -700,12 +734,11 @@ impl Gateway {
             .remove(endpoint_id);
         match binding.map(|b| b.place) {
             Some(Place::Domain(domain)) => {
-                let mut routes = self.inner.routes.write().expect("routes lock");
-                if let Some(route) = routes.get(&domain)
-                    && !route.pool.remove(endpoint_id)
-                {
-                    routes.remove(&domain);
-                }
+                remove_named(&self.inner.routes, &domain, endpoint_id);
+                true
+            }
+            Some(Place::Internal(domain)) => {
+                remove_named(&self.inner.internal, &domain, endpoint_id);
                 true
             }
             Some(Place::Port(port)) => {
@@ -737,6 +770,17 @@ impl Gateway {
         if tokio::time::timeout(grace, all_done).await.is_err() {
             tracing::warn!(grace = ?grace, "drain grace period over; closing the remaining connections");
         }
+    }
+}
+
+/// Takes an endpoint out of the pool serving `domain` in `table`; the name
+/// is routed no more when it was the last one.
+fn remove_named(table: &RwLock<Router<Arc<Route>>>, domain: &DomainPattern, endpoint_id: &str) {
+    let mut routes = table.write().expect("routes lock");
+    if let Some(route) = routes.get(domain)
+        && !route.pool.remove(endpoint_id)
+    {
+        routes.remove(domain);
     }
 }
 
@@ -1153,94 +1197,177 @@ async fn route_request(
     }
     let mut req = req.map(VisitorBody::Streamed);
     proxy::strip_reserved(req.headers_mut());
-    let policy = &route.policy;
-    let facts = (!policy.is_empty()).then(|| {
-        let conn_facts = ConnFacts {
-            client: SocketAddr::new(client_ip, conn.client.port()),
-            server: conn.local,
-            region: inner.outcomes.region.as_str().into(),
-            start: conn.start,
-            tls: conn.tls.as_ref().map(|tls| TlsFacts {
-                sni: conn.sni.clone(),
-                version: tls.version.clone(),
-                cipher_suite: tls.cipher_suite.clone(),
-                peer_chain: conn.peer_chain.clone(),
-                client: conn.client_identity.clone(),
-            }),
-        };
-        (conn_facts, EndpointFacts::of(&member.endpoint))
-    });
-    let scheme = if conn.tls.is_some() { "https" } else { "http" };
-    let mut scratch = Scratch::default();
-    let mut head = None;
-    if let Some((conn_facts, endpoint_facts)) = &facts {
-        let mut cx = RequestCx {
-            req: &mut req,
-            conn: conn_facts,
-            endpoint: endpoint_facts,
-            scheme,
-            host,
-            record,
-            scratch: &mut scratch,
-        };
-        let stop = policy.on_request(&mut cx).await;
-        count_ip_denial(inner, record.ip_decision_made());
-        match stop {
-            Ok(None) => {}
-            Ok(Some(response)) => {
-                record.policy_logs(scratch.logs);
-                return response;
-            }
-            Err(failure) => {
-                record.policy_logs(scratch.logs);
-                return proxy::error_response(&failure);
-            }
-        }
-        if policy.has(Phase::Response) {
-            head = Some(request_head(&req));
-        }
-    }
-    let pool = match &member.shared_pool {
-        Some(pool) => pool.clone(),
-        None => pools
-            .lock()
-            .expect("pools lock")
-            .entry(member.endpoint.id.clone())
-            .or_insert_with(|| {
-                UpstreamPool::new(
-                    member.endpoint.clone(),
-                    Arc::downgrade(&route.pool),
-                    conn.client,
-                    conn.local,
-                    host.to_string(),
-                )
-            })
-            .clone(),
+    let visit = Visit {
+        inner,
+        conn,
+        pools,
+        client_ip,
+        host,
+        hops: 0,
     };
-    let mut response = proxy::forward(&member.endpoint, &pool, conn, host, req).await;
-    if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
-        record.served_by(endpoint);
-    }
-    for observer in scratch.observers.drain(..) {
-        observer.observe(response.status());
-    }
-    if let (Some((conn_facts, endpoint_facts)), Some(head)) = (&facts, &head) {
-        let mut cx = ResponseCx {
-            res: &mut response,
-            req: head,
-            conn: conn_facts,
-            endpoint: endpoint_facts,
-            scheme,
-            host,
-            record,
-            scratch: &mut scratch,
-        };
-        if let Err(failure) = policy.on_response(&mut cx) {
-            response = proxy::error_response(&failure);
+    visit.serve(&route, member, req, record).await
+}
+
+/// Internal endpoints a request may be forwarded through before it is a
+/// loop (ngrok's `forward-internal` guard).
+const MAX_HOPS: u8 = 3;
+
+/// One visitor request being served: what a route's policy and the
+/// forwarding need, and how many internal hops it has taken.
+struct Visit<'a> {
+    inner: &'a Inner,
+    conn: &'a ConnInfo,
+    pools: &'a Mutex<HashMap<String, UpstreamPool>>,
+    client_ip: IpAddr,
+    /// The routed name the visitor asked for.
+    host: &'a str,
+    hops: u8,
+}
+
+impl Visit<'_> {
+    /// Runs `route`'s policy on the request and forwards it to `member`.
+    async fn serve(
+        &self,
+        route: &Route,
+        member: Arc<Member>,
+        mut req: Request<VisitorBody>,
+        record: &mut HttpRecord,
+    ) -> http::Response<proxy::ProxyBody> {
+        let (inner, conn, host) = (self.inner, self.conn, self.host);
+        let policy = &route.policy;
+        let facts = (!policy.is_empty()).then(|| {
+            let conn_facts = ConnFacts {
+                client: SocketAddr::new(self.client_ip, conn.client.port()),
+                server: conn.local,
+                region: inner.outcomes.region.as_str().into(),
+                start: conn.start,
+                tls: conn.tls.as_ref().map(|tls| TlsFacts {
+                    sni: conn.sni.clone(),
+                    version: tls.version.clone(),
+                    cipher_suite: tls.cipher_suite.clone(),
+                    peer_chain: conn.peer_chain.clone(),
+                    client: conn.client_identity.clone(),
+                }),
+            };
+            (conn_facts, EndpointFacts::of(&member.endpoint))
+        });
+        let scheme = if conn.tls.is_some() { "https" } else { "http" };
+        let mut scratch = Scratch::default();
+        let mut head = None;
+        if let Some((conn_facts, endpoint_facts)) = &facts {
+            let mut cx = RequestCx {
+                req: &mut req,
+                conn: conn_facts,
+                endpoint: endpoint_facts,
+                scheme,
+                host,
+                record,
+                scratch: &mut scratch,
+                internal: self,
+            };
+            let stop = policy.on_request(&mut cx).await;
+            count_ip_denial(inner, record.ip_decision_made());
+            match stop {
+                Ok(None) => {}
+                Ok(Some(response)) => {
+                    record.policy_logs(scratch.logs);
+                    return response;
+                }
+                Err(failure) => {
+                    record.policy_logs(scratch.logs);
+                    return proxy::error_response(&failure);
+                }
+            }
+            if policy.has(Phase::Response) {
+                head = Some(request_head(&req));
+            }
         }
+        let pool = match &member.shared_pool {
+            Some(pool) => pool.clone(),
+            None => self
+                .pools
+                .lock()
+                .expect("pools lock")
+                .entry(member.endpoint.id.clone())
+                .or_insert_with(|| {
+                    UpstreamPool::new(
+                        member.endpoint.clone(),
+                        Arc::downgrade(&route.pool),
+                        conn.client,
+                        conn.local,
+                        host.to_string(),
+                    )
+                })
+                .clone(),
+        };
+        let mut response = proxy::forward(&member.endpoint, &pool, conn, host, req).await;
+        if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
+            record.served_by(endpoint);
+        }
+        for observer in scratch.observers.drain(..) {
+            observer.observe(response.status());
+        }
+        if let (Some((conn_facts, endpoint_facts)), Some(head)) = (&facts, &head) {
+            let mut cx = ResponseCx {
+                res: &mut response,
+                req: head,
+                conn: conn_facts,
+                endpoint: endpoint_facts,
+                scheme,
+                host,
+                record,
+                scratch: &mut scratch,
+            };
+            if let Err(failure) = policy.on_response(&mut cx) {
+                response = proxy::error_response(&failure);
+            }
+        }
+        record.policy_logs(scratch.logs);
+        response
     }
-    record.policy_logs(scratch.logs);
-    response
+}
+
+impl InternalRoutes for Visit<'_> {
+    fn forward<'a>(
+        &'a self,
+        target: &'a str,
+        req: Request<VisitorBody>,
+        record: &'a mut HttpRecord,
+    ) -> BoxFuture<'a, Result<http::Response<proxy::ProxyBody>, InternalMiss>> {
+        Box::pin(async move {
+            if self.hops >= MAX_HOPS {
+                return Err(InternalMiss {
+                    failure: Failure::new(
+                        ErrorCode::POLICY_FAILED,
+                        format!(
+                            "forward-internal went through {MAX_HOPS} internal endpoints: a loop"
+                        ),
+                    ),
+                    req,
+                });
+            }
+            let found = self
+                .inner
+                .internal
+                .read()
+                .expect("routes lock")
+                .lookup(target)
+                .cloned()
+                .and_then(|route| Some((route.pool.pick(&[])?, route)));
+            let Some((member, route)) = found else {
+                return Err(InternalMiss {
+                    failure: Failure::new(ErrorCode::ENDPOINT_OFFLINE, target.to_string()),
+                    req,
+                });
+            };
+            record.served_by(&member.endpoint);
+            let next = Visit {
+                hops: self.hops + 1,
+                ..*self
+            };
+            Ok(next.serve(&route, member, req, record).await)
+        })
+    }
 }
 
 /// The method, target, version and headers of a request, for the rules

@@ -28,6 +28,7 @@ use http::{Request, Response};
 use postern_proto::{ErrorCode, Failure};
 
 pub(crate) use actions::rate_limit::LocalRates;
+
 pub use actions::rate_limit::RateStore;
 pub use document::{Document, Phase};
 pub use facts::{ConnFacts, EndpointFacts, TlsFacts};
@@ -105,6 +106,27 @@ pub(crate) struct RequestCx<'a> {
     pub host: &'a str,
     pub record: &'a mut HttpRecord,
     pub scratch: &'a mut Scratch,
+    /// Where `forward-internal` sends the request.
+    pub internal: &'a dyn InternalRoutes,
+}
+
+/// The edge's internal endpoints (`*.internal`), as `forward-internal`
+/// reaches them.
+pub(crate) trait InternalRoutes: Send + Sync {
+    /// Serves `req` on the internal endpoint named `host` (its own policy
+    /// first); the request comes back with the failure when there is none.
+    fn forward<'a>(
+        &'a self,
+        host: &'a str,
+        req: Request<VisitorBody>,
+        record: &'a mut HttpRecord,
+    ) -> BoxFuture<'a, Result<Response<ProxyBody>, InternalMiss>>;
+}
+
+/// Why a request was not forwarded internally, with the request.
+pub(crate) struct InternalMiss {
+    pub failure: Failure,
+    pub req: Request<VisitorBody>,
 }
 
 impl RequestCx<'_> {

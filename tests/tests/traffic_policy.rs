@@ -213,7 +213,7 @@ async fn bad_policies_are_refused_at_bind_naming_the_rule_and_the_reason() {
             "deny does not run in on_http_response",
         ),
         (
-            "on_http_request:\n  - actions: [{type: forward-internal, config: {url: \"https://x.internal\"}}]\n",
+            "on_http_request:\n  - actions: [{type: http-request, config: {url: \"https://x.internal\"}}]\n",
             "not supported by Postern",
         ),
         (
@@ -592,4 +592,51 @@ mod jwt {
         assert_eq!(code, 401, "no token");
         agent.shutdown().await.unwrap();
     }
+}
+
+/// ngrok's A/B test example ("How to run an A/B test"), unchanged: half
+/// the traffic to one internal endpoint, the rest to another. Internal
+/// endpoints are reachable only that way.
+#[tokio::test]
+async fn ngroks_ab_test_example_splits_traffic_between_internal_endpoints() {
+    let edge = TestEdge::start().await;
+    let (a, b) = (HttpUpstream::start().await, HttpUpstream::start().await);
+    let example = "on_http_request:\n- expressions:\n  - rand.double() <= 0.5\n  actions:\n  - type: forward-internal\n    config:\n      url: https://a.internal\n- actions:\n  - type: forward-internal\n    config:\n      url: https://b.internal\n";
+    let host = "ab.example.test";
+    let tunnels = format!(
+        "{}  a:\n    proto: http\n    addr: {}\n    domain: a.internal\n    inspect: false\n  b:\n    proto: http\n    addr: {}\n    domain: b.internal\n    inspect: false\n",
+        tunnel("web", host, 9, example),
+        a.port(),
+        b.port()
+    );
+    let (agent, status) = edge.agent(&tunnels).await;
+    assert!(
+        status
+            .tunnels
+            .iter()
+            .any(|(_, url)| url == "https://a.internal"),
+        "{status:?}"
+    );
+    for i in 0..40 {
+        let (code, _, body) = fetch(&edge, host, &format!("/r{i}"), &[]).await;
+        assert_eq!((code, body.as_str()), (200, "hello from upstream"));
+    }
+    let (to_a, to_b) = (a.requests().len(), b.requests().len());
+    assert_eq!(to_a + to_b, 40);
+    assert!(to_a > 0 && to_b > 0, "both sides served: {to_a} / {to_b}");
+    assert_eq!(
+        a.requests()[0].headers["host"]
+            .to_str()
+            .unwrap()
+            .split(':')
+            .next(),
+        Some(host),
+        "the Host stays the public name"
+    );
+    // Not reachable from outside: no listener routes the name.
+    let status = edge
+        .https_status("a.internal", "/", &["--max-time", "5"])
+        .await;
+    assert_eq!(status, "000", "refused in the TLS handshake");
+    agent.shutdown().await.unwrap();
 }

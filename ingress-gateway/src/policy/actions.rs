@@ -8,6 +8,7 @@ mod circuit_breaker;
 mod compress;
 mod custom_response;
 mod deny;
+mod forward_internal;
 mod headers;
 mod jwt_validation;
 mod log;
@@ -110,6 +111,7 @@ pub(crate) const ACTIONS: &[(&str, &[Phase], Builder)] = &[
     ("verify-webhook", &[Request], verify_webhook::build),
     ("rate-limit", &[Request], rate_limit::build),
     ("jwt-validation", &[Request], jwt_validation::build),
+    ("forward-internal", &[Request], forward_internal::build),
     ("oauth", &[Request], oauth::oauth),
     ("openid-connect", &[Request], oauth::openid_connect),
 ];
@@ -117,7 +119,6 @@ pub(crate) const ACTIONS: &[(&str, &[Phase], Builder)] = &[
 /// ngrok's actions that Postern does not run; a policy naming one is
 /// refused rather than half-applied.
 const NOT_SUPPORTED: &[&str] = &[
-    "forward-internal",
     "http-request",
     "terminate-tls",
     "owasp-crs-request",

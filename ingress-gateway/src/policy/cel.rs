@@ -120,7 +120,22 @@ const REQ: Node = Fields(&[
     ("content_encoding", Leaf),
     ("location", Leaf),
     ("version", Leaf),
-    ("user_agent", Leaf),
+    (
+        "user_agent",
+        Fields(&[
+            ("raw", Leaf),
+            ("name", Leaf),
+            ("version", Leaf),
+            ("os", Leaf),
+            ("is_bot", Leaf),
+            ("is_mobile", Leaf),
+            ("is_tablet", Leaf),
+            ("is_desktop", Leaf),
+            ("os_version", Unsupported),
+            ("device", Unsupported),
+            ("url", Unsupported),
+        ]),
+    ),
     ("trailers", Unsupported),
     ("ts", Unsupported),
 ]);
@@ -199,6 +214,90 @@ fn check_path(root_name: &str, fields: &[&str], phase: Phase) -> Result<(), Stri
     Ok(())
 }
 
+/// The fields of `req.user_agent`: ngrok's variable is the header as a
+/// string and has these fields too.
+const USER_AGENT_FIELDS: &[&str] = &[
+    "raw",
+    "name",
+    "version",
+    "os",
+    "is_bot",
+    "is_mobile",
+    "is_tablet",
+    "is_desktop",
+    "os_version",
+    "device",
+    "url",
+];
+
+/// ngrok's CEL as Postern's CEL runs it, rewritten outside string
+/// literals:
+/// - `req.user_agent` is both a string (`req.user_agent.matches(…)`) and an
+///   object (`req.user_agent.is_bot`) in ngrok. Postern's is the object,
+///   and a use as a string reads its `raw` field: `req.user_agent` not
+///   followed by one of its fields gets `.raw`.
+/// - `rand.double()` and `rand.int(a, b)` are the functions `randDouble`
+///   and `randInt` (CEL has no namespaces for them).
+fn dialect(source: &str) -> String {
+    const NAME: &str = "req.user_agent";
+    let bytes = source.as_bytes();
+    let mut out = String::with_capacity(source.len() + 8);
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if let Some(q) = quote {
+            if c == b'\\' && i + 1 < bytes.len() {
+                out.push_str(&source[i..i + 2]);
+                i += 2;
+                continue;
+            }
+            if c == q {
+                quote = None;
+            }
+        } else if c == b'\'' || c == b'"' {
+            quote = Some(c);
+        } else if let Some((from, to)) =
+            [("rand.double(", "randDouble("), ("rand.int(", "randInt(")]
+                .into_iter()
+                .find(|(from, _)| source[i..].starts_with(from) && starts_a_name(bytes, i))
+        {
+            out.push_str(to);
+            i += from.len();
+            continue;
+        } else if source[i..].starts_with(NAME) && starts_a_name(bytes, i) {
+            let after = &source[i + NAME.len()..];
+            let field: String = after
+                .strip_prefix('.')
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect()
+                })
+                .unwrap_or_default();
+            let continues = after
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            out.push_str(NAME);
+            if !continues && !USER_AGENT_FIELDS.contains(&field.as_str()) {
+                out.push_str(".raw");
+            }
+            i += NAME.len();
+            continue;
+        }
+        let ch_len = source[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&source[i..i + ch_len]);
+        i += ch_len;
+    }
+    out
+}
+
+/// Whether `bytes[i]` begins a name (is not inside one or after a `.`).
+fn starts_a_name(bytes: &[u8], i: usize) -> bool {
+    i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || matches!(bytes[i - 1], b'_' | b'.'))
+}
+
 /// The functions an expression may call: CEL's standard ones, the string
 /// extensions, and ngrok's macros Postern implements.
 const FUNCTIONS: &[&str] = &[
@@ -251,6 +350,8 @@ const FUNCTIONS: &[&str] = &[
     "lower",
     "upper",
     "isPrivateIp",
+    "randDouble",
+    "randInt",
 ];
 
 fn is_operator(name: &str) -> bool {
@@ -360,6 +461,16 @@ fn root_context() -> Context<'static, 'static> {
         s.parse::<IpAddr>().is_ok_and(is_private)
     })
     .expect(registered);
+    ctx.add_function("randDouble", rand::random::<f64>)
+        .expect(registered);
+    ctx.add_function("randInt", |min: i64, max: i64| {
+        if max <= min {
+            min
+        } else {
+            rand::random_range(min..=max)
+        }
+    })
+    .expect(registered);
     ctx.add_function("inCidrRange", |ip: Arc<String>, cidr: Arc<String>| {
         in_cidrs(&ip, std::slice::from_ref(&Value::String(cidr)))
     })
@@ -456,7 +567,8 @@ impl std::fmt::Debug for Expression {
 impl Expression {
     /// Compiles `source` for `phase`, refusing what Postern cannot run.
     pub fn compile(source: &str, phase: Phase) -> Result<Expression, String> {
-        let program = Program::compile(source).map_err(|e| format!("does not compile: {e}"))?;
+        let program =
+            Program::compile(&dialect(source)).map_err(|e| format!("does not compile: {e}"))?;
         check(&program.expression().expr, phase, &mut Vec::new())?;
         Ok(Expression {
             source: source.into(),
@@ -730,6 +842,26 @@ mod tests {
         assert!(err("req.method ==", Phase::Request).contains("does not compile"));
         assert!(err("frobnicate(req.method)", Phase::Request).contains("unknown function"));
         assert!(err("req.method.foo == 1", Phase::Request).contains("has no fields"));
+    }
+
+    #[test]
+    fn user_agent_is_text_and_an_object() {
+        assert_eq!(
+            dialect("req.user_agent.matches('bot') || req.user_agent.is_bot"),
+            "req.user_agent.raw.matches('bot') || req.user_agent.is_bot"
+        );
+        assert_eq!(
+            dialect("'req.user_agent' == req.user_agent"),
+            "'req.user_agent' == req.user_agent.raw"
+        );
+        assert_eq!(dialect("xreq.user_agent"), "xreq.user_agent");
+        assert_eq!(
+            dialect("rand.double() <= 0.5 && rand.int(1, 6) > 2 && 'rand.int(' != ''"),
+            "randDouble() <= 0.5 && randInt(1, 6) > 2 && 'rand.int(' != ''"
+        );
+        assert!(Expression::compile("rand.double() <= 0.5", Phase::Request).is_ok());
+        assert!(Expression::compile("req.user_agent.matches('(?i)bot')", Phase::Request).is_ok());
+        assert!(Expression::compile("req.user_agent.is_bot", Phase::Request).is_ok());
     }
 
     #[test]

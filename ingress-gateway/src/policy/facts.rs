@@ -158,6 +158,71 @@ fn content_length(headers: &HeaderMap) -> Value {
     )
 }
 
+/// Words that give a crawler or a script away in its `User-Agent`.
+const BOT_MARKERS: &[&str] = &[
+    "bot",
+    "crawl",
+    "spider",
+    "slurp",
+    "curl/",
+    "wget/",
+    "python-requests",
+    "httpclient",
+    "go-http-client",
+    "headless",
+    "facebookexternalhit",
+    "preview",
+];
+
+/// `req.user_agent`: the header (`raw`) and what can be read from it.
+fn user_agent(headers: &HeaderMap) -> Value {
+    let raw = headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let lower = raw.to_ascii_lowercase();
+    let is_bot = BOT_MARKERS.iter().any(|m| lower.contains(m));
+    let is_tablet = lower.contains("ipad") || lower.contains("tablet");
+    let is_mobile = !is_tablet
+        && (lower.contains("mobile") || lower.contains("iphone") || lower.contains("android"));
+    let (name, version) = raw
+        .split_whitespace()
+        .rev()
+        .filter_map(|token| token.split_once('/'))
+        .find(|(name, _)| !matches!(*name, "Safari" | "Mobile" | "AppleWebKit" | "Gecko"))
+        .or_else(|| {
+            raw.split_whitespace()
+                .next()
+                .and_then(|t| t.split_once('/'))
+        })
+        .unwrap_or((raw, ""));
+    let os = [
+        "Windows",
+        "Android",
+        "iPhone OS",
+        "Mac OS X",
+        "Linux",
+        "CrOS",
+    ]
+    .iter()
+    .find(|os| raw.contains(*os))
+    .copied()
+    .unwrap_or("");
+    map_value([
+        ("raw", s(raw)),
+        ("name", s(name)),
+        ("version", s(version)),
+        ("os", s(os)),
+        ("is_bot", Value::Bool(is_bot)),
+        ("is_mobile", Value::Bool(is_mobile)),
+        ("is_tablet", Value::Bool(is_tablet)),
+        (
+            "is_desktop",
+            Value::Bool(!raw.is_empty() && !is_bot && !is_mobile && !is_tablet),
+        ),
+    ])
+}
+
 /// `a=1&b=2&a=3` as `{a: [1, 3], b: [2]}`, percent-decoded.
 fn query_params(query: &str) -> Value {
     let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
@@ -317,7 +382,7 @@ impl Facts<'_> {
             ),
             ("location", header_text(headers, http::header::LOCATION)),
             ("version", s(format!("{:?}", r.version))),
-            ("user_agent", header_text(headers, http::header::USER_AGENT)),
+            ("user_agent", user_agent(headers)),
         ]))
     }
 
