@@ -14,9 +14,9 @@ mod json;
 mod metrics;
 mod routes;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use postern_net::{AcceptLoop, HttpTimeouts};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -27,9 +27,6 @@ use crate::{
     config::{Proto, TunnelSpec},
     state::AgentState,
 };
-
-/// How long a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the API on `listener` until `shutdown`; the task then finishes
 /// the requests in flight and the replays it started.
@@ -50,7 +47,21 @@ pub(crate) fn spawn(
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
     });
-    Ok(tokio::spawn(serve(listener, api, shutdown)))
+    tracing::info!(addr = %web_addr, "agent API listening");
+    let handler = api.clone();
+    AcceptLoop::new("agent API", &api.tracker, &shutdown).serve_http(
+        listener,
+        HttpTimeouts::default(),
+        move |req, _client| {
+            let api = handler.clone();
+            async move { api.handle(req).await }
+        },
+    );
+    Ok(tokio::spawn(async move {
+        shutdown.cancelled().await;
+        api.tracker.close();
+        api.tracker.wait().await;
+    }))
 }
 
 /// Whether a tunnel publishes this API: an HTTP tunnel to a loopback
@@ -72,46 +83,4 @@ pub(crate) fn warn_if_open(state: &AgentState, spec: &TunnelSpec, web_addr: Sock
             "this tunnel publishes the agent API without web_auth: whoever reaches it can start tunnels"
         );
     }
-}
-
-async fn serve(listener: TcpListener, api: Arc<routes::Api>, shutdown: CancellationToken) {
-    tracing::info!(addr = %api.web_addr, "agent API listening");
-    loop {
-        let tcp = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "agent API: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let api = api.clone();
-        let shutdown = shutdown.clone();
-        api.tracker.clone().spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = &mut conn => result,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "agent API connection failed");
-            }
-        });
-    }
-    api.tracker.close();
-    api.tracker.wait().await;
 }

@@ -9,7 +9,7 @@
 use std::{fmt, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use postern_proto::proxy_header;
+use postern_net::{IpPolicy, Secret, parse_ca_bundle, proxy_header};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
@@ -34,33 +34,13 @@ const IGNORED_AGENT_KEYS: &[&str] = &[
 /// ngrok tunnel keys Postern accepts and ignores.
 const IGNORED_TUNNEL_KEYS: &[&str] = &["metadata", "schemes", "bind_tls"];
 
-/// A secret whose `Debug` and `Display` never show it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("********")
-    }
-}
-
 /// The config file as written (after merging).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgentConfig {
     /// `"2"`; other versions are refused.
     pub version: Option<Value>,
-    pub authtoken: Option<String>,
+    pub authtoken: Option<Secret>,
     /// `host:port` of the edge's agent listener.
     pub server_addr: Option<String>,
     /// Region code; with `connect_domain` gives `tunnel.<region>.connect.<connect_domain>:443`.
@@ -500,8 +480,7 @@ fn mutual_tls_cas(
     };
     let pem = std::fs::read(path).with_context(|| format!("{field}: reading {path}"))?;
     if terminate_at == Some(TerminateAt::Agent) {
-        postern_ingress::parse_ca_bundle(&pem)
-            .map_err(|e| anyhow::anyhow!("{field}: {path}: {e}"))?;
+        parse_ca_bundle(&pem).map_err(|e| anyhow::anyhow!("{field}: {path}: {e}"))?;
     }
     Ok(MutualTlsCas::Pem(pem))
 }
@@ -637,7 +616,7 @@ impl RawTunnel {
             upstream_tls: UpstreamTls::default(),
             ip_restriction: match &self.ip_restriction {
                 Some(r) => {
-                    postern_ingress::IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs)
+                    IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs)
                         .map_err(|e| anyhow::anyhow!("{}.{e}", field("ip_restriction")))?;
                     Some((r.allow_cidrs.clone(), r.deny_cidrs.clone()))
                 }
@@ -780,7 +759,7 @@ impl RawAgentConfig {
             );
         }
         Ok(AgentConfig {
-            authtoken: Secret::new(authtoken),
+            authtoken,
             server_addr,
             server_name,
             root_cas,
@@ -875,7 +854,7 @@ tunnels:
         .unwrap();
         merge(&mut a, b);
         let c = parse_raw(a).unwrap();
-        assert_eq!(c.authtoken.as_deref(), Some("b"));
+        assert_eq!(c.authtoken.as_ref().map(Secret::expose), Some("b"));
         assert_eq!(c.tunnels.0.len(), 2);
         assert_eq!(
             c.tunnels.0[0].1.addr.as_ref().and_then(scalar).as_deref(),

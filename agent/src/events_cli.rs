@@ -111,14 +111,8 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
         max_events: args.max_events,
         properties: args.properties,
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let stop = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
+    let stop =
+        postern_net::shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
     let mut out = std::io::stdout();
     postern_events::tail(&options, &mut out, stop).await?;
     Ok(())

@@ -11,9 +11,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use postern_proto::{
-    BoxFrames, ErrorCode, Failure, attachable, metadata, pb, pipe, proxy_header, tunnel_io,
-};
+use postern_net::proxy_header;
+use postern_proto::{BoxFrames, ErrorCode, Failure, attachable, metadata, pb, pipe, tunnel_io};
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},

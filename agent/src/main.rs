@@ -400,14 +400,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let stop = async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
+    let stop =
+        postern_net::shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
     let result = agent.run_until(stop).await;
     printer.abort();
     result

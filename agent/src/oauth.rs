@@ -6,11 +6,10 @@
 //! same error codes.
 
 use anyhow::{Context, bail};
+use postern_net::Secret;
 use postern_proto::pb;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
-
-use crate::config::Secret;
 
 /// `oauth:` on an HTTP tunnel.
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -1057,8 +1057,8 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
             }),
         oauth: spec.oauth.as_ref().map(|o| o.to_pb()),
         proxy_proto: spec.proxy_proto.map_or(0, |v| match v {
-            postern_proto::proxy_header::Version::V1 => 1,
-            postern_proto::proxy_header::Version::V2 => 2,
+            postern_net::proxy_header::Version::V1 => 1,
+            postern_net::proxy_header::Version::V2 => 2,
         }),
         pooling_enabled: spec.pooling_enabled,
         traffic_policy: spec.traffic_policy.clone().unwrap_or_default(),

@@ -4,17 +4,17 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use postern_net::{
+    MtlsPolicy, Pem, RequireClientCert, Secret, TlsError, certified_key_from_pem, crypto_provider,
+    parse_ca_bundle,
+};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 
-use crate::config::{RootCas, Secret, UpstreamTls};
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use crate::config::{RootCas, UpstreamTls};
 
 fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
@@ -36,7 +36,7 @@ fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
 
 /// The client config for the edge's agent listener (HTTP/2 over TLS).
 pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(root_cas)?)
         .with_no_client_auth();
@@ -63,12 +63,12 @@ pub fn upstream_client_config(
     verify: bool,
     upstream: &UpstreamTls,
 ) -> anyhow::Result<Arc<ClientConfig>> {
-    let builder =
-        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?;
     let builder = if !verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_custom_certificate_verifier(Arc::new(NoVerify(crypto_provider())))
     } else {
         let roots = match &upstream.ca_pem {
             Some(pem) => roots(&RootCas::Pem(pem.clone())).context("upstream_tls ca")?,
@@ -96,13 +96,13 @@ pub fn agent_server_config(
     mutual_tls_cas: Option<&[u8]>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let certified = serving_key(("crt", crt_pem), ("key", key))?;
-    let builder =
-        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?;
     let builder = match mutual_tls_cas {
         Some(pem) => {
-            let cas = postern_ingress::parse_ca_bundle(pem).context("mutual_tls_cas")?;
-            let policy = Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
-            builder.with_client_cert_verifier(Arc::new(postern_ingress::RequireClientCert(policy)))
+            let cas = parse_ca_bundle(pem).context("mutual_tls_cas")?;
+            let policy = Arc::new(MtlsPolicy::new(cas, Vec::new(), None));
+            builder.with_client_cert_verifier(Arc::new(RequireClientCert(policy)))
         }
         None => builder.with_no_client_auth(),
     };
@@ -113,15 +113,15 @@ pub fn agent_server_config(
 
 /// The certificate and key a tunnel presents (`terminate_at: agent`, or
 /// sent to the edge), each with the name of where it came from, checked as a
-/// server checks its own: see [`postern_ingress::certified_key_from_pem`].
+/// server checks its own: see [`certified_key_from_pem`].
 /// X.509 v1 certificates, as seed 001's script makes them, are served.
 pub fn serving_key(
     (crt_name, crt_pem): (&str, &[u8]),
     (key_name, key): (&str, &Secret),
-) -> Result<rustls::sign::CertifiedKey, postern_ingress::TlsError> {
-    postern_ingress::certified_key_from_pem(
-        postern_ingress::Pem::new(crt_name, crt_pem),
-        postern_ingress::Pem::new(key_name, key.expose().as_bytes()),
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    certified_key_from_pem(
+        Pem::new(crt_name, crt_pem),
+        Pem::new(key_name, key.expose().as_bytes()),
     )
 }
 

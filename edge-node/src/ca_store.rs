@@ -19,7 +19,7 @@ use std::{
 };
 
 use base64::Engine;
-use postern_ingress::{CaCert, CaError, CaResolver, parse_ca_bundle};
+use postern_net::{CaCert, CaError, CaResolver, ca_cert, parse_ca_bundle};
 use postern_proto::{ErrorCode, Failure};
 use ring::aead;
 use rustls::pki_types::{
@@ -126,8 +126,17 @@ pub fn ca_id(ca: &CaCert) -> String {
     format!("ca_{}", ca.fingerprint)
 }
 
+/// The error code an agent or API client sees for a refused CA bundle.
+pub fn ca_error_code(e: &CaError) -> ErrorCode {
+    match e {
+        CaError::NoPemData => ErrorCode::MTLS_NO_PEM,
+        CaError::TooMany { .. } => ErrorCode::MTLS_TOO_MANY_CAS,
+        _ => ErrorCode::MTLS_NOT_A_CA,
+    }
+}
+
 fn failure(e: CaError) -> Failure {
-    Failure::new(e.code(), e.to_string())
+    Failure::new(ca_error_code(&e), e.to_string())
 }
 
 impl CaStore {
@@ -209,7 +218,7 @@ impl CaStore {
                 ));
             }
         };
-        let ca = postern_ingress::ca_cert(1, CertificateDer::from(der)).map_err(failure)?;
+        let ca = ca_cert(1, CertificateDer::from(der)).map_err(failure)?;
         let encrypted_key = match (key_pem, &self.key) {
             (None, _) => None,
             (Some(_), None) => {

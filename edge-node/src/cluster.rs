@@ -42,7 +42,7 @@ use postern_events::{RuntimeSubscriptions, Subscription};
 use postern_ingress::{EndpointSpec, Protocol};
 use postern_proto::{ErrorCode, Failure};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     acl::Acl,
@@ -119,6 +119,8 @@ pub struct ClusterNode {
     /// order.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     link_server: Mutex<Option<JoinHandle<Result<(), tonic::transport::Error>>>>,
+    /// The link listener's connection tasks.
+    link_connections: TaskTracker,
 }
 
 fn cluster_failure(e: postern_config_sync::ClusterError) -> Failure {
@@ -178,6 +180,7 @@ impl ClusterNode {
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             link_server: Mutex::new(None),
+            link_connections: TaskTracker::new(),
         };
         node.apply_all();
         Ok(node)
@@ -221,9 +224,12 @@ impl ClusterNode {
         self.apply_all();
         registry.revalidate();
         if let Some(listener) = self.link_listener.lock().expect("link lock").take() {
-            let server = self
-                .links
-                .serve(listener, registry.clone(), self.stop.clone());
+            let server = self.links.serve(
+                listener,
+                registry.clone(),
+                &self.link_connections,
+                self.stop.clone(),
+            );
             *self.link_server.lock().expect("link lock") = Some(server);
         }
         let task = tokio::spawn(follow(changes, self.clone(), registry, events));
@@ -258,10 +264,16 @@ impl ClusterNode {
             }
         }
         let server = self.link_server.lock().expect("link lock").take();
-        if let Some(server) = server
-            && tokio::time::timeout(Duration::from_secs(5), server)
-                .await
-                .is_err()
+        self.link_connections.close();
+        let stopped = async {
+            if let Some(server) = server {
+                let _ = server.await;
+            }
+            self.link_connections.wait().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .is_err()
         {
             tracing::warn!("the link between nodes did not stop within 5s");
         }

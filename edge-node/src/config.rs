@@ -11,9 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
-use postern_ingress::{
-    GatewayConfig, OAuthService, Pem, ServingCert, TrustedProxies, certified_key_from_pem,
-    normalize_name,
+use postern_ingress::{GatewayConfig, OAuthService, ServingCert, normalize_name};
+use postern_net::{
+    MAX_CAS, Pem, Secret, TrustedProxies, certified_key_from_pem, parse_cidr, random_label,
 };
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
@@ -78,13 +78,13 @@ pub struct RawConfig {
 pub struct RawAdmin {
     /// Bearer API keys accepted by the admin API.
     #[serde(default)]
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
     /// The same as SHA-256 hex digests, so the file holds no secret.
     #[serde(default)]
     pub api_key_sha256s: Vec<String>,
     /// Secret that encrypts private keys stored with CAs (AES-256-GCM with
     /// its SHA-256 as the key). Without it, private keys are refused.
-    pub key_encryption_secret: Option<String>,
+    pub key_encryption_secret: Option<Secret>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,7 +161,7 @@ pub struct RawCertificate {
 #[serde(deny_unknown_fields)]
 pub struct RawAuthtoken {
     /// The token itself, or
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// its SHA-256 in hex, so the file holds no secret.
     pub token_sha256: Option<String>,
     /// ngrok ACL rules: `bind:app.example.com`, `bind:*.example.com`,
@@ -212,7 +212,8 @@ pub struct RawLimits {
     pub client_hello_max_bytes: Option<usize>,
     /// Time for a TLS handshake once routed. Default `10s`.
     pub tls_handshake_timeout: Option<String>,
-    /// Time to receive HTTP/1 request headers (slowloris). Default `30s`.
+    /// Time to receive HTTP/1 request headers (slowloris), on the public,
+    /// admin and metrics listeners. Default `30s`.
     pub header_read_timeout: Option<String>,
     /// Largest request head, bytes (431 past it). Default 61440.
     pub max_header_bytes: Option<usize>,
@@ -281,17 +282,14 @@ pub struct Listen {
 #[derive(Clone)]
 pub struct Admin {
     pub key_hashes: Vec<[u8; 32]>,
-    pub key_encryption_secret: Option<String>,
+    pub key_encryption_secret: Option<Secret>,
 }
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin")
             .field("api_keys", &self.key_hashes.len())
-            .field(
-                "key_encryption_secret",
-                &self.key_encryption_secret.as_ref().map(|_| "********"),
-            )
+            .field("key_encryption_secret", &self.key_encryption_secret)
             .finish()
     }
 }
@@ -313,11 +311,8 @@ impl EndpointPolicy {
     ) -> Result<EndpointPolicy, (&'static str, String)> {
         let domain = postern_ingress::DomainPattern::parse(domain)
             .map_err(|e| ("domain", format!("{domain:?}: {e:#}")))?;
-        if mutual_tls_cas.len() > postern_ingress::MAX_CAS {
-            return Err((
-                "mutual_tls_cas",
-                format!("at most {} CAs", postern_ingress::MAX_CAS),
-            ));
+        if mutual_tls_cas.len() > MAX_CAS {
+            return Err(("mutual_tls_cas", format!("at most {MAX_CAS} CAs")));
         }
         if let Some(bad) = mutual_tls_cas.iter().find(|id| !id.starts_with("ca_")) {
             return Err(("mutual_tls_cas", format!("{bad:?} is not a CA id (ca_…)")));
@@ -534,7 +529,7 @@ impl RawConfig {
         let region = region(self.region)?;
         let node_id = self
             .node_id
-            .unwrap_or_else(|| format!("edge-{}", postern_ingress::random_label()));
+            .unwrap_or_else(|| format!("edge-{}", random_label()));
         let listen = self.listen.validate()?;
         let admin = self.admin.validate()?;
         let endpoint_policies = endpoint_policies(self.endpoint_policies)?;
@@ -619,10 +614,10 @@ impl RawAdmin {
     fn validate(self) -> anyhow::Result<Admin> {
         let mut key_hashes = Vec::new();
         for (i, key) in self.api_keys.iter().enumerate() {
-            if key.len() < 16 {
+            if key.expose().len() < 16 {
                 bail!("admin.api_keys[{i}]: an API key must be at least 16 characters");
             }
-            let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+            let digest = ring::digest::digest(&ring::digest::SHA256, key.expose().as_bytes());
             key_hashes.push(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"));
         }
         for (i, hash) in self.api_key_sha256s.iter().enumerate() {
@@ -727,8 +722,10 @@ fn authtokens(raw: Vec<RawAuthtoken>) -> anyhow::Result<Vec<AuthtokenRecord>> {
         let field = format!("authtokens[{i}]");
         let acl = Acl::parse(&raw.acl).with_context(|| format!("{field}.acl"))?;
         let record = match (raw.token, raw.token_sha256) {
-            (Some(token), None) => AuthtokenRecord::from_token(&token, acl, raw.description)
-                .with_context(|| format!("{field}.token"))?,
+            (Some(token), None) => {
+                AuthtokenRecord::from_token(token.expose(), acl, raw.description)
+                    .with_context(|| format!("{field}.token"))?
+            }
             (None, Some(hash)) => AuthtokenRecord::from_sha256_hex(&hash, acl, raw.description)
                 .with_context(|| format!("{field}.token_sha256"))?,
             _ => bail!("{field}: give exactly one of token and token_sha256"),
@@ -814,7 +811,7 @@ impl RawTrustedProxies {
             cidrs: self
                 .cidrs
                 .iter()
-                .map(|c| postern_ingress::parse_cidr("trusted_proxies.cidrs", c))
+                .map(|c| parse_cidr("trusted_proxies.cidrs", c))
                 .collect::<Result<_, _>>()?,
             proxy_protocol: self.proxy_protocol,
             forwarded_for: self.forwarded_for,

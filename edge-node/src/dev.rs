@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use postern_net::Secret;
+
 use crate::{
     config::{EdgeConfig, RawConfig, RawListen, RawPublic, RawTcp, RawTls},
     error::ConfigError,
@@ -20,7 +22,7 @@ fn kept_secret(data_dir: &Path, file: &str, prefix: &str) -> Result<String, Conf
     if let Ok(secret) = std::fs::read_to_string(&path) {
         return Ok(secret.trim().to_string());
     }
-    let secret = postern_ingress::random_id(prefix);
+    let secret = postern_net::random_id(prefix);
     std::fs::write(&path, &secret).map_err(|source| ConfigError::DevFiles {
         action: "writing",
         path: path.clone(),
@@ -101,11 +103,11 @@ pub fn dev_config(data_dir: &Path) -> Result<DevSetup, ConfigError> {
             ..RawTls::default()
         },
         admin: crate::config::RawAdmin {
-            api_keys: vec![api_key.clone()],
+            api_keys: vec![Secret::new(api_key.clone())],
             ..Default::default()
         },
         authtokens: vec![crate::config::RawAuthtoken {
-            token: Some(authtoken.clone()),
+            token: Some(Secret::new(authtoken.clone())),
             token_sha256: None,
             acl: Vec::new(),
             description: "dev token".into(),

@@ -4,7 +4,7 @@
 
 use std::{io, net::SocketAddr, path::PathBuf};
 
-use postern_ingress::TlsError;
+use postern_net::TlsError;
 
 /// A config that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,6 @@ mod cluster;
 mod config;
 mod dev;
 mod error;
-mod http_server;
 mod node_link;
 mod oauth;
 mod registry;
@@ -21,12 +20,11 @@ mod telemetry;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
-use postern_ingress::{
-    CertStore, DevCa, Gateway, Outcomes, Pem, build_server_config, certified_key_from_pem,
-};
+use postern_ingress::{CertStore, DevCa, Gateway, Outcomes, build_server_config};
+use postern_net::{HttpServer, HttpTimeouts, Pem, Secret, certified_key_from_pem};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use acl::{Acl, AclError};
 pub use auth::{AuthtokenRecord, Authtokens, TokenError};
@@ -36,6 +34,10 @@ pub use error::{ConfigError, RunError, ShutdownError, StartError};
 
 use cluster::ClusterNode;
 use registry::{ClusterView, Registry, RegistrySettings};
+
+/// How long the node's own servers (admin, metrics, the agent listener)
+/// get to stop at shutdown, after the drain.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The node's listening sockets.
 pub struct Listeners {
@@ -108,11 +110,13 @@ pub struct Edge {
     addresses: Addresses,
     gateway: Gateway,
     registry: Arc<Registry>,
-    admin: Option<http_server::ServerHandle>,
+    admin: Option<HttpServer>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The agent listener's connection tasks (TLS handshakes).
+    agent_connections: TaskTracker,
     events: postern_events::EventPipeline,
-    telemetry: Option<http_server::ServerHandle>,
+    telemetry: Option<HttpServer>,
     /// `/readyz`: true once serving, false from the start of a drain.
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// Membership of a cluster (`[cluster]`).
@@ -128,7 +132,11 @@ impl Edge {
         let cas = Arc::new(
             ca_store::CaStore::open(
                 config.data_dir.clone(),
-                config.admin.key_encryption_secret.as_deref(),
+                config
+                    .admin
+                    .key_encryption_secret
+                    .as_ref()
+                    .map(Secret::expose),
             )
             .map_err(StartError::CaStore)?,
         );
@@ -173,6 +181,12 @@ impl Edge {
         if let Some(cluster) = &cluster {
             cluster.follow(registry.clone(), events.runtime_handle());
         }
+        // The admin and metrics listeners cut slow request heads as the
+        // public side does.
+        let http_timeouts = HttpTimeouts {
+            header_read: config.limits.header_read_timeout,
+            ..HttpTimeouts::default()
+        };
         let admin = listeners.admin.map(|listener| {
             let state = admin::AdminState {
                 key_hashes: config.admin.key_hashes.clone(),
@@ -181,14 +195,19 @@ impl Edge {
                 cluster: cluster.clone(),
                 registry: registry.clone(),
             };
-            http_server::serve("admin", listener, Arc::new(state), admin::handle)
+            let state = Arc::new(state);
+            HttpServer::start("admin", listener, http_timeouts, move |req, peer| {
+                admin::handle(state.clone(), req, peer)
+            })
         });
         let stop_grpc = CancellationToken::new();
+        let agent_connections = TaskTracker::new();
         let grpc = serve_agents(
             &config,
             listeners.agent,
             agent_tls,
             registry.clone(),
+            &agent_connections,
             stop_grpc.clone(),
         );
         tracing::info!(
@@ -210,7 +229,10 @@ impl Edge {
                 ready: ready.clone(),
                 cluster: cluster.clone(),
             };
-            http_server::serve("metrics", listener, Arc::new(state), telemetry::handle)
+            let state = Arc::new(state);
+            HttpServer::start("metrics", listener, http_timeouts, move |req, peer| {
+                telemetry::handle(state.clone(), req, peer)
+            })
         });
         Ok(Edge {
             config,
@@ -220,6 +242,7 @@ impl Edge {
             admin,
             stop_grpc,
             grpc,
+            agent_connections,
             events,
             telemetry,
             ready,
@@ -263,13 +286,18 @@ impl Edge {
         self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
         if let Some(admin) = self.admin {
-            admin.shutdown().await;
+            admin.shutdown(STOP_WAIT).await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;
         }
         self.stop_grpc.cancel();
-        let grpc = match tokio::time::timeout(std::time::Duration::from_secs(5), self.grpc).await {
+        self.agent_connections.close();
+        let (grpc, _) = tokio::join!(
+            tokio::time::timeout(STOP_WAIT, self.grpc),
+            tokio::time::timeout(STOP_WAIT, self.agent_connections.wait()),
+        );
+        let grpc = match grpc {
             Ok(Ok(result)) => result.map_err(ShutdownError::Grpc),
             Ok(Err(join)) => Err(ShutdownError::GrpcTask(join)),
             Err(_) => {
@@ -281,7 +309,7 @@ impl Edge {
         // Last, so that the events of connections closed above are in.
         self.events.shutdown().await;
         if let Some(telemetry) = self.telemetry {
-            telemetry.shutdown().await;
+            telemetry.shutdown(STOP_WAIT).await;
         }
         grpc?;
         tracing::info!("edge node stopped");
@@ -378,15 +406,17 @@ fn agent_tls(
     Ok(build_server_config(Arc::new(agent_certs), None, &[b"h2"]))
 }
 
-/// Serves agents on `listener` (gRPC over TLS) until `stop`.
+/// Serves agents on `listener` (gRPC over TLS, the connections' tasks on
+/// `connections`) until `stop`.
 fn serve_agents(
     config: &EdgeConfig,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    connections: &TaskTracker,
     stop: CancellationToken,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let incoming = service::tls_incoming(listener, tls, stop.clone());
+    let incoming = service::tls_incoming("agent", listener, tls, connections, &stop);
     let svc =
         postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(registry));
     tokio::spawn(

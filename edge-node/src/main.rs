@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some((token, api_key)) = dev {
         print_dev_banner(&edge, &token, &api_key);
     }
-    shutdown_signal().await;
+    postern_net::shutdown_signal()
+        .context("installing the SIGTERM and SIGINT handlers")?
+        .await;
     let stopped = edge.shutdown().await;
     telemetry.shutdown().await;
     Ok(stopped?)
@@ -86,14 +88,4 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
             .map(|a| format!("http://{a}/metrics"))
             .unwrap_or_else(|| "off".into()),
     );
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")
-        .expect("signal handlers can be installed");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
-    }
 }

@@ -25,7 +25,8 @@ use std::{
 use futures_util::{Stream, StreamExt, future::BoxFuture};
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use postern_ingress::{ClaimedStream, DevCa, Pem, StreamSource, certified_key_from_pem};
+use postern_ingress::{ClaimedStream, DevCa, StreamSource};
+use postern_net::{Pem, certified_key_from_pem, crypto_provider};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -36,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::registry::Registry;
 use tokio_rustls::{TlsConnector, client::TlsStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     Request, Response, Status, Streaming,
     metadata::MetadataValue,
@@ -82,7 +83,7 @@ impl NodeLinks {
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
         let roots = Arc::new(roots);
-        let provider = postern_ingress::crypto_provider();
+        let provider = crypto_provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
         let mut server_tls = ServerConfig::builder_with_provider(provider.clone())
@@ -142,15 +143,22 @@ impl NodeLinks {
     }
 
     /// Serves `Forward` streams for this node's endpoints, and
-    /// `StopSession` for its sessions, on `listener`.
+    /// `StopSession` for its sessions, on `listener`; the connections'
+    /// tasks run on `tracker`.
     pub fn serve(
         &self,
         listener: TcpListener,
         registry: Arc<Registry>,
+        tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-        let incoming =
-            crate::service::tls_incoming(listener, self.server_tls.clone(), stop.clone());
+        let incoming = crate::service::tls_incoming(
+            "node link",
+            listener,
+            self.server_tls.clone(),
+            tracker,
+            &stop,
+        );
         let service = pb::node_link_server::NodeLinkServer::new(LinkService { registry });
         tokio::spawn(
             tonic::transport::Server::builder()

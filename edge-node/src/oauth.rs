@@ -7,9 +7,9 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use postern_ingress::{
     DomainPattern, EndpointSpec, IdpHttp, MemoryStore, OAuthEndpoint, OAuthService, OAuthSettings,
-    Protocol, RedisOptions, RedisStore, RedisTarget, Secret, SessionKey, SessionStore,
-    normalize_name,
+    Protocol, RedisOptions, RedisStore, RedisTarget, SessionKey, SessionStore, normalize_name,
 };
+use postern_net::Secret;
 use postern_proto::{ErrorCode, Failure, pb};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
@@ -29,7 +29,7 @@ pub struct RawOAuth {
     /// that seals tokens, PKCE verifiers and IdP codes in the session
     /// store. Every node sharing the store needs the same. Required with
     /// Redis; without Redis a random key is made at start.
-    pub session_key: Option<String>,
+    pub session_key: Option<Secret>,
     /// Redis holding login state and sessions, shared by every node:
     /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS.
     /// Without it (and without `redis_cluster`) sessions live in this
@@ -132,10 +132,10 @@ impl RawOAuth {
             )),
         };
         let session_key = match self.session_key {
-            Some(key) if key.len() < 32 => {
+            Some(key) if key.expose().len() < 32 => {
                 bail!("oauth.session_key: must be at least 32 characters")
             }
-            Some(key) => Some(Secret::new(key)),
+            Some(key) => Some(key),
             None if target.is_some() => bail!(
                 "oauth.session_key: required with Redis (every node sharing it must seal with the same key)"
             ),

@@ -20,6 +20,7 @@ use std::{
 };
 
 use postern_ingress::{Endpoint, EndpointSpec, Gateway, Location, OAuthService};
+use postern_net::random_id;
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -290,10 +291,10 @@ impl Registry {
     ) -> Arc<AgentSession> {
         let limits = &self.settings.limits;
         Arc::new(AgentSession {
-            id: postern_ingress::random_id("ts_"),
+            id: random_id("ts_"),
             token_hash: record.sha256.clone(),
             instance_id: hello.instance_id.clone(),
-            stream_token: postern_ingress::random_id(""),
+            stream_token: random_id(""),
             acl: record.acl.clone(),
             credential: record.credential.clone(),
             agent_version: hello.agent_version.clone(),

@@ -10,6 +10,7 @@ use std::{
 };
 
 use futures_util::{Future, Stream, StreamExt};
+use postern_net::AcceptLoop;
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::ServerConfig;
 use tokio::{
@@ -18,7 +19,7 @@ use tokio::{
     sync::mpsc,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, transport::server::Connected};
 
 use crate::registry::{ControlOut, Registry};
@@ -210,41 +211,29 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts connections (of agents, or of other nodes) and completes their
-/// TLS handshakes off the accept loop; yields the finished ones.
+/// Accepts connections (of agents, or of other nodes) through the accept
+/// loop on `tracker` until `stop`, completes their TLS handshakes in the
+/// connection tasks, and yields the finished ones.
 pub fn tls_incoming(
+    name: &'static str,
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    stop: CancellationToken,
-) -> impl Stream<Item = Result<TlsConn, io::Error>> {
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> impl Stream<Item = Result<TlsConn, io::Error>> + use<> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    AcceptLoop::new(name, tracker, stop).spawn(listener, move |accepted| {
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        async move {
+            let peer = accepted.client;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(accepted.stream)).await {
+                Ok(Ok(tls)) => {
+                    let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;
                 }
-            };
-            let _ = stream.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
-            });
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use postern_ingress::{Gateway, metric_header, metric_sample};
+use postern_ingress::Gateway;
+use postern_net::{metric_header, metric_sample};
 
 use crate::{cluster::ClusterNode, registry::Registry};
 

@@ -15,11 +15,11 @@
 
 use std::{
     collections::BTreeSet,
-    fmt,
     path::{Component, Path, PathBuf},
     time::Duration,
 };
 
+use postern_net::Secret;
 use serde::{Deserialize, Serialize};
 
 use crate::{EventType, FieldSelection, Filter};
@@ -383,32 +383,6 @@ impl ByteSize {
             _ => return None,
         };
         number.checked_mul(multiplier).map(ByteSize)
-    }
-}
-
-/// A password or other secret: `Debug` never shows it (and it has no
-/// `Display`). `Serialize` writes the secret itself: a subscription set
-/// through the admin API reaches the other nodes serialised, and they need
-/// the password; what is shown to people goes through
-/// [`ApiSubscription::redacted`].
-#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for handing to librdkafka.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("********")
     }
 }
 

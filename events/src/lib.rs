@@ -29,7 +29,7 @@ use std::time::SystemTime;
 pub use config::{
     ApiSubscription, ByteSize, ConfigError, DEFAULT_TOPIC, Destination, EventsConfig,
     FileDestination, KafkaDestination, Limits, RawDestination, RawEventsConfig, RawFile, RawKafka,
-    RawLimits, RawSource, RawSubscription, Secret, Source, Subscription, topic_name,
+    RawLimits, RawSource, RawSubscription, Source, Subscription, topic_name,
 };
 pub use event::*;
 pub use filter::{FILTERABLE_FIELDS, Filter, FilterError, FilterInput};
@@ -56,15 +56,7 @@ pub fn timestamp(at: SystemTime) -> Timestamp {
 
 /// `ev_` + 27 base-62 characters.
 pub fn event_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    let mut id = String::with_capacity(30);
-    id.push_str("ev_");
-    for _ in 0..27 {
-        id.push(ALPHABET[rng.random_range(0..ALPHABET.len())] as char);
-    }
-    id
+    postern_net::random_id("ev_")
 }
 
 impl Event {

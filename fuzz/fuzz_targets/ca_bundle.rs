@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern_ingress::{MAX_CAS, parse_ca_bundle};
+use postern_net::{MAX_CAS, parse_ca_bundle};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(cas) = parse_ca_bundle(data) {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postern_proto::proxy_header::{encode, parse};
+use postern_net::proxy_header::{encode, parse};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Some((header, used))) = parse(data) else {

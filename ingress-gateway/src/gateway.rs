@@ -7,12 +7,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
-    pin::Pin,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
@@ -25,10 +23,14 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use postern_events::Decision;
-use postern_proto::{ErrorCode, Failure, PipeOutcome, pipe, proxy_header};
+use postern_net::{
+    AcceptEvents, AcceptLoop, Accepted, ConnectionLimit, IpPolicy, MtlsPolicy, Prefixed,
+    RequestClientCert, RequireClientCert, Shed, TrustedProxies, random_id, random_label,
+};
+use postern_proto::{ErrorCode, Failure, PipeOutcome, pipe};
 use rustls::{ServerConfig, server::danger::ClientCertVerifier, sign::CertifiedKey};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
@@ -38,9 +40,7 @@ use tracing::Instrument;
 use crate::{
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool, VisitorBody},
-    ip::{IpPolicy, TrustedProxies},
     metrics::Metrics,
-    mtls::{MtlsPolicy, RequestClientCert, RequireClientCert},
     oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
     policy::{
@@ -296,8 +296,8 @@ struct Inner {
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
     stats: Stats,
-    /// Visitor connections open now.
-    open_connections: AtomicUsize,
+    /// Visitor connections open now, and the cap.
+    connections: Arc<ConnectionLimit>,
     rates: Arc<dyn RateStore>,
     /// For JWKS: the OAuth client (its extra roots) or a plain one.
     http_client: IdpHttp,
@@ -352,6 +352,7 @@ impl Gateway {
                             &[b"h2", b"http/1.1"],
                         )
                     }),
+                connections: ConnectionLimit::new(config.max_connections),
                 certs,
                 config,
                 outcomes,
@@ -364,7 +365,6 @@ impl Gateway {
                 tracker: TaskTracker::new(),
                 stop_accepting: CancellationToken::new(),
                 stats: Stats::default(),
-                open_connections: AtomicUsize::new(0),
                 rates,
                 http_client,
             }),
@@ -382,7 +382,7 @@ impl Gateway {
 
     /// Visitor connections open now.
     pub fn open_connections(&self) -> usize {
-        self.inner.open_connections.load(Ordering::Relaxed)
+        self.inner.connections.open()
     }
 
     pub fn certs(&self) -> &Arc<CertStore> {
@@ -393,9 +393,10 @@ impl Gateway {
     pub fn serve_http(&self, listener: TcpListener) {
         spawn_accept_loop(
             &self.inner,
+            "http",
             listener,
-            self.inner.stop_accepting.clone(),
-            Shed::Http503,
+            &self.inner.stop_accepting,
+            Shed::Reply(SHED_RESPONSE),
             |inner, accepted| async move {
                 // Move it whole: the connection slot must live as long as
                 // the connection (a closure captures only the fields used).
@@ -409,10 +410,7 @@ impl Gateway {
                     client_identity: None,
                     start: SystemTime::now(),
                 };
-                let io = Prefixed {
-                    prefix: accepted.prefix,
-                    inner: accepted.stream,
-                };
+                let io = Prefixed::new(accepted.prefix, accepted.stream);
                 serve_http_connection(inner, io, conn).await;
             },
         );
@@ -422,8 +420,9 @@ impl Gateway {
     pub fn serve_https(&self, listener: TcpListener) {
         spawn_accept_loop(
             &self.inner,
+            "https",
             listener,
-            self.inner.stop_accepting.clone(),
+            &self.inner.stop_accepting,
             Shed::Close,
             handle_tls_port,
         );
@@ -437,7 +436,7 @@ impl Gateway {
         spec: EndpointSpec,
         source: Arc<dyn StreamSource>,
     ) -> Result<Arc<Endpoint>, Failure> {
-        let id = spec.id.clone().unwrap_or_else(|| crate::random_id("ep_"));
+        let id = spec.id.clone().unwrap_or_else(|| random_id("ep_"));
         match spec.protocol {
             Protocol::Tcp => self.add_tcp(id, spec, source),
             Protocol::Http | Protocol::Tls => self.add_named(id, spec, source),
@@ -460,7 +459,7 @@ impl Gateway {
                         "a domain is required: this edge assigns no random names",
                     )
                 })?;
-                DomainPattern::Exact(format!("{}.{base}", crate::random_label()))
+                DomainPattern::Exact(format!("{}.{base}", random_label()))
             }
         };
         let internal = is_internal(&domain);
@@ -655,8 +654,9 @@ impl Gateway {
     fn serve_tcp(&self, listener: TcpListener, route: Arc<Route>, stop: CancellationToken) {
         spawn_accept_loop(
             &self.inner,
+            "tcp endpoint",
             listener,
-            stop,
+            &stop,
             Shed::Close,
             move |inner, accepted| {
                 let route = route.clone();
@@ -830,162 +830,47 @@ fn bind_tcp_port(config: &GatewayConfig, requested: u16) -> Result<TcpListener, 
     ))
 }
 
-/// What a connection over the edge's cap gets.
-#[derive(Clone, Copy)]
-enum Shed {
-    /// A plain-HTTP `503` with `Retry-After`.
-    Http503,
-    /// Closed at once.
-    Close,
-}
-
+/// What a plain-HTTP connection over the edge's cap gets.
 const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
 ngrok-error-code: ERR_POSTERN_9003\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-/// An accepted visitor connection.
-struct Accepted {
-    stream: TcpStream,
-    /// The visitor: the TCP peer, or the source a trusted load balancer's
-    /// PROXY header names.
-    client: SocketAddr,
-    local: SocketAddr,
-    /// Bytes read after a PROXY header, to be handled as the connection's first.
-    prefix: Bytes,
-    _slot: ConnectionSlot,
-}
+impl AcceptEvents for Inner {
+    fn accept_failed(&self) {
+        bump(&self.stats.accept_errors);
+    }
 
-/// Counts an open visitor connection while it lives.
-struct ConnectionSlot(Arc<Inner>);
+    fn shed(&self) {
+        bump(&self.stats.shed_connections);
+    }
 
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    fn bad_proxy_header(&self) {
+        bump(&self.stats.bad_proxy_headers);
     }
 }
 
-/// Accepts until `token` is cancelled. Past the connection cap new
-/// connections are shed; running out of file descriptors is back-pressure:
-/// log, wait, keep serving what is open.
+/// Accepts on a public listener until `token` is cancelled, through
+/// `postern-net`'s loop: past the connection cap new connections are shed,
+/// trusted load balancers' PROXY headers are read, and the gateway counts.
 fn spawn_accept_loop<F, Fut>(
     inner: &Arc<Inner>,
+    name: &'static str,
     listener: TcpListener,
-    token: CancellationToken,
+    token: &CancellationToken,
     shed: Shed,
     handler: F,
 ) where
     F: Fn(Arc<Inner>, Accepted) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let inner = inner.clone();
-    let tracker = inner.tracker.clone();
-    let handler = Arc::new(handler);
-    tracker.spawn(async move {
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let accepted = tokio::select! {
-                _ = token.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((mut stream, peer)) => {
-                    backoff = Duration::from_millis(10);
-                    let open = inner.open_connections.fetch_add(1, Ordering::Relaxed);
-                    let slot = ConnectionSlot(inner.clone());
-                    if open >= inner.config.max_connections {
-                        bump(&inner.stats.shed_connections);
-                        if let Shed::Http503 = shed {
-                            inner.tracker.spawn(async move {
-                                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(SHED_RESPONSE)).await;
-                                drop(slot);
-                            });
-                        }
-                        continue;
-                    }
-                    let _ = stream.set_nodelay(true);
-                    let (inner2, handler) = (inner.clone(), handler.clone());
-                    inner.tracker.spawn(async move {
-                        if let Some(accepted) = read_proxy_header(&inner2, stream, peer, slot).await {
-                            handler(inner2, accepted).await;
-                        }
-                    });
-                }
-                Err(e) => {
-                    bump(&inner.stats.accept_errors);
-                    if is_resource_exhaustion(&e) {
-                        tracing::warn!(error = %e, backoff = ?backoff, "accept failed for lack of resources; backing off");
-                        tokio::select! {
-                            _ = token.cancelled() => break,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    } else {
-                        tracing::debug!(error = %e, "accept failed");
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// Learns who the visitor is: behind a trusted load balancer speaking the
-/// PROXY protocol, the header's source; otherwise the TCP peer. A trusted
-/// peer that sends no valid header is closed and counted.
-async fn read_proxy_header(
-    inner: &Arc<Inner>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-) -> Option<Accepted> {
-    let local = stream.local_addr().ok()?;
-    let trusted = &inner.config.trusted_proxies;
-    if !(trusted.proxy_protocol && trusted.trusts(peer.ip())) {
-        return Some(Accepted {
-            stream,
-            client: peer,
-            local,
-            prefix: Bytes::new(),
-            _slot: slot,
-        });
-    }
-    let mut buf = BytesMut::with_capacity(256);
-    let read = async {
-        loop {
-            match proxy_header::parse(&buf) {
-                Ok(Some((header, used))) => return Ok((header, used)),
-                Ok(None) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            if buf.len() >= 16 + proxy_header::V2_MAX_BLOCK {
-                return Err("PROXY header too long".to_string());
-            }
-            match stream.read_buf(&mut buf).await {
-                Ok(0) => return Err("closed before the PROXY header".to_string()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    match tokio::time::timeout(inner.config.client_hello_timeout, read).await {
-        Ok(Ok((header, used))) => {
-            let prefix = buf.split_off(used).freeze();
-            Some(Accepted {
-                stream,
-                client: header.source.unwrap_or(peer),
-                local: header.destination.unwrap_or(local),
-                prefix,
-                _slot: slot,
-            })
-        }
-        Ok(Err(reason)) => {
-            bump(&inner.stats.bad_proxy_headers);
-            tracing::debug!(%peer, reason, "bad PROXY header from a trusted peer");
-            None
-        }
-        Err(_) => {
-            bump(&inner.stats.bad_proxy_headers);
-            None
-        }
-    }
+    let owner = inner.clone();
+    AcceptLoop::new(name, &inner.tracker, token)
+        .cap(&inner.connections, shed)
+        .proxy_headers(
+            &inner.config.trusted_proxies,
+            inner.config.client_hello_timeout,
+        )
+        .events(inner.clone())
+        .spawn(listener, move |accepted| handler(owner.clone(), accepted));
 }
 
 /// Runs a TCP or TLS endpoint's `on_tcp_connect` rules for a new
@@ -1019,11 +904,6 @@ fn count_ip_denial(inner: &Inner, decision: Option<Decision>) {
     if decision == Some(Decision::Block) {
         bump(&inner.stats.ip_denied);
     }
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    // EMFILE, ENFILE, ENOBUFS, ENOMEM
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
 /// Who a piped connection is from and for.
@@ -1408,7 +1288,7 @@ async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         client,
         local,
         prefix,
-        _slot,
+        slot: _slot,
     } = accepted;
     let config = &inner.config;
     let mut buf = BytesMut::from(prefix.as_ref());
@@ -1550,10 +1430,7 @@ async fn accept_tls(
     prefix: Bytes,
     stream: TcpStream,
 ) -> Option<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>> {
-    let io = Prefixed {
-        prefix,
-        inner: stream,
-    };
+    let io = Prefixed::new(prefix, stream);
     let accept = TlsAcceptor::from(config).accept(io).into_fallible();
     match tokio::time::timeout(inner.config.tls_handshake_timeout, accept).await {
         Ok(Ok(tls)) => Some(tls),
@@ -1610,55 +1487,3 @@ async fn read_client_hello(
 }
 
 use bytes::BufMut;
-
-/// A stream that first replays bytes already read from it.
-struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let chunk = self.prefix.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}

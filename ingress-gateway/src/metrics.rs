@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
 
+use postern_net::metric_header as header;
+
 /// Upper bounds of the request-duration histogram, in seconds.
 const BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -231,30 +233,6 @@ impl Metrics {
     }
 }
 
-/// `# HELP` and `# TYPE` lines.
-pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// One unlabelled or labelled sample; label values are escaped.
-pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
-    let labels: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| {
-            let v = v
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            format!("{k}=\"{v}\"")
-        })
-        .collect();
-    if labels.is_empty() {
-        let _ = writeln!(out, "{name} {value}");
-    } else {
-        let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,8 +260,5 @@ mod tests {
         assert!(out.contains("postern_http_request_duration_seconds_count{endpoint=\"ep_1\"} 2"));
         assert!(out.contains("postern_connection_bytes_total{endpoint=\"ep_2\",proto=\"tcp\",decision=\"allow\",direction=\"out\"} 9"));
         assert_eq!(status_class(101), "1xx");
-        let mut out = String::new();
-        sample(&mut out, "x", &[("tunnel", "a\"b\\c\nd")], 1);
-        assert_eq!(out, "x{tunnel=\"a\\\"b\\\\c\\nd\"} 1\n");
     }
 }

@@ -33,13 +33,14 @@ mod store;
 
 use std::{sync::Arc, time::Duration};
 
+use postern_net::Secret;
 use postern_proto::{ErrorCode, Failure, pb};
 
 pub use flow::Gate;
 pub use idp_http::IdpHttp;
 pub use provider::{NAMED_PROVIDERS, Provider};
 pub use redis::{RedisOptions, RedisStore, RedisTarget, redact_url};
-pub use seal::{Secret, SessionKey};
+pub use seal::SessionKey;
 pub use sessions::{SessionQuery, SessionView};
 pub use store::{MemoryStore, SessionStore, StoreError, StoreFuture};
 

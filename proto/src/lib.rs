@@ -1,14 +1,13 @@
 //! The Postern tunnel protocol, shared by agent and edge: the generated gRPC
-//! code, the adapters that carry a socket over a data stream, the PROXY
-//! header codec and the error table. No policy lives here: nothing about
-//! tokens, routing or modules. See `PROTOCOL.md` for the protocol in prose.
+//! code, the adapters that carry a socket over a data stream, and the error
+//! table. No policy lives here: nothing about tokens, routing or modules.
+//! See `PROTOCOL.md` for the protocol in prose.
 
 mod attach;
 mod budget;
 mod codec;
 mod error;
 mod pipe;
-pub mod proxy_header;
 mod tunnel_io;
 mod version;
 

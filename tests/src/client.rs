@@ -10,6 +10,24 @@ use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+/// A TLS client config that trusts the CAs in `pem` and offers `alpn`.
+pub(crate) fn client_tls(pem: &[u8], alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        roots
+            .add(cert.expect("PEM certificates"))
+            .expect("a usable CA");
+    }
+    let mut config = ClientConfig::builder_with_provider(postern_net::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
 /// Runs curl with `args`; `-sS` is added.
 pub async fn curl(args: &[&str]) -> Output {
     tokio::process::Command::new("curl")
@@ -131,19 +149,8 @@ impl HttpsClient {
     }
 
     pub fn with_ca_pem(addr: SocketAddr, pem: &[u8]) -> HttpsClient {
-        use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let mut config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         HttpsClient {
-            config: Arc::new(config),
+            config: client_tls(pem, &[b"http/1.1"]),
             addr,
         }
     }

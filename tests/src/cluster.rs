@@ -80,7 +80,7 @@ impl TestCluster {
     /// Nodes `(node_id, region, run)`, each seeded with all the others,
     /// once the in-process ones see them all.
     pub async fn start_nodes(specs: &[(&str, &str, Run)], extra: &str) -> TestCluster {
-        let cluster_id = format!("test-{}", postern_ingress::random_label());
+        let cluster_id = format!("test-{}", postern_net::random_label());
         let gossip: Vec<SocketAddr> = specs
             .iter()
             .map(|_| SocketAddr::from(([127, 0, 0, 1], udp_port())))

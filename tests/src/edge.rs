@@ -72,7 +72,7 @@ impl TestEdge {
     async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str) -> TestEdge {
         init();
         let dir = TempDir::new("edge");
-        let token = format!("test-token-{}", postern_ingress::random_label());
+        let token = format!("test-token-{}", postern_net::random_label());
         let bind = || async { TcpListener::bind(format!("{ip}:0")).await.unwrap() };
         let mut listeners = Listeners {
             agent: bind().await,
@@ -154,7 +154,7 @@ impl TestEdge {
             edge: None,
             process: None,
             dir: TempDir::new("edge-bin"),
-            token: format!("test-token-{}", postern_ingress::random_label()),
+            token: format!("test-token-{}", postern_net::random_label()),
             addrs: Addresses {
                 agent: free(),
                 http: Some(free()),

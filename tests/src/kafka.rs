@@ -208,7 +208,7 @@ impl Drop for KafkaTlsFront {
 
 /// Topic names unique to one test: `<tag>-<random>.{event_type}`.
 pub fn topic_template(tag: &str) -> String {
-    format!("{tag}-{}.{{event_type}}", postern_ingress::random_label())
+    format!("{tag}-{}.{{event_type}}", postern_net::random_label())
 }
 
 /// The topic of an event type under a template.

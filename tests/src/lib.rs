@@ -59,7 +59,7 @@ impl Drop for TempDir {
 }
 
 fn rand_suffix() -> String {
-    postern_ingress::random_label()
+    postern_net::random_label()
 }
 
 /// Waits until `check` holds, polling every 20 ms, or panics after `secs`.

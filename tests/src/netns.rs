@@ -31,7 +31,7 @@ impl NetNs {
     /// A new namespace `pst<random>` with loopback up and a /30 link to
     /// this namespace on 10.231.<random>.0.
     pub fn create() -> anyhow::Result<NetNs> {
-        let tag = &postern_ingress::random_label()[..6].to_lowercase();
+        let tag = &postern_net::random_label()[..6].to_lowercase();
         let octet = 1 + rand_octet();
         let ns = NetNs {
             name: format!("pst{tag}"),

@@ -17,10 +17,10 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::{net::TcpStream, process::Command};
 
-use crate::{Spawned, TempDir};
+use crate::{Spawned, TempDir, client::client_tls};
 
 /// `tests/oidc`, where the provider, the Chromium script and their
 /// node_modules live.
@@ -161,25 +161,16 @@ pub struct Browser {
 impl Browser {
     /// Trusts the CAs in `ca_pems`.
     pub fn new(ca_pems: &[&Path], edge_port: u16) -> Browser {
-        use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let mut roots = RootCertStore::empty();
+        let mut pem = Vec::new();
         for path in ca_pems {
-            let pem = std::fs::read(path).expect("CA file");
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                roots.add(cert.unwrap()).unwrap();
-            }
+            pem.extend(std::fs::read(path).expect("CA file"));
+            pem.push(b'\n');
         }
-        let mut config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Browser {
             jar: Vec::new(),
             edge_port,
             edge_http_port: 0,
-            tls: Arc::new(config),
+            tls: client_tls(&pem, &[b"http/1.1"]),
         }
     }
 
@@ -438,19 +429,10 @@ pub fn resolve(base: &str, location: &str) -> String {
 /// as Chromium's `--ignore-certificate-errors-spki-list` wants it.
 pub async fn spki_hash(addr: SocketAddr, name: &str, ca_pem: &Path) -> String {
     use base64::Engine;
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
     use x509_parser::prelude::FromDer;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&std::fs::read(ca_pem).unwrap()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = client_tls(&std::fs::read(ca_pem).unwrap(), &[]);
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
         .await
         .unwrap();

@@ -1,16 +1,16 @@
 //! A raw agent session: the tunnel protocol's control stream driven by the
 //! test itself, for agents that break the rules (floods, bad messages).
 
-use std::{future::Future, io, pin::Pin, sync::Arc, task::Poll};
+use std::{future::Future, io, pin::Pin, task::Poll};
 
 use hyper_util::rt::TokioIo;
 use postern_proto::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, pb};
-use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, sync::mpsc};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::TestEdge;
+use crate::{TestEdge, client::client_tls};
 
 /// A control stream opened with Hello and answered with Welcome.
 pub struct RawSession {
@@ -68,21 +68,10 @@ impl tower_service::Service<http::Uri> for Connector {
 impl TestEdge {
     /// Opens a control stream with `token` and waits for the Welcome.
     pub async fn raw_session(&self, token: &str) -> RawSession {
-        let mut roots = RootCertStore::empty();
         let pem = std::fs::read(self.ca_pem()).expect("the dev CA");
-        for cert in pem_certs(&pem) {
-            roots.add(cert).expect("the dev CA parses");
-        }
-        let mut tls =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
         let connector = Connector {
             addr: self.addrs.agent,
-            tls: TlsConnector::from(Arc::new(tls)),
+            tls: TlsConnector::from(client_tls(&pem, &[b"h2"])),
         };
         let channel = tonic::transport::Endpoint::from_static("http://edge")
             .connect_with_connector(connector)
@@ -119,11 +108,4 @@ impl TestEdge {
         }
         session
     }
-}
-
-fn pem_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .expect("PEM certificates")
 }

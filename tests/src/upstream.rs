@@ -16,7 +16,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use postern_proto::proxy_header::{self, ProxyHeader};
+use postern_net::proxy_header::{self, ProxyHeader};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -396,15 +396,15 @@ pub(crate) fn tls_acceptor(
     client_ca_pem: Option<&str>,
     alpn: &[&[u8]],
 ) -> tokio_rustls::TlsAcceptor {
-    let certified = postern_ingress::certified_key_from_pem(
-        postern_ingress::Pem::new("test server certificate", cert_pem.as_bytes()),
-        postern_ingress::Pem::new("test server key", key_pem.as_bytes()),
+    let certified = postern_net::certified_key_from_pem(
+        postern_net::Pem::new("test server certificate", cert_pem.as_bytes()),
+        postern_net::Pem::new("test server key", key_pem.as_bytes()),
     )
     .unwrap();
     let client_auth = client_ca_pem.map(|pem| {
-        let cas = postern_ingress::parse_ca_bundle(pem.as_bytes()).unwrap();
-        let policy = Arc::new(postern_ingress::MtlsPolicy::new(cas, Vec::new(), None));
-        Arc::new(postern_ingress::RequireClientCert(policy))
+        let cas = postern_net::parse_ca_bundle(pem.as_bytes()).unwrap();
+        let policy = Arc::new(postern_net::MtlsPolicy::new(cas, Vec::new(), None));
+        Arc::new(postern_net::RequireClientCert(policy))
             as Arc<dyn rustls::server::danger::ClientCertVerifier>
     });
     let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(Arc::new(certified)));

@@ -571,7 +571,7 @@ async fn a_partitioned_region_keeps_serving_and_converges_after_the_heal_without
     // ap runs in its own network namespace; its link to us and eu is a
     // veth pair the test cuts.
     let netns = NetNs::create().expect("a network namespace (needs root and iproute2)");
-    let cluster_id = format!("test-{}", postern_ingress::random_label());
+    let cluster_id = format!("test-{}", postern_net::random_label());
     let gossip: Vec<std::net::SocketAddr> = [netns.host_ip, netns.host_ip, netns.ns_ip]
         .into_iter()
         .map(|ip| (ip, udp_port()).into())
@@ -895,7 +895,7 @@ async fn readyz(edge: &TestEdge) -> (String, String) {
 async fn a_starting_node_is_ready_once_it_caught_up_with_a_peer_or_after_the_timeout_alone() {
     // Alone (its seed does not answer): not ready at first, ready on its
     // snapshot's config once the timeout has passed.
-    let cluster_id = format!("test-{}", postern_ingress::random_label());
+    let cluster_id = format!("test-{}", postern_net::random_label());
     let gossip: Vec<std::net::SocketAddr> = (0..2)
         .map(|_| ([127, 0, 0, 1], udp_port()).into())
         .collect();

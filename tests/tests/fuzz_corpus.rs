@@ -28,7 +28,7 @@ fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn proxy_header_corpus() {
     for (name, data) in corpus("proxy_header") {
-        let parsed = postern_proto::proxy_header::parse(&data);
+        let parsed = postern_net::proxy_header::parse(&data);
         let expect_ok = name.contains("v1-tcp")
             || name.contains("v2-ip")
             || name.contains("unknown")
@@ -84,7 +84,7 @@ fn agent_config_corpus() {
 #[test]
 fn ca_bundle_corpus() {
     for (name, data) in corpus("ca_bundle") {
-        let result = postern_ingress::parse_ca_bundle(&data);
+        let result = postern_net::parse_ca_bundle(&data);
         assert_eq!(
             result.is_ok(),
             name.ends_with("real-ca.pem"),

@@ -1,10 +1,14 @@
-//! The public edge under hostile clients: huge headers, slowloris, request
-//! smuggling, HTTP/2 rapid reset, oversize and stalled ClientHellos, too many
-//! connections, and too few file descriptors.
+//! The public edge under hostile clients: huge headers, slowloris (on the
+//! public, admin and metrics listeners), request smuggling, HTTP/2 rapid
+//! reset, oversize and stalled ClientHellos, too many connections, and too
+//! few file descriptors.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use postern_tests::{HttpUpstream, HttpsClient, TestEdge, curl, eventually};
+use postern_tests::{API_KEY, HttpUpstream, HttpsClient, TestEdge, curl, eventually};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -103,6 +107,62 @@ async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     )
     .await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
+/// Opens a connection to `addr` and sends half a request head, then nothing.
+async fn half_a_request_head(addr: SocketAddr) -> TcpStream {
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept:")
+        .await
+        .unwrap();
+    conn
+}
+
+/// Waits (10 s at most) for the edge to close `conn`; how long it took.
+async fn closed_by_the_edge(mut conn: TcpStream, opened: Instant, what: &str) -> Duration {
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut sink))
+        .await
+        .unwrap_or_else(|_| panic!("the {what} listener keeps a slow client's connection open"))
+        .unwrap_or_default();
+    assert!(
+        sink.is_empty(),
+        "{what}: nothing is answered to half a head"
+    );
+    opened.elapsed()
+}
+
+/// A normal request to the admin API and one to `/metrics` succeed.
+async fn both_answer(edge: &TestEdge) {
+    let (status, _) = edge
+        .api("GET", "/certificate_authorities", None, API_KEY)
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        edge.metrics_text()
+            .await
+            .contains("postern_open_connections")
+    );
+}
+
+#[tokio::test]
+async fn admin_and_metrics_listeners_cut_a_slow_client_at_the_header_read_timeout() {
+    let edge = TestEdge::start_with("[limits]\nheader_read_timeout = \"1s\"\n").await;
+    let (admin, metrics) = (edge.addrs.admin.unwrap(), edge.addrs.metrics.unwrap());
+    let opened = Instant::now();
+    let slow_admin = half_a_request_head(admin).await;
+    let slow_metrics = half_a_request_head(metrics).await;
+    // Both listeners answer everyone else while the slow clients wait.
+    both_answer(&edge).await;
+    for (conn, what) in [(slow_admin, "admin"), (slow_metrics, "metrics")] {
+        let took = closed_by_the_edge(conn, opened, what).await;
+        assert!(
+            took >= Duration::from_millis(900),
+            "{what}: not before the timeout: {took:?}"
+        );
+    }
+    // And after.
+    both_answer(&edge).await;
 }
 
 #[tokio::test]

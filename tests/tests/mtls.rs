@@ -592,7 +592,7 @@ async fn an_edge_policy_requires_client_certificates_whatever_the_agent_asks() {
     let root = TestCa::root("Policy Root");
     let id = format!(
         "ca_{}",
-        postern_ingress::parse_ca_bundle(root.pem.as_bytes()).unwrap()[0].fingerprint
+        postern_net::parse_ca_bundle(root.pem.as_bytes()).unwrap()[0].fingerprint
     );
     let edge = TestEdge::start_with(&format!(
         "[[endpoint_policies]]\ndomain = \"*.customer1.example.test\"\nmutual_tls_cas = [\"{id}\"]\n"

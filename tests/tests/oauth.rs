@@ -265,7 +265,7 @@ async fn raw_get(world: &World, i: usize, host: &str, target: &str, cookie: Opti
     {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(postern_ingress::crypto_provider())
+    let config = rustls::ClientConfig::builder_with_provider(postern_net::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -299,7 +299,7 @@ async fn raw_get(world: &World, i: usize, host: &str, target: &str, cookie: Opti
 
 /// One conformance suite for every [`SessionStore`] (STYLE habit 12).
 async fn store_conformance(store: &dyn SessionStore) {
-    let tag = postern_ingress::random_label();
+    let tag = postern_net::random_label();
     let k = |s: &str| format!("conformance:{tag}:{s}");
     assert!(!store.kind().is_empty());
 

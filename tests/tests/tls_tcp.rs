@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use postern_proto::proxy_header::Version;
+use postern_net::proxy_header::Version;
 use postern_tests::{
     HttpUpstream, HttpsClient, TcpEcho, TempDir, TestEdge, TlsUpstream, openssl_s_client, url_of,
 };

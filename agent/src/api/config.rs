@@ -6,11 +6,12 @@
 use std::net::TcpListener;
 
 use anyhow::{Context, bail};
+use postern_net::Secret;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::guard::HostRule;
-use crate::{config::Secret, inspect::DEFAULT_DB_SIZE};
+use crate::inspect::DEFAULT_DB_SIZE;
 
 /// ngrok's default address.
 const DEFAULT_HOST: &str = "127.0.0.1";
@@ -258,10 +259,8 @@ mod tests {
 
     #[test]
     fn two_config_files_merge_into_the_site_to_site_setup() {
-        let dir = std::env::temp_dir().join(format!(
-            "postern-web-merge-{}",
-            postern_ingress::random_label()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("postern-web-merge-{}", postern_net::random_label()));
         std::fs::create_dir_all(&dir).unwrap();
         let customer = dir.join("ngrok.yml");
         let ours = dir.join("postern.yml");

@@ -199,7 +199,7 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::config::Secret;
+    use postern_net::Secret;
 
     fn with(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

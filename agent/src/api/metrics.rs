@@ -2,7 +2,7 @@
 //! Prometheus text format. Tunnels are labelled by name (the config's and
 //! the API's, so as many as the user runs); no addresses or paths.
 
-use postern_ingress::{metric_header as header, metric_sample as sample};
+use postern_net::{metric_header as header, metric_sample as sample};
 
 use crate::state::AgentState;
 

@@ -321,7 +321,7 @@ impl Capture {
         request: RequestHead,
         replay_of: Option<String>,
     ) -> Capture {
-        let id = postern_ingress::random_id("airt_");
+        let id = postern_net::random_id("airt_");
         captures.insert(Captured {
             id: id.clone(),
             tunnel_name: tunnel_name.to_string(),

@@ -26,7 +26,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use postern_config_sync::Kind;
-use postern_events::{ApiSubscription, RawDestination, RawSource, Secret};
+use postern_events::{ApiSubscription, RawDestination, RawSource};
+use postern_net::{Secret, random_id};
 use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
@@ -84,7 +85,7 @@ pub async fn handle<R: Resource>(
     match (req.method().clone(), rest) {
         (Method::POST, []) => {
             let new: R::New = body(req).await?;
-            let id = postern_ingress::random_id(R::ID_PREFIX);
+            let id = random_id(R::ID_PREFIX);
             let (object, shown_once) = R::create(node, &id, new)?;
             node.put_object(&id, &object).await?;
             tracing::info!(id, kind = R::NAME, "created");
@@ -295,7 +296,7 @@ impl Resource for Credential {
         check_acl(&new.acl)?;
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
-        let token = postern_ingress::random_id("pt_");
+        let token = random_id("pt_");
         let record = AuthtokenRecord::from_token(&token, Acl::default(), String::new())
             .map_err(|e| Failure::new(ErrorCode::INTERNAL, format!("a new token: {e:#}")))?;
         let credential = Credential {

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use postern_config_sync::ClusterKey;
+use postern_net::Secret;
 use serde::Deserialize;
 
 use crate::config::duration;
@@ -16,7 +17,7 @@ pub struct RawCluster {
     pub cluster_id: String,
     /// The shared secret (at least 32 characters) that signs every gossiped
     /// value and derives the internal CA. Give this or `key_file`.
-    pub key: Option<String>,
+    pub key: Option<Secret>,
     /// A file holding the secret (trimmed), e.g. a mounted Kubernetes Secret.
     pub key_file: Option<PathBuf>,
     /// UDP address for gossip. Default `0.0.0.0:7946`.
@@ -85,13 +86,14 @@ impl RawCluster {
         }
         let secret = match (self.key, self.key_file) {
             (Some(k), None) => k,
-            (None, Some(path)) => std::fs::read_to_string(&path)
-                .with_context(|| format!("cluster.key_file: reading {}", path.display()))?
-                .trim()
-                .to_string(),
+            (None, Some(path)) => Secret::new(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cluster.key_file: reading {}", path.display()))?
+                    .trim(),
+            ),
             _ => bail!("cluster: give exactly one of key and key_file"),
         };
-        let key = ClusterKey::from_secret(&secret).context("cluster.key")?;
+        let key = ClusterKey::from_secret(secret.expose()).context("cluster.key")?;
         let gossip_listen = addr(
             "cluster.gossip_listen",
             self.gossip_listen.as_deref(),

@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use postern_config_sync::Kind;
-use postern_events::{ApiSubscription, Secret, Subscription};
+use postern_events::{ApiSubscription, Subscription};
 use postern_ingress::DomainPattern;
+use postern_net::Secret;
 use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, Serialize};
 

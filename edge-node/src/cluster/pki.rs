@@ -11,7 +11,8 @@ use std::{
 };
 
 use postern_config_sync::ClusterKey;
-use postern_ingress::{DevCa, Pem, certified_key_from_pem, normalize_name};
+use postern_ingress::{DevCa, normalize_name};
+use postern_net::{Pem, certified_key_from_pem};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,

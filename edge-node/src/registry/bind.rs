@@ -8,14 +8,20 @@
 use std::sync::Arc;
 
 use postern_ingress::{
-    CaResolver, CertStore, DomainPattern, Endpoint, EndpointKind, EndpointSpec, IpPolicy, MAX_CAS,
-    MtlsPolicy, OAuthService, Pem, PolicyDocument, Protocol, TerminateAt, certified_key_from_pem,
-    parse_ca_bundle,
+    CertStore, DomainPattern, Endpoint, EndpointKind, EndpointSpec, OAuthService, PolicyDocument,
+    Protocol, TerminateAt,
+};
+use postern_net::{
+    CaResolver, IpPolicy, MAX_CAS, MtlsPolicy, Pem, certified_key_from_pem, parse_ca_bundle,
 };
 use postern_proto::{ErrorCode, Failure, pb};
 
 use super::ClusterView;
-use crate::{acl::Acl, ca_store::CaStore, config::EndpointPolicy};
+use crate::{
+    acl::Acl,
+    ca_store::{CaStore, ca_error_code},
+    config::EndpointPolicy,
+};
 
 /// Checks binds and builds endpoints with this node's certificates, CAs,
 /// OAuth service and endpoint policies (the edge config's and, in a
@@ -104,7 +110,7 @@ impl Binder {
             Vec::new()
         } else {
             parse_ca_bundle(&req.mutual_tls_cas_pem)
-                .map_err(|e| Failure::new(e.code(), format!("mutual_tls_cas: {e}")))?
+                .map_err(|e| Failure::new(ca_error_code(&e), format!("mutual_tls_cas: {e}")))?
         };
         if inline.is_empty() && ids.is_empty() {
             return Ok(None);

@@ -12,10 +12,9 @@ use http::{HeaderValue, Request, Response, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use openidconnect::{AsyncHttpClient, HttpRequest, HttpResponse};
+use postern_net::crypto_provider;
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::net::TcpStream;
-
-use crate::tls::crypto_provider;
 
 /// Largest IdP response read.
 const MAX_RESPONSE: usize = 1024 * 1024;

@@ -18,13 +18,11 @@ use openidconnect::{
     },
     url::{Url, form_urlencoded},
 };
+use postern_net::Secret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{
-    idp_http::{IdpHttp, IdpHttpError},
-    seal::Secret,
-};
+use super::idp_http::{IdpHttp, IdpHttpError};
 
 /// Who the IdP says the user is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,46 +1,16 @@
-//! Secrets and the cryptography of the OAuth module: the [`Secret`] type,
-//! random tokens, hashes used as store keys, and [`SessionKey`], which seals
-//! what the store must not hold in the clear (tokens, PKCE verifiers, IdP
-//! codes) with AES-256-GCM.
+//! The cryptography of the OAuth module: random tokens, hashes used as
+//! store keys, and [`SessionKey`], which seals what the store must not hold
+//! in the clear (tokens, PKCE verifiers, IdP codes) with AES-256-GCM.
 
 use std::fmt;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use postern_net::Secret;
 use ring::{
     aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
     digest,
     rand::{SecureRandom, SystemRandom},
 };
-
-/// A secret whose `Debug` and `Display` never show it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("********")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("********")
-    }
-}
 
 /// `n` random bytes as unpadded base64url.
 pub fn random_token(n: usize) -> String {
@@ -151,9 +121,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_never_print() {
+    fn session_keys_never_print() {
         let s = Secret::new("client-secret-value");
-        assert_eq!(format!("{s:?} {s}"), "******** ********");
         assert_eq!(
             format!("{:?}", SessionKey::from_secret(&s)),
             "SessionKey(********)"

@@ -537,7 +537,7 @@ fn in_cidrs(ip: &str, cidrs: &[Value]) -> bool {
         return false;
     };
     cidrs.iter().any(|c| match c {
-        Value::String(c) => crate::ip::parse_cidr("cidr", c).is_ok_and(|net| net.contains(&ip)),
+        Value::String(c) => postern_net::parse_cidr("cidr", c).is_ok_and(|net| net.contains(&ip)),
         _ => false,
     })
 }

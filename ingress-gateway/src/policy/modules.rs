@@ -11,10 +11,10 @@ use super::{
     Flow, RequestAction, RequestCx, Rule, TrafficPolicy, actions::restrict_ips::RestrictIps,
 };
 use crate::{
-    ip::IpPolicy,
-    mtls::{ClientIdentity, MtlsPolicy},
+    mtls::ClientIdentity,
     oauth::{Gate, OAuthEndpoint},
 };
+use postern_net::{IpPolicy, MtlsPolicy};
 use postern_proto::{ErrorCode, Failure};
 
 /// What a bind asked for besides its traffic policy.

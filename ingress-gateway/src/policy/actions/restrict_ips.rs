@@ -10,12 +10,11 @@ use postern_proto::{ErrorCode, Failure};
 use serde::Deserialize;
 
 use super::{Built, config};
-use crate::{
-    ip::IpPolicy,
-    policy::{
-        ConnectAction, ConnectCx, Flow, Phase, PolicyEnv, RequestAction, RequestCx, ResponseAction,
-        ResponseCx, cel::map_value,
-    },
+use postern_net::IpPolicy;
+
+use crate::policy::{
+    ConnectAction, ConnectCx, Flow, Phase, PolicyEnv, RequestAction, RequestCx, ResponseAction,
+    ResponseCx, cel::map_value,
 };
 
 #[derive(Deserialize)]

@@ -1,0 +1,36 @@
+//! The networking pieces the agent and the edge share: the [`Secret`]
+//! type, random ids, TLS basics (the crypto provider, serving keys from
+//! PEM), CA bundles and client-certificate verification, IP rules and
+//! trusted load balancers, the PROXY header codec, Prometheus text, one
+//! accept loop, one small HTTP/1 server, and the shutdown signal.
+//!
+//! Both binaries link it, so it must stay small: it never depends on
+//! another Postern crate, nor on gRPC (tonic), Redis, OpenID Connect or
+//! Kafka. Policy (tokens, routing, modules) lives elsewhere.
+
+mod accept;
+mod http_server;
+mod ids;
+mod ip;
+mod metrics;
+mod mtls;
+/// PROXY protocol v1 and v2, named as a module: `proxy_header::parse`.
+pub mod proxy_header;
+mod secret;
+mod signal;
+mod tls;
+
+pub use accept::{
+    AcceptEvents, AcceptLoop, Accepted, ConnectionLimit, ConnectionSlot, Prefixed, Shed,
+};
+pub use http_server::{HttpServer, HttpTimeouts};
+pub use ids::{random_id, random_label};
+pub use ip::{CidrError, IpPolicy, TrustedProxies, parse_cidr};
+pub use metrics::{metric_header, metric_sample};
+pub use mtls::{
+    CaCert, CaError, CaResolver, MAX_CAS, MtlsPolicy, RequestClientCert, RequireClientCert,
+    ca_cert, fingerprint, parse_ca_bundle,
+};
+pub use secret::Secret;
+pub use signal::shutdown_signal;
+pub use tls::{Pem, TlsError, certified_key_from_pem, crypto_provider};
