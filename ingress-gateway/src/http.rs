@@ -302,13 +302,15 @@ impl hyper::rt::Write for TunnelConn {
 
 /// Forwards one request to an endpoint and returns what the visitor gets.
 /// The request's `ngrok-*` headers are the edge's own by now (see
-/// [`strip_reserved`]).
+/// [`strip_reserved`]). An upgraded connection (WebSocket) is piped on a
+/// task of `tracker`, so drain waits for it.
 pub async fn forward(
     endpoint: &Endpoint,
     pool: &UpstreamPool,
     conn: &ConnInfo,
     host: &str,
     mut req: Request<VisitorBody>,
+    tracker: &tokio_util::task::TaskTracker,
 ) -> Response<ProxyBody> {
     let wants_upgrade = is_upgrade_request(&req);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -335,7 +337,7 @@ pub async fn forward(
         && let Some(visitor_upgrade) = visitor_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             match tokio::try_join!(visitor_upgrade, upstream_upgrade) {
                 Ok((visitor, upstream)) => {
                     let mut visitor = TokioIo::new(visitor);

@@ -640,3 +640,56 @@ async fn ngroks_ab_test_example_splits_traffic_between_internal_endpoints() {
     assert_eq!(status, "000", "refused in the TLS handshake");
     agent.shutdown().await.unwrap();
 }
+
+/// ngrok's documentation examples, as published: user agent filtering
+/// (`req.user_agent.name`, `req.user_agent.is_bot`) and "deny non-GET
+/// requests".
+#[tokio::test]
+async fn ngroks_user_agent_and_method_examples_run_unchanged() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let examples = [
+        "on_http_request:\n- expressions:\n  - req.user_agent.name == 'Edge'\n  actions:\n  - type: custom-response\n    config:\n      status_code: 200\n      body: Hello Edge User!\n",
+        "on_http_request:\n- expressions:\n  - req.user_agent.is_bot\n  actions:\n  - type: deny\n    config:\n      status_code: 403\n",
+        "on_http_request:\n- expressions:\n  - \"req.method != 'GET'\"\n  actions:\n  - type: deny\n",
+    ];
+    let mut tunnels = String::new();
+    for (i, example) in examples.iter().enumerate() {
+        tunnels.push_str(&tunnel(
+            &format!("ex{i}"),
+            &format!("ex{i}.example.test"),
+            upstream.port(),
+            example,
+        ));
+    }
+    let (agent, _) = edge.agent(&tunnels).await;
+    let edge_ua = "user-agent: Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.0.0";
+    let firefox =
+        "user-agent: Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+    let googlebot =
+        "user-agent: Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
+    let (code, _, body) = fetch(&edge, "ex0.example.test", "/", &["-H", edge_ua]).await;
+    assert_eq!((code, body.as_str()), (200, "Hello Edge User!"));
+    let (_, _, body) = fetch(&edge, "ex0.example.test", "/", &["-H", firefox]).await;
+    assert_eq!(body, "hello from upstream");
+    assert_eq!(
+        fetch(&edge, "ex1.example.test", "/", &["-H", googlebot])
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        fetch(&edge, "ex1.example.test", "/", &["-H", firefox])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        fetch(&edge, "ex2.example.test", "/", &["-X", "POST"])
+            .await
+            .0,
+        403
+    );
+    assert_eq!(fetch(&edge, "ex2.example.test", "/", &[]).await.0, 200);
+    agent.shutdown().await.unwrap();
+}

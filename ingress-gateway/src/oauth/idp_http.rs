@@ -146,20 +146,27 @@ where
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (parts, body) = response.into_parts();
-    let body = Limited::new(body, MAX_RESPONSE)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the response: {e}"))?
-        .to_bytes();
-    Ok(Response::from_parts(parts, body.to_vec()))
+    // The connection is driven here, next to the exchange: no task of its
+    // own to outlive the call.
+    let exchange = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?
+            .to_bytes();
+        Ok(Response::from_parts(parts, body.to_vec()))
+    };
+    tokio::pin!(exchange, conn);
+    tokio::select! {
+        result = &mut exchange => result,
+        // Closed first: what was read is in the exchange's buffers.
+        _ = &mut conn => exchange.await,
+    }
 }
 
 fn is_loopback(host: &str) -> bool {

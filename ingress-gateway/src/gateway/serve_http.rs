@@ -1,0 +1,324 @@
+//! HTTP serving: one request routed by Host, its endpoint's policy run,
+//! forwarded to the agent (or an internal endpoint), and its outcome
+//! recorded.
+
+use super::*;
+
+pub(super) async fn serve_http_connection<IO>(inner: Arc<Inner>, io: IO, conn: ConnInfo)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let pools: Arc<Mutex<HashMap<String, UpstreamPool>>> = Arc::default();
+    let service_inner = inner.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let inner = service_inner.clone();
+        let conn = conn.clone();
+        let pools = pools.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(handle_request(&inner, &conn, &pools, req).await)
+        }
+    });
+    let connection = inner
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    let watched = match inner.graceful.lock().expect("graceful lock").as_ref() {
+        Some(graceful) => graceful.watch(connection),
+        None => return, // draining: do not start new connections
+    };
+    if let Err(e) = watched.await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn handle_request(
+    inner: &Inner,
+    conn: &ConnInfo,
+    pools: &Mutex<HashMap<String, UpstreamPool>>,
+    req: Request<Incoming>,
+) -> http::Response<Counted<proxy::ProxyBody>> {
+    bump(&inner.stats.http_requests);
+    let host = proxy::request_host(&req).map(normalize_host);
+    let shown_host = match &host {
+        Some(Ok(h)) => h.as_str(),
+        _ => "",
+    };
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client_ip = inner
+        .config
+        .trusted_proxies
+        .http_client(conn.client, forwarded_for);
+    let mut record = HttpRecord::start(
+        &inner.outcomes,
+        &req,
+        SocketAddr::new(client_ip, conn.client.port()),
+        conn.local,
+        shown_host,
+        conn.tls.as_ref(),
+        conn.start,
+    );
+    let malformed = proxy::malformed(&req);
+    let req = req.map(|body| Counted::new(body, record.request_body_stats()));
+    let span = record.span().clone();
+    let response = async {
+        match (host, malformed) {
+            (_, Some(failure)) => proxy::close_after(proxy::error_response(&failure)),
+            (Some(Ok(host)), None) => match &inner.config.oauth {
+                Some(oauth) if oauth.is_auth_host(&host) => {
+                    auth_host_request(oauth, conn, &host, &req).await
+                }
+                _ => route_request(inner, conn, pools, &mut record, client_ip, &host, req).await,
+            },
+            (Some(Err(e)), None) => proxy::close_after(proxy::error_response(&Failure::new(
+                ErrorCode::BAD_HOST,
+                e.to_string(),
+            ))),
+            (None, None) => proxy::close_after(proxy::error_response(&Failure::new(
+                ErrorCode::BAD_HOST,
+                "no Host header",
+            ))),
+        }
+    }
+    .instrument(span)
+    .await;
+    record.finish(response)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn route_request(
+    inner: &Inner,
+    conn: &ConnInfo,
+    pools: &Mutex<HashMap<String, UpstreamPool>>,
+    record: &mut HttpRecord,
+    client_ip: IpAddr,
+    host: &str,
+    req: Request<Counted<Incoming>>,
+) -> http::Response<proxy::ProxyBody> {
+    let (route, sni_route) = {
+        let routes = inner.routes.read().expect("routes lock");
+        let route = routes.lookup(host).cloned();
+        let sni_route = conn.sni.as_deref().map(|sni| routes.lookup(sni).cloned());
+        (route, sni_route)
+    };
+    let Some((route, member)) = route
+        .filter(|r| matches!(r.kind, EndpointKind::Http))
+        .and_then(|r| Some((r.clone(), r.pool.pick(&[])?)))
+    else {
+        return proxy::error_response(&Failure::new(ErrorCode::ENDPOINT_OFFLINE, host));
+    };
+    record.served_by(&member.endpoint);
+    if let Some(sni_route) = sni_route
+        && !sni_route.is_some_and(|s| Arc::ptr_eq(&s, &route))
+    {
+        return proxy::error_response(&Failure::new(
+            ErrorCode::MISDIRECTED_REQUEST,
+            format!("SNI {:?} but Host {host}", conn.sni),
+        ));
+    }
+    let mut req = req.map(VisitorBody::Streamed);
+    proxy::strip_reserved(req.headers_mut());
+    let visit = Visit {
+        inner,
+        conn,
+        pools,
+        client_ip,
+        host,
+        hops: 0,
+    };
+    visit.serve(&route, member, req, record).await
+}
+
+/// Internal endpoints a request may be forwarded through before it is a
+/// loop (ngrok's `forward-internal` guard).
+const MAX_HOPS: u8 = 3;
+
+/// One visitor request being served: what a route's policy and the
+/// forwarding need, and how many internal hops it has taken.
+struct Visit<'a> {
+    inner: &'a Inner,
+    conn: &'a ConnInfo,
+    pools: &'a Mutex<HashMap<String, UpstreamPool>>,
+    client_ip: IpAddr,
+    /// The routed name the visitor asked for.
+    host: &'a str,
+    hops: u8,
+}
+
+impl Visit<'_> {
+    /// Runs `route`'s policy on the request and forwards it to `member`.
+    async fn serve(
+        &self,
+        route: &Route,
+        member: Arc<Member>,
+        mut req: Request<VisitorBody>,
+        record: &mut HttpRecord,
+    ) -> http::Response<proxy::ProxyBody> {
+        let (inner, conn, host) = (self.inner, self.conn, self.host);
+        let policy = &route.policy;
+        let facts = (!policy.is_empty()).then(|| {
+            let conn_facts = ConnFacts {
+                client: SocketAddr::new(self.client_ip, conn.client.port()),
+                server: conn.local,
+                region: inner.outcomes.region.as_str().into(),
+                start: conn.start,
+                tls: conn.tls.as_ref().map(|tls| TlsFacts {
+                    sni: conn.sni.clone(),
+                    version: tls.version.clone(),
+                    cipher_suite: tls.cipher_suite.clone(),
+                    peer_chain: conn.peer_chain.clone(),
+                    client: conn.client_identity.clone(),
+                }),
+            };
+            (conn_facts, EndpointFacts::of(&member.endpoint))
+        });
+        let scheme = if conn.tls.is_some() { "https" } else { "http" };
+        let mut scratch = Scratch::default();
+        let mut head = None;
+        if let Some((conn_facts, endpoint_facts)) = &facts {
+            let mut cx = RequestCx {
+                req: &mut req,
+                conn: conn_facts,
+                endpoint: endpoint_facts,
+                scheme,
+                host,
+                record,
+                scratch: &mut scratch,
+                internal: self,
+            };
+            let stop = policy.on_request(&mut cx).await;
+            count_ip_denial(inner, record.ip_decision_made());
+            match stop {
+                Ok(None) => {}
+                Ok(Some(response)) => {
+                    record.policy_logs(scratch.logs);
+                    return response;
+                }
+                Err(failure) => {
+                    record.policy_logs(scratch.logs);
+                    return proxy::error_response(&failure);
+                }
+            }
+            if policy.has(Phase::Response) {
+                head = Some(request_head(&req));
+            }
+        }
+        let pool = match &member.shared_pool {
+            Some(pool) => pool.clone(),
+            None => self
+                .pools
+                .lock()
+                .expect("pools lock")
+                .entry(member.endpoint.id.clone())
+                .or_insert_with(|| {
+                    UpstreamPool::new(
+                        member.endpoint.clone(),
+                        Arc::downgrade(&route.pool),
+                        conn.client,
+                        conn.local,
+                        host.to_string(),
+                    )
+                })
+                .clone(),
+        };
+        let mut response =
+            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await;
+        if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
+            record.served_by(endpoint);
+        }
+        for observer in scratch.observers.drain(..) {
+            observer.observe(response.status());
+        }
+        if let (Some((conn_facts, endpoint_facts)), Some(head)) = (&facts, &head) {
+            let mut cx = ResponseCx {
+                res: &mut response,
+                req: head,
+                conn: conn_facts,
+                endpoint: endpoint_facts,
+                scheme,
+                host,
+                record,
+                scratch: &mut scratch,
+            };
+            if let Err(failure) = policy.on_response(&mut cx) {
+                response = proxy::error_response(&failure);
+            }
+        }
+        record.policy_logs(scratch.logs);
+        response
+    }
+}
+
+impl InternalRoutes for Visit<'_> {
+    fn forward<'a>(
+        &'a self,
+        target: &'a str,
+        req: Request<VisitorBody>,
+        record: &'a mut HttpRecord,
+    ) -> BoxFuture<'a, Result<http::Response<proxy::ProxyBody>, InternalMiss>> {
+        Box::pin(async move {
+            if self.hops >= MAX_HOPS {
+                return Err(InternalMiss {
+                    failure: Failure::new(
+                        ErrorCode::POLICY_FAILED,
+                        format!(
+                            "forward-internal went through {MAX_HOPS} internal endpoints: a loop"
+                        ),
+                    ),
+                    req,
+                });
+            }
+            let found = self
+                .inner
+                .internal
+                .read()
+                .expect("routes lock")
+                .lookup(target)
+                .cloned()
+                .and_then(|route| Some((route.pool.pick(&[])?, route)));
+            let Some((member, route)) = found else {
+                return Err(InternalMiss {
+                    failure: Failure::new(ErrorCode::ENDPOINT_OFFLINE, target.to_string()),
+                    req,
+                });
+            };
+            record.served_by(&member.endpoint);
+            let next = Visit {
+                hops: self.hops + 1,
+                ..*self
+            };
+            Ok(next.serve(&route, member, req, record).await)
+        })
+    }
+}
+
+/// The method, target, version and headers of a request, for the rules
+/// that look at it once the response is back.
+fn request_head<B>(req: &Request<B>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = req.method().clone();
+    *head.uri_mut() = req.uri().clone();
+    *head.version_mut() = req.version();
+    *head.headers_mut() = req.headers().clone();
+    head
+}
+
+/// A request to the OAuth auth host (the one callback URL). Over TLS its
+/// SNI must name the auth host too.
+async fn auth_host_request<B>(
+    oauth: &OAuthService,
+    conn: &ConnInfo,
+    host: &str,
+    req: &Request<B>,
+) -> http::Response<proxy::ProxyBody> {
+    if conn.sni.as_deref().is_some_and(|sni| sni != host) {
+        return proxy::error_response(&Failure::new(
+            ErrorCode::MISDIRECTED_REQUEST,
+            format!("SNI {:?} but Host {host}", conn.sni),
+        ));
+    }
+    oauth.serve_auth_host(req, conn.tls.is_some()).await
+}
