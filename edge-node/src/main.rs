@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
         .await;
     let stopped = edge.shutdown().await;
     telemetry.shutdown().await;
-    stopped
+    Ok(stopped?)
 }
 
 fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
