@@ -265,12 +265,13 @@ impl Proxy {
         let code = status_line.split_whitespace().nth(1).unwrap_or_default();
         match code {
             "200" => Ok(()),
-            "407" if self.credentials.is_none() => bail!(
-                "{}: the proxy {self} wants credentials (407); put them in the URL as user:password@",
+            // 407 is the standard answer; some proxies (tinyproxy) send 401.
+            "401" | "407" if self.credentials.is_none() => bail!(
+                "{}: the proxy {self} wants credentials ({code}); put them in the URL as user:password@",
                 self.source
             ),
-            "407" => bail!(
-                "{}: the proxy {self} refused the credentials (407)",
+            "401" | "407" => bail!(
+                "{}: the proxy {self} refused the credentials ({code})",
                 self.source
             ),
             _ => bail!(

@@ -273,8 +273,24 @@ async fn connect(
         endpoint.connect_with_connector(connector),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no connection within {:?}", config.connect_timeout))??;
+    .map_err(|_| anyhow::anyhow!("no connection within {:?}", config.connect_timeout))?
+    .map_err(|e| anyhow::anyhow!(each_cause_once(&e)))?;
     Ok(channel)
+}
+
+/// An error and its causes in one line, each message once: tonic's
+/// transport error repeats the connector's message at two levels.
+fn each_cause_once(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text = format!("{text}: {message}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Clone)]
