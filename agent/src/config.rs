@@ -798,7 +798,11 @@ impl RawTunnel {
                 }
                 None => None,
             },
-            inspect: proto == Proto::Http && self.inspect.unwrap_or(true),
+            // The converter's streams carry the visitor's bytes, not HTTP:
+            // nothing to inspect.
+            inspect: proto == Proto::Http
+                && self.inspect.unwrap_or(true)
+                && !self.websocket_tcp_converter.unwrap_or(false),
             oauth: crate::oauth::spec(
                 &format!("tunnels.{name}"),
                 proto == Proto::Http,

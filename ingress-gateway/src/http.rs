@@ -2,6 +2,10 @@
 //! as HTTP/1.1 over a pool of tunnel data streams, WebSocket upgrades, and
 //! the error pages visitors see.
 
+mod websocket_tcp;
+
+pub(crate) use websocket_tcp::convert as websocket_to_tcp;
+
 use std::{
     convert::Infallible,
     error::Error as StdError,
@@ -148,6 +152,7 @@ impl ConnInfo {
 #[derive(Clone)]
 pub struct UpstreamPool {
     client: Client<TunnelConnector, VisitorBody>,
+    connector: TunnelConnector,
 }
 
 impl UpstreamPool {
@@ -176,8 +181,13 @@ impl UpstreamPool {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .set_host(false)
-            .build(connector);
-        UpstreamPool { client }
+            .build(connector.clone());
+        UpstreamPool { client, connector }
+    }
+
+    /// A tunnel stream of its own, outside the HTTP connection pool.
+    pub(crate) async fn open_stream(&self) -> Result<TunnelConn, Failure> {
+        tower_service::Service::call(&mut self.connector.clone(), Uri::default()).await
     }
 }
 
@@ -259,10 +269,10 @@ impl tower_service::Service<Uri> for TunnelConnector {
 
 /// A data stream as a hyper connection, holding its place in the agent's
 /// connection limit.
-struct TunnelConn {
+pub(crate) struct TunnelConn {
     io: TokioIo<TunnelIo<tonic::Streaming<pb::Frame>>>,
     /// Tells each response which endpoint served it.
-    served: ServedBy,
+    pub served: ServedBy,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 

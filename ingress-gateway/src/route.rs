@@ -61,14 +61,21 @@ pub(crate) struct Member {
     pub endpoint: Arc<Endpoint>,
     /// HTTP endpoints without PROXY headers share one upstream pool.
     pub shared_pool: Option<UpstreamPool>,
+    /// `websocket_tcp_converter`: visitors' WebSockets become TCP streams.
+    pub websocket_tcp: bool,
     failed_at_ms: AtomicU64,
 }
 
 impl Member {
-    pub fn new(endpoint: Arc<Endpoint>, shared_pool: Option<UpstreamPool>) -> Arc<Member> {
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        shared_pool: Option<UpstreamPool>,
+        websocket_tcp: bool,
+    ) -> Arc<Member> {
         Arc::new(Member {
             endpoint,
             shared_pool,
+            websocket_tcp,
             failed_at_ms: AtomicU64::new(0),
         })
     }
@@ -225,6 +232,7 @@ mod tests {
                 }),
             }),
             None,
+            false,
         )
     }
 

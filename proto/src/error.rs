@@ -109,6 +109,7 @@ codes! {
     MISDIRECTED_REQUEST = (9001, 421, Client, "the Host header names another endpoint than the TLS SNI");
     BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
     BAD_REQUEST = (9009, 400, Client, "the request is malformed");
+    WEBSOCKET_ONLY = (9036, 400, Client, "this endpoint converts WebSocket connections to TCP and takes nothing else");
     CONTROL_FLOOD = (9008, 400, Agent, "the agent sent control messages faster than allowed");
     POLICY_FAILED = (9015, 500, Agent, "the endpoint's traffic policy failed while running");
     BASIC_AUTH_REQUIRED = (9016, 401, Client, "valid basic auth credentials are required");

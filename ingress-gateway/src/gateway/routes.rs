@@ -149,7 +149,13 @@ impl Gateway {
                 domain.to_string(),
             )
         });
-        route.pool.add(Member::new(endpoint.clone(), shared_pool));
+        let websocket_tcp = spec
+            .http_modules
+            .as_ref()
+            .is_some_and(|m| m.websocket_tcp_converter);
+        route
+            .pool
+            .add(Member::new(endpoint.clone(), shared_pool, websocket_tcp));
         drop(routes);
         self.inner.bindings.lock().expect("bindings lock").insert(
             id,
@@ -279,7 +285,7 @@ impl Gateway {
             source,
             remote: spec.remote,
         });
-        route.pool.add(Member::new(endpoint.clone(), None));
+        route.pool.add(Member::new(endpoint.clone(), None, false));
         drop(tcp_routes);
         self.inner.bindings.lock().expect("bindings lock").insert(
             id,

@@ -238,8 +238,11 @@ impl Visit<'_> {
                 })
                 .clone(),
         };
-        let mut response =
-            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await;
+        let mut response = if member.websocket_tcp {
+            proxy::websocket_to_tcp(&pool, req, &inner.tracker).await
+        } else {
+            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await
+        };
         if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
             record.served_by(endpoint);
         }
