@@ -77,6 +77,46 @@ impl Listeners {
     }
 }
 
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Reads the certificates of `[[tls.certificates]]` into `certs`.
+fn load_certificates(config: &EdgeConfig, certs: &CertStore) -> anyhow::Result<()> {
+    for (cert, key) in &config.tls.certificates {
+        let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
+        let names = certs.add_pem(
+            Pem::new(&cert_name, &read(cert)?),
+            Pem::new(&key_name, &read(key)?),
+        )?;
+        tracing::info!(cert = %cert.display(), names = ?names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
+    }
+    Ok(())
+}
+
+/// The agent listener's certificate and key from `tls.agent_cert` and
+/// `tls.agent_key`.
+fn agent_cert_key(
+    (cert, key): &(std::path::PathBuf, std::path::PathBuf),
+) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    Ok(certified_key_from_pem(
+        Pem::new(&format!("tls.agent_cert {}", cert.display()), &read(cert)?),
+        Pem::new(&format!("tls.agent_key {}", key.display()), &read(key)?),
+    )?)
+}
+
+/// What `postern-edge --check-config` checks beyond the file itself:
+/// every certificate and key file `[tls]` names is read and parsed, as the
+/// node does when it starts. Nothing is written (the dev CA is not
+/// created).
+pub fn check_config_files(config: &EdgeConfig) -> anyhow::Result<()> {
+    load_certificates(config, &CertStore::new(None))?;
+    if let Some(paths) = &config.tls.agent_cert {
+        agent_cert_key(paths)?;
+    }
+    Ok(())
+}
+
 /// Where a running node listens.
 #[derive(Clone, Copy, Debug)]
 pub struct Addresses {
@@ -147,28 +187,9 @@ impl Edge {
             )),
             None => None,
         };
-        for (cert, key) in &config.tls.certificates {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
-            };
-            let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
-            let names = certs.add_pem(
-                Pem::new(&cert_name, &read(cert)?),
-                Pem::new(&key_name, &read(key)?),
-            )?;
-            tracing::info!(cert = %cert.display(), names = ?names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
-        }
+        load_certificates(&config, &certs)?;
         let agent_key = match &config.tls.agent_cert {
-            Some((cert, key)) => certified_key_from_pem(
-                Pem::new(
-                    &format!("tls.agent_cert {}", cert.display()),
-                    &std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
-                ),
-                Pem::new(
-                    &format!("tls.agent_key {}", key.display()),
-                    &std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
-                ),
-            )?,
+            Some(paths) => agent_cert_key(paths)?,
             None => {
                 let name = config.agent_ingress_name();
                 let ca = certs
