@@ -413,7 +413,7 @@ impl Verb {
         if self.takes_id()
             && let Some(id) = matches.get_one::<String>("id")
         {
-            path = format!("{path}/{id}");
+            path = format!("{path}/{}", escape(id));
         }
         let mut fields = Map::new();
         for field in self.fields() {
@@ -434,7 +434,7 @@ impl Verb {
             Verb::List(_) => {
                 let query: Vec<String> = fields
                     .iter()
-                    .map(|(k, v)| format!("{k}={}", query_escape(v.as_str().unwrap_or_default())))
+                    .map(|(k, v)| format!("{k}={}", escape(v.as_str().unwrap_or_default())))
                     .collect();
                 if !query.is_empty() {
                     path = format!("{path}?{}", query.join("&"));
@@ -452,12 +452,13 @@ impl Verb {
     }
 }
 
-/// Percent-encodes a query value.
-fn query_escape(value: &str) -> String {
+/// Percent-encodes an id in the path or a value in the query (a comma
+/// stays: `get ca_1,ca_2` asks for two).
+fn escape(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
                 (b as char).to_string()
             }
             _ => format!("%{b:02X}"),
@@ -667,5 +668,54 @@ where
             Ok(()) => anyhow::bail!("the connection closed before an answer"),
             Err(e) => Err(e.into()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Args;
+    use serde_json::json;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Call {
+        let command = ApiArgs::augment_args(Command::new("api").no_binary_name(true));
+        let matches = command.try_get_matches_from(args).unwrap();
+        ApiArgs::from_arg_matches(&matches).unwrap().call
+    }
+
+    #[test]
+    fn the_table_makes_well_formed_commands_and_requests() {
+        ApiArgs::augment_args(Command::new("api")).debug_assert();
+        let call = parse(&[
+            "credentials",
+            "create",
+            "--acl",
+            "bind:a.test,bind:b.test",
+            "--acl",
+            "bind:*:20000",
+        ]);
+        assert_eq!(
+            (&call.method, call.path.as_str()),
+            (&Method::POST, "/credentials")
+        );
+        assert_eq!(
+            call.body,
+            Some(json!({"acl": ["bind:a.test", "bind:b.test", "bind:*:20000"]}))
+        );
+        let call = parse(&["oauth-sessions", "list", "--email", "a b@x.test"]);
+        assert_eq!(call.path, "/oauth_sessions?email=a%20b%40x.test");
+        let call = parse(&["certificate-authorities", "get", "ca_1,ca_2"]);
+        assert_eq!(call.path, "/certificate_authorities/ca_1,ca_2");
+        let call = parse(&["tunnel-sessions", "stop", "ts_1"]);
+        assert_eq!(
+            (&call.method, call.path.as_str(), &call.body),
+            (&Method::POST, "/tunnel_sessions/ts_1/stop", &None)
+        );
+        let call = parse(&["bot-users", "update", "bot_1", "--active", "false"]);
+        assert_eq!(
+            (&call.method, call.body),
+            (&Method::PATCH, Some(json!({"active": false})))
+        );
     }
 }
