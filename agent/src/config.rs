@@ -31,7 +31,7 @@ const IGNORED_AGENT_KEYS: &[&str] = &[
 ];
 
 /// ngrok tunnel keys Postern accepts and ignores.
-const IGNORED_TUNNEL_KEYS: &[&str] = &["metadata", "schemes", "bind_tls"];
+const IGNORED_TUNNEL_KEYS: &[&str] = &["metadata", "bind_tls"];
 
 /// The config file as written (after merging).
 #[derive(Debug, Default, Deserialize)]
@@ -101,8 +101,8 @@ pub mod indexmap_like {
                     .as_str()
                     .ok_or_else(|| serde::de::Error::custom("tunnel names must be strings"))?
                     .to_string();
-                let tunnel = RawTunnel::deserialize(v)
-                    .map_err(|e| serde::de::Error::custom(format!("tunnels.{name}: {e}")))?;
+                let tunnel = super::raw_tunnel(v)
+                    .map_err(|e| serde::de::Error::custom(format!("tunnels.{name}.{e}")))?;
                 out.push((name, tunnel));
             }
             Ok(Tunnels(out))
@@ -152,6 +152,18 @@ pub struct RawTunnel {
     /// file into it). `policy` is the name before ngrok agent 3.14.
     #[serde(alias = "policy")]
     pub traffic_policy: Option<Value>,
+    /// HTTP: ngrok's modules (see `modules.rs`).
+    pub basic_auth: Option<Vec<String>>,
+    pub request_header: Option<crate::modules::RawHeaderEdits>,
+    pub response_header: Option<crate::modules::RawHeaderEdits>,
+    pub host_header: Option<String>,
+    pub compression: Option<bool>,
+    pub circuit_breaker: Option<f64>,
+    #[serde(alias = "webhook_verification")]
+    pub verify_webhook: Option<crate::modules::RawVerifyWebhook>,
+    pub user_agent_filter: Option<crate::modules::RawUserAgentFilter>,
+    pub websocket_tcp_converter: Option<bool>,
+    pub schemes: Option<Vec<String>>,
 }
 
 /// Who may connect to an endpoint, by source address.
@@ -232,6 +244,17 @@ impl Upstream {
         };
         format!("{scheme}{self}")
     }
+
+    /// What `host_header: rewrite` sets: the upstream's host, with its
+    /// port unless it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        match (self.host.contains(':'), self.port == default) {
+            (true, true) => format!("[{}]", self.host),
+            (false, true) => self.host.clone(),
+            _ => self.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Upstream {
@@ -269,6 +292,8 @@ pub struct TunnelSpec {
     pub pooling_enabled: bool,
     /// The Traffic Policy document's text, compiled and enforced by the edge.
     pub traffic_policy: Option<String>,
+    /// HTTP tunnels: ngrok's modules, enforced by the edge.
+    pub modules: Option<crate::modules::HttpModules>,
 }
 
 /// Which CAs the agent trusts for the edge.
@@ -332,6 +357,22 @@ pub fn merge(base: &mut Value, over: Value) {
         (base, Value::Null) if !base.is_null() => {}
         (base, over) => *base = over,
     }
+}
+
+/// A tunnel's keys as written: when one has a value of the wrong type, the
+/// error starts with that key (`basic_auth: invalid type: …`).
+fn raw_tunnel(body: Value) -> Result<RawTunnel, String> {
+    RawTunnel::deserialize(body.clone()).map_err(|e| {
+        let named = body.as_mapping().and_then(|map| {
+            map.iter().find_map(|(key, value)| {
+                let one = Mapping::from_iter([(key.clone(), value.clone())]);
+                RawTunnel::deserialize(Value::Mapping(one))
+                    .err()
+                    .map(|e| format!("{}: {e}", key.as_str().unwrap_or("?")))
+            })
+        });
+        named.unwrap_or_else(|| e.to_string())
+    })
 }
 
 /// Drops ngrok keys Postern ignores, warning once per key.
@@ -609,6 +650,7 @@ impl RawTunnel {
                 &field("mutual_tls_cas"),
             )?),
         };
+        let upstream_host = upstream.host_header();
         Ok(TunnelSpec {
             name: name.to_string(),
             proto,
@@ -641,6 +683,23 @@ impl RawTunnel {
                 .as_ref()
                 .map(|v| policy_text(v, &field("traffic_policy")))
                 .transpose()?,
+            modules: crate::modules::validate(
+                crate::modules::RawModules {
+                    basic_auth: &self.basic_auth,
+                    request_header: &self.request_header,
+                    response_header: &self.response_header,
+                    host_header: &self.host_header,
+                    compression: &self.compression,
+                    circuit_breaker: &self.circuit_breaker,
+                    verify_webhook: &self.verify_webhook,
+                    user_agent_filter: &self.user_agent_filter,
+                    websocket_tcp_converter: &self.websocket_tcp_converter,
+                    schemes: &self.schemes,
+                },
+                proto == Proto::Http,
+                &upstream_host,
+                &format!("tunnels.{name}"),
+            )?,
         })
     }
 }
@@ -687,15 +746,8 @@ pub(crate) fn api_tunnel(
 ) -> anyhow::Result<TunnelSpec> {
     if let Value::Mapping(map) = &mut body {
         drop_ignored(map, IGNORED_TUNNEL_KEYS, "");
-        // Key by key first, so that a value of the wrong type is named.
-        for (key, value) in map.iter() {
-            let one = Mapping::from_iter([(key.clone(), value.clone())]);
-            if let Err(e) = RawTunnel::deserialize(Value::Mapping(one)) {
-                bail!("{}: {e}", key.as_str().unwrap_or("?"));
-            }
-        }
     }
-    let raw = RawTunnel::deserialize(body).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let raw = raw_tunnel(body).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut spec = raw.validate(name)?;
     spec.upstream_tls = upstream_tls_for(&spec.upstream, upstream_tls);
     Ok(spec)

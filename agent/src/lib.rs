@@ -8,6 +8,7 @@ mod api;
 mod config;
 mod forward;
 mod inspect;
+mod modules;
 mod oauth;
 mod session;
 mod state;
@@ -26,6 +27,7 @@ pub use config::{
     AgentConfig, ApiUrl, Proto, RawAgentConfig, RawTunnel, RootCas, TerminateAt, TunnelSpec,
     Upstream, load_files, merge, parse_raw, parse_upstream,
 };
+pub use modules::{HttpModules, ModuleFlags};
 pub use oauth::{AuthFlags, OAuthSpec};
 pub use session::Status;
 pub use tls::https_client_config;

@@ -81,6 +81,11 @@ enum Command {
         upstream_tls_verify: bool,
         #[command(flatten)]
         auth: Box<postern_agent::AuthFlags>,
+        #[command(flatten)]
+        modules: Box<postern_agent::ModuleFlags>,
+        /// Capture requests for the inspector (ngrok's --inspect; default true).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+        inspect: Option<bool>,
     },
     /// Serve a TLS endpoint routed by SNI.
     Tls {
@@ -290,10 +295,13 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             common,
             upstream_tls_verify,
             auth,
+            modules,
+            inspect,
         } => {
-            for (key, value) in auth.tunnel_keys() {
+            for (key, value) in auth.tunnel_keys().into_iter().chain(modules.tunnel_keys()) {
                 set(&mut tunnel, key, Some(value));
             }
+            set(&mut tunnel, "inspect", inspect);
             set(&mut tunnel, "proto", Some("http"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "domain", common.domain);

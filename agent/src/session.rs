@@ -1062,6 +1062,7 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
         }),
         pooling_enabled: spec.pooling_enabled,
         traffic_policy: spec.traffic_policy.clone().unwrap_or_default(),
+        modules: spec.modules.as_ref().map(|m| m.0.clone()),
     }
 }
 

@@ -12,6 +12,8 @@
 //!   read from live nodes; gone with the node.
 //! - `n`: the node's region and inter-node address.
 
+mod merge;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
@@ -25,7 +27,7 @@ use std::{
 
 use chitchat::{
     Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle,
-    NodeState, ProtocolVersion, spawn_chitchat,
+    NodeState, ProtocolVersion, VersionedValue, spawn_chitchat,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::{
@@ -41,6 +43,8 @@ use crate::{
     snapshot,
     transport::{self, GossipTransport, Partition},
 };
+
+use merge::{Gossiped, Parsed};
 
 /// A type of gossiped object. `KIND` names it in gossip keys: a short
 /// lower-case word without `/` or `#`.
@@ -706,14 +710,14 @@ fn save_snapshot(inner: &Inner) {
     }
 }
 
-type Parsed = Option<Arc<(Payload, Arc<str>)>>;
-
 /// Merges gossip into the view, re-publishes winners, collects old
-/// tombstones, saves the snapshot.
+/// tombstones, saves the snapshot: [`Reconciler::read`] takes what every
+/// node publishes, verified, [`merge`] decides, the rest writes.
 struct Reconciler {
     inner: Arc<Inner>,
-    /// Verified payloads by node and key, valid for one chitchat version.
-    cache: HashMap<ChitchatId, HashMap<String, (u64, Parsed)>>,
+    /// Verified payloads by node and key, valid for one chitchat version
+    /// (`None`: refused).
+    cache: HashMap<ChitchatId, HashMap<String, (u64, Option<Parsed>)>>,
     /// Highest timestamp accepted per node-scoped key, so an old value
     /// replayed under a higher chitchat version changes nothing.
     high_water: HashMap<ChitchatId, HashMap<String, Hlc>>,
@@ -721,10 +725,6 @@ struct Reconciler {
     fingerprint: Vec<(ChitchatId, u64, bool)>,
     last_full: std::time::Instant,
     saved_generation: u64,
-}
-
-struct Candidate {
-    payload: Arc<(Payload, Arc<str>)>,
 }
 
 impl Reconciler {
@@ -744,28 +744,75 @@ impl Reconciler {
 
     async fn pass(&mut self) {
         let inner = self.inner.clone();
-        let full = self.last_full.elapsed() > Duration::from_secs(5);
         let mut cc = inner.chitchat.lock().await;
         let live: HashSet<ChitchatId> = cc.live_nodes().cloned().collect();
+        if !self.changed(&cc, &live) {
+            return;
+        }
+        inner.counters.passes.fetch_add(1, Ordering::Relaxed);
+        let gossiped = self.read(&cc, live);
+        let merged = merge::merge(gossiped, &inner.self_id, wall_millis(), inner.tombstone_ttl);
+        if let Some(newest) = merged.newest {
+            inner.clock.observe(newest);
+        }
+        if !merged.republish.is_empty() || !merged.collect.is_empty() {
+            let state = cc.self_node_state();
+            for (key, env) in &merged.republish {
+                set_split(state, key, env);
+            }
+            for key in &merged.collect {
+                delete_split(state, key);
+            }
+            let counters = &inner.counters;
+            let count = |n: usize| n as u64;
+            counters
+                .republished
+                .fetch_add(count(merged.republish.len()), Ordering::Relaxed);
+            counters
+                .collected
+                .fetch_add(count(merged.collect.len()), Ordering::Relaxed);
+        }
+        drop(cc);
+        let changes = merged
+            .view
+            .apply(&mut inner.view.write().expect("view lock"));
+        for change in changes {
+            let _ = inner.changes.send(change);
+        }
+        let generation = inner.view.read().expect("view lock").generation;
+        if generation != self.saved_generation {
+            self.saved_generation = generation;
+            save_snapshot(&inner);
+        }
+    }
+
+    /// Whether any node's state or liveness changed since the last pass;
+    /// every 5 s a pass runs anyway.
+    fn changed(&mut self, cc: &Chitchat, live: &HashSet<ChitchatId>) -> bool {
+        let full = self.last_full.elapsed() > Duration::from_secs(5);
         let fingerprint: Vec<(ChitchatId, u64, bool)> = cc
             .node_states()
             .iter()
             .map(|(id, s)| (id.clone(), s.max_version(), live.contains(id)))
             .collect();
         if !full && fingerprint == self.fingerprint {
-            return;
+            return false;
         }
         self.fingerprint = fingerprint;
         if full {
             self.last_full = std::time::Instant::now();
         }
-        inner.counters.passes.fetch_add(1, Ordering::Relaxed);
-        let self_id = inner.self_id.clone();
+        true
+    }
 
-        let mut best: HashMap<String, Candidate> = HashMap::new();
-        let mut own: HashMap<String, (Hlc, String)> = HashMap::new();
-        let mut infos: Vec<(ChitchatId, NodeInfo)> = Vec::new();
-        let mut node_values: Vec<(ChitchatId, String, serde_json::Value)> = Vec::new();
+    /// What every node publishes, verified: config copies, node
+    /// announcements, and the node-owned values of live nodes.
+    fn read(&mut self, cc: &Chitchat, live: HashSet<ChitchatId>) -> Gossiped {
+        let inner = &self.inner;
+        let mut gossiped = Gossiped {
+            live,
+            ..Gossiped::default()
+        };
         let known: HashSet<&ChitchatId> = cc.node_states().keys().collect();
         self.cache.retain(|id, _| known.contains(id));
         for (id, state) in cc.node_states() {
@@ -776,223 +823,96 @@ impl Reconciler {
                     continue;
                 }
                 seen_keys.insert(key);
-                let parsed = match cache.get(key) {
-                    Some((version, parsed)) if *version == vv.version => parsed.clone(),
-                    _ => {
-                        let env = match envelope::manifest(&vv.value) {
-                            Some((hash, n)) => {
-                                match envelope::join(key, hash, n, |k| {
-                                    state.get(k).map(str::to_string)
-                                }) {
-                                    Some(whole) => whole,
-                                    None => continue, // chunks still on their way
-                                }
-                            }
-                            None => vv.value.clone(),
-                        };
-                        let parsed = match envelope::open(&inner.key, &inner.cluster_id, key, &env)
-                        {
-                            Ok(payload) => Some(Arc::new((payload, Arc::<str>::from(env)))),
-                            Err(refusal) => {
-                                inner.counters.refused.fetch_add(1, Ordering::Relaxed);
-                                tracing::warn!(node = %id.node_id, gossip = %id.gossip_advertise_addr, key, ?refusal, "gossiped value refused");
-                                None
-                            }
-                        };
-                        cache.insert(key.to_string(), (vv.version, parsed.clone()));
-                        parsed
-                    }
+                let Some(parsed) = open_cached(inner, cache, id, state, key, vv) else {
+                    continue;
                 };
-                let Some(parsed) = parsed else { continue };
-                let payload = &parsed.0;
                 if key.starts_with("c/") {
-                    if *id == self_id {
-                        own.insert(key.to_string(), (payload.h, payload.o.clone()));
+                    gossiped.config.push((id.clone(), key.to_string(), parsed));
+                    continue;
+                }
+                if key != "n" && !key.starts_with("l/") {
+                    continue;
+                }
+                let high = self.high_water.entry(id.clone()).or_default();
+                let Some(value) = node_scoped(inner, cache, high, id, key, vv.version, &parsed.0)
+                else {
+                    continue;
+                };
+                if key == "n" {
+                    if let Ok(info) = serde_json::from_value::<NodeInfo>(value) {
+                        gossiped.infos.push((id.clone(), info));
                     }
-                    let better = best
-                        .get(key)
-                        .is_none_or(|b| (payload.h, &payload.o) > (b.payload.0.h, &b.payload.0.o));
-                    if better {
-                        best.insert(
-                            key.to_string(),
-                            Candidate {
-                                payload: parsed.clone(),
-                            },
-                        );
-                    }
-                } else if key == "n" || key.starts_with("l/") {
-                    if payload.o != *id.node_id || payload.g != id.generation_id {
-                        // Signed for another node or an earlier run.
-                        if cache.get(key).is_some_and(|(_, p)| p.is_some()) {
-                            inner.counters.refused.fetch_add(1, Ordering::Relaxed);
-                            cache.insert(key.to_string(), (vv.version, None));
-                        }
-                        continue;
-                    }
-                    let high = self.high_water.entry(id.clone()).or_default();
-                    match high.get(key) {
-                        Some(h) if payload.h < *h => {
-                            inner.counters.stale.fetch_add(1, Ordering::Relaxed);
-                            cache.insert(key.to_string(), (vv.version, None));
-                            continue;
-                        }
-                        _ => {
-                            high.insert(key.to_string(), payload.h);
-                        }
-                    }
-                    let Some(value) = payload.v.clone() else {
-                        continue;
-                    };
-                    if key == "n" {
-                        if let Ok(info) = serde_json::from_value::<NodeInfo>(value) {
-                            infos.push((id.clone(), info));
-                        }
-                    } else if live.contains(id) {
-                        node_values.push((id.clone(), key.to_string(), value));
-                    }
+                } else if gossiped.live.contains(id) {
+                    gossiped.locals.push((id.clone(), key.to_string(), value));
                 }
             }
             cache.retain(|k, _| seen_keys.contains(k.as_str()));
         }
+        gossiped
+    }
+}
 
-        // Merge the config: the winner of every object, re-published here.
-        let now = wall_millis();
-        let ttl = inner.tombstone_ttl.as_millis() as u64;
-        let mut config = BTreeMap::new();
-        let mut writes: Vec<(String, Arc<str>)> = Vec::new();
-        let mut collect: Vec<String> = Vec::new();
-        for (key, candidate) in best {
-            let (payload, env) = &*candidate.payload;
-            inner.clock.observe(payload.h);
-            if payload.d && now.saturating_sub(payload.h.millis()) > ttl {
-                if own.contains_key(&key) {
-                    collect.push(key);
-                }
-                continue;
-            }
-            let ours = own.get(&key);
-            if ours.is_none_or(|(h, o)| (*h, o) < (payload.h, &payload.o)) {
-                writes.push((key.clone(), env.clone()));
-            }
-            config.insert(
-                key,
-                Record {
-                    hlc: payload.h,
-                    origin: payload.o.clone(),
-                    deleted: payload.d,
-                    value: payload.v.clone(),
-                    envelope: env.clone(),
-                },
-            );
+/// The verified payload of `key` in `state`, opened once per chitchat
+/// version; `None` when refused (counted and logged) or when its chunks
+/// are still on their way.
+fn open_cached(
+    inner: &Inner,
+    cache: &mut HashMap<String, (u64, Option<Parsed>)>,
+    id: &ChitchatId,
+    state: &NodeState,
+    key: &str,
+    vv: &VersionedValue,
+) -> Option<Parsed> {
+    if let Some((version, parsed)) = cache.get(key)
+        && *version == vv.version
+    {
+        return parsed.clone();
+    }
+    let env = match envelope::manifest(&vv.value) {
+        Some((hash, n)) => envelope::join(key, hash, n, |k| state.get(k).map(str::to_string))?,
+        None => vv.value.clone(),
+    };
+    let parsed = match envelope::open(&inner.key, &inner.cluster_id, key, &env) {
+        Ok(payload) => Some(Arc::new((payload, Arc::<str>::from(env)))),
+        Err(refusal) => {
+            inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %id.node_id, gossip = %id.gossip_advertise_addr, key, ?refusal, "gossiped value refused");
+            None
         }
-        if !writes.is_empty() || !collect.is_empty() {
-            let state = cc.self_node_state();
-            for (key, env) in &writes {
-                set_split(state, key, env);
-            }
-            for key in &collect {
-                delete_split(state, key);
-            }
-            inner
-                .counters
-                .republished
-                .fetch_add(writes.len() as u64, Ordering::Relaxed);
-            inner
-                .counters
-                .collected
-                .fetch_add(collect.len() as u64, Ordering::Relaxed);
-        }
-        drop(cc);
+    };
+    cache.insert(key.to_string(), (vv.version, parsed.clone()));
+    parsed
+}
 
-        // Members: live nodes that announced themselves; a restarted node's
-        // newest generation only.
-        let mut regions = BTreeSet::new();
-        let mut chosen: BTreeMap<String, Member> = BTreeMap::new();
-        for (id, info) in &infos {
-            regions.insert(info.region.clone());
-            if !live.contains(id) || info.leaving {
-                continue;
-            }
-            let member = Member {
-                node_id: id.node_id.to_string(),
-                region: info.region.clone(),
-                rpc_addr: info.rpc,
-                agent_addr: info.agent.clone(),
-                gossip_addr: id.gossip_advertise_addr,
-                generation: id.generation_id,
-                is_self: *id == self_id,
-            };
-            let newer = chosen
-                .get(&member.node_id)
-                .is_none_or(|m| m.generation < member.generation);
-            if newer {
-                chosen.insert(member.node_id.clone(), member);
-            }
+/// The value of a node-scoped key (`n`, `l/…`) of node `id`, unless it was
+/// signed for another node or an earlier run of it, or is older than one
+/// accepted before (a replay): those are refused and counted.
+fn node_scoped(
+    inner: &Inner,
+    cache: &mut HashMap<String, (u64, Option<Parsed>)>,
+    high: &mut HashMap<String, Hlc>,
+    id: &ChitchatId,
+    key: &str,
+    version: u64,
+    payload: &Payload,
+) -> Option<serde_json::Value> {
+    if payload.o != *id.node_id || payload.g != id.generation_id {
+        // Signed for another node or an earlier run.
+        if cache.get(key).is_some_and(|(_, p)| p.is_some()) {
+            inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+            cache.insert(key.to_string(), (version, None));
         }
-        let mut locals: BTreeMap<String, LocalEntries> = BTreeMap::new();
-        for (id, key, value) in node_values {
-            let Some(member) = chosen
-                .get(&*id.node_id)
-                .filter(|m| m.generation == id.generation_id)
-            else {
-                continue;
-            };
-            if let Some((kind, local_id)) = split_key(&key) {
-                locals.entry(kind.to_string()).or_default().push((
-                    member.clone(),
-                    local_id.to_string(),
-                    value,
-                ));
-            }
+        return None;
+    }
+    match high.get(key) {
+        Some(h) if payload.h < *h => {
+            inner.counters.stale.fetch_add(1, Ordering::Relaxed);
+            cache.insert(key.to_string(), (version, None));
+            return None;
         }
-        for entries in locals.values_mut() {
-            entries.sort_by(|a, b| (&a.0.node_id, &a.1).cmp(&(&b.0.node_id, &b.1)));
-        }
-        let members: Vec<Member> = chosen.into_values().collect();
-
-        let mut changes = Vec::new();
-        {
-            let mut view = inner.view.write().expect("view lock");
-            let mut kinds = BTreeSet::new();
-            for (key, record) in &config {
-                if view
-                    .config
-                    .get(key)
-                    .is_none_or(|old| old.rank() != record.rank())
-                {
-                    kinds.extend(split_key(key).map(|(k, _)| k.to_string()));
-                }
-            }
-            for key in view.config.keys() {
-                if !config.contains_key(key) {
-                    kinds.extend(split_key(key).map(|(k, _)| k.to_string()));
-                }
-            }
-            if !kinds.is_empty() {
-                view.generation += 1;
-                view.config = config;
-            }
-            changes.extend(kinds.into_iter().map(Change::Config));
-            let local_kinds: BTreeSet<&String> = view.locals.keys().chain(locals.keys()).collect();
-            for kind in local_kinds {
-                if view.locals.get(kind) != locals.get(kind) {
-                    changes.push(Change::Local(kind.clone()));
-                }
-            }
-            view.locals = locals;
-            if view.members != members {
-                changes.push(Change::Members);
-                view.members = members;
-            }
-            view.regions = regions;
-        }
-        for change in changes {
-            let _ = inner.changes.send(change);
-        }
-        let generation = inner.view.read().expect("view lock").generation;
-        if generation != self.saved_generation {
-            self.saved_generation = generation;
-            save_snapshot(&inner);
+        _ => {
+            high.insert(key.to_string(), payload.h);
         }
     }
+    payload.v.clone()
 }

@@ -9,7 +9,6 @@
 
 use std::ops::RangeInclusive;
 
-use anyhow::{Context, bail};
 use postern_ingress::DomainPattern;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +18,14 @@ enum Rule {
     Ports(RangeInclusive<u16>),
 }
 
+/// An ACL rule that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("rule {rule:?}: {reason}")]
+pub struct AclError {
+    pub rule: String,
+    pub reason: String,
+}
+
 /// A parsed ACL.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Acl {
@@ -26,11 +33,16 @@ pub struct Acl {
 }
 
 impl Acl {
-    pub fn parse<S: AsRef<str>>(rules: &[S]) -> anyhow::Result<Acl> {
+    pub fn parse<S: AsRef<str>>(rules: &[S]) -> Result<Acl, AclError> {
         let rules = rules
             .iter()
-            .map(|r| parse_rule(r.as_ref()).with_context(|| format!("rule {:?}", r.as_ref())))
-            .collect::<anyhow::Result<_>>()?;
+            .map(|r| {
+                parse_rule(r.as_ref()).map_err(|reason| AclError {
+                    rule: r.as_ref().to_string(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Acl { rules })
     }
 
@@ -59,21 +71,28 @@ impl Acl {
     }
 }
 
-fn parse_rule(rule: &str) -> anyhow::Result<Rule> {
+/// A rule, or why it is refused.
+fn parse_rule(rule: &str) -> Result<Rule, String> {
     let Some(target) = rule.strip_prefix("bind:") else {
-        bail!(
+        return Err(
             "only bind: rules exist (\"bind:app.example.com\", \"bind:*.example.com\", \"bind:*\")"
+                .into(),
         );
     };
     if target == "*" {
         return Ok(Rule::Any);
     }
     if target.contains('=') {
-        bail!("label rules (bind:key=value) are for labeled tunnels, which Postern does not have");
+        return Err(
+            "label rules (bind:key=value) are for labeled tunnels, which Postern does not have"
+                .into(),
+        );
     }
     if let Some((host, ports)) = target.rsplit_once(':') {
         if host != "*" {
-            bail!("TCP rules name any host: \"bind:*:20000\" or \"bind:*:20000-20010\"");
+            return Err(
+                "TCP rules name any host: \"bind:*:20000\" or \"bind:*:20000-20010\"".into(),
+            );
         }
         let parse = |s: &str| s.parse::<u16>().ok().filter(|p| *p != 0);
         let range = match ports.split_once('-') {
@@ -82,10 +101,12 @@ fn parse_rule(rule: &str) -> anyhow::Result<Rule> {
         };
         return match range {
             Some(r) if !r.is_empty() => Ok(Rule::Ports(r)),
-            _ => bail!("{ports:?} is not a port or port range"),
+            _ => Err(format!("{ports:?} is not a port or port range")),
         };
     }
-    Ok(Rule::Name(DomainPattern::parse(target)?))
+    DomainPattern::parse(target)
+        .map(Rule::Name)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

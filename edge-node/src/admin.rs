@@ -48,7 +48,7 @@ pub struct AdminState {
     /// Where CA writes go when the node is in a cluster.
     pub cluster: Option<Arc<ClusterNode>>,
     /// This node's sessions and the endpoints its gateway routes.
-    pub registry: Arc<crate::session::Registry>,
+    pub registry: Arc<crate::registry::Registry>,
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {

@@ -4,7 +4,6 @@
 
 use std::{collections::HashMap, sync::RwLock};
 
-use anyhow::bail;
 use postern_proto::{ErrorCode, Failure};
 
 use crate::acl::Acl;
@@ -13,6 +12,17 @@ use crate::acl::Acl;
 const MAX_TOKEN: usize = 512;
 /// Shortest token accepted in config.
 const MIN_TOKEN: usize = 8;
+
+/// An authtoken, or its hash, that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("the token must be at least {MIN_TOKEN} characters")]
+    TooShort,
+    #[error("expected 64 hex characters (the token's SHA-256)")]
+    NotSha256,
+}
 
 /// One authtoken's record.
 #[derive(Clone, Debug)]
@@ -41,12 +51,10 @@ fn sha256_hex(token: &str) -> String {
 }
 
 impl AuthtokenRecord {
-    pub fn from_token(token: &str, acl: Acl, description: String) -> anyhow::Result<Self> {
-        if let Err(e) = check_shape(token) {
-            bail!("{}", e.detail);
-        }
+    pub fn from_token(token: &str, acl: Acl, description: String) -> Result<Self, TokenError> {
+        check_shape(token).map_err(|e| TokenError::Malformed(e.detail))?;
         if token.len() < MIN_TOKEN {
-            bail!("the token must be at least {MIN_TOKEN} characters");
+            return Err(TokenError::TooShort);
         }
         Ok(AuthtokenRecord {
             sha256: sha256_hex(token),
@@ -56,10 +64,10 @@ impl AuthtokenRecord {
         })
     }
 
-    pub fn from_sha256_hex(hash: &str, acl: Acl, description: String) -> anyhow::Result<Self> {
+    pub fn from_sha256_hex(hash: &str, acl: Acl, description: String) -> Result<Self, TokenError> {
         let hash = hash.trim().to_ascii_lowercase();
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!("expected 64 hex characters (the token's SHA-256)");
+            return Err(TokenError::NotSha256);
         }
         Ok(AuthtokenRecord {
             sha256: hash,

@@ -40,8 +40,8 @@ use anyhow::Context;
 use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
 use postern_events::{RuntimeSubscriptions, Subscription};
 use postern_ingress::{EndpointSpec, Protocol};
-use postern_proto::{ErrorCode, Failure, pb};
-use tokio::{net::TcpListener, sync::broadcast::error::RecvError, sync::mpsc};
+use postern_proto::{ErrorCode, Failure};
+use tokio::{net::TcpListener, sync::broadcast::error::RecvError, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -50,7 +50,7 @@ use crate::{
     ca_store::{CaRecord, CaStore},
     config::EndpointPolicy,
     node_link::NodeLinks,
-    session::{AgentSession, Registry},
+    registry::{ClusterView, Registry},
 };
 
 pub use config::{ClusterConfig, RawCluster};
@@ -59,8 +59,8 @@ pub use objects::{
     check_text, parse_domain,
 };
 pub use pki::{AgentCerts, IngressCerts};
-use routes::{Announce, RemoteEndpoints};
-pub use routes::{EndpointAd, SessionAd, bound_request, session_ad};
+use routes::RemoteEndpoints;
+pub use routes::{EndpointAd, SessionAd, session_ad};
 
 impl Kind for CaRecord {
     const KIND: &'static str = "ca";
@@ -103,8 +103,9 @@ pub struct Joining<'a> {
     pub stream_wait: Duration,
 }
 
-/// The node's membership and the task that applies the cluster's objects
-/// and follows the other nodes' endpoints.
+/// The node's membership, the task that applies the cluster's objects and
+/// follows the other nodes' endpoints, and the one that announces this
+/// node's.
 pub struct ClusterNode {
     cluster: Cluster,
     cas: Arc<CaStore>,
@@ -112,11 +113,12 @@ pub struct ClusterNode {
     links: Arc<NodeLinks>,
     link_listener: Mutex<Option<TcpListener>>,
     ingress_certs: Arc<IngressCerts>,
-    announce: mpsc::UnboundedSender<Announce>,
     catch_up: CatchUp,
     stop: CancellationToken,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    link_server: Mutex<Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>>,
+    /// The follow task, then the announcer: stopped and joined in that
+    /// order.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    link_server: Mutex<Option<JoinHandle<Result<(), tonic::transport::Error>>>>,
     /// The link listener's connection tasks.
     link_connections: TaskTracker,
 }
@@ -168,7 +170,6 @@ impl ClusterNode {
             joining.region,
         ));
         let node = ClusterNode {
-            announce: routes::spawn_announcer(cluster.clone()),
             cluster,
             cas: joining.cas,
             tokens: joining.tokens,
@@ -177,7 +178,7 @@ impl ClusterNode {
             ingress_certs,
             catch_up: CatchUp::new(config.gossip_interval, config.catch_up_timeout),
             stop: CancellationToken::new(),
-            task: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
             link_server: Mutex::new(None),
             link_connections: TaskTracker::new(),
         };
@@ -208,9 +209,15 @@ impl ClusterNode {
     }
 
     /// Applies every change as it is merged, closes the sessions of
-    /// revoked credentials in `registry` and runs the cluster's event
-    /// subscriptions in `events`.
+    /// revoked credentials in `registry`, runs the cluster's event
+    /// subscriptions in `events`, and announces the sessions and endpoints
+    /// of `registry` to the other nodes.
     pub fn follow(self: &Arc<Self>, registry: Arc<Registry>, events: RuntimeSubscriptions) {
+        let announcer = routes::spawn_announcer(
+            self.cluster.clone(),
+            registry.subscribe(),
+            self.stop.clone(),
+        );
         // Subscribed before applying, so a change merged in between is
         // applied here or seen by the task, never lost.
         let changes = self.cluster.subscribe();
@@ -226,7 +233,10 @@ impl ClusterNode {
             *self.link_server.lock().expect("link lock") = Some(server);
         }
         let task = tokio::spawn(follow(changes, self.clone(), registry, events));
-        *self.task.lock().expect("task lock") = Some(task);
+        self.tasks
+            .lock()
+            .expect("tasks lock")
+            .extend([task, announcer]);
     }
 
     /// Whether the node holds the cluster's config (see
@@ -242,13 +252,16 @@ impl ClusterNode {
         self.cluster.stats()
     }
 
-    /// Stops applying changes, tells the others this node leaves, saves the
+    /// Stops applying changes and announcing (once the announcements
+    /// queued are written), tells the others this node leaves, saves the
     /// snapshot. Idempotent.
     pub async fn shutdown(&self) {
         self.stop.cancel();
-        let task = self.task.lock().expect("task lock").take();
-        if let Some(task) = task {
-            let _ = task.await;
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "a cluster task failed");
+            }
         }
         let server = self.link_server.lock().expect("link lock").take();
         self.link_connections.close();
@@ -281,6 +294,14 @@ impl ClusterNode {
         self.cluster.seal(plaintext)
     }
 
+    /// A sealed secret as text; `None` when it was sealed with another key
+    /// or is not UTF-8.
+    pub fn open_sealed(&self, sealed: &str) -> Option<String> {
+        self.cluster
+            .open_sealed(sealed)
+            .and_then(|plain| String::from_utf8(plain).ok())
+    }
+
     /// Deletes an object cluster-wide; `false` when there is none.
     pub async fn delete_object<T: Kind>(&self, id: &str) -> Result<bool, Failure> {
         let deleted = self
@@ -305,27 +326,6 @@ impl ClusterNode {
     /// Whether the CA store holds `id`.
     pub fn has_ca(&self, id: &str) -> bool {
         self.cas.get_stored(id).is_some()
-    }
-
-    /// The endpoint policies of the cluster; one that does not parse is
-    /// left out (and logged).
-    pub fn endpoint_policies(&self) -> Vec<EndpointPolicy> {
-        self.cluster
-            .list::<EndpointPolicyRecord>()
-            .into_iter()
-            .filter_map(|(id, record)| {
-                EndpointPolicy::parse(&record.domain, record.mutual_tls_cas)
-                    .inspect_err(|(field, reason)| {
-                        tracing::warn!(
-                            id,
-                            field,
-                            reason,
-                            "an endpoint policy from the cluster is refused"
-                        )
-                    })
-                    .ok()
-            })
-            .collect()
     }
 
     /// Every region a node has announced.
@@ -357,9 +357,11 @@ impl ClusterNode {
             )),
         })
     }
+}
 
+impl ClusterView for ClusterNode {
     /// Agent addresses of the other live nodes of this node's region.
-    pub fn region_agent_addrs(&self) -> Vec<String> {
+    fn region_agent_addrs(&self) -> Vec<String> {
         self.cluster
             .members()
             .into_iter()
@@ -370,11 +372,7 @@ impl ClusterNode {
 
     /// Refuses an agent connecting through an agent ingress its token's
     /// owner may not use.
-    pub fn check_ingress(
-        &self,
-        server_name: Option<&str>,
-        owner: Option<&str>,
-    ) -> Result<(), Failure> {
+    fn check_ingress(&self, server_name: Option<&str>, owner: Option<&str>) -> Result<(), Failure> {
         let Some(domain) = server_name.and_then(|n| self.ingress_certs.ingress_of(n)) else {
             return Ok(());
         };
@@ -402,7 +400,7 @@ impl ClusterNode {
     }
 
     /// Refuses binding a name reserved for another owner.
-    pub fn check_bind(&self, spec: &EndpointSpec, owner: Option<&str>) -> Result<(), Failure> {
+    fn check_bind(&self, spec: &EndpointSpec, owner: Option<&str>) -> Result<(), Failure> {
         let Some(domain) = spec
             .domain
             .as_ref()
@@ -427,36 +425,32 @@ impl ClusterNode {
         }
     }
 
-    /// Tells the cluster an agent of this node serves `endpoint`.
-    pub fn publish_endpoint(
-        &self,
-        endpoint: &postern_ingress::Endpoint,
-        session: &AgentSession,
-        req: &pb::BindRequest,
-    ) {
-        let ad = routes::endpoint_ad(&self.cluster, endpoint, session, req);
-        let _ = self
-            .announce
-            .send(Announce::Endpoint(endpoint.id.clone(), Box::new(ad)));
-    }
-
-    pub fn withdraw_endpoint(&self, id: &str) {
-        let _ = self
-            .announce
-            .send(Announce::WithdrawEndpoint(id.to_string()));
-    }
-
-    pub fn publish_session(&self, session: &AgentSession) {
-        let ad = routes::session_ad(session);
-        let _ = self
-            .announce
-            .send(Announce::Session(session.id.clone(), ad));
-    }
-
-    pub fn withdraw_session(&self, id: &str) {
-        let _ = self
-            .announce
-            .send(Announce::WithdrawSession(id.to_string()));
+    /// The endpoint policies of the cluster; one that does not parse is
+    /// left out (and logged).
+    fn endpoint_policies(&self) -> Vec<EndpointPolicy> {
+        self.cluster
+            .list::<EndpointPolicyRecord>()
+            .into_iter()
+            .filter_map(|(id, record)| {
+                // Sealed with this cluster's key, which also signs every
+                // value: it opens wherever the record verified.
+                let traffic_policy = record
+                    .traffic_policy_sealed
+                    .as_deref()
+                    .and_then(|sealed| self.cluster.open_sealed(sealed))
+                    .and_then(|plain| String::from_utf8(plain).ok());
+                EndpointPolicy::parse(&record.domain, record.mutual_tls_cas, traffic_policy)
+                    .inspect_err(|(field, reason)| {
+                        tracing::warn!(
+                            id,
+                            field,
+                            reason,
+                            "an endpoint policy from the cluster is refused"
+                        )
+                    })
+                    .ok()
+            })
+            .collect()
     }
 }
 

@@ -6,15 +6,19 @@ use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, anyhow, bail};
-use postern_ingress::normalize_name;
-use postern_net::{MAX_CAS, Secret, TrustedProxies, parse_cidr, random_label};
+use postern_ingress::{GatewayConfig, OAuthService, ServingCert, normalize_name};
+use postern_net::{
+    MAX_CAS, Pem, Secret, TrustedProxies, certified_key_from_pem, parse_cidr, random_label,
+};
+use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 
-use crate::{acl::Acl, auth::AuthtokenRecord};
+use crate::{acl::Acl, auth::AuthtokenRecord, error::ConfigError};
 
 /// The config file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +97,9 @@ pub struct RawEndpointPolicy {
     /// certificates must chain to.
     #[serde(default)]
     pub mutual_tls_cas: Vec<String>,
+    /// A Traffic Policy document (YAML or JSON text) run before the
+    /// agent's on these endpoints; the agent cannot change it.
+    pub traffic_policy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -290,13 +297,24 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-/// CAs the edge requires for the endpoints on a domain, whatever their
+/// What the edge requires of the endpoints on a domain, whatever their
 /// agents ask: from `[[endpoint_policies]]` or the cluster's
 /// `/endpoint_policies`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointPolicy {
     pub domain: postern_ingress::DomainPattern,
     pub mutual_tls_cas: Vec<String>,
+    /// The operator's Traffic Policy document, as written.
+    pub traffic_policy: Option<String>,
+}
+
+/// What the endpoint policies covering a domain require of its endpoints:
+/// the CAs (sorted) and the operator's Traffic Policy documents, broadest
+/// pattern first. An endpoint is built again when this changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Required {
+    pub mutual_tls_cas: Vec<String>,
+    pub traffic_policies: Vec<String>,
 }
 
 impl EndpointPolicy {
@@ -304,7 +322,16 @@ impl EndpointPolicy {
     pub fn parse(
         domain: &str,
         mutual_tls_cas: Vec<String>,
+        traffic_policy: Option<String>,
     ) -> Result<EndpointPolicy, (&'static str, String)> {
+        if let Some(text) = &traffic_policy {
+            postern_ingress::PolicyDocument::parse(text).map_err(|e| {
+                (
+                    "traffic_policy",
+                    format!("not a Traffic Policy document: {e}"),
+                )
+            })?;
+        }
         let domain = postern_ingress::DomainPattern::parse(domain)
             .map_err(|e| ("domain", format!("{domain:?}: {e:#}")))?;
         if mutual_tls_cas.len() > MAX_CAS {
@@ -316,22 +343,34 @@ impl EndpointPolicy {
         Ok(EndpointPolicy {
             domain,
             mutual_tls_cas,
+            traffic_policy,
         })
     }
 
-    /// The CAs the policies require for endpoints on `domain`, sorted.
-    pub fn cas_for<'a>(
+    /// What the policies require of endpoints on `domain`.
+    pub fn required<'a>(
         policies: impl IntoIterator<Item = &'a EndpointPolicy>,
         domain: &postern_ingress::DomainPattern,
-    ) -> Vec<String> {
-        let mut cas: Vec<String> = policies
+    ) -> Required {
+        let mut covering: Vec<&EndpointPolicy> = policies
             .into_iter()
             .filter(|p| p.domain.covers(domain))
+            .collect();
+        // A `*.` pattern covers more than an exact name: it runs first.
+        covering.sort_by_key(|p| !matches!(p.domain, postern_ingress::DomainPattern::Wildcard(_)));
+        let mut mutual_tls_cas: Vec<String> = covering
+            .iter()
             .flat_map(|p| p.mutual_tls_cas.iter().cloned())
             .collect();
-        cas.sort();
-        cas.dedup();
-        cas
+        mutual_tls_cas.sort();
+        mutual_tls_cas.dedup();
+        Required {
+            mutual_tls_cas,
+            traffic_policies: covering
+                .iter()
+                .filter_map(|p| p.traffic_policy.clone())
+                .collect(),
+        }
     }
 }
 
@@ -342,11 +381,16 @@ pub struct Public {
     pub random_domain_base: Option<String>,
 }
 
+/// `[tls]`, with its certificates loaded.
 #[derive(Clone, Debug)]
 pub struct Tls {
     pub dev_ca: bool,
-    pub agent_cert: Option<(PathBuf, PathBuf)>,
-    pub certificates: Vec<(PathBuf, PathBuf)>,
+    /// The agent listener's certificate (`tls.agent_cert`, `tls.agent_key`);
+    /// without it the dev CA issues one.
+    pub agent_key: Option<Arc<CertifiedKey>>,
+    /// Certificates for public names (`tls.certificates`), each with its
+    /// certificate file.
+    pub certificates: Vec<(PathBuf, ServingCert)>,
 }
 
 #[derive(Clone, Debug)]
@@ -383,20 +427,57 @@ impl EdgeConfig {
         format!("tunnel.{}.connect.{}", self.region, self.domain)
     }
 
-    /// Reads and validates a TOML file.
-    /// Reads a config file; `${NAME}` in it is replaced by the
+    /// Reads and validates a TOML file; `${NAME}` in it is replaced by the
     /// environment variable `NAME` first (see [`expand_env`]).
-    pub fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    pub fn load(path: &Path) -> Result<EdgeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         expand_env(&text, |name| std::env::var(name).ok())
             .and_then(|text| Self::from_toml(&text))
-            .with_context(|| format!("in {}", path.display()))
+            .map_err(|source| ConfigError::In {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })
     }
 
-    pub fn from_toml(text: &str) -> anyhow::Result<EdgeConfig> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    /// Validates a config given as TOML text.
+    pub fn from_toml(text: &str) -> Result<EdgeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(ConfigError::Syntax)?;
         raw.validate()
+    }
+
+    /// The gateway's settings: public ports and names, the limits on
+    /// visitors' connections, trusted proxies, OAuth.
+    pub(crate) fn gateway(
+        &self,
+        https_public_port: u16,
+        oauth: Arc<OAuthService>,
+    ) -> GatewayConfig {
+        let limits = &self.limits;
+        GatewayConfig {
+            https_public_port,
+            tcp_bind_ip: self.tcp_bind_ip,
+            tcp_public_host: self.public.tcp_host.clone(),
+            tcp_ports: self.tcp_ports.clone(),
+            random_domain_base: self.public.random_domain_base.clone(),
+            default_server_name: Some(self.domain.clone()),
+            client_hello_timeout: limits.client_hello_timeout,
+            client_hello_max: limits.client_hello_max_bytes,
+            tls_handshake_timeout: limits.tls_handshake_timeout,
+            header_read_timeout: limits.header_read_timeout,
+            max_connections: limits.max_connections,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            h2_max_concurrent_streams: limits.h2_max_concurrent_streams,
+            h2_stream_window: limits.h2_stream_window,
+            h2_connection_window: limits.h2_connection_window,
+            idle_timeout: limits.idle_timeout,
+            trusted_proxies: self.trusted_proxies.clone(),
+            oauth: Some(oauth),
+            rate_store: None,
+        }
     }
 }
 
@@ -405,9 +486,13 @@ impl EdgeConfig {
 /// (`node_id = "${POD_NAME}"`, `gossip_advertise = "${POD_IP}:7946"`).
 /// `$${` stands for a literal `${`. An unset variable is an error naming
 /// it and its line; nothing else is touched.
-pub fn expand_env(text: &str, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<String> {
+pub fn expand_env(text: &str, var: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     for (n, line) in text.split_inclusive('\n').enumerate() {
+        let expand = |reason: String| ConfigError::Expand {
+            line: n + 1,
+            reason,
+        };
         let mut rest = line;
         while let Some(at) = rest.find("${") {
             if rest[..at].ends_with('$') {
@@ -420,15 +505,12 @@ pub fn expand_env(text: &str, var: impl Fn(&str) -> Option<String>) -> anyhow::R
             let after = &rest[at + 2..];
             let end = after
                 .find('}')
-                .with_context(|| format!("line {}: `${{` without a closing `}}`", n + 1))?;
+                .ok_or_else(|| expand("`${` without a closing `}`".into()))?;
             let name = &after[..end];
-            anyhow::ensure!(
-                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                "line {}: ${{{name}}} is not a variable name",
-                n + 1
-            );
-            let value =
-                var(name).with_context(|| format!("line {}: ${{{name}}} is not set", n + 1))?;
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(expand(format!("${{{name}}} is not a variable name")));
+            }
+            let value = var(name).ok_or_else(|| expand(format!("${{{name}}} is not set")))?;
             out.push_str(&value);
             rest = &after[end + 1..];
         }
@@ -470,55 +552,110 @@ fn port_range(field: &str, value: &str) -> anyhow::Result<RangeInclusive<u16>> {
 }
 
 impl RawConfig {
-    pub fn validate(self) -> anyhow::Result<EdgeConfig> {
+    /// Checks every field and loads the certificates the config names; an
+    /// error names the field.
+    pub fn validate(self) -> Result<EdgeConfig, ConfigError> {
+        self.validate_fields().map_err(ConfigError::Invalid)
+    }
+
+    fn validate_fields(self) -> anyhow::Result<EdgeConfig> {
         let domain =
             normalize_name(&self.domain).with_context(|| format!("domain: {:?}", self.domain))?;
-        let region = self.region.unwrap_or_else(|| "us".into());
-        normalize_name(&region)
-            .ok()
-            .filter(|r| !r.contains('.') && *r == region)
-            .with_context(|| {
-                format!("region: {region:?} must be one lower-case DNS label such as \"us\"")
-            })?;
+        let region = region(self.region)?;
         let node_id = self
             .node_id
             .unwrap_or_else(|| format!("edge-{}", random_label()));
-        let http = match self.listen.http.as_deref() {
-            Some("") => None,
-            _ => Some(socket_addr("listen.http", &self.listen.http, "0.0.0.0:80")?),
-        };
-        let metrics_addr = match self.listen.metrics.as_deref() {
-            Some("") => None,
-            _ => Some(socket_addr(
-                "listen.metrics",
-                &self.listen.metrics,
-                "127.0.0.1:9100",
-            )?),
-        };
-        let admin_addr = match self.listen.admin.as_deref() {
-            Some("") => None,
-            _ => Some(socket_addr(
-                "listen.admin",
-                &self.listen.admin,
-                "127.0.0.1:9090",
-            )?),
-        };
-        let listen = Listen {
-            agent: socket_addr("listen.agent", &self.listen.agent, "0.0.0.0:4443")?,
+        let listen = self.listen.validate()?;
+        let admin = self.admin.validate()?;
+        let endpoint_policies = endpoint_policies(self.endpoint_policies)?;
+        let public = self.public.validate(&domain)?;
+        let (tcp_bind_ip, tcp_ports) = self.tcp.validate()?;
+        let tls = self.tls.validate()?;
+        let authtokens = authtokens(self.authtokens)?;
+        let session = self.session.validate()?;
+        let oauth = self.oauth.validate(&domain)?;
+        let limits = self.limits.validate()?;
+        let trusted_proxies = self.trusted_proxies.validate()?;
+        Ok(EdgeConfig {
+            node_id,
+            region,
+            public,
+            domain,
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("postern-data")),
+            listen,
+            tcp_bind_ip,
+            tcp_ports,
+            tls,
+            authtokens,
+            session,
+            limits,
+            trusted_proxies,
+            admin,
+            endpoint_policies,
+            drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
+            telemetry: self
+                .telemetry
+                .validate()
+                .map_err(|e| anyhow::anyhow!("telemetry.{e}"))?,
+            events: self.events.validate()?,
+            oauth,
+            cluster: self.cluster.map(|c| c.validate()).transpose()?,
+        })
+    }
+}
+
+/// `region`: one lower-case DNS label, `us` by default.
+fn region(region: Option<String>) -> anyhow::Result<String> {
+    let region = region.unwrap_or_else(|| "us".into());
+    normalize_name(&region)
+        .ok()
+        .filter(|r| !r.contains('.') && *r == region)
+        .with_context(|| {
+            format!("region: {region:?} must be one lower-case DNS label such as \"us\"")
+        })?;
+    Ok(region)
+}
+
+/// A listener that `""` turns off.
+fn optional_addr(
+    field: &str,
+    value: &Option<String>,
+    default: &str,
+) -> anyhow::Result<Option<SocketAddr>> {
+    match value.as_deref() {
+        Some("") => Ok(None),
+        _ => socket_addr(field, value, default).map(Some),
+    }
+}
+
+impl RawListen {
+    fn validate(&self) -> anyhow::Result<Listen> {
+        let http = optional_addr("listen.http", &self.http, "0.0.0.0:80")?;
+        let metrics = optional_addr("listen.metrics", &self.metrics, "127.0.0.1:9100")?;
+        let admin = optional_addr("listen.admin", &self.admin, "127.0.0.1:9090")?;
+        Ok(Listen {
+            agent: socket_addr("listen.agent", &self.agent, "0.0.0.0:4443")?,
             http,
-            https: socket_addr("listen.https", &self.listen.https, "0.0.0.0:443")?,
-            admin: admin_addr,
-            metrics: metrics_addr,
-        };
+            https: socket_addr("listen.https", &self.https, "0.0.0.0:443")?,
+            admin,
+            metrics,
+        })
+    }
+}
+
+impl RawAdmin {
+    fn validate(self) -> anyhow::Result<Admin> {
         let mut key_hashes = Vec::new();
-        for (i, key) in self.admin.api_keys.iter().enumerate() {
+        for (i, key) in self.api_keys.iter().enumerate() {
             if key.expose().len() < 16 {
                 bail!("admin.api_keys[{i}]: an API key must be at least 16 characters");
             }
             let digest = ring::digest::digest(&ring::digest::SHA256, key.expose().as_bytes());
             key_hashes.push(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"));
         }
-        for (i, hash) in self.admin.api_key_sha256s.iter().enumerate() {
+        for (i, hash) in self.api_key_sha256s.iter().enumerate() {
             let bytes = hex::decode(hash.trim())
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -527,68 +664,128 @@ impl RawConfig {
                 })?;
             key_hashes.push(bytes);
         }
-        let mut endpoint_policies = Vec::new();
-        for (i, policy) in self.endpoint_policies.into_iter().enumerate() {
-            endpoint_policies.push(
-                EndpointPolicy::parse(&policy.domain, policy.mutual_tls_cas).map_err(
-                    |(field, reason)| anyhow!("endpoint_policies[{i}].{field}: {reason}"),
-                )?,
-            );
-        }
+        Ok(Admin {
+            key_hashes,
+            key_encryption_secret: self.key_encryption_secret,
+        })
+    }
+}
+
+fn endpoint_policies(raw: Vec<RawEndpointPolicy>) -> anyhow::Result<Vec<EndpointPolicy>> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, policy)| {
+            EndpointPolicy::parse(&policy.domain, policy.mutual_tls_cas, policy.traffic_policy)
+                .map_err(|(field, reason)| anyhow!("endpoint_policies[{i}].{field}: {reason}"))
+        })
+        .collect()
+}
+
+impl RawPublic {
+    fn validate(self, domain: &str) -> anyhow::Result<Public> {
         let random_domain_base = self
-            .public
             .random_domain_base
             .map(|b| {
                 normalize_name(&b).with_context(|| format!("public.random_domain_base: {b:?}"))
             })
             .transpose()?;
-        let tcp_bind_ip = match &self.tcp.bind_ip {
+        Ok(Public {
+            https_port: self.https_port,
+            tcp_host: self.tcp_host.unwrap_or_else(|| domain.to_string()),
+            random_domain_base,
+        })
+    }
+}
+
+impl RawTcp {
+    /// The address and port range of TCP endpoints.
+    fn validate(&self) -> anyhow::Result<(IpAddr, RangeInclusive<u16>)> {
+        let bind_ip = match &self.bind_ip {
             None => IpAddr::from([0, 0, 0, 0]),
             Some(ip) => ip
                 .parse()
                 .with_context(|| format!("tcp.bind_ip: {ip:?} is not an IP address"))?,
         };
-        let tcp_ports = port_range(
-            "tcp.ports",
-            self.tcp.ports.as_deref().unwrap_or("20000-29999"),
-        )?;
-        let agent_cert = match (self.tls.agent_cert, self.tls.agent_key) {
+        let ports = port_range("tcp.ports", self.ports.as_deref().unwrap_or("20000-29999"))?;
+        Ok((bind_ip, ports))
+    }
+}
+
+/// A file the config names.
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+impl RawTls {
+    /// Checks the settings and loads the certificates and keys.
+    fn validate(self) -> anyhow::Result<Tls> {
+        let agent_files = match (self.agent_cert, self.agent_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => bail!("tls.agent_cert and tls.agent_key must be given together"),
         };
-        if agent_cert.is_none() && !self.tls.dev_ca {
+        if agent_files.is_none() && !self.dev_ca {
             bail!("tls.agent_cert/tls.agent_key are required unless tls.dev_ca = true");
         }
-        let mut authtokens = Vec::new();
-        for (i, raw) in self.authtokens.into_iter().enumerate() {
-            let field = format!("authtokens[{i}]");
-            let acl = Acl::parse(&raw.acl).with_context(|| format!("{field}.acl"))?;
-            let record = match (raw.token, raw.token_sha256) {
-                (Some(token), None) => {
-                    AuthtokenRecord::from_token(token.expose(), acl, raw.description)
-                        .with_context(|| format!("{field}.token"))?
-                }
-                (None, Some(hash)) => AuthtokenRecord::from_sha256_hex(&hash, acl, raw.description)
-                    .with_context(|| format!("{field}.token_sha256"))?,
-                _ => bail!("{field}: give exactly one of token and token_sha256"),
-            };
-            authtokens.push(record);
+        let mut certificates = Vec::new();
+        for RawCertificate { cert, key } in self.certificates {
+            let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
+            let serving = ServingCert::from_pem(
+                Pem::new(&cert_name, &read(&cert)?),
+                Pem::new(&key_name, &read(&key)?),
+            )?;
+            certificates.push((cert, serving));
         }
+        let agent_key = match agent_files {
+            Some((cert, key)) => Some(Arc::new(certified_key_from_pem(
+                Pem::new(&format!("tls.agent_cert {}", cert.display()), &read(&cert)?),
+                Pem::new(&format!("tls.agent_key {}", key.display()), &read(&key)?),
+            )?)),
+            None => None,
+        };
+        Ok(Tls {
+            dev_ca: self.dev_ca,
+            agent_key,
+            certificates,
+        })
+    }
+}
+
+fn authtokens(raw: Vec<RawAuthtoken>) -> anyhow::Result<Vec<AuthtokenRecord>> {
+    let mut authtokens = Vec::new();
+    for (i, raw) in raw.into_iter().enumerate() {
+        let field = format!("authtokens[{i}]");
+        let acl = Acl::parse(&raw.acl).with_context(|| format!("{field}.acl"))?;
+        let record = match (raw.token, raw.token_sha256) {
+            (Some(token), None) => {
+                AuthtokenRecord::from_token(token.expose(), acl, raw.description)
+                    .with_context(|| format!("{field}.token"))?
+            }
+            (None, Some(hash)) => AuthtokenRecord::from_sha256_hex(&hash, acl, raw.description)
+                .with_context(|| format!("{field}.token_sha256"))?,
+            _ => bail!("{field}: give exactly one of token and token_sha256"),
+        };
+        authtokens.push(record);
+    }
+    Ok(authtokens)
+}
+
+impl RawSession {
+    fn validate(&self) -> anyhow::Result<SessionSettings> {
         let session = SessionSettings {
             heartbeat_interval: duration(
                 "session.heartbeat_interval",
-                &self.session.heartbeat_interval,
+                &self.heartbeat_interval,
                 Duration::from_secs(10),
             )?,
             heartbeat_tolerance: duration(
                 "session.heartbeat_tolerance",
-                &self.session.heartbeat_tolerance,
+                &self.heartbeat_tolerance,
                 Duration::from_secs(15),
             )?,
             stream_wait: duration(
                 "session.stream_wait",
-                &self.session.stream_wait,
+                &self.stream_wait,
                 Duration::from_secs(10),
             )?,
         };
@@ -599,101 +796,60 @@ impl RawConfig {
                 "session.heartbeat_tolerance must be longer than session.heartbeat_interval, which must not be zero"
             );
         }
-        let oauth = self.oauth.validate(&domain)?;
-        let endpoints_per_session = self.limits.endpoints_per_session.unwrap_or(100);
-        Ok(EdgeConfig {
-            node_id,
-            region,
-            public: Public {
-                https_port: self.public.https_port,
-                tcp_host: self.public.tcp_host.unwrap_or_else(|| domain.clone()),
-                random_domain_base,
-            },
-            domain,
-            data_dir: self
-                .data_dir
-                .unwrap_or_else(|| PathBuf::from("postern-data")),
-            listen,
-            tcp_bind_ip,
-            tcp_ports,
-            tls: Tls {
-                dev_ca: self.tls.dev_ca,
-                agent_cert,
-                certificates: self
-                    .tls
-                    .certificates
-                    .into_iter()
-                    .map(|c| (c.cert, c.key))
-                    .collect(),
-            },
-            authtokens,
-            session,
-            limits: Limits {
-                endpoints_per_session,
-                sessions_per_token: self.limits.sessions_per_token.unwrap_or(100),
-                stream_pool: self.limits.stream_pool.unwrap_or(16),
-                streams_per_session: self.limits.streams_per_session.unwrap_or(10_000),
-                control_messages_per_second: self
-                    .limits
-                    .control_messages_per_second
-                    .unwrap_or(100)
-                    .max(1),
-                control_burst: self.limits.control_burst.unwrap_or_else(|| {
-                    u32::try_from(endpoints_per_session)
-                        .unwrap_or(u32::MAX)
-                        .saturating_add(20)
-                }),
-                max_connections: self.limits.max_connections.unwrap_or(20_000),
-                client_hello_timeout: duration(
-                    "limits.client_hello_timeout",
-                    &self.limits.client_hello_timeout,
-                    Duration::from_secs(10),
-                )?,
-                client_hello_max_bytes: self.limits.client_hello_max_bytes.unwrap_or(64 * 1024),
-                tls_handshake_timeout: duration(
-                    "limits.tls_handshake_timeout",
-                    &self.limits.tls_handshake_timeout,
-                    Duration::from_secs(10),
-                )?,
-                header_read_timeout: duration(
-                    "limits.header_read_timeout",
-                    &self.limits.header_read_timeout,
-                    Duration::from_secs(30),
-                )?,
-                max_header_bytes: self.limits.max_header_bytes.unwrap_or(60 * 1024),
-                max_headers: self.limits.max_headers.unwrap_or(100),
-                idle_timeout: duration(
-                    "limits.idle_timeout",
-                    &self.limits.idle_timeout,
-                    Duration::from_secs(3600),
-                )?,
-                h2_max_concurrent_streams: self.limits.h2_max_concurrent_streams.unwrap_or(100),
-                h2_stream_window: self.limits.h2_stream_window.unwrap_or(64 * 1024),
-                h2_connection_window: self.limits.h2_connection_window.unwrap_or(1024 * 1024),
-            },
-            trusted_proxies: TrustedProxies {
-                cidrs: self
-                    .trusted_proxies
-                    .cidrs
-                    .iter()
-                    .map(|c| parse_cidr("trusted_proxies.cidrs", c))
-                    .collect::<Result<_, _>>()?,
-                proxy_protocol: self.trusted_proxies.proxy_protocol,
-                forwarded_for: self.trusted_proxies.forwarded_for,
-            },
-            admin: Admin {
-                key_hashes,
-                key_encryption_secret: self.admin.key_encryption_secret,
-            },
-            endpoint_policies,
-            drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
-            telemetry: self
-                .telemetry
-                .validate()
-                .map_err(|e| anyhow::anyhow!("telemetry.{e}"))?,
-            events: self.events.validate()?,
-            oauth,
-            cluster: self.cluster.map(|c| c.validate()).transpose()?,
+        Ok(session)
+    }
+}
+
+impl RawLimits {
+    fn validate(&self) -> anyhow::Result<Limits> {
+        let timeout = |field: &str, value: &Option<String>, default_secs: u64| {
+            duration(
+                &format!("limits.{field}"),
+                value,
+                Duration::from_secs(default_secs),
+            )
+        };
+        let endpoints_per_session = self.endpoints_per_session.unwrap_or(100);
+        Ok(Limits {
+            endpoints_per_session,
+            sessions_per_token: self.sessions_per_token.unwrap_or(100),
+            stream_pool: self.stream_pool.unwrap_or(16),
+            streams_per_session: self.streams_per_session.unwrap_or(10_000),
+            control_messages_per_second: self.control_messages_per_second.unwrap_or(100).max(1),
+            control_burst: self.control_burst.unwrap_or_else(|| {
+                u32::try_from(endpoints_per_session)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(20)
+            }),
+            max_connections: self.max_connections.unwrap_or(20_000),
+            client_hello_timeout: timeout("client_hello_timeout", &self.client_hello_timeout, 10)?,
+            client_hello_max_bytes: self.client_hello_max_bytes.unwrap_or(64 * 1024),
+            tls_handshake_timeout: timeout(
+                "tls_handshake_timeout",
+                &self.tls_handshake_timeout,
+                10,
+            )?,
+            header_read_timeout: timeout("header_read_timeout", &self.header_read_timeout, 30)?,
+            max_header_bytes: self.max_header_bytes.unwrap_or(60 * 1024),
+            max_headers: self.max_headers.unwrap_or(100),
+            idle_timeout: timeout("idle_timeout", &self.idle_timeout, 3600)?,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams.unwrap_or(100),
+            h2_stream_window: self.h2_stream_window.unwrap_or(64 * 1024),
+            h2_connection_window: self.h2_connection_window.unwrap_or(1024 * 1024),
+        })
+    }
+}
+
+impl RawTrustedProxies {
+    fn validate(&self) -> anyhow::Result<TrustedProxies> {
+        Ok(TrustedProxies {
+            cidrs: self
+                .cidrs
+                .iter()
+                .map(|c| parse_cidr("trusted_proxies.cidrs", c))
+                .collect::<Result<_, _>>()?,
+            proxy_protocol: self.proxy_protocol,
+            forwarded_for: self.forwarded_for,
         })
     }
 }
@@ -766,6 +922,14 @@ dev_ca = true
             (
                 "domain = \"example.test\"\nregion = \"U S\"\n[tls]\ndev_ca = true",
                 "region",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\nagent_cert = \"/nonexistent/agent.pem\"\nagent_key = \"/nonexistent/agent.key\"",
+                "reading /nonexistent/agent.pem",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[[tls.certificates]]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/c.key\"",
+                "reading /nonexistent/c.pem",
             ),
             (
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[telemetry]\nsample_ratio = 2.0",

@@ -4,10 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use postern_net::Secret;
 
-use crate::config::{EdgeConfig, RawConfig, RawListen, RawPublic, RawTcp, RawTls};
+use crate::{
+    config::{EdgeConfig, RawConfig, RawListen, RawPublic, RawTcp, RawTls},
+    error::ConfigError,
+};
 
 /// The dev domain.
 pub const DEV_DOMAIN: &str = "postern.localhost";
@@ -15,13 +17,17 @@ const TOKEN_FILE: &str = "dev-authtoken";
 const API_KEY_FILE: &str = "dev-api-key";
 
 /// A random secret kept in a file of the data directory.
-fn kept_secret(data_dir: &Path, file: &str, prefix: &str) -> anyhow::Result<String> {
+fn kept_secret(data_dir: &Path, file: &str, prefix: &str) -> Result<String, ConfigError> {
     let path = data_dir.join(file);
     if let Ok(secret) = std::fs::read_to_string(&path) {
         return Ok(secret.trim().to_string());
     }
     let secret = postern_net::random_id(prefix);
-    std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, &secret).map_err(|source| ConfigError::DevFiles {
+        action: "writing",
+        path: path.clone(),
+        source,
+    })?;
     Ok(secret)
 }
 
@@ -63,9 +69,12 @@ fn dev_events() -> postern_events::RawEventsConfig {
 
 /// Builds the dev config, creating the data directory and the authtoken on
 /// first use.
-pub fn dev_config(data_dir: &Path) -> anyhow::Result<DevSetup> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+pub fn dev_config(data_dir: &Path) -> Result<DevSetup, ConfigError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::DevFiles {
+        action: "creating",
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
     let authtoken = kept_secret(data_dir, TOKEN_FILE, "dev_")?;
     let api_key = kept_secret(data_dir, API_KEY_FILE, "devkey_")?;
     let raw = RawConfig {

@@ -11,24 +11,29 @@ mod ca_store;
 mod cluster;
 mod config;
 mod dev;
+mod error;
 mod node_link;
 mod oauth;
+mod registry;
 mod service;
-mod session;
 mod telemetry;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
-use anyhow::Context;
-use postern_ingress::{CertStore, DevCa, Gateway, GatewayConfig, Outcomes, build_server_config};
+use postern_ingress::{CertStore, DevCa, Gateway, Outcomes, build_server_config};
 use postern_net::{HttpServer, HttpTimeouts, Pem, Secret, certified_key_from_pem};
+use rustls::ServerConfig;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use acl::Acl;
-pub use auth::{AuthtokenRecord, Authtokens};
+pub use acl::{Acl, AclError};
+pub use auth::{AuthtokenRecord, Authtokens, TokenError};
 pub use config::{EdgeConfig, RawConfig, expand_env};
 pub use dev::{DEV_EVENTS_FILE, DevSetup, dev_config};
+pub use error::{ConfigError, RunError, ShutdownError, StartError};
+
+use cluster::ClusterNode;
+use registry::{ClusterView, Registry, RegistrySettings};
 
 /// How long the node's own servers (admin, metrics, the agent listener)
 /// get to stop at shutdown, after the drain.
@@ -48,11 +53,11 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds the addresses in the config.
-    pub async fn bind(config: &EdgeConfig) -> anyhow::Result<Listeners> {
+    pub async fn bind(config: &EdgeConfig) -> Result<Listeners, StartError> {
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding the {what} listener on {addr}"))
+                .map_err(|source| StartError::Bind { what, addr, source })
         };
         Ok(Listeners {
             agent: bind(config.listen.agent, "agent").await?,
@@ -75,46 +80,18 @@ impl Listeners {
             },
         })
     }
-}
 
-fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// Reads the certificates of `[[tls.certificates]]` into `certs`.
-fn load_certificates(config: &EdgeConfig, certs: &CertStore) -> anyhow::Result<()> {
-    for (cert, key) in &config.tls.certificates {
-        let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
-        let names = certs.add_pem(
-            Pem::new(&cert_name, &read(cert)?),
-            Pem::new(&key_name, &read(key)?),
-        )?;
-        tracing::info!(cert = %cert.display(), names = ?names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
+    /// Where they listen.
+    fn addresses(&self) -> io::Result<Addresses> {
+        let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr()).transpose();
+        Ok(Addresses {
+            agent: self.agent.local_addr()?,
+            http: addr(&self.http)?,
+            https: self.https.local_addr()?,
+            admin: addr(&self.admin)?,
+            metrics: addr(&self.metrics)?,
+        })
     }
-    Ok(())
-}
-
-/// The agent listener's certificate and key from `tls.agent_cert` and
-/// `tls.agent_key`.
-fn agent_cert_key(
-    (cert, key): &(std::path::PathBuf, std::path::PathBuf),
-) -> anyhow::Result<rustls::sign::CertifiedKey> {
-    Ok(certified_key_from_pem(
-        Pem::new(&format!("tls.agent_cert {}", cert.display()), &read(cert)?),
-        Pem::new(&format!("tls.agent_key {}", key.display()), &read(key)?),
-    )?)
-}
-
-/// What `postern-edge --check-config` checks beyond the file itself:
-/// every certificate and key file `[tls]` names is read and parsed, as the
-/// node does when it starts. Nothing is written (the dev CA is not
-/// created).
-pub fn check_config_files(config: &EdgeConfig) -> anyhow::Result<()> {
-    load_certificates(config, &CertStore::new(None))?;
-    if let Some(paths) = &config.tls.agent_cert {
-        agent_cert_key(paths)?;
-    }
-    Ok(())
 }
 
 /// Where a running node listens.
@@ -132,7 +109,7 @@ pub struct Edge {
     config: EdgeConfig,
     addresses: Addresses,
     gateway: Gateway,
-    registry: Arc<session::Registry>,
+    registry: Arc<Registry>,
     admin: Option<HttpServer>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -143,18 +120,15 @@ pub struct Edge {
     /// `/readyz`: true once serving, false from the start of a drain.
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// Membership of a cluster (`[cluster]`).
-    cluster: Option<Arc<cluster::ClusterNode>>,
+    cluster: Option<Arc<ClusterNode>>,
 }
 
 impl Edge {
-    /// Starts serving on `listeners`.
-    pub async fn start(config: EdgeConfig, listeners: Listeners) -> anyhow::Result<Edge> {
-        let dev_ca = if config.tls.dev_ca {
-            Some(DevCa::load_or_create(&config.data_dir).context("loading the dev CA")?)
-        } else {
-            None
-        };
-        let certs = Arc::new(CertStore::new(dev_ca));
+    /// Starts serving on `listeners`: the gateway, the agent listener,
+    /// the admin API and telemetry, in the cluster when the config has one.
+    pub async fn start(config: EdgeConfig, listeners: Listeners) -> Result<Edge, StartError> {
+        let addresses = listeners.addresses().map_err(StartError::Listener)?;
+        let certs = Arc::new(cert_store(&config)?);
         let cas = Arc::new(
             ca_store::CaStore::open(
                 config.data_dir.clone(),
@@ -164,96 +138,18 @@ impl Edge {
                     .as_ref()
                     .map(Secret::expose),
             )
-            .context("opening the certificate-authority store")?,
+            .map_err(StartError::CaStore)?,
         );
         let tokens = Arc::new(Authtokens::new(config.authtokens.clone()));
-        let agent_addr = listeners.agent.local_addr()?;
-        let cluster = match &config.cluster {
-            Some(c) => Some(Arc::new(
-                cluster::ClusterNode::start(cluster::Joining {
-                    config: c,
-                    node_id: &config.node_id,
-                    region: &config.region,
-                    data_dir: config.data_dir.clone(),
-                    cas: cas.clone(),
-                    tokens: tokens.clone(),
-                    link: listeners.node_link,
-                    agent_addr: c.agent_advertise.clone().or_else(|| {
-                        (!agent_addr.ip().is_unspecified()).then(|| agent_addr.to_string())
-                    }),
-                    stream_wait: config.session.stream_wait,
-                })
-                .await?,
-            )),
-            None => None,
-        };
-        load_certificates(&config, &certs)?;
-        let agent_key = match &config.tls.agent_cert {
-            Some(paths) => agent_cert_key(paths)?,
-            None => {
-                let name = config.agent_ingress_name();
-                let ca = certs
-                    .dev_ca()
-                    .context("no agent certificate and no dev CA")?;
-                let (cert, key) = ca.issue_pem(&[name])?;
-                certified_key_from_pem(
-                    Pem::new("dev agent certificate", cert.as_bytes()),
-                    Pem::new("dev agent key", key.as_bytes()),
-                )?
-            }
-        };
-        let agent_certs = cluster::AgentCerts {
-            default: Arc::new(agent_key),
-            ingresses: cluster.as_ref().map(|c| c.ingress_certs()),
-        };
-        let agent_tls = build_server_config(Arc::new(agent_certs), None, &[b"h2"]);
-
-        let addresses = Addresses {
-            agent: listeners.agent.local_addr()?,
-            http: listeners
-                .http
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
-            https: listeners.https.local_addr()?,
-            admin: listeners
-                .admin
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
-            metrics: listeners
-                .metrics
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
-        };
+        let cluster =
+            join_cluster(&config, &cas, &tokens, listeners.node_link, addresses.agent).await?;
+        let agent_tls = agent_tls(&config, &certs, cluster.as_deref())?;
         let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
-            .context("starting the event pipeline")?;
+            .map_err(StartError::Events)?;
         let https_public_port = config.public.https_port.unwrap_or(addresses.https.port());
-        let oauth = oauth::service(&config.oauth, https_public_port).context("oauth")?;
+        let oauth = oauth::service(&config.oauth, https_public_port).map_err(StartError::OAuth)?;
         let gateway = Gateway::new(
-            GatewayConfig {
-                https_public_port,
-                tcp_bind_ip: config.tcp_bind_ip,
-                tcp_public_host: config.public.tcp_host.clone(),
-                tcp_ports: config.tcp_ports.clone(),
-                random_domain_base: config.public.random_domain_base.clone(),
-                default_server_name: Some(config.domain.clone()),
-                client_hello_timeout: config.limits.client_hello_timeout,
-                client_hello_max: config.limits.client_hello_max_bytes,
-                tls_handshake_timeout: config.limits.tls_handshake_timeout,
-                header_read_timeout: config.limits.header_read_timeout,
-                max_connections: config.limits.max_connections,
-                max_header_bytes: config.limits.max_header_bytes,
-                max_headers: config.limits.max_headers,
-                h2_max_concurrent_streams: config.limits.h2_max_concurrent_streams,
-                h2_stream_window: config.limits.h2_stream_window,
-                h2_connection_window: config.limits.h2_connection_window,
-                idle_timeout: config.limits.idle_timeout,
-                trusted_proxies: config.trusted_proxies.clone(),
-                oauth: Some(oauth.clone()),
-                rate_store: None,
-            },
+            config.gateway(https_public_port, oauth.clone()),
             certs,
             Outcomes {
                 sink: events.sink(),
@@ -268,10 +164,10 @@ impl Edge {
         }
         gateway.serve_https(listeners.https);
 
-        let registry = session::Registry::new(
+        let registry = Registry::new(
             gateway.clone(),
             tokens,
-            session::RegistrySettings {
+            RegistrySettings {
                 region: config.region.clone(),
                 node_id: config.node_id.clone(),
                 session: config.session.clone(),
@@ -279,10 +175,10 @@ impl Edge {
                 endpoint_policies: config.endpoint_policies.clone(),
                 cas: cas.clone(),
                 oauth: oauth.clone(),
+                cluster: cluster.clone().map(|c| c as Arc<dyn ClusterView>),
             },
         );
         if let Some(cluster) = &cluster {
-            registry.attach_cluster(cluster.clone());
             cluster.follow(registry.clone(), events.runtime_handle());
         }
         // The admin and metrics listeners cut slow request heads as the
@@ -306,24 +202,13 @@ impl Edge {
         });
         let stop_grpc = CancellationToken::new();
         let agent_connections = TaskTracker::new();
-        let incoming = service::tls_incoming(
-            "agent",
+        let grpc = serve_agents(
+            &config,
             listeners.agent,
             agent_tls,
-            &agent_connections,
-            &stop_grpc,
-        );
-        let svc = postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(
             registry.clone(),
-        ));
-        let stop = stop_grpc.clone();
-        let grpc = tokio::spawn(
-            service::server_builder(
-                config.session.heartbeat_interval,
-                config.session.heartbeat_tolerance,
-            )
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+            &agent_connections,
+            stop_grpc.clone(),
         );
         tracing::info!(
             node_id = %config.node_id,
@@ -393,7 +278,7 @@ impl Edge {
     /// Drains: refuse new sessions and connections, let in-flight work
     /// finish within the grace period, then close agent sessions, then
     /// flush the event pipeline (bounded by `events.flush_timeout`).
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<(), ShutdownError> {
         tracing::info!(grace = ?self.config.drain_grace, "draining");
         self.ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -413,13 +298,14 @@ impl Edge {
             tokio::time::timeout(STOP_WAIT, self.agent_connections.wait()),
         );
         let grpc = match grpc {
-            Ok(Ok(result)) => result.context("agent gRPC server"),
-            Ok(Err(join)) => Err(join).context("agent gRPC server task"),
+            Ok(Ok(result)) => result.map_err(ShutdownError::Grpc),
+            Ok(Err(join)) => Err(ShutdownError::GrpcTask(join)),
             Err(_) => {
                 tracing::warn!("agent connections did not close within 5s");
                 Ok(())
             }
         };
+        self.registry.cut_connections().await;
         // Last, so that the events of connections closed above are in.
         self.events.shutdown().await;
         if let Some(telemetry) = self.telemetry {
@@ -436,8 +322,109 @@ pub async fn run(
     config: EdgeConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let edge = Edge::start(config, listeners).await?;
     shutdown.await;
-    edge.shutdown().await
+    Ok(edge.shutdown().await?)
+}
+
+/// The gateway's certificates: the configured ones, and the dev CA's when
+/// `tls.dev_ca` is on.
+fn cert_store(config: &EdgeConfig) -> Result<CertStore, StartError> {
+    let dev_ca = if config.tls.dev_ca {
+        Some(DevCa::load_or_create(&config.data_dir).map_err(StartError::DevCa)?)
+    } else {
+        None
+    };
+    let certs = CertStore::new(dev_ca);
+    for (file, cert) in &config.tls.certificates {
+        certs.add(cert);
+        tracing::info!(cert = %file.display(), names = ?cert.names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
+    }
+    Ok(certs)
+}
+
+/// Joins the cluster of `[cluster]`, if any; `agent_addr` is where the
+/// agent listener listens.
+async fn join_cluster(
+    config: &EdgeConfig,
+    cas: &Arc<ca_store::CaStore>,
+    tokens: &Arc<Authtokens>,
+    link: Option<TcpListener>,
+    agent_addr: SocketAddr,
+) -> Result<Option<Arc<ClusterNode>>, StartError> {
+    let Some(c) = &config.cluster else {
+        return Ok(None);
+    };
+    let node = ClusterNode::start(cluster::Joining {
+        config: c,
+        node_id: &config.node_id,
+        region: &config.region,
+        data_dir: config.data_dir.clone(),
+        cas: cas.clone(),
+        tokens: tokens.clone(),
+        link,
+        agent_addr: c
+            .agent_advertise
+            .clone()
+            .or_else(|| (!agent_addr.ip().is_unspecified()).then(|| agent_addr.to_string())),
+        stream_wait: config.session.stream_wait,
+    })
+    .await
+    .map_err(StartError::Cluster)?;
+    Ok(Some(Arc::new(node)))
+}
+
+/// TLS for the agent listener: the configured agent certificate (or one
+/// from the dev CA), and the agent ingresses' certificates in a cluster.
+fn agent_tls(
+    config: &EdgeConfig,
+    certs: &CertStore,
+    cluster: Option<&ClusterNode>,
+) -> Result<Arc<ServerConfig>, StartError> {
+    let default = match &config.tls.agent_key {
+        Some(key) => key.clone(),
+        None => {
+            let name = config.agent_ingress_name();
+            let ca = certs.dev_ca().ok_or(StartError::NoAgentCertificate)?;
+            let (cert, key) = ca
+                .issue_pem(&[name])
+                .map_err(StartError::AgentCertificate)?;
+            Arc::new(
+                certified_key_from_pem(
+                    Pem::new("dev agent certificate", cert.as_bytes()),
+                    Pem::new("dev agent key", key.as_bytes()),
+                )
+                .map_err(StartError::AgentCertificate)?,
+            )
+        }
+    };
+    let agent_certs = cluster::AgentCerts {
+        default,
+        ingresses: cluster.map(|c| c.ingress_certs()),
+    };
+    Ok(build_server_config(Arc::new(agent_certs), None, &[b"h2"]))
+}
+
+/// Serves agents on `listener` (gRPC over TLS, the connections' tasks on
+/// `connections`) until `stop`.
+fn serve_agents(
+    config: &EdgeConfig,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    registry: Arc<Registry>,
+    connections: &TaskTracker,
+    stop: CancellationToken,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    let incoming = service::tls_incoming("agent", listener, tls, connections, &stop);
+    let svc =
+        postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(registry));
+    tokio::spawn(
+        service::server_builder(
+            config.session.heartbeat_interval,
+            config.session.heartbeat_tolerance,
+        )
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+    )
 }

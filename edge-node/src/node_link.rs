@@ -35,7 +35,7 @@ use rustls::{
 };
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::session::Registry;
+use crate::registry::Registry;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{

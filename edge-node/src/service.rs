@@ -22,7 +22,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming, transport::server::Connected};
 
-use crate::session::{ControlOut, Registry};
+use crate::registry::{ControlOut, Registry};
 
 /// How long an agent has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

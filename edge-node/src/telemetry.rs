@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use postern_ingress::Gateway;
 use postern_net::{metric_header, metric_sample};
 
-use crate::{cluster::ClusterNode, session::Registry};
+use crate::{cluster::ClusterNode, registry::Registry};
 
 /// What the telemetry endpoints read.
 pub struct Telemetry {

@@ -764,54 +764,9 @@ fn validate_subscription(
 
 impl RawKafka {
     fn validate(self, field: &str) -> Result<KafkaDestination, ConfigError> {
-        if self.brokers.is_empty() {
-            return Err(invalid(
-                format!("{field}.brokers"),
-                "name at least one broker, host:port",
-            ));
-        }
-        for broker in &self.brokers {
-            let ok = broker
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
-                return Err(invalid(
-                    format!("{field}.brokers"),
-                    format!("{broker:?} is not host:port"),
-                ));
-            }
-        }
-        let topic = self.topic.unwrap_or_else(|| DEFAULT_TOPIC.to_string());
-        for t in EventType::ALL {
-            let name = topic_name(&topic, t);
-            let legal = !name.is_empty()
-                && name.len() <= 249
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if !legal {
-                return Err(invalid(
-                    format!("{field}.topic"),
-                    format!(
-                        "{name:?} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
-                    ),
-                ));
-            }
-        }
-        let security_protocol = self
-            .security_protocol
-            .as_ref()
-            .map(|p| {
-                let p = p.to_ascii_lowercase();
-                match p.as_str() {
-                    "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl" => Ok(p),
-                    _ => Err(invalid(
-                        format!("{field}.security_protocol"),
-                        format!("{p:?} is not one of plaintext, ssl, sasl_plaintext, sasl_ssl"),
-                    )),
-                }
-            })
-            .transpose()?;
+        check_brokers(field, &self.brokers)?;
+        let topic = kafka_topic(field, self.topic)?;
+        let security_protocol = security_protocol(field, self.security_protocol)?;
         let tls = Box::new(
             KafkaTls {
                 ca_location: self.ssl_ca_location,
@@ -820,23 +775,7 @@ impl RawKafka {
             }
             .check(field, security_protocol.as_deref())?,
         );
-        let sasl_mechanism = self
-            .sasl_mechanism
-            .map(|m| {
-                let m = m.to_ascii_uppercase();
-                match m.as_str() {
-                    "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" | "GSSAPI" | "OAUTHBEARER" => {
-                        Ok(m)
-                    }
-                    _ => Err(invalid(
-                        format!("{field}.sasl_mechanism"),
-                        format!(
-                            "{m:?} is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, GSSAPI, OAUTHBEARER"
-                        ),
-                    )),
-                }
-            })
-            .transpose()?;
+        let sasl_mechanism = sasl_mechanism(field, self.sasl_mechanism)?;
         let uses_sasl = security_protocol
             .as_deref()
             .is_some_and(|p| p.starts_with("sasl_"));
@@ -855,27 +794,8 @@ impl RawKafka {
                 "sasl_username and sasl_password go together",
             ));
         }
-        let compression = self
-            .compression
-            .map(|c| c.to_ascii_lowercase())
-            .unwrap_or_else(|| "lz4".into());
-        if !matches!(compression.as_str(), "none" | "gzip" | "snappy" | "lz4") {
-            return Err(invalid(
-                format!("{field}.compression"),
-                format!(
-                    "{compression:?} is not one of lz4, gzip, snappy, none (zstd is not built in)"
-                ),
-            ));
-        }
-        let linger = match &self.linger {
-            None => Duration::from_millis(5),
-            Some(v) => humantime::parse_duration(v).map_err(|_| {
-                invalid(
-                    format!("{field}.linger"),
-                    format!("{v:?} is not a duration like \"5ms\""),
-                )
-            })?,
-        };
+        let compression = compression(field, self.compression)?;
+        let linger = linger(field, self.linger.as_deref())?;
         if !cfg!(feature = "kafka") {
             return Err(invalid(
                 field,
@@ -893,6 +813,126 @@ impl RawKafka {
             compression,
             linger,
         })
+    }
+}
+
+/// At least one broker, each `host:port`.
+fn check_brokers(field: &str, brokers: &[String]) -> Result<(), ConfigError> {
+    if brokers.is_empty() {
+        return Err(invalid(
+            format!("{field}.brokers"),
+            "name at least one broker, host:port",
+        ));
+    }
+    for broker in brokers {
+        let ok = broker
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(invalid(
+                format!("{field}.brokers"),
+                format!("{broker:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The topic (default [`DEFAULT_TOPIC`]), which must make a legal Kafka
+/// topic name for every event type.
+fn kafka_topic(field: &str, topic: Option<String>) -> Result<String, ConfigError> {
+    let topic = topic.unwrap_or_else(|| DEFAULT_TOPIC.to_string());
+    for t in EventType::ALL {
+        let name = topic_name(&topic, t);
+        let legal = !name.is_empty()
+            && name.len() <= 249
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !legal {
+            return Err(invalid(
+                format!("{field}.topic"),
+                format!(
+                    "{name:?} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
+                ),
+            ));
+        }
+    }
+    Ok(topic)
+}
+
+/// One of `allowed`, compared in the case `normalise` gives it.
+fn one_of(
+    field: String,
+    value: Option<String>,
+    normalise: fn(&str) -> String,
+    allowed: &[&str],
+    listed: &str,
+) -> Result<Option<String>, ConfigError> {
+    value
+        .map(|v| {
+            let v = normalise(&v);
+            if allowed.contains(&v.as_str()) {
+                Ok(v)
+            } else {
+                Err(invalid(field, format!("{v:?} is not one of {listed}")))
+            }
+        })
+        .transpose()
+}
+
+/// `security_protocol`, lower case.
+fn security_protocol(field: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    one_of(
+        format!("{field}.security_protocol"),
+        value,
+        str::to_ascii_lowercase,
+        &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"],
+        "plaintext, ssl, sasl_plaintext, sasl_ssl",
+    )
+}
+
+/// `sasl_mechanism`, upper case.
+fn sasl_mechanism(field: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    one_of(
+        format!("{field}.sasl_mechanism"),
+        value,
+        str::to_ascii_uppercase,
+        &[
+            "PLAIN",
+            "SCRAM-SHA-256",
+            "SCRAM-SHA-512",
+            "GSSAPI",
+            "OAUTHBEARER",
+        ],
+        "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, GSSAPI, OAUTHBEARER",
+    )
+}
+
+/// `compression`, lower case, `lz4` by default.
+fn compression(field: &str, value: Option<String>) -> Result<String, ConfigError> {
+    let compression = value
+        .map(|c| c.to_ascii_lowercase())
+        .unwrap_or_else(|| "lz4".into());
+    if !matches!(compression.as_str(), "none" | "gzip" | "snappy" | "lz4") {
+        return Err(invalid(
+            format!("{field}.compression"),
+            format!("{compression:?} is not one of lz4, gzip, snappy, none (zstd is not built in)"),
+        ));
+    }
+    Ok(compression)
+}
+
+/// `linger`, 5 ms by default.
+fn linger(field: &str, value: Option<&str>) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(Duration::from_millis(5)),
+        Some(v) => humantime::parse_duration(v).map_err(|_| {
+            invalid(
+                format!("{field}.linger"),
+                format!("{v:?} is not a duration like \"5ms\""),
+            )
+        }),
     }
 }
 

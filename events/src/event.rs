@@ -170,6 +170,8 @@ pub struct HttpRequestComplete {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_verification: Option<DecisionField>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent_filter: Option<DecisionField>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<Backend>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<TrafficPolicyLogs>,

@@ -850,70 +850,13 @@ impl Inner {
         }
         // Open what is new; nothing running changes yet, and an error
         // drops what was opened.
-        let mut plans = Vec::with_capacity(subscriptions.len());
-        {
-            let old: BTreeMap<&str, &Running> = state
-                .runtime
-                .iter()
-                .map(|r| (r.sub.id.as_str(), r))
-                .collect();
-            for sub in &subscriptions {
-                let plan = match old.get(sub.id.as_str()) {
-                    None => Plan::Open(Box::new(open(
-                        &self.data_dir,
-                        self.limits,
-                        sub,
-                        Arc::default(),
-                    )?)),
-                    Some(old) if old.sub == *sub => Plan::Keep,
-                    Some(old) if old.sub.destination == sub.destination => Plan::Sources,
-                    #[cfg(feature = "kafka")]
-                    Some(old) => match (&old.sub.destination, &sub.destination) {
-                        (Destination::Kafka(a), Destination::Kafka(b)) => {
-                            if crate::kafka::same_producer(a, b) {
-                                Plan::Topics
-                            } else {
-                                let spool = old
-                                    .kafka
-                                    .as_ref()
-                                    .expect("a Kafka subscription has a spool")
-                                    .spool
-                                    .clone();
-                                Plan::Producer(
-                                    crate::kafka::KafkaDelivery::prepare(
-                                        &sub.id,
-                                        b,
-                                        spool,
-                                        old.metrics.clone(),
-                                    )
-                                    .map_err(|source| {
-                                        EventsError::Kafka {
-                                            id: sub.id.clone(),
-                                            source,
-                                        }
-                                    })?,
-                                )
-                            }
-                        }
-                        _ => Plan::Open(Box::new(open(
-                            &self.data_dir,
-                            self.limits,
-                            sub,
-                            old.metrics.clone(),
-                        )?)),
-                    },
-                    #[cfg(not(feature = "kafka"))]
-                    Some(old) => Plan::Open(Box::new(open(
-                        &self.data_dir,
-                        self.limits,
-                        sub,
-                        old.metrics.clone(),
-                    )?)),
-                };
-                plans.push(plan);
-            }
-        }
-
+        let plans = subscriptions
+            .iter()
+            .map(|sub| {
+                let old = state.runtime.iter().find(|r| r.sub.id == sub.id);
+                self.plan(old, sub)
+            })
+            .collect::<Result<Vec<Plan>, EventsError>>()?;
         if state.writer.is_none() && !subscriptions.is_empty() {
             // The first subscription of a pipeline that had none: the
             // writer starts empty and takes the change below like any.
@@ -935,110 +878,89 @@ impl Inner {
         // Events the new set takes are let in before the change is queued.
         self.front
             .set_wants(wants(wanted(state.runtime.iter().map(|r| &r.sub))));
-        let mut old: BTreeMap<String, Running> = mem::take(&mut state.runtime)
-            .into_iter()
-            .map(|r| (r.sub.id.clone(), r))
-            .collect();
-        let mut changes = Vec::new();
-        let mut runtime = Vec::with_capacity(subscriptions.len());
-        // Runtime subscriptions that left (or changed) a Kafka destination:
-        // their spools go once the writer has let go of them.
-        let mut left: Vec<Running> = Vec::new();
-        for (sub, plan) in subscriptions.into_iter().zip(plans) {
-            let previous = old.remove(&sub.id);
-            match plan {
-                Plan::Keep => runtime.push(previous.expect("kept")),
-                Plan::Sources => {
-                    let mut r = previous.expect("changed");
-                    tracing::info!(subscription = %sub.id, "event subscription changed (its sources)");
-                    changes.push(Change::Sources {
-                        id: sub.id.clone(),
-                        sources: sources_of(&sub),
-                        #[cfg(feature = "kafka")]
-                        kafka: None,
-                    });
-                    r.sub = sub;
-                    runtime.push(r);
-                }
-                #[cfg(feature = "kafka")]
-                Plan::Topics => {
-                    let mut r = previous.expect("changed");
-                    let Destination::Kafka(kafka) = &sub.destination else {
-                        unreachable!("planned for Kafka")
-                    };
-                    tracing::info!(subscription = %sub.id, topic = %kafka.topic, "event subscription changed (its sources or topic)");
-                    changes.push(Change::Sources {
-                        id: sub.id.clone(),
-                        sources: sources_of(&sub),
-                        kafka: Some((EventType::ALL.map(|t| kafka.topic_for(t)), None)),
-                    });
-                    r.sub = sub;
-                    runtime.push(r);
-                }
-                #[cfg(feature = "kafka")]
-                Plan::Producer(pending) => {
-                    let mut r = previous.expect("changed");
-                    let Destination::Kafka(kafka) = &sub.destination else {
-                        unreachable!("planned for Kafka")
-                    };
-                    let RunningKafka {
-                        dir,
-                        spool,
-                        delivery,
-                    } = r.kafka.take().expect("a Kafka subscription has a spool");
-                    let (delivery, notify) = pending.take_over(Some(delivery));
-                    tracing::info!(subscription = %sub.id, "event subscription changed (its Kafka settings); a new producer takes over the spool");
-                    changes.push(Change::Sources {
-                        id: sub.id.clone(),
-                        sources: sources_of(&sub),
-                        kafka: Some((EventType::ALL.map(|t| kafka.topic_for(t)), Some(notify))),
-                    });
-                    r.kafka = Some(RunningKafka {
-                        dir,
-                        spool,
-                        delivery,
-                    });
-                    r.sub = sub;
-                    runtime.push(r);
-                }
-                Plan::Open(opened) => {
-                    let (writer, running) = *opened;
-                    match previous {
-                        None => {
-                            tracing::info!(subscription = %sub.id, "event subscription started")
-                        }
-                        Some(previous) => {
-                            tracing::info!(subscription = %sub.id, "event subscription changed (its destination)");
-                            left.push(previous);
-                        }
-                    }
-                    changes.push(Change::Add(writer));
-                    runtime.push(running);
-                }
-            }
-        }
-        let mut removed = Vec::new();
-        for (id, previous) in old {
-            tracing::info!(subscription = %id, "event subscription removed");
-            changes.push(Change::Remove(id));
-            removed.push(previous);
-        }
-
-        let mut result = Ok(());
-        if !changes.is_empty() {
-            let (done, taken) = mpsc::channel();
-            let sent = self
-                .front
-                .queue
-                .send(Item::Control(Control { changes, done }));
-            // The writer answers with the writers it took out, closed.
-            match sent.ok().and_then(|()| taken.recv().ok()) {
-                Some(closed) => drop(closed),
-                None => result = Err(EventsError::Stopped),
-            }
-        }
+        let applied = apply_plans(mem::take(&mut state.runtime), subscriptions, plans);
+        let result = self.send_to_writer(applied.changes);
         self.front.set_wants(wants([false; 2]));
+        self.retire(
+            applied.left,
+            applied.removed,
+            &state.config,
+            &applied.runtime,
+        );
+        state.runtime = applied.runtime;
+        result
+    }
 
+    /// What becomes of `sub`, running as `old` before, with what it opens.
+    fn plan(&self, old: Option<&Running>, sub: &Subscription) -> Result<Plan, EventsError> {
+        let open = |metrics| {
+            open(&self.data_dir, self.limits, sub, metrics)
+                .map(|opened| Plan::Open(Box::new(opened)))
+        };
+        let Some(old) = old else {
+            return open(Arc::default());
+        };
+        if old.sub == *sub {
+            return Ok(Plan::Keep);
+        }
+        if old.sub.destination == sub.destination {
+            return Ok(Plan::Sources);
+        }
+        #[cfg(feature = "kafka")]
+        if let (Destination::Kafka(a), Destination::Kafka(b)) =
+            (&old.sub.destination, &sub.destination)
+        {
+            if crate::kafka::same_producer(a, b) {
+                return Ok(Plan::Topics);
+            }
+            let spool = old
+                .kafka
+                .as_ref()
+                .expect("a Kafka subscription has a spool")
+                .spool
+                .clone();
+            return crate::kafka::KafkaDelivery::prepare(&sub.id, b, spool, old.metrics.clone())
+                .map(Plan::Producer)
+                .map_err(|source| EventsError::Kafka {
+                    id: sub.id.clone(),
+                    source,
+                });
+        }
+        open(old.metrics.clone())
+    }
+
+    /// Queues `changes` for the writer and waits until it has taken them;
+    /// the writers it took out are closed then.
+    fn send_to_writer(&self, changes: Vec<Change>) -> Result<(), EventsError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let (done, taken) = mpsc::channel();
+        let sent = self
+            .front
+            .queue
+            .send(Item::Control(Control { changes, done }));
+        // The writer answers with the writers it took out, closed.
+        match sent.ok().and_then(|()| taken.recv().ok()) {
+            Some(closed) => {
+                drop(closed);
+                Ok(())
+            }
+            None => Err(EventsError::Stopped),
+        }
+    }
+
+    /// Lets go of the subscriptions that `left` a Kafka destination or were
+    /// `removed` (their spools go), and makes the metrics those of
+    /// `config` and `runtime`.
+    #[cfg_attr(not(feature = "kafka"), allow(unused_mut))]
+    fn retire(
+        &self,
+        mut left: Vec<Running>,
+        mut removed: Vec<Running>,
+        config: &[Running],
+        runtime: &[Running],
+    ) {
         #[cfg(feature = "kafka")]
         for r in left.iter_mut().chain(removed.iter_mut()) {
             if let Some(kafka) = r.kafka.take() {
@@ -1049,16 +971,124 @@ impl Inner {
         let removed_metrics: Vec<Arc<EventMetrics>> =
             removed.iter().map(|r| r.metrics.clone()).collect();
         self.registry.replace(
-            state
-                .config
+            config
                 .iter()
-                .chain(&runtime)
+                .chain(runtime)
                 .map(Running::metrics_entry)
                 .collect(),
             &removed_metrics,
         );
-        state.runtime = runtime;
-        result
+    }
+}
+
+/// The runtime subscriptions once their plans are carried out.
+struct Applied {
+    runtime: Vec<Running>,
+    /// What the writer must do.
+    changes: Vec<Change>,
+    /// Subscriptions whose destination changed: what ran before.
+    left: Vec<Running>,
+    removed: Vec<Running>,
+}
+
+/// Carries out `plans` (one per subscription) on the subscriptions
+/// running before (`old`).
+fn apply_plans(old: Vec<Running>, subscriptions: Vec<Subscription>, plans: Vec<Plan>) -> Applied {
+    let mut old: BTreeMap<String, Running> =
+        old.into_iter().map(|r| (r.sub.id.clone(), r)).collect();
+    let mut applied = Applied {
+        runtime: Vec::with_capacity(subscriptions.len()),
+        changes: Vec::new(),
+        left: Vec::new(),
+        removed: Vec::new(),
+    };
+    for (sub, plan) in subscriptions.into_iter().zip(plans) {
+        let previous = old.remove(&sub.id);
+        let running = apply_plan(sub, plan, previous, &mut applied);
+        applied.runtime.push(running);
+    }
+    for (id, previous) in old {
+        tracing::info!(subscription = %id, "event subscription removed");
+        applied.changes.push(Change::Remove(id));
+        applied.removed.push(previous);
+    }
+    applied
+}
+
+/// `sub` running as `plan` says, from what ran before with its id.
+fn apply_plan(
+    sub: Subscription,
+    plan: Plan,
+    previous: Option<Running>,
+    applied: &mut Applied,
+) -> Running {
+    match plan {
+        Plan::Keep => previous.expect("kept"),
+        Plan::Sources => {
+            let mut r = previous.expect("changed");
+            tracing::info!(subscription = %sub.id, "event subscription changed (its sources)");
+            applied.changes.push(Change::Sources {
+                id: sub.id.clone(),
+                sources: sources_of(&sub),
+                #[cfg(feature = "kafka")]
+                kafka: None,
+            });
+            r.sub = sub;
+            r
+        }
+        #[cfg(feature = "kafka")]
+        Plan::Topics => {
+            let mut r = previous.expect("changed");
+            let Destination::Kafka(kafka) = &sub.destination else {
+                unreachable!("planned for Kafka")
+            };
+            tracing::info!(subscription = %sub.id, topic = %kafka.topic, "event subscription changed (its sources or topic)");
+            applied.changes.push(Change::Sources {
+                id: sub.id.clone(),
+                sources: sources_of(&sub),
+                kafka: Some((EventType::ALL.map(|t| kafka.topic_for(t)), None)),
+            });
+            r.sub = sub;
+            r
+        }
+        #[cfg(feature = "kafka")]
+        Plan::Producer(pending) => {
+            let mut r = previous.expect("changed");
+            let Destination::Kafka(kafka) = &sub.destination else {
+                unreachable!("planned for Kafka")
+            };
+            let RunningKafka {
+                dir,
+                spool,
+                delivery,
+            } = r.kafka.take().expect("a Kafka subscription has a spool");
+            let (delivery, notify) = pending.take_over(Some(delivery));
+            tracing::info!(subscription = %sub.id, "event subscription changed (its Kafka settings); a new producer takes over the spool");
+            applied.changes.push(Change::Sources {
+                id: sub.id.clone(),
+                sources: sources_of(&sub),
+                kafka: Some((EventType::ALL.map(|t| kafka.topic_for(t)), Some(notify))),
+            });
+            r.kafka = Some(RunningKafka {
+                dir,
+                spool,
+                delivery,
+            });
+            r.sub = sub;
+            r
+        }
+        Plan::Open(opened) => {
+            let (writer, running) = *opened;
+            match previous {
+                None => tracing::info!(subscription = %sub.id, "event subscription started"),
+                Some(previous) => {
+                    tracing::info!(subscription = %sub.id, "event subscription changed (its destination)");
+                    applied.left.push(previous);
+                }
+            }
+            applied.changes.push(Change::Add(writer));
+            running
+        }
     }
 }
 

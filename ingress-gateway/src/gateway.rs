@@ -166,6 +166,8 @@ pub struct EndpointSpec {
     pub ip_policy: Option<Arc<IpPolicy>>,
     /// Log visitors in with OAuth/OIDC (HTTP endpoints).
     pub oauth: Option<Arc<OAuthEndpoint>>,
+    /// ngrok's other HTTP modules the agent asked for.
+    pub http_modules: Option<postern_proto::pb::HttpModules>,
     /// The agent's traffic policy.
     pub traffic_policy: Option<Document>,
     /// The operator's traffic policy for the domain: runs first, and the

@@ -37,4 +37,6 @@ pub use outcome::Outcomes;
 pub use policy::{Document as PolicyDocument, PolicyError, TrafficPolicy};
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
-pub use tls::{CertStore, DevCa, build_server_config, certificate_names, single_cert_config};
+pub use tls::{
+    CertStore, DevCa, ServingCert, build_server_config, certificate_names, single_cert_config,
+};

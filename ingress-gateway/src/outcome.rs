@@ -356,6 +356,13 @@ impl HttpRecord {
         });
     }
 
+    /// Records the user agent filter's decision.
+    pub fn user_agent_filter(&mut self, decision: Decision) {
+        self.object.user_agent_filter = Some(DecisionField {
+            decision: Some(decision),
+        });
+    }
+
     /// Records webhook verification's decision.
     pub fn webhook_verification(&mut self, decision: Decision) {
         self.object.webhook_verification = Some(DecisionField {

@@ -47,6 +47,8 @@ use facts::{Facts, ReqView};
 pub enum Origin {
     /// The edge operator's policy for the domain.
     Operator,
+    /// The bind's module options (`--basic-auth`, …).
+    Modules,
     /// The agent's `traffic_policy`.
     Agent,
 }
@@ -55,6 +57,7 @@ impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Origin::Operator => f.write_str("the operator's traffic policy for this domain"),
+            Origin::Modules => f.write_str("the endpoint's module options"),
             Origin::Agent => f.write_str("the traffic policy"),
         }
     }
@@ -62,7 +65,7 @@ impl std::fmt::Display for Origin {
 
 /// A policy that cannot be used, naming where.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{origin}: {location}: {reason}")]
+#[error("{origin}: {}{reason}", if location.is_empty() { String::new() } else { format!("{location}: ") })]
 pub struct PolicyError {
     pub origin: Origin,
     /// `on_http_request[1]` (the rule), `on_http_request[1].actions[0]
@@ -73,7 +76,11 @@ pub struct PolicyError {
 
 impl PolicyError {
     pub fn failure(&self) -> Failure {
-        Failure::new(ErrorCode::POLICY_INVALID, self.to_string())
+        let code = match self.origin {
+            Origin::Modules => ErrorCode::INVALID_BIND,
+            _ => ErrorCode::POLICY_INVALID,
+        };
+        Failure::new(code, self.to_string())
     }
 }
 
@@ -259,7 +266,13 @@ impl TrafficPolicy {
         if let Some(doc) = operator {
             policy.add(Origin::Operator, doc, env)?;
         }
-        modules.add_to(&mut policy, env.http);
+        modules
+            .add_to(&mut policy, env)
+            .map_err(|reason| PolicyError {
+                origin: Origin::Modules,
+                location: String::new(),
+                reason,
+            })?;
         if let Some(doc) = agent {
             policy.add(Origin::Agent, doc, env)?;
         }

@@ -42,6 +42,9 @@ pub(crate) struct Route {
     /// What happens to its traffic: the operator's policy, the bind's
     /// modules and the agent's policy, compiled.
     pub policy: Arc<TrafficPolicy>,
+    /// HTTP endpoints: whether it is served on plain HTTP and on HTTPS
+    /// (ngrok's `schemes`; both unless the bind names one).
+    pub schemes: (bool, bool),
     pub pool: Arc<Pool>,
 }
 

@@ -161,6 +161,31 @@ impl DevCa {
     }
 }
 
+/// A certificate to serve, with its key and the DNS names it carries.
+#[derive(Clone, Debug)]
+pub struct ServingCert {
+    pub key: Arc<CertifiedKey>,
+    pub names: Vec<DomainPattern>,
+}
+
+impl ServingCert {
+    /// Parses and checks a certificate and its key as
+    /// [`certified_key_from_pem`] does; one without DNS names is refused.
+    pub fn from_pem(cert: Pem<'_>, key: Pem<'_>) -> Result<ServingCert, TlsError> {
+        let key = Arc::new(certified_key_from_pem(cert, key)?);
+        let names: Vec<DomainPattern> = certificate_names(&key.cert[0])
+            .iter()
+            .filter_map(|n| DomainPattern::parse(n).ok())
+            .collect();
+        if names.is_empty() {
+            return Err(TlsError::NoNames {
+                what: cert.source.to_string(),
+            });
+        }
+        Ok(ServingCert { key, names })
+    }
+}
+
 /// Picks the certificate for a TLS handshake by SNI.
 pub struct CertStore {
     configured: RwLock<Router<Arc<CertifiedKey>>>,
@@ -189,24 +214,13 @@ impl CertStore {
         }
     }
 
-    /// Adds a certificate for every DNS name it carries; returns the names.
-    pub fn add_pem(&self, cert: Pem<'_>, key: Pem<'_>) -> Result<Vec<DomainPattern>, TlsError> {
-        let certified = Arc::new(certified_key_from_pem(cert, key)?);
-        let names: Vec<DomainPattern> = certificate_names(&certified.cert[0])
-            .iter()
-            .filter_map(|n| DomainPattern::parse(n).ok())
-            .collect();
-        if names.is_empty() {
-            return Err(TlsError::NoNames {
-                what: cert.source.to_string(),
-            });
-        }
+    /// Serves a certificate for every DNS name it carries.
+    pub fn add(&self, cert: &ServingCert) {
         let mut router = self.configured.write().expect("cert store lock");
-        for name in &names {
+        for name in &cert.names {
             router.remove(name);
-            let _ = router.insert(name, certified.clone());
+            let _ = router.insert(name, cert.key.clone());
         }
-        Ok(names)
     }
 
     /// The certificate for a normalised name, issuing one in dev mode.
@@ -362,24 +376,24 @@ mod tests {
         let ca = DevCa::load_or_create(&dir).unwrap();
         let (cert, key) = ca.issue_pem(&["*.c1.example.test".into()]).unwrap();
         let store = CertStore::new(None);
-        let names = store
-            .add_pem(
-                Pem::new("wildcard", cert.as_bytes()),
-                Pem::new("wildcard key", key.as_bytes()),
-            )
-            .unwrap();
+        let serving = ServingCert::from_pem(
+            Pem::new("wildcard", cert.as_bytes()),
+            Pem::new("wildcard key", key.as_bytes()),
+        )
+        .unwrap();
         assert_eq!(
-            names,
+            serving.names,
             vec![DomainPattern::Wildcard("c1.example.test".into())]
         );
+        store.add(&serving);
         assert!(store.lookup("app.c1.example.test").is_some());
         assert!(
             store.lookup("app.example.test").is_none(),
             "no dev CA: nothing issued"
         );
-        let err = store
-            .add_pem(Pem::new("bad", b"not pem"), Pem::new("key", key.as_bytes()))
-            .unwrap_err();
+        let err =
+            ServingCert::from_pem(Pem::new("bad", b"not pem"), Pem::new("key", key.as_bytes()))
+                .unwrap_err();
         assert!(err.to_string().contains("bad: no PEM certificate"), "{err}");
         fs::remove_dir_all(dir).unwrap();
     }

@@ -80,6 +80,7 @@ codes! {
     UPSTREAM_TIMEOUT = (3008, 504, Upstream, "the upstream did not respond in time");
     CIRCUIT_OPEN = (3202, 503, Upstream, "the circuit breaker is open: the upstream failed too often; try again shortly");
     WEBHOOK_UNVERIFIED = (3204, 403, Client, "the webhook's signature could not be verified");
+    USER_AGENT_DENIED = (3211, 403, Client, "the user agent is not allowed by the endpoint's filter");
     IP_RESTRICTED = (3205, 403, Client, "the client's IP address is not allowed by the endpoint's IP restrictions");
     ENDPOINT_OFFLINE = (3200, 404, Client, "no endpoint is online for this host");
     AGENT_FORWARD_FAILED = (3210, 502, Agent, "the connection to the agent failed");

@@ -442,6 +442,37 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         String::from_utf8_lossy(&crate::curl(&args).await.stdout).into_owned()
     }
 
+    /// curl to `https://<host><path>` on this edge, trusting its dev CA,
+    /// with `extra` arguments: (status, response headers lower-cased,
+    /// body).
+    pub async fn fetch(&self, host: &str, path: &str, extra: &[&str]) -> (u16, String, String) {
+        let ca = self.ca_pem().display().to_string();
+        let resolve = self.resolve(host);
+        let url = self.https_url(host, path);
+        let mut args = vec!["--cacert", &ca, "--resolve", &resolve, "-D", "-"];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let out = crate::curl(&args).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no status from {url}: {text} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        (status, head.to_ascii_lowercase(), body.to_string())
+    }
+
+    /// The node's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
     /// The Prometheus text of the node's `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let url = format!(

@@ -29,7 +29,7 @@ pub use oidc::{
     resolve, spki_hash,
 };
 pub use otlp::{OtlpReceiver, ReceivedSpan};
-pub use pki::{Issued, TestCa, seed_001_certificates};
+pub use pki::{Issued, TestCa, seed_001_certificates, with_mounted_secrets};
 pub use process::{Spawned, binary, free_port, read_rss_kib};
 pub use raw_agent::RawSession;
 pub use redis::{RedisCluster, RedisServer};

@@ -165,3 +165,18 @@ pub async fn seed_001_certificates(dir: &Path, wildcard: &str, pass_phrase: &str
         );
     }
 }
+
+/// An edge config of the Kubernetes manifests as its pod reads it: the
+/// files its Secrets mount (the TLS certificate and key, the cluster key)
+/// are written to `dir`, and the config names them there.
+pub fn with_mounted_secrets(toml: &str, dir: &Path) -> String {
+    std::fs::write(dir.join("key"), "0123456789abcdef0123456789abcdef").unwrap();
+    let tls = rcgen::generate_simple_self_signed(vec!["*.example.com".to_string()]).unwrap();
+    std::fs::write(dir.join("tls.crt"), tls.cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), tls.signing_key.serialize_pem()).unwrap();
+    toml.replace(
+        "/etc/postern/cluster/key",
+        &dir.join("key").display().to_string(),
+    )
+    .replace("/etc/postern/tls/", &format!("{}/", dir.display()))
+}

@@ -115,14 +115,10 @@ fn every_region_of_the_cluster_manifest_loads_and_seeds_every_region() {
             _ => None,
         };
         let expanded = postern_edge::expand_env(toml, env).unwrap();
-        // The key file is read when the edge starts; the rest is checked
-        // here with a key written where the Secret is mounted.
+        // Loading the config reads the cluster key and the TLS certificate
+        // and key, written here where their Secrets are mounted.
         let dir = postern_tests::TempDir::new("k8s-config");
-        std::fs::write(dir.path().join("key"), "0123456789abcdef0123456789abcdef").unwrap();
-        let expanded = expanded.replace(
-            "/etc/postern/cluster/key",
-            &dir.path().join("key").display().to_string(),
-        );
+        let expanded = postern_tests::with_mounted_secrets(&expanded, dir.path());
         let config = postern_edge::EdgeConfig::from_toml(&expanded)
             .unwrap_or_else(|e| panic!("region {region}: {e:#}"));
         assert_eq!(config.region, region);

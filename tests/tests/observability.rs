@@ -479,7 +479,9 @@ fn the_kubernetes_manifests_probe_health_on_the_metrics_listener() {
             .unwrap_or_else(|| panic!("a {k}"))
     };
     let toml = kind("ConfigMap")["data"]["edge.toml"].as_str().unwrap();
-    let config = postern_edge::EdgeConfig::from_toml(toml).expect("the manifest's config loads");
+    let dir = postern_tests::TempDir::new("k8s-config");
+    let toml = postern_tests::with_mounted_secrets(toml, dir.path());
+    let config = postern_edge::EdgeConfig::from_toml(&toml).expect("the manifest's config loads");
     let metrics = config.listen.metrics.expect("a metrics listener");
     assert!(
         metrics.ip().is_unspecified(),

@@ -2,31 +2,7 @@
 //! real edge and applied to requests from curl, and bad policies refused at
 //! bind naming the rule.
 
-use postern_tests::{HttpUpstream, TcpEcho, TestEdge, curl};
-
-/// curl through the edge: (status, response headers, body).
-async fn fetch(edge: &TestEdge, host: &str, path: &str, extra: &[&str]) -> (u16, String, String) {
-    let ca = edge.ca_pem().display().to_string();
-    let resolve = edge.resolve(host);
-    let url = edge.https_url(host, path);
-    let mut args = vec!["--cacert", &ca, "--resolve", &resolve, "-D", "-"];
-    args.extend_from_slice(extra);
-    args.push(&url);
-    let out = curl(&args).await;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no status from {url}: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    (status, head.to_ascii_lowercase(), body.to_string())
-}
+use postern_tests::{HttpUpstream, TcpEcho, TestEdge};
 
 fn tunnel(name: &str, domain: &str, port: u16, policy: &str) -> String {
     let indented: String = policy.lines().map(|l| format!("      {l}\n")).collect();
@@ -77,13 +53,13 @@ async fn an_agents_policy_answers_redirects_rewrites_and_edits_headers() {
     assert_eq!(status.tunnels.len(), 1);
 
     // A custom response, without the upstream.
-    let (code, head, body) = fetch(&edge, host, "/teapot", &[]).await;
+    let (code, head, body) = edge.fetch(host, "/teapot", &[]).await;
     assert_eq!(code, 418);
     assert_eq!(body, "short and stout, asked with GET");
     assert!(head.contains("x-brewed: yes"), "{head}");
     assert!(head.contains("content-type: text/plain"), "{head}");
     // Denied, without the upstream.
-    let (code, _, _) = fetch(&edge, host, "/anything", &["-X", "DELETE"]).await;
+    let (code, _, _) = edge.fetch(host, "/anything", &["-X", "DELETE"]).await;
     assert_eq!(code, 405);
     assert!(
         upstream
@@ -92,7 +68,7 @@ async fn an_agents_policy_answers_redirects_rewrites_and_edits_headers() {
             .all(|r| r.path != "/teapot" && r.method != "DELETE")
     );
     // A redirect to the rewritten URL.
-    let (code, head, _) = fetch(&edge, host, "/old/page", &[]).await;
+    let (code, head, _) = edge.fetch(host, "/old/page", &[]).await;
     assert_eq!(code, 301);
     let location = head
         .lines()
@@ -100,17 +76,17 @@ async fn an_agents_policy_answers_redirects_rewrites_and_edits_headers() {
         .unwrap();
     assert_eq!(location.trim(), edge.https_url(host, "/new/page"));
     // A rewrite the upstream sees.
-    let (code, _, _) = fetch(&edge, host, "/api/v1/items", &[]).await;
+    let (code, _, _) = edge.fetch(host, "/api/v1/items", &[]).await;
     assert_eq!(code, 200);
     assert_eq!(upstream.requests().last().unwrap().path, "/api/v2/items");
     // Variables and headers.
-    let (code, head, _) = fetch(
-        &edge,
-        host,
-        "/echo",
-        &["-H", "x-secret: hush", "-H", "x-want-hsts: 1"],
-    )
-    .await;
+    let (code, head, _) = edge
+        .fetch(
+            host,
+            "/echo",
+            &["-H", "x-secret: hush", "-H", "x-want-hsts: 1"],
+        )
+        .await;
     assert_eq!(code, 200);
     let seen = upstream.last("/echo");
     assert_eq!(seen.headers["x-client"], "127.0.0.1");
@@ -125,7 +101,7 @@ async fn an_agents_policy_answers_redirects_rewrites_and_edits_headers() {
         head.contains("strict-transport-security: max-age=31536000"),
         "{head}"
     );
-    let (_, head, _) = fetch(&edge, host, "/echo", &[]).await;
+    let (_, head, _) = edge.fetch(host, "/echo", &[]).await;
     assert!(
         !head.contains("strict-transport-security"),
         "only when asked: {head}"
@@ -142,7 +118,7 @@ async fn basic_auth_from_a_policy_asks_for_and_checks_credentials() {
     let (agent, _) = edge
         .agent(&tunnel("web", host, upstream.port(), policy))
         .await;
-    let (code, head, _) = fetch(&edge, host, "/echo", &[]).await;
+    let (code, head, _) = edge.fetch(host, "/echo", &[]).await;
     assert_eq!(code, 401);
     assert!(
         head.contains("www-authenticate: basic realm=\"ngrok\""),
@@ -152,9 +128,13 @@ async fn basic_auth_from_a_policy_asks_for_and_checks_credentials() {
         head.contains("ngrok-error-code: err_postern_9016"),
         "{head}"
     );
-    let (code, _, _) = fetch(&edge, host, "/echo", &["-u", "alice:wrong password"]).await;
+    let (code, _, _) = edge
+        .fetch(host, "/echo", &["-u", "alice:wrong password"])
+        .await;
     assert_eq!(code, 401);
-    let (code, _, _) = fetch(&edge, host, "/echo", &["-u", "alice:correct horse"]).await;
+    let (code, _, _) = edge
+        .fetch(host, "/echo", &["-u", "alice:correct horse"])
+        .await;
     assert_eq!(code, 200);
     assert!(upstream.last("/echo").headers.contains_key("authorization"));
     agent.shutdown().await.unwrap();
@@ -257,13 +237,9 @@ async fn responses_are_compressed_by_what_the_visitor_accepts() {
     ] {
         // curl decodes what it asked for; the body must come out whole.
         let header = format!("accept-encoding: {accept}");
-        let (code, head, body) = fetch(
-            &edge,
-            host,
-            "/bytes/200000",
-            &["-H", &header, "--compressed"],
-        )
-        .await;
+        let (code, head, body) = edge
+            .fetch(host, "/bytes/200000", &["-H", &header, "--compressed"])
+            .await;
         assert_eq!(code, 200);
         assert!(
             head.contains(&format!("content-encoding: {encoding}")),
@@ -274,10 +250,12 @@ async fn responses_are_compressed_by_what_the_visitor_accepts() {
         assert_eq!(body.len(), 200_000, "{accept}");
     }
     // Nothing accepted, or a small body: as it was.
-    let (_, head, body) = fetch(&edge, host, "/bytes/200000", &[]).await;
+    let (_, head, body) = edge.fetch(host, "/bytes/200000", &[]).await;
     assert!(!head.contains("content-encoding"), "{head}");
     assert_eq!(body.len(), 200_000);
-    let (_, head, _) = fetch(&edge, host, "/bytes/100", &["-H", "accept-encoding: gzip"]).await;
+    let (_, head, _) = edge
+        .fetch(host, "/bytes/100", &["-H", "accept-encoding: gzip"])
+        .await;
     assert!(!head.contains("content-encoding"), "{head}");
     agent.shutdown().await.unwrap();
 }
@@ -292,17 +270,17 @@ async fn a_circuit_breaker_opens_on_upstream_errors_and_closes_after_a_good_prob
         .agent(&tunnel("web", host, upstream.port(), policy))
         .await;
     for _ in 0..4 {
-        let (code, _, _) = fetch(&edge, host, "/status/500", &[]).await;
+        let (code, _, _) = edge.fetch(host, "/status/500", &[]).await;
         assert_eq!(code, 500, "the upstream's own error passes while closed");
     }
-    let (code, head, _) = fetch(&edge, host, "/status/200", &[]).await;
+    let (code, head, _) = edge.fetch(host, "/status/200", &[]).await;
     assert_eq!(code, 503, "open: refused at the edge");
     assert!(head.contains("err_postern_3202"), "{head}");
     let seen = upstream.requests().len();
     // After the tripped time one probe goes through; a good answer closes it.
     let mut code = 503;
     for _ in 0..100 {
-        (code, _, _) = fetch(&edge, host, "/status/200", &[]).await;
+        (code, _, _) = edge.fetch(host, "/status/200", &[]).await;
         if code == 200 {
             break;
         }
@@ -317,7 +295,7 @@ async fn a_circuit_breaker_opens_on_upstream_errors_and_closes_after_a_good_prob
         seen + 1,
         "refused requests never reached it"
     );
-    let (code, _, _) = fetch(&edge, host, "/status/200", &[]).await;
+    let (code, _, _) = edge.fetch(host, "/status/200", &[]).await;
     assert_eq!(code, 200, "closed again");
     agent.shutdown().await.unwrap();
 }
@@ -450,14 +428,14 @@ mod webhooks {
                 args.extend(["-H".into(), format!("{k}: {v}")]);
             }
             let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
-            let (code, _, echoed) = fetch(&edge, &host, "/echo", &args_ref).await;
+            let (code, _, echoed) = edge.fetch(&host, "/echo", &args_ref).await;
             assert_eq!(code, 200, "{provider}: a genuine webhook passes");
             assert!(echoed.starts_with("POST /echo"), "{provider}: {echoed}");
             // The same signature on another body is a forgery.
             let mut forged = args.clone();
             forged[3] = r#"{"event":"push","id":43}"#.into();
             let forged_ref: Vec<&str> = forged.iter().map(String::as_str).collect();
-            let (code, head, _) = fetch(&edge, &host, "/echo", &forged_ref).await;
+            let (code, head, _) = edge.fetch(&host, "/echo", &forged_ref).await;
             if *provider == "gitlab" {
                 assert_eq!(code, 200, "gitlab signs nothing but the token");
             } else {
@@ -484,7 +462,7 @@ async fn a_per_ip_rate_limit_answers_429_past_capacity_and_recovers() {
     let mut codes = Vec::new();
     let (mut code, mut head) = (0, String::new());
     while code != 429 && codes.len() < 20 {
-        (code, head, _) = fetch(&edge, host, "/", &[]).await;
+        (code, head, _) = edge.fetch(host, "/", &[]).await;
         codes.push(code);
     }
     assert_eq!(&codes[..3], [200, 200, 200], "{codes:?}");
@@ -493,7 +471,7 @@ async fn a_per_ip_rate_limit_answers_429_past_capacity_and_recovers() {
     assert!(head.contains("err_postern_9018"), "{head}");
     // Two quiet windows later the count has decayed.
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    assert_eq!(fetch(&edge, host, "/", &[]).await.0, 200, "recovered");
+    assert_eq!(edge.fetch(host, "/", &[]).await.0, 200, "recovered");
     agent.shutdown().await.unwrap();
 }
 
@@ -560,7 +538,7 @@ mod jwt {
             .agent(&tunnel("web", host, upstream.port(), &policy))
             .await;
         let bearer = |token: &str| format!("authorization: Bearer {token}");
-        let (code, _, _) = fetch(&edge, host, "/echo", &["-H", &bearer(&good)]).await;
+        let (code, _, _) = edge.fetch(host, "/echo", &["-H", &bearer(&good)]).await;
         assert_eq!(code, 200, "a good token passes");
         assert!(upstream.last("/echo").headers.contains_key("authorization"));
         // The payload changed after signing.
@@ -581,14 +559,14 @@ mod jwt {
             ("expired", expired),
             ("another audience", wrong_audience),
         ] {
-            let (code, head, _) = fetch(&edge, host, "/echo", &["-H", &bearer(&token)]).await;
+            let (code, head, _) = edge.fetch(host, "/echo", &["-H", &bearer(&token)]).await;
             assert_eq!(code, 401, "{what}");
             assert!(
                 head.contains("www-authenticate: bearer error=\"invalid_token\""),
                 "{head}"
             );
         }
-        let (code, _, _) = fetch(&edge, host, "/echo", &[]).await;
+        let (code, _, _) = edge.fetch(host, "/echo", &[]).await;
         assert_eq!(code, 401, "no token");
         agent.shutdown().await.unwrap();
     }
@@ -618,7 +596,7 @@ async fn ngroks_ab_test_example_splits_traffic_between_internal_endpoints() {
         "{status:?}"
     );
     for i in 0..40 {
-        let (code, _, body) = fetch(&edge, host, &format!("/r{i}"), &[]).await;
+        let (code, _, body) = edge.fetch(host, &format!("/r{i}"), &[]).await;
         assert_eq!((code, body.as_str()), (200, "hello from upstream"));
     }
     let (to_a, to_b) = (a.requests().len(), b.requests().len());
@@ -639,4 +617,112 @@ async fn ngroks_ab_test_example_splits_traffic_between_internal_endpoints() {
         .await;
     assert_eq!(status, "000", "refused in the TLS handshake");
     agent.shutdown().await.unwrap();
+}
+
+/// ngrok's documentation examples, as published: user agent filtering
+/// (`req.user_agent.name`, `req.user_agent.is_bot`) and "deny non-GET
+/// requests".
+#[tokio::test]
+async fn ngroks_user_agent_and_method_examples_run_unchanged() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let examples = [
+        "on_http_request:\n- expressions:\n  - req.user_agent.name == 'Edge'\n  actions:\n  - type: custom-response\n    config:\n      status_code: 200\n      body: Hello Edge User!\n",
+        "on_http_request:\n- expressions:\n  - req.user_agent.is_bot\n  actions:\n  - type: deny\n    config:\n      status_code: 403\n",
+        "on_http_request:\n- expressions:\n  - \"req.method != 'GET'\"\n  actions:\n  - type: deny\n",
+    ];
+    let mut tunnels = String::new();
+    for (i, example) in examples.iter().enumerate() {
+        tunnels.push_str(&tunnel(
+            &format!("ex{i}"),
+            &format!("ex{i}.example.test"),
+            upstream.port(),
+            example,
+        ));
+    }
+    let (agent, _) = edge.agent(&tunnels).await;
+    let edge_ua = "user-agent: Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.0.0";
+    let firefox =
+        "user-agent: Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+    let googlebot =
+        "user-agent: Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
+    let (code, _, body) = edge.fetch("ex0.example.test", "/", &["-H", edge_ua]).await;
+    assert_eq!((code, body.as_str()), (200, "Hello Edge User!"));
+    let (_, _, body) = edge.fetch("ex0.example.test", "/", &["-H", firefox]).await;
+    assert_eq!(body, "hello from upstream");
+    assert_eq!(
+        edge.fetch("ex1.example.test", "/", &["-H", googlebot])
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        edge.fetch("ex1.example.test", "/", &["-H", firefox])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        edge.fetch("ex2.example.test", "/", &["-X", "POST"]).await.0,
+        403
+    );
+    assert_eq!(edge.fetch("ex2.example.test", "/", &[]).await.0, 200);
+    agent.shutdown().await.unwrap();
+}
+
+/// The operator's policy for a domain (`[[endpoint_policies]]`) runs
+/// before the agent's, which cannot bypass it.
+#[tokio::test]
+async fn the_operators_policy_runs_first_and_the_agent_cannot_bypass_it() {
+    let edge = TestEdge::start_with(
+        "[[endpoint_policies]]\ndomain = \"*.guarded.example.test\"\ntraffic_policy = \"\"\"\non_http_request:\n  - actions:\n      - type: basic-auth\n        config: {credentials: [\"ops:operator secret\"]}\n\"\"\"\n",
+    )
+    .await;
+    let upstream = HttpUpstream::start().await;
+    // The agent's own policy answers everything itself…
+    let agents = "on_http_request:\n  - actions: [{type: custom-response, config: {status_code: 200, body: agent says hi}}]\n";
+    let (agent, _) = edge
+        .agent(&tunnel(
+            "web",
+            "app.guarded.example.test",
+            upstream.port(),
+            agents,
+        ))
+        .await;
+    // …but only after the operator's basic auth.
+    let (code, head, _) = edge.fetch("app.guarded.example.test", "/", &[]).await;
+    assert_eq!(code, 401, "{head}");
+    let (code, _, body) = edge
+        .fetch(
+            "app.guarded.example.test",
+            "/",
+            &["-u", "ops:operator secret"],
+        )
+        .await;
+    assert_eq!((code, body.as_str()), (200, "agent says hi"));
+    // A name the policy does not cover is the agent's alone.
+    let (other, _) = edge
+        .agent(&tunnel(
+            "other",
+            "other.example.test",
+            upstream.port(),
+            agents,
+        ))
+        .await;
+    assert_eq!(edge.fetch("other.example.test", "/", &[]).await.0, 200);
+    agent.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_policy_that_is_not_a_document_is_refused_at_load() {
+    let toml = "[[endpoint_policies]]\ndomain = \"*.guarded.example.test\"\ntraffic_policy = \"on_http_requests: []\"\n";
+    let config = postern_edge::EdgeConfig::from_toml(&format!(
+        "domain = \"example.test\"\n[tls]\ndev_ca = true\n{toml}"
+    ));
+    let text = format!("{:#}", config.expect_err("refused"));
+    assert!(
+        text.contains("endpoint_policies[0].traffic_policy") && text.contains("on_http_requests"),
+        "{text}"
+    );
 }

@@ -3,18 +3,24 @@
 //! and installs the endpoints of the other nodes in its gateway, served
 //! over the link between nodes.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
-use postern_config_sync::{Cluster, Kind, Local, Member};
-use postern_ingress::{DomainPattern, Endpoint, EndpointKind, Location};
+use postern_config_sync::{Cluster, ClusterError, Kind, Local, Member};
+use postern_ingress::{DomainPattern, Endpoint, Location};
 use postern_proto::{ErrorCode, Failure, pb};
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::Required,
     node_link::{NodeLinks, RemoteSource},
-    session::{AgentSession, Registry},
+    registry::{AgentSession, Registry, RegistryEvent, host_of},
 };
 
 /// An endpoint an agent of the publishing node serves.
@@ -59,73 +65,78 @@ impl Kind for SessionAd {
     const KIND: &'static str = "session";
 }
 
-/// What this node announces or withdraws, in order.
-pub enum Announce {
-    Endpoint(String, Box<EndpointAd>),
-    WithdrawEndpoint(String),
-    Session(String, SessionAd),
-    WithdrawSession(String),
-}
-
-/// Writes announcements to the gossip one after another, so a withdrawal
-/// never overtakes the announcement it withdraws.
-pub fn spawn_announcer(cluster: Cluster) -> mpsc::UnboundedSender<Announce> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+/// Writes this node's registry events to the gossip one after another, so
+/// a withdrawal never overtakes the announcement it withdraws. It ends when
+/// the registry ends its events, or at `stop` once those queued are written.
+pub fn spawn_announcer(
+    cluster: Cluster,
+    mut events: mpsc::UnboundedReceiver<RegistryEvent>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(announce) = rx.recv().await {
-            let written = match announce {
-                Announce::Endpoint(id, ad) => cluster.set_local(&id, &*ad).await,
-                Announce::Session(id, ad) => cluster.set_local(&id, &ad).await,
-                Announce::WithdrawEndpoint(id) => {
-                    cluster.remove_local::<EndpointAd>(&id).await;
-                    Ok(())
-                }
-                Announce::WithdrawSession(id) => {
-                    cluster.remove_local::<SessionAd>(&id).await;
-                    Ok(())
-                }
+        loop {
+            let event = tokio::select! {
+                biased;
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+                _ = stop.cancelled() => break,
             };
-            if let Err(e) = written {
+            if let Err(e) = announce(&cluster, event).await {
                 tracing::warn!(error = %e, "announcing to the cluster");
             }
         }
-    });
-    tx
+    })
 }
 
-/// The announcement of an endpoint bound here.
-pub fn endpoint_ad(
+async fn announce(cluster: &Cluster, event: RegistryEvent) -> Result<(), ClusterError> {
+    match event {
+        RegistryEvent::SessionOpened(session) => {
+            cluster.set_local(&session.id, &session_ad(&session)).await
+        }
+        RegistryEvent::SessionClosed(id) => {
+            cluster.remove_local::<SessionAd>(&id).await;
+            Ok(())
+        }
+        RegistryEvent::EndpointBound {
+            endpoint,
+            session_id,
+            request,
+            bound_at,
+        } => {
+            let ad = endpoint_ad(cluster, &endpoint, session_id, &request, bound_at);
+            cluster.set_local(&endpoint.id, &ad).await
+        }
+        RegistryEvent::EndpointUnbound(id) => {
+            cluster.remove_local::<EndpointAd>(&id).await;
+            Ok(())
+        }
+    }
+}
+
+/// The announcement of an endpoint bound here, from its bind request as
+/// bound.
+fn endpoint_ad(
     cluster: &Cluster,
     endpoint: &Endpoint,
-    session: &AgentSession,
-    req: &pb::BindRequest,
+    session_id: String,
+    bound: &pb::BindRequest,
+    bound_at: SystemTime,
 ) -> EndpointAd {
-    let bound = bound_request(endpoint, req);
     EndpointAd {
         public_url: endpoint.public_url.clone(),
         proto: endpoint.kind.scheme().to_string(),
         name: endpoint.name.clone(),
-        session_id: session.id.clone(),
-        forwards_to: req.forwards_to.clone(),
-        pooling_enabled: req.pooling_enabled,
-        created_at: crate::ca_store::now_rfc3339(),
-        bound_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        session_id,
+        forwards_to: bound.forwards_to.clone(),
+        pooling_enabled: bound.pooling_enabled,
+        created_at: humantime::format_rfc3339_seconds(bound_at).to_string(),
+        bound_at_ms: bound_at
+            .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         bind: cluster.seal(&bound.encode_to_vec()),
     }
-}
-
-/// `req` with the name or port `endpoint` was bound on: what builds the
-/// same endpoint again, here or at another node.
-pub fn bound_request(endpoint: &Endpoint, req: &pb::BindRequest) -> pb::BindRequest {
-    let mut bound = req.clone();
-    bound.request_id = 0;
-    match endpoint.kind {
-        EndpointKind::Tcp { port } => bound.remote_port = u32::from(port),
-        _ => bound.domain = host_of(&endpoint.public_url).to_string(),
-    }
-    bound
 }
 
 /// The announcement of a session opened here.
@@ -137,12 +148,6 @@ pub fn session_ad(session: &AgentSession) -> SessionAd {
         ip: session.peer.map(|p| p.ip().to_string()).unwrap_or_default(),
         credential_id: session.credential.as_ref().map(|c| c.id.clone()),
     }
-}
-
-/// `app.example.com` of `https://app.example.com:8443`.
-fn host_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    rest.rsplit_once(':').map_or(rest, |(host, _)| host)
 }
 
 /// The name two endpoints conflict on: the host, or a TCP endpoint's port.
@@ -188,17 +193,17 @@ struct Known {
     node: Member,
     ad: EndpointAd,
     installed: bool,
-    /// The CAs endpoint policies required when it was built.
-    policy_cas: Vec<String>,
+    /// What endpoint policies required when it was built.
+    required: Required,
 }
 
-/// The CAs this node's endpoint policies require for an endpoint of
-/// another node.
-fn policy_cas(registry: &Registry, ad: &EndpointAd) -> Vec<String> {
+/// What this node's endpoint policies require of an endpoint of another
+/// node.
+fn required(registry: &Registry, ad: &EndpointAd) -> Required {
     let domain = (ad.proto != "tcp")
         .then(|| DomainPattern::parse(host_of(&ad.public_url)).ok())
         .flatten();
-    registry.policy_cas(domain.as_ref())
+    registry.binder().required(domain.as_ref())
 }
 
 impl RemoteEndpoints {
@@ -239,7 +244,7 @@ impl RemoteEndpoints {
                 wanted.get(*id).is_none_or(|l| {
                     l.node != known.node
                         || l.value != known.ad
-                        || policy_cas(registry, &l.value) != known.policy_cas
+                        || required(registry, &l.value) != known.required
                 })
             })
             .map(|(id, _)| id.clone())
@@ -256,7 +261,7 @@ impl RemoteEndpoints {
             if self.known.get(&id).is_some_and(|known| known.installed) {
                 continue;
             }
-            let policy_cas = policy_cas(registry, &local.value);
+            let required = required(registry, &local.value);
             let first_try = !self.known.contains_key(&id);
             let installed = match install(cluster, registry, links, &id, &local).await {
                 Ok(endpoint) => {
@@ -276,7 +281,7 @@ impl RemoteEndpoints {
                     node: local.node,
                     ad: local.value,
                     installed,
-                    policy_cas,
+                    required,
                 },
             );
         }
@@ -294,7 +299,7 @@ async fn install(
         .open_sealed(&local.value.bind)
         .ok_or_else(|| anyhow::anyhow!("the bind request does not open with the cluster key"))?;
     let req = pb::BindRequest::decode(sealed.as_slice())?;
-    let mut spec = registry.remote_spec(&req).await?;
+    let mut spec = registry.binder().build(&req).await?;
     spec.id = Some(id.to_string());
     spec.remote = Some(Location {
         node_id: local.node.node_id.clone(),

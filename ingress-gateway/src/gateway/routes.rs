@@ -172,6 +172,7 @@ impl Gateway {
             ip_restriction: spec.ip_policy.as_deref().cloned(),
             mutual_tls: spec.mutual_tls.clone(),
             oauth: spec.oauth.clone(),
+            http: spec.http_modules.clone(),
         };
         let env = PolicyEnv {
             http: *kind == EndpointKind::Http,
@@ -191,6 +192,13 @@ impl Gateway {
             pool_key: spec.pool_key.clone(),
             termination: self.termination(kind, spec.certificate.clone(), spec.mutual_tls.clone()),
             policy,
+            schemes: match spec.http_modules.as_ref().map(|m| &m.schemes) {
+                Some(schemes) if !schemes.is_empty() => (
+                    schemes.iter().any(|s| s == "http"),
+                    schemes.iter().any(|s| s == "https"),
+                ),
+                _ => (true, true),
+            },
             pool: Pool::new(self.inner.outcomes.region.as_str().into()),
         }))
     }

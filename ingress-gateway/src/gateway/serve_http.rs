@@ -104,8 +104,10 @@ async fn route_request(
         let sni_route = conn.sni.as_deref().map(|sni| routes.lookup(sni).cloned());
         (route, sni_route)
     };
+    let tls = conn.tls.is_some();
     let Some((route, member)) = route
         .filter(|r| matches!(r.kind, EndpointKind::Http))
+        .filter(|r| if tls { r.schemes.1 } else { r.schemes.0 })
         .and_then(|r| Some((r.clone(), r.pool.pick(&[])?)))
     else {
         return proxy::error_response(&Failure::new(ErrorCode::ENDPOINT_OFFLINE, host));
@@ -179,6 +181,9 @@ impl Visit<'_> {
         let mut scratch = Scratch::default();
         let mut head = None;
         if let Some((conn_facts, endpoint_facts)) = &facts {
+            // Host, or HTTP/2's :authority.
+            let visitor_host =
+                proxy::request_host(&req).and_then(|h| http::HeaderValue::from_str(h).ok());
             let mut cx = RequestCx {
                 req: &mut req,
                 conn: conn_facts,
@@ -201,6 +206,15 @@ impl Visit<'_> {
                     record.policy_logs(scratch.logs);
                     return proxy::error_response(&failure);
                 }
+            }
+            // A policy that set another Host (`host_header`): the upstream
+            // still learns the name the visitor asked for.
+            let headers = req.headers_mut();
+            if let Some(original) = visitor_host
+                && headers.get(http::header::HOST) != Some(&original)
+                && !headers.contains_key("x-forwarded-host")
+            {
+                headers.insert("x-forwarded-host", original);
             }
             if policy.has(Phase::Response) {
                 head = Some(request_head(&req));

@@ -3,7 +3,7 @@
 //! the policy is built (unknown keys and bad values are refused, naming
 //! them) and returns the action for the phase asked for.
 
-mod basic_auth;
+pub(super) mod basic_auth;
 mod circuit_breaker;
 mod compress;
 mod custom_response;

@@ -196,6 +196,14 @@ fn user_agent(headers: &HeaderMap) -> Value {
                 .and_then(|t| t.split_once('/'))
         })
         .unwrap_or((raw, ""));
+    // Products that name themselves otherwise in the header.
+    let name = match name {
+        "Edg" | "EdgA" | "EdgiOS" => "Edge",
+        "OPR" => "Opera",
+        "CriOS" => "Chrome",
+        "FxiOS" => "Firefox",
+        other => other,
+    };
     let os = [
         "Windows",
         "Android",

@@ -89,6 +89,41 @@ impl BasicAuth {
             .map(|(i, p)| credential(i, p))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("config.{e}"))?;
+        Self::with_digests(users, realm, enforce)
+    }
+
+    /// The `--basic-auth` module: the agent sent each password's SHA-256
+    /// (hex), checked for length before it hashed it.
+    pub(crate) fn from_module(credentials: &[(String, String)]) -> Result<BasicAuth, String> {
+        at_most("basic_auth", credentials, 10)?;
+        let users = credentials
+            .iter()
+            .enumerate()
+            .map(|(i, (user, hex_digest))| {
+                let bytes = hex::decode(hex_digest)
+                    .ok()
+                    .filter(|b| b.len() == 32)
+                    .ok_or_else(|| {
+                        format!("basic_auth[{i}]: the password digest is not SHA-256 hex")
+                    })?;
+                if user.is_empty() || user.chars().count() > 128 || user.contains(':') {
+                    return Err(format!(
+                        "basic_auth[{i}]: the user name must be 1 to 128 characters without ':'"
+                    ));
+                }
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(&bytes);
+                Ok((user.clone(), digest))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Self::with_digests(users, "ngrok", true)
+    }
+
+    fn with_digests(
+        users: Vec<(String, Digest)>,
+        realm: &str,
+        enforce: bool,
+    ) -> Result<BasicAuth, String> {
         if realm.is_empty() || realm.len() > 128 || !realm.is_ascii() || realm.contains('"') {
             return Err("config.realm: 1 to 128 ASCII characters without quotes".into());
         }
