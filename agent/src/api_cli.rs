@@ -138,6 +138,12 @@ const DOMAIN: Field = required(
     "The name: app.example.com, or (not for agent ingresses) *.example.com for it and every name under it.",
 );
 
+const TRAFFIC_POLICY: Field = field(
+    "traffic_policy",
+    Kind::Text,
+    "A Traffic Policy document as YAML or JSON text (@policy.yml reads the file); it runs before the agent's. A policy needs CAs, a Traffic Policy or both.",
+);
+
 /// Reserved domains and agent ingresses: a domain with an owner.
 const NAMED_VERBS: &[Verb] = &[
     Verb::Create(&[DOMAIN, DESCRIPTION, METADATA, OWNER_ID]),
@@ -245,15 +251,16 @@ const RESOURCES: &[Resource] = &[
         name: "endpoint-policies",
         path: "endpoint_policies",
         noun: "endpoint policy",
-        about: "Client certificates required on a domain, whatever agents ask.",
+        about: "What a domain requires whatever agents ask: client certificates, the operator's Traffic Policy.",
         verbs: &[
             Verb::Create(&[
                 DOMAIN,
-                required(
+                field(
                     "mutual_tls_cas",
                     Kind::List,
                     "Ids of certificate authorities (ca_…) client certificates must chain to.",
                 ),
+                TRAFFIC_POLICY,
                 DESCRIPTION,
                 METADATA,
             ]),
@@ -265,6 +272,7 @@ const RESOURCES: &[Resource] = &[
                     Kind::List,
                     "The new CA ids (replace the old ones).",
                 ),
+                TRAFFIC_POLICY,
                 DESCRIPTION,
                 METADATA,
             ]),

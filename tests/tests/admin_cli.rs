@@ -128,6 +128,30 @@ async fn every_resource_is_created_listed_read_changed_and_deleted() {
     )
     .await;
     assert_eq!(policy["mutual_tls_cas"], serde_json::json!([ca_id]));
+    // The operator's Traffic Policy, from a YAML file.
+    let traffic_policy = dir.path().join("policy.yml");
+    std::fs::write(
+        &traffic_policy,
+        "on_http_request:\n  - actions:\n      - type: deny\n",
+    )
+    .unwrap();
+    let with_policy = ok(
+        edge,
+        &[
+            "endpoint-policies",
+            "update",
+            policy["id"].as_str().unwrap(),
+            "--traffic-policy",
+            &format!("@{}", traffic_policy.display()),
+        ],
+    )
+    .await;
+    assert!(
+        with_policy["traffic_policy"]
+            .as_str()
+            .is_some_and(|p| p.contains("deny")),
+        "{with_policy}"
+    );
     let reserved = ok(
         edge,
         &[
