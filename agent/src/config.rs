@@ -13,6 +13,9 @@ use postern_net::{IpPolicy, Secret, parse_ca_bundle, proxy_header};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
+mod url;
+mod v3;
+
 /// ngrok agent keys Postern accepts and ignores.
 const IGNORED_AGENT_KEYS: &[&str] = &[
     "connect_interface",
@@ -24,7 +27,6 @@ const IGNORED_AGENT_KEYS: &[&str] = &[
     "log_level",
     "log_format",
     "metadata",
-    "proxy_url",
     "remote_management",
     "update_channel",
     "update_check",
@@ -48,8 +50,14 @@ pub struct RawAgentConfig {
     pub connect_domain: Option<String>,
     /// Postern: TLS name to verify instead of the `server_addr` host.
     pub tls_server_name: Option<String>,
-    /// `host` (system roots, the default) or a PEM file of CAs to trust instead.
+    /// `host` (the system's trust store or `SSL_CERT_FILE`/`SSL_CERT_DIR`,
+    /// the default), `trusted` (the Mozilla roots built in), or a PEM file
+    /// of CAs to trust instead.
     pub root_cas: Option<String>,
+    /// An outbound proxy for the tunnel connection: `http://`, `https://`
+    /// or `socks5://`, with `user:password@` when it wants them. Default:
+    /// `HTTPS_PROXY` / `ALL_PROXY`; `NO_PROXY` names hosts that bypass it.
+    pub proxy_url: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub heartbeat_tolerance: Option<String>,
     /// Where the agent API and inspector listen: `host:port` (default
@@ -122,6 +130,11 @@ pub struct RawTunnel {
     pub domain: Option<String>,
     /// Older ngrok name for `domain`.
     pub hostname: Option<String>,
+    /// ngrok's endpoint URL (`--url`): `https://app.example.com`,
+    /// `tls://…`, `tcp://host:port`, a bare host, or a scheme alone.
+    pub url: Option<String>,
+    /// HTTP/TLS: a label under the edge's base domain for random names.
+    pub subdomain: Option<String>,
     /// TCP: `host:port` to ask for (the port is what counts).
     pub remote_addr: Option<String>,
     /// TLS: `edge`, `agent` or `upstream`.
@@ -274,6 +287,11 @@ pub struct TunnelSpec {
     pub proto: Proto,
     pub upstream: Upstream,
     pub domain: Option<String>,
+    /// ngrok's `subdomain`: the edge puts it under its base domain.
+    pub subdomain: Option<String>,
+    /// The port `url` named (0: none); the edge refuses one it does not
+    /// serve the scheme on.
+    pub public_port: u16,
     pub remote_port: u16,
     pub terminate_at: Option<TerminateAt>,
     /// PEM certificate chain and key.
@@ -299,8 +317,12 @@ pub struct TunnelSpec {
 /// Which CAs the agent trusts for the edge.
 #[derive(Clone, Debug)]
 pub enum RootCas {
-    /// webpki's Mozilla roots.
+    /// The system's trust store, or `SSL_CERT_FILE` / `SSL_CERT_DIR` (the
+    /// default).
     Host,
+    /// The Mozilla roots built into the agent (ngrok's `trusted` names
+    /// ngrok's own CAs; Postern has none of its own).
+    Trusted,
     /// Only these (PEM).
     Pem(Vec<u8>),
 }
@@ -312,6 +334,8 @@ pub struct AgentConfig {
     pub server_addr: String,
     pub server_name: String,
     pub root_cas: RootCas,
+    /// The proxy the tunnel connection goes through, if any.
+    pub proxy: Option<crate::proxy::Proxy>,
     pub heartbeat_interval: Duration,
     pub heartbeat_tolerance: Duration,
     pub connect_timeout: Duration,
@@ -359,6 +383,25 @@ pub fn merge(base: &mut Value, over: Value) {
     }
 }
 
+/// Lays the command line over the merged files: `agent` holds agent keys
+/// by their version 2 names, `tunnels` the command line's tunnel. A
+/// version 3 file gets them under `agent:` by its names.
+pub fn overlay(base: &mut Value, agent: Mapping, tunnels: Mapping) {
+    let mut top = if v3::is_v3(base) {
+        let renamed = agent
+            .into_iter()
+            .map(|(k, v)| (Value::from(v3::v3_name(k.as_str().unwrap_or_default())), v))
+            .collect();
+        Mapping::from_iter([(Value::from("agent"), Value::Mapping(renamed))])
+    } else {
+        agent
+    };
+    if !tunnels.is_empty() {
+        top.insert(Value::from("tunnels"), Value::Mapping(tunnels));
+    }
+    merge(base, Value::Mapping(top));
+}
+
 /// A tunnel's keys as written: when one has a value of the wrong type, the
 /// error starts with that key (`basic_auth: invalid type: …`).
 fn raw_tunnel(body: Value) -> Result<RawTunnel, String> {
@@ -389,6 +432,12 @@ pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
     if value.is_null() {
         return Ok(RawAgentConfig::default());
     }
+    if v3::is_v3(&value) {
+        let Value::Mapping(map) = value else {
+            bail!("the config must be a map of keys");
+        };
+        value = Value::Mapping(v3::to_v2(map)?);
+    }
     let Value::Mapping(map) = &mut value else {
         bail!("the config must be a map of keys");
     };
@@ -408,7 +457,10 @@ pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
         Some(Value::String(v)) if v == "2" => {}
         Some(Value::Number(n)) if n.as_u64() == Some(2) => {}
         Some(other) => {
-            bail!("version: {other:?} is not supported; Postern reads ngrok's version \"2\" files")
+            bail!(
+                "version: {} is not supported; Postern reads ngrok's versions 2 and 3",
+                scalar(other).unwrap_or_else(|| "this value".into())
+            )
         }
     }
     Ok(raw)
@@ -522,14 +574,37 @@ fn mutual_tls_cas(
         }
         return Ok(MutualTlsCas::Ids(items));
     }
-    let [path] = items.as_slice() else {
-        bail!("{field}: give one PEM file, or CA ids (ca_…)");
-    };
-    let pem = std::fs::read(path).with_context(|| format!("{field}: reading {path}"))?;
-    if terminate_at == Some(TerminateAt::Agent) {
-        parse_ca_bundle(&pem).map_err(|e| anyhow::anyhow!("{field}: {path}: {e}"))?;
+    if items.is_empty() || items.iter().any(|i| i.starts_with("ca_")) {
+        bail!("{field}: give PEM files (or PEM text), or CA ids (ca_…), not both");
     }
-    Ok(MutualTlsCas::Pem(pem))
+    let mut bundle = Vec::new();
+    for item in &items {
+        let pem = pem_or_file(field, item)?;
+        if terminate_at == Some(TerminateAt::Agent) {
+            parse_ca_bundle(&pem).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", shown(item)))?;
+        }
+        bundle.extend_from_slice(&pem);
+        bundle.push(b'\n');
+    }
+    Ok(MutualTlsCas::Pem(bundle))
+}
+
+/// A PEM value: the text itself when it holds a PEM block (ngrok's
+/// version 3 files allow it inline), else the file it names.
+fn pem_or_file(field: &str, value: &str) -> anyhow::Result<Vec<u8>> {
+    if value.contains("-----BEGIN ") {
+        return Ok(value.as_bytes().to_vec());
+    }
+    std::fs::read(value).with_context(|| format!("{field}: reading {value}"))
+}
+
+/// How a PEM value is named in a message: its path, or "the inline PEM".
+fn shown(value: &str) -> &str {
+    if value.contains("-----BEGIN ") {
+        "the inline PEM"
+    } else {
+        value
+    }
 }
 
 impl RawUpstreamTls {
@@ -567,15 +642,73 @@ impl RawTunnel {
             .with_context(|| format!("{}: missing (a port or an address)", field("addr")))?;
         let upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
             .with_context(|| field("addr"))?;
-        let domain = self.domain.clone().or_else(|| self.hostname.clone());
+        let mut domain = self.domain.clone().or_else(|| self.hostname.clone());
         if domain.is_some() && proto == Proto::Tcp {
             bail!(
                 "{}: TCP tunnels have no domain; use remote_addr",
                 field("domain")
             );
         }
+        if let Some(subdomain) = &self.subdomain {
+            if proto == Proto::Tcp {
+                bail!("{}: TCP tunnels have no subdomain", field("subdomain"));
+            }
+            if domain.is_some() {
+                bail!(
+                    "{}: give a domain or a subdomain, not both",
+                    field("subdomain")
+                );
+            }
+            url::check_subdomain(subdomain).with_context(|| field("subdomain"))?;
+        }
+        let endpoint_url = match &self.url {
+            Some(text) => {
+                let parsed = url::EndpointUrl::parse(text).with_context(|| field("url"))?;
+                parsed
+                    .check(proto)
+                    .with_context(|| format!("{}: {text:?}", field("url")))?;
+                Some(parsed)
+            }
+            None => None,
+        };
+        let mut public_port = 0;
+        let mut remote_port_from_url = None;
+        if let Some(endpoint_url) = &endpoint_url {
+            let taken = match proto {
+                Proto::Tcp => self.remote_addr.is_some(),
+                _ => domain.is_some() || self.subdomain.is_some(),
+            };
+            if taken && endpoint_url.host.is_some() {
+                let other = if proto == Proto::Tcp {
+                    "remote_addr"
+                } else {
+                    "domain"
+                };
+                bail!("{}: give url or {other}, not both", field("url"));
+            }
+            match proto {
+                Proto::Tcp => remote_port_from_url = endpoint_url.port,
+                _ => {
+                    if endpoint_url.host.is_some() {
+                        domain = endpoint_url.host.clone();
+                    }
+                    public_port = endpoint_url.port.unwrap_or(0);
+                }
+            }
+        }
+        let schemes = match (
+            endpoint_url.as_ref().and_then(|u| u.http_scheme()),
+            &self.schemes,
+        ) {
+            (Some(scheme), Some(schemes)) if schemes.iter().any(|s| s != scheme) => bail!(
+                "{}: the url serves {scheme} only; leave schemes out or make it [{scheme}]",
+                field("schemes")
+            ),
+            (Some(scheme), _) => Some(vec![scheme.to_string()]),
+            (None, schemes) => schemes.clone(),
+        };
         let remote_port = match &self.remote_addr {
-            None => 0,
+            None => remote_port_from_url.unwrap_or(0),
             Some(_) if proto != Proto::Tcp => bail!(
                 "{}: only TCP tunnels have a remote_addr",
                 field("remote_addr")
@@ -607,12 +740,11 @@ impl RawTunnel {
         let crt_key = match (&self.crt, &self.key) {
             (None, None) => None,
             (Some(crt), Some(key)) => {
-                let crt_pem = std::fs::read(crt)
-                    .with_context(|| format!("{}: reading {crt}", field("crt")))?;
-                let key_pem = std::fs::read_to_string(key)
-                    .with_context(|| format!("{}: reading {key}", field("key")))?;
+                let crt_pem = pem_or_file(&field("crt"), crt)?;
+                let key_pem = String::from_utf8(pem_or_file(&field("key"), key)?)
+                    .with_context(|| format!("{}: not PEM text", field("key")))?;
                 let key_pem = Secret::new(key_pem);
-                crate::tls::serving_key((crt, &crt_pem), (key, &key_pem))
+                crate::tls::serving_key((shown(crt), &crt_pem), (shown(key), &key_pem))
                     .with_context(|| format!("{}/key", field("crt")))?;
                 Some((crt_pem, key_pem))
             }
@@ -656,6 +788,8 @@ impl RawTunnel {
             proto,
             upstream,
             domain,
+            subdomain: self.subdomain.clone(),
+            public_port,
             remote_port,
             terminate_at,
             crt_key,
@@ -694,7 +828,7 @@ impl RawTunnel {
                     verify_webhook: &self.verify_webhook,
                     user_agent_filter: &self.user_agent_filter,
                     websocket_tcp_converter: &self.websocket_tcp_converter,
-                    schemes: &self.schemes,
+                    schemes: &schemes,
                 },
                 proto == Proto::Http,
                 &upstream_host,
@@ -871,7 +1005,8 @@ impl RawAgentConfig {
             self.tls_server_name,
         ));
         let root_cas = problems.check(match self.root_cas.as_deref() {
-            None | Some("host") | Some("trusted") => Ok(RootCas::Host),
+            None | Some("host") => Ok(RootCas::Host),
+            Some("trusted") => Ok(RootCas::Trusted),
             Some(path) => std::fs::read(path)
                 .map(RootCas::Pem)
                 .with_context(|| format!("root_cas: reading {path}")),
@@ -918,10 +1053,12 @@ impl RawAgentConfig {
         if let Some(url) = &self.api_url {
             problems.check(ApiUrl::parse(url).context("api_url"));
         }
+        let proxy = problems.check(crate::proxy::Proxy::configured(self.proxy_url.as_deref()));
         let (
             Some(authtoken),
             Some((server_addr, server_name)),
             Some(root_cas),
+            Some(proxy),
             Some((heartbeat_interval, heartbeat_tolerance)),
             Some(connect_timeout),
             Some(web),
@@ -930,6 +1067,7 @@ impl RawAgentConfig {
             authtoken,
             server,
             root_cas,
+            proxy,
             heartbeats,
             connect_timeout,
             web,
@@ -943,6 +1081,7 @@ impl RawAgentConfig {
             server_addr,
             server_name,
             root_cas,
+            proxy,
             heartbeat_interval,
             heartbeat_tolerance,
             connect_timeout,
@@ -1068,7 +1207,7 @@ tunnels:
                 "tunnels:\n  w:\n    proto: tcp\n    addr: 1\n    domain: a.test\n",
                 "tunnels.w.domain",
             ),
-            ("version: \"3\"\n", "version"),
+            ("version: \"4\"\n", "version"),
             ("heartbeat_interval: soon\n", "heartbeat_interval"),
         ] {
             let err = format!("{:#}", parse(&format!("{base}{tail}")).unwrap_err());
@@ -1109,6 +1248,175 @@ tunnels:
         );
         assert!(ApiUrl::parse("127.0.0.1:9090").is_err());
         assert!(ApiUrl::parse("http://x:9090/?a=b").is_err());
+    }
+
+    #[test]
+    fn url_and_subdomain_keys() {
+        let base = "authtoken: t\nserver_addr: e:1\ntunnels:\n  w:\n";
+        let one = |tail: &str| parse(&format!("{base}{tail}")).map(|c| c.tunnels[0].clone());
+        let t = one("    proto: http\n    addr: 1\n    url: https://App.example.test\n").unwrap();
+        assert_eq!(t.domain.as_deref(), Some("app.example.test"));
+        let schemes = &t.modules.as_ref().unwrap().0.schemes;
+        assert_eq!(
+            schemes,
+            &["https"],
+            "one scheme per URL, as ngrok's v3 agent"
+        );
+        let t = one("    proto: http\n    addr: 1\n    url: app.example.test:8443\n").unwrap();
+        assert_eq!((t.public_port, t.modules.is_none()), (8443, true));
+        let t =
+            one("    proto: tcp\n    addr: 1\n    url: tcp://1.tcp.example.test:20001\n").unwrap();
+        assert_eq!(t.remote_port, 20001);
+        let t = one("    proto: tls\n    addr: 1\n    url: tls://\n").unwrap();
+        assert_eq!(t.domain, None, "a scheme alone asks for a random name");
+        let t = one("    proto: http\n    addr: 1\n    subdomain: my-app\n").unwrap();
+        assert_eq!(t.subdomain.as_deref(), Some("my-app"));
+        for (tail, want) in [
+            (
+                "    proto: http\n    addr: 1\n    url: tls://x.example.test\n",
+                "tunnels.w.url",
+            ),
+            (
+                "    proto: http\n    addr: 1\n    url: x.example.test\n    domain: y.example.test\n",
+                "give url or domain",
+            ),
+            (
+                "    proto: http\n    addr: 1\n    url: http://x.example.test\n    schemes: [https]\n",
+                "tunnels.w.schemes",
+            ),
+            (
+                "    proto: http\n    addr: 1\n    subdomain: a_b\n",
+                "tunnels.w.subdomain",
+            ),
+            (
+                "    proto: tcp\n    addr: 1\n    url: tcp://x.example.test\n",
+                "host:port",
+            ),
+        ] {
+            let err = format!("{:#}", one(tail).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        }
+    }
+
+    #[test]
+    fn ngrok_v3_file() {
+        let c = parse(
+            r#"
+version: 3
+agent:
+  authtoken: tok-3
+  connect_url: tunnel.eu.connect.example.test:443
+  connect_cas: host
+  console_ui: false
+endpoints:
+  - name: web
+    url: https://app.example.test
+    upstream:
+      url: 8080
+      protocol: http1
+    traffic_policy:
+      on_http_request:
+        - actions: [{type: deny}]
+  - name: site
+    url: http://site.example.test
+    upstream:
+      url: intranet.local
+  - name: db
+    url: tcp://1.tcp.example.test:20002
+    upstream:
+      url: 5432
+      proxy_protocol: 2
+  - name: secure
+    url: tls://s.example.test
+    bindings: [public]
+    upstream:
+      url: tls://
+tunnels:
+  old:
+    proto: http
+    addr: 9000
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.server_addr, "tunnel.eu.connect.example.test:443");
+        assert_eq!(format!("{:?}", c.authtoken), "********");
+        let names: Vec<_> = c.tunnels.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["web", "site", "db", "secure", "old"],
+            "file order kept"
+        );
+        let t = |n: &str| c.tunnels.iter().find(|t| t.name == n).unwrap();
+        assert_eq!(t("web").proto, Proto::Http);
+        assert_eq!(t("web").domain.as_deref(), Some("app.example.test"));
+        assert!(t("web").traffic_policy.as_deref().unwrap().contains("deny"));
+        assert_eq!(
+            t("site").upstream.url(Proto::Http),
+            "http://intranet.local:80"
+        );
+        assert_eq!(t("db").proto, Proto::Tcp);
+        assert_eq!(t("db").remote_port, 20002);
+        assert_eq!(t("db").proxy_proto, Some(proxy_header::Version::V2));
+        assert_eq!(t("secure").proto, Proto::Tls);
+        assert_eq!(t("secure").upstream.url(Proto::Tls), "tls://localhost:443");
+    }
+
+    #[test]
+    fn ngrok_v3_errors_name_the_key() {
+        let head = "version: 3\nagent:\n  authtoken: t\n  connect_url: e:1\n";
+        let endpoint = "endpoints:\n  - name: w\n    url: https://w.example.test\n";
+        for (tail, want) in [
+            (
+                "  server_addr: e:2\n",
+                "agent.server_addr: version 3 calls it connect_url",
+            ),
+            ("  bogus: 1\n", "bogus"),
+            (
+                &format!("{endpoint}    upstream:\n      url: 80\n      protocol: http2\n"),
+                "endpoints[0] (w).upstream.protocol",
+            ),
+            (
+                &format!("{endpoint}    upstream:\n      url: 80\n    colour: red\n"),
+                "endpoints[0] (w).colour",
+            ),
+            (
+                &format!("{endpoint}    upstream: {{}}\n"),
+                "upstream.url: required",
+            ),
+            (
+                &format!("{endpoint}    upstream:\n      url: 80\n    bindings: [kubernetes]\n"),
+                "bindings",
+            ),
+            ("tunnels: 3\n", "tunnels"),
+        ] {
+            let err = format!("{:#}", parse(&format!("{head}{tail}")).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        }
+        let err = format!("{:#}", parse("version: 3\nauthtoken: t\n").unwrap_err());
+        assert!(
+            err.contains("authtoken: not a version 3 top-level key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_command_line_lands_under_agent_in_a_v3_file() {
+        let mut value: Value =
+            serde_yaml_ng::from_str("version: 3\nagent:\n  connect_url: e:1\n").unwrap();
+        let agent = Mapping::from_iter([
+            (Value::from("authtoken"), Value::from("cli")),
+            (Value::from("server_addr"), Value::from("e:2")),
+        ]);
+        let tunnel: Value = serde_yaml_ng::from_str("proto: tcp\naddr: 22\n").unwrap();
+        overlay(
+            &mut value,
+            agent,
+            Mapping::from_iter([(Value::from("command_line"), tunnel)]),
+        );
+        let c = parse_raw(value).unwrap().validate(None).unwrap();
+        assert_eq!(c.server_addr, "e:2");
+        assert_eq!(c.authtoken.expose(), "cli");
+        assert_eq!(c.tunnels[0].name, "command_line");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod forward;
 mod inspect;
 mod modules;
 mod oauth;
+mod proxy;
 mod session;
 mod state;
 mod tls;
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{HostRule, RawWebAuth, WebAddr, WebAuth, WebConfig};
 pub use config::{
     AgentConfig, ApiUrl, Proto, RawAgentConfig, RawTunnel, RootCas, TerminateAt, TunnelSpec,
-    Upstream, load_files, merge, parse_raw, parse_upstream,
+    Upstream, load_files, merge, overlay, parse_raw, parse_upstream,
 };
 pub use modules::{HttpModules, ModuleFlags};
 pub use oauth::{AuthFlags, OAuthSpec};

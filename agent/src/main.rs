@@ -22,7 +22,7 @@ use anyhow::Context;
 use clap::{
     ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource,
 };
-use postern_agent::{Agent, load_files, merge, parse_raw};
+use postern_agent::{Agent, load_files, overlay, parse_raw};
 use postern_telemetry::{LogFormat, Telemetry, TraceSettings};
 use serde_yaml_ng::{Mapping, Value};
 
@@ -113,6 +113,10 @@ enum Command {
         /// Ask for this public address (host:port; the port counts).
         #[arg(long)]
         remote_addr: Option<String>,
+        /// The endpoint's URL (ngrok's --url): tcp://host:port, host:port,
+        /// or tcp:// for a random port.
+        #[arg(long)]
+        url: Option<String>,
         /// PROXY protocol version to write to the upstream (1 or 2).
         #[arg(long)]
         proxy_proto: Option<String>,
@@ -192,11 +196,34 @@ impl PolicyFlag {
     }
 }
 
+/// What name an HTTP or TLS endpoint asks for.
 #[derive(Debug, Args)]
-struct TunnelFlags {
+struct NameFlags {
+    /// The endpoint's URL (ngrok's --url): https://app.example.com,
+    /// app.example.com, http://…, tls://…, or a scheme alone for a random name.
+    #[arg(long)]
+    url: Option<String>,
     /// Domain to serve: app.example.com or *.example.com.
     #[arg(long, alias = "hostname")]
     domain: Option<String>,
+    /// A label under the edge's base domain for random names (ngrok's
+    /// --subdomain).
+    #[arg(long)]
+    subdomain: Option<String>,
+}
+
+impl NameFlags {
+    fn set(self, tunnel: &mut Mapping) {
+        set(tunnel, "url", self.url);
+        set(tunnel, "domain", self.domain);
+        set(tunnel, "subdomain", self.subdomain);
+    }
+}
+
+#[derive(Debug, Args)]
+struct TunnelFlags {
+    #[command(flatten)]
+    name: NameFlags,
     /// Require client certificates from these CAs: a PEM file, or CA ids
     /// (ca_…, comma-separated) of the edge's certificate-authority store.
     #[arg(long)]
@@ -304,7 +331,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "inspect", inspect);
             set(&mut tunnel, "proto", Some("http"));
             set(&mut tunnel, "addr", Some(addr));
-            set(&mut tunnel, "domain", common.domain);
+            common.name.set(&mut tunnel);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             common.pooling.set(&mut tunnel);
@@ -326,7 +353,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
         } => {
             set(&mut tunnel, "proto", Some("tls"));
             set(&mut tunnel, "addr", Some(addr));
-            set(&mut tunnel, "domain", common.domain);
+            common.name.set(&mut tunnel);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             common.pooling.set(&mut tunnel);
@@ -345,6 +372,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
         Command::Tcp {
             addr,
             remote_addr,
+            url,
             proxy_proto,
             cidrs,
             pooling,
@@ -356,16 +384,16 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "proto", Some("tcp"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "remote_addr", remote_addr);
+            set(&mut tunnel, "url", url);
             set(&mut tunnel, "proxy_proto", proxy_proto);
             Some(vec!["command_line".to_string()])
         }
     };
+    let mut tunnels = Mapping::new();
     if !tunnel.is_empty() {
-        let mut tunnels = Mapping::new();
         tunnels.insert(Value::from("command_line"), Value::Mapping(tunnel));
-        top.insert(Value::from("tunnels"), Value::Mapping(tunnels));
     }
-    merge(&mut value, Value::Mapping(top));
+    overlay(&mut value, top, tunnels);
     Ok((value, names))
 }
 

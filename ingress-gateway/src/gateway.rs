@@ -297,6 +297,11 @@ impl Gateway {
         self.inner.connections.open()
     }
 
+    /// The public side's settings.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
     pub fn certs(&self) -> &Arc<CertStore> {
         &self.inner.certs
     }

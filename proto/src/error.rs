@@ -69,6 +69,7 @@ codes! {
     TOO_MANY_ENDPOINTS = (324, 400, Agent, "too many endpoints on one agent session");
     AGENT_CONNECTION_LIMIT = (714, 503, Agent, "the agent is at its limit of simultaneous connections");
     INVALID_DOMAIN = (326, 400, Agent, "the domain name is invalid");
+    PUBLIC_PORT = (9035, 400, Agent, "the URL's port is not one this edge serves the scheme on");
     ENDPOINT_ALREADY_BOUND = (334, 400, Agent, "the endpoint is already online in another agent session");
     DOMAIN_RESERVED = (320, 400, Agent, "the domain is reserved by another owner");
     UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");

@@ -235,6 +235,7 @@ admin = "{admin}"
 metrics = "{metrics}"
 [public]
 tcp_host = "127.0.0.1"
+random_domain_base = "apps.{DOMAIN}"
 [tcp]
 bind_ip = "127.0.0.1"
 ports = "20000-29999"

@@ -22,7 +22,7 @@ pub use client::{
 pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, TestEdge, init, url_of};
 pub use kafka::{
     Broker, Consumed, KafkaTlsFront, assert_schema_valid, consume, consume_with,
-    kafka_subscription, topic, topic_template,
+    kafka_subscription, python, topic, topic_template,
 };
 pub use oidc::{
     Browser, CLIENT_ID, CLIENT_SECRET, ChromiumLogin, OidcProvider, Page, chromium_login, oidc_dir,
