@@ -93,6 +93,9 @@ enum Verb {
     Delete,
     /// `POST /<path>/{id}/stop`.
     Stop,
+    /// `DELETE /<path>` with the fields as the query: every object they
+    /// select.
+    DeleteAll(&'static [Field]),
 }
 
 impl Verb {
@@ -104,18 +107,22 @@ impl Verb {
             Verb::Update(_) => "update",
             Verb::Delete => "delete",
             Verb::Stop => "stop",
+            Verb::DeleteAll(_) => "delete-all",
         }
     }
 
     fn fields(&self) -> &'static [Field] {
         match self {
-            Verb::Create(fields) | Verb::List(fields) | Verb::Update(fields) => fields,
+            Verb::Create(fields)
+            | Verb::List(fields)
+            | Verb::Update(fields)
+            | Verb::DeleteAll(fields) => fields,
             Verb::Get | Verb::Delete | Verb::Stop => &[],
         }
     }
 
     fn takes_id(&self) -> bool {
-        !matches!(self, Verb::Create(_) | Verb::List(_))
+        !matches!(self, Verb::Create(_) | Verb::List(_) | Verb::DeleteAll(_))
     }
 }
 
@@ -343,6 +350,11 @@ const RESOURCES: &[Resource] = &[
                 field("email", Kind::Text, "The user's email address."),
             ]),
             Verb::Delete,
+            Verb::DeleteAll(&[required(
+                "user_id",
+                Kind::Text,
+                "The user's id at the provider: every session of theirs is logged out.",
+            )]),
         ],
     },
 ];
@@ -379,6 +391,7 @@ impl Verb {
             Verb::Update(_) => format!("Change {a} {noun}."),
             Verb::Delete => format!("Delete {a} {noun}."),
             Verb::Stop => format!("End {a} {noun} (the agent is told why)."),
+            Verb::DeleteAll(_) => format!("Delete every {noun} the flags select."),
         };
         let mut command = Command::new(self.name()).about(about);
         if self.takes_id() {
@@ -439,7 +452,7 @@ impl Verb {
         let (method, body) = match self {
             Verb::Create(_) => (Method::POST, Some(Value::Object(fields))),
             Verb::Update(_) => (Method::PATCH, Some(Value::Object(fields))),
-            Verb::List(_) => {
+            Verb::List(_) | Verb::DeleteAll(_) => {
                 let query: Vec<String> = fields
                     .iter()
                     .map(|(k, v)| format!("{k}={}", escape(v.as_str().unwrap_or_default())))
@@ -447,7 +460,11 @@ impl Verb {
                 if !query.is_empty() {
                     path = format!("{path}?{}", query.join("&"));
                 }
-                (Method::GET, None)
+                let method = match self {
+                    Verb::List(_) => Method::GET,
+                    _ => Method::DELETE,
+                };
+                (method, None)
             }
             Verb::Get => (Method::GET, None),
             Verb::Delete => (Method::DELETE, None),
@@ -715,6 +732,11 @@ mod tests {
         assert_eq!(call.path, "/oauth_sessions?email=a%20b%40x.test");
         let call = parse(&["certificate-authorities", "get", "ca_1,ca_2"]);
         assert_eq!(call.path, "/certificate_authorities/ca_1,ca_2");
+        let call = parse(&["oauth-sessions", "delete-all", "--user-id", "alice"]);
+        assert_eq!(
+            (&call.method, call.path.as_str(), &call.body),
+            (&Method::DELETE, "/oauth_sessions?user_id=alice", &None)
+        );
         let call = parse(&["tunnel-sessions", "stop", "ts_1"]);
         assert_eq!(
             (&call.method, call.path.as_str(), &call.body),

@@ -458,3 +458,33 @@ async fn without_a_cluster_the_cluster_resources_say_what_they_need() {
     let list = ok(&edge, &["certificate-authorities", "list"]).await;
     assert_eq!(list["certificate_authorities"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn oauth_sessions_are_listed_and_deleted_by_user() {
+    // The node's OAuth sessions (in its memory here; tests/tests/oauth.rs
+    // fills them through a real login).
+    let edge = TestEdge::start().await;
+    let list = ok(
+        &edge,
+        &["oauth-sessions", "list", "--email", "nobody@example.test"],
+    )
+    .await;
+    assert_eq!(list["oauth_sessions"], serde_json::json!([]), "{list}");
+    let neither = fails(&edge, &["oauth-sessions", "list"]).await;
+    assert!(
+        neither.contains("give exactly one of ?user_id= and ?email=")
+            && neither.contains("HTTP 400"),
+        "{neither}"
+    );
+    let missing = fails(&edge, &["oauth-sessions", "delete", "os_missing"]).await;
+    assert!(
+        missing.contains("no OAuth session os_missing") && missing.contains("HTTP 404"),
+        "{missing}"
+    );
+    let all = ok(
+        &edge,
+        &["oauth-sessions", "delete-all", "--user-id", "alice"],
+    )
+    .await;
+    assert_eq!(all["deleted"], 0, "{all}");
+}
