@@ -18,7 +18,6 @@ mod v3;
 
 /// ngrok agent keys Postern accepts and ignores.
 const IGNORED_AGENT_KEYS: &[&str] = &[
-    "api_key",
     "connect_interface",
     "console_ui",
     "console_ui_color",
@@ -84,6 +83,13 @@ pub struct RawAgentConfig {
     pub upstream_tls: std::collections::BTreeMap<String, RawUpstreamTls>,
     #[serde(default)]
     pub tunnels: indexmap_like::Tunnels,
+    /// ngrok's key for `ngrok api`: the edge's admin API key, used by
+    /// `postern api` (after `--api-key` and `POSTERN_API_KEY`).
+    pub api_key: Option<Secret>,
+    /// Postern: the edge's admin API, `http://host:port` or `https://…`
+    /// (default `http://127.0.0.1:9090`, the edge's default admin listener),
+    /// used by `postern api` (after `--api-url` and `POSTERN_API_URL`).
+    pub api_url: Option<String>,
 }
 
 /// Tunnel definitions keep their file order (serde_yaml's Mapping does).
@@ -885,44 +891,141 @@ pub(crate) fn api_tunnel(
     Ok(spec)
 }
 
-impl RawAgentConfig {
-    /// Validates; `names` picks tunnels (`None`: all of them).
-    pub fn validate(self, names: Option<&[String]>) -> anyhow::Result<AgentConfig> {
-        let authtoken = self.authtoken.filter(|t| !t.is_empty()).context(
-            "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config",
-        )?;
-        let server_addr = match (self.server_addr, &self.region, &self.connect_domain) {
-            (Some(addr), _, _) => addr,
-            (None, Some(region), Some(domain)) => format!("tunnel.{region}.connect.{domain}:443"),
-            (None, _, _) => bail!(
-                "server_addr: missing; pass --server-addr host:port, or --region with connect_domain \
-                 (dials tunnel.<region>.connect.<connect_domain>:443)"
-            ),
+/// The problems found in a config, each naming its key; validation goes on
+/// past the first, so that `postern config check` can list them all.
+#[derive(Debug, Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// The value, or `None` with its error noted.
+    fn check<T>(&mut self, result: anyhow::Result<T>) -> Option<T> {
+        result.map_err(|e| self.0.push(format!("{e:#}"))).ok()
+    }
+
+    /// One error listing every problem, a line each.
+    fn into_error(self) -> anyhow::Error {
+        anyhow::anyhow!("{}", self.0.join("\n"))
+    }
+}
+
+/// Where the edge's admin API is (`api_url`, `--api-url`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiUrl {
+    /// As written, for messages.
+    pub url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// A path prefix the API is under, without a trailing `/`.
+    pub base_path: String,
+}
+
+impl ApiUrl {
+    /// The edge's default admin listener.
+    pub const DEFAULT: &str = "http://127.0.0.1:9090";
+
+    pub fn parse(text: &str) -> anyhow::Result<ApiUrl> {
+        let uri: http::Uri = text
+            .parse()
+            .ok()
+            .with_context(|| format!("{text:?} is not a URL like {:?}", Self::DEFAULT))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("{text:?}: the scheme must be http or https"),
         };
-        let (host, _port) = server_addr
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .with_context(|| format!("server_addr: {server_addr:?} is not host:port"))?;
-        let server_name = self.tls_server_name.unwrap_or_else(|| {
-            host.trim_start_matches('[')
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .with_context(|| format!("{text:?} has no host"))?;
+        if uri.query().is_some() {
+            bail!("{text:?}: a query string has no place in the API's address");
+        }
+        Ok(ApiUrl {
+            url: text.to_string(),
+            tls,
+            host: host
+                .trim_start_matches('[')
                 .trim_end_matches(']')
-                .to_string()
+                .to_string(),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// `server_addr`, or the address `region` and `connect_domain` make, and
+/// the TLS name to verify.
+fn server_addr_and_name(
+    server_addr: Option<String>,
+    region: Option<&String>,
+    connect_domain: Option<&String>,
+    tls_server_name: Option<String>,
+) -> anyhow::Result<(String, String)> {
+    let server_addr = match (server_addr, region, connect_domain) {
+        (Some(addr), _, _) => addr,
+        (None, Some(region), Some(domain)) => format!("tunnel.{region}.connect.{domain}:443"),
+        (None, _, _) => bail!(
+            "server_addr: missing; pass --server-addr host:port, or --region with connect_domain \
+             (dials tunnel.<region>.connect.<connect_domain>:443)"
+        ),
+    };
+    let (host, _port) = server_addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("server_addr: {server_addr:?} is not host:port"))?;
+    let server_name = tls_server_name.unwrap_or_else(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    Ok((server_addr, server_name))
+}
+
+fn heartbeats(
+    interval: &Option<String>,
+    tolerance: &Option<String>,
+) -> anyhow::Result<(Duration, Duration)> {
+    let interval = duration("heartbeat_interval", interval, Duration::from_secs(10))?;
+    let tolerance = duration("heartbeat_tolerance", tolerance, Duration::from_secs(15))?;
+    if interval.is_zero() || tolerance <= interval {
+        bail!("heartbeat_tolerance must be longer than heartbeat_interval, which must not be zero");
+    }
+    Ok((interval, tolerance))
+}
+
+impl RawAgentConfig {
+    /// Validates; `names` picks tunnels (`None`: all of them). The error
+    /// lists every problem found, a line each.
+    pub fn validate(self, names: Option<&[String]>) -> anyhow::Result<AgentConfig> {
+        let mut problems = Problems::default();
+        let authtoken = problems.check(self.authtoken.filter(|t| !t.is_empty()).context(
+            "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config",
+        ));
+        let server = problems.check(server_addr_and_name(
+            self.server_addr,
+            self.region.as_ref(),
+            self.connect_domain.as_ref(),
+            self.tls_server_name,
+        ));
+        let root_cas = problems.check(match self.root_cas.as_deref() {
+            None | Some("host") => Ok(RootCas::Host),
+            Some("trusted") => Ok(RootCas::Trusted),
+            Some(path) => std::fs::read(path)
+                .map(RootCas::Pem)
+                .with_context(|| format!("root_cas: reading {path}")),
         });
-        let root_cas = match self.root_cas.as_deref() {
-            None | Some("host") => RootCas::Host,
-            Some("trusted") => RootCas::Trusted,
-            Some(path) => RootCas::Pem(
-                std::fs::read(path).with_context(|| format!("root_cas: reading {path}"))?,
-            ),
-        };
-        let mut tunnels = Vec::new();
         let mut upstream_tls = std::collections::BTreeMap::new();
         for (key, raw) in &self.upstream_tls {
-            upstream_tls.insert(key.clone(), raw.validate(&format!("upstream_tls.{key:?}"))?);
+            if let Some(tls) = problems.check(raw.validate(&format!("upstream_tls.{key:?}"))) {
+                upstream_tls.insert(key.clone(), tls);
+            }
         }
+        let mut tunnels = Vec::new();
         for (name, raw) in &self.tunnels.0 {
-            if names.is_none_or(|n| n.contains(name)) {
-                let mut spec = raw.validate(name)?;
+            if names.is_none_or(|n| n.contains(name))
+                && let Some(mut spec) = problems.check(raw.validate(name))
+            {
                 spec.upstream_tls = upstream_tls_for(&spec.upstream, &upstream_tls);
                 tunnels.push(spec);
             }
@@ -932,44 +1035,63 @@ impl RawAgentConfig {
                 .iter()
                 .find(|n| !self.tunnels.0.iter().any(|(t, _)| t == *n))
         {
-            bail!("tunnels: no tunnel named {missing:?} in the config");
+            problems.0.push(format!(
+                "tunnels: no tunnel named {missing:?} in the config"
+            ));
         }
-        let heartbeat_interval = duration(
-            "heartbeat_interval",
+        let heartbeats = problems.check(heartbeats(
             &self.heartbeat_interval,
-            Duration::from_secs(10),
-        )?;
-        let heartbeat_tolerance = duration(
-            "heartbeat_tolerance",
             &self.heartbeat_tolerance,
-            Duration::from_secs(15),
-        )?;
-        if heartbeat_interval.is_zero() || heartbeat_tolerance <= heartbeat_interval {
-            bail!(
-                "heartbeat_tolerance must be longer than heartbeat_interval, which must not be zero"
-            );
+        ));
+        let connect_timeout = problems.check(duration(
+            "connect_timeout",
+            &self.connect_timeout,
+            Duration::from_secs(10),
+        ));
+        let web = problems.check(crate::api::WebConfig::validate(
+            self.web_addr.as_ref(),
+            &self.web_allow_hosts,
+            self.web_auth.as_ref(),
+            self.inspect_db_size,
+        ));
+        if let Some(url) = &self.api_url {
+            problems.check(ApiUrl::parse(url).context("api_url"));
         }
+        let proxy = problems.check(crate::proxy::Proxy::configured(self.proxy_url.as_deref()));
+        let (
+            Some(authtoken),
+            Some((server_addr, server_name)),
+            Some(root_cas),
+            Some(proxy),
+            Some((heartbeat_interval, heartbeat_tolerance)),
+            Some(connect_timeout),
+            Some(web),
+            true,
+        ) = (
+            authtoken,
+            server,
+            root_cas,
+            proxy,
+            heartbeats,
+            connect_timeout,
+            web,
+            problems.0.is_empty(),
+        )
+        else {
+            return Err(problems.into_error());
+        };
         Ok(AgentConfig {
             authtoken,
             server_addr,
             server_name,
             root_cas,
-            proxy: crate::proxy::Proxy::configured(self.proxy_url.as_deref())?,
+            proxy,
             heartbeat_interval,
             heartbeat_tolerance,
-            connect_timeout: duration(
-                "connect_timeout",
-                &self.connect_timeout,
-                Duration::from_secs(10),
-            )?,
+            connect_timeout,
             stream_pool: self.stream_pool.unwrap_or(8),
             tunnels,
-            web: crate::api::WebConfig::validate(
-                self.web_addr.as_ref(),
-                &self.web_allow_hosts,
-                self.web_auth.as_ref(),
-                self.inspect_db_size,
-            )?,
+            web,
             upstream_tls,
         })
     }
@@ -1097,6 +1219,39 @@ tunnels:
         }
         let err = format!("{:#}", parse("server_addr: e:1\n").unwrap_err());
         assert!(err.contains("authtoken"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_a_line_each() {
+        let err = format!(
+            "{:#}",
+            parse("server_addr: edge\nheartbeat_interval: soon\napi_url: ftp://x\n").unwrap_err()
+        );
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 4, "{err}");
+        assert!(lines[0].starts_with("authtoken: missing"), "{err}");
+        assert!(
+            lines[1].starts_with("server_addr: \"edge\" is not host:port"),
+            "{err}"
+        );
+        assert!(lines[2].starts_with("heartbeat_interval"), "{err}");
+        assert!(lines[3].starts_with("api_url: \"ftp://x\""), "{err}");
+    }
+
+    #[test]
+    fn api_urls() {
+        let url = ApiUrl::parse("https://admin.example.test/postern/").unwrap();
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port, url.base_path.as_str()),
+            (true, "admin.example.test", 443, "/postern")
+        );
+        let url = ApiUrl::parse("http://[::1]:9090").unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.base_path.as_str()),
+            ("::1", 9090, "")
+        );
+        assert!(ApiUrl::parse("127.0.0.1:9090").is_err());
+        assert!(ApiUrl::parse("http://x:9090/?a=b").is_err());
     }
 
     #[test]

@@ -58,14 +58,24 @@ fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// The client config for the edge's agent listener (HTTP/2 over TLS).
-pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+fn client_config(root_cas: &RootCas) -> anyhow::Result<ClientConfig> {
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(root_cas)?)
-        .with_no_client_auth();
+        .with_no_client_auth())
+}
+
+/// The client config for the edge's agent listener (HTTP/2 over TLS).
+pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut config = client_config(root_cas)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The client config for an HTTPS server the Mozilla roots vouch for
+/// (`postern api` to an admin API behind TLS).
+pub fn https_client_config() -> anyhow::Result<Arc<ClientConfig>> {
+    Ok(Arc::new(client_config(&RootCas::Host)?))
 }
 
 fn chain_and_key(
