@@ -149,7 +149,16 @@ impl TestEdge {
         let ip = netns
             .as_ref()
             .map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.1);
-        let free = || std::net::SocketAddr::from((ip, crate::free_port()));
+        // Five picks of one process: never the same port twice (a CI run
+        // once drew one port for two listeners and the binary could not
+        // start).
+        let mut taken = std::collections::HashSet::new();
+        let mut free = || loop {
+            let port = crate::free_port();
+            if taken.insert(port) {
+                return std::net::SocketAddr::from((ip, port));
+            }
+        };
         let mut edge = TestEdge {
             edge: None,
             process: None,
