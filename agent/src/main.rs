@@ -79,6 +79,10 @@ enum Command {
         /// Verify an https:// upstream's certificate.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         upstream_tls_verify: bool,
+        /// The upstream's protocol: http1 (default) or http2 (gRPC; h2c
+        /// for http://, ALPN h2 for https://).
+        #[arg(long)]
+        upstream_protocol: Option<String>,
         #[command(flatten)]
         auth: Box<postern_agent::AuthFlags>,
         #[command(flatten)]
@@ -321,10 +325,12 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             addr,
             common,
             upstream_tls_verify,
+            upstream_protocol,
             auth,
             modules,
             inspect,
         } => {
+            set(&mut tunnel, "upstream_protocol", upstream_protocol);
             for (key, value) in auth.tunnel_keys().into_iter().chain(modules.tunnel_keys()) {
                 set(&mut tunnel, key, Some(value));
             }

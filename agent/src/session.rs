@@ -1070,6 +1070,7 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
         modules: spec.modules.as_ref().map(|m| m.0.clone()),
         subdomain: spec.subdomain.clone().unwrap_or_default(),
         public_port: u32::from(spec.public_port),
+        upstream_http2: spec.upstream.http2,
     }
 }
 

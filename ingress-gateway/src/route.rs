@@ -61,21 +61,29 @@ pub(crate) struct Member {
     pub endpoint: Arc<Endpoint>,
     /// HTTP endpoints without PROXY headers share one upstream pool.
     pub shared_pool: Option<UpstreamPool>,
+    pub forwarding: Forwarding,
+    failed_at_ms: AtomicU64,
+}
+
+/// How an HTTP endpoint's requests reach its upstream.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Forwarding {
     /// `websocket_tcp_converter`: visitors' WebSockets become TCP streams.
     pub websocket_tcp: bool,
-    failed_at_ms: AtomicU64,
+    /// The upstream speaks HTTP/2.
+    pub upstream_http2: bool,
 }
 
 impl Member {
     pub fn new(
         endpoint: Arc<Endpoint>,
         shared_pool: Option<UpstreamPool>,
-        websocket_tcp: bool,
+        forwarding: Forwarding,
     ) -> Arc<Member> {
         Arc::new(Member {
             endpoint,
             shared_pool,
-            websocket_tcp,
+            forwarding,
             failed_at_ms: AtomicU64::new(0),
         })
     }
@@ -232,7 +240,7 @@ mod tests {
                 }),
             }),
             None,
-            false,
+            Forwarding::default(),
         )
     }
 

@@ -303,7 +303,7 @@ async fn an_ngrok_v3_config_file_runs() {
 
     for (body, want) in [
         (
-            "endpoints:\n  - name: a\n    url: https://a.example.test\n    upstream:\n      url: 80\n      protocol: http2\n",
+            "endpoints:\n  - name: a\n    url: https://a.example.test\n    upstream:\n      url: 80\n      protocol: http3\n",
             "upstream.protocol",
         ),
         ("authtoken: abc\n", "agent settings go under agent:"),

@@ -188,10 +188,9 @@ fn upstream(
                 tunnel.insert("addr".into(), Value::from(upstream_addr(&addr, proto)));
             }
             "protocol" => match value.as_str() {
-                Some("http1") => {}
-                Some("http2") => bail!(
-                    "{field}.upstream.protocol: http2 upstreams are not supported by Postern yet; use http1"
-                ),
+                Some(protocol @ ("http1" | "http2")) => {
+                    tunnel.insert("upstream_protocol".into(), Value::from(protocol));
+                }
                 _ => bail!("{field}.upstream.protocol: http1 or http2"),
             },
             "proxy_protocol" => {

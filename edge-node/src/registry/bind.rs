@@ -259,7 +259,14 @@ pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
         },
         operator_policy: None,
         http_modules: req.modules.clone(),
+        upstream_http2: req.upstream_http2,
     };
+    if req.upstream_http2 && protocol != Protocol::Http {
+        return Err(Failure::new(
+            ErrorCode::INVALID_BIND,
+            "upstream_protocol http2 is for HTTP endpoints",
+        ));
+    }
     if protocol == Protocol::Tcp {
         spec.remote_port = u16::try_from(req.remote_port).map_err(|_| {
             Failure::new(

@@ -231,14 +231,14 @@ impl Visit<'_> {
                     UpstreamPool::new(
                         member.endpoint.clone(),
                         Arc::downgrade(&route.pool),
-                        conn.client,
-                        conn.local,
+                        (conn.client, conn.local),
                         host.to_string(),
+                        member.forwarding.upstream_http2,
                     )
                 })
                 .clone(),
         };
-        let mut response = if member.websocket_tcp {
+        let mut response = if member.forwarding.websocket_tcp {
             proxy::websocket_to_tcp(&pool, req, &inner.tracker).await
         } else {
             proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await
