@@ -338,6 +338,16 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         self.edge = Some(Edge::start(config, listeners).await.expect("edge restarts"));
     }
 
+    /// The events written so far to `file` under the node's data
+    /// directory by a file destination (one JSON object a line).
+    pub fn file_events(&self, file: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
     /// The agent YAML preamble for this edge with `token`.
     /// The agent's flags for the `postern` binary against this edge.
     pub fn agent_args(&self, token: &str) -> Vec<String> {
@@ -578,6 +588,15 @@ async fn link_listener(config: &EdgeConfig) -> Option<TcpListener> {
 }
 
 /// The URL a status lists for a tunnel.
+/// An `[[events.subscriptions]]` table writing every
+/// `http_request_complete.v0` event to `<data_dir>/events.jsonl`.
+pub const EVENTS_TO_FILE: &str = r#"
+[[events.subscriptions]]
+id = "file-events"
+sources = [{ type = "http_request_complete.v0" }]
+destination = { file = { path = "events.jsonl" } }
+"#;
+
 pub fn url_of(status: &Status, tunnel: &str) -> String {
     status
         .tunnels

@@ -19,7 +19,7 @@ mod upstream;
 pub use client::{
     HttpsClient, Response, curl, http1_get_all, openssl_s_client, stream_each_way, websocket_echo,
 };
-pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, TestEdge, init, url_of};
+pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, EVENTS_TO_FILE, TestEdge, init, url_of};
 pub use kafka::{
     Broker, Consumed, KafkaTlsFront, assert_schema_valid, consume, consume_with,
     kafka_subscription, python, topic, topic_template,

@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use postern_tests::{HttpUpstream, Spawned, TestCa, TestEdge, free_port, python};
+use postern_tests::{EVENTS_TO_FILE, HttpUpstream, Spawned, TestCa, TestEdge, free_port, python};
 use serde_json::{Value, json};
 use tokio::process::Command;
 
@@ -65,24 +65,9 @@ fn expected() -> Value {
     })
 }
 
-const EVENTS: &str = r#"
-[[events.subscriptions]]
-id = "grpc-test"
-sources = [{ type = "http_request_complete.v0" }]
-destination = { file = { path = "events.jsonl" } }
-"#;
-
-fn events(edge: &TestEdge) -> Vec<Value> {
-    std::fs::read_to_string(edge.dir.path().join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[tokio::test]
 async fn grpc_calls_of_every_kind_through_an_h2c_upstream() {
-    let edge = TestEdge::start_with(EVENTS).await;
+    let edge = TestEdge::start_with(EVENTS_TO_FILE).await;
     let (_server, port) = grpc_server(None).await;
     let host = "grpc.example.test";
     let (_agent, _) = edge
@@ -95,7 +80,8 @@ async fn grpc_calls_of_every_kind_through_an_h2c_upstream() {
     // The event of each call carries its gRPC status: OK (0) from the
     // trailers, INVALID_ARGUMENT (3) from a trailers-only answer.
     postern_tests::eventually(10, "the calls' events", || async {
-        let statuses: Vec<(String, Option<u64>)> = events(&edge)
+        let statuses: Vec<(String, Option<u64>)> = edge
+            .file_events("events.jsonl")
             .iter()
             .map(|e| {
                 (
@@ -118,7 +104,7 @@ async fn grpc_calls_of_every_kind_through_an_h2c_upstream() {
             && of("/echo.Echo/Bidi") == Some(Some(0))
     })
     .await;
-    for event in events(&edge) {
+    for event in edge.file_events("events.jsonl") {
         postern_tests::assert_schema_valid(&event);
     }
 }
