@@ -294,6 +294,14 @@ impl ClusterNode {
         self.cluster.seal(plaintext)
     }
 
+    /// A sealed secret as text; `None` when it was sealed with another key
+    /// or is not UTF-8.
+    pub fn open_sealed(&self, sealed: &str) -> Option<String> {
+        self.cluster
+            .open_sealed(sealed)
+            .and_then(|plain| String::from_utf8(plain).ok())
+    }
+
     /// Deletes an object cluster-wide; `false` when there is none.
     pub async fn delete_object<T: Kind>(&self, id: &str) -> Result<bool, Failure> {
         let deleted = self
@@ -424,7 +432,14 @@ impl ClusterView for ClusterNode {
             .list::<EndpointPolicyRecord>()
             .into_iter()
             .filter_map(|(id, record)| {
-                EndpointPolicy::parse(&record.domain, record.mutual_tls_cas)
+                // Sealed with this cluster's key, which also signs every
+                // value: it opens wherever the record verified.
+                let traffic_policy = record
+                    .traffic_policy_sealed
+                    .as_deref()
+                    .and_then(|sealed| self.cluster.open_sealed(sealed))
+                    .and_then(|plain| String::from_utf8(plain).ok());
+                EndpointPolicy::parse(&record.domain, record.mutual_tls_cas, traffic_policy)
                     .inspect_err(|(field, reason)| {
                         tracing::warn!(
                             id,

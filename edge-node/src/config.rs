@@ -97,6 +97,9 @@ pub struct RawEndpointPolicy {
     /// certificates must chain to.
     #[serde(default)]
     pub mutual_tls_cas: Vec<String>,
+    /// A Traffic Policy document (YAML or JSON text) run before the
+    /// agent's on these endpoints; the agent cannot change it.
+    pub traffic_policy: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,13 +301,24 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-/// CAs the edge requires for the endpoints on a domain, whatever their
+/// What the edge requires of the endpoints on a domain, whatever their
 /// agents ask: from `[[endpoint_policies]]` or the cluster's
 /// `/endpoint_policies`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointPolicy {
     pub domain: postern_ingress::DomainPattern,
     pub mutual_tls_cas: Vec<String>,
+    /// The operator's Traffic Policy document, as written.
+    pub traffic_policy: Option<String>,
+}
+
+/// What the endpoint policies covering a domain require of its endpoints:
+/// the CAs (sorted) and the operator's Traffic Policy documents, broadest
+/// pattern first. An endpoint is built again when this changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Required {
+    pub mutual_tls_cas: Vec<String>,
+    pub traffic_policies: Vec<String>,
 }
 
 impl EndpointPolicy {
@@ -312,7 +326,16 @@ impl EndpointPolicy {
     pub fn parse(
         domain: &str,
         mutual_tls_cas: Vec<String>,
+        traffic_policy: Option<String>,
     ) -> Result<EndpointPolicy, (&'static str, String)> {
+        if let Some(text) = &traffic_policy {
+            postern_ingress::PolicyDocument::parse(text).map_err(|e| {
+                (
+                    "traffic_policy",
+                    format!("not a Traffic Policy document: {e}"),
+                )
+            })?;
+        }
         let domain = postern_ingress::DomainPattern::parse(domain)
             .map_err(|e| ("domain", format!("{domain:?}: {e:#}")))?;
         if mutual_tls_cas.len() > MAX_CAS {
@@ -324,22 +347,34 @@ impl EndpointPolicy {
         Ok(EndpointPolicy {
             domain,
             mutual_tls_cas,
+            traffic_policy,
         })
     }
 
-    /// The CAs the policies require for endpoints on `domain`, sorted.
-    pub fn cas_for<'a>(
+    /// What the policies require of endpoints on `domain`.
+    pub fn required<'a>(
         policies: impl IntoIterator<Item = &'a EndpointPolicy>,
         domain: &postern_ingress::DomainPattern,
-    ) -> Vec<String> {
-        let mut cas: Vec<String> = policies
+    ) -> Required {
+        let mut covering: Vec<&EndpointPolicy> = policies
             .into_iter()
             .filter(|p| p.domain.covers(domain))
+            .collect();
+        // A `*.` pattern covers more than an exact name: it runs first.
+        covering.sort_by_key(|p| !matches!(p.domain, postern_ingress::DomainPattern::Wildcard(_)));
+        let mut mutual_tls_cas: Vec<String> = covering
+            .iter()
             .flat_map(|p| p.mutual_tls_cas.iter().cloned())
             .collect();
-        cas.sort();
-        cas.dedup();
-        cas
+        mutual_tls_cas.sort();
+        mutual_tls_cas.dedup();
+        Required {
+            mutual_tls_cas,
+            traffic_policies: covering
+                .iter()
+                .filter_map(|p| p.traffic_policy.clone())
+                .collect(),
+        }
     }
 }
 
@@ -648,7 +683,7 @@ fn endpoint_policies(raw: Vec<RawEndpointPolicy>) -> anyhow::Result<Vec<Endpoint
     raw.into_iter()
         .enumerate()
         .map(|(i, policy)| {
-            EndpointPolicy::parse(&policy.domain, policy.mutual_tls_cas)
+            EndpointPolicy::parse(&policy.domain, policy.mutual_tls_cas, policy.traffic_policy)
                 .map_err(|(field, reason)| anyhow!("endpoint_policies[{i}].{field}: {reason}"))
         })
         .collect()

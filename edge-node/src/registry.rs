@@ -38,7 +38,7 @@ use session::{Bound, Link, StreamPool};
 use crate::{
     auth::{AuthtokenRecord, Authtokens},
     ca_store::CaStore,
-    config::{EndpointPolicy, Limits, SessionSettings},
+    config::{EndpointPolicy, Limits, Required, SessionSettings},
     service::PeerInfo,
 };
 
@@ -464,7 +464,7 @@ impl Registry {
         }
         let mut spec = base_spec(&req)?;
         self.binder.check(&spec, &session.acl, session.owner_id())?;
-        let policy_cas = self.binder.policy_cas(spec.domain.as_ref());
+        let required = self.binder.required(spec.domain.as_ref());
         self.binder.finish_spec(&mut spec, &req).await?;
         let endpoint = self.gateway.add(spec, session.clone())?;
         let request = bound_request(&endpoint, &req);
@@ -475,7 +475,7 @@ impl Registry {
             .push(Bound {
                 id: endpoint.id.clone(),
                 req: request.clone(),
-                policy_cas,
+                required,
             });
         tracing::info!(session.id = %session.id, endpoint = %endpoint.id, url = %endpoint.public_url, "endpoint bound");
         let bound = (endpoint.id.clone(), endpoint.public_url.clone());
@@ -593,11 +593,11 @@ impl Registry {
         for session in self.sessions() {
             let bound: Vec<Bound> = session.endpoints.lock().expect("endpoints lock").clone();
             for old in bound {
-                let policy_cas = self.binder.policy_cas(old.domain().as_ref());
-                if policy_cas == old.policy_cas {
+                let required = self.binder.required(old.domain().as_ref());
+                if required == old.required {
                     continue;
                 }
-                if let Err(failure) = self.rebuild(&session, &old, policy_cas).await {
+                if let Err(failure) = self.rebuild(&session, &old, required).await {
                     tracing::warn!(session.id = %session.id, endpoint = %old.id, error = %failure.detail, "an endpoint policy changed and the endpoint cannot be built again");
                     self.close(&session, Some(failure));
                     break;
@@ -611,7 +611,7 @@ impl Registry {
         &self,
         session: &Arc<AgentSession>,
         old: &Bound,
-        policy_cas: Vec<String>,
+        required: Required,
     ) -> Result<(), Failure> {
         let mut spec = self.binder.build(&old.req).await?;
         spec.id = Some(old.id.clone());
@@ -621,7 +621,7 @@ impl Registry {
         };
         self.gateway.remove(&old.id);
         self.gateway.add(spec, session.clone())?;
-        bound.policy_cas = policy_cas;
+        bound.required = required;
         Ok(())
     }
 

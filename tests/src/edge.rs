@@ -477,6 +477,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         (status, head.to_ascii_lowercase(), body.to_string())
     }
 
+    /// The node's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
     /// The Prometheus text of the node's `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let url = format!(

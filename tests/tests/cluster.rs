@@ -863,6 +863,52 @@ async fn an_endpoint_policy_made_at_eu_makes_every_node_require_its_ca_for_an_en
         .collect();
     assert_eq!(ids, [agent_status.session_id.as_str()], "{sessions}");
 
+    // A Traffic Policy added to it at us (sealed in gossip): every node
+    // runs the operator's rule, whatever the agent asked.
+    let bad = serde_json::json!({ "traffic_policy": { "on_http_requests": [] } }).to_string();
+    let path = format!("/endpoint_policies/{policy_id}");
+    let (status, answer) = us.api("PATCH", &path, Some((json.0, &bad)), API_KEY).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("traffic_policy"),
+        "{answer}"
+    );
+    let rule = serde_json::json!({ "traffic_policy": { "on_http_request": [{ "actions": [
+        { "type": "add-headers", "config": { "headers": { "x-operator": "${conn.server_region}" } } }
+    ] }] } })
+    .to_string();
+    let (status, updated) = us.api("PATCH", &path, Some((json.0, &rule)), API_KEY).await;
+    assert_eq!(status, 200, "{updated}");
+    assert!(
+        updated["traffic_policy"]
+            .as_str()
+            .unwrap()
+            .contains("x-operator"),
+        "{updated}"
+    );
+    for edge in &trio.nodes {
+        let region = edge.region().to_string();
+        eventually(
+            30,
+            "the operator's rule runs at the receiving node",
+            || async {
+                edge.curl_mtls(HOST, Some((&cert, &key)), &["-f"])
+                    .await
+                    .status
+                    .success()
+                    && upstream
+                        .last("/echo")
+                        .headers
+                        .get("x-operator")
+                        .is_some_and(|v| *v == region.as_str())
+            },
+        )
+        .await;
+    }
+
     // Deleted at us: no certificate needed again, anywhere.
     let (deleted, _) = us
         .api(

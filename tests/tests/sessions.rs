@@ -182,7 +182,11 @@ async fn a_full_session_rebinds_every_tunnel_after_a_restart_within_the_budget()
 /// with `ERR_POSTERN_9008`; another agent's session goes on serving.
 #[tokio::test]
 async fn an_agent_that_ignores_the_control_budget_is_cut_and_others_are_not() {
-    let edge = TestEdge::start().await;
+    // A slow budget, so the few tokens that come back while the edge works
+    // through the flood do not blur the count (1 a second, burst 20).
+    let edge =
+        TestEdge::start_with("[limits]\ncontrol_messages_per_second = 1\ncontrol_burst = 20\n")
+            .await;
     let upstream = HttpUpstream::start().await;
     let (agent, _) = edge
         .agent(&http_tunnel("calm.example.test", upstream.port()))
@@ -191,7 +195,7 @@ async fn an_agent_that_ignores_the_control_budget_is_cut_and_others_are_not() {
     let (rate, burst) = (hostile.welcome.control_rate, hostile.welcome.control_burst);
     assert_eq!(
         (rate, burst, hostile.welcome.endpoints_per_session),
-        (100, 120, 100)
+        (1, 20, 100)
     );
     // Binds over the budget are refused one by one before the cut.
     let bind = |i: u64| {
@@ -217,7 +221,7 @@ async fn an_agent_that_ignores_the_control_budget_is_cut_and_others_are_not() {
             }
         }
     }
-    assert!(throttled >= 5, "{bound} bound, {throttled} throttled");
+    assert!(throttled >= 3, "{bound} bound, {throttled} throttled");
     // It goes on regardless.
     for i in 0..10 * burst {
         let ping = pb::agent_message::Msg::Ping(pb::Heartbeat {

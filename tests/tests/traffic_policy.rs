@@ -669,3 +669,60 @@ async fn ngroks_user_agent_and_method_examples_run_unchanged() {
     assert_eq!(edge.fetch("ex2.example.test", "/", &[]).await.0, 200);
     agent.shutdown().await.unwrap();
 }
+
+/// The operator's policy for a domain (`[[endpoint_policies]]`) runs
+/// before the agent's, which cannot bypass it.
+#[tokio::test]
+async fn the_operators_policy_runs_first_and_the_agent_cannot_bypass_it() {
+    let edge = TestEdge::start_with(
+        "[[endpoint_policies]]\ndomain = \"*.guarded.example.test\"\ntraffic_policy = \"\"\"\non_http_request:\n  - actions:\n      - type: basic-auth\n        config: {credentials: [\"ops:operator secret\"]}\n\"\"\"\n",
+    )
+    .await;
+    let upstream = HttpUpstream::start().await;
+    // The agent's own policy answers everything itself…
+    let agents = "on_http_request:\n  - actions: [{type: custom-response, config: {status_code: 200, body: agent says hi}}]\n";
+    let (agent, _) = edge
+        .agent(&tunnel(
+            "web",
+            "app.guarded.example.test",
+            upstream.port(),
+            agents,
+        ))
+        .await;
+    // …but only after the operator's basic auth.
+    let (code, head, _) = edge.fetch("app.guarded.example.test", "/", &[]).await;
+    assert_eq!(code, 401, "{head}");
+    let (code, _, body) = edge
+        .fetch(
+            "app.guarded.example.test",
+            "/",
+            &["-u", "ops:operator secret"],
+        )
+        .await;
+    assert_eq!((code, body.as_str()), (200, "agent says hi"));
+    // A name the policy does not cover is the agent's alone.
+    let (other, _) = edge
+        .agent(&tunnel(
+            "other",
+            "other.example.test",
+            upstream.port(),
+            agents,
+        ))
+        .await;
+    assert_eq!(edge.fetch("other.example.test", "/", &[]).await.0, 200);
+    agent.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_policy_that_is_not_a_document_is_refused_at_load() {
+    let toml = "[[endpoint_policies]]\ndomain = \"*.guarded.example.test\"\ntraffic_policy = \"on_http_requests: []\"\n";
+    let config = postern_edge::EdgeConfig::from_toml(&format!(
+        "domain = \"example.test\"\n[tls]\ndev_ca = true\n{toml}"
+    ));
+    let text = format!("{:#}", config.expect_err("refused"));
+    assert!(
+        text.contains("endpoint_policies[0].traffic_policy") && text.contains("on_http_requests"),
+        "{text}"
+    );
+}

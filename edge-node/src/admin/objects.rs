@@ -591,6 +591,9 @@ pub struct NewEndpointPolicy {
     domain: String,
     #[serde(default)]
     mutual_tls_cas: Vec<String>,
+    /// A Traffic Policy document: an object, or its YAML or JSON text.
+    #[serde(default)]
+    traffic_policy: Option<Value>,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -603,13 +606,37 @@ pub struct EndpointPolicyUpdate {
     #[serde(flatten)]
     text: TextUpdate,
     mutual_tls_cas: Option<Vec<String>>,
+    traffic_policy: Option<Value>,
 }
 
-/// CAs a policy may require: at least one, each in the store.
-fn check_policy(node: &ClusterNode, domain: &str, cas: &[String]) -> Result<(), Failure> {
-    EndpointPolicy::parse(domain, cas.to_vec()).map_err(|(field, reason)| bad(field, reason))?;
-    if cas.is_empty() {
-        return Err(bad("mutual_tls_cas", "name at least one CA id"));
+/// A Traffic Policy given to the API as its text.
+fn policy_text(value: Option<Value>) -> Result<Option<String>, Failure> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(object @ Value::Object(_)) => Ok(Some(object.to_string())),
+        Some(_) => Err(bad(
+            "traffic_policy",
+            "a Traffic Policy document: an object, or its YAML or JSON text",
+        )),
+    }
+}
+
+/// What a policy may require: CAs (each in the store) and/or a Traffic
+/// Policy; at least one of them.
+fn check_policy(
+    node: &ClusterNode,
+    domain: &str,
+    cas: &[String],
+    traffic_policy: Option<&str>,
+) -> Result<(), Failure> {
+    EndpointPolicy::parse(domain, cas.to_vec(), traffic_policy.map(str::to_string))
+        .map_err(|(field, reason)| bad(field, reason))?;
+    if cas.is_empty() && traffic_policy.is_none() {
+        return Err(bad(
+            "mutual_tls_cas",
+            "name at least one CA id, or give a traffic_policy",
+        ));
     }
     match cas.iter().find(|id| !node.has_ca(id)) {
         Some(id) => Err(Failure::new(
@@ -617,6 +644,15 @@ fn check_policy(node: &ClusterNode, domain: &str, cas: &[String]) -> Result<(), 
             format!("mutual_tls_cas: no certificate authority {id}"),
         )),
         None => Ok(()),
+    }
+}
+
+impl EndpointPolicyRecord {
+    /// The operator's Traffic Policy, unsealed.
+    fn traffic_policy(&self, node: &ClusterNode) -> Option<String> {
+        self.traffic_policy_sealed
+            .as_deref()
+            .and_then(|sealed| node.open_sealed(sealed))
     }
 }
 
@@ -633,12 +669,19 @@ impl Resource for EndpointPolicyRecord {
         new: NewEndpointPolicy,
     ) -> Result<(Self, Value), Failure> {
         let domain = parse_domain(&new.domain, true)?.to_string();
-        check_policy(node, &domain, &new.mutual_tls_cas)?;
+        let traffic_policy = policy_text(new.traffic_policy)?;
+        check_policy(
+            node,
+            &domain,
+            &new.mutual_tls_cas,
+            traffic_policy.as_deref(),
+        )?;
         check_text(&new.description, &new.metadata)?;
         unique_domain::<EndpointPolicyRecord>(node, &domain, |p| &p.domain)?;
         let policy = EndpointPolicyRecord {
             domain,
             mutual_tls_cas: new.mutual_tls_cas,
+            traffic_policy_sealed: traffic_policy.map(|t| node.seal(t.as_bytes())),
             description: new.description,
             metadata: new.metadata,
             created_at: now_rfc3339(),
@@ -650,14 +693,18 @@ impl Resource for EndpointPolicyRecord {
         update
             .text
             .apply(&mut self.description, &mut self.metadata)?;
-        if let Some(cas) = update.mutual_tls_cas {
-            check_policy(node, &self.domain, &cas)?;
-            self.mutual_tls_cas = cas;
-        }
+        let traffic_policy = match update.traffic_policy {
+            Some(value) => policy_text(Some(value))?,
+            None => self.traffic_policy(node),
+        };
+        let cas = update.mutual_tls_cas.unwrap_or(self.mutual_tls_cas.clone());
+        check_policy(node, &self.domain, &cas, traffic_policy.as_deref())?;
+        self.mutual_tls_cas = cas;
+        self.traffic_policy_sealed = traffic_policy.map(|t| node.seal(t.as_bytes()));
         Ok(self)
     }
 
-    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+    fn json(&self, node: &ClusterNode, id: &str) -> Value {
         json!({
             "id": id,
             "uri": format!("/endpoint_policies/{id}"),
@@ -666,6 +713,7 @@ impl Resource for EndpointPolicyRecord {
             "metadata": self.metadata,
             "domain": self.domain,
             "mutual_tls_cas": self.mutual_tls_cas,
+            "traffic_policy": self.traffic_policy(node),
         })
     }
 }

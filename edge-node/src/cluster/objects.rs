@@ -284,6 +284,10 @@ impl EventSubscription {
 pub struct EndpointPolicyRecord {
     pub domain: String,
     pub mutual_tls_cas: Vec<String>,
+    /// The operator's Traffic Policy document, sealed with the cluster key
+    /// (it may hold OAuth client secrets or basic auth passwords).
+    #[serde(default)]
+    pub traffic_policy_sealed: Option<String>,
     #[serde(default)]
     pub description: String,
     #[serde(default)]

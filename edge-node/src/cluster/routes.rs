@@ -18,6 +18,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    config::Required,
     node_link::{NodeLinks, RemoteSource},
     registry::{AgentSession, Registry, RegistryEvent, host_of},
 };
@@ -192,17 +193,17 @@ struct Known {
     node: Member,
     ad: EndpointAd,
     installed: bool,
-    /// The CAs endpoint policies required when it was built.
-    policy_cas: Vec<String>,
+    /// What endpoint policies required when it was built.
+    required: Required,
 }
 
-/// The CAs this node's endpoint policies require for an endpoint of
-/// another node.
-fn policy_cas(registry: &Registry, ad: &EndpointAd) -> Vec<String> {
+/// What this node's endpoint policies require of an endpoint of another
+/// node.
+fn required(registry: &Registry, ad: &EndpointAd) -> Required {
     let domain = (ad.proto != "tcp")
         .then(|| DomainPattern::parse(host_of(&ad.public_url)).ok())
         .flatten();
-    registry.binder().policy_cas(domain.as_ref())
+    registry.binder().required(domain.as_ref())
 }
 
 impl RemoteEndpoints {
@@ -243,7 +244,7 @@ impl RemoteEndpoints {
                 wanted.get(*id).is_none_or(|l| {
                     l.node != known.node
                         || l.value != known.ad
-                        || policy_cas(registry, &l.value) != known.policy_cas
+                        || required(registry, &l.value) != known.required
                 })
             })
             .map(|(id, _)| id.clone())
@@ -260,7 +261,7 @@ impl RemoteEndpoints {
             if self.known.get(&id).is_some_and(|known| known.installed) {
                 continue;
             }
-            let policy_cas = policy_cas(registry, &local.value);
+            let required = required(registry, &local.value);
             let first_try = !self.known.contains_key(&id);
             let installed = match install(cluster, registry, links, &id, &local).await {
                 Ok(endpoint) => {
@@ -280,7 +281,7 @@ impl RemoteEndpoints {
                     node: local.node,
                     ad: local.value,
                     installed,
-                    policy_cas,
+                    required,
                 },
             );
         }

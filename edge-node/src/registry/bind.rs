@@ -20,7 +20,7 @@ use super::ClusterView;
 use crate::{
     acl::Acl,
     ca_store::{CaStore, ca_error_code},
-    config::EndpointPolicy,
+    config::{EndpointPolicy, Required},
 };
 
 /// Checks binds and builds endpoints with this node's certificates, CAs,
@@ -54,14 +54,14 @@ impl Binder {
         }
     }
 
-    /// The CAs the edge config's and the cluster's endpoint policies
-    /// require for endpoints on `domain`, sorted.
-    pub fn policy_cas(&self, domain: Option<&DomainPattern>) -> Vec<String> {
+    /// What the edge config's and the cluster's endpoint policies require
+    /// of endpoints on `domain`.
+    pub fn required(&self, domain: Option<&DomainPattern>) -> Required {
         let Some(domain) = domain else {
-            return Vec::new();
+            return Required::default();
         };
         let cluster = self.cluster.as_ref().map(|c| c.endpoint_policies());
-        EndpointPolicy::cas_for(
+        EndpointPolicy::required(
             self.endpoint_policies
                 .iter()
                 .chain(cluster.iter().flatten()),
@@ -89,7 +89,9 @@ impl Binder {
         if spec.protocol == Protocol::Tls {
             self.tls_options(spec, req)?;
         }
-        spec.mutual_tls = self.mutual_tls(spec, req)?;
+        let required = self.required(spec.domain.as_ref());
+        spec.mutual_tls = self.mutual_tls(spec, req, &required.mutual_tls_cas)?;
+        spec.operator_policy = operator_policy(&required.traffic_policies)?;
         spec.oauth = crate::oauth::bind(&self.oauth, spec, req).await?;
         spec.pool_key = req.pooling_enabled.then(|| pool_key(req));
         Ok(())
@@ -101,9 +103,10 @@ impl Binder {
         &self,
         spec: &EndpointSpec,
         req: &pb::BindRequest,
+        required: &[String],
     ) -> Result<Option<Arc<MtlsPolicy>>, Failure> {
         let mut ids = req.mutual_tls_ca_ids.clone();
-        ids.extend(self.policy_cas(spec.domain.as_ref()));
+        ids.extend(required.iter().cloned());
         ids.sort();
         ids.dedup();
         let inline = if req.mutual_tls_cas_pem.is_empty() {
@@ -311,4 +314,25 @@ pub(super) fn bound_request(endpoint: &Endpoint, req: &pb::BindRequest) -> pb::B
 pub fn host_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.rsplit_once(':').map_or(rest, |(host, _)| host)
+}
+
+/// The operator's Traffic Policy documents for a domain as one: their rules
+/// in order, phase by phase.
+fn operator_policy(texts: &[String]) -> Result<Option<PolicyDocument>, Failure> {
+    let mut merged: Option<PolicyDocument> = None;
+    for text in texts {
+        let doc = PolicyDocument::parse(text).map_err(|e| {
+            Failure::new(
+                ErrorCode::POLICY_INVALID,
+                format!(
+                    "the operator's traffic policy for this domain is not a policy document: {e}"
+                ),
+            )
+        })?;
+        match &mut merged {
+            Some(all) => all.append(doc),
+            None => merged = Some(doc),
+        }
+    }
+    Ok(merged)
 }

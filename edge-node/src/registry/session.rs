@@ -70,8 +70,8 @@ pub(super) struct Bound {
     pub id: String,
     /// The bind request with the name or port as bound.
     pub req: pb::BindRequest,
-    /// The CAs endpoint policies required when it was built.
-    pub policy_cas: Vec<String>,
+    /// What endpoint policies required when it was built.
+    pub required: crate::config::Required,
 }
 
 impl Bound {

@@ -73,6 +73,15 @@ impl Document {
         serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// Adds `other`'s rules after this document's, phase by phase.
+    pub fn append(&mut self, other: Document) {
+        self.on_tcp_connect.extend(other.on_tcp_connect);
+        self.on_http_request.extend(other.on_http_request);
+        self.on_http_response.extend(other.on_http_response);
+        self.inbound.extend(other.inbound);
+        self.outbound.extend(other.outbound);
+    }
+
     /// The rules of each phase, with the older names merged in: `inbound`
     /// runs in `connect_or_request`, `outbound` in `on_http_response`.
     pub fn phases(self, http: bool) -> [(Phase, Vec<RawRule>); 3] {
