@@ -7,7 +7,7 @@ use bytes::Bytes;
 use ngrok::{
     Session,
     config::{ForwarderBuilder, TunnelBuilder},
-    prelude::{EndpointInfo, TunnelInfo},
+    prelude::EndpointInfo,
     session::ConnectError,
 };
 use postern_tests::{
@@ -19,6 +19,20 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
+
+/// `expect_err` for the SDK's results, whose success types are not `Debug`.
+trait Refused<E> {
+    fn refused(self, what: &str) -> E;
+}
+
+impl<T, E> Refused<E> for Result<T, E> {
+    fn refused(self, what: &str) -> E {
+        match self {
+            Ok(_) => panic!("expected a refusal: {what}"),
+            Err(e) => e,
+        }
+    }
+}
 
 /// A session builder pointed at `edge`'s ngrok agent ingress.
 fn builder(edge: &TestEdge, token: &str) -> ngrok::session::SessionBuilder {
@@ -137,7 +151,7 @@ async fn a_wrong_token_gets_the_error_code() {
     let err = builder(&edge, "not-a-token")
         .connect()
         .await
-        .expect_err("an unknown token is refused");
+        .refused("an unknown token is refused");
     let ConnectError::Auth(auth) = &err else {
         panic!("not an auth error: {err}");
     };
@@ -158,7 +172,7 @@ async fn the_tokens_bind_acl_applies() {
         .domain(format!("other.{DOMAIN}"))
         .listen()
         .await
-        .expect_err("a name outside the ACL is refused");
+        .refused("a name outside the ACL is refused");
     assert_eq!(ngrok::Error::error_code(&err), Some("ERR_NGROK_316"));
     let ok = session
         .http_endpoint()
@@ -213,7 +227,7 @@ async fn options_postern_does_not_implement_are_refused() {
         .websocket_tcp_conversion()
         .listen()
         .await
-        .expect_err("websocket_tcp_conversion is not implemented");
+        .refused("websocket_tcp_conversion is not implemented");
     assert!(
         ngrok::Error::msg(&err).contains("websockettcpconverter"),
         "{}",
@@ -224,7 +238,7 @@ async fn options_postern_does_not_implement_are_refused() {
         .label("edge", "edghts_1")
         .listen()
         .await
-        .expect_err("labeled tunnels are refused");
+        .refused("labeled tunnels are refused");
     assert!(ngrok::Error::msg(&err).contains("labeled tunnels"));
 }
 
@@ -434,7 +448,7 @@ async fn the_sdk_reconnects_after_the_edge_restarts() {
         .listen_and_forward(url(upstream.addr, "http"))
         .await;
     // No domain and no random base on the test edge: refused, by name.
-    let err = fwd.expect_err("the test edge has no random names");
+    let err = fwd.refused("the test edge has no random names");
     assert!(
         ngrok::Error::msg(&err).contains("domain"),
         "{}",
