@@ -16,7 +16,8 @@ import ngrok
 
 # The two options that point the SDK at Postern.
 server_addr = os.environ["POSTERN_SERVER_ADDR"]
-session_ca_cert = open(os.environ["POSTERN_CA"], "rb").read()
+# (a bytearray: the package refuses bytes)
+session_ca_cert = bytearray(open(os.environ["POSTERN_CA"], "rb").read())
 port = os.environ["UPSTREAM_PORT"]
 domain = os.environ["ENDPOINT_DOMAIN"]
 

@@ -99,7 +99,7 @@ async fn an_http_endpoint_with_a_domain_serves_the_sdk_answer() {
     assert_eq!(fwd.url(), edge.https_url(&host, ""));
     let (status, _, body) = edge.fetch(&host, "/", &[]).await;
     assert_eq!((status, body.as_str()), (200, "hello from upstream"));
-    // The proxy header named the visitor: the SDK forwarded it.
+    // The SDK's forwarder passed the request on as the edge sent it.
     let (status, _, echo) = edge.fetch(&host, "/echo", &[]).await;
     assert_eq!(status, 200);
     assert!(echo.contains(&format!("host: {host}")), "{echo}");

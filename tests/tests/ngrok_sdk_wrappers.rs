@@ -21,9 +21,13 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-svc/bin/python")
         });
+    let has_sdk = std::process::Command::new(&path)
+        .args(["-c", "import ngrok"])
+        .status()
+        .is_ok_and(|s| s.success());
     assert!(
-        path.exists(),
-        "{} is missing: run scripts/test.sh, which installs ngrok's Python SDK into .venv-svc",
+        has_sdk,
+        "{} has no `ngrok` package: run scripts/test.sh, which installs ngrok's Python SDK into .venv-svc",
         path.display()
     );
     path
