@@ -102,7 +102,7 @@ fn sdk_banner(addr: std::net::SocketAddr, ca: &std::path::Path, token: &str) -> 
         "\nOr point one of ngrok's SDKs at it (ngrok's agent protocol on {addr}), e.g. Python:\
          \n\n  import ngrok\
          \n  listener = ngrok.forward(8000, authtoken=\"{token}\", server_addr=\"{addr}\",\
-         \n      session_ca_cert=open(\"{ca}\", \"rb\").read())\
+         \n      session_ca_cert=bytearray(open(\"{ca}\", \"rb\").read()))\
          \n\nRust: Session::builder().server_addr(\"{addr}\")?.ca_cert(<{ca}>); \
          Node: ngrok.forward({{addr: 8000, server_addr: \"{addr}\", session_ca_cert: <{ca}>}}).\n",
         ca = ca.display(),

@@ -229,7 +229,7 @@ async fn options_postern_does_not_implement_are_refused() {
         .await
         .refused("websocket_tcp_conversion is not implemented");
     assert!(
-        ngrok::Error::msg(&err).contains("websockettcpconverter"),
+        ngrok::Error::msg(&err).contains("Opts.WebsocketTCPConverter"),
         "{}",
         ngrok::Error::msg(&err)
     );

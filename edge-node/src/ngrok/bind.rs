@@ -327,11 +327,18 @@ fn http_options(opts: &Opts, request: &mut pb::BindRequest) -> Result<(), Failur
         "requestheaders",
         "responseheaders",
         "useragentfilter",
+        "websockettcpconverter",
     ])?;
     if opts.get("auth").is_some() {
         return Err(unsupported(
             "Opts.Auth (the legacy basic auth string)",
             "; use BasicAuth",
+        ));
+    }
+    if opts.get("websockettcpconverter").is_some() {
+        return Err(unsupported(
+            "Opts.WebsocketTCPConverter (websocket_tcp_conversion)",
+            " yet",
         ));
     }
     let mut modules = pb::HttpModules::default();
@@ -564,7 +571,10 @@ mod tests {
     #[test]
     fn options_not_implemented_are_refused_by_name() {
         for (opts, named) in [
-            (r#"{"WebsocketTCPConverter":{}}"#, "websockettcpconverter"),
+            (
+                r#"{"WebsocketTCPConverter":{}}"#,
+                "Opts.WebsocketTCPConverter",
+            ),
             (r#"{"Subdomain":"x"}"#, "Opts.Subdomain"),
             (r#"{"Auth":"u:p"}"#, "Opts.Auth"),
             (r#"{"Unheard":1}"#, "unheard"),
