@@ -216,6 +216,49 @@ async fn mutual_tls_cas_in_the_bind_are_enforced() {
     );
 }
 
+/// HTTP modules and a traffic policy in the SDK's bind are enforced at the
+/// edge: basic auth, request and response headers, the policy's action,
+/// an IP restriction.
+#[tokio::test]
+async fn modules_and_a_traffic_policy_in_the_bind_are_enforced() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let session = session(&edge).await;
+    let host = format!("modules-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&host)
+        .basic_auth("visitor", "a long password")
+        .request_header("X-From-Sdk", "yes")
+        .response_header("X-Sdk-Answer", "1")
+        .traffic_policy(
+            "on_http_response:\n  - actions:\n      - type: add-headers\n        config:\n          headers:\n            x-policy: from-the-sdk\n",
+        )
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind with modules succeeds");
+    let (status, _, _) = edge.fetch(&host, "/echo", &[]).await;
+    assert_eq!(status, 401, "served without credentials");
+    let (status, head, body) = edge
+        .fetch(&host, "/echo", &["-u", "visitor:a long password"])
+        .await;
+    assert_eq!(status, 200, "{head}{body}");
+    assert!(body.contains("x-from-sdk: yes"), "{body}");
+    assert!(head.contains("x-sdk-answer: 1"), "{head}");
+    assert!(head.contains("x-policy: from-the-sdk"), "{head}");
+
+    let denied = format!("denied-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&denied)
+        .deny_cidr("127.0.0.0/8")
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind with an IP restriction succeeds");
+    let (status, head, _) = edge.fetch(&denied, "/", &[]).await;
+    assert_eq!(status, 403, "{head}");
+}
+
 /// Unimplemented options are refused by name, not ignored.
 #[tokio::test]
 async fn options_postern_does_not_implement_are_refused() {
