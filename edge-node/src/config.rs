@@ -127,6 +127,9 @@ pub struct RawListen {
     pub admin: Option<String>,
     /// `/metrics`, `/healthz` and `/readyz`. Default `127.0.0.1:9100`; `""` turns it off.
     pub metrics: Option<String>,
+    /// The second agent ingress, for ngrok's SDKs (ngrok's agent protocol
+    /// over TLS, with the agent certificate). Off unless set.
+    pub ngrok_agent: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -294,6 +297,7 @@ pub struct Listen {
     pub https: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    pub ngrok_agent: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -667,6 +671,10 @@ impl RawListen {
             https: socket_addr("listen.https", &self.https, "0.0.0.0:443")?,
             admin,
             metrics,
+            ngrok_agent: match &self.ngrok_agent {
+                None => None,
+                Some(_) => Some(socket_addr("listen.ngrok_agent", &self.ngrok_agent, "")?),
+            },
         })
     }
 }

@@ -14,6 +14,8 @@ use crate::{
 /// The dev domain.
 pub const DEV_DOMAIN: &str = "postern.localhost";
 const TOKEN_FILE: &str = "dev-authtoken";
+/// Where `--dev` serves ngrok's SDKs.
+pub const DEV_NGROK_AGENT: &str = "127.0.0.1:4444";
 const API_KEY_FILE: &str = "dev-api-key";
 
 /// A random secret kept in a file of the data directory.
@@ -88,6 +90,7 @@ pub fn dev_config(data_dir: &Path) -> Result<DevSetup, ConfigError> {
             https: Some("127.0.0.1:8443".into()),
             admin: Some("127.0.0.1:9090".into()),
             metrics: Some("127.0.0.1:9100".into()),
+            ngrok_agent: Some(DEV_NGROK_AGENT.into()),
         },
         public: RawPublic {
             https_port: None,

@@ -12,6 +12,7 @@ mod cluster;
 mod config;
 mod dev;
 mod error;
+mod ngrok;
 mod node_link;
 mod oauth;
 mod registry;
@@ -51,6 +52,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// The link between nodes (`[cluster] rpc_listen`).
     pub node_link: Option<TcpListener>,
+    /// ngrok's SDKs (`listen.ngrok_agent`).
+    pub ngrok_agent: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -80,6 +83,10 @@ impl Listeners {
                 Some(addr) => Some(bind(addr, "cluster.rpc_listen").await?),
                 None => None,
             },
+            ngrok_agent: match config.listen.ngrok_agent {
+                Some(addr) => Some(bind(addr, "listen.ngrok_agent").await?),
+                None => None,
+            },
         })
     }
 
@@ -92,6 +99,7 @@ impl Listeners {
             https: self.https.local_addr()?,
             admin: addr(&self.admin)?,
             metrics: addr(&self.metrics)?,
+            ngrok_agent: addr(&self.ngrok_agent)?,
         })
     }
 }
@@ -104,6 +112,8 @@ pub struct Addresses {
     pub https: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    /// The ngrok agent ingress, when on.
+    pub ngrok_agent: Option<SocketAddr>,
 }
 
 /// A running edge node.
@@ -115,7 +125,8 @@ pub struct Edge {
     admin: Option<HttpServer>,
     stop_grpc: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
-    /// The agent listener's connection tasks (TLS handshakes).
+    /// The agent listeners' connection tasks (TLS handshakes; the ngrok
+    /// SDKs' sessions and their streams).
     agent_connections: TaskTracker,
     events: postern_events::EventPipeline,
     telemetry: Option<HttpServer>,
@@ -145,7 +156,7 @@ impl Edge {
         let tokens = Arc::new(Authtokens::new(config.authtokens.clone()));
         let cluster =
             join_cluster(&config, &cas, &tokens, listeners.node_link, addresses.agent).await?;
-        let agent_tls = agent_tls(&config, &certs, cluster.as_deref())?;
+        let agent_certs = agent_certs(&config, &certs, cluster.as_deref())?;
         let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
             .map_err(StartError::Events)?;
         let https_public_port = config.public.https_port.unwrap_or(addresses.https.port());
@@ -213,16 +224,27 @@ impl Edge {
         let grpc = serve_agents(
             &config,
             listeners.agent,
-            agent_tls,
+            build_server_config(agent_certs.clone(), None, &[b"h2"]),
             registry.clone(),
             &agent_connections,
             stop_grpc.clone(),
         );
+        if let Some(listener) = listeners.ngrok_agent {
+            // ngrok's SDKs offer no ALPN.
+            ngrok::serve(
+                listener,
+                build_server_config(agent_certs, None, &[]),
+                registry.clone(),
+                &agent_connections,
+                stop_grpc.clone(),
+            );
+        }
         tracing::info!(
             node_id = %config.node_id,
             region = %config.region,
             agent_ingress = %config.agent_ingress_name(),
             agent = %addresses.agent,
+            ngrok_agent = ?addresses.ngrok_agent,
             https = %addresses.https,
             http = ?addresses.http,
             "edge node started"
@@ -383,21 +405,22 @@ async fn join_cluster(
     Ok(Some(Arc::new(node)))
 }
 
-/// TLS for the agent listener: the configured agent certificate (or one
-/// from the dev CA), and the agent ingresses' certificates in a cluster.
-fn agent_tls(
+/// The agent listeners' certificates: the configured agent certificate
+/// (or one from the dev CA, which also names loopback, so that an SDK can
+/// be pointed at `127.0.0.1`), and the agent ingresses' certificates in a
+/// cluster.
+fn agent_certs(
     config: &EdgeConfig,
     certs: &CertStore,
     cluster: Option<&ClusterNode>,
-) -> Result<Arc<ServerConfig>, StartError> {
+) -> Result<Arc<cluster::AgentCerts>, StartError> {
     let default = match &config.tls.agent_key {
         Some(key) => key.clone(),
         None => {
             let name = config.agent_ingress_name();
             let ca = certs.dev_ca().ok_or(StartError::NoAgentCertificate)?;
-            let (cert, key) = ca
-                .issue_pem(&[name])
-                .map_err(StartError::AgentCertificate)?;
+            let names = [name, "localhost".into(), "127.0.0.1".into(), "::1".into()];
+            let (cert, key) = ca.issue_pem(&names).map_err(StartError::AgentCertificate)?;
             Arc::new(
                 certified_key_from_pem(
                     Pem::new("dev agent certificate", cert.as_bytes()),
@@ -407,11 +430,10 @@ fn agent_tls(
             )
         }
     };
-    let agent_certs = cluster::AgentCerts {
+    Ok(Arc::new(cluster::AgentCerts {
         default,
         ingresses: cluster.map(|c| c.ingress_certs()),
-    };
-    Ok(build_server_config(Arc::new(agent_certs), None, &[b"h2"]))
+    }))
 }
 
 /// Serves agents on `listener` (gRPC over TLS, the connections' tasks on

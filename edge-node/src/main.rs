@@ -95,7 +95,7 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
          \n\nStart an agent in another terminal:\
          \n\n  cargo run --release --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
          \n      --root-cas {ca} --authtoken {token}\
-         \n\nthen:  curl --cacert {ca} https://<the printed name>:{https_port}/\n",
+         \n\nthen:  curl --cacert {ca} https://<the printed name>:{https_port}/\n{sdk}",
         ingress = config.agent_ingress_name(),
         agent_port = addrs.agent.port(),
         domain = config.domain,
@@ -114,5 +114,24 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
             .metrics
             .map(|a| format!("http://{a}/metrics"))
             .unwrap_or_else(|| "off".into()),
+        sdk = addrs
+            .ngrok_agent
+            .map(|a| sdk_banner(a, &ca, token))
+            .unwrap_or_default(),
     );
+}
+
+/// How to point ngrok's SDKs at the dev node's ngrok agent ingress: its
+/// loopback address (the dev agent certificate names 127.0.0.1) and the
+/// dev CA.
+fn sdk_banner(addr: std::net::SocketAddr, ca: &std::path::Path, token: &str) -> String {
+    format!(
+        "\nOr point one of ngrok's SDKs at it (ngrok's agent protocol on {addr}), e.g. Python:\
+         \n\n  import ngrok\
+         \n  listener = ngrok.forward(8000, authtoken=\"{token}\", server_addr=\"{addr}\",\
+         \n      session_ca_cert=bytearray(open(\"{ca}\", \"rb\").read()))\
+         \n\nRust: Session::builder().server_addr(\"{addr}\")?.ca_cert(<{ca}>); \
+         Node: ngrok.forward({{addr: 8000, server_addr: \"{addr}\", session_ca_cert: <{ca}>}}).\n",
+        ca = ca.display(),
+    )
 }

@@ -21,7 +21,7 @@ use std::{
 
 use postern_ingress::{Endpoint, EndpointSpec, Gateway, Location, OAuthService};
 use postern_net::random_id;
-use postern_proto::{ErrorCode, Failure, negotiate, pb};
+use postern_proto::{ErrorCode, Failure, TokenBucket, negotiate, pb};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::Streaming;
@@ -29,11 +29,11 @@ use tracing::Instrument;
 
 pub use bind::{Binder, host_of};
 pub use control::ControlOut;
-pub use session::AgentSession;
+pub use session::{AgentSession, SdkLink};
 
 use bind::{base_spec, bound_request, resolve_url};
 use control::{ControlTx, edge_message};
-use session::{Bound, StreamPool};
+use session::{Bound, Link, StreamPool};
 
 use crate::{
     auth::{AuthtokenRecord, Authtokens},
@@ -84,6 +84,17 @@ pub enum RegistryEvent {
         bound_at: SystemTime,
     },
     EndpointUnbound(String),
+}
+
+/// Who an agent says it is: from a Postern agent's hello, or an ngrok
+/// SDK's Auth.
+pub struct AgentHello {
+    pub authtoken: String,
+    pub agent_version: String,
+    /// The same for every session of one agent process: a newer session
+    /// with it supersedes the older.
+    pub instance_id: String,
+    pub os: String,
 }
 
 /// All agent sessions of this node.
@@ -250,12 +261,57 @@ impl Registry {
         }
         let version = negotiate(hello.min_protocol_version, hello.protocol_version)
             .map_err(|m| Failure::new(ErrorCode::PROTOCOL_VERSION, m))?;
+        let limits = &self.settings.limits;
+        let link = Link::Postern {
+            control: control.clone(),
+            pool: Arc::new(Mutex::new(StreamPool::new(
+                (limits.stream_pool as usize * 2).max(8),
+            ))),
+        };
+        let who = AgentHello {
+            authtoken: hello.authtoken,
+            agent_version: hello.agent_version,
+            instance_id: hello.instance_id,
+            os: hello.os,
+        };
+        let session = self.admit(who, link, peer, limits.streams_per_session)?;
+        // The channel is new and empty: this cannot fail for lack of room.
+        let welcome = self.welcome(version, &session);
+        let _ = control.try_send(edge_message(pb::edge_message::Msg::Welcome(welcome)));
+        Ok(session)
+    }
+
+    /// Authenticates an ngrok SDK's Auth and registers its session, which
+    /// carries at most `stream_cap` proxied connections at once.
+    pub fn open_sdk_session(
+        &self,
+        hello: AgentHello,
+        link: Arc<dyn SdkLink>,
+        peer: Option<PeerInfo>,
+        stream_cap: usize,
+    ) -> Result<Arc<AgentSession>, Failure> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(draining());
+        }
+        let streams = self.settings.limits.streams_per_session.min(stream_cap);
+        self.admit(hello, Link::Sdk(link), peer, streams)
+    }
+
+    /// Checks the token and the agent ingress, registers the session and
+    /// supersedes the older ones of the same agent.
+    fn admit(
+        &self,
+        hello: AgentHello,
+        link: Link,
+        peer: Option<PeerInfo>,
+        streams: usize,
+    ) -> Result<Arc<AgentSession>, Failure> {
         let record = self.tokens.authenticate(&hello.authtoken)?;
         if let Some(cluster) = &self.settings.cluster {
             let ingress = peer.as_ref().and_then(|p| p.server_name.as_deref());
             cluster.check_ingress(ingress, record.owner_id())?;
         }
-        let session = self.new_session(&hello, &record, control.clone(), peer);
+        let session = self.new_session(&hello, &record, link, peer, streams);
         let superseded = self.register(&session, &record)?;
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
         self.publish(RegistryEvent::SessionOpened(session.clone()));
@@ -270,9 +326,6 @@ impl Registry {
                 )),
             );
         }
-        // The channel is new and empty: this cannot fail for lack of room.
-        let welcome = self.welcome(version, &session);
-        let _ = control.try_send(edge_message(pb::edge_message::Msg::Welcome(welcome)));
         tracing::info!(
             session.id = %session.id,
             token = %record.id(),
@@ -284,12 +337,12 @@ impl Registry {
 
     fn new_session(
         &self,
-        hello: &pb::Hello,
+        hello: &AgentHello,
         record: &AuthtokenRecord,
-        control: ControlTx,
+        link: Link,
         peer: Option<PeerInfo>,
+        streams: usize,
     ) -> Arc<AgentSession> {
-        let limits = &self.settings.limits;
         Arc::new(AgentSession {
             id: random_id("ts_"),
             token_hash: record.sha256.clone(),
@@ -301,16 +354,13 @@ impl Registry {
             os: hello.os.clone(),
             started_at: SystemTime::now(),
             peer: peer.as_ref().map(|p| p.addr),
-            control,
-            pool: Arc::new(Mutex::new(StreamPool::new(
-                (limits.stream_pool as usize * 2).max(8),
-            ))),
+            link,
             endpoints: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
             cut_connection: peer.map(|p| p.cut),
-            streams: Arc::new(tokio::sync::Semaphore::new(limits.streams_per_session)),
+            streams: Arc::new(tokio::sync::Semaphore::new(streams)),
         })
     }
 
@@ -397,7 +447,7 @@ impl Registry {
     }
 
     /// Binds an endpoint for `session`: its public id and URL.
-    async fn bind(
+    pub(crate) async fn bind(
         &self,
         session: &Arc<AgentSession>,
         req: pb::BindRequest,
@@ -439,7 +489,7 @@ impl Registry {
         Ok(bound)
     }
 
-    fn unbind(&self, session: &AgentSession, endpoint_id: &str) -> Result<(), Failure> {
+    pub(crate) fn unbind(&self, session: &AgentSession, endpoint_id: &str) -> Result<(), Failure> {
         let mut endpoints = session.endpoints.lock().expect("endpoints lock");
         let Some(i) = endpoints.iter().position(|e| e.id == endpoint_id) else {
             return Err(Failure::new(
@@ -452,6 +502,34 @@ impl Registry {
         self.publish(RegistryEvent::EndpointUnbound(endpoint_id.to_string()));
         tracing::info!(session.id = %session.id, endpoint = endpoint_id, "endpoint unbound");
         Ok(())
+    }
+
+    /// A session's control budget, full: an SDK's RPCs spend it as a
+    /// Postern agent's control messages do.
+    pub(crate) fn control_budget(&self) -> TokenBucket {
+        let limits = &self.settings.limits;
+        TokenBucket::new(limits.control_messages_per_second, limits.control_burst)
+    }
+
+    /// Takes one message from `budget`: `Ok(Some(refusal))` over it, `Err`
+    /// a whole burst beyond it (the session ends).
+    pub(crate) fn spend(&self, budget: &mut TokenBucket) -> Result<Option<Failure>, Failure> {
+        control::within_budget(budget, &self.settings.limits, std::time::Instant::now())
+    }
+
+    /// Whether the node is draining (new sessions are refused).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The region of this node.
+    pub fn region(&self) -> &str {
+        &self.settings.region
+    }
+
+    /// Counts a refused bind (for `/metrics`).
+    pub(crate) fn bind_refused(&self, failure: &Failure) {
+        self.counters.bind_refused(failure);
     }
 
     /// Ends a session at an administrator's request: the agent exits with
@@ -482,11 +560,7 @@ impl Registry {
                 endpoint_id: endpoint_id.to_string(),
                 error: Some(failure.to_pb()),
             };
-            let _ = session
-                .control
-                .try_send(edge_message(pb::edge_message::Msg::EndpointStopped(
-                    stopped,
-                )));
+            session.tell(pb::edge_message::Msg::EndpointStopped(stopped));
         }
     }
 
@@ -567,9 +641,7 @@ impl Registry {
         if let Some(reason) = reason {
             let mut end = session.end_reason.lock().expect("end lock");
             if end.is_none() {
-                let _ = session
-                    .control
-                    .try_send(edge_message(pb::edge_message::Msg::Error(reason.to_pb())));
+                session.tell(pb::edge_message::Msg::Error(reason.to_pb()));
                 *end = Some(reason);
             }
         }
@@ -577,7 +649,7 @@ impl Registry {
             self.gateway.remove(&bound.id);
             self.publish(RegistryEvent::EndpointUnbound(bound.id));
         }
-        session.pool.lock().expect("pool lock").close();
+        session.close_pool();
         if !session.cancel.is_cancelled() {
             session.cancel.cancel();
             self.publish(RegistryEvent::SessionClosed(session.id.clone()));
@@ -603,7 +675,7 @@ impl Registry {
             let drain = pb::edge_message::Msg::Drain(pb::Drain {
                 reason: "the edge node is shutting down".into(),
             });
-            let _ = session.control.try_send(edge_message(drain));
+            session.tell(drain);
         }
     }
 

@@ -7,6 +7,7 @@ mod attach;
 mod budget;
 mod codec;
 mod error;
+pub mod muxado;
 mod pipe;
 mod tunnel_io;
 mod version;

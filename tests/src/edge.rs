@@ -81,6 +81,7 @@ impl TestEdge {
             admin: Some(bind().await),
             metrics: Some(bind().await),
             node_link: None,
+            ngrok_agent: Some(bind().await),
         };
         let mut edge = TestEdge {
             edge: None,
@@ -93,6 +94,10 @@ impl TestEdge {
                 https: listeners.https.local_addr().unwrap(),
                 admin: listeners.admin.as_ref().map(|l| l.local_addr().unwrap()),
                 metrics: listeners.metrics.as_ref().map(|l| l.local_addr().unwrap()),
+                ngrok_agent: listeners
+                    .ngrok_agent
+                    .as_ref()
+                    .map(|l| l.local_addr().unwrap()),
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -170,6 +175,7 @@ impl TestEdge {
                 https: free(),
                 admin: Some(free()),
                 metrics: Some(free()),
+                ngrok_agent: Some(free()),
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -242,6 +248,7 @@ http = "{http}"
 https = "{https}"
 admin = "{admin}"
 metrics = "{metrics}"
+ngrok_agent = "{ngrok_agent}"
 [public]
 tcp_host = "127.0.0.1"
 random_domain_base = "apps.{DOMAIN}"
@@ -269,6 +276,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             https = self.addrs.https,
             admin = self.addrs.admin.expect("admin listener"),
             metrics = self.addrs.metrics.expect("metrics listener"),
+            ngrok_agent = self.addrs.ngrok_agent.expect("ngrok agent listener"),
             token = self.token,
             extra = self.extra,
             node_id = self.node_id,
@@ -329,6 +337,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             admin: Some(bind(self.addrs.admin.unwrap()).await),
             metrics: Some(bind(self.addrs.metrics.unwrap()).await),
             node_link: None,
+            ngrok_agent: Some(bind(self.addrs.ngrok_agent.unwrap()).await),
         };
         let config = self.config();
         let listeners = Listeners {

@@ -130,3 +130,11 @@ fn host_corpus() {
         }
     }
 }
+
+#[test]
+fn muxado_frames_corpus() {
+    for (name, data) in corpus("muxado_frames") {
+        let parsed = postern_proto::muxado::parse_frames(&data);
+        assert_eq!(parsed.is_ok(), name.ends_with("-ok"), "{name}: {parsed:?}");
+    }
+}

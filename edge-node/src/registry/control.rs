@@ -32,6 +32,7 @@ pub(super) async fn run(
     session: &Arc<AgentSession>,
     mut inbound: Streaming<pb::AgentMessage>,
 ) -> Option<Failure> {
+    let control = session.control()?;
     let settings = &registry.settings.session;
     let mut ticker = tokio::time::interval(settings.heartbeat_interval);
     ticker.tick().await;
@@ -52,7 +53,7 @@ pub(super) async fn run(
                 }
                 nonce += 1;
                 let ping = pb::edge_message::Msg::Ping(pb::Heartbeat { nonce });
-                let _ = session.control.try_send(edge_message(ping));
+                let _ = control.try_send(edge_message(ping));
                 continue;
             }
             message = inbound.message() => message,
@@ -79,7 +80,7 @@ pub(super) async fn run(
             Ok(None) => continue,
             Err(failure) => return Some(failure),
         };
-        if session.control.send(edge_message(reply)).await.is_err() {
+        if control.send(edge_message(reply)).await.is_err() {
             return None;
         }
     }
@@ -89,7 +90,7 @@ pub(super) async fn run(
 /// refused one by one (`Ok(Some(refusal))`; a heartbeat is still answered:
 /// it is what keeps the session alive); a peer a whole burst beyond it is
 /// cut off (`Err`).
-fn within_budget(
+pub(super) fn within_budget(
     budget: &mut TokenBucket,
     limits: &Limits,
     now: Instant,

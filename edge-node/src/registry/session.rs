@@ -34,8 +34,8 @@ pub struct AgentSession {
     pub started_at: SystemTime,
     /// The agent's address.
     pub peer: Option<SocketAddr>,
-    pub(super) control: ControlTx,
-    pub(super) pool: Arc<Mutex<StreamPool>>,
+    /// How the edge reaches the agent.
+    pub(super) link: Link,
     pub(super) endpoints: Mutex<Vec<Bound>>,
     pub(super) cancel: CancellationToken,
     pub(super) end_reason: Mutex<Option<Failure>>,
@@ -44,6 +44,24 @@ pub struct AgentSession {
     pub(super) cut_connection: Option<CancellationToken>,
     /// Permits for simultaneous proxied connections.
     pub(super) streams: Arc<Semaphore>,
+}
+
+/// How the edge reaches an agent: a Postern agent's control stream and the
+/// data streams it parks, or an ngrok SDK's session.
+pub(super) enum Link {
+    Postern {
+        control: ControlTx,
+        pool: Arc<Mutex<StreamPool>>,
+    },
+    Sdk(Arc<dyn SdkLink>),
+}
+
+/// An agent session of ngrok's protocol, as the registry uses it.
+pub trait SdkLink: Send + Sync {
+    /// A new stream toward the agent for one proxied connection.
+    fn open_stream(&self) -> Result<ClaimedStream, Failure>;
+    /// The edge no longer serves the endpoint; the session goes on.
+    fn endpoint_stopped(&self, endpoint_id: &str, failure: &Failure);
 }
 
 /// An endpoint a session bound, with what it takes to build it again.
@@ -110,9 +128,51 @@ impl AgentSession {
             .any(|b| b.id == id)
     }
 
+    /// The control stream of a Postern agent.
+    pub(super) fn control(&self) -> Option<&ControlTx> {
+        match &self.link {
+            Link::Postern { control, .. } => Some(control),
+            Link::Sdk(_) => None,
+        }
+    }
+
+    /// Tells the agent something; an SDK session has no control stream,
+    /// so only what ngrok's protocol can say reaches it (a stopped
+    /// endpoint; the end of the session is its GOAWAY).
+    pub(super) fn tell(&self, msg: pb::edge_message::Msg) {
+        match (&self.link, msg) {
+            (Link::Postern { control, .. }, msg) => {
+                let _ = control.try_send(edge_message(msg));
+            }
+            (Link::Sdk(link), pb::edge_message::Msg::EndpointStopped(stopped)) => {
+                let failure = stopped.error.as_ref().map(Failure::from_pb);
+                let failure = failure.unwrap_or_else(|| {
+                    Failure::new(ErrorCode::UNKNOWN_ENDPOINT, "the endpoint was stopped")
+                });
+                link.endpoint_stopped(&stopped.endpoint_id, &failure);
+            }
+            (Link::Sdk(_), _) => {}
+        }
+    }
+
+    /// Why the session ended, once it has.
+    pub fn end_reason(&self) -> Option<Failure> {
+        self.end_reason.lock().expect("end lock").clone()
+    }
+
+    /// Drops the parked streams and the waiters of a Postern agent.
+    pub(super) fn close_pool(&self) {
+        if let Link::Postern { pool, .. } = &self.link {
+            pool.lock().expect("pool lock").close();
+        }
+    }
+
     /// The agent opened a data stream: hand it to a waiting visitor, or park it.
     pub fn park(&self, mut stream: ClaimedStream) {
-        let mut pool = self.pool.lock().expect("pool lock");
+        let Link::Postern { pool, .. } = &self.link else {
+            return;
+        };
+        let mut pool = pool.lock().expect("pool lock");
         if pool.closed {
             return;
         }
@@ -182,18 +242,25 @@ impl AgentSession {
 
 impl StreamSource for AgentSession {
     fn claim(&self) -> BoxFuture<'static, Result<ClaimedStream, Failure>> {
-        let pool = self.pool.clone();
-        let control = self.control.clone();
-        let wait = self.stream_wait;
-        let permit = self.streams.clone().try_acquire_owned();
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Failure::new(
+                ErrorCode::AGENT_CONNECTION_LIMIT,
+                "the agent is at its limit of simultaneous connections",
+            )
+        });
+        let claimed: BoxFuture<'static, Result<ClaimedStream, Failure>> = match &self.link {
+            Link::Postern { control, pool } => {
+                let (pool, control, wait) = (pool.clone(), control.clone(), self.stream_wait);
+                Box::pin(Self::take_stream(pool, control, wait))
+            }
+            Link::Sdk(link) => {
+                let link = link.clone();
+                Box::pin(async move { link.open_stream() })
+            }
+        };
         Box::pin(async move {
-            let permit = permit.map_err(|_| {
-                Failure::new(
-                    ErrorCode::AGENT_CONNECTION_LIMIT,
-                    "the agent is at its limit of simultaneous connections",
-                )
-            })?;
-            let mut claimed = Self::take_stream(pool, control, wait).await?;
+            let permit = permit?;
+            let mut claimed = claimed.await?;
             claimed.permit = Some(permit);
             Ok(claimed)
         })

@@ -1,0 +1,517 @@
+//! ngrok's own Rust SDK (the `ngrok` crate) against a Postern edge's ngrok
+//! agent ingress: unchanged but for its server address and CA.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use ngrok::{
+    Session,
+    config::{ForwarderBuilder, TunnelBuilder},
+    prelude::EndpointInfo,
+    session::ConnectError,
+};
+use postern_tests::{
+    ACL_TOKEN, DOMAIN, HttpUpstream, HttpsClient, TcpEcho, TestCa, TestEdge, TlsUpstream,
+    eventually,
+};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// `expect_err` for the SDK's results, whose success types are not `Debug`.
+trait Refused<E> {
+    fn refused(self, what: &str) -> E;
+}
+
+impl<T, E> Refused<E> for Result<T, E> {
+    fn refused(self, what: &str) -> E {
+        match self {
+            Ok(_) => panic!("expected a refusal: {what}"),
+            Err(e) => e,
+        }
+    }
+}
+
+/// A session builder pointed at `edge`'s ngrok agent ingress.
+fn builder(edge: &TestEdge, token: &str) -> ngrok::session::SessionBuilder {
+    let addr = edge.addrs.ngrok_agent.expect("ngrok agent listener");
+    builder_at(
+        addr.port(),
+        std::fs::read(edge.ca_pem()).expect("dev CA"),
+        token,
+    )
+}
+
+/// A session builder for `127.0.0.1:<port>`, trusting the CAs of `ca_pem`:
+/// the two options that point an SDK at Postern.
+fn builder_at(port: u16, ca_pem: Vec<u8>, token: &str) -> ngrok::session::SessionBuilder {
+    let mut builder = Session::builder();
+    builder
+        .authtoken(token)
+        .server_addr(format!("127.0.0.1:{port}"))
+        .expect("a server address")
+        .ca_cert(Bytes::from(ca_pem));
+    builder
+}
+
+async fn session(edge: &TestEdge) -> Session {
+    builder(edge, &edge.token)
+        .connect()
+        .await
+        .expect("the SDK connects")
+}
+
+fn url(to: std::net::SocketAddr, scheme: &str) -> url::Url {
+    url::Url::parse(&format!("{scheme}://{to}")).unwrap()
+}
+
+/// Binds an HTTP endpoint on `host` that forwards to `upstream`.
+async fn forward_http(
+    session: &Session,
+    host: &str,
+    upstream: &HttpUpstream,
+) -> ngrok::forwarder::Forwarder<ngrok::tunnel::HttpTunnel> {
+    session
+        .http_endpoint()
+        .domain(host)
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind succeeds")
+}
+
+/// Waits until `edge` answers `https://<host>/` with 200.
+async fn until_served(edge: &TestEdge, host: &str, what: &str) {
+    eventually(20, what, || async move {
+        edge.https_status(host, "/", &[]).await == "200"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_http_endpoint_with_a_domain_serves_the_sdk_answer() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let session = session(&edge).await;
+    let host = format!("sdk.{DOMAIN}");
+    let fwd = forward_http(&session, &host, &upstream).await;
+    assert_eq!(fwd.url(), edge.https_url(&host, ""));
+    let (status, _, body) = edge.fetch(&host, "/", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "hello from upstream"));
+    // The SDK's forwarder passed the request on as the edge sent it.
+    let (status, _, echo) = edge.fetch(&host, "/echo", &[]).await;
+    assert_eq!(status, 200);
+    assert!(echo.contains(&format!("host: {host}")), "{echo}");
+}
+
+#[tokio::test]
+async fn tcp_and_tls_endpoints_carry_bytes() {
+    let edge = TestEdge::start().await;
+    let echo = TcpEcho::start(false).await;
+    let session = session(&edge).await;
+    let tcp = session
+        .tcp_endpoint()
+        .listen_and_forward(url(echo.addr, "tcp"))
+        .await
+        .expect("the TCP bind succeeds");
+    let public = tcp.url().strip_prefix("tcp://").unwrap().to_string();
+    let mut conn = TcpStream::connect(&public).await.unwrap();
+    conn.write_all(b"ping over ngrok").await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    conn.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ping over ngrok");
+
+    // TLS passthrough: the upstream terminates, the edge routes by SNI.
+    let name = format!("tls-sdk.{DOMAIN}");
+    let upstream = TlsUpstream::start(&[&name]).await;
+    let tls = session
+        .tls_endpoint()
+        .domain(&name)
+        .verify_upstream_tls(false)
+        .listen_and_forward(url(upstream.addr, "tls"))
+        .await
+        .expect("the TLS bind succeeds");
+    assert_eq!(
+        tls.url(),
+        format!("tls://{name}:{}", edge.addrs.https.port())
+    );
+    let client = HttpsClient::with_ca_pem(edge.addrs.https, upstream.ca_pem.as_bytes());
+    let answer = client
+        .get(&name, "/")
+        .await
+        .expect("through the TLS endpoint");
+    assert_eq!(answer.text(), format!("tls-upstream {name}"));
+}
+
+#[tokio::test]
+async fn a_wrong_token_gets_the_error_code() {
+    let edge = TestEdge::start().await;
+    let err = builder(&edge, "not-a-token")
+        .connect()
+        .await
+        .refused("an unknown token is refused");
+    let ConnectError::Auth(auth) = &err else {
+        panic!("not an auth error: {err}");
+    };
+    assert_eq!(ngrok::Error::error_code(auth), Some("ERR_NGROK_107"));
+    assert!(
+        ngrok::Error::msg(auth).contains("ERR_POSTERN_107"),
+        "{}",
+        ngrok::Error::msg(auth)
+    );
+}
+
+#[tokio::test]
+async fn the_tokens_bind_acl_applies() {
+    let edge = TestEdge::start().await;
+    let session = builder(&edge, ACL_TOKEN).connect().await.unwrap();
+    let err = session
+        .http_endpoint()
+        .domain(format!("other.{DOMAIN}"))
+        .listen()
+        .await
+        .refused("a name outside the ACL is refused");
+    assert_eq!(ngrok::Error::error_code(&err), Some("ERR_NGROK_316"));
+    let ok = session
+        .http_endpoint()
+        .domain(format!("app.customer1.{DOMAIN}"))
+        .listen()
+        .await
+        .expect("a name inside the ACL binds");
+    assert!(ok.url().contains("app.customer1"));
+}
+
+#[tokio::test]
+async fn mutual_tls_cas_in_the_bind_are_enforced() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let ca = TestCa::root("sdk clients");
+    let client = ca.client("visitor", &[], &[], (-1, 30));
+    let (cert, key) = client.write(edge.dir.path(), "visitor", &[]);
+    let session = session(&edge).await;
+    let host = format!("mtls-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&host)
+        .mutual_tlsca(Bytes::from(ca.pem.clone()))
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind with CAs succeeds");
+    let without = edge.curl_mtls(&host, None, &[]).await;
+    assert!(
+        !String::from_utf8_lossy(&without.stdout).contains("200"),
+        "served without a certificate"
+    );
+    assert!(
+        !without.status.success()
+            || !String::from_utf8_lossy(&without.stdout).contains("GET /echo")
+    );
+    let with = edge.curl_mtls(&host, Some((&cert, &key)), &[]).await;
+    assert!(
+        String::from_utf8_lossy(&with.stdout).contains("GET /echo"),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+}
+
+/// HTTP modules and a traffic policy in the SDK's bind are enforced at the
+/// edge: basic auth, request and response headers, the policy's action,
+/// an IP restriction.
+#[tokio::test]
+async fn modules_and_a_traffic_policy_in_the_bind_are_enforced() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let session = session(&edge).await;
+    let host = format!("modules-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&host)
+        .basic_auth("visitor", "a long password")
+        .request_header("X-From-Sdk", "yes")
+        .response_header("X-Sdk-Answer", "1")
+        .traffic_policy(
+            "on_http_response:\n  - actions:\n      - type: add-headers\n        config:\n          headers:\n            x-policy: from-the-sdk\n",
+        )
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind with modules succeeds");
+    let (status, _, _) = edge.fetch(&host, "/echo", &[]).await;
+    assert_eq!(status, 401, "served without credentials");
+    let (status, head, body) = edge
+        .fetch(&host, "/echo", &["-u", "visitor:a long password"])
+        .await;
+    assert_eq!(status, 200, "{head}{body}");
+    assert!(body.contains("x-from-sdk: yes"), "{body}");
+    assert!(head.contains("x-sdk-answer: 1"), "{head}");
+    assert!(head.contains("x-policy: from-the-sdk"), "{head}");
+
+    let denied = format!("denied-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&denied)
+        .deny_cidr("127.0.0.0/8")
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind with an IP restriction succeeds");
+    let (status, head, _) = edge.fetch(&denied, "/", &[]).await;
+    assert_eq!(status, 403, "{head}");
+}
+
+/// Unimplemented options are refused by name, not ignored.
+#[tokio::test]
+async fn options_postern_does_not_implement_are_refused() {
+    let edge = TestEdge::start().await;
+    let session = session(&edge).await;
+    let err = session
+        .http_endpoint()
+        .domain(format!("ws.{DOMAIN}"))
+        .websocket_tcp_conversion()
+        .listen()
+        .await
+        .refused("websocket_tcp_conversion is not implemented");
+    assert!(
+        ngrok::Error::msg(&err).contains("Opts.WebsocketTCPConverter"),
+        "{}",
+        ngrok::Error::msg(&err)
+    );
+    let err = session
+        .labeled_tunnel()
+        .label("edge", "edghts_1")
+        .listen()
+        .await
+        .refused("labeled tunnels are refused");
+    assert!(ngrok::Error::msg(&err).contains("labeled tunnels"));
+}
+
+/// The event of a request through an SDK has the fields of one through a
+/// Postern agent.
+#[tokio::test]
+async fn events_carry_the_same_fields_as_for_a_postern_agent() {
+    let edge = TestEdge::start_with(
+        r#"
+[[events.subscriptions]]
+id = "sdk-test"
+sources = [{ type = "http_request_complete.v0" }]
+destination = { file = { path = "events.jsonl" } }
+"#,
+    )
+    .await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge
+        .agent(&format!(
+            "  own:\n    proto: http\n    addr: {}\n    domain: own.{DOMAIN}\n",
+            upstream.port()
+        ))
+        .await;
+    let session = session(&edge).await;
+    let _fwd = forward_http(&session, &format!("sdk-ev.{DOMAIN}"), &upstream).await;
+    for host in ["own", "sdk-ev"] {
+        let (status, _, _) = edge.fetch(&format!("{host}.{DOMAIN}"), "/", &[]).await;
+        assert_eq!(status, 200);
+    }
+    let events = || {
+        std::fs::read_to_string(edge.dir.path().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect::<Vec<_>>()
+    };
+    let host_of = |e: &Value| e["object"]["conn"]["server_name"].to_string();
+    eventually(10, "both events", || {
+        let n = events().len();
+        async move { n >= 2 }
+    })
+    .await;
+    let all = events();
+    let own = all
+        .iter()
+        .find(|e| host_of(e).contains("own."))
+        .expect("the agent's event");
+    let sdk = all
+        .iter()
+        .find(|e| host_of(e).contains("sdk-ev."))
+        .expect("the SDK's event");
+    assert_eq!(paths(own), paths(sdk), "{own:#}\n{sdk:#}");
+    assert_eq!(sdk["object"]["http"]["response"]["status_code"], 200);
+}
+
+/// Every key path of a JSON value.
+fn paths(value: &Value) -> Vec<String> {
+    fn walk(v: &Value, at: String, out: &mut Vec<String>) {
+        if let Value::Object(map) = v {
+            for (k, v) in map {
+                walk(v, format!("{at}.{k}"), out);
+            }
+        } else {
+            out.push(at);
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, String::new(), &mut out);
+    out.sort();
+    out
+}
+
+/// 600 visitors at once on one Rust SDK session: the edge holds the
+/// excess back, the session survives.
+#[tokio::test]
+async fn six_hundred_visitors_do_not_kill_a_rust_sdk_session() {
+    let edge = TestEdge::start().await;
+    let echo = TcpEcho::start(false).await;
+    let session = session(&edge).await;
+    let tcp = session
+        .tcp_endpoint()
+        .listen_and_forward(url(echo.addr, "tcp"))
+        .await
+        .unwrap();
+    let public = tcp.url().strip_prefix("tcp://").unwrap().to_string();
+    let visitors: Vec<_> = (0..600)
+        .map(|i| {
+            let public = public.clone();
+            tokio::spawn(async move {
+                let mut conn = TcpStream::connect(&public).await.ok()?;
+                let msg = format!("visitor {i}\n");
+                conn.write_all(msg.as_bytes()).await.ok()?;
+                let mut back = vec![0u8; msg.len()];
+                tokio::time::timeout(Duration::from_secs(15), conn.read_exact(&mut back))
+                    .await
+                    .ok()?
+                    .ok()?;
+                (back == msg.as_bytes()).then_some(conn)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for v in visitors {
+        if let Some(conn) = v.await.unwrap() {
+            held.push(conn);
+        }
+    }
+    // Every stream still open at once: the cap, not all 600.
+    assert!(
+        (300..=400).contains(&held.len()),
+        "{} visitors served at once",
+        held.len()
+    );
+    drop(held);
+    // The same session serves again, without reconnecting.
+    let id = session.id();
+    eventually(10, "a visitor after the burst", || {
+        let public = public.clone();
+        async move {
+            let Ok(mut conn) = TcpStream::connect(&public).await else {
+                return false;
+            };
+            let _ = conn.write_all(b"again").await;
+            let _ = conn.shutdown().await;
+            let mut back = Vec::new();
+            let _ = conn.read_to_end(&mut back).await;
+            back == b"again"
+        }
+    })
+    .await;
+    assert_eq!(session.id(), id);
+    let metrics = edge.metrics_text().await;
+    assert!(
+        metrics.contains("postern_agent_sessions_opened_total{region=\"us\"} 1\n"),
+        "the SDK reconnected:\n{metrics}"
+    );
+}
+
+/// A TCP relay standing for a load balancer in front of the edges.
+struct Relay {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(std::sync::Mutex::new(target));
+        let to = target.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let dest = *to.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(dest).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { addr, target, task }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A draining edge ends the SDK's session; the SDK reconnects (here
+/// through a relay that now leads to another edge) and binds again.
+#[tokio::test]
+async fn the_edge_draining_moves_the_sdk_to_reconnect() {
+    let mut a = TestEdge::start().await;
+    let b = TestEdge::start_with(&format!(
+        "[[authtokens]]\ntoken = \"{}\"\ndescription = \"a's token\"\n",
+        a.token
+    ))
+    .await;
+    let relay = Relay::start(a.addrs.ngrok_agent.unwrap()).await;
+    let upstream = HttpUpstream::start().await;
+    // The SDK trusts both edges' CAs, as it would a region's.
+    let mut pem = std::fs::read(a.ca_pem()).unwrap();
+    pem.extend(std::fs::read(b.ca_pem()).unwrap());
+    let session = builder_at(relay.addr.port(), pem, &a.token)
+        .connect()
+        .await
+        .unwrap();
+    let host = format!("moving.{DOMAIN}");
+    let _fwd = forward_http(&session, &host, &upstream).await;
+    assert_eq!(a.fetch(&host, "/", &[]).await.0, 200);
+    *relay.target.lock().unwrap() = b.addrs.ngrok_agent.unwrap();
+    a.stop().await;
+    until_served(&b, &host, "the endpoint back at the other edge").await;
+}
+
+/// The SDK reconnects to an edge that restarted, and binds the same name.
+#[tokio::test]
+async fn the_sdk_reconnects_after_the_edge_restarts() {
+    let mut edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let session = session(&edge).await;
+    let fwd = session
+        .http_endpoint()
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await;
+    // No domain and no random base on the test edge: refused, by name.
+    let err = fwd.refused("the test edge has no random names");
+    assert!(
+        ngrok::Error::msg(&err).contains("domain"),
+        "{}",
+        ngrok::Error::msg(&err)
+    );
+    let host = format!("again.{DOMAIN}");
+    let _fwd = forward_http(&session, &host, &upstream).await;
+    assert_eq!(edge.fetch(&host, "/", &[]).await.0, 200);
+    edge.restart().await;
+    until_served(&edge, &host, "the endpoint back after the restart").await;
+}
+
+/// An SDK session at one region is routable from another.
+#[tokio::test]
+async fn an_sdk_session_is_routable_across_regions() {
+    let cluster = postern_tests::cluster::TestCluster::start().await;
+    let (us, eu) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let upstream = HttpUpstream::start().await;
+    let session = session(us).await;
+    let host = format!("far.{DOMAIN}");
+    let _fwd = forward_http(&session, &host, &upstream).await;
+    until_served(eu, &host, "the SDK's endpoint served at eu").await;
+}
