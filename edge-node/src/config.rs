@@ -18,7 +18,7 @@ use postern_net::{
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 
-use crate::{acl::Acl, auth::AuthtokenRecord, error::ConfigError};
+use crate::{acl::Acl, auth::AuthtokenRecord, error::ConfigError, ssh::HostKey};
 
 /// The config file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +71,9 @@ pub struct RawConfig {
     /// Joining other nodes: gossip, seeds, the cluster key; see
     /// `crate::cluster::RawCluster`. Without it the node runs alone.
     pub cluster: Option<crate::cluster::RawCluster>,
+    /// Agentless tunnels over SSH.
+    #[serde(default)]
+    pub ssh: RawSsh,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +118,28 @@ pub struct RawListen {
     pub admin: Option<String>,
     /// `/metrics`, `/healthz` and `/readyz`. Default `127.0.0.1:9100`; `""` turns it off.
     pub metrics: Option<String>,
+    /// The SSH ingress (`ssh -R`, see `[ssh]`). Off unless set, e.g. `"0.0.0.0:22"`.
+    pub ssh: Option<String>,
+}
+
+/// `[ssh]`: agentless tunnels over `ssh -R` (on when `listen.ssh` is set).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSsh {
+    /// The host key, an OpenSSH private key file (Ed25519 or ECDSA).
+    /// Default: `<data_dir>/ssh_host_ed25519_key`, generated on the first
+    /// start and kept, so clients' `known_hosts` stay valid.
+    pub host_key: Option<PathBuf>,
+    /// Accept an authtoken as the SSH user name (`ssh -R … <token>@host
+    /// http`), as ngrok allows. Default false: registered public keys only.
+    #[serde(default)]
+    pub authtoken_user: bool,
+    /// `-R` forwards one SSH session may hold, each one endpoint. Default 1
+    /// (ngrok's); at most `limits.endpoints_per_session`.
+    pub forwards_per_session: Option<usize>,
+    /// How long a client has from connecting to being authenticated.
+    /// Default `"30s"`.
+    pub login_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +296,7 @@ pub struct EdgeConfig {
     pub events: postern_events::EventsConfig,
     pub oauth: crate::oauth::OAuthConfig,
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    pub ssh: SshSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -280,6 +306,41 @@ pub struct Listen {
     pub https: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
+    pub ssh: Option<SocketAddr>,
+}
+
+/// `[ssh]`, validated.
+#[derive(Clone, Debug)]
+pub struct SshSettings {
+    /// The configured host key, loaded; `None`: the data directory's.
+    pub host_key: Option<HostKey>,
+    pub authtoken_user: bool,
+    pub forwards_per_session: usize,
+    pub login_grace: Duration,
+}
+
+impl RawSsh {
+    fn validate(self, limits: &Limits) -> anyhow::Result<SshSettings> {
+        let host_key = self
+            .host_key
+            .map(|path| {
+                HostKey::read(&path).with_context(|| format!("ssh.host_key: {}", path.display()))
+            })
+            .transpose()?;
+        let forwards_per_session = self.forwards_per_session.unwrap_or(1);
+        if forwards_per_session == 0 || forwards_per_session > limits.endpoints_per_session {
+            bail!(
+                "ssh.forwards_per_session: {forwards_per_session} must be 1 to limits.endpoints_per_session ({})",
+                limits.endpoints_per_session
+            );
+        }
+        Ok(SshSettings {
+            host_key,
+            authtoken_user: self.authtoken_user,
+            forwards_per_session,
+            login_grace: duration("ssh.login_grace", &self.login_grace, Duration::from_secs(30))?,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -575,6 +636,7 @@ impl RawConfig {
         let session = self.session.validate()?;
         let oauth = self.oauth.validate(&domain)?;
         let limits = self.limits.validate()?;
+        let ssh = self.ssh.validate(&limits)?;
         let trusted_proxies = self.trusted_proxies.validate()?;
         Ok(EdgeConfig {
             node_id,
@@ -602,6 +664,7 @@ impl RawConfig {
             events: self.events.validate()?,
             oauth,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,
+            ssh,
         })
     }
 }
@@ -641,6 +704,10 @@ impl RawListen {
             https: socket_addr("listen.https", &self.https, "0.0.0.0:443")?,
             admin,
             metrics,
+            ssh: match &self.ssh {
+                None => None,
+                Some(_) => optional_addr("listen.ssh", &self.ssh, "")?,
+            },
         })
     }
 }

@@ -270,7 +270,7 @@ impl StreamSource for RemoteSource {
                 })?
                 .map_err(|status| refusal(&node, &status))?;
             Ok(ClaimedStream {
-                inbound: response.into_inner(),
+                inbound: Box::pin(response.into_inner()),
                 attach,
                 permit: None,
             })

@@ -24,11 +24,12 @@ use postern_net::random_id;
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::Streaming;
+use futures_util::Stream;
+use tonic::Status;
 use tracing::Instrument;
 
 pub use bind::{Binder, host_of};
-pub use control::ControlOut;
+pub use control::{ControlOut, ControlTx};
 pub use session::AgentSession;
 
 use bind::{base_spec, bound_request};
@@ -245,12 +246,25 @@ impl Registry {
         control: ControlTx,
         peer: Option<PeerInfo>,
     ) -> Result<Arc<AgentSession>, Failure> {
+        let record = self.tokens.authenticate(&hello.authtoken)?;
+        self.admit(hello, record, control, peer)
+    }
+
+    /// Registers a session whose credential is already known (an SSH
+    /// session authenticated by its key) as [`Registry::open_session`]
+    /// does for an agent's hello: its `authtoken` is not looked at.
+    pub fn admit(
+        &self,
+        hello: pb::Hello,
+        record: AuthtokenRecord,
+        control: ControlTx,
+        peer: Option<PeerInfo>,
+    ) -> Result<Arc<AgentSession>, Failure> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(draining());
         }
         let version = negotiate(hello.min_protocol_version, hello.protocol_version)
             .map_err(|m| Failure::new(ErrorCode::PROTOCOL_VERSION, m))?;
-        let record = self.tokens.authenticate(&hello.authtoken)?;
         if let Some(cluster) = &self.settings.cluster {
             let ingress = peer.as_ref().and_then(|p| p.server_name.as_deref());
             cluster.check_ingress(ingress, record.owner_id())?;
@@ -377,7 +391,7 @@ impl Registry {
     pub fn spawn_session(
         self: &Arc<Self>,
         session: Arc<AgentSession>,
-        inbound: Streaming<pb::AgentMessage>,
+        inbound: impl Stream<Item = Result<pb::AgentMessage, Status>> + Send + Unpin + 'static,
     ) {
         let registry = self.clone();
         let span = tracing::info_span!(

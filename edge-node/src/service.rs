@@ -109,7 +109,7 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             .ok_or_else(|| Status::permission_denied("unknown session or stream token"))?;
         let (attach, frames) = postern_proto::attachable();
         session.park(postern_ingress::ClaimedStream {
-            inbound: request.into_inner(),
+            inbound: Box::pin(request.into_inner()),
             attach,
             permit: None,
         });

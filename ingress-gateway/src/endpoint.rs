@@ -4,13 +4,13 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use futures_util::future::BoxFuture;
-use postern_proto::{BoxFrames, Failure, pb};
+use postern_proto::{BoxFrames, Failure, InboundFrames, pb};
 use tokio::sync::oneshot;
 
 /// A data stream claimed from an agent session: the agent's frames, and the
 /// slot where the gateway plugs in the frames it sends back.
 pub struct ClaimedStream {
-    pub inbound: tonic::Streaming<pb::Frame>,
+    pub inbound: InboundFrames,
     pub attach: oneshot::Sender<BoxFrames>,
     /// Counts against the agent's limit of concurrent connections while
     /// held: keep it for as long as the connection lives.

@@ -260,7 +260,7 @@ impl tower_service::Service<Uri> for TunnelConnector {
 /// A data stream as a hyper connection, holding its place in the agent's
 /// connection limit.
 struct TunnelConn {
-    io: TokioIo<TunnelIo<tonic::Streaming<pb::Frame>>>,
+    io: TokioIo<TunnelIo<postern_proto::InboundFrames>>,
     /// Tells each response which endpoint served it.
     served: ServedBy,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
