@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl; Redis; a Kafka-protocol broker and a Kafka client in
+# drive (curl, openssl, OpenSSH's client; Redis; a Kafka-protocol broker and a Kafka client in
 # .venv-svc; Chromium and playwright-core for the inspector's browser test),
 # builds the binaries the end-to-end tests start, then runs
 # every test with cargo-nextest (cargo test if nextest is absent).
@@ -11,6 +11,8 @@ need=()
 for tool in curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
+# The SSH ingress tests drive Debian's OpenSSH client.
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 # The OAuth tests' session store: a real Redis and Redis Cluster.
 command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need+=(redis-server redis-tools)
 if [ ${#need[@]} -gt 0 ]; then

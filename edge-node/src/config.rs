@@ -130,14 +130,11 @@ pub struct RawSsh {
     /// Default: `<data_dir>/ssh_host_ed25519_key`, generated on the first
     /// start and kept, so clients' `known_hosts` stay valid.
     pub host_key: Option<PathBuf>,
-    /// Accept an authtoken as the SSH user name (`ssh -R … <token>@host
-    /// http`), as ngrok allows. Default false: registered public keys only.
-    #[serde(default)]
-    pub authtoken_user: bool,
     /// `-R` forwards one SSH session may hold, each one endpoint. Default 1
     /// (ngrok's); at most `limits.endpoints_per_session`.
     pub forwards_per_session: Option<usize>,
-    /// How long a client has from connecting to being authenticated.
+    /// How long a client has from connecting to being logged in and giving
+    /// its command.
     /// Default `"30s"`.
     pub login_grace: Option<String>,
 }
@@ -314,7 +311,6 @@ pub struct Listen {
 pub struct SshSettings {
     /// The configured host key, loaded; `None`: the data directory's.
     pub host_key: Option<HostKey>,
-    pub authtoken_user: bool,
     pub forwards_per_session: usize,
     pub login_grace: Duration,
 }
@@ -324,7 +320,8 @@ impl RawSsh {
         let host_key = self
             .host_key
             .map(|path| {
-                HostKey::read(&path).with_context(|| format!("ssh.host_key: {}", path.display()))
+                HostKey::read(&path)
+                    .map_err(|e| anyhow::anyhow!("ssh.host_key: {}: {e}", path.display()))
             })
             .transpose()?;
         let forwards_per_session = self.forwards_per_session.unwrap_or(1);
@@ -336,9 +333,12 @@ impl RawSsh {
         }
         Ok(SshSettings {
             host_key,
-            authtoken_user: self.authtoken_user,
             forwards_per_session,
-            login_grace: duration("ssh.login_grace", &self.login_grace, Duration::from_secs(30))?,
+            login_grace: duration(
+                "ssh.login_grace",
+                &self.login_grace,
+                Duration::from_secs(30),
+            )?,
         })
     }
 }

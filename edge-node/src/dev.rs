@@ -88,6 +88,7 @@ pub fn dev_config(data_dir: &Path) -> Result<DevSetup, ConfigError> {
             https: Some("127.0.0.1:8443".into()),
             admin: Some("127.0.0.1:9090".into()),
             metrics: Some("127.0.0.1:9100".into()),
+            ssh: Some("127.0.0.1:2222".into()),
         },
         public: RawPublic {
             https_port: None,

@@ -19,12 +19,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::Stream;
 use postern_ingress::{Endpoint, EndpointSpec, Gateway, Location, OAuthService};
 use postern_net::random_id;
 use postern_proto::{ErrorCode, Failure, negotiate, pb};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use futures_util::Stream;
 use tonic::Status;
 use tracing::Instrument;
 
@@ -33,7 +33,7 @@ pub use control::{ControlOut, ControlTx};
 pub use session::AgentSession;
 
 use bind::{base_spec, bound_request};
-use control::{ControlTx, edge_message};
+use control::edge_message;
 use session::{Bound, StreamPool};
 
 use crate::{

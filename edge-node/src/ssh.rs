@@ -1,9 +1,8 @@
 //! The SSH ingress: agentless tunnels over `ssh -R`, for hosts where no
 //! agent may be installed (ngrok's SSH reverse tunnels).
 //!
-//! An SSH connection authenticated by a registered public key
-//! (`/ssh_credentials`), or by an authtoken as its user name where
-//! `[ssh] authtoken_user` allows it, becomes an agent session of the
+//! An SSH connection authenticated by an authtoken as its user name
+//! (`ssh -R … <authtoken>@<edge> http`) becomes an agent session of the
 //! registry like any other: `agent.rs` speaks the tunnel protocol's
 //! control messages to the registry in-process, binds one endpoint per
 //! `-R` forward with the command's options (`command.rs`, ngrok's
@@ -36,8 +35,6 @@ use crate::{
     registry::Registry,
 };
 
-pub use command::parse_command;
-
 /// Where the generated host key is kept, under the data directory.
 pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
 
@@ -69,7 +66,10 @@ impl HostKey {
         let path = data_dir.join(HOST_KEY_FILE);
         if path.exists() {
             return Self::read(&path).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
             });
         }
         let mut seed = [0u8; 32];
@@ -115,17 +115,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::write(path, bytes)
 }
 
-/// The SHA-256 (hex) of a public key's wire form: how a registered key is
-/// stored and looked up. The comment is not part of it.
-pub fn key_sha256(key: &PublicKey) -> Result<String, String> {
-    let blob = PublicKey::from(key.key_data().clone())
-        .to_bytes()
-        .map_err(|e| format!("the key cannot be encoded: {e}"))?;
-    Ok(hex::encode(
-        ring::digest::digest(&ring::digest::SHA256, &blob).as_ref(),
-    ))
-}
-
 /// What every connection of the SSH listener shares.
 struct Shared {
     registry: Arc<Registry>,
@@ -158,14 +147,14 @@ impl SshServer {
     ) -> SshServer {
         let interval = session.heartbeat_interval;
         let tolerance = session.heartbeat_tolerance;
+        // The user name is the credential: "none" is the only method.
         let mut methods = russh::MethodSet::empty();
-        methods.push(russh::MethodKind::PublicKey);
+        methods.push(russh::MethodKind::None);
         let config = russh::server::Config {
             server_id: russh::SshId::Standard(
                 format!("SSH-2.0-Postern_{}", env!("CARGO_PKG_VERSION")).into(),
             ),
             methods,
-            // OpenSSH probes with "none" first: answer that at once.
             auth_rejection_time_initial: Some(Duration::ZERO),
             keys: vec![(*key.0).clone()],
             inactivity_timeout: Some(tolerance),
@@ -195,7 +184,10 @@ impl SshServer {
     pub async fn shutdown(self, wait: Duration) {
         self.stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(wait, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(wait, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("SSH connections did not close within {wait:?}");
         }
     }

@@ -55,21 +55,26 @@ impl TestEdge {
 
     /// `extra` is appended to the TOML config (e.g. a `[limits]` table).
     pub async fn start_with(extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, "test-edge", "us").await
+        Self::start_on("127.0.0.1", extra, "test-edge", "us", false).await
+    }
+
+    /// As [`TestEdge::start_with`], with the SSH ingress on (`listen.ssh`).
+    pub async fn start_with_ssh(extra: &str) -> TestEdge {
+        Self::start_on("127.0.0.1", extra, "test-edge", "us", true).await
     }
 
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
     pub async fn start_v6() -> TestEdge {
-        Self::start_on("[::1]", "", "test-edge", "us").await
+        Self::start_on("[::1]", "", "test-edge", "us", false).await
     }
 
     /// A node named `node_id` in `region` (e.g. one of a cluster, with a
     /// `[cluster]` table in `extra`).
     pub async fn start_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, node_id, region).await
+        Self::start_on("127.0.0.1", extra, node_id, region, false).await
     }
 
-    async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str) -> TestEdge {
+    async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str, ssh: bool) -> TestEdge {
         init();
         let dir = TempDir::new("edge");
         let token = format!("test-token-{}", postern_net::random_label());
@@ -81,6 +86,7 @@ impl TestEdge {
             admin: Some(bind().await),
             metrics: Some(bind().await),
             node_link: None,
+            ssh: if ssh { Some(bind().await) } else { None },
         };
         let mut edge = TestEdge {
             edge: None,
@@ -93,6 +99,7 @@ impl TestEdge {
                 https: listeners.https.local_addr().unwrap(),
                 admin: listeners.admin.as_ref().map(|l| l.local_addr().unwrap()),
                 metrics: listeners.metrics.as_ref().map(|l| l.local_addr().unwrap()),
+                ssh: listeners.ssh.as_ref().map(|l| l.local_addr().unwrap()),
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -161,6 +168,7 @@ impl TestEdge {
                 https: free(),
                 admin: Some(free()),
                 metrics: Some(free()),
+                ssh: None,
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -233,7 +241,7 @@ http = "{http}"
 https = "{https}"
 admin = "{admin}"
 metrics = "{metrics}"
-[public]
+{ssh}[public]
 tcp_host = "127.0.0.1"
 [tcp]
 bind_ip = "127.0.0.1"
@@ -259,6 +267,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             https = self.addrs.https,
             admin = self.addrs.admin.expect("admin listener"),
             metrics = self.addrs.metrics.expect("metrics listener"),
+            ssh = self
+                .addrs
+                .ssh
+                .map(|a| format!("ssh = \"{a}\"\n"))
+                .unwrap_or_default(),
             token = self.token,
             extra = self.extra,
             node_id = self.node_id,
@@ -319,6 +332,10 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             admin: Some(bind(self.addrs.admin.unwrap()).await),
             metrics: Some(bind(self.addrs.metrics.unwrap()).await),
             node_link: None,
+            ssh: match self.addrs.ssh {
+                Some(addr) => Some(bind(addr).await),
+                None => None,
+            },
         };
         let config = self.config();
         let listeners = Listeners {

@@ -661,6 +661,7 @@ async fn dev_mode_writes_events_as_json_lines() {
         admin: None,
         metrics: None,
         node_link: None,
+        ssh: None,
     };
     let edge = postern_edge::Edge::start(setup.config, listeners)
         .await

@@ -350,7 +350,10 @@ impl Command {
             "oauth-allow-email" => self.oauth().allow_emails.extend(list(&value)),
             "oauth-allow-domain" => self.oauth().allow_domains.extend(list(&value)),
             "request-header-add" | "response-header-add" => {
-                if !value.split_once(':').is_some_and(|(n, _)| !n.trim().is_empty()) {
+                if !value
+                    .split_once(':')
+                    .is_some_and(|(n, _)| !n.trim().is_empty())
+                {
                     return Err(bad(format!("--{name}: {value:?} is not \"name: value\"")));
                 }
                 self.header_edits(name).add.push(value);
@@ -468,12 +471,8 @@ impl Command {
     pub fn bind_request(&self, address: &str, port: u32) -> Result<pb::BindRequest, Failure> {
         let mut req = self.template.clone();
         let named = !matches!(address, "" | "localhost" | "*" | "0.0.0.0" | "::" | "[::]");
-        let bad_port = |allowed: &str| {
-            Failure::new(
-                ErrorCode::SSH_BAD_PORT,
-                format!("-R {port}: {allowed}"),
-            )
-        };
+        let bad_port =
+            |allowed: &str| Failure::new(ErrorCode::SSH_BAD_PORT, format!("-R {port}: {allowed}"));
         match self.protocol {
             pb::Protocol::Http | pb::Protocol::Tls => {
                 let ok = match self.protocol {
@@ -576,22 +575,86 @@ mod tests {
         for (line, code, want) in [
             ("", ErrorCode::SSH_COMMAND_REQUIRED, "http, tls or tcp"),
             ("ftp", ErrorCode::SSH_UNKNOWN_COMMAND, "\"ftp\""),
-            ("http --frobnicate", ErrorCode::SSH_BAD_OPTION, "unknown option --frobnicate"),
-            ("http --basic-auth", ErrorCode::SSH_BAD_OPTION, "needs a value"),
-            ("http --basic-auth a:b", ErrorCode::SSH_BAD_OPTION, "8 to 128"),
-            ("tcp --basic-auth a:password1", ErrorCode::SSH_BAD_OPTION, "for http"),
-            ("http --compression=yes", ErrorCode::SSH_BAD_OPTION, "takes no value"),
-            ("http localhost:80", ErrorCode::SSH_BAD_OPTION, "unexpected argument"),
-            ("tls --terminate-at edge", ErrorCode::SSH_NOT_SUPPORTED, "termination at the edge"),
-            ("tls --terminate-at agent", ErrorCode::SSH_NOT_SUPPORTED, "termination at the agent"),
-            ("tls --crt c.pem --key k.pem", ErrorCode::SSH_NOT_SUPPORTED, "termination"),
-            ("tls --proxy-proto 2", ErrorCode::SSH_NOT_SUPPORTED, "PROXY proto is not supported via SSH."),
-            ("tls tls://localhost:443", ErrorCode::SSH_NOT_SUPPORTED, "Re-encrypting"),
-            ("tls --mutual-tls-cas ca_1", ErrorCode::SSH_NOT_SUPPORTED, "termination at the edge"),
-            ("http --traffic-policy-file p.yml", ErrorCode::SSH_NOT_SUPPORTED, "Traffic Policy"),
-            ("http --host-header rewrite", ErrorCode::SSH_NOT_SUPPORTED, "upstream's name"),
-            ("tcp --url tcp://1.tcp.example.test:20000", ErrorCode::SSH_BAD_OPTION, "port in -R"),
-            ("http --url https://a.example.test/path", ErrorCode::SSH_BAD_OPTION, "not a name"),
+            (
+                "http --frobnicate",
+                ErrorCode::SSH_BAD_OPTION,
+                "unknown option --frobnicate",
+            ),
+            (
+                "http --basic-auth",
+                ErrorCode::SSH_BAD_OPTION,
+                "needs a value",
+            ),
+            (
+                "http --basic-auth a:b",
+                ErrorCode::SSH_BAD_OPTION,
+                "8 to 128",
+            ),
+            (
+                "tcp --basic-auth a:password1",
+                ErrorCode::SSH_BAD_OPTION,
+                "for http",
+            ),
+            (
+                "http --compression=yes",
+                ErrorCode::SSH_BAD_OPTION,
+                "takes no value",
+            ),
+            (
+                "http localhost:80",
+                ErrorCode::SSH_BAD_OPTION,
+                "unexpected argument",
+            ),
+            (
+                "tls --terminate-at edge",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "termination at the edge",
+            ),
+            (
+                "tls --terminate-at agent",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "termination at the agent",
+            ),
+            (
+                "tls --crt c.pem --key k.pem",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "termination",
+            ),
+            (
+                "tls --proxy-proto 2",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "PROXY proto is not supported via SSH.",
+            ),
+            (
+                "tls tls://localhost:443",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "Re-encrypting",
+            ),
+            (
+                "tls --mutual-tls-cas ca_1",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "termination at the edge",
+            ),
+            (
+                "http --traffic-policy-file p.yml",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "Traffic Policy",
+            ),
+            (
+                "http --host-header rewrite",
+                ErrorCode::SSH_NOT_SUPPORTED,
+                "upstream's name",
+            ),
+            (
+                "tcp --url tcp://1.tcp.example.test:20000",
+                ErrorCode::SSH_BAD_OPTION,
+                "port in -R",
+            ),
+            (
+                "http --url https://a.example.test/path",
+                ErrorCode::SSH_BAD_OPTION,
+                "not a name",
+            ),
         ] {
             let e = err(line);
             assert_eq!(e.code, code, "{line:?}: {e}");
@@ -612,7 +675,10 @@ mod tests {
             ErrorCode::SSH_BAD_PORT
         );
         let named = run("http --url app.example.test");
-        assert_eq!(named.bind_request("", 443).unwrap().domain, "app.example.test");
+        assert_eq!(
+            named.bind_request("", 443).unwrap().domain,
+            "app.example.test"
+        );
         assert!(named.bind_request("other.example.test", 443).is_err());
         let tcp = run("tcp");
         assert_eq!(tcp.bind_request("localhost", 0).unwrap().remote_port, 0);

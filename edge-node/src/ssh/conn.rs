@@ -1,5 +1,5 @@
-//! One SSH connection, the SSH side: authentication (a registered key, or
-//! an authtoken as the user name where allowed), `-R` forward requests,
+//! One SSH connection, the SSH side: authentication (the authtoken as the
+//! user name), `-R` forward requests,
 //! the one session channel and its command. Everything that matters to
 //! the tunnel is handed to the connection's agent (`agent.rs`) as an
 //! [`Event`]; what SSH offers besides (shells, `-L` forwards, X11, agent
@@ -8,23 +8,26 @@
 use std::{collections::HashSet, sync::Arc};
 
 use postern_net::Accepted;
+use postern_proto::{ErrorCode, Failure};
 use russh::{
     ChannelId,
-    server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey},
+    server::{Auth, ChannelOpenHandle, Msg, Session},
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, agent, key_sha256};
+use super::{Shared, agent};
 use crate::auth::AuthtokenRecord;
 
 /// What the SSH side tells the connection's agent, in order.
 #[derive(Debug)]
 pub(super) enum Event {
-    /// The client is who `record` says; `client` is its SSH version string.
+    /// The client logged in: who its user name's authtoken says, or why
+    /// it is no one (told to the client before the connection is closed,
+    /// which is why a bad token is let in at all); `client` is its SSH
+    /// version string.
     Authenticated {
-        record: AuthtokenRecord,
-        user: String,
+        record: Result<AuthtokenRecord, Failure>,
         client: String,
     },
     /// `ssh -R address:port:…`; `client_port` is the port the client
@@ -50,8 +53,9 @@ pub(super) enum Event {
 struct Conn {
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
-    /// Who the client proved to be, until `auth_succeeded` tells the agent.
-    accepted: Option<(AuthtokenRecord, String)>,
+    /// Who the client's user name says it is, until `auth_succeeded` tells
+    /// the agent.
+    accepted: Option<Result<AuthtokenRecord, Failure>>,
     authenticated: bool,
     /// Forwards asked for, as the client knows them.
     forwards: HashSet<(String, u32)>,
@@ -72,14 +76,19 @@ pub(super) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         terminal: None,
         command_given: false,
     };
-    let session =
-        match russh::server::run_stream(shared.config.clone(), accepted.stream, conn).await {
-            Ok(session) => session,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "SSH handshake failed");
-                return;
-            }
-        };
+    let grace = shared.settings.login_grace;
+    let started = russh::server::run_stream(shared.config.clone(), accepted.stream, conn);
+    let session = match tokio::time::timeout(grace, started).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "SSH handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no SSH version string within {grace:?}");
+            return;
+        }
+    };
     let handle = session.handle();
     let cut = CancellationToken::new();
     shared.tracker.spawn(agent::run(
@@ -100,7 +109,11 @@ pub(super) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
         _ = shared.stop.cancelled() => "the edge node is shutting down",
     };
     let _ = handle
-        .disconnect(russh::Disconnect::ByApplication, reason.into(), String::new())
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            reason.into(),
+            String::new(),
+        )
         .await;
 }
 
@@ -108,16 +121,6 @@ impl Conn {
     async fn tell(&self, event: Event) {
         // The agent ends only when the connection does.
         let _ = self.events.send(event).await;
-    }
-
-    fn accept(&mut self, user: &str, record: AuthtokenRecord) -> Auth {
-        self.accepted = Some((record, user.to_string()));
-        Auth::Accept
-    }
-
-    fn key_record(&self, key: &russh::keys::PublicKey) -> Option<AuthtokenRecord> {
-        let hash = key_sha256(key).ok()?;
-        self.shared.tokens.ssh_key(&hash)
     }
 
     /// The port the client will know a forward by: the one asked for, or
@@ -137,49 +140,20 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        // The session is already set up by a client that authenticates
-        // twice: refuse, as everything else after the first success.
-        if self.authenticated || !self.shared.settings.authtoken_user {
+        // A client that authenticates again after its first success is
+        // refused, as everything else after it.
+        if self.authenticated {
             return Ok(Auth::reject());
         }
-        Ok(match self.shared.tokens.authenticate(user) {
-            Ok(record) => self.accept("v2", record),
-            Err(_) => Auth::reject(),
-        })
-    }
-
-    async fn auth_publickey_offered(
-        &mut self,
-        _user: &str,
-        offer: PublicKeyOffer<'_>,
-    ) -> Result<Auth, Self::Error> {
-        Ok(match self.key_record(offer.public_key) {
-            Some(_) if !self.authenticated => Auth::Accept,
-            _ => Auth::reject(),
-        })
-    }
-
-    async fn auth_publickey(
-        &mut self,
-        user: &str,
-        key: VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
-        Ok(match self.key_record(key.public_key) {
-            Some(record) if !self.authenticated => self.accept(user, record),
-            _ => Auth::reject(),
-        })
+        self.accepted = Some(login(&self.shared, user));
+        Ok(Auth::Accept)
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
-        if let Some((record, user)) = self.accepted.take() {
+        if let Some(record) = self.accepted.take() {
             self.authenticated = true;
             let client = String::from_utf8_lossy(session.remote_sshid()).into_owned();
-            self.tell(Event::Authenticated {
-                record,
-                user,
-                client,
-            })
-            .await;
+            self.tell(Event::Authenticated { record, client }).await;
         }
         Ok(())
     }
@@ -302,4 +276,16 @@ impl russh::server::Handler for Conn {
         }
         Ok(())
     }
+}
+
+/// The authtoken the user name is, as ngrok's `v2` user names a command
+/// syntax instead.
+fn login(shared: &Shared, user: &str) -> Result<AuthtokenRecord, Failure> {
+    if user.is_empty() || user.eq_ignore_ascii_case("v2") || user.eq_ignore_ascii_case("v1") {
+        return Err(Failure::new(
+            ErrorCode::AUTHTOKEN_INVALID,
+            "give your authtoken as the SSH user name: ssh -R 443:localhost:8080 <authtoken>@<edge> http (SSH keys are not accepted yet)",
+        ));
+    }
+    shared.tokens.authenticate(user)
 }
