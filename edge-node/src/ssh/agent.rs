@@ -29,6 +29,10 @@ use crate::{auth::AuthtokenRecord, service::PeerInfo};
 /// client silent this long runs `ssh -N`.
 const TERMINAL_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a client whose terminal the edge closed has to close its
+/// side before the connection is cut.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// At most this many streams parked for one `OpenStreams`.
 const MAX_OPEN_STREAMS: u32 = 16;
 
@@ -55,6 +59,8 @@ struct Agent {
     events: mpsc::Receiver<Event>,
     /// The session channel, once the client opened one.
     terminal: Option<ChannelId>,
+    /// Whether the edge closed it (the client is to close its side).
+    terminal_closing: bool,
 }
 
 /// Runs the agent of one connection until it ends; `cut` closes the
@@ -71,6 +77,7 @@ pub(super) async fn run(
         handle,
         events,
         terminal: None,
+        terminal_closing: false,
     };
     let ended = match agent.setup().await {
         Ok(Some(setup)) => agent.serve(setup, peer, cut.clone()).await,
@@ -81,6 +88,7 @@ pub(super) async fn run(
         tracing::info!(%peer, error = %failure, "SSH session refused or ended");
         agent.fail(&failure).await;
     }
+    agent.let_terminal_close().await;
     cut.cancel();
 }
 
@@ -356,17 +364,34 @@ impl Agent {
     }
 
     /// Ends the command with `status`: OpenSSH exits with it.
-    async fn close_terminal(&self, status: u32) {
+    async fn close_terminal(&mut self, status: u32) {
         if let Some(id) = self.terminal {
+            self.terminal_closing = true;
             let _ = self.handle.exit_status_request(id, status).await;
             let _ = self.handle.eof(id).await;
             let _ = self.handle.close(id).await;
         }
     }
 
+    /// Gives a client whose terminal was closed a moment to print what it
+    /// got and close its side: OpenSSH drops unprinted output when the
+    /// connection is cut first.
+    async fn let_terminal_close(&mut self) {
+        if !self.terminal_closing {
+            return;
+        }
+        let until = Instant::now() + CLOSE_WAIT;
+        loop {
+            match timeout_at(until, self.events.recv()).await {
+                Ok(Some(Event::TerminalClosed)) | Ok(None) | Err(_) => return,
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
     /// Tells the client why it is cut off, on its terminal (exit status 1)
     /// or, without one, as the disconnect message OpenSSH prints.
-    async fn fail(&self, failure: &Failure) {
+    async fn fail(&mut self, failure: &Failure) {
         let text = failure.to_pb().to_string();
         if self.terminal.is_some() {
             self.say_err(&format!("{text}\n")).await;

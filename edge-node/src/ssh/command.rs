@@ -162,7 +162,7 @@ pub fn parse_command(line: &str) -> Result<Parsed, Failure> {
         if name == "help" {
             return Ok(Parsed::Help);
         }
-        let value = if takes_value(name) {
+        let value = if takes_value(name)? {
             match inline {
                 Some(value) => Some(value),
                 None => Some(
@@ -198,12 +198,62 @@ fn positional(word: &str) -> Failure {
     ))
 }
 
-/// Options that take no value.
-fn takes_value(name: &str) -> bool {
-    !matches!(
-        name,
-        "compression" | "pooling-enabled" | "websocket-tcp-converter" | "inspect"
-    )
+/// Switches: options that take no value.
+const SWITCHES: &[&str] = &[
+    "compression",
+    "pooling-enabled",
+    "websocket-tcp-converter",
+    "inspect",
+];
+
+/// Options that take a value, those SSH refuses included (they are
+/// refused with the reason, not as unknown).
+const VALUED: &[&str] = &[
+    "url",
+    "domain",
+    "cidr-allow",
+    "cidr-deny",
+    "terminate-at",
+    "crt",
+    "key",
+    "proxy-proto",
+    "traffic-policy-file",
+    "traffic-policy-url",
+    "traffic-policy",
+    "policy-file",
+    "mutual-tls-cas",
+    "basic-auth",
+    "oauth",
+    "oauth-client-id",
+    "oauth-client-secret",
+    "oauth-scope",
+    "oauth-allow-email",
+    "oauth-allow-domain",
+    "request-header-add",
+    "request-header-remove",
+    "response-header-add",
+    "response-header-remove",
+    "host-header",
+    "circuit-breaker",
+    "verify-webhook",
+    "verify-webhook-secret",
+    "ua-filter-allow",
+    "ua-filter-deny",
+    "scheme",
+    "schemes",
+];
+
+/// Whether option `name` takes a value; an unknown option is an error.
+fn takes_value(name: &str) -> Result<bool, Failure> {
+    if SWITCHES.contains(&name) {
+        Ok(false)
+    } else if VALUED.contains(&name) {
+        Ok(true)
+    } else {
+        Err(bad(format!(
+            "unknown option --{name}; `--help` lists the options"
+        )))
+    }
 }
 
 /// A comma-separated list, without empty items.
@@ -307,35 +357,6 @@ impl Command {
 
     /// The HTTP module options.
     fn http_option(&mut self, name: &str, value: String) -> Result<(), Failure> {
-        let known = matches!(
-            name,
-            "basic-auth"
-                | "oauth"
-                | "oauth-client-id"
-                | "oauth-client-secret"
-                | "oauth-scope"
-                | "oauth-allow-email"
-                | "oauth-allow-domain"
-                | "request-header-add"
-                | "request-header-remove"
-                | "response-header-add"
-                | "response-header-remove"
-                | "host-header"
-                | "compression"
-                | "circuit-breaker"
-                | "verify-webhook"
-                | "verify-webhook-secret"
-                | "ua-filter-allow"
-                | "ua-filter-deny"
-                | "scheme"
-                | "schemes"
-                | "websocket-tcp-converter"
-        );
-        if !known {
-            return Err(bad(format!(
-                "unknown option --{name}; `--help` lists the options"
-            )));
-        }
         self.http_only(name)?;
         match name {
             "basic-auth" => {
