@@ -371,9 +371,9 @@ impl Command {
             "oauth-allow-email" => self.oauth().allow_emails.extend(list(&value)),
             "oauth-allow-domain" => self.oauth().allow_domains.extend(list(&value)),
             "request-header-add" | "response-header-add" => {
-                if !value
+                if value
                     .split_once(':')
-                    .is_some_and(|(n, _)| !n.trim().is_empty())
+                    .is_none_or(|(n, _)| n.trim().is_empty())
                 {
                     return Err(bad(format!("--{name}: {value:?} is not \"name: value\"")));
                 }
