@@ -4,7 +4,10 @@
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use postern_tests::{DOMAIN, HttpUpstream, Spawned, TempDir, TestEdge, curl, eventually};
+use postern_tests::{
+    ACL_TOKEN, DOMAIN, HttpUpstream, HttpsClient, Spawned, TempDir, TestEdge, TlsUpstream, curl,
+    eventually,
+};
 use tokio::process::Command;
 
 /// OpenSSH pointed at `edge`'s SSH ingress, trusting only its host key
@@ -220,4 +223,45 @@ async fn bad_logins_and_bad_commands_are_told_on_the_ssh_session() {
     assert!(stdout.contains("usage: ssh -R"), "{stdout}");
     // Nothing of this bound anything.
     assert!(edge.edge().endpoints().is_empty());
+}
+
+#[tokio::test]
+async fn tls_passes_through_and_the_token_acl_applies() {
+    let edge = TestEdge::start_with_ssh("").await;
+    let ssh = Ssh::new(&edge);
+    // `ssh -R app.example.com:443:localhost:443 … tls`: the client trusts
+    // only the upstream's CA, so the edge never saw the plaintext.
+    let name = format!("ssh-tls.{DOMAIN}");
+    let upstream = TlsUpstream::start(&[&name]).await;
+    let mut tunnel = ssh.spawn(
+        &[
+            "-R",
+            &format!("{name}:443:localhost:{}", upstream.addr.port()),
+        ],
+        &edge.token,
+        &["tls"],
+    );
+    let url = forwarded_url(&tunnel.wait_for_line("Forwarding", 20).await);
+    assert_eq!(url, format!("tls://{name}:{}", edge.addrs.https.port()));
+    let client = HttpsClient::with_ca_pem(edge.addrs.https, upstream.ca_pem.as_bytes());
+    let r = client.get(&name, "/").await.unwrap();
+    assert_eq!(r.text(), format!("tls-upstream {name}"));
+    tunnel.kill().await;
+
+    // A token whose ACL allows only *.customer1.<domain>: the refusal is
+    // shown in the client's output, and nothing is bound.
+    let (code, _, stderr) = ssh
+        .run(
+            &["-R", &format!("elsewhere.{DOMAIN}:443:localhost:9")],
+            ACL_TOKEN,
+            &["http"],
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("ERR_POSTERN_316"), "{stderr}");
+    eventually(10, "the TLS endpoint is gone", || {
+        let none = edge.edge().endpoints().is_empty();
+        async move { none }
+    })
+    .await;
 }
