@@ -75,7 +75,6 @@ codes! {
     DRAINING = (742, 503, Edge, "the edge node is draining; reconnect to another node");
     // Agentless tunnels over SSH (ngrok's 11xx numbers).
     SSH_TOO_MANY_FORWARDS = (1105, 400, Agent, "more remote forwards (ssh -R) than one SSH session may hold");
-    SSH_UNKNOWN_VERSION = (1106, 400, Agent, "the SSH user name asks for an unknown command syntax; use v2");
     SSH_COMMAND_REQUIRED = (1107, 400, Agent, "an SSH tunnel needs a command: http, tls or tcp");
     SSH_UNKNOWN_COMMAND = (1108, 400, Agent, "the SSH command is not http, tls or tcp");
     SSH_BAD_OPTION = (1109, 400, Agent, "an option of the SSH command is invalid");
