@@ -129,6 +129,9 @@ struct Shared {
 /// The SSH listener and its connections.
 pub struct SshServer {
     tracker: TaskTracker,
+    /// Stops the accept loop.
+    stop_accepting: CancellationToken,
+    /// Disconnects every client.
     stop: CancellationToken,
 }
 
@@ -173,17 +176,32 @@ impl SshServer {
             tracker: tracker.clone(),
             stop: stop.clone(),
         });
-        postern_net::AcceptLoop::new("ssh", &tracker, &stop).spawn(listener, move |accepted| {
-            conn::serve(shared.clone(), accepted)
-        });
-        SshServer { tracker, stop }
+        let stop_accepting = CancellationToken::new();
+        postern_net::AcceptLoop::new("ssh", &tracker, &stop_accepting)
+            .spawn(listener, move |accepted| {
+                conn::serve(shared.clone(), accepted)
+            });
+        SshServer {
+            tracker,
+            stop_accepting,
+            stop,
+        }
     }
 
-    /// Stops accepting, disconnects every client and waits (at most
-    /// `wait`) for their tasks.
+    /// Stops accepting and waits (at most `wait`) for the connections to
+    /// end: once the registry has closed their sessions, each tells its
+    /// client why and lets it close its terminal. Those still open then
+    /// are disconnected, within another `wait`.
     pub async fn shutdown(self, wait: Duration) {
-        self.stop.cancel();
+        self.stop_accepting.cancel();
         self.tracker.close();
+        if tokio::time::timeout(wait, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        self.stop.cancel();
         if tokio::time::timeout(wait, self.tracker.wait())
             .await
             .is_err()

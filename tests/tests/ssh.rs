@@ -265,3 +265,33 @@ async fn tls_passes_through_and_the_token_acl_applies() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_draining_edge_tells_the_ssh_session_and_closes_it() {
+    let mut edge = TestEdge::start_with_ssh("").await;
+    let upstream = HttpUpstream::start().await;
+    let ssh = Ssh::new(&edge);
+    let child = ssh
+        .command(
+            &["-R", &format!("0:localhost:{}", upstream.port())],
+            &edge.token,
+            &["tcp"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ssh runs");
+    eventually(20, "the TCP endpoint is bound", || {
+        let bound = !edge.edge().endpoints().is_empty();
+        async move { bound }
+    })
+    .await;
+    edge.stop().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("ssh ends once the edge has drained")
+        .expect("ssh output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ERR_POSTERN_742"), "{stderr}");
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+}

@@ -80,7 +80,7 @@ pub(super) async fn run(
         terminal_closing: false,
     };
     let ended = match agent.setup().await {
-        Ok(Some(setup)) => agent.serve(setup, peer, cut.clone()).await,
+        Ok(Some(setup)) => agent.serve(setup, peer, CancellationToken::new()).await,
         Ok(None) => Ok(()),
         Err(failure) => Err(failure),
     };
@@ -213,7 +213,7 @@ impl Agent {
     }
 
     /// Opens the session, binds the forwards and serves the session until
-    /// the client leaves or the edge ends it.
+    /// the client leaves or the edge ends it (`cut`, the registry's).
     async fn serve(
         &mut self,
         setup: Setup,
@@ -235,6 +235,8 @@ impl Agent {
         };
         let (control, mut from_edge) = mpsc::channel(64);
         let registry = self.shared.registry.clone();
+        // The registry's cut ends this loop, not the connection at once:
+        // the client is told first.
         let info = PeerInfo {
             addr: peer,
             server_name: None,
