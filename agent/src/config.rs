@@ -13,9 +13,11 @@ use postern_net::{IpPolicy, Secret, parse_ca_bundle, proxy_header};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
+mod url;
+mod v3;
+
 /// ngrok agent keys Postern accepts and ignores.
 const IGNORED_AGENT_KEYS: &[&str] = &[
-    "api_key",
     "connect_interface",
     "console_ui",
     "console_ui_color",
@@ -25,7 +27,6 @@ const IGNORED_AGENT_KEYS: &[&str] = &[
     "log_level",
     "log_format",
     "metadata",
-    "proxy_url",
     "remote_management",
     "update_channel",
     "update_check",
@@ -49,8 +50,14 @@ pub struct RawAgentConfig {
     pub connect_domain: Option<String>,
     /// Postern: TLS name to verify instead of the `server_addr` host.
     pub tls_server_name: Option<String>,
-    /// `host` (system roots, the default) or a PEM file of CAs to trust instead.
+    /// `host` (the system's trust store or `SSL_CERT_FILE`/`SSL_CERT_DIR`,
+    /// the default), `trusted` (the Mozilla roots built in), or a PEM file
+    /// of CAs to trust instead.
     pub root_cas: Option<String>,
+    /// An outbound proxy for the tunnel connection: `http://`, `https://`
+    /// or `socks5://`, with `user:password@` when it wants them. Default:
+    /// `HTTPS_PROXY` / `ALL_PROXY`; `NO_PROXY` names hosts that bypass it.
+    pub proxy_url: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub heartbeat_tolerance: Option<String>,
     /// Where the agent API and inspector listen: `host:port` (default
@@ -76,6 +83,13 @@ pub struct RawAgentConfig {
     pub upstream_tls: std::collections::BTreeMap<String, RawUpstreamTls>,
     #[serde(default)]
     pub tunnels: indexmap_like::Tunnels,
+    /// ngrok's key for `ngrok api`: the edge's admin API key, used by
+    /// `postern api` (after `--api-key` and `POSTERN_API_KEY`).
+    pub api_key: Option<Secret>,
+    /// Postern: the edge's admin API, `http://host:port` or `https://…`
+    /// (default `http://127.0.0.1:9090`, the edge's default admin listener),
+    /// used by `postern api` (after `--api-url` and `POSTERN_API_URL`).
+    pub api_url: Option<String>,
 }
 
 /// Tunnel definitions keep their file order (serde_yaml's Mapping does).
@@ -116,6 +130,11 @@ pub struct RawTunnel {
     pub domain: Option<String>,
     /// Older ngrok name for `domain`.
     pub hostname: Option<String>,
+    /// ngrok's endpoint URL (`--url`): `https://app.example.com`,
+    /// `tls://…`, `tcp://host:port`, a bare host, or a scheme alone.
+    pub url: Option<String>,
+    /// HTTP/TLS: a label under the edge's base domain for random names.
+    pub subdomain: Option<String>,
     /// TCP: `host:port` to ask for (the port is what counts).
     pub remote_addr: Option<String>,
     /// TLS: `edge`, `agent` or `upstream`.
@@ -127,6 +146,9 @@ pub struct RawTunnel {
     pub proxy_proto: Option<Value>,
     /// Postern: verify an `https://`/`tls://` upstream's certificate (default true).
     pub upstream_tls_verify: Option<bool>,
+    /// HTTP tunnels: `http1` (default) or `http2` (ngrok's v3
+    /// `upstream.protocol`): the upstream speaks HTTP/2, h2c for `http://`.
+    pub upstream_protocol: Option<String>,
     /// Mutual TLS: a PEM file of CAs client certificates must chain to, or
     /// ids of CAs in the edge's store (`ca_…`, a list or comma-separated).
     pub mutual_tls_cas: Option<Value>,
@@ -224,6 +246,8 @@ pub struct Upstream {
     pub tls: bool,
     /// Verify the upstream's certificate.
     pub verify: bool,
+    /// The upstream speaks HTTP/2 (`upstream_protocol: http2`).
+    pub http2: bool,
 }
 
 impl Upstream {
@@ -268,6 +292,11 @@ pub struct TunnelSpec {
     pub proto: Proto,
     pub upstream: Upstream,
     pub domain: Option<String>,
+    /// ngrok's `subdomain`: the edge puts it under its base domain.
+    pub subdomain: Option<String>,
+    /// The port `url` named (0: none); the edge refuses one it does not
+    /// serve the scheme on.
+    pub public_port: u16,
     pub remote_port: u16,
     pub terminate_at: Option<TerminateAt>,
     /// PEM certificate chain and key.
@@ -293,8 +322,12 @@ pub struct TunnelSpec {
 /// Which CAs the agent trusts for the edge.
 #[derive(Clone, Debug)]
 pub enum RootCas {
-    /// webpki's Mozilla roots.
+    /// The system's trust store, or `SSL_CERT_FILE` / `SSL_CERT_DIR` (the
+    /// default).
     Host,
+    /// The Mozilla roots built into the agent (ngrok's `trusted` names
+    /// ngrok's own CAs; Postern has none of its own).
+    Trusted,
     /// Only these (PEM).
     Pem(Vec<u8>),
 }
@@ -306,6 +339,8 @@ pub struct AgentConfig {
     pub server_addr: String,
     pub server_name: String,
     pub root_cas: RootCas,
+    /// The proxy the tunnel connection goes through, if any.
+    pub proxy: Option<crate::proxy::Proxy>,
     pub heartbeat_interval: Duration,
     pub heartbeat_tolerance: Duration,
     pub connect_timeout: Duration,
@@ -353,6 +388,25 @@ pub fn merge(base: &mut Value, over: Value) {
     }
 }
 
+/// Lays the command line over the merged files: `agent` holds agent keys
+/// by their version 2 names, `tunnels` the command line's tunnel. A
+/// version 3 file gets them under `agent:` by its names.
+pub fn overlay(base: &mut Value, agent: Mapping, tunnels: Mapping) {
+    let mut top = if v3::is_v3(base) {
+        let renamed = agent
+            .into_iter()
+            .map(|(k, v)| (Value::from(v3::v3_name(k.as_str().unwrap_or_default())), v))
+            .collect();
+        Mapping::from_iter([(Value::from("agent"), Value::Mapping(renamed))])
+    } else {
+        agent
+    };
+    if !tunnels.is_empty() {
+        top.insert(Value::from("tunnels"), Value::Mapping(tunnels));
+    }
+    merge(base, Value::Mapping(top));
+}
+
 /// A tunnel's keys as written: when one has a value of the wrong type, the
 /// error starts with that key (`basic_auth: invalid type: …`).
 fn raw_tunnel(body: Value) -> Result<RawTunnel, String> {
@@ -383,6 +437,12 @@ pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
     if value.is_null() {
         return Ok(RawAgentConfig::default());
     }
+    if v3::is_v3(&value) {
+        let Value::Mapping(map) = value else {
+            bail!("the config must be a map of keys");
+        };
+        value = Value::Mapping(v3::to_v2(map)?);
+    }
     let Value::Mapping(map) = &mut value else {
         bail!("the config must be a map of keys");
     };
@@ -402,7 +462,10 @@ pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
         Some(Value::String(v)) if v == "2" => {}
         Some(Value::Number(n)) if n.as_u64() == Some(2) => {}
         Some(other) => {
-            bail!("version: {other:?} is not supported; Postern reads ngrok's version \"2\" files")
+            bail!(
+                "version: {} is not supported; Postern reads ngrok's versions 2 and 3",
+                scalar(other).unwrap_or_else(|| "this value".into())
+            )
         }
     }
     Ok(raw)
@@ -477,6 +540,7 @@ pub fn parse_upstream(addr: &str, verify: bool) -> anyhow::Result<Upstream> {
         port,
         tls,
         verify,
+        http2: false,
     })
 }
 
@@ -516,14 +580,37 @@ fn mutual_tls_cas(
         }
         return Ok(MutualTlsCas::Ids(items));
     }
-    let [path] = items.as_slice() else {
-        bail!("{field}: give one PEM file, or CA ids (ca_…)");
-    };
-    let pem = std::fs::read(path).with_context(|| format!("{field}: reading {path}"))?;
-    if terminate_at == Some(TerminateAt::Agent) {
-        parse_ca_bundle(&pem).map_err(|e| anyhow::anyhow!("{field}: {path}: {e}"))?;
+    if items.is_empty() || items.iter().any(|i| i.starts_with("ca_")) {
+        bail!("{field}: give PEM files (or PEM text), or CA ids (ca_…), not both");
     }
-    Ok(MutualTlsCas::Pem(pem))
+    let mut bundle = Vec::new();
+    for item in &items {
+        let pem = pem_or_file(field, item)?;
+        if terminate_at == Some(TerminateAt::Agent) {
+            parse_ca_bundle(&pem).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", shown(item)))?;
+        }
+        bundle.extend_from_slice(&pem);
+        bundle.push(b'\n');
+    }
+    Ok(MutualTlsCas::Pem(bundle))
+}
+
+/// A PEM value: the text itself when it holds a PEM block (ngrok's
+/// version 3 files allow it inline), else the file it names.
+fn pem_or_file(field: &str, value: &str) -> anyhow::Result<Vec<u8>> {
+    if value.contains("-----BEGIN ") {
+        return Ok(value.as_bytes().to_vec());
+    }
+    std::fs::read(value).with_context(|| format!("{field}: reading {value}"))
+}
+
+/// How a PEM value is named in a message: its path, or "the inline PEM".
+fn shown(value: &str) -> &str {
+    if value.contains("-----BEGIN ") {
+        "the inline PEM"
+    } else {
+        value
+    }
 }
 
 impl RawUpstreamTls {
@@ -559,17 +646,88 @@ impl RawTunnel {
             .as_ref()
             .and_then(scalar)
             .with_context(|| format!("{}: missing (a port or an address)", field("addr")))?;
-        let upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
+        let mut upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
             .with_context(|| field("addr"))?;
-        let domain = self.domain.clone().or_else(|| self.hostname.clone());
+        upstream.http2 = match self.upstream_protocol.as_deref() {
+            None | Some("http1") => false,
+            Some("http2") if proto == Proto::Http => true,
+            Some("http2") => bail!(
+                "{}: http2 is for HTTP tunnels; TLS and TCP tunnels carry bytes as they are",
+                field("upstream_protocol")
+            ),
+            Some(other) => bail!(
+                "{}: {other:?} is not http1 or http2",
+                field("upstream_protocol")
+            ),
+        };
+        let http2 = upstream.http2;
+        let mut domain = self.domain.clone().or_else(|| self.hostname.clone());
         if domain.is_some() && proto == Proto::Tcp {
             bail!(
                 "{}: TCP tunnels have no domain; use remote_addr",
                 field("domain")
             );
         }
+        if let Some(subdomain) = &self.subdomain {
+            if proto == Proto::Tcp {
+                bail!("{}: TCP tunnels have no subdomain", field("subdomain"));
+            }
+            if domain.is_some() {
+                bail!(
+                    "{}: give a domain or a subdomain, not both",
+                    field("subdomain")
+                );
+            }
+            url::check_subdomain(subdomain).with_context(|| field("subdomain"))?;
+        }
+        let endpoint_url = match &self.url {
+            Some(text) => {
+                let parsed = url::EndpointUrl::parse(text).with_context(|| field("url"))?;
+                parsed
+                    .check(proto)
+                    .with_context(|| format!("{}: {text:?}", field("url")))?;
+                Some(parsed)
+            }
+            None => None,
+        };
+        let mut public_port = 0;
+        let mut remote_port_from_url = None;
+        if let Some(endpoint_url) = &endpoint_url {
+            let taken = match proto {
+                Proto::Tcp => self.remote_addr.is_some(),
+                _ => domain.is_some() || self.subdomain.is_some(),
+            };
+            if taken && endpoint_url.host.is_some() {
+                let other = if proto == Proto::Tcp {
+                    "remote_addr"
+                } else {
+                    "domain"
+                };
+                bail!("{}: give url or {other}, not both", field("url"));
+            }
+            match proto {
+                Proto::Tcp => remote_port_from_url = endpoint_url.port,
+                _ => {
+                    if endpoint_url.host.is_some() {
+                        domain = endpoint_url.host.clone();
+                    }
+                    public_port = endpoint_url.port.unwrap_or(0);
+                }
+            }
+        }
+        let schemes = match (
+            endpoint_url.as_ref().and_then(|u| u.http_scheme()),
+            &self.schemes,
+        ) {
+            (Some(scheme), Some(schemes)) if schemes.iter().any(|s| s != scheme) => bail!(
+                "{}: the url serves {scheme} only; leave schemes out or make it [{scheme}]",
+                field("schemes")
+            ),
+            (Some(scheme), _) => Some(vec![scheme.to_string()]),
+            (None, schemes) => schemes.clone(),
+        };
         let remote_port = match &self.remote_addr {
-            None => 0,
+            None => remote_port_from_url.unwrap_or(0),
             Some(_) if proto != Proto::Tcp => bail!(
                 "{}: only TCP tunnels have a remote_addr",
                 field("remote_addr")
@@ -601,12 +759,11 @@ impl RawTunnel {
         let crt_key = match (&self.crt, &self.key) {
             (None, None) => None,
             (Some(crt), Some(key)) => {
-                let crt_pem = std::fs::read(crt)
-                    .with_context(|| format!("{}: reading {crt}", field("crt")))?;
-                let key_pem = std::fs::read_to_string(key)
-                    .with_context(|| format!("{}: reading {key}", field("key")))?;
+                let crt_pem = pem_or_file(&field("crt"), crt)?;
+                let key_pem = String::from_utf8(pem_or_file(&field("key"), key)?)
+                    .with_context(|| format!("{}: not PEM text", field("key")))?;
                 let key_pem = Secret::new(key_pem);
-                crate::tls::serving_key((crt, &crt_pem), (key, &key_pem))
+                crate::tls::serving_key((shown(crt), &crt_pem), (shown(key), &key_pem))
                     .with_context(|| format!("{}/key", field("crt")))?;
                 Some((crt_pem, key_pem))
             }
@@ -650,6 +807,8 @@ impl RawTunnel {
             proto,
             upstream,
             domain,
+            subdomain: self.subdomain.clone(),
+            public_port,
             remote_port,
             terminate_at,
             crt_key,
@@ -664,7 +823,12 @@ impl RawTunnel {
                 }
                 None => None,
             },
-            inspect: proto == Proto::Http && self.inspect.unwrap_or(true),
+            // The converter's streams carry the visitor's bytes, not HTTP;
+            // the inspector reads HTTP/1.1 only.
+            inspect: proto == Proto::Http
+                && self.inspect.unwrap_or(true)
+                && !self.websocket_tcp_converter.unwrap_or(false)
+                && !http2,
             oauth: crate::oauth::spec(
                 &format!("tunnels.{name}"),
                 proto == Proto::Http,
@@ -688,7 +852,7 @@ impl RawTunnel {
                     verify_webhook: &self.verify_webhook,
                     user_agent_filter: &self.user_agent_filter,
                     websocket_tcp_converter: &self.websocket_tcp_converter,
-                    schemes: &self.schemes,
+                    schemes: &schemes,
                 },
                 proto == Proto::Http,
                 &upstream_host,
@@ -747,43 +911,141 @@ pub(crate) fn api_tunnel(
     Ok(spec)
 }
 
-impl RawAgentConfig {
-    /// Validates; `names` picks tunnels (`None`: all of them).
-    pub fn validate(self, names: Option<&[String]>) -> anyhow::Result<AgentConfig> {
-        let authtoken = self.authtoken.filter(|t| !t.is_empty()).context(
-            "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config",
-        )?;
-        let server_addr = match (self.server_addr, &self.region, &self.connect_domain) {
-            (Some(addr), _, _) => addr,
-            (None, Some(region), Some(domain)) => format!("tunnel.{region}.connect.{domain}:443"),
-            (None, _, _) => bail!(
-                "server_addr: missing; pass --server-addr host:port, or --region with connect_domain \
-                 (dials tunnel.<region>.connect.<connect_domain>:443)"
-            ),
+/// The problems found in a config, each naming its key; validation goes on
+/// past the first, so that `postern config check` can list them all.
+#[derive(Debug, Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// The value, or `None` with its error noted.
+    fn check<T>(&mut self, result: anyhow::Result<T>) -> Option<T> {
+        result.map_err(|e| self.0.push(format!("{e:#}"))).ok()
+    }
+
+    /// One error listing every problem, a line each.
+    fn into_error(self) -> anyhow::Error {
+        anyhow::anyhow!("{}", self.0.join("\n"))
+    }
+}
+
+/// Where the edge's admin API is (`api_url`, `--api-url`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiUrl {
+    /// As written, for messages.
+    pub url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// A path prefix the API is under, without a trailing `/`.
+    pub base_path: String,
+}
+
+impl ApiUrl {
+    /// The edge's default admin listener.
+    pub const DEFAULT: &str = "http://127.0.0.1:9090";
+
+    pub fn parse(text: &str) -> anyhow::Result<ApiUrl> {
+        let uri: http::Uri = text
+            .parse()
+            .ok()
+            .with_context(|| format!("{text:?} is not a URL like {:?}", Self::DEFAULT))?;
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("{text:?}: the scheme must be http or https"),
         };
-        let (host, _port) = server_addr
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-            .with_context(|| format!("server_addr: {server_addr:?} is not host:port"))?;
-        let server_name = self.tls_server_name.unwrap_or_else(|| {
-            host.trim_start_matches('[')
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .with_context(|| format!("{text:?} has no host"))?;
+        if uri.query().is_some() {
+            bail!("{text:?}: a query string has no place in the API's address");
+        }
+        Ok(ApiUrl {
+            url: text.to_string(),
+            tls,
+            host: host
+                .trim_start_matches('[')
                 .trim_end_matches(']')
-                .to_string()
+                .to_string(),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// `server_addr`, or the address `region` and `connect_domain` make, and
+/// the TLS name to verify.
+fn server_addr_and_name(
+    server_addr: Option<String>,
+    region: Option<&String>,
+    connect_domain: Option<&String>,
+    tls_server_name: Option<String>,
+) -> anyhow::Result<(String, String)> {
+    let server_addr = match (server_addr, region, connect_domain) {
+        (Some(addr), _, _) => addr,
+        (None, Some(region), Some(domain)) => format!("tunnel.{region}.connect.{domain}:443"),
+        (None, _, _) => bail!(
+            "server_addr: missing; pass --server-addr host:port, or --region with connect_domain \
+             (dials tunnel.<region>.connect.<connect_domain>:443)"
+        ),
+    };
+    let (host, _port) = server_addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("server_addr: {server_addr:?} is not host:port"))?;
+    let server_name = tls_server_name.unwrap_or_else(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    Ok((server_addr, server_name))
+}
+
+fn heartbeats(
+    interval: &Option<String>,
+    tolerance: &Option<String>,
+) -> anyhow::Result<(Duration, Duration)> {
+    let interval = duration("heartbeat_interval", interval, Duration::from_secs(10))?;
+    let tolerance = duration("heartbeat_tolerance", tolerance, Duration::from_secs(15))?;
+    if interval.is_zero() || tolerance <= interval {
+        bail!("heartbeat_tolerance must be longer than heartbeat_interval, which must not be zero");
+    }
+    Ok((interval, tolerance))
+}
+
+impl RawAgentConfig {
+    /// Validates; `names` picks tunnels (`None`: all of them). The error
+    /// lists every problem found, a line each.
+    pub fn validate(self, names: Option<&[String]>) -> anyhow::Result<AgentConfig> {
+        let mut problems = Problems::default();
+        let authtoken = problems.check(self.authtoken.filter(|t| !t.is_empty()).context(
+            "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config",
+        ));
+        let server = problems.check(server_addr_and_name(
+            self.server_addr,
+            self.region.as_ref(),
+            self.connect_domain.as_ref(),
+            self.tls_server_name,
+        ));
+        let root_cas = problems.check(match self.root_cas.as_deref() {
+            None | Some("host") => Ok(RootCas::Host),
+            Some("trusted") => Ok(RootCas::Trusted),
+            Some(path) => std::fs::read(path)
+                .map(RootCas::Pem)
+                .with_context(|| format!("root_cas: reading {path}")),
         });
-        let root_cas = match self.root_cas.as_deref() {
-            None | Some("host") | Some("trusted") => RootCas::Host,
-            Some(path) => RootCas::Pem(
-                std::fs::read(path).with_context(|| format!("root_cas: reading {path}"))?,
-            ),
-        };
-        let mut tunnels = Vec::new();
         let mut upstream_tls = std::collections::BTreeMap::new();
         for (key, raw) in &self.upstream_tls {
-            upstream_tls.insert(key.clone(), raw.validate(&format!("upstream_tls.{key:?}"))?);
+            if let Some(tls) = problems.check(raw.validate(&format!("upstream_tls.{key:?}"))) {
+                upstream_tls.insert(key.clone(), tls);
+            }
         }
+        let mut tunnels = Vec::new();
         for (name, raw) in &self.tunnels.0 {
-            if names.is_none_or(|n| n.contains(name)) {
-                let mut spec = raw.validate(name)?;
+            if names.is_none_or(|n| n.contains(name))
+                && let Some(mut spec) = problems.check(raw.validate(name))
+            {
                 spec.upstream_tls = upstream_tls_for(&spec.upstream, &upstream_tls);
                 tunnels.push(spec);
             }
@@ -793,43 +1055,63 @@ impl RawAgentConfig {
                 .iter()
                 .find(|n| !self.tunnels.0.iter().any(|(t, _)| t == *n))
         {
-            bail!("tunnels: no tunnel named {missing:?} in the config");
+            problems.0.push(format!(
+                "tunnels: no tunnel named {missing:?} in the config"
+            ));
         }
-        let heartbeat_interval = duration(
-            "heartbeat_interval",
+        let heartbeats = problems.check(heartbeats(
             &self.heartbeat_interval,
-            Duration::from_secs(10),
-        )?;
-        let heartbeat_tolerance = duration(
-            "heartbeat_tolerance",
             &self.heartbeat_tolerance,
-            Duration::from_secs(15),
-        )?;
-        if heartbeat_interval.is_zero() || heartbeat_tolerance <= heartbeat_interval {
-            bail!(
-                "heartbeat_tolerance must be longer than heartbeat_interval, which must not be zero"
-            );
+        ));
+        let connect_timeout = problems.check(duration(
+            "connect_timeout",
+            &self.connect_timeout,
+            Duration::from_secs(10),
+        ));
+        let web = problems.check(crate::api::WebConfig::validate(
+            self.web_addr.as_ref(),
+            &self.web_allow_hosts,
+            self.web_auth.as_ref(),
+            self.inspect_db_size,
+        ));
+        if let Some(url) = &self.api_url {
+            problems.check(ApiUrl::parse(url).context("api_url"));
         }
+        let proxy = problems.check(crate::proxy::Proxy::configured(self.proxy_url.as_deref()));
+        let (
+            Some(authtoken),
+            Some((server_addr, server_name)),
+            Some(root_cas),
+            Some(proxy),
+            Some((heartbeat_interval, heartbeat_tolerance)),
+            Some(connect_timeout),
+            Some(web),
+            true,
+        ) = (
+            authtoken,
+            server,
+            root_cas,
+            proxy,
+            heartbeats,
+            connect_timeout,
+            web,
+            problems.0.is_empty(),
+        )
+        else {
+            return Err(problems.into_error());
+        };
         Ok(AgentConfig {
             authtoken,
             server_addr,
             server_name,
             root_cas,
+            proxy,
             heartbeat_interval,
             heartbeat_tolerance,
-            connect_timeout: duration(
-                "connect_timeout",
-                &self.connect_timeout,
-                Duration::from_secs(10),
-            )?,
+            connect_timeout,
             stream_pool: self.stream_pool.unwrap_or(8),
             tunnels,
-            web: crate::api::WebConfig::validate(
-                self.web_addr.as_ref(),
-                &self.web_allow_hosts,
-                self.web_auth.as_ref(),
-                self.inspect_db_size,
-            )?,
+            web,
             upstream_tls,
         })
     }
@@ -880,7 +1162,8 @@ tunnels:
                 host: "localhost".into(),
                 port: 8080,
                 tls: false,
-                verify: true
+                verify: true,
+                http2: false,
             }
         );
         assert_eq!(c.tunnels[1].remote_port, 20001);
@@ -949,7 +1232,7 @@ tunnels:
                 "tunnels:\n  w:\n    proto: tcp\n    addr: 1\n    domain: a.test\n",
                 "tunnels.w.domain",
             ),
-            ("version: \"3\"\n", "version"),
+            ("version: \"4\"\n", "version"),
             ("heartbeat_interval: soon\n", "heartbeat_interval"),
         ] {
             let err = format!("{:#}", parse(&format!("{base}{tail}")).unwrap_err());
@@ -957,6 +1240,208 @@ tunnels:
         }
         let err = format!("{:#}", parse("server_addr: e:1\n").unwrap_err());
         assert!(err.contains("authtoken"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_a_line_each() {
+        let err = format!(
+            "{:#}",
+            parse("server_addr: edge\nheartbeat_interval: soon\napi_url: ftp://x\n").unwrap_err()
+        );
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 4, "{err}");
+        assert!(lines[0].starts_with("authtoken: missing"), "{err}");
+        assert!(
+            lines[1].starts_with("server_addr: \"edge\" is not host:port"),
+            "{err}"
+        );
+        assert!(lines[2].starts_with("heartbeat_interval"), "{err}");
+        assert!(lines[3].starts_with("api_url: \"ftp://x\""), "{err}");
+    }
+
+    #[test]
+    fn api_urls() {
+        let url = ApiUrl::parse("https://admin.example.test/postern/").unwrap();
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port, url.base_path.as_str()),
+            (true, "admin.example.test", 443, "/postern")
+        );
+        let url = ApiUrl::parse("http://[::1]:9090").unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.base_path.as_str()),
+            ("::1", 9090, "")
+        );
+        assert!(ApiUrl::parse("127.0.0.1:9090").is_err());
+        assert!(ApiUrl::parse("http://x:9090/?a=b").is_err());
+    }
+
+    #[test]
+    fn url_and_subdomain_keys() {
+        let base = "authtoken: t\nserver_addr: e:1\ntunnels:\n  w:\n";
+        let one = |tail: &str| parse(&format!("{base}{tail}")).map(|c| c.tunnels[0].clone());
+        let t = one("    proto: http\n    addr: 1\n    url: https://App.example.test\n").unwrap();
+        assert_eq!(t.domain.as_deref(), Some("app.example.test"));
+        let schemes = &t.modules.as_ref().unwrap().0.schemes;
+        assert_eq!(
+            schemes,
+            &["https"],
+            "one scheme per URL, as ngrok's v3 agent"
+        );
+        let t = one("    proto: http\n    addr: 1\n    url: app.example.test:8443\n").unwrap();
+        assert_eq!((t.public_port, t.modules.is_none()), (8443, true));
+        let t =
+            one("    proto: tcp\n    addr: 1\n    url: tcp://1.tcp.example.test:20001\n").unwrap();
+        assert_eq!(t.remote_port, 20001);
+        let t = one("    proto: tls\n    addr: 1\n    url: tls://\n").unwrap();
+        assert_eq!(t.domain, None, "a scheme alone asks for a random name");
+        let t = one("    proto: http\n    addr: 1\n    subdomain: my-app\n").unwrap();
+        assert_eq!(t.subdomain.as_deref(), Some("my-app"));
+        for (tail, want) in [
+            (
+                "    proto: http\n    addr: 1\n    url: tls://x.example.test\n",
+                "tunnels.w.url",
+            ),
+            (
+                "    proto: http\n    addr: 1\n    url: x.example.test\n    domain: y.example.test\n",
+                "give url or domain",
+            ),
+            (
+                "    proto: http\n    addr: 1\n    url: http://x.example.test\n    schemes: [https]\n",
+                "tunnels.w.schemes",
+            ),
+            (
+                "    proto: http\n    addr: 1\n    subdomain: a_b\n",
+                "tunnels.w.subdomain",
+            ),
+            (
+                "    proto: tcp\n    addr: 1\n    url: tcp://x.example.test\n",
+                "host:port",
+            ),
+        ] {
+            let err = format!("{:#}", one(tail).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        }
+    }
+
+    #[test]
+    fn ngrok_v3_file() {
+        let c = parse(
+            r#"
+version: 3
+agent:
+  authtoken: tok-3
+  connect_url: tunnel.eu.connect.example.test:443
+  connect_cas: host
+  console_ui: false
+endpoints:
+  - name: web
+    url: https://app.example.test
+    upstream:
+      url: 8080
+      protocol: http1
+    traffic_policy:
+      on_http_request:
+        - actions: [{type: deny}]
+  - name: site
+    url: http://site.example.test
+    upstream:
+      url: intranet.local
+  - name: db
+    url: tcp://1.tcp.example.test:20002
+    upstream:
+      url: 5432
+      proxy_protocol: 2
+  - name: secure
+    url: tls://s.example.test
+    bindings: [public]
+    upstream:
+      url: tls://
+tunnels:
+  old:
+    proto: http
+    addr: 9000
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.server_addr, "tunnel.eu.connect.example.test:443");
+        assert_eq!(format!("{:?}", c.authtoken), "********");
+        let names: Vec<_> = c.tunnels.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["web", "site", "db", "secure", "old"],
+            "file order kept"
+        );
+        let t = |n: &str| c.tunnels.iter().find(|t| t.name == n).unwrap();
+        assert_eq!(t("web").proto, Proto::Http);
+        assert_eq!(t("web").domain.as_deref(), Some("app.example.test"));
+        assert!(t("web").traffic_policy.as_deref().unwrap().contains("deny"));
+        assert_eq!(
+            t("site").upstream.url(Proto::Http),
+            "http://intranet.local:80"
+        );
+        assert_eq!(t("db").proto, Proto::Tcp);
+        assert_eq!(t("db").remote_port, 20002);
+        assert_eq!(t("db").proxy_proto, Some(proxy_header::Version::V2));
+        assert_eq!(t("secure").proto, Proto::Tls);
+        assert_eq!(t("secure").upstream.url(Proto::Tls), "tls://localhost:443");
+    }
+
+    #[test]
+    fn ngrok_v3_errors_name_the_key() {
+        let head = "version: 3\nagent:\n  authtoken: t\n  connect_url: e:1\n";
+        let endpoint = "endpoints:\n  - name: w\n    url: https://w.example.test\n";
+        for (tail, want) in [
+            (
+                "  server_addr: e:2\n",
+                "agent.server_addr: version 3 calls it connect_url",
+            ),
+            ("  bogus: 1\n", "bogus"),
+            (
+                &format!("{endpoint}    upstream:\n      url: 80\n      protocol: http3\n"),
+                "endpoints[0] (w).upstream.protocol",
+            ),
+            (
+                &format!("{endpoint}    upstream:\n      url: 80\n    colour: red\n"),
+                "endpoints[0] (w).colour",
+            ),
+            (
+                &format!("{endpoint}    upstream: {{}}\n"),
+                "upstream.url: required",
+            ),
+            (
+                &format!("{endpoint}    upstream:\n      url: 80\n    bindings: [kubernetes]\n"),
+                "bindings",
+            ),
+            ("tunnels: 3\n", "tunnels"),
+        ] {
+            let err = format!("{:#}", parse(&format!("{head}{tail}")).unwrap_err());
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        }
+        let err = format!("{:#}", parse("version: 3\nauthtoken: t\n").unwrap_err());
+        assert!(
+            err.contains("authtoken: not a version 3 top-level key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_command_line_lands_under_agent_in_a_v3_file() {
+        let mut value: Value =
+            serde_yaml_ng::from_str("version: 3\nagent:\n  connect_url: e:1\n").unwrap();
+        let agent = Mapping::from_iter([
+            (Value::from("authtoken"), Value::from("cli")),
+            (Value::from("server_addr"), Value::from("e:2")),
+        ]);
+        let tunnel: Value = serde_yaml_ng::from_str("proto: tcp\naddr: 22\n").unwrap();
+        overlay(
+            &mut value,
+            agent,
+            Mapping::from_iter([(Value::from("command_line"), tunnel)]),
+        );
+        let c = parse_raw(value).unwrap().validate(None).unwrap();
+        assert_eq!(c.server_addr, "e:2");
+        assert_eq!(c.authtoken.expose(), "cli");
+        assert_eq!(c.tunnels[0].name, "command_line");
     }
 
     #[test]
@@ -968,7 +1453,8 @@ tunnels:
                 host: "localhost".into(),
                 port: 8080,
                 tls: false,
-                verify: true
+                verify: true,
+                http2: false,
             }
         );
         assert_eq!(u("10.0.0.5:22").host, "10.0.0.5");

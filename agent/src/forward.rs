@@ -59,10 +59,12 @@ impl Target {
             _ => None,
         };
         let upstream_tls = if spec.upstream.tls {
-            Some(TlsConnector::from(upstream_client_config(
-                spec.upstream.verify,
-                &spec.upstream_tls,
-            )?))
+            let mut config = upstream_client_config(spec.upstream.verify, &spec.upstream_tls)?;
+            if spec.upstream.http2 {
+                // The edge speaks HTTP/2 on the stream; the upstream must too.
+                Arc::make_mut(&mut config).alpn_protocols = vec![b"h2".to_vec()];
+            }
+            Some(TlsConnector::from(config))
         } else {
             None
         };

@@ -10,6 +10,7 @@ mod forward;
 mod inspect;
 mod modules;
 mod oauth;
+mod proxy;
 mod session;
 mod state;
 mod tls;
@@ -24,12 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{HostRule, RawWebAuth, WebAddr, WebAuth, WebConfig};
 pub use config::{
-    AgentConfig, Proto, RawAgentConfig, RawTunnel, RootCas, TerminateAt, TunnelSpec, Upstream,
-    load_files, merge, parse_raw, parse_upstream,
+    AgentConfig, ApiUrl, Proto, RawAgentConfig, RawTunnel, RootCas, TerminateAt, TunnelSpec,
+    Upstream, load_files, merge, overlay, parse_raw, parse_upstream,
 };
 pub use modules::{HttpModules, ModuleFlags};
 pub use oauth::{AuthFlags, OAuthSpec};
 pub use session::Status;
+pub use tls::https_client_config;
 
 /// A running agent.
 #[derive(Debug)]

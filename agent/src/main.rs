@@ -7,15 +7,22 @@
 //! postern tcp 22
 //! postern start web db --config a.yml --config b.yml
 //! postern events tail --brokers kafka:9092 --from-beginning
+//! postern api credentials create --acl 'bind:*.example.com'
+//! postern config check --config /etc/postern/postern.yml
+//! sudo postern service install --config /etc/postern/postern.yml
 //! ```
 
+mod api_cli;
 mod events_cli;
+mod service_cli;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use postern_agent::{Agent, load_files, merge, parse_raw};
+use clap::{
+    ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource,
+};
+use postern_agent::{Agent, load_files, overlay, parse_raw};
 use postern_telemetry::{LogFormat, Telemetry, TraceSettings};
 use serde_yaml_ng::{Mapping, Value};
 
@@ -72,6 +79,10 @@ enum Command {
         /// Verify an https:// upstream's certificate.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         upstream_tls_verify: bool,
+        /// The upstream's protocol: http1 (default) or http2 (gRPC; h2c
+        /// for http://, ALPN h2 for https://).
+        #[arg(long)]
+        upstream_protocol: Option<String>,
         #[command(flatten)]
         auth: Box<postern_agent::AuthFlags>,
         #[command(flatten)]
@@ -106,6 +117,10 @@ enum Command {
         /// Ask for this public address (host:port; the port counts).
         #[arg(long)]
         remote_addr: Option<String>,
+        /// The endpoint's URL (ngrok's --url): tcp://host:port, host:port,
+        /// or tcp:// for a random port.
+        #[arg(long)]
+        url: Option<String>,
         /// PROXY protocol version to write to the upstream (1 or 2).
         #[arg(long)]
         proxy_proto: Option<String>,
@@ -129,7 +144,40 @@ enum Command {
         #[command(subcommand)]
         command: events_cli::EventsCommand,
     },
+    /// Call the edge's admin API: postern api <resource> <verb>.
+    Api(api_cli::ApiArgs),
+    /// Check config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Run the agent as a systemd service.
+    Service {
+        #[command(subcommand)]
+        command: service_cli::ServiceCommand,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check the config files as `postern start --all` would load them
+    /// (every key, value and file they name); print every problem found
+    /// and exit 1, or "Valid configuration file at …".
+    Check,
+}
+
+/// The global flags that feed a session, which the commands that start
+/// none refuse rather than ignore.
+const SESSION_FLAGS: [&str; 6] = [
+    "authtoken",
+    "server_addr",
+    "region",
+    "tls_server_name",
+    "root_cas",
+    "stream_pool",
+];
+
+const NO_TUNNELS: &str = "tunnels: the config defines no tunnels";
 
 /// `--traffic-policy-file`.
 #[derive(Debug, Args)]
@@ -152,11 +200,34 @@ impl PolicyFlag {
     }
 }
 
+/// What name an HTTP or TLS endpoint asks for.
 #[derive(Debug, Args)]
-struct TunnelFlags {
+struct NameFlags {
+    /// The endpoint's URL (ngrok's --url): https://app.example.com,
+    /// app.example.com, http://…, tls://…, or a scheme alone for a random name.
+    #[arg(long)]
+    url: Option<String>,
     /// Domain to serve: app.example.com or *.example.com.
     #[arg(long, alias = "hostname")]
     domain: Option<String>,
+    /// A label under the edge's base domain for random names (ngrok's
+    /// --subdomain).
+    #[arg(long)]
+    subdomain: Option<String>,
+}
+
+impl NameFlags {
+    fn set(self, tunnel: &mut Mapping) {
+        set(tunnel, "url", self.url);
+        set(tunnel, "domain", self.domain);
+        set(tunnel, "subdomain", self.subdomain);
+    }
+}
+
+#[derive(Debug, Args)]
+struct TunnelFlags {
+    #[command(flatten)]
+    name: NameFlags,
     /// Require client certificates from these CAs: a PEM file, or CA ids
     /// (ca_…, comma-separated) of the edge's certificate-authority store.
     #[arg(long)]
@@ -224,13 +295,7 @@ fn set(map: &mut Mapping, key: &str, value: Option<impl Into<Value>>) {
 /// The merged config files with the command line on top, and the tunnel
 /// names to run.
 fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
-    let mut paths = cli.global.config.clone();
-    if paths.is_empty()
-        && let Some(default) = default_config_path().filter(|p| p.exists())
-    {
-        paths.push(default);
-    }
-    let mut value = load_files(&paths)?;
+    let mut value = load_files(&config_paths(&cli.global))?;
     let mut top = Mapping::new();
     let g = cli.global;
     set(&mut top, "authtoken", g.authtoken);
@@ -241,7 +306,12 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
     set(&mut top, "stream_pool", g.stream_pool.map(u64::from));
     let mut tunnel = Mapping::new();
     let names = match cli.command {
-        Command::Events { .. } => anyhow::bail!("the events command starts no tunnels"),
+        Command::Events { .. }
+        | Command::Api(_)
+        | Command::Config { .. }
+        | Command::Service { .. } => {
+            anyhow::bail!("this command starts no tunnels")
+        }
         Command::Start { names, all } => {
             if all {
                 None
@@ -255,17 +325,19 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             addr,
             common,
             upstream_tls_verify,
+            upstream_protocol,
             auth,
             modules,
             inspect,
         } => {
+            set(&mut tunnel, "upstream_protocol", upstream_protocol);
             for (key, value) in auth.tunnel_keys().into_iter().chain(modules.tunnel_keys()) {
                 set(&mut tunnel, key, Some(value));
             }
             set(&mut tunnel, "inspect", inspect);
             set(&mut tunnel, "proto", Some("http"));
             set(&mut tunnel, "addr", Some(addr));
-            set(&mut tunnel, "domain", common.domain);
+            common.name.set(&mut tunnel);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             common.pooling.set(&mut tunnel);
@@ -287,7 +359,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
         } => {
             set(&mut tunnel, "proto", Some("tls"));
             set(&mut tunnel, "addr", Some(addr));
-            set(&mut tunnel, "domain", common.domain);
+            common.name.set(&mut tunnel);
             set(&mut tunnel, "proxy_proto", common.proxy_proto);
             set(&mut tunnel, "ip_restriction", common.cidrs.to_yaml());
             common.pooling.set(&mut tunnel);
@@ -306,6 +378,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
         Command::Tcp {
             addr,
             remote_addr,
+            url,
             proxy_proto,
             cidrs,
             pooling,
@@ -317,17 +390,29 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
             set(&mut tunnel, "proto", Some("tcp"));
             set(&mut tunnel, "addr", Some(addr));
             set(&mut tunnel, "remote_addr", remote_addr);
+            set(&mut tunnel, "url", url);
             set(&mut tunnel, "proxy_proto", proxy_proto);
             Some(vec!["command_line".to_string()])
         }
     };
+    let mut tunnels = Mapping::new();
     if !tunnel.is_empty() {
-        let mut tunnels = Mapping::new();
         tunnels.insert(Value::from("command_line"), Value::Mapping(tunnel));
-        top.insert(Value::from("tunnels"), Value::Mapping(tunnels));
     }
-    merge(&mut value, Value::Mapping(top));
+    overlay(&mut value, top, tunnels);
     Ok((value, names))
+}
+
+/// `--config`, or the default file when it exists.
+fn config_paths(global: &Global) -> Vec<PathBuf> {
+    if global.config.is_empty() {
+        default_config_path()
+            .filter(|p| p.exists())
+            .into_iter()
+            .collect()
+    } else {
+        global.config.clone()
+    }
 }
 
 fn default_config_path() -> Option<PathBuf> {
@@ -339,7 +424,8 @@ fn default_config_path() -> Option<PathBuf> {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let telemetry = match Telemetry::init(
         "postern",
         "warn",
@@ -353,7 +439,7 @@ async fn main() {
         }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let result = run(cli).await;
+    let result = run(cli, &matches).await;
     telemetry.shutdown().await;
     if let Err(e) = result {
         eprintln!("ERROR: {e:#}");
@@ -361,17 +447,92 @@ async fn main() {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Refuses the session flags given on the command line to a command that
+/// starts no session.
+fn refuse_session_flags(matches: &ArgMatches, command: &str) -> anyhow::Result<()> {
+    match SESSION_FLAGS
+        .iter()
+        .find(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+    {
+        Some(id) => anyhow::bail!(
+            "--{}: `postern {command}` starts no session and does not use it",
+            id.replace('_', "-")
+        ),
+        None => Ok(()),
+    }
+}
+
+/// `postern config check`: every problem of the files, or that they are valid.
+fn check_config(paths: &[PathBuf]) -> anyhow::Result<()> {
+    if paths.is_empty() {
+        anyhow::bail!(
+            "no config file: pass --config <file>{}",
+            default_config_path()
+                .map(|d| format!(" ({} does not exist)", d.display()))
+                .unwrap_or_default()
+        );
+    }
+    let files = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let raw = parse_raw(load_files(paths)?).with_context(|| format!("in {files}"))?;
+    let no_tunnels = raw.tunnels.0.is_empty();
+    let mut problems: Vec<String> = match raw.validate(None) {
+        Ok(_) => Vec::new(),
+        Err(e) => format!("{e:#}").lines().map(str::to_string).collect(),
+    };
+    if no_tunnels {
+        problems.push(NO_TUNNELS.to_string());
+    }
+    match problems.len() {
+        0 => {
+            println!("Valid configuration file at {files}");
+            Ok(())
+        }
+        n => anyhow::bail!(
+            "{n} problem{} in {files}:\n  {}",
+            if n == 1 { "" } else { "s" },
+            problems.join("\n  ")
+        ),
+    }
+}
+
+async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     let cli = match cli.command {
         Command::Events { command } => return events_cli::run(command).await,
+        Command::Api(args) => {
+            refuse_session_flags(matches, "api")?;
+            return api_cli::run(args, &config_paths(&cli.global)).await;
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            refuse_session_flags(matches, "config check")?;
+            return check_config(&config_paths(&cli.global));
+        }
+        Command::Service { command } => {
+            refuse_session_flags(matches, "service")?;
+            let mut paths = Vec::new();
+            if let service_cli::ServiceCommand::Install { .. } = command {
+                for path in config_paths(&cli.global) {
+                    paths.push(
+                        path.canonicalize()
+                            .with_context(|| format!("--config {}", path.display()))?,
+                    );
+                }
+                check_config(&paths)?;
+            } else if !cli.global.config.is_empty() {
+                anyhow::bail!("--config: only `postern service install` takes config files");
+            }
+            return service_cli::run(command, &paths);
+        }
         command => Cli { command, ..cli },
     };
     let (value, names) = build_config(cli)?;
     let config = parse_raw(value)?.validate(names.as_deref())?;
-    anyhow::ensure!(
-        !config.tunnels.is_empty(),
-        "tunnels: the config defines no tunnels"
-    );
+    anyhow::ensure!(!config.tunnels.is_empty(), NO_TUNNELS);
     let upstreams: Vec<(String, String)> = config
         .tunnels
         .iter()

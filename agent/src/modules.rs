@@ -160,12 +160,7 @@ pub fn validate(
             deny: filter.deny.clone(),
         });
     }
-    if raw.websocket_tcp_converter.unwrap_or(false) {
-        bail!(
-            "{}: not supported by Postern yet",
-            key("websocket_tcp_converter")
-        );
-    }
+    m.websocket_tcp_converter = raw.websocket_tcp_converter.unwrap_or(false);
     if let Some(schemes) = raw.schemes {
         for s in schemes {
             if !matches!(s.as_str(), "http" | "https") {

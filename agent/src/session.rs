@@ -23,10 +23,7 @@ use postern_proto::{
     ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, TokenBucket, h2_settings, pb,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
-use tokio::{
-    net::TcpStream,
-    sync::{mpsc, oneshot, watch},
-};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -260,6 +257,7 @@ async fn connect(
         addr: addr.to_string(),
         name,
         tls: TlsConnector::from(tls),
+        proxy: config.proxy.clone(),
     };
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(config.connect_timeout)
@@ -275,8 +273,24 @@ async fn connect(
         endpoint.connect_with_connector(connector),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no connection within {:?}", config.connect_timeout))??;
+    .map_err(|_| anyhow::anyhow!("no connection within {:?}", config.connect_timeout))?
+    .map_err(|e| anyhow::anyhow!(each_cause_once(&e)))?;
     Ok(channel)
+}
+
+/// An error and its causes in one line, each message once: tonic's
+/// transport error repeats the connector's message at two levels.
+fn each_cause_once(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text = format!("{text}: {message}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Clone)]
@@ -284,10 +298,11 @@ struct EdgeConnector {
     addr: String,
     name: ServerName<'static>,
     tls: TlsConnector,
+    proxy: Option<crate::proxy::Proxy>,
 }
 
 impl tower_service::Service<Uri> for EdgeConnector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Response = TokioIo<TlsStream<Box<dyn crate::proxy::Io>>>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -298,23 +313,13 @@ impl tower_service::Service<Uri> for EdgeConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = match localhost_addr(&this.addr) {
-                Some(addr) => TcpStream::connect(addr).await?,
-                None => TcpStream::connect(&this.addr).await?,
-            };
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(this.name, tcp).await?;
+            let stream = crate::proxy::dial(this.proxy.as_ref(), &this.addr)
+                .await
+                .map_err(|e| io::Error::other(format!("{e:#}")))?;
+            let tls = this.tls.connect(this.name, stream).await?;
             Ok(TokioIo::new(tls))
         })
     }
-}
-
-/// Names under `.localhost` are loopback (RFC 6761), whatever the resolver says.
-fn localhost_addr(addr: &str) -> Option<std::net::SocketAddr> {
-    let (host, port) = addr.rsplit_once(':')?;
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let port: u16 = port.parse().ok()?;
-    (host == "localhost" || host.ends_with(".localhost")).then(|| ([127, 0, 0, 1], port).into())
 }
 
 struct Session<'a> {
@@ -1063,6 +1068,9 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
         pooling_enabled: spec.pooling_enabled,
         traffic_policy: spec.traffic_policy.clone().unwrap_or_default(),
         modules: spec.modules.as_ref().map(|m| m.0.clone()),
+        subdomain: spec.subdomain.clone().unwrap_or_default(),
+        public_port: u32::from(spec.public_port),
+        upstream_http2: spec.upstream.http2,
     }
 }
 
@@ -1125,19 +1133,6 @@ mod tests {
         let spread: std::collections::HashSet<_> =
             (0..20).map(|_| backoff(5).as_millis()).collect();
         assert!(spread.len() > 10, "full jitter spreads retries");
-    }
-
-    #[test]
-    fn localhost_names_are_loopback() {
-        assert_eq!(
-            localhost_addr("tunnel.us.connect.postern.localhost:4443"),
-            Some(([127, 0, 0, 1], 4443).into())
-        );
-        assert_eq!(
-            localhost_addr("localhost:1"),
-            Some(([127, 0, 0, 1], 1).into())
-        );
-        assert_eq!(localhost_addr("example.test:443"), None);
     }
 
     #[test]

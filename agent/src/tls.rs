@@ -1,7 +1,7 @@
 //! TLS for the agent: the client config toward the edge and toward TLS
 //! upstreams, and the server config for `terminate_at: agent`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use postern_net::{
@@ -16,10 +16,34 @@ use rustls::{
 
 use crate::config::{RootCas, UpstreamTls};
 
+/// The system's trust store as OpenSSL finds it, or the files
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` name when set; read once.
+pub fn host_roots() -> anyhow::Result<RootCertStore> {
+    static HOST: OnceLock<Result<RootCertStore, String>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, _unusable) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found
+                .errors
+                .first()
+                .map_or_else(|| "the store is empty".to_string(), ToString::to_string);
+            return Err(format!(
+                "root_cas: host: no usable certificate in the system's trust store or SSL_CERT_FILE/SSL_CERT_DIR ({why})"
+            ));
+        }
+        Ok(roots)
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     match root_cas {
-        RootCas::Host => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        RootCas::Host => return host_roots(),
+        RootCas::Trusted => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         RootCas::Pem(pem) => {
             for cert in CertificateDer::pem_slice_iter(pem) {
                 roots
@@ -34,14 +58,24 @@ fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// The client config for the edge's agent listener (HTTP/2 over TLS).
-pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+fn client_config(root_cas: &RootCas) -> anyhow::Result<ClientConfig> {
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(root_cas)?)
-        .with_no_client_auth();
+        .with_no_client_auth())
+}
+
+/// The client config for the edge's agent listener (HTTP/2 over TLS).
+pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut config = client_config(root_cas)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The client config for an HTTPS server the Mozilla roots vouch for
+/// (`postern api` to an admin API behind TLS).
+pub fn https_client_config() -> anyhow::Result<Arc<ClientConfig>> {
+    Ok(Arc::new(client_config(&RootCas::Host)?))
 }
 
 fn chain_and_key(

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, anyhow, bail};
-use postern_ingress::{GatewayConfig, OAuthService, ServingCert, normalize_name};
+use postern_ingress::{GatewayConfig, OAuthService, RateStore, ServingCert, normalize_name};
 use postern_net::{
     MAX_CAS, Pem, Secret, TrustedProxies, certified_key_from_pem, parse_cidr, random_label,
 };
@@ -68,6 +68,9 @@ pub struct RawConfig {
     /// key; see `crate::oauth::RawOAuth`.
     #[serde(default)]
     pub oauth: crate::oauth::RawOAuth,
+    /// Where Traffic Policy `rate-limit` counts live.
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
     /// Joining other nodes: gossip, seeds, the cluster key; see
     /// `crate::cluster::RawCluster`. Without it the node runs alone.
     pub cluster: Option<crate::cluster::RawCluster>,
@@ -103,6 +106,15 @@ pub struct RawEndpointPolicy {
     /// A Traffic Policy document (YAML or JSON text) run before the
     /// agent's on these endpoints; the agent cannot change it.
     pub traffic_policy: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// `"memory"` (default): each node counts alone. `"redis"`: counts in
+    /// the Redis of `[oauth]` (`redis_url` or `redis_cluster`), shared by
+    /// every node using it.
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,6 +304,8 @@ pub struct EdgeConfig {
     pub telemetry: postern_telemetry::TraceSettings,
     pub events: postern_events::EventsConfig,
     pub oauth: crate::oauth::OAuthConfig,
+    /// `rate_limit.store = "redis"`: rate-limit counts in `[oauth]`'s Redis.
+    pub rate_limits_in_redis: bool,
     pub cluster: Option<crate::cluster::ClusterConfig>,
     pub ssh: SshSettings,
 }
@@ -515,6 +529,7 @@ impl EdgeConfig {
         &self,
         https_public_port: u16,
         oauth: Arc<OAuthService>,
+        rate_store: Option<Arc<dyn RateStore>>,
     ) -> GatewayConfig {
         let limits = &self.limits;
         GatewayConfig {
@@ -537,7 +552,7 @@ impl EdgeConfig {
             idle_timeout: limits.idle_timeout,
             trusted_proxies: self.trusted_proxies.clone(),
             oauth: Some(oauth),
-            rate_store: None,
+            rate_store,
         }
     }
 }
@@ -635,6 +650,16 @@ impl RawConfig {
         let authtokens = authtokens(self.authtokens)?;
         let session = self.session.validate()?;
         let oauth = self.oauth.validate(&domain)?;
+        let rate_limits_in_redis = match self.rate_limit.store.as_deref() {
+            None | Some("memory") => false,
+            Some("redis") if matches!(oauth.store, crate::oauth::StoreConfig::Redis(_)) => true,
+            Some("redis") => bail!(
+                "rate_limit.store: \"redis\" counts in the Redis of [oauth], and neither oauth.redis_url nor oauth.redis_cluster is set"
+            ),
+            Some(other) => {
+                bail!("rate_limit.store: {other:?}; the stores are \"memory\" and \"redis\"")
+            }
+        };
         let limits = self.limits.validate()?;
         let ssh = self.ssh.validate(&limits)?;
         let trusted_proxies = self.trusted_proxies.validate()?;
@@ -663,6 +688,7 @@ impl RawConfig {
                 .map_err(|e| anyhow::anyhow!("telemetry.{e}"))?,
             events: self.events.validate()?,
             oauth,
+            rate_limits_in_redis,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,
             ssh,
         })
@@ -969,6 +995,14 @@ dev_ca = true
                 "bogus",
             ),
             ("domain = \"bad domain\"\n[tls]\ndev_ca = true", "domain"),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[rate_limit]\nstore = \"redis\"",
+                "rate_limit.store: \"redis\" counts in the Redis of [oauth]",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[rate_limit]\nstore = \"disk\"",
+                "rate_limit.store: \"disk\"",
+            ),
             ("domain = \"example.test\"", "tls.agent_cert"),
             (
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[tcp]\nports = \"30-20\"",

@@ -21,7 +21,9 @@ mod telemetry;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
-use postern_ingress::{CertStore, DevCa, Gateway, Outcomes, build_server_config};
+use postern_ingress::{
+    CertStore, DevCa, Gateway, Outcomes, RateStore, RedisRates, build_server_config,
+};
 use postern_net::{HttpServer, HttpTimeouts, Pem, Secret, certified_key_from_pem};
 use rustls::ServerConfig;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -158,9 +160,15 @@ impl Edge {
         let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
             .map_err(StartError::Events)?;
         let https_public_port = config.public.https_port.unwrap_or(addresses.https.port());
-        let oauth = oauth::service(&config.oauth, https_public_port).map_err(StartError::OAuth)?;
+        let redis = oauth::redis(&config.oauth).map_err(StartError::OAuth)?;
+        let rates = redis
+            .clone()
+            .filter(|_| config.rate_limits_in_redis)
+            .map(|redis| Arc::new(RedisRates::new(redis)) as Arc<dyn RateStore>);
+        let oauth =
+            oauth::service(&config.oauth, redis, https_public_port).map_err(StartError::OAuth)?;
         let gateway = Gateway::new(
-            config.gateway(https_public_port, oauth.clone()),
+            config.gateway(https_public_port, oauth.clone(), rates),
             certs,
             Outcomes {
                 sink: events.sink(),

@@ -1,7 +1,7 @@
 //! `postern-edge`: parses flags, sets up logging, runs the node until
 //! SIGTERM or Ctrl-C, then drains.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
@@ -18,6 +18,11 @@ struct Args {
     /// Run one node on loopback with a local CA and a generated authtoken.
     #[arg(long)]
     dev: bool,
+    /// Check a config file (TOML) and the certificate and key files it
+    /// names, print "ok" and exit 0; or print the problem and exit 1.
+    /// Nothing is started.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "dev"])]
+    check_config: Option<PathBuf>,
     /// State directory for --dev.
     #[arg(long, default_value = "postern-data")]
     data_dir: PathBuf,
@@ -27,16 +32,38 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = match &args.check_config {
+        Some(path) => check_config(path),
+        None => run(args).await,
+    };
+    if let Err(e) = result {
+        eprintln!("ERROR: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// `--check-config`: the file as the node would load it at start.
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    // Loading reads and parses every certificate and key file `[tls]`
+    // names, as the node does when it starts; nothing is written.
+    EdgeConfig::load(path)?;
+    println!("ok");
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let (config, dev) = match (&args.config, args.dev) {
         (Some(path), _) => (EdgeConfig::load(path)?, None),
         (None, true) => {
             let setup = dev_config(&args.data_dir)?;
             (setup.config, Some((setup.authtoken, setup.api_key)))
         }
-        (None, false) => anyhow::bail!("give --config <file>, or --dev for a local node"),
+        (None, false) => {
+            anyhow::bail!("give --config <file>, --check-config <file>, or --dev for a local node")
+        }
     };
     let telemetry = Telemetry::init("postern-edge", "info", args.log_format, &config.telemetry)?;
     let listeners = Listeners::bind(&config).await?;

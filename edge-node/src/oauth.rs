@@ -199,23 +199,38 @@ impl RawOAuth {
     }
 }
 
-/// The node's OAuth service. Needs a Tokio runtime (Redis connects lazily
-/// in the background).
-pub fn service(config: &OAuthConfig, https_port: u16) -> anyhow::Result<Arc<OAuthService>> {
-    let store: Arc<dyn SessionStore> = match &config.store {
-        StoreConfig::Memory => {
-            tracing::info!(
-                "OAuth sessions are kept in this node's memory (no oauth.redis_url): per node, lost on restart"
-            );
-            Arc::new(MemoryStore::new())
-        }
+/// The Redis named in `[oauth]`, if any: it holds OAuth sessions and, with
+/// `rate_limit.store = "redis"`, rate-limit counts. Needs a Tokio runtime
+/// (it connects lazily in the background).
+pub fn redis(config: &OAuthConfig) -> anyhow::Result<Option<Arc<RedisStore>>> {
+    match &config.store {
+        StoreConfig::Memory => Ok(None),
         StoreConfig::Redis(options) => {
             let field = match options.target {
                 RedisTarget::Single(_) => "oauth.redis_url",
                 RedisTarget::Cluster(_) => "oauth.redis_cluster",
             };
-            Arc::new(RedisStore::new(options.clone()).with_context(|| field.to_string())?)
+            let store = RedisStore::new(options.clone()).with_context(|| field.to_string())?;
+            Ok(Some(Arc::new(store)))
         }
+    }
+}
+
+/// The node's OAuth service, its sessions in `redis` (from [`redis`]) or
+/// else in this node's memory.
+pub fn service(
+    config: &OAuthConfig,
+    redis: Option<Arc<RedisStore>>,
+    https_port: u16,
+) -> anyhow::Result<Arc<OAuthService>> {
+    let store: Arc<dyn SessionStore> = match redis {
+        None => {
+            tracing::info!(
+                "OAuth sessions are kept in this node's memory (no oauth.redis_url): per node, lost on restart"
+            );
+            Arc::new(MemoryStore::new())
+        }
+        Some(redis) => redis,
     };
     let key = match &config.session_key {
         Some(secret) => SessionKey::from_secret(secret),

@@ -32,7 +32,7 @@ pub use bind::{Binder, host_of};
 pub use control::{ControlOut, ControlTx};
 pub use session::AgentSession;
 
-use bind::{base_spec, bound_request};
+use bind::{base_spec, bound_request, resolve_url};
 use control::edge_message;
 use session::{Bound, StreamPool};
 
@@ -426,6 +426,7 @@ impl Registry {
                 format!("this session already has {limit} endpoints"),
             ));
         }
+        let req = resolve_url(req, self.gateway.config())?;
         let mut spec = base_spec(&req)?;
         self.binder.check(&spec, &session.acl, session.owner_id())?;
         let required = self.binder.required(spec.domain.as_ref());

@@ -401,6 +401,10 @@ pub struct PosternFields {
     /// Whole request or connection, in milliseconds (fractional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,
+    /// A gRPC answer's status code (`grpc-status`, from its trailers or a
+    /// trailers-only response).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_cert: Option<PosternClientCert>,
 }

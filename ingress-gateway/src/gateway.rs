@@ -65,7 +65,7 @@ use crate::{
         ConnFacts, Document, EndpointFacts, InternalMiss, InternalRoutes, LocalRates, Modules,
         Phase, PolicyEnv, RateStore, RequestCx, ResponseCx, Scratch, TlsFacts, TrafficPolicy,
     },
-    route::{Member, Pool, Route},
+    route::{Forwarding, Member, Pool, Route},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
     tls::{CertStore, FixedNameResolver, StoreResolver, build_server_config, server_config},
@@ -168,6 +168,8 @@ pub struct EndpointSpec {
     pub oauth: Option<Arc<OAuthEndpoint>>,
     /// ngrok's other HTTP modules the agent asked for.
     pub http_modules: Option<postern_proto::pb::HttpModules>,
+    /// HTTP endpoints: requests go to the upstream as HTTP/2.
+    pub upstream_http2: bool,
     /// The agent's traffic policy.
     pub traffic_policy: Option<Document>,
     /// The operator's traffic policy for the domain: runs first, and the
@@ -295,6 +297,11 @@ impl Gateway {
     /// Visitor connections open now.
     pub fn open_connections(&self) -> usize {
         self.inner.connections.open()
+    }
+
+    /// The public side's settings.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
     }
 
     pub fn certs(&self) -> &Arc<CertStore> {

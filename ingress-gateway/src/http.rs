@@ -2,6 +2,10 @@
 //! as HTTP/1.1 over a pool of tunnel data streams, WebSocket upgrades, and
 //! the error pages visitors see.
 
+mod websocket_tcp;
+
+pub(crate) use websocket_tcp::convert as websocket_to_tcp;
+
 use std::{
     convert::Infallible,
     error::Error as StdError,
@@ -148,6 +152,8 @@ impl ConnInfo {
 #[derive(Clone)]
 pub struct UpstreamPool {
     client: Client<TunnelConnector, VisitorBody>,
+    connector: TunnelConnector,
+    http2: bool,
 }
 
 impl UpstreamPool {
@@ -156,12 +162,14 @@ impl UpstreamPool {
     /// get one pool per visitor connection; the others share one. When the
     /// endpoint's agent is gone, a new connection comes from another
     /// endpoint of its `pool`.
+    /// `(client, server)` are the visitor's and the edge's addresses;
+    /// `http2`: the upstream speaks HTTP/2 (h2c on the tunnel stream).
     pub(crate) fn new(
         endpoint: Arc<Endpoint>,
         pool: Weak<Pool>,
-        client: SocketAddr,
-        server: SocketAddr,
+        (client, server): (SocketAddr, SocketAddr),
         name: String,
+        http2: bool,
     ) -> UpstreamPool {
         let connector = TunnelConnector {
             inner: Arc::new(ConnectorInner {
@@ -176,8 +184,18 @@ impl UpstreamPool {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .set_host(false)
-            .build(connector);
-        UpstreamPool { client }
+            .http2_only(http2)
+            .build(connector.clone());
+        UpstreamPool {
+            client,
+            connector,
+            http2,
+        }
+    }
+
+    /// A tunnel stream of its own, outside the HTTP connection pool.
+    pub(crate) async fn open_stream(&self) -> Result<TunnelConn, Failure> {
+        tower_service::Service::call(&mut self.connector.clone(), Uri::default()).await
     }
 }
 
@@ -259,10 +277,10 @@ impl tower_service::Service<Uri> for TunnelConnector {
 
 /// A data stream as a hyper connection, holding its place in the agent's
 /// connection limit.
-struct TunnelConn {
+pub(crate) struct TunnelConn {
     io: TokioIo<TunnelIo<postern_proto::InboundFrames>>,
     /// Tells each response which endpoint served it.
-    served: ServedBy,
+    pub served: ServedBy,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -314,7 +332,7 @@ pub async fn forward(
 ) -> Response<ProxyBody> {
     let wants_upgrade = is_upgrade_request(&req);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade) {
+    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade, pool.http2) {
         Ok(r) => r,
         Err(failure) => return error_response(&failure),
     };
@@ -426,12 +444,14 @@ pub fn strip_reserved(headers: &mut HeaderMap) {
     }
 }
 
-/// The request as the upstream gets it.
+/// The request as the upstream gets it: HTTP/1.1, or HTTP/2 when `http2`
+/// (the Host then travels as `:authority`, and `te: trailers` stays).
 fn upstream_request<B>(
     req: Request<B>,
     conn: &ConnInfo,
     endpoint_id: &str,
     upgrade: bool,
+    http2: bool,
 ) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_string());
@@ -439,10 +459,8 @@ fn upstream_request<B>(
         .uri
         .path_and_query()
         .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = format!("http://{endpoint_id}{path}")
-        .parse()
-        .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))?;
+        .unwrap_or("/")
+        .to_string();
     let headers = &mut parts.headers;
     if !headers.contains_key(HOST)
         && let Some(authority) = &authority
@@ -451,11 +469,31 @@ fn upstream_request<B>(
             .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "bad :authority"))?;
         headers.insert(HOST, value);
     }
-    if parts.version == Version::HTTP_2 {
+    let trailers = headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let target = match headers.get(HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) if http2 => host.to_string(),
+        _ => endpoint_id.to_string(),
+    };
+    parts.uri = format!("http://{target}{path}")
+        .parse()
+        .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))?;
+    if parts.version == Version::HTTP_2 && !http2 {
         join_cookies(headers);
     }
-    parts.version = Version::HTTP_11;
-    remove_hop_by_hop(headers, upgrade);
+    parts.version = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    remove_hop_by_hop(headers, upgrade && !http2);
+    if http2 {
+        headers.remove(HOST);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
     let client_ip = conn.client.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),

@@ -34,7 +34,7 @@ pub use oauth::{
     StoreError, StoreFuture, redact_url,
 };
 pub use outcome::Outcomes;
-pub use policy::{Document as PolicyDocument, PolicyError, TrafficPolicy};
+pub use policy::{Document as PolicyDocument, PolicyError, RateStore, RedisRates, TrafficPolicy};
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{

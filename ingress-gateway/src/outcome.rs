@@ -174,6 +174,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
                 if let Some(data) = frame.data_ref() {
                     self.stats.saw(data.len());
                 }
+                if let (Some(trailers), Some(record)) = (frame.trailers_ref(), &mut self._record) {
+                    record.grpc_status(trailers);
+                }
             }
             Some(Err(_)) => self.stats.failed.store(true, Ordering::Relaxed),
             None => {}
@@ -389,10 +392,23 @@ impl HttpRecord {
         self.object.oauth.get_or_insert_with(Default::default)
     }
 
+    /// Notes a gRPC status (`grpc-status`) in `headers`, if there is one.
+    fn grpc_status(&mut self, headers: &http::HeaderMap) {
+        if let Some(status) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            self.postern_mut().grpc_status = Some(status);
+        }
+    }
+
     /// Attaches the record to the response the visitor gets; it is
     /// published when that body has been sent or dropped.
     pub fn finish<B>(mut self, response: Response<B>) -> Response<Counted<B>> {
         let (parts, body) = response.into_parts();
+        // A trailers-only answer (a gRPC error) has its status in the head.
+        self.grpc_status(&parts.headers);
         if let Some(code) = parts
             .headers
             .get(crate::http::ERROR_CODE_HEADER)

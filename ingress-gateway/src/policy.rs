@@ -29,7 +29,7 @@ use postern_proto::{ErrorCode, Failure};
 
 pub(crate) use actions::rate_limit::LocalRates;
 
-pub use actions::rate_limit::RateStore;
+pub use actions::rate_limit::{RateStore, RedisRates};
 pub use document::{Document, Phase};
 pub use facts::{ConnFacts, EndpointFacts, TlsFacts};
 pub use modules::Modules;

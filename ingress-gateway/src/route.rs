@@ -61,14 +61,29 @@ pub(crate) struct Member {
     pub endpoint: Arc<Endpoint>,
     /// HTTP endpoints without PROXY headers share one upstream pool.
     pub shared_pool: Option<UpstreamPool>,
+    pub forwarding: Forwarding,
     failed_at_ms: AtomicU64,
 }
 
+/// How an HTTP endpoint's requests reach its upstream.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Forwarding {
+    /// `websocket_tcp_converter`: visitors' WebSockets become TCP streams.
+    pub websocket_tcp: bool,
+    /// The upstream speaks HTTP/2.
+    pub upstream_http2: bool,
+}
+
 impl Member {
-    pub fn new(endpoint: Arc<Endpoint>, shared_pool: Option<UpstreamPool>) -> Arc<Member> {
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        shared_pool: Option<UpstreamPool>,
+        forwarding: Forwarding,
+    ) -> Arc<Member> {
         Arc::new(Member {
             endpoint,
             shared_pool,
+            forwarding,
             failed_at_ms: AtomicU64::new(0),
         })
     }
@@ -225,6 +240,7 @@ mod tests {
                 }),
             }),
             None,
+            Forwarding::default(),
         )
     }
 

@@ -69,6 +69,7 @@ codes! {
     TOO_MANY_ENDPOINTS = (324, 400, Agent, "too many endpoints on one agent session");
     AGENT_CONNECTION_LIMIT = (714, 503, Agent, "the agent is at its limit of simultaneous connections");
     INVALID_DOMAIN = (326, 400, Agent, "the domain name is invalid");
+    PUBLIC_PORT = (9035, 400, Agent, "the URL's port is not one this edge serves the scheme on");
     ENDPOINT_ALREADY_BOUND = (334, 400, Agent, "the endpoint is already online in another agent session");
     DOMAIN_RESERVED = (320, 400, Agent, "the domain is reserved by another owner");
     UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");
@@ -116,6 +117,7 @@ codes! {
     MISDIRECTED_REQUEST = (9001, 421, Client, "the Host header names another endpoint than the TLS SNI");
     BAD_HOST = (9002, 400, Client, "the request has a missing or invalid Host");
     BAD_REQUEST = (9009, 400, Client, "the request is malformed");
+    WEBSOCKET_ONLY = (9036, 400, Client, "this endpoint converts WebSocket connections to TCP and takes nothing else");
     CONTROL_FLOOD = (9008, 400, Agent, "the agent sent control messages faster than allowed");
     POLICY_FAILED = (9015, 500, Agent, "the endpoint's traffic policy failed while running");
     BASIC_AUTH_REQUIRED = (9016, 401, Client, "valid basic auth credentials are required");

@@ -156,7 +156,16 @@ impl TestEdge {
         let ip = netns
             .as_ref()
             .map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.1);
-        let free = || std::net::SocketAddr::from((ip, crate::free_port()));
+        // Five picks of one process: never the same port twice (a CI run
+        // once drew one port for two listeners and the binary could not
+        // start).
+        let mut taken = std::collections::HashSet::new();
+        let mut free = || loop {
+            let port = crate::free_port();
+            if taken.insert(port) {
+                return std::net::SocketAddr::from((ip, port));
+            }
+        };
         let mut edge = TestEdge {
             edge: None,
             process: None,
@@ -243,6 +252,7 @@ admin = "{admin}"
 metrics = "{metrics}"
 {ssh}[public]
 tcp_host = "127.0.0.1"
+random_domain_base = "apps.{DOMAIN}"
 [tcp]
 bind_ip = "127.0.0.1"
 ports = "20000-29999"
@@ -343,6 +353,16 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             ..listeners
         };
         self.edge = Some(Edge::start(config, listeners).await.expect("edge restarts"));
+    }
+
+    /// The events written so far to `file` under the node's data
+    /// directory by a file destination (one JSON object a line).
+    pub fn file_events(&self, file: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// The agent YAML preamble for this edge with `token`.
@@ -585,6 +605,15 @@ async fn link_listener(config: &EdgeConfig) -> Option<TcpListener> {
 }
 
 /// The URL a status lists for a tunnel.
+/// An `[[events.subscriptions]]` table writing every
+/// `http_request_complete.v0` event to `<data_dir>/events.jsonl`.
+pub const EVENTS_TO_FILE: &str = r#"
+[[events.subscriptions]]
+id = "file-events"
+sources = [{ type = "http_request_complete.v0" }]
+destination = { file = { path = "events.jsonl" } }
+"#;
+
 pub fn url_of(status: &Status, tunnel: &str) -> String {
     status
         .tunnels

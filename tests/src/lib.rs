@@ -19,10 +19,10 @@ mod upstream;
 pub use client::{
     HttpsClient, Response, curl, http1_get_all, openssl_s_client, stream_each_way, websocket_echo,
 };
-pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, TestEdge, init, url_of};
+pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, EVENTS_TO_FILE, TestEdge, init, url_of};
 pub use kafka::{
     Broker, Consumed, KafkaTlsFront, assert_schema_valid, consume, consume_with,
-    kafka_subscription, topic, topic_template,
+    kafka_subscription, python, topic, topic_template,
 };
 pub use oidc::{
     Browser, CLIENT_ID, CLIENT_SECRET, ChromiumLogin, OidcProvider, Page, chromium_login, oidc_dir,

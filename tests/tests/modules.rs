@@ -2,13 +2,14 @@
 //! once, the `http` command's module flags on the real binary, and bad
 //! module options refused with the key named.
 
-use postern_tests::{HttpUpstream, Spawned, TestEdge, binary};
+use postern_tests::{HttpUpstream, HttpsClient, Spawned, TcpEcho, TestEdge, binary};
 use tokio::process::Command;
 
 const HOST: &str = "modules.example.test";
 
-/// Every module key of ngrok's v2 config on one tunnel (only
-/// `websocket_tcp_converter` is absent: Postern refuses it, see below).
+/// Every module key of ngrok's v2 config on one tunnel but
+/// `websocket_tcp_converter`, which turns the endpoint into something else
+/// (see its own test below).
 fn every_module(port: u16) -> String {
     format!(
         r#"  web:
@@ -180,8 +181,8 @@ async fn bad_module_options_are_refused_naming_the_key() {
         ),
         ("    schemes: [ftp]\n", "tunnels.web.schemes"),
         (
-            "    websocket_tcp_converter: true\n",
-            "websocket_tcp_converter: not supported",
+            "    websocket_tcp_converter: \"yes\"\n",
+            "websocket_tcp_converter",
         ),
         (
             "    host_header: rewrite\n    proto_extra: 1\n",
@@ -215,4 +216,51 @@ async fn bad_module_options_are_refused_naming_the_key() {
         text.contains("verify_webhook: provider: \"carrier-pigeon\" is not a provider"),
         "{text}"
     );
+}
+
+/// `websocket_tcp_converter`: a real WebSocket client's messages reach a
+/// plain TCP upstream (an echo) as bare bytes and its bytes come back as
+/// binary messages; a request that is not a WebSocket handshake is refused.
+#[tokio::test]
+async fn websocket_tcp_converter_carries_message_payloads_to_a_tcp_upstream() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let edge = TestEdge::start().await;
+    let echo = TcpEcho::start(false).await;
+    let host = "ws-tcp.example.test";
+    let tunnel = format!(
+        "  ws:\n    proto: http\n    addr: {}\n    domain: {host}\n    websocket_tcp_converter: true\n",
+        echo.addr.port()
+    );
+    let (_agent, _) = edge.agent(&tunnel).await;
+    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
+        .connect(host)
+        .await
+        .unwrap();
+    let url = format!("wss://{host}:{}/", edge.addrs.https.port());
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    for (sent, bytes) in [
+        (
+            Message::binary(b"\x00hello\xff".to_vec()),
+            &b"\x00hello\xff"[..],
+        ),
+        (Message::text("plain text"), &b"plain text"[..]),
+        (Message::binary(vec![9u8; 100_000]), &[9u8; 100_000][..]),
+    ] {
+        ws.send(sent).await.unwrap();
+        let mut echoed = Vec::new();
+        while echoed.len() < bytes.len() {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(chunk) => echoed.extend_from_slice(&chunk),
+                other => panic!("only binary messages come back: {other:?}"),
+            }
+        }
+        assert_eq!(echoed, bytes, "the upstream saw the bare payload, no HTTP");
+    }
+    ws.close(None).await.unwrap();
+
+    let (code, head, _) = edge.fetch(host, "/", &[]).await;
+    assert_eq!(code, 400, "{head}");
+    assert!(head.contains("err_postern_9036"), "{head}");
 }

@@ -154,11 +154,7 @@ impl World {
 
 /// The `http_request_complete.v0` events edge `edge` wrote so far.
 fn events(edge: &TestEdge) -> Vec<Value> {
-    std::fs::read_to_string(edge.dir.path().join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    edge.file_events("events.jsonl")
 }
 
 async fn wait_for_event(edge: &TestEdge, what: &str, pred: impl Fn(&Value) -> bool) -> Value {

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use postern_tests::{
-    API_KEY, HttpUpstream, HttpsClient, Spawned, TestEdge, binary,
+    API_KEY, EVENTS_TO_FILE, HttpUpstream, HttpsClient, Spawned, TestEdge, binary,
     cluster::{Run, TestCluster},
     eventually,
 };
@@ -17,31 +17,13 @@ use tokio::process::Command;
 
 const HOST: &str = "app.customer1.example.test";
 const JSON: &str = "Content-Type: application/json";
-/// Every node writes its `http_request_complete.v0` events to
-/// `<data_dir>/events.jsonl`.
-const EVENTS: &str = r#"
-[[events.subscriptions]]
-id = "cluster-test"
-sources = [{ type = "http_request_complete.v0" }]
-destination = { file = { path = "events.jsonl" } }
-"#;
-
 fn http_tunnel(port: u16, extra: &str) -> String {
     format!("  web:\n    proto: http\n    addr: {port}\n    domain: {HOST}\n{extra}")
 }
 
-/// The node's events so far in `file` under its data directory.
-fn events_in(edge: &TestEdge, file: &str) -> Vec<Value> {
-    std::fs::read_to_string(edge.dir.path().join(file))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
-}
-
-/// The node's events so far from the `EVENTS` subscription.
+/// The node's events so far from the `EVENTS_TO_FILE` subscription.
 fn events(edge: &TestEdge) -> Vec<Value> {
-    events_in(edge, "events.jsonl")
+    edge.file_events("events.jsonl")
 }
 
 /// Whether one of `events` is of a request for `path`.
@@ -103,7 +85,7 @@ async fn until_serving(edge: &TestEdge, want: &[(&str, &str)]) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_in_ap_serves_a_request_arriving_at_us_and_the_event_names_both_nodes() {
-    let cluster = TestCluster::start_with(EVENTS).await;
+    let cluster = TestCluster::start_with(EVENTS_TO_FILE).await;
     let (us, ap) = (cluster.us(), &cluster.nodes[2]);
     let upstream = HttpUpstream::start().await;
     let (agent, status) = ap.agent(&http_tunnel(upstream.port(), "")).await;
@@ -513,7 +495,7 @@ async fn a_killed_node_fails_fast_and_its_agent_moves_to_the_other_node_of_its_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_subscription_made_at_eu_runs_at_every_node_until_deleted_at_ap() {
-    let cluster = TestCluster::start_with(EVENTS).await;
+    let cluster = TestCluster::start_with(EVENTS_TO_FILE).await;
     let (us, eu, ap) = (cluster.us(), &cluster.nodes[1], &cluster.nodes[2]);
     let upstream = HttpUpstream::start().await;
     let (_agent, _) = us.agent(&http_tunnel(upstream.port(), "")).await;
@@ -609,10 +591,10 @@ async fn an_event_subscription_made_at_eu_runs_at_every_node_until_deleted_at_ap
         eventually(30, &format!("{path} in {id}'s file"), || async {
             let response = client.get(HOST, path).await.unwrap();
             assert_eq!(response.status, 200, "{}", response.text());
-            has_path(&events_in(edge, "event-files/traffic.jsonl"), path)
+            has_path(&edge.file_events("event-files/traffic.jsonl"), path)
         })
         .await;
-        let event = events_in(edge, "event-files/traffic.jsonl").remove(0);
+        let event = edge.file_events("event-files/traffic.jsonl").remove(0);
         assert_eq!(event["event_type"], "http_request_complete.v0", "{event}");
         assert_eq!(event["object"]["http"]["response"]["status_code"], 200);
         assert!(
@@ -665,13 +647,13 @@ async fn an_event_subscription_made_at_eu_runs_at_every_node_until_deleted_at_ap
                 })
                 .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                !has_path(&events_in(us, "event-files/traffic.jsonl"), &path)
+                !has_path(&us.file_events("event-files/traffic.jsonl"), &path)
             }
         },
     )
     .await;
     assert!(
-        has_path(&events_in(us, "event-files/traffic.jsonl"), "/at-us"),
+        has_path(&us.file_events("event-files/traffic.jsonl"), "/at-us"),
         "the file stays"
     );
 }

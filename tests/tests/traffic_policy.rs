@@ -2,7 +2,7 @@
 //! real edge and applied to requests from curl, and bad policies refused at
 //! bind naming the rule.
 
-use postern_tests::{HttpUpstream, TcpEcho, TestEdge};
+use postern_tests::{HttpUpstream, RedisServer, TcpEcho, TestEdge};
 
 fn tunnel(name: &str, domain: &str, port: u16, policy: &str) -> String {
     let indented: String = policy.lines().map(|l| format!("      {l}\n")).collect();
@@ -575,6 +575,42 @@ mod jwt {
 /// ngrok's A/B test example ("How to run an A/B test"), unchanged: half
 /// the traffic to one internal endpoint, the rest to another. Internal
 /// endpoints are reachable only that way.
+/// With `rate_limit.store = "redis"` two edges sharing one Redis count a
+/// visitor's requests together; with Redis gone each edge counts alone and
+/// still serves.
+#[tokio::test]
+async fn rate_limits_are_counted_together_through_redis_and_served_without_it() {
+    let mut redis = RedisServer::start().await;
+    let extra = format!(
+        "[oauth]\nredis_url = \"{}\"\nsession_key = \"{}\"\n[rate_limit]\nstore = \"redis\"\n",
+        redis.url(),
+        "k".repeat(40)
+    );
+    let (a, b) = (
+        TestEdge::start_with(&extra).await,
+        TestEdge::start_with(&extra).await,
+    );
+    let upstream = HttpUpstream::start().await;
+    let host = "shared-limit.example.test";
+    let policy = "on_http_request:\n  - actions:\n      - type: rate-limit\n        config: {name: shared, algorithm: sliding_window, capacity: 4, rate: 60s, bucket_key: [conn.client_ip]}\n";
+    let tunnel = tunnel("web", host, upstream.port(), policy);
+    let (_at_a, _) = a.agent(&tunnel).await;
+    let (_at_b, _) = b.agent(&tunnel).await;
+    let mut codes = Vec::new();
+    for edge in [&a, &b, &a, &b, &a, &b] {
+        codes.push(edge.fetch(host, "/", &[]).await.0);
+    }
+    assert_eq!(
+        codes,
+        [200, 200, 200, 200, 429, 429],
+        "4 per minute in all: the fifth request is refused at either edge"
+    );
+
+    redis.stop();
+    let (code, _, _) = a.fetch(host, "/", &[]).await;
+    assert_eq!(code, 200, "without Redis the edge counts alone and serves");
+}
+
 #[tokio::test]
 async fn ngroks_ab_test_example_splits_traffic_between_internal_endpoints() {
     let edge = TestEdge::start().await;

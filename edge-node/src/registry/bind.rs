@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use postern_ingress::{
-    CertStore, DomainPattern, Endpoint, EndpointKind, EndpointSpec, OAuthService, PolicyDocument,
-    Protocol, TerminateAt,
+    CertStore, DomainPattern, Endpoint, EndpointKind, EndpointSpec, GatewayConfig, OAuthService,
+    PolicyDocument, Protocol, TerminateAt,
 };
 use postern_net::{
     CaResolver, IpPolicy, MAX_CAS, MtlsPolicy, Pem, certified_key_from_pem, parse_ca_bundle,
@@ -259,7 +259,14 @@ pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
         },
         operator_policy: None,
         http_modules: req.modules.clone(),
+        upstream_http2: req.upstream_http2,
     };
+    if req.upstream_http2 && protocol != Protocol::Http {
+        return Err(Failure::new(
+            ErrorCode::INVALID_BIND,
+            "upstream_protocol http2 is for HTTP endpoints",
+        ));
+    }
     if protocol == Protocol::Tcp {
         spec.remote_port = u16::try_from(req.remote_port).map_err(|_| {
             Failure::new(
@@ -273,6 +280,51 @@ pub fn base_spec(req: &pb::BindRequest) -> Result<EndpointSpec, Failure> {
         })?);
     }
     Ok(spec)
+}
+
+/// ngrok's `--subdomain` made a domain under the edge's base for random
+/// names, and the port of ngrok's `--url` checked: `req` as the rest of the
+/// bind reads it.
+pub(super) fn resolve_url(
+    mut req: pb::BindRequest,
+    config: &GatewayConfig,
+) -> Result<pb::BindRequest, Failure> {
+    if !req.subdomain.is_empty() {
+        if !req.domain.is_empty() {
+            return Err(Failure::new(
+                ErrorCode::INVALID_BIND,
+                "give a domain or a subdomain, not both",
+            ));
+        }
+        let base = config.random_domain_base.as_deref().ok_or_else(|| {
+            Failure::new(
+                ErrorCode::INVALID_BIND,
+                format!(
+                    "subdomain {:?}: this edge has no base domain for subdomains (public.random_domain_base); give a full domain",
+                    req.subdomain
+                ),
+            )
+        })?;
+        req.domain = format!("{}.{base}", std::mem::take(&mut req.subdomain));
+    }
+    let port = req.public_port;
+    if port != 0 {
+        let served = match pb::Protocol::try_from(req.protocol) {
+            Ok(pb::Protocol::Tcp) => true,
+            _ => port == 80 || port == 443 || port == u32::from(config.https_public_port),
+        };
+        if !served {
+            return Err(Failure::new(
+                ErrorCode::PUBLIC_PORT,
+                format!(
+                    "port {port}: this edge serves HTTP and TLS endpoints on port {}; leave the port out of the URL",
+                    config.https_public_port
+                ),
+            ));
+        }
+        req.public_port = 0;
+    }
+    Ok(req)
 }
 
 /// The name a bind request binds, if it binds one (not TCP).

@@ -53,6 +53,7 @@ options (ngrok's agent flags):
   --host-header <name>|preserve  --compression  --circuit-breaker <0..1>
   --verify-webhook <provider> --verify-webhook-secret <secret>
   --ua-filter-allow / --ua-filter-deny <regex,...>  --scheme http,https
+  --websocket-tcp-converter              WebSocket messages to a TCP service
   tls only:
   --terminate-at upstream                (the edge and the agent cannot terminate over SSH)
 ";
@@ -431,10 +432,11 @@ impl Command {
                     self.modules().schemes.push(scheme);
                 }
             }
+            "websocket-tcp-converter" => self.modules().websocket_tcp_converter = true,
             _ => {
-                return Err(bad(
-                    "--websocket-tcp-converter is not supported by Postern yet",
-                ));
+                return Err(bad(format!(
+                    "unknown option --{name}; `--help` lists the options"
+                )));
             }
         }
         Ok(())

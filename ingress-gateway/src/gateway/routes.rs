@@ -139,17 +139,26 @@ impl Gateway {
                 route
             }
         };
+        let forwarding = Forwarding {
+            websocket_tcp: spec
+                .http_modules
+                .as_ref()
+                .is_some_and(|m| m.websocket_tcp_converter),
+            upstream_http2: spec.upstream_http2,
+        };
         let shared_pool = (spec.protocol == Protocol::Http && !spec.proxy_proto).then(|| {
             let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
             UpstreamPool::new(
                 endpoint.clone(),
                 Arc::downgrade(&route.pool),
-                unspecified,
-                unspecified,
+                (unspecified, unspecified),
                 domain.to_string(),
+                forwarding.upstream_http2,
             )
         });
-        route.pool.add(Member::new(endpoint.clone(), shared_pool));
+        route
+            .pool
+            .add(Member::new(endpoint.clone(), shared_pool, forwarding));
         drop(routes);
         self.inner.bindings.lock().expect("bindings lock").insert(
             id,
@@ -279,7 +288,9 @@ impl Gateway {
             source,
             remote: spec.remote,
         });
-        route.pool.add(Member::new(endpoint.clone(), None));
+        route
+            .pool
+            .add(Member::new(endpoint.clone(), None, Forwarding::default()));
         drop(tcp_routes);
         self.inner.bindings.lock().expect("bindings lock").insert(
             id,

@@ -231,15 +231,18 @@ impl Visit<'_> {
                     UpstreamPool::new(
                         member.endpoint.clone(),
                         Arc::downgrade(&route.pool),
-                        conn.client,
-                        conn.local,
+                        (conn.client, conn.local),
                         host.to_string(),
+                        member.forwarding.upstream_http2,
                     )
                 })
                 .clone(),
         };
-        let mut response =
-            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await;
+        let mut response = if member.forwarding.websocket_tcp {
+            proxy::websocket_to_tcp(&pool, req, &inner.tracker).await
+        } else {
+            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await
+        };
         if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
             record.served_by(endpoint);
         }

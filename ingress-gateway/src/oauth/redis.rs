@@ -154,17 +154,48 @@ impl RedisStore {
         }
     }
 
-    async fn run_pipe(&self, pipe: Pipeline) -> Result<(), StoreError> {
+    async fn run_pipe<T: FromRedisValue>(&self, pipe: Pipeline) -> Result<T, StoreError> {
         let query = async {
             match self.conn.clone() {
-                Conn::Single(mut c) => pipe.query_async::<()>(&mut c).await,
-                Conn::Cluster(mut c) => pipe.query_async::<()>(&mut c).await,
+                Conn::Single(mut c) => pipe.query_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async::<T>(&mut c).await,
             }
         };
         match tokio::time::timeout(self.timeout, query).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
+    }
+}
+
+impl RedisStore {
+    /// Counts one hit of rate-limit bucket `key` in window number
+    /// `window` (of `width`) and returns (hits in the previous window, hits
+    /// in this one). One round trip: `INCR` of this window's key, which
+    /// expires two windows later, and `GET` of the previous window's. Both
+    /// keys carry the same hash tag, so Redis Cluster keeps them on one
+    /// node; the bucket key itself is hashed (it may hold anything a CEL
+    /// expression yields).
+    pub async fn rate_hit(
+        &self,
+        key: &str,
+        window: u64,
+        width: Duration,
+    ) -> Result<(u64, u64), StoreError> {
+        let tag = super::seal::key_hash(key);
+        let current = self.key(&format!("rl:{{{tag}}}:{window}"));
+        let previous = self.key(&format!("rl:{{{tag}}}:{}", window.wrapping_sub(1)));
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
+            .arg(&current)
+            .cmd("PEXPIRE")
+            .arg(&current)
+            .arg(millis(width * 2))
+            .ignore()
+            .cmd("GET")
+            .arg(&previous);
+        let (current, previous): (u64, Option<u64>) = self.run_pipe(pipe).await?;
+        Ok((previous.unwrap_or(0), current))
     }
 }
 

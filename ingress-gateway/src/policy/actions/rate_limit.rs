@@ -9,7 +9,9 @@
 //! for rate limits, in Redis, shared by every node using it: there each
 //! request is one `INCR` of the current window's key and a read of the
 //! previous one, so concurrent requests at different nodes are counted
-//! exactly and the estimate is the same everywhere.
+//! exactly and the estimate is the same everywhere. While Redis does not
+//! answer, the node counts in its own memory (a per-node limit) and says
+//! so in its log, rather than refuse or let through everything.
 
 use std::{
     collections::HashMap,
@@ -23,9 +25,12 @@ use postern_proto::{ErrorCode, Failure};
 use serde::Deserialize;
 
 use super::{Built, at_most, config, duration};
-use crate::policy::{
-    Flow, Phase, PolicyEnv, RequestAction, RequestCx,
-    cel::{Expression, display, map_value},
+use crate::{
+    oauth::RedisStore,
+    policy::{
+        Flow, Phase, PolicyEnv, RequestAction, RequestCx,
+        cel::{Expression, display, map_value},
+    },
 };
 
 /// Counts per window: the current window's and the previous one's.
@@ -69,6 +74,50 @@ impl RateStore for LocalRates {
         entry.2 += 1;
         let counts = (entry.1, entry.2);
         Box::pin(async move { Ok(counts) })
+    }
+}
+
+/// Counts in Redis, with this node's memory standing in while Redis does
+/// not answer.
+pub struct RedisRates {
+    redis: Arc<RedisStore>,
+    local: LocalRates,
+}
+
+impl RedisRates {
+    pub fn new(redis: Arc<RedisStore>) -> RedisRates {
+        RedisRates {
+            redis,
+            local: LocalRates::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedisRates")
+    }
+}
+
+impl RateStore for RedisRates {
+    fn hit<'a>(
+        &'a self,
+        key: &'a str,
+        window: u64,
+        width: Duration,
+    ) -> BoxFuture<'a, Result<(u64, u64), String>> {
+        Box::pin(async move {
+            match self.redis.rate_hit(key, window, width).await {
+                Ok(counts) => Ok(counts),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "rate-limit counts: Redis did not answer; this node counts alone until it does"
+                    );
+                    self.local.hit(key, window, width).await
+                }
+            }
+        })
     }
 }
 
