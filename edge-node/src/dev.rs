@@ -91,6 +91,7 @@ pub fn dev_config(data_dir: &Path) -> Result<DevSetup, ConfigError> {
             admin: Some("127.0.0.1:9090".into()),
             metrics: Some("127.0.0.1:9100".into()),
             ngrok_agent: Some(DEV_NGROK_AGENT.into()),
+            ssh: Some("127.0.0.1:2222".into()),
         },
         public: RawPublic {
             https_port: None,

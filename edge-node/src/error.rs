@@ -60,6 +60,8 @@ pub enum StartError {
     DevCa(#[source] TlsError),
     #[error("opening the certificate-authority store")]
     CaStore(#[source] anyhow::Error),
+    #[error("loading or generating the SSH host key (ssh.host_key)")]
+    SshHostKey(#[source] io::Error),
     /// Joining the cluster, or setting up the link between nodes.
     #[error(transparent)]
     Cluster(anyhow::Error),

@@ -17,6 +17,7 @@ mod node_link;
 mod oauth;
 mod registry;
 mod service;
+mod ssh;
 mod telemetry;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
@@ -54,6 +55,8 @@ pub struct Listeners {
     pub node_link: Option<TcpListener>,
     /// ngrok's SDKs (`listen.ngrok_agent`).
     pub ngrok_agent: Option<TcpListener>,
+    /// The SSH ingress (`listen.ssh`).
+    pub ssh: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -79,6 +82,10 @@ impl Listeners {
                 Some(addr) => Some(bind(addr, "metrics").await?),
                 None => None,
             },
+            ssh: match config.listen.ssh {
+                Some(addr) => Some(bind(addr, "ssh").await?),
+                None => None,
+            },
             node_link: match config.cluster.as_ref().and_then(|c| c.rpc_listen) {
                 Some(addr) => Some(bind(addr, "cluster.rpc_listen").await?),
                 None => None,
@@ -100,6 +107,7 @@ impl Listeners {
             admin: addr(&self.admin)?,
             metrics: addr(&self.metrics)?,
             ngrok_agent: addr(&self.ngrok_agent)?,
+            ssh: addr(&self.ssh)?,
         })
     }
 }
@@ -114,6 +122,7 @@ pub struct Addresses {
     pub metrics: Option<SocketAddr>,
     /// The ngrok agent ingress, when on.
     pub ngrok_agent: Option<SocketAddr>,
+    pub ssh: Option<SocketAddr>,
 }
 
 /// A running edge node.
@@ -134,6 +143,8 @@ pub struct Edge {
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// Membership of a cluster (`[cluster]`).
     cluster: Option<Arc<ClusterNode>>,
+    /// The SSH ingress, when `listen.ssh` is set, and its host key.
+    ssh: Option<(ssh::SshServer, ssh::HostKey)>,
 }
 
 impl Edge {
@@ -185,7 +196,7 @@ impl Edge {
 
         let registry = Registry::new(
             gateway.clone(),
-            tokens,
+            tokens.clone(),
             RegistrySettings {
                 region: config.region.clone(),
                 node_id: config.node_id.clone(),
@@ -219,6 +230,25 @@ impl Edge {
                 admin::handle(state.clone(), req, peer)
             })
         });
+        let ssh = listeners
+            .ssh
+            .map(|listener| {
+                let key = match &config.ssh.host_key {
+                    Some(key) => key.clone(),
+                    None => ssh::HostKey::load_or_create(&config.data_dir)
+                        .map_err(StartError::SshHostKey)?,
+                };
+                let server = ssh::SshServer::start(
+                    listener,
+                    key.clone(),
+                    config.ssh.clone(),
+                    &config.session,
+                    registry.clone(),
+                    tokens,
+                );
+                Ok::<_, StartError>((server, key))
+            })
+            .transpose()?;
         let stop_grpc = CancellationToken::new();
         let agent_connections = TaskTracker::new();
         let grpc = serve_agents(
@@ -247,6 +277,7 @@ impl Edge {
             ngrok_agent = ?addresses.ngrok_agent,
             https = %addresses.https,
             http = ?addresses.http,
+            ssh = ?addresses.ssh,
             "edge node started"
         );
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -277,6 +308,7 @@ impl Edge {
             telemetry,
             ready,
             cluster,
+            ssh,
         })
     }
 
@@ -286,6 +318,13 @@ impl Edge {
 
     pub fn config(&self) -> &EdgeConfig {
         &self.config
+    }
+
+    /// The SSH ingress's host key as a `known_hosts` key (`ssh-ed25519
+    /// AAAA…`) and its fingerprint, when the ingress is on.
+    pub fn ssh_host_key(&self) -> Option<(String, String)> {
+        let (_, key) = self.ssh.as_ref()?;
+        Some((key.public_openssh(), key.fingerprint()))
     }
 
     /// Public-side counters.
@@ -315,6 +354,9 @@ impl Edge {
         self.registry.start_drain();
         self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
+        if let Some((ssh, _)) = self.ssh {
+            ssh.shutdown(STOP_WAIT).await;
+        }
         if let Some(admin) = self.admin {
             admin.shutdown(STOP_WAIT).await;
         }

@@ -95,7 +95,16 @@ fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {
          \n\nStart an agent in another terminal:\
          \n\n  cargo run --release --bin postern -- http 8000 --server-addr {ingress}:{agent_port} \\\
          \n      --root-cas {ca} --authtoken {token}\
-         \n\nthen:  curl --cacert {ca} https://<the printed name>:{https_port}/\n{sdk}",
+         \n\nthen:  curl --cacert {ca} https://<the printed name>:{https_port}/\n{sdk}{ssh}",
+        ssh = match (addrs.ssh, edge.ssh_host_key()) {
+            (Some(ssh), Some((_, fingerprint))) => format!(
+                "\nOr, with no agent at all, plain ssh (host key {fingerprint}):\
+                 \n\n  ssh -p {port} -R 443:localhost:8000 {token}@{host} http\n",
+                port = ssh.port(),
+                host = ssh.ip(),
+            ),
+            _ => String::new(),
+        },
         ingress = config.agent_ingress_name(),
         agent_port = addrs.agent.port(),
         domain = config.domain,

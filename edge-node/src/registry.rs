@@ -19,20 +19,21 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::Stream;
 use postern_ingress::{Endpoint, EndpointSpec, Gateway, Location, OAuthService};
 use postern_net::random_id;
 use postern_proto::{ErrorCode, Failure, TokenBucket, negotiate, pb};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::Streaming;
+use tonic::Status;
 use tracing::Instrument;
 
 pub use bind::{Binder, host_of};
-pub use control::ControlOut;
+pub use control::{ControlOut, ControlTx};
 pub use session::{AgentSession, SdkLink};
 
 use bind::{base_spec, bound_request, resolve_url};
-use control::{ControlTx, edge_message};
+use control::edge_message;
 use session::{Bound, Link, StreamPool};
 
 use crate::{
@@ -256,6 +257,20 @@ impl Registry {
         control: ControlTx,
         peer: Option<PeerInfo>,
     ) -> Result<Arc<AgentSession>, Failure> {
+        let record = self.tokens.authenticate(&hello.authtoken)?;
+        self.admit(hello, record, control, peer)
+    }
+
+    /// Registers a session whose credential is already known (an SSH
+    /// session logged in with its authtoken) as [`Registry::open_session`]
+    /// does for an agent's hello: its `authtoken` is not looked at.
+    pub fn admit(
+        &self,
+        hello: pb::Hello,
+        record: AuthtokenRecord,
+        control: ControlTx,
+        peer: Option<PeerInfo>,
+    ) -> Result<Arc<AgentSession>, Failure> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(draining());
         }
@@ -274,7 +289,7 @@ impl Registry {
             instance_id: hello.instance_id,
             os: hello.os,
         };
-        let session = self.admit(who, link, peer, limits.streams_per_session)?;
+        let session = self.register_session(who, record, link, peer, limits.streams_per_session)?;
         // The channel is new and empty: this cannot fail for lack of room.
         let welcome = self.welcome(version, &session);
         let _ = control.try_send(edge_message(pb::edge_message::Msg::Welcome(welcome)));
@@ -293,20 +308,21 @@ impl Registry {
         if self.draining.load(Ordering::Relaxed) {
             return Err(draining());
         }
+        let record = self.tokens.authenticate(&hello.authtoken)?;
         let streams = self.settings.limits.streams_per_session.min(stream_cap);
-        self.admit(hello, Link::Sdk(link), peer, streams)
+        self.register_session(hello, record, Link::Sdk(link), peer, streams)
     }
 
-    /// Checks the token and the agent ingress, registers the session and
-    /// supersedes the older ones of the same agent.
-    fn admit(
+    /// Checks the agent ingress, registers the session and supersedes the
+    /// older ones of the same agent.
+    fn register_session(
         &self,
         hello: AgentHello,
+        record: AuthtokenRecord,
         link: Link,
         peer: Option<PeerInfo>,
         streams: usize,
     ) -> Result<Arc<AgentSession>, Failure> {
-        let record = self.tokens.authenticate(&hello.authtoken)?;
         if let Some(cluster) = &self.settings.cluster {
             let ingress = peer.as_ref().and_then(|p| p.server_name.as_deref());
             cluster.check_ingress(ingress, record.owner_id())?;
@@ -427,7 +443,7 @@ impl Registry {
     pub fn spawn_session(
         self: &Arc<Self>,
         session: Arc<AgentSession>,
-        inbound: Streaming<pb::AgentMessage>,
+        inbound: impl Stream<Item = Result<pb::AgentMessage, Status>> + Send + Unpin + 'static,
     ) {
         let registry = self.clone();
         let span = tracing::info_span!(

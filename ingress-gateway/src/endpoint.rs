@@ -4,13 +4,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use futures_util::future::BoxFuture;
-use postern_proto::{BoxFrames, Failure, pb};
+use postern_proto::{BoxFrames, Failure, InboundFrames, pb};
 use tokio::sync::oneshot;
-
-/// The frames an agent sends on a data stream: a Postern agent's gRPC
-/// stream, or an ngrok SDK's muxado stream read as frames.
-pub type InboundFrames =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::Frame, tonic::Status>> + Send>>;
 
 /// A data stream claimed from an agent session: the agent's frames, and the
 /// slot where the gateway plugs in the frames it sends back.

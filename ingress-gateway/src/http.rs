@@ -278,7 +278,7 @@ impl tower_service::Service<Uri> for TunnelConnector {
 /// A data stream as a hyper connection, holding its place in the agent's
 /// connection limit.
 pub(crate) struct TunnelConn {
-    io: TokioIo<TunnelIo<crate::InboundFrames>>,
+    io: TokioIo<TunnelIo<postern_proto::InboundFrames>>,
     /// Tells each response which endpoint served it.
     pub served: ServedBy,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,

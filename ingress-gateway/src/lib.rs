@@ -21,8 +21,8 @@ mod sni;
 mod tls;
 
 pub use endpoint::{
-    ClaimedStream, Endpoint, EndpointKind, InboundFrames, Location, ServedBy, StreamSource,
-    TerminateAt, open_frame,
+    ClaimedStream, Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt,
+    open_frame,
 };
 pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};

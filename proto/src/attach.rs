@@ -15,6 +15,11 @@ use crate::pb;
 /// Frames to send on a data stream.
 pub type BoxFrames = Pin<Box<dyn Stream<Item = pb::Frame> + Send>>;
 
+/// Frames arriving on a data stream: a gRPC stream's, an ngrok SDK's muxado
+/// stream read as frames, or those of an agent
+/// that lives in the edge (an SSH session).
+pub type InboundFrames = Pin<Box<dyn Stream<Item = Result<pb::Frame, tonic::Status>> + Send>>;
+
 /// A stream of frames to be plugged in through the returned sender. It sends
 /// nothing until then, and ends quietly if the sender is dropped unused.
 pub fn attachable() -> (oneshot::Sender<BoxFrames>, AttachedFrames) {

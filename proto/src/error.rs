@@ -74,6 +74,14 @@ codes! {
     DOMAIN_RESERVED = (320, 400, Agent, "the domain is reserved by another owner");
     UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");
     DRAINING = (742, 503, Edge, "the edge node is draining; reconnect to another node");
+    // Agentless tunnels over SSH (ngrok's 11xx numbers).
+    SSH_TOO_MANY_FORWARDS = (1105, 400, Agent, "more remote forwards (ssh -R) than one SSH session may hold");
+    SSH_COMMAND_REQUIRED = (1107, 400, Agent, "an SSH tunnel needs a command: http, tls or tcp");
+    SSH_UNKNOWN_COMMAND = (1108, 400, Agent, "the SSH command is not http, tls or tcp");
+    SSH_BAD_OPTION = (1109, 400, Agent, "an option of the SSH command is invalid");
+    SSH_NO_FORWARD = (1112, 400, Agent, "the SSH session asked for no remote forward (ssh -R)");
+    SSH_BAD_PORT = (1116, 400, Agent, "the remote port of ssh -R does not fit the command");
+    SSH_NOT_SUPPORTED = (9020, 400, Agent, "not supported over SSH");
     // Visitors.
     TLS_HANDSHAKE = (3002, 400, Client, "the TLS handshake failed");
     TLS_NO_SNI = (3003, 400, Client, "the client sent no TLS SNI, which this endpoint needs");

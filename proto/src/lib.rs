@@ -4,6 +4,7 @@
 //! See `PROTOCOL.md` for the protocol in prose.
 
 mod attach;
+mod basic_auth;
 mod budget;
 mod codec;
 mod error;
@@ -18,7 +19,7 @@ pub mod pb {
     tonic::include_proto!("postern.tunnel.v1");
 }
 
-pub use attach::{AttachedFrames, BoxFrames, attachable};
+pub use attach::{AttachedFrames, BoxFrames, InboundFrames, attachable};
 pub use budget::{Take, TokenBucket};
 /// The generated code names it as `crate::TunnelCodec`.
 use codec::TunnelCodec;

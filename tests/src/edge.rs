@@ -55,21 +55,26 @@ impl TestEdge {
 
     /// `extra` is appended to the TOML config (e.g. a `[limits]` table).
     pub async fn start_with(extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, "test-edge", "us").await
+        Self::start_on("127.0.0.1", extra, "test-edge", "us", false).await
+    }
+
+    /// As [`TestEdge::start_with`], with the SSH ingress on (`listen.ssh`).
+    pub async fn start_with_ssh(extra: &str) -> TestEdge {
+        Self::start_on("127.0.0.1", extra, "test-edge", "us", true).await
     }
 
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
     pub async fn start_v6() -> TestEdge {
-        Self::start_on("[::1]", "", "test-edge", "us").await
+        Self::start_on("[::1]", "", "test-edge", "us", false).await
     }
 
     /// A node named `node_id` in `region` (e.g. one of a cluster, with a
     /// `[cluster]` table in `extra`).
     pub async fn start_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, node_id, region).await
+        Self::start_on("127.0.0.1", extra, node_id, region, false).await
     }
 
-    async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str) -> TestEdge {
+    async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str, ssh: bool) -> TestEdge {
         init();
         let dir = TempDir::new("edge");
         let token = format!("test-token-{}", postern_net::random_label());
@@ -82,6 +87,7 @@ impl TestEdge {
             metrics: Some(bind().await),
             node_link: None,
             ngrok_agent: Some(bind().await),
+            ssh: if ssh { Some(bind().await) } else { None },
         };
         let mut edge = TestEdge {
             edge: None,
@@ -98,6 +104,7 @@ impl TestEdge {
                     .ngrok_agent
                     .as_ref()
                     .map(|l| l.local_addr().unwrap()),
+                ssh: listeners.ssh.as_ref().map(|l| l.local_addr().unwrap()),
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -176,6 +183,7 @@ impl TestEdge {
                 admin: Some(free()),
                 metrics: Some(free()),
                 ngrok_agent: Some(free()),
+                ssh: None,
             },
             extra: extra.to_string(),
             fd_limit: None,
@@ -249,7 +257,7 @@ https = "{https}"
 admin = "{admin}"
 metrics = "{metrics}"
 ngrok_agent = "{ngrok_agent}"
-[public]
+{ssh}[public]
 tcp_host = "127.0.0.1"
 random_domain_base = "apps.{DOMAIN}"
 [tcp]
@@ -277,6 +285,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             admin = self.addrs.admin.expect("admin listener"),
             metrics = self.addrs.metrics.expect("metrics listener"),
             ngrok_agent = self.addrs.ngrok_agent.expect("ngrok agent listener"),
+            ssh = self
+                .addrs
+                .ssh
+                .map(|a| format!("ssh = \"{a}\"\n"))
+                .unwrap_or_default(),
             token = self.token,
             extra = self.extra,
             node_id = self.node_id,
@@ -338,6 +351,10 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             metrics: Some(bind(self.addrs.metrics.unwrap()).await),
             node_link: None,
             ngrok_agent: Some(bind(self.addrs.ngrok_agent.unwrap()).await),
+            ssh: match self.addrs.ssh {
+                Some(addr) => Some(bind(addr).await),
+                None => None,
+            },
         };
         let config = self.config();
         let listeners = Listeners {

@@ -662,6 +662,7 @@ async fn dev_mode_writes_events_as_json_lines() {
         metrics: None,
         node_link: None,
         ngrok_agent: None,
+        ssh: None,
     };
     let edge = postern_edge::Edge::start(setup.config, listeners)
         .await

@@ -10,16 +10,17 @@ use std::{
     time::Instant,
 };
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use postern_proto::{ErrorCode, Failure, Take, TokenBucket, pb};
 use tokio::sync::mpsc;
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::{Registry, session::AgentSession};
 use crate::config::Limits;
 
-pub(super) type ControlTx = mpsc::Sender<Result<pb::EdgeMessage, Status>>;
+/// Where the edge queues its control messages to one session.
+pub type ControlTx = mpsc::Sender<Result<pb::EdgeMessage, Status>>;
 
 pub(super) fn edge_message(msg: pb::edge_message::Msg) -> Result<pb::EdgeMessage, Status> {
     Ok(pb::EdgeMessage { msg: Some(msg) })
@@ -30,7 +31,7 @@ pub(super) fn edge_message(msg: pb::edge_message::Msg) -> Result<pb::EdgeMessage
 pub(super) async fn run(
     registry: &Registry,
     session: &Arc<AgentSession>,
-    mut inbound: Streaming<pb::AgentMessage>,
+    mut inbound: impl Stream<Item = Result<pb::AgentMessage, Status>> + Unpin,
 ) -> Option<Failure> {
     let control = session.control()?;
     let settings = &registry.settings.session;
@@ -56,13 +57,13 @@ pub(super) async fn run(
                 let _ = control.try_send(edge_message(ping));
                 continue;
             }
-            message = inbound.message() => message,
+            message = inbound.next() => message,
         };
         let msg = match message {
-            Ok(Some(pb::AgentMessage { msg: Some(msg) })) => msg,
-            Ok(Some(pb::AgentMessage { msg: None })) => continue,
-            Ok(None) => return None,
-            Err(status) => {
+            Some(Ok(pb::AgentMessage { msg: Some(msg) })) => msg,
+            Some(Ok(pb::AgentMessage { msg: None })) => continue,
+            None => return None,
+            Some(Err(status)) => {
                 tracing::debug!(session.id = %session.id, %status, "control stream failed");
                 return None;
             }

@@ -1,0 +1,291 @@
+//! One SSH connection, the SSH side: authentication (the authtoken as the
+//! user name), `-R` forward requests,
+//! the one session channel and its command. Everything that matters to
+//! the tunnel is handed to the connection's agent (`agent.rs`) as an
+//! [`Event`]; what SSH offers besides (shells, `-L` forwards, X11, agent
+//! forwarding, subsystems) is refused.
+
+use std::{collections::HashSet, sync::Arc};
+
+use postern_net::Accepted;
+use postern_proto::{ErrorCode, Failure};
+use russh::{
+    ChannelId,
+    server::{Auth, ChannelOpenHandle, Msg, Session},
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, agent};
+use crate::auth::AuthtokenRecord;
+
+/// What the SSH side tells the connection's agent, in order.
+#[derive(Debug)]
+pub(super) enum Event {
+    /// The client logged in: who its user name's authtoken says, or why
+    /// it is no one (told to the client before the connection is closed,
+    /// which is why a bad token is let in at all); `client` is its SSH
+    /// version string.
+    Authenticated {
+        record: Result<AuthtokenRecord, Failure>,
+        client: String,
+    },
+    /// `ssh -R address:port:…`; `client_port` is the port the client
+    /// knows it by (the one allocated for a request of port 0).
+    Forward {
+        address: String,
+        port: u32,
+        client_port: u32,
+    },
+    /// A forward the session may not hold (beyond the limit).
+    ForwardRefused { address: String, port: u32 },
+    /// The session channel: the client's terminal.
+    Terminal(ChannelId),
+    /// The command the client runs on it.
+    Exec(String),
+    /// A shell instead of a command.
+    Shell,
+    /// The client closed its terminal.
+    TerminalClosed,
+}
+
+/// The SSH side of one connection.
+struct Conn {
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    /// Who the client's user name says it is, until `auth_succeeded` tells
+    /// the agent.
+    accepted: Option<Result<AuthtokenRecord, Failure>>,
+    authenticated: bool,
+    /// Forwards asked for, as the client knows them.
+    forwards: HashSet<(String, u32)>,
+    terminal: Option<ChannelId>,
+    command_given: bool,
+}
+
+/// Serves one accepted connection until it ends.
+pub(super) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
+    let peer = accepted.client;
+    let (events, events_rx) = mpsc::channel(16);
+    let conn = Conn {
+        shared: shared.clone(),
+        events,
+        accepted: None,
+        authenticated: false,
+        forwards: HashSet::new(),
+        terminal: None,
+        command_given: false,
+    };
+    let grace = shared.settings.login_grace;
+    let started = russh::server::run_stream(shared.config.clone(), accepted.stream, conn);
+    let session = match tokio::time::timeout(grace, started).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "SSH handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no SSH version string within {grace:?}");
+            return;
+        }
+    };
+    let handle = session.handle();
+    let cut = CancellationToken::new();
+    shared.tracker.spawn(agent::run(
+        shared.clone(),
+        handle.clone(),
+        events_rx,
+        peer,
+        cut.clone(),
+    ));
+    let reason = tokio::select! {
+        ended = session => {
+            if let Err(e) = ended {
+                tracing::debug!(%peer, error = %e, "SSH connection ended");
+            }
+            return;
+        }
+        _ = cut.cancelled() => "the session ended",
+        _ = shared.stop.cancelled() => "the edge node is shutting down",
+    };
+    let _ = handle
+        .disconnect(
+            russh::Disconnect::ByApplication,
+            reason.into(),
+            String::new(),
+        )
+        .await;
+}
+
+impl Conn {
+    async fn tell(&self, event: Event) {
+        // The agent ends only when the connection does.
+        let _ = self.events.send(event).await;
+    }
+
+    /// The port the client will know a forward by: the one asked for, or
+    /// for port 0 the lowest one free among this session's forwards on
+    /// the same address (the public port is known only once bound).
+    fn client_port(&self, address: &str, port: u32) -> u32 {
+        if port != 0 {
+            return port;
+        }
+        (1..=u32::from(u16::MAX))
+            .find(|p| !self.forwards.contains(&(address.to_string(), *p)))
+            .unwrap_or(1)
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        // A client that authenticates again after its first success is
+        // refused, as everything else after it.
+        if self.authenticated {
+            return Ok(Auth::reject());
+        }
+        self.accepted = Some(login(&self.shared, user));
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(record) = self.accepted.take() {
+            self.authenticated = true;
+            let client = String::from_utf8_lossy(session.remote_sshid()).into_owned();
+            self.tell(Event::Authenticated { record, client }).await;
+        }
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let requested = *port;
+        if self.forwards.len() >= self.shared.settings.forwards_per_session {
+            self.tell(Event::ForwardRefused {
+                address: address.to_string(),
+                port: requested,
+            })
+            .await;
+            return Ok(false);
+        }
+        let client_port = self.client_port(address, requested);
+        if !self.forwards.insert((address.to_string(), client_port)) {
+            return Ok(false);
+        }
+        *port = client_port;
+        self.tell(Event::Forward {
+            address: address.to_string(),
+            port: requested,
+            client_port,
+        })
+        .await;
+        Ok(true)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: russh::Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.terminal.is_some() {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        // The channel is written through the session's handle; its own
+        // receiver is dropped, so what the client types is discarded
+        // rather than queued.
+        let id = channel.id();
+        drop(channel);
+        reply.accept().await;
+        self.terminal = Some(id);
+        self.tell(Event::Terminal(id)).await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.terminal != Some(channel) || self.command_given {
+            return session.channel_failure(channel);
+        }
+        self.command_given = true;
+        session.channel_success(channel)?;
+        self.tell(Event::Exec(String::from_utf8_lossy(data).into_owned()))
+            .await;
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.terminal != Some(channel) || self.command_given {
+            return session.channel_failure(channel);
+        }
+        self.command_given = true;
+        session.channel_success(channel)?;
+        self.tell(Event::Shell).await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Nothing here reads a terminal; `ssh -t` still works, with
+        // "PTY allocation request failed" from the client.
+        session.channel_failure(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.terminal == Some(channel) {
+            self.tell(Event::TerminalClosed).await;
+        }
+        Ok(())
+    }
+}
+
+/// The authtoken the user name is, as ngrok's `v2` user names a command
+/// syntax instead.
+fn login(shared: &Shared, user: &str) -> Result<AuthtokenRecord, Failure> {
+    if user.is_empty() || user.eq_ignore_ascii_case("v2") || user.eq_ignore_ascii_case("v1") {
+        return Err(Failure::new(
+            ErrorCode::AUTHTOKEN_INVALID,
+            "give your authtoken as the SSH user name: ssh -R 443:localhost:8080 <authtoken>@<edge> http (SSH keys are not accepted yet)",
+        ));
+    }
+    shared.tokens.authenticate(user)
+}
