@@ -10,7 +10,8 @@ round, in the same run; the report is the ratio of keep-alive requests/s
 
 Usage: bench/policy_cost.py [--rounds N] [--duration SECONDS]
 Needs nginx, wrk, and release builds of postern-edge and postern
-(cargo build --release --bin postern-edge --bin postern). Writes
+(cargo build --release --bin postern-edge --bin postern; POSTERN_BIN_DIR
+names another directory of them). Writes
 bench/out/policy-cost/result.json and prints a Markdown table."""
 
 import argparse
@@ -140,7 +141,8 @@ tunnels:
 {policy}""")
     with open("/etc/hosts") as f:
         write("hosts", f.read() + "".join(f"\n127.0.0.1 {n}" for n in NAMES.values()) + "\n")
-    bin_dir = os.path.join(TARGET, "release")
+    # POSTERN_BIN_DIR: binaries built elsewhere (as bench/run.sh sets it).
+    bin_dir = os.environ.get("POSTERN_BIN_DIR", os.path.join(TARGET, "release"))
     procs = []
 
     def start(name, argv):

@@ -118,7 +118,11 @@ impl FilterInput {
 thread_local! {
     /// The built-in functions, registered once per thread; each
     /// evaluation binds `ev` in a child scope.
-    static ROOT: Context<'static, 'static> = Context::default();
+    static ROOT: Context<'static, 'static> = {
+        let mut ctx = Context::default();
+        crate::register_matches(&mut ctx);
+        ctx
+    };
 }
 
 impl Filter {

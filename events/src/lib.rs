@@ -9,6 +9,7 @@
 //! This crate must never depend on the gateway or the edge: they build
 //! events, this crate defines and delivers them.
 
+mod cel_regex;
 mod config;
 mod event;
 mod filter;
@@ -26,6 +27,7 @@ mod tail;
 
 use std::time::SystemTime;
 
+pub use cel_regex::register_matches;
 pub use config::{
     ApiSubscription, ByteSize, ConfigError, DEFAULT_TOPIC, Destination, EventsConfig,
     FileDestination, KafkaDestination, Limits, RawDestination, RawEventsConfig, RawFile, RawKafka,

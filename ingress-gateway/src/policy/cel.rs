@@ -452,6 +452,7 @@ fn root_context() -> Context<'static, 'static> {
     let mut env = cel::Env::stdlib();
     cel::extensions::strings(&mut env).expect("the string extension registers once");
     let mut ctx = Context::with_env(Arc::new(env));
+    postern_events::register_matches(&mut ctx);
     let registered = "ngrok's macros do not collide with CEL's functions";
     ctx.add_function("lower", |This(s): This<Arc<String>>| s.to_lowercase())
         .expect(registered);
