@@ -74,6 +74,11 @@ pub struct RawConfig {
     /// Joining other nodes: gossip, seeds, the cluster key; see
     /// `crate::cluster::RawCluster`. Without it the node runs alone.
     pub cluster: Option<crate::cluster::RawCluster>,
+    /// Certificates ordered from an ACME CA (Let's Encrypt by default) for
+    /// reserved domains with a `certificate_management_policy`; see
+    /// `crate::acme::RawAcme`. Needs `[cluster]`, where reserved domains
+    /// live.
+    pub acme: Option<crate::acme::RawAcme>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +290,7 @@ pub struct EdgeConfig {
     /// `rate_limit.store = "redis"`: rate-limit counts in `[oauth]`'s Redis.
     pub rate_limits_in_redis: bool,
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -601,6 +607,12 @@ impl RawConfig {
         };
         let limits = self.limits.validate()?;
         let trusted_proxies = self.trusted_proxies.validate()?;
+        if self.acme.is_some() && self.cluster.is_none() {
+            bail!(
+                "acme: certificates are ordered for reserved domains, which live in the cluster: add a [cluster] table (one node may be a cluster of one)"
+            );
+        }
+        let acme = self.acme.map(|a| a.validate()).transpose()?;
         Ok(EdgeConfig {
             node_id,
             region,
@@ -628,6 +640,7 @@ impl RawConfig {
             oauth,
             rate_limits_in_redis,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,
+            acme,
         })
     }
 }
@@ -972,6 +985,14 @@ dev_ca = true
             (
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[telemetry]\notlp_endpoint = \"https://c:4317\"",
                 "telemetry.otlp_endpoint",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[acme]\ncontact_email = \"ops@example.test\"",
+                "acme: certificates are ordered for reserved domains, which live in the cluster",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[acme]\nrenew_at = 2.0\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
+                "acme.renew_at",
             ),
         ];
         for (text, field) in cases {

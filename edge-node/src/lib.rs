@@ -5,6 +5,7 @@
 //! run a whole node in-process on port 0.
 
 mod acl;
+mod acme;
 mod admin;
 mod auth;
 mod ca_store;
@@ -123,6 +124,8 @@ pub struct Edge {
     ready: Arc<std::sync::atomic::AtomicBool>,
     /// Membership of a cluster (`[cluster]`).
     cluster: Option<Arc<ClusterNode>>,
+    /// The certificate manager (`[acme]`).
+    acme: Option<Arc<acme::Acme>>,
 }
 
 impl Edge {
@@ -171,6 +174,21 @@ impl Edge {
             gateway.serve_http(http);
         }
         gateway.serve_https(listeners.https);
+        let acme = match (&config.acme, &cluster) {
+            (Some(acme), Some(cluster)) => {
+                let acme = acme::Acme::start(
+                    acme.clone(),
+                    &config.data_dir,
+                    gateway.certs().clone(),
+                    gateway.http01_challenges().clone(),
+                    cluster.clone(),
+                )
+                .map_err(StartError::Acme)?;
+                cluster.set_acme(acme.clone());
+                Some(acme)
+            }
+            _ => None,
+        };
 
         let registry = Registry::new(
             gateway.clone(),
@@ -236,6 +254,7 @@ impl Edge {
                 events: events.metrics_handle(),
                 ready: ready.clone(),
                 cluster: cluster.clone(),
+                acme: acme.clone(),
             };
             let state = Arc::new(state);
             HttpServer::start("metrics", listener, http_timeouts, move |req, peer| {
@@ -255,6 +274,7 @@ impl Edge {
             telemetry,
             ready,
             cluster,
+            acme,
         })
     }
 
@@ -274,6 +294,9 @@ impl Edge {
         stats.extend(self.events.metrics().pairs());
         if let Some(cluster) = &self.cluster {
             stats.extend(cluster.stats());
+        }
+        if let Some(acme) = &self.acme {
+            stats.extend(acme.stats());
         }
         stats
     }
@@ -295,6 +318,9 @@ impl Edge {
         self.registry.shutdown().await;
         if let Some(admin) = self.admin {
             admin.shutdown(STOP_WAIT).await;
+        }
+        if let Some(acme) = &self.acme {
+            acme.shutdown().await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;
