@@ -612,6 +612,11 @@ impl RawConfig {
                 "acme: certificates are ordered for reserved domains, which live in the cluster: add a [cluster] table (one node may be a cluster of one)"
             );
         }
+        if self.acme.is_some() && listen.http.is_none() {
+            bail!(
+                "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http is \"\" (off)"
+            );
+        }
         let acme = self.acme.map(|a| a.validate()).transpose()?;
         Ok(EdgeConfig {
             node_id,
@@ -993,6 +998,10 @@ dev_ca = true
             (
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[acme]\nrenew_at = 2.0\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
                 "acme.renew_at",
+            ),
+            (
+                "domain = \"example.test\"\n[listen]\nhttp = \"\"\n[tls]\ndev_ca = true\n[acme]\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
+                "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http",
             ),
         ];
         for (text, field) in cases {
