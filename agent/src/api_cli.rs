@@ -145,6 +145,12 @@ const DOMAIN: Field = required(
     "The name: app.example.com, or (not for agent ingresses) *.example.com for it and every name under it.",
 );
 
+const CERTIFICATE_POLICY: Field = field(
+    "certificate_management_policy",
+    Kind::Json,
+    "The edge orders and renews the name's certificate from its [acme] CA: {\"authority\": \"letsencrypt\", \"private_key_type\": \"ecdsa\"} (or \"rsa\"); null stops it.",
+);
+
 const TRAFFIC_POLICY: Field = field(
     "traffic_policy",
     Kind::Text,
@@ -245,7 +251,13 @@ const RESOURCES: &[Resource] = &[
         path: "reserved_domains",
         noun: "reserved domain",
         about: "Names only their owner's credentials may bind.",
-        verbs: NAMED_VERBS,
+        verbs: &[
+            Verb::Create(&[DOMAIN, DESCRIPTION, METADATA, OWNER_ID, CERTIFICATE_POLICY]),
+            Verb::List(&[]),
+            Verb::Get,
+            Verb::Update(&[DESCRIPTION, METADATA, CERTIFICATE_POLICY]),
+            Verb::Delete,
+        ],
     },
     Resource {
         name: "agent-ingresses",

@@ -32,7 +32,7 @@ mod routes;
 use std::{
     collections::{BTreeSet, HashMap},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -46,6 +46,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     acl::Acl,
+    acme::Acme,
     auth::{AuthtokenRecord, Authtokens, CredentialRef},
     ca_store::{CaRecord, CaStore},
     config::EndpointPolicy,
@@ -55,8 +56,8 @@ use crate::{
 
 pub use config::{ClusterConfig, RawCluster};
 pub use objects::{
-    AgentIngress, BotUser, EndpointPolicyRecord, EventSubscription, ReservedDomain, bad,
-    check_text, parse_domain,
+    AgentIngress, BotUser, CertificatePolicy, EndpointPolicyRecord, EventSubscription, KeyType,
+    ReservedDomain, bad, check_text, parse_domain,
 };
 pub use pki::{AgentCerts, IngressCerts};
 use routes::RemoteEndpoints;
@@ -121,6 +122,9 @@ pub struct ClusterNode {
     link_server: Mutex<Option<JoinHandle<Result<(), tonic::transport::Error>>>>,
     /// The link listener's connection tasks.
     link_connections: TaskTracker,
+    /// This node's certificate manager (`[acme]`), for the reserved
+    /// domains' `certificate_management_status`.
+    acme: OnceLock<Arc<Acme>>,
 }
 
 fn cluster_failure(e: postern_config_sync::ClusterError) -> Failure {
@@ -181,6 +185,7 @@ impl ClusterNode {
             tasks: Mutex::new(Vec::new()),
             link_server: Mutex::new(None),
             link_connections: TaskTracker::new(),
+            acme: OnceLock::new(),
         };
         node.apply_all();
         Ok(node)
@@ -311,6 +316,21 @@ impl ClusterNode {
             .map_err(cluster_failure)?;
         self.apply_all();
         Ok(deleted)
+    }
+
+    /// Changes to the cluster's objects and members, as they are taken.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.cluster.subscribe()
+    }
+
+    /// Hands the node's certificate manager to the admin API.
+    pub fn set_acme(&self, acme: Arc<Acme>) {
+        let _ = self.acme.set(acme);
+    }
+
+    /// The node's certificate manager, when it has `[acme]`.
+    pub fn acme(&self) -> Option<&Arc<Acme>> {
+        self.acme.get()
     }
 
     /// Every object of a kind, by id.

@@ -77,6 +77,11 @@ pub struct RawConfig {
     /// Agentless tunnels over SSH.
     #[serde(default)]
     pub ssh: RawSsh,
+    /// Certificates ordered from an ACME CA (Let's Encrypt by default) for
+    /// reserved domains with a `certificate_management_policy`; see
+    /// `crate::acme::RawAcme`. Needs `[cluster]`, where reserved domains
+    /// live.
+    pub acme: Option<crate::acme::RawAcme>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +316,7 @@ pub struct EdgeConfig {
     pub rate_limits_in_redis: bool,
     pub cluster: Option<crate::cluster::ClusterConfig>,
     pub ssh: SshSettings,
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -667,6 +673,17 @@ impl RawConfig {
         let limits = self.limits.validate()?;
         let ssh = self.ssh.validate(&limits)?;
         let trusted_proxies = self.trusted_proxies.validate()?;
+        if self.acme.is_some() && self.cluster.is_none() {
+            bail!(
+                "acme: certificates are ordered for reserved domains, which live in the cluster: add a [cluster] table (one node may be a cluster of one)"
+            );
+        }
+        if self.acme.is_some() && listen.http.is_none() {
+            bail!(
+                "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http is \"\" (off)"
+            );
+        }
+        let acme = self.acme.map(|a| a.validate()).transpose()?;
         Ok(EdgeConfig {
             node_id,
             region,
@@ -695,6 +712,7 @@ impl RawConfig {
             rate_limits_in_redis,
             cluster: self.cluster.map(|c| c.validate()).transpose()?,
             ssh,
+            acme,
         })
     }
 }
@@ -1047,6 +1065,18 @@ dev_ca = true
             (
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[telemetry]\notlp_endpoint = \"https://c:4317\"",
                 "telemetry.otlp_endpoint",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[acme]\ncontact_email = \"ops@example.test\"",
+                "acme: certificates are ordered for reserved domains, which live in the cluster",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[acme]\nrenew_at = 2.0\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
+                "acme.renew_at",
+            ),
+            (
+                "domain = \"example.test\"\n[listen]\nhttp = \"\"\n[tls]\ndev_ca = true\n[acme]\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
+                "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http",
             ),
         ];
         for (text, field) in cases {

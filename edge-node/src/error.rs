@@ -74,6 +74,8 @@ pub enum StartError {
     Events(#[source] postern_events::EventsError),
     #[error("oauth")]
     OAuth(#[source] anyhow::Error),
+    #[error("starting the ACME certificate manager")]
+    Acme(#[source] crate::acme::AcmeError),
 }
 
 /// A drain that did not end cleanly.

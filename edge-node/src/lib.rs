@@ -5,6 +5,7 @@
 //! run a whole node in-process on port 0.
 
 mod acl;
+mod acme;
 mod admin;
 mod auth;
 mod ca_store;
@@ -145,6 +146,8 @@ pub struct Edge {
     cluster: Option<Arc<ClusterNode>>,
     /// The SSH ingress, when `listen.ssh` is set, and its host key.
     ssh: Option<(ssh::SshServer, ssh::HostKey)>,
+    /// The certificate manager (`[acme]`).
+    acme: Option<Arc<acme::Acme>>,
 }
 
 impl Edge {
@@ -193,6 +196,21 @@ impl Edge {
             gateway.serve_http(http);
         }
         gateway.serve_https(listeners.https);
+        let acme = match (&config.acme, &cluster) {
+            (Some(acme), Some(cluster)) => {
+                let acme = acme::Acme::start(
+                    acme.clone(),
+                    &config.data_dir,
+                    gateway.certs().clone(),
+                    gateway.http01_challenges().clone(),
+                    cluster.clone(),
+                )
+                .map_err(StartError::Acme)?;
+                cluster.set_acme(acme.clone());
+                Some(acme)
+            }
+            _ => None,
+        };
 
         let registry = Registry::new(
             gateway.clone(),
@@ -289,6 +307,7 @@ impl Edge {
                 events: events.metrics_handle(),
                 ready: ready.clone(),
                 cluster: cluster.clone(),
+                acme: acme.clone(),
             };
             let state = Arc::new(state);
             HttpServer::start("metrics", listener, http_timeouts, move |req, peer| {
@@ -309,6 +328,7 @@ impl Edge {
             ready,
             cluster,
             ssh,
+            acme,
         })
     }
 
@@ -336,6 +356,9 @@ impl Edge {
         if let Some(cluster) = &self.cluster {
             stats.extend(cluster.stats());
         }
+        if let Some(acme) = &self.acme {
+            stats.extend(acme.stats());
+        }
         stats
     }
 
@@ -359,6 +382,9 @@ impl Edge {
         }
         if let Some(admin) = self.admin {
             admin.shutdown(STOP_WAIT).await;
+        }
+        if let Some(acme) = &self.acme {
+            acme.shutdown().await;
         }
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use postern_ingress::Gateway;
 use postern_net::{metric_header, metric_sample};
 
-use crate::{cluster::ClusterNode, registry::Registry};
+use crate::{acme::Acme, cluster::ClusterNode, registry::Registry};
 
 /// What the telemetry endpoints read.
 pub struct Telemetry {
@@ -26,6 +26,8 @@ pub struct Telemetry {
     pub ready: Arc<AtomicBool>,
     /// Gossip counters, in a cluster.
     pub cluster: Option<Arc<ClusterNode>>,
+    /// ACME orders (`[acme]`).
+    pub acme: Option<Arc<Acme>>,
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -180,6 +182,9 @@ impl Telemetry {
         if let Some(cluster) = &self.cluster {
             render_cluster(&mut out, &cluster.stats());
         }
+        if let Some(acme) = &self.acme {
+            render_acme(&mut out, &acme.stats());
+        }
         metric_header(
             &mut out,
             "postern_events_total",
@@ -204,6 +209,33 @@ impl Telemetry {
         }
         out
     }
+}
+
+/// ACME: orders by result (`postern_acme_orders_total{result="failed"}`
+/// going up means a CA problem), and the managed names whose last order
+/// failed (they are served their old certificate, if any, meanwhile).
+fn render_acme(out: &mut String, stats: &[(&'static str, u64)]) {
+    let name = "postern_acme_orders_total";
+    metric_header(out, name, "counter", "ACME certificate orders, by result.");
+    for (stat, value) in stats {
+        match *stat {
+            "acme_orders_issued" => metric_sample(out, name, &[("result", "issued")], *value),
+            "acme_orders_failed" => metric_sample(out, name, &[("result", "failed")], *value),
+            _ => {}
+        }
+    }
+    let failing = "postern_acme_names_failing";
+    metric_header(
+        out,
+        failing,
+        "gauge",
+        "Managed names whose last ACME order failed.",
+    );
+    let value = stats
+        .iter()
+        .find(|(stat, _)| *stat == "acme_names_failing")
+        .map_or(0, |(_, v)| *v);
+    metric_sample(out, failing, &[], value);
 }
 
 /// Gossip: members and objects as gauges, the rest as counters

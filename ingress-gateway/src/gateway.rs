@@ -56,6 +56,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
+    acme_challenge::Http01Challenges,
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool, VisitorBody},
     metrics::Metrics,
@@ -215,6 +216,8 @@ struct Inner {
     rates: Arc<dyn RateStore>,
     /// For JWKS: the OAuth client (its extra roots) or a plain one.
     http_client: IdpHttp,
+    /// ACME HTTP-01 tokens answered on the plain-HTTP listener.
+    http01: Arc<Http01Challenges>,
 }
 
 /// The public side of one edge node. Cheap to clone.
@@ -281,6 +284,7 @@ impl Gateway {
                 stats: Stats::default(),
                 rates,
                 http_client,
+                http01: Arc::default(),
             }),
         }
     }
@@ -306,6 +310,11 @@ impl Gateway {
 
     pub fn certs(&self) -> &Arc<CertStore> {
         &self.inner.certs
+    }
+
+    /// The ACME HTTP-01 tokens the plain-HTTP listener answers.
+    pub fn http01_challenges(&self) -> &Arc<Http01Challenges> {
+        &self.inner.http01
     }
 
     /// Serves plain HTTP on `listener` until drain.

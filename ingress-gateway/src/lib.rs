@@ -7,6 +7,7 @@
 //! gateway asks of the agent side. What it shares with the agent (TLS and
 //! mTLS basics, IP rules, the accept loop) is `postern-net`'s.
 
+mod acme_challenge;
 mod endpoint;
 mod gateway;
 mod http;
@@ -20,6 +21,7 @@ mod router;
 mod sni;
 mod tls;
 
+pub use acme_challenge::{HTTP01_PREFIX, Http01Challenges};
 pub use endpoint::{
     ClaimedStream, Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt,
     open_frame,

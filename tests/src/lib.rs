@@ -10,6 +10,7 @@ mod kafka;
 pub mod netns;
 mod oidc;
 mod otlp;
+mod pebble;
 mod pki;
 mod process;
 mod raw_agent;
@@ -29,6 +30,7 @@ pub use oidc::{
     resolve, spki_hash,
 };
 pub use otlp::{OtlpReceiver, ReceivedSpan};
+pub use pebble::{Pebble, acme_toml, served_serial};
 pub use pki::{Issued, TestCa, seed_001_certificates, with_mounted_secrets};
 pub use process::{Spawned, binary, free_port, read_rss_kib};
 pub use raw_agent::RawSession;

@@ -35,11 +35,12 @@ use serde_json::{Value, json};
 use super::{AdminState, empty, json_response, read_body};
 use crate::{
     acl::Acl,
+    acme::CertStatus,
     auth::AuthtokenRecord,
     ca_store::now_rfc3339,
     cluster::{
-        AgentIngress, BotUser, ClusterNode, Credential, EndpointPolicyRecord, EventSubscription,
-        ReservedDomain, bad, check_text, parse_domain,
+        AgentIngress, BotUser, CertificatePolicy, ClusterNode, Credential, EndpointPolicyRecord,
+        EventSubscription, KeyType, ReservedDomain, bad, check_text, parse_domain,
     },
     config::EndpointPolicy,
 };
@@ -351,14 +352,93 @@ pub struct NewNamed {
     _region: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewReservedDomain {
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: String,
+    owner_id: Option<String>,
+    /// As [`NewNamed`]'s: accepted and ignored.
+    #[serde(default, rename = "region")]
+    _region: Option<String>,
+    /// ngrok's `{authority, private_key_type}`: the edge orders the name's
+    /// certificate from the CA of `[acme]` and renews it.
+    certificate_management_policy: Option<RawCertificatePolicy>,
+}
+
+/// ngrok's `certificate_management_policy` as a body gives it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificatePolicy {
+    authority: Option<String>,
+    private_key_type: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservedDomainUpdate {
+    description: Option<String>,
+    metadata: Option<String>,
+    /// A policy sets or replaces it; `null` stops managing the
+    /// certificate (the one issued stays until it expires).
+    #[serde(default, deserialize_with = "present")]
+    certificate_management_policy: Option<Option<RawCertificatePolicy>>,
+}
+
+/// A field that may be given as `null`: `Some(None)`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// A policy checked: its fields, a name HTTP-01 can prove, and a node
+/// that can order.
+fn certificate_policy(
+    node: &ClusterNode,
+    domain: &str,
+    raw: Option<RawCertificatePolicy>,
+) -> Result<Option<CertificatePolicy>, Failure> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let policy =
+        CertificatePolicy::parse(raw.authority.as_deref(), raw.private_key_type.as_deref())?;
+    if domain.starts_with("*.") {
+        return Err(bad(
+            "certificate_management_policy",
+            format!(
+                "{domain} is a wildcard, which needs the DNS-01 challenge; Postern orders by HTTP-01 only so far"
+            ),
+        ));
+    }
+    if node.acme().is_none() {
+        return Err(bad(
+            "certificate_management_policy",
+            "this edge has no [acme] table in its config, so it cannot order certificates",
+        ));
+    }
+    Ok(Some(policy))
+}
+
 impl Resource for ReservedDomain {
     const PATH: &'static str = "reserved_domains";
     const ID_PREFIX: &'static str = "rd_";
     const NAME: &'static str = "reserved domain";
-    type New = NewNamed;
-    type Update = TextUpdate;
+    type New = NewReservedDomain;
+    type Update = ReservedDomainUpdate;
 
-    fn create(node: &ClusterNode, _id: &str, new: NewNamed) -> Result<(Self, Value), Failure> {
+    fn create(
+        node: &ClusterNode,
+        _id: &str,
+        new: NewReservedDomain,
+    ) -> Result<(Self, Value), Failure> {
         let domain = parse_domain(&new.domain, true)?;
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
@@ -368,6 +448,11 @@ impl Resource for ReservedDomain {
             metadata: new.metadata,
             owner_id: new.owner_id,
             created_at: now_rfc3339(),
+            certificate_management_policy: certificate_policy(
+                node,
+                &domain.to_string(),
+                new.certificate_management_policy,
+            )?,
         };
         let overlap = node
             .objects::<ReservedDomain>()
@@ -391,12 +476,33 @@ impl Resource for ReservedDomain {
         Ok((reserved, Value::Null))
     }
 
-    fn update(mut self, _node: &ClusterNode, update: TextUpdate) -> Result<Self, Failure> {
-        update.apply(&mut self.description, &mut self.metadata)?;
+    fn update(mut self, node: &ClusterNode, update: ReservedDomainUpdate) -> Result<Self, Failure> {
+        let text = TextUpdate {
+            description: update.description,
+            metadata: update.metadata,
+        };
+        text.apply(&mut self.description, &mut self.metadata)?;
+        if let Some(policy) = update.certificate_management_policy {
+            self.certificate_management_policy = certificate_policy(node, &self.domain, policy)?;
+        }
         Ok(self)
     }
 
-    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+    fn json(&self, node: &ClusterNode, id: &str) -> Value {
+        let policy = self.certificate_management_policy.as_ref().map(|p| {
+            let key_type = match p.private_key_type {
+                KeyType::Ecdsa => "ecdsa",
+                KeyType::Rsa => "rsa",
+            };
+            json!({ "authority": p.authority, "private_key_type": key_type })
+        });
+        let status = policy.as_ref().map(|_| {
+            let status = node
+                .acme()
+                .and_then(|acme| acme.status(&self.domain))
+                .unwrap_or_default();
+            certificate_status(&status)
+        });
         json!({
             "id": id,
             "uri": format!("/reserved_domains/{id}"),
@@ -407,12 +513,36 @@ impl Resource for ReservedDomain {
             "region": null,
             "cname_target": null,
             "certificate": null,
-            "certificate_management_policy": null,
-            "certificate_management_status": null,
+            "certificate_management_policy": policy,
+            "certificate_management_status": status,
             "acme_challenge_cname_target": null,
             "owner_id": self.owner_id,
         })
     }
+}
+
+/// ngrok's `certificate_management_status` from what this node knows:
+/// when the served certificate renews, and the order running or failed
+/// (`msg` the last error, `retries_at` the next try).
+fn certificate_status(status: &CertStatus) -> Value {
+    let time = |t: &Option<std::time::SystemTime>| {
+        t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+    };
+    let job = match (&status.ordering_since, &status.last_error) {
+        (None, None) => Value::Null,
+        (started, error) => json!({
+            "error_code": null,
+            "msg": error.as_deref().unwrap_or("Managed certificate provisioning in progress."),
+            "started_at": time(started),
+            "retries_at": time(&status.retries_at),
+            "failures": status.failures,
+        }),
+    };
+    json!({
+        "renews_at": time(&status.renews_at),
+        "not_after": time(&status.not_after),
+        "provisioning_job": job,
+    })
 }
 
 impl Resource for AgentIngress {

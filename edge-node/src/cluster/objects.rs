@@ -39,6 +39,62 @@ pub struct ReservedDomain {
     #[serde(default)]
     pub owner_id: Option<String>,
     pub created_at: String,
+    /// ngrok's `certificate_management_policy`: the edge orders and renews
+    /// the name's certificate from the ACME CA of `[acme]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_management_policy: Option<CertificatePolicy>,
+}
+
+/// How a reserved domain's certificate is managed (ngrok's shape).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertificatePolicy {
+    /// `letsencrypt`, ngrok's only authority: here, the CA of `[acme]`.
+    pub authority: String,
+    pub private_key_type: KeyType,
+}
+
+/// The certificate key an ACME order makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    /// ECDSA P-256.
+    Ecdsa,
+    /// RSA 2048.
+    Rsa,
+}
+
+impl CertificatePolicy {
+    /// Checks a policy as the API gives it (ngrok's defaults: authority
+    /// `letsencrypt`, key `ecdsa`); an error names the field.
+    pub fn parse(
+        authority: Option<&str>,
+        private_key_type: Option<&str>,
+    ) -> Result<CertificatePolicy, Failure> {
+        let field = |name: &str| format!("certificate_management_policy.{name}");
+        let authority = match authority.unwrap_or("letsencrypt") {
+            "letsencrypt" => "letsencrypt".to_string(),
+            other => {
+                return Err(bad(
+                    &field("authority"),
+                    format!("{other:?}: the only authority is \"letsencrypt\""),
+                ));
+            }
+        };
+        let private_key_type = match private_key_type.unwrap_or("ecdsa") {
+            "ecdsa" => KeyType::Ecdsa,
+            "rsa" => KeyType::Rsa,
+            other => {
+                return Err(bad(
+                    &field("private_key_type"),
+                    format!("{other:?}: \"ecdsa\" or \"rsa\""),
+                ));
+            }
+        };
+        Ok(CertificatePolicy {
+            authority,
+            private_key_type,
+        })
+    }
 }
 
 impl Kind for ReservedDomain {
@@ -151,6 +207,7 @@ mod tests {
             metadata: String::new(),
             owner_id: None,
             created_at: String::new(),
+            certificate_management_policy: None,
         }
     }
 

@@ -61,6 +61,14 @@ async fn handle_request(
         conn.tls.as_ref(),
         conn.start,
     );
+    // ACME HTTP-01 on the plain listener: the CA asks before any endpoint
+    // may exist for the name, so this comes before routing.
+    if conn.tls.is_none()
+        && req.method() == http::Method::GET
+        && let Some(key_authorization) = inner.http01.answer(req.uri().path())
+    {
+        return record.finish(http01_response(key_authorization));
+    }
     let malformed = proxy::malformed(&req);
     let req = req.map(|body| Counted::new(body, record.request_body_stats()));
     let span = record.span().clone();
@@ -338,4 +346,19 @@ async fn auth_host_request<B>(
         ));
     }
     oauth.serve_auth_host(req, conn.tls.is_some()).await
+}
+
+/// The key authorization an ACME CA asked for, as RFC 8555 §8.3 wants it.
+fn http01_response(key_authorization: String) -> http::Response<proxy::ProxyBody> {
+    use http_body_util::BodyExt;
+    let mut response = http::Response::new(
+        http_body_util::Full::new(Bytes::from(key_authorization))
+            .map_err(|never: std::convert::Infallible| match never {})
+            .boxed(),
+    );
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    response
 }

@@ -1,0 +1,219 @@
+//! `[acme]`: the ACME CA the edge orders certificates from for reserved
+//! domains with a `certificate_management_policy`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use postern_net::Secret;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use serde::Deserialize;
+
+use crate::config::duration;
+
+/// Let's Encrypt's production directory, the default.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    /// The CA's directory URL. Default: Let's Encrypt's production
+    /// directory; its staging one is
+    /// `https://acme-staging-v02.api.letsencrypt.org/directory`.
+    pub directory_url: Option<String>,
+    /// The account's contact address (`ops@example.com`), where the CA
+    /// sends expiry warnings. Optional.
+    pub contact_email: Option<String>,
+    /// External account binding (CAs that require one, e.g. ZeroSSL): the
+    /// key id and the base64url HMAC key the CA gave. Both or neither.
+    pub eab_kid: Option<String>,
+    pub eab_hmac_key: Option<Secret>,
+    /// PEM file of CAs to trust for the ACME server's own HTTPS, besides
+    /// the Mozilla roots (a private CA, or Pebble's in tests).
+    pub ca_bundle: Option<PathBuf>,
+    /// Renew once this fraction of a certificate's lifetime has passed.
+    /// Default 0.6667 (two thirds, as Let's Encrypt advises).
+    pub renew_at: Option<f64>,
+    /// Back-off after a failed order: the first wait (jittered, doubling
+    /// up to `retry_max`). Default `1m`.
+    pub retry_min: Option<String>,
+    /// The longest wait between attempts. Default `1h`.
+    pub retry_max: Option<String>,
+}
+
+/// Validated `[acme]`.
+#[derive(Clone, Debug)]
+pub struct AcmeConfig {
+    pub directory_url: String,
+    /// `mailto:` URL.
+    pub contact: Option<String>,
+    /// Key id and HMAC key of the external account binding.
+    pub eab: Option<(String, Secret)>,
+    /// Extra roots for the ACME server's HTTPS.
+    pub ca_bundle: Vec<CertificateDer<'static>>,
+    pub renew_at: f64,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl AcmeConfig {
+    /// The external account binding's HMAC key, decoded.
+    pub fn eab_hmac(&self) -> Option<(String, Vec<u8>)> {
+        self.eab.as_ref().map(|(kid, key)| {
+            let bytes = decode_hmac(key.expose()).expect("checked when the config was validated");
+            (kid.clone(), bytes)
+        })
+    }
+}
+
+fn decode_hmac(key: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(key.trim_end_matches('='))
+}
+
+impl RawAcme {
+    pub fn validate(self) -> anyhow::Result<AcmeConfig> {
+        let directory_url = self
+            .directory_url
+            .unwrap_or_else(|| LETS_ENCRYPT.to_string());
+        let uri: http::Uri = directory_url
+            .parse()
+            .with_context(|| format!("acme.directory_url: {directory_url:?} is not a URL"))?;
+        let loopback = uri.host().is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if loopback => {}
+            _ => bail!(
+                "acme.directory_url: {directory_url:?} must be an https:// URL (http:// only to a loopback address)"
+            ),
+        }
+        let contact = match self.contact_email {
+            None => None,
+            Some(email) => {
+                let ok = email
+                    .split_once('@')
+                    .is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
+                    && !email.contains(char::is_whitespace);
+                if !ok {
+                    bail!("acme.contact_email: {email:?} is not an email address");
+                }
+                Some(format!("mailto:{email}"))
+            }
+        };
+        let eab = match (self.eab_kid, self.eab_hmac_key) {
+            (None, None) => None,
+            (Some(kid), Some(key)) => {
+                if kid.trim().is_empty() {
+                    bail!("acme.eab_kid: must not be empty");
+                }
+                match decode_hmac(key.expose()) {
+                    Ok(bytes) if !bytes.is_empty() => {}
+                    _ => bail!("acme.eab_hmac_key: not a base64url key"),
+                }
+                Some((kid, key))
+            }
+            _ => bail!("acme.eab_kid and acme.eab_hmac_key must be given together"),
+        };
+        let ca_bundle = match self.ca_bundle {
+            None => Vec::new(),
+            Some(path) => {
+                let pem = std::fs::read(&path)
+                    .with_context(|| format!("acme.ca_bundle: reading {}", path.display()))?;
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("acme.ca_bundle: {} is not PEM", path.display()))?;
+                if certs.is_empty() {
+                    bail!(
+                        "acme.ca_bundle: {} holds no PEM certificate",
+                        path.display()
+                    );
+                }
+                certs
+            }
+        };
+        let renew_at = self.renew_at.unwrap_or(2.0 / 3.0);
+        if !(renew_at > 0.0 && renew_at < 1.0) {
+            bail!(
+                "acme.renew_at: {renew_at} must be a fraction of the lifetime between 0 and 1, such as 0.6667"
+            );
+        }
+        let retry_min = duration("acme.retry_min", &self.retry_min, Duration::from_secs(60))?;
+        let retry_max = duration("acme.retry_max", &self.retry_max, Duration::from_secs(3600))?;
+        if retry_min.is_zero() || retry_max < retry_min {
+            bail!("acme.retry_max: must be at least acme.retry_min, which must be above zero");
+        }
+        Ok(AcmeConfig {
+            directory_url,
+            contact,
+            eab,
+            ca_bundle,
+            renew_at,
+            retry_min,
+            retry_max,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml: &str) -> anyhow::Result<AcmeConfig> {
+        toml::from_str::<RawAcme>(toml)?.validate()
+    }
+
+    #[test]
+    fn defaults_are_lets_encrypt_and_two_thirds() {
+        let config = check("").unwrap();
+        assert_eq!(config.directory_url, LETS_ENCRYPT);
+        assert!((config.renew_at - 2.0 / 3.0).abs() < 1e-9);
+        assert!(config.eab.is_none() && config.contact.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (toml, key) in [
+            (
+                r#"directory_url = "http://acme.example.com/dir""#,
+                "acme.directory_url",
+            ),
+            (r#"directory_url = "not a url""#, "acme.directory_url"),
+            (r#"contact_email = "ops""#, "acme.contact_email"),
+            (r#"eab_kid = "kid""#, "acme.eab_kid and acme.eab_hmac_key"),
+            (
+                r#"eab_kid = "kid"
+eab_hmac_key = "!!""#,
+                "acme.eab_hmac_key",
+            ),
+            (r#"ca_bundle = "/nonexistent/pebble.pem""#, "acme.ca_bundle"),
+            ("renew_at = 1.5", "acme.renew_at"),
+            ("renew_at = 0.0", "acme.renew_at"),
+            (r#"retry_min = "soon""#, "acme.retry_min"),
+            (r#"retry_min = "2h""#, "acme.retry_max"),
+        ] {
+            let err = format!("{:#}", check(toml).unwrap_err());
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let err = toml::from_str::<RawAcme>("directory = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
+    }
+
+    #[test]
+    fn loopback_http_and_eab_are_accepted() {
+        let config = check(
+            r#"directory_url = "http://127.0.0.1:14000/dir"
+contact_email = "ops@example.com"
+eab_kid = "kid-1"
+eab_hmac_key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W""#,
+        )
+        .unwrap();
+        assert_eq!(config.contact.as_deref(), Some("mailto:ops@example.com"));
+        let (kid, key) = config.eab_hmac().unwrap();
+        assert_eq!(kid, "kid-1");
+        assert_eq!(key.len(), 48);
+    }
+}

@@ -1,0 +1,207 @@
+//! One ACME order with `instant-acme`: the account (created once, its
+//! credentials kept in the data directory), HTTP-01 answered through the
+//! gateway's plain-HTTP listener, the key (ECDSA P-256 or RSA 2048) and
+//! CSR made here, the chain fetched. No JOSE of our own.
+
+use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType,
+    ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use postern_ingress::{Http01Challenges, IdpHttp};
+
+use super::{AcmeConfig, AcmeError};
+use crate::cluster::KeyType;
+
+/// How long one request to the CA may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the CA may take to validate and to issue.
+const POLL: RetryPolicy = RetryPolicy::new()
+    .initial_delay(Duration::from_millis(250))
+    .backoff(1.5)
+    .timeout(Duration::from_secs(90));
+
+/// `instant-acme`'s HTTP over the edge's own outbound client (hyper and
+/// tokio-rustls with ring, a bound on every call, no redirects), so ACME
+/// brings no second TLS stack.
+struct EdgeHttp(IdpHttp);
+
+impl HttpClient for EdgeHttp {
+    fn request(
+        &self,
+        req: http::Request<BodyWrapper<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
+        let client = self.0.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes().to_vec())
+                .unwrap_or_else(|never| match never {});
+            let response = client
+                .send(http::Request::from_parts(parts, body))
+                .await
+                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            Ok(BytesResponse::from(
+                response.map(|body| Full::new(Bytes::from(body))),
+            ))
+        })
+    }
+}
+
+/// The ACME account, from its stored credentials or created now.
+pub(super) async fn account(config: &AcmeConfig, dir: &Path) -> Result<Account, AcmeError> {
+    let http = || Box::new(EdgeHttp(IdpHttp::new(&config.ca_bundle, REQUEST_TIMEOUT)));
+    let digest = ring::digest::digest(&ring::digest::SHA256, config.directory_url.as_bytes());
+    let path = dir.join(format!("account-{}.json", &hex::encode(digest)[..16]));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let credentials: AccountCredentials =
+            serde_json::from_str(&text).map_err(|e| AcmeError::Stored {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        return Ok(Account::builder_with_http(http())
+            .from_credentials(credentials)
+            .await?);
+    }
+    let contact: Vec<&str> = config.contact.iter().map(String::as_str).collect();
+    let eab = config
+        .eab_hmac()
+        .map(|(kid, key)| ExternalAccountKey::new(kid, &key));
+    let (account, credentials) = Account::builder_with_http(http())
+        .create(
+            &NewAccount {
+                contact: &contact,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            config.directory_url.clone(),
+            eab.as_ref(),
+        )
+        .await?;
+    let json = serde_json::to_string(&credentials).expect("credentials serialise");
+    super::store::write_private(&path, json.as_bytes())?;
+    tracing::info!(directory = %config.directory_url, account = account.id(), "ACME account created");
+    Ok(account)
+}
+
+/// A certificate chain and its key, PEM.
+pub(super) struct Issued {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// Orders a certificate for `domain`, answering HTTP-01 on the gateway.
+pub(super) async fn order(
+    account: &Account,
+    http01: &Arc<Http01Challenges>,
+    domain: &str,
+    key_type: KeyType,
+) -> Result<Issued, AcmeError> {
+    let identifiers = [Identifier::Dns(domain.to_string())];
+    let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+    let mut tokens = Tokens {
+        http01: http01.clone(),
+        tokens: Vec::new(),
+    };
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz?;
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            other => return Err(AcmeError::Authorization(format!("{other:?}"))),
+        }
+        let mut challenge = authz
+            .challenge(ChallengeType::Http01)
+            .ok_or(AcmeError::NoHttp01)?;
+        let token = challenge.token.clone();
+        http01.insert(&token, challenge.key_authorization().as_str());
+        tokens.tokens.push(token);
+        challenge.set_ready().await?;
+    }
+    let status = order.poll_ready(&POLL).await?;
+    if status != OrderStatus::Ready {
+        let detail = order
+            .state()
+            .error
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| format!("{status:?}"));
+        return Err(AcmeError::NotReady(detail));
+    }
+    drop(tokens);
+    let key = new_key(key_type)?;
+    let csr = rcgen::CertificateParams::new(vec![domain.to_string()])
+        .and_then(|params| params.serialize_request(&key))
+        .map_err(|e| AcmeError::Key(e.to_string()))?;
+    order.finalize_csr(csr.der().as_ref()).await?;
+    let chain_pem = order.poll_certificate(&POLL).await?;
+    Ok(Issued {
+        chain_pem,
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Withdraws the order's HTTP-01 tokens from the gateway however the
+/// order ends.
+struct Tokens {
+    http01: Arc<Http01Challenges>,
+    tokens: Vec<String>,
+}
+
+impl Drop for Tokens {
+    fn drop(&mut self) {
+        for token in &self.tokens {
+            self.http01.remove(token);
+        }
+    }
+}
+
+/// A new certificate key: ECDSA P-256 with ring, RSA 2048 with the `rsa`
+/// crate (ring cannot make RSA keys; it signs with them).
+fn new_key(key_type: KeyType) -> Result<rcgen::KeyPair, AcmeError> {
+    let key = |e: &dyn std::fmt::Display| AcmeError::Key(e.to_string());
+    match key_type {
+        KeyType::Ecdsa => {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| key(&e))
+        }
+        KeyType::Rsa => {
+            use rsa::pkcs8::EncodePrivateKey;
+            let private =
+                rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).map_err(|e| key(&e))?;
+            let der = private.to_pkcs8_der().map_err(|e| key(&e))?;
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+                &rustls::pki_types::PrivatePkcs8KeyDer::from(der.as_bytes()),
+                &rcgen::PKCS_RSA_SHA256,
+            )
+            .map_err(|e| key(&e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_both_types_make_a_csr() {
+        for key_type in [KeyType::Ecdsa, KeyType::Rsa] {
+            let key = new_key(key_type).unwrap();
+            let csr = rcgen::CertificateParams::new(vec!["app.example.test".into()])
+                .unwrap()
+                .serialize_request(&key)
+                .unwrap();
+            assert!(!csr.der().is_empty());
+            let expected = match key_type {
+                KeyType::Ecdsa => &rcgen::PKCS_ECDSA_P256_SHA256,
+                KeyType::Rsa => &rcgen::PKCS_RSA_SHA256,
+            };
+            assert!(key.is_compatible(expected), "{key_type:?}");
+        }
+    }
+}
