@@ -459,8 +459,7 @@ fn upstream_request<B>(
         .uri
         .path_and_query()
         .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+        .unwrap_or("/");
     let headers = &mut parts.headers;
     if !headers.contains_key(HOST)
         && let Some(authority) = &authority
@@ -476,7 +475,8 @@ fn upstream_request<B>(
         Some(host) if http2 => host.to_string(),
         _ => endpoint_id.to_string(),
     };
-    parts.uri = format!("http://{target}{path}")
+    let uri = format!("http://{target}{path}");
+    parts.uri = uri
         .parse()
         .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))?;
     if parts.version == Version::HTTP_2 && !http2 {

@@ -11,7 +11,10 @@ use postern_tests::{
     DOMAIN, HttpUpstream, HttpsClient, Spawned, TcpEcho, TempDir, TestCa, TestEdge, TlsUpstream,
     binary, free_port, openssl_s_client, python,
 };
-use tokio::process::Command;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
 
 /// `postern <args>` connecting to `edge` (server address, TLS name, edge CA).
 fn postern(edge: &TestEdge, args: &[&str]) -> Command {
@@ -346,18 +349,29 @@ async fn root_cas_host_reads_ssl_cert_file() {
     let (_agent, _) = forwarding(trusting.env("SSL_CERT_FILE", edge.ca_pem())).await;
     drop(_agent);
 
+    // Trusting only the system store, the agent cannot verify the test
+    // edge: it says why (on stderr) and keeps retrying, never forwarding.
     let mut system = Command::new(binary("postern"));
     args(&mut system);
-    let mut agent = Spawned::spawn(
-        system
-            .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
-            .stderr(std::process::Stdio::null()),
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        !agent.drain_lines().iter().any(|l| l.contains("Forwarding")),
-        "the system store does not hold the test edge's CA"
-    );
+    let mut agent = system
+        .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(agent.stderr.take().unwrap()).lines();
+    let lost = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("session lost") {
+                return line;
+            }
+        }
+        panic!("the agent exited instead of retrying");
+    })
+    .await
+    .expect("the agent reports the failed connection");
+    assert!(lost.contains("UnknownIssuer"), "{lost}");
 }
 
 /// tinyproxy as an HTTP CONNECT proxy with Basic credentials; its log names

@@ -123,6 +123,23 @@ impl Conn {
         let _ = self.events.send(event).await;
     }
 
+    /// Takes `channel`'s exec or shell request as the session's one
+    /// command: `true` when it is (success sent), `false` when it is not
+    /// the session channel or a command was already given (failure sent).
+    fn take_command(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, russh::Error> {
+        if self.terminal != Some(channel) || self.command_given {
+            session.channel_failure(channel)?;
+            return Ok(false);
+        }
+        self.command_given = true;
+        session.channel_success(channel)?;
+        Ok(true)
+    }
+
     /// The port the client will know a forward by: the one asked for, or
     /// for port 0 the lowest one free among this session's forwards on
     /// the same address (the public port is known only once bound).
@@ -216,13 +233,10 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.terminal != Some(channel) || self.command_given {
-            return session.channel_failure(channel);
+        if self.take_command(channel, session)? {
+            self.tell(Event::Exec(String::from_utf8_lossy(data).into_owned()))
+                .await;
         }
-        self.command_given = true;
-        session.channel_success(channel)?;
-        self.tell(Event::Exec(String::from_utf8_lossy(data).into_owned()))
-            .await;
         Ok(())
     }
 
@@ -231,12 +245,9 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.terminal != Some(channel) || self.command_given {
-            return session.channel_failure(channel);
+        if self.take_command(channel, session)? {
+            self.tell(Event::Shell).await;
         }
-        self.command_given = true;
-        session.channel_success(channel)?;
-        self.tell(Event::Shell).await;
         Ok(())
     }
 
