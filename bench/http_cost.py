@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""What an HTTP endpoint costs against the same tunnel carrying TCP (issues 27, 28).
+
+One nginx answers 100 bytes; one edge and one agent serve it as a TCP
+endpoint and as HTTP and HTTPS endpoints (inspection on and off, and an
+HTTPS endpoint with bench/policy-10-rules.yml); a second edge and agent,
+configured the same but publishing every event to a JSON-lines file and
+to Kafka (a tansu broker, when POSTERN_TEST_TANSU names one), serve the
+HTTP endpoint again. wrk loads every system in turn, the order rotating
+from round to round, all in the same run. The report gives ratios between
+systems measured side by side (medians of the rounds) and the edge's plus
+agent's CPU time per request (from /proc), never absolute speed alone.
+
+Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--systems a,b,...]
+Needs nginx, wrk, openssl and release builds of postern-edge and postern
+(cargo build --release --bin postern-edge --bin postern; POSTERN_BIN_DIR
+names another directory of them). POSTERN_BASELINE_BIN_DIR names the
+binaries of another build, which then serves the TCP, HTTP and HTTPS
+endpoints again as the `…-before` systems (before/after in one run). Writes bench/out/http-cost/result.json
+and prints Markdown tables."""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+OUT = os.path.join(BENCH, "out", "http-cost")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+PORTS = dict(nginx=30980, nginx_tls=30981, kafka=30975)
+# Each edge (with its agent): agent, HTTP, HTTPS and TCP endpoint ports.
+EDGES = {"edge": (30960, 30961, 30962, 30963),
+         "edge-ev": (30970, 30971, 30972, 30973),
+         "edge-base": (30990, 30991, 30992, 30993)}
+DOMAIN = "postern.localhost"
+TOKEN = "http-cost-bench"
+HOST_CLK = os.sysconf("SC_CLK_TCK")
+
+# name: (label, scheme, port, Host/SNI, processes whose CPU counts)
+SYSTEMS = {
+    "direct": ("nginx direct", "http", PORTS["nginx"], None, ()),
+    "tcp": ("TCP endpoint", "http", EDGES["edge"][3], None, ("edge", "agent")),
+    "http-off": ("HTTP endpoint, inspect off", "http", EDGES["edge"][1], f"off.{DOMAIN}",
+                 ("edge", "agent")),
+    "http-on": ("HTTP endpoint, inspect on", "http", EDGES["edge"][1], f"on.{DOMAIN}",
+                ("edge", "agent")),
+    "http-events": ("HTTP endpoint, inspect off, events to a file and Kafka", "http",
+                    EDGES["edge-ev"][1], f"off.{DOMAIN}", ("edge-ev", "agent-ev")),
+    "direct-https": ("nginx HTTPS direct", "https", PORTS["nginx_tls"], f"off.{DOMAIN}", ()),
+    "https-off": ("HTTPS endpoint, inspect off", "https", EDGES["edge"][2], f"off.{DOMAIN}",
+                  ("edge", "agent")),
+    "https-on": ("HTTPS endpoint, inspect on", "https", EDGES["edge"][2], f"on.{DOMAIN}",
+                 ("edge", "agent")),
+    "https-policy": ("HTTPS endpoint, inspect off, 10-rule Traffic Policy", "https",
+                     EDGES["edge"][2], f"policy.{DOMAIN}", ("edge", "agent")),
+}
+# With POSTERN_BASELINE_BIN_DIR: the same endpoints served by another build
+# (a third edge and agent), for before/after figures from the same run.
+BASELINE = os.environ.get("POSTERN_BASELINE_BIN_DIR")
+if BASELINE:
+    for name in ("tcp", "http-off", "http-on", "https-off"):
+        label, scheme, _, host, _ = SYSTEMS[name]
+        port = EDGES["edge-base"][{"tcp": 3, "http": 1, "https": 2}[name.split("-")[0]]]
+        SYSTEMS[f"{name}-before"] = (f"{label}, before", scheme, port, host,
+                                     ("edge-base", "agent-base"))
+
+# The comparisons reported: (label, numerator, denominator).
+RATIOS = [
+    ("HTTP inspect off ÷ TCP endpoint (keep-alive req/s)", "http-off", "tcp"),
+    ("HTTP inspect on ÷ inspect off", "http-on", "http-off"),
+    ("HTTPS inspect on ÷ nginx HTTPS direct", "https-on", "direct-https"),
+    ("HTTPS inspect off ÷ nginx HTTPS direct", "https-off", "direct-https"),
+    ("HTTP events on (file + Kafka) ÷ events off", "http-events", "http-off"),
+    ("HTTPS 10-rule policy ÷ no policy", "https-policy", "https-off"),
+    ("TCP endpoint ÷ nginx direct", "tcp", "direct"),
+    ("HTTP inspect off, after ÷ before", "http-off", "http-off-before"),
+    ("HTTP inspect on, after ÷ before", "http-on", "http-on-before"),
+    ("HTTPS inspect off, after ÷ before", "https-off", "https-off-before"),
+    ("TCP endpoint, after ÷ before", "tcp", "tcp-before"),
+    ("before: HTTP inspect off ÷ TCP endpoint", "http-off-before", "tcp-before"),
+    ("before: HTTP inspect on ÷ inspect off", "http-on-before", "http-off-before"),
+]
+ADDED_P50 = [
+    ("HTTP inspect off − TCP endpoint", "http-off", "tcp"),
+    ("HTTP inspect on − TCP endpoint", "http-on", "tcp"),
+    ("HTTPS 10-rule policy − no policy", "https-policy", "https-off"),
+]
+
+
+def write(name, text):
+    path = os.path.join(OUT, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def status(system):
+    """One GET / on a new connection; the status code or None."""
+    _, scheme, port, name, _ = SYSTEMS[system]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+            s = raw
+            if scheme == "https":
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                s = ctx.wrap_socket(raw, server_hostname=name)
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {name or 'bench'}\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        m = re.match(rb"HTTP/1\.1 (\d+)", data)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def wait_for(check, what, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}; logs in {OUT}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / HOST_CLK
+
+
+def wrk(system, conns, duration, pids):
+    """wrk against `system`: requests/s, p50 in µs, and the CPU seconds
+    the system's own processes used per request. HTTPS names resolve
+    through a private /etc/hosts (wrk takes SNI and Host from the URL)."""
+    _, scheme, port, name, procs = SYSTEMS[system]
+    if scheme == "https":
+        cmd = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+               os.path.join(OUT, "hosts"), "wrk", f"https://{name}:{port}/"]
+    else:
+        cmd = ["wrk", f"http://127.0.0.1:{port}/"] + (["-H", f"Host: {name}"] if name else [])
+    cmd += [f"-t{min(conns, 2)}", f"-c{conns}", f"-d{duration}s", "--latency"]
+    before = {p: cpu_seconds(pids[p]) for p in procs}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
+    used = sum(cpu_seconds(pids[p]) - before[p] for p in procs)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if not rps or not p50 or re.search(r"Non-2xx or 3xx responses|Socket errors", out):
+        raise SystemExit(f"wrk against {system} failed:\n{out}")
+    scale = {"us": 1, "ms": 1e3, "s": 1e6}[p50.group(2)]
+    return {"rps": float(rps.group(1)), "p50_us": float(p50.group(1)) * scale,
+            "cpu_us_per_req": used / int(total.group(1)) * 1e6 if procs else None,
+            "requests": int(total.group(1))}
+
+
+def edge_toml(node, extra=""):
+    agent, http, https, tcp = EDGES[node]
+    return f"""node_id = "{node}"
+domain = "{DOMAIN}"
+data_dir = "{OUT}/{node}-data"
+[listen]
+agent = "127.0.0.1:{agent}"
+http = "127.0.0.1:{http}"
+https = "127.0.0.1:{https}"
+admin = ""
+metrics = ""
+[tcp]
+bind_ip = "127.0.0.1"
+ports = "{tcp}"
+[tls]
+dev_ca = true
+[[authtokens]]
+token = "{TOKEN}"
+{extra}"""
+
+
+def agent_yml(node, policy):
+    agent, tcp = EDGES[node][0], EDGES[node][3]
+    tunnels = "".join(f"""  {name}:
+    proto: http
+    addr: "127.0.0.1:{PORTS['nginx']}"
+    domain: "{name}.{DOMAIN}"
+    inspect: {'true' if name == 'on' else 'false'}
+""" + (f"    traffic_policy:\n{policy}" if name == "policy" else "")
+        for name in ("off", "on", "policy"))
+    tunnels += f"""  tcp:
+    proto: tcp
+    addr: "127.0.0.1:{PORTS['nginx']}"
+    remote_addr: "127.0.0.1:{tcp}"
+"""
+    return f"""version: "2"
+authtoken: "{TOKEN}"
+server_addr: "tunnel.us.connect.{DOMAIN}:{agent}"
+root_cas: "{OUT}/{node}-data/dev-ca.pem"
+tunnels:
+{tunnels}"""
+
+
+def events_toml(kafka):
+    text = """[[events.subscriptions]]
+id = "file"
+sources = [{ type = "http_request_complete.v0" }]
+[events.subscriptions.destination.file]
+path = "events.jsonl"
+"""
+    if kafka:
+        text += f"""[[events.subscriptions]]
+id = "kafka"
+sources = [{{ type = "http_request_complete.v0" }}]
+[events.subscriptions.destination.kafka]
+brokers = ["127.0.0.1:{PORTS['kafka']}"]
+"""
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    args = ap.parse_args()
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    os.makedirs(os.path.join(OUT, "nginx-tmp"), exist_ok=True)
+    tansu = os.environ.get("POSTERN_TEST_TANSU")
+    if "http-events" in systems and not tansu:
+        print("POSTERN_TEST_TANSU is not set: events go to the file only", flush=True)
+        SYSTEMS["http-events"] = ("HTTP endpoint, inspect off, events to a file",
+                                  *SYSTEMS["http-events"][1:])
+    with open(os.path.join(BENCH, "policy-10-rules.yml")) as f:
+        policy = "".join("      " + line for line in f if line.strip() and not line.startswith("#"))
+    key, crt = os.path.join(OUT, "nginx.key"), os.path.join(OUT, "nginx.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj",
+                    f"/CN=off.{DOMAIN}", "-keyout", key, "-out", crt],
+                   check=True, capture_output=True)
+    location = f'location / {{ default_type text/plain; return 200 "{"x" * 100}"; }}'
+    nginx = write("nginx.conf", f"""daemon off;
+worker_processes 1;
+pid {OUT}/nginx.pid;
+error_log {OUT}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {OUT}/nginx-tmp;
+    server {{ listen 127.0.0.1:{PORTS['nginx']}; {location} }}
+    server {{
+        listen 127.0.0.1:{PORTS['nginx_tls']} ssl;
+        ssl_certificate {crt};
+        ssl_certificate_key {key};
+        {location}
+    }}
+}}
+""")
+    edges = {"edge": os.environ.get("POSTERN_BIN_DIR", os.path.join(TARGET, "release"))}
+    if "http-events" in systems:
+        edges["edge-ev"] = edges["edge"]
+    if any(s.endswith("-before") for s in systems):
+        edges["edge-base"] = BASELINE
+    configs = {}
+    for node in edges:
+        extra = events_toml(tansu) if node == "edge-ev" else ""
+        configs[node] = (write(f"{node}.toml", edge_toml(node, extra)),
+                         write(f"{node}-agent.yml", agent_yml(node, policy)))
+    with open("/etc/hosts") as f:
+        write("hosts", f.read() + "".join(f"\n127.0.0.1 {n}.{DOMAIN}"
+                                          for n in ("off", "on", "policy")) + "\n")
+    procs, pids = [], {}
+
+    def start(name, argv):
+        log = open(os.path.join(OUT, f"{name}.log"), "w")
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        pids[name] = procs[-1].pid
+
+    try:
+        start("nginx", ["nginx", "-c", nginx])
+        if tansu:
+            start("tansu", [tansu, "broker", "--listener-url",
+                            f"tcp://127.0.0.1:{PORTS['kafka']}", "--advertised-listener-url",
+                            f"tcp://127.0.0.1:{PORTS['kafka']}", "--storage-engine",
+                            "memory://tansu/"])
+        for node, bin_dir in edges.items():
+            config, agent_config = configs[node]
+            start(node, [os.path.join(bin_dir, "postern-edge"), "--config", config])
+            wait_for(lambda n=node: os.path.exists(f"{OUT}/{n}-data/dev-ca.pem"),
+                     f"the dev CA of {node}")
+            start(node.replace("edge", "agent"),
+                  [os.path.join(bin_dir, "postern"), "start", "--all", "--config", agent_config])
+        for system in systems:
+            wait_for(lambda s=system: status(s) == 200, f"{system} answering 200")
+        rounds = []
+        for r in range(args.rounds):
+            order = systems[r % len(systems):] + systems[:r % len(systems)]
+            row = {}
+            for system in order:
+                keep_alive = wrk(system, 64, args.duration, pids)
+                one = wrk(system, 1, args.duration, pids)
+                row[system] = {"rps": keep_alive["rps"], "p50_us": one["p50_us"],
+                               "cpu_us_per_req": keep_alive["cpu_us_per_req"],
+                               "requests": keep_alive["requests"] + one["requests"]}
+            rounds.append(row)
+            print(f"round {r + 1}: {json.dumps(row)}", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    events = None
+    if "http-events" in systems:
+        # Written by the edge as it stopped (SIGTERM flushes): one per
+        # request answered, the readiness checks included.
+        with open(f"{OUT}/edge-ev-data/events.jsonl") as f:
+            events = (sum(1 for _ in f), sum(r["http-events"]["requests"] for r in rounds))
+    report(args, systems, rounds, events)
+
+
+def report(args, systems, rounds, events):
+    def med(system, key):
+        values = [r[system][key] for r in rounds if r[system][key] is not None]
+        return statistics.median(values) if values else None
+
+    lines = [f"| system ({args.rounds} rounds × {args.duration} s) | keep-alive req/s "
+             "(wrk -t2 -c64) | one connection p50 µs (wrk -t1 -c1) | "
+             "edge + agent CPU µs per request |", "|---|---:|---:|---:|"]
+    for s in systems:
+        cpu = med(s, "cpu_us_per_req")
+        lines.append(f"| {SYSTEMS[s][0]} | {med(s, 'rps'):.0f} | {med(s, 'p50_us'):.0f} | "
+                     f"{'–' if cpu is None else f'{cpu:.1f}'} |")
+    lines += ["", "| comparison, medians of the per-round values | value |", "|---|---:|"]
+    result = {"rounds": rounds, "ratios": {}, "added_p50_us": {},
+              "load_average_at_end": os.getloadavg(), "events_written": events}
+    for label, a, b in RATIOS:
+        if a in systems and b in systems:
+            ratio = statistics.median(r[a]["rps"] / r[b]["rps"] for r in rounds)
+            result["ratios"][label] = round(ratio, 3)
+            lines.append(f"| {label} | {ratio:.2f} |")
+    for label, a, b in ADDED_P50:
+        if a in systems and b in systems:
+            added = statistics.median(r[a]["p50_us"] - r[b]["p50_us"] for r in rounds)
+            result["added_p50_us"][label] = round(added, 1)
+            lines.append(f"| one-connection p50, {label} | {added:+.0f} µs |")
+    if events is not None:
+        lines.append(f"| events in the file after the run / requests wrk counted | "
+                     f"{events[0]} / {events[1]} |")
+    write("result.json", json.dumps(result, indent=2))
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
