@@ -381,7 +381,7 @@ def write(path, text):
     return path
 
 
-# The same ten-rule policy as bench/policy_cost.py, indented under a tunnel.
+# The same ten-rule policy as bench/http_cost.py, indented under a tunnel.
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "policy-10-rules.yml")) as _f:
     POLICY_10_RULES = "\n".join("      " + line for line in _f.read().splitlines()
                                  if line and not line.startswith("#"))

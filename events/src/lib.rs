@@ -49,6 +49,13 @@ pub use tail::{TailError, TailOptions, tail};
 /// drops (and counts), it never makes a request wait.
 pub trait EventSink: Send + Sync + 'static {
     fn publish(&self, event: Event);
+
+    /// Whether an event of `event_type` published now would go anywhere:
+    /// a producer may skip gathering what no subscription takes.
+    fn wants(&self, event_type: EventType) -> bool {
+        let _ = event_type;
+        true
+    }
 }
 
 /// RFC 3339 in UTC with nanoseconds.

@@ -196,11 +196,15 @@ impl Front {
 }
 
 impl EventSink for Front {
+    fn wants(&self, event_type: EventType) -> bool {
+        self.wants[index(event_type)].load(Ordering::Acquire)
+    }
+
     fn publish(&self, event: Event) {
         let Some(event_type) = event.kind() else {
             return;
         };
-        if !self.wants[index(event_type)].load(Ordering::Acquire) {
+        if !self.wants(event_type) {
             return;
         }
         if self.closed.load(Ordering::Acquire) {

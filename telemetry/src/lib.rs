@@ -28,7 +28,10 @@ use opentelemetry_sdk::{
 use serde::Deserialize;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+    EnvFilter, Layer,
+    filter::{FilterExt, LevelFilter, Targets},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
 };
 
 /// How log lines are written.
@@ -38,7 +41,8 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object per line (`timestamp`, `level`, `fields`, `target`,
-    /// and the enclosing spans with their fields).
+    /// and, when the filter lets debug lines through, the enclosing spans
+    /// with their fields).
     Json,
 }
 
@@ -158,12 +162,19 @@ impl Telemetry {
     ) -> anyhow::Result<Telemetry> {
         let filter =
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+        // Log lines carry the spans they happen in only when the filter
+        // lets debug lines through: otherwise the log layer would format
+        // the fields of every request's and connection's span for the
+        // rare line logged inside one, a cost paid on every request.
+        let spans_in_logs = filter
+            .max_level_hint()
+            .is_none_or(|max| max >= LevelFilter::DEBUG);
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let fmt = match format {
             LogFormat::Text => fmt.boxed(),
             LogFormat::Json => fmt.json().boxed(),
         }
-        .with_filter(filter);
+        .with_filter(filter.and((!spans_in_logs).then_some(NoSpans)));
         let provider = if otlp_configured(settings) {
             let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
             if let Some(endpoint) = &settings.otlp_endpoint {
@@ -211,6 +222,31 @@ impl Telemetry {
     }
 }
 
+/// Lets every event through and no span. Decided per call site, once, so
+/// call sites the log filter turns off stay off without a check per call.
+struct NoSpans;
+
+impl<S> tracing_subscriber::layer::Filter<S> for NoSpans {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !meta.is_span()
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if meta.is_span() {
+            tracing::subscriber::Interest::never()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+}
+
 struct HeaderReader<'a>(&'a HeaderMap);
 
 impl Extractor for HeaderReader<'_> {
@@ -240,6 +276,9 @@ impl Injector for HeaderWriter<'_> {
 /// Call it right after creating the span, before it is entered. Malformed
 /// headers are ignored (the span starts a trace of its own).
 pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     let parent = TraceContextPropagator::new().extract(&HeaderReader(headers));
     // Fails only when no trace layer is installed or the span is disabled:
     // then there is nothing to continue.
@@ -251,6 +290,9 @@ pub fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
 /// exporter the headers are left as they came, so a client's trace context
 /// still reaches the upstream.
 pub fn inject_trace(span: &tracing::Span, headers: &mut HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeaderWriter(headers));
 }
 
