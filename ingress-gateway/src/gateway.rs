@@ -58,7 +58,7 @@ use tracing::Instrument;
 use crate::{
     acme_challenge::Http01Challenges,
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
-    http::{self as proxy, ConnInfo, UpstreamPool, VisitorBody},
+    http::{self as proxy, ConnInfo, UpstreamPool, Upstreams, VisitorBody},
     metrics::Metrics,
     oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},

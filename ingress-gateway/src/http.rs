@@ -2,42 +2,36 @@
 //! as HTTP/1.1 over a pool of tunnel data streams, WebSocket upgrades, and
 //! the error pages visitors see.
 
+mod upstream;
 mod websocket_tcp;
 
+use upstream::UpstreamError;
+pub(crate) use upstream::{UpstreamPool, Upstreams};
 pub(crate) use websocket_tcp::convert as websocket_to_tcp;
 
 use std::{
     convert::Infallible,
     error::Error as StdError,
-    future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Weak},
+    sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version,
     header::{self, HOST},
 };
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection},
-    },
-    rt::{TokioExecutor, TokioIo},
-};
-use postern_proto::{ErrorCode, Failure, TunnelIo, pb, tunnel_io};
+use hyper_util::rt::TokioIo;
+use postern_proto::{ErrorCode, Failure, TunnelIo, pb};
 use rustls::pki_types::CertificateDer;
 
 use crate::{
-    endpoint::{ClaimedStream, Endpoint, ServedBy},
+    endpoint::{Endpoint, ServedBy},
     outcome::{Counted, TlsMeta},
-    route::Pool,
 };
 
 /// Any error a body may end with.
@@ -147,134 +141,6 @@ impl ConnInfo {
     }
 }
 
-/// HTTP/1.1 connections to one endpoint's upstream, each over its own data
-/// stream, kept alive and reused across visitors.
-#[derive(Clone)]
-pub struct UpstreamPool {
-    client: Client<TunnelConnector, VisitorBody>,
-    connector: TunnelConnector,
-    http2: bool,
-}
-
-impl UpstreamPool {
-    /// `client` is the address put in each stream's `open` frame (the agent
-    /// writes it into PROXY headers). Endpoints with PROXY headers therefore
-    /// get one pool per visitor connection; the others share one. When the
-    /// endpoint's agent is gone, a new connection comes from another
-    /// endpoint of its `pool`.
-    /// `(client, server)` are the visitor's and the edge's addresses;
-    /// `http2`: the upstream speaks HTTP/2 (h2c on the tunnel stream).
-    pub(crate) fn new(
-        endpoint: Arc<Endpoint>,
-        pool: Weak<Pool>,
-        (client, server): (SocketAddr, SocketAddr),
-        name: String,
-        http2: bool,
-    ) -> UpstreamPool {
-        let connector = TunnelConnector {
-            inner: Arc::new(ConnectorInner {
-                endpoint,
-                pool,
-                client,
-                server,
-                name,
-            }),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .set_host(false)
-            .http2_only(http2)
-            .build(connector.clone());
-        UpstreamPool {
-            client,
-            connector,
-            http2,
-        }
-    }
-
-    /// A tunnel stream of its own, outside the HTTP connection pool.
-    pub(crate) async fn open_stream(&self) -> Result<TunnelConn, Failure> {
-        tower_service::Service::call(&mut self.connector.clone(), Uri::default()).await
-    }
-}
-
-struct ConnectorInner {
-    endpoint: Arc<Endpoint>,
-    pool: Weak<Pool>,
-    client: SocketAddr,
-    server: SocketAddr,
-    name: String,
-}
-
-impl ConnectorInner {
-    /// A stream from this endpoint's agent or, when it is gone, another
-    /// member of the pool; and the endpoint that gave it.
-    async fn claim(&self) -> Result<(Arc<Endpoint>, ClaimedStream), Failure> {
-        let pool = self.pool.upgrade();
-        let member = pool.as_ref().and_then(|pool| {
-            pool.members()
-                .iter()
-                .find(|m| Arc::ptr_eq(&m.endpoint, &self.endpoint))
-                .cloned()
-        });
-        match (pool, member) {
-            (Some(pool), Some(member)) => {
-                let (member, claimed) = pool.claim(member).await?;
-                Ok((member.endpoint.clone(), claimed))
-            }
-            _ => Ok((self.endpoint.clone(), self.endpoint.source.claim().await?)),
-        }
-    }
-}
-
-/// "Connects" to the upstream by claiming a data stream from the agent.
-#[derive(Clone)]
-struct TunnelConnector {
-    inner: Arc<ConnectorInner>,
-}
-
-impl tower_service::Service<Uri> for TunnelConnector {
-    type Response = TunnelConn;
-    type Error = Failure;
-    type Future = Pin<Box<dyn Future<Output = Result<TunnelConn, Failure>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let (endpoint, claimed) = inner.claim().await?;
-            let open = pb::Frame {
-                open: Some(pb::StreamOpen {
-                    endpoint_id: endpoint.id.clone(),
-                    client_addr: inner.client.to_string(),
-                    server_addr: inner.server.to_string(),
-                    server_name: inner.name.clone(),
-                    // A pooled stream outlives any one request: each
-                    // request carries its trace context in its headers.
-                    traceparent: String::new(),
-                }),
-                ..Default::default()
-            };
-            let (io, frames) = tunnel_io(claimed.inbound, vec![open]);
-            claimed.attach.send(Box::pin(frames)).map_err(|_| {
-                Failure::new(
-                    ErrorCode::AGENT_FORWARD_FAILED,
-                    "the agent's data stream closed",
-                )
-            })?;
-            Ok(TunnelConn {
-                io: TokioIo::new(io),
-                served: ServedBy(endpoint),
-                _permit: claimed.permit,
-            })
-        })
-    }
-}
-
 /// A data stream as a hyper connection, holding its place in the agent's
 /// connection limit.
 pub(crate) struct TunnelConn {
@@ -282,12 +148,6 @@ pub(crate) struct TunnelConn {
     /// Tells each response which endpoint served it.
     pub served: ServedBy,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Connection for TunnelConn {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.served.clone())
-    }
 }
 
 impl hyper::rt::Read for TunnelConn {
@@ -322,9 +182,9 @@ impl hyper::rt::Write for TunnelConn {
 /// The request's `ngrok-*` headers are the edge's own by now (see
 /// [`strip_reserved`]). An upgraded connection (WebSocket) is piped on a
 /// task of `tracker`, so drain waits for it.
-pub async fn forward(
+pub(crate) async fn forward(
     endpoint: &Endpoint,
-    pool: &UpstreamPool,
+    (upstreams, pool): (&Upstreams, &UpstreamPool),
     conn: &ConnInfo,
     host: &str,
     mut req: Request<VisitorBody>,
@@ -332,12 +192,12 @@ pub async fn forward(
 ) -> Response<ProxyBody> {
     let wants_upgrade = is_upgrade_request(&req);
     let visitor_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = match upstream_request(req, conn, &endpoint.id, wants_upgrade, pool.http2) {
+    let upstream_req = match upstream_request(req, conn, wants_upgrade, pool.http2()) {
         Ok(r) => r,
         Err(failure) => return error_response(&failure),
     };
     let request_body = upstream_req.body().stats();
-    let mut response = match pool.client.request(upstream_req).await {
+    let mut response = match upstreams.send(pool, upstream_req).await {
         Ok(response) => response,
         Err(_) if request_body.is_some_and(|b| b.failed()) => {
             // The client's own body was malformed (a bad chunk size, say):
@@ -346,7 +206,10 @@ pub async fn forward(
             return close_after(error_response(&failure));
         }
         Err(e) => {
-            let failure = classify_client_error(&e);
+            let failure = match e {
+                UpstreamError::Stream(failure) => failure,
+                UpstreamError::Hyper(e) => classify_client_error(&e),
+            };
             tracing::debug!(endpoint = %endpoint.id, host, error = %failure, "upstream request failed");
             return error_response(&failure);
         }
@@ -449,7 +312,6 @@ pub fn strip_reserved(headers: &mut HeaderMap) {
 fn upstream_request<B>(
     req: Request<B>,
     conn: &ConnInfo,
-    endpoint_id: &str,
     upgrade: bool,
     http2: bool,
 ) -> Result<Request<B>, Failure> {
@@ -471,14 +333,13 @@ fn upstream_request<B>(
     let trailers = headers
         .get(header::TE)
         .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let target = match headers.get(HOST).and_then(|h| h.to_str().ok()) {
-        Some(host) if http2 => host.to_string(),
-        _ => endpoint_id.to_string(),
+    // HTTP/1.1 sends the origin form; HTTP/2 takes `:authority` and
+    // `:scheme` from an absolute one.
+    parts.uri = match headers.get(HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) if http2 => upstream::request_target(&format!("http://{host}{path}"))?,
+        _ if parts.uri.scheme().is_some() => upstream::request_target(path)?,
+        _ => parts.uri,
     };
-    let uri = format!("http://{target}{path}");
-    parts.uri = uri
-        .parse()
-        .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))?;
     if parts.version == Version::HTTP_2 && !http2 {
         join_cookies(headers);
     }
@@ -536,8 +397,8 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Maps a client failure to what the visitor is told.
-fn classify_client_error(e: &hyper_util::client::legacy::Error) -> Failure {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+fn classify_client_error(e: &hyper::Error) -> Failure {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
     let mut io_reset = None;
     while let Some(err) = source {
         if let Some(failure) = err.downcast_ref::<Failure>() {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use postern_events::{
-    ClientCert, Conn, Decision, DecisionField, Event, EventSink, Http, HttpRequest,
+    ClientCert, Conn, Decision, DecisionField, Event, EventSink, EventType, Http, HttpRequest,
     HttpRequestComplete, HttpResponse, PosternClientCert, PosternFields, Subject,
     TcpConnectionClosed, Tls, Url, normalize_headers, timestamp,
 };
@@ -47,6 +47,13 @@ impl Outcomes {
             node_id: Some(self.node_id.clone()),
             ..Default::default()
         }
+    }
+
+    /// Whether an event of `event_type` would be published now.
+    fn wants(&self, event_type: EventType) -> bool {
+        self.sink
+            .as_ref()
+            .is_some_and(|sink| sink.wants(event_type))
     }
 
     fn publish(&self, event: impl FnOnce(Option<String>) -> Event) {
@@ -117,6 +124,10 @@ impl BodyStats {
             Some((_, last)) => *last = now,
             None => *times = Some((now, now)),
         }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     fn fill(&self) -> (u64, Option<String>, Option<String>) {
@@ -197,6 +208,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 pub struct HttpRecord {
     outcomes: Outcomes,
     object: HttpRequestComplete,
+    /// Some subscription took HTTP events when the request came: the
+    /// event is gathered and published. Otherwise only metrics and the
+    /// span see the outcome.
+    publish: bool,
     at: SystemTime,
     started: Instant,
     request_body: Arc<BodyStats>,
@@ -217,46 +232,15 @@ impl HttpRecord {
         tls: Option<&TlsMeta>,
         conn_start: SystemTime,
     ) -> HttpRecord {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().map(str::to_string);
-        let raw = format!(
-            "{scheme}://{host}{}",
-            req.uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-        );
-        let object = HttpRequestComplete {
-            conn: Some(conn_fields(client, server, host, conn_start)),
-            http: Some(Http {
-                request: Some(HttpRequest {
-                    method: Some(req.method().to_string()),
-                    version: Some(format!("{:?}", req.version())),
-                    headers: Some(normalize_headers(req.headers())),
-                    user_agent: req
-                        .headers()
-                        .get(http::header::USER_AGENT)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string),
-                    url: Some(Url {
-                        raw: Some(raw),
-                        scheme: Some(scheme.to_string()),
-                        host: Some(host.to_string()),
-                        path: Some(path),
-                        query,
-                    }),
-                    ..Default::default()
-                }),
-                response: None,
-            }),
-            tls: tls.map(|t| Tls {
-                version: Some(t.version.clone()),
-                cipher_suite: Some(t.cipher_suite.clone()),
-                client_cert: None,
-            }),
-            postern: Some(outcomes.postern()),
-            ..Default::default()
+        let publish = outcomes.wants(EventType::HttpRequestComplete);
+        let object = if publish {
+            request_fields(outcomes, req, (client, server), host, tls, conn_start)
+        } else {
+            // Only what metrics, spans and the response need.
+            HttpRequestComplete {
+                postern: Some(outcomes.postern()),
+                ..Default::default()
+            }
         };
         // A root of its own (not a child of the connection), unless the
         // visitor sent a trace context to continue.
@@ -281,6 +265,7 @@ impl HttpRecord {
         HttpRecord {
             outcomes: outcomes.clone(),
             object,
+            publish,
             at: SystemTime::now(),
             started: Instant::now(),
             request_body: Arc::default(),
@@ -421,7 +406,7 @@ impl HttpRecord {
             .get_or_insert_with(Default::default)
             .response = Some(HttpResponse {
             status_code: Some(parts.status.as_u16()),
-            headers: Some(normalize_headers(&parts.headers)),
+            headers: self.publish.then(|| normalize_headers(&parts.headers)),
             ..Default::default()
         });
         let stats = self.response_body.clone();
@@ -438,20 +423,8 @@ impl HttpRecord {
 
 impl Drop for HttpRecord {
     fn drop(&mut self) {
-        let (req_len, req_first, req_last) = self.request_body.fill();
-        let (resp_len, resp_first, resp_last) = self.response_body.fill();
-        let http = self.object.http.get_or_insert_with(Default::default);
-        if let Some(request) = http.request.as_mut() {
-            request.body_length = Some(req_len);
-            request.first_byte_ts = req_first;
-            request.last_byte_ts = req_last;
-        }
-        if let Some(response) = http.response.as_mut() {
-            response.body_length = Some(resp_len);
-            response.first_byte_ts = resp_first;
-            response.last_byte_ts = resp_last;
-        }
-        self.postern_mut().duration_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+        let req_len = self.request_body.bytes();
+        let resp_len = self.response_body.bytes();
         let decision = decision_label(&[
             self.object.ip_policy.as_ref().and_then(|d| d.decision),
             self.object.oauth.as_ref().and_then(|o| o.decision),
@@ -491,10 +464,86 @@ impl Drop for HttpRecord {
         if status >= 500 {
             span.record("otel.status_code", "ERROR");
         }
+        if self.publish {
+            self.publish_event();
+        }
+    }
+}
+
+impl HttpRecord {
+    /// Completes the event with the bodies' counts and times and the
+    /// duration, and publishes it.
+    fn publish_event(&mut self) {
+        let (req_len, req_first, req_last) = self.request_body.fill();
+        let (resp_len, resp_first, resp_last) = self.response_body.fill();
+        let http = self.object.http.get_or_insert_with(Default::default);
+        if let Some(request) = http.request.as_mut() {
+            request.body_length = Some(req_len);
+            request.first_byte_ts = req_first;
+            request.last_byte_ts = req_last;
+        }
+        if let Some(response) = http.response.as_mut() {
+            response.body_length = Some(resp_len);
+            response.first_byte_ts = resp_first;
+            response.last_byte_ts = resp_last;
+        }
+        self.postern_mut().duration_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
         let object = std::mem::take(&mut self.object);
         let at = self.at;
         self.outcomes
             .publish(|account| Event::http(object, at, account));
+    }
+}
+
+/// The event's description of the request as the visitor sent it.
+fn request_fields<B>(
+    outcomes: &Outcomes,
+    req: &Request<B>,
+    (client, server): (SocketAddr, SocketAddr),
+    host: &str,
+    tls: Option<&TlsMeta>,
+    conn_start: SystemTime,
+) -> HttpRequestComplete {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let raw = format!(
+        "{scheme}://{host}{}",
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    HttpRequestComplete {
+        conn: Some(conn_fields(client, server, host, conn_start)),
+        http: Some(Http {
+            request: Some(HttpRequest {
+                method: Some(req.method().to_string()),
+                version: Some(format!("{:?}", req.version())),
+                headers: Some(normalize_headers(req.headers())),
+                user_agent: req
+                    .headers()
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                url: Some(Url {
+                    raw: Some(raw),
+                    scheme: Some(scheme.to_string()),
+                    host: Some(host.to_string()),
+                    path: Some(path),
+                    query,
+                }),
+                ..Default::default()
+            }),
+            response: None,
+        }),
+        tls: tls.map(|t| Tls {
+            version: Some(t.version.clone()),
+            cipher_suite: Some(t.cipher_suite.clone()),
+            client_cert: None,
+        }),
+        postern: Some(outcomes.postern()),
+        ..Default::default()
     }
 }
 

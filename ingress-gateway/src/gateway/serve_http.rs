@@ -10,13 +10,21 @@ where
 {
     let conn = Arc::new(conn);
     let pools: Arc<Mutex<HashMap<String, UpstreamPool>>> = Arc::default();
+    let upstreams = Upstreams::new(inner.tracker.clone());
     let service_inner = inner.clone();
+    let service_upstreams = upstreams.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let inner = service_inner.clone();
         let conn = conn.clone();
         let pools = pools.clone();
+        let upstreams = service_upstreams.clone();
         async move {
-            Ok::<_, std::convert::Infallible>(handle_request(&inner, &conn, &pools, req).await)
+            let visitor = VisitorConn {
+                conn: &conn,
+                pools: &pools,
+                upstreams: &upstreams,
+            };
+            Ok::<_, std::convert::Infallible>(handle_request(&inner, visitor, req).await)
         }
     });
     let connection = inner
@@ -27,17 +35,29 @@ where
         Some(graceful) => graceful.watch(connection),
         None => return, // draining: do not start new connections
     };
-    if let Err(e) = watched.await {
+    // The upstream connections its requests use run in this task too.
+    if let Err(e) = upstreams.drive(Box::pin(watched)).await {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
+/// The visitor connection a request arrived on, and the upstream
+/// connections its requests use.
+#[derive(Clone, Copy)]
+struct VisitorConn<'a> {
+    conn: &'a ConnInfo,
+    /// Upstream pools of this connection's own: those of endpoints whose
+    /// streams carry the visitor's address (PROXY headers).
+    pools: &'a Mutex<HashMap<String, UpstreamPool>>,
+    upstreams: &'a Upstreams,
+}
+
 async fn handle_request(
     inner: &Inner,
-    conn: &ConnInfo,
-    pools: &Mutex<HashMap<String, UpstreamPool>>,
+    visitor: VisitorConn<'_>,
     req: Request<Incoming>,
 ) -> http::Response<Counted<proxy::ProxyBody>> {
+    let conn = visitor.conn;
     bump(&inner.stats.http_requests);
     let host = proxy::request_host(&req).map(normalize_host);
     let shown_host = match &host {
@@ -79,7 +99,7 @@ async fn handle_request(
                 Some(oauth) if oauth.is_auth_host(&host) => {
                     auth_host_request(oauth, conn, &host, &req).await
                 }
-                _ => route_request(inner, conn, pools, &mut record, client_ip, &host, req).await,
+                _ => route_request(inner, visitor, &mut record, client_ip, &host, req).await,
             },
             (Some(Err(e)), None) => proxy::close_after(proxy::error_response(&Failure::new(
                 ErrorCode::BAD_HOST,
@@ -96,16 +116,15 @@ async fn handle_request(
     record.finish(response)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn route_request(
     inner: &Inner,
-    conn: &ConnInfo,
-    pools: &Mutex<HashMap<String, UpstreamPool>>,
+    visitor: VisitorConn<'_>,
     record: &mut HttpRecord,
     client_ip: IpAddr,
     host: &str,
     req: Request<Counted<Incoming>>,
 ) -> http::Response<proxy::ProxyBody> {
+    let conn = visitor.conn;
     let (route, sni_route) = {
         let routes = inner.routes.read().expect("routes lock");
         let route = routes.lookup(host).cloned();
@@ -133,8 +152,7 @@ async fn route_request(
     proxy::strip_reserved(req.headers_mut());
     let visit = Visit {
         inner,
-        conn,
-        pools,
+        visitor,
         client_ip,
         host,
         hops: 0,
@@ -150,8 +168,7 @@ const MAX_HOPS: u8 = 3;
 /// forwarding need, and how many internal hops it has taken.
 struct Visit<'a> {
     inner: &'a Inner,
-    conn: &'a ConnInfo,
-    pools: &'a Mutex<HashMap<String, UpstreamPool>>,
+    visitor: VisitorConn<'a>,
     client_ip: IpAddr,
     /// The routed name the visitor asked for.
     host: &'a str,
@@ -167,7 +184,7 @@ impl Visit<'_> {
         mut req: Request<VisitorBody>,
         record: &mut HttpRecord,
     ) -> http::Response<proxy::ProxyBody> {
-        let (inner, conn, host) = (self.inner, self.conn, self.host);
+        let (inner, conn, host) = (self.inner, self.visitor.conn, self.host);
         let policy = &route.policy;
         let facts = (!policy.is_empty()).then(|| {
             let conn_facts = ConnFacts {
@@ -231,6 +248,7 @@ impl Visit<'_> {
         let pool = match &member.shared_pool {
             Some(pool) => pool.clone(),
             None => self
+                .visitor
                 .pools
                 .lock()
                 .expect("pools lock")
@@ -249,7 +267,8 @@ impl Visit<'_> {
         let mut response = if member.forwarding.websocket_tcp {
             proxy::websocket_to_tcp(&pool, req, &inner.tracker).await
         } else {
-            proxy::forward(&member.endpoint, &pool, conn, host, req, &inner.tracker).await
+            let upstream = (self.visitor.upstreams, &pool);
+            proxy::forward(&member.endpoint, upstream, conn, host, req, &inner.tracker).await
         };
         if let Some(ServedBy(endpoint)) = response.extensions().get::<ServedBy>() {
             record.served_by(endpoint);

@@ -1,0 +1,504 @@
+//! Upstream HTTP connections, each over a tunnel data stream of its own.
+//!
+//! An HTTP/1.1 connection is driven by the task of the visitor connection
+//! whose request it carries ([`Upstreams`], wrapped around that visitor
+//! connection with [`Upstreams::drive`]): a request is written to the data
+//! stream and its response read back in the task that read the request and
+//! writes the response, with no hand-off to a connection task of its own in
+//! between. Between requests a connection waits, not driven, in its
+//! endpoint's pool, for the next request of any visitor; a closed one is
+//! noticed when it is taken out. HTTP/2 upstreams multiplex every visitor's
+//! requests on one connection, which runs on a task of its own.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use http::{Request, Response, Uri};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use postern_proto::{ErrorCode, Failure, pb, tunnel_io};
+
+use super::{TunnelConn, VisitorBody};
+use crate::{
+    endpoint::{ClaimedStream, Endpoint, ServedBy},
+    route::Pool,
+};
+
+/// How long an idle upstream connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle upstream connections kept per pool at most.
+const MAX_IDLE: usize = 256;
+
+/// An HTTP/1.1 connection with upgrades (hyper does not name its type).
+type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+type H1Sender = http1::SendRequest<VisitorBody>;
+
+/// HTTP connections to one endpoint's upstream, kept alive and reused
+/// across visitors.
+#[derive(Clone)]
+pub struct UpstreamPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    connector: ConnectorInner,
+    http2: bool,
+    /// Idle HTTP/1.1 connections, the most recently used last.
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection all requests share while it is open.
+    h2: tokio::sync::Mutex<Option<(http2::SendRequest<VisitorBody>, ServedBy)>>,
+}
+
+/// An HTTP/1.1 connection and the endpoint whose stream carries it.
+struct H1 {
+    sender: H1Sender,
+    conn: H1Conn,
+    served: ServedBy,
+}
+
+struct Idle {
+    upstream: H1,
+    since: Instant,
+}
+
+impl UpstreamPool {
+    /// `client` is the address put in each stream's `open` frame (the agent
+    /// writes it into PROXY headers). Endpoints with PROXY headers therefore
+    /// get one pool per visitor connection; the others share one. When the
+    /// endpoint's agent is gone, a new connection comes from another
+    /// endpoint of its `pool`.
+    /// `(client, server)` are the visitor's and the edge's addresses;
+    /// `http2`: the upstream speaks HTTP/2 (h2c on the tunnel stream).
+    pub(crate) fn new(
+        endpoint: Arc<Endpoint>,
+        pool: Weak<Pool>,
+        (client, server): (SocketAddr, SocketAddr),
+        name: String,
+        http2: bool,
+    ) -> UpstreamPool {
+        UpstreamPool {
+            inner: Arc::new(PoolInner {
+                connector: ConnectorInner {
+                    endpoint,
+                    pool,
+                    client,
+                    server,
+                    name,
+                },
+                http2,
+                idle: Mutex::default(),
+                h2: tokio::sync::Mutex::default(),
+            }),
+        }
+    }
+
+    /// Whether the upstream speaks HTTP/2.
+    pub(crate) fn http2(&self) -> bool {
+        self.inner.http2
+    }
+
+    /// A tunnel stream of its own, outside the HTTP connections.
+    pub(crate) async fn open_stream(&self) -> Result<TunnelConn, Failure> {
+        self.inner.connector.connect().await
+    }
+}
+
+impl PoolInner {
+    fn park(&self, upstream: H1) {
+        let mut idle = self.idle.lock().expect("idle lock");
+        idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            upstream,
+            since: Instant::now(),
+        });
+    }
+
+    /// The most recently used idle connection that is still open. Each is
+    /// polled once (with `cx`, the task that will drive it) to take in an
+    /// end the agent sent while it waited.
+    fn unpark(&self, cx: &mut Context<'_>) -> Option<H1> {
+        loop {
+            let Idle {
+                mut upstream,
+                since,
+            } = self.idle.lock().expect("idle lock").pop()?;
+            if since.elapsed() >= IDLE_TIMEOUT {
+                // The others waited longer still.
+                self.idle.lock().expect("idle lock").clear();
+                return None;
+            }
+            if upstream.conn.as_mut().poll(cx).is_pending() && upstream.sender.is_ready() {
+                return Some(upstream);
+            }
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<H1, UpstreamError> {
+        let io = self
+            .connector
+            .connect()
+            .await
+            .map_err(UpstreamError::from)?;
+        let served = io.served.clone();
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::from)?;
+        Ok(H1 {
+            sender,
+            conn: Box::pin(conn.with_upgrades()),
+            served,
+        })
+    }
+
+    async fn send_h2(
+        &self,
+        req: Request<VisitorBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut retried = false;
+        let mut req = req;
+        loop {
+            let (mut sender, served) = {
+                let mut shared = self.h2.lock().await;
+                match shared.as_ref().filter(|(s, _)| !s.is_closed()) {
+                    Some(open) => open.clone(),
+                    None => {
+                        let io = self
+                            .connector
+                            .connect()
+                            .await
+                            .map_err(UpstreamError::from)?;
+                        let served = io.served.clone();
+                        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                            .handshake(io)
+                            .await
+                            .map_err(UpstreamError::from)?;
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
+                            }
+                        });
+                        *shared = Some((sender.clone(), served.clone()));
+                        (sender, served)
+                    }
+                }
+            };
+            match sender.try_send_request(req).await {
+                Ok(mut response) => {
+                    response.extensions_mut().insert(served);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(message) if !retried => (retried, req) = (true, message),
+                    _ => return Err(UpstreamError::Hyper(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// The upstream connections the requests of one visitor connection are
+/// using, driven by that connection's task. Cloned into each request.
+#[derive(Clone)]
+pub(crate) struct Upstreams {
+    active: Arc<Mutex<Active>>,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+#[derive(Default)]
+struct Active {
+    slots: Vec<Slot>,
+    /// The visitor connection's task, to wake when a request started on
+    /// another task (HTTP/2 visitors) adds a connection to drive.
+    waker: Option<Waker>,
+    /// That task.
+    task: Option<tokio::task::Id>,
+    next_id: u64,
+}
+
+struct Slot {
+    id: u64,
+    pool: Arc<PoolInner>,
+    /// Taken while a request is being sent.
+    sender: Option<H1Sender>,
+    conn: H1Conn,
+    served: ServedBy,
+}
+
+impl Upstreams {
+    /// `tracker` runs the connections still busy (an upgrade under way)
+    /// when the visitor connection ends.
+    pub(crate) fn new(tracker: tokio_util::task::TaskTracker) -> Upstreams {
+        Upstreams {
+            active: Arc::default(),
+            tracker,
+        }
+    }
+
+    /// Runs `connection` (a visitor connection) and, in the same task, the
+    /// upstream connections its requests use.
+    pub(crate) fn drive<F: Future + Unpin>(self, connection: F) -> Driven<F> {
+        Driven {
+            connection,
+            upstreams: self,
+        }
+    }
+
+    /// Sends `req` to `pool`'s upstream: on an idle connection if there
+    /// is one, else on a new data stream. A request that never left (the
+    /// connection had closed meanwhile) is sent once more on another.
+    pub(crate) async fn send(
+        &self,
+        pool: &UpstreamPool,
+        req: Request<VisitorBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let pool = &pool.inner;
+        if pool.http2 {
+            return pool.send_h2(req).await;
+        }
+        let mut retried = false;
+        let mut req = req;
+        loop {
+            let (id, mut sender, served) = self.checkout(pool).await?;
+            let result = sender.try_send_request(req).await;
+            self.checkin(id, sender);
+            match result {
+                Ok(mut response) => {
+                    response.extensions_mut().insert(served);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(message) if !retried => (retried, req) = (true, message),
+                    _ => return Err(UpstreamError::Hyper(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// A connection to `pool`'s upstream that is ready for a request, now
+    /// driven by this visitor connection's task.
+    async fn checkout(
+        &self,
+        pool: &Arc<PoolInner>,
+    ) -> Result<(u64, H1Sender, ServedBy), UpstreamError> {
+        let driver = self.active.lock().expect("upstreams lock").waker.clone();
+        let parked = match &driver {
+            Some(waker) => pool.unpark(&mut Context::from_waker(waker)),
+            None => None,
+        };
+        let upstream = match parked {
+            Some(upstream) => upstream,
+            None => pool.connect_h1().await?,
+        };
+        let mut active = self.active.lock().expect("upstreams lock");
+        let id = active.next_id;
+        active.next_id += 1;
+        active.slots.push(Slot {
+            id,
+            pool: pool.clone(),
+            sender: None,
+            conn: upstream.conn,
+            served: upstream.served.clone(),
+        });
+        // The visitor connection's task polls its connections right after
+        // this request; a request running on a task of its own (an HTTP/2
+        // visitor's) must wake it.
+        if active.task != tokio::task::try_id()
+            && let Some(waker) = &active.waker
+        {
+            waker.wake_by_ref();
+        }
+        Ok((id, upstream.sender, upstream.served))
+    }
+
+    /// Gives the sender back to its connection once the request is sent.
+    fn checkin(&self, id: u64, sender: H1Sender) {
+        let mut active = self.active.lock().expect("upstreams lock");
+        if let Some(slot) = active.slots.iter_mut().find(|s| s.id == id) {
+            slot.sender = Some(sender);
+        }
+    }
+
+    /// Polls every upstream connection in use; one that has answered its
+    /// request in full goes back to its pool, one that ended is dropped.
+    fn poll_upstreams(&self, cx: &mut Context<'_>) {
+        let mut active = self.active.lock().expect("upstreams lock");
+        if !active
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            active.waker = Some(cx.waker().clone());
+            active.task = tokio::task::try_id();
+        }
+        let mut i = 0;
+        while i < active.slots.len() {
+            let slot = &mut active.slots[i];
+            if let Poll::Ready(result) = slot.conn.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                active.slots.swap_remove(i);
+            } else if slot.sender.as_ref().is_some_and(H1Sender::is_ready) {
+                let Slot {
+                    pool,
+                    sender,
+                    conn,
+                    served,
+                    ..
+                } = active.slots.swap_remove(i);
+                let sender = sender.expect("checked above");
+                pool.park(H1 {
+                    sender,
+                    conn,
+                    served,
+                });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The visitor connection ended: idle connections go back to their
+    /// pools; a busy one (an upgraded connection being handed over, a
+    /// response nobody reads any more) finishes on a task of its own.
+    fn finish(&self) {
+        let slots = std::mem::take(&mut self.active.lock().expect("upstreams lock").slots);
+        for slot in slots {
+            match slot.sender {
+                Some(sender) if sender.is_ready() => slot.pool.park(H1 {
+                    sender,
+                    conn: slot.conn,
+                    served: slot.served,
+                }),
+                _ => {
+                    self.tracker.spawn(async move {
+                        if let Err(e) = slot.conn.await {
+                            tracing::debug!(error = %e, "upstream connection ended");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A visitor connection and the upstream connections its requests use,
+/// polled together.
+pub(crate) struct Driven<F> {
+    connection: F,
+    upstreams: Upstreams,
+}
+
+impl<F: Future + Unpin> Future for Driven<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        this.upstreams.poll_upstreams(cx);
+        let output = Pin::new(&mut this.connection).poll(cx);
+        this.upstreams.poll_upstreams(cx);
+        if output.is_ready() {
+            this.upstreams.finish();
+        }
+        output
+    }
+}
+
+struct ConnectorInner {
+    endpoint: Arc<Endpoint>,
+    pool: Weak<Pool>,
+    client: SocketAddr,
+    server: SocketAddr,
+    name: String,
+}
+
+impl ConnectorInner {
+    /// A stream from this endpoint's agent or, when it is gone, another
+    /// member of the pool; and the endpoint that gave it.
+    async fn claim(&self) -> Result<(Arc<Endpoint>, ClaimedStream), Failure> {
+        let pool = self.pool.upgrade();
+        let member = pool.as_ref().and_then(|pool| {
+            pool.members()
+                .iter()
+                .find(|m| Arc::ptr_eq(&m.endpoint, &self.endpoint))
+                .cloned()
+        });
+        match (pool, member) {
+            (Some(pool), Some(member)) => {
+                let (member, claimed) = pool.claim(member).await?;
+                Ok((member.endpoint.clone(), claimed))
+            }
+            _ => Ok((self.endpoint.clone(), self.endpoint.source.claim().await?)),
+        }
+    }
+
+    /// "Connects" to the upstream by claiming a data stream from the agent.
+    async fn connect(&self) -> Result<TunnelConn, Failure> {
+        let (endpoint, claimed) = self.claim().await?;
+        let open = pb::Frame {
+            open: Some(pb::StreamOpen {
+                endpoint_id: endpoint.id.clone(),
+                client_addr: self.client.to_string(),
+                server_addr: self.server.to_string(),
+                server_name: self.name.clone(),
+                // A kept-alive stream outlives any one request: each
+                // request carries its trace context in its headers.
+                traceparent: String::new(),
+            }),
+            ..Default::default()
+        };
+        let (io, frames) = tunnel_io(claimed.inbound, vec![open]);
+        claimed.attach.send(Box::pin(frames)).map_err(|_| {
+            Failure::new(
+                ErrorCode::AGENT_FORWARD_FAILED,
+                "the agent's data stream closed",
+            )
+        })?;
+        Ok(TunnelConn {
+            io: TokioIo::new(io),
+            served: ServedBy(endpoint),
+            _permit: claimed.permit,
+        })
+    }
+}
+
+/// Why a request got no response from the upstream.
+pub(crate) enum UpstreamError {
+    /// No data stream (the agent is gone, at its limit, ...).
+    Stream(Failure),
+    /// The HTTP exchange on the stream failed.
+    Hyper(hyper::Error),
+}
+
+impl From<Failure> for UpstreamError {
+    fn from(failure: Failure) -> Self {
+        UpstreamError::Stream(failure)
+    }
+}
+
+impl From<hyper::Error> for UpstreamError {
+    fn from(e: hyper::Error) -> Self {
+        UpstreamError::Hyper(e)
+    }
+}
+
+/// A request target: the origin form HTTP/1.1 sends (`/path?query`), or the
+/// absolute form HTTP/2 takes `:scheme` and `:authority` from.
+pub(super) fn request_target(path_and_query: &str) -> Result<Uri, Failure> {
+    path_and_query
+        .parse()
+        .map_err(|_| Failure::new(ErrorCode::BAD_HOST, "the request target is invalid"))
+}
