@@ -157,6 +157,23 @@ const TRAFFIC_POLICY: Field = field(
     "A Traffic Policy document as YAML or JSON text (@policy.yml reads the file); it runs before the agent's. A policy needs CAs, a Traffic Policy or both.",
 );
 
+const ACL: Field = field(
+    "acl",
+    Kind::List,
+    "ngrok ACL rules: bind:app.example.com, bind:*.example.com, bind:*:20000. None: any name.",
+);
+
+/// What an update of a credential (a token's or an SSH key's) may change.
+const CREDENTIAL_UPDATE: &[Field] = &[
+    field(
+        "acl",
+        Kind::List,
+        "The new ACL rules (replace the old ones).",
+    ),
+    DESCRIPTION,
+    METADATA,
+];
+
 /// Reserved domains and agent ingresses: a domain with an owner.
 const NAMED_VERBS: &[Verb] = &[
     Verb::Create(&[DOMAIN, DESCRIPTION, METADATA, OWNER_ID]),
@@ -174,27 +191,33 @@ const RESOURCES: &[Resource] = &[
         noun: "credential",
         about: "Agent authtokens with their ACLs (a token is shown once, when created).",
         verbs: &[
+            Verb::Create(&[ACL, DESCRIPTION, METADATA, OWNER_ID]),
+            Verb::List(&[]),
+            Verb::Get,
+            Verb::Update(CREDENTIAL_UPDATE),
+            Verb::Delete,
+        ],
+    },
+    Resource {
+        name: "ssh-credentials",
+        path: "ssh_credentials",
+        noun: "ssh credential",
+        about: "SSH public keys that log in to the edge's SSH ingress (ssh -R), with their ACLs.",
+        verbs: &[
             Verb::Create(&[
-                field(
-                    "acl",
-                    Kind::List,
-                    "ngrok ACL rules: bind:app.example.com, bind:*.example.com, bind:*:20000. None: any name.",
+                required(
+                    "public_key",
+                    Kind::Text,
+                    "The key in OpenSSH's authorized_keys format: ssh-ed25519 AAAA… comment; @id_ed25519.pub reads the file.",
                 ),
+                ACL,
                 DESCRIPTION,
                 METADATA,
                 OWNER_ID,
             ]),
             Verb::List(&[]),
             Verb::Get,
-            Verb::Update(&[
-                field(
-                    "acl",
-                    Kind::List,
-                    "The new ACL rules (replace the old ones).",
-                ),
-                DESCRIPTION,
-                METADATA,
-            ]),
+            Verb::Update(CREDENTIAL_UPDATE),
             Verb::Delete,
         ],
     },
@@ -758,6 +781,22 @@ mod tests {
         assert_eq!(
             (&call.method, call.body),
             (&Method::PATCH, Some(json!({"active": false})))
+        );
+        let call = parse(&[
+            "ssh-credentials",
+            "create",
+            "--public-key",
+            "ssh-ed25519 AAAA k",
+            "--acl",
+            "bind:a.test",
+        ]);
+        assert_eq!(
+            (&call.method, call.path.as_str(), call.body),
+            (
+                &Method::POST,
+                "/ssh_credentials",
+                Some(json!({"public_key": "ssh-ed25519 AAAA k", "acl": ["bind:a.test"]}))
+            )
         );
     }
 }

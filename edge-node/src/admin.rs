@@ -27,7 +27,7 @@ use crate::{
     ca_store::{CaRecord, CaStore, NewCa, StoredCa},
     cluster::{
         AgentIngress, BotUser, ClusterNode, Credential, EndpointPolicyRecord, EventSubscription,
-        ReservedDomain,
+        ReservedDomain, SshCredential,
     },
 };
 
@@ -138,6 +138,9 @@ pub async fn handle(
         )),
         (_, ["oauth_sessions", ..]) => oauth_sessions::handle(state, req, &segments[1..]).await,
         (_, ["credentials", ..]) => objects::handle::<Credential>(state, req, &segments[1..]).await,
+        (_, ["ssh_credentials", ..]) => {
+            objects::handle::<SshCredential>(state, req, &segments[1..]).await
+        }
         (_, ["bot_users", ..]) => objects::handle::<BotUser>(state, req, &segments[1..]).await,
         (_, ["reserved_domains", ..]) => {
             objects::handle::<ReservedDomain>(state, req, &segments[1..]).await

@@ -1,6 +1,9 @@
 //! Authtokens: stored only as SHA-256 hashes, looked up by the hash of what
 //! an agent presents, so the comparison reveals nothing through timing and a
-//! leaked config or store reveals no token.
+//! leaked config or store reveals no token. SSH keys registered through the
+//! admin API are looked up the same way, by the SHA-256 of the key (what
+//! `ssh-keygen -l` shows as its fingerprint), and give the same kind of
+//! record: an ACL and the credential it came from.
 
 use std::{collections::HashMap, sync::RwLock};
 
@@ -24,10 +27,11 @@ pub enum TokenError {
     NotSha256,
 }
 
-/// One authtoken's record.
+/// One authtoken's record, or an SSH key's.
 #[derive(Clone, Debug)]
 pub struct AuthtokenRecord {
-    /// Hex SHA-256 of the token; also its id in logs (first 12 chars).
+    /// Hex SHA-256 of the token (of the key's wire form for an SSH key);
+    /// also its id in logs (first 12 chars).
     pub sha256: String,
     pub acl: Acl,
     pub description: String,
@@ -36,12 +40,32 @@ pub struct AuthtokenRecord {
     pub credential: Option<CredentialRef>,
 }
 
-/// Which API credential a token is, and whose.
+/// Which API credential a token or SSH key is, and whose.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CredentialRef {
     pub id: String,
     pub owner_id: Option<String>,
 }
+
+impl CredentialRef {
+    /// Whether the credential `id` is an SSH key's (by its prefix).
+    pub fn is_ssh_key(id: &str) -> bool {
+        id.starts_with(SSH_CREDENTIAL_PREFIX)
+    }
+
+    /// Where the admin API shows the credential `id`: `/credentials/…` or
+    /// `/ssh_credentials/…`.
+    pub fn uri(id: &str) -> String {
+        if Self::is_ssh_key(id) {
+            format!("/ssh_credentials/{id}")
+        } else {
+            format!("/credentials/{id}")
+        }
+    }
+}
+
+/// The prefix of SSH credentials' ids (ngrok's).
+pub const SSH_CREDENTIAL_PREFIX: &str = "sshcr_";
 
 fn sha256_hex(token: &str) -> String {
     hex::encode(ring::digest::digest(
@@ -106,25 +130,39 @@ fn check_shape(token: &str) -> Result<(), Failure> {
 }
 
 /// The known authtokens: those of the config file, and in a cluster the
-/// credentials created through the admin API of any node.
+/// credentials and SSH keys registered through the admin API of any node.
 #[derive(Debug, Default)]
 pub struct Authtokens {
     by_hash: HashMap<String, AuthtokenRecord>,
-    credentials: RwLock<HashMap<String, AuthtokenRecord>>,
+    credentials: RwLock<ApiCredentials>,
+}
+
+/// The admin API's credentials, each set by the hash it is looked up by.
+#[derive(Debug, Default)]
+struct ApiCredentials {
+    tokens: HashMap<String, AuthtokenRecord>,
+    ssh_keys: HashMap<String, AuthtokenRecord>,
+}
+
+fn by_hash(records: Vec<AuthtokenRecord>) -> HashMap<String, AuthtokenRecord> {
+    records.into_iter().map(|r| (r.sha256.clone(), r)).collect()
 }
 
 impl Authtokens {
     pub fn new(records: Vec<AuthtokenRecord>) -> Self {
         Authtokens {
-            by_hash: records.into_iter().map(|r| (r.sha256.clone(), r)).collect(),
+            by_hash: by_hash(records),
             credentials: RwLock::default(),
         }
     }
 
-    /// Replaces the API credentials (the cluster's current set).
-    pub fn set_credentials(&self, records: Vec<AuthtokenRecord>) {
-        *self.credentials.write().expect("credentials lock") =
-            records.into_iter().map(|r| (r.sha256.clone(), r)).collect();
+    /// Replaces the API credentials (the cluster's current set): tokens,
+    /// and SSH keys by the hash of the key.
+    pub fn set_credentials(&self, tokens: Vec<AuthtokenRecord>, ssh_keys: Vec<AuthtokenRecord>) {
+        *self.credentials.write().expect("credentials lock") = ApiCredentials {
+            tokens: by_hash(tokens),
+            ssh_keys: by_hash(ssh_keys),
+        };
     }
 
     fn lookup(&self, sha256: &str) -> Option<AuthtokenRecord> {
@@ -132,14 +170,32 @@ impl Authtokens {
             self.credentials
                 .read()
                 .expect("credentials lock")
+                .tokens
                 .get(sha256)
                 .cloned()
         })
     }
 
-    /// Whether a token (by hash) is still valid.
+    /// Whether a session's token or SSH key (by hash) is still valid.
     pub fn knows(&self, sha256: &str) -> bool {
         self.lookup(sha256).is_some()
+            || self
+                .credentials
+                .read()
+                .expect("credentials lock")
+                .ssh_keys
+                .contains_key(sha256)
+    }
+
+    /// The record of a registered SSH key, by the hex SHA-256 of its wire
+    /// form.
+    pub fn ssh_key(&self, sha256: &str) -> Option<AuthtokenRecord> {
+        self.credentials
+            .read()
+            .expect("credentials lock")
+            .ssh_keys
+            .get(sha256)
+            .cloned()
     }
 
     /// The record for a presented token. Unknown and revoked tokens get the
@@ -197,14 +253,20 @@ mod tests {
         let cred =
             AuthtokenRecord::from_token("api-credential-1", Acl::default(), "c".into()).unwrap();
         let hash = cred.sha256.clone();
-        tokens.set_credentials(vec![cred]);
+        let key =
+            AuthtokenRecord::from_sha256_hex(&"ab".repeat(32), Acl::default(), "k".into()).unwrap();
+        tokens.set_credentials(vec![cred], vec![key.clone()]);
         assert!(tokens.knows(&hash));
+        assert!(tokens.knows(&key.sha256), "an SSH key's session is valid");
+        assert_eq!(tokens.ssh_key(&key.sha256).unwrap().description, "k");
+        assert!(tokens.ssh_key(&hash).is_none(), "a token is no SSH key");
         assert_eq!(
             tokens.authenticate("api-credential-1").unwrap().description,
             "c"
         );
-        tokens.set_credentials(Vec::new());
+        tokens.set_credentials(Vec::new(), Vec::new());
         assert!(!tokens.knows(&hash), "revoked");
+        assert!(!tokens.knows(&key.sha256), "revoked");
         assert_eq!(
             tokens.authenticate("api-credential-1").unwrap_err().code,
             ErrorCode::AUTHTOKEN_INVALID

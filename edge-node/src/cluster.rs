@@ -7,8 +7,9 @@
 //!   hybrid logical clock, tombstoned on delete) and every node's store
 //!   follows it, each CA checked again on arrival as an upload is;
 //! - the API credentials (authtokens created through `/credentials`, kept
-//!   as SHA-256 hashes with their ACLs): an agent may connect to any node
-//!   with one, and a credential deleted anywhere closes its sessions
+//!   as SHA-256 hashes with their ACLs, and SSH public keys registered
+//!   through `/ssh_credentials`): an agent or SSH client may connect to any
+//!   node with one, and a credential deleted anywhere closes its sessions
 //!   everywhere.
 //!
 //! - bot users, reserved domains and agent ingresses (`objects`): who owns
@@ -52,6 +53,7 @@ use crate::{
     config::EndpointPolicy,
     node_link::NodeLinks,
     registry::{ClusterView, Registry},
+    ssh::AuthorizedKey,
 };
 
 pub use config::{ClusterConfig, RawCluster};
@@ -67,11 +69,10 @@ impl Kind for CaRecord {
     const KIND: &'static str = "ca";
 }
 
-/// An authtoken created through the admin API (`/credentials`): only its
-/// hash is kept, with ngrok's `acl` rules.
+/// What every credential of the admin API holds besides its secret.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Credential {
-    pub token_sha256: String,
+pub struct CredentialCommon {
+    /// ngrok's `bind:` rules; none: any name.
     #[serde(default)]
     pub acl: Vec<String>,
     #[serde(default)]
@@ -84,8 +85,32 @@ pub struct Credential {
     pub owner_id: Option<String>,
 }
 
+/// An authtoken created through the admin API (`/credentials`): only its
+/// hash is kept.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Credential {
+    pub token_sha256: String,
+    #[serde(flatten)]
+    pub common: CredentialCommon,
+}
+
 impl Kind for Credential {
     const KIND: &'static str = "credential";
+}
+
+/// An SSH public key registered through the admin API
+/// (`/ssh_credentials`): an SSH client logging in with it binds under its
+/// `acl`, as an agent with a credential's token does.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SshCredential {
+    /// The key as an `authorized_keys` line (`ssh-ed25519 AAAA… comment`).
+    pub public_key: String,
+    #[serde(flatten)]
+    pub common: CredentialCommon,
+}
+
+impl Kind for SshCredential {
+    const KIND: &'static str = "ssh_credential";
 }
 
 /// What a node joins with.
@@ -541,42 +566,56 @@ fn apply_cas(cluster: &Cluster, cas: &CaStore) {
     }
 }
 
-/// Makes the API credentials those of the cluster; a credential whose ACL
-/// does not parse is left out.
+/// Makes the API credentials those of the cluster: tokens and SSH keys of
+/// active owners (or of none). One whose ACL or key does not parse is left
+/// out.
 fn apply_credentials(cluster: &Cluster, tokens: &Authtokens) {
     let active: HashMap<String, bool> = cluster
         .list::<BotUser>()
         .into_iter()
         .map(|(id, bot)| (id, bot.active))
         .collect();
-    let records = cluster
+    let usable = |owner: &Option<String>| {
+        owner
+            .as_ref()
+            .is_none_or(|owner| active.get(owner).copied().unwrap_or(false))
+    };
+    let api_tokens = cluster
         .list::<Credential>()
         .into_iter()
-        .filter(|(_, c)| {
-            c.owner_id
-                .as_ref()
-                .is_none_or(|owner| active.get(owner).copied().unwrap_or(false))
-        })
+        .filter(|(_, c)| usable(&c.common.owner_id))
+        .filter_map(|(id, c)| credential_record(id, c.common, Ok(c.token_sha256)))
+        .collect();
+    let ssh_keys = cluster
+        .list::<SshCredential>()
+        .into_iter()
+        .filter(|(_, c)| usable(&c.common.owner_id))
         .filter_map(|(id, c)| {
-            let acl = Acl::parse(&c.acl)
-                .inspect_err(
-                    |e| tracing::warn!(id, error = %e, "a credential from the cluster is refused"),
-                )
-                .ok()?;
-            let description = format!("credential {id}");
-            let mut record = AuthtokenRecord::from_sha256_hex(&c.token_sha256, acl, description)
-                .inspect_err(
-                    |e| tracing::warn!(id, error = %e, "a credential from the cluster is refused"),
-                )
-                .ok()?;
-            record.credential = Some(CredentialRef {
-                id,
-                owner_id: c.owner_id,
-            });
-            Some(record)
+            let hash = AuthorizedKey::parse(&c.public_key).map(|key| key.sha256);
+            credential_record(id, c.common, hash)
         })
         .collect();
-    tokens.set_credentials(records);
+    tokens.set_credentials(api_tokens, ssh_keys);
+}
+
+/// The record of the cluster's credential `id` (a token's or an SSH key's
+/// `sha256`); `None`, logged, when it cannot be used.
+fn credential_record(
+    id: String,
+    common: CredentialCommon,
+    sha256: Result<String, String>,
+) -> Option<AuthtokenRecord> {
+    let refused = |e: &dyn std::fmt::Display| tracing::warn!(id, error = %e, "a credential from the cluster is refused");
+    let acl = Acl::parse(&common.acl).inspect_err(|e| refused(e)).ok()?;
+    let sha256 = sha256.inspect_err(|e| refused(e)).ok()?;
+    let mut record = AuthtokenRecord::from_sha256_hex(&sha256, acl, format!("credential {id}"))
+        .inspect_err(|e| refused(e))
+        .ok()?;
+    record.credential = Some(CredentialRef {
+        id,
+        owner_id: common.owner_id,
+    });
+    Some(record)
 }
 
 /// Makes the pipeline's runtime subscriptions the cluster's event
@@ -642,7 +681,11 @@ async fn follow(
             Ok(Change::Config(kind)) if kind == CaRecord::KIND => {
                 apply_cas(&node.cluster, &node.cas)
             }
-            Ok(Change::Config(kind)) if kind == Credential::KIND || kind == BotUser::KIND => {
+            Ok(Change::Config(kind))
+                if kind == Credential::KIND
+                    || kind == SshCredential::KIND
+                    || kind == BotUser::KIND =>
+            {
                 apply_credentials(&node.cluster, &node.tokens);
                 registry.revalidate();
             }

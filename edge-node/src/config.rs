@@ -157,6 +157,11 @@ pub struct RawSsh {
     /// its command.
     /// Default `"30s"`.
     pub login_grace: Option<String>,
+    /// Whether a client may log in with an authtoken as its SSH user name
+    /// (`ssh -R … <authtoken>@<edge> http`) besides a public key registered
+    /// through `/ssh_credentials`. Default `true`, as ngrok; `false`
+    /// leaves public keys only.
+    pub allow_authtoken_user: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -337,6 +342,7 @@ pub struct SshSettings {
     pub host_key: Option<HostKey>,
     pub forwards_per_session: usize,
     pub login_grace: Duration,
+    pub allow_authtoken_user: bool,
 }
 
 impl RawSsh {
@@ -363,6 +369,7 @@ impl RawSsh {
                 &self.login_grace,
                 Duration::from_secs(30),
             )?,
+            allow_authtoken_user: self.allow_authtoken_user.unwrap_or(true),
         })
     }
 }
@@ -1077,6 +1084,14 @@ dev_ca = true
             (
                 "domain = \"example.test\"\n[listen]\nhttp = \"\"\n[tls]\ndev_ca = true\n[acme]\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
                 "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[ssh]\nallow_authtoken_users = false",
+                "unknown field `allow_authtoken_users`",
+            ),
+            (
+                "domain = \"example.test\"\n[tls]\ndev_ca = true\n[ssh]\nallow_authtoken_user = \"no\"",
+                "allow_authtoken_user",
             ),
         ];
         for (text, field) in cases {

@@ -37,7 +37,7 @@ use control::edge_message;
 use session::{Bound, Link, StreamPool};
 
 use crate::{
-    auth::{AuthtokenRecord, Authtokens},
+    auth::{AuthtokenRecord, Authtokens, CredentialRef},
     ca_store::CaStore,
     config::{EndpointPolicy, Limits, Required, SessionSettings},
     service::PeerInfo,
@@ -580,8 +580,8 @@ impl Registry {
         }
     }
 
-    /// Closes the sessions whose authtoken is no longer valid (a credential
-    /// revoked anywhere in the cluster).
+    /// Closes the sessions whose authtoken or SSH key is no longer valid (a
+    /// credential revoked anywhere in the cluster).
     pub fn revalidate(&self) {
         let revoked: Vec<Arc<AgentSession>> = self
             .sessions()
@@ -589,14 +589,15 @@ impl Registry {
             .filter(|s| !self.tokens.knows(&s.token_hash))
             .collect();
         for session in revoked {
-            tracing::info!(session.id = %session.id, "the session's authtoken was revoked");
-            self.close(
-                &session,
-                Some(Failure::new(
-                    ErrorCode::AUTHTOKEN_INVALID,
-                    "the authtoken was revoked",
-                )),
-            );
+            let failure = match &session.credential {
+                Some(c) if CredentialRef::is_ssh_key(&c.id) => Failure::new(
+                    ErrorCode::SSH_KEY_UNKNOWN,
+                    format!("the SSH key's credential {} was revoked", c.id),
+                ),
+                _ => Failure::new(ErrorCode::AUTHTOKEN_INVALID, "the authtoken was revoked"),
+            };
+            tracing::info!(session.id = %session.id, error = %failure, "the session's credential was revoked");
+            self.close(&session, Some(failure));
         }
     }
 

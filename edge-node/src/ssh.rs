@@ -1,9 +1,11 @@
 //! The SSH ingress: agentless tunnels over `ssh -R`, for hosts where no
 //! agent may be installed (ngrok's SSH reverse tunnels).
 //!
-//! An SSH connection authenticated by an authtoken as its user name
-//! (`ssh -R … <authtoken>@<edge> http`) becomes an agent session of the
-//! registry like any other: `agent.rs` speaks the tunnel protocol's
+//! An SSH connection authenticated by a public key registered through
+//! `/ssh_credentials` (or, where `ssh.allow_authtoken_user` is on, by an
+//! authtoken as its user name: `ssh -R … <authtoken>@<edge> http`) becomes
+//! an agent session of the registry like any other, with the credential's
+//! ACL: `agent.rs` speaks the tunnel protocol's
 //! control messages to the registry in-process, binds one endpoint per
 //! `-R` forward with the command's options (`command.rs`, ngrok's
 //! grammar), and serves every data stream the gateway claims over a
@@ -23,7 +25,7 @@ mod stream;
 use std::{io, path::Path, sync::Arc, time::Duration};
 
 use russh::keys::{
-    HashAlg, PrivateKey, PublicKey,
+    Algorithm, HashAlg, PrivateKey, PublicKey,
     ssh_key::{LineEnding, private::Ed25519Keypair},
 };
 use tokio::net::TcpListener;
@@ -115,6 +117,64 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::write(path, bytes)
 }
 
+/// An SSH public key as an `authorized_keys` line holds it, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizedKey {
+    /// `ssh-ed25519 AAAA… comment`, as OpenSSH writes it.
+    pub line: String,
+    /// Hex SHA-256 of the key's wire form: what the key is looked up by
+    /// (`ssh-keygen -l` shows it in base64).
+    pub sha256: String,
+}
+
+impl AuthorizedKey {
+    /// One key in OpenSSH's `authorized_keys` format (the `.pub` file's
+    /// line), without options; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<AuthorizedKey, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(
+                "required: an OpenSSH public key such as the line of ~/.ssh/id_ed25519.pub".into(),
+            );
+        }
+        if text.contains("PRIVATE KEY") {
+            return Err(
+                "this is a private key; give the public key, the line of the .pub file".into(),
+            );
+        }
+        if text.lines().count() > 1 {
+            return Err("give one key, on one line".into());
+        }
+        let key = PublicKey::from_openssh(text).map_err(|e| {
+            format!(
+                "not an OpenSSH public key (\"ssh-ed25519 AAAA… comment\", as in a .pub file): {e}"
+            )
+        })?;
+        // What the SSH ingress verifies signatures of.
+        if !matches!(
+            key.algorithm(),
+            Algorithm::Ed25519 | Algorithm::Ecdsa { .. }
+        ) {
+            return Err(format!(
+                "{} keys are not accepted; give an ed25519 or ECDSA key (ssh-keygen -t ed25519)",
+                key.algorithm()
+            ));
+        }
+        let line = key
+            .to_openssh()
+            .map_err(|e| format!("the key cannot be written back in OpenSSH's format: {e}"))?;
+        Ok(AuthorizedKey {
+            line,
+            sha256: key_sha256(&key),
+        })
+    }
+}
+
+/// Hex SHA-256 of a public key's wire form.
+pub fn key_sha256(key: &PublicKey) -> String {
+    hex::encode(key.fingerprint(HashAlg::Sha256).as_bytes())
+}
+
 /// What every connection of the SSH listener shares.
 struct Shared {
     registry: Arc<Registry>,
@@ -137,7 +197,8 @@ pub struct SshServer {
 
 impl SshServer {
     /// Serves `listener` with `key`: connections become sessions of
-    /// `registry`, authenticated against `tokens`. Keepalives on the
+    /// `registry`, authenticated against `tokens` (its SSH keys and
+    /// authtokens). Keepalives on the
     /// heartbeat interval; a client silent for the heartbeat tolerance is
     /// cut, and its endpoints with it.
     pub fn start(
@@ -150,9 +211,12 @@ impl SshServer {
     ) -> SshServer {
         let interval = session.heartbeat_interval;
         let tolerance = session.heartbeat_tolerance;
-        // The user name is the credential: "none" is the only method.
+        // A registered key, or the user name as the authtoken ("none").
         let mut methods = russh::MethodSet::empty();
-        methods.push(russh::MethodKind::None);
+        methods.push(russh::MethodKind::PublicKey);
+        if settings.allow_authtoken_user {
+            methods.push(russh::MethodKind::None);
+        }
         let config = russh::server::Config {
             server_id: russh::SshId::Standard(
                 format!("SSH-2.0-Postern_{}", env!("CARGO_PKG_VERSION")).into(),
@@ -207,6 +271,50 @@ impl SshServer {
             .is_err()
         {
             tracing::warn!("SSH connections did not close within {wait:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuthorizedKey;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPEWz1DBicA2q039NGKERlFI+YaOvCKuVBhF6qQ/3acQ alice@laptop";
+
+    const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDo9pG18dd0FD70aeI1AOUIPrLa0cXlKqX/Wx/wXk222d6dB32uj+ZAMvGMDOGTAaoHAH51VhoOsxT7luCQZoxY2qOOk9vzu0q/EQybhgE2IulakjCnQBWb3AOu0f4Pl5bl12ISky9z2cy3Av+baGu9uDCBxvO/jZJesjyDUh7Mnw== r";
+
+    #[test]
+    fn an_authorized_keys_line_is_read_with_its_fingerprint() {
+        let key = AuthorizedKey::parse(&format!("  {KEY}\n")).unwrap();
+        assert_eq!(key.line, KEY);
+        // `ssh-keygen -l` shows SHA256:1KWRXkgzy1HQYg5KZjlgXAwy+ik0H3gWXW2sVpbcrl0.
+        assert_eq!(
+            key.sha256,
+            "d4a5915e4833cb51d0620e4a6639605c0c32fa29341f78165d6dac5696dcae5d"
+        );
+    }
+
+    #[test]
+    fn what_is_not_one_public_key_is_refused_saying_why() {
+        for (text, want) in [
+            ("", "required"),
+            (
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl\n-----END OPENSSH PRIVATE KEY-----",
+                "private key",
+            ),
+            (&format!("{KEY}\n{KEY}"), "one key"),
+            ("ssh-ed25519 not-base64!", "not an OpenSSH public key"),
+            (
+                &format!("from=\"10.0.0.1\" {KEY}"),
+                "not an OpenSSH public key",
+            ),
+            (
+                RSA,
+                "ssh-rsa keys are not accepted; give an ed25519 or ECDSA key",
+            ),
+        ] {
+            let error = AuthorizedKey::parse(text).unwrap_err();
+            assert!(error.contains(want), "{text:?}: {error}");
         }
     }
 }

@@ -75,6 +75,8 @@ codes! {
     UNKNOWN_ENDPOINT = (335, 400, Agent, "no such endpoint in this session");
     DRAINING = (742, 503, Edge, "the edge node is draining; reconnect to another node");
     // Agentless tunnels over SSH (ngrok's 11xx numbers).
+    SSH_KEY_UNKNOWN = (1102, 400, Agent, "the SSH key is not registered (any more)");
+    SSH_MULTIPLEXING = (1104, 400, Agent, "one SSH connection runs one session channel (no connection sharing)");
     SSH_TOO_MANY_FORWARDS = (1105, 400, Agent, "more remote forwards (ssh -R) than one SSH session may hold");
     SSH_COMMAND_REQUIRED = (1107, 400, Agent, "an SSH tunnel needs a command: http, tls or tcp");
     SSH_UNKNOWN_COMMAND = (1108, 400, Agent, "the SSH command is not http, tls or tcp");

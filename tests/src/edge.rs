@@ -63,6 +63,11 @@ impl TestEdge {
         Self::start_on("127.0.0.1", extra, "test-edge", "us", true).await
     }
 
+    /// As [`TestEdge::start_node`], with the SSH ingress on.
+    pub async fn start_ssh_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
+        Self::start_on("127.0.0.1", extra, node_id, region, true).await
+    }
+
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
     pub async fn start_v6() -> TestEdge {
         Self::start_on("[::1]", "", "test-edge", "us", false).await

@@ -14,7 +14,10 @@ use postern_proto::{ErrorCode, Failure};
 use serde_json::{Value, json};
 
 use super::{AdminState, empty, json_response};
-use crate::cluster::{SessionAd, session_ad};
+use crate::{
+    auth::CredentialRef,
+    cluster::{SessionAd, session_ad},
+};
 
 fn listing(key: &str, items: Vec<Value>) -> Response<Full<Bytes>> {
     json_response(
@@ -83,7 +86,7 @@ fn session_json(id: &str, at: &Location, ad: &SessionAd) -> Value {
         "os": ad.os,
         "ip": ad.ip,
         "started_at": ad.started_at,
-        "credential": ad.credential_id.as_ref().map(|c| json!({ "id": c, "uri": format!("/credentials/{c}") })),
+        "credential": ad.credential_id.as_ref().map(|c| json!({ "id": c, "uri": CredentialRef::uri(c) })),
         "region": at.region,
         "node_id": at.node_id,
     })

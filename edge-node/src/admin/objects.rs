@@ -6,6 +6,10 @@
 //! - `/bot_users`: `{name, active}`; deleting one deletes its credentials.
 //! - `/credentials`: `{description, metadata, acl, owner_id}`; the token
 //!   is in the answer to the `POST` only.
+//! - `/ssh_credentials`: `{public_key, description, metadata, acl,
+//!   owner_id}`, the key in OpenSSH's `authorized_keys` format: SSH clients
+//!   log in to the SSH ingress with it and bind under its `acl`; the key is
+//!   fixed once created (a `PATCH` changes the rest).
 //! - `/reserved_domains`: `{domain, description, metadata, owner_id}`,
 //!   exact or `*.` wildcard: the name and everything under it may be bound
 //!   only by the owner's credentials.
@@ -36,13 +40,15 @@ use super::{AdminState, empty, json_response, read_body};
 use crate::{
     acl::Acl,
     acme::CertStatus,
-    auth::AuthtokenRecord,
+    auth::{AuthtokenRecord, CredentialRef, SSH_CREDENTIAL_PREFIX},
     ca_store::now_rfc3339,
     cluster::{
-        AgentIngress, BotUser, CertificatePolicy, ClusterNode, Credential, EndpointPolicyRecord,
-        EventSubscription, KeyType, ReservedDomain, bad, check_text, parse_domain,
+        AgentIngress, BotUser, CertificatePolicy, ClusterNode, Credential, CredentialCommon,
+        EndpointPolicyRecord, EventSubscription, KeyType, ReservedDomain, SshCredential, bad,
+        check_text, parse_domain,
     },
     config::EndpointPolicy,
+    ssh::AuthorizedKey,
 };
 
 /// One kind of object on the admin API.
@@ -63,7 +69,7 @@ pub trait Resource: Kind + Clone {
     fn update(self, node: &ClusterNode, update: Self::Update) -> Result<Self, Failure>;
     /// The object as the API shows it.
     fn json(&self, node: &ClusterNode, id: &str) -> Value;
-    /// Ids of credentials to delete with it.
+    /// Ids of credentials (tokens' and SSH keys') to delete with it.
     fn owned_credentials(_node: &ClusterNode, _id: &str) -> Vec<String> {
         Vec::new()
     }
@@ -125,7 +131,11 @@ pub async fn handle<R: Resource>(
                 return Err(not_found(id));
             }
             for credential in owned {
-                node.delete_object::<Credential>(&credential).await?;
+                if CredentialRef::is_ssh_key(&credential) {
+                    node.delete_object::<SshCredential>(&credential).await?;
+                } else {
+                    node.delete_object::<Credential>(&credential).await?;
+                }
             }
             tracing::info!(id, kind = R::NAME, "deleted");
             Ok(empty(StatusCode::NO_CONTENT))
@@ -251,12 +261,23 @@ impl Resource for BotUser {
     }
 
     fn owned_credentials(node: &ClusterNode, id: &str) -> Vec<String> {
-        node.objects::<Credential>()
-            .into_iter()
-            .filter(|(_, c)| c.owner_id.as_deref() == Some(id))
-            .map(|(credential, _)| credential)
-            .collect()
+        let mut owned = owned_by::<Credential>(node, id, |c| &c.common.owner_id);
+        owned.extend(owned_by::<SshCredential>(node, id, |c| &c.common.owner_id));
+        owned
     }
+}
+
+/// Ids of the objects of a kind that `owner` owns.
+fn owned_by<R: Resource>(
+    node: &ClusterNode,
+    owner: &str,
+    owner_of: fn(&R) -> &Option<String>,
+) -> Vec<String> {
+    node.objects::<R>()
+        .into_iter()
+        .filter(|(_, object)| owner_of(object).as_deref() == Some(owner))
+        .map(|(id, _)| id)
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,12 +293,68 @@ pub struct NewCredential {
     owner_id: Option<String>,
 }
 
+/// What a `PATCH` may change of a credential, a token's or an SSH key's.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialUpdate {
     #[serde(flatten)]
     text: TextUpdate,
     acl: Option<Vec<String>>,
+}
+
+impl CredentialUpdate {
+    fn apply(self, common: &mut CredentialCommon) -> Result<(), Failure> {
+        if let Some(acl) = &self.acl {
+            check_acl(acl)?;
+        }
+        self.text
+            .apply(&mut common.description, &mut common.metadata)?;
+        if let Some(acl) = self.acl {
+            common.acl = acl;
+        }
+        Ok(())
+    }
+}
+
+/// A new credential's checked fields, from a `POST` body's.
+fn new_credential(
+    node: &ClusterNode,
+    description: String,
+    metadata: String,
+    acl: Vec<String>,
+    owner_id: Option<String>,
+) -> Result<CredentialCommon, Failure> {
+    check_acl(&acl)?;
+    check_text(&description, &metadata)?;
+    check_owner(node, &owner_id)?;
+    Ok(CredentialCommon {
+        acl,
+        description,
+        metadata,
+        created_at: now_rfc3339(),
+        owner_id,
+    })
+}
+
+/// A credential as the API shows it: the common fields, and `secret`
+/// (the token, never shown again, or the public key).
+fn credential_json(
+    common: &CredentialCommon,
+    path: &str,
+    id: &str,
+    secret: (&str, Value),
+) -> Value {
+    let mut shown = json!({
+        "id": id,
+        "uri": format!("/{path}/{id}"),
+        "created_at": common.created_at,
+        "description": common.description,
+        "metadata": common.metadata,
+        "acl": common.acl,
+        "owner_id": common.owner_id,
+    });
+    shown[secret.0] = secret.1;
+    shown
 }
 
 fn check_acl(acl: &[String]) -> Result<(), Failure> {
@@ -294,45 +371,81 @@ impl Resource for Credential {
     type Update = CredentialUpdate;
 
     fn create(node: &ClusterNode, _id: &str, new: NewCredential) -> Result<(Self, Value), Failure> {
-        check_acl(&new.acl)?;
-        check_text(&new.description, &new.metadata)?;
-        check_owner(node, &new.owner_id)?;
+        let common = new_credential(node, new.description, new.metadata, new.acl, new.owner_id)?;
         let token = random_id("pt_");
         let record = AuthtokenRecord::from_token(&token, Acl::default(), String::new())
             .map_err(|e| Failure::new(ErrorCode::INTERNAL, format!("a new token: {e:#}")))?;
         let credential = Credential {
             token_sha256: record.sha256,
-            acl: new.acl,
-            description: new.description,
-            metadata: new.metadata,
-            created_at: now_rfc3339(),
-            owner_id: new.owner_id,
+            common,
         };
         Ok((credential, json!({ "token": token })))
     }
 
     fn update(mut self, _node: &ClusterNode, update: CredentialUpdate) -> Result<Self, Failure> {
-        update
-            .text
-            .apply(&mut self.description, &mut self.metadata)?;
-        if let Some(acl) = update.acl {
-            check_acl(&acl)?;
-            self.acl = acl;
-        }
+        update.apply(&mut self.common)?;
         Ok(self)
     }
 
     fn json(&self, _node: &ClusterNode, id: &str) -> Value {
-        json!({
-            "id": id,
-            "uri": format!("/credentials/{id}"),
-            "created_at": self.created_at,
-            "description": self.description,
-            "metadata": self.metadata,
-            "token": null,
-            "acl": self.acl,
-            "owner_id": self.owner_id,
-        })
+        credential_json(&self.common, Self::PATH, id, ("token", Value::Null))
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSshCredential {
+    /// One key in OpenSSH's `authorized_keys` format.
+    #[serde(default)]
+    public_key: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    metadata: String,
+    /// ngrok's rules, as a credential's; none: any name.
+    #[serde(default)]
+    acl: Vec<String>,
+    owner_id: Option<String>,
+}
+
+impl Resource for SshCredential {
+    const PATH: &'static str = "ssh_credentials";
+    const ID_PREFIX: &'static str = SSH_CREDENTIAL_PREFIX;
+    const NAME: &'static str = "ssh credential";
+    type New = NewSshCredential;
+    type Update = CredentialUpdate;
+
+    fn create(
+        node: &ClusterNode,
+        _id: &str,
+        new: NewSshCredential,
+    ) -> Result<(Self, Value), Failure> {
+        let key = AuthorizedKey::parse(&new.public_key).map_err(|e| bad("public_key", e))?;
+        let common = new_credential(node, new.description, new.metadata, new.acl, new.owner_id)?;
+        let registered = node.objects::<SshCredential>().into_iter().find(|(_, c)| {
+            AuthorizedKey::parse(&c.public_key).is_ok_and(|other| other.sha256 == key.sha256)
+        });
+        if let Some((id, _)) = registered {
+            return Err(bad(
+                "public_key",
+                format!("this key is registered already, as ssh credential {id}"),
+            ));
+        }
+        let credential = SshCredential {
+            public_key: key.line,
+            common,
+        };
+        Ok((credential, Value::Null))
+    }
+
+    fn update(mut self, _node: &ClusterNode, update: CredentialUpdate) -> Result<Self, Failure> {
+        update.apply(&mut self.common)?;
+        Ok(self)
+    }
+
+    fn json(&self, _node: &ClusterNode, id: &str) -> Value {
+        let key = ("public_key", Value::String(self.public_key.clone()));
+        credential_json(&self.common, Self::PATH, id, key)
     }
 }
 

@@ -118,14 +118,6 @@ impl Agent {
                 Some(_) => {}
             }
         };
-        // A bad login is told on the session channel when there is one.
-        let record = match record {
-            Ok(record) => record,
-            Err(failure) => {
-                self.wait_for_terminal(deadline).await;
-                return Err(failure);
-            }
-        };
         let mut forwards = Vec::new();
         let terminal_deadline = Instant::now() + TERMINAL_WAIT;
         let command = loop {
@@ -145,7 +137,7 @@ impl Agent {
                 Err(_) => {
                     return Err(Failure::new(
                         ErrorCode::SSH_NO_FORWARD,
-                        "ask for a remote forward and give a command, e.g. `ssh -R 443:localhost:8080 <authtoken>@<edge> http`",
+                        "ask for a remote forward and give a command, e.g. `ssh -R 443:localhost:8080 <edge> http`",
                     ));
                 }
             };
@@ -167,6 +159,7 @@ impl Agent {
                     ));
                 }
                 Event::Terminal(id) => self.terminal = Some(id),
+                Event::TerminalRefused => self.refuse_terminal().await,
                 Event::Exec(line) => match parse_command(&line)? {
                     Parsed::Run(command) => break *command,
                     Parsed::Help => {
@@ -188,7 +181,7 @@ impl Agent {
         if forwards.is_empty() {
             return Err(Failure::new(
                 ErrorCode::SSH_NO_FORWARD,
-                "no remote forward: add -R, e.g. `ssh -R 443:localhost:8080 <authtoken>@<edge> http`",
+                "no remote forward: add -R, e.g. `ssh -R 443:localhost:8080 <edge> http`",
             ));
         }
         Ok(Some(Setup {
@@ -197,19 +190,6 @@ impl Agent {
             forwards,
             command,
         }))
-    }
-
-    /// Gives a client that logged in a moment to open its session channel,
-    /// where an error is best told.
-    async fn wait_for_terminal(&mut self, deadline: Instant) {
-        let until = (Instant::now() + TERMINAL_WAIT).min(deadline);
-        while self.terminal.is_none() {
-            match timeout_at(until, self.events.recv()).await {
-                Ok(Some(Event::Terminal(id))) => self.terminal = Some(id),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return,
-            }
-        }
     }
 
     /// Opens the session, binds the forwards and serves the session until
@@ -283,6 +263,7 @@ impl Agent {
                             let refused = too_many_forwards(&address, port, limit);
                             self.say_err(&format!("{}\n", refused.to_pb())).await;
                         }
+                        Some(Event::TerminalRefused) => self.refuse_terminal().await,
                         Some(_) => {}
                     }
                     continue;
@@ -346,6 +327,17 @@ impl Agent {
                 Msg::Unbind(_) | Msg::Pong(_) => {}
             }
         }
+    }
+
+    /// Tells the client that a further session channel was refused (a
+    /// second command on the connection, as OpenSSH's connection sharing
+    /// asks for).
+    async fn refuse_terminal(&self) {
+        let refused = Failure::new(
+            ErrorCode::SSH_MULTIPLEXING,
+            "a further session channel was refused: one SSH connection runs one command; connect again for another tunnel",
+        );
+        self.say_err(&format!("{}\n", refused.to_pb())).await;
     }
 
     /// Writes to the client's terminal (stdout), if it has one.

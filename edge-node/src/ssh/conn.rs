@@ -1,6 +1,7 @@
-//! One SSH connection, the SSH side: authentication (the authtoken as the
-//! user name), `-R` forward requests,
-//! the one session channel and its command. Everything that matters to
+//! One SSH connection, the SSH side: authentication (a public key
+//! registered through `/ssh_credentials`, or where the operator allows it
+//! the authtoken as the user name), `-R` forward requests, the one session
+//! channel and its command. Everything that matters to
 //! the tunnel is handed to the connection's agent (`agent.rs`) as an
 //! [`Event`]; what SSH offers besides (shells, `-L` forwards, X11, agent
 //! forwarding, subsystems) is refused.
@@ -8,26 +9,24 @@
 use std::{collections::HashSet, sync::Arc};
 
 use postern_net::Accepted;
-use postern_proto::{ErrorCode, Failure};
 use russh::{
     ChannelId,
-    server::{Auth, ChannelOpenHandle, Msg, Session},
+    keys::PublicKey,
+    server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey},
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, agent};
+use super::{Shared, agent, key_sha256};
 use crate::auth::AuthtokenRecord;
 
 /// What the SSH side tells the connection's agent, in order.
 #[derive(Debug)]
 pub(super) enum Event {
-    /// The client logged in: who its user name's authtoken says, or why
-    /// it is no one (told to the client before the connection is closed,
-    /// which is why a bad token is let in at all); `client` is its SSH
-    /// version string.
+    /// The client logged in as `record` (its key's credential or its
+    /// user name's authtoken); `client` is its SSH version string.
     Authenticated {
-        record: Result<AuthtokenRecord, Failure>,
+        record: AuthtokenRecord,
         client: String,
     },
     /// `ssh -R address:port:…`; `client_port` is the port the client
@@ -41,6 +40,8 @@ pub(super) enum Event {
     ForwardRefused { address: String, port: u32 },
     /// The session channel: the client's terminal.
     Terminal(ChannelId),
+    /// A further session channel, refused (one command a connection).
+    TerminalRefused,
     /// The command the client runs on it.
     Exec(String),
     /// A shell instead of a command.
@@ -53,9 +54,9 @@ pub(super) enum Event {
 struct Conn {
     shared: Arc<Shared>,
     events: mpsc::Sender<Event>,
-    /// Who the client's user name says it is, until `auth_succeeded` tells
-    /// the agent.
-    accepted: Option<Result<AuthtokenRecord, Failure>>,
+    /// Who the client logged in as, until `auth_succeeded` tells the
+    /// agent.
+    accepted: Option<AuthtokenRecord>,
     authenticated: bool,
     /// Forwards asked for, as the client knows them.
     forwards: HashSet<(String, u32)>,
@@ -118,6 +119,19 @@ pub(super) async fn serve(shared: Arc<Shared>, accepted: Accepted) {
 }
 
 impl Conn {
+    /// The credential of a key registered through `/ssh_credentials`;
+    /// `None` after the client has logged in.
+    fn registered(&self, key: &PublicKey) -> Option<AuthtokenRecord> {
+        if self.authenticated {
+            return None;
+        }
+        let record = self.shared.tokens.ssh_key(&key_sha256(key));
+        if record.is_none() {
+            tracing::debug!(fingerprint = %key.fingerprint(russh::keys::HashAlg::Sha256), "an SSH key offered is not registered");
+        }
+        record
+    }
+
     async fn tell(&self, event: Event) {
         // The agent ends only when the connection does.
         let _ = self.events.send(event).await;
@@ -157,13 +171,48 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
-        // A client that authenticates again after its first success is
-        // refused, as everything else after it.
-        if self.authenticated {
+        // Everything after the first success is refused.
+        if self.authenticated || !self.shared.settings.allow_authtoken_user {
             return Ok(Auth::reject());
         }
-        self.accepted = Some(login(&self.shared, user));
-        Ok(Auth::Accept)
+        // A user name that is no authtoken is a user name: the client's
+        // keys are tried next.
+        match self.shared.tokens.authenticate(user) {
+            Ok(record) => {
+                self.accepted = Some(record);
+                Ok(Auth::Accept)
+            }
+            Err(failure) => {
+                tracing::debug!(error = %failure, "the SSH user name is no authtoken");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(match self.registered(offer.public_key) {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Looked up again: the credential may be gone since the offer.
+        match self.registered(key.public_key) {
+            Some(record) => {
+                self.accepted = Some(record);
+                Ok(Auth::Accept)
+            }
+            None => Ok(Auth::reject()),
+        }
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
@@ -214,6 +263,7 @@ impl russh::server::Handler for Conn {
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
+            self.tell(Event::TerminalRefused).await;
             return Ok(());
         }
         // The channel is written through the session's handle; its own
@@ -287,16 +337,4 @@ impl russh::server::Handler for Conn {
         }
         Ok(())
     }
-}
-
-/// The authtoken the user name is, as ngrok's `v2` user names a command
-/// syntax instead.
-fn login(shared: &Shared, user: &str) -> Result<AuthtokenRecord, Failure> {
-    if user.is_empty() || user.eq_ignore_ascii_case("v2") || user.eq_ignore_ascii_case("v1") {
-        return Err(Failure::new(
-            ErrorCode::AUTHTOKEN_INVALID,
-            "give your authtoken as the SSH user name: ssh -R 443:localhost:8080 <authtoken>@<edge> http (SSH keys are not accepted yet)",
-        ));
-    }
-    shared.tokens.authenticate(user)
 }
