@@ -1,7 +1,8 @@
 //! Certificates without hands: for every reserved domain whose
 //! `certificate_management_policy` asks for it, this node orders a
 //! certificate from the ACME CA of `[acme]` (HTTP-01 answered on the
-//! gateway's plain-HTTP listener), installs it in the gateway's
+//! gateway's plain-HTTP listener, or TLS-ALPN-01 on its HTTPS listener),
+//! installs it in the gateway's
 //! certificate store at once, keeps it in `<data_dir>/acme/` so a restart
 //! serves it, and renews it once `renew_at` of its lifetime has passed.
 //! A failed order is retried with jittered, doubling back-off; the
@@ -17,7 +18,7 @@ mod config;
 mod issue;
 mod store;
 
-pub use config::{AcmeConfig, RawAcme};
+pub use config::{AcmeConfig, Challenge, RawAcme};
 
 use std::{
     collections::HashMap,
@@ -31,7 +32,7 @@ use std::{
 
 use instant_acme::Account;
 use postern_config_sync::Change;
-use postern_ingress::{CertStore, Http01Challenges, ServingCert};
+use postern_ingress::{AcmeChallenges, CertSource, CertStore, ServingCert};
 use postern_net::Pem;
 use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -50,8 +51,10 @@ pub enum AcmeError {
     Acme(#[from] instant_acme::Error),
     #[error("the authorization is {0}")]
     Authorization(String),
-    #[error("the CA offered no http-01 challenge")]
-    NoHttp01,
+    #[error("the CA offered no {0} challenge")]
+    NoChallenge(&'static str),
+    #[error("the TLS-ALPN-01 answer: {0}")]
+    TlsAlpn01(String),
     #[error("the order did not become ready: {0}")]
     NotReady(String),
     #[error("making the certificate key: {0}")]
@@ -96,7 +99,7 @@ struct Shared {
     config: AcmeConfig,
     dir: PathBuf,
     certs: Arc<CertStore>,
-    http01: Arc<Http01Challenges>,
+    challenges: Arc<AcmeChallenges>,
     status: Mutex<HashMap<String, CertStatus>>,
     issued: AtomicU64,
     failed: AtomicU64,
@@ -124,7 +127,7 @@ impl Acme {
         config: AcmeConfig,
         data_dir: &std::path::Path,
         certs: Arc<CertStore>,
-        http01: Arc<Http01Challenges>,
+        challenges: Arc<AcmeChallenges>,
         cluster: Arc<ClusterNode>,
     ) -> Result<Arc<Acme>, AcmeError> {
         let dir = data_dir.join("acme");
@@ -136,7 +139,7 @@ impl Acme {
             config,
             dir,
             certs,
-            http01,
+            challenges,
             status: Mutex::default(),
             issued: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -150,7 +153,7 @@ impl Acme {
             }
             match store::load(&shared.dir, &name).and_then(|c| c.map(validity).transpose()) {
                 Ok(Some((cert, not_before, not_after))) => {
-                    shared.certs.add(&cert);
+                    shared.certs.set(CertSource::Acme, &name, &cert);
                     shared.served(&name, not_before, not_after);
                     tracing::info!(name, "ACME certificate loaded from disk");
                 }
@@ -272,7 +275,14 @@ impl Shared {
             *account = Some(issue::account(&self.config, &self.dir).await?);
         }
         let account = account.as_ref().expect("made above");
-        let issued = issue::order(account, &self.http01, name, key_type).await?;
+        let issued = issue::order(
+            account,
+            &self.challenges,
+            self.config.challenge,
+            name,
+            key_type,
+        )
+        .await?;
         let cert = ServingCert::from_pem(
             Pem::new("the issued chain", issued.chain_pem.as_bytes()),
             Pem::new("its key", issued.key_pem.as_bytes()),
@@ -280,7 +290,7 @@ impl Shared {
         .map_err(|e| AcmeError::Issued(e.to_string()))?;
         let (cert, not_before, not_after) = validity(cert)?;
         store::save(&self.dir, name, &issued.chain_pem, &issued.key_pem)?;
-        self.certs.add(&cert);
+        self.certs.set(CertSource::Acme, name, &cert);
         Ok((not_before, not_after))
     }
 

@@ -9,8 +9,8 @@
 //!
 //! `/endpoints` and `/tunnel_sessions` (`live`): what is online, and
 //! where. In a cluster: `/credentials`, `/bot_users`, `/reserved_domains`,
-//! `/agent_ingresses`, `/endpoint_policies` and `/event_subscriptions`
-//! (`objects`).
+//! `/agent_ingresses`, `/endpoint_policies`, `/event_subscriptions` and
+//! `/tls_certificates` (`objects`, `tls_certificates`).
 //!
 //! In a cluster, every write goes to the cluster and reaches every node.
 
@@ -27,13 +27,14 @@ use crate::{
     ca_store::{CaRecord, CaStore, NewCa, StoredCa},
     cluster::{
         AgentIngress, BotUser, ClusterNode, Credential, EndpointPolicyRecord, EventSubscription,
-        ReservedDomain, SshCredential,
+        ReservedDomain, SshCredential, TlsCertificate,
     },
 };
 
 mod live;
 mod oauth_sessions;
 mod objects;
+mod tls_certificates;
 
 /// Largest request body.
 const MAX_BODY: usize = 1024 * 1024;
@@ -150,6 +151,9 @@ pub async fn handle(
         }
         (_, ["endpoint_policies", ..]) => {
             objects::handle::<EndpointPolicyRecord>(state, req, &segments[1..]).await
+        }
+        (_, ["tls_certificates", ..]) => {
+            objects::handle::<TlsCertificate>(state, req, &segments[1..]).await
         }
         (_, ["event_subscriptions", ..]) => {
             objects::handle::<EventSubscription>(state, req, &segments[1..]).await

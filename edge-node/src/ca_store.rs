@@ -328,7 +328,8 @@ impl CaResolver for CaStore {
     }
 }
 
-fn pem_of(der: &CertificateDer<'_>) -> String {
+/// One certificate as PEM.
+pub fn pem_of(der: &CertificateDer<'_>) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
     let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
     for line in b64.as_bytes().chunks(64) {

@@ -18,6 +18,8 @@
 //!   (`pki`);
 //! - event subscriptions (`/event_subscriptions`): every node runs each
 //!   of them for its own events, beside its edge config's;
+//! - TLS certificates (`/tls_certificates`): every node serves each one
+//!   by SNI from the gateway's certificate store;
 //! - the live routing state (`routes`): the endpoints and sessions of every
 //!   node; the other nodes' endpoints are installed in this node's gateway
 //!   and reached over the link between nodes (`crate::node_link`).
@@ -40,7 +42,7 @@ use std::{
 use anyhow::Context;
 use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
 use postern_events::{RuntimeSubscriptions, Subscription};
-use postern_ingress::{EndpointSpec, Protocol};
+use postern_ingress::{CertSource, CertStore, EndpointSpec, Protocol};
 use postern_proto::{ErrorCode, Failure};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -59,7 +61,7 @@ use crate::{
 pub use config::{ClusterConfig, RawCluster};
 pub use objects::{
     AgentIngress, BotUser, CertificatePolicy, EndpointPolicyRecord, EventSubscription, KeyType,
-    ReservedDomain, bad, check_text, parse_domain,
+    ReservedDomain, TlsCertificate, bad, check_certificate, check_text, parse_domain,
 };
 pub use pki::{AgentCerts, IngressCerts};
 use routes::RemoteEndpoints;
@@ -121,6 +123,8 @@ pub struct Joining<'a> {
     pub data_dir: PathBuf,
     pub cas: Arc<CaStore>,
     pub tokens: Arc<Authtokens>,
+    /// The gateway's certificates, where uploaded ones are served.
+    pub certs: Arc<CertStore>,
     /// The link between nodes, when `rpc_listen` is set.
     pub link: Option<TcpListener>,
     /// Where agents reach this node.
@@ -136,6 +140,7 @@ pub struct ClusterNode {
     cluster: Cluster,
     cas: Arc<CaStore>,
     tokens: Arc<Authtokens>,
+    certs: Arc<CertStore>,
     links: Arc<NodeLinks>,
     link_listener: Mutex<Option<TcpListener>>,
     ingress_certs: Arc<IngressCerts>,
@@ -202,6 +207,7 @@ impl ClusterNode {
             cluster,
             cas: joining.cas,
             tokens: joining.tokens,
+            certs: joining.certs,
             links: Arc::new(links),
             link_listener: Mutex::new(joining.link),
             ingress_certs,
@@ -220,6 +226,7 @@ impl ClusterNode {
     fn apply_all(&self) {
         apply_cas(&self.cluster, &self.cas);
         apply_credentials(&self.cluster, &self.tokens);
+        apply_tls_certificates(&self.cluster, &self.certs);
         self.apply_ingresses();
     }
 
@@ -351,6 +358,11 @@ impl ClusterNode {
     /// Hands the node's certificate manager to the admin API.
     pub fn set_acme(&self, acme: Arc<Acme>) {
         let _ = self.acme.set(acme);
+    }
+
+    /// The gateway's certificates.
+    pub fn certs(&self) -> &Arc<CertStore> {
+        &self.certs
     }
 
     /// The node's certificate manager, when it has `[acme]`.
@@ -618,6 +630,24 @@ fn credential_record(
     Some(record)
 }
 
+/// Makes the uploaded certificates served those of the cluster; one that
+/// cannot be served here (its key sealed with another cluster key, or
+/// expired since) is left out and logged.
+fn apply_tls_certificates(cluster: &Cluster, certs: &CertStore) {
+    let serving = cluster
+        .list::<TlsCertificate>()
+        .into_iter()
+        .filter_map(|(id, stored)| {
+            stored
+                .serving(|sealed| cluster.open_sealed(sealed).and_then(|p| String::from_utf8(p).ok()))
+                .inspect_err(|e| tracing::warn!(id, error = %e, "a TLS certificate from the cluster is not served"))
+                .ok()
+                .map(|cert| (id, cert))
+        })
+        .collect();
+    certs.replace(CertSource::Uploaded, serving);
+}
+
 /// Makes the pipeline's runtime subscriptions the cluster's event
 /// subscriptions. One that cannot run here (it does not validate, its
 /// password was sealed with another key, its destination does not open)
@@ -690,6 +720,9 @@ async fn follow(
                 registry.revalidate();
             }
             Ok(Change::Config(kind)) if kind == AgentIngress::KIND => node.apply_ingresses(),
+            Ok(Change::Config(kind)) if kind == TlsCertificate::KIND => {
+                apply_tls_certificates(&node.cluster, &node.certs)
+            }
             Ok(Change::Config(kind)) if kind == EndpointPolicyRecord::KIND => {
                 registry.apply_policies().await;
                 remote

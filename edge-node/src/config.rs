@@ -200,11 +200,27 @@ pub struct RawTls {
     pub certificates: Vec<RawCertificate>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A certificate chain file and its key file (`[[tls.certificates]]`),
+/// read at start-up and again on SIGHUP.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl RawCertificate {
+    /// Reads and checks the pair.
+    pub fn load(&self) -> anyhow::Result<ServingCert> {
+        let (cert_name, key_name) = (
+            self.cert.display().to_string(),
+            self.key.display().to_string(),
+        );
+        Ok(ServingCert::from_pem(
+            Pem::new(&cert_name, &read(&self.cert)?),
+            Pem::new(&key_name, &read(&self.key)?),
+        )?)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -481,8 +497,8 @@ pub struct Tls {
     /// without it the dev CA issues one.
     pub agent_key: Option<Arc<CertifiedKey>>,
     /// Certificates for public names (`tls.certificates`), each with its
-    /// certificate file.
-    pub certificates: Vec<(PathBuf, ServingCert)>,
+    /// files.
+    pub certificates: Vec<(RawCertificate, ServingCert)>,
 }
 
 #[derive(Clone, Debug)]
@@ -685,12 +701,15 @@ impl RawConfig {
                 "acme: certificates are ordered for reserved domains, which live in the cluster: add a [cluster] table (one node may be a cluster of one)"
             );
         }
-        if self.acme.is_some() && listen.http.is_none() {
+        let acme = self.acme.map(|a| a.validate()).transpose()?;
+        if let Some(acme) = &acme
+            && acme.challenge == crate::acme::Challenge::Http01
+            && listen.http.is_none()
+        {
             bail!(
-                "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http is \"\" (off)"
+                "acme.challenge: \"http-01\" (the default) is answered on the plain-HTTP listener, and listen.http is \"\" (off); turn it on, or set acme.challenge = \"tls-alpn-01\" to prove names on the HTTPS listener"
             );
         }
-        let acme = self.acme.map(|a| a.validate()).transpose()?;
         Ok(EdgeConfig {
             node_id,
             region,
@@ -854,13 +873,9 @@ impl RawTls {
             bail!("tls.agent_cert/tls.agent_key are required unless tls.dev_ca = true");
         }
         let mut certificates = Vec::new();
-        for RawCertificate { cert, key } in self.certificates {
-            let (cert_name, key_name) = (cert.display().to_string(), key.display().to_string());
-            let serving = ServingCert::from_pem(
-                Pem::new(&cert_name, &read(&cert)?),
-                Pem::new(&key_name, &read(&key)?),
-            )?;
-            certificates.push((cert, serving));
+        for files in self.certificates {
+            let serving = files.load()?;
+            certificates.push((files, serving));
         }
         let agent_key = match agent_files {
             Some((cert, key)) => Some(Arc::new(certified_key_from_pem(
@@ -1083,7 +1098,7 @@ dev_ca = true
             ),
             (
                 "domain = \"example.test\"\n[listen]\nhttp = \"\"\n[tls]\ndev_ca = true\n[acme]\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
-                "acme: the CA checks HTTP-01 on the plain-HTTP listener, and listen.http",
+                "acme.challenge: \"http-01\" (the default) is answered on the plain-HTTP listener, and listen.http is \"\" (off)",
             ),
             (
                 "domain = \"example.test\"\n[tls]\ndev_ca = true\n[ssh]\nallow_authtoken_users = false",
@@ -1098,5 +1113,14 @@ dev_ca = true
             let err = format!("{:#}", EdgeConfig::from_toml(text).unwrap_err());
             assert!(err.contains(field), "{field:?} not named in: {err}");
         }
+        // TLS-ALPN-01 is answered on the HTTPS listener: no plain HTTP needed.
+        let config = EdgeConfig::from_toml(
+            "domain = \"example.test\"\n[listen]\nhttp = \"\"\n[tls]\ndev_ca = true\n[acme]\nchallenge = \"tls-alpn-01\"\n[cluster]\ncluster_id = \"c\"\nkey = \"0123456789abcdef0123456789abcdef\"\ngossip_listen = \"127.0.0.1:7946\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.acme.unwrap().challenge,
+            crate::acme::Challenge::TlsAlpn01
+        );
     }
 }

@@ -24,7 +24,8 @@ mod telemetry;
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use postern_ingress::{
-    CertStore, DevCa, Gateway, Outcomes, RateStore, RedisRates, build_server_config,
+    CertSource, CertStore, DevCa, Gateway, Outcomes, RateStore, RedisRates, ServingCert,
+    build_server_config,
 };
 use postern_net::{HttpServer, HttpTimeouts, Pem, Secret, certified_key_from_pem};
 use rustls::ServerConfig;
@@ -148,6 +149,15 @@ pub struct Edge {
     ssh: Option<(ssh::SshServer, ssh::HostKey)>,
     /// The certificate manager (`[acme]`).
     acme: Option<Arc<acme::Acme>>,
+    /// SIGHUP reloads of `[[tls.certificates]]`.
+    reloads: Arc<CertReloads>,
+}
+
+/// Reloads of the certificate files, by result, for `/metrics`.
+#[derive(Debug, Default)]
+struct CertReloads {
+    done: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl Edge {
@@ -168,8 +178,15 @@ impl Edge {
             .map_err(StartError::CaStore)?,
         );
         let tokens = Arc::new(Authtokens::new(config.authtokens.clone()));
-        let cluster =
-            join_cluster(&config, &cas, &tokens, listeners.node_link, addresses.agent).await?;
+        let cluster = join_cluster(
+            &config,
+            &cas,
+            &tokens,
+            &certs,
+            listeners.node_link,
+            addresses.agent,
+        )
+        .await?;
         let agent_certs = agent_certs(&config, &certs, cluster.as_deref())?;
         let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
             .map_err(StartError::Events)?;
@@ -202,7 +219,7 @@ impl Edge {
                     acme.clone(),
                     &config.data_dir,
                     gateway.certs().clone(),
-                    gateway.http01_challenges().clone(),
+                    gateway.acme_challenges().clone(),
                     cluster.clone(),
                 )
                 .map_err(StartError::Acme)?;
@@ -299,6 +316,7 @@ impl Edge {
             "edge node started"
         );
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reloads = Arc::new(CertReloads::default());
         let telemetry = listeners.metrics.map(|listener| {
             let state = telemetry::Telemetry {
                 gateway: gateway.clone(),
@@ -308,6 +326,7 @@ impl Edge {
                 ready: ready.clone(),
                 cluster: cluster.clone(),
                 acme: acme.clone(),
+                reloads: reloads.clone(),
             };
             let state = Arc::new(state);
             HttpServer::start("metrics", listener, http_timeouts, move |req, peer| {
@@ -329,6 +348,7 @@ impl Edge {
             cluster,
             ssh,
             acme,
+            reloads,
         })
     }
 
@@ -360,6 +380,30 @@ impl Edge {
             stats.extend(acme.stats());
         }
         stats
+    }
+
+    /// Reads the `[[tls.certificates]]` files again (SIGHUP) and serves
+    /// them to new handshakes; open connections keep theirs. All or
+    /// nothing: when one pair cannot be used, the error names its file and
+    /// the certificates served stay as they were. Returns how many pairs
+    /// were loaded.
+    pub fn reload_certificates(&self) -> Result<usize, ConfigError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let loaded = self
+            .config
+            .tls
+            .certificates
+            .iter()
+            .map(|(files, _)| Ok((files.cert.display().to_string(), files.load()?)))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .inspect_err(|_| {
+                self.reloads.failed.fetch_add(1, Relaxed);
+            })
+            .map_err(ConfigError::Invalid)?;
+        self.reloads.done.fetch_add(1, Relaxed);
+        let count = loaded.len();
+        serve_config_certificates(self.gateway.certs(), loaded);
+        Ok(count)
     }
 
     /// The endpoints bound on this node.
@@ -435,19 +479,34 @@ fn cert_store(config: &EdgeConfig) -> Result<CertStore, StartError> {
         None
     };
     let certs = CertStore::new(dev_ca);
-    for (file, cert) in &config.tls.certificates {
-        certs.add(cert);
-        tracing::info!(cert = %file.display(), names = ?cert.names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), "certificate loaded");
-    }
+    let loaded = config
+        .tls
+        .certificates
+        .iter()
+        .map(|(files, cert)| (files.cert.display().to_string(), cert.clone()))
+        .collect();
+    serve_config_certificates(&certs, loaded);
     Ok(certs)
 }
 
-/// Joins the cluster of `[cluster]`, if any; `agent_addr` is where the
-/// agent listener listens.
+/// Serves `[[tls.certificates]]` (by certificate file) instead of those
+/// served so far.
+fn serve_config_certificates(certs: &CertStore, loaded: Vec<(String, ServingCert)>) {
+    for (file, cert) in &loaded {
+        let names: Vec<String> = cert.names.iter().map(|n| n.to_string()).collect();
+        tracing::info!(cert = %file, ?names, "certificate loaded");
+    }
+    certs.replace(CertSource::Config, loaded);
+}
+
+/// Joins the cluster of `[cluster]`, if any, which then keeps the CAs,
+/// the credentials and the uploaded certificates; `agent_addr` is where
+/// the agent listener listens.
 async fn join_cluster(
     config: &EdgeConfig,
     cas: &Arc<ca_store::CaStore>,
     tokens: &Arc<Authtokens>,
+    certs: &Arc<CertStore>,
     link: Option<TcpListener>,
     agent_addr: SocketAddr,
 ) -> Result<Option<Arc<ClusterNode>>, StartError> {
@@ -461,6 +520,7 @@ async fn join_cluster(
         data_dir: config.data_dir.clone(),
         cas: cas.clone(),
         tokens: tokens.clone(),
+        certs: certs.clone(),
         link,
         agent_addr: c
             .agent_advertise

@@ -1,5 +1,6 @@
 //! `postern-edge`: parses flags, sets up logging, runs the node until
-//! SIGTERM or Ctrl-C, then drains.
+//! SIGTERM or Ctrl-C, then drains; SIGHUP reloads the certificate files
+//! of `[[tls.certificates]]`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use postern_edge::{EdgeConfig, Listeners, dev_config};
 use postern_telemetry::{LogFormat, Telemetry};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// A Postern edge node.
 #[derive(Debug, Parser)]
@@ -71,9 +73,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some((token, api_key)) = dev {
         print_dev_banner(&edge, &token, &api_key);
     }
-    postern_net::shutdown_signal()
-        .context("installing the SIGTERM and SIGINT handlers")?
-        .await;
+    let shutdown =
+        postern_net::shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangup.recv() => match edge.reload_certificates() {
+                Ok(count) => tracing::info!(count, "SIGHUP: tls.certificates reloaded"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "SIGHUP: tls.certificates not reloaded; the certificates served stay as they were"
+                ),
+            },
+        }
+    }
     let stopped = edge.shutdown().await;
     telemetry.shutdown().await;
     Ok(stopped?)

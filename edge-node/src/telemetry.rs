@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use postern_ingress::Gateway;
 use postern_net::{metric_header, metric_sample};
 
-use crate::{acme::Acme, cluster::ClusterNode, registry::Registry};
+use crate::{CertReloads, acme::Acme, cluster::ClusterNode, registry::Registry};
 
 /// What the telemetry endpoints read.
 pub struct Telemetry {
@@ -28,6 +28,8 @@ pub struct Telemetry {
     pub cluster: Option<Arc<ClusterNode>>,
     /// ACME orders (`[acme]`).
     pub acme: Option<Arc<Acme>>,
+    /// SIGHUP reloads of the certificate files.
+    pub reloads: Arc<CertReloads>,
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -184,6 +186,21 @@ impl Telemetry {
         }
         if let Some(acme) = &self.acme {
             render_acme(&mut out, &acme.stats());
+        }
+        let reloads = "postern_certificate_reloads_total";
+        metric_header(
+            &mut out,
+            reloads,
+            "counter",
+            "SIGHUP reloads of the tls.certificates files, by result (failed: the certificates served stayed).",
+        );
+        for (result, count) in [("ok", &self.reloads.done), ("failed", &self.reloads.failed)] {
+            metric_sample(
+                &mut out,
+                reloads,
+                &[("result", result)],
+                count.load(Ordering::Relaxed),
+            );
         }
         metric_header(
             &mut out,

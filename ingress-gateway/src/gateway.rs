@@ -56,7 +56,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    acme_challenge::Http01Challenges,
+    acme_challenge::{ACME_TLS_ALPN, AcmeChallenges},
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool, Upstreams, VisitorBody},
     metrics::Metrics,
@@ -69,7 +69,10 @@ use crate::{
     route::{Forwarding, Member, Pool, Route},
     router::{DomainPattern, Router, normalize_host},
     sni::{self, Peek},
-    tls::{CertStore, FixedNameResolver, StoreResolver, build_server_config, server_config},
+    tls::{
+        CertStore, FixedNameResolver, StoreResolver, build_server_config, server_config,
+        single_cert_config,
+    },
 };
 
 /// Settings of the public side.
@@ -216,8 +219,9 @@ struct Inner {
     rates: Arc<dyn RateStore>,
     /// For JWKS: the OAuth client (its extra roots) or a plain one.
     http_client: IdpHttp,
-    /// ACME HTTP-01 tokens answered on the plain-HTTP listener.
-    http01: Arc<Http01Challenges>,
+    /// ACME challenges: HTTP-01 answered on the plain-HTTP listener,
+    /// TLS-ALPN-01 on the HTTPS/TLS port.
+    acme: Arc<AcmeChallenges>,
 }
 
 /// The public side of one edge node. Cheap to clone.
@@ -284,7 +288,7 @@ impl Gateway {
                 stats: Stats::default(),
                 rates,
                 http_client,
-                http01: Arc::default(),
+                acme: Arc::default(),
             }),
         }
     }
@@ -312,9 +316,9 @@ impl Gateway {
         &self.inner.certs
     }
 
-    /// The ACME HTTP-01 tokens the plain-HTTP listener answers.
-    pub fn http01_challenges(&self) -> &Arc<Http01Challenges> {
-        &self.inner.http01
+    /// The ACME challenges the listeners answer.
+    pub fn acme_challenges(&self) -> &Arc<AcmeChallenges> {
+        &self.inner.acme
     }
 
     /// Serves plain HTTP on `listener` until drain.

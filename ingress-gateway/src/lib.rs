@@ -21,7 +21,7 @@ mod router;
 mod sni;
 mod tls;
 
-pub use acme_challenge::{HTTP01_PREFIX, Http01Challenges};
+pub use acme_challenge::{ACME_TLS_ALPN, AcmeChallenges, HTTP01_PREFIX};
 pub use endpoint::{
     ClaimedStream, Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt,
     open_frame,
@@ -40,5 +40,6 @@ pub use policy::{Document as PolicyDocument, PolicyError, RateStore, RedisRates,
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{
-    CertStore, DevCa, ServingCert, build_server_config, certificate_names, single_cert_config,
+    CertSource, CertStore, DevCa, ServingCert, build_server_config, certificate_names,
+    single_cert_config,
 };

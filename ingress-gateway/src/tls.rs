@@ -3,7 +3,7 @@
 //! local CA that issues a certificate for any routed name on first use.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs,
     path::Path,
     sync::{Arc, Mutex, RwLock},
@@ -186,9 +186,43 @@ impl ServingCert {
     }
 }
 
+/// Where a served certificate comes from. When certificates of two
+/// sources carry the same name, the later source here is served: an
+/// uploaded certificate over an ACME one over a file of the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CertSource {
+    /// `[[tls.certificates]]`, read at start-up and on SIGHUP.
+    Config,
+    /// Issued by the ACME CA of `[acme]`.
+    Acme,
+    /// Uploaded through `/tls_certificates`.
+    Uploaded,
+}
+
+#[derive(Default)]
+struct Served {
+    /// Every certificate by source and key (a file, a name, an id).
+    certs: BTreeMap<(CertSource, String), ServingCert>,
+    /// Built from `certs`: the certificate for each name.
+    router: Router<Arc<CertifiedKey>>,
+}
+
+impl Served {
+    fn rebuild(&mut self) {
+        let mut router = Router::default();
+        for cert in self.certs.values() {
+            for name in &cert.names {
+                router.remove(name);
+                let _ = router.insert(name, cert.key.clone());
+            }
+        }
+        self.router = router;
+    }
+}
+
 /// Picks the certificate for a TLS handshake by SNI.
 pub struct CertStore {
-    configured: RwLock<Router<Arc<CertifiedKey>>>,
+    served: RwLock<Served>,
     dev_ca: Option<DevCa>,
     issued: Mutex<HashMap<String, Arc<CertifiedKey>>>,
 }
@@ -197,8 +231,8 @@ impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertStore")
             .field(
-                "configured",
-                &self.configured.read().map(|r| r.len()).unwrap_or(0),
+                "served",
+                &self.served.read().map(|s| s.certs.len()).unwrap_or(0),
             )
             .field("dev_ca", &self.dev_ca.is_some())
             .finish()
@@ -208,27 +242,48 @@ impl std::fmt::Debug for CertStore {
 impl CertStore {
     pub fn new(dev_ca: Option<DevCa>) -> CertStore {
         CertStore {
-            configured: RwLock::new(Router::default()),
+            served: RwLock::default(),
             dev_ca,
             issued: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Serves a certificate for every DNS name it carries.
-    pub fn add(&self, cert: &ServingCert) {
-        let mut router = self.configured.write().expect("cert store lock");
-        for name in &cert.names {
-            router.remove(name);
-            let _ = router.insert(name, cert.key.clone());
-        }
+    /// Serves `cert` as `source`'s `key` (replacing what it served) for
+    /// every DNS name it carries; new handshakes get it at once.
+    pub fn set(&self, source: CertSource, key: &str, cert: &ServingCert) {
+        let mut served = self.served.write().expect("cert store lock");
+        served.certs.insert((source, key.to_string()), cert.clone());
+        served.rebuild();
+    }
+
+    /// Makes `source`'s certificates exactly `certs`, by key.
+    pub fn replace(&self, source: CertSource, certs: Vec<(String, ServingCert)>) {
+        let mut served = self.served.write().expect("cert store lock");
+        served.certs.retain(|(s, _), _| *s != source);
+        served
+            .certs
+            .extend(certs.into_iter().map(|(key, cert)| ((source, key), cert)));
+        served.rebuild();
+    }
+
+    /// `source`'s certificates, by key.
+    pub fn certs(&self, source: CertSource) -> Vec<(String, ServingCert)> {
+        let served = self.served.read().expect("cert store lock");
+        served
+            .certs
+            .iter()
+            .filter(|((s, _), _)| *s == source)
+            .map(|((_, key), cert)| (key.clone(), cert.clone()))
+            .collect()
     }
 
     /// The certificate for a normalised name, issuing one in dev mode.
     pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         if let Some(key) = self
-            .configured
+            .served
             .read()
             .expect("cert store lock")
+            .router
             .lookup(name)
         {
             return Some(key.clone());
@@ -385,7 +440,7 @@ mod tests {
             serving.names,
             vec![DomainPattern::Wildcard("c1.example.test".into())]
         );
-        store.add(&serving);
+        store.set(CertSource::Config, "wildcard.pem", &serving);
         assert!(store.lookup("app.c1.example.test").is_some());
         assert!(
             store.lookup("app.example.test").is_none(),

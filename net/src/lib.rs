@@ -29,7 +29,7 @@ pub use ip::{CidrError, IpPolicy, TrustedProxies, parse_cidr};
 pub use metrics::{metric_header, metric_sample};
 pub use mtls::{
     CaCert, CaError, CaResolver, MAX_CAS, MtlsPolicy, RequestClientCert, RequireClientCert,
-    ca_cert, fingerprint, parse_ca_bundle,
+    ca_cert, fingerprint, parse_ca_bundle, usages,
 };
 pub use secret::Secret;
 pub use signal::shutdown_signal;

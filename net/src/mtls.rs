@@ -136,6 +136,32 @@ pub fn ca_cert(index: usize, der: CertificateDer<'static>) -> Result<CaCert, CaE
             fingerprint,
         });
     }
+    let (key_usages, extended_key_usages) = usages(&cert);
+    let subject_common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    let issuer = cert.issuer().to_string();
+    let not_before = cert.validity().not_before.timestamp();
+    let not_after = cert.validity().not_after.timestamp();
+    Ok(CaCert {
+        der,
+        fingerprint,
+        subject,
+        subject_common_name,
+        issuer,
+        not_before,
+        not_after,
+        key_usages,
+        extended_key_usages,
+    })
+}
+
+/// A certificate's key usages and extended key usages, by ngrok's names
+/// (`digital_signature`, `server_auth`, …); empty when it has none.
+pub fn usages(cert: &X509Certificate<'_>) -> (Vec<String>, Vec<String>) {
     let key_usages = match cert.key_usage() {
         Ok(Some(ku)) => key_usage_names(ku.value),
         _ => Vec::new(),
@@ -161,26 +187,7 @@ pub fn ca_cert(index: usize, der: CertificateDer<'static>) -> Result<CaCert, CaE
         }
         _ => Vec::new(),
     };
-    let subject_common_name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    let issuer = cert.issuer().to_string();
-    let not_before = cert.validity().not_before.timestamp();
-    let not_after = cert.validity().not_after.timestamp();
-    Ok(CaCert {
-        der,
-        fingerprint,
-        subject,
-        subject_common_name,
-        issuer,
-        not_before,
-        not_after,
-        key_usages,
-        extended_key_usages,
-    })
+    (key_usages, extended_key_usages)
 }
 
 fn key_usage_names(ku: &x509_parser::extensions::KeyUsage) -> Vec<String> {

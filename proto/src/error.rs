@@ -133,10 +133,15 @@ codes! {
     CONNECTION_RESET = (9005, 502, Client, "the peer reset the connection");
     HEARTBEAT_TIMEOUT = (9006, 400, Agent, "no heartbeat arrived within the tolerance");
     MTLS_CERT_REQUIRED = (9007, 403, Client, "a valid client certificate is required");
+    TLS_CERT_INVALID = (9040, 400, Client, "the uploaded certificate is not a usable PEM certificate chain with a DNS name");
+    TLS_KEY_INVALID = (9041, 400, Client, "the uploaded private key is not a usable unencrypted PEM key");
+    TLS_KEY_MISMATCH = (9042, 400, Client, "the uploaded private key does not belong to the certificate");
+    TLS_CERT_NOT_CURRENT = (9043, 400, Client, "the uploaded certificate has expired or is not valid yet");
     API_UNAUTHORIZED = (9401, 401, Client, "a valid API key is required");
     API_NOT_FOUND = (9404, 404, Client, "no such resource");
     API_BAD_REQUEST = (9400, 400, Client, "the request is invalid");
     API_METHOD = (9405, 405, Client, "the method is not allowed here");
+    API_READ_ONLY = (9406, 400, Client, "the object is managed by the edge itself and cannot be changed or deleted through the API");
     INTERNAL = (9999, 500, Edge, "internal error");
 }
 

@@ -31,6 +31,15 @@ pub fn init() {
     });
 }
 
+/// Which optional listeners an in-process test edge has.
+#[derive(Clone, Copy, Debug, Default)]
+struct Listening {
+    /// `listen.ssh`.
+    ssh: bool,
+    /// `listen.http = ""`.
+    no_http: bool,
+}
+
 /// An edge node on loopback with a dev CA and two authtokens, in-process or
 /// as the `postern-edge` binary.
 pub struct TestEdge {
@@ -55,12 +64,16 @@ impl TestEdge {
 
     /// `extra` is appended to the TOML config (e.g. a `[limits]` table).
     pub async fn start_with(extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, "test-edge", "us", false).await
+        Self::start_on("127.0.0.1", extra, "test-edge", "us", Listening::default()).await
     }
 
     /// As [`TestEdge::start_with`], with the SSH ingress on (`listen.ssh`).
     pub async fn start_with_ssh(extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, "test-edge", "us", true).await
+        let listening = Listening {
+            ssh: true,
+            ..Listening::default()
+        };
+        Self::start_on("127.0.0.1", extra, "test-edge", "us", listening).await
     }
 
     /// As [`TestEdge::start_node`], with the SSH ingress on.
@@ -70,29 +83,53 @@ impl TestEdge {
 
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
     pub async fn start_v6() -> TestEdge {
-        Self::start_on("[::1]", "", "test-edge", "us", false).await
+        Self::start_on("[::1]", "", "test-edge", "us", Listening::default()).await
     }
 
     /// A node named `node_id` in `region` (e.g. one of a cluster, with a
     /// `[cluster]` table in `extra`).
     pub async fn start_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, node_id, region, false).await
+        Self::start_on("127.0.0.1", extra, node_id, region, Listening::default()).await
     }
 
-    async fn start_on(ip: &str, extra: &str, node_id: &str, region: &str, ssh: bool) -> TestEdge {
+    /// As [`TestEdge::start_node`], with the plain-HTTP listener off
+    /// (`listen.http = ""`).
+    pub async fn start_node_without_http(node_id: &str, region: &str, extra: &str) -> TestEdge {
+        let listening = Listening {
+            no_http: true,
+            ..Listening::default()
+        };
+        Self::start_on("127.0.0.1", extra, node_id, region, listening).await
+    }
+
+    async fn start_on(
+        ip: &str,
+        extra: &str,
+        node_id: &str,
+        region: &str,
+        listening: Listening,
+    ) -> TestEdge {
         init();
         let dir = TempDir::new("edge");
         let token = format!("test-token-{}", postern_net::random_label());
         let bind = || async { TcpListener::bind(format!("{ip}:0")).await.unwrap() };
         let mut listeners = Listeners {
             agent: bind().await,
-            http: Some(bind().await),
+            http: if listening.no_http {
+                None
+            } else {
+                Some(bind().await)
+            },
             https: bind().await,
             admin: Some(bind().await),
             metrics: Some(bind().await),
             node_link: None,
             ngrok_agent: Some(bind().await),
-            ssh: if ssh { Some(bind().await) } else { None },
+            ssh: if listening.ssh {
+                Some(bind().await)
+            } else {
+                None
+            },
         };
         let mut edge = TestEdge {
             edge: None,
@@ -285,7 +322,7 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
 "#,
             dir = self.dir.path().display(),
             agent = self.addrs.agent,
-            http = self.addrs.http.expect("http listener"),
+            http = self.addrs.http.map(|a| a.to_string()).unwrap_or_default(),
             https = self.addrs.https,
             admin = self.addrs.admin.expect("admin listener"),
             metrics = self.addrs.metrics.expect("metrics listener"),
@@ -350,7 +387,10 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         };
         let listeners = Listeners {
             agent: bind(self.addrs.agent).await,
-            http: Some(bind(self.addrs.http.unwrap()).await),
+            http: match self.addrs.http {
+                Some(addr) => Some(bind(addr).await),
+                None => None,
+            },
             https: bind(self.addrs.https).await,
             admin: Some(bind(self.addrs.admin.unwrap()).await),
             metrics: Some(bind(self.addrs.metrics.unwrap()).await),

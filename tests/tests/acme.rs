@@ -1,29 +1,36 @@
 //! Certificates from an ACME CA: a real edge (a cluster of one, where
 //! reserved domains live) against real Pebble, Let's Encrypt's test CA,
 //! which resolves every name to 127.0.0.1 through pebble-challtestsrv and
-//! validates HTTP-01 on the edge's plain-HTTP listener. curl and openssl
-//! check what the edge serves against Pebble's root.
+//! validates HTTP-01 on the edge's plain-HTTP listener, or TLS-ALPN-01 on
+//! its HTTPS listener. curl and openssl check what the edge serves
+//! against Pebble's root. Also here: certificates uploaded through
+//! `/tls_certificates`, and `[[tls.certificates]]` files reloaded on
+//! SIGHUP by the real binary.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use postern_tests::{
-    API_KEY, HttpUpstream, Pebble, TestEdge, acme_toml, cluster::cluster_toml, curl, eventually,
-    served_serial,
+    API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml, cluster::cluster_toml,
+    curl, eventually, free_port, served_serial,
 };
 use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 
 const JSON: &str = "Content-Type: application/json";
 
-/// A node in a cluster of one, ordering from `pebble`.
-async fn edge_with_acme(pebble: &Pebble) -> TestEdge {
+/// A `[cluster]` table for a cluster of one.
+fn cluster_of_one() -> String {
     let gossip = SocketAddr::from(([127, 0, 0, 1], postern_tests::cluster::udp_port()));
-    let cluster = cluster_toml(
+    cluster_toml(
         &format!("acme-{}", postern_net::random_label()),
         &[gossip],
         0,
-    );
-    let extra = format!("{}\n{cluster}", acme_toml(pebble, "1s"));
+    )
+}
+
+/// A node in a cluster of one, ordering from `pebble`.
+async fn edge_with_acme(pebble: &Pebble) -> TestEdge {
+    let extra = format!("{}\n{}", acme_toml(pebble, "1s"), cluster_of_one());
     TestEdge::start_node("edge-acme-1", "us", &extra).await
 }
 
@@ -43,6 +50,30 @@ async fn reserve(edge: &TestEdge, body: &str) -> Value {
         .await;
     assert_eq!(status, 201, "{body}: {reserved}");
     reserved
+}
+
+/// Waits until curl, trusting only `root`, gets the upstream's answer
+/// for `name` from the edge.
+async fn wait_trusted(edge: &TestEdge, name: &str, root: &Path, secs: u64) {
+    let what = format!("curl trusts {name} with {}", root.display());
+    eventually(secs, &what, || async move {
+        curl_trusting(edge, name, root)
+            .await
+            .is_ok_and(|body| body.contains("hello from upstream"))
+    })
+    .await;
+}
+
+/// An upstream, an agent serving it on `name`, and `name` reserved with
+/// a certificate policy (ngrok's defaults).
+async fn managed(edge: &TestEdge, name: &str) -> (HttpUpstream, postern_agent::Agent, Value) {
+    let upstream = HttpUpstream::start().await;
+    let (agent, _) = edge.agent(&http_tunnels(upstream.port(), &[name])).await;
+    let body = format!(
+        r#"{{"domain": "{name}", "certificate_management_policy": {{"authority": "letsencrypt"}}}}"#
+    );
+    let reserved = reserve(edge, &body).await;
+    (upstream, agent, reserved)
 }
 
 /// curl's answer for `https://<name>/` at the edge, trusting only `root`.
@@ -121,20 +152,8 @@ async fn a_reserved_domain_with_a_policy_gets_a_certificate_curl_trusts() {
     assert_eq!(plain["certificate_management_status"], Value::Null);
 
     let root = pebble.root("pebble-root.pem").await;
-    eventually(90, "curl trusts app.acme.test with Pebble's root", || {
-        let (edge, root) = (&edge, &root);
-        async move {
-            curl_trusting(edge, "app.acme.test", root)
-                .await
-                .is_ok_and(|body| body.contains("hello from upstream"))
-        }
-    })
-    .await;
-    eventually(90, "curl trusts rsa.acme.test with Pebble's root", || {
-        let (edge, root) = (&edge, &root);
-        async move { curl_trusting(edge, "rsa.acme.test", root).await.is_ok() }
-    })
-    .await;
+    wait_trusted(&edge, "app.acme.test", &root, 90).await;
+    wait_trusted(&edge, "rsa.acme.test", &root, 90).await;
     let rsa_chain = std::fs::read(edge.dir.path().join("acme").join("rsa.acme.test.pem")).unwrap();
     let rsa_leaf = rustls::pki_types::CertificateDer::from_pem_slice(&rsa_chain).unwrap();
     let (_, rsa_leaf) = x509_parser::parse_x509_certificate(rsa_leaf.as_ref()).unwrap();
@@ -190,11 +209,7 @@ async fn a_reserved_domain_with_a_policy_gets_a_certificate_curl_trusts() {
     // CA down and no order.
     pebble.stop().await;
     edge.restart().await;
-    eventually(30, "app.acme.test served from disk after a restart", || {
-        let (edge, root) = (&edge, &root);
-        async move { curl_trusting(edge, "app.acme.test", root).await.is_ok() }
-    })
-    .await;
+    wait_trusted(&edge, "app.acme.test", &root, 30).await;
     assert_eq!(edge.stat("acme_orders_issued"), 0);
     assert_eq!(edge.stat("acme_orders_failed"), 0);
     edge.stop().await;
@@ -226,15 +241,7 @@ async fn renewal_at_two_thirds_and_the_old_certificate_stays_when_the_ca_is_down
     pebble
         .start(http.port(), https.port(), Some(Duration::from_secs(30)))
         .await;
-    let upstream = HttpUpstream::start().await;
-    let (_agent, _) = edge
-        .agent(&http_tunnels(upstream.port(), &["app.renew.test"]))
-        .await;
-    let reserved = reserve(
-        &edge,
-        r#"{"domain": "app.renew.test", "certificate_management_policy": {"authority": "letsencrypt"}}"#,
-    )
-    .await;
+    let (_upstream, _agent, reserved) = managed(&edge, "app.renew.test").await;
     let path = format!("/reserved_domains/{}", reserved["id"].as_str().unwrap());
     let root = pebble.root("pebble-root.pem").await;
 
@@ -277,4 +284,323 @@ async fn renewal_at_two_thirds_and_the_old_certificate_stays_when_the_ca_is_down
         "{metrics}"
     );
     edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
+    let mut pebble = Pebble::prepare().await;
+    let extra = format!(
+        "{}challenge = \"tls-alpn-01\"\n{}",
+        acme_toml(&pebble, "1s"),
+        cluster_of_one()
+    );
+    let mut edge = TestEdge::start_node_without_http("edge-alpn-1", "us", &extra).await;
+    assert!(edge.addrs.http.is_none(), "no plain-HTTP listener");
+    // Pebble would try HTTP-01 on a port where nothing listens: only
+    // TLS-ALPN-01 on the edge's HTTPS listener can succeed.
+    pebble
+        .start(free_port(), edge.addrs.https.port(), None)
+        .await;
+    let (_upstream, _agent, reserved) = managed(&edge, "app.alpn.test").await;
+    let root = pebble.root("pebble-root.pem").await;
+    wait_trusted(&edge, "app.alpn.test", &root, 90).await;
+    assert_eq!(edge.stat("acme_orders_issued"), 1);
+    assert_eq!(edge.stat("acme_orders_failed"), 0);
+    let log = pebble.log().join("\n");
+    assert!(
+        log.contains("app.alpn.test") && !log.contains("Attempting to validate w/ HTTP"),
+        "Pebble validated app.alpn.test, not by HTTP-01: {log}"
+    );
+
+    // The validation certificate is gone once the order is done: an
+    // acme-tls/1 handshake now gets the endpoint's certificate.
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &edge.addrs.https.to_string()])
+        .args(["-servername", "app.alpn.test", "-alpn", "acme-tls/1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("ALPN protocol: acme-tls/1"), "{text}");
+
+    // The reserved domain names the certificate, and /tls_certificates
+    // lists it read-only.
+    let (_, shown) = edge
+        .api(
+            "GET",
+            &format!("/reserved_domains/{}", reserved["id"].as_str().unwrap()),
+            None,
+            API_KEY,
+        )
+        .await;
+    let cert_id = shown["certificate"]["id"].as_str().unwrap().to_string();
+    assert_eq!(cert_id, "cert_acme_app.alpn.test", "{shown}");
+    let (status, listed) = edge.api("GET", "/tls_certificates", None, API_KEY).await;
+    assert_eq!(status, 200, "{listed}");
+    let acme = listed["tls_certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == cert_id.as_str())
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(
+        acme["subject_alternative_names"]["dns_names"],
+        serde_json::json!(["app.alpn.test"])
+    );
+    assert!(acme["issued_at"].is_string(), "{acme}");
+    assert_eq!(acme["private_key_type"], "ecdsa");
+    let (status, refused) = edge
+        .api(
+            "DELETE",
+            &format!("/tls_certificates/{cert_id}"),
+            None,
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error_code"], "ERR_POSTERN_9406", "{refused}");
+    edge.stop().await;
+}
+
+/// An upload body for `/tls_certificates`.
+fn upload(cert_pem: &str, key_pem: &str) -> String {
+    serde_json::json!({
+        "certificate_pem": cert_pem,
+        "private_key_pem": key_pem,
+        "description": "uploaded in a test",
+        "metadata": "{\"team\": \"edge\"}",
+    })
+    .to_string()
+}
+
+/// The serial (hex) of a PEM certificate, as openssl shows it.
+fn serial_of(cert_pem: &str) -> String {
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    cert.raw_serial_as_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uploaded_certificate_is_served_by_sni_until_deleted() {
+    let mut edge = TestEdge::start_node("edge-certs-1", "us", &cluster_of_one()).await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge
+        .agent(&http_tunnels(
+            upstream.port(),
+            &["up.certs.test", "other.certs.test"],
+        ))
+        .await;
+    let dir = TempDir::new("tls-certificates");
+    let ca = TestCa::root("Uploaded test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    assert!(
+        curl_trusting(&edge, "up.certs.test", &ca_file)
+            .await
+            .is_err(),
+        "before the upload the dev CA's certificate is served"
+    );
+
+    // Refusals: each names the field, with its own code.
+    let good = ca.server(&["up.certs.test"]);
+    let other = ca.server(&["up.certs.test"]);
+    let expired = ca.client("up.certs.test", &["up.certs.test"], &[], (-30, -1));
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&key_file, &good.key_pem).unwrap();
+    let encrypted = tokio::process::Command::new("openssl")
+        .args(["pkey", "-aes256", "-passout", "pass:secret", "-in"])
+        .arg(&key_file)
+        .output()
+        .await
+        .unwrap();
+    let encrypted = String::from_utf8(encrypted.stdout).unwrap();
+    assert!(encrypted.contains("ENCRYPTED PRIVATE KEY"), "{encrypted}");
+    for (body, code, field) in [
+        (
+            upload(&good.cert_pem, &other.key_pem),
+            "ERR_POSTERN_9042",
+            "private_key_pem",
+        ),
+        (
+            upload(&expired.cert_pem, &expired.key_pem),
+            "ERR_POSTERN_9043",
+            "certificate_pem",
+        ),
+        (
+            upload("not a certificate", &good.key_pem),
+            "ERR_POSTERN_9040",
+            "certificate_pem",
+        ),
+        (
+            upload(&good.cert_pem, "not a key"),
+            "ERR_POSTERN_9041",
+            "private_key_pem",
+        ),
+        (
+            upload(&good.cert_pem, &encrypted),
+            "ERR_POSTERN_9041",
+            "encrypted",
+        ),
+    ] {
+        let (status, error) = edge
+            .api("POST", "/tls_certificates", Some((JSON, &body)), API_KEY)
+            .await;
+        assert_eq!(status, 400, "{error}");
+        assert_eq!(error["error_code"], code, "{error}");
+        let msg = error["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains(field), "{field}: {error}");
+    }
+
+    let (status, created) = edge
+        .api(
+            "POST",
+            "/tls_certificates",
+            Some((JSON, &upload(&good.cert_pem, &good.key_pem))),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("cert_"), "{created}");
+    assert_eq!(created["uri"], format!("/tls_certificates/{id}"));
+    assert_eq!(
+        created["subject_alternative_names"],
+        serde_json::json!({"dns_names": ["up.certs.test"], "ips": []})
+    );
+    assert_eq!(created["issuer_common_name"], "Uploaded test CA");
+    assert_eq!(created["private_key_type"], "ecdsa");
+    assert_eq!(created["description"], "uploaded in a test");
+    assert_eq!(created["issued_at"], Value::Null);
+    assert_eq!(
+        created["serial_number"].as_str().unwrap(),
+        serial_of(&good.cert_pem).replace(':', "")
+    );
+    for field in ["not_before", "not_after", "created_at", "fingerprint"] {
+        assert!(created[field].is_string(), "{field}: {created}");
+    }
+    assert!(created.get("private_key_pem").is_none(), "{created}");
+    assert!(!created.to_string().contains("PRIVATE KEY"), "{created}");
+
+    // Served by SNI at once, to curl and openssl trusting only the CA.
+    wait_trusted(&edge, "up.certs.test", &ca_file, 10).await;
+    let (serial, verified) = served_serial(edge.addrs.https, "up.certs.test", &ca_file).await;
+    assert!(verified);
+    assert_eq!(serial, serial_of(&good.cert_pem));
+    assert!(
+        curl_trusting(&edge, "other.certs.test", &ca_file)
+            .await
+            .is_err(),
+        "a name the certificate does not carry keeps the dev CA's"
+    );
+
+    let (_, listed) = edge.api("GET", "/tls_certificates", None, API_KEY).await;
+    assert_eq!(
+        listed["tls_certificates"].as_array().unwrap().len(),
+        1,
+        "{listed}"
+    );
+    let (status, got) = edge
+        .api("GET", &format!("/tls_certificates/{id}"), None, API_KEY)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(got["certificate_pem"], good.cert_pem.as_str());
+    let (status, patched) = edge
+        .api(
+            "PATCH",
+            &format!("/tls_certificates/{id}"),
+            Some((JSON, r#"{"description": "renamed"}"#)),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(
+        (status, &patched["description"]),
+        (200, &serde_json::json!("renamed"))
+    );
+
+    // The key is sealed in the cluster's snapshot on disk too.
+    edge.restart().await;
+    wait_trusted(&edge, "up.certs.test", &ca_file, 20).await;
+
+    let (status, _) = edge
+        .api("DELETE", &format!("/tls_certificates/{id}"), None, API_KEY)
+        .await;
+    assert_eq!(status, 204);
+    assert!(
+        curl_trusting(&edge, "up.certs.test", &ca_file)
+            .await
+            .is_err(),
+        "deleted: no longer served"
+    );
+    let (status, _) = edge
+        .api("GET", &format!("/tls_certificates/{id}"), None, API_KEY)
+        .await;
+    assert_eq!(status, 404);
+    edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_certificate_files_in_the_binary() {
+    let dir = TempDir::new("sighup-certs");
+    let ca = TestCa::root("File test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let first = ca.server(&["files.certs.test"]);
+    let (cert, key) = first.write(dir.path(), "files", &[]);
+    let extra = format!(
+        "[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let mut edge = TestEdge::start_process_with(&extra).await;
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = edge
+        .agent(&http_tunnels(upstream.port(), &["files.certs.test"]))
+        .await;
+    let https = edge.addrs.https;
+    let (serial, verified) = served_serial(https, "files.certs.test", &ca_file).await;
+    assert!(verified);
+    assert_eq!(serial, serial_of(&first.cert_pem));
+
+    let metrics = format!("http://{}/metrics", edge.addrs.metrics.unwrap());
+    // SIGHUP, then wait until /metrics counts the reload with `result`.
+    let hangup = |pid: u32, result: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            let status = tokio::process::Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .await
+                .unwrap();
+            assert!(status.success());
+            let sample = format!("postern_certificate_reloads_total{{result=\"{result}\"}} 1");
+            eventually(20, &sample.clone(), || {
+                let (metrics, sample) = (metrics.clone(), sample.clone());
+                async move {
+                    let out = curl(&[&metrics]).await;
+                    String::from_utf8_lossy(&out.stdout).contains(&sample)
+                }
+            })
+            .await;
+        }
+    };
+    // A new pair in the same files: served after SIGHUP, by the same
+    // process.
+    let second = ca.server(&["files.certs.test"]);
+    second.write(dir.path(), "files", &[]);
+    let pid = edge.process().pid();
+    hangup(pid, "ok").await;
+    let (serial, verified) = served_serial(https, "files.certs.test", &ca_file).await;
+    assert!(verified);
+    assert_eq!(serial, serial_of(&second.cert_pem));
+
+    // A broken pair (the key of another certificate) is refused (the log
+    // names the file) and the certificate served stays.
+    std::fs::write(&key, &first.key_pem).unwrap();
+    hangup(pid, "failed").await;
+    let (serial, verified) = served_serial(https, "files.certs.test", &ca_file).await;
+    assert!(verified);
+    assert_eq!(serial, serial_of(&second.cert_pem));
+    assert_eq!(edge.process().pid(), pid, "the same process throughout");
+    edge.process().terminate().await;
 }

@@ -39,6 +39,20 @@ pub struct RawAcme {
     pub retry_min: Option<String>,
     /// The longest wait between attempts. Default `1h`.
     pub retry_max: Option<String>,
+    /// How names are proved: `"http-01"` (the default) on the plain-HTTP
+    /// listener, which must be reachable on port 80, or `"tls-alpn-01"`
+    /// on the HTTPS listener, which must be reachable on port 443 (for
+    /// deployments without port 80).
+    pub challenge: Option<String>,
+}
+
+/// The ACME challenge the edge answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    /// RFC 8555 §8.3, on the plain-HTTP listener.
+    Http01,
+    /// RFC 8737, on the HTTPS/TLS listener.
+    TlsAlpn01,
 }
 
 /// Validated `[acme]`.
@@ -54,6 +68,7 @@ pub struct AcmeConfig {
     pub renew_at: f64,
     pub retry_min: Duration,
     pub retry_max: Duration,
+    pub challenge: Challenge,
 }
 
 impl AcmeConfig {
@@ -146,7 +161,15 @@ impl RawAcme {
         if retry_min.is_zero() || retry_max < retry_min {
             bail!("acme.retry_max: must be at least acme.retry_min, which must be above zero");
         }
+        let challenge = match self.challenge.as_deref() {
+            None | Some("http-01") => Challenge::Http01,
+            Some("tls-alpn-01") => Challenge::TlsAlpn01,
+            Some(other) => bail!(
+                "acme.challenge: {other:?} is not a challenge Postern answers; use \"http-01\" or \"tls-alpn-01\" (DNS-01 is not built yet)"
+            ),
+        };
         Ok(AcmeConfig {
+            challenge,
             directory_url,
             contact,
             eab,
@@ -172,6 +195,7 @@ mod tests {
         assert_eq!(config.directory_url, LETS_ENCRYPT);
         assert!((config.renew_at - 2.0 / 3.0).abs() < 1e-9);
         assert!(config.eab.is_none() && config.contact.is_none());
+        assert_eq!(config.challenge, Challenge::Http01);
     }
 
     #[test]
@@ -194,6 +218,7 @@ eab_hmac_key = "!!""#,
             ("renew_at = 0.0", "acme.renew_at"),
             (r#"retry_min = "soon""#, "acme.retry_min"),
             (r#"retry_min = "2h""#, "acme.retry_max"),
+            (r#"challenge = "dns-01""#, "acme.challenge"),
         ] {
             let err = format!("{:#}", check(toml).unwrap_err());
             assert!(err.contains(key), "{toml}: {err}");

@@ -1,6 +1,7 @@
 //! One ACME order with `instant-acme`: the account (created once, its
 //! credentials kept in the data directory), HTTP-01 answered through the
-//! gateway's plain-HTTP listener, the key (ECDSA P-256 or RSA 2048) and
+//! gateway's plain-HTTP listener or TLS-ALPN-01 through its HTTPS
+//! listener, the key (ECDSA P-256 or RSA 2048) and
 //! CSR made here, the chain fetched. No JOSE of our own.
 
 use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
@@ -11,9 +12,9 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType,
     ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
-use postern_ingress::{Http01Challenges, IdpHttp};
+use postern_ingress::{AcmeChallenges, IdpHttp};
 
-use super::{AcmeConfig, AcmeError};
+use super::{AcmeConfig, AcmeError, Challenge};
 use crate::cluster::KeyType;
 
 /// How long one request to the CA may take.
@@ -95,18 +96,20 @@ pub(super) struct Issued {
     pub key_pem: String,
 }
 
-/// Orders a certificate for `domain`, answering HTTP-01 on the gateway.
+/// Orders a certificate for `domain`, answering `kind` on the gateway.
 pub(super) async fn order(
     account: &Account,
-    http01: &Arc<Http01Challenges>,
+    challenges: &Arc<AcmeChallenges>,
+    kind: Challenge,
     domain: &str,
     key_type: KeyType,
 ) -> Result<Issued, AcmeError> {
     let identifiers = [Identifier::Dns(domain.to_string())];
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
-    let mut tokens = Tokens {
-        http01: http01.clone(),
-        tokens: Vec::new(),
+    let mut answers = Answers {
+        challenges: challenges.clone(),
+        http01: Vec::new(),
+        tls_alpn01: Vec::new(),
     };
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
@@ -116,12 +119,26 @@ pub(super) async fn order(
             AuthorizationStatus::Valid => continue,
             other => return Err(AcmeError::Authorization(format!("{other:?}"))),
         }
+        let (challenge_type, name) = match kind {
+            Challenge::Http01 => (ChallengeType::Http01, "http-01"),
+            Challenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+        };
         let mut challenge = authz
-            .challenge(ChallengeType::Http01)
-            .ok_or(AcmeError::NoHttp01)?;
-        let token = challenge.token.clone();
-        http01.insert(&token, challenge.key_authorization().as_str());
-        tokens.tokens.push(token);
+            .challenge(challenge_type)
+            .ok_or(AcmeError::NoChallenge(name))?;
+        let key_authorization = challenge.key_authorization();
+        match kind {
+            Challenge::Http01 => {
+                challenges.insert_http01(&challenge.token, key_authorization.as_str());
+                answers.http01.push(challenge.token.clone());
+            }
+            Challenge::TlsAlpn01 => {
+                challenges
+                    .insert_tls_alpn01(domain, key_authorization.digest().as_ref())
+                    .map_err(AcmeError::TlsAlpn01)?;
+                answers.tls_alpn01.push(domain.to_string());
+            }
+        }
         challenge.set_ready().await?;
     }
     let status = order.poll_ready(&POLL).await?;
@@ -134,7 +151,7 @@ pub(super) async fn order(
             .unwrap_or_else(|| format!("{status:?}"));
         return Err(AcmeError::NotReady(detail));
     }
-    drop(tokens);
+    drop(answers);
     let key = new_key(key_type)?;
     let csr = rcgen::CertificateParams::new(vec![domain.to_string()])
         .and_then(|params| params.serialize_request(&key))
@@ -147,17 +164,21 @@ pub(super) async fn order(
     })
 }
 
-/// Withdraws the order's HTTP-01 tokens from the gateway however the
-/// order ends.
-struct Tokens {
-    http01: Arc<Http01Challenges>,
-    tokens: Vec<String>,
+/// Withdraws the order's answers (HTTP-01 tokens, TLS-ALPN-01 names)
+/// from the gateway however the order ends.
+struct Answers {
+    challenges: Arc<AcmeChallenges>,
+    http01: Vec<String>,
+    tls_alpn01: Vec<String>,
 }
 
-impl Drop for Tokens {
+impl Drop for Answers {
     fn drop(&mut self) {
-        for token in &self.tokens {
-            self.http01.remove(token);
+        for token in &self.http01 {
+            self.challenges.remove_http01(token);
+        }
+        for name in &self.tls_alpn01 {
+            self.challenges.remove_tls_alpn01(name);
         }
     }
 }

@@ -19,6 +19,10 @@
 //! - `/endpoint_policies`: `{domain, mutual_tls_cas, description,
 //!   metadata}`, as `[[endpoint_policies]]`: every node requires the CAs
 //!   for the endpoints on the domain, those already bound included.
+//! - `/tls_certificates`: `{certificate_pem, private_key_pem,
+//!   description, metadata}` (ngrok's TLSCertificate): every node serves
+//!   it by SNI for its names; the key is never shown. The certificates
+//!   ACME issued are listed too, read-only (see `tls_certificates.rs`).
 //! - `/event_subscriptions`: `{description, metadata, sources,
 //!   destination}` (ngrok's Event Subscription with the destination
 //!   inline, see `postern_events::ApiSubscription`); every node runs it for
@@ -36,7 +40,7 @@ use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
-use super::{AdminState, empty, json_response, read_body};
+use super::{AdminState, empty, json_response, read_body, tls_certificates::acme_certificate_id};
 use crate::{
     acl::Acl,
     acme::CertStatus,
@@ -73,6 +77,11 @@ pub trait Resource: Kind + Clone {
     fn owned_credentials(_node: &ClusterNode, _id: &str) -> Vec<String> {
         Vec::new()
     }
+    /// Objects of the kind the edge manages itself, shown by id in the
+    /// list and by `GET`, refused to `PATCH` and `DELETE`.
+    fn read_only(_node: &ClusterNode) -> Vec<(String, Value)> {
+        Vec::new()
+    }
 }
 
 /// Serves `/<R::PATH>` and below.
@@ -89,6 +98,23 @@ pub async fn handle<R: Resource>(
     })?;
     let not_found =
         |id: &str| Failure::new(ErrorCode::API_NOT_FOUND, format!("no {} {id}", R::NAME));
+    let read_only = |id: &str| {
+        R::read_only(node)
+            .into_iter()
+            .find(|(other, _)| other == id)
+    };
+    if let (method, [id]) = (req.method(), rest)
+        && (method == Method::PATCH || method == Method::DELETE)
+        && read_only(id).is_some()
+    {
+        return Err(Failure::new(
+            ErrorCode::API_READ_ONLY,
+            format!(
+                "{} {id} is managed by the edge; it can be read, not changed or deleted",
+                R::NAME
+            ),
+        ));
+    }
     match (req.method().clone(), rest) {
         (Method::POST, []) => {
             let new: R::New = body(req).await?;
@@ -103,11 +129,12 @@ pub async fn handle<R: Resource>(
             Ok(json_response(StatusCode::CREATED, &shown))
         }
         (Method::GET, []) => {
-            let list: Vec<Value> = node
+            let mut list: Vec<Value> = node
                 .objects::<R>()
                 .iter()
                 .map(|(id, object)| object.json(node, id))
                 .collect();
+            list.extend(R::read_only(node).into_iter().map(|(_, shown)| shown));
             Ok(json_response(
                 StatusCode::OK,
                 &json!({ R::PATH: list, "uri": format!("/{}", R::PATH), "next_page_uri": null }),
@@ -115,7 +142,9 @@ pub async fn handle<R: Resource>(
         }
         (Method::GET, [id]) => node
             .object::<R>(id)
-            .map(|object| json_response(StatusCode::OK, &object.json(node, id)))
+            .map(|object| object.json(node, id))
+            .or_else(|| read_only(id).map(|(_, shown)| shown))
+            .map(|shown| json_response(StatusCode::OK, &shown))
             .ok_or_else(|| not_found(id)),
         (Method::PATCH, [id]) => {
             let object = node.object::<R>(id).ok_or_else(|| not_found(id))?;
@@ -186,12 +215,16 @@ fn unique_domain<R: Resource>(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TextUpdate {
-    description: Option<String>,
-    metadata: Option<String>,
+    pub(super) description: Option<String>,
+    pub(super) metadata: Option<String>,
 }
 
 impl TextUpdate {
-    fn apply(self, description: &mut String, metadata: &mut String) -> Result<(), Failure> {
+    pub(super) fn apply(
+        self,
+        description: &mut String,
+        metadata: &mut String,
+    ) -> Result<(), Failure> {
         let new_description = self.description.unwrap_or_else(|| description.clone());
         let new_metadata = self.metadata.unwrap_or_else(|| metadata.clone());
         check_text(&new_description, &new_metadata)?;
@@ -610,12 +643,16 @@ impl Resource for ReservedDomain {
             json!({ "authority": p.authority, "private_key_type": key_type })
         });
         let status = policy.as_ref().map(|_| {
-            let status = node
-                .acme()
+            node.acme()
                 .and_then(|acme| acme.status(&self.domain))
-                .unwrap_or_default();
-            certificate_status(&status)
+                .unwrap_or_default()
         });
+        // The ACME certificate served, as `/tls_certificates` lists it.
+        let certificate = status.as_ref().filter(|s| s.not_after.is_some()).map(|_| {
+            let cert = acme_certificate_id(&self.domain);
+            json!({ "id": cert, "uri": format!("/tls_certificates/{cert}") })
+        });
+        let status = status.as_ref().map(certificate_status);
         json!({
             "id": id,
             "uri": format!("/reserved_domains/{id}"),
@@ -625,7 +662,7 @@ impl Resource for ReservedDomain {
             "domain": self.domain,
             "region": null,
             "cname_target": null,
-            "certificate": null,
+            "certificate": certificate,
             "certificate_management_policy": policy,
             "certificate_management_status": status,
             "acme_challenge_cname_target": null,

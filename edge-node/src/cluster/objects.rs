@@ -7,8 +7,8 @@ use std::path::Path;
 
 use postern_config_sync::Kind;
 use postern_events::{ApiSubscription, Subscription};
-use postern_ingress::DomainPattern;
-use postern_net::Secret;
+use postern_ingress::{DomainPattern, ServingCert};
+use postern_net::{Pem, Secret, TlsError};
 use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +128,67 @@ impl ReservedDomain {
             .iter()
             .find(|(_, r)| r.covers(name) && r.owner_id.as_deref() != owner)
     }
+}
+
+/// A certificate and key uploaded through `/tls_certificates` (ngrok's
+/// TLSCertificate): every node serves it by SNI for the names it
+/// carries. The key is sealed with the cluster key, so neither the gossip
+/// nor the snapshot on disk holds it in the clear.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TlsCertificate {
+    /// The chain, leaf first.
+    pub certificate_pem: String,
+    pub private_key_sealed: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub metadata: String,
+    pub created_at: String,
+}
+
+impl Kind for TlsCertificate {
+    const KIND: &'static str = "tls_certificate";
+}
+
+impl TlsCertificate {
+    /// The certificate as this node serves it, its key opened with
+    /// `open`, checked as an upload is (a certificate that has expired
+    /// since is refused).
+    pub fn serving(&self, open: impl Fn(&str) -> Option<String>) -> Result<ServingCert, String> {
+        let key = open(&self.private_key_sealed)
+            .ok_or("its private key was sealed with another cluster key")?;
+        check_certificate(&self.certificate_pem, &key).map_err(|f| f.detail)
+    }
+}
+
+/// An uploaded chain and key checked: PEM, a DNS name to serve, the key
+/// unencrypted and belonging to the leaf, the leaf valid today. The error
+/// names the field.
+pub fn check_certificate(
+    certificate_pem: &str,
+    private_key_pem: &str,
+) -> Result<ServingCert, Failure> {
+    if private_key_pem.contains("ENCRYPTED") {
+        return Err(Failure::new(
+            ErrorCode::TLS_KEY_INVALID,
+            "private_key_pem: the key is encrypted; upload it decrypted (openssl pkey -in key.pem -out plain.pem): it is kept sealed with the cluster key",
+        ));
+    }
+    ServingCert::from_pem(
+        Pem::new("certificate_pem", certificate_pem.as_bytes()),
+        Pem::new("private_key_pem", private_key_pem.as_bytes()),
+    )
+    .map_err(|e| {
+        let code = match &e {
+            TlsError::BadKey { .. } => ErrorCode::TLS_KEY_INVALID,
+            TlsError::KeyMismatch { .. } => ErrorCode::TLS_KEY_MISMATCH,
+            TlsError::NotYetValid { .. } | TlsError::Expired { .. } => {
+                ErrorCode::TLS_CERT_NOT_CURRENT
+            }
+            _ => ErrorCode::TLS_CERT_INVALID,
+        };
+        Failure::new(code, e.to_string())
+    })
 }
 
 /// Where agents of one owner connect: `tunnel.<region>.<domain>` for every

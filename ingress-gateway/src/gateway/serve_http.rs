@@ -85,7 +85,7 @@ async fn handle_request(
     // may exist for the name, so this comes before routing.
     if conn.tls.is_none()
         && req.method() == http::Method::GET
-        && let Some(key_authorization) = inner.http01.answer(req.uri().path())
+        && let Some(key_authorization) = inner.acme.answer(req.uri().path())
     {
         return record.finish(http01_response(key_authorization));
     }

@@ -53,6 +53,17 @@ pub(super) async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         }
         return;
     };
+    if hello.alpn.iter().any(|p| p == ACME_TLS_ALPN)
+        && let Some(key) = inner.acme.tls_alpn01(&name)
+    {
+        // An ACME CA validating TLS-ALPN-01 (RFC 8737): the handshake
+        // shows the validation certificate and the connection ends.
+        let config = single_cert_config(key, &[ACME_TLS_ALPN]);
+        if let Some(mut tls) = accept_tls(&inner, config, buf.freeze(), stream).await {
+            let _ = tls.shutdown().await;
+        }
+        return;
+    }
     if inner
         .config
         .oauth
