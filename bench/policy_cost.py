@@ -11,34 +11,25 @@ round, in the same run; the report is the ratio of keep-alive requests/s
 Usage: bench/policy_cost.py [--rounds N] [--duration SECONDS]
 Needs nginx, wrk, and release builds of postern-edge and postern
 (cargo build --release --bin postern-edge --bin postern; POSTERN_BIN_DIR
-names another directory of them). Writes
+names another directory of them; see one_edge.py). Writes
 bench/out/policy-cost/result.json and prints a Markdown table."""
 
 import argparse
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import statistics
 import subprocess
-import time
+
+from one_edge import OneEdge
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
 OUT = os.path.join(BENCH, "out", "policy-cost")
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
 PORTS = dict(nginx=30980, agent=30960, http=30961, https=30962)
 NAMES = {"none": "app.postern.localhost", "policy": "policy.postern.localhost"}
 TOKEN = "policy-cost-bench"
-
-
-def write(name, text):
-    path = os.path.join(OUT, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 def https_status(name):
@@ -57,15 +48,6 @@ def https_status(name):
         return int(m.group(1)) if m else None
     except OSError:
         return None
-
-
-def wait_for(check, what, seconds=30):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}; logs in {OUT}")
 
 
 def wrk(name, conns, duration):
@@ -91,9 +73,10 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     args = ap.parse_args()
     os.makedirs(os.path.join(OUT, "nginx-tmp"), exist_ok=True)
+    run = OneEdge(OUT, "policy-cost", PORTS, TOKEN)
     with open(os.path.join(BENCH, "policy-10-rules.yml")) as f:
         policy = "".join("      " + line for line in f if line.strip() and not line.startswith("#"))
-    nginx = write("nginx.conf", f"""daemon off;
+    nginx = run.write("nginx.conf", f"""daemon off;
 worker_processes 1;
 pid {OUT}/nginx.pid;
 error_log {OUT}/nginx-error.log warn;
@@ -108,26 +91,7 @@ http {{
     }}
 }}
 """)
-    edge = write("edge.toml", f"""node_id = "policy-cost"
-domain = "postern.localhost"
-data_dir = "{OUT}/edge-data"
-[listen]
-agent = "127.0.0.1:{PORTS['agent']}"
-http = "127.0.0.1:{PORTS['http']}"
-https = "127.0.0.1:{PORTS['https']}"
-admin = ""
-metrics = ""
-[tls]
-dev_ca = true
-[[authtokens]]
-token = "{TOKEN}"
-""")
-    agent = write("agent.yml", f"""version: "2"
-authtoken: "{TOKEN}"
-server_addr: "tunnel.us.connect.postern.localhost:{PORTS['agent']}"
-root_cas: "{OUT}/edge-data/dev-ca.pem"
-tunnels:
-  none:
+    tunnels = f"""  none:
     proto: http
     addr: "127.0.0.1:{PORTS['nginx']}"
     domain: "{NAMES['none']}"
@@ -138,24 +102,14 @@ tunnels:
     domain: "{NAMES['policy']}"
     inspect: false
     traffic_policy:
-{policy}""")
+{policy}"""
     with open("/etc/hosts") as f:
-        write("hosts", f.read() + "".join(f"\n127.0.0.1 {n}" for n in NAMES.values()) + "\n")
-    # POSTERN_BIN_DIR: binaries built elsewhere (as bench/run.sh sets it).
-    bin_dir = os.environ.get("POSTERN_BIN_DIR", os.path.join(TARGET, "release"))
-    procs = []
-
-    def start(name, argv):
-        log = open(os.path.join(OUT, f"{name}.log"), "w")
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-
+        run.write("hosts", f.read() + "".join(f"\n127.0.0.1 {n}" for n in NAMES.values()) + "\n")
     try:
-        start("nginx", ["nginx", "-c", nginx])
-        start("edge", [os.path.join(bin_dir, "postern-edge"), "--config", edge])
-        wait_for(lambda: os.path.exists(f"{OUT}/edge-data/dev-ca.pem"), "the edge's dev CA")
-        start("agent", [os.path.join(bin_dir, "postern"), "start", "--all", "--config", agent])
+        run.start("nginx", ["nginx", "-c", nginx])
+        run.start_edge_and_agent(tunnels)
         for name in NAMES.values():
-            wait_for(lambda name=name: https_status(name) == 200, f"{name} answering 200")
+            run.wait_for(lambda name=name: https_status(name) == 200, f"{name} answering 200")
         rounds = []
         for r in range(args.rounds):
             order = ["none", "policy"] if r % 2 == 0 else ["policy", "none"]
@@ -167,13 +121,7 @@ tunnels:
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        run.stop()
     ratio = statistics.median(r["policy"]["rps"] / r["none"]["rps"] for r in rounds)
     added = statistics.median(r["policy"]["p50_us"] - r["none"]["p50_us"] for r in rounds)
     med = lambda s, k: statistics.median(r[s][k] for r in rounds)  # noqa: E731
@@ -183,7 +131,7 @@ tunnels:
         "added_p50_us": round(added, 1),
         "load_average_at_end": os.getloadavg(),
     }
-    write("result.json", json.dumps(result, indent=2))
+    run.write("result.json", json.dumps(result, indent=2))
     print(f"""
 | HTTPS endpoint, {args.rounds} rounds × {args.duration} s | no policy | 10-rule policy | policy vs none |
 |---|---:|---:|---:|
