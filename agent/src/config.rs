@@ -660,7 +660,6 @@ impl RawTunnel {
                 field("upstream_protocol")
             ),
         };
-        let http2 = upstream.http2;
         let mut domain = self.domain.clone().or_else(|| self.hostname.clone());
         if domain.is_some() && proto == Proto::Tcp {
             bail!(
@@ -823,12 +822,10 @@ impl RawTunnel {
                 }
                 None => None,
             },
-            // The converter's streams carry the visitor's bytes, not HTTP;
-            // the inspector reads HTTP/1.1 only.
+            // The converter's streams carry the visitor's bytes, not HTTP.
             inspect: proto == Proto::Http
                 && self.inspect.unwrap_or(true)
-                && !self.websocket_tcp_converter.unwrap_or(false)
-                && !http2,
+                && !self.websocket_tcp_converter.unwrap_or(false),
             oauth: crate::oauth::spec(
                 &format!("tunnels.{name}"),
                 proto == Proto::Http,

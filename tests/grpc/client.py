@@ -1,9 +1,13 @@
 """Calls the test server's echo.Echo methods through TARGET (host:port),
 over TLS trusting CA_FILE and naming HOST (SNI and :authority), or in
 cleartext when CA_FILE is "-". Prints one JSON object of what came back.
-Usage: client.py TARGET HOST CA_FILE"""
+With MODE "pingpong" it makes one bidirectional call message by message
+instead: it sends "1", prints "first <answer>" once the answer is back,
+waits for a line on stdin, sends "2", and prints "done <answers>".
+Usage: client.py TARGET HOST CA_FILE [MODE]"""
 
 import json
+import queue
 import sys
 
 import grpc
@@ -25,6 +29,9 @@ def main():
             credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
         options.append(("grpc.ssl_target_name_override", host))
         channel = grpc.secure_channel(target, credentials, options=options)
+    if sys.argv[4:] == ["pingpong"]:
+        pingpong(channel)
+        return
     out = {}
     response, call = channel.unary_unary("/echo.Echo/Unary").with_call(b"hi", timeout=20)
     out["unary"] = response.decode()
@@ -53,6 +60,26 @@ def main():
     echoed = channel.unary_unary("/echo.Echo/Big")(payload, timeout=60)
     out["big"] = [len(echoed), echoed == payload]
     print(json.dumps(out), flush=True)
+
+
+def pingpong(channel):
+    """Each message goes only once the previous answer came back, so the
+    call finishes only if both directions stream."""
+    outbox = queue.Queue()
+
+    def requests():
+        while (message := outbox.get()) is not None:
+            yield message
+
+    answers = channel.stream_stream("/echo.Echo/Bidi")(requests(), timeout=60)
+    outbox.put(b"1")
+    print("first " + next(answers).decode(), flush=True)
+    sys.stdin.readline()
+    outbox.put(b"2")
+    second = next(answers).decode()
+    outbox.put(None)
+    rest = [m.decode() for m in answers]
+    print("done " + json.dumps([second] + rest), flush=True)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,39 @@ pub async fn websocket_echo(
     ws
 }
 
+/// A WebSocket through the edge at `addr` (trusting `ca_pem`) to
+/// `wss://<host>/` on an endpoint with `websocket_tcp_converter` whose
+/// upstream is a TCP echo: checks the 101, that binary and text messages
+/// reach the echo as bare payloads and come back as binary messages (a
+/// 100 KB one too), and closes it.
+pub async fn websocket_to_tcp_echo(addr: SocketAddr, ca_pem: &Path, host: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let tls = HttpsClient::new(addr, ca_pem).connect(host).await.unwrap();
+    let url = format!("wss://{host}:{}/", addr.port());
+    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(response.status(), 101);
+    for (sent, bytes) in [
+        (
+            Message::binary(b"\x00hello\xff".to_vec()),
+            &b"\x00hello\xff"[..],
+        ),
+        (Message::text("plain text"), &b"plain text"[..]),
+        (Message::binary(vec![9u8; 100_000]), &[9u8; 100_000][..]),
+    ] {
+        ws.send(sent).await.unwrap();
+        let mut echoed = Vec::new();
+        while echoed.len() < bytes.len() {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Binary(chunk) => echoed.extend_from_slice(&chunk),
+                other => panic!("only binary messages come back: {other:?}"),
+            }
+        }
+        assert_eq!(echoed, bytes, "the upstream saw the bare payload, no HTTP");
+    }
+    ws.close(None).await.unwrap();
+}
+
 /// Runs `openssl s_client` against `addr` with extra args, feeding `stdin`.
 pub async fn openssl_s_client(addr: SocketAddr, args: &[&str], stdin: &[u8]) -> Output {
     use tokio::io::AsyncWriteExt;

@@ -474,6 +474,25 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         online(Agent::start(self.agent_config(token, tunnels))).await
     }
 
+    /// As [`TestEdge::agent`], with the agent API and inspector on a free
+    /// loopback port: the agent, the API's address and the status once
+    /// online. `extra` is agent config put before the edge's keys.
+    pub async fn agent_with_api(
+        &self,
+        extra: &str,
+        tunnels: &str,
+    ) -> (Agent, std::net::SocketAddr, Status) {
+        let yaml = format!(
+            "web_addr: 127.0.0.1:0\n{extra}{}",
+            self.agent_yaml(&self.token, tunnels)
+        );
+        let (agent, status) = online(Agent::start(parse_agent_config(&yaml)))
+            .await
+            .expect("agent comes online");
+        let api = agent.web_addr().expect("the API listens");
+        (agent, api, status)
+    }
+
     /// As [`TestEdge::agent_with`], connecting as `server_name` and
     /// trusting `root_cas`.
     pub async fn agent_through(

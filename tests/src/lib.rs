@@ -6,6 +6,7 @@
 mod client;
 pub mod cluster;
 mod edge;
+mod grpc;
 mod kafka;
 pub mod netns;
 mod oidc;
@@ -19,8 +20,10 @@ mod upstream;
 
 pub use client::{
     HttpsClient, Response, curl, http1_get_all, openssl_s_client, stream_each_way, websocket_echo,
+    websocket_to_tcp_echo,
 };
 pub use edge::{ACL_TOKEN, API_KEY, DOMAIN, EVENTS_TO_FILE, TestEdge, init, url_of};
+pub use grpc::{grpc_client, grpc_expected, grpc_script, grpc_server};
 pub use kafka::{
     Broker, Consumed, KafkaTlsFront, assert_schema_valid, consume, consume_with,
     kafka_subscription, python, topic, topic_template,

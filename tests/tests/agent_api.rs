@@ -18,37 +18,13 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use postern_agent::{Agent, Status};
+use postern_agent::Agent;
 use postern_tests::{
     ACL_TOKEN, HttpUpstream, HttpsClient, Spawned, TempDir, TestCa, TestEdge, binary, curl,
     free_port, read_rss_kib, stream_each_way, url_of, websocket_echo,
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, process::Command};
-
-/// An in-process agent with its API on a free loopback port.
-async fn agent_with_api(
-    edge: &TestEdge,
-    extra: &str,
-    tunnels: &str,
-) -> (Agent, SocketAddr, Status) {
-    let yaml = format!(
-        "web_addr: 127.0.0.1:0\n{extra}{}",
-        edge.agent_yaml(&edge.token, tunnels)
-    );
-    let config = postern_agent::parse_raw(serde_yaml_ng::from_str(&yaml).unwrap())
-        .and_then(|raw| raw.validate(None))
-        .expect("agent config is valid");
-    let agent = Agent::start(config);
-    let api = agent.web_addr().expect("the API listens");
-    let mut status = agent.status();
-    let online = tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.online))
-        .await
-        .expect("agent online within 20 s")
-        .expect("agent running")
-        .clone();
-    (agent, api, online)
-}
 
 fn http_tunnel(name: &str, domain: &str, port: u16) -> String {
     format!("  {name}:\n    proto: http\n    addr: {port}\n    domain: {domain}\n")
@@ -162,12 +138,9 @@ fn assert_error(a: &Answer, status: u16, want: &str) {
 async fn tunnel_routes_start_show_and_stop_tunnels_and_name_their_errors() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, api, _) = agent_with_api(
-        &edge,
-        "",
-        &http_tunnel("web", "web.example.test", upstream.port()),
-    )
-    .await;
+    let (_agent, api, _) = edge
+        .agent_with_api("", &http_tunnel("web", "web.example.test", upstream.port()))
+        .await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
 
     let list = get(api, "/api/tunnels").await;
@@ -328,7 +301,7 @@ async fn requests_are_captured_listed_replayed_and_cleared() {
         http_tunnel("web", "web.example.test", port),
         http_tunnel("raw", "raw.example.test", port),
     );
-    let (_agent, api, _) = agent_with_api(&edge, "", &tunnels).await;
+    let (_agent, api, _) = edge.agent_with_api("", &tunnels).await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     let payload = r#"{"greeting":"hello","n":1}"#;
     let r = client
@@ -493,12 +466,9 @@ async fn requests_are_captured_listed_replayed_and_cleared() {
 async fn status_reports_the_session_latency_and_per_tunnel_counters() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, api, status) = agent_with_api(
-        &edge,
-        "",
-        &http_tunnel("web", "web.example.test", upstream.port()),
-    )
-    .await;
+    let (_agent, api, status) = edge
+        .agent_with_api("", &http_tunnel("web", "web.example.test", upstream.port()))
+        .await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     for i in 0..3 {
         let r = client
@@ -532,12 +502,9 @@ async fn status_reports_the_session_latency_and_per_tunnel_counters() {
 async fn api_tunnels_are_bound_again_after_a_reconnect() {
     let mut edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (agent, api, _) = agent_with_api(
-        &edge,
-        "",
-        &http_tunnel("web", "web.example.test", upstream.port()),
-    )
-    .await;
+    let (agent, api, _) = edge
+        .agent_with_api("", &http_tunnel("web", "web.example.test", upstream.port()))
+        .await;
     let body = json!({"name": "late", "proto": "http", "addr": upstream.port(), "domain": "late.example.test"});
     assert_eq!(
         post(api, "/api/tunnels", &body.to_string()).await.status,
@@ -568,8 +535,9 @@ async fn host_allow_list_credentials_and_cross_site_writes() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
     let tunnels = http_tunnel("web", "web.example.test", upstream.port());
-    let (_open, api, _) =
-        agent_with_api(&edge, "web_allow_hosts: [\".corp.example\"]\n", &tunnels).await;
+    let (_open, api, _) = edge
+        .agent_with_api("web_allow_hosts: [\".corp.example\"]\n", &tunnels)
+        .await;
     let host = |h: &'static str| [("host", h)];
     assert_eq!(
         call(api, "GET", "/api/tunnels", None, &host("localhost:4040"))
@@ -601,7 +569,7 @@ async fn host_allow_list_credentials_and_cross_site_writes() {
     assert_error(&cross, 403, "Origin");
 
     let basic = "web_auth:\n  basic: \"admin:s3cret-pass\"\n";
-    let (_basic, api, _) = agent_with_api(&edge, basic, "").await;
+    let (_basic, api, _) = edge.agent_with_api(basic, "").await;
     let denied = get(api, "/api/tunnels").await;
     assert_error(&denied, 401, "web_auth");
     assert!(
@@ -620,7 +588,7 @@ async fn host_allow_list_credentials_and_cross_site_writes() {
     assert_eq!(call(api, "GET", "/", None, &good).await.status, 200);
 
     let bearer = "web_auth:\n  bearer_token: tok-0123456789abcdef\n";
-    let (_bearer, api, _) = agent_with_api(&edge, bearer, "").await;
+    let (_bearer, api, _) = edge.agent_with_api(bearer, "").await;
     assert_error(&get(api, "/api/status").await, 401, "web_auth");
     let wrong = [("authorization", "Bearer tok-wrong")];
     assert_error(
@@ -640,7 +608,7 @@ async fn inspection_off_and_api_off() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
     let tunnels = http_tunnel("web", "web.example.test", upstream.port());
-    let (_agent, api, _) = agent_with_api(&edge, "inspect_db_size: -1\n", &tunnels).await;
+    let (_agent, api, _) = edge.agent_with_api("inspect_db_size: -1\n", &tunnels).await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     assert_eq!(
         client.get("web.example.test", "/").await.unwrap().status,
@@ -677,12 +645,9 @@ async fn inspection_off_and_api_off() {
 async fn websocket_upgrades_work_through_the_inspector_and_are_captured() {
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, api, _) = agent_with_api(
-        &edge,
-        "",
-        &http_tunnel("ws", "ws.example.test", upstream.port()),
-    )
-    .await;
+    let (_agent, api, _) = edge
+        .agent_with_api("", &http_tunnel("ws", "ws.example.test", upstream.port()))
+        .await;
     let mut ws = websocket_echo(edge.addrs.https, &edge.ca_pem(), "ws.example.test").await;
     let list = get(api, "/api/requests/http").await.json;
     assert_eq!(list["requests"][0]["request"]["uri"], "/ws");
@@ -990,12 +955,9 @@ async fn the_inspector_page_in_a_real_browser_shows_and_replays_a_request() {
     let (chromium, dir) = browser_tools();
     let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
-    let (_agent, api, _) = agent_with_api(
-        &edge,
-        "",
-        &http_tunnel("web", "app.example.test", upstream.port()),
-    )
-    .await;
+    let (_agent, api, _) = edge
+        .agent_with_api("", &http_tunnel("web", "app.example.test", upstream.port()))
+        .await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     let payload = r#"{"order":{"id":42,"items":["tea","scones"]},"express":true}"#;
     let r = client
@@ -1066,7 +1028,7 @@ async fn inspection_overhead_is_measured() {
         http_tunnel("inspected", "inspected.example.test", upstream.port()),
         http_tunnel("raw", "raw.example.test", upstream.port()),
     );
-    let (_agent, api, _) = agent_with_api(&edge, "", &tunnels).await;
+    let (_agent, api, _) = edge.agent_with_api("", &tunnels).await;
     let http = edge.addrs.http.unwrap();
     let mut results = Vec::new();
     for round in 0..2 {
@@ -1153,12 +1115,9 @@ async fn a_burst_of_tunnel_starts_keeps_the_session(preloaded: usize, budget: Op
     )
     .await;
     let upstream = HttpUpstream::start().await;
-    let (agent, api, _) = agent_with_api(
-        &edge,
-        "",
-        &http_tunnel("web", "web.example.test", upstream.port()),
-    )
-    .await;
+    let (agent, api, _) = edge
+        .agent_with_api("", &http_tunnel("web", "web.example.test", upstream.port()))
+        .await;
     let start = |name: String| {
         json!({"name": name, "proto": "http", "addr": upstream.port(), "domain": format!("{name}.example.test")})
             .to_string()

@@ -2,7 +2,7 @@
 //! once, the `http` command's module flags on the real binary, and bad
 //! module options refused with the key named.
 
-use postern_tests::{HttpUpstream, HttpsClient, Spawned, TcpEcho, TestEdge, binary};
+use postern_tests::{HttpUpstream, Spawned, TcpEcho, TestEdge, binary, websocket_to_tcp_echo};
 use tokio::process::Command;
 
 const HOST: &str = "modules.example.test";
@@ -223,8 +223,6 @@ async fn bad_module_options_are_refused_naming_the_key() {
 /// binary messages; a request that is not a WebSocket handshake is refused.
 #[tokio::test]
 async fn websocket_tcp_converter_carries_message_payloads_to_a_tcp_upstream() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let edge = TestEdge::start().await;
     let echo = TcpEcho::start(false).await;
     let host = "ws-tcp.example.test";
@@ -233,32 +231,7 @@ async fn websocket_tcp_converter_carries_message_payloads_to_a_tcp_upstream() {
         echo.addr.port()
     );
     let (_agent, _) = edge.agent(&tunnel).await;
-    let tls = HttpsClient::new(edge.addrs.https, &edge.ca_pem())
-        .connect(host)
-        .await
-        .unwrap();
-    let url = format!("wss://{host}:{}/", edge.addrs.https.port());
-    let (mut ws, response) = tokio_tungstenite::client_async(url, tls).await.unwrap();
-    assert_eq!(response.status(), 101);
-    for (sent, bytes) in [
-        (
-            Message::binary(b"\x00hello\xff".to_vec()),
-            &b"\x00hello\xff"[..],
-        ),
-        (Message::text("plain text"), &b"plain text"[..]),
-        (Message::binary(vec![9u8; 100_000]), &[9u8; 100_000][..]),
-    ] {
-        ws.send(sent).await.unwrap();
-        let mut echoed = Vec::new();
-        while echoed.len() < bytes.len() {
-            match ws.next().await.unwrap().unwrap() {
-                Message::Binary(chunk) => echoed.extend_from_slice(&chunk),
-                other => panic!("only binary messages come back: {other:?}"),
-            }
-        }
-        assert_eq!(echoed, bytes, "the upstream saw the bare payload, no HTTP");
-    }
-    ws.close(None).await.unwrap();
+    websocket_to_tcp_echo(edge.addrs.https, &edge.ca_pem(), host).await;
 
     let (code, head, _) = edge.fetch(host, "/", &[]).await;
     assert_eq!(code, 400, "{head}");

@@ -12,7 +12,7 @@ use ngrok::{
 };
 use postern_tests::{
     ACL_TOKEN, DOMAIN, HttpUpstream, HttpsClient, TcpEcho, TestCa, TestEdge, TlsUpstream,
-    eventually,
+    eventually, grpc_client, grpc_expected, grpc_server, websocket_to_tcp_echo,
 };
 use serde_json::Value;
 use tokio::{
@@ -266,13 +266,13 @@ async fn options_postern_does_not_implement_are_refused() {
     let session = session(&edge).await;
     let err = session
         .http_endpoint()
-        .domain(format!("ws.{DOMAIN}"))
-        .websocket_tcp_conversion()
+        .domain(format!("h3.{DOMAIN}"))
+        .app_protocol("http3")
         .listen()
         .await
-        .refused("websocket_tcp_conversion is not implemented");
+        .refused("app_protocol http3 does not exist");
     assert!(
-        ngrok::Error::msg(&err).contains("Opts.WebsocketTCPConverter"),
+        ngrok::Error::msg(&err).contains("ForwardsProto \"http3\""),
         "{}",
         ngrok::Error::msg(&err)
     );
@@ -283,6 +283,45 @@ async fn options_postern_does_not_implement_are_refused() {
         .await
         .refused("labeled tunnels are refused");
     assert!(ngrok::Error::msg(&err).contains("labeled tunnels"));
+}
+
+/// `app_protocol("http2")` is Postern's `upstream_protocol: http2`: the
+/// edge speaks HTTP/2 (h2c) on each stream and the SDK's forwarder passes
+/// it to a cleartext gRPC server as it is, so a real gRPC client's calls of
+/// every kind (streams, trailers, statuses, a deadline, 10 MB) go through.
+#[tokio::test]
+async fn app_protocol_http2_serves_grpc_calls_of_every_kind() {
+    let edge = TestEdge::start().await;
+    let (_server, port) = grpc_server(None).await;
+    let session = session(&edge).await;
+    let host = format!("grpc-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&host)
+        .app_protocol("http2")
+        .listen_and_forward(url::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap())
+        .await
+        .expect("the bind succeeds");
+    assert_eq!(grpc_client(&edge, &host).await, grpc_expected());
+}
+
+/// `websocket_tcp_conversion()`: the edge answers the WebSocket handshake
+/// and carries each message's payload to the SDK, which forwards it to a
+/// TCP service as bare bytes.
+#[tokio::test]
+async fn websocket_tcp_conversion_carries_messages_to_a_tcp_service() {
+    let edge = TestEdge::start().await;
+    let echo = TcpEcho::start(false).await;
+    let session = session(&edge).await;
+    let host = format!("ws-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&host)
+        .websocket_tcp_conversion()
+        .listen_and_forward(url(echo.addr, "tcp"))
+        .await
+        .expect("the bind succeeds");
+    websocket_to_tcp_echo(edge.addrs.https, &edge.ca_pem(), &host).await;
 }
 
 /// The event of a request through an SDK has the fields of one through a

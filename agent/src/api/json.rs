@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     config::Proto,
-    inspect::{BodyState, Captured, CapturedBody},
+    inspect::{BodyState, Captured, CapturedBody, ResponseCapture},
     state::{BindState, Origin, Tunnel},
 };
 
@@ -145,6 +145,27 @@ fn body_state(b: &CapturedBody) -> Value {
     json!({ "size": b.size, "captured": b.data.len(), "truncated": b.truncated(), "state": state })
 }
 
+/// Adds Postern's `trailers` to a message object when it had any.
+fn with_trailers(mut message: Value, body: &CapturedBody) -> Value {
+    if !body.trailers.is_empty() {
+        message["trailers"] = headers(&body.trailers);
+    }
+    message
+}
+
+/// A gRPC answer's status and message, from its trailers or, in a
+/// trailers-only answer, its headers.
+fn grpc_status(resp: &ResponseCapture) -> Option<(u64, Option<String>)> {
+    let source = [&resp.body.trailers, &resp.headers]
+        .into_iter()
+        .find(|h| h.contains_key("grpc-status"))?;
+    let status = source.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    let message = source
+        .get("grpc-message")
+        .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned());
+    Some((status, message))
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -160,18 +181,26 @@ pub(crate) fn captured(c: &Captured) -> Value {
         "raw": raw(&format!("{} {} {}", r.method, r.uri, proto(r.version)), &r.headers, &c.request_body),
         "body": body_state(&c.request_body),
     });
+    let request = with_trailers(request, &c.request_body);
     let response = match &c.response {
         None => Value::Null,
         Some(resp) => {
             let status = status_text(resp.status);
-            json!({
+            let mut v = json!({
                 "status": status,
                 "status_code": resp.status.as_u16(),
                 "proto": proto(resp.version),
                 "headers": headers(&resp.headers),
                 "raw": raw(&format!("{} {status}", proto(resp.version)), &resp.headers, &resp.body),
                 "body": body_state(&resp.body),
-            })
+            });
+            if let Some((status, message)) = grpc_status(resp) {
+                v["grpc_status"] = json!(status);
+                if let Some(message) = message {
+                    v["grpc_message"] = json!(message);
+                }
+            }
+            with_trailers(v, &resp.body)
         }
     };
     let mut v = json!({
@@ -315,6 +344,44 @@ mod tests {
             Value::Null,
             "null until the upstream answers"
         );
+    }
+
+    #[test]
+    fn grpc_answers_show_their_trailers_and_status() {
+        let mut c = crate::inspect::store_tests::captured("airt_2", "grpc", 7);
+        c.request.version = Version::HTTP_2;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("x-served", HeaderValue::from_static("unary"));
+        c.response = Some(ResponseCapture {
+            status: StatusCode::OK,
+            version: Version::HTTP_2,
+            headers: HeaderMap::new(),
+            body: CapturedBody {
+                trailers,
+                ..CapturedBody::default()
+            },
+        });
+        let v = captured(&c);
+        assert_eq!(v["request"]["proto"], "HTTP/2.0");
+        assert!(v["request"].get("trailers").is_none(), "none sent");
+        assert_eq!(v["response"]["trailers"]["Grpc-Status"], json!(["0"]));
+        assert_eq!(v["response"]["trailers"]["X-Served"], json!(["unary"]));
+        assert_eq!(v["response"]["grpc_status"], 0);
+
+        // A trailers-only answer carries the status in its headers.
+        let response = c.response.as_mut().unwrap();
+        response.body.trailers.clear();
+        response
+            .headers
+            .insert("grpc-status", HeaderValue::from_static("3"));
+        response
+            .headers
+            .insert("grpc-message", HeaderValue::from_static("bad thing"));
+        let v = captured(&c);
+        assert_eq!(v["response"]["grpc_status"], 3);
+        assert_eq!(v["response"]["grpc_message"], "bad thing");
+        assert!(v["response"].get("trailers").is_none());
     }
 
     #[test]

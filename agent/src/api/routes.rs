@@ -510,11 +510,20 @@ impl Api {
             Some(text) => Bytes::from(text),
             None => {
                 let b = &original.request_body;
-                if b.truncated() || b.state != BodyState::Complete {
-                    return Err(invalid(format!(
-                        "the captured body is incomplete ({} of {} bytes kept); send an edited body to replay it",
+                let why = match &b.state {
+                    // A gRPC streaming call whose client has not finished.
+                    BodyState::Streaming => Some("it is still streaming".to_string()),
+                    BodyState::Cut(e) => Some(format!("it was cut ({e})")),
+                    BodyState::Complete if b.truncated() => Some(format!(
+                        "{} of its {} bytes were kept",
                         b.data.len(),
                         b.size
+                    )),
+                    BodyState::Complete => None,
+                };
+                if let Some(why) = why {
+                    return Err(invalid(format!(
+                        "the captured body is incomplete: {why}; send an edited body to replay it"
                     )));
                 }
                 b.data.clone()

@@ -1,12 +1,17 @@
 //! HTTP on an inspected tunnel's data stream. The edge speaks HTTP/1.1 on
-//! the stream; the agent serves it with hyper and forwards each request over
-//! one upstream connection per stream (dialled with the stream's PROXY
-//! header, as the byte pipe would), so a stream is still exactly one
-//! upstream connection. WebSocket and other upgrades are spliced through
-//! after the 101. Replays go the same way, from the agent to the upstream.
+//! the stream, or HTTP/2 (h2c with prior knowledge) for tunnels with
+//! `upstream_protocol: http2`; the agent serves either with hyper and
+//! forwards each request over one upstream connection per stream (dialled
+//! with the stream's PROXY header, as the byte pipe would) in the same
+//! protocol, so a stream is still exactly one upstream connection. On
+//! HTTP/2 the stream's requests run side by side on that connection, each
+//! body (a gRPC stream too) passing frame by frame. WebSocket and other
+//! HTTP/1.1 upgrades are spliced through after the 101. Replays go the same
+//! way, from the agent to the upstream.
 
 use std::{
     convert::Infallible,
+    future::Future,
     io,
     pin::Pin,
     sync::{
@@ -22,10 +27,10 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Versio
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 use hyper::{
     body::{Body, Incoming},
-    client::conn::http1::SendRequest,
+    client::conn::{http1, http2},
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::{rt::TokioIo, server::conn::auto};
 use postern_proto::{ErrorCode, Failure, TunnelIo, pb};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -33,7 +38,7 @@ use tracing::Instrument;
 
 use super::{
     BODY_CAPTURE_LIMIT,
-    store::{Captured, CapturedBody, Captures, RequestHead, ResponseCapture},
+    store::{Captured, CapturedBody, Captures, RequestHead, ResponseCapture, owned},
     tee::Tee,
 };
 use crate::{
@@ -58,29 +63,102 @@ pub(crate) struct Stream {
     pub _conn: ConnGuard,
 }
 
+/// The sending half of an upstream connection.
+enum Sender {
+    /// One request at a time.
+    Http1(tokio::sync::Mutex<http1::SendRequest<ProxyBody>>),
+    /// Requests side by side, each on its own HTTP/2 stream.
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+impl Sender {
+    async fn send(&self, req: Request<ProxyBody>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::Http1(sender) => {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+            Sender::Http2(sender) => {
+                let mut sender = sender.clone();
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+        }
+    }
+
+    /// Whether the connection is gone after a request failed: always on
+    /// HTTP/1.1; on HTTP/2 a failure may be the request's stream alone (a
+    /// reset, a cancelled gRPC call).
+    fn closed(&self) -> bool {
+        match self {
+            Sender::Http1(_) => true,
+            Sender::Http2(sender) => sender.is_closed(),
+        }
+    }
+}
+
+/// The upstream connection's task: it ends when the upstream closes the
+/// connection or every `Sender` is dropped.
+type Connection = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// HTTP/1.1 or, when `http2`, HTTP/2 over a dialled upstream.
+async fn handshake(
+    upstream: Box<dyn Io>,
+    http2: bool,
+    tracker: &TaskTracker,
+) -> Result<(Sender, Connection), Failure> {
+    let io = TokioIo::new(upstream);
+    let failed = |e: hyper::Error| Failure::new(ErrorCode::UPSTREAM_DIAL_FAILED, e.to_string());
+    if http2 {
+        let (sender, conn) = http2::Builder::new(OnTracker(tracker.clone()))
+            .handshake(io)
+            .await
+            .map_err(failed)?;
+        Ok((Sender::Http2(sender), Box::pin(conn)))
+    } else {
+        let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(failed)?;
+        let sender = Sender::Http1(tokio::sync::Mutex::new(sender));
+        Ok((sender, Box::pin(conn.with_upgrades())))
+    }
+}
+
+/// Runs hyper's HTTP/2 tasks (each request, each body pump) on the
+/// session's tracker, so that they have an owner that joins them.
+#[derive(Clone)]
+struct OnTracker(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for OnTracker
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
+    }
+}
+
 /// What the requests of one stream share.
 struct Shared {
     stream: Stream,
-    sender: tokio::sync::Mutex<SendRequest<ProxyBody>>,
+    sender: Sender,
     /// An upgrade is under way: the upstream connection ending is expected.
     upgrading: Arc<AtomicBool>,
     /// The upstream connection is gone: stop serving the stream.
     upstream_closed: CancellationToken,
 }
 
-/// Serves HTTP/1.1 on `visitor` (the data stream) until the edge or the
-/// upstream closes it.
+/// Serves HTTP on `visitor` (the data stream; HTTP/1.1, or HTTP/2 as the
+/// edge's preface says) until the edge or the upstream closes it.
 pub(crate) async fn serve(
     stream: Stream,
     visitor: Visitor,
     upstream: Box<dyn Io>,
 ) -> Result<(), Failure> {
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(upstream))
-        .await
-        .map_err(|e| Failure::new(ErrorCode::UPSTREAM_DIAL_FAILED, e.to_string()))?;
+    let tracker = stream.tracker.clone();
+    let (sender, conn) = handshake(upstream, stream.target.spec.upstream.http2, &tracker).await?;
     let shared = Arc::new(Shared {
-        sender: tokio::sync::Mutex::new(sender),
+        sender,
         upgrading: Arc::default(),
         upstream_closed: CancellationToken::new(),
         stream,
@@ -89,8 +167,8 @@ pub(crate) async fn serve(
     // is dropped with the service; it must not hold the sender itself.
     let upgrading = shared.upgrading.clone();
     let closed = shared.upstream_closed.clone();
-    shared.stream.tracker.spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
+    tracker.spawn(async move {
+        if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream connection failed");
         }
         if !upgrading.load(Ordering::Acquire) {
@@ -107,10 +185,11 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(shared.handle(req).await) }
     });
-    let server = hyper::server::conn::http1::Builder::new()
-        .auto_date_header(false)
-        .serve_connection(TokioIo::new(visitor), service)
-        .with_upgrades();
+    // Only the upstream's headers go back: no Date of the agent's own.
+    let mut builder = auto::Builder::new(OnTracker(tracker));
+    builder.http1().auto_date_header(false);
+    builder.http2().auto_date_header(false);
+    let server = builder.serve_connection_with_upgrades(TokioIo::new(visitor), service);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result,
@@ -164,14 +243,7 @@ impl Shared {
         if upgrade {
             self.upgrading.store(true, Ordering::Release);
         }
-        let result = {
-            let mut sender = self.sender.lock().await;
-            match sender.ready().await {
-                Ok(()) => sender.send_request(req).await,
-                Err(e) => Err(e),
-            }
-        };
-        let mut response = match result {
+        let mut response = match self.sender.send(req).await {
             Ok(response) => response,
             Err(e) => {
                 let failure = Failure::new(
@@ -179,7 +251,9 @@ impl Shared {
                     format!("{}: {e}", stream.target.spec.upstream),
                 );
                 capture.failed(failure.to_string());
-                self.upstream_closed.cancel();
+                if self.sender.closed() {
+                    self.upstream_closed.cancel();
+                }
                 return bad_gateway(&failure);
             }
         };
@@ -226,7 +300,9 @@ pub(crate) struct Replay {
 /// Sends a request to `target`'s upstream from the agent, capturing it as a
 /// new request; returns the new capture's id once the upstream answered.
 /// The response body is read to its end in the background (on `tracker`,
-/// until `shutdown`).
+/// until `shutdown`). An HTTP/2 upstream gets the request as HTTP/2, its
+/// Host as `:authority` and `te: trailers` kept, so a gRPC call replays
+/// as one request carrying the captured messages.
 pub(crate) async fn replay(
     target: Arc<Target>,
     captures: Arc<Captures>,
@@ -240,16 +316,17 @@ pub(crate) async fn replay(
         ..Default::default()
     };
     let upstream = dial(&target, &open).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, ProxyBody>(TokioIo::new(upstream.boxed()))
-        .await
-        .map_err(|e| Failure::new(ErrorCode::UPSTREAM_DIAL_FAILED, e.to_string()))?;
+    let http2 = target.spec.upstream.http2;
+    let (sender, conn) = handshake(upstream.boxed(), http2, tracker).await?;
     tracker.spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "replay connection failed");
         }
     });
     let mut headers = replay.headers;
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in [
         header::CONNECTION,
         header::UPGRADE,
@@ -264,9 +341,33 @@ pub(crate) async fn replay(
     if !replay.body.is_empty() || replay.method == Method::POST || replay.method == Method::PUT {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(replay.body.len()));
     }
+    let mut uri = replay.uri;
+    if http2 {
+        let host = match headers.remove(header::HOST) {
+            Some(host) => String::from_utf8_lossy(host.as_bytes()).into_owned(),
+            None => format!(
+                "{}:{}",
+                target.spec.upstream.host, target.spec.upstream.port
+            ),
+        };
+        uri = format!("http://{host}{uri}").parse().map_err(|_| {
+            Failure::new(
+                ErrorCode::BAD_HOST,
+                format!("the Host header {host:?} is not a valid :authority for HTTP/2"),
+            )
+        })?;
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
     let mut req = Request::new(());
     *req.method_mut() = replay.method;
-    *req.uri_mut() = replay.uri;
+    *req.uri_mut() = uri;
+    *req.version_mut() = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     *req.headers_mut() = headers;
     let (parts, ()) = req.into_parts();
     let capture = Capture::begin(
@@ -278,7 +379,7 @@ pub(crate) async fn replay(
         Some(replay.of.id.clone()),
     );
     let body = capture.tee_request(Full::new(replay.body));
-    let response = match sender.send_request(Request::from_parts(parts, body)).await {
+    let response = match sender.send(Request::from_parts(parts, body)).await {
         Ok(response) => response,
         Err(e) => {
             let failure = Failure::new(
@@ -399,7 +500,16 @@ impl Capture {
     }
 }
 
+/// The request as captured. HTTP/2 names the host in `:authority`; the
+/// capture shows it as `Host`, which is also where a replay takes it from.
 fn head_of(parts: &http::request::Parts) -> RequestHead {
+    let mut headers = owned(&parts.headers);
+    if !headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
     RequestHead {
         method: parts.method.clone(),
         uri: parts
@@ -408,21 +518,8 @@ fn head_of(parts: &http::request::Parts) -> RequestHead {
             .map_or("/", |p| p.as_str())
             .to_string(),
         version: parts.version,
-        headers: owned(&parts.headers),
+        headers,
     }
-}
-
-/// A copy of `headers` that owns its values. hyper's values are slices of
-/// the connection's read buffer; a capture holding them would keep that
-/// whole buffer alive.
-fn owned(headers: &HeaderMap) -> HeaderMap {
-    let mut copy = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let mut v = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        v.set_sensitive(value.is_sensitive());
-        copy.append(name.clone(), v);
-    }
-    copy
 }
 
 /// The visitor's IP: the last `X-Forwarded-For` entry, which the edge

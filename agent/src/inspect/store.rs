@@ -8,7 +8,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 
 /// How far a captured body got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -22,8 +22,9 @@ pub(crate) enum BodyState {
     Cut(String),
 }
 
-/// A request or response body as captured: the first bytes, and the size
-/// of the whole.
+/// A request or response body as captured: the first bytes, the size of
+/// the whole, and its trailers (HTTP/2 and chunked HTTP/1.1; gRPC's
+/// `grpc-status` travels there).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct CapturedBody {
     /// At most [`super::BODY_CAPTURE_LIMIT`] bytes.
@@ -31,6 +32,8 @@ pub(crate) struct CapturedBody {
     /// Bytes that went through, captured or not.
     pub size: u64,
     pub state: BodyState,
+    /// Empty when the body had none.
+    pub trailers: HeaderMap,
 }
 
 impl CapturedBody {
@@ -94,12 +97,28 @@ impl Captured {
             + self.tunnel_name.len()
             + self.request.uri.len()
             + headers(&self.request.headers)
+            + headers(&self.request_body.trailers)
             + self.request_body.data.len();
         if let Some(response) = &self.response {
-            n += headers(&response.headers) + response.body.data.len();
+            n += headers(&response.headers)
+                + headers(&response.body.trailers)
+                + response.body.data.len();
         }
         n as u64
     }
+}
+
+/// A copy of `headers` that owns its values. hyper's values are slices of
+/// the connection's read buffer; a capture holding them would keep that
+/// whole buffer alive.
+pub(super) fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut v = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        v.set_sensitive(value.is_sensitive());
+        copy.append(name.clone(), v);
+    }
+    copy
 }
 
 /// The inspector's store.
@@ -220,6 +239,7 @@ pub(crate) mod tests {
                 data: Bytes::from(vec![b'a'; body]),
                 size: body as u64,
                 state: BodyState::Complete,
+                trailers: HeaderMap::new(),
             },
             response: None,
             error: None,
@@ -264,6 +284,7 @@ pub(crate) mod tests {
                     data: Bytes::from(vec![b'r'; 10_000]),
                     size: 10_000,
                     state: BodyState::Complete,
+                    trailers: HeaderMap::new(),
                 },
             })
         });
@@ -281,6 +302,7 @@ pub(crate) mod tests {
             data: Bytes::from_static(b"abc"),
             size: 3,
             state: BodyState::Complete,
+            trailers: HeaderMap::new(),
         };
         assert!(!body.truncated());
         body.size = 4;

@@ -1,6 +1,7 @@
 //! A body that passes every frame through untouched and copies the first
-//! bytes aside: the inspector sees a body without holding it, so a 1 GiB
-//! upload streams as it would through the byte pipe.
+//! bytes and the trailers aside: the inspector sees a body without holding
+//! it, so a 1 GiB upload or a long gRPC stream passes as it would through
+//! the byte pipe.
 
 use std::{
     fmt,
@@ -9,10 +10,11 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use super::store::{BodyState, CapturedBody};
+use super::store::{BodyState, CapturedBody, owned};
 
 /// Called once with what was captured, when the body ends or is dropped.
 type OnDone = Box<dyn FnOnce(CapturedBody) + Send>;
@@ -30,6 +32,7 @@ struct Capture {
     buf: BytesMut,
     limit: usize,
     size: u64,
+    trailers: HeaderMap,
     done: Option<OnDone>,
 }
 
@@ -47,6 +50,7 @@ impl Capture {
                 data: Bytes::copy_from_slice(&self.buf),
                 size: self.size,
                 state,
+                trailers: std::mem::take(&mut self.trailers),
             });
         }
     }
@@ -65,6 +69,7 @@ impl<B: Body> Tee<B> {
             buf: BytesMut::new(),
             limit,
             size: 0,
+            trailers: HeaderMap::new(),
             done: Some(Box::new(done)),
         };
         // hyper never polls a body that is already at its end.
@@ -92,6 +97,8 @@ where
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.capture.feed(data);
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    this.capture.trailers = owned(trailers);
                 }
                 // Content-length bodies may never be polled past their end.
                 if this.inner.is_end_stream() {
@@ -179,6 +186,24 @@ mod tests {
             .expect("done before None is polled");
         assert_eq!(captured.data, "{\"a\":1}");
         assert!(!captured.truncated());
+    }
+
+    #[tokio::test]
+    async fn trailers_pass_and_are_kept() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let (got, done) = sink();
+        let tee = Tee::new(StreamBody::new(stream::iter(frames)), 1024, done);
+        let collected = tee.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        let captured = got.lock().unwrap().take().unwrap();
+        assert_eq!(captured.size, 7);
+        assert_eq!(captured.trailers["grpc-status"], "0");
+        assert_eq!(captured.state, BodyState::Complete);
     }
 
     #[tokio::test]

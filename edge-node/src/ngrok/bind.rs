@@ -221,6 +221,7 @@ pub fn map(bind: &Bind) -> Result<Mapped, Failure> {
         ip_restriction: opts.ip_restriction()?,
         pooling_enabled: bind.extra.poolingenabled,
         traffic_policy: opts.traffic_policy()?,
+        upstream_http2: forwards_http2(bind)?,
         ..Default::default()
     };
     let mut passthrough_tls = false;
@@ -262,16 +263,23 @@ pub fn map(bind: &Bind) -> Result<Mapped, Failure> {
     })
 }
 
-fn check_extra(bind: &Bind) -> Result<(), Failure> {
-    match bind.forwardsproto.as_str() {
-        "" | "http1" => {}
-        other => {
-            return Err(unsupported(
-                &format!("ForwardsProto {other:?}"),
-                "; the edge speaks HTTP/1.1 to the agent",
-            ));
-        }
+/// `ForwardsProto` (the SDK's `app_protocol`): `http2` is Postern's
+/// `upstream_protocol: http2`, the edge speaking HTTP/2 (h2c) on each
+/// stream, which the SDK passes to its upstream as it is.
+fn forwards_http2(bind: &Bind) -> Result<bool, Failure> {
+    match (bind.forwardsproto.as_str(), bind.proto.as_str()) {
+        ("" | "http1", _) => Ok(false),
+        ("http2", "http" | "https") => Ok(true),
+        ("http2", proto) => Err(invalid(format!(
+            "ForwardsProto \"http2\" (app_protocol) is for http and https endpoints, not {proto}"
+        ))),
+        (other, _) => Err(invalid(format!(
+            "ForwardsProto {other:?} (app_protocol) is not http1 or http2"
+        ))),
     }
+}
+
+fn check_extra(bind: &Bind) -> Result<(), Failure> {
     if !bind.extra.ippolicyref.is_empty() {
         return Err(unsupported(
             "Extra.IPPolicyRef",
@@ -335,13 +343,12 @@ fn http_options(opts: &Opts, request: &mut pb::BindRequest) -> Result<(), Failur
             "; use BasicAuth",
         ));
     }
-    if opts.get("websockettcpconverter").is_some() {
-        return Err(unsupported(
-            "Opts.WebsocketTCPConverter (websocket_tcp_conversion)",
-            " yet",
-        ));
-    }
-    let mut modules = pb::HttpModules::default();
+    let mut modules = pb::HttpModules {
+        websocket_tcp_converter: opts
+            .object("websockettcpconverter", "WebsocketTCPConverter")?
+            .is_some(),
+        ..Default::default()
+    };
     if opts.get("hostheaderrewrite").is_some() {
         modules.host_header = "rewrite".into();
     }
@@ -571,10 +578,6 @@ mod tests {
     #[test]
     fn options_not_implemented_are_refused_by_name() {
         for (opts, named) in [
-            (
-                r#"{"WebsocketTCPConverter":{}}"#,
-                "Opts.WebsocketTCPConverter",
-            ),
             (r#"{"Subdomain":"x"}"#, "Opts.Subdomain"),
             (r#"{"Auth":"u:p"}"#, "Opts.Auth"),
             (r#"{"Unheard":1}"#, "unheard"),
@@ -583,10 +586,25 @@ mod tests {
             let err = bind(&json).unwrap_err();
             assert!(err.detail.contains(named), "{opts}: {err}");
         }
-        let err = bind(r#"{"Proto":"https","ForwardsProto":"http2","Opts":{}}"#).unwrap_err();
-        assert!(err.detail.contains("ForwardsProto"), "{err}");
+        let err = bind(r#"{"Proto":"https","ForwardsProto":"http3","Opts":{}}"#).unwrap_err();
+        assert!(err.detail.contains("ForwardsProto \"http3\""), "{err}");
         let err = bind(r#"{"Proto":"tcp","Opts":{},"Extra":{"IPPolicyRef":"ipp_1"}}"#).unwrap_err();
         assert!(err.detail.contains("IPPolicyRef"), "{err}");
+    }
+
+    #[test]
+    fn app_protocol_http2_and_the_websocket_converter_map_onto_postern_binds() {
+        let h2 = bind(r#"{"Proto":"https","ForwardsProto":"http2","Opts":{}}"#).unwrap();
+        assert!(h2.request.upstream_http2);
+        let h1 = bind(r#"{"Proto":"https","ForwardsProto":"http1","Opts":{}}"#).unwrap();
+        assert!(!h1.request.upstream_http2);
+        let err = bind(r#"{"Proto":"tcp","ForwardsProto":"http2","Opts":{}}"#).unwrap_err();
+        assert!(err.detail.contains("ForwardsProto"), "{err}");
+
+        let ws = bind(r#"{"Proto":"https","Opts":{"WebsocketTCPConverter":{}}}"#).unwrap();
+        assert!(ws.request.modules.unwrap().websocket_tcp_converter);
+        let off = bind(r#"{"Proto":"https","Opts":{"WebsocketTCPConverter":null}}"#).unwrap();
+        assert!(off.request.modules.is_none());
     }
 
     #[test]
