@@ -69,16 +69,16 @@ impl TestEdge {
 
     /// As [`TestEdge::start_with`], with the SSH ingress on (`listen.ssh`).
     pub async fn start_with_ssh(extra: &str) -> TestEdge {
-        let listening = Listening {
-            ssh: true,
-            ..Listening::default()
-        };
-        Self::start_on("127.0.0.1", extra, "test-edge", "us", listening).await
+        Self::start_ssh_node("test-edge", "us", extra).await
     }
 
     /// As [`TestEdge::start_node`], with the SSH ingress on.
     pub async fn start_ssh_node(node_id: &str, region: &str, extra: &str) -> TestEdge {
-        Self::start_on("127.0.0.1", extra, node_id, region, true).await
+        let listening = Listening {
+            ssh: true,
+            ..Listening::default()
+        };
+        Self::start_on("127.0.0.1", extra, node_id, region, listening).await
     }
 
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
