@@ -13,6 +13,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    ops::ControlFlow,
     pin::Pin,
     sync::{Arc, Mutex, Weak},
     task::{Context, Poll, Waker},
@@ -22,7 +23,7 @@ use std::{
 use http::{Request, Response, Uri};
 use hyper::{
     body::Incoming,
-    client::conn::{http1, http2},
+    client::conn::{TrySendError, http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use postern_proto::{ErrorCode, Failure, pb, tunnel_io};
@@ -195,17 +196,35 @@ impl PoolInner {
                     }
                 }
             };
-            match sender.try_send_request(req).await {
-                Ok(mut response) => {
-                    response.extensions_mut().insert(served);
-                    return Ok(response);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(message) if !retried => (retried, req) = (true, message),
-                    _ => return Err(UpstreamError::Hyper(e.into_error())),
-                },
+            match settle(sender.try_send_request(req).await, served, &mut retried) {
+                ControlFlow::Break(result) => return result,
+                ControlFlow::Continue(unsent) => req = unsent,
             }
         }
+    }
+}
+
+/// What one attempt at sending a request came to: the response, marked
+/// with the endpoint that served it; or, the first time the request came
+/// back unsent (its connection had closed), the request to send again;
+/// or the error.
+fn settle(
+    result: Result<Response<Incoming>, TrySendError<Request<VisitorBody>>>,
+    served: ServedBy,
+    retried: &mut bool,
+) -> ControlFlow<Result<Response<Incoming>, UpstreamError>, Request<VisitorBody>> {
+    match result {
+        Ok(mut response) => {
+            response.extensions_mut().insert(served);
+            ControlFlow::Break(Ok(response))
+        }
+        Err(mut e) => match e.take_message() {
+            Some(unsent) if !*retried => {
+                *retried = true;
+                ControlFlow::Continue(unsent)
+            }
+            _ => ControlFlow::Break(Err(UpstreamError::Hyper(e.into_error()))),
+        },
     }
 }
 
@@ -274,15 +293,9 @@ impl Upstreams {
             let (id, mut sender, served) = self.checkout(pool).await?;
             let result = sender.try_send_request(req).await;
             self.checkin(id, sender);
-            match result {
-                Ok(mut response) => {
-                    response.extensions_mut().insert(served);
-                    return Ok(response);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(message) if !retried => (retried, req) = (true, message),
-                    _ => return Err(UpstreamError::Hyper(e.into_error())),
-                },
+            match settle(result, served, &mut retried) {
+                ControlFlow::Break(result) => return result,
+                ControlFlow::Continue(unsent) => req = unsent,
             }
         }
     }
