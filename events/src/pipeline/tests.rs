@@ -367,7 +367,21 @@ async fn a_full_memory_queue_drops_and_counts_without_blocking() {
 
 #[tokio::test]
 async fn the_byte_limit_of_the_memory_queue_holds() {
+    // The destination is a FIFO read only after all events are published:
+    // the writer blocks once the pipe is full, so the queue must fill up
+    // however fast this machine's writer thread is.
     let dir = TempDir::new("bytes");
+    std::fs::create_dir_all(dir.0.join("out")).unwrap();
+    let fifo = dir.0.join("out/events.jsonl");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo failed");
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        // Opening blocks until the pipeline opens its end.
+        let mut fifo = std::fs::File::open(fifo).unwrap();
+        wait.recv().unwrap();
+        std::io::copy(&mut fifo, &mut std::io::sink()).unwrap()
+    });
     let mut config = file_config(all_types());
     config.limits.memory_queue_bytes = 4096;
     let pipeline = EventPipeline::start(&config, &dir.0).unwrap();
@@ -375,7 +389,9 @@ async fn the_byte_limit_of_the_memory_queue_holds() {
     for i in 0..2000 {
         sink.publish(sample(i));
     }
+    go.send(()).unwrap();
     let m = pipeline.shutdown().await.metrics;
+    assert!(reader.join().unwrap() > 0);
     assert!(m.queue_peak_bytes <= 4096, "{m:?}");
     assert!(m.dropped > 0, "{m:?}");
     assert_eq!(m.published + m.dropped, 2000);
