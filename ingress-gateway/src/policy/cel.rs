@@ -485,8 +485,8 @@ fn root_context() -> Context<'static, 'static> {
         ("hasReqHeader", "req", "headers", true),
         ("getResHeader", "res", "headers", false),
         ("hasResHeader", "res", "headers", true),
-        ("getQueryParam", "req", "query_params", false),
-        ("hasQueryParam", "req", "query_params", true),
+        ("getQueryParam", "req", "url.query_params", false),
+        ("hasQueryParam", "req", "url.query_params", true),
         ("getReqCookie", "req", "cookies", false),
         ("hasReqCookie", "req", "cookies", true),
     ] {
@@ -504,17 +504,18 @@ fn root_context() -> Context<'static, 'static> {
 }
 
 /// `root.field[key]` (header names folded to lower case) as a list; empty
-/// when absent.
+/// when absent. `field` may be dotted (`url.query_params`).
 fn lookup_list(
     ftx: &FunctionContext,
     root: &str,
     field: &str,
     key: &str,
 ) -> Result<Vec<Value>, cel::ExecutionError> {
-    let Some(var) = ftx.ptx.get_variable(root) else {
+    // `req.headers` alone, not the whole request.
+    let Some(var) = ftx.ptx.get_variable(format!("{root}.{field}")) else {
         return Err(ftx.error(format!("`{root}` is not available here")));
     };
-    let Value::Map(top) = Value::try_from(&*var)? else {
+    let Value::Map(map) = Value::try_from(&*var)? else {
         return Ok(Vec::new());
     };
     let key = if field == "headers" {
@@ -522,10 +523,7 @@ fn lookup_list(
     } else {
         key.to_string()
     };
-    let found = top.map.get(&Key::from(field)).and_then(|m| match m {
-        Value::Map(m) => m.map.get(&Key::from(key.as_str())).cloned(),
-        _ => None,
-    });
+    let found = map.map.get(&Key::from(key.as_str())).cloned();
     Ok(match found {
         Some(Value::List(list)) => list.as_ref().clone(),
         Some(other) => vec![other],
@@ -759,7 +757,9 @@ fn closing_brace(s: &str) -> Option<usize> {
     None
 }
 
-/// The variables of one evaluation, each built on first use.
+/// The variables of one evaluation: a whole variable (`req`) built on first
+/// use and kept for the rest of the evaluation, a dotted name
+/// (`req.url.path`) answered alone when [`Facts::lookup`] builds it alone.
 struct Resolver<'f> {
     facts: &'f Facts<'f>,
     built: [OnceLock<Option<Box<dyn cel::common::value::Val>>>; 7],
@@ -778,21 +778,14 @@ impl<'f> Resolver<'f> {
 
 impl VariableResolver for Resolver<'_> {
     fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
-        let index = ROOTS.iter().position(|r| *r == variable)?;
+        let Some(index) = ROOTS.iter().position(|r| *r == variable) else {
+            let value = self.facts.lookup(variable)?;
+            return Box::try_from(value).ok().map(CowVal::Owned);
+        };
         let value = self.built[index].get_or_init(|| {
-            let value = match index {
-                0 => Some(self.facts.conn_value()),
-                1 => self.facts.req_value(),
-                2 => self.facts.res_value(),
-                3 => Some(self.facts.endpoint_value()),
-                4 => Some(map_value([(
-                    "now",
-                    Value::from(postern_events::timestamp(std::time::SystemTime::now())),
-                )])),
-                5 => Some(self.facts.actions_value()),
-                _ => Some(self.facts.vars_value()),
-            };
-            value.and_then(|v| Box::try_from(v).ok())
+            self.facts
+                .lookup(variable)
+                .and_then(|v| Box::try_from(v).ok())
         });
         value.as_deref().map(CowVal::Borrowed)
     }
@@ -863,6 +856,67 @@ mod tests {
         assert!(Expression::compile("rand.double() <= 0.5", Phase::Request).is_ok());
         assert!(Expression::compile("req.user_agent.matches('(?i)bot')", Phase::Request).is_ok());
         assert!(Expression::compile("req.user_agent.is_bot", Phase::Request).is_ok());
+    }
+
+    #[test]
+    fn names_read_alone_equal_the_fields_of_the_whole_variable() {
+        let conn = super::super::ConnFacts {
+            client: "192.0.2.7:5000".parse().unwrap(),
+            server: "127.0.0.1:443".parse().unwrap(),
+            region: "eu".into(),
+            start: std::time::SystemTime::now(),
+            tls: None,
+        };
+        let endpoint = super::super::EndpointFacts {
+            id: "ep_1".into(),
+            url: "https://a.example.test".into(),
+            host: "a.example.test".into(),
+            port: 443,
+            protocol: "https",
+        };
+        let req = http::Request::get("/a%20b?q=1&r=2&q=3")
+            .header("host", "a.example.test:8443")
+            .header("x-a", "b")
+            .header("user-agent", "curl/8.5.0")
+            .body(())
+            .unwrap();
+        let scratch = Scratch::default();
+        let facts = Facts {
+            conn: &conn,
+            endpoint: &endpoint,
+            req: Some(super::super::facts::ReqView::of(
+                &req,
+                "https",
+                "a.example.test",
+            )),
+            res: None,
+            scratch: &scratch,
+        };
+        let holds = |source: &str| {
+            Expression::compile(source, Phase::Request)
+                .unwrap()
+                .holds(&facts)
+                .unwrap_or_else(|e| panic!("{source}: {e}"))
+        };
+        for source in [
+            "req.url.path == '/a b' && req['url']['path'] == req.url.path",
+            "req.url.raw_path == '/a%20b' && req.url.query == 'q=1&r=2&q=3'",
+            "req.url.port == 8443 && req['url']['port'] == req.url.port",
+            "req.url.raw == 'https://a.example.test:8443/a%20b?q=1&r=2&q=3'",
+            "req.method == 'GET' && req['method'] == req.method",
+            "'x-a' in req.headers && req.headers == req['headers']",
+            "req.user_agent.name == 'curl' && req.user_agent.is_bot",
+            "req.content_length == -1 && req['content_length'] == -1",
+            "conn.client_ip == '192.0.2.7' && conn['client_ip'] == conn.client_ip",
+            "conn.server_region == 'eu' && conn.tls == null",
+            "endpoint.protocol == 'https' && endpoint['port'] == endpoint.port",
+            "getQueryParam('q') == ['1', '3'] && hasQueryParam('r') && !hasQueryParam('s')",
+            "getReqHeader('X-A') == ['b'] && !hasReqHeader('x-b')",
+        ] {
+            assert!(holds(source), "{source}");
+        }
+        let err = Expression::compile("req.url.nope == 1", Phase::Request);
+        assert!(err.is_err());
     }
 
     #[test]

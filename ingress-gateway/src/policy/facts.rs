@@ -290,126 +290,217 @@ fn cookies(headers: &HeaderMap) -> Value {
     )
 }
 
-impl Facts<'_> {
-    pub fn conn_value(&self) -> Value {
-        let c = self.conn;
-        let tls = c.tls.as_ref().map(|t| {
-            let client = t.client.as_ref().map(|id| {
-                map_value([
-                    (
-                        "subject",
-                        map_value([("common_name", s(id.subject_cn.clone().unwrap_or_default()))]),
-                    ),
-                    ("serial_number", s(id.serial.clone())),
-                    (
-                        "san",
-                        map_value([
-                            ("dns_names", list(id.san_dns.clone())),
-                            ("email_addresses", list(id.emails.clone())),
-                        ]),
-                    ),
-                    (
-                        "validity",
-                        map_value([(
-                            "not_after",
-                            s(postern_events::timestamp(id.not_after_time())),
-                        )]),
-                    ),
-                ])
-            });
-            map_value([
-                ("sni", s(t.sni.clone().unwrap_or_default())),
-                ("version", s(t.version.clone())),
-                ("cipher_suite", s(t.cipher_suite.clone())),
-                ("client", client.unwrap_or(Value::Null)),
-            ])
-        });
+/// `conn.tls`.
+fn tls_value(t: &TlsFacts) -> Value {
+    let client = t.client.as_ref().map(|id| {
         map_value([
-            ("client_ip", s(c.client.ip().to_string())),
-            ("client_port", Value::Int(i64::from(c.client.port()))),
-            ("server_ip", s(c.server.ip().to_string())),
-            ("server_port", Value::Int(i64::from(c.server.port()))),
-            ("server_region", s(c.region.to_string())),
             (
-                "ts",
-                map_value([("start", s(postern_events::timestamp(c.start)))]),
+                "subject",
+                map_value([("common_name", s(id.subject_cn.clone().unwrap_or_default()))]),
             ),
-            ("tls", tls.unwrap_or(Value::Null)),
+            ("serial_number", s(id.serial.clone())),
+            (
+                "san",
+                map_value([
+                    ("dns_names", list(id.san_dns.clone())),
+                    ("email_addresses", list(id.emails.clone())),
+                ]),
+            ),
+            (
+                "validity",
+                map_value([(
+                    "not_after",
+                    s(postern_events::timestamp(id.not_after_time())),
+                )]),
+            ),
         ])
+    });
+    map_value([
+        ("sni", s(t.sni.clone().unwrap_or_default())),
+        ("version", s(t.version.clone())),
+        ("cipher_suite", s(t.cipher_suite.clone())),
+        ("client", client.unwrap_or(Value::Null)),
+    ])
+}
+
+/// The fields requests and responses share, read from their headers.
+fn message_field(headers: &HeaderMap, field: &str) -> Option<Value> {
+    Some(match field {
+        "content_length" => content_length(headers),
+        "content_type" => header_text(headers, http::header::CONTENT_TYPE),
+        "content_encoding" => header_text(headers, http::header::CONTENT_ENCODING),
+        "location" => header_text(headers, http::header::LOCATION),
+        _ => return None,
+    })
+}
+
+/// The fields of each variable, in the order a whole map lists them.
+const CONN_FIELDS: &[&str] = &[
+    "client_ip",
+    "client_port",
+    "server_ip",
+    "server_port",
+    "server_region",
+    "ts",
+    "tls",
+];
+const ENDPOINT_FIELDS: &[&str] = &["id", "url", "host", "port", "protocol"];
+const REQ_FIELDS: &[&str] = &[
+    "method",
+    "host",
+    "url",
+    "headers",
+    "cookies",
+    "content_length",
+    "content_type",
+    "content_encoding",
+    "location",
+    "version",
+    "user_agent",
+];
+const URL_FIELDS: &[&str] = &[
+    "scheme",
+    "host",
+    "port",
+    "path",
+    "raw_path",
+    "query",
+    "query_params",
+    "authority",
+    "uri",
+    "raw",
+];
+const RES_FIELDS: &[&str] = &[
+    "status_code",
+    "headers",
+    "content_length",
+    "content_type",
+    "content_encoding",
+    "location",
+];
+
+/// A map of `fields`, each from `field`.
+fn fields_value(fields: &[&'static str], field: impl Fn(&str) -> Option<Value>) -> Value {
+    map_value(
+        fields
+            .iter()
+            .map(|name| (*name, field(name).unwrap_or(Value::Null))),
+    )
+}
+
+impl Facts<'_> {
+    /// The value a dotted name (`req.url.path`, `conn.client_ip`) stands
+    /// for, built alone, when it is one Postern builds alone; `None` leaves
+    /// it to a shorter name and field selection. Evaluations ask for the
+    /// longest name first, so an expression reading `req.method` never
+    /// builds the whole request.
+    pub fn lookup(&self, name: &str) -> Option<Value> {
+        let mut parts = name.split('.');
+        let root = parts.next()?;
+        let (first, second, rest) = (parts.next(), parts.next(), parts.next());
+        if rest.is_some() {
+            return None;
+        }
+        match (root, first, second) {
+            ("conn", None, None) => Some(fields_value(CONN_FIELDS, |f| self.conn_field(f))),
+            ("conn", Some(f), None) => self.conn_field(f),
+            ("endpoint", None, None) => {
+                Some(fields_value(ENDPOINT_FIELDS, |f| self.endpoint_field(f)))
+            }
+            ("endpoint", Some(f), None) => self.endpoint_field(f),
+            ("req", None, None) => {
+                self.req.as_ref()?;
+                Some(fields_value(REQ_FIELDS, |f| self.req_field(f)))
+            }
+            ("req", Some(f), None) => self.req_field(f),
+            ("req", Some("url"), Some(f)) => self.url_field(f),
+            ("res", None, None) => {
+                self.res.as_ref()?;
+                Some(fields_value(RES_FIELDS, |f| self.res_field(f)))
+            }
+            ("res", Some(f), None) => self.res_field(f),
+            ("time", None, None) => Some(map_value([(
+                "now",
+                Value::from(postern_events::timestamp(SystemTime::now())),
+            )])),
+            ("actions", None, None) => Some(self.actions_value()),
+            ("vars", None, None) => Some(self.vars_value()),
+            _ => None,
+        }
     }
 
-    pub fn endpoint_value(&self) -> Value {
+    fn conn_field(&self, field: &str) -> Option<Value> {
+        let c = self.conn;
+        Some(match field {
+            "client_ip" => s(c.client.ip().to_string()),
+            "client_port" => Value::Int(i64::from(c.client.port())),
+            "server_ip" => s(c.server.ip().to_string()),
+            "server_port" => Value::Int(i64::from(c.server.port())),
+            "server_region" => s(c.region.to_string()),
+            "ts" => map_value([("start", s(postern_events::timestamp(c.start)))]),
+            "tls" => c.tls.as_ref().map_or(Value::Null, tls_value),
+            _ => return None,
+        })
+    }
+
+    fn endpoint_field(&self, field: &str) -> Option<Value> {
         let e = self.endpoint;
-        map_value([
-            ("id", s(e.id.clone())),
-            ("url", s(e.url.clone())),
-            ("host", s(e.host.clone())),
-            ("port", Value::Int(i64::from(e.port))),
-            ("protocol", s(e.protocol)),
-        ])
+        Some(match field {
+            "id" => s(e.id.clone()),
+            "url" => s(e.url.clone()),
+            "host" => s(e.host.clone()),
+            "port" => Value::Int(i64::from(e.port)),
+            "protocol" => s(e.protocol),
+            _ => return None,
+        })
     }
 
-    pub fn req_value(&self) -> Option<Value> {
+    fn req_field(&self, field: &str) -> Option<Value> {
+        let r = self.req.as_ref()?;
+        let headers = r.headers;
+        Some(match field {
+            "method" => s(r.method.as_str()),
+            "host" => s(r.host),
+            "url" => fields_value(URL_FIELDS, |f| self.url_field(f)),
+            "headers" => headers_value(headers),
+            "cookies" => cookies(headers),
+            "version" => s(format!("{:?}", r.version)),
+            "user_agent" => user_agent(headers),
+            other => return message_field(headers, other),
+        })
+    }
+
+    fn url_field(&self, field: &str) -> Option<Value> {
         let r = self.req.as_ref()?;
         let uri = r.uri;
-        let headers = r.headers;
-        let path = uri.path();
-        let query = uri.query().unwrap_or_default();
-        let port = r
-            .authority
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<i64>().ok())
-            .unwrap_or(if r.scheme == "https" { 443 } else { 80 });
-        let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let url = map_value([
-            ("scheme", s(r.scheme)),
-            ("host", s(r.host)),
-            ("port", Value::Int(port)),
-            ("path", s(percent_decode(path))),
-            ("raw_path", s(path)),
-            ("query", s(query)),
-            ("query_params", query_params(query)),
-            ("authority", s(r.authority)),
-            ("uri", s(path_and_query)),
-            ("raw", s(r.url())),
-        ]);
-        Some(map_value([
-            ("method", s(r.method.as_str())),
-            ("host", s(r.host)),
-            ("url", url),
-            ("headers", headers_value(headers)),
-            ("cookies", cookies(headers)),
-            ("content_length", content_length(headers)),
-            (
-                "content_type",
-                header_text(headers, http::header::CONTENT_TYPE),
+        let query = || uri.query().unwrap_or_default();
+        Some(match field {
+            "scheme" => s(r.scheme),
+            "host" => s(r.host),
+            "port" => Value::Int(
+                r.authority
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<i64>().ok())
+                    .unwrap_or(if r.scheme == "https" { 443 } else { 80 }),
             ),
-            (
-                "content_encoding",
-                header_text(headers, http::header::CONTENT_ENCODING),
-            ),
-            ("location", header_text(headers, http::header::LOCATION)),
-            ("version", s(format!("{:?}", r.version))),
-            ("user_agent", user_agent(headers)),
-        ]))
+            "path" => s(percent_decode(uri.path())),
+            "raw_path" => s(uri.path()),
+            "query" => s(query()),
+            "query_params" => query_params(query()),
+            "authority" => s(r.authority),
+            "uri" => s(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
+            "raw" => s(r.url()),
+            _ => return None,
+        })
     }
 
-    pub fn res_value(&self) -> Option<Value> {
+    fn res_field(&self, field: &str) -> Option<Value> {
         let (status, headers) = self.res?;
-        Some(map_value([
-            ("status_code", Value::Int(i64::from(status.as_u16()))),
-            ("headers", headers_value(headers)),
-            ("content_length", content_length(headers)),
-            (
-                "content_type",
-                header_text(headers, http::header::CONTENT_TYPE),
-            ),
-            (
-                "content_encoding",
-                header_text(headers, http::header::CONTENT_ENCODING),
-            ),
-            ("location", header_text(headers, http::header::LOCATION)),
-        ]))
+        match field {
+            "status_code" => Some(Value::Int(i64::from(status.as_u16()))),
+            "headers" => Some(headers_value(headers)),
+            other => message_field(headers, other),
+        }
     }
 
     pub fn actions_value(&self) -> Value {
