@@ -198,11 +198,16 @@ impl Telemetry {
                 .with_tracer(provider.tracer("postern"))
                 .with_filter(Targets::new().with_target("postern", tracing::Level::INFO))
         });
-        tracing_subscriber::registry()
-            .with(fmt)
-            .with(otel)
-            .try_init()
-            .context("installing the log subscriber")?;
+        // Without OTLP the export layer is left out rather than added as
+        // `None`: an absent optional layer declares interest in every
+        // span, and the registry would then build and drop the spans of
+        // every request that nothing reads.
+        let registry = tracing_subscriber::registry().with(fmt);
+        match otel {
+            Some(otel) => registry.with(otel).try_init(),
+            None => registry.try_init(),
+        }
+        .context("installing the log subscriber")?;
         if provider.is_some() {
             tracing::info!("exporting traces over OTLP");
         }
