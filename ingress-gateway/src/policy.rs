@@ -18,6 +18,7 @@ mod actions;
 mod cel;
 mod document;
 mod facts;
+mod fast;
 mod modules;
 
 use std::sync::Arc;

@@ -20,7 +20,11 @@ use cel::{
     objects::{Key, Map},
 };
 
-use super::{Phase, facts::Facts};
+use super::{
+    Phase,
+    facts::{Fact, Facts},
+    fast,
+};
 
 /// What a variable name is to Postern: supported, ngrok's but not
 /// implemented here, or a map whose keys are data.
@@ -360,7 +364,7 @@ fn is_operator(name: &str) -> bool {
 
 /// `a.b.c` as (`a`, [`b`, `c`]) when `expr` is a chain of selections on an
 /// identifier.
-fn selection_chain(expr: &Expr) -> Option<(&str, Vec<&str>)> {
+pub(super) fn selection_chain(expr: &Expr) -> Option<(&str, Vec<&str>)> {
     let mut fields = Vec::new();
     let mut at = expr;
     loop {
@@ -550,11 +554,14 @@ fn is_private(ip: IpAddr) -> bool {
     }
 }
 
-/// A compiled CEL expression and its source.
+/// A compiled CEL expression and its source, with its fast forms: as a
+/// condition, and as a field read alone (for `${…}`).
 #[derive(Clone)]
 pub(crate) struct Expression {
     source: Arc<str>,
     program: Arc<Program>,
+    condition: Option<Arc<fast::Cond>>,
+    field: Option<Arc<fast::Field>>,
 }
 
 impl std::fmt::Debug for Expression {
@@ -568,9 +575,12 @@ impl Expression {
     pub fn compile(source: &str, phase: Phase) -> Result<Expression, String> {
         let program =
             Program::compile(&dialect(source)).map_err(|e| format!("does not compile: {e}"))?;
-        check(&program.expression().expr, phase, &mut Vec::new())?;
+        let expr = &program.expression().expr;
+        check(expr, phase, &mut Vec::new())?;
         Ok(Expression {
             source: source.into(),
+            condition: fast::Cond::of(expr).map(Arc::new),
+            field: fast::field(expr).map(Arc::new),
             program: Arc::new(program),
         })
     }
@@ -589,6 +599,9 @@ impl Expression {
 
     /// Evaluates a rule's condition: it must give a bool.
     pub fn holds(&self, facts: &Facts<'_>) -> Result<bool, String> {
+        if let Some(holds) = self.condition.as_ref().and_then(|c| c.eval(facts)) {
+            return Ok(holds);
+        }
         match self.eval(facts)? {
             Value::Bool(b) => Ok(b),
             other => Err(format!(
@@ -712,7 +725,12 @@ impl Template {
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Expr(e) => out.push_str(&display(&e.eval(facts)?)),
+                Part::Expr(e) => match e.field.as_ref().and_then(|f| f.read(facts)) {
+                    Some(Fact::Text(text)) => out.push_str(&text),
+                    Some(Fact::Int(n)) => out.push_str(&n.to_string()),
+                    Some(Fact::Value(value)) => out.push_str(&display(&value)),
+                    None => out.push_str(&display(&e.eval(facts)?)),
+                },
             }
         }
         Ok(out)
@@ -860,38 +878,14 @@ mod tests {
 
     #[test]
     fn names_read_alone_equal_the_fields_of_the_whole_variable() {
-        let conn = super::super::ConnFacts {
-            client: "192.0.2.7:5000".parse().unwrap(),
-            server: "127.0.0.1:443".parse().unwrap(),
-            region: "eu".into(),
-            start: std::time::SystemTime::now(),
-            tls: None,
-        };
-        let endpoint = super::super::EndpointFacts {
-            id: "ep_1".into(),
-            url: "https://a.example.test".into(),
-            host: "a.example.test".into(),
-            port: 443,
-            protocol: "https",
-        };
         let req = http::Request::get("/a%20b?q=1&r=2&q=3")
             .header("host", "a.example.test:8443")
             .header("x-a", "b")
             .header("user-agent", "curl/8.5.0")
             .body(())
             .unwrap();
-        let scratch = Scratch::default();
-        let facts = Facts {
-            conn: &conn,
-            endpoint: &endpoint,
-            req: Some(super::super::facts::ReqView::of(
-                &req,
-                "https",
-                "a.example.test",
-            )),
-            res: None,
-            scratch: &scratch,
-        };
+        let sample = super::super::facts::Sample::new();
+        let facts = sample.facts(&req, None);
         let holds = |source: &str| {
             Expression::compile(source, Phase::Request)
                 .unwrap()

@@ -3,7 +3,7 @@
 //! actions found. Each turns into a CEL value only when an expression
 //! names it.
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::SystemTime};
 
 use cel::Value;
 use http::HeaderMap;
@@ -110,6 +110,24 @@ impl<'a> ReqView<'a> {
 /// The response as the policy has it so far: status and headers.
 pub(crate) type ResView<'a> = (http::StatusCode, &'a HeaderMap);
 
+/// One field's value: text and numbers as they are, anything else as the
+/// CEL value.
+pub(crate) enum Fact<'a> {
+    Text(Cow<'a, str>),
+    Int(i64),
+    Value(Value),
+}
+
+impl Fact<'_> {
+    fn into_value(self) -> Value {
+        match self {
+            Fact::Text(t) => s(t.into_owned()),
+            Fact::Int(i) => Value::Int(i),
+            Fact::Value(v) => v,
+        }
+    }
+}
+
 /// Everything one evaluation may read.
 pub(crate) struct Facts<'a> {
     pub conn: &'a ConnFacts,
@@ -138,23 +156,6 @@ fn headers_value(headers: &HeaderMap) -> Value {
     map_value(
         map.iter()
             .map(|(k, v)| (k.as_str(), Value::List(Arc::new(v.clone())))),
-    )
-}
-
-fn header_text(headers: &HeaderMap, name: http::HeaderName) -> Value {
-    s(headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default())
-}
-
-fn content_length(headers: &HeaderMap) -> Value {
-    Value::Int(
-        headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1),
     )
 }
 
@@ -324,12 +325,26 @@ fn tls_value(t: &TlsFacts) -> Value {
 }
 
 /// The fields requests and responses share, read from their headers.
-fn message_field(headers: &HeaderMap, field: &str) -> Option<Value> {
+fn message_field<'a>(headers: &'a HeaderMap, field: &str) -> Option<Fact<'a>> {
+    let header = |name| {
+        text(
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default(),
+        )
+    };
     Some(match field {
-        "content_length" => content_length(headers),
-        "content_type" => header_text(headers, http::header::CONTENT_TYPE),
-        "content_encoding" => header_text(headers, http::header::CONTENT_ENCODING),
-        "location" => header_text(headers, http::header::LOCATION),
+        "content_length" => Fact::Int(
+            headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1),
+        ),
+        "content_type" => header(http::header::CONTENT_TYPE),
+        "content_encoding" => header(http::header::CONTENT_ENCODING),
+        "location" => header(http::header::LOCATION),
         _ => return None,
     })
 }
@@ -380,12 +395,16 @@ const RES_FIELDS: &[&str] = &[
 ];
 
 /// A map of `fields`, each from `field`.
-fn fields_value(fields: &[&'static str], field: impl Fn(&str) -> Option<Value>) -> Value {
+fn fields_value<'a>(fields: &[&'static str], field: impl Fn(&str) -> Option<Fact<'a>>) -> Value {
     map_value(
         fields
             .iter()
-            .map(|name| (*name, field(name).unwrap_or(Value::Null))),
+            .map(|name| (*name, field(name).map_or(Value::Null, Fact::into_value))),
     )
+}
+
+fn text<'a>(t: impl Into<Cow<'a, str>>) -> Fact<'a> {
+    Fact::Text(t.into())
 }
 
 impl Facts<'_> {
@@ -401,106 +420,140 @@ impl Facts<'_> {
         if rest.is_some() {
             return None;
         }
-        match (root, first, second) {
-            ("conn", None, None) => Some(fields_value(CONN_FIELDS, |f| self.conn_field(f))),
-            ("conn", Some(f), None) => self.conn_field(f),
-            ("endpoint", None, None) => {
-                Some(fields_value(ENDPOINT_FIELDS, |f| self.endpoint_field(f)))
-            }
-            ("endpoint", Some(f), None) => self.endpoint_field(f),
-            ("req", None, None) => {
+        let Some(first) = first else {
+            return self.whole(root);
+        };
+        self.fact(root, first, second).map(Fact::into_value)
+    }
+
+    /// A whole variable.
+    fn whole(&self, root: &str) -> Option<Value> {
+        Some(match root {
+            "conn" => fields_value(CONN_FIELDS, |f| self.conn_field(f)),
+            "endpoint" => fields_value(ENDPOINT_FIELDS, |f| self.endpoint_field(f)),
+            "req" => {
                 self.req.as_ref()?;
-                Some(fields_value(REQ_FIELDS, |f| self.req_field(f)))
+                fields_value(REQ_FIELDS, |f| self.req_field(f))
             }
-            ("req", Some(f), None) => self.req_field(f),
-            ("req", Some("url"), Some(f)) => self.url_field(f),
-            ("res", None, None) => {
+            "res" => {
                 self.res.as_ref()?;
-                Some(fields_value(RES_FIELDS, |f| self.res_field(f)))
+                fields_value(RES_FIELDS, |f| self.res_field(f))
             }
-            ("res", Some(f), None) => self.res_field(f),
-            ("time", None, None) => Some(map_value([(
+            "time" => map_value([(
                 "now",
                 Value::from(postern_events::timestamp(SystemTime::now())),
-            )])),
-            ("actions", None, None) => Some(self.actions_value()),
-            ("vars", None, None) => Some(self.vars_value()),
+            )]),
+            "actions" => self.actions_value(),
+            "vars" => self.vars_value(),
+            _ => return None,
+        })
+    }
+
+    /// `root.first` or `root.first.second`, when Postern builds it alone.
+    pub fn fact(&self, root: &str, first: &str, second: Option<&str>) -> Option<Fact<'_>> {
+        match (root, second) {
+            ("conn", None) => self.conn_field(first),
+            ("endpoint", None) => self.endpoint_field(first),
+            ("req", None) => self.req_field(first),
+            ("req", Some(f)) if first == "url" => self.url_field(f),
+            ("req", Some("raw")) if first == "user_agent" => Some(text(
+                self.req
+                    .as_ref()?
+                    .headers
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default(),
+            )),
+            ("res", None) => self.res_field(first),
             _ => None,
         }
     }
 
-    fn conn_field(&self, field: &str) -> Option<Value> {
+    fn conn_field(&self, field: &str) -> Option<Fact<'_>> {
         let c = self.conn;
         Some(match field {
-            "client_ip" => s(c.client.ip().to_string()),
-            "client_port" => Value::Int(i64::from(c.client.port())),
-            "server_ip" => s(c.server.ip().to_string()),
-            "server_port" => Value::Int(i64::from(c.server.port())),
-            "server_region" => s(c.region.to_string()),
-            "ts" => map_value([("start", s(postern_events::timestamp(c.start)))]),
-            "tls" => c.tls.as_ref().map_or(Value::Null, tls_value),
+            "client_ip" => text(c.client.ip().to_string()),
+            "client_port" => Fact::Int(i64::from(c.client.port())),
+            "server_ip" => text(c.server.ip().to_string()),
+            "server_port" => Fact::Int(i64::from(c.server.port())),
+            "server_region" => text(&*c.region),
+            "ts" => Fact::Value(map_value([(
+                "start",
+                s(postern_events::timestamp(c.start)),
+            )])),
+            "tls" => Fact::Value(c.tls.as_ref().map_or(Value::Null, tls_value)),
             _ => return None,
         })
     }
 
-    fn endpoint_field(&self, field: &str) -> Option<Value> {
+    fn endpoint_field(&self, field: &str) -> Option<Fact<'_>> {
         let e = self.endpoint;
         Some(match field {
-            "id" => s(e.id.clone()),
-            "url" => s(e.url.clone()),
-            "host" => s(e.host.clone()),
-            "port" => Value::Int(i64::from(e.port)),
-            "protocol" => s(e.protocol),
+            "id" => text(e.id.as_str()),
+            "url" => text(e.url.as_str()),
+            "host" => text(e.host.as_str()),
+            "port" => Fact::Int(i64::from(e.port)),
+            "protocol" => text(e.protocol),
             _ => return None,
         })
     }
 
-    fn req_field(&self, field: &str) -> Option<Value> {
+    fn req_field(&self, field: &str) -> Option<Fact<'_>> {
         let r = self.req.as_ref()?;
         let headers = r.headers;
         Some(match field {
-            "method" => s(r.method.as_str()),
-            "host" => s(r.host),
-            "url" => fields_value(URL_FIELDS, |f| self.url_field(f)),
-            "headers" => headers_value(headers),
-            "cookies" => cookies(headers),
-            "version" => s(format!("{:?}", r.version)),
-            "user_agent" => user_agent(headers),
+            "method" => text(r.method.as_str()),
+            "host" => text(r.host),
+            "url" => Fact::Value(fields_value(URL_FIELDS, |f| self.url_field(f))),
+            "headers" => Fact::Value(headers_value(headers)),
+            "cookies" => Fact::Value(cookies(headers)),
+            "version" => text(format!("{:?}", r.version)),
+            "user_agent" => Fact::Value(user_agent(headers)),
             other => return message_field(headers, other),
         })
     }
 
-    fn url_field(&self, field: &str) -> Option<Value> {
+    fn url_field(&self, field: &str) -> Option<Fact<'_>> {
         let r = self.req.as_ref()?;
         let uri = r.uri;
         let query = || uri.query().unwrap_or_default();
         Some(match field {
-            "scheme" => s(r.scheme),
-            "host" => s(r.host),
-            "port" => Value::Int(
+            "scheme" => text(r.scheme),
+            "host" => text(r.host),
+            "port" => Fact::Int(
                 r.authority
                     .rsplit_once(':')
                     .and_then(|(_, p)| p.parse::<i64>().ok())
                     .unwrap_or(if r.scheme == "https" { 443 } else { 80 }),
             ),
-            "path" => s(percent_decode(uri.path())),
-            "raw_path" => s(uri.path()),
-            "query" => s(query()),
-            "query_params" => query_params(query()),
-            "authority" => s(r.authority),
-            "uri" => s(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
-            "raw" => s(r.url()),
+            "path" => text(percent_decode(uri.path())),
+            "raw_path" => text(uri.path()),
+            "query" => text(query()),
+            "query_params" => Fact::Value(query_params(query())),
+            "authority" => text(r.authority),
+            "uri" => text(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
+            "raw" => text(r.url()),
             _ => return None,
         })
     }
 
-    fn res_field(&self, field: &str) -> Option<Value> {
+    fn res_field(&self, field: &str) -> Option<Fact<'_>> {
         let (status, headers) = self.res?;
         match field {
-            "status_code" => Some(Value::Int(i64::from(status.as_u16()))),
-            "headers" => Some(headers_value(headers)),
+            "status_code" => Some(Fact::Int(i64::from(status.as_u16()))),
+            "headers" => Some(Fact::Value(headers_value(headers))),
             other => message_field(headers, other),
         }
+    }
+
+    /// Whether `req` or `res` has a header named `lower` (lower case).
+    pub fn has_header(&self, root: &str, lower: &str) -> Option<bool> {
+        let headers = match root {
+            "req" => self.req.as_ref()?.headers,
+            "res" => self.res?.1,
+            _ => return None,
+        };
+        Some(headers.contains_key(lower))
     }
 
     pub fn actions_value(&self) -> Value {
@@ -517,6 +570,49 @@ impl Facts<'_> {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.clone())),
         )
+    }
+}
+
+/// A connection, endpoint and scratch for unit tests to build [`Facts`]
+/// on.
+#[cfg(test)]
+pub(crate) struct Sample {
+    conn: ConnFacts,
+    endpoint: EndpointFacts,
+    scratch: super::cel::Scratch,
+}
+
+#[cfg(test)]
+impl Sample {
+    pub fn new() -> Sample {
+        Sample {
+            conn: ConnFacts {
+                client: "192.0.2.7:5000".parse().unwrap(),
+                server: "127.0.0.1:443".parse().unwrap(),
+                region: "eu".into(),
+                start: SystemTime::now(),
+                tls: None,
+            },
+            endpoint: EndpointFacts {
+                id: "ep_1".into(),
+                url: "https://a.example.test".into(),
+                host: "a.example.test".into(),
+                port: 443,
+                protocol: "https",
+            },
+            scratch: Default::default(),
+        }
+    }
+
+    /// The facts of `req` (and `res`) reaching `https://a.example.test`.
+    pub fn facts<'a>(&'a self, req: &'a http::Request<()>, res: Option<ResView<'a>>) -> Facts<'a> {
+        Facts {
+            conn: &self.conn,
+            endpoint: &self.endpoint,
+            req: Some(ReqView::of(req, "https", "a.example.test")),
+            res,
+            scratch: &self.scratch,
+        }
     }
 }
 
