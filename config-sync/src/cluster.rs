@@ -290,9 +290,8 @@ impl Cluster {
             });
         }
         let partition = Partition::default();
-        let (socket, bound, advertise) = transport::open(&settings.transport, partition.clone())
-            .await
-            .map_err(|e| ClusterError::Gossip(format!("{e:#}")))?;
+        let (socket, bound, advertise) =
+            transport::open(&settings.transport, partition.clone()).await?;
         let generation = wall_millis();
         let self_id = ChitchatId::new(settings.node_id.clone(), generation, advertise);
         let clock = Clock::default();

@@ -19,6 +19,8 @@ use chitchat::{
     transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport, UdpTransport},
 };
 
+use crate::ClusterError;
+
 /// Where gossip goes.
 #[derive(Clone, Debug)]
 pub enum GossipTransport {
@@ -101,27 +103,32 @@ impl Partition {
 pub(crate) async fn open(
     transport: &GossipTransport,
     partition: Partition,
-) -> anyhow::Result<(PreOpened, SocketAddr, SocketAddr)> {
+) -> Result<(PreOpened, SocketAddr, SocketAddr), ClusterError> {
+    // chitchat's sockets say what failed in an `anyhow::Error`; this is
+    // where it becomes ours.
+    let gossip = |e: anyhow::Error| ClusterError::Gossip(format!("{e:#}"));
     let (socket, advertise) = match transport {
         GossipTransport::Udp { listen, advertise } => {
-            let socket = UdpTransport.open(*listen).await?;
-            let bound = socket.local_addr()?;
+            let socket = UdpTransport.open(*listen).await.map_err(gossip)?;
+            let bound = socket.local_addr().map_err(gossip)?;
             let advertise = match advertise {
                 Some(a) => *a,
-                None if bound.ip().is_unspecified() => anyhow::bail!(
-                    "listening on {bound}: give the address peers should use (gossip_advertise)"
-                ),
+                None if bound.ip().is_unspecified() => {
+                    return Err(ClusterError::Gossip(format!(
+                        "listening on {bound}: give the address peers should use (gossip_advertise)"
+                    )));
+                }
                 None => bound,
             };
             (socket, advertise)
         }
         GossipTransport::InMemory { network, addr } => {
-            let socket = network.0.open(*addr).await?;
-            let bound = socket.local_addr()?;
+            let socket = network.0.open(*addr).await.map_err(gossip)?;
+            let bound = socket.local_addr().map_err(gossip)?;
             (socket, bound)
         }
     };
-    let bound = socket.local_addr()?;
+    let bound = socket.local_addr().map_err(gossip)?;
     Ok((
         PreOpened {
             socket: Mutex::new(Some(Box::new(Filtered {

@@ -139,10 +139,33 @@ fn failure(e: CaError) -> Failure {
     Failure::new(ca_error_code(&e), e.to_string())
 }
 
+/// Why the store's file cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {error}", path.display())]
+    Parse {
+        path: PathBuf,
+        error: serde_json::Error,
+    },
+    /// A stored CA fails the checks an upload passes.
+    #[error("{}: {id}: {reason}", path.display())]
+    Invalid {
+        path: PathBuf,
+        id: String,
+        reason: String,
+    },
+}
+
 impl CaStore {
     /// Opens the store in `data_dir`; `secret` (any string) is the key for
     /// private keys, hashed to 256 bits.
-    pub fn open(data_dir: PathBuf, secret: Option<&str>) -> anyhow::Result<CaStore> {
+    pub fn open(data_dir: PathBuf, secret: Option<&str>) -> Result<CaStore, OpenError> {
         let path = data_dir.join("certificate_authorities.json");
         let key = secret.map(|s| {
             let digest = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
@@ -152,15 +175,23 @@ impl CaStore {
         });
         let mut cas = BTreeMap::new();
         if path.exists() {
-            let text = std::fs::read_to_string(&path)?;
-            let persisted: Vec<CaRecord> = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|source| OpenError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let persisted: Vec<CaRecord> =
+                serde_json::from_str(&text).map_err(|error| OpenError::Parse {
+                    path: path.clone(),
+                    error,
+                })?;
             for p in persisted {
                 // Re-checked on load: a file edited by hand gets no pass.
                 let id = p.id.clone();
-                let stored = p
-                    .check()
-                    .map_err(|e| anyhow::anyhow!("{}: {id}: {e}", path.display()))?;
+                let stored = p.check().map_err(|reason| OpenError::Invalid {
+                    path: path.clone(),
+                    id: id.clone(),
+                    reason,
+                })?;
                 cas.insert(id, stored);
             }
         }

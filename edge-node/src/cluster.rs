@@ -39,10 +39,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
 use postern_events::{RuntimeSubscriptions, Subscription};
-use postern_ingress::{CertSource, CertStore, EndpointSpec, Protocol};
+use postern_ingress::{CertSource, CertStore, DevCa, EndpointSpec, Protocol};
+use postern_net::TlsError;
 use postern_proto::{ErrorCode, Failure};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -53,7 +53,7 @@ use crate::{
     auth::{AuthtokenRecord, Authtokens, CredentialRef},
     ca_store::{CaRecord, CaStore},
     config::EndpointPolicy,
-    node_link::NodeLinks,
+    node_link::{LinkError, NodeLinks},
     registry::{ClusterView, Registry},
     ssh::AuthorizedKey,
 };
@@ -161,16 +161,33 @@ fn cluster_failure(e: postern_config_sync::ClusterError) -> Failure {
     Failure::new(ErrorCode::INTERNAL, format!("cluster: {e}"))
 }
 
+/// Why a node could not join its cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("reading the address of the link listener (cluster.rpc_listen)")]
+    LinkAddress(#[source] std::io::Error),
+    #[error("joining the cluster")]
+    Join(#[source] postern_config_sync::ClusterError),
+    #[error("deriving the cluster's {which} CA from cluster.key")]
+    Ca {
+        which: &'static str,
+        #[source]
+        source: TlsError,
+    },
+    #[error("the link between nodes")]
+    Link(#[source] LinkError),
+}
+
 impl ClusterNode {
     /// Joins the cluster (the snapshot in `data_dir` gives the config before
     /// gossip catches up) and applies its CAs to `cas` and its credentials
     /// to `tokens`; [`ClusterNode::follow`] keeps them applied.
-    pub async fn start(joining: Joining<'_>) -> anyhow::Result<ClusterNode> {
+    pub async fn start(joining: Joining<'_>) -> Result<ClusterNode, JoinError> {
         let config = joining.config;
         let rpc_addr = match &joining.link {
             Some(listener) => Some(match config.rpc_advertise {
                 Some(addr) => addr,
-                None => listener.local_addr()?,
+                None => listener.local_addr().map_err(JoinError::LinkAddress)?,
             }),
             None => None,
         };
@@ -192,15 +209,18 @@ impl ClusterNode {
             agent_addr: joining.agent_addr,
         })
         .await
-        .context("joining the cluster")?;
-        let links = NodeLinks::new(
-            joining.node_id,
-            &pki::node_ca(&config.cluster_id, &config.key)?,
-            joining.stream_wait,
-        )
-        .context("the link between nodes")?;
+        .map_err(JoinError::Join)?;
+        let ca = |which, ca: Result<DevCa, TlsError>| {
+            ca.map_err(|source| JoinError::Ca { which, source })
+        };
+        let node_ca = ca("node-link", pki::node_ca(&config.cluster_id, &config.key))?;
+        let links = NodeLinks::new(joining.node_id, &node_ca, joining.stream_wait)
+            .map_err(JoinError::Link)?;
         let ingress_certs = Arc::new(IngressCerts::new(
-            pki::agent_ca(&config.cluster_id, &config.key)?,
+            ca(
+                "agent ingress",
+                pki::agent_ca(&config.cluster_id, &config.key),
+            )?,
             joining.region,
         ));
         let node = ClusterNode {

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, anyhow, bail};
 use postern_ingress::{GatewayConfig, OAuthService, RateStore, ServingCert, normalize_name};
 use postern_net::{
     MAX_CAS, Pem, Secret, TrustedProxies, certified_key_from_pem, parse_cidr, random_label,
@@ -18,7 +17,12 @@ use postern_net::{
 use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 
-use crate::{acl::Acl, auth::AuthtokenRecord, error::ConfigError, ssh::HostKey};
+use crate::{
+    acl::Acl,
+    auth::AuthtokenRecord,
+    error::{ConfigError, invalid},
+    ssh::HostKey,
+};
 
 /// The config file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -211,7 +215,7 @@ pub struct RawCertificate {
 
 impl RawCertificate {
     /// Reads and checks the pair.
-    pub fn load(&self) -> anyhow::Result<ServingCert> {
+    pub fn load(&self) -> Result<ServingCert, ConfigError> {
         let (cert_name, key_name) = (
             self.cert.display().to_string(),
             self.key.display().to_string(),
@@ -362,20 +366,19 @@ pub struct SshSettings {
 }
 
 impl RawSsh {
-    fn validate(self, limits: &Limits) -> anyhow::Result<SshSettings> {
+    fn validate(self, limits: &Limits) -> Result<SshSettings, ConfigError> {
         let host_key = self
             .host_key
             .map(|path| {
-                HostKey::read(&path)
-                    .map_err(|e| anyhow::anyhow!("ssh.host_key: {}: {e}", path.display()))
+                HostKey::read(&path).map_err(|e| invalid!("ssh.host_key: {}: {e}", path.display()))
             })
             .transpose()?;
         let forwards_per_session = self.forwards_per_session.unwrap_or(1);
         if forwards_per_session == 0 || forwards_per_session > limits.endpoints_per_session {
-            bail!(
+            return Err(invalid!(
                 "ssh.forwards_per_session: {forwards_per_session} must be 1 to limits.endpoints_per_session ({})",
                 limits.endpoints_per_session
-            );
+            ));
         }
         Ok(SshSettings {
             host_key,
@@ -633,29 +636,45 @@ pub(crate) fn duration(
     field: &str,
     value: &Option<String>,
     default: Duration,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v)
-            .with_context(|| format!("{field}: {v:?} is not a duration like \"10s\"")),
+        Some(v) => humantime::parse_duration(v).map_err(|e| {
+            ConfigError::field(format!("{field}: {v:?} is not a duration like \"10s\""), e)
+        }),
     }
 }
 
-fn socket_addr(field: &str, value: &Option<String>, default: &str) -> anyhow::Result<SocketAddr> {
+fn socket_addr(
+    field: &str,
+    value: &Option<String>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
     let v = value.as_deref().unwrap_or(default);
-    v.parse()
-        .with_context(|| format!("{field}: {v:?} is not an address like \"0.0.0.0:443\""))
+    v.parse().map_err(|e| {
+        ConfigError::field(
+            format!("{field}: {v:?} is not an address like \"0.0.0.0:443\""),
+            e,
+        )
+    })
 }
 
-fn port_range(field: &str, value: &str) -> anyhow::Result<RangeInclusive<u16>> {
+fn port_range(field: &str, value: &str) -> Result<RangeInclusive<u16>, ConfigError> {
     let parse = |s: &str| s.trim().parse::<u16>();
     let range = match value.split_once('-') {
         Some((a, b)) => parse(a).and_then(|a| parse(b).map(|b| a..=b)),
         None => parse(value).map(|p| p..=p),
     }
-    .with_context(|| format!("{field}: {value:?} is not a port range like \"20000-29999\""))?;
+    .map_err(|e| {
+        ConfigError::field(
+            format!("{field}: {value:?} is not a port range like \"20000-29999\""),
+            e,
+        )
+    })?;
     if range.is_empty() || *range.start() == 0 {
-        bail!("{field}: {value:?} is an empty range or includes port 0");
+        return Err(invalid!(
+            "{field}: {value:?} is an empty range or includes port 0"
+        ));
     }
     Ok(range)
 }
@@ -664,12 +683,8 @@ impl RawConfig {
     /// Checks every field and loads the certificates the config names; an
     /// error names the field.
     pub fn validate(self) -> Result<EdgeConfig, ConfigError> {
-        self.validate_fields().map_err(ConfigError::Invalid)
-    }
-
-    fn validate_fields(self) -> anyhow::Result<EdgeConfig> {
-        let domain =
-            normalize_name(&self.domain).with_context(|| format!("domain: {:?}", self.domain))?;
+        let domain = normalize_name(&self.domain)
+            .map_err(|e| ConfigError::field(format!("domain: {:?}", self.domain), e))?;
         let region = region(self.region)?;
         let node_id = self
             .node_id
@@ -686,29 +701,33 @@ impl RawConfig {
         let rate_limits_in_redis = match self.rate_limit.store.as_deref() {
             None | Some("memory") => false,
             Some("redis") if matches!(oauth.store, crate::oauth::StoreConfig::Redis(_)) => true,
-            Some("redis") => bail!(
-                "rate_limit.store: \"redis\" counts in the Redis of [oauth], and neither oauth.redis_url nor oauth.redis_cluster is set"
-            ),
+            Some("redis") => {
+                return Err(invalid!(
+                    "rate_limit.store: \"redis\" counts in the Redis of [oauth], and neither oauth.redis_url nor oauth.redis_cluster is set"
+                ));
+            }
             Some(other) => {
-                bail!("rate_limit.store: {other:?}; the stores are \"memory\" and \"redis\"")
+                return Err(invalid!(
+                    "rate_limit.store: {other:?}; the stores are \"memory\" and \"redis\""
+                ));
             }
         };
         let limits = self.limits.validate()?;
         let ssh = self.ssh.validate(&limits)?;
         let trusted_proxies = self.trusted_proxies.validate()?;
         if self.acme.is_some() && self.cluster.is_none() {
-            bail!(
+            return Err(invalid!(
                 "acme: certificates are ordered for reserved domains, which live in the cluster: add a [cluster] table (one node may be a cluster of one)"
-            );
+            ));
         }
         let acme = self.acme.map(|a| a.validate()).transpose()?;
         if let Some(acme) = &acme
             && acme.challenge == crate::acme::Challenge::Http01
             && listen.http.is_none()
         {
-            bail!(
+            return Err(invalid!(
                 "acme.challenge: \"http-01\" (the default) is answered on the plain-HTTP listener, and listen.http is \"\" (off); turn it on, or set acme.challenge = \"tls-alpn-01\" to prove names on the HTTPS listener"
-            );
+            ));
         }
         Ok(EdgeConfig {
             node_id,
@@ -729,10 +748,7 @@ impl RawConfig {
             admin,
             endpoint_policies,
             drain_grace: duration("drain_grace", &self.drain_grace, Duration::from_secs(30))?,
-            telemetry: self
-                .telemetry
-                .validate()
-                .map_err(|e| anyhow::anyhow!("telemetry.{e}"))?,
+            telemetry: self.telemetry.validate().map_err(ConfigError::Telemetry)?,
             events: self.events.validate()?,
             oauth,
             rate_limits_in_redis,
@@ -744,13 +760,13 @@ impl RawConfig {
 }
 
 /// `region`: one lower-case DNS label, `us` by default.
-fn region(region: Option<String>) -> anyhow::Result<String> {
+fn region(region: Option<String>) -> Result<String, ConfigError> {
     let region = region.unwrap_or_else(|| "us".into());
     normalize_name(&region)
         .ok()
         .filter(|r| !r.contains('.') && *r == region)
-        .with_context(|| {
-            format!("region: {region:?} must be one lower-case DNS label such as \"us\"")
+        .ok_or_else(|| {
+            invalid!("region: {region:?} must be one lower-case DNS label such as \"us\"")
         })?;
     Ok(region)
 }
@@ -760,7 +776,7 @@ fn optional_addr(
     field: &str,
     value: &Option<String>,
     default: &str,
-) -> anyhow::Result<Option<SocketAddr>> {
+) -> Result<Option<SocketAddr>, ConfigError> {
     match value.as_deref() {
         Some("") => Ok(None),
         _ => socket_addr(field, value, default).map(Some),
@@ -768,7 +784,7 @@ fn optional_addr(
 }
 
 impl RawListen {
-    fn validate(&self) -> anyhow::Result<Listen> {
+    fn validate(&self) -> Result<Listen, ConfigError> {
         let http = optional_addr("listen.http", &self.http, "0.0.0.0:80")?;
         let metrics = optional_addr("listen.metrics", &self.metrics, "127.0.0.1:9100")?;
         let admin = optional_addr("listen.admin", &self.admin, "127.0.0.1:9090")?;
@@ -791,11 +807,13 @@ impl RawListen {
 }
 
 impl RawAdmin {
-    fn validate(self) -> anyhow::Result<Admin> {
+    fn validate(self) -> Result<Admin, ConfigError> {
         let mut key_hashes = Vec::new();
         for (i, key) in self.api_keys.iter().enumerate() {
             if key.expose().len() < 16 {
-                bail!("admin.api_keys[{i}]: an API key must be at least 16 characters");
+                return Err(invalid!(
+                    "admin.api_keys[{i}]: an API key must be at least 16 characters"
+                ));
             }
             let digest = ring::digest::digest(&ring::digest::SHA256, key.expose().as_bytes());
             key_hashes.push(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"));
@@ -804,8 +822,8 @@ impl RawAdmin {
             let bytes = hex::decode(hash.trim())
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .with_context(|| {
-                    format!("admin.api_key_sha256s[{i}]: expected 64 hex characters")
+                .ok_or_else(|| {
+                    invalid!("admin.api_key_sha256s[{i}]: expected 64 hex characters")
                 })?;
             key_hashes.push(bytes);
         }
@@ -816,22 +834,23 @@ impl RawAdmin {
     }
 }
 
-fn endpoint_policies(raw: Vec<RawEndpointPolicy>) -> anyhow::Result<Vec<EndpointPolicy>> {
+fn endpoint_policies(raw: Vec<RawEndpointPolicy>) -> Result<Vec<EndpointPolicy>, ConfigError> {
     raw.into_iter()
         .enumerate()
         .map(|(i, policy)| {
             EndpointPolicy::parse(&policy.domain, policy.mutual_tls_cas, policy.traffic_policy)
-                .map_err(|(field, reason)| anyhow!("endpoint_policies[{i}].{field}: {reason}"))
+                .map_err(|(field, reason)| invalid!("endpoint_policies[{i}].{field}: {reason}"))
         })
         .collect()
 }
 
 impl RawPublic {
-    fn validate(self, domain: &str) -> anyhow::Result<Public> {
+    fn validate(self, domain: &str) -> Result<Public, ConfigError> {
         let random_domain_base = self
             .random_domain_base
             .map(|b| {
-                normalize_name(&b).with_context(|| format!("public.random_domain_base: {b:?}"))
+                normalize_name(&b)
+                    .map_err(|e| ConfigError::field(format!("public.random_domain_base: {b:?}"), e))
             })
             .transpose()?;
         Ok(Public {
@@ -844,12 +863,12 @@ impl RawPublic {
 
 impl RawTcp {
     /// The address and port range of TCP endpoints.
-    fn validate(&self) -> anyhow::Result<(IpAddr, RangeInclusive<u16>)> {
+    fn validate(&self) -> Result<(IpAddr, RangeInclusive<u16>), ConfigError> {
         let bind_ip = match &self.bind_ip {
             None => IpAddr::from([0, 0, 0, 0]),
-            Some(ip) => ip
-                .parse()
-                .with_context(|| format!("tcp.bind_ip: {ip:?} is not an IP address"))?,
+            Some(ip) => ip.parse().map_err(|e| {
+                ConfigError::field(format!("tcp.bind_ip: {ip:?} is not an IP address"), e)
+            })?,
         };
         let ports = port_range("tcp.ports", self.ports.as_deref().unwrap_or("20000-29999"))?;
         Ok((bind_ip, ports))
@@ -857,20 +876,29 @@ impl RawTcp {
 }
 
 /// A file the config names.
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::File {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl RawTls {
     /// Checks the settings and loads the certificates and keys.
-    fn validate(self) -> anyhow::Result<Tls> {
+    fn validate(self) -> Result<Tls, ConfigError> {
         let agent_files = match (self.agent_cert, self.agent_key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => bail!("tls.agent_cert and tls.agent_key must be given together"),
+            _ => {
+                return Err(invalid!(
+                    "tls.agent_cert and tls.agent_key must be given together"
+                ));
+            }
         };
         if agent_files.is_none() && !self.dev_ca {
-            bail!("tls.agent_cert/tls.agent_key are required unless tls.dev_ca = true");
+            return Err(invalid!(
+                "tls.agent_cert/tls.agent_key are required unless tls.dev_ca = true"
+            ));
         }
         let mut certificates = Vec::new();
         for files in self.certificates {
@@ -892,19 +920,24 @@ impl RawTls {
     }
 }
 
-fn authtokens(raw: Vec<RawAuthtoken>) -> anyhow::Result<Vec<AuthtokenRecord>> {
+fn authtokens(raw: Vec<RawAuthtoken>) -> Result<Vec<AuthtokenRecord>, ConfigError> {
     let mut authtokens = Vec::new();
     for (i, raw) in raw.into_iter().enumerate() {
         let field = format!("authtokens[{i}]");
-        let acl = Acl::parse(&raw.acl).with_context(|| format!("{field}.acl"))?;
+        let acl =
+            Acl::parse(&raw.acl).map_err(|e| ConfigError::field(format!("{field}.acl"), e))?;
         let record = match (raw.token, raw.token_sha256) {
             (Some(token), None) => {
                 AuthtokenRecord::from_token(token.expose(), acl, raw.description)
-                    .with_context(|| format!("{field}.token"))?
+                    .map_err(|e| ConfigError::field(format!("{field}.token"), e))?
             }
             (None, Some(hash)) => AuthtokenRecord::from_sha256_hex(&hash, acl, raw.description)
-                .with_context(|| format!("{field}.token_sha256"))?,
-            _ => bail!("{field}: give exactly one of token and token_sha256"),
+                .map_err(|e| ConfigError::field(format!("{field}.token_sha256"), e))?,
+            _ => {
+                return Err(invalid!(
+                    "{field}: give exactly one of token and token_sha256"
+                ));
+            }
         };
         authtokens.push(record);
     }
@@ -912,7 +945,7 @@ fn authtokens(raw: Vec<RawAuthtoken>) -> anyhow::Result<Vec<AuthtokenRecord>> {
 }
 
 impl RawSession {
-    fn validate(&self) -> anyhow::Result<SessionSettings> {
+    fn validate(&self) -> Result<SessionSettings, ConfigError> {
         let session = SessionSettings {
             heartbeat_interval: duration(
                 "session.heartbeat_interval",
@@ -933,16 +966,16 @@ impl RawSession {
         if session.heartbeat_interval.is_zero()
             || session.heartbeat_tolerance <= session.heartbeat_interval
         {
-            bail!(
+            return Err(invalid!(
                 "session.heartbeat_tolerance must be longer than session.heartbeat_interval, which must not be zero"
-            );
+            ));
         }
         Ok(session)
     }
 }
 
 impl RawLimits {
-    fn validate(&self) -> anyhow::Result<Limits> {
+    fn validate(&self) -> Result<Limits, ConfigError> {
         let timeout = |field: &str, value: &Option<String>, default_secs: u64| {
             duration(
                 &format!("limits.{field}"),
@@ -982,7 +1015,7 @@ impl RawLimits {
 }
 
 impl RawTrustedProxies {
-    fn validate(&self) -> anyhow::Result<TrustedProxies> {
+    fn validate(&self) -> Result<TrustedProxies, ConfigError> {
         Ok(TrustedProxies {
             cidrs: self
                 .cidrs

@@ -6,6 +6,8 @@ use std::{io, net::SocketAddr, path::PathBuf};
 
 use postern_net::TlsError;
 
+use crate::{acl::AclError, auth::TokenError, ca_store::OpenError, cluster::JoinError};
+
 /// A config that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,10 +32,38 @@ pub enum ConfigError {
     /// line and the key).
     #[error("{0}")]
     Syntax(toml::de::Error),
-    /// A field has a bad value, or a file it names cannot be used; the
-    /// message names the field.
+    /// A field has a bad value; the message names the field and says what
+    /// is wrong with it.
+    #[error("{0}")]
+    Invalid(String),
+    /// A field's value cannot be used: `field` names it (and the value or
+    /// the file), the source says why.
+    #[error("{field}")]
+    Field {
+        field: String,
+        #[source]
+        source: FieldCause,
+    },
+    /// A file the config names cannot be read.
+    #[error("reading {}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A certificate or key the config names cannot be used (the message
+    /// names its file).
     #[error(transparent)]
-    Invalid(anyhow::Error),
+    Certificate(#[from] TlsError),
+    /// A CIDR that does not parse (the message names the field).
+    #[error(transparent)]
+    Cidr(#[from] postern_net::CidrError),
+    /// `[events]` (the message names the field).
+    #[error(transparent)]
+    Events(#[from] postern_events::ConfigError),
+    /// `[telemetry]`.
+    #[error("telemetry.{0}")]
+    Telemetry(postern_telemetry::TelemetryError),
     /// `--dev` could not keep its files in the data directory.
     #[error("{action} {}", path.display())]
     DevFiles {
@@ -43,6 +73,50 @@ pub enum ConfigError {
         source: io::Error,
     },
 }
+
+/// Why a field's value cannot be used (see [`ConfigError::Field`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FieldCause {
+    #[error(transparent)]
+    Duration(#[from] humantime::DurationError),
+    #[error(transparent)]
+    Address(#[from] std::net::AddrParseError),
+    #[error(transparent)]
+    Number(#[from] std::num::ParseIntError),
+    #[error(transparent)]
+    Name(#[from] postern_ingress::NameError),
+    #[error(transparent)]
+    Url(#[from] http::uri::InvalidUri),
+    #[error(transparent)]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    #[error(transparent)]
+    Acl(#[from] AclError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    ClusterKey(#[from] postern_config_sync::WeakKey),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl ConfigError {
+    /// `field` cannot be used, because of `source`.
+    pub(crate) fn field(field: impl Into<String>, source: impl Into<FieldCause>) -> ConfigError {
+        ConfigError::Field {
+            field: field.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// [`ConfigError::Invalid`] with a formatted message, as `format!` takes
+/// it.
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        $crate::error::ConfigError::Invalid(format!($($arg)*))
+    };
+}
+pub(crate) use invalid;
 
 /// A node that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +133,12 @@ pub enum StartError {
     #[error("loading the dev CA")]
     DevCa(#[source] TlsError),
     #[error("opening the certificate-authority store")]
-    CaStore(#[source] anyhow::Error),
+    CaStore(#[source] OpenError),
     #[error("loading or generating the SSH host key (ssh.host_key)")]
     SshHostKey(#[source] io::Error),
     /// Joining the cluster, or setting up the link between nodes.
     #[error(transparent)]
-    Cluster(anyhow::Error),
+    Cluster(JoinError),
     #[error("no agent certificate and no dev CA")]
     NoAgentCertificate,
     /// The dev CA could not issue the agent listener's certificate.
@@ -72,8 +146,13 @@ pub enum StartError {
     AgentCertificate(TlsError),
     #[error("starting the event pipeline")]
     Events(#[source] postern_events::EventsError),
-    #[error("oauth")]
-    OAuth(#[source] anyhow::Error),
+    /// The Redis of `[oauth]` (`field` is the key that names it).
+    #[error("oauth: {field}")]
+    Redis {
+        field: &'static str,
+        #[source]
+        source: postern_ingress::StoreError,
+    },
     #[error("starting the ACME certificate manager")]
     Acme(#[source] crate::acme::AcmeError),
 }

@@ -191,13 +191,12 @@ impl Edge {
         let events = postern_events::EventPipeline::start(&config.events, &config.data_dir)
             .map_err(StartError::Events)?;
         let https_public_port = config.public.https_port.unwrap_or(addresses.https.port());
-        let redis = oauth::redis(&config.oauth).map_err(StartError::OAuth)?;
+        let redis = oauth::redis(&config.oauth)?;
         let rates = redis
             .clone()
             .filter(|_| config.rate_limits_in_redis)
             .map(|redis| Arc::new(RedisRates::new(redis)) as Arc<dyn RateStore>);
-        let oauth =
-            oauth::service(&config.oauth, redis, https_public_port).map_err(StartError::OAuth)?;
+        let oauth = oauth::service(&config.oauth, redis, https_public_port);
         let gateway = Gateway::new(
             config.gateway(https_public_port, oauth.clone(), rates),
             certs,
@@ -369,7 +368,7 @@ impl Edge {
 
     /// Public-side counters.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        let mut stats = self.gateway.stats().snapshot();
+        let mut stats = self.gateway.metrics().counters();
         stats.push(("agent_sessions", self.registry.session_count() as u64));
         stats.push(("open_connections", self.gateway.open_connections() as u64));
         stats.extend(self.events.metrics().pairs());
@@ -395,11 +394,10 @@ impl Edge {
             .certificates
             .iter()
             .map(|(files, _)| Ok((files.cert.display().to_string(), files.load()?)))
-            .collect::<anyhow::Result<Vec<_>>>()
+            .collect::<Result<Vec<_>, ConfigError>>()
             .inspect_err(|_| {
                 self.reloads.failed.fetch_add(1, Relaxed);
-            })
-            .map_err(ConfigError::Invalid)?;
+            })?;
         self.reloads.done.fetch_add(1, Relaxed);
         let count = loaded.len();
         serve_config_certificates(self.gateway.certs(), loaded);

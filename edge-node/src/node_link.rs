@@ -26,7 +26,7 @@ use futures_util::{Stream, StreamExt, future::BoxFuture};
 use http::Uri;
 use hyper_util::rt::TokioIo;
 use postern_ingress::{ClaimedStream, DevCa, StreamSource};
-use postern_net::{Pem, certified_key_from_pem, crypto_provider};
+use postern_net::{Pem, TlsError, certified_key_from_pem, crypto_provider};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -61,6 +61,20 @@ pub fn node_name(node_id: &str) -> String {
     )
 }
 
+/// Why this node's TLS for the links cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Issuing or loading the node's certificate.
+    #[error(transparent)]
+    Certificate(#[from] TlsError),
+    #[error("reading the node CA's certificate")]
+    CaPem(#[from] rustls::pki_types::pem::Error),
+    #[error("building the TLS configs")]
+    Tls(#[from] rustls::Error),
+    #[error("building the client-certificate verifier")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+}
+
 /// This node's side of the links: the TLS configs for both directions and
 /// one HTTP/2 channel per peer, opened on first use.
 pub struct NodeLinks {
@@ -74,7 +88,7 @@ pub struct NodeLinks {
 
 impl NodeLinks {
     /// TLS for this node from the inter-node CA.
-    pub fn new(node_id: &str, ca: &DevCa, stream_wait: Duration) -> anyhow::Result<NodeLinks> {
+    pub fn new(node_id: &str, ca: &DevCa, stream_wait: Duration) -> Result<NodeLinks, LinkError> {
         let (cert, key) = ca.issue_pem(&[node_name(node_id)])?;
         let key = Arc::new(certified_key_from_pem(
             Pem::new("the node's link certificate", cert.as_bytes()),
@@ -84,8 +98,9 @@ impl NodeLinks {
         roots.add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())?)?;
         let roots = Arc::new(roots);
         let provider = crypto_provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(LinkError::Verifier)?;
         let mut server_tls = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)

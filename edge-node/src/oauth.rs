@@ -4,7 +4,6 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Context, bail};
 use postern_ingress::{
     DomainPattern, EndpointSpec, IdpHttp, MemoryStore, OAuthEndpoint, OAuthService, OAuthSettings,
     Protocol, RedisOptions, RedisStore, RedisTarget, SessionKey, SessionStore, normalize_name,
@@ -14,7 +13,10 @@ use postern_proto::{ErrorCode, Failure, pb};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
 
-use crate::config::duration;
+use crate::{
+    config::duration,
+    error::{ConfigError, StartError, invalid},
+};
 
 /// `[oauth]` as written. Every field is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -80,34 +82,39 @@ pub struct OAuthConfig {
     pub idp_root_cas: Vec<CertificateDer<'static>>,
 }
 
-fn redis_url(field: &str, url: &str) -> anyhow::Result<String> {
+fn redis_url(field: &str, url: &str) -> Result<String, ConfigError> {
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        bail!(
+        return Err(invalid!(
             "{field}: {:?} must start with redis:// or rediss://",
             postern_ingress::redact_url(url)
-        );
+        ));
     }
     Ok(url.to_string())
 }
 
-fn read_pem_certs(field: &str, path: &PathBuf) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem =
-        std::fs::read(path).with_context(|| format!("{field}: reading {}", path.display()))?;
+fn read_pem_certs(
+    field: &str,
+    path: &PathBuf,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigError::field(format!("{field}: reading {}", path.display()), e))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{field}: {}: {e}", path.display()))?;
+        .map_err(|e| invalid!("{field}: {}: {e}", path.display()))?;
     if certs.is_empty() {
-        bail!("{field}: {} holds no PEM certificate", path.display());
+        return Err(invalid!(
+            "{field}: {} holds no PEM certificate",
+            path.display()
+        ));
     }
     Ok(certs)
 }
 
 impl RawOAuth {
-    pub fn validate(self, domain: &str) -> anyhow::Result<OAuthConfig> {
+    pub fn validate(self, domain: &str) -> Result<OAuthConfig, ConfigError> {
         let auth_host = match &self.auth_host {
-            Some(host) => {
-                normalize_name(host).with_context(|| format!("oauth.auth_host: {host:?}"))?
-            }
+            Some(host) => normalize_name(host)
+                .map_err(|e| ConfigError::field(format!("oauth.auth_host: {host:?}"), e))?,
             None => format!("auth.{domain}"),
         };
         let timeout = duration(
@@ -116,11 +123,13 @@ impl RawOAuth {
             Duration::from_millis(300),
         )?;
         if timeout.is_zero() {
-            bail!("oauth.redis_timeout: must not be zero");
+            return Err(invalid!("oauth.redis_timeout: must not be zero"));
         }
         let target = match (&self.redis_url, self.redis_cluster.as_slice()) {
             (Some(_), [_, ..]) => {
-                bail!("oauth.redis_url and oauth.redis_cluster: give one of them")
+                return Err(invalid!(
+                    "oauth.redis_url and oauth.redis_cluster: give one of them"
+                ));
             }
             (Some(url), []) => Some(RedisTarget::Single(redis_url("oauth.redis_url", url)?)),
             (None, []) => None,
@@ -128,23 +137,29 @@ impl RawOAuth {
                 urls.iter()
                     .enumerate()
                     .map(|(i, u)| redis_url(&format!("oauth.redis_cluster[{i}]"), u))
-                    .collect::<anyhow::Result<_>>()?,
+                    .collect::<Result<_, _>>()?,
             )),
         };
         let session_key = match self.session_key {
             Some(key) if key.expose().len() < 32 => {
-                bail!("oauth.session_key: must be at least 32 characters")
+                return Err(invalid!(
+                    "oauth.session_key: must be at least 32 characters"
+                ));
             }
             Some(key) => Some(key),
-            None if target.is_some() => bail!(
-                "oauth.session_key: required with Redis (every node sharing it must seal with the same key)"
-            ),
+            None if target.is_some() => {
+                return Err(invalid!(
+                    "oauth.session_key: required with Redis (every node sharing it must seal with the same key)"
+                ));
+            }
             None => None,
         };
         let store = match target {
             None => {
                 if self.redis_ca.is_some() {
-                    bail!("oauth.redis_ca: only with oauth.redis_url or oauth.redis_cluster");
+                    return Err(invalid!(
+                        "oauth.redis_ca: only with oauth.redis_url or oauth.redis_cluster"
+                    ));
                 }
                 StoreConfig::Memory
             }
@@ -154,8 +169,12 @@ impl RawOAuth {
                     .redis_ca
                     .as_ref()
                     .map(|p| {
-                        std::fs::read(p)
-                            .with_context(|| format!("oauth.redis_ca: reading {}", p.display()))
+                        std::fs::read(p).map_err(|e| {
+                            ConfigError::field(
+                                format!("oauth.redis_ca: reading {}", p.display()),
+                                e,
+                            )
+                        })
                     })
                     .transpose()?,
                 timeout,
@@ -170,7 +189,7 @@ impl RawOAuth {
             Duration::from_secs(15 * 60),
         )?;
         if login_timeout < Duration::from_secs(1) {
-            bail!("oauth.login_timeout: must be at least 1s");
+            return Err(invalid!("oauth.login_timeout: must be at least 1s"));
         }
         let idp_timeout = duration(
             "oauth.idp_timeout",
@@ -178,7 +197,7 @@ impl RawOAuth {
             Duration::from_secs(5),
         )?;
         if idp_timeout.is_zero() {
-            bail!("oauth.idp_timeout: must not be zero");
+            return Err(invalid!("oauth.idp_timeout: must not be zero"));
         }
         Ok(OAuthConfig {
             auth_host,
@@ -202,7 +221,7 @@ impl RawOAuth {
 /// The Redis named in `[oauth]`, if any: it holds OAuth sessions and, with
 /// `rate_limit.store = "redis"`, rate-limit counts. Needs a Tokio runtime
 /// (it connects lazily in the background).
-pub fn redis(config: &OAuthConfig) -> anyhow::Result<Option<Arc<RedisStore>>> {
+pub fn redis(config: &OAuthConfig) -> Result<Option<Arc<RedisStore>>, StartError> {
     match &config.store {
         StoreConfig::Memory => Ok(None),
         StoreConfig::Redis(options) => {
@@ -210,7 +229,8 @@ pub fn redis(config: &OAuthConfig) -> anyhow::Result<Option<Arc<RedisStore>>> {
                 RedisTarget::Single(_) => "oauth.redis_url",
                 RedisTarget::Cluster(_) => "oauth.redis_cluster",
             };
-            let store = RedisStore::new(options.clone()).with_context(|| field.to_string())?;
+            let store = RedisStore::new(options.clone())
+                .map_err(|source| StartError::Redis { field, source })?;
             Ok(Some(Arc::new(store)))
         }
     }
@@ -222,7 +242,7 @@ pub fn service(
     config: &OAuthConfig,
     redis: Option<Arc<RedisStore>>,
     https_port: u16,
-) -> anyhow::Result<Arc<OAuthService>> {
+) -> Arc<OAuthService> {
     let store: Arc<dyn SessionStore> = match redis {
         None => {
             tracing::info!(
@@ -245,7 +265,7 @@ pub fn service(
     let http = IdpHttp::new(&config.idp_root_cas, config.idp_timeout);
     let service = OAuthService::new(settings, store, key, http);
     tracing::info!(callback = %service.callback_url(), "OAuth callback URL");
-    Ok(service)
+    service
 }
 
 /// The OAuth part of a bind: the auth host cannot be bound; OAuth needs an
@@ -281,7 +301,7 @@ mod tests {
 
     fn parse(toml_text: &str) -> anyhow::Result<OAuthConfig> {
         let raw: RawOAuth = toml::from_str(toml_text)?;
-        raw.validate("example.test")
+        Ok(raw.validate("example.test")?)
     }
 
     #[test]

@@ -70,59 +70,6 @@ impl Telemetry {
     pub fn render(&self) -> String {
         let mut out = String::new();
         self.gateway.metrics().render(&mut out);
-        let stats = self.gateway.stats();
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        metric_header(
-            &mut out,
-            "postern_tls_handshake_failures_total",
-            "counter",
-            "TLS connections refused before any endpoint saw them, by reason.",
-        );
-        for (reason, counter) in [
-            ("no_sni", &stats.tls_no_sni),
-            ("unknown_sni", &stats.tls_unknown_sni),
-            ("bad_client_hello", &stats.tls_bad_client_hello),
-            ("client_hello_timeout", &stats.tls_client_hello_timeout),
-            ("bad_client_certificate", &stats.tls_bad_client_cert),
-            ("handshake", &stats.tls_handshake_failed),
-        ] {
-            metric_sample(
-                &mut out,
-                "postern_tls_handshake_failures_total",
-                &[("reason", reason)],
-                get(counter),
-            );
-        }
-        for (name, help, counter) in [
-            (
-                "postern_connections_shed_total",
-                "Connections shed at the connection cap.",
-                &stats.shed_connections,
-            ),
-            (
-                "postern_ip_denied_total",
-                "Connections and requests refused by IP restrictions.",
-                &stats.ip_denied,
-            ),
-            (
-                "postern_bad_proxy_headers_total",
-                "Bad PROXY headers from trusted load balancers.",
-                &stats.bad_proxy_headers,
-            ),
-            (
-                "postern_idle_closed_total",
-                "TCP/TLS endpoint connections closed for idleness.",
-                &stats.idle_closed,
-            ),
-            (
-                "postern_accept_errors_total",
-                "Failed accepts on public listeners.",
-                &stats.accept_errors,
-            ),
-        ] {
-            metric_header(&mut out, name, "counter", help);
-            metric_sample(&mut out, name, &[], get(counter));
-        }
         metric_header(
             &mut out,
             "postern_open_connections",
@@ -162,7 +109,7 @@ impl Telemetry {
             ),
         ] {
             metric_header(&mut out, name, "counter", help);
-            metric_sample(&mut out, name, &region, get(value));
+            metric_sample(&mut out, name, &region, value.load(Ordering::Relaxed));
         }
         for (name, help, by_code) in [
             (

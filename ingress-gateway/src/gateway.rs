@@ -2,20 +2,18 @@
 //! and drain. The jobs live in the files under `gateway/`: the route table
 //! (`routes`), the accept loop (`listener`), the TLS port's SNI dispatch
 //! (`tls_port`), TCP endpoints and piping (`tcp`), HTTP serving through
-//! each endpoint's policy (`serve_http`), and the counters (`stats`).
+//! each endpoint's policy (`serve_http`). Everything it counts goes to
+//! the one [`Metrics`].
 
 mod listener;
 mod routes;
 mod serve_http;
-mod stats;
 mod tcp;
 mod tls_port;
 
 use listener::{SHED_RESPONSE, spawn_accept_loop};
 use routes::{Binding, TcpRoute};
 use serve_http::serve_http_connection;
-pub use stats::Stats;
-use stats::{bump, count_ip_denial};
 use tcp::{Visitor, on_connect, proxy_bytes};
 use tls_port::handle_tls_port;
 
@@ -25,10 +23,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -59,7 +54,7 @@ use crate::{
     acme_challenge::{ACME_TLS_ALPN, AcmeChallenges},
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
     http::{self as proxy, ConnInfo, UpstreamPool, Upstreams, VisitorBody},
-    metrics::Metrics,
+    metrics::{Counter, Metrics},
     oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
     policy::{
@@ -213,7 +208,6 @@ struct Inner {
     graceful: Mutex<Option<GracefulShutdown>>,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
-    stats: Stats,
     /// Visitor connections open now, and the cap.
     connections: Arc<ConnectionLimit>,
     rates: Arc<dyn RateStore>,
@@ -222,6 +216,20 @@ struct Inner {
     /// ACME challenges: HTTP-01 answered on the plain-HTTP listener,
     /// TLS-ALPN-01 on the HTTPS/TLS port.
     acme: Arc<AcmeChallenges>,
+}
+
+impl Inner {
+    /// Counts one `counter` in the gateway's metrics.
+    fn count(&self, counter: Counter) {
+        self.outcomes.metrics.count(counter);
+    }
+
+    /// Counts a visitor an IP restriction refused.
+    fn count_ip_denial(&self, decision: Option<Decision>) {
+        if decision == Some(Decision::Block) {
+            self.count(Counter::IpDenied);
+        }
+    }
 }
 
 /// The public side of one edge node. Cheap to clone.
@@ -285,16 +293,11 @@ impl Gateway {
                 graceful: Mutex::new(Some(GracefulShutdown::new())),
                 tracker: TaskTracker::new(),
                 stop_accepting: CancellationToken::new(),
-                stats: Stats::default(),
                 rates,
                 http_client,
                 acme: Arc::default(),
             }),
         }
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.inner.stats
     }
 
     /// Requests and connections by endpoint.

@@ -26,7 +26,7 @@ pub use endpoint::{
     ClaimedStream, Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt,
     open_frame,
 };
-pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol, Stats};
+pub use gateway::{EndpointSpec, Gateway, GatewayConfig, Protocol};
 pub use http::{ERROR_CODE_HEADER, is_reserved_header};
 pub use metrics::Metrics;
 pub use mtls::ClientIdentity;

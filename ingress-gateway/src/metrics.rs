@@ -1,10 +1,20 @@
-//! Traffic metrics of the public side, rendered in the Prometheus text
-//! format. Labels stay bounded: endpoint ids (one per bound endpoint),
-//! status classes and decisions — never paths or client addresses.
+//! Every metric of the public side, rendered in the Prometheus text format
+//! by one function: requests and connections by endpoint, and the
+//! gateway-wide counters (refused handshakes, shed connections, …).
+//! Labels stay bounded: endpoint ids (one per bound endpoint), status
+//! classes, decisions and reasons — never paths or client addresses.
 
-use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
-use postern_net::metric_header as header;
+use postern_net::{metric_header as header, metric_sample};
 
 /// Upper bounds of the request-duration histogram, in seconds.
 const BUCKETS: [f64; 11] = [
@@ -73,14 +83,125 @@ struct HttpSeries {
     bytes: (u64, u64),
 }
 
-/// Requests and connections by endpoint. One lock per kind, taken once per
-/// request or connection; a known endpoint's name is not copied again.
+/// A gateway-wide count of something that happened on the public side.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Counter {
+    TlsNoSni,
+    TlsUnknownSni,
+    TlsBadClientHello,
+    TlsClientHelloTimeout,
+    /// Handshakes refused for a missing or bad client certificate (mTLS).
+    TlsBadClientCert,
+    TlsHandshakeFailed,
+    /// New connections closed because the edge was at its connection cap.
+    ShedConnections,
+    /// Connections or requests refused by an IP restriction.
+    IpDenied,
+    /// Bad or missing PROXY headers from trusted load balancers.
+    BadProxyHeaders,
+    /// TCP/TLS endpoint connections closed for being idle.
+    IdleClosed,
+    AcceptErrors,
+    HttpRequests,
+    TcpConnections,
+}
+
+/// Where a counter shows in the Prometheus text.
+enum Exposed {
+    /// A `reason` of `postern_tls_handshake_failures_total`.
+    TlsFailure(&'static str),
+    /// A metric of its own: name and help.
+    Alone(&'static str, &'static str),
+    /// Only in [`Metrics::counters`].
+    Unexposed,
+}
+
+impl Counter {
+    /// Every counter, in the order they are rendered.
+    const ALL: [Counter; 13] = [
+        Counter::TlsNoSni,
+        Counter::TlsUnknownSni,
+        Counter::TlsBadClientHello,
+        Counter::TlsClientHelloTimeout,
+        Counter::TlsBadClientCert,
+        Counter::TlsHandshakeFailed,
+        Counter::ShedConnections,
+        Counter::IpDenied,
+        Counter::BadProxyHeaders,
+        Counter::IdleClosed,
+        Counter::AcceptErrors,
+        Counter::HttpRequests,
+        Counter::TcpConnections,
+    ];
+
+    /// Its name in [`Metrics::counters`], and where it shows in the
+    /// Prometheus text.
+    fn describe(self) -> (&'static str, Exposed) {
+        use Exposed::*;
+        match self {
+            Counter::TlsNoSni => ("tls_no_sni", TlsFailure("no_sni")),
+            Counter::TlsUnknownSni => ("tls_unknown_sni", TlsFailure("unknown_sni")),
+            Counter::TlsBadClientHello => ("tls_bad_client_hello", TlsFailure("bad_client_hello")),
+            Counter::TlsClientHelloTimeout => (
+                "tls_client_hello_timeout",
+                TlsFailure("client_hello_timeout"),
+            ),
+            Counter::TlsBadClientCert => {
+                ("tls_bad_client_cert", TlsFailure("bad_client_certificate"))
+            }
+            Counter::TlsHandshakeFailed => ("tls_handshake_failed", TlsFailure("handshake")),
+            Counter::ShedConnections => (
+                "shed_connections",
+                Alone(
+                    "postern_connections_shed_total",
+                    "Connections shed at the connection cap.",
+                ),
+            ),
+            Counter::IpDenied => (
+                "ip_denied",
+                Alone(
+                    "postern_ip_denied_total",
+                    "Connections and requests refused by IP restrictions.",
+                ),
+            ),
+            Counter::BadProxyHeaders => (
+                "bad_proxy_headers",
+                Alone(
+                    "postern_bad_proxy_headers_total",
+                    "Bad PROXY headers from trusted load balancers.",
+                ),
+            ),
+            Counter::IdleClosed => (
+                "idle_closed",
+                Alone(
+                    "postern_idle_closed_total",
+                    "TCP/TLS endpoint connections closed for idleness.",
+                ),
+            ),
+            Counter::AcceptErrors => (
+                "accept_errors",
+                Alone(
+                    "postern_accept_errors_total",
+                    "Failed accepts on public listeners.",
+                ),
+            ),
+            Counter::HttpRequests => ("http_requests", Unexposed),
+            Counter::TcpConnections => ("tcp_connections", Unexposed),
+        }
+    }
+}
+
+/// Requests and connections by endpoint, and the gateway-wide counters.
+/// One lock per kind of series, taken once per request or connection; a
+/// known endpoint's name is not copied again.
 #[derive(Default)]
 pub struct Metrics {
     /// endpoint → HTTP series
     http: Mutex<BTreeMap<String, HttpSeries>>,
     /// endpoint → (`tcp`/`tls`, decision) → series
     connections: Mutex<BTreeMap<String, ConnsByKind>>,
+    /// By [`Counter`].
+    counters: [AtomicU64; Counter::ALL.len()],
 }
 
 /// The entry for `key`, allocating its name only the first time.
@@ -98,6 +219,24 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Counts one `counter`.
+    pub(crate) fn count(&self, counter: Counter) {
+        self.counters[counter as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Name and value of every gateway-wide counter (`tls_no_sni`,
+    /// `http_requests`, …).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| (c.describe().0, self.get(c)))
+            .collect()
+    }
+
+    fn get(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize].load(Ordering::Relaxed)
+    }
+
     /// One finished HTTP request.
     pub fn request(
         &self,
@@ -230,6 +369,30 @@ impl Metrics {
                 );
             }
         }
+        self.render_counters(out);
+    }
+
+    /// The gateway-wide counters: the refused handshakes as one metric by
+    /// reason, the others each as its own.
+    fn render_counters(&self, out: &mut String) {
+        let failures = "postern_tls_handshake_failures_total";
+        header(
+            out,
+            failures,
+            "counter",
+            "TLS connections refused before any endpoint saw them, by reason.",
+        );
+        for counter in Counter::ALL {
+            if let (_, Exposed::TlsFailure(reason)) = counter.describe() {
+                metric_sample(out, failures, &[("reason", reason)], self.get(counter));
+            }
+        }
+        for counter in Counter::ALL {
+            if let (_, Exposed::Alone(name, help)) = counter.describe() {
+                header(out, name, "counter", help);
+                metric_sample(out, name, &[], self.get(counter));
+            }
+        }
     }
 }
 
@@ -260,5 +423,26 @@ mod tests {
         assert!(out.contains("postern_http_request_duration_seconds_count{endpoint=\"ep_1\"} 2"));
         assert!(out.contains("postern_connection_bytes_total{endpoint=\"ep_2\",proto=\"tcp\",decision=\"allow\",direction=\"out\"} 9"));
         assert_eq!(status_class(101), "1xx");
+    }
+
+    #[test]
+    fn renders_the_gateway_counters() {
+        let m = Metrics::default();
+        m.count(Counter::TlsNoSni);
+        m.count(Counter::ShedConnections);
+        m.count(Counter::ShedConnections);
+        m.count(Counter::HttpRequests);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("postern_tls_handshake_failures_total{reason=\"no_sni\"} 1\n"));
+        assert!(out.contains("postern_tls_handshake_failures_total{reason=\"handshake\"} 0\n"));
+        assert!(out.contains(
+            "# TYPE postern_connections_shed_total counter\npostern_connections_shed_total 2\n"
+        ));
+        assert!(!out.contains("http_requests "));
+        let counters = m.counters();
+        assert!(counters.contains(&("shed_connections", 2)));
+        assert!(counters.contains(&("http_requests", 1)));
+        assert!(counters.contains(&("idle_closed", 0)));
     }
 }

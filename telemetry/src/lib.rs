@@ -13,7 +13,6 @@
 
 use std::{collections::HashMap, str::FromStr};
 
-use anyhow::Context as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
@@ -83,26 +82,47 @@ pub struct TraceSettings {
     pub sample_ratio: Option<f64>,
 }
 
+/// Trace settings with a bad value, or logs and traces that could not be
+/// set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// A setting with a bad value; the message names its key.
+    #[error("{key}: {reason}")]
+    Setting { key: &'static str, reason: String },
+    #[error("the OTLP exporter")]
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+    #[error("installing the log subscriber")]
+    Subscriber(#[source] tracing_subscriber::util::TryInitError),
+}
+
 impl RawTraceSettings {
     /// Checks the values; errors name the key.
-    pub fn validate(self) -> anyhow::Result<TraceSettings> {
+    pub fn validate(self) -> Result<TraceSettings, TelemetryError> {
+        let setting = |key, reason| Err(TelemetryError::Setting { key, reason });
         if let Some(endpoint) = &self.otlp_endpoint {
-            let uri: http::Uri = endpoint
-                .parse()
-                .map_err(|e| anyhow::anyhow!("otlp_endpoint: {endpoint:?}: {e}"))?;
-            anyhow::ensure!(
-                uri.scheme_str() == Some("http") && uri.host().is_some(),
-                "otlp_endpoint: {endpoint:?}: give http://host:port (OTLP over gRPC without TLS)"
+            let uri: http::Uri = match endpoint.parse() {
+                Ok(uri) => uri,
+                Err(e) => return setting("otlp_endpoint", format!("{endpoint:?}: {e}")),
+            };
+            if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                return setting(
+                    "otlp_endpoint",
+                    format!("{endpoint:?}: give http://host:port (OTLP over gRPC without TLS)"),
+                );
+            }
+        }
+        if let Some(ratio) = self.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return setting(
+                "sample_ratio",
+                format!("{ratio} is not between 0.0 and 1.0"),
             );
         }
-        if let Some(ratio) = self.sample_ratio {
-            anyhow::ensure!(
-                (0.0..=1.0).contains(&ratio),
-                "sample_ratio: {ratio} is not between 0.0 and 1.0"
-            );
-        }
-        if let Some(name) = &self.service_name {
-            anyhow::ensure!(!name.trim().is_empty(), "service_name: empty");
+        if let Some(name) = &self.service_name
+            && name.trim().is_empty()
+        {
+            return setting("service_name", "empty".into());
         }
         Ok(TraceSettings {
             otlp_endpoint: self.otlp_endpoint,
@@ -159,7 +179,7 @@ impl Telemetry {
         default_filter: &str,
         format: LogFormat,
         settings: &TraceSettings,
-    ) -> anyhow::Result<Telemetry> {
+    ) -> Result<Telemetry, TelemetryError> {
         let filter =
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
         // Log lines carry the spans they happen in only when the filter
@@ -180,7 +200,7 @@ impl Telemetry {
             if let Some(endpoint) = &settings.otlp_endpoint {
                 exporter = exporter.with_endpoint(endpoint.clone());
             }
-            let exporter = exporter.build().context("the OTLP exporter")?;
+            let exporter = exporter.build().map_err(TelemetryError::Exporter)?;
             let mut provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_resource(resource(settings, default_service));
@@ -207,7 +227,7 @@ impl Telemetry {
             Some(otel) => registry.with(otel).try_init(),
             None => registry.try_init(),
         }
-        .context("installing the log subscriber")?;
+        .map_err(TelemetryError::Subscriber)?;
         if provider.is_some() {
             tracing::info!("exporting traces over OTLP");
         }

@@ -3,13 +3,15 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, bail};
 use base64::Engine;
 use postern_net::Secret;
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
 
-use crate::config::duration;
+use crate::{
+    config::duration,
+    error::{ConfigError, invalid},
+};
 
 /// Let's Encrypt's production directory, the default.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -86,13 +88,16 @@ fn decode_hmac(key: &str) -> Result<Vec<u8>, base64::DecodeError> {
 }
 
 impl RawAcme {
-    pub fn validate(self) -> anyhow::Result<AcmeConfig> {
+    pub fn validate(self) -> Result<AcmeConfig, ConfigError> {
         let directory_url = self
             .directory_url
             .unwrap_or_else(|| LETS_ENCRYPT.to_string());
-        let uri: http::Uri = directory_url
-            .parse()
-            .with_context(|| format!("acme.directory_url: {directory_url:?} is not a URL"))?;
+        let uri: http::Uri = directory_url.parse().map_err(|e| {
+            ConfigError::field(
+                format!("acme.directory_url: {directory_url:?} is not a URL"),
+                e,
+            )
+        })?;
         let loopback = uri.host().is_some_and(|h| {
             h == "localhost"
                 || h.trim_matches(['[', ']'])
@@ -102,9 +107,11 @@ impl RawAcme {
         match uri.scheme_str() {
             Some("https") => {}
             Some("http") if loopback => {}
-            _ => bail!(
-                "acme.directory_url: {directory_url:?} must be an https:// URL (http:// only to a loopback address)"
-            ),
+            _ => {
+                return Err(invalid!(
+                    "acme.directory_url: {directory_url:?} must be an https:// URL (http:// only to a loopback address)"
+                ));
+            }
         }
         let contact = match self.contact_email {
             None => None,
@@ -114,7 +121,9 @@ impl RawAcme {
                     .is_some_and(|(user, host)| !user.is_empty() && host.contains('.'))
                     && !email.contains(char::is_whitespace);
                 if !ok {
-                    bail!("acme.contact_email: {email:?} is not an email address");
+                    return Err(invalid!(
+                        "acme.contact_email: {email:?} is not an email address"
+                    ));
                 }
                 Some(format!("mailto:{email}"))
             }
@@ -123,50 +132,64 @@ impl RawAcme {
             (None, None) => None,
             (Some(kid), Some(key)) => {
                 if kid.trim().is_empty() {
-                    bail!("acme.eab_kid: must not be empty");
+                    return Err(invalid!("acme.eab_kid: must not be empty"));
                 }
                 match decode_hmac(key.expose()) {
                     Ok(bytes) if !bytes.is_empty() => {}
-                    _ => bail!("acme.eab_hmac_key: not a base64url key"),
+                    _ => return Err(invalid!("acme.eab_hmac_key: not a base64url key")),
                 }
                 Some((kid, key))
             }
-            _ => bail!("acme.eab_kid and acme.eab_hmac_key must be given together"),
+            _ => {
+                return Err(invalid!(
+                    "acme.eab_kid and acme.eab_hmac_key must be given together"
+                ));
+            }
         };
         let ca_bundle = match self.ca_bundle {
             None => Vec::new(),
             Some(path) => {
-                let pem = std::fs::read(&path)
-                    .with_context(|| format!("acme.ca_bundle: reading {}", path.display()))?;
+                let pem = std::fs::read(&path).map_err(|e| {
+                    ConfigError::field(format!("acme.ca_bundle: reading {}", path.display()), e)
+                })?;
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
                     .collect::<Result<_, _>>()
-                    .with_context(|| format!("acme.ca_bundle: {} is not PEM", path.display()))?;
+                    .map_err(|e| {
+                        ConfigError::field(
+                            format!("acme.ca_bundle: {} is not PEM", path.display()),
+                            e,
+                        )
+                    })?;
                 if certs.is_empty() {
-                    bail!(
+                    return Err(invalid!(
                         "acme.ca_bundle: {} holds no PEM certificate",
                         path.display()
-                    );
+                    ));
                 }
                 certs
             }
         };
         let renew_at = self.renew_at.unwrap_or(2.0 / 3.0);
         if !(renew_at > 0.0 && renew_at < 1.0) {
-            bail!(
+            return Err(invalid!(
                 "acme.renew_at: {renew_at} must be a fraction of the lifetime between 0 and 1, such as 0.6667"
-            );
+            ));
         }
         let retry_min = duration("acme.retry_min", &self.retry_min, Duration::from_secs(60))?;
         let retry_max = duration("acme.retry_max", &self.retry_max, Duration::from_secs(3600))?;
         if retry_min.is_zero() || retry_max < retry_min {
-            bail!("acme.retry_max: must be at least acme.retry_min, which must be above zero");
+            return Err(invalid!(
+                "acme.retry_max: must be at least acme.retry_min, which must be above zero"
+            ));
         }
         let challenge = match self.challenge.as_deref() {
             None | Some("http-01") => Challenge::Http01,
             Some("tls-alpn-01") => Challenge::TlsAlpn01,
-            Some(other) => bail!(
-                "acme.challenge: {other:?} is not a challenge Postern answers; use \"http-01\" or \"tls-alpn-01\" (DNS-01 is not built yet)"
-            ),
+            Some(other) => {
+                return Err(invalid!(
+                    "acme.challenge: {other:?} is not a challenge Postern answers; use \"http-01\" or \"tls-alpn-01\" (DNS-01 is not built yet)"
+                ));
+            }
         };
         Ok(AcmeConfig {
             challenge,
@@ -186,7 +209,7 @@ mod tests {
     use super::*;
 
     fn check(toml: &str) -> anyhow::Result<AcmeConfig> {
-        toml::from_str::<RawAcme>(toml)?.validate()
+        Ok(toml::from_str::<RawAcme>(toml)?.validate()?)
     }
 
     #[test]

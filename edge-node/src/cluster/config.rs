@@ -3,12 +3,14 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::{Context, bail};
 use postern_config_sync::ClusterKey;
 use postern_net::Secret;
 use serde::Deserialize;
 
-use crate::config::duration;
+use crate::{
+    config::duration,
+    error::{ConfigError, invalid},
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,27 +75,37 @@ pub struct ClusterConfig {
     pub catch_up_timeout: Duration,
 }
 
-fn addr(field: &str, value: Option<&str>, default: &str) -> anyhow::Result<SocketAddr> {
+fn addr(field: &str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
     let v = value.unwrap_or(default);
-    v.parse()
-        .with_context(|| format!("{field}: {v:?} is not an address like \"0.0.0.0:7946\""))
+    v.parse().map_err(|e| {
+        ConfigError::field(
+            format!("{field}: {v:?} is not an address like \"0.0.0.0:7946\""),
+            e,
+        )
+    })
 }
 
 impl RawCluster {
-    pub fn validate(self) -> anyhow::Result<ClusterConfig> {
+    pub fn validate(self) -> Result<ClusterConfig, ConfigError> {
         if self.cluster_id.trim().is_empty() {
-            bail!("cluster.cluster_id: must not be empty");
+            return Err(invalid!("cluster.cluster_id: must not be empty"));
         }
         let secret = match (self.key, self.key_file) {
             (Some(k), None) => k,
             (None, Some(path)) => Secret::new(
                 std::fs::read_to_string(&path)
-                    .with_context(|| format!("cluster.key_file: reading {}", path.display()))?
+                    .map_err(|e| {
+                        ConfigError::field(
+                            format!("cluster.key_file: reading {}", path.display()),
+                            e,
+                        )
+                    })?
                     .trim(),
             ),
-            _ => bail!("cluster: give exactly one of key and key_file"),
+            _ => return Err(invalid!("cluster: give exactly one of key and key_file")),
         };
-        let key = ClusterKey::from_secret(secret.expose()).context("cluster.key")?;
+        let key = ClusterKey::from_secret(secret.expose())
+            .map_err(|e| ConfigError::field("cluster.key", e))?;
         let gossip_listen = addr(
             "cluster.gossip_listen",
             self.gossip_listen.as_deref(),
@@ -105,13 +117,15 @@ impl RawCluster {
             .map(|a| addr("cluster.gossip_advertise", Some(a), ""))
             .transpose()?;
         if gossip_advertise.is_none() && gossip_listen.ip().is_unspecified() {
-            bail!(
+            return Err(invalid!(
                 "cluster.gossip_advertise: required when cluster.gossip_listen is {gossip_listen}"
-            );
+            ));
         }
         let phi_threshold = self.phi_threshold.unwrap_or(6.0);
         if !(1.0..=50.0).contains(&phi_threshold) {
-            bail!("cluster.phi_threshold: {phi_threshold} is outside 1–50");
+            return Err(invalid!(
+                "cluster.phi_threshold: {phi_threshold} is outside 1–50"
+            ));
         }
         let gossip_interval = duration(
             "cluster.gossip_interval",
@@ -119,7 +133,7 @@ impl RawCluster {
             Duration::from_secs(1),
         )?;
         if gossip_interval < Duration::from_millis(10) {
-            bail!("cluster.gossip_interval: at least 10ms");
+            return Err(invalid!("cluster.gossip_interval: at least 10ms"));
         }
         let rpc_listen = self
             .rpc_listen
@@ -132,9 +146,13 @@ impl RawCluster {
             .map(|a| addr("cluster.rpc_advertise", Some(a), ""))
             .transpose()?;
         match (rpc_listen, rpc_advertise) {
-            (None, Some(_)) => bail!("cluster.rpc_advertise: needs cluster.rpc_listen"),
+            (None, Some(_)) => {
+                return Err(invalid!("cluster.rpc_advertise: needs cluster.rpc_listen"));
+            }
             (Some(listen), None) if listen.ip().is_unspecified() => {
-                bail!("cluster.rpc_advertise: required when cluster.rpc_listen is {listen}")
+                return Err(invalid!(
+                    "cluster.rpc_advertise: required when cluster.rpc_listen is {listen}"
+                ));
             }
             _ => {}
         }
@@ -143,7 +161,9 @@ impl RawCluster {
                 .rsplit_once(':')
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
         {
-            bail!("cluster.agent_advertise: {agent:?} is not host:port");
+            return Err(invalid!(
+                "cluster.agent_advertise: {agent:?} is not host:port"
+            ));
         }
         Ok(ClusterConfig {
             rpc_listen,
@@ -175,9 +195,9 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> anyhow::Result<ClusterConfig> {
-        toml::from_str::<RawCluster>(text)
+        Ok(toml::from_str::<RawCluster>(text)
             .map_err(|e| anyhow::anyhow!("{e}"))?
-            .validate()
+            .validate()?)
     }
 
     #[test]

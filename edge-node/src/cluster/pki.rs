@@ -12,27 +12,27 @@ use std::{
 
 use postern_config_sync::ClusterKey;
 use postern_ingress::{DevCa, normalize_name};
-use postern_net::{Pem, certified_key_from_pem};
+use postern_net::{Pem, TlsError, certified_key_from_pem};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
 
 /// The CA of the link between nodes.
-pub fn node_ca(cluster_id: &str, key: &ClusterKey) -> anyhow::Result<DevCa> {
-    Ok(DevCa::derived(
+pub fn node_ca(cluster_id: &str, key: &ClusterKey) -> Result<DevCa, TlsError> {
+    DevCa::derived(
         &format!("Postern cluster {cluster_id} node CA"),
         &key.derive("postern node-link CA v1"),
-    )?)
+    )
 }
 
 /// The CA of agent ingresses: what agents trust (`root_cas`) to connect
 /// through an agent ingress.
-pub fn agent_ca(cluster_id: &str, key: &ClusterKey) -> anyhow::Result<DevCa> {
-    Ok(DevCa::derived(
+pub fn agent_ca(cluster_id: &str, key: &ClusterKey) -> Result<DevCa, TlsError> {
+    DevCa::derived(
         &format!("Postern cluster {cluster_id} agent ingress CA"),
         &key.derive("postern agent-ingress CA v1"),
-    )?)
+    )
 }
 
 /// Certificates for this region's names of the agent ingresses, issued on
@@ -84,12 +84,11 @@ impl IngressCerts {
         let key = self
             .ca
             .issue_pem(std::slice::from_ref(&name))
-            .map_err(anyhow::Error::from)
             .and_then(|(cert, key)| {
-                Ok(certified_key_from_pem(
+                certified_key_from_pem(
                     Pem::new(&name, cert.as_bytes()),
                     Pem::new(&name, key.as_bytes()),
-                )?)
+                )
             })
             .inspect_err(
                 |e| tracing::warn!(%name, error = %e, "issuing an agent ingress certificate"),

@@ -288,17 +288,29 @@ impl RemoteEndpoints {
     }
 }
 
+/// Why an endpoint another node announced is not served here.
+#[derive(Debug, thiserror::Error)]
+enum InstallError {
+    #[error("the bind request does not open with the cluster key")]
+    Sealed,
+    #[error("the bind request does not decode: {0}")]
+    Decode(prost::DecodeError),
+    /// Building or adding the endpoint.
+    #[error(transparent)]
+    Refused(#[from] Failure),
+}
+
 async fn install(
     cluster: &Cluster,
     registry: &Registry,
     links: &Arc<NodeLinks>,
     id: &str,
     local: &Local<EndpointAd>,
-) -> anyhow::Result<Arc<Endpoint>> {
+) -> Result<Arc<Endpoint>, InstallError> {
     let sealed = cluster
         .open_sealed(&local.value.bind)
-        .ok_or_else(|| anyhow::anyhow!("the bind request does not open with the cluster key"))?;
-    let req = pb::BindRequest::decode(sealed.as_slice())?;
+        .ok_or(InstallError::Sealed)?;
+    let req = pb::BindRequest::decode(sealed.as_slice()).map_err(InstallError::Decode)?;
     let mut spec = registry.binder().build(&req).await?;
     spec.id = Some(id.to_string());
     spec.remote = Some(Location {

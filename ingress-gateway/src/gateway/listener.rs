@@ -9,15 +9,15 @@ ngrok-error-code: ERR_POSTERN_9003\r\nContent-Length: 0\r\nConnection: close\r\n
 
 impl AcceptEvents for Inner {
     fn accept_failed(&self) {
-        bump(&self.stats.accept_errors);
+        self.count(Counter::AcceptErrors);
     }
 
     fn shed(&self) {
-        bump(&self.stats.shed_connections);
+        self.count(Counter::ShedConnections);
     }
 
     fn bad_proxy_header(&self) {
-        bump(&self.stats.bad_proxy_headers);
+        self.count(Counter::BadProxyHeaders);
     }
 }
 

@@ -58,7 +58,7 @@ async fn handle_request(
     req: Request<Incoming>,
 ) -> http::Response<Counted<proxy::ProxyBody>> {
     let conn = visitor.conn;
-    bump(&inner.stats.http_requests);
+    inner.count(Counter::HttpRequests);
     let host = proxy::request_host(&req).map(normalize_host);
     let shown_host = match &host {
         Some(Ok(h)) => h.as_str(),
@@ -220,7 +220,7 @@ impl Visit<'_> {
                 internal: self,
             };
             let stop = policy.on_request(&mut cx).await;
-            count_ip_denial(inner, record.ip_decision_made());
+            inner.count_ip_denial(record.ip_decision_made());
             match stop {
                 Ok(None) => {}
                 Ok(Some(response)) => {

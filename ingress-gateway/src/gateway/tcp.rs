@@ -21,7 +21,7 @@ impl Gateway {
                 let route = route.clone();
                 async move {
                     let accepted = accepted;
-                    bump(&inner.stats.tcp_connections);
+                    inner.count(Counter::TcpConnections);
                     let Some(first) = route.pool.pick(&[]) else {
                         return;
                     };
@@ -95,7 +95,7 @@ pub(super) fn on_connect(
         .on_connect(&conn, &EndpointFacts::of(&record.endpoint));
     record.ip_decision = verdict.ip_decision;
     record.logs = verdict.logs;
-    count_ip_denial(inner, verdict.ip_decision);
+    inner.count_ip_denial(verdict.ip_decision);
     verdict.result
 }
 
@@ -146,7 +146,7 @@ where
     let mut outcome = pump.run_with_idle_timeout(inner.config.idle_timeout).await;
     if matches!(&outcome.inbound, postern_proto::End::Aborted(reason) if reason.starts_with("idle"))
     {
-        bump(&inner.stats.idle_closed);
+        inner.count(Counter::IdleClosed);
     }
     tracing::debug!(?outcome, "connection finished");
     outcome.bytes_to_peer += prefix_len;

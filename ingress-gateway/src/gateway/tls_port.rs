@@ -24,12 +24,12 @@ pub(super) async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
     .await;
     let hello = match peeked {
         Err(_) => {
-            bump(&inner.stats.tls_client_hello_timeout);
+            inner.count(Counter::TlsClientHelloTimeout);
             return;
         }
         Ok(Err(e)) => {
             if e.kind() != io::ErrorKind::UnexpectedEof {
-                bump(&inner.stats.tls_bad_client_hello);
+                inner.count(Counter::TlsBadClientHello);
                 tracing::debug!(%client, error = %e, "bad ClientHello");
             }
             return;
@@ -37,7 +37,7 @@ pub(super) async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         Ok(Ok(hello)) => hello,
     };
     let Some(name) = hello.server_name else {
-        bump(&inner.stats.tls_no_sni);
+        inner.count(Counter::TlsNoSni);
         match inner.no_sni_tls.clone() {
             // Serve HTTP with the default certificate; routing is by Host.
             Some(config) => {
@@ -86,7 +86,7 @@ pub(super) async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         .lookup(&name)
         .cloned();
     let Some(route) = route else {
-        bump(&inner.stats.tls_unknown_sni);
+        inner.count(Counter::TlsUnknownSni);
         let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
         return;
     };
@@ -101,7 +101,7 @@ pub(super) async fn handle_tls_port(inner: Arc<Inner>, accepted: Accepted) {
         return;
     }
     let Some(first) = route.pool.pick(&[]) else {
-        bump(&inner.stats.tls_unknown_sni);
+        inner.count(Counter::TlsUnknownSni);
         let _ = stream.write_all(&ALERT_UNRECOGNIZED_NAME).await;
         return;
     };
@@ -171,7 +171,7 @@ async fn accept_tls(
     match tokio::time::timeout(inner.config.tls_handshake_timeout, accept).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err((e, mut io))) => {
-            bump(&inner.stats.tls_handshake_failed);
+            inner.count(Counter::TlsHandshakeFailed);
             let client_cert = e
                 .get_ref()
                 .and_then(|i| i.downcast_ref::<rustls::Error>())
@@ -183,7 +183,7 @@ async fn accept_tls(
                     )
                 });
             if client_cert {
-                bump(&inner.stats.tls_bad_client_cert);
+                inner.count(Counter::TlsBadClientCert);
             }
             tracing::debug!(error = %e, "TLS handshake failed");
             // The alert is written; close gently so it is not lost to a
@@ -195,7 +195,7 @@ async fn accept_tls(
             None
         }
         Err(_) => {
-            bump(&inner.stats.tls_handshake_failed);
+            inner.count(Counter::TlsHandshakeFailed);
             None
         }
     }
