@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -234,6 +235,9 @@ def main():
     if unknown:
         raise SystemExit(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     os.makedirs(os.path.join(OUT, "nginx-tmp"), exist_ok=True)
+    # The events edge's file and spool start empty, so that the events
+    # counted after the run are this run's.
+    shutil.rmtree(os.path.join(OUT, "edge-ev-data"), ignore_errors=True)
     tansu = os.environ.get("POSTERN_TEST_TANSU")
     if "http-events" in systems and not tansu:
         print("POSTERN_TEST_TANSU is not set: events go to the file only", flush=True)
