@@ -163,18 +163,21 @@ pub(crate) async fn serve(
         upstream_closed: CancellationToken::new(),
         stream,
     });
-    // The connection ends when the upstream closes it, or once the sender
-    // is dropped with the service; it must not hold the sender itself.
+    // The upstream connection is driven by this task, beside the visitor's
+    // (no hand-off to another task per request). It ends when the upstream
+    // closes it, or once the sender is dropped with the service; it must
+    // not hold the sender itself.
     let upgrading = shared.upgrading.clone();
-    let closed = shared.upstream_closed.clone();
-    tracker.spawn(async move {
+    let shared_upgrading = upgrading.clone();
+    let upstream_closed = shared.upstream_closed.clone();
+    let upstream = async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream connection failed");
         }
         if !upgrading.load(Ordering::Acquire) {
-            closed.cancel();
+            upstream_closed.cancel();
         }
-    });
+    };
     let visitor = StreamIo {
         inner: Some(visitor),
         metrics: shared.stream.target.metrics.clone(),
@@ -190,14 +193,23 @@ pub(crate) async fn serve(
     builder.http1().auto_date_header(false);
     builder.http2().auto_date_header(false);
     let server = builder.serve_connection_with_upgrades(TokioIo::new(visitor), service);
-    tokio::pin!(server);
-    let result = tokio::select! {
-        result = &mut server => result,
-        _ = closed.cancelled() => {
-            server.as_mut().graceful_shutdown();
-            server.await
+    tokio::pin!(server, upstream);
+    let mut upstream_done = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut server => break result,
+            () = &mut upstream, if !upstream_done => upstream_done = true,
+            _ = closed.cancelled() => {
+                server.as_mut().graceful_shutdown();
+                break server.await;
+            }
         }
     };
+    // An upgraded upstream connection is handed to the upgrade's task
+    // when its connection future completes.
+    if !upstream_done && shared_upgrading.load(Ordering::Acquire) {
+        upstream.await;
+    }
     result.map_err(|e| Failure::new(ErrorCode::CONNECTION_RESET, e.to_string()))
 }
 
