@@ -111,18 +111,13 @@ impl Event {
 pub fn normalize_headers(headers: &http::HeaderMap) -> Headers {
     let mut out = Headers::new();
     for (name, value) in headers {
-        let key = name
-            .as_str()
-            .split('-')
-            .map(|word| {
-                let mut chars = word.chars();
-                match chars.next() {
-                    Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
-                    None => String::new(),
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("-");
+        // `x-forwarded-for` as `X-Forwarded-For`, in one allocation.
+        let mut key = String::with_capacity(name.as_str().len());
+        let mut word_start = true;
+        for c in name.as_str().chars() {
+            key.push(if word_start { c.to_ascii_uppercase() } else { c });
+            word_start = c == '-';
+        }
         let value = String::from_utf8_lossy(value.as_bytes()).to_lowercase();
         out.entry(key).or_default().push(value);
     }
