@@ -18,7 +18,7 @@ mod config;
 mod issue;
 mod store;
 
-pub use config::{AcmeConfig, Challenge, RawAcme};
+pub use config::{AcmeConfig, Challenge, DnsHook, RawAcme};
 
 use std::{
     collections::HashMap,
@@ -71,6 +71,14 @@ pub enum AcmeError {
     Stored { path: PathBuf, reason: String },
     #[error("no certificate within {0:?}")]
     Timeout(Duration),
+    #[error("a wildcard is proved by DNS-01, and acme.dns_hook is not set")]
+    NoDnsHook,
+    #[error("the DNS hook ({action} {record}) failed: {reason}")]
+    DnsHook {
+        action: String,
+        record: String,
+        reason: String,
+    },
 }
 
 /// What this node knows of one managed name's certificate.
@@ -121,6 +129,11 @@ impl std::fmt::Debug for Acme {
 }
 
 impl Acme {
+    /// Whether this node proves wildcards (it has `acme.dns_hook`).
+    pub fn orders_wildcards(&self) -> bool {
+        self.shared.config.dns_hook.is_some()
+    }
+
     /// Serves the certificates kept in `<data_dir>/acme/` for the names
     /// the cluster's reserved domains ask for, then manages those names.
     pub fn start(
@@ -146,7 +159,10 @@ impl Acme {
         });
         // What the snapshot of the cluster's config says is managed: a
         // name no longer reserved with a policy is not served again.
-        let managed_names: Vec<String> = managed(&cluster).into_iter().map(|(n, _)| n).collect();
+        let managed_names: Vec<String> = managed(&cluster, &shared.config)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         for name in store::names(&shared.dir) {
             if !managed_names.contains(&name) {
                 continue;
@@ -278,7 +294,7 @@ impl Shared {
         let issued = issue::order(
             account,
             &self.challenges,
-            self.config.challenge,
+            (self.config.challenge, self.config.dns_hook.as_ref()),
             name,
             key_type,
         )
@@ -328,15 +344,16 @@ impl Shared {
     }
 }
 
-/// The names the cluster's reserved domains ask certificates for.
-fn managed(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
+/// The names the cluster's reserved domains ask certificates for; the
+/// wildcards only when `config` has the DNS hook that proves them (the API
+/// refuses them at a node without one, but another node may have one).
+fn managed(cluster: &ClusterNode, config: &AcmeConfig) -> Vec<(String, KeyType)> {
     cluster
         .objects::<ReservedDomain>()
         .into_iter()
         .filter_map(|(_, reserved)| {
             let policy = reserved.certificate_management_policy?;
-            // HTTP-01 cannot prove a wildcard; the API refuses one.
-            (!reserved.domain.starts_with("*."))
+            (config.dns_hook.is_some() || !reserved.domain.starts_with("*."))
                 .then_some((reserved.domain, policy.private_key_type))
         })
         .collect()
@@ -352,7 +369,7 @@ async fn run(
     let mut listening = true;
     loop {
         let mut next = SystemTime::now() + SCAN;
-        for (name, key_type) in managed(&cluster) {
+        for (name, key_type) in managed(&cluster, &shared.config) {
             let now = SystemTime::now();
             if shared.due(&name, now) <= now {
                 shared.with_status(&name, |s| s.ordering_since = Some(now));

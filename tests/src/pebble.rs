@@ -1,6 +1,7 @@
 //! Pebble, Let's Encrypt's test ACME server (Debian's `pebble` package),
 //! with `pebble-challtestsrv` as its DNS server: every name resolves to
-//! 127.0.0.1, so Pebble's HTTP-01 validation reaches the test edge.
+//! 127.0.0.1, so Pebble's HTTP-01 validation reaches the test edge, and
+//! TXT records set through its management API answer DNS-01.
 
 use std::{
     net::SocketAddr,
@@ -20,6 +21,9 @@ pub struct Pebble {
     pub directory_url: String,
     /// The CA of Pebble's own HTTPS certificate, for `[acme] ca_bundle`.
     pub https_ca: PathBuf,
+    /// pebble-challtestsrv's management API (`/set-txt`, `/clear-txt`),
+    /// for a DNS-01 hook.
+    pub challtest: SocketAddr,
     listen: SocketAddr,
     management: SocketAddr,
     dns: SocketAddr,
@@ -64,6 +68,7 @@ impl Pebble {
         Pebble {
             directory_url: format!("https://{listen}/dir"),
             https_ca,
+            challtest,
             listen,
             management,
             dns,

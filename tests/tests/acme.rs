@@ -286,6 +286,97 @@ async fn renewal_at_two_thirds_and_the_old_certificate_stays_when_the_ca_is_down
     edge.stop().await;
 }
 
+/// A DNS-01 hook in lego's `exec` form that publishes and withdraws TXT
+/// records at pebble-challtestsrv, logging each call to `<dir>/hook.log`,
+/// and fails (a message on stderr) for records under `fail.`.
+fn dns_hook(pebble: &Pebble) -> std::path::PathBuf {
+    let dir = pebble.dir.path();
+    let (log, api) = (dir.join("hook.log"), pebble.challtest);
+    let script = format!(
+        r#"#!/bin/sh
+echo "$1 $2 $3" >> {log}
+case "$2" in *.fail.*) echo "no zone holds $2" >&2; exit 3;; esac
+case "$1" in
+  present) exec curl -sf -d "{{\"host\":\"$2\",\"value\":\"$3\"}}" http://{api}/set-txt ;;
+  cleanup) exec curl -sf -d "{{\"host\":\"$2\"}}" http://{api}/clear-txt ;;
+esac
+exit 2
+"#,
+        log = log.display()
+    );
+    let path = dir.join("dns-hook.sh");
+    std::fs::write(&path, script).unwrap();
+    let executable = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(&path, executable).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wildcard_is_proved_through_the_dns_hook_and_its_failure_reported() {
+    let mut pebble = Pebble::prepare().await;
+    let hook = dns_hook(&pebble);
+    let extra = format!(
+        "{}dns_hook = [\"{}\"]\ndns_hook_wait = \"0s\"\n{}",
+        acme_toml(&pebble, "1s"),
+        hook.display(),
+        cluster_of_one()
+    );
+    let mut edge = TestEdge::start_node("edge-acme-dns", "us", &extra).await;
+    let (http, https) = (edge.addrs.http.unwrap(), edge.addrs.https);
+    pebble.start(http.port(), https.port(), None).await;
+    let upstream = HttpUpstream::start().await;
+    let names = ["a.wild.acme.test", "b.wild.acme.test", "c.fail.acme.test"];
+    let (_agent, _) = edge.agent(&http_tunnels(upstream.port(), &names)).await;
+    reserve(
+        &edge,
+        r#"{"domain": "*.wild.acme.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let failing = reserve(
+        &edge,
+        r#"{"domain": "*.fail.acme.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let root = pebble.root("pebble-root.pem").await;
+
+    // One wildcard certificate serves every name under it.
+    wait_trusted(&edge, "a.wild.acme.test", &root, 60).await;
+    wait_trusted(&edge, "b.wild.acme.test", &root, 10).await;
+    let (a, _) = served_serial(https, "a.wild.acme.test", &root).await;
+    let (b, _) = served_serial(https, "b.wild.acme.test", &root).await;
+    assert_eq!(a, b, "one certificate for *.wild.acme.test");
+
+    // The hook published the record under the base name and withdrew it.
+    let log = pebble.dir.path().join("hook.log");
+    eventually(10, "the hook withdraws the record", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("present _acme-challenge.wild.acme.test. ")
+                && text.contains("cleanup _acme-challenge.wild.acme.test. ")
+        }
+    })
+    .await;
+
+    // A hook that fails: the order fails, naming the hook, the record and
+    // what the hook said.
+    let path = format!("/reserved_domains/{}", failing["id"].as_str().unwrap());
+    eventually(30, "the hook's failure is reported", || {
+        let (edge, path) = (&edge, &path);
+        async move {
+            let (_, shown) = edge.api("GET", path, None, API_KEY).await;
+            let msg = shown["certificate_management_status"]["provisioning_job"]["msg"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            msg.contains("the DNS hook (present _acme-challenge.fail.acme.test.) failed")
+                && msg.contains("no zone holds _acme-challenge.fail.acme.test.")
+        }
+    })
+    .await;
+    edge.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
     let mut pebble = Pebble::prepare().await;

@@ -46,6 +46,16 @@ pub struct RawAcme {
     /// on the HTTPS listener, which must be reachable on port 443 (for
     /// deployments without port 80).
     pub challenge: Option<String>,
+    /// The command that publishes and withdraws DNS-01 TXT records, as an
+    /// argument list (`["/usr/local/bin/acme-dns"]`), called like lego's
+    /// `exec` provider: `<command…> present _acme-challenge.<domain>.
+    /// <value>`, then `<command…> cleanup <same two>`; a non-zero exit
+    /// fails the order. Wildcard domains are proved this way, and every
+    /// name with `challenge = "dns-01"`.
+    pub dns_hook: Option<Vec<String>>,
+    /// How long to wait after the hook published a record before the CA is
+    /// asked to look (DNS propagation). Default `10s`.
+    pub dns_hook_wait: Option<String>,
 }
 
 /// The ACME challenge the edge answers.
@@ -55,6 +65,15 @@ pub enum Challenge {
     Http01,
     /// RFC 8737, on the HTTPS/TLS listener.
     TlsAlpn01,
+    /// RFC 8555 §8.4, a TXT record published by the DNS hook.
+    Dns01,
+}
+
+/// `acme.dns_hook` and `acme.dns_hook_wait`.
+#[derive(Clone, Debug)]
+pub struct DnsHook {
+    pub argv: Vec<String>,
+    pub wait: Duration,
 }
 
 /// Validated `[acme]`.
@@ -71,6 +90,8 @@ pub struct AcmeConfig {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub challenge: Challenge,
+    /// Proves wildcards, and every name when `challenge` is DNS-01.
+    pub dns_hook: Option<DnsHook>,
 }
 
 impl AcmeConfig {
@@ -185,14 +206,45 @@ impl RawAcme {
         let challenge = match self.challenge.as_deref() {
             None | Some("http-01") => Challenge::Http01,
             Some("tls-alpn-01") => Challenge::TlsAlpn01,
+            Some("dns-01") => Challenge::Dns01,
             Some(other) => {
                 return Err(invalid!(
-                    "acme.challenge: {other:?} is not a challenge Postern answers; use \"http-01\" or \"tls-alpn-01\" (DNS-01 is not built yet)"
+                    "acme.challenge: {other:?} is not a challenge Postern answers; use \"http-01\", \"tls-alpn-01\" or \"dns-01\""
                 ));
+            }
+        };
+        let dns_hook = match self.dns_hook {
+            None if challenge == Challenge::Dns01 => {
+                return Err(invalid!(
+                    "acme.dns_hook: challenge = \"dns-01\" needs the command that publishes the TXT records"
+                ));
+            }
+            None if self.dns_hook_wait.is_some() => {
+                return Err(invalid!(
+                    "acme.dns_hook_wait: set without acme.dns_hook, so nothing would wait"
+                ));
+            }
+            None => None,
+            Some(argv) => {
+                let Some(command) = argv.first().filter(|c| !c.trim().is_empty()) else {
+                    return Err(invalid!(
+                        "acme.dns_hook: an empty list; give the command and its arguments"
+                    ));
+                };
+                if command.contains('/') && !std::path::Path::new(command).is_file() {
+                    return Err(invalid!("acme.dns_hook: {command} is not a file"));
+                }
+                let wait = duration(
+                    "acme.dns_hook_wait",
+                    &self.dns_hook_wait,
+                    Duration::from_secs(10),
+                )?;
+                Some(DnsHook { argv, wait })
             }
         };
         Ok(AcmeConfig {
             challenge,
+            dns_hook,
             directory_url,
             contact,
             eab,
@@ -219,6 +271,14 @@ mod tests {
         assert!((config.renew_at - 2.0 / 3.0).abs() < 1e-9);
         assert!(config.eab.is_none() && config.contact.is_none());
         assert_eq!(config.challenge, Challenge::Http01);
+        assert!(config.dns_hook.is_none());
+        let config = check(
+            r#"challenge = "dns-01"
+dns_hook = ["sh", "-c", "exit 0"]"#,
+        )
+        .unwrap();
+        let hook = config.dns_hook.unwrap();
+        assert_eq!((hook.argv.len(), hook.wait), (3, Duration::from_secs(10)));
     }
 
     #[test]
@@ -241,7 +301,16 @@ eab_hmac_key = "!!""#,
             ("renew_at = 0.0", "acme.renew_at"),
             (r#"retry_min = "soon""#, "acme.retry_min"),
             (r#"retry_min = "2h""#, "acme.retry_max"),
-            (r#"challenge = "dns-01""#, "acme.challenge"),
+            (r#"challenge = "dns-99""#, "acme.challenge"),
+            (r#"challenge = "dns-01""#, "acme.dns_hook"),
+            ("dns_hook = []", "acme.dns_hook"),
+            (r#"dns_hook = ["/nonexistent/hook"]"#, "acme.dns_hook"),
+            (r#"dns_hook_wait = "1s""#, "acme.dns_hook_wait"),
+            (
+                r#"dns_hook = ["sh"]
+dns_hook_wait = "later""#,
+                "acme.dns_hook_wait",
+            ),
         ] {
             let err = format!("{:#}", check(toml).unwrap_err());
             assert!(err.contains(key), "{toml}: {err}");

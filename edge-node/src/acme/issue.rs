@@ -1,7 +1,7 @@
 //! One ACME order with `instant-acme`: the account (created once, its
 //! credentials kept in the data directory), HTTP-01 answered through the
-//! gateway's plain-HTTP listener or TLS-ALPN-01 through its HTTPS
-//! listener, the key (ECDSA P-256 or RSA 2048) and
+//! gateway's plain-HTTP listener, TLS-ALPN-01 through its HTTPS listener,
+//! or DNS-01 through the operator's hook, the key (ECDSA P-256 or RSA 2048) and
 //! CSR made here, the chain fetched. No JOSE of our own.
 
 use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
@@ -14,9 +14,11 @@ use instant_acme::{
 };
 use postern_ingress::{AcmeChallenges, IdpHttp};
 
-use super::{AcmeConfig, AcmeError, Challenge};
+use super::{AcmeConfig, AcmeError, Challenge, DnsHook};
 use crate::cluster::KeyType;
 
+/// How long the DNS hook may take to publish or withdraw a record.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one request to the CA may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the CA may take to validate and to issue.
@@ -96,11 +98,12 @@ pub(super) struct Issued {
     pub key_pem: String,
 }
 
-/// Orders a certificate for `domain`, answering `kind` on the gateway.
+/// Orders a certificate for `domain`, answering `kind` on the gateway; a
+/// wildcard, and every name when `kind` is DNS-01, through `dns_hook`.
 pub(super) async fn order(
     account: &Account,
     challenges: &Arc<AcmeChallenges>,
-    kind: Challenge,
+    (kind, dns_hook): (Challenge, Option<&DnsHook>),
     domain: &str,
     key_type: KeyType,
 ) -> Result<Issued, AcmeError> {
@@ -110,6 +113,12 @@ pub(super) async fn order(
         challenges: challenges.clone(),
         http01: Vec::new(),
         tls_alpn01: Vec::new(),
+        dns01: Vec::new(),
+    };
+    let kind = if domain.starts_with("*.") {
+        Challenge::Dns01
+    } else {
+        kind
     };
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
@@ -122,6 +131,7 @@ pub(super) async fn order(
         let (challenge_type, name) = match kind {
             Challenge::Http01 => (ChallengeType::Http01, "http-01"),
             Challenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "tls-alpn-01"),
+            Challenge::Dns01 => (ChallengeType::Dns01, "dns-01"),
         };
         let mut challenge = authz
             .challenge(challenge_type)
@@ -137,6 +147,18 @@ pub(super) async fn order(
                     .insert_tls_alpn01(domain, key_authorization.digest().as_ref())
                     .map_err(AcmeError::TlsAlpn01)?;
                 answers.tls_alpn01.push(domain.to_string());
+            }
+            Challenge::Dns01 => {
+                let hook = dns_hook.ok_or(AcmeError::NoDnsHook)?;
+                let Identifier::Dns(base) = challenge.identifier().identifier else {
+                    return Err(AcmeError::NoChallenge("dns-01 for a DNS name"));
+                };
+                let record = format!("_acme-challenge.{base}.");
+                let value = key_authorization.dns_value();
+                run_hook(hook, "present", &record, &value).await?;
+                answers.dns01.push((hook.clone(), record, value));
+                // Time for the record to reach the DNS servers the CA asks.
+                tokio::time::sleep(hook.wait).await;
             }
         }
         challenge.set_ready().await?;
@@ -165,11 +187,14 @@ pub(super) async fn order(
 }
 
 /// Withdraws the order's answers (HTTP-01 tokens, TLS-ALPN-01 names)
-/// from the gateway however the order ends.
+/// from the gateway, and has the DNS hook withdraw its TXT records, however
+/// the order ends.
 struct Answers {
     challenges: Arc<AcmeChallenges>,
     http01: Vec<String>,
     tls_alpn01: Vec<String>,
+    /// The hook, the record's name and its value.
+    dns01: Vec<(DnsHook, String, String)>,
 }
 
 impl Drop for Answers {
@@ -180,7 +205,48 @@ impl Drop for Answers {
         for name in &self.tls_alpn01 {
             self.challenges.remove_tls_alpn01(name);
         }
+        for (hook, record, value) in self.dns01.drain(..) {
+            tokio::spawn(async move {
+                if let Err(e) = run_hook(&hook, "cleanup", &record, &value).await {
+                    tracing::warn!(error = %e, "the DNS-01 record was not withdrawn");
+                }
+            });
+        }
     }
+}
+
+/// Runs the DNS hook: `<argv…> <action> <record> <value>`, as lego's
+/// `exec` provider does, bounded by [`HOOK_TIMEOUT`].
+async fn run_hook(
+    hook: &DnsHook,
+    action: &str,
+    record: &str,
+    value: &str,
+) -> Result<(), AcmeError> {
+    let failed = |reason: String| AcmeError::DnsHook {
+        action: action.to_string(),
+        record: record.to_string(),
+        reason,
+    };
+    let mut command = tokio::process::Command::new(&hook.argv[0]);
+    command
+        .args(&hook.argv[1..])
+        .args([action, record, value])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(HOOK_TIMEOUT, command.output())
+        .await
+        .map_err(|_| failed(format!("no exit within {HOOK_TIMEOUT:?}")))?
+        .map_err(|e| failed(format!("{} could not run: {e}", hook.argv[0])))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+    Err(failed(match last {
+        Some(line) => format!("{}: {}", output.status, line.trim()),
+        None => output.status.to_string(),
+    }))
 }
 
 /// A new certificate key: ECDSA P-256 with ring, RSA 2048 with the `rsa`

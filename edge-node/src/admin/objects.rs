@@ -544,8 +544,8 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-/// A policy checked: its fields, a name HTTP-01 can prove, and a node
-/// that can order.
+/// A policy checked: its fields, a node that can order, and for a
+/// wildcard a node that can prove it (DNS-01).
 fn certificate_policy(
     node: &ClusterNode,
     domain: &str,
@@ -556,18 +556,18 @@ fn certificate_policy(
     };
     let policy =
         CertificatePolicy::parse(raw.authority.as_deref(), raw.private_key_type.as_deref())?;
-    if domain.starts_with("*.") {
-        return Err(bad(
-            "certificate_management_policy",
-            format!(
-                "{domain} is a wildcard, which needs the DNS-01 challenge; Postern orders by HTTP-01 only so far"
-            ),
-        ));
-    }
-    if node.acme().is_none() {
+    let Some(acme) = node.acme() else {
         return Err(bad(
             "certificate_management_policy",
             "this edge has no [acme] table in its config, so it cannot order certificates",
+        ));
+    };
+    if domain.starts_with("*.") && !acme.orders_wildcards() {
+        return Err(bad(
+            "certificate_management_policy",
+            format!(
+                "{domain} is a wildcard, which is proved by the DNS-01 challenge, and this edge has no acme.dns_hook to publish its TXT record"
+            ),
         ));
     }
     Ok(Some(policy))
