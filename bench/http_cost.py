@@ -11,6 +11,11 @@ from round to round, all in the same run. The report gives ratios between
 systems measured side by side (medians of the rounds) and the edge's plus
 agent's CPU time per request (from /proc), never absolute speed alone.
 
+The `sdk-http` system serves the HTTP endpoint through ngrok's Python SDK
+(tests/ngrok-sdk/forward.py, the `ngrok` package of the test venv or
+POSTERN_TEST_PYTHON) connected to the edge's SDK ingress instead of
+Postern's agent (issue 22).
+
 Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--systems a,b,...]
 Needs nginx, wrk, openssl and release builds of postern-edge and postern
 (cargo build --release --bin postern-edge --bin postern; POSTERN_BIN_DIR
@@ -35,7 +40,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 OUT = os.path.join(BENCH, "out", "http-cost")
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
-PORTS = dict(nginx=30980, nginx_tls=30981, kafka=30975)
+PORTS = dict(nginx=30980, nginx_tls=30981, kafka=30975, sdk=30964)
 # Each edge (with its agent): agent, HTTP, HTTPS and TCP endpoint ports.
 EDGES = {"edge": (30960, 30961, 30962, 30963),
          "edge-ev": (30970, 30971, 30972, 30973),
@@ -61,6 +66,8 @@ SYSTEMS = {
                  ("edge", "agent")),
     "https-policy": ("HTTPS endpoint, inspect off, 10-rule Traffic Policy", "https",
                      EDGES["edge"][2], f"policy.{DOMAIN}", ("edge", "agent")),
+    "sdk-http": ("HTTP endpoint through an ngrok SDK session (Python `ngrok.forward`)", "http",
+                 EDGES["edge"][1], f"sdk.{DOMAIN}", ("edge", "sdk")),
 }
 # With POSTERN_BASELINE_BIN_DIR: the same endpoints served by another build
 # (a third edge and agent), for before/after figures from the same run.
@@ -81,6 +88,7 @@ RATIOS = [
     ("HTTP events on (file + Kafka) ÷ events off", "http-events", "http-off"),
     ("HTTPS 10-rule policy ÷ no policy", "https-policy", "https-off"),
     ("TCP endpoint ÷ nginx direct", "tcp", "direct"),
+    ("HTTP via ngrok SDK session ÷ via Postern agent (inspect off)", "sdk-http", "http-off"),
     ("HTTP inspect off, after ÷ before", "http-off", "http-off-before"),
     ("HTTP inspect on, after ÷ before", "http-on", "http-on-before"),
     ("HTTPS inspect off, after ÷ before", "https-off", "https-off-before"),
@@ -166,10 +174,12 @@ def wrk(system, conns, duration, pids):
 
 def edge_toml(node, extra=""):
     agent, http, https, tcp = EDGES[node]
+    sdk = f'ngrok_agent = "127.0.0.1:{PORTS["sdk"]}"' if node == "edge" else ""
     return f"""node_id = "{node}"
 domain = "{DOMAIN}"
 data_dir = "{OUT}/{node}-data"
 [listen]
+{sdk}
 agent = "127.0.0.1:{agent}"
 http = "127.0.0.1:{http}"
 https = "127.0.0.1:{https}"
@@ -281,7 +291,7 @@ http {{
                          write(f"{node}-agent.yml", agent_yml(node, policy)))
     with open("/etc/hosts") as f:
         write("hosts", f.read() + "".join(f"\n127.0.0.1 {n}.{DOMAIN}"
-                                          for n in ("off", "on", "policy")) + "\n")
+                                          for n in ("off", "on", "policy", "sdk")) + "\n")
     procs, pids = [], {}
 
     def start(name, argv):
@@ -303,6 +313,16 @@ http {{
                      f"the dev CA of {node}")
             start(node.replace("edge", "agent"),
                   [os.path.join(bin_dir, "postern"), "start", "--all", "--config", agent_config])
+        if "sdk-http" in systems:
+            # tests/ngrok-sdk/forward.py, as the tests run it.
+            os.environ.update(POSTERN_SERVER_ADDR=f"127.0.0.1:{PORTS['sdk']}",
+                              POSTERN_CA=f"{OUT}/edge-data/dev-ca.pem",
+                              UPSTREAM_PORT=str(PORTS["nginx"]),
+                              ENDPOINT_DOMAIN=f"sdk.{DOMAIN}", NGROK_AUTHTOKEN=TOKEN)
+            python = os.environ.get("POSTERN_TEST_PYTHON",
+                                    os.path.join(REPO, ".venv-svc", "bin", "python"))
+            start("sdk", [python, os.path.join(REPO, "tests", "ngrok-sdk", "forward.py"),
+                          "http"])
         for system in systems:
             wait_for(lambda s=system: status(s) == 200, f"{system} answering 200")
         rounds = []

@@ -572,7 +572,7 @@ fn serve_agents(
     connections: &TaskTracker,
     stop: CancellationToken,
 ) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let incoming = service::tls_incoming("agent", listener, tls, connections, &stop);
+    let incoming = service::tls_incoming("agent", listener, tls, connections, &stop, false);
     let svc =
         postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(registry));
     tokio::spawn(

@@ -33,7 +33,14 @@ pub fn serve(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    let mut incoming = Box::pin(tls_incoming("ngrok agent", listener, tls, tracker, &stop));
+    let mut incoming = Box::pin(tls_incoming(
+        "ngrok agent",
+        listener,
+        tls,
+        tracker,
+        &stop,
+        true,
+    ));
     let connections = tracker.clone();
     tracker.spawn(async move {
         loop {

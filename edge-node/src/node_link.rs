@@ -173,6 +173,7 @@ impl NodeLinks {
             self.server_tls.clone(),
             tracker,
             &stop,
+            false,
         );
         let service = pb::node_link_server::NodeLinkServer::new(LinkService { registry });
         tokio::spawn(
