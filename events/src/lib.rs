@@ -115,7 +115,11 @@ pub fn normalize_headers(headers: &http::HeaderMap) -> Headers {
         let mut key = String::with_capacity(name.as_str().len());
         let mut word_start = true;
         for c in name.as_str().chars() {
-            key.push(if word_start { c.to_ascii_uppercase() } else { c });
+            key.push(if word_start {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            });
             word_start = c == '-';
         }
         let value = String::from_utf8_lossy(value.as_bytes()).to_lowercase();
