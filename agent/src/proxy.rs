@@ -18,6 +18,14 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::{AgentError, ConfigError, TlsSetupError, bail, invalid};
 
+/// Returns [`AgentError::Proxy`] with a message formatted as `format!`
+/// takes it: the proxy refused, or answered what the agent cannot use.
+macro_rules! refuse {
+    ($($arg:tt)*) => {
+        return Err(AgentError::Proxy(format!($($arg)*)))
+    };
+}
+
 /// A byte stream to the edge: a TCP connection, or a tunnel through a proxy.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
@@ -255,10 +263,10 @@ impl Proxy {
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             if head.len() > 16 * 1024 {
-                return Err(AgentError::Proxy(format!(
+                refuse!(
                     "{}: the proxy {self} sent an answer head over 16 KiB",
                     self.source
-                )));
+                );
             }
             let byte = stream
                 .read_u8()
@@ -281,18 +289,18 @@ impl Proxy {
         match code {
             "200" => Ok(()),
             // 407 is the standard answer; some proxies (tinyproxy) send 401.
-            "401" | "407" if self.credentials.is_none() => Err(AgentError::Proxy(format!(
+            "401" | "407" if self.credentials.is_none() => refuse!(
                 "{}: the proxy {self} wants credentials ({code}); put them in the URL as user:password@",
                 self.source
-            ))),
-            "401" | "407" => Err(AgentError::Proxy(format!(
+            ),
+            "401" | "407" => refuse!(
                 "{}: the proxy {self} refused the credentials ({code})",
                 self.source
-            ))),
-            _ => Err(AgentError::Proxy(format!(
+            ),
+            _ => refuse!(
                 "{}: the proxy {self} refused CONNECT {target}: {status_line:?}",
                 self.source
-            ))),
+            ),
         }
     }
 
@@ -323,9 +331,9 @@ impl Proxy {
             [0x05, 0x00] => {}
             [0x05, 0x02] => {
                 let Some((user, password)) = &self.credentials else {
-                    return Err(AgentError::Proxy(format!(
+                    refuse!(
                         "{source}: the SOCKS5 proxy {self} asked for credentials that were not offered"
-                    )));
+                    );
                 };
                 let password = password.expose().as_bytes();
                 let mut auth = vec![0x01, user.len() as u8];
@@ -336,26 +344,16 @@ impl Proxy {
                 let mut status = [0u8; 2];
                 stream.read_exact(&mut status).await?;
                 if status[1] != 0 {
-                    return Err(AgentError::Proxy(format!(
-                        "{source}: the SOCKS5 proxy {self} refused the user name and password"
-                    )));
+                    refuse!("{source}: the SOCKS5 proxy {self} refused the user name and password");
                 }
             }
-            [0x05, 0xff] if self.credentials.is_none() => {
-                return Err(AgentError::Proxy(format!(
-                    "{source}: the SOCKS5 proxy {self} wants credentials; put them in the URL as user:password@"
-                )));
-            }
-            [0x05, _] => {
-                return Err(AgentError::Proxy(format!(
-                    "{source}: the SOCKS5 proxy {self} accepts none of the offered authentication methods"
-                )));
-            }
-            _ => {
-                return Err(AgentError::Proxy(format!(
-                    "{source}: {self} does not speak SOCKS5"
-                )));
-            }
+            [0x05, 0xff] if self.credentials.is_none() => refuse!(
+                "{source}: the SOCKS5 proxy {self} wants credentials; put them in the URL as user:password@"
+            ),
+            [0x05, _] => refuse!(
+                "{source}: the SOCKS5 proxy {self} accepts none of the offered authentication methods"
+            ),
+            _ => refuse!("{source}: {self} does not speak SOCKS5"),
         }
         let mut request = vec![0x05, 0x01, 0x00];
         match host
@@ -374,9 +372,7 @@ impl Proxy {
             Err(_) => {
                 let name = host.as_bytes();
                 if name.len() > 255 {
-                    return Err(AgentError::Proxy(format!(
-                        "{source}: {host:?} is too long for SOCKS5"
-                    )));
+                    refuse!("{source}: {host:?} is too long for SOCKS5");
                 }
                 request.push(0x03);
                 request.push(name.len() as u8);
@@ -398,20 +394,14 @@ impl Proxy {
                 0x08 => "address type not supported",
                 _ => "general failure",
             };
-            return Err(AgentError::Proxy(format!(
-                "{source}: the SOCKS5 proxy {self} could not connect to {host}:{port}: {why}"
-            )));
+            refuse!("{source}: the SOCKS5 proxy {self} could not connect to {host}:{port}: {why}");
         }
         // The bound address, which the agent does not need.
         let skip = match reply[3] {
             0x01 => 4,
             0x04 => 16,
             0x03 => usize::from(stream.read_u8().await?),
-            other => {
-                return Err(AgentError::Proxy(format!(
-                    "{source}: the SOCKS5 proxy {self} sent address type {other}"
-                )));
-            }
+            other => refuse!("{source}: the SOCKS5 proxy {self} sent address type {other}"),
         };
         let mut rest = vec![0u8; skip + 2];
         stream.read_exact(&mut rest).await?;
