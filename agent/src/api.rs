@@ -25,6 +25,7 @@ pub use guard::HostRule;
 
 use crate::{
     config::{Proto, TunnelSpec},
+    error::AgentError,
     state::AgentState,
 };
 
@@ -34,9 +35,8 @@ pub(crate) fn spawn(
     listener: std::net::TcpListener,
     state: Arc<AgentState>,
     shutdown: CancellationToken,
-) -> anyhow::Result<JoinHandle<()>> {
-    let listener = TcpListener::from_std(listener)
-        .map_err(|e| anyhow::anyhow!("web_addr: using the listener: {e}"))?;
+) -> Result<JoinHandle<()>, AgentError> {
+    let listener = TcpListener::from_std(listener).map_err(AgentError::WebListener)?;
     let web_addr = listener.local_addr()?;
     for t in state.tunnels() {
         warn_if_open(&state, &t.target.spec, web_addr);

@@ -8,10 +8,11 @@
 
 use std::{fmt, path::Path, time::Duration};
 
-use anyhow::{Context, bail};
 use postern_net::{IpPolicy, Secret, parse_ca_bundle, proxy_header};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
+
+use crate::error::{ConfigError, bail, invalid};
 
 mod url;
 mod v3;
@@ -354,14 +355,18 @@ pub struct AgentConfig {
 }
 
 /// Reads and merges config files, in order.
-pub fn load_files(paths: &[impl AsRef<Path>]) -> anyhow::Result<Value> {
+pub fn load_files(paths: &[impl AsRef<Path>]) -> Result<Value, ConfigError> {
     let mut merged = Value::Mapping(Mapping::new());
     for path in paths {
         let path = path.as_ref();
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let value: Value = serde_yaml_ng::from_str(&text)
-            .with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let value: Value = serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if !matches!(value, Value::Mapping(_) | Value::Null) {
             bail!("{}: the top level must be a map of keys", path.display());
         }
@@ -433,7 +438,7 @@ fn drop_ignored(map: &mut Mapping, ignored: &[&str], context: &str) {
 }
 
 /// Parses the merged YAML into the raw config.
-pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
+pub fn parse_raw(mut value: Value) -> Result<RawAgentConfig, ConfigError> {
     if value.is_null() {
         return Ok(RawAgentConfig::default());
     }
@@ -455,8 +460,7 @@ pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
             }
         }
     }
-    let raw: RawAgentConfig =
-        serde_yaml_ng::from_value(value).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let raw: RawAgentConfig = serde_yaml_ng::from_value(value).map_err(ConfigError::Syntax)?;
     match &raw.version {
         None => {}
         Some(Value::String(v)) if v == "2" => {}
@@ -471,11 +475,16 @@ pub fn parse_raw(mut value: Value) -> anyhow::Result<RawAgentConfig> {
     Ok(raw)
 }
 
-fn duration(field: &str, value: &Option<String>, default: Duration) -> anyhow::Result<Duration> {
+fn duration(
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v)
-            .with_context(|| format!("{field}: {v:?} is not a duration like \"10s\"")),
+        Some(v) => humantime::parse_duration(v).map_err(|e| {
+            ConfigError::field(format!("{field}: {v:?} is not a duration like \"10s\""), e)
+        }),
     }
 }
 
@@ -489,7 +498,7 @@ fn scalar(value: &Value) -> Option<String> {
 
 /// Parses an upstream address. `default_tls` is for bare ports of TLS
 /// tunnels that re-encrypt; callers pass `false` for plain.
-pub fn parse_upstream(addr: &str, verify: bool) -> anyhow::Result<Upstream> {
+pub fn parse_upstream(addr: &str, verify: bool) -> Result<Upstream, ConfigError> {
     let (tls, rest, default_port) = if let Some(rest) = addr.strip_prefix("https://") {
         (true, rest, 443)
     } else if let Some(rest) = addr.strip_prefix("tls://") {
@@ -507,18 +516,18 @@ pub fn parse_upstream(addr: &str, verify: bool) -> anyhow::Result<Upstream> {
     if rest.contains('/') {
         bail!("{addr:?}: an upstream address cannot have a path");
     }
-    let port_of = |s: &str| -> anyhow::Result<u16> {
+    let port_of = |s: &str| {
         s.parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .with_context(|| format!("{addr:?}: {s:?} is not a port"))
+            .ok_or_else(|| invalid!("{addr:?}: {s:?} is not a port"))
     };
     let (host, port) = if rest.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty() {
         ("localhost".to_string(), port_of(rest)?)
     } else if let Some(v6) = rest.strip_prefix('[') {
         let (ip, after) = v6
             .split_once(']')
-            .with_context(|| format!("{addr:?}: unclosed '['"))?;
+            .ok_or_else(|| invalid!("{addr:?}: unclosed '['"))?;
         let port = match after.strip_prefix(':') {
             Some(p) => port_of(p)?,
             None if default_port != 0 => default_port,
@@ -551,7 +560,7 @@ fn mutual_tls_cas(
     proto: Proto,
     terminate_at: Option<TerminateAt>,
     field: &str,
-) -> anyhow::Result<MutualTlsCas> {
+) -> Result<MutualTlsCas, ConfigError> {
     let items: Vec<String> = match value {
         Value::Sequence(items) => items.iter().filter_map(scalar).collect(),
         other => scalar(other)
@@ -587,7 +596,8 @@ fn mutual_tls_cas(
     for item in &items {
         let pem = pem_or_file(field, item)?;
         if terminate_at == Some(TerminateAt::Agent) {
-            parse_ca_bundle(&pem).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", shown(item)))?;
+            parse_ca_bundle(&pem)
+                .map_err(|e| ConfigError::field(format!("{field}: {}", shown(item)), e))?;
         }
         bundle.extend_from_slice(&pem);
         bundle.push(b'\n');
@@ -597,11 +607,11 @@ fn mutual_tls_cas(
 
 /// A PEM value: the text itself when it holds a PEM block (ngrok's
 /// version 3 files allow it inline), else the file it names.
-fn pem_or_file(field: &str, value: &str) -> anyhow::Result<Vec<u8>> {
+fn pem_or_file(field: &str, value: &str) -> Result<Vec<u8>, ConfigError> {
     if value.contains("-----BEGIN ") {
         return Ok(value.as_bytes().to_vec());
     }
-    std::fs::read(value).with_context(|| format!("{field}: reading {value}"))
+    std::fs::read(value).map_err(|e| ConfigError::field(format!("{field}: reading {value}"), e))
 }
 
 /// How a PEM value is named in a message: its path, or "the inline PEM".
@@ -614,15 +624,19 @@ fn shown(value: &str) -> &str {
 }
 
 impl RawUpstreamTls {
-    fn validate(&self, field: &str) -> anyhow::Result<UpstreamTls> {
+    fn validate(&self, field: &str) -> Result<UpstreamTls, ConfigError> {
         let read = |what: &str, path: &str| {
-            std::fs::read(path).with_context(|| format!("{field}.{what}: reading {path}"))
+            std::fs::read(path)
+                .map_err(|e| ConfigError::field(format!("{field}.{what}: reading {path}"), e))
         };
         let crt_key = match (&self.crt, &self.key) {
             (None, None) => None,
             (Some(crt), Some(key)) => Some((
                 read("crt", crt)?,
-                Secret::new(String::from_utf8(read("key", key)?).context("key: not UTF-8 PEM")?),
+                Secret::new(
+                    String::from_utf8(read("key", key)?)
+                        .map_err(|e| ConfigError::field("key: not UTF-8 PEM", e))?,
+                ),
             )),
             _ => bail!("{field}: crt and key must be given together"),
         };
@@ -632,7 +646,7 @@ impl RawUpstreamTls {
 }
 
 impl RawTunnel {
-    fn validate(&self, name: &str) -> anyhow::Result<TunnelSpec> {
+    fn validate(&self, name: &str) -> Result<TunnelSpec, ConfigError> {
         let field = |f: &str| format!("tunnels.{name}.{f}");
         let proto = match self.proto.as_deref() {
             Some("http") => Proto::Http,
@@ -645,9 +659,9 @@ impl RawTunnel {
             .addr
             .as_ref()
             .and_then(scalar)
-            .with_context(|| format!("{}: missing (a port or an address)", field("addr")))?;
+            .ok_or_else(|| invalid!("{}: missing (a port or an address)", field("addr")))?;
         let mut upstream = parse_upstream(&addr, self.upstream_tls_verify.unwrap_or(true))
-            .with_context(|| field("addr"))?;
+            .map_err(|e| e.within(field("addr")))?;
         upstream.http2 = match self.upstream_protocol.as_deref() {
             None | Some("http1") => false,
             Some("http2") if proto == Proto::Http => true,
@@ -677,14 +691,14 @@ impl RawTunnel {
                     field("subdomain")
                 );
             }
-            url::check_subdomain(subdomain).with_context(|| field("subdomain"))?;
+            url::check_subdomain(subdomain).map_err(|e| e.within(field("subdomain")))?;
         }
         let endpoint_url = match &self.url {
             Some(text) => {
-                let parsed = url::EndpointUrl::parse(text).with_context(|| field("url"))?;
+                let parsed = url::EndpointUrl::parse(text).map_err(|e| e.within(field("url")))?;
                 parsed
                     .check(proto)
-                    .with_context(|| format!("{}: {text:?}", field("url")))?;
+                    .map_err(|e| e.within(format!("{}: {text:?}", field("url"))))?;
                 Some(parsed)
             }
             None => None,
@@ -736,9 +750,7 @@ impl RawTunnel {
                 port.parse::<u16>()
                     .ok()
                     .filter(|p| *p != 0)
-                    .with_context(|| {
-                        format!("{}: {ra:?} has no valid port", field("remote_addr"))
-                    })?
+                    .ok_or_else(|| invalid!("{}: {ra:?} has no valid port", field("remote_addr")))?
             }
         };
         let terminate_at = match self.terminate_at.as_deref() {
@@ -759,11 +771,12 @@ impl RawTunnel {
             (None, None) => None,
             (Some(crt), Some(key)) => {
                 let crt_pem = pem_or_file(&field("crt"), crt)?;
-                let key_pem = String::from_utf8(pem_or_file(&field("key"), key)?)
-                    .with_context(|| format!("{}: not PEM text", field("key")))?;
+                let key_pem = String::from_utf8(pem_or_file(&field("key"), key)?).map_err(|e| {
+                    ConfigError::field(format!("{}: not PEM text", field("key")), e)
+                })?;
                 let key_pem = Secret::new(key_pem);
                 crate::tls::serving_key((shown(crt), &crt_pem), (shown(key), &key_pem))
-                    .with_context(|| format!("{}/key", field("crt")))?;
+                    .map_err(|e| ConfigError::field(format!("{}/key", field("crt")), e))?;
                 Some((crt_pem, key_pem))
             }
             _ => bail!("{}: crt and key must be given together", field("crt")),
@@ -788,7 +801,7 @@ impl RawTunnel {
             Some(v) => {
                 let text = scalar(v).unwrap_or_default();
                 proxy_header::Version::from_config(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", field("proxy_proto")))?
+                    .map_err(|e| invalid!("{}: {e}", field("proxy_proto")))?
             }
         };
         let mutual_tls_cas = match &self.mutual_tls_cas {
@@ -817,7 +830,7 @@ impl RawTunnel {
             ip_restriction: match &self.ip_restriction {
                 Some(r) => {
                     IpPolicy::parse(&r.allow_cidrs, &r.deny_cidrs)
-                        .map_err(|e| anyhow::anyhow!("{}.{e}", field("ip_restriction")))?;
+                        .map_err(|e| invalid!("{}.{e}", field("ip_restriction")))?;
                     Some((r.allow_cidrs.clone(), r.deny_cidrs.clone()))
                 }
                 None => None,
@@ -862,11 +875,11 @@ impl RawTunnel {
 /// A Traffic Policy as the text the edge compiles: a string as written,
 /// a map as JSON. Only its shape is checked here; the edge checks the
 /// rules and refuses the bind naming the one it cannot run.
-fn policy_text(value: &Value, field: &str) -> anyhow::Result<String> {
+fn policy_text(value: &Value, field: &str) -> Result<String, ConfigError> {
     let text = match value {
         Value::String(text) => text.clone(),
         Value::Mapping(_) => serde_json::to_string(value)
-            .with_context(|| format!("{field}: cannot be written as JSON"))?,
+            .map_err(|e| ConfigError::field(format!("{field}: cannot be written as JSON"), e))?,
         _ => bail!("{field}: a Traffic Policy document (a map of phases), or its text"),
     };
     match serde_yaml_ng::from_str::<Value>(&text) {
@@ -898,11 +911,11 @@ pub(crate) fn api_tunnel(
     name: &str,
     mut body: Value,
     upstream_tls: &std::collections::BTreeMap<String, UpstreamTls>,
-) -> anyhow::Result<TunnelSpec> {
+) -> Result<TunnelSpec, ConfigError> {
     if let Value::Mapping(map) = &mut body {
         drop_ignored(map, IGNORED_TUNNEL_KEYS, "");
     }
-    let raw = raw_tunnel(body).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let raw = raw_tunnel(body).map_err(ConfigError::Invalid)?;
     let mut spec = raw.validate(name)?;
     spec.upstream_tls = upstream_tls_for(&spec.upstream, upstream_tls);
     Ok(spec)
@@ -911,17 +924,12 @@ pub(crate) fn api_tunnel(
 /// The problems found in a config, each naming its key; validation goes on
 /// past the first, so that `postern config check` can list them all.
 #[derive(Debug, Default)]
-struct Problems(Vec<String>);
+struct Problems(Vec<ConfigError>);
 
 impl Problems {
     /// The value, or `None` with its error noted.
-    fn check<T>(&mut self, result: anyhow::Result<T>) -> Option<T> {
-        result.map_err(|e| self.0.push(format!("{e:#}"))).ok()
-    }
-
-    /// One error listing every problem, a line each.
-    fn into_error(self) -> anyhow::Error {
-        anyhow::anyhow!("{}", self.0.join("\n"))
+    fn check<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|e| self.0.push(e)).ok()
     }
 }
 
@@ -941,11 +949,11 @@ impl ApiUrl {
     /// The edge's default admin listener.
     pub const DEFAULT: &str = "http://127.0.0.1:9090";
 
-    pub fn parse(text: &str) -> anyhow::Result<ApiUrl> {
+    pub fn parse(text: &str) -> Result<ApiUrl, ConfigError> {
         let uri: http::Uri = text
             .parse()
             .ok()
-            .with_context(|| format!("{text:?} is not a URL like {:?}", Self::DEFAULT))?;
+            .ok_or_else(|| invalid!("{text:?} is not a URL like {:?}", Self::DEFAULT))?;
         let tls = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
@@ -954,7 +962,7 @@ impl ApiUrl {
         let host = uri
             .host()
             .filter(|h| !h.is_empty())
-            .with_context(|| format!("{text:?} has no host"))?;
+            .ok_or_else(|| invalid!("{text:?} has no host"))?;
         if uri.query().is_some() {
             bail!("{text:?}: a query string has no place in the API's address");
         }
@@ -978,7 +986,7 @@ fn server_addr_and_name(
     region: Option<&String>,
     connect_domain: Option<&String>,
     tls_server_name: Option<String>,
-) -> anyhow::Result<(String, String)> {
+) -> Result<(String, String), ConfigError> {
     let server_addr = match (server_addr, region, connect_domain) {
         (Some(addr), _, _) => addr,
         (None, Some(region), Some(domain)) => format!("tunnel.{region}.connect.{domain}:443"),
@@ -990,7 +998,7 @@ fn server_addr_and_name(
     let (host, _port) = server_addr
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .with_context(|| format!("server_addr: {server_addr:?} is not host:port"))?;
+        .ok_or_else(|| invalid!("server_addr: {server_addr:?} is not host:port"))?;
     let server_name = tls_server_name.unwrap_or_else(|| {
         host.trim_start_matches('[')
             .trim_end_matches(']')
@@ -1002,7 +1010,7 @@ fn server_addr_and_name(
 fn heartbeats(
     interval: &Option<String>,
     tolerance: &Option<String>,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration), ConfigError> {
     let interval = duration("heartbeat_interval", interval, Duration::from_secs(10))?;
     let tolerance = duration("heartbeat_tolerance", tolerance, Duration::from_secs(15))?;
     if interval.is_zero() || tolerance <= interval {
@@ -1013,12 +1021,14 @@ fn heartbeats(
 
 impl RawAgentConfig {
     /// Validates; `names` picks tunnels (`None`: all of them). The error
-    /// lists every problem found, a line each.
-    pub fn validate(self, names: Option<&[String]>) -> anyhow::Result<AgentConfig> {
+    /// is [`ConfigError::Problems`], every problem found, a line each.
+    pub fn validate(self, names: Option<&[String]>) -> Result<AgentConfig, ConfigError> {
         let mut problems = Problems::default();
-        let authtoken = problems.check(self.authtoken.filter(|t| !t.is_empty()).context(
-            "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config",
-        ));
+        let authtoken = problems.check(self.authtoken.filter(|t| !t.is_empty()).ok_or_else(|| {
+            invalid!(
+                "authtoken: missing; pass --authtoken, set POSTERN_AUTHTOKEN or add it to the config"
+            )
+        }));
         let server = problems.check(server_addr_and_name(
             self.server_addr,
             self.region.as_ref(),
@@ -1030,7 +1040,7 @@ impl RawAgentConfig {
             Some("trusted") => Ok(RootCas::Trusted),
             Some(path) => std::fs::read(path)
                 .map(RootCas::Pem)
-                .with_context(|| format!("root_cas: reading {path}")),
+                .map_err(|e| ConfigError::field(format!("root_cas: reading {path}"), e)),
         });
         let mut upstream_tls = std::collections::BTreeMap::new();
         for (key, raw) in &self.upstream_tls {
@@ -1052,7 +1062,7 @@ impl RawAgentConfig {
                 .iter()
                 .find(|n| !self.tunnels.0.iter().any(|(t, _)| t == *n))
         {
-            problems.0.push(format!(
+            problems.0.push(invalid!(
                 "tunnels: no tunnel named {missing:?} in the config"
             ));
         }
@@ -1072,7 +1082,7 @@ impl RawAgentConfig {
             self.inspect_db_size,
         ));
         if let Some(url) = &self.api_url {
-            problems.check(ApiUrl::parse(url).context("api_url"));
+            problems.check(ApiUrl::parse(url).map_err(|e| e.within("api_url")));
         }
         let proxy = problems.check(crate::proxy::Proxy::configured(self.proxy_url.as_deref()));
         let (
@@ -1095,7 +1105,7 @@ impl RawAgentConfig {
             problems.0.is_empty(),
         )
         else {
-            return Err(problems.into_error());
+            return Err(ConfigError::Problems(problems.0));
         };
         Ok(AgentConfig {
             authtoken,
@@ -1118,8 +1128,8 @@ impl RawAgentConfig {
 mod tests {
     use super::*;
 
-    fn parse(yaml: &str) -> anyhow::Result<AgentConfig> {
-        parse_raw(serde_yaml_ng::from_str(yaml)?)?.validate(None)
+    fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
+        parse_raw(serde_yaml_ng::from_str(yaml).expect("YAML"))?.validate(None)
     }
 
     #[test]

@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use crate::{
     config::{MutualTlsCas, TerminateAt, TunnelSpec},
+    error::TlsSetupError,
     inspect::Captures,
     state::TunnelMetrics,
     tls::{agent_server_config, upstream_client_config},
@@ -47,7 +48,10 @@ pub struct Target {
 
 impl Target {
     /// `captures` is the inspector's store, used when `spec.inspect`.
-    pub fn new(spec: TunnelSpec, captures: Option<&Arc<Captures>>) -> anyhow::Result<Target> {
+    pub fn new(
+        spec: TunnelSpec,
+        captures: Option<&Arc<Captures>>,
+    ) -> Result<Target, TlsSetupError> {
         let agent_tls = match (&spec.terminate_at, &spec.crt_key) {
             (Some(TerminateAt::Agent), Some((crt, key))) => {
                 let cas = match &spec.mutual_tls_cas {

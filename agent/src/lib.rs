@@ -6,6 +6,7 @@
 
 mod api;
 mod config;
+mod error;
 mod forward;
 mod inspect;
 mod modules;
@@ -28,6 +29,7 @@ pub use config::{
     AgentConfig, ApiUrl, Proto, RawAgentConfig, RawTunnel, RootCas, TerminateAt, TunnelSpec,
     Upstream, load_files, merge, overlay, parse_raw, parse_upstream,
 };
+pub use error::{AgentError, ConfigError, FieldCause, TlsSetupError};
 pub use modules::{HttpModules, ModuleFlags};
 pub use oauth::{AuthFlags, OAuthSpec};
 pub use session::Status;
@@ -39,7 +41,7 @@ pub struct Agent {
     status: watch::Receiver<Status>,
     web_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<Result<(), AgentError>>,
 }
 
 impl Agent {
@@ -74,25 +76,23 @@ impl Agent {
     }
 
     /// Unbinds the tunnels and stops.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<(), AgentError> {
         self.shutdown.cancel();
         self.wait().await
     }
 
     /// Waits until the agent stops by itself (a fatal error).
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.task
-            .await
-            .map_err(|e| anyhow::anyhow!("agent task: {e}"))?
+    pub async fn wait(self) -> Result<(), AgentError> {
+        self.task.await.map_err(AgentError::Task)?
     }
 
     /// Runs until the agent fails or `stop` resolves; then unbinds and stops.
     pub async fn run_until(
         mut self,
         stop: impl std::future::Future<Output = ()>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AgentError> {
         tokio::select! {
-            joined = &mut self.task => joined.map_err(|e| anyhow::anyhow!("agent task: {e}"))?,
+            joined = &mut self.task => joined.map_err(AgentError::Task)?,
             _ = stop => self.shutdown().await,
         }
     }
@@ -101,11 +101,11 @@ impl Agent {
 /// The agent's task: the session and, beside it, the agent API.
 async fn run(
     config: AgentConfig,
-    web: anyhow::Result<Option<std::net::TcpListener>>,
+    web: Result<Option<std::net::TcpListener>, AgentError>,
     status_tx: watch::Sender<Status>,
     status: watch::Receiver<Status>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), AgentError> {
     let web = web?;
     let captures = (web.is_some() && config.web.inspect_db_size > 0)
         .then(|| Arc::new(inspect::Captures::new(config.web.inspect_db_size)));
@@ -113,7 +113,7 @@ async fn run(
         .tunnels
         .iter()
         .map(|spec| forward::Target::new(spec.clone(), captures.as_ref()).map(Arc::new))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let (commands_tx, commands) = mpsc::channel(16);
     let state = Arc::new(state::AgentState::new(
         config,
@@ -130,8 +130,7 @@ async fn run(
     let result = session::run(state, commands, status_tx, shutdown).await;
     api_shutdown.cancel();
     if let Some(api) = api {
-        api.await
-            .map_err(|e| anyhow::anyhow!("agent API task: {e}"))?;
+        api.await.map_err(AgentError::ApiTask)?;
     }
     result
 }

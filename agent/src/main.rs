@@ -573,5 +573,5 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
         postern_net::shutdown_signal().context("installing the SIGTERM and SIGINT handlers")?;
     let result = agent.run_until(stop).await;
     printer.abort();
-    result
+    Ok(result?)
 }

@@ -4,11 +4,12 @@
 //! the bind for the edge to enforce. Passwords leave the agent only as
 //! their SHA-256.
 
-use anyhow::bail;
 use clap::Args;
 use postern_proto::pb;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
+
+use crate::error::{ConfigError, bail, invalid};
 
 /// `request_header` / `response_header`.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -89,7 +90,7 @@ pub fn validate(
     http: bool,
     upstream_host: &str,
     field: &str,
-) -> anyhow::Result<Option<HttpModules>> {
+) -> Result<Option<HttpModules>, ConfigError> {
     let mut m = pb::HttpModules::default();
     let key = |k: &str| format!("{field}.{k}");
     if let Some(pairs) = raw.basic_auth {
@@ -98,24 +99,25 @@ pub fn validate(
         }
         for (i, pair) in pairs.iter().enumerate() {
             let credential = pb::BasicAuthCredential::from_pair(pair)
-                .map_err(|e| anyhow::anyhow!("{}[{i}]: {e}", key("basic_auth")))?;
+                .map_err(|e| invalid!("{}[{i}]: {e}", key("basic_auth")))?;
             m.basic_auth.push(credential);
         }
     }
-    let edits =
-        |edits: &Option<RawHeaderEdits>, name: &str| -> anyhow::Result<Option<pb::HeaderEdits>> {
-            let Some(edits) = edits else { return Ok(None) };
-            for (i, line) in edits.add.iter().enumerate() {
-                match line.split_once(':') {
-                    Some((n, _)) if !n.trim().is_empty() => {}
-                    _ => bail!("{}.add[{i}]: {line:?} is not \"name: value\"", key(name)),
-                }
+    let edits = |edits: &Option<RawHeaderEdits>,
+                 name: &str|
+     -> Result<Option<pb::HeaderEdits>, ConfigError> {
+        let Some(edits) = edits else { return Ok(None) };
+        for (i, line) in edits.add.iter().enumerate() {
+            match line.split_once(':') {
+                Some((n, _)) if !n.trim().is_empty() => {}
+                _ => bail!("{}.add[{i}]: {line:?} is not \"name: value\"", key(name)),
             }
-            Ok(Some(pb::HeaderEdits {
-                add: edits.add.clone(),
-                remove: edits.remove.clone(),
-            }))
-        };
+        }
+        Ok(Some(pb::HeaderEdits {
+            add: edits.add.clone(),
+            remove: edits.remove.clone(),
+        }))
+    };
     m.request_headers = edits(raw.request_header, "request_header")?;
     m.response_headers = edits(raw.response_header, "response_header")?;
     if let Some(host) = raw.host_header {

@@ -5,11 +5,12 @@
 //! IdP's discovery document), so every agent gets the same rules and the
 //! same error codes.
 
-use anyhow::{Context, bail};
 use postern_net::Secret;
 use postern_proto::pb;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
+
+use crate::error::{ConfigError, bail, invalid};
 
 /// `oauth:` on an HTTP tunnel.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -226,7 +227,7 @@ impl AuthFlags {
 }
 
 /// A duration in whole seconds: `"30s"`, `"5m"`, or a number of seconds.
-fn seconds(field: &str, value: &Option<Value>) -> anyhow::Result<u32> {
+fn seconds(field: &str, value: &Option<Value>) -> Result<u32, ConfigError> {
     let Some(value) = value else {
         return Ok(0);
     };
@@ -234,19 +235,21 @@ fn seconds(field: &str, value: &Option<Value>) -> anyhow::Result<u32> {
         Value::Number(n) => n
             .as_u64()
             .map(std::time::Duration::from_secs)
-            .with_context(|| format!("{field}: {n} is not a number of seconds"))?,
-        Value::String(s) => humantime::parse_duration(s)
-            .with_context(|| format!("{field}: {s:?} is not a duration like \"30s\""))?,
+            .ok_or_else(|| invalid!("{field}: {n} is not a number of seconds"))?,
+        Value::String(s) => humantime::parse_duration(s).map_err(|e| {
+            ConfigError::field(format!("{field}: {s:?} is not a duration like \"30s\""), e)
+        })?,
         other => bail!("{field}: {other:?} is not a duration like \"30s\""),
     };
     if duration.subsec_nanos() != 0 {
         bail!("{field}: {duration:?} is not a whole number of seconds");
     }
-    u32::try_from(duration.as_secs()).with_context(|| format!("{field}: too long"))
+    u32::try_from(duration.as_secs())
+        .map_err(|e| ConfigError::field(format!("{field}: too long"), e))
 }
 
 impl Common<'_> {
-    fn apply(&self, field: &str, spec: &mut OAuthSpec) -> anyhow::Result<()> {
+    fn apply(&self, field: &str, spec: &mut OAuthSpec) -> Result<(), ConfigError> {
         spec.allow_emails = self.allow_emails.to_vec();
         spec.allow_domains = self.allow_domains.to_vec();
         spec.auth_check_interval_secs = seconds(
@@ -271,7 +274,7 @@ pub fn spec(
     http: bool,
     oauth: Option<&RawOAuth>,
     oidc: Option<&RawOidc>,
-) -> anyhow::Result<Option<OAuthSpec>> {
+) -> Result<Option<OAuthSpec>, ConfigError> {
     let (key, spec) = match (oauth, oidc) {
         (None, None) => return Ok(None),
         (Some(_), Some(_)) => bail!(
@@ -283,7 +286,7 @@ pub fn spec(
                 .provider
                 .clone()
                 .filter(|p| !p.is_empty())
-                .with_context(|| format!("{field}.provider: missing (google, github, …)"))?;
+                .ok_or_else(|| invalid!("{field}.provider: missing (google, github, …)"))?;
             let mut spec = OAuthSpec {
                 provider,
                 client_id: raw.client_id.clone().unwrap_or_default(),
@@ -305,7 +308,7 @@ pub fn spec(
                 .issuer_url
                 .clone()
                 .filter(|u| !u.is_empty())
-                .with_context(|| format!("{field}.issuer_url: missing"))?;
+                .ok_or_else(|| invalid!("{field}.issuer_url: missing"))?;
             let mut spec = OAuthSpec {
                 provider: "oidc".into(),
                 issuer_url,
@@ -376,7 +379,7 @@ mod tests {
             (s.provider.as_str(), s.issuer_url.as_str()),
             ("oidc", "https://idp.example")
         );
-        let cases: Vec<(anyhow::Error, &str)> = vec![
+        let cases: Vec<(ConfigError, &str)> = vec![
             (
                 spec("tunnels.w", false, None, Some(&raw)).unwrap_err(),
                 "tunnels.w.oidc",

@@ -7,7 +7,6 @@
 
 use std::{fmt, sync::Arc};
 
-use anyhow::{Context, bail};
 use base64::Engine;
 use postern_net::Secret;
 use rustls::pki_types::ServerName;
@@ -16,6 +15,16 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
+
+use crate::error::{AgentError, ConfigError, TlsSetupError, bail, invalid};
+
+/// Returns [`AgentError::Proxy`] with a message formatted as `format!`
+/// takes it: the proxy refused, or answered what the agent cannot use.
+macro_rules! refuse {
+    ($($arg:tt)*) => {
+        return Err(AgentError::Proxy(format!($($arg)*)))
+    };
+}
 
 /// A byte stream to the edge: a TCP connection, or a tunnel through a proxy.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -70,7 +79,7 @@ const PROXY_VARS: &[&str] = &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_pr
 impl Proxy {
     /// The proxy for the tunnel connection: `proxy_url` when given, else
     /// the environment's; `NO_PROXY` applies to either.
-    pub fn configured(proxy_url: Option<&str>) -> anyhow::Result<Option<Proxy>> {
+    pub fn configured(proxy_url: Option<&str>) -> Result<Option<Proxy>, ConfigError> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let (text, source) = match proxy_url {
             Some(url) if !url.is_empty() => (url.to_string(), "proxy_url"),
@@ -93,15 +102,15 @@ impl Proxy {
     }
 
     /// Reads `scheme://[user[:password]@]host[:port][/]`.
-    fn parse(text: &str, source: &'static str) -> anyhow::Result<Proxy> {
+    fn parse(text: &str, source: &'static str) -> Result<Proxy, ConfigError> {
         let shown = || match text.rsplit_once('@') {
             Some((_, host)) => {
                 format!("{}…@{host}", &text[..text.find("://").map_or(0, |i| i + 3)])
             }
             None => text.to_string(),
         };
-        let (scheme, rest) = text.split_once("://").with_context(|| {
-            format!(
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| {
+            invalid!(
                 "{source}: {:?} has no scheme (http://, https:// or socks5://)",
                 shown()
             )
@@ -141,7 +150,7 @@ impl Proxy {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .with_context(|| format!("{source}: {port:?} is not a port"))?,
+                .ok_or_else(|| invalid!("{source}: {port:?} is not a port"))?,
         };
         if host.is_empty() {
             bail!("{source}: {:?} names no host", shown());
@@ -150,10 +159,10 @@ impl Proxy {
             None => None,
             Some(userinfo) => {
                 let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                let user =
-                    percent_decode(user).with_context(|| format!("{source}: the user name"))?;
-                let password =
-                    percent_decode(password).with_context(|| format!("{source}: the password"))?;
+                let user = percent_decode(user)
+                    .map_err(|e| e.within(format!("{source}: the user name")))?;
+                let password = percent_decode(password)
+                    .map_err(|e| e.within(format!("{source}: the password")))?;
                 if kind == Kind::Socks5 && (user.len() > 255 || password.len() > 255) {
                     bail!("{source}: SOCKS5 user names and passwords are at most 255 bytes");
                 }
@@ -185,10 +194,13 @@ impl Proxy {
     }
 
     /// Opens a tunnel to `host:port` through the proxy.
-    pub async fn connect(&self, host: &str, port: u16) -> anyhow::Result<Box<dyn Io>> {
+    pub async fn connect(&self, host: &str, port: u16) -> Result<Box<dyn Io>, AgentError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .with_context(|| format!("{}: connecting to the proxy {self}", self.source))?;
+            .map_err(|source| AgentError::ProxyIo {
+                step: format!("{}: connecting to the proxy {self}", self.source),
+                source,
+            })?;
         tcp.set_nodelay(true)?;
         match self.kind {
             Kind::Http => {
@@ -197,18 +209,25 @@ impl Proxy {
                 Ok(Box::new(tcp))
             }
             Kind::Https => {
-                let name = ServerName::try_from(self.host.clone()).with_context(|| {
-                    format!("{}: {:?} is not a TLS name", self.source, self.host)
+                let name = ServerName::try_from(self.host.clone()).map_err(|source| {
+                    AgentError::ProxyName {
+                        what: format!("{}: {:?} is not a TLS name", self.source, self.host),
+                        source,
+                    }
                 })?;
                 let config =
                     rustls::ClientConfig::builder_with_provider(postern_net::crypto_provider())
-                        .with_safe_default_protocol_versions()?
+                        .with_safe_default_protocol_versions()
+                        .map_err(TlsSetupError::Protocol)?
                         .with_root_certificates(crate::tls::host_roots()?)
                         .with_no_client_auth();
                 let mut tls = TlsConnector::from(Arc::new(config))
                     .connect(name, tcp)
                     .await
-                    .with_context(|| format!("{}: TLS to the proxy {self}", self.source))?;
+                    .map_err(|source| AgentError::ProxyIo {
+                        step: format!("{}: TLS to the proxy {self}", self.source),
+                        source,
+                    })?;
                 self.http_connect(&mut tls, host, port).await?;
                 Ok(Box::new(tls))
             }
@@ -225,7 +244,7 @@ impl Proxy {
         stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
         host: &str,
         port: u16,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AgentError> {
         let target = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -244,17 +263,21 @@ impl Proxy {
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             if head.len() > 16 * 1024 {
-                bail!(
+                refuse!(
                     "{}: the proxy {self} sent an answer head over 16 KiB",
                     self.source
                 );
             }
-            let byte = stream.read_u8().await.with_context(|| {
-                format!(
-                    "{}: the proxy {self} closed the connection before answering CONNECT",
-                    self.source
-                )
-            })?;
+            let byte = stream
+                .read_u8()
+                .await
+                .map_err(|source| AgentError::ProxyIo {
+                    step: format!(
+                        "{}: the proxy {self} closed the connection before answering CONNECT",
+                        self.source
+                    ),
+                    source,
+                })?;
             head.push(byte);
         }
         let status_line = String::from_utf8_lossy(&head)
@@ -266,15 +289,15 @@ impl Proxy {
         match code {
             "200" => Ok(()),
             // 407 is the standard answer; some proxies (tinyproxy) send 401.
-            "401" | "407" if self.credentials.is_none() => bail!(
+            "401" | "407" if self.credentials.is_none() => refuse!(
                 "{}: the proxy {self} wants credentials ({code}); put them in the URL as user:password@",
                 self.source
             ),
-            "401" | "407" => bail!(
+            "401" | "407" => refuse!(
                 "{}: the proxy {self} refused the credentials ({code})",
                 self.source
             ),
-            _ => bail!(
+            _ => refuse!(
                 "{}: the proxy {self} refused CONNECT {target}: {status_line:?}",
                 self.source
             ),
@@ -286,7 +309,7 @@ impl Proxy {
         stream: &mut TcpStream,
         host: &str,
         port: u16,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AgentError> {
         let source = self.source;
         let offered: &[u8] = if self.credentials.is_some() {
             &[0x00, 0x02]
@@ -300,12 +323,15 @@ impl Proxy {
         stream
             .read_exact(&mut choice)
             .await
-            .with_context(|| format!("{source}: the SOCKS5 proxy {self} closed the connection"))?;
+            .map_err(|e| AgentError::ProxyIo {
+                step: format!("{source}: the SOCKS5 proxy {self} closed the connection"),
+                source: e,
+            })?;
         match choice {
             [0x05, 0x00] => {}
             [0x05, 0x02] => {
                 let Some((user, password)) = &self.credentials else {
-                    bail!(
+                    refuse!(
                         "{source}: the SOCKS5 proxy {self} asked for credentials that were not offered"
                     );
                 };
@@ -318,16 +344,16 @@ impl Proxy {
                 let mut status = [0u8; 2];
                 stream.read_exact(&mut status).await?;
                 if status[1] != 0 {
-                    bail!("{source}: the SOCKS5 proxy {self} refused the user name and password");
+                    refuse!("{source}: the SOCKS5 proxy {self} refused the user name and password");
                 }
             }
-            [0x05, 0xff] if self.credentials.is_none() => bail!(
+            [0x05, 0xff] if self.credentials.is_none() => refuse!(
                 "{source}: the SOCKS5 proxy {self} wants credentials; put them in the URL as user:password@"
             ),
-            [0x05, _] => bail!(
+            [0x05, _] => refuse!(
                 "{source}: the SOCKS5 proxy {self} accepts none of the offered authentication methods"
             ),
-            _ => bail!("{source}: {self} does not speak SOCKS5"),
+            _ => refuse!("{source}: {self} does not speak SOCKS5"),
         }
         let mut request = vec![0x05, 0x01, 0x00];
         match host
@@ -346,7 +372,7 @@ impl Proxy {
             Err(_) => {
                 let name = host.as_bytes();
                 if name.len() > 255 {
-                    bail!("{source}: {host:?} is too long for SOCKS5");
+                    refuse!("{source}: {host:?} is too long for SOCKS5");
                 }
                 request.push(0x03);
                 request.push(name.len() as u8);
@@ -368,14 +394,14 @@ impl Proxy {
                 0x08 => "address type not supported",
                 _ => "general failure",
             };
-            bail!("{source}: the SOCKS5 proxy {self} could not connect to {host}:{port}: {why}");
+            refuse!("{source}: the SOCKS5 proxy {self} could not connect to {host}:{port}: {why}");
         }
         // The bound address, which the agent does not need.
         let skip = match reply[3] {
             0x01 => 4,
             0x04 => 16,
             0x03 => usize::from(stream.read_u8().await?),
-            other => bail!("{source}: the SOCKS5 proxy {self} sent address type {other}"),
+            other => refuse!("{source}: the SOCKS5 proxy {self} sent address type {other}"),
         };
         let mut rest = vec![0u8; skip + 2];
         stream.read_exact(&mut rest).await?;
@@ -386,11 +412,11 @@ impl Proxy {
 /// Opens a byte stream to the edge at `addr` (`host:port`), through the
 /// proxy when one applies to the host; `.localhost` names are loopback
 /// (RFC 6761) whatever the resolver says.
-pub async fn dial(proxy: Option<&Proxy>, addr: &str) -> anyhow::Result<Box<dyn Io>> {
+pub async fn dial(proxy: Option<&Proxy>, addr: &str) -> Result<Box<dyn Io>, AgentError> {
     let (host, port) = addr
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .with_context(|| format!("{addr:?} is not host:port"))?;
+        .ok_or_else(|| AgentError::Address(addr.to_string()))?;
     if let Some(proxy) = proxy.filter(|p| p.applies_to(host)) {
         return proxy
             .connect(host.trim_start_matches('[').trim_end_matches(']'), port)
@@ -410,7 +436,7 @@ fn localhost_addr(host: &str, port: u16) -> Option<std::net::SocketAddr> {
 }
 
 /// `%XX` escapes of a URL's user name or password.
-fn percent_decode(text: &str) -> anyhow::Result<String> {
+fn percent_decode(text: &str) -> Result<String, ConfigError> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -418,15 +444,18 @@ fn percent_decode(text: &str) -> anyhow::Result<String> {
         if bytes[i] == b'%' {
             let hex = text
                 .get(i + 1..i + 3)
-                .context("a '%' not followed by two hex digits")?;
-            out.push(u8::from_str_radix(hex, 16).context("a '%' not followed by two hex digits")?);
+                .ok_or_else(|| invalid!("a '%' not followed by two hex digits"))?;
+            out.push(
+                u8::from_str_radix(hex, 16)
+                    .map_err(|e| ConfigError::field("a '%' not followed by two hex digits", e))?,
+            );
             i += 3;
         } else {
             out.push(bytes[i]);
             i += 1;
         }
     }
-    String::from_utf8(out).context("not UTF-8 once decoded")
+    String::from_utf8(out).map_err(|e| ConfigError::field("not UTF-8 once decoded", e))
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
+    error::{AgentError, Chain},
     forward::{Routes, StreamContext, Target, spawn_stream},
     state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
@@ -84,7 +85,7 @@ pub(crate) async fn run(
     mut commands: mpsc::Receiver<Command>,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), AgentError> {
     let config = &state.config;
     let tls = edge_client_config(&config.root_cas)?;
     let instance_id = postern_proto_random();
@@ -128,7 +129,7 @@ pub(crate) async fn run(
                 );
                 session.serve(channel, &mut commands).instrument(span).await
             }
-            Err(e) => SessionEnd::Lost(format!("connecting to {addr}: {e:#}")),
+            Err(e) => SessionEnd::Lost(format!("connecting to {addr}: {}", Chain(&e))),
         };
         // A node that welcomed us is tried first again; one that did not,
         // or could not be reached, gives way to the next address.
@@ -153,7 +154,7 @@ pub(crate) async fn run(
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Fatal(failure) => {
                 status.send_modify(|s| s.last_error = Some(failure.to_string()));
-                return Err(anyhow::anyhow!("{failure}"));
+                return Err(AgentError::Refused(failure));
             }
             SessionEnd::Lost(reason) => {
                 tracing::warn!(%reason, "session lost; reconnecting");
@@ -251,15 +252,16 @@ async fn connect(
     config: &AgentConfig,
     addr: &str,
     tls: Arc<ClientConfig>,
-) -> anyhow::Result<Channel> {
-    let name = ServerName::try_from(config.server_name.clone())?;
+) -> Result<Channel, AgentError> {
+    let name = ServerName::try_from(config.server_name.clone()).map_err(AgentError::ServerName)?;
     let connector = EdgeConnector {
         addr: addr.to_string(),
         name,
         tls: TlsConnector::from(tls),
         proxy: config.proxy.clone(),
     };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(AgentError::Endpoint)?
         .connect_timeout(config.connect_timeout)
         .initial_stream_window_size(h2_settings::STREAM_WINDOW)
         .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
@@ -273,8 +275,8 @@ async fn connect(
         endpoint.connect_with_connector(connector),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("no connection within {:?}", config.connect_timeout))?
-    .map_err(|e| anyhow::anyhow!(each_cause_once(&e)))?;
+    .map_err(|_| AgentError::Timeout(config.connect_timeout))?
+    .map_err(|e| AgentError::Connect(each_cause_once(&e)))?;
     Ok(channel)
 }
 
@@ -315,7 +317,7 @@ impl tower_service::Service<Uri> for EdgeConnector {
         Box::pin(async move {
             let stream = crate::proxy::dial(this.proxy.as_ref(), &this.addr)
                 .await
-                .map_err(|e| io::Error::other(format!("{e:#}")))?;
+                .map_err(|e| io::Error::other(Chain(&e).to_string()))?;
             let tls = this.tls.connect(this.name, stream).await?;
             Ok(TokioIo::new(tls))
         })

@@ -3,7 +3,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-use anyhow::Context;
 use postern_net::{
     MtlsPolicy, Pem, RequireClientCert, Secret, TlsError, certified_key_from_pem, crypto_provider,
     parse_ca_bundle,
@@ -14,11 +13,14 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 
-use crate::config::{RootCas, UpstreamTls};
+use crate::{
+    config::{RootCas, UpstreamTls},
+    error::TlsSetupError,
+};
 
 /// The system's trust store as OpenSSL finds it, or the files
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR` name when set; read once.
-pub fn host_roots() -> anyhow::Result<RootCertStore> {
+pub fn host_roots() -> Result<RootCertStore, TlsSetupError> {
     static HOST: OnceLock<Result<RootCertStore, String>> = OnceLock::new();
     HOST.get_or_init(|| {
         let found = rustls_native_certs::load_native_certs();
@@ -36,29 +38,36 @@ pub fn host_roots() -> anyhow::Result<RootCertStore> {
         Ok(roots)
     })
     .clone()
-    .map_err(anyhow::Error::msg)
+    .map_err(TlsSetupError::HostRoots)
 }
 
-fn roots(root_cas: &RootCas) -> anyhow::Result<RootCertStore> {
+fn roots(root_cas: &RootCas) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     match root_cas {
         RootCas::Host => return host_roots(),
         RootCas::Trusted => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         RootCas::Pem(pem) => {
             for cert in CertificateDer::pem_slice_iter(pem) {
-                roots
-                    .add(cert.context("root_cas: bad PEM")?)
-                    .context("root_cas")?;
+                let cert = cert.map_err(|source| TlsSetupError::Pem {
+                    context: "root_cas: bad PEM",
+                    source,
+                })?;
+                roots.add(cert).map_err(|source| TlsSetupError::Refused {
+                    context: "root_cas",
+                    source,
+                })?;
             }
             if roots.is_empty() {
-                anyhow::bail!("root_cas: the file holds no certificate");
+                return Err(TlsSetupError::NoCertificate(
+                    "root_cas: the file holds no certificate",
+                ));
             }
         }
     }
     Ok(roots)
 }
 
-fn client_config(root_cas: &RootCas) -> anyhow::Result<ClientConfig> {
+fn client_config(root_cas: &RootCas) -> Result<ClientConfig, TlsSetupError> {
     Ok(ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(root_cas)?)
@@ -66,7 +75,7 @@ fn client_config(root_cas: &RootCas) -> anyhow::Result<ClientConfig> {
 }
 
 /// The client config for the edge's agent listener (HTTP/2 over TLS).
-pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig>> {
+pub fn edge_client_config(root_cas: &RootCas) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let mut config = client_config(root_cas)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
@@ -74,20 +83,31 @@ pub fn edge_client_config(root_cas: &RootCas) -> anyhow::Result<Arc<ClientConfig
 
 /// The client config for an HTTPS server the Mozilla roots vouch for
 /// (`postern api` to an admin API behind TLS).
-pub fn https_client_config() -> anyhow::Result<Arc<ClientConfig>> {
+pub fn https_client_config() -> Result<Arc<ClientConfig>, TlsSetupError> {
     Ok(Arc::new(client_config(&RootCas::Host)?))
 }
 
 fn chain_and_key(
     crt_pem: &[u8],
     key: &Secret,
-) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
     let certs = CertificateDer::pem_slice_iter(crt_pem)
         .collect::<Result<Vec<_>, _>>()
-        .context("crt: bad PEM")?;
-    anyhow::ensure!(!certs.is_empty(), "crt: no certificate in the file");
-    let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
-        .context("key: no private key in the file")?;
+        .map_err(|source| TlsSetupError::Pem {
+            context: "crt: bad PEM",
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::NoCertificate(
+            "crt: no certificate in the file",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes()).map_err(|source| {
+        TlsSetupError::Pem {
+            context: "key: no private key in the file",
+            source,
+        }
+    })?;
     Ok((certs, key))
 }
 
@@ -96,7 +116,7 @@ fn chain_and_key(
 pub fn upstream_client_config(
     verify: bool,
     upstream: &UpstreamTls,
-) -> anyhow::Result<Arc<ClientConfig>> {
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let builder = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?;
     let builder = if !verify {
@@ -105,17 +125,22 @@ pub fn upstream_client_config(
             .with_custom_certificate_verifier(Arc::new(NoVerify(crypto_provider())))
     } else {
         let roots = match &upstream.ca_pem {
-            Some(pem) => roots(&RootCas::Pem(pem.clone())).context("upstream_tls ca")?,
+            Some(pem) => {
+                roots(&RootCas::Pem(pem.clone())).map_err(|e| e.within("upstream_tls ca"))?
+            }
             None => roots(&RootCas::Host)?,
         };
         builder.with_root_certificates(roots)
     };
     let config = match &upstream.crt_key {
         Some((crt, key)) => {
-            let (certs, key) = chain_and_key(crt, key).context("upstream_tls")?;
+            let (certs, key) = chain_and_key(crt, key).map_err(|e| e.within("upstream_tls"))?;
             builder
                 .with_client_auth_cert(certs, key)
-                .context("upstream_tls crt/key")?
+                .map_err(|source| TlsSetupError::Refused {
+                    context: "upstream_tls crt/key",
+                    source,
+                })?
         }
         None => builder.with_no_client_auth(),
     };
@@ -128,13 +153,13 @@ pub fn agent_server_config(
     crt_pem: &[u8],
     key: &Secret,
     mutual_tls_cas: Option<&[u8]>,
-) -> anyhow::Result<Arc<ServerConfig>> {
+) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let certified = serving_key(("crt", crt_pem), ("key", key))?;
     let builder = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?;
     let builder = match mutual_tls_cas {
         Some(pem) => {
-            let cas = parse_ca_bundle(pem).context("mutual_tls_cas")?;
+            let cas = parse_ca_bundle(pem).map_err(TlsSetupError::ClientCas)?;
             let policy = Arc::new(MtlsPolicy::new(cas, Vec::new(), None));
             builder.with_client_cert_verifier(Arc::new(RequireClientCert(policy)))
         }

@@ -659,7 +659,8 @@ async fn online(agent: Agent) -> anyhow::Result<(Agent, Status)> {
         Ok(Err(_)) => Err(agent
             .wait()
             .await
-            .expect_err("an agent that stops early has failed")),
+            .expect_err("an agent that stops early has failed")
+            .into()),
         Err(_) => panic!(
             "agent not online within 20s: {:?}",
             agent.status().borrow().clone()

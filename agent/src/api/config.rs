@@ -5,13 +5,15 @@
 
 use std::net::TcpListener;
 
-use anyhow::{Context, bail};
 use postern_net::Secret;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::guard::HostRule;
-use crate::inspect::DEFAULT_DB_SIZE;
+use crate::{
+    error::{AgentError, ConfigError, bail, invalid},
+    inspect::DEFAULT_DB_SIZE,
+};
 
 /// ngrok's default address.
 const DEFAULT_HOST: &str = "127.0.0.1";
@@ -72,7 +74,7 @@ impl WebConfig {
         allow_hosts: &[String],
         auth: Option<&RawWebAuth>,
         inspect_db_size: Option<i64>,
-    ) -> anyhow::Result<WebConfig> {
+    ) -> Result<WebConfig, ConfigError> {
         let addr = match web_addr {
             None => Some(WebAddr::Default),
             Some(Value::Bool(false)) => None,
@@ -94,8 +96,8 @@ impl WebConfig {
         };
         let allow_hosts = allow_hosts
             .iter()
-            .map(|h| HostRule::parse(h).map_err(|e| anyhow::anyhow!("web_allow_hosts: {e}")))
-            .collect::<anyhow::Result<_>>()?;
+            .map(|h| HostRule::parse(h).map_err(|e| invalid!("web_allow_hosts: {e}")))
+            .collect::<Result<_, _>>()?;
         let auth = match auth {
             None => WebAuth::Open,
             Some(RawWebAuth {
@@ -117,7 +119,7 @@ impl WebConfig {
                 let (user, password) = basic
                     .split_once(':')
                     .filter(|(u, _)| !u.is_empty())
-                    .context("web_auth.basic: must be \"user:password\"")?;
+                    .ok_or_else(|| invalid!("web_auth.basic: must be \"user:password\""))?;
                 if password.len() < 8 {
                     bail!("web_auth.basic: the password needs at least 8 characters");
                 }
@@ -147,11 +149,14 @@ impl WebConfig {
     }
 
     /// Binds the API's listener (non-blocking, for tokio).
-    pub(crate) fn bind(&self) -> anyhow::Result<Option<TcpListener>> {
+    pub(crate) fn bind(&self) -> Result<Option<TcpListener>, AgentError> {
         let listener = match &self.addr {
             None => return Ok(None),
             Some(WebAddr::At(addr)) => {
-                TcpListener::bind(addr).with_context(|| format!("web_addr: binding {addr}"))?
+                TcpListener::bind(addr).map_err(|source| AgentError::WebBind {
+                    addr: addr.clone(),
+                    source,
+                })?
             }
             Some(WebAddr::Default) => {
                 let ports = DEFAULT_PORT..DEFAULT_PORT + DEFAULT_PORTS_TRIED;
@@ -171,7 +176,7 @@ impl WebConfig {
         };
         listener
             .set_nonblocking(true)
-            .context("web_addr: making the listener non-blocking")?;
+            .map_err(AgentError::WebNonBlocking)?;
         Ok(Some(listener))
     }
 }
@@ -180,7 +185,7 @@ impl WebConfig {
 mod tests {
     use super::*;
 
-    fn web(yaml: &str) -> anyhow::Result<WebConfig> {
+    fn web(yaml: &str) -> Result<WebConfig, ConfigError> {
         #[derive(Deserialize)]
         struct Keys {
             web_addr: Option<Value>,
@@ -189,7 +194,7 @@ mod tests {
             web_auth: Option<RawWebAuth>,
             inspect_db_size: Option<i64>,
         }
-        let k: Keys = serde_yaml_ng::from_str(yaml)?;
+        let k: Keys = serde_yaml_ng::from_str(yaml).map_err(ConfigError::Syntax)?;
         WebConfig::validate(
             k.web_addr.as_ref(),
             &k.web_allow_hosts,

@@ -16,6 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{config::WebAuth, guard, json};
 use crate::{
     config::{Proto, api_tunnel},
+    error::Chain,
     forward::Target,
     inspect::{self, BodyState},
     state::{AgentState, Command, CommandError},
@@ -368,10 +369,10 @@ impl Api {
         let keys: serde_yaml_ng::Value =
             serde_json::from_value(Value::Object(fields)).map_err(|e| invalid(e.to_string()))?;
         let spec = api_tunnel(&name, keys, &self.state.config.upstream_tls)
-            .map_err(|e| invalid(format!("{e:#}")))?;
+            .map_err(|e| invalid(Chain(&e).to_string()))?;
         super::warn_if_open(&self.state, &spec, self.web_addr);
         let target = Target::new(spec, self.state.captures.as_ref())
-            .map_err(|e| invalid(format!("{e:#}")))?;
+            .map_err(|e| invalid(Chain(&e).to_string()))?;
         if self.state.tunnel(&name).is_some() {
             return Err(CommandError::Exists(name).into());
         }

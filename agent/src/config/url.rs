@@ -1,9 +1,8 @@
 //! ngrok's endpoint URL (`--url`, and `url` of a version 3 endpoint) and
 //! its `--subdomain`: what name, port and scheme a tunnel asks the edge for.
 
-use anyhow::{Context, bail};
-
 use super::Proto;
+use crate::error::{ConfigError, bail, invalid};
 
 /// The scheme an endpoint URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +44,7 @@ pub struct EndpointUrl {
 }
 
 impl EndpointUrl {
-    pub fn parse(text: &str) -> anyhow::Result<EndpointUrl> {
+    pub fn parse(text: &str) -> Result<EndpointUrl, ConfigError> {
         let (scheme, rest) = match text.split_once("://") {
             Some((scheme, rest)) => {
                 let scheme = match scheme.to_ascii_lowercase().as_str() {
@@ -75,7 +74,7 @@ impl EndpointUrl {
                     .parse::<u16>()
                     .ok()
                     .filter(|p| *p != 0)
-                    .with_context(|| format!("{text:?}: {port:?} is not a port"))?;
+                    .ok_or_else(|| invalid!("{text:?}: {port:?} is not a port"))?;
                 (host, Some(port))
             }
             None => (rest, None),
@@ -92,7 +91,7 @@ impl EndpointUrl {
 
     /// Checks the URL fits a tunnel of `proto` (a `tls://` URL on an HTTP
     /// tunnel does not) and a TCP URL with a host has a port.
-    pub fn check(&self, proto: Proto) -> anyhow::Result<()> {
+    pub fn check(&self, proto: Proto) -> Result<(), ConfigError> {
         if let Some(scheme) = self.scheme
             && scheme.proto() != proto
         {
@@ -124,7 +123,7 @@ impl EndpointUrl {
 
 /// Checks ngrok's `subdomain`: labels of letters, digits and `-`,
 /// separated by dots.
-pub fn check_subdomain(subdomain: &str) -> anyhow::Result<()> {
+pub fn check_subdomain(subdomain: &str) -> Result<(), ConfigError> {
     let valid_label = |label: &str| {
         (1..=63).contains(&label.len())
             && label

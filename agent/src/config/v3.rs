@@ -4,10 +4,10 @@
 //! tunnel whose protocol is its URL's scheme and whose `addr` is its
 //! `upstream.url`. `tunnels:` (version 2 keys) may still be given.
 
-use anyhow::{Context, bail};
 use serde_yaml_ng::{Mapping, Value};
 
 use super::url::EndpointUrl;
+use crate::error::{ConfigError, bail, invalid};
 
 /// Whether the merged config is a version 3 file.
 pub fn is_v3(value: &Value) -> bool {
@@ -31,7 +31,7 @@ pub fn v3_name(v2: &str) -> &str {
 }
 
 /// A version 3 config as version 2.
-pub fn to_v2(map: Mapping) -> anyhow::Result<Mapping> {
+pub fn to_v2(map: Mapping) -> Result<Mapping, ConfigError> {
     let mut out = Mapping::new();
     let mut tunnels = Mapping::new();
     for (key, value) in map {
@@ -57,7 +57,7 @@ pub fn to_v2(map: Mapping) -> anyhow::Result<Mapping> {
     Ok(out)
 }
 
-fn agent_keys(value: Value, out: &mut Mapping) -> anyhow::Result<()> {
+fn agent_keys(value: Value, out: &mut Mapping) -> Result<(), ConfigError> {
     let map = match value {
         Value::Mapping(map) => map,
         Value::Null => return Ok(()),
@@ -80,7 +80,7 @@ fn agent_keys(value: Value, out: &mut Mapping) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn endpoints(value: Value, tunnels: &mut Mapping) -> anyhow::Result<()> {
+fn endpoints(value: Value, tunnels: &mut Mapping) -> Result<(), ConfigError> {
     let list = match value {
         Value::Sequence(list) => list,
         Value::Null => return Ok(()),
@@ -105,13 +105,13 @@ fn endpoints(value: Value, tunnels: &mut Mapping) -> anyhow::Result<()> {
 }
 
 /// One endpoint as a version 2 tunnel.
-fn endpoint(map: Mapping, field: &str) -> anyhow::Result<Mapping> {
+fn endpoint(map: Mapping, field: &str) -> Result<Mapping, ConfigError> {
     let mut tunnel = Mapping::new();
     let url = match map.get("url") {
         None | Some(Value::Null) => None,
         Some(Value::String(url)) if url.is_empty() => None,
         Some(Value::String(url)) => {
-            Some(EndpointUrl::parse(url).with_context(|| format!("{field}.url"))?)
+            Some(EndpointUrl::parse(url).map_err(|e| e.within(format!("{field}.url")))?)
         }
         Some(_) => bail!("{field}.url: a string such as https://app.example.com"),
     };
@@ -142,9 +142,10 @@ fn endpoint(map: Mapping, field: &str) -> anyhow::Result<Mapping> {
             "traffic_policy_file" => {
                 let path = value
                     .as_str()
-                    .with_context(|| format!("{field}.traffic_policy_file: a file path"))?;
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("{field}.traffic_policy_file: reading {path}"))?;
+                    .ok_or_else(|| invalid!("{field}.traffic_policy_file: a file path"))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::field(format!("{field}.traffic_policy_file: reading {path}"), e)
+                })?;
                 policy_file = Some(text);
             }
             "bindings" => bindings(&value, url.as_ref(), field)?,
@@ -176,7 +177,7 @@ fn upstream(
     proto: super::Proto,
     field: &str,
     tunnel: &mut Mapping,
-) -> anyhow::Result<()> {
+) -> Result<(), ConfigError> {
     let Value::Mapping(map) = value else {
         bail!("{field}.upstream: a map with url (and protocol, proxy_protocol)");
     };
@@ -184,7 +185,7 @@ fn upstream(
         match key.as_str().unwrap_or("?") {
             "url" => {
                 let addr = super::scalar(&value)
-                    .with_context(|| format!("{field}.upstream.url: a port or an address"))?;
+                    .ok_or_else(|| invalid!("{field}.upstream.url: a port or an address"))?;
                 tunnel.insert("addr".into(), Value::from(upstream_addr(&addr, proto)));
             }
             "protocol" => match value.as_str() {
@@ -221,7 +222,7 @@ fn upstream_addr(addr: &str, proto: super::Proto) -> String {
 
 /// `bindings`: exactly one of `public` (the default) and `internal`
 /// (which needs a `.internal` URL); `kubernetes` is not served here.
-fn bindings(value: &Value, url: Option<&EndpointUrl>, field: &str) -> anyhow::Result<()> {
+fn bindings(value: &Value, url: Option<&EndpointUrl>, field: &str) -> Result<(), ConfigError> {
     let list: Vec<&str> = match value {
         Value::Sequence(items) => items.iter().filter_map(Value::as_str).collect(),
         Value::String(one) => vec![one.as_str()],
@@ -250,7 +251,7 @@ fn agent_tls(
     proto: super::Proto,
     field: &str,
     tunnel: &mut Mapping,
-) -> anyhow::Result<()> {
+) -> Result<(), ConfigError> {
     if proto != super::Proto::Tls {
         bail!("{field}.agent_tls_termination: only for tls:// URLs");
     }
