@@ -259,6 +259,58 @@ async fn modules_and_a_traffic_policy_in_the_bind_are_enforced() {
     assert_eq!(status, 403, "{head}");
 }
 
+/// The SDK's other HTTP module options, each acting as the same option in
+/// a Postern agent's config does (tests/tests/modules.rs).
+#[tokio::test]
+async fn the_sdks_compression_webhook_user_agent_and_header_options_act() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let session = session(&edge).await;
+    let host = format!("options-sdk.{DOMAIN}");
+    let _fwd = session
+        .http_endpoint()
+        .domain(&host)
+        .compression()
+        .circuit_breaker(0.5)
+        .webhook_verification("gitlab", "s3cret-token")
+        .allow_user_agent("(?i)friendlybot")
+        .deny_user_agent("(?i)bot")
+        .remove_request_header("x-secret")
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the bind with every option succeeds");
+    let good: &[&str] = &[
+        "-H",
+        "x-gitlab-token: s3cret-token",
+        "-H",
+        "x-secret: hush",
+        "-H",
+        "accept-encoding: gzip",
+        "--compressed",
+    ];
+    // The webhook's token is checked before anything is forwarded.
+    let (code, head, _) = edge.fetch(&host, "/echo", &[]).await;
+    assert_eq!(code, 403, "{head}");
+    assert!(head.contains("err_postern_3204"), "{head}");
+    // Compressed on the way (curl decodes it), the secret header removed.
+    // (The SDK's `host_header_rewrite` is done by its forwarder, not the
+    // edge, so it is not tested here.)
+    let (code, head, body) = edge.fetch(&host, "/bytes/5000", good).await;
+    assert_eq!((code, body.len()), (200, 5000), "{head}");
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let seen = upstream.last("/bytes/5000");
+    assert!(!seen.headers.contains_key("x-secret"));
+    // The user-agent filter: deny wins unless an allow matches.
+    let mut bot = good.to_vec();
+    bot.extend(["-A", "EvilBot/1.0"]);
+    let (code, head, _) = edge.fetch(&host, "/echo", &bot).await;
+    assert_eq!(code, 403);
+    assert!(head.contains("err_postern_3211"), "{head}");
+    let mut friend = good.to_vec();
+    friend.extend(["-A", "FriendlyBot/2.0"]);
+    assert_eq!(edge.fetch(&host, "/echo", &friend).await.0, 200);
+}
+
 /// Unimplemented options are refused by name, not ignored.
 #[tokio::test]
 async fn options_postern_does_not_implement_are_refused() {
