@@ -41,7 +41,8 @@ use crate::cluster::{ClusterNode, KeyType, ReservedDomain};
 
 /// How often the names are looked at when nothing changes.
 const SCAN: Duration = Duration::from_secs(60);
-/// The longest one order may take, from the new order to the chain.
+/// The longest one order may take, from the new order to the chain,
+/// besides the DNS hook's time (see [`AcmeConfig::order_timeout`]).
 const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Why an order or a stored certificate failed.
@@ -374,13 +375,12 @@ async fn run(
             if shared.due(&name, now) <= now {
                 shared.with_status(&name, |s| s.ordering_since = Some(now));
                 tracing::info!(name, "ordering an ACME certificate");
-                let order = tokio::time::timeout(
-                    ORDER_TIMEOUT,
-                    shared.issue(&mut account, &name, key_type),
-                );
+                let limit = shared.config.order_timeout(ORDER_TIMEOUT);
+                let order =
+                    tokio::time::timeout(limit, shared.issue(&mut account, &name, key_type));
                 let result = tokio::select! {
                     _ = stop.cancelled() => return,
-                    result = order => result.unwrap_or(Err(AcmeError::Timeout(ORDER_TIMEOUT))),
+                    result = order => result.unwrap_or(Err(AcmeError::Timeout(limit))),
                 };
                 if result.is_err() {
                     // Made again on the next try: the CA may have

@@ -95,6 +95,15 @@ pub struct AcmeConfig {
 }
 
 impl AcmeConfig {
+    /// How long an order may take: `base`, plus, with a DNS hook, the
+    /// hook's own bound and its propagation wait (a long `dns_hook_wait`
+    /// must not make every order time out).
+    pub fn order_timeout(&self, base: Duration) -> Duration {
+        self.dns_hook
+            .as_ref()
+            .map_or(base, |hook| base + super::issue::HOOK_TIMEOUT + hook.wait)
+    }
+
     /// The external account binding's HMAC key, decoded.
     pub fn eab_hmac(&self) -> Option<(String, Vec<u8>)> {
         self.eab.as_ref().map(|(kid, key)| {
@@ -272,11 +281,19 @@ mod tests {
         assert!(config.eab.is_none() && config.contact.is_none());
         assert_eq!(config.challenge, Challenge::Http01);
         assert!(config.dns_hook.is_none());
+        let base = Duration::from_secs(180);
+        assert_eq!(config.order_timeout(base), base);
         let config = check(
             r#"challenge = "dns-01"
 dns_hook = ["sh", "-c", "exit 0"]"#,
         )
         .unwrap();
+        let base = Duration::from_secs(180);
+        assert_eq!(
+            config.order_timeout(base),
+            base + super::super::issue::HOOK_TIMEOUT + Duration::from_secs(10),
+            "the hook's time is added to an order's"
+        );
         let hook = config.dns_hook.unwrap();
         assert_eq!((hook.argv.len(), hook.wait), (3, Duration::from_secs(10)));
     }

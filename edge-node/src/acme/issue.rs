@@ -18,7 +18,7 @@ use super::{AcmeConfig, AcmeError, Challenge, DnsHook};
 use crate::cluster::KeyType;
 
 /// How long the DNS hook may take to publish or withdraw a record.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one request to the CA may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the CA may take to validate and to issue.
