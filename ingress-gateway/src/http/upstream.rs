@@ -290,7 +290,9 @@ impl Upstreams {
         let mut retried = false;
         let mut req = req;
         loop {
-            let (id, mut sender, served) = self.checkout(pool).await?;
+            // The retry takes a new connection: the parked ones may all
+            // have lost their agent at the same moment as the first.
+            let (id, mut sender, served) = self.checkout(pool, retried).await?;
             let result = sender.try_send_request(req).await;
             self.checkin(id, sender);
             match settle(result, served, &mut retried) {
@@ -300,16 +302,18 @@ impl Upstreams {
         }
     }
 
-    /// A connection to `pool`'s upstream that is ready for a request, now
-    /// driven by this visitor connection's task.
+    /// A connection to `pool`'s upstream that is ready for a request (a
+    /// parked one unless `fresh`), now driven by this visitor connection's
+    /// task.
     async fn checkout(
         &self,
         pool: &Arc<PoolInner>,
+        fresh: bool,
     ) -> Result<(u64, H1Sender, ServedBy), UpstreamError> {
         let driver = self.active.lock().expect("upstreams lock").waker.clone();
         let parked = match &driver {
-            Some(waker) => pool.unpark(&mut Context::from_waker(waker)),
-            None => None,
+            Some(waker) if !fresh => pool.unpark(&mut Context::from_waker(waker)),
+            _ => None,
         };
         let upstream = match parked {
             Some(upstream) => upstream,
