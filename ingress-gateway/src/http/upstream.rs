@@ -147,16 +147,9 @@ impl PoolInner {
     }
 
     async fn connect_h1(&self) -> Result<H1, UpstreamError> {
-        let io = self
-            .connector
-            .connect()
-            .await
-            .map_err(UpstreamError::from)?;
+        let io = self.connector.connect().await?;
         let served = io.served.clone();
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(UpstreamError::from)?;
+        let (sender, conn) = http1::Builder::new().handshake(io).await?;
         Ok(H1 {
             sender,
             conn: Box::pin(conn.with_upgrades()),
@@ -176,16 +169,11 @@ impl PoolInner {
                 match shared.as_ref().filter(|(s, _)| !s.is_closed()) {
                     Some(open) => open.clone(),
                     None => {
-                        let io = self
-                            .connector
-                            .connect()
-                            .await
-                            .map_err(UpstreamError::from)?;
+                        let io = self.connector.connect().await?;
                         let served = io.served.clone();
                         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                             .handshake(io)
-                            .await
-                            .map_err(UpstreamError::from)?;
+                            .await?;
                         tokio::spawn(async move {
                             if let Err(e) = conn.await {
                                 tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
