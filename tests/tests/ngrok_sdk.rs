@@ -606,3 +606,83 @@ async fn an_sdk_session_is_routable_across_regions() {
     let _fwd = forward_http(&session, &host, &upstream).await;
     until_served(eu, &host, "the SDK's endpoint served at eu").await;
 }
+
+/// Pooled, two SDK sessions serve one name: one forwards to an upstream,
+/// the other takes each connection, reads the request head and hangs up
+/// without an answer. A GET that got no response is sent to the other
+/// member (no visitor sees the hang-up); a POST is never sent twice and
+/// gets the 502.
+#[tokio::test]
+async fn an_idempotent_request_without_a_response_goes_to_another_pool_member_and_a_post_does_not()
+{
+    use futures_util::StreamExt;
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = format!("pool.{DOMAIN}");
+    let (good, bad) = (session(&edge).await, session(&edge).await);
+    let _fwd = good
+        .http_endpoint()
+        .domain(&host)
+        .pooling_enabled(true)
+        .listen_and_forward(url(upstream.addr, "http"))
+        .await
+        .expect("the first member binds");
+    let mut hanging_up = bad
+        .http_endpoint()
+        .domain(&host)
+        .pooling_enabled(true)
+        .listen()
+        .await
+        .expect("the second member binds");
+    let saw = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = saw.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(mut conn)) = hanging_up.next().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&head);
+            let method = line.split(' ').next().unwrap_or_default().to_string();
+            record.lock().unwrap().push(method);
+        }
+    });
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+
+    // POSTs first: a GET's retry leaves its new connection (to the other
+    // member) parked for reuse, and later requests would take it.
+    let mut refused = 0;
+    for i in 0..10 {
+        let body = Bytes::from_static(b"once only");
+        let r = client
+            .request(&host, "POST", &format!("/post/{i}"), body)
+            .await
+            .unwrap();
+        match r.status.as_u16() {
+            200 => {}
+            502 => refused += 1,
+            other => panic!("POST {i}: {other} {}", r.text()),
+        }
+    }
+    let bad_posts = saw.lock().unwrap().len();
+    assert!(refused >= 1, "the hanging-up member was never picked");
+    assert_eq!(bad_posts, refused, "each failed POST was sent once only");
+    assert!(saw.lock().unwrap().iter().all(|m| m == "POST"));
+    assert_eq!(upstream.requests().len(), 10 - refused);
+
+    for i in 0..10 {
+        let r = client.get(&host, &format!("/get/{i}")).await.unwrap();
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+    }
+    let bad_gets = saw.lock().unwrap().len() - bad_posts;
+    assert!(bad_gets >= 1, "the hanging-up member was never sent a GET");
+    assert_eq!(
+        upstream.requests().len(),
+        10 - refused + 10,
+        "the other member answered every GET"
+    );
+}

@@ -21,6 +21,7 @@ use std::{
 };
 
 use http::{Request, Response, Uri};
+use http_body_util::Full;
 use hyper::{
     body::Incoming,
     client::conn::{TrySendError, http1, http2},
@@ -38,6 +39,9 @@ use crate::{
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle upstream connections kept per pool at most.
 const MAX_IDLE: usize = 256;
+/// Times a request that got no response is sent, at most: on the parked
+/// connection, then on new ones (another pool member's when there is one).
+const ATTEMPTS: usize = 3;
 
 /// An HTTP/1.1 connection with upgrades (hyper does not name its type).
 type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
@@ -109,7 +113,7 @@ impl UpstreamPool {
 
     /// A tunnel stream of its own, outside the HTTP connections.
     pub(crate) async fn open_stream(&self) -> Result<TunnelConn, Failure> {
-        self.inner.connector.connect().await
+        self.inner.connector.connect(&[]).await
     }
 }
 
@@ -146,8 +150,10 @@ impl PoolInner {
         }
     }
 
-    async fn connect_h1(&self) -> Result<H1, UpstreamError> {
-        let io = self.connector.connect().await?;
+    /// A new connection, from another pool member than the `avoid`ed
+    /// endpoints when there is one.
+    async fn connect_h1(&self, avoid: &[&str]) -> Result<H1, UpstreamError> {
+        let io = self.connector.connect(avoid).await?;
         let served = io.served.clone();
         let (sender, conn) = http1::Builder::new().handshake(io).await?;
         Ok(H1 {
@@ -161,7 +167,7 @@ impl PoolInner {
         &self,
         req: Request<VisitorBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut retried = false;
+        let mut retry = Retry::default();
         let mut req = req;
         loop {
             let (mut sender, served) = {
@@ -169,7 +175,7 @@ impl PoolInner {
                 match shared.as_ref().filter(|(s, _)| !s.is_closed()) {
                     Some(open) => open.clone(),
                     None => {
-                        let io = self.connector.connect().await?;
+                        let io = self.connector.connect(&retry.avoid()).await?;
                         let served = io.served.clone();
                         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                             .handshake(io)
@@ -184,35 +190,68 @@ impl PoolInner {
                     }
                 }
             };
-            match settle(sender.try_send_request(req).await, served, &mut retried) {
+            let replay = replay(&req);
+            match retry.settle(sender.try_send_request(req).await, served, replay) {
                 ControlFlow::Break(result) => return result,
-                ControlFlow::Continue(unsent) => req = unsent,
+                ControlFlow::Continue(again) => req = again,
             }
         }
     }
 }
 
-/// What one attempt at sending a request came to: the response, marked
-/// with the endpoint that served it; or, the first time the request came
-/// back unsent (its connection had closed), the request to send again;
-/// or the error.
-fn settle(
-    result: Result<Response<Incoming>, TrySendError<Request<VisitorBody>>>,
-    served: ServedBy,
-    retried: &mut bool,
-) -> ControlFlow<Result<Response<Incoming>, UpstreamError>, Request<VisitorBody>> {
-    match result {
-        Ok(mut response) => {
-            response.extensions_mut().insert(served);
-            ControlFlow::Break(Ok(response))
-        }
-        Err(mut e) => match e.take_message() {
-            Some(unsent) if !*retried => {
-                *retried = true;
-                ControlFlow::Continue(unsent)
+/// A copy of a request's head to send it again if it gets no response:
+/// kept for idempotent methods without a body (RFC 9110 section 9.2.2), the
+/// requests nginx's `proxy_next_upstream` and Go's HTTP client also send
+/// again. Other requests are sent again only when they never left.
+fn replay(req: &Request<VisitorBody>) -> Option<Request<VisitorBody>> {
+    if !req.method().is_idempotent() || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(VisitorBody::Read(Full::default()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The attempts at one request so far: the endpoints whose connections
+/// failed it.
+#[derive(Default)]
+struct Retry {
+    failed: Vec<ServedBy>,
+}
+
+impl Retry {
+    /// The endpoints a new connection should come from only when no other
+    /// pool member is left.
+    fn avoid(&self) -> Vec<&str> {
+        self.failed.iter().map(|s| s.0.id.as_str()).collect()
+    }
+
+    /// What one attempt came to: the response, marked with the endpoint
+    /// that served it; or the request to send again (it never left, or
+    /// `replay` holds it) while attempts remain; or the error.
+    fn settle(
+        &mut self,
+        result: Result<Response<Incoming>, TrySendError<Request<VisitorBody>>>,
+        served: ServedBy,
+        replay: Option<Request<VisitorBody>>,
+    ) -> ControlFlow<Result<Response<Incoming>, UpstreamError>, Request<VisitorBody>> {
+        match result {
+            Ok(mut response) => {
+                response.extensions_mut().insert(served);
+                ControlFlow::Break(Ok(response))
             }
-            _ => ControlFlow::Break(Err(UpstreamError::Hyper(e.into_error()))),
-        },
+            Err(mut e) => match e.take_message().or(replay) {
+                Some(again) if self.failed.len() + 1 < ATTEMPTS => {
+                    tracing::debug!(endpoint = %served.0.id, error = %e.error(), "request got no response; sending it again");
+                    self.failed.push(served);
+                    ControlFlow::Continue(again)
+                }
+                _ => ControlFlow::Break(Err(UpstreamError::Hyper(e.into_error()))),
+            },
+        }
     }
 }
 
@@ -275,37 +314,38 @@ impl Upstreams {
         if pool.http2 {
             return pool.send_h2(req).await;
         }
-        let mut retried = false;
+        let mut retry = Retry::default();
         let mut req = req;
         loop {
-            // The retry takes a new connection: the parked ones may all
-            // have lost their agent at the same moment as the first.
-            let (id, mut sender, served) = self.checkout(pool, retried).await?;
+            // A retry takes a new connection: the parked ones may all have
+            // lost their agent at the same moment as the first.
+            let (id, mut sender, served) = self.checkout(pool, &retry).await?;
+            let replay = replay(&req);
             let result = sender.try_send_request(req).await;
             self.checkin(id, sender);
-            match settle(result, served, &mut retried) {
+            match retry.settle(result, served, replay) {
                 ControlFlow::Break(result) => return result,
-                ControlFlow::Continue(unsent) => req = unsent,
+                ControlFlow::Continue(again) => req = again,
             }
         }
     }
 
     /// A connection to `pool`'s upstream that is ready for a request (a
-    /// parked one unless `fresh`), now driven by this visitor connection's
-    /// task.
+    /// parked one on the first attempt), now driven by this visitor
+    /// connection's task.
     async fn checkout(
         &self,
         pool: &Arc<PoolInner>,
-        fresh: bool,
+        retry: &Retry,
     ) -> Result<(u64, H1Sender, ServedBy), UpstreamError> {
         let driver = self.active.lock().expect("upstreams lock").waker.clone();
         let parked = match &driver {
-            Some(waker) if !fresh => pool.unpark(&mut Context::from_waker(waker)),
+            Some(waker) if retry.failed.is_empty() => pool.unpark(&mut Context::from_waker(waker)),
             _ => None,
         };
         let upstream = match parked {
             Some(upstream) => upstream,
-            None => pool.connect_h1().await?,
+            None => pool.connect_h1(&retry.avoid()).await?,
         };
         let mut active = self.active.lock().expect("upstreams lock");
         let id = active.next_id;
@@ -431,15 +471,21 @@ struct ConnectorInner {
 }
 
 impl ConnectorInner {
-    /// A stream from this endpoint's agent or, when it is gone, another
-    /// member of the pool; and the endpoint that gave it.
-    async fn claim(&self) -> Result<(Arc<Endpoint>, ClaimedStream), Failure> {
+    /// A stream from this endpoint's agent or, when it is gone or among
+    /// the `avoid`ed endpoints, another member of the pool; and the endpoint
+    /// that gave it.
+    async fn claim(&self, avoid: &[&str]) -> Result<(Arc<Endpoint>, ClaimedStream), Failure> {
         let pool = self.pool.upgrade();
         let member = pool.as_ref().and_then(|pool| {
-            pool.members()
+            let own = pool
+                .members()
                 .iter()
                 .find(|m| Arc::ptr_eq(&m.endpoint, &self.endpoint))
-                .cloned()
+                .cloned()?;
+            if avoid.contains(&own.endpoint.id.as_str()) {
+                return pool.pick(avoid).or(Some(own));
+            }
+            Some(own)
         });
         match (pool, member) {
             (Some(pool), Some(member)) => {
@@ -451,8 +497,8 @@ impl ConnectorInner {
     }
 
     /// "Connects" to the upstream by claiming a data stream from the agent.
-    async fn connect(&self) -> Result<TunnelConn, Failure> {
-        let (endpoint, claimed) = self.claim().await?;
+    async fn connect(&self, avoid: &[&str]) -> Result<TunnelConn, Failure> {
+        let (endpoint, claimed) = self.claim(avoid).await?;
         let open = pb::Frame {
             open: Some(pb::StreamOpen {
                 endpoint_id: endpoint.id.clone(),
