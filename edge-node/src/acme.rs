@@ -35,7 +35,7 @@ use postern_config_sync::Change;
 use postern_ingress::{AcmeChallenges, CertSource, CertStore, ServingCert};
 use postern_net::Pem;
 use tokio::{sync::broadcast, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::cluster::{ClusterNode, KeyType, ReservedDomain};
 
@@ -112,6 +112,8 @@ struct Shared {
     status: Mutex<HashMap<String, CertStatus>>,
     issued: AtomicU64,
     failed: AtomicU64,
+    /// DNS hook cleanups still running; shutdown waits for them.
+    cleanups: TaskTracker,
 }
 
 /// The node's certificate manager.
@@ -157,6 +159,7 @@ impl Acme {
             status: Mutex::default(),
             issued: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            cleanups: TaskTracker::new(),
         });
         // What the snapshot of the cluster's config says is managed: a
         // name no longer reserved with a policy is not served again.
@@ -222,7 +225,8 @@ impl Acme {
         ]
     }
 
-    /// Stops ordering (an order in flight is abandoned) and joins the task.
+    /// Stops ordering (an order in flight is abandoned), joins the task
+    /// and waits for the DNS hook to withdraw the abandoned order's records.
     pub async fn shutdown(&self) {
         self.stop.cancel();
         let task = self.task.lock().expect("acme task lock").take();
@@ -231,6 +235,8 @@ impl Acme {
         {
             tracing::warn!(error = %e, "the ACME task ended abnormally");
         }
+        self.shared.cleanups.close();
+        self.shared.cleanups.wait().await;
     }
 }
 
@@ -294,7 +300,7 @@ impl Shared {
         let account = account.as_ref().expect("made above");
         let issued = issue::order(
             account,
-            &self.challenges,
+            (&self.challenges, &self.cleanups),
             (self.config.challenge, self.config.dns_hook.as_ref()),
             name,
             key_type,

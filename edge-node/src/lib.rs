@@ -412,12 +412,12 @@ impl Edge {
     /// Drains: refuse new sessions and connections, let in-flight work
     /// finish within the grace period, then close agent sessions, then
     /// flush the event pipeline (bounded by `events.flush_timeout`).
-    pub async fn shutdown(self) -> Result<(), ShutdownError> {
+    pub async fn shutdown(self) -> Result<Drained, ShutdownError> {
         tracing::info!(grace = ?self.config.drain_grace, "draining");
         self.ready
             .store(false, std::sync::atomic::Ordering::Relaxed);
         self.registry.start_drain();
-        self.gateway.drain(self.config.drain_grace).await;
+        let within_grace = self.gateway.drain(self.config.drain_grace).await;
         self.registry.shutdown().await;
         if let Some((ssh, _)) = self.ssh {
             ssh.shutdown(STOP_WAIT).await;
@@ -453,8 +453,16 @@ impl Edge {
         }
         grpc?;
         tracing::info!("edge node stopped");
-        Ok(())
+        Ok(Drained { within_grace })
     }
+}
+
+/// How a drain went.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    /// Every visitor connection and the work it started ended within
+    /// `drain_grace`; false when the rest were cut.
+    pub within_grace: bool,
 }
 
 /// Runs a node until `shutdown` resolves, then drains.
@@ -465,7 +473,8 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let edge = Edge::start(config, listeners).await?;
     shutdown.await;
-    Ok(edge.shutdown().await?)
+    edge.shutdown().await?;
+    Ok(())
 }
 
 /// The gateway's certificates: the configured ones, and the dev CA's when

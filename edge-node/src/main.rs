@@ -91,7 +91,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let stopped = edge.shutdown().await;
     telemetry.shutdown().await;
-    Ok(stopped?)
+    stopped?;
+    Ok(())
 }
 
 fn print_dev_banner(edge: &postern_edge::Edge, token: &str, api_key: &str) {

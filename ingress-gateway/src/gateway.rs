@@ -32,7 +32,7 @@ use futures_util::future::BoxFuture;
 use http::Request;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use postern_events::Decision;
@@ -53,7 +53,7 @@ use tracing::Instrument;
 use crate::{
     acme_challenge::{ACME_TLS_ALPN, AcmeChallenges},
     endpoint::{Endpoint, EndpointKind, Location, ServedBy, StreamSource, TerminateAt, open_frame},
-    http::{self as proxy, ConnInfo, UpstreamPool, Upstreams, VisitorBody},
+    http::{self as proxy, ConnInfo, Tracked, UpstreamPool, Upstreams, VisitorBody},
     metrics::{Counter, Metrics},
     oauth::{IdpHttp, OAuthEndpoint, OAuthService},
     outcome::{self, ConnRecord, Counted, HttpRecord, Outcomes},
@@ -204,7 +204,7 @@ struct Inner {
     internal: RwLock<Router<Arc<Route>>>,
     tcp_routes: Mutex<HashMap<u16, TcpRoute>>,
     bindings: Mutex<HashMap<String, Binding>>,
-    http: auto::Builder<TokioExecutor>,
+    http: auto::Builder<Tracked>,
     graceful: Mutex<Option<GracefulShutdown>>,
     tracker: TaskTracker,
     stop_accepting: CancellationToken,
@@ -240,7 +240,8 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: GatewayConfig, certs: Arc<CertStore>, outcomes: Outcomes) -> Gateway {
-        let mut http = auto::Builder::new(TokioExecutor::new());
+        let tracker = TaskTracker::new();
+        let mut http = auto::Builder::new(Tracked(tracker.clone()));
         http.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
@@ -291,7 +292,7 @@ impl Gateway {
                 bindings: Mutex::new(HashMap::new()),
                 http,
                 graceful: Mutex::new(Some(GracefulShutdown::new())),
-                tracker: TaskTracker::new(),
+                tracker,
                 stop_accepting: CancellationToken::new(),
                 rates,
                 http_client,
@@ -364,8 +365,9 @@ impl Gateway {
     }
 
     /// Stops accepting, lets HTTP connections finish their requests and
-    /// piped connections run, for at most `grace`.
-    pub async fn drain(&self, grace: Duration) {
+    /// piped connections run, for at most `grace`; whether all of them
+    /// finished within it.
+    pub async fn drain(&self, grace: Duration) -> bool {
         self.inner.stop_accepting.cancel();
         let graceful = self.inner.graceful.lock().expect("graceful lock").take();
         self.inner.tracker.close();
@@ -375,8 +377,10 @@ impl Gateway {
             }
             self.inner.tracker.wait().await;
         };
-        if tokio::time::timeout(grace, all_done).await.is_err() {
+        let within = tokio::time::timeout(grace, all_done).await.is_ok();
+        if !within {
             tracing::warn!(grace = ?grace, "drain grace period over; closing the remaining connections");
         }
+        within
     }
 }

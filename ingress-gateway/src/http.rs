@@ -34,6 +34,21 @@ use crate::{
     outcome::{Counted, TlsMeta},
 };
 
+/// Runs the tasks hyper starts (an HTTP/2 connection's streams and
+/// driver) on the gateway's task tracker, so drain waits for them.
+#[derive(Clone)]
+pub(crate) struct Tracked(pub tokio_util::task::TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
+    }
+}
+
 /// Any error a body may end with.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 

@@ -366,11 +366,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
             .unwrap_or_else(|| panic!("no counter {name}"))
     }
 
-    /// Drains and stops the node.
-    pub async fn stop(&mut self) {
-        if let Some(edge) = self.edge.take() {
-            edge.shutdown().await.expect("edge drains cleanly");
-        }
+    /// Drains and stops the node; how the drain went, when the node ran
+    /// in this process.
+    pub async fn stop(&mut self) -> Option<postern_edge::Drained> {
+        let edge = self.edge.take()?;
+        Some(edge.shutdown().await.expect("edge drains cleanly"))
     }
 
     /// Starts the node again on the same ports and data directory.

@@ -60,6 +60,27 @@ async fn grpc_calls_of_every_kind_through_an_h2c_upstream() {
     }
 }
 
+/// The HTTP/2 upstream connection stays open between calls, for the next
+/// visitor; a drain does not wait for it to time out: the pool lets go of
+/// it and it closes once idle, well within the drain grace.
+#[tokio::test]
+async fn an_idle_http2_upstream_connection_does_not_hold_up_a_drain() {
+    let mut edge = TestEdge::start().await;
+    let (_server, port) = grpc_server(None).await;
+    let host = "grpc.example.test";
+    let (_agent, _) = edge
+        .agent(&format!(
+            "  grpc:\n    proto: http\n    addr: {port}\n    domain: {host}\n    upstream_protocol: http2\n"
+        ))
+        .await;
+    assert_eq!(grpc_client(&edge, host).await, grpc_expected());
+    let drained = edge.stop().await.expect("an in-process edge");
+    assert!(
+        drained.within_grace,
+        "the drain waited out its grace for an idle upstream connection"
+    );
+}
+
 #[tokio::test]
 async fn grpc_through_a_tls_upstream_and_http1_upstreams_unaffected() {
     let edge = TestEdge::start().await;

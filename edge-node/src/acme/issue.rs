@@ -13,6 +13,7 @@ use instant_acme::{
     ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use postern_ingress::{AcmeChallenges, IdpHttp};
+use tokio_util::task::TaskTracker;
 
 use super::{AcmeConfig, AcmeError, Challenge, DnsHook};
 use crate::cluster::KeyType;
@@ -102,7 +103,7 @@ pub(super) struct Issued {
 /// wildcard, and every name when `kind` is DNS-01, through `dns_hook`.
 pub(super) async fn order(
     account: &Account,
-    challenges: &Arc<AcmeChallenges>,
+    (challenges, cleanups): (&Arc<AcmeChallenges>, &TaskTracker),
     (kind, dns_hook): (Challenge, Option<&DnsHook>),
     domain: &str,
     key_type: KeyType,
@@ -111,6 +112,7 @@ pub(super) async fn order(
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
     let mut answers = Answers {
         challenges: challenges.clone(),
+        cleanups: cleanups.clone(),
         http01: Vec::new(),
         tls_alpn01: Vec::new(),
         dns01: Vec::new(),
@@ -191,6 +193,8 @@ pub(super) async fn order(
 /// the order ends.
 struct Answers {
     challenges: Arc<AcmeChallenges>,
+    /// Where the DNS hook's cleanups run (a drop cannot await them).
+    cleanups: TaskTracker,
     http01: Vec<String>,
     tls_alpn01: Vec<String>,
     /// The hook, the record's name and its value.
@@ -206,7 +210,7 @@ impl Drop for Answers {
             self.challenges.remove_tls_alpn01(name);
         }
         for (hook, record, value) in self.dns01.drain(..) {
-            tokio::spawn(async move {
+            self.cleanups.spawn(async move {
                 if let Err(e) = run_hook(&hook, "cleanup", &record, &value).await {
                     tracing::warn!(error = %e, "the DNS-01 record was not withdrawn");
                 }

@@ -10,7 +10,7 @@ where
 {
     let conn = Arc::new(conn);
     let pools: Arc<Mutex<HashMap<String, UpstreamPool>>> = Arc::default();
-    let upstreams = Upstreams::new(inner.tracker.clone());
+    let upstreams = Upstreams::new(inner.tracker.clone(), inner.stop_accepting.clone());
     let service_inner = inner.clone();
     let service_upstreams = upstreams.clone();
     let service = service_fn(move |req: Request<Incoming>| {

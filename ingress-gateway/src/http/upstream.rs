@@ -26,10 +26,10 @@ use hyper::{
     body::Incoming,
     client::conn::{TrySendError, http1, http2},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use postern_proto::{ErrorCode, Failure, pb, tunnel_io};
 
-use super::{TunnelConn, VisitorBody};
+use super::{Tracked, TunnelConn, VisitorBody};
 use crate::{
     endpoint::{ClaimedStream, Endpoint, ServedBy},
     route::Pool,
@@ -163,8 +163,13 @@ impl PoolInner {
         })
     }
 
+    /// Sends `req` on the HTTP/2 connection all requests share, opened
+    /// when there is none. Its tasks run on `upstreams`' tracker; once the
+    /// gateway drains, the pool lets go of it, and it closes when its last
+    /// request is answered.
     async fn send_h2(
-        &self,
+        self: &Arc<Self>,
+        upstreams: &Upstreams,
         req: Request<VisitorBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut retry = Retry::default();
@@ -177,11 +182,23 @@ impl PoolInner {
                     None => {
                         let io = self.connector.connect(&retry.avoid()).await?;
                         let served = io.served.clone();
-                        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                            .handshake(io)
-                            .await?;
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
+                        let (sender, conn) =
+                            http2::Builder::new(Tracked(upstreams.tracker.clone()))
+                                .handshake(io)
+                                .await?;
+                        let (pool, draining) = (Arc::downgrade(self), upstreams.draining.clone());
+                        upstreams.tracker.spawn(async move {
+                            let mut conn = std::pin::pin!(conn);
+                            let ended = tokio::select! {
+                                ended = &mut conn => ended,
+                                () = draining.cancelled() => {
+                                    if let Some(pool) = pool.upgrade() {
+                                        pool.h2.lock().await.take();
+                                    }
+                                    conn.await
+                                }
+                            };
+                            if let Err(e) = ended {
                                 tracing::debug!(error = %e, "HTTP/2 upstream connection ended");
                             }
                         });
@@ -261,6 +278,8 @@ impl Retry {
 pub(crate) struct Upstreams {
     active: Arc<Mutex<Active>>,
     tracker: tokio_util::task::TaskTracker,
+    /// Cancelled when the gateway drains.
+    draining: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Default)]
@@ -285,11 +304,16 @@ struct Slot {
 
 impl Upstreams {
     /// `tracker` runs the connections still busy (an upgrade under way)
-    /// when the visitor connection ends.
-    pub(crate) fn new(tracker: tokio_util::task::TaskTracker) -> Upstreams {
+    /// when the visitor connection ends, and HTTP/2 upstream connections,
+    /// which `draining` ends once idle.
+    pub(crate) fn new(
+        tracker: tokio_util::task::TaskTracker,
+        draining: tokio_util::sync::CancellationToken,
+    ) -> Upstreams {
         Upstreams {
             active: Arc::default(),
             tracker,
+            draining,
         }
     }
 
@@ -312,7 +336,7 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let pool = &pool.inner;
         if pool.http2 {
-            return pool.send_h2(req).await;
+            return pool.send_h2(self, req).await;
         }
         let mut retry = Retry::default();
         let mut req = req;
