@@ -10,7 +10,7 @@ use std::{
 };
 
 use futures_util::{Future, Stream, StreamExt};
-use postern_net::AcceptLoop;
+use postern_net::{AcceptLoop, Hooked, IoHook};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::ServerConfig;
 use tokio::{
@@ -211,59 +211,22 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// A TCP stream that, when `quick_ack`, acknowledges what it read at once
-/// instead of after Linux's delayed-ACK wait (40 ms). A peer that writes
-/// small frames without `TCP_NODELAY` (ngrok's SDKs do, on their session
-/// connection) otherwise holds each next frame until that ACK comes: about
-/// 40 ms added to every request through an SDK session.
-pub struct AckStream {
-    tcp: TcpStream,
-    quick_ack: bool,
-}
+/// A TCP stream that, when `QuickAck(true)`, acknowledges what it read at
+/// once instead of after Linux's delayed-ACK wait (40 ms). A peer that
+/// writes small frames without `TCP_NODELAY` (ngrok's SDKs do, on their
+/// session connection) otherwise holds each next frame until that ACK
+/// comes: about 40 ms added to every request through an SDK session.
+pub type AckStream = Hooked<TcpStream, QuickAck>;
 
-impl AsyncRead for AckStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let read = Pin::new(&mut self.tcp).poll_read(cx, buf);
-        if self.quick_ack && buf.filled().len() > before {
+/// The hook of an [`AckStream`].
+pub struct QuickAck(bool);
+
+impl IoHook<TcpStream> for QuickAck {
+    fn read(&self, tcp: &TcpStream, _n: usize) {
+        if self.0 {
             // Linux leaves quick-ACK mode on its own: set it per read.
-            let _ = socket2::SockRef::from(&self.tcp).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
         }
-        read
-    }
-}
-
-impl AsyncWrite for AckStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
     }
 }
 
@@ -285,10 +248,7 @@ pub fn tls_incoming(
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         async move {
             let peer = accepted.client;
-            let tcp = AckStream {
-                tcp: accepted.stream,
-                quick_ack,
-            };
+            let tcp = Hooked::new(accepted.stream, QuickAck(quick_ack));
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let _ = tx.send(Ok(TlsConn::new(tls, peer))).await;

@@ -8,14 +8,11 @@
 use std::{
     convert::Infallible,
     future::Future,
-    io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -24,14 +21,13 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpListener,
-    time::Instant,
-};
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::accept::{AcceptLoop, Accepted, Prefixed};
+use crate::{
+    accept::{AcceptLoop, Accepted, Prefixed},
+    io::{Hooked, IoHook},
+};
 
 /// How long an HTTP/1 client may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,10 +84,7 @@ async fn serve_connection<F, Fut>(
         ..
     } = accepted;
     let activity = Arc::new(Activity::new());
-    let io = Watched {
-        inner: Prefixed::new(prefix, stream),
-        activity: activity.clone(),
-    };
+    let io = Hooked::new(Prefixed::new(prefix, stream), activity.clone());
     let service = service_fn(move |req| {
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(req, client).await) }
@@ -157,46 +150,14 @@ impl Activity {
     }
 }
 
-/// A stream that notes in [`Activity`] every read or write that moves bytes.
-struct Watched<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
+/// Notes every read or write that moves bytes.
+impl<S> IoHook<S> for Arc<Activity> {
+    fn read(&self, _io: &S, _n: usize) {
+        self.touch();
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn wrote(&self, _io: &S, _n: usize) {
+        self.touch();
     }
 }
 

@@ -1,8 +1,8 @@
 //! The networking pieces the agent and the edge share: the [`Secret`]
 //! type, random ids, TLS basics (the crypto provider, serving keys from
 //! PEM), CA bundles and client-certificate verification, IP rules and
-//! trusted load balancers, the PROXY header codec, Prometheus text, one
-//! accept loop, one small HTTP/1 server, and the shutdown signal.
+//! trusted load balancers, the PROXY header codec, Prometheus text, a
+//! stream wrapper with a hook on its reads and writes, one accept loop, one small HTTP/1 server, and the shutdown signal.
 //!
 //! Both binaries link it, so it must stay small: it never depends on
 //! another Postern crate, nor on gRPC (tonic), Redis, OpenID Connect or
@@ -11,6 +11,7 @@
 mod accept;
 mod http_server;
 mod ids;
+mod io;
 mod ip;
 mod metrics;
 mod mtls;
@@ -25,6 +26,7 @@ pub use accept::{
 };
 pub use http_server::{HttpServer, HttpTimeouts};
 pub use ids::{random_id, random_label};
+pub use io::{Hooked, IoHook};
 pub use ip::{CidrError, IpPolicy, TrustedProxies, parse_cidr};
 pub use metrics::{metric_header, metric_sample};
 pub use mtls::{

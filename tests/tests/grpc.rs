@@ -16,16 +16,19 @@ use postern_tests::{
 use serde_json::{Value, json};
 use tokio::{io::AsyncWriteExt, process::Command};
 
+/// An HTTPS endpoint on `host` whose upstream on `port` speaks h2c.
+fn h2c_tunnel(port: u16, host: &str) -> String {
+    format!(
+        "  grpc:\n    proto: http\n    addr: {port}\n    domain: {host}\n    upstream_protocol: http2\n"
+    )
+}
+
 #[tokio::test]
 async fn grpc_calls_of_every_kind_through_an_h2c_upstream() {
     let edge = TestEdge::start_with(EVENTS_TO_FILE).await;
     let (_server, port) = grpc_server(None).await;
     let host = "grpc.example.test";
-    let (_agent, _) = edge
-        .agent(&format!(
-            "  grpc:\n    proto: http\n    addr: {port}\n    domain: {host}\n    upstream_protocol: http2\n"
-        ))
-        .await;
+    let (_agent, _) = edge.agent(&h2c_tunnel(port, host)).await;
     assert_eq!(grpc_client(&edge, host).await, grpc_expected());
 
     // The event of each call carries its gRPC status: OK (0) from the
@@ -68,11 +71,7 @@ async fn an_idle_http2_upstream_connection_does_not_hold_up_a_drain() {
     let mut edge = TestEdge::start().await;
     let (_server, port) = grpc_server(None).await;
     let host = "grpc.example.test";
-    let (_agent, _) = edge
-        .agent(&format!(
-            "  grpc:\n    proto: http\n    addr: {port}\n    domain: {host}\n    upstream_protocol: http2\n"
-        ))
-        .await;
+    let (_agent, _) = edge.agent(&h2c_tunnel(port, host)).await;
     assert_eq!(grpc_client(&edge, host).await, grpc_expected());
     let drained = edge.stop().await.expect("an in-process edge");
     assert!(
