@@ -31,6 +31,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::{rt::TokioIo, server::conn::auto};
+use postern_net::{Hooked, IoHook};
 use postern_proto::{ErrorCode, Failure, TunnelIo, pb};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -179,8 +180,10 @@ pub(crate) async fn serve(
         }
     };
     let visitor = StreamIo {
-        inner: Some(visitor),
-        metrics: shared.stream.target.metrics.clone(),
+        inner: Some(Hooked::new(
+            visitor,
+            Counting(shared.stream.target.metrics.clone()),
+        )),
         tracker: shared.stream.tracker.clone(),
     };
     let closed = shared.upstream_closed.clone();
@@ -598,13 +601,25 @@ type Visitor = TunnelIo<tonic::Streaming<pb::Frame>>;
 /// among them (the edge's pooled client reads to the eof).
 struct StreamIo {
     /// `None` only once dropped.
-    inner: Option<Visitor>,
-    metrics: Arc<TunnelMetrics>,
+    inner: Option<Hooked<Visitor, Counting>>,
     tracker: TaskTracker,
 }
 
+/// Counts a stream's bytes into its tunnel's metrics.
+struct Counting(Arc<TunnelMetrics>);
+
+impl IoHook<Visitor> for Counting {
+    fn read(&self, _io: &Visitor, n: usize) {
+        self.0.add_bytes(n as u64, 0);
+    }
+
+    fn wrote(&self, _io: &Visitor, n: usize) {
+        self.0.add_bytes(0, n as u64);
+    }
+}
+
 impl StreamIo {
-    fn io(&mut self) -> Pin<&mut Visitor> {
+    fn io(&mut self) -> Pin<&mut Hooked<Visitor, Counting>> {
         Pin::new(self.inner.as_mut().expect("used before drop"))
     }
 }
@@ -633,11 +648,7 @@ impl AsyncRead for StreamIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = self.io().poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.metrics.add_bytes(n as u64, 0);
-        result
+        self.io().poll_read(cx, buf)
     }
 }
 
@@ -647,11 +658,7 @@ impl AsyncWrite for StreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let result = self.io().poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            self.metrics.add_bytes(0, n as u64);
-        }
-        result
+        self.io().poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
