@@ -11,20 +11,17 @@ use std::{
     collections::{HashMap, VecDeque},
     future::Future,
     io,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, Instant, SystemTime},
 };
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
+use postern_net::TlsConnect;
 use postern_proto::{
     ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, TokenBucket, h2_settings, pb,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
@@ -254,11 +251,18 @@ async fn connect(
     tls: Arc<ClientConfig>,
 ) -> Result<Channel, AgentError> {
     let name = ServerName::try_from(config.server_name.clone()).map_err(AgentError::ServerName)?;
-    let connector = EdgeConnector {
-        addr: addr.to_string(),
+    let (to, proxy) = (addr.to_string(), config.proxy.clone());
+    let connector = TlsConnect {
+        dial: move || {
+            let (to, proxy) = (to.clone(), proxy.clone());
+            async move {
+                crate::proxy::dial(proxy.as_ref(), &to)
+                    .await
+                    .map_err(|e| io::Error::other(Chain(&e).to_string()))
+            }
+        },
         name,
         tls: TlsConnector::from(tls),
-        proxy: config.proxy.clone(),
     };
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(AgentError::Endpoint)?
@@ -293,35 +297,6 @@ fn each_cause_once(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[derive(Clone)]
-struct EdgeConnector {
-    addr: String,
-    name: ServerName<'static>,
-    tls: TlsConnector,
-    proxy: Option<crate::proxy::Proxy>,
-}
-
-impl tower_service::Service<Uri> for EdgeConnector {
-    type Response = TokioIo<TlsStream<Box<dyn crate::proxy::Io>>>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let stream = crate::proxy::dial(this.proxy.as_ref(), &this.addr)
-                .await
-                .map_err(|e| io::Error::other(Chain(&e).to_string()))?;
-            let tls = this.tls.connect(this.name, stream).await?;
-            Ok(TokioIo::new(tls))
-        })
-    }
 }
 
 struct Session<'a> {

@@ -13,30 +13,27 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
-    io,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Duration,
 };
 
 use futures_util::{Stream, StreamExt, future::BoxFuture};
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use postern_ingress::{ClaimedStream, DevCa, StreamSource};
-use postern_net::{Pem, TlsError, certified_key_from_pem, crypto_provider};
+use postern_net::{
+    Pem, TlsConnect, TlsError, certified_key_from_pem, crypto_provider, tcp_nodelay,
+};
 use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     pki_types::{CertificateDer, ServerName, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::registry::Registry;
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::TlsConnector;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     Request, Response, Status, Streaming,
@@ -129,8 +126,8 @@ impl NodeLinks {
         {
             return channel.clone();
         }
-        let connector = NodeConnector {
-            addr,
+        let connector = TlsConnect {
+            dial: move || tcp_nodelay(addr),
             name: ServerName::try_from(node_name(node)).expect("node names are DNS names"),
             tls: TlsConnector::from(self.client_tls.clone()),
         };
@@ -214,33 +211,6 @@ impl NodeLinks {
             })?
             .map(|_| ())
             .map_err(|status| refusal(node, &status))
-    }
-}
-
-/// TCP, then TLS naming the node to reach.
-#[derive(Clone)]
-struct NodeConnector {
-    addr: SocketAddr,
-    name: ServerName<'static>,
-    tls: TlsConnector,
-}
-
-impl tower_service::Service<Uri> for NodeConnector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tcp = TcpStream::connect(this.addr).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(this.tls.connect(this.name, tcp).await?))
-        })
     }
 }
 

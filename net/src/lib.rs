@@ -2,13 +2,16 @@
 //! type, random ids, TLS basics (the crypto provider, serving keys from
 //! PEM), CA bundles and client-certificate verification, IP rules and
 //! trusted load balancers, the PROXY header codec, Prometheus text, a
-//! stream wrapper with a hook on its reads and writes, one accept loop, one small HTTP/1 server, and the shutdown signal.
+//! stream wrapper with a hook on its reads and writes, the TLS connector
+//! gRPC channels dial with, one accept loop, one small HTTP/1 server, and
+//! the shutdown signal.
 //!
 //! Both binaries link it, so it must stay small: it never depends on
 //! another Postern crate, nor on gRPC (tonic), Redis, OpenID Connect or
 //! Kafka. Policy (tokens, routing, modules) lives elsewhere.
 
 mod accept;
+mod connect;
 mod http_server;
 mod ids;
 mod io;
@@ -24,6 +27,7 @@ mod tls;
 pub use accept::{
     AcceptEvents, AcceptLoop, Accepted, ConnectionLimit, ConnectionSlot, Prefixed, Shed,
 };
+pub use connect::{TlsConnect, tcp_nodelay};
 pub use http_server::{HttpServer, HttpTimeouts};
 pub use ids::{random_id, random_label};
 pub use io::{Hooked, IoHook};

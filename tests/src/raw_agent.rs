@@ -1,13 +1,11 @@
 //! A raw agent session: the tunnel protocol's control stream driven by the
 //! test itself, for agents that break the rules (floods, bad messages).
 
-use std::{future::Future, io, pin::Pin, task::Poll};
-
-use hyper_util::rt::TokioIo;
+use postern_net::{TlsConnect, tcp_nodelay};
 use postern_proto::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, pb};
 use rustls::pki_types::ServerName;
-use tokio::{net::TcpStream, sync::mpsc};
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{TestEdge, client::client_tls};
@@ -40,37 +38,14 @@ impl RawSession {
     }
 }
 
-#[derive(Clone)]
-struct Connector {
-    addr: std::net::SocketAddr,
-    tls: TlsConnector,
-}
-
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tcp = TcpStream::connect(this.addr).await?;
-            let name = ServerName::try_from("tunnel.us.connect.example.test").expect("a DNS name");
-            Ok(TokioIo::new(this.tls.connect(name, tcp).await?))
-        })
-    }
-}
-
 impl TestEdge {
     /// Opens a control stream with `token` and waits for the Welcome.
     pub async fn raw_session(&self, token: &str) -> RawSession {
         let pem = std::fs::read(self.ca_pem()).expect("the dev CA");
-        let connector = Connector {
-            addr: self.addrs.agent,
+        let agent = self.addrs.agent;
+        let connector = TlsConnect {
+            dial: move || tcp_nodelay(agent),
+            name: ServerName::try_from("tunnel.us.connect.example.test").expect("a DNS name"),
             tls: TlsConnector::from(client_tls(&pem, &[b"h2"])),
         };
         let channel = tonic::transport::Endpoint::from_static("http://edge")
