@@ -488,17 +488,39 @@ pub fn close_after(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
     response
 }
 
+/// How long a visitor is asked to wait before retrying a 503.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The short page a visitor gets when the edge fails a request.
 pub fn error_response(failure: &Failure) -> Response<ProxyBody> {
-    let status = StatusCode::from_u16(failure.code.http_status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let id = failure.code.id();
-    let body = format!(
+    error_page(failure.code, "", None)
+}
+
+/// A page the edge answers itself: the code's status and summary, a detail
+/// line and a link (e.g. to log in again) when given, and the code in
+/// `ngrok-error-code`; never cached, and a 503 says when to retry.
+pub fn error_page(
+    code: ErrorCode,
+    detail: &str,
+    link: Option<(&str, &str)>,
+) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(code.http_status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let id = code.id();
+    let paragraph = |text: String| format!("<p>{text}</p>");
+    let detail = Some(detail)
+        .filter(|d| !d.is_empty())
+        .map(|d| paragraph(escape(d)))
+        .unwrap_or_default();
+    let link = link
+        .map(|(href, text)| paragraph(format!("<a href=\"{}\">{}</a>", escape(href), escape(text))))
+        .unwrap_or_default();
+    let page = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status}</title></head>\
-         <body><h1>{status}</h1><p>{}</p><p><code>{id}</code></p></body></html>\n",
-        html_escape(failure.code.summary)
+         <body><h1>{status}</h1><p>{}</p>{detail}{link}<p><code>{id}</code></p></body></html>\n",
+        escape(code.summary),
     );
     let mut response = Response::new(
-        Full::new(Bytes::from(body))
+        Full::new(Bytes::from(page))
             .map_err(|never: Infallible| match never {})
             .boxed(),
     );
@@ -513,13 +535,22 @@ pub fn error_response(failure: &Failure) -> Response<ProxyBody> {
         HeaderValue::from_str(&id).expect("ids are ASCII"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(RETRY_AFTER.as_secs()),
+        );
+    }
     response
 }
 
-fn html_escape(s: &str) -> String {
+/// `s` safe inside HTML text and attribute values.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 /// The Host a request names: the Host header, else the `:authority`.

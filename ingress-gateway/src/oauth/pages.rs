@@ -2,30 +2,17 @@
 //! that carry their error code (`ngrok-error-code`) and, where it helps, a
 //! "log in again" link. Nothing here is cached or leaks a Referer.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use postern_proto::ErrorCode;
 
-use crate::http::{ERROR_CODE_HEADER, ProxyBody};
-
-/// How long a client is asked to wait when the session store is down.
-pub const RETRY_AFTER: Duration = Duration::from_secs(2);
+use crate::http::ProxyBody;
 
 fn body(text: String) -> ProxyBody {
     Full::new(Bytes::from(text))
         .map_err(|never: std::convert::Infallible| match never {})
         .boxed()
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
 }
 
 fn private(response: &mut Response<ProxyBody>) {
@@ -52,41 +39,13 @@ pub fn redirect(location: &str) -> Response<ProxyBody> {
     response
 }
 
-/// An error page: the code's status and summary, a detail line, and an
-/// optional link (e.g. to log in again).
+/// An error page (see [`crate::http::error_page`]) that sends no referrer on.
 pub fn error_page(
     code: ErrorCode,
     detail: &str,
     link: Option<(&str, &str)>,
 ) -> Response<ProxyBody> {
-    let status = StatusCode::from_u16(code.http_status).unwrap_or(StatusCode::BAD_REQUEST);
-    let id = code.id();
-    let link = link
-        .map(|(href, text)| format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(text)))
-        .unwrap_or_default();
-    let page = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status}</title></head>\
-         <body><h1>{status}</h1><p>{}</p><p>{}</p>{link}<p><code>{id}</code></p></body></html>\n",
-        escape(code.summary),
-        escape(detail),
-    );
-    let mut response = Response::new(body(page));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    headers.insert(
-        ERROR_CODE_HEADER,
-        HeaderValue::from_str(&id).expect("ids are ASCII"),
-    );
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_str(&RETRY_AFTER.as_secs().to_string()).expect("digits"),
-        );
-    }
+    let mut response = crate::http::error_page(code, detail, link);
     private(&mut response);
     response
 }
@@ -119,6 +78,7 @@ pub fn with_cookies(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::{ERROR_CODE_HEADER, escape};
 
     #[test]
     fn pages_carry_code_retry_after_and_no_cache() {
