@@ -231,12 +231,7 @@ pub enum Proto {
 }
 
 /// Where TLS ends for a TLS tunnel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TerminateAt {
-    Edge,
-    Agent,
-    Upstream,
-}
+pub use postern_proto::TerminateAt;
 
 /// Where the agent sends the traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]

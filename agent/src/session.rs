@@ -996,12 +996,9 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
         Proto::Tls => pb::Protocol::Tls,
         Proto::Tcp => pb::Protocol::Tcp,
     };
-    let terminate_at = match spec.terminate_at {
-        None => pb::TerminateAt::Unspecified,
-        Some(TerminateAt::Edge) => pb::TerminateAt::Edge,
-        Some(TerminateAt::Agent) => pb::TerminateAt::Agent,
-        Some(TerminateAt::Upstream) => pb::TerminateAt::Upstream,
-    };
+    let terminate_at = spec
+        .terminate_at
+        .map_or(pb::TerminateAt::Unspecified, pb::TerminateAt::from);
     // The certificate goes to the edge only when the edge terminates TLS.
     let edge_cert = match (spec.terminate_at, &spec.crt_key) {
         (None | Some(TerminateAt::Edge), Some((crt, key))) => {

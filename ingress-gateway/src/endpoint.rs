@@ -26,12 +26,7 @@ pub trait StreamSource: Send + Sync + 'static {
 }
 
 /// Where TLS ends for a TLS endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TerminateAt {
-    Edge,
-    Agent,
-    Upstream,
-}
+pub use postern_proto::TerminateAt;
 
 /// What kind of endpoint, with what the gateway needs to serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -30,6 +30,26 @@ pub use pipe::{
 pub use tunnel_io::{ChannelFrames, TunnelIo, tunnel_io};
 pub use version::{MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, negotiate};
 
+/// Where TLS ends for a TLS endpoint: the wire's [`pb::TerminateAt`]
+/// without its unspecified value, as the agent's config and the gateway
+/// hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TerminateAt {
+    Edge,
+    Agent,
+    Upstream,
+}
+
+impl From<TerminateAt> for pb::TerminateAt {
+    fn from(at: TerminateAt) -> Self {
+        match at {
+            TerminateAt::Edge => pb::TerminateAt::Edge,
+            TerminateAt::Agent => pb::TerminateAt::Agent,
+            TerminateAt::Upstream => pb::TerminateAt::Upstream,
+        }
+    }
+}
+
 /// Request metadata keys on `Data` and `NodeLink.Forward` streams.
 pub mod metadata {
     pub const SESSION: &str = "postern-session";
