@@ -29,12 +29,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import statistics
 import subprocess
 import time
+
+from procs import Procs, cpu_seconds
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -47,7 +48,6 @@ EDGES = {"edge": (30960, 30961, 30962, 30963),
          "edge-base": (30990, 30991, 30992, 30993)}
 DOMAIN = "postern.localhost"
 TOKEN = "http-cost-bench"
-HOST_CLK = os.sysconf("SC_CLK_TCK")
 
 # name: (label, scheme, port, Host/SNI, processes whose CPU counts)
 SYSTEMS = {
@@ -139,12 +139,6 @@ def wait_for(check, what, seconds=30):
             return
         time.sleep(0.2)
     raise SystemExit(f"timed out waiting for {what}; logs in {OUT}")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HOST_CLK
 
 
 def wrk(system, conns, duration, pids):
@@ -292,13 +286,8 @@ http {{
     with open("/etc/hosts") as f:
         write("hosts", f.read() + "".join(f"\n127.0.0.1 {n}.{DOMAIN}"
                                           for n in ("off", "on", "policy", "sdk")) + "\n")
-    procs, pids = [], {}
-
-    def start(name, argv):
-        log = open(os.path.join(OUT, f"{name}.log"), "w")
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
-        pids[name] = procs[-1].pid
-
+    procs = Procs(OUT)
+    start, pids = procs.start, procs.pids
     try:
         start("nginx", ["nginx", "-c", nginx])
         if tansu:
@@ -338,13 +327,7 @@ http {{
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop()
     events = None
     if "http-events" in systems:
         # Written by the edge as it stopped (SIGTERM flushes): one per

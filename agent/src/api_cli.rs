@@ -91,8 +91,9 @@ enum Verb {
     Update(&'static [Field]),
     /// `DELETE /<path>/{id}`.
     Delete,
-    /// `POST /<path>/{id}/stop`.
-    Stop,
+    /// `POST /<path>/{id}/<name>` with the fields (a body only when it
+    /// has any), and what it does.
+    Action(&'static str, &'static str, &'static [Field]),
     /// `DELETE /<path>` with the fields as the query: every object they
     /// select.
     DeleteAll(&'static [Field]),
@@ -106,7 +107,7 @@ impl Verb {
             Verb::Get => "get",
             Verb::Update(_) => "update",
             Verb::Delete => "delete",
-            Verb::Stop => "stop",
+            Verb::Action(name, ..) => name,
             Verb::DeleteAll(_) => "delete-all",
         }
     }
@@ -116,8 +117,9 @@ impl Verb {
             Verb::Create(fields)
             | Verb::List(fields)
             | Verb::Update(fields)
-            | Verb::DeleteAll(fields) => fields,
-            Verb::Get | Verb::Delete | Verb::Stop => &[],
+            | Verb::DeleteAll(fields)
+            | Verb::Action(_, _, fields) => fields,
+            Verb::Get | Verb::Delete => &[],
         }
     }
 
@@ -372,7 +374,32 @@ const RESOURCES: &[Resource] = &[
         path: "tunnel_sessions",
         noun: "tunnel session",
         about: "The agent sessions of the cluster (or of this node).",
-        verbs: &[Verb::List(&[]), Verb::Get, Verb::Stop],
+        verbs: &[
+            Verb::List(&[]),
+            Verb::Get,
+            Verb::Action(
+                "restart",
+                "Ask an ngrok SDK session's restart handler to run.",
+                &[],
+            ),
+            Verb::Action(
+                "stop",
+                "End a tunnel session (a Postern agent is told why and exits; an ngrok SDK session's stop handler runs).",
+                &[],
+            ),
+            Verb::Action(
+                "update",
+                "Ask an ngrok SDK session's update handler to run.",
+                &[
+                    field("version", Kind::Text, "The version to update to."),
+                    field(
+                        "permit_major_version",
+                        Kind::Bool,
+                        "Whether another major version will do.",
+                    ),
+                ],
+            ),
+        ],
     },
     Resource {
         name: "oauth-sessions",
@@ -425,7 +452,7 @@ impl Verb {
             Verb::Get => format!("Show one {noun}."),
             Verb::Update(_) => format!("Change {a} {noun}."),
             Verb::Delete => format!("Delete {a} {noun}."),
-            Verb::Stop => format!("End {a} {noun} (the agent is told why)."),
+            Verb::Action(_, about, _) => about.to_string(),
             Verb::DeleteAll(_) => format!("Delete every {noun} the flags select."),
         };
         let mut command = Command::new(self.name()).about(about);
@@ -503,11 +530,14 @@ impl Verb {
             }
             Verb::Get => (Method::GET, None),
             Verb::Delete => (Method::DELETE, None),
-            Verb::Stop => (Method::POST, None),
+            Verb::Action(name, ..) => {
+                path = format!("{path}/{name}");
+                (
+                    Method::POST,
+                    (!fields.is_empty()).then_some(Value::Object(fields)),
+                )
+            }
         };
-        if matches!(self, Verb::Stop) {
-            path.push_str("/stop");
-        }
         Call { method, path, body }
     }
 }
@@ -776,6 +806,15 @@ mod tests {
         assert_eq!(
             (&call.method, call.path.as_str(), &call.body),
             (&Method::POST, "/tunnel_sessions/ts_1/stop", &None)
+        );
+        let call = parse(&["tunnel-sessions", "update", "ts_1", "--version", "3.1"]);
+        assert_eq!(
+            (&call.method, call.path.as_str(), &call.body),
+            (
+                &Method::POST,
+                "/tunnel_sessions/ts_1/update",
+                &Some(json!({"version": "3.1"}))
+            )
         );
         let call = parse(&["bot-users", "update", "bot_1", "--active", "false"]);
         assert_eq!(

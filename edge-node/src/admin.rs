@@ -159,7 +159,7 @@ pub async fn handle(
             objects::handle::<EventSubscription>(state, req, &segments[1..]).await
         }
         (_, ["endpoints", ..]) => live::endpoints(state, req.method(), &segments[1..]),
-        (_, ["tunnel_sessions", ..]) => live::sessions(state, req.method(), &segments[1..]).await,
+        (_, ["tunnel_sessions", ..]) => live::sessions(state, req, &segments[1..]).await,
         _ => Err(Failure::new(
             ErrorCode::API_NOT_FOUND,
             format!("no resource at {path}"),

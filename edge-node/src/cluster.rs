@@ -54,6 +54,7 @@ use crate::{
     ca_store::{CaRecord, CaStore},
     config::EndpointPolicy,
     node_link::{LinkError, NodeLinks},
+    registry::SessionCommand,
     registry::{ClusterView, Registry},
     ssh::AuthorizedKey,
 };
@@ -415,9 +416,13 @@ impl ClusterNode {
         self.cluster.locals::<T>()
     }
 
-    /// Ends the agent session `id` of another node, over the link between
-    /// nodes; `None` when no live node announces it.
-    pub async fn stop_remote_session(&self, id: &str) -> Option<Result<(), Failure>> {
+    /// Runs `command` on the agent session `id` of another node, over the
+    /// link between nodes; `None` when no live node announces it.
+    pub async fn remote_command(
+        &self,
+        id: &str,
+        command: &SessionCommand,
+    ) -> Option<Result<(), Failure>> {
         let local = self
             .cluster
             .locals::<routes::SessionAd>()
@@ -425,11 +430,12 @@ impl ClusterNode {
             .find(|l| l.id == id && !l.node.is_self)?;
         let node = &local.node.node_id;
         Some(match local.node.rpc_addr {
-            Some(addr) => self.links.stop_session(node, addr, id).await,
+            Some(addr) => self.links.command(node, addr, id, command).await,
             None => Err(Failure::new(
                 ErrorCode::NODE_UNREACHABLE,
                 format!(
-                    "tunnel session {id} is connected to node {node}, which has no rpc_listen; stop it there"
+                    "tunnel session {id} is connected to node {node}, which has no rpc_listen; send the {} there",
+                    command.name()
                 ),
             )),
         })

@@ -32,7 +32,7 @@ use rustls::{
 };
 use tokio::net::TcpListener;
 
-use crate::registry::Registry;
+use crate::registry::{COMMAND_WAIT, Registry, SessionCommand};
 use tokio_rustls::TlsConnector;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
@@ -189,28 +189,29 @@ impl NodeLinks {
 }
 
 impl NodeLinks {
-    /// Asks `node` at `addr` to end its session `session_id`.
-    pub async fn stop_session(
+    /// Asks `node` at `addr` to run `command` on its session `session_id`.
+    pub async fn command(
         &self,
         node: &str,
         addr: SocketAddr,
         session_id: &str,
+        command: &SessionCommand,
     ) -> Result<(), Failure> {
         let mut client = pb::node_link_client::NodeLinkClient::new(self.channel(node, addr));
-        let request = pb::StopSessionRequest {
-            session_id: session_id.to_string(),
-            from_node: self.node_id.clone(),
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT * 2, client.stop_session(request))
-            .await
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::NODE_UNREACHABLE,
-                    format!("node {node} did not answer"),
-                )
-            })?
-            .map(|_| ())
-            .map_err(|status| refusal(node, &status))
+        let request = command.to_pb(session_id, &self.node_id);
+        tokio::time::timeout(
+            CONNECT_TIMEOUT * 2 + COMMAND_WAIT,
+            client.stop_session(request),
+        )
+        .await
+        .map_err(|_| {
+            Failure::new(
+                ErrorCode::NODE_UNREACHABLE,
+                format!("node {node} did not answer"),
+            )
+        })?
+        .map(|_| ())
+        .map_err(|status| refusal(node, &status))
     }
 }
 
@@ -358,8 +359,12 @@ impl pb::node_link_server::NodeLink for LinkService {
                 format!("no tunnel session {id} here"),
             ))
         })?;
-        tracing::info!(id, from = %request.from_node, "tunnel session stopped through another node's admin API");
-        self.registry.stop_session(&session);
+        let command = SessionCommand::from_pb(&request);
+        tracing::info!(id, from = %request.from_node, command = command.name(), "session command through another node's admin API");
+        self.registry
+            .command(&session, command)
+            .await
+            .map_err(|f| status_of(&f))?;
         Ok(Response::new(pb::StopSessionResponse {}))
     }
 }

@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 pub use bind::{Binder, host_of};
 pub use control::{ControlOut, ControlTx};
-pub use session::{AgentSession, SdkLink};
+pub use session::{AgentSession, COMMAND_WAIT, SdkLink, SessionCommand};
 
 use bind::{base_spec, bound_request, resolve_url};
 use control::edge_message;
@@ -558,6 +558,33 @@ impl Registry {
                 "the session was stopped through the admin API",
             )),
         );
+    }
+
+    /// Runs an operator's `command` on a session of this node. An SDK
+    /// session gets ngrok's command RPC and its handler answers; any other
+    /// session is ended by a stop (a Postern agent then exits with
+    /// `ERR_POSTERN_9012`) and takes no restart or update.
+    pub async fn command(
+        &self,
+        session: &Arc<AgentSession>,
+        command: SessionCommand,
+    ) -> Result<(), Failure> {
+        tracing::info!(session.id = %session.id, command = command.name(), "session command through the admin API");
+        match (session.sdk_link(), command) {
+            (Some(link), command) => link.command(command).await,
+            (None, SessionCommand::Stop) => {
+                self.stop_session(session);
+                Ok(())
+            }
+            (None, command) => Err(Failure::new(
+                ErrorCode::COMMAND_UNSUPPORTED,
+                format!(
+                    "session {} is not an ngrok SDK session, and only those take {}; stop it instead and let what runs the agent start it again",
+                    session.id,
+                    command.name()
+                ),
+            )),
+        }
     }
 
     /// Stops one endpoint of this node's agents and tells its agent why;

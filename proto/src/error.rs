@@ -97,6 +97,8 @@ codes! {
     AGENT_FORWARD_FAILED = (3210, 502, Agent, "the connection to the agent failed");
     NODE_UNREACHABLE = (9011, 502, Edge, "the edge node the endpoint's agent is connected to could not be reached");
     SESSION_STOPPED = (9012, 400, Agent, "the session was stopped through the admin API");
+    COMMAND_UNSUPPORTED = (9021, 400, Agent, "the agent does not take this command");
+    COMMAND_FAILED = (9022, 502, Agent, "the agent's handler for the command failed or did not answer");
     UPSTREAM_DIAL_FAILED = (8012, 502, Upstream, "the agent could not connect to the upstream");
     // OAuth and OpenID Connect: binding, then what visitors see (ngrok's
     // 31xx numbers where ngrok has the case).

@@ -1,6 +1,7 @@
 """ngrok's Python SDK against a Postern edge, as the tests run it.
 
 `forward.py http`: `ngrok.forward` to the test's HTTP server.
+`forward.py tcp`: `ngrok.forward` to a TCP service (bench/sdk_bulk.py).
 `forward.py tls`: seed 002's Python TLS snippet ("Terminate at Edge"),
 unchanged but for its server address and CA (and the names and paths the
 test gives it).
@@ -32,6 +33,14 @@ if sys.argv[1] == "http":
         int(port),
         authtoken=os.environ["NGROK_AUTHTOKEN"],
         domain=domain,
+        server_addr=server_addr,
+        session_ca_cert=session_ca_cert,
+    )
+elif sys.argv[1] == "tcp":
+    listener = ngrok.forward(
+        f"127.0.0.1:{port}",
+        proto="tcp",
+        authtoken=os.environ["NGROK_AUTHTOKEN"],
         server_addr=server_addr,
         session_ca_cert=session_ca_cert,
     )

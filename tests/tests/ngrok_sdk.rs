@@ -11,7 +11,7 @@ use ngrok::{
     session::ConnectError,
 };
 use postern_tests::{
-    ACL_TOKEN, DOMAIN, HttpUpstream, HttpsClient, TcpEcho, TestCa, TestEdge, TlsUpstream,
+    ACL_TOKEN, API_KEY, DOMAIN, HttpUpstream, HttpsClient, TcpEcho, TestCa, TestEdge, TlsUpstream,
     eventually, grpc_client, grpc_expected, grpc_server, websocket_to_tcp_echo,
 };
 use serde_json::Value;
@@ -685,4 +685,93 @@ async fn an_idempotent_request_without_a_response_goes_to_another_pool_member_an
         10 - refused + 10,
         "the other member answered every GET"
     );
+}
+
+/// ngrok's remote commands through the admin API (and the `postern api`
+/// CLI's shape of them): `restart` and `update` run the SDK's handlers, the
+/// update's version reaching it; a command the SDK has no handler for
+/// (`stop` here) is refused with the SDK's reason, and the session goes on
+/// serving; a Postern agent's session takes a stop but no restart.
+#[tokio::test]
+async fn restart_and_update_reach_the_sdks_handlers_and_a_missing_handler_is_refused() {
+    use ngrok::session::{Restart, Update};
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let (tx, mut ran) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let on_update = tx.clone();
+    let session = builder(&edge, &edge.token)
+        .handle_restart_command(move |_: Restart| {
+            let tx = tx.clone();
+            async move { tx.send("restart".into()).map_err(|e| e.to_string()) }
+        })
+        .handle_update_command(move |update: Update| {
+            let tx = on_update.clone();
+            async move {
+                let said = format!("update {} {}", update.version, update.permit_major_version);
+                tx.send(said).map_err(|e| e.to_string())
+            }
+        })
+        .connect()
+        .await
+        .expect("the SDK connects");
+    let host = format!("commands.{DOMAIN}");
+    let _fwd = forward_http(&session, &host, &upstream).await;
+    let (_, listed) = edge.api("GET", "/tunnel_sessions", None, API_KEY).await;
+    let id = listed["tunnel_sessions"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let command = |action: &str, body: Option<&'static str>| {
+        let (edge, path) = (&edge, format!("/tunnel_sessions/{id}/{action}"));
+        async move {
+            let body = body.map(|b| ("Content-Type: application/json", b));
+            edge.api("POST", &path, body, API_KEY).await
+        }
+    };
+
+    assert_eq!(command("restart", None).await.0, 204);
+    assert_eq!(ran.recv().await.as_deref(), Some("restart"));
+    let update = r#"{"version": "3.19.0", "permit_major_version": true}"#;
+    assert_eq!(command("update", Some(update)).await.0, 204);
+    assert_eq!(ran.recv().await.as_deref(), Some("update 3.19.0 true"));
+
+    let (status, refused) = command("stop", None).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error_code"], "ERR_POSTERN_9021", "{refused}");
+    assert!(
+        refused["msg"]
+            .as_str()
+            .unwrap()
+            .contains("no defined callback"),
+        "the SDK's reason: {refused}"
+    );
+    let (status, bad) = command("update", Some(r#"{"versoin": "1"}"#)).await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad["msg"].as_str().unwrap().contains("versoin"), "{bad}");
+    let (status, _, body) = edge.fetch(&host, "/", &[]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from upstream"),
+        "still serving"
+    );
+
+    // A Postern agent: no restart; a stop ends it.
+    let (agent, agent_status) = edge
+        .agent(&format!(
+            "  web:\n    proto: http\n    addr: {}\n    domain: agent-{host}\n",
+            upstream.port()
+        ))
+        .await;
+    let path = |action: &str| format!("/tunnel_sessions/{}/{action}", agent_status.session_id);
+    let (status, refused) = edge.api("POST", &path("restart"), None, API_KEY).await;
+    assert_eq!(
+        (status, &refused["error_code"]),
+        (400, &"ERR_POSTERN_9021".into()),
+        "{refused}"
+    );
+    assert_eq!(edge.api("POST", &path("stop"), None, API_KEY).await.0, 204);
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .expect("the stopped agent exits");
+    assert!(format!("{:#}", ended.unwrap_err()).contains("ERR_POSTERN_9012"));
 }

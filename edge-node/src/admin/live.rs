@@ -2,21 +2,23 @@
 //! gateway routes: its own agents' and, in a cluster, those served through
 //! other nodes) and `/tunnel_sessions` (every agent session of the
 //! cluster, or of this node without one), in ngrok's shapes plus the
-//! serving `region` and `node_id`. `POST /tunnel_sessions/{id}/stop` ends a
-//! session of this node, or asks the node holding it over the link between
-//! nodes.
+//! serving `region` and `node_id`. `POST /tunnel_sessions/{id}/stop`,
+//! `/restart` and `/update` run ngrok's commands on a session of this
+//! node, or ask the node holding it over the link between nodes.
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use postern_ingress::{Endpoint, EndpointKind, Location};
 use postern_proto::{ErrorCode, Failure};
 use serde_json::{Value, json};
 
-use super::{AdminState, empty, json_response};
+use super::{AdminState, empty, json_response, read_body};
 use crate::{
     auth::CredentialRef,
     cluster::{SessionAd, session_ad},
+    registry::SessionCommand,
 };
 
 fn listing(key: &str, items: Vec<Value>) -> Response<Full<Bytes>> {
@@ -93,12 +95,14 @@ fn session_json(id: &str, at: &Location, ad: &SessionAd) -> Value {
 }
 
 /// `GET /tunnel_sessions`, `GET /tunnel_sessions/{id}`,
-/// `POST /tunnel_sessions/{id}/stop`.
+/// `POST /tunnel_sessions/{id}/restart`, `/stop` and `/update` (body
+/// `{"version": …, "permit_major_version": …}`, both optional).
 pub async fn sessions(
     state: &AdminState,
-    method: &Method,
+    req: Request<Incoming>,
     rest: &[&str],
 ) -> Result<Response<Full<Bytes>>, Failure> {
+    let method = &req.method().clone();
     let items: Vec<Value> = match &state.cluster {
         Some(node) => node
             .live::<SessionAd>()
@@ -124,25 +128,22 @@ pub async fn sessions(
     match (method, rest) {
         (&Method::GET, []) => Ok(listing("tunnel_sessions", items)),
         (&Method::GET, [id]) => one(items, "tunnel session", id),
-        (&Method::POST, [id, "stop"]) => {
+        (&Method::POST, [id, action @ ("restart" | "stop" | "update")]) => {
+            let command = match *action {
+                "restart" => SessionCommand::Restart,
+                "stop" => SessionCommand::Stop,
+                _ => update_command(&read_body(req).await?)?,
+            };
             if let Some(session) = state.registry.session(id) {
-                tracing::info!(id, "tunnel session stopped through the admin API");
-                state.registry.stop_session(&session);
+                state.registry.command(&session, command).await?;
                 return Ok(empty(StatusCode::NO_CONTENT));
             }
             let remote = match &state.cluster {
-                Some(node) => node.stop_remote_session(id).await,
+                Some(node) => node.remote_command(id, &command).await,
                 None => None,
             };
             match remote {
-                Some(Ok(())) => {
-                    tracing::info!(
-                        id,
-                        "tunnel session of another node stopped through the admin API"
-                    );
-                    Ok(empty(StatusCode::NO_CONTENT))
-                }
-                Some(Err(failure)) => Err(failure),
+                Some(result) => result.map(|()| empty(StatusCode::NO_CONTENT)),
                 None => Err(Failure::new(
                     ErrorCode::API_NOT_FOUND,
                     format!("no tunnel session {id}"),
@@ -151,7 +152,34 @@ pub async fn sessions(
         }
         _ => Err(Failure::new(
             ErrorCode::API_METHOD,
-            "use GET, or POST .../stop",
+            "use GET, or POST .../restart, .../stop or .../update",
         )),
     }
+}
+
+/// `POST …/update`'s body: ngrok's `version` and `permit_major_version`,
+/// both optional, nothing else.
+fn update_command(body: &[u8]) -> Result<SessionCommand, Failure> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Update {
+        version: String,
+        permit_major_version: bool,
+    }
+    let update: Update = if body.iter().all(u8::is_ascii_whitespace) {
+        Update::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            Failure::new(
+                ErrorCode::API_BAD_REQUEST,
+                format!(
+                    "the update's body must be {{\"version\": …, \"permit_major_version\": …}}: {e}"
+                ),
+            )
+        })?
+    };
+    Ok(SessionCommand::Update {
+        version: update.version,
+        permit_major_version: update.permit_major_version,
+    })
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, future::BoxFuture};
 use postern_ingress::ClaimedStream;
 use postern_proto::{BoxFrames, ErrorCode, Failure, TokenBucket, muxado::MuxError, pb};
 use serde::Serialize;
@@ -25,7 +25,7 @@ use super::{
     mux::{Mux, MuxStream, StreamReader, StreamWriter},
 };
 use crate::{
-    registry::{AgentHello, AgentSession, Registry, SdkLink},
+    registry::{AgentHello, AgentSession, COMMAND_WAIT, Registry, SdkLink, SessionCommand},
     service::{PeerInfo, TlsConn},
 };
 
@@ -61,6 +61,9 @@ struct Link {
     /// By endpoint id.
     tunnels: Arc<Mutex<HashMap<String, Tunnel>>>,
     tasks: TaskTracker,
+    /// Why the agent does not take restart, stop and update, as its Auth
+    /// said (`None`: it did not say, or takes it).
+    refuses: Mutex<[Option<String>; 3]>,
 }
 
 /// The connection's state, shared by its stream tasks.
@@ -88,6 +91,7 @@ pub async fn run(
         mux: mux.clone(),
         tunnels: Arc::default(),
         tasks: tasks.clone(),
+        refuses: Mutex::default(),
     });
     let state = Arc::new(Conn {
         budget: Mutex::new(registry.control_budget()),
@@ -361,6 +365,12 @@ fn auth(state: &Arc<Conn>, request: Value) -> Vec<u8> {
         id => id.to_string(),
     };
     let extra = auth.extra;
+    *state.link.refuses.lock().expect("refuses lock") = [
+        &extra.restartunsupportederror,
+        &extra.stopunsupportederror,
+        &extra.updateunsupportederror,
+    ]
+    .map(|said| said.clone().filter(|why| !why.is_empty()));
     let agent_version = match extra.useragent.as_str() {
         "" => format!("{}/{}", extra.clienttype, extra.version),
         ua => ua.to_string(),
@@ -580,6 +590,66 @@ impl SdkLink for Link {
                 .await;
             }
         });
+    }
+
+    fn command(&self, command: SessionCommand) -> BoxFuture<'static, Result<(), Failure>> {
+        let (slot, kind, body) = match &command {
+            SessionCommand::Restart => (0, stream_type::RESTART, b"{}".to_vec()),
+            SessionCommand::Stop => (1, stream_type::STOP, b"{}".to_vec()),
+            SessionCommand::Update {
+                version,
+                permit_major_version,
+            } => (
+                2,
+                stream_type::UPDATE,
+                json(&messages::Update {
+                    version: version.clone(),
+                    permit_major_version: *permit_major_version,
+                }),
+            ),
+        };
+        let refused = self.refuses.lock().expect("refuses lock")[slot].clone();
+        if let Some(why) = refused {
+            let failure = Failure::new(
+                ErrorCode::COMMAND_UNSUPPORTED,
+                format!("the agent takes no {}: {why}", command.name()),
+            );
+            return Box::pin(async move { Err(failure) });
+        }
+        Box::pin(Self::run_command(self.mux.open(), kind, body))
+    }
+}
+
+impl Link {
+    /// Sends `command` on a stream of its own and reads the agent's reply.
+    async fn run_command(
+        stream: Result<MuxStream, MuxError>,
+        kind: u32,
+        body: Vec<u8>,
+    ) -> Result<(), Failure> {
+        let failed = |detail: String| Failure::new(ErrorCode::COMMAND_FAILED, detail);
+        let MuxStream {
+            mut reader,
+            mut writer,
+        } = stream.map_err(|_| failed("the agent session has ended".into()))?;
+        let mut request = BytesMut::new();
+        request.put_u32(kind);
+        request.put_slice(&body);
+        writer
+            .write(request.freeze())
+            .await
+            .map_err(|code| failed(format!("sending the command: {}", code.name())))?;
+        let reply = tokio::time::timeout(COMMAND_WAIT, read_json(&mut reader, BytesMut::new()))
+            .await
+            .map_err(|_| failed(format!("the agent did not answer within {COMMAND_WAIT:?}")))?
+            .map_err(|e| failed(format!("the agent's reply: {e}")))?;
+        let _ = writer.finish().await;
+        let reply: messages::CommandResp = serde_json::from_value(lower_keys(reply))
+            .map_err(|e| failed(format!("the agent's reply is not ngrok's: {e}")))?;
+        match reply.error.filter(|e| !e.is_empty()) {
+            None => Ok(()),
+            Some(error) => Err(failed(format!("the agent answered: {error}"))),
+        }
     }
 }
 

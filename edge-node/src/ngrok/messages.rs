@@ -13,6 +13,9 @@ pub mod stream_type {
     pub const BIND: u32 = 1;
     pub const UNBIND: u32 = 2;
     pub const PROXY: u32 = 3;
+    pub const RESTART: u32 = 4;
+    pub const STOP: u32 = 5;
+    pub const UPDATE: u32 = 6;
     pub const START_TUNNEL_WITH_LABEL: u32 = 7;
     pub const SRV_INFO: u32 = 8;
     pub const STOP_TUNNEL: u32 = 9;
@@ -55,6 +58,26 @@ pub struct AuthExtra {
     /// Nanoseconds.
     pub heartbeattolerance: i64,
     pub clienttype: String,
+    /// Whether the agent takes each command: absent from older agents,
+    /// empty when it has a handler, else why not.
+    pub restartunsupportederror: Option<String>,
+    pub stopunsupportederror: Option<String>,
+    pub updateunsupportederror: Option<String>,
+}
+
+/// `Update`, the only command with a body (`Restart` and `Stop` are `{}`).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Update {
+    pub version: String,
+    pub permit_major_version: bool,
+}
+
+/// The agent's reply to a command, keys lower-cased.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CommandResp {
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

@@ -62,6 +62,70 @@ pub trait SdkLink: Send + Sync {
     fn open_stream(&self) -> Result<ClaimedStream, Failure>;
     /// The edge no longer serves the endpoint; the session goes on.
     fn endpoint_stopped(&self, endpoint_id: &str, failure: &Failure);
+    /// Asks the agent to run `command` (its handler decides what that
+    /// means); done when the agent says it did.
+    fn command(&self, command: SessionCommand) -> BoxFuture<'static, Result<(), Failure>>;
+}
+
+/// How long an agent's handler may take to answer a command.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(10);
+
+/// What an operator can ask of a session through the admin API, as
+/// ngrok's `/tunnel_sessions/{id}/restart`, `/stop` and `/update`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionCommand {
+    Restart,
+    Stop,
+    Update {
+        version: String,
+        permit_major_version: bool,
+    },
+}
+
+impl SessionCommand {
+    /// The command as the admin API's path names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SessionCommand::Restart => "restart",
+            SessionCommand::Stop => "stop",
+            SessionCommand::Update { .. } => "update",
+        }
+    }
+
+    /// The command a node link's request carries.
+    pub fn from_pb(request: &pb::StopSessionRequest) -> SessionCommand {
+        match request.command() {
+            pb::SessionCommand::Stop => SessionCommand::Stop,
+            pb::SessionCommand::Restart => SessionCommand::Restart,
+            pb::SessionCommand::Update => SessionCommand::Update {
+                version: request.version.clone(),
+                permit_major_version: request.permit_major_version,
+            },
+        }
+    }
+
+    /// The node link's request for this command on `session_id`.
+    pub fn to_pb(&self, session_id: &str, from_node: &str) -> pb::StopSessionRequest {
+        let mut request = pb::StopSessionRequest {
+            session_id: session_id.to_string(),
+            from_node: from_node.to_string(),
+            ..Default::default()
+        };
+        let command = match self {
+            SessionCommand::Restart => pb::SessionCommand::Restart,
+            SessionCommand::Stop => pb::SessionCommand::Stop,
+            SessionCommand::Update {
+                version,
+                permit_major_version,
+            } => {
+                request.version = version.clone();
+                request.permit_major_version = *permit_major_version;
+                pb::SessionCommand::Update
+            }
+        };
+        request.set_command(command);
+        request
+    }
 }
 
 /// An endpoint a session bound, with what it takes to build it again.
@@ -126,6 +190,14 @@ impl AgentSession {
             .expect("endpoints lock")
             .iter()
             .any(|b| b.id == id)
+    }
+
+    /// The link of an ngrok SDK session.
+    pub(super) fn sdk_link(&self) -> Option<Arc<dyn SdkLink>> {
+        match &self.link {
+            Link::Sdk(link) => Some(link.clone()),
+            Link::Postern { .. } => None,
+        }
     }
 
     /// The control stream of a Postern agent.
