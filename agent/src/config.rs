@@ -78,6 +78,9 @@ pub struct RawAgentConfig {
     pub connect_timeout: Option<String>,
     /// Postern: idle data streams kept open for the edge (0: open on demand).
     pub stream_pool: Option<u32>,
+    /// Postern: connections to the edge per session, the data streams
+    /// spread across them (default: one per core, at most 4).
+    pub connections: Option<u32>,
     /// Client certificates for TLS upstreams, keyed `host:port`, with `*`
     /// as the default.
     #[serde(default)]
@@ -341,6 +344,9 @@ pub struct AgentConfig {
     pub heartbeat_tolerance: Duration,
     pub connect_timeout: Duration,
     pub stream_pool: u32,
+    /// Connections to the edge per session (the control stream's and
+    /// `connections - 1` more for data streams).
+    pub connections: usize,
     pub tunnels: Vec<TunnelSpec>,
     /// The agent API and inspector.
     pub web: crate::api::WebConfig,
@@ -916,6 +922,9 @@ pub(crate) fn api_tunnel(
     Ok(spec)
 }
 
+/// Connections per session at most (`connections`).
+const MAX_CONNECTIONS: u32 = 16;
+
 /// The problems found in a config, each naming its key; validation goes on
 /// past the first, so that `postern config check` can list them all.
 #[derive(Debug, Default)]
@@ -1080,6 +1089,16 @@ impl RawAgentConfig {
             problems.check(ApiUrl::parse(url).map_err(|e| e.within("api_url")));
         }
         let proxy = problems.check(crate::proxy::Proxy::configured(self.proxy_url.as_deref()));
+        let connections = match self.connections {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            Some(n @ 1..=MAX_CONNECTIONS) => n as usize,
+            Some(n) => {
+                problems.0.push(invalid!(
+                    "connections: {n} is not between 1 and {MAX_CONNECTIONS}"
+                ));
+                1
+            }
+        };
         let (
             Some(authtoken),
             Some((server_addr, server_name)),
@@ -1112,6 +1131,7 @@ impl RawAgentConfig {
             heartbeat_tolerance,
             connect_timeout,
             stream_pool: self.stream_pool.unwrap_or(8),
+            connections,
             tunnels,
             web,
             upstream_tls,

@@ -115,11 +115,64 @@ impl Routes {
 
 /// What a stream task needs.
 pub struct StreamContext {
-    pub client: pb::tunnel_client::TunnelClient<Channel>,
+    pub channels: Channels,
     pub session_id: MetadataValue<tonic::metadata::Ascii>,
     pub stream_token: MetadataValue<tonic::metadata::Ascii>,
     pub routes: Arc<Routes>,
     pub tracker: TaskTracker,
+}
+
+type Client = pb::tunnel_client::TunnelClient<Channel>;
+
+/// The session's connections to the edge, which data streams take in
+/// turn: the control stream's (id 0) and those opened for data streams.
+/// One the edge refuses (behind a load balancer it reached another node)
+/// leaves the rotation.
+pub struct Channels {
+    clients: std::sync::Mutex<Vec<(usize, Client)>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Channels {
+    pub fn new(control: Client) -> Channels {
+        Channels {
+            clients: std::sync::Mutex::new(vec![(0, control)]),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Adds the connection `id` (not 0) to the rotation.
+    pub fn add(&self, id: usize, client: Client) {
+        self.clients
+            .lock()
+            .expect("channels lock")
+            .push((id, client));
+    }
+
+    /// How many connections are in the rotation.
+    pub fn len(&self) -> usize {
+        self.clients.lock().expect("channels lock").len()
+    }
+
+    /// The connection for the next data stream.
+    fn next(&self) -> (usize, Client) {
+        let clients = self.clients.lock().expect("channels lock");
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        clients[n % clients.len()].clone()
+    }
+
+    /// Takes connection `id` out of the rotation; false for the control
+    /// stream's, which stays.
+    fn refused(&self, id: usize) -> bool {
+        if id == 0 {
+            return false;
+        }
+        self.clients
+            .lock()
+            .expect("channels lock")
+            .retain(|(i, _)| *i != id);
+        true
+    }
 }
 
 /// Opens a data stream as a tracked task. A pooled stream opens its own
@@ -142,16 +195,36 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
     request
         .metadata_mut()
         .insert(metadata::STREAM_TOKEN, ctx.stream_token.clone());
-    let mut client = ctx.client.clone();
-    let response = client
-        .data(request)
-        .await
-        .map_err(|s| Failure::new(ErrorCode::AGENT_FORWARD_FAILED, s.message().to_string()))?;
+    let (channel, mut client) = ctx.channels.next();
+    let response = match client.data(request).await {
+        Ok(response) => response,
+        Err(status) => {
+            if status.code() == tonic::Code::PermissionDenied && ctx.channels.refused(channel) {
+                tracing::warn!(
+                    connection = channel,
+                    "the edge refused a data stream on an extra connection (it reached another node?); the session goes on without it"
+                );
+                spawn_stream(ctx.clone(), pooled);
+            }
+            return Err(Failure::new(
+                ErrorCode::AGENT_FORWARD_FAILED,
+                status.message().to_string(),
+            ));
+        }
+    };
     let mut inbound = response.into_inner();
     let first = match inbound.message().await {
         Ok(Some(frame)) => frame,
         // Ended unclaimed (pool trimmed, session over): nothing to do.
-        Ok(None) | Err(_) => return Ok(()),
+        Ok(None) => return Ok(()),
+        // Broken with its connection: a pooled one is replaced (on another
+        // connection, or this one once it is back).
+        Err(_) => {
+            if pooled {
+                spawn_stream(ctx.clone(), true);
+            }
+            return Ok(());
+        }
     };
     if pooled {
         spawn_stream(ctx.clone(), true);

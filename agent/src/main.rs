@@ -63,6 +63,10 @@ struct Global {
     /// Idle data streams kept open for the edge (0: open each on demand).
     #[arg(long, global = true)]
     stream_pool: Option<u32>,
+    /// Connections to the edge per session, data streams spread across
+    /// them (default: one per core, at most 4).
+    #[arg(long, global = true)]
+    connections: Option<u32>,
     /// Log format: text (human-readable) or json (one object per line).
     #[arg(long, global = true, default_value = "text")]
     log_format: LogFormat,
@@ -168,13 +172,14 @@ enum ConfigCommand {
 
 /// The global flags that feed a session, which the commands that start
 /// none refuse rather than ignore.
-const SESSION_FLAGS: [&str; 6] = [
+const SESSION_FLAGS: [&str; 7] = [
     "authtoken",
     "server_addr",
     "region",
     "tls_server_name",
     "root_cas",
     "stream_pool",
+    "connections",
 ];
 
 const NO_TUNNELS: &str = "tunnels: the config defines no tunnels";
@@ -304,6 +309,7 @@ fn build_config(cli: Cli) -> anyhow::Result<(Value, Option<Vec<String>>)> {
     set(&mut top, "tls_server_name", g.tls_server_name);
     set(&mut top, "root_cas", g.root_cas);
     set(&mut top, "stream_pool", g.stream_pool.map(u64::from));
+    set(&mut top, "connections", g.connections.map(u64::from));
     let mut tunnel = Mapping::new();
     let names = match cli.command {
         Command::Events { .. }

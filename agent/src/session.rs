@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     error::{AgentError, Chain},
-    forward::{Routes, StreamContext, Target, spawn_stream},
+    forward::{Channels, Routes, StreamContext, Target, spawn_stream},
     state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
 };
@@ -115,6 +115,7 @@ pub(crate) async fn run(
                     ever_online,
                     alternates: &alternates,
                     addr: &addr,
+                    tls: &tls,
                 };
                 let span = tracing::info_span!(
                     parent: None,
@@ -306,8 +307,9 @@ struct Session<'a> {
     shutdown: &'a CancellationToken,
     ever_online: bool,
     alternates: &'a std::sync::Mutex<Vec<String>>,
-    /// The address this session dialled.
+    /// The address this session dialled, and the TLS it dialled with.
     addr: &'a str,
+    tls: &'a Arc<ClientConfig>,
 }
 
 fn agent_message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
@@ -365,8 +367,10 @@ impl Session<'_> {
         );
         let routes = Arc::new(Routes::default());
         let tracker = TaskTracker::new();
+        let channels = Channels::new(client.clone());
+        self.extra_connections(&channels).await;
         let ctx = Arc::new(StreamContext {
-            client: client.clone(),
+            channels,
             session_id,
             stream_token,
             routes: routes.clone(),
@@ -390,6 +394,24 @@ impl Session<'_> {
             .await;
         tracker.close();
         end
+    }
+
+    /// Opens the session's other connections to the node that welcomed
+    /// it, for data streams; one that fails is left out (the session works
+    /// with the control stream's alone).
+    async fn extra_connections(&self, channels: &Channels) {
+        let config = &self.state.config;
+        let dials = (1..config.connections)
+            .map(|id| async move { (id, connect(config, self.addr, self.tls.clone()).await) });
+        for (id, dialled) in futures_util::future::join_all(dials).await {
+            match dialled {
+                Ok(channel) => channels.add(id, pb::tunnel_client::TunnelClient::new(channel)),
+                Err(e) => {
+                    tracing::warn!(connection = id, error = %Chain(&e), "an extra connection to the edge failed; the session goes on with fewer")
+                }
+            }
+        }
+        tracing::debug!(connections = channels.len(), "connections to the edge");
     }
 
     async fn run_session(

@@ -375,7 +375,7 @@ impl Registry {
             cancel: CancellationToken::new(),
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
-            cut_connection: peer.map(|p| p.cut),
+            connections: Mutex::new(peer.map(|p| (p.id, p.cut)).into_iter().collect()),
             streams: Arc::new(tokio::sync::Semaphore::new(streams)),
         })
     }
@@ -694,21 +694,30 @@ impl Registry {
             self.publish(RegistryEvent::EndpointUnbound(bound.id));
         }
         session.close_pool();
-        if !session.cancel.is_cancelled() {
-            session.cancel.cancel();
-            self.publish(RegistryEvent::SessionClosed(session.id.clone()));
-            tracing::info!(session.id = %session.id, "agent session closed");
-            if let Some(cut) = session.cut_connection.clone() {
-                // Let the goodbye message go out first.
-                let now = self.cut_now.clone();
-                self.cuts.spawn(async move {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = now.cancelled() => {}
-                    }
-                    cut.cancel();
-                });
+        // Under the connections' lock, so that a connection joining now
+        // is either cut below or cut at once by `join`.
+        let connections = {
+            let connections = session.connections.lock().expect("connections lock");
+            if session.cancel.is_cancelled() {
+                return;
             }
+            session.cancel.cancel();
+            connections.clone()
+        };
+        self.publish(RegistryEvent::SessionClosed(session.id.clone()));
+        tracing::info!(session.id = %session.id, connections = connections.len(), "agent session closed");
+        if !connections.is_empty() {
+            // Let the goodbye message go out first.
+            let now = self.cut_now.clone();
+            self.cuts.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = now.cancelled() => {}
+                }
+                for (_, cut) in connections {
+                    cut.cancel();
+                }
+            });
         }
     }
 

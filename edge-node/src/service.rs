@@ -107,6 +107,11 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             .session(&session_id)
             .filter(|s| s.stream_token_matches(&token))
             .ok_or_else(|| Status::permission_denied("unknown session or stream token"))?;
+        // An agent may open its data streams on connections of their own:
+        // each is cut with the session.
+        if let Some(peer) = request.extensions().get::<PeerInfo>() {
+            session.join(peer);
+        }
         let (attach, frames) = postern_proto::attachable();
         session.park(postern_ingress::ClaimedStream {
             inbound: Box::pin(request.into_inner()),
@@ -122,9 +127,24 @@ impl pb::tunnel_server::Tunnel for TunnelService {
 /// that cuts it (a closed session takes its data streams with it).
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
+    /// Tells this connection from the others of the same session.
+    pub id: u64,
     pub addr: SocketAddr,
     pub server_name: Option<String>,
     pub cut: CancellationToken,
+}
+
+impl PeerInfo {
+    /// A connection's info, with an id of its own.
+    pub fn new(addr: SocketAddr, server_name: Option<String>, cut: CancellationToken) -> PeerInfo {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        PeerInfo {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            addr,
+            server_name,
+            cut,
+        }
+    }
 }
 
 /// An accepted TLS connection (an agent's, or another node's) that can be
@@ -142,11 +162,7 @@ impl TlsConn {
         TlsConn {
             tls,
             cut: Box::pin(cut.clone().cancelled_owned()),
-            peer: PeerInfo {
-                addr,
-                server_name,
-                cut,
-            },
+            peer: PeerInfo::new(addr, server_name, cut),
         }
     }
 

@@ -31,13 +31,17 @@ pub fn init() {
     });
 }
 
-/// Which optional listeners an in-process test edge has.
+/// Which optional listeners an in-process test edge has, and how it
+/// differs from the usual test config.
 #[derive(Clone, Copy, Debug, Default)]
 struct Listening {
     /// `listen.ssh`.
     ssh: bool,
     /// `listen.http = ""`.
     no_http: bool,
+    /// Agent heartbeats of a minute instead of 1 s + 3 s, so that only
+    /// the session's own end closes a silent agent's connections.
+    slow_heartbeat: bool,
 }
 
 /// An edge node on loopback with a dev CA and two authtokens, in-process or
@@ -79,6 +83,16 @@ impl TestEdge {
             ..Listening::default()
         };
         Self::start_on("127.0.0.1", extra, node_id, region, listening).await
+    }
+
+    /// An edge that waits a minute for a silent agent's heartbeat (see
+    /// `Listening::slow_heartbeat`).
+    pub async fn start_with_slow_heartbeat() -> TestEdge {
+        let listening = Listening {
+            slow_heartbeat: true,
+            ..Listening::default()
+        };
+        Self::start_on("127.0.0.1", "", "test-edge", "us", listening).await
     }
 
     /// An edge whose listeners are on `[::1]`, for IPv6 clients.
@@ -154,7 +168,11 @@ impl TestEdge {
             region: region.to_string(),
             netns: None,
         };
-        let config = edge.config();
+        let mut config = edge.config();
+        if listening.slow_heartbeat {
+            config.session.heartbeat_interval = Duration::from_secs(30);
+            config.session.heartbeat_tolerance = Duration::from_secs(30);
+        }
         listeners.node_link = link_listener(&config).await;
         edge.edge = Some(Edge::start(config, listeners).await.expect("edge starts"));
         edge
@@ -466,6 +484,12 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         self.agent_with(&self.token.clone(), tunnels)
             .await
             .expect("agent comes online")
+    }
+
+    /// An in-process agent of `yaml` (see [`TestEdge::agent_yaml`]), once
+    /// online; the error is the agent's when it stops before that.
+    pub async fn agent_of_yaml(&self, yaml: &str) -> anyhow::Result<(Agent, Status)> {
+        online(Agent::start(parse_agent_config(yaml))).await
     }
 
     /// As [`TestEdge::agent`] with a token; the error is the agent's when

@@ -16,6 +16,7 @@ mod pki;
 mod process;
 mod raw_agent;
 mod redis;
+mod relay;
 mod upstream;
 
 pub use client::{
@@ -38,6 +39,7 @@ pub use pki::{Issued, TestCa, seed_001_certificates, with_mounted_secrets};
 pub use process::{Spawned, binary, free_port, read_rss_kib};
 pub use raw_agent::RawSession;
 pub use redis::{RedisCluster, RedisServer};
+pub use relay::TcpRelay;
 pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
 
 use std::path::PathBuf;

@@ -11,13 +11,13 @@ use ngrok::{
     session::ConnectError,
 };
 use postern_tests::{
-    ACL_TOKEN, API_KEY, DOMAIN, HttpUpstream, HttpsClient, TcpEcho, TestCa, TestEdge, TlsUpstream,
-    eventually, grpc_client, grpc_expected, grpc_server, websocket_to_tcp_echo,
+    ACL_TOKEN, API_KEY, DOMAIN, HttpUpstream, HttpsClient, TcpEcho, TcpRelay, TestCa, TestEdge,
+    TlsUpstream, eventually, grpc_client, grpc_expected, grpc_server, websocket_to_tcp_echo,
 };
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 
 /// `expect_err` for the SDK's results, whose success types are not `Debug`.
@@ -511,39 +511,6 @@ async fn six_hundred_visitors_do_not_kill_a_rust_sdk_session() {
     );
 }
 
-/// A TCP relay standing for a load balancer in front of the edges.
-struct Relay {
-    addr: std::net::SocketAddr,
-    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(target: std::net::SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let target = Arc::new(std::sync::Mutex::new(target));
-        let to = target.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let dest = *to.lock().unwrap();
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(dest).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Relay { addr, target, task }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// A draining edge ends the SDK's session; the SDK reconnects (here
 /// through a relay that now leads to another edge) and binds again.
 #[tokio::test]
@@ -554,7 +521,7 @@ async fn the_edge_draining_moves_the_sdk_to_reconnect() {
         a.token
     ))
     .await;
-    let relay = Relay::start(a.addrs.ngrok_agent.unwrap()).await;
+    let relay = TcpRelay::start(a.addrs.ngrok_agent.unwrap()).await;
     let upstream = HttpUpstream::start().await;
     // The SDK trusts both edges' CAs, as it would a region's.
     let mut pem = std::fs::read(a.ca_pem()).unwrap();
@@ -566,7 +533,7 @@ async fn the_edge_draining_moves_the_sdk_to_reconnect() {
     let host = format!("moving.{DOMAIN}");
     let _fwd = forward_http(&session, &host, &upstream).await;
     assert_eq!(a.fetch(&host, "/", &[]).await.0, 200);
-    *relay.target.lock().unwrap() = b.addrs.ngrok_agent.unwrap();
+    relay.retarget(b.addrs.ngrok_agent.unwrap());
     a.stop().await;
     until_served(&b, &host, "the endpoint back at the other edge").await;
 }

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use postern_proto::pb;
-use postern_tests::{ACL_TOKEN, HttpUpstream, HttpsClient, TestEdge, eventually};
+use postern_tests::{
+    ACL_TOKEN, API_KEY, HttpUpstream, HttpsClient, Spawned, TcpRelay, TestEdge, binary, eventually,
+};
+use tokio::process::Command;
 
 fn http_tunnel(domain: &str, port: u16) -> String {
     format!("  web:\n    proto: http\n    addr: {port}\n    domain: {domain}\n")
@@ -252,4 +255,80 @@ async fn an_agent_that_ignores_the_control_budget_is_cut_and_others_are_not() {
     assert_eq!(agent.status().borrow().reconnects, 0);
     assert!(agent.status().borrow().online);
     agent.shutdown().await.unwrap();
+}
+
+/// An agent with three connections to the edge (`--connections 3`)
+/// through a relay: one connection cut fails only what it carried, and
+/// requests go on over the others; stopping the session closes every
+/// connection it had from the edge's side (the agent is frozen, so only
+/// the edge can close them).
+#[tokio::test]
+async fn a_session_with_three_connections_survives_one_cut_and_a_stop_closes_them_all() {
+    // Heartbeats of a minute: the frozen agent's connections are not
+    // closed for its silence within the test.
+    let edge = TestEdge::start_with_slow_heartbeat().await;
+    let relay = TcpRelay::start(edge.addrs.agent).await;
+    let upstream = HttpUpstream::start().await;
+    let host = "conns.example.test";
+    let mut args = edge.agent_args(&edge.token);
+    let at = args.iter().position(|a| a == "--server-addr").unwrap() + 1;
+    args[at] = relay.addr.to_string();
+    let mut agent = Spawned::spawn(
+        Command::new(binary("postern"))
+            .args(["http", &upstream.port().to_string(), "--domain", host])
+            .args(["--connections", "3"])
+            .args(args),
+    );
+    agent.wait_for_line("Forwarding", 20).await;
+    eventually(10, "three connections through the relay", || async {
+        relay.carried() == 3
+    })
+    .await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let get_all = |tag: &'static str| {
+        let client = &client;
+        async move {
+            for i in 0..30 {
+                let r = client.get(host, &format!("/{tag}/{i}")).await;
+                assert_eq!(r.expect("an answer").status, 200, "{tag} {i}");
+            }
+        }
+    };
+    get_all("before").await;
+
+    // The newest connection (a data connection) cut: the session stays.
+    relay.cut(2);
+    eventually(10, "requests served after the cut", || async {
+        client
+            .get(host, "/probe")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    get_all("after").await;
+    let (_, listed) = edge.api("GET", "/tunnel_sessions", None, API_KEY).await;
+    let id = listed["tunnel_sessions"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(listed["tunnel_sessions"].as_array().unwrap().len(), 1);
+
+    let frozen = std::process::Command::new("kill")
+        .args(["-STOP", &agent.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(frozen.success());
+    assert!(
+        relay.carried() >= 2,
+        "the cut connection may have come back"
+    );
+    let path = format!("/tunnel_sessions/{id}/stop");
+    assert_eq!(edge.api("POST", &path, None, API_KEY).await.0, 204);
+    eventually(
+        10,
+        "every connection of the session closed by the edge",
+        || async { relay.carried() == 0 },
+    )
+    .await;
+    agent.kill().await;
 }

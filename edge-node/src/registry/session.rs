@@ -18,7 +18,7 @@ use super::{
     bind::domain_of,
     control::{ControlTx, edge_message},
 };
-use crate::{acl::Acl, auth::CredentialRef};
+use crate::{acl::Acl, auth::CredentialRef, service::PeerInfo};
 
 /// One agent's session.
 pub struct AgentSession {
@@ -40,8 +40,9 @@ pub struct AgentSession {
     pub(super) cancel: CancellationToken,
     pub(super) end_reason: Mutex<Option<Failure>>,
     pub(super) stream_wait: Duration,
-    /// Cuts the agent's connection, and with it every data stream.
-    pub(super) cut_connection: Option<CancellationToken>,
+    /// The agent's connections (the control stream's first, then those
+    /// it opened for data streams), by id, and what cuts each.
+    pub(super) connections: Mutex<Vec<(u64, CancellationToken)>>,
     /// Permits for simultaneous proxied connections.
     pub(super) streams: Arc<Semaphore>,
 }
@@ -181,6 +182,17 @@ impl AgentSession {
     pub fn stream_token_matches(&self, presented: &str) -> bool {
         let (a, b) = (self.stream_token.as_bytes(), presented.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// Counts `peer`'s connection as one of the session's, to be cut with
+    /// it; cut at once when the session has ended already.
+    pub fn join(&self, peer: &PeerInfo) {
+        let mut connections = self.connections.lock().expect("connections lock");
+        if self.cancel.is_cancelled() {
+            peer.cut.cancel();
+        } else if !connections.iter().any(|(id, _)| *id == peer.id) {
+            connections.push((peer.id, peer.cut.clone()));
+        }
     }
 
     /// Whether the session bound the endpoint `id`.

@@ -217,11 +217,7 @@ impl Agent {
         let registry = self.shared.registry.clone();
         // The registry's cut ends this loop, not the connection at once:
         // the client is told first.
-        let info = PeerInfo {
-            addr: peer,
-            server_name: None,
-            cut: cut.clone(),
-        };
+        let info = PeerInfo::new(peer, None, cut.clone());
         let session = registry
             .admit(hello, record, control, Some(info))
             .inspect_err(|failure| registry.counters().session_refused(failure))?;
