@@ -1,7 +1,7 @@
 """ngrok's Python SDK against a Postern edge, as the tests run it.
 
 `forward.py http`: `ngrok.forward` to the test's HTTP server.
-`forward.py tcp`: `ngrok.forward` to a TCP service (bench/sdk_bulk.py).
+`forward.py tcp`: `ngrok.forward` to a TCP service (bench/bulk.py).
 `forward.py tls`: seed 002's Python TLS snippet ("Terminate at Edge"),
 unchanged but for its server address and CA (and the names and paths the
 test gives it).

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""TCP bulk through an ngrok SDK session against the Postern agent (issue 22).
+"""TCP bulk through the tunnel: the Postern agent with one connection per
+session and with its default, and an ngrok SDK session (issues 20, 22).
 
-One iperf3 server; one edge with its SDK ingress on; a Postern agent and
-ngrok's Python SDK (tests/ngrok-sdk/forward.py, `ngrok.forward(...,
-proto="tcp")`) each serve it as a TCP endpoint of that edge. iperf3 runs
-against the server directly, through the agent and through the SDK, one
-stream and eight, the order rotating from round to round, all in the same
-run. The report gives medians and the ratios between systems measured side
-by side, and the edge's plus the tunnel client's CPU seconds per GB.
+One iperf3 server; one edge with its SDK ingress on; two Postern agents
+(`connections: 1`, and the default: one per core, at most 4) and ngrok's
+Python SDK (tests/ngrok-sdk/forward.py, `ngrok.forward(..., proto="tcp")`)
+each serve it as a TCP endpoint of that edge. iperf3 runs against the
+server directly and through each, one stream and eight, the order rotating
+from round to round, all in the same run. The report gives medians and the
+ratios between systems measured side by side, and the edge's plus the
+tunnel client's CPU seconds per GB.
 
-Usage: bench/sdk_bulk.py [--rounds N] [--duration SECONDS]
+Usage: bench/bulk.py [--rounds N] [--duration SECONDS]
 Needs iperf3 and release builds of postern-edge and postern (POSTERN_BIN_DIR
 names another directory of them), and the test venv's `ngrok` package
 (POSTERN_TEST_PYTHON, else .venv-svc). Writes bench/out/sdk-bulk/."""
@@ -26,7 +28,7 @@ from procs import Procs, cpu_seconds
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
-OUT = os.path.join(BENCH, "out", "sdk-bulk")
+OUT = os.path.join(BENCH, "out", "bulk")
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
 PORTS = dict(iperf=31050, agent=31051, https=31052, sdk=31053, tcp_first=31060)
 DOMAIN = "postern.localhost"
@@ -34,7 +36,9 @@ TOKEN = "sdk-bulk-bench"
 # system: (label, processes whose CPU counts)
 SYSTEMS = {
     "direct": ("iperf3 direct", ()),
-    "agent": ("TCP endpoint through the Postern agent", ("edge", "agent")),
+    "agent-1c": ("TCP endpoint through the Postern agent, `connections: 1`",
+                 ("edge", "agent-1c")),
+    "agent": ("TCP endpoint through the Postern agent, default connections", ("edge", "agent")),
     "sdk": ("TCP endpoint through an ngrok SDK session (Python `ngrok.forward`)",
             ("edge", "sdk")),
 }
@@ -90,17 +94,19 @@ dev_ca = true
 [[authtokens]]
 token = "{TOKEN}"
 """)
-    agent_yml = os.path.join(OUT, "agent.yml")
-    with open(agent_yml, "w") as f:
-        f.write(f"""version: "2"
+    agent_ymls = {}
+    for name, (connections, port) in {"agent": ("", 0), "agent-1c": ("connections: 1\n", 1)}.items():
+        agent_ymls[name] = os.path.join(OUT, f"{name}.yml")
+        with open(agent_ymls[name], "w") as f:
+            f.write(f"""version: "2"
 authtoken: "{TOKEN}"
 server_addr: "tunnel.us.connect.{DOMAIN}:{PORTS['agent']}"
 root_cas: "{data}/dev-ca.pem"
-tunnels:
+{connections}tunnels:
   bulk:
     proto: tcp
     addr: "127.0.0.1:{PORTS['iperf']}"
-    remote_addr: "127.0.0.1:{PORTS['tcp_first']}"
+    remote_addr: "127.0.0.1:{PORTS['tcp_first'] + port}"
 """)
     procs = Procs(OUT)
     start, pids = procs.start, procs.pids
@@ -118,13 +124,18 @@ tunnels:
             m = re.search(pattern, f.read())
         return m and m.group(1)
 
-    ports = {"direct": PORTS["iperf"], "agent": PORTS["tcp_first"]}
+    ports = {"direct": PORTS["iperf"], "agent": PORTS["tcp_first"],
+             "agent-1c": PORTS["tcp_first"] + 1}
     rounds = []
     try:
         start("iperf3", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORTS["iperf"])])
         start("edge", [os.path.join(bins, "postern-edge"), "--config", edge_toml])
         wait_for(lambda: os.path.exists(f"{data}/dev-ca.pem"), "the edge's dev CA")
-        start("agent", [os.path.join(bins, "postern"), "start", "--all", "--config", agent_yml])
+        for name, yml in agent_ymls.items():
+            start(name, [os.path.join(bins, "postern"), "start", "--all", "--config", yml])
+        # Before the SDK asks for a port, so that it gets none of theirs.
+        for name in agent_ymls:
+            wait_for(lambda n=name: log_match(n, r"(Forwarding)"), f"{name}'s tunnel")
         python = os.environ.get("POSTERN_TEST_PYTHON",
                                 os.path.join(REPO, ".venv-svc", "bin", "python"))
         env = dict(os.environ, POSTERN_SERVER_ADDR=f"127.0.0.1:{PORTS['sdk']}",
@@ -134,9 +145,8 @@ tunnels:
               env)
         ports["sdk"] = int(wait_for(lambda: log_match("sdk", r"tcp://[^:]+:(\d+)"),
                                     "the SDK's TCP endpoint"))
-        wait_for(lambda: log_match("agent", r"(Forwarding)"), "the agent's tunnel")
         for r in range(args.rounds):
-            order = list(SYSTEMS)[r % 3:] + list(SYSTEMS)[:r % 3]
+            order = list(SYSTEMS)[r % len(SYSTEMS):] + list(SYSTEMS)[:r % len(SYSTEMS)]
             row = {}
             for system in order:
                 for streams in (1, 8):
@@ -165,7 +175,8 @@ def report(args, rounds):
     lines += ["", "| comparison, medians of the per-round values | value |", "|---|---:|"]
     ratios = {}
     for streams in (1, 8):
-        for a, b in (("sdk", "agent"), ("sdk", "direct"), ("agent", "direct")):
+        for a, b in (("agent", "agent-1c"), ("sdk", "agent"), ("sdk", "direct"),
+                     ("agent", "direct"), ("agent-1c", "direct")):
             label = f"bulk {streams} stream{'s' if streams > 1 else ''}: {a} ÷ {b}"
             ratio = statistics.median(r[f"{a}-{streams}"]["gbps"] / r[f"{b}-{streams}"]["gbps"]
                                       for r in rounds)
