@@ -445,12 +445,19 @@ async fn through_an_http_connect_proxy_with_credentials() {
     let name = format!("via-proxy.{DOMAIN}");
     let port = upstream.port().to_string();
     let (_agent, _) = forwarding(
-        postern(&edge, &["http", &port, "--url", &name])
-            .arg("--config")
-            .arg(&config),
+        postern(
+            &edge,
+            &["http", &port, "--url", &name, "--connections", "2"],
+        )
+        .arg("--config")
+        .arg(&config),
     )
     .await;
-    assert_eq!(proxy.connects_to(edge.addrs.agent), 1);
+    assert_eq!(
+        proxy.connects_to(edge.addrs.agent),
+        2,
+        "both connections of the session through the proxy"
+    );
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     assert_eq!(client.get(&name, "/").await.unwrap().status, 200);
 
@@ -491,12 +498,23 @@ async fn https_proxy_and_no_proxy_from_the_environment() {
     let (agent, _) = forwarding(
         postern(
             &edge,
-            &["http", &port, "--url", &format!("env-proxy.{DOMAIN}")],
+            &[
+                "http",
+                &port,
+                "--url",
+                &format!("env-proxy.{DOMAIN}"),
+                "--connections",
+                "2",
+            ],
         )
         .env("HTTPS_PROXY", &proxy_url),
     )
     .await;
-    assert_eq!(proxy.connects_to(edge.addrs.agent), 1);
+    assert_eq!(
+        proxy.connects_to(edge.addrs.agent),
+        2,
+        "both connections of the session through the proxy"
+    );
     drop(agent);
     let (_agent, _) = forwarding(
         postern(
@@ -509,8 +527,8 @@ async fn https_proxy_and_no_proxy_from_the_environment() {
     .await;
     assert_eq!(
         proxy.connects_to(edge.addrs.agent),
-        1,
-        "NO_PROXY: no second CONNECT"
+        2,
+        "NO_PROXY: no further CONNECT"
     );
 }
 
