@@ -62,6 +62,8 @@ pub(crate) struct Member {
     /// HTTP endpoints without PROXY headers share one upstream pool.
     pub shared_pool: Option<UpstreamPool>,
     pub forwarding: Forwarding,
+    /// What Traffic Policy sees of the endpoint (`endpoint.*`), made once.
+    pub facts: crate::policy::EndpointFacts,
     failed_at_ms: AtomicU64,
 }
 
@@ -81,6 +83,7 @@ impl Member {
         forwarding: Forwarding,
     ) -> Arc<Member> {
         Arc::new(Member {
+            facts: crate::policy::EndpointFacts::of(&endpoint),
             endpoint,
             shared_pool,
             forwarding,

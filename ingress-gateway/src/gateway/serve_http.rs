@@ -200,7 +200,7 @@ impl Visit<'_> {
                     client: conn.client_identity.clone(),
                 }),
             };
-            (conn_facts, EndpointFacts::of(&member.endpoint))
+            (conn_facts, &member.facts)
         });
         let scheme = if conn.tls.is_some() { "https" } else { "http" };
         let mut scratch = Scratch::default();
