@@ -10,7 +10,8 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use postern_tests::{
-    API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml, cluster::cluster_toml,
+    API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml,
+    cluster::{TestCluster, cluster_toml},
     curl, eventually, free_port, served_serial,
 };
 use rustls::pki_types::pem::PemObject;
@@ -18,14 +19,17 @@ use serde_json::Value;
 
 const JSON: &str = "Content-Type: application/json";
 
-/// A `[cluster]` table for a cluster of one.
+/// A `[cluster]` table for a cluster of one, which holds the cluster's
+/// config (and may order) a second after it starts, having no peer to
+/// catch up with.
 fn cluster_of_one() -> String {
     let gossip = SocketAddr::from(([127, 0, 0, 1], postern_tests::cluster::udp_port()));
-    cluster_toml(
+    let table = cluster_toml(
         &format!("acme-{}", postern_net::random_label()),
         &[gossip],
         0,
-    )
+    );
+    format!("{table}catch_up_timeout = \"1s\"\n")
 }
 
 /// A node in a cluster of one, ordering from `pebble`.
@@ -452,6 +456,147 @@ async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
     assert_eq!(status, 400, "{refused}");
     assert_eq!(refused["error_code"], "ERR_POSTERN_9406", "{refused}");
     edge.stop().await;
+}
+
+/// `path` at every node of `cluster`; `None` until every node has it.
+async fn at_every_node(cluster: &TestCluster, path: &str) -> Option<Vec<Value>> {
+    let mut shown = Vec::new();
+    for node in &cluster.nodes {
+        let (status, value) = node.api("GET", path, None, API_KEY).await;
+        if status != 200 {
+            return None;
+        }
+        shown.push(value);
+    }
+    Some(shown)
+}
+
+/// The holder of the cluster's lease on a reserved domain, once every
+/// node names the same one and it has failed `failures` orders.
+async fn lease_holder(cluster: &TestCluster, path: &str, failures: u64) -> String {
+    let holder = std::sync::Mutex::new(String::new());
+    eventually(30, "every node names the failing lease holder", || {
+        let holder = &holder;
+        async move {
+            let Some(shown) = at_every_node(cluster, path).await else {
+                return false;
+            };
+            let status = |i: usize| &shown[i]["certificate_management_status"];
+            let first = status(0)["lease"]["holder"].as_str().unwrap_or_default();
+            let agreed = !first.is_empty()
+                && (0..shown.len()).all(|i| status(i)["lease"]["holder"] == first)
+                && (0..shown.len())
+                    .all(|i| status(i)["provisioning_job"]["failures"].as_u64() >= Some(failures));
+            *holder.lock().unwrap() = first.to_string();
+            agreed
+        }
+    })
+    .await;
+    holder.into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
+    let mut pebble = Pebble::prepare().await;
+    let cluster = TestCluster::start_with(&acme_toml(&pebble, "1s")).await;
+    let upstream = HttpUpstream::start().await;
+    let name = "app.cluster.test";
+    let (_agent, _) = cluster.nodes[1]
+        .agent(&http_tunnels(upstream.port(), &[name]))
+        .await;
+    let reserved = reserve(
+        &cluster.nodes[2],
+        r#"{"domain": "app.cluster.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let path = format!("/reserved_domains/{}", reserved["id"].as_str().unwrap());
+
+    // The CA is down: one node takes the lease and fails; it keeps the
+    // lease until its retry, and the others wait instead of ordering.
+    let holder = lease_holder(&cluster, &path, 1).await;
+    let index = |id: &str| cluster.nodes.iter().position(|n| n.node_id() == id);
+    let h = index(&holder).unwrap_or_else(|| panic!("holder {holder:?}"));
+    let stat = |name: &str| -> Vec<u64> { cluster.nodes.iter().map(|n| n.stat(name)).collect() };
+    let failed = stat("acme_orders_failed");
+    assert!(failed[h] >= 1, "{failed:?}");
+    assert_eq!(
+        failed.iter().sum::<u64>(),
+        failed[h],
+        "only {holder} ordered: {failed:?}"
+    );
+
+    // Every node is on 127.0.0.1 and Pebble validates on one HTTP port:
+    // that of a node other than the holder, which thus answers a challenge
+    // it did not make.
+    let v = (h + 1) % cluster.nodes.len();
+    let validating = &cluster.nodes[v];
+    pebble
+        .start(
+            validating.addrs.http.unwrap().port(),
+            validating.addrs.https.port(),
+            None,
+        )
+        .await;
+    let root = pebble.root("pebble-root.pem").await;
+    for node in &cluster.nodes {
+        wait_trusted(node, name, &root, 90).await;
+    }
+    // One certificate, the same at every node.
+    let mut serials = Vec::new();
+    for node in &cluster.nodes {
+        let (serial, verified) = served_serial(node.addrs.https, name, &root).await;
+        assert!(verified, "{}", node.node_id());
+        serials.push(serial);
+    }
+    assert!(serials.iter().all(|s| *s == serials[0]), "{serials:?}");
+
+    // Long enough for a second order (a node that did not stand down) to
+    // show: the retry and gossip here take about a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let issued = stat("acme_orders_issued");
+    let mut once = vec![0; cluster.nodes.len()];
+    once[h] = 1;
+    assert_eq!(issued, once, "one order in the cluster, by {holder}");
+    let failed = stat("acme_orders_failed");
+    assert_eq!(failed.iter().sum::<u64>(), failed[h], "{failed:?}");
+    let mut received = vec![1; cluster.nodes.len()];
+    received[h] = 0;
+    assert_eq!(stat("acme_certificates_received"), received);
+    assert_eq!(stat("acme_leases_held"), vec![0, 0, 0]);
+    let log = pebble.log();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("Added order"), 1, "Pebble saw one order: {log:#?}");
+    assert_eq!(count("Issued certificate serial"), 1, "{log:#?}");
+    // It validated at the node that did not order.
+    let at = format!(
+        ":{}/.well-known/acme-challenge/",
+        validating.addrs.http.unwrap().port()
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("Attempting to validate w/ HTTP") && l.contains(&at)),
+        "{log:#?}"
+    );
+
+    // Every node's status names the orderer; none holds a lease.
+    for shown in at_every_node(&cluster, &path).await.unwrap() {
+        let status = &shown["certificate_management_status"];
+        assert_eq!(status["ordered_by"], holder.as_str(), "{shown}");
+        assert!(status["renews_at"].is_string(), "{shown}");
+        assert_eq!(status["provisioning_job"], Value::Null, "{shown}");
+        assert_eq!(status["lease"], Value::Null, "{shown}");
+        assert_eq!(shown["certificate"]["id"], "cert_acme_app.cluster.test");
+    }
+    // /metrics says who ordered it; each node keeps it on disk.
+    for node in &cluster.nodes {
+        let metrics = node.metrics_text().await;
+        let sample = format!(
+            "postern_acme_certificate_not_after_seconds{{name=\"{name}\",ordered_by=\"{holder}\"}}"
+        );
+        assert!(metrics.contains(&sample), "{}: {metrics}", node.node_id());
+        let kept = node.dir.path().join("acme").join(format!("{name}.pem"));
+        assert!(kept.exists(), "{}", kept.display());
+    }
 }
 
 /// An upload body for `/tls_certificates`.
