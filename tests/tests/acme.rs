@@ -11,7 +11,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use postern_tests::{
     API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml,
-    cluster::{TestCluster, cluster_toml},
+    cluster::{NODES, Run, TestCluster, cluster_toml},
     curl, eventually, free_port, served_serial,
 };
 use rustls::pki_types::pem::PemObject;
@@ -222,9 +222,15 @@ async fn a_reserved_domain_with_a_policy_gets_a_certificate_curl_trusts() {
 /// The serial of a certificate for app.renew.test that verifies against
 /// `root` and is not `not`, within a minute.
 async fn wait_for_serial(https: SocketAddr, root: &Path, not: &str) -> String {
+    wait_for_serial_of(https, "app.renew.test", root, not).await
+}
+
+/// The serial of a certificate for `name` that verifies against `root`
+/// and is not `not`, within a minute.
+async fn wait_for_serial_of(https: SocketAddr, name: &str, root: &Path, not: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let (serial, verified) = served_serial(https, "app.renew.test", root).await;
+        let (serial, verified) = served_serial(https, name, root).await;
         if verified && serial != not {
             return serial;
         }
@@ -458,11 +464,11 @@ async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
     edge.stop().await;
 }
 
-/// `path` at every node of `cluster`; `None` until every node has it.
-async fn at_every_node(cluster: &TestCluster, path: &str) -> Option<Vec<Value>> {
+/// `path` at the nodes `which` of `cluster`; `None` until each has it.
+async fn at_nodes(cluster: &TestCluster, which: &[usize], path: &str) -> Option<Vec<Value>> {
     let mut shown = Vec::new();
-    for node in &cluster.nodes {
-        let (status, value) = node.api("GET", path, None, API_KEY).await;
+    for i in which {
+        let (status, value) = cluster.nodes[*i].api("GET", path, None, API_KEY).await;
         if status != 200 {
             return None;
         }
@@ -471,28 +477,50 @@ async fn at_every_node(cluster: &TestCluster, path: &str) -> Option<Vec<Value>> 
     Some(shown)
 }
 
-/// The holder of the cluster's lease on a reserved domain, once every
-/// node names the same one and it has failed `failures` orders.
-async fn lease_holder(cluster: &TestCluster, path: &str, failures: u64) -> String {
+/// The holder of the cluster's lease on a reserved domain, once the nodes
+/// `which` name the same one, other than `not`, and have seen it fail an
+/// order (the CA is down).
+async fn failing_holder(cluster: &TestCluster, which: &[usize], path: &str, not: &str) -> String {
     let holder = std::sync::Mutex::new(String::new());
-    eventually(30, "every node names the failing lease holder", || {
+    eventually(60, "the nodes name the failing lease holder", || {
         let holder = &holder;
         async move {
-            let Some(shown) = at_every_node(cluster, path).await else {
+            let Some(shown) = at_nodes(cluster, which, path).await else {
                 return false;
             };
-            let status = |i: usize| &shown[i]["certificate_management_status"];
-            let first = status(0)["lease"]["holder"].as_str().unwrap_or_default();
+            let status = |s: &Value| s["certificate_management_status"].clone();
+            let first = status(&shown[0])["lease"]["holder"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let agreed = !first.is_empty()
-                && (0..shown.len()).all(|i| status(i)["lease"]["holder"] == first)
-                && (0..shown.len())
-                    .all(|i| status(i)["provisioning_job"]["failures"].as_u64() >= Some(failures));
-            *holder.lock().unwrap() = first.to_string();
+                && first != not
+                && shown.iter().all(|s| {
+                    let status = status(s);
+                    status["lease"]["holder"] == first.as_str()
+                        && status["provisioning_job"]["failures"].as_u64() >= Some(1)
+                });
+            *holder.lock().unwrap() = first;
             agreed
         }
     })
     .await;
     holder.into_inner().unwrap()
+}
+
+/// A sample of a node's `/metrics`, 0 when absent.
+async fn metric(node: &TestEdge, sample: &str) -> u64 {
+    node.metrics_text()
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -513,7 +541,7 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
 
     // The CA is down: one node takes the lease and fails; it keeps the
     // lease until its retry, and the others wait instead of ordering.
-    let holder = lease_holder(&cluster, &path, 1).await;
+    let holder = failing_holder(&cluster, &[0, 1, 2], &path, "").await;
     let index = |id: &str| cluster.nodes.iter().position(|n| n.node_id() == id);
     let h = index(&holder).unwrap_or_else(|| panic!("holder {holder:?}"));
     let stat = |name: &str| -> Vec<u64> { cluster.nodes.iter().map(|n| n.stat(name)).collect() };
@@ -579,7 +607,7 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
     );
 
     // Every node's status names the orderer; none holds a lease.
-    for shown in at_every_node(&cluster, &path).await.unwrap() {
+    for shown in at_nodes(&cluster, &[0, 1, 2], &path).await.unwrap() {
         let status = &shown["certificate_management_status"];
         assert_eq!(status["ordered_by"], holder.as_str(), "{shown}");
         assert!(status["renews_at"].is_string(), "{shown}");
@@ -596,6 +624,79 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
         assert!(metrics.contains(&sample), "{}: {metrics}", node.node_id());
         let kept = node.dir.path().join("acme").join(format!("{name}.pem"));
         assert!(kept.exists(), "{}", kept.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_lease_holder_dies_another_node_orders_and_a_third_answers_tls_alpn_01() {
+    let mut pebble = Pebble::prepare().await;
+    let extra = format!("{}challenge = \"tls-alpn-01\"\n", acme_toml(&pebble, "1s"));
+    let specs: Vec<(&str, &str, Run)> = NODES
+        .iter()
+        .map(|(node, region)| (*node, *region, Run::Binary))
+        .collect();
+    let mut cluster = TestCluster::start_nodes(&specs, &extra).await;
+    let name = "alpn.cluster.test";
+    let reserved = reserve(
+        &cluster.nodes[2],
+        r#"{"domain": "alpn.cluster.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let path = format!("/reserved_domains/{}", reserved["id"].as_str().unwrap());
+
+    // The CA is down: one node holds the lease, failing. It dies (SIGKILL):
+    // its lease dies with it, and another node takes over (and fails too,
+    // the CA being down still).
+    let first = failing_holder(&cluster, &[0, 1, 2], &path, "").await;
+    let index = |nodes: &[TestEdge], id: &str| nodes.iter().position(|n| n.node_id() == id);
+    let dead = index(&cluster.nodes, &first).unwrap();
+    cluster.nodes[dead].process().kill().await;
+    let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
+    let second = failing_holder(&cluster, &rest, &path, &first).await;
+    let orderer = index(&cluster.nodes, &second).unwrap();
+    let other = *rest.iter().find(|i| **i != orderer).unwrap();
+
+    // An endpoint for the name, at a live node (a handshake for a name
+    // without one is refused).
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = cluster.nodes[other]
+        .agent(&http_tunnels(upstream.port(), &[name]))
+        .await;
+    // Pebble validates TLS-ALPN-01 at the third node's HTTPS listener
+    // (its HTTP-01 port is one where nothing listens).
+    let answering = &cluster.nodes[other];
+    pebble
+        .start(free_port(), answering.addrs.https.port(), None)
+        .await;
+    let root = pebble.root("pebble-root.pem").await;
+    let mut serials = Vec::new();
+    for i in &rest {
+        let https = cluster.nodes[*i].addrs.https;
+        let serial = wait_for_serial_of(https, name, &root, "").await;
+        serials.push(serial);
+    }
+    assert_eq!(serials[0], serials[1], "one certificate");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = pebble.log();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("Added order"), 1, "Pebble saw one order: {log:#?}");
+    assert_eq!(count("Issued certificate serial"), 1, "{log:#?}");
+    // Validated (Pebble does not log TLS-ALPN-01 attempts), not by HTTP-01.
+    assert_eq!(count("set VALID by completed challenge"), 1, "{log:#?}");
+    assert_eq!(count("Attempting to validate w/ HTTP"), 0, "{log:#?}");
+    let issued = "postern_acme_orders_total{result=\"issued\"}";
+    let received = "postern_acme_certificates_received_total";
+    let orderer_node = &cluster.nodes[orderer];
+    assert_eq!(metric(orderer_node, issued).await, 1);
+    assert_eq!(metric(answering, issued).await, 0);
+    assert_eq!(metric(answering, received).await, 1);
+    for shown in at_nodes(&cluster, &rest, &path).await.unwrap() {
+        let status = &shown["certificate_management_status"];
+        assert_eq!(status["ordered_by"], second.as_str(), "{shown}");
+        assert_eq!(status["lease"], Value::Null, "{shown}");
+    }
+    for i in rest {
+        cluster.nodes[i].process().terminate().await;
     }
 }
 
