@@ -51,7 +51,7 @@ use postern_net::Pem;
 use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::cluster::{ClusterNode, KeyType};
+use crate::cluster::{ClusterNode, KeyType, ReservedDomain};
 use shared::{key_of, lease_holder, millis, policy_names, time_of};
 
 /// How often the names are looked at when nothing changes.
@@ -150,7 +150,9 @@ impl CertStatus {
 /// One managed name's certificate at this node, for `/metrics`.
 #[derive(Clone, Debug)]
 pub struct ServedCert {
-    pub name: String,
+    /// The id of the reserved domain naming it (`rd_…`): metric labels
+    /// carry ids, never host names.
+    pub reserved_domain: String,
     pub not_after: SystemTime,
     pub ordered_by: Option<String>,
 }
@@ -272,38 +274,30 @@ impl Acme {
         }
     }
 
-    /// The certificates served for managed names, with who ordered them.
+    /// The certificates served for the cluster's managed names, with who
+    /// ordered them, by reserved domain id.
     pub fn served(&self) -> Vec<ServedCert> {
         let status = self.shared.status.lock().expect("acme status lock");
-        let mut served: Vec<ServedCert> = status
-            .iter()
-            .filter_map(|(name, s)| {
+        reserved_ids(&self.shared.cluster)
+            .into_iter()
+            .filter_map(|(id, name)| {
+                let s = status.get(&name)?;
                 Some(ServedCert {
-                    name: name.clone(),
+                    reserved_domain: id,
                     not_after: s.not_after?,
                     ordered_by: s.ordered_by.clone(),
                 })
             })
-            .collect();
-        served.sort_by(|a, b| a.name.cmp(&b.name));
-        served
+            .collect()
     }
 
-    /// The live leases of the names this node knows, as `(name, holder)`.
+    /// The live leases of the cluster's managed names, as `(reserved
+    /// domain id, holder)`.
     pub fn leases(&self) -> Vec<(String, String)> {
-        let names: Vec<String> = policy_names(&self.shared.cluster)
+        reserved_ids(&self.shared.cluster)
             .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        let mut leases: Vec<(String, String)> = names
-            .into_iter()
-            .filter_map(|name| {
-                let holder = self.shared.lease(&name)?.holder;
-                Some((name, holder))
-            })
-            .collect();
-        leases.sort();
-        leases
+            .filter_map(|(id, name)| Some((id, self.shared.lease(&name)?.holder)))
+            .collect()
     }
 
     /// Orders that issued and that failed here since the start, the names
@@ -705,6 +699,18 @@ impl Shared {
             self.withdraw_lease(&name).await;
         }
     }
+}
+
+/// The reserved domains with a certificate policy, as `(id, name)`, by id.
+fn reserved_ids(cluster: &ClusterNode) -> Vec<(String, String)> {
+    let mut ids: Vec<(String, String)> = cluster
+        .objects::<ReservedDomain>()
+        .into_iter()
+        .filter(|(_, r)| r.certificate_management_policy.is_some())
+        .map(|(id, r)| (id, r.domain))
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// The names this node orders: those the cluster's reserved domains ask

@@ -179,9 +179,10 @@ impl Telemetry {
 /// going up means a CA problem), the managed names whose last order here
 /// failed (they are served their old certificate, if any, meanwhile),
 /// certificates another node ordered and this one installed, the leases
-/// this node holds and the times it stood down; then, per managed name,
-/// the served certificate's end with the node that ordered it, and the
-/// node holding the lease to order it now.
+/// this node holds and the times it stood down; then, per reserved domain
+/// with a policy (labelled by id, not name), the served certificate's end
+/// with the node that ordered it, and the node holding the lease to order
+/// it now.
 fn render_acme(out: &mut String, acme: &Acme) {
     let stats = acme.stats();
     let stat = |name: &str| {
@@ -243,7 +244,7 @@ fn render_acme(out: &mut String, acme: &Acme) {
         out,
         expiry,
         "gauge",
-        "When the ACME certificate served for a name ends (Unix time), with the node that ordered it.",
+        "When the ACME certificate served for a reserved domain ends (Unix time), with the node that ordered it.",
     );
     for served in acme.served() {
         let not_after = served
@@ -254,7 +255,10 @@ fn render_acme(out: &mut String, acme: &Acme) {
         metric_sample(
             out,
             expiry,
-            &[("name", &served.name), ("ordered_by", ordered_by)],
+            &[
+                ("reserved_domain", &served.reserved_domain),
+                ("ordered_by", ordered_by),
+            ],
             not_after,
         );
     }
@@ -263,10 +267,15 @@ fn render_acme(out: &mut String, acme: &Acme) {
         out,
         lease,
         "gauge",
-        "1 for the node holding the cluster's lease to order a name now.",
+        "1 for the node holding the cluster's lease to order a reserved domain's certificate now.",
     );
-    for (name, holder) in acme.leases() {
-        metric_sample(out, lease, &[("name", &name), ("holder", &holder)], 1);
+    for (id, holder) in acme.leases() {
+        metric_sample(
+            out,
+            lease,
+            &[("reserved_domain", &id), ("holder", &holder)],
+            1,
+        );
     }
 }
 

@@ -552,6 +552,14 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
         failed[h],
         "only {holder} ordered: {failed:?}"
     );
+    // /metrics at every node names the holder.
+    let id = reserved["id"].as_str().unwrap();
+    let leased = format!("postern_acme_lease{{reserved_domain=\"{id}\",holder=\"{holder}\"}} 1");
+    for node in &cluster.nodes {
+        let metrics = node.metrics_text().await;
+        assert!(metrics.contains(&leased), "{}: {metrics}", node.node_id());
+    }
+    assert_eq!(cluster.nodes[h].stat("acme_leases_held"), 1);
 
     // Every node is on 127.0.0.1 and Pebble validates on one HTTP port:
     // that of a node other than the holder, which thus answers a challenge
@@ -565,10 +573,15 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
             None,
         )
         .await;
+    let started = std::time::Instant::now();
     let root = pebble.root("pebble-root.pem").await;
     for node in &cluster.nodes {
         wait_trusted(node, name, &root, 90).await;
     }
+    println!(
+        "one order: all three nodes serve it {:?} after Pebble started",
+        started.elapsed()
+    );
     // One certificate, the same at every node.
     let mut serials = Vec::new();
     for node in &cluster.nodes {
@@ -619,7 +632,7 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
     for node in &cluster.nodes {
         let metrics = node.metrics_text().await;
         let sample = format!(
-            "postern_acme_certificate_not_after_seconds{{name=\"{name}\",ordered_by=\"{holder}\"}}"
+            "postern_acme_certificate_not_after_seconds{{reserved_domain=\"{id}\",ordered_by=\"{holder}\"}}"
         );
         assert!(metrics.contains(&sample), "{}: {metrics}", node.node_id());
         let kept = node.dir.path().join("acme").join(format!("{name}.pem"));
@@ -651,8 +664,13 @@ async fn when_the_lease_holder_dies_another_node_orders_and_a_third_answers_tls_
     let index = |nodes: &[TestEdge], id: &str| nodes.iter().position(|n| n.node_id() == id);
     let dead = index(&cluster.nodes, &first).unwrap();
     cluster.nodes[dead].process().kill().await;
+    let killed_at = std::time::Instant::now();
     let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
     let second = failing_holder(&cluster, &rest, &path, &first).await;
+    println!(
+        "takeover: {second} holds the lease (and failed once) {:?} after {first} was killed",
+        killed_at.elapsed()
+    );
     let orderer = index(&cluster.nodes, &second).unwrap();
     let other = *rest.iter().find(|i| **i != orderer).unwrap();
 
@@ -698,6 +716,64 @@ async fn when_the_lease_holder_dies_another_node_orders_and_a_third_answers_tls_
     for i in rest {
         cluster.nodes[i].process().terminate().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_acme_answers_the_challenge_and_serves_the_certificate() {
+    let mut pebble = Pebble::prepare().await;
+    let cluster_id = format!("acme-{}", postern_net::random_label());
+    let gossip: Vec<SocketAddr> = (0..2)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], postern_tests::cluster::udp_port())))
+        .collect();
+    let ordering = format!(
+        "{}{}",
+        acme_toml(&pebble, "1s"),
+        cluster_toml(&cluster_id, &gossip, 0)
+    );
+    let orderer = TestEdge::start_node("edge-acme-a", "us", &ordering).await;
+    let plain =
+        TestEdge::start_node("edge-plain-b", "us", &cluster_toml(&cluster_id, &gossip, 1)).await;
+    let cluster = TestCluster {
+        cluster_id,
+        gossip,
+        nodes: vec![orderer, plain],
+    };
+    cluster.wait_members(&[0, 1], 2).await;
+    let (orderer, plain) = (&cluster.nodes[0], &cluster.nodes[1]);
+    // Pebble validates HTTP-01 at the node without [acme].
+    pebble
+        .start(plain.addrs.http.unwrap().port(), free_port(), None)
+        .await;
+    let upstream = HttpUpstream::start().await;
+    let name = "app.plain.test";
+    let (_agent, _) = orderer.agent(&http_tunnels(upstream.port(), &[name])).await;
+    reserve(
+        orderer,
+        r#"{"domain": "app.plain.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let root = pebble.root("pebble-root.pem").await;
+    wait_trusted(orderer, name, &root, 60).await;
+    wait_trusted(plain, name, &root, 20).await;
+    let (a, _) = served_serial(orderer.addrs.https, name, &root).await;
+    let (b, _) = served_serial(plain.addrs.https, name, &root).await;
+    assert_eq!(a, b);
+    assert_eq!(orderer.stat("acme_orders_issued"), 1);
+    let log = pebble.log();
+    let at = format!(
+        ":{}/.well-known/acme-challenge/",
+        plain.addrs.http.unwrap().port()
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("Attempting to validate w/ HTTP") && l.contains(&at)),
+        "{log:#?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.contains("Added order")).count(),
+        1,
+        "{log:#?}"
+    );
 }
 
 /// An upload body for `/tls_certificates`.
