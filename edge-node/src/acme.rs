@@ -1,24 +1,38 @@
 //! Certificates without hands: for every reserved domain whose
-//! `certificate_management_policy` asks for it, this node orders a
-//! certificate from the ACME CA of `[acme]` (HTTP-01 answered on the
-//! gateway's plain-HTTP listener, or TLS-ALPN-01 on its HTTPS listener),
-//! installs it in the gateway's
-//! certificate store at once, keeps it in `<data_dir>/acme/` so a restart
-//! serves it, and renews it once `renew_at` of its lifetime has passed.
-//! A failed order is retried with jittered, doubling back-off; the
+//! `certificate_management_policy` asks for it, one node of the cluster
+//! orders a certificate from the ACME CA of `[acme]` (HTTP-01 answered on
+//! the gateways' plain-HTTP listeners, TLS-ALPN-01 on their HTTPS
+//! listeners, or DNS-01 through the operator's hook), shares it with the
+//! other nodes, and renews it once `renew_at` of its lifetime has passed.
+//! Every node installs it in its gateway's certificate store, keeps it in
+//! `<data_dir>/acme/` so a restart serves it, and answers the challenges
+//! of an order in flight, since the CA may reach any node.
+//!
+//! One order per cluster: a node orders a name only under the winning
+//! lease of the cluster's gossip (see `shared`). When a name is due (no
+//! certificate, a renewal, a retry), the node takes a lease unless
+//! another live node holds an unexpired one, waits a few gossip rounds for
+//! leases taken at the same time to show, and orders only if its own is
+//! still the winner (the earliest taken; ties: the lowest node id); the
+//! others stand down and wait for the shared certificate. A failed order
+//! keeps the lease until its retry, so the back-off holds cluster-wide; a
+//! holder that dies or leaves takes its lease with it, and one that hangs
+//! lets it expire (order timeout plus a margin): then another node takes
+//! over. A failed order is retried with jittered, doubling back-off; the
 //! certificate already served stays served meanwhile. Failures show in
 //! the log, in `/metrics` and in the reserved domain's
-//! `certificate_management_status`.
+//! `certificate_management_status`, at every node.
 //!
 //! One task per node (owned by [`Acme`], stopped and joined at shutdown)
-//! orders one name at a time. Every node orders for itself: there is no
-//! cluster lease yet.
+//! orders one name at a time.
 
 mod config;
 mod issue;
+mod shared;
 mod store;
 
 pub use config::{AcmeConfig, Challenge, DnsHook, RawAcme};
+pub use shared::{AcmeAnswer, AcmeCertificate, AcmeLease, RemoteAnswers, shared_certificates};
 
 use std::{
     collections::HashMap,
@@ -38,12 +52,19 @@ use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::cluster::{ClusterNode, KeyType, ReservedDomain};
+use shared::{key_of, lease_holder, millis, policy_names, time_of};
 
 /// How often the names are looked at when nothing changes.
 const SCAN: Duration = Duration::from_secs(60);
 /// The longest one order may take, from the new order to the chain,
 /// besides the DNS hook's time (see [`AcmeConfig::order_timeout`]).
 const ORDER_TIMEOUT: Duration = Duration::from_secs(180);
+/// A lease outlives the order it covers by this much, so that a slow but
+/// live holder is not overtaken.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Gossip rounds a node waits after taking a lease, for leases others took
+/// at the same time to show.
+const SETTLE_ROUNDS: u32 = 5;
 
 /// Why an order or a stored certificate failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +101,8 @@ pub enum AcmeError {
         record: String,
         reason: String,
     },
+    #[error("the cluster's gossip ({what}): {reason}")]
+    Gossip { what: String, reason: String },
 }
 
 /// What this node knows of one managed name's certificate.
@@ -88,9 +111,29 @@ pub struct CertStatus {
     /// The served certificate's end, and when it is renewed.
     pub not_after: Option<SystemTime>,
     pub renews_at: Option<SystemTime>,
-    /// An order is running since.
+    /// The node that ordered the served certificate, when known (a
+    /// certificate kept on disk before certificates were shared says not).
+    pub ordered_by: Option<String>,
+    /// An order is running here since.
     pub ordering_since: Option<SystemTime>,
-    /// Failed orders in a row, the last one's error, and the next try.
+    /// Failed orders in a row here, the last one's error, and the next try.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub retries_at: Option<SystemTime>,
+    /// The lease under which the name is ordered now, when there is one
+    /// (filled in when the status is read).
+    pub lease: Option<LeaseStatus>,
+}
+
+/// Who orders a name now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseStatus {
+    pub holder: String,
+    /// The holder is this node.
+    pub this_node: bool,
+    pub taken_at: SystemTime,
+    pub expires_at: SystemTime,
+    /// The holder's failed orders in a row, its last error, its next try.
     pub failures: u32,
     pub last_error: Option<String>,
     pub retries_at: Option<SystemTime>,
@@ -104,15 +147,33 @@ impl CertStatus {
     }
 }
 
+/// One managed name's certificate at this node, for `/metrics`.
+#[derive(Clone, Debug)]
+pub struct ServedCert {
+    /// The id of the reserved domain naming it (`rd_…`): metric labels
+    /// carry ids, never host names.
+    pub reserved_domain: String,
+    pub not_after: SystemTime,
+    pub ordered_by: Option<String>,
+}
+
 struct Shared {
     config: AcmeConfig,
     dir: PathBuf,
     certs: Arc<CertStore>,
     challenges: Arc<AcmeChallenges>,
+    cluster: Arc<ClusterNode>,
     status: Mutex<HashMap<String, CertStatus>>,
+    /// The leases this node holds, by name.
+    held: Mutex<HashMap<String, AcmeLease>>,
     issued: AtomicU64,
     failed: AtomicU64,
-    /// DNS hook cleanups still running; shutdown waits for them.
+    /// Certificates another node ordered, installed here.
+    received: AtomicU64,
+    /// Times this node took a lease and stood down for another's.
+    stood_down: AtomicU64,
+    /// DNS hook cleanups and withdrawals of gossiped challenge answers
+    /// still running; shutdown waits for them.
     cleanups: TaskTracker,
 }
 
@@ -156,17 +217,19 @@ impl Acme {
             dir,
             certs,
             challenges,
+            cluster: cluster.clone(),
             status: Mutex::default(),
+            held: Mutex::default(),
             issued: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            stood_down: AtomicU64::new(0),
             cleanups: TaskTracker::new(),
         });
         // What the snapshot of the cluster's config says is managed: a
         // name no longer reserved with a policy is not served again.
-        let managed_names: Vec<String> = managed(&cluster, &shared.config)
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let managed_names: Vec<String> =
+            policy_names(&cluster).into_iter().map(|(n, _)| n).collect();
         for name in store::names(&shared.dir) {
             if !managed_names.contains(&name) {
                 continue;
@@ -174,7 +237,7 @@ impl Acme {
             match store::load(&shared.dir, &name).and_then(|c| c.map(validity).transpose()) {
                 Ok(Some((cert, not_before, not_after))) => {
                     shared.certs.set(CertSource::Acme, &name, &cert);
-                    shared.served(&name, not_before, not_after);
+                    shared.served(&name, (not_before, not_after), None);
                     tracing::info!(name, "ACME certificate loaded from disk");
                 }
                 Ok(None) => {}
@@ -183,7 +246,7 @@ impl Acme {
         }
         let stop = CancellationToken::new();
         let changes = cluster.subscribe();
-        let task = tokio::spawn(run(shared.clone(), cluster, changes, stop.clone()));
+        let task = tokio::spawn(run(shared.clone(), changes, stop.clone()));
         Ok(Arc::new(Acme {
             shared,
             stop,
@@ -191,18 +254,55 @@ impl Acme {
         }))
     }
 
-    /// What this node knows of `name`'s managed certificate.
+    /// What this node knows of `name`'s managed certificate, with the
+    /// lease under which it is ordered now.
     pub fn status(&self, name: &str) -> Option<CertStatus> {
-        self.shared
+        let status = self
+            .shared
             .status
             .lock()
             .expect("acme status lock")
             .get(name)
-            .cloned()
+            .cloned();
+        let lease = self.shared.lease(name);
+        match (status, lease) {
+            (None, None) => None,
+            (status, lease) => Some(CertStatus {
+                lease,
+                ..status.unwrap_or_default()
+            }),
+        }
     }
 
-    /// Orders that issued and that failed since the start, and the names
-    /// whose last order failed.
+    /// The certificates served for the cluster's managed names, with who
+    /// ordered them, by reserved domain id.
+    pub fn served(&self) -> Vec<ServedCert> {
+        let status = self.shared.status.lock().expect("acme status lock");
+        reserved_ids(&self.shared.cluster)
+            .into_iter()
+            .filter_map(|(id, name)| {
+                let s = status.get(&name)?;
+                Some(ServedCert {
+                    reserved_domain: id,
+                    not_after: s.not_after?,
+                    ordered_by: s.ordered_by.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The live leases of the cluster's managed names, as `(reserved
+    /// domain id, holder)`.
+    pub fn leases(&self) -> Vec<(String, String)> {
+        reserved_ids(&self.shared.cluster)
+            .into_iter()
+            .filter_map(|(id, name)| Some((id, self.shared.lease(&name)?.holder)))
+            .collect()
+    }
+
+    /// Orders that issued and that failed here since the start, the names
+    /// whose last order here failed, the certificates received from other
+    /// nodes, the leases this node holds, and the times it stood down.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         let failing = self
             .shared
@@ -212,21 +312,21 @@ impl Acme {
             .values()
             .filter(|s| s.last_error.is_some())
             .count() as u64;
+        let held = self.shared.held.lock().expect("acme lease lock").len() as u64;
+        let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
-            (
-                "acme_orders_issued",
-                self.shared.issued.load(Ordering::Relaxed),
-            ),
-            (
-                "acme_orders_failed",
-                self.shared.failed.load(Ordering::Relaxed),
-            ),
+            ("acme_orders_issued", count(&self.shared.issued)),
+            ("acme_orders_failed", count(&self.shared.failed)),
             ("acme_names_failing", failing),
+            ("acme_certificates_received", count(&self.shared.received)),
+            ("acme_leases_held", held),
+            ("acme_leases_stood_down", count(&self.shared.stood_down)),
         ]
     }
 
-    /// Stops ordering (an order in flight is abandoned), joins the task
-    /// and waits for the DNS hook to withdraw the abandoned order's records.
+    /// Stops ordering (an order in flight is abandoned; its lease goes
+    /// when the node leaves the cluster), joins the task and waits for the
+    /// DNS hook and the gossip to withdraw the abandoned order's answers.
     pub async fn shutdown(&self) {
         self.stop.cancel();
         let task = self.task.lock().expect("acme task lock").take();
@@ -266,18 +366,41 @@ fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
     doubled.min(max).mul_f64(rand::random_range(0.5..=1.0))
 }
 
+/// Whether this node may order a due name now.
+#[derive(Debug, PartialEq)]
+enum Turn {
+    /// It may: no other live node holds an unexpired lease.
+    Mine,
+    /// Not before then (not due, not caught up with the cluster, or
+    /// another node's lease).
+    Wait(SystemTime),
+}
+
+/// How taking a lease went.
+enum Taken {
+    /// This node's lease won: order.
+    Won,
+    /// Another node's won, or the name stopped being due meanwhile; look
+    /// again by then.
+    StoodDown(SystemTime),
+    /// The node is stopping.
+    Stopped,
+}
+
 impl Shared {
     fn with_status<T>(&self, name: &str, f: impl FnOnce(&mut CertStatus) -> T) -> T {
         let mut status = self.status.lock().expect("acme status lock");
         f(status.entry(name.to_string()).or_default())
     }
 
-    fn served(&self, name: &str, not_before: SystemTime, not_after: SystemTime) {
+    fn served(&self, name: &str, validity: (SystemTime, SystemTime), ordered_by: Option<String>) {
+        let (not_before, not_after) = validity;
         let renews_at = renewal(not_before, not_after, self.config.renew_at);
         self.with_status(name, |s| {
             *s = CertStatus {
                 not_after: Some(not_after),
                 renews_at: Some(renews_at),
+                ordered_by,
                 ..CertStatus::default()
             }
         });
@@ -287,7 +410,196 @@ impl Shared {
         self.with_status(name, |s| s.due(now))
     }
 
-    /// Orders, keeps and installs `name`'s certificate.
+    fn me(&self) -> &str {
+        self.cluster.node_id()
+    }
+
+    /// The winning live lease of `name`, if any.
+    fn lease(&self, name: &str) -> Option<LeaseStatus> {
+        let leases = self.cluster.live::<AcmeLease>();
+        let won = lease_holder(&leases, name, millis(SystemTime::now()))?;
+        let lease = &won.value;
+        Some(LeaseStatus {
+            holder: won.node.node_id.clone(),
+            this_node: won.node.is_self,
+            taken_at: time_of(lease.taken_at),
+            expires_at: time_of(lease.expires_at),
+            failures: lease.failures,
+            last_error: lease.last_error.clone(),
+            retries_at: lease.retries_at.map(time_of),
+        })
+    }
+
+    /// Installs the cluster's shared certificate for `name` when it is
+    /// newer than the one served here (and keeps it on disk); `seen` holds
+    /// the shared chain last looked at per name, so each is looked at once.
+    fn adopt(&self, name: &str, seen: &mut HashMap<String, String>) {
+        let Some(shared) = self
+            .cluster
+            .object::<AcmeCertificate>(&key_of(name))
+            .filter(|c| c.name == name)
+        else {
+            return;
+        };
+        if seen.get(name) == Some(&shared.certificate_pem) {
+            return;
+        }
+        seen.insert(name.to_string(), shared.certificate_pem.clone());
+        let opened = shared
+            .serving(|sealed| self.cluster.open_sealed(sealed))
+            .map_err(AcmeError::Issued)
+            .and_then(validity);
+        let (cert, not_before, not_after) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(name, ordered_by = shared.ordered_by, error = %e, "the cluster's ACME certificate is not usable here");
+                return;
+            }
+        };
+        let current = self.with_status(name, |s| s.not_after);
+        if current.is_some_and(|served| served >= not_after) {
+            if current == Some(not_after) {
+                // The same certificate (kept on disk here): now we know
+                // who ordered it.
+                self.with_status(name, |s| {
+                    s.ordered_by.get_or_insert(shared.ordered_by.clone());
+                });
+            }
+            return;
+        }
+        let key_pem = self
+            .cluster
+            .open_sealed(&shared.private_key_sealed)
+            .unwrap_or_default();
+        if let Err(e) = store::save(&self.dir, name, &shared.certificate_pem, &key_pem) {
+            tracing::warn!(name, error = %e, "the cluster's ACME certificate is served but not kept on disk");
+        }
+        self.certs.set(CertSource::Acme, name, &cert);
+        self.served(
+            name,
+            (not_before, not_after),
+            Some(shared.ordered_by.clone()),
+        );
+        if shared.ordered_by != self.me() {
+            self.received.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            name,
+            ordered_by = shared.ordered_by,
+            not_after = %humantime::format_rfc3339_seconds(not_after),
+            "ACME certificate from the cluster installed"
+        );
+    }
+
+    /// Whether this node may order `name` now.
+    fn turn(&self, name: &str, now: SystemTime) -> Turn {
+        let due = self.due(name, now);
+        if due > now {
+            return Turn::Wait(due);
+        }
+        if !self.cluster.caught_up() {
+            // The cluster's certificate or lease may be on its way.
+            return Turn::Wait(now + Duration::from_secs(1));
+        }
+        match self.lease(name) {
+            Some(lease) if !lease.this_node => {
+                tracing::debug!(name, holder = lease.holder, "another node orders this name");
+                Turn::Wait(lease.expires_at)
+            }
+            _ => Turn::Mine,
+        }
+    }
+
+    /// Publishes this node's lease for `name`, `failures` etc. from its
+    /// status, lasting until `until`, keeping the time it was first taken
+    /// while this node holds it.
+    async fn publish_lease(&self, name: &str, until: SystemTime) -> Result<bool, AcmeError> {
+        let now = millis(SystemTime::now());
+        let (failures, last_error, retries_at) = self.with_status(name, |s| {
+            (s.failures, s.last_error.clone(), s.retries_at.map(millis))
+        });
+        let kept = self
+            .held
+            .lock()
+            .expect("acme lease lock")
+            .get(name)
+            .filter(|l| l.expires_at > now)
+            .map(|l| l.taken_at);
+        let lease = AcmeLease {
+            name: name.to_string(),
+            taken_at: kept.unwrap_or(now),
+            expires_at: millis(until),
+            failures,
+            last_error,
+            retries_at,
+        };
+        self.cluster
+            .publish_local(&key_of(name), &lease)
+            .await
+            .map_err(|f| AcmeError::Gossip {
+                what: format!("the lease of {name}"),
+                reason: f.detail,
+            })?;
+        self.held
+            .lock()
+            .expect("acme lease lock")
+            .insert(name.to_string(), lease);
+        Ok(kept.is_some())
+    }
+
+    async fn withdraw_lease(&self, name: &str) {
+        let held = self.held.lock().expect("acme lease lock").remove(name);
+        if held.is_some() {
+            self.cluster
+                .withdraw_local::<AcmeLease>(&key_of(name))
+                .await;
+        }
+    }
+
+    /// Takes the lease of `name` for one order, then, when other nodes
+    /// are live and the lease is new, waits [`SETTLE_ROUNDS`] gossip
+    /// rounds and orders only if it still wins and the name is still due
+    /// (a certificate may have come meanwhile).
+    async fn take_lease(
+        &self,
+        name: &str,
+        limit: Duration,
+        seen: &mut HashMap<String, String>,
+        stop: &CancellationToken,
+    ) -> Result<Taken, AcmeError> {
+        let settle = self.cluster.gossip_interval() * SETTLE_ROUNDS;
+        let until = SystemTime::now() + settle + limit + LEASE_MARGIN;
+        let kept = self.publish_lease(name, until).await?;
+        if kept || self.cluster.member_ids().len() <= 1 {
+            return Ok(Taken::Won);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(Taken::Stopped),
+            _ = tokio::time::sleep(settle) => {}
+        }
+        self.adopt(name, seen);
+        let now = SystemTime::now();
+        let due = self.due(name, now);
+        if due > now {
+            self.withdraw_lease(name).await;
+            return Ok(Taken::StoodDown(due));
+        }
+        match self.lease(name) {
+            Some(lease) if !lease.this_node => {
+                self.withdraw_lease(name).await;
+                self.stood_down.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    name,
+                    holder = lease.holder,
+                    "another node took the lease first; standing down"
+                );
+                Ok(Taken::StoodDown(lease.expires_at))
+            }
+            _ => Ok(Taken::Won),
+        }
+    }
+
+    /// Orders, keeps, installs and shares `name`'s certificate.
     async fn issue(
         &self,
         account: &mut Option<Account>,
@@ -300,7 +612,11 @@ impl Shared {
         let account = account.as_ref().expect("made above");
         let issued = issue::order(
             account,
-            (&self.challenges, &self.cleanups),
+            issue::Answering {
+                challenges: &self.challenges,
+                cluster: &self.cluster,
+                cleanups: &self.cleanups,
+            },
             (self.config.challenge, self.config.dns_hook.as_ref()),
             name,
             key_type,
@@ -314,18 +630,32 @@ impl Shared {
         let (cert, not_before, not_after) = validity(cert)?;
         store::save(&self.dir, name, &issued.chain_pem, &issued.key_pem)?;
         self.certs.set(CertSource::Acme, name, &cert);
+        let shared = AcmeCertificate {
+            name: name.to_string(),
+            certificate_pem: issued.chain_pem,
+            private_key_sealed: self.cluster.seal(issued.key_pem.as_bytes()),
+            ordered_by: self.me().to_string(),
+        };
+        if let Err(e) = self.cluster.put_object(&key_of(name), &shared).await {
+            // Served here; the others order it themselves once their
+            // leases allow (this node's lease is withdrawn).
+            tracing::warn!(name, error = %e.detail, "the issued certificate was not shared with the cluster");
+        }
         Ok((not_before, not_after))
     }
 
-    fn record(&self, name: &str, result: Result<(SystemTime, SystemTime), AcmeError>) {
+    /// Records an order's outcome; after a failure this node keeps the
+    /// lease until its retry.
+    async fn record(&self, name: &str, result: Result<(SystemTime, SystemTime), AcmeError>) {
         match result {
-            Ok((not_before, not_after)) => {
+            Ok(validity) => {
                 self.issued.fetch_add(1, Ordering::Relaxed);
-                self.served(name, not_before, not_after);
+                self.served(name, validity, Some(self.me().to_string()));
+                self.withdraw_lease(name).await;
                 tracing::info!(
                     name,
-                    not_after = %humantime::format_rfc3339_seconds(not_after),
-                    "ACME certificate issued and installed"
+                    not_after = %humantime::format_rfc3339_seconds(validity.1),
+                    "ACME certificate issued, installed and shared"
                 );
             }
             Err(e) => {
@@ -346,55 +676,102 @@ impl Shared {
                     retry_in = ?wait,
                     "ACME order failed; the certificate already served (if any) stays served"
                 );
+                let limit = self.config.order_timeout(ORDER_TIMEOUT);
+                let until = SystemTime::now() + wait + limit + LEASE_MARGIN;
+                if let Err(e) = self.publish_lease(name, until).await {
+                    tracing::warn!(name, error = %e, "the lease was not kept until the retry");
+                }
             }
+        }
+    }
+
+    /// Withdraws the leases of names this node no longer orders.
+    async fn release(&self, ordered: &[(String, KeyType)]) {
+        let stale: Vec<String> = self
+            .held
+            .lock()
+            .expect("acme lease lock")
+            .keys()
+            .filter(|name| !ordered.iter().any(|(n, _)| n == *name))
+            .cloned()
+            .collect();
+        for name in stale {
+            self.withdraw_lease(&name).await;
         }
     }
 }
 
-/// The names the cluster's reserved domains ask certificates for; the
-/// wildcards only when `config` has the DNS hook that proves them (the API
-/// refuses them at a node without one, but another node may have one).
-fn managed(cluster: &ClusterNode, config: &AcmeConfig) -> Vec<(String, KeyType)> {
-    cluster
+/// The reserved domains with a certificate policy, as `(id, name)`, by id.
+fn reserved_ids(cluster: &ClusterNode) -> Vec<(String, String)> {
+    let mut ids: Vec<(String, String)> = cluster
         .objects::<ReservedDomain>()
         .into_iter()
-        .filter_map(|(_, reserved)| {
-            let policy = reserved.certificate_management_policy?;
-            (config.dns_hook.is_some() || !reserved.domain.starts_with("*."))
-                .then_some((reserved.domain, policy.private_key_type))
-        })
+        .filter(|(_, r)| r.certificate_management_policy.is_some())
+        .map(|(id, r)| (id, r.domain))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The names this node orders: those the cluster's reserved domains ask
+/// certificates for, the wildcards only when `config` has the DNS hook
+/// that proves them (the API refuses them at a node without one, but
+/// another node may have one).
+fn managed(cluster: &ClusterNode, config: &AcmeConfig) -> Vec<(String, KeyType)> {
+    policy_names(cluster)
+        .into_iter()
+        .filter(|(name, _)| config.dns_hook.is_some() || !name.starts_with("*."))
         .collect()
 }
 
 async fn run(
     shared: Arc<Shared>,
-    cluster: Arc<ClusterNode>,
     mut changes: broadcast::Receiver<Change>,
     stop: CancellationToken,
 ) {
     let mut account: Option<Account> = None;
     let mut listening = true;
+    let mut seen = HashMap::new();
     loop {
         let mut next = SystemTime::now() + SCAN;
-        for (name, key_type) in managed(&cluster, &shared.config) {
-            let now = SystemTime::now();
-            if shared.due(&name, now) <= now {
-                shared.with_status(&name, |s| s.ordering_since = Some(now));
-                tracing::info!(name, "ordering an ACME certificate");
-                let limit = shared.config.order_timeout(ORDER_TIMEOUT);
-                let order =
-                    tokio::time::timeout(limit, shared.issue(&mut account, &name, key_type));
-                let result = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    result = order => result.unwrap_or(Err(AcmeError::Timeout(limit))),
-                };
-                if result.is_err() {
-                    // Made again on the next try: the CA may have
-                    // forgotten it, or been down while it was made.
-                    account = None;
-                }
-                shared.record(&name, result);
+        for (name, _) in policy_names(&shared.cluster) {
+            shared.adopt(&name, &mut seen);
+        }
+        let ordered = managed(&shared.cluster, &shared.config);
+        shared.release(&ordered).await;
+        for (name, key_type) in ordered {
+            if let Turn::Wait(until) = shared.turn(&name, SystemTime::now()) {
+                next = next.min(until);
+                continue;
             }
+            let limit = shared.config.order_timeout(ORDER_TIMEOUT);
+            match shared.take_lease(&name, limit, &mut seen, &stop).await {
+                Ok(Taken::Won) => {}
+                Ok(Taken::StoodDown(until)) => {
+                    next = next.min(until);
+                    continue;
+                }
+                Ok(Taken::Stopped) => return,
+                Err(e) => {
+                    tracing::warn!(name, error = %e, "the lease could not be taken; no order");
+                    next = next.min(SystemTime::now() + shared.config.retry_min);
+                    continue;
+                }
+            }
+            let now = SystemTime::now();
+            shared.with_status(&name, |s| s.ordering_since = Some(now));
+            tracing::info!(name, "ordering an ACME certificate");
+            let order = tokio::time::timeout(limit, shared.issue(&mut account, &name, key_type));
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                result = order => result.unwrap_or(Err(AcmeError::Timeout(limit))),
+            };
+            if result.is_err() {
+                // Made again on the next try: the CA may have
+                // forgotten it, or been down while it was made.
+                account = None;
+            }
+            shared.record(&name, result).await;
             next = next.min(shared.due(&name, SystemTime::now()));
         }
         let wait = next.duration_since(SystemTime::now()).unwrap_or_default();

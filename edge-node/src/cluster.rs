@@ -20,6 +20,10 @@
 //!   of them for its own events, beside its edge config's;
 //! - TLS certificates (`/tls_certificates`): every node serves each one
 //!   by SNI from the gateway's certificate store;
+//! - ACME (`crate::acme`): the certificates one node ordered for reserved
+//!   domains, which a node without `[acme]` serves from here (a node with
+//!   it installs them itself), and the challenge answers of an order in
+//!   flight, which every node answers, since the CA may reach any node;
 //! - the live routing state (`routes`): the endpoints and sessions of every
 //!   node; the other nodes' endpoints are installed in this node's gateway
 //!   and reached over the link between nodes (`crate::node_link`).
@@ -41,7 +45,7 @@ use std::{
 
 use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
 use postern_events::{RuntimeSubscriptions, Subscription};
-use postern_ingress::{CertSource, CertStore, DevCa, EndpointSpec, Protocol};
+use postern_ingress::{AcmeChallenges, CertSource, CertStore, DevCa, EndpointSpec, Protocol};
 use postern_net::TlsError;
 use postern_proto::{ErrorCode, Failure};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, task::JoinHandle};
@@ -49,7 +53,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     acl::Acl,
-    acme::Acme,
+    acme::{Acme, AcmeAnswer, AcmeCertificate, RemoteAnswers, shared_certificates},
     auth::{AuthtokenRecord, Authtokens, CredentialRef},
     ca_store::{CaRecord, CaStore},
     config::EndpointPolicy,
@@ -62,7 +66,8 @@ use crate::{
 pub use config::{ClusterConfig, RawCluster};
 pub use objects::{
     AgentIngress, BotUser, CertificatePolicy, EndpointPolicyRecord, EventSubscription, KeyType,
-    ReservedDomain, TlsCertificate, bad, check_certificate, check_text, parse_domain,
+    ReservedDomain, TlsCertificate, bad, check_certificate, check_text, open_certificate,
+    parse_domain,
 };
 pub use pki::{AgentCerts, IngressCerts};
 use routes::RemoteEndpoints;
@@ -70,6 +75,20 @@ pub use routes::{EndpointAd, SessionAd, session_ad};
 
 impl Kind for CaRecord {
     const KIND: &'static str = "ca";
+}
+
+/// A live member as unit tests make one: region `us`, no addresses.
+#[cfg(test)]
+pub(crate) fn test_member(node_id: &str, is_self: bool) -> Member {
+    Member {
+        node_id: node_id.into(),
+        region: "us".into(),
+        rpc_addr: None,
+        agent_addr: None,
+        gossip_addr: "127.0.0.1:1".parse().expect("an address"),
+        generation: 1,
+        is_self,
+    }
 }
 
 /// What every credential of the admin API holds besides its secret.
@@ -146,6 +165,7 @@ pub struct ClusterNode {
     link_listener: Mutex<Option<TcpListener>>,
     ingress_certs: Arc<IngressCerts>,
     catch_up: CatchUp,
+    gossip_interval: Duration,
     stop: CancellationToken,
     /// The follow task, then the announcer: stopped and joined in that
     /// order.
@@ -233,6 +253,7 @@ impl ClusterNode {
             link_listener: Mutex::new(joining.link),
             ingress_certs,
             catch_up: CatchUp::new(config.gossip_interval, config.catch_up_timeout),
+            gossip_interval: config.gossip_interval,
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             link_server: Mutex::new(None),
@@ -248,7 +269,17 @@ impl ClusterNode {
         apply_cas(&self.cluster, &self.cas);
         apply_credentials(&self.cluster, &self.tokens);
         apply_tls_certificates(&self.cluster, &self.certs);
+        self.apply_acme_certificates();
         self.apply_ingresses();
+    }
+
+    /// Serves the certificates ACME issued to the cluster, on a node
+    /// without `[acme]` (a node with it installs and keeps them itself).
+    fn apply_acme_certificates(&self) {
+        if self.acme.get().is_none() {
+            self.certs
+                .replace(CertSource::Acme, shared_certificates(self));
+        }
     }
 
     fn apply_ingresses(&self) {
@@ -268,9 +299,15 @@ impl ClusterNode {
 
     /// Applies every change as it is merged, closes the sessions of
     /// revoked credentials in `registry`, runs the cluster's event
-    /// subscriptions in `events`, and announces the sessions and endpoints
-    /// of `registry` to the other nodes.
-    pub fn follow(self: &Arc<Self>, registry: Arc<Registry>, events: RuntimeSubscriptions) {
+    /// subscriptions in `events`, answers the other nodes' ACME challenges
+    /// in `challenges`, and announces the sessions and endpoints of
+    /// `registry` to the other nodes.
+    pub fn follow(
+        self: &Arc<Self>,
+        registry: Arc<Registry>,
+        events: RuntimeSubscriptions,
+        challenges: Arc<AcmeChallenges>,
+    ) {
         let announcer = routes::spawn_announcer(
             self.cluster.clone(),
             registry.subscribe(),
@@ -290,7 +327,8 @@ impl ClusterNode {
             );
             *self.link_server.lock().expect("link lock") = Some(server);
         }
-        let task = tokio::spawn(follow(changes, self.clone(), registry, events));
+        let answers = RemoteAnswers::new(challenges);
+        let task = tokio::spawn(follow(changes, self.clone(), registry, events, answers));
         self.tasks
             .lock()
             .expect("tasks lock")
@@ -374,6 +412,37 @@ impl ClusterNode {
     /// Changes to the cluster's objects and members, as they are taken.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.cluster.subscribe()
+    }
+
+    /// Publishes a value this node owns (gone when it leaves or dies).
+    pub async fn publish_local<T: Kind>(&self, id: &str, value: &T) -> Result<(), Failure> {
+        self.cluster
+            .set_local(id, value)
+            .await
+            .map_err(cluster_failure)
+    }
+
+    /// Withdraws a value this node owns.
+    pub async fn withdraw_local<T: Kind>(&self, id: &str) {
+        self.cluster.remove_local::<T>(id).await
+    }
+
+    pub fn node_id(&self) -> &str {
+        self.cluster.node_id()
+    }
+
+    /// The gossip round; how fast news spreads scales with it.
+    pub fn gossip_interval(&self) -> Duration {
+        self.gossip_interval
+    }
+
+    /// The ids of the live nodes, this one included.
+    pub fn member_ids(&self) -> Vec<String> {
+        self.cluster
+            .members()
+            .into_iter()
+            .map(|m| m.node_id)
+            .collect()
     }
 
     /// Hands the node's certificate manager to the admin API.
@@ -716,8 +785,10 @@ async fn follow(
     node: Arc<ClusterNode>,
     registry: Arc<Registry>,
     events: RuntimeSubscriptions,
+    mut answers: RemoteAnswers,
 ) {
     apply_event_subscriptions(&node.cluster, &events).await;
+    answers.apply(&node).await;
     let mut remote = RemoteEndpoints::default();
     remote
         .reconcile(&node.cluster, &registry, &node.links)
@@ -758,6 +829,13 @@ async fn follow(
             Ok(Change::Config(kind)) if kind == EventSubscription::KIND => {
                 apply_event_subscriptions(&node.cluster, &events).await
             }
+            Ok(Change::Config(kind))
+                if kind == ReservedDomain::KIND || kind == AcmeCertificate::KIND =>
+            {
+                node.apply_acme_certificates();
+                answers.apply(&node).await;
+            }
+            Ok(Change::Local(kind)) if kind == AcmeAnswer::KIND => answers.apply(&node).await,
             Ok(Change::Local(kind)) if kind == EndpointAd::KIND => {
                 remote
                     .reconcile(&node.cluster, &registry, &node.links)
@@ -774,6 +852,7 @@ async fn follow(
                 remote
                     .reconcile(&node.cluster, &registry, &node.links)
                     .await;
+                answers.apply(&node).await;
             }
             Ok(_) => {}
             Err(RecvError::Lagged(_)) => {
@@ -784,6 +863,7 @@ async fn follow(
                 remote
                     .reconcile(&node.cluster, &registry, &node.links)
                     .await;
+                answers.apply(&node).await;
             }
             Err(RecvError::Closed) => break,
         }

@@ -243,7 +243,11 @@ impl Edge {
             },
         );
         if let Some(cluster) = &cluster {
-            cluster.follow(registry.clone(), events.runtime_handle());
+            cluster.follow(
+                registry.clone(),
+                events.runtime_handle(),
+                gateway.acme_challenges().clone(),
+            );
         }
         // The admin and metrics listeners cut slow request heads as the
         // public side does.

@@ -132,7 +132,7 @@ impl Telemetry {
             render_cluster(&mut out, &cluster.stats());
         }
         if let Some(acme) = &self.acme {
-            render_acme(&mut out, &acme.stats());
+            render_acme(&mut out, acme);
         }
         let reloads = "postern_certificate_reloads_total";
         metric_header(
@@ -175,31 +175,108 @@ impl Telemetry {
     }
 }
 
-/// ACME: orders by result (`postern_acme_orders_total{result="failed"}`
-/// going up means a CA problem), and the managed names whose last order
-/// failed (they are served their old certificate, if any, meanwhile).
-fn render_acme(out: &mut String, stats: &[(&'static str, u64)]) {
-    let name = "postern_acme_orders_total";
-    metric_header(out, name, "counter", "ACME certificate orders, by result.");
-    for (stat, value) in stats {
-        match *stat {
-            "acme_orders_issued" => metric_sample(out, name, &[("result", "issued")], *value),
-            "acme_orders_failed" => metric_sample(out, name, &[("result", "failed")], *value),
-            _ => {}
-        }
-    }
-    let failing = "postern_acme_names_failing";
+/// ACME: orders placed here by result (`postern_acme_orders_total{result="failed"}`
+/// going up means a CA problem), the managed names whose last order here
+/// failed (they are served their old certificate, if any, meanwhile),
+/// certificates another node ordered and this one installed, the leases
+/// this node holds and the times it stood down; then, per reserved domain
+/// with a policy (labelled by id, not name), the served certificate's end
+/// with the node that ordered it, and the node holding the lease to order
+/// it now.
+fn render_acme(out: &mut String, acme: &Acme) {
+    let stats = acme.stats();
+    let stat = |name: &str| {
+        stats
+            .iter()
+            .find(|(stat, _)| *stat == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    let orders = "postern_acme_orders_total";
     metric_header(
         out,
-        failing,
-        "gauge",
-        "Managed names whose last ACME order failed.",
+        orders,
+        "counter",
+        "ACME certificate orders this node placed, by result.",
     );
-    let value = stats
-        .iter()
-        .find(|(stat, _)| *stat == "acme_names_failing")
-        .map_or(0, |(_, v)| *v);
-    metric_sample(out, failing, &[], value);
+    metric_sample(
+        out,
+        orders,
+        &[("result", "issued")],
+        stat("acme_orders_issued"),
+    );
+    metric_sample(
+        out,
+        orders,
+        &[("result", "failed")],
+        stat("acme_orders_failed"),
+    );
+    for (name, kind, help, stat_name) in [
+        (
+            "postern_acme_names_failing",
+            "gauge",
+            "Managed names whose last ACME order here failed.",
+            "acme_names_failing",
+        ),
+        (
+            "postern_acme_certificates_received_total",
+            "counter",
+            "ACME certificates another node of the cluster ordered, installed here.",
+            "acme_certificates_received",
+        ),
+        (
+            "postern_acme_leases_held",
+            "gauge",
+            "Names this node holds the cluster's order lease for.",
+            "acme_leases_held",
+        ),
+        (
+            "postern_acme_leases_stood_down_total",
+            "counter",
+            "Leases this node took and gave up to another node's earlier one.",
+            "acme_leases_stood_down",
+        ),
+    ] {
+        metric_header(out, name, kind, help);
+        metric_sample(out, name, &[], stat(stat_name));
+    }
+    let expiry = "postern_acme_certificate_not_after_seconds";
+    metric_header(
+        out,
+        expiry,
+        "gauge",
+        "When the ACME certificate served for a reserved domain ends (Unix time), with the node that ordered it.",
+    );
+    for served in acme.served() {
+        let not_after = served
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ordered_by = served.ordered_by.as_deref().unwrap_or("");
+        metric_sample(
+            out,
+            expiry,
+            &[
+                ("reserved_domain", &served.reserved_domain),
+                ("ordered_by", ordered_by),
+            ],
+            not_after,
+        );
+    }
+    let lease = "postern_acme_lease";
+    metric_header(
+        out,
+        lease,
+        "gauge",
+        "1 for the node holding the cluster's lease to order a reserved domain's certificate now.",
+    );
+    for (id, holder) in acme.leases() {
+        metric_sample(
+            out,
+            lease,
+            &[("reserved_domain", &id), ("holder", &holder)],
+            1,
+        );
+    }
 }
 
 /// Gossip: members and objects as gauges, the rest as counters

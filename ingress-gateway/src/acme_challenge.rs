@@ -9,6 +9,9 @@
 //!
 //! The edge's ACME client puts answers here; the gateway gives them before
 //! any routing, so a name with no endpoint bound can still be validated.
+//! In a cluster the CA may reach any node, so the answers of an order
+//! another node runs are kept here too ([`AcmeChallenges::replace_remote`]),
+//! apart from this node's own.
 
 use std::{
     collections::HashMap,
@@ -26,11 +29,22 @@ pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Pending challenges: HTTP-01 tokens with their key authorizations, and
-/// TLS-ALPN-01 validation certificates by name.
+/// TLS-ALPN-01 validation certificates by name; this node's orders' and
+/// other nodes'.
 #[derive(Debug, Default)]
 pub struct AcmeChallenges {
     tokens: RwLock<HashMap<String, String>>,
     certs: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    remote: RwLock<Remote>,
+}
+
+/// The answers of orders other nodes of the cluster run.
+#[derive(Debug, Default)]
+struct Remote {
+    tokens: HashMap<String, String>,
+    /// By name: the key authorization's digest and the certificate made
+    /// from it (made again only when the digest changes).
+    certs: HashMap<String, (Vec<u8>, Arc<CertifiedKey>)>,
 }
 
 impl AcmeChallenges {
@@ -48,14 +62,19 @@ impl AcmeChallenges {
     }
 
     /// The key authorization for a request path, if it asks for a pending
-    /// token.
+    /// token (this node's or another's).
     pub fn answer(&self, path: &str) -> Option<String> {
         let token = path.strip_prefix(HTTP01_PREFIX)?;
-        self.tokens
+        let own = self
+            .tokens
             .read()
             .expect("challenge lock")
             .get(token)
-            .cloned()
+            .cloned();
+        own.or_else(|| {
+            let remote = self.remote.read().expect("challenge lock");
+            remote.tokens.get(token).cloned()
+        })
     }
 
     /// Shows `name`'s TLS-ALPN-01 validation certificate, made from the
@@ -74,13 +93,53 @@ impl AcmeChallenges {
         self.certs.write().expect("challenge lock").remove(name);
     }
 
-    /// The validation certificate for a normalised name, if one is pending.
+    /// The validation certificate for a normalised name, if one is
+    /// pending (this node's or another's).
     pub fn tls_alpn01(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.certs
+        let own = self
+            .certs
             .read()
             .expect("challenge lock")
             .get(name)
-            .cloned()
+            .cloned();
+        own.or_else(|| {
+            let remote = self.remote.read().expect("challenge lock");
+            remote.certs.get(name).map(|(_, key)| key.clone())
+        })
+    }
+
+    /// Makes the answers of other nodes' orders exactly these: HTTP-01
+    /// `(token, key authorization)` pairs and TLS-ALPN-01 `(name, digest)`
+    /// pairs. Returns the TLS-ALPN-01 names whose certificate could not be
+    /// made, with why; the rest are answered.
+    pub fn replace_remote(
+        &self,
+        http01: Vec<(String, String)>,
+        tls_alpn01: Vec<(String, Vec<u8>)>,
+    ) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        let mut remote = self.remote.write().expect("challenge lock");
+        let mut certs = HashMap::new();
+        for (name, digest) in tls_alpn01 {
+            let kept = remote
+                .certs
+                .remove(&name)
+                .filter(|(made_from, _)| *made_from == digest);
+            let key = match kept {
+                Some((_, key)) => key,
+                None => match validation_certificate(&name, &digest) {
+                    Ok(key) => Arc::new(key),
+                    Err(e) => {
+                        failed.push((name, e));
+                        continue;
+                    }
+                },
+            };
+            certs.insert(name, (digest, key));
+        }
+        remote.certs = certs;
+        remote.tokens = http01.into_iter().collect();
+        failed
     }
 }
 
@@ -147,5 +206,41 @@ mod tests {
         );
         challenges.remove_tls_alpn01("app.example.test");
         assert!(challenges.tls_alpn01("app.example.test").is_none());
+    }
+
+    #[test]
+    fn other_nodes_answers_are_replaced_whole_and_kept_apart() {
+        let challenges = AcmeChallenges::default();
+        challenges.insert_http01("own", "own.thumb");
+        let failed = challenges.replace_remote(
+            vec![("theirs".into(), "theirs.thumb".into())],
+            vec![("alpn.example.test".into(), vec![1u8; 32])],
+        );
+        assert!(failed.is_empty(), "{failed:?}");
+        let path = |t: &str| format!("{HTTP01_PREFIX}{t}");
+        assert_eq!(
+            challenges.answer(&path("own")).as_deref(),
+            Some("own.thumb")
+        );
+        assert_eq!(
+            challenges.answer(&path("theirs")).as_deref(),
+            Some("theirs.thumb")
+        );
+        let first = challenges.tls_alpn01("alpn.example.test").unwrap();
+        // The same digest again keeps the certificate made for it.
+        challenges.replace_remote(
+            Vec::new(),
+            vec![("alpn.example.test".into(), vec![1u8; 32])],
+        );
+        let again = challenges.tls_alpn01("alpn.example.test").unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(challenges.answer(&path("theirs")), None);
+        // Replacing the remote answers leaves this node's own alone.
+        challenges.replace_remote(Vec::new(), Vec::new());
+        assert!(challenges.tls_alpn01("alpn.example.test").is_none());
+        assert_eq!(
+            challenges.answer(&path("own")).as_deref(),
+            Some("own.thumb")
+        );
     }
 }

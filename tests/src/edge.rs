@@ -607,6 +607,11 @@ acl = ["bind:*.customer1.{DOMAIN}", "bind:*:29500"]
         &self.region
     }
 
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     /// The Prometheus text of the node's `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let url = format!(

@@ -10,7 +10,8 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use postern_tests::{
-    API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml, cluster::cluster_toml,
+    API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml,
+    cluster::{NODES, Run, TestCluster, cluster_toml},
     curl, eventually, free_port, served_serial,
 };
 use rustls::pki_types::pem::PemObject;
@@ -18,14 +19,17 @@ use serde_json::Value;
 
 const JSON: &str = "Content-Type: application/json";
 
-/// A `[cluster]` table for a cluster of one.
+/// A `[cluster]` table for a cluster of one, which holds the cluster's
+/// config (and may order) a second after it starts, having no peer to
+/// catch up with.
 fn cluster_of_one() -> String {
     let gossip = SocketAddr::from(([127, 0, 0, 1], postern_tests::cluster::udp_port()));
-    cluster_toml(
+    let table = cluster_toml(
         &format!("acme-{}", postern_net::random_label()),
         &[gossip],
         0,
-    )
+    );
+    format!("{table}catch_up_timeout = \"1s\"\n")
 }
 
 /// A node in a cluster of one, ordering from `pebble`.
@@ -218,9 +222,15 @@ async fn a_reserved_domain_with_a_policy_gets_a_certificate_curl_trusts() {
 /// The serial of a certificate for app.renew.test that verifies against
 /// `root` and is not `not`, within a minute.
 async fn wait_for_serial(https: SocketAddr, root: &Path, not: &str) -> String {
+    wait_for_serial_of(https, "app.renew.test", root, not).await
+}
+
+/// The serial of a certificate for `name` that verifies against `root`
+/// and is not `not`, within a minute.
+async fn wait_for_serial_of(https: SocketAddr, name: &str, root: &Path, not: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let (serial, verified) = served_serial(https, "app.renew.test", root).await;
+        let (serial, verified) = served_serial(https, name, root).await;
         if verified && serial != not {
             return serial;
         }
@@ -452,6 +462,318 @@ async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
     assert_eq!(status, 400, "{refused}");
     assert_eq!(refused["error_code"], "ERR_POSTERN_9406", "{refused}");
     edge.stop().await;
+}
+
+/// `path` at the nodes `which` of `cluster`; `None` until each has it.
+async fn at_nodes(cluster: &TestCluster, which: &[usize], path: &str) -> Option<Vec<Value>> {
+    let mut shown = Vec::new();
+    for i in which {
+        let (status, value) = cluster.nodes[*i].api("GET", path, None, API_KEY).await;
+        if status != 200 {
+            return None;
+        }
+        shown.push(value);
+    }
+    Some(shown)
+}
+
+/// The holder of the cluster's lease on a reserved domain, once the nodes
+/// `which` name the same one, other than `not`, and have seen it fail an
+/// order (the CA is down).
+async fn failing_holder(cluster: &TestCluster, which: &[usize], path: &str, not: &str) -> String {
+    let holder = std::sync::Mutex::new(String::new());
+    eventually(60, "the nodes name the failing lease holder", || {
+        let holder = &holder;
+        async move {
+            let Some(shown) = at_nodes(cluster, which, path).await else {
+                return false;
+            };
+            let status = |s: &Value| s["certificate_management_status"].clone();
+            let first = status(&shown[0])["lease"]["holder"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let agreed = !first.is_empty()
+                && first != not
+                && shown.iter().all(|s| {
+                    let status = status(s);
+                    status["lease"]["holder"] == first.as_str()
+                        && status["provisioning_job"]["failures"].as_u64() >= Some(1)
+                });
+            *holder.lock().unwrap() = first;
+            agreed
+        }
+    })
+    .await;
+    holder.into_inner().unwrap()
+}
+
+/// A sample of a node's `/metrics`, 0 when absent.
+async fn metric(node: &TestEdge, sample: &str) -> u64 {
+    node.metrics_text()
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
+    let mut pebble = Pebble::prepare().await;
+    let cluster = TestCluster::start_with(&acme_toml(&pebble, "1s")).await;
+    let upstream = HttpUpstream::start().await;
+    let name = "app.cluster.test";
+    let (_agent, _) = cluster.nodes[1]
+        .agent(&http_tunnels(upstream.port(), &[name]))
+        .await;
+    let reserved = reserve(
+        &cluster.nodes[2],
+        r#"{"domain": "app.cluster.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let path = format!("/reserved_domains/{}", reserved["id"].as_str().unwrap());
+
+    // The CA is down: one node takes the lease and fails; it keeps the
+    // lease until its retry, and the others wait instead of ordering.
+    let holder = failing_holder(&cluster, &[0, 1, 2], &path, "").await;
+    let index = |id: &str| cluster.nodes.iter().position(|n| n.node_id() == id);
+    let h = index(&holder).unwrap_or_else(|| panic!("holder {holder:?}"));
+    let stat = |name: &str| -> Vec<u64> { cluster.nodes.iter().map(|n| n.stat(name)).collect() };
+    let failed = stat("acme_orders_failed");
+    assert!(failed[h] >= 1, "{failed:?}");
+    assert_eq!(
+        failed.iter().sum::<u64>(),
+        failed[h],
+        "only {holder} ordered: {failed:?}"
+    );
+    // /metrics at every node names the holder.
+    let id = reserved["id"].as_str().unwrap();
+    let leased = format!("postern_acme_lease{{reserved_domain=\"{id}\",holder=\"{holder}\"}} 1");
+    for node in &cluster.nodes {
+        let metrics = node.metrics_text().await;
+        assert!(metrics.contains(&leased), "{}: {metrics}", node.node_id());
+    }
+    assert_eq!(cluster.nodes[h].stat("acme_leases_held"), 1);
+
+    // Every node is on 127.0.0.1 and Pebble validates on one HTTP port:
+    // that of a node other than the holder, which thus answers a challenge
+    // it did not make.
+    let v = (h + 1) % cluster.nodes.len();
+    let validating = &cluster.nodes[v];
+    pebble
+        .start(
+            validating.addrs.http.unwrap().port(),
+            validating.addrs.https.port(),
+            None,
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let root = pebble.root("pebble-root.pem").await;
+    for node in &cluster.nodes {
+        wait_trusted(node, name, &root, 90).await;
+    }
+    println!(
+        "one order: all three nodes serve it {:?} after Pebble started",
+        started.elapsed()
+    );
+    // One certificate, the same at every node.
+    let mut serials = Vec::new();
+    for node in &cluster.nodes {
+        let (serial, verified) = served_serial(node.addrs.https, name, &root).await;
+        assert!(verified, "{}", node.node_id());
+        serials.push(serial);
+    }
+    assert!(serials.iter().all(|s| *s == serials[0]), "{serials:?}");
+
+    // Long enough for a second order (a node that did not stand down) to
+    // show: the retry and gossip here take about a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let issued = stat("acme_orders_issued");
+    let mut once = vec![0; cluster.nodes.len()];
+    once[h] = 1;
+    assert_eq!(issued, once, "one order in the cluster, by {holder}");
+    let failed = stat("acme_orders_failed");
+    assert_eq!(failed.iter().sum::<u64>(), failed[h], "{failed:?}");
+    let mut received = vec![1; cluster.nodes.len()];
+    received[h] = 0;
+    assert_eq!(stat("acme_certificates_received"), received);
+    assert_eq!(stat("acme_leases_held"), vec![0, 0, 0]);
+    let log = pebble.log();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("Added order"), 1, "Pebble saw one order: {log:#?}");
+    assert_eq!(count("Issued certificate serial"), 1, "{log:#?}");
+    // It validated at the node that did not order.
+    let at = format!(
+        ":{}/.well-known/acme-challenge/",
+        validating.addrs.http.unwrap().port()
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("Attempting to validate w/ HTTP") && l.contains(&at)),
+        "{log:#?}"
+    );
+
+    // Every node's status names the orderer; none holds a lease.
+    for shown in at_nodes(&cluster, &[0, 1, 2], &path).await.unwrap() {
+        let status = &shown["certificate_management_status"];
+        assert_eq!(status["ordered_by"], holder.as_str(), "{shown}");
+        assert!(status["renews_at"].is_string(), "{shown}");
+        assert_eq!(status["provisioning_job"], Value::Null, "{shown}");
+        assert_eq!(status["lease"], Value::Null, "{shown}");
+        assert_eq!(shown["certificate"]["id"], "cert_acme_app.cluster.test");
+    }
+    // /metrics says who ordered it; each node keeps it on disk.
+    for node in &cluster.nodes {
+        let metrics = node.metrics_text().await;
+        let sample = format!(
+            "postern_acme_certificate_not_after_seconds{{reserved_domain=\"{id}\",ordered_by=\"{holder}\"}}"
+        );
+        assert!(metrics.contains(&sample), "{}: {metrics}", node.node_id());
+        let kept = node.dir.path().join("acme").join(format!("{name}.pem"));
+        assert!(kept.exists(), "{}", kept.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_lease_holder_dies_another_node_orders_and_a_third_answers_tls_alpn_01() {
+    let mut pebble = Pebble::prepare().await;
+    let extra = format!("{}challenge = \"tls-alpn-01\"\n", acme_toml(&pebble, "1s"));
+    let specs: Vec<(&str, &str, Run)> = NODES
+        .iter()
+        .map(|(node, region)| (*node, *region, Run::Binary))
+        .collect();
+    let mut cluster = TestCluster::start_nodes(&specs, &extra).await;
+    let name = "alpn.cluster.test";
+    let reserved = reserve(
+        &cluster.nodes[2],
+        r#"{"domain": "alpn.cluster.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let path = format!("/reserved_domains/{}", reserved["id"].as_str().unwrap());
+
+    // The CA is down: one node holds the lease, failing. It dies (SIGKILL):
+    // its lease dies with it, and another node takes over (and fails too,
+    // the CA being down still).
+    let first = failing_holder(&cluster, &[0, 1, 2], &path, "").await;
+    let index = |nodes: &[TestEdge], id: &str| nodes.iter().position(|n| n.node_id() == id);
+    let dead = index(&cluster.nodes, &first).unwrap();
+    cluster.nodes[dead].process().kill().await;
+    let killed_at = std::time::Instant::now();
+    let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
+    let second = failing_holder(&cluster, &rest, &path, &first).await;
+    println!(
+        "takeover: {second} holds the lease (and failed once) {:?} after {first} was killed",
+        killed_at.elapsed()
+    );
+    let orderer = index(&cluster.nodes, &second).unwrap();
+    let other = *rest.iter().find(|i| **i != orderer).unwrap();
+
+    // An endpoint for the name, at a live node (a handshake for a name
+    // without one is refused).
+    let upstream = HttpUpstream::start().await;
+    let (_agent, _) = cluster.nodes[other]
+        .agent(&http_tunnels(upstream.port(), &[name]))
+        .await;
+    // Pebble validates TLS-ALPN-01 at the third node's HTTPS listener
+    // (its HTTP-01 port is one where nothing listens).
+    let answering = &cluster.nodes[other];
+    pebble
+        .start(free_port(), answering.addrs.https.port(), None)
+        .await;
+    let root = pebble.root("pebble-root.pem").await;
+    let mut serials = Vec::new();
+    for i in &rest {
+        let https = cluster.nodes[*i].addrs.https;
+        let serial = wait_for_serial_of(https, name, &root, "").await;
+        serials.push(serial);
+    }
+    assert_eq!(serials[0], serials[1], "one certificate");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = pebble.log();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    assert_eq!(count("Added order"), 1, "Pebble saw one order: {log:#?}");
+    assert_eq!(count("Issued certificate serial"), 1, "{log:#?}");
+    // Validated (Pebble does not log TLS-ALPN-01 attempts), not by HTTP-01.
+    assert_eq!(count("set VALID by completed challenge"), 1, "{log:#?}");
+    assert_eq!(count("Attempting to validate w/ HTTP"), 0, "{log:#?}");
+    let issued = "postern_acme_orders_total{result=\"issued\"}";
+    let received = "postern_acme_certificates_received_total";
+    let orderer_node = &cluster.nodes[orderer];
+    assert_eq!(metric(orderer_node, issued).await, 1);
+    assert_eq!(metric(answering, issued).await, 0);
+    assert_eq!(metric(answering, received).await, 1);
+    for shown in at_nodes(&cluster, &rest, &path).await.unwrap() {
+        let status = &shown["certificate_management_status"];
+        assert_eq!(status["ordered_by"], second.as_str(), "{shown}");
+        assert_eq!(status["lease"], Value::Null, "{shown}");
+    }
+    for i in rest {
+        cluster.nodes[i].process().terminate().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_acme_answers_the_challenge_and_serves_the_certificate() {
+    let mut pebble = Pebble::prepare().await;
+    let cluster_id = format!("acme-{}", postern_net::random_label());
+    let gossip: Vec<SocketAddr> = (0..2)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], postern_tests::cluster::udp_port())))
+        .collect();
+    let ordering = format!(
+        "{}{}",
+        acme_toml(&pebble, "1s"),
+        cluster_toml(&cluster_id, &gossip, 0)
+    );
+    let orderer = TestEdge::start_node("edge-acme-a", "us", &ordering).await;
+    let plain =
+        TestEdge::start_node("edge-plain-b", "us", &cluster_toml(&cluster_id, &gossip, 1)).await;
+    let cluster = TestCluster {
+        cluster_id,
+        gossip,
+        nodes: vec![orderer, plain],
+    };
+    cluster.wait_members(&[0, 1], 2).await;
+    let (orderer, plain) = (&cluster.nodes[0], &cluster.nodes[1]);
+    // Pebble validates HTTP-01 at the node without [acme].
+    pebble
+        .start(plain.addrs.http.unwrap().port(), free_port(), None)
+        .await;
+    let upstream = HttpUpstream::start().await;
+    let name = "app.plain.test";
+    let (_agent, _) = orderer.agent(&http_tunnels(upstream.port(), &[name])).await;
+    reserve(
+        orderer,
+        r#"{"domain": "app.plain.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    let root = pebble.root("pebble-root.pem").await;
+    wait_trusted(orderer, name, &root, 60).await;
+    wait_trusted(plain, name, &root, 20).await;
+    let (a, _) = served_serial(orderer.addrs.https, name, &root).await;
+    let (b, _) = served_serial(plain.addrs.https, name, &root).await;
+    assert_eq!(a, b);
+    assert_eq!(orderer.stat("acme_orders_issued"), 1);
+    let log = pebble.log();
+    let at = format!(
+        ":{}/.well-known/acme-challenge/",
+        plain.addrs.http.unwrap().port()
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("Attempting to validate w/ HTTP") && l.contains(&at)),
+        "{log:#?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.contains("Added order")).count(),
+        1,
+        "{log:#?}"
+    );
 }
 
 /// An upload body for `/tls_certificates`.

@@ -1,8 +1,10 @@
 //! One ACME order with `instant-acme`: the account (created once, its
 //! credentials kept in the data directory), HTTP-01 answered through the
-//! gateway's plain-HTTP listener, TLS-ALPN-01 through its HTTPS listener,
-//! or DNS-01 through the operator's hook, the key (ECDSA P-256 or RSA 2048) and
-//! CSR made here, the chain fetched. No JOSE of our own.
+//! gateways' plain-HTTP listeners, TLS-ALPN-01 through their HTTPS
+//! listeners (this node's answer is gossiped, and the CA is asked to
+//! validate once every node answers it), or DNS-01 through the operator's
+//! hook, the key (ECDSA P-256 or RSA 2048) and CSR made here, the chain
+//! fetched. No JOSE of our own.
 
 use std::{future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
 
@@ -15,8 +17,11 @@ use instant_acme::{
 use postern_ingress::{AcmeChallenges, IdpHttp};
 use tokio_util::task::TaskTracker;
 
-use super::{AcmeConfig, AcmeError, Challenge, DnsHook};
-use crate::cluster::KeyType;
+use super::{
+    AcmeConfig, AcmeError, Challenge, DnsHook,
+    shared::{AcmeAnswer, answered_everywhere},
+};
+use crate::cluster::{ClusterNode, KeyType};
 
 /// How long the DNS hook may take to publish or withdraw a record.
 pub(super) const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -99,22 +104,35 @@ pub(super) struct Issued {
     pub key_pem: String,
 }
 
-/// Orders a certificate for `domain`, answering `kind` on the gateway; a
-/// wildcard, and every name when `kind` is DNS-01, through `dns_hook`.
+/// Where an order's challenge answers go: this node's gateway, and the
+/// cluster's gossip for the other nodes' gateways.
+pub(super) struct Answering<'a> {
+    pub challenges: &'a Arc<AcmeChallenges>,
+    pub cluster: &'a Arc<ClusterNode>,
+    /// Where withdrawals run once the order ends (a drop cannot await).
+    pub cleanups: &'a TaskTracker,
+}
+
+/// Orders a certificate for `domain`, answering `kind` on every node's
+/// gateway; a wildcard, and every name when `kind` is DNS-01, through
+/// `dns_hook`.
 pub(super) async fn order(
     account: &Account,
-    (challenges, cleanups): (&Arc<AcmeChallenges>, &TaskTracker),
+    answering: Answering<'_>,
     (kind, dns_hook): (Challenge, Option<&DnsHook>),
     domain: &str,
     key_type: KeyType,
 ) -> Result<Issued, AcmeError> {
+    let challenges = answering.challenges;
     let identifiers = [Identifier::Dns(domain.to_string())];
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
     let mut answers = Answers {
         challenges: challenges.clone(),
-        cleanups: cleanups.clone(),
+        cluster: answering.cluster.clone(),
+        cleanups: answering.cleanups.clone(),
         http01: Vec::new(),
         tls_alpn01: Vec::new(),
+        gossiped: Vec::new(),
         dns01: Vec::new(),
     };
     let kind = if domain.starts_with("*.") {
@@ -143,12 +161,26 @@ pub(super) async fn order(
             Challenge::Http01 => {
                 challenges.insert_http01(&challenge.token, key_authorization.as_str());
                 answers.http01.push(challenge.token.clone());
+                answers
+                    .share(AcmeAnswer::Http01 {
+                        name: domain.to_string(),
+                        token: challenge.token.clone(),
+                        key_authorization: key_authorization.as_str().to_string(),
+                    })
+                    .await?;
             }
             Challenge::TlsAlpn01 => {
+                let digest = key_authorization.digest();
                 challenges
-                    .insert_tls_alpn01(domain, key_authorization.digest().as_ref())
+                    .insert_tls_alpn01(domain, digest.as_ref())
                     .map_err(AcmeError::TlsAlpn01)?;
                 answers.tls_alpn01.push(domain.to_string());
+                answers
+                    .share(AcmeAnswer::TlsAlpn01 {
+                        name: domain.to_string(),
+                        digest: hex::encode(digest.as_ref()),
+                    })
+                    .await?;
             }
             Challenge::Dns01 => {
                 let hook = dns_hook.ok_or(AcmeError::NoDnsHook)?;
@@ -189,16 +221,46 @@ pub(super) async fn order(
 }
 
 /// Withdraws the order's answers (HTTP-01 tokens, TLS-ALPN-01 names)
-/// from the gateway, and has the DNS hook withdraw its TXT records, however
-/// the order ends.
+/// from the gateway and from the gossip, and has the DNS hook withdraw its
+/// TXT records, however the order ends.
 struct Answers {
     challenges: Arc<AcmeChallenges>,
-    /// Where the DNS hook's cleanups run (a drop cannot await them).
+    cluster: Arc<ClusterNode>,
+    /// Where the DNS hook's cleanups and the gossip's withdrawals run (a
+    /// drop cannot await them).
     cleanups: TaskTracker,
     http01: Vec<String>,
     tls_alpn01: Vec<String>,
+    /// The ids of the answers gossiped to the other nodes.
+    gossiped: Vec<String>,
     /// The hook, the record's name and its value.
     dns01: Vec<(DnsHook, String, String)>,
+}
+
+impl Answers {
+    /// Gossips `answer` to the other nodes and waits until each live one
+    /// answers it too (or [`super::shared::ANSWER_WAIT`]): the CA may ask
+    /// any of them.
+    async fn share(&mut self, answer: AcmeAnswer) -> Result<(), AcmeError> {
+        let id = answer.id();
+        self.cluster
+            .publish_local(&id, &answer)
+            .await
+            .map_err(|f| AcmeError::Gossip {
+                what: format!("the challenge answer {id}"),
+                reason: f.detail,
+            })?;
+        self.gossiped.push(id.clone());
+        let missing = answered_everywhere(&self.cluster, &id).await;
+        if !missing.is_empty() {
+            tracing::warn!(
+                answer = id,
+                ?missing,
+                "not every node answers the challenge yet; asking the CA anyway"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Answers {
@@ -208,6 +270,15 @@ impl Drop for Answers {
         }
         for name in &self.tls_alpn01 {
             self.challenges.remove_tls_alpn01(name);
+        }
+        let gossiped = std::mem::take(&mut self.gossiped);
+        if !gossiped.is_empty() {
+            let cluster = self.cluster.clone();
+            self.cleanups.spawn(async move {
+                for id in gossiped {
+                    cluster.withdraw_local::<AcmeAnswer>(&id).await;
+                }
+            });
         }
         for (hook, record, value) in self.dns01.drain(..) {
             self.cleanups.spawn(async move {

@@ -672,26 +672,52 @@ impl Resource for ReservedDomain {
 }
 
 /// ngrok's `certificate_management_status` from what this node knows:
-/// when the served certificate renews, and the order running or failed
-/// (`msg` the last error, `retries_at` the next try).
+/// when the served certificate renews, the order running or failed (`msg`
+/// the last error, `retries_at` the next try), here or at the node holding
+/// the cluster's lease for the name; and, beside ngrok's fields, the node
+/// that ordered the served certificate (`ordered_by`) and the lease
+/// (`lease`: `holder`, `taken_at`, `expires_at`).
 fn certificate_status(status: &CertStatus) -> Value {
-    let time = |t: &Option<std::time::SystemTime>| {
+    let time = |t: Option<std::time::SystemTime>| {
         t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
     };
-    let job = match (&status.ordering_since, &status.last_error) {
-        (None, None) => Value::Null,
-        (started, error) => json!({
+    let elsewhere = status.lease.as_ref().filter(|l| !l.this_node);
+    let job = match (&status.ordering_since, &status.last_error, elsewhere) {
+        (None, None, None) => Value::Null,
+        (None, None, Some(lease)) => {
+            let in_progress = format!(
+                "Managed certificate provisioning in progress at node {}.",
+                lease.holder
+            );
+            json!({
+                "error_code": null,
+                "msg": lease.last_error.clone().unwrap_or(in_progress),
+                "started_at": time(Some(lease.taken_at)),
+                "retries_at": time(lease.retries_at),
+                "failures": lease.failures,
+            })
+        }
+        (started, error, _) => json!({
             "error_code": null,
             "msg": error.as_deref().unwrap_or("Managed certificate provisioning in progress."),
-            "started_at": time(started),
-            "retries_at": time(&status.retries_at),
+            "started_at": time(*started),
+            "retries_at": time(status.retries_at),
             "failures": status.failures,
         }),
     };
+    let lease = status.lease.as_ref().map(|l| {
+        json!({
+            "holder": l.holder,
+            "taken_at": time(Some(l.taken_at)),
+            "expires_at": time(Some(l.expires_at)),
+        })
+    });
     json!({
-        "renews_at": time(&status.renews_at),
-        "not_after": time(&status.not_after),
+        "renews_at": time(status.renews_at),
+        "not_after": time(status.not_after),
         "provisioning_job": job,
+        "ordered_by": status.ordered_by,
+        "lease": lease,
     })
 }
 

@@ -155,10 +155,21 @@ impl TlsCertificate {
     /// `open`, checked as an upload is (a certificate that has expired
     /// since is refused).
     pub fn serving(&self, open: impl Fn(&str) -> Option<String>) -> Result<ServingCert, String> {
-        let key = open(&self.private_key_sealed)
-            .ok_or("its private key was sealed with another cluster key")?;
-        check_certificate(&self.certificate_pem, &key).map_err(|f| f.detail)
+        open_certificate(&self.certificate_pem, &self.private_key_sealed, open)
     }
+}
+
+/// A gossiped chain and its key sealed with the cluster key, the key
+/// opened with `open`, checked as an upload is (one that has expired since
+/// is refused).
+pub fn open_certificate(
+    certificate_pem: &str,
+    private_key_sealed: &str,
+    open: impl Fn(&str) -> Option<String>,
+) -> Result<ServingCert, String> {
+    let key =
+        open(private_key_sealed).ok_or("its private key was sealed with another cluster key")?;
+    check_certificate(certificate_pem, &key).map_err(|f| f.detail)
 }
 
 /// An uploaded chain and key checked: PEM, a DNS name to serve, the key

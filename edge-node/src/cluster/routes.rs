@@ -340,15 +340,7 @@ mod tests {
         pooled: bool,
     ) -> Local<EndpointAd> {
         Local {
-            node: Member {
-                node_id: node.into(),
-                region: "us".into(),
-                rpc_addr: None,
-                agent_addr: None,
-                gossip_addr: "127.0.0.1:1".parse().unwrap(),
-                generation: 1,
-                is_self,
-            },
+            node: crate::cluster::test_member(node, is_self),
             id: id.into(),
             value: EndpointAd {
                 public_url: url.into(),
