@@ -10,7 +10,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use postern_tests::{
-    API_KEY, HttpUpstream, Pebble, TempDir, TestCa, TestEdge, acme_toml,
+    API_KEY, HttpUpstream, HttpsClient, Pebble, TempDir, TestCa, TestEdge, acme_toml,
     cluster::{NODES, Run, TestCluster, cluster_toml},
     curl, eventually, free_port, served_serial,
 };
@@ -257,11 +257,35 @@ async fn renewal_at_two_thirds_and_the_old_certificate_stays_when_the_ca_is_down
 
     let first = wait_for_serial(https, &root, "").await;
     let issued_at = std::time::Instant::now();
+    // A visitor connected under the first certificate, kept alive.
+    let kept = HttpsClient::new(https, &root)
+        .connect("app.renew.test")
+        .await
+        .expect("a TLS connection under the first certificate");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, String>(hyper_util::rt::TokioIo::new(kept))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = || {
+        http::Request::get("/")
+            .header("host", "app.renew.test")
+            .body(String::new())
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(get()).await.unwrap().status(), 200);
     let second = wait_for_serial(https, &root, &first).await;
     let renewed_after = issued_at.elapsed();
     assert!(
         renewed_after >= Duration::from_secs(12),
         "renewed at two thirds of 30 s, not at once: {renewed_after:?}"
+    );
+    let after = sender.send_request(get()).await;
+    assert_eq!(
+        after
+            .expect("the connection made before the renewal goes on")
+            .status(),
+        200
     );
     assert_eq!(edge.stat("acme_orders_issued"), 2);
 
