@@ -32,7 +32,10 @@ mod shared;
 mod store;
 
 pub use config::{AcmeConfig, Challenge, DnsHook, RawAcme};
-pub use shared::{AcmeAnswer, AcmeCertificate, AcmeLease, RemoteAnswers, shared_certificates};
+pub use shared::{
+    AcmeAnswer, AcmeCertificate, AcmeLease, RemoteAnswers, prune_shared_certificates,
+    shared_certificates,
+};
 
 use std::{
     collections::HashMap,

@@ -53,7 +53,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     acl::Acl,
-    acme::{Acme, AcmeAnswer, AcmeCertificate, RemoteAnswers, shared_certificates},
+    acme::{
+        Acme, AcmeAnswer, AcmeCertificate, RemoteAnswers, prune_shared_certificates,
+        shared_certificates,
+    },
     auth::{AuthtokenRecord, Authtokens, CredentialRef},
     ca_store::{CaRecord, CaStore},
     config::EndpointPolicy,
@@ -345,7 +348,10 @@ impl ClusterNode {
     /// Gossip counters: refused (forged, altered, replayed) values, live
     /// members, objects.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        self.cluster.stats()
+        let mut stats = self.cluster.stats();
+        let shared = self.cluster.list::<AcmeCertificate>().len() as u64;
+        stats.push(("acme_shared_certificates", shared));
+        stats
     }
 
     /// Stops applying changes and announcing (once the announcements
@@ -834,6 +840,7 @@ async fn follow(
             {
                 node.apply_acme_certificates();
                 answers.apply(&node).await;
+                prune_shared_certificates(&node).await;
             }
             Ok(Change::Local(kind)) if kind == AcmeAnswer::KIND => answers.apply(&node).await,
             Ok(Change::Local(kind)) if kind == EndpointAd::KIND => {

@@ -661,7 +661,20 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
         assert!(metrics.contains(&sample), "{}: {metrics}", node.node_id());
         let kept = node.dir.path().join("acme").join(format!("{name}.pem"));
         assert!(kept.exists(), "{}", kept.display());
+        assert_eq!(node.stat("acme_shared_certificates"), 1);
     }
+
+    // The reservation deleted: its shared certificate (a sealed key) leaves
+    // the cluster's gossip.
+    let (status, _) = cluster.nodes[0].api("DELETE", &path, None, API_KEY).await;
+    assert_eq!(status, 204);
+    eventually(20, "the shared certificate deleted everywhere", || async {
+        cluster
+            .nodes
+            .iter()
+            .all(|node| node.stat("acme_shared_certificates") == 0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

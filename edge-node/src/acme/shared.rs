@@ -202,6 +202,35 @@ pub fn shared_certificates(cluster: &ClusterNode) -> Vec<(String, ServingCert)> 
         .collect()
 }
 
+/// Deletes from the cluster the shared certificates this node ordered for
+/// names no reserved domain with a policy names any more, so that their
+/// sealed keys do not stay in the gossip for good. Only once the node has
+/// caught up with the cluster's config: before, a reservation that seems
+/// missing may just not have arrived. (One whose orderer never comes back
+/// stays; nothing serves it.)
+pub async fn prune_shared_certificates(cluster: &ClusterNode) {
+    if !cluster.caught_up() {
+        return;
+    }
+    let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+    for (id, shared) in cluster.objects::<AcmeCertificate>() {
+        if shared.ordered_by != cluster.node_id() || names.contains(&shared.name) {
+            continue;
+        }
+        match cluster.delete_object::<AcmeCertificate>(&id).await {
+            Ok(_) => {
+                tracing::info!(
+                    name = shared.name,
+                    "shared ACME certificate deleted: no reserved domain asks for it"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(name = shared.name, error = %e, "deleting a shared ACME certificate")
+            }
+        }
+    }
+}
+
 /// The challenge answers of other nodes' orders, kept in this node's
 /// gateway, and this node's acknowledgements of them. Every node runs one,
 /// with `[acme]` or without: the CA may reach any node.
