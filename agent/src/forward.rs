@@ -199,10 +199,15 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
     let response = match client.data(request).await {
         Ok(response) => response,
         Err(status) => {
-            if status.code() == tonic::Code::PermissionDenied && ctx.channels.refused(channel) {
+            let refused = matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::ResourceExhausted
+            );
+            if refused && ctx.channels.refused(channel) {
                 tracing::warn!(
                     connection = channel,
-                    "the edge refused a data stream on an extra connection (it reached another node?); the session goes on without it"
+                    error = status.message(),
+                    "the edge refused a data stream on an extra connection (it reached another node, or the session has its most connections); the session goes on without it"
                 );
                 spawn_stream(ctx.clone(), pooled);
             }

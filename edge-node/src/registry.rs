@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 pub use bind::{Binder, host_of};
 pub use control::{ControlOut, ControlTx};
-pub use session::{AgentSession, COMMAND_WAIT, SdkLink, SessionCommand};
+pub use session::{AgentSession, COMMAND_WAIT, MAX_CONNECTIONS, SdkLink, SessionCommand};
 
 use bind::{base_spec, bound_request, resolve_url};
 use control::edge_message;
@@ -375,7 +375,7 @@ impl Registry {
             cancel: CancellationToken::new(),
             end_reason: Mutex::new(None),
             stream_wait: self.settings.session.stream_wait,
-            connections: Mutex::new(peer.map(|p| (p.id, p.cut)).into_iter().collect()),
+            connections: Mutex::new(peer.into_iter().collect()),
             streams: Arc::new(tokio::sync::Semaphore::new(streams)),
         })
     }
@@ -714,8 +714,8 @@ impl Registry {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     _ = now.cancelled() => {}
                 }
-                for (_, cut) in connections {
-                    cut.cancel();
+                for connection in connections {
+                    connection.cut.cancel();
                 }
             });
         }

@@ -109,8 +109,13 @@ impl pb::tunnel_server::Tunnel for TunnelService {
             .ok_or_else(|| Status::permission_denied("unknown session or stream token"))?;
         // An agent may open its data streams on connections of their own:
         // each is cut with the session.
-        if let Some(peer) = request.extensions().get::<PeerInfo>() {
-            session.join(peer);
+        if let Some(peer) = request.extensions().get::<PeerInfo>()
+            && !session.join(peer)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "a session uses at most {} connections",
+                crate::registry::MAX_CONNECTIONS
+            )));
         }
         let (attach, frames) = postern_proto::attachable();
         session.park(postern_ingress::ClaimedStream {
@@ -132,6 +137,8 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     pub server_name: Option<String>,
     pub cut: CancellationToken,
+    /// Cancelled once the connection is gone.
+    pub closed: CancellationToken,
 }
 
 impl PeerInfo {
@@ -143,6 +150,7 @@ impl PeerInfo {
             addr,
             server_name,
             cut,
+            closed: CancellationToken::new(),
         }
     }
 }
@@ -153,6 +161,12 @@ pub struct TlsConn {
     tls: TlsStream<AckStream>,
     peer: PeerInfo,
     cut: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Drop for TlsConn {
+    fn drop(&mut self) {
+        self.peer.closed.cancel();
+    }
 }
 
 impl TlsConn {

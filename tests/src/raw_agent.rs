@@ -10,6 +10,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{TestEdge, client::client_tls};
 
+/// A connection to the agent listener and the outbound side of the data
+/// stream opened on it.
+pub struct RawConnection {
+    _client: pb::tunnel_client::TunnelClient<tonic::transport::Channel>,
+    _outbound: mpsc::Sender<pb::Frame>,
+}
+
 /// A control stream opened with Hello and answered with Welcome.
 pub struct RawSession {
     pub tx: mpsc::Sender<pb::AgentMessage>,
@@ -39,8 +46,8 @@ impl RawSession {
 }
 
 impl TestEdge {
-    /// Opens a control stream with `token` and waits for the Welcome.
-    pub async fn raw_session(&self, token: &str) -> RawSession {
+    /// A new TLS + HTTP/2 connection to the agent listener.
+    async fn raw_connection(&self) -> pb::tunnel_client::TunnelClient<tonic::transport::Channel> {
         let pem = std::fs::read(self.ca_pem()).expect("the dev CA");
         let agent = self.addrs.agent;
         let connector = TlsConnect {
@@ -52,7 +59,48 @@ impl TestEdge {
             .connect_with_connector(connector)
             .await
             .expect("the edge accepts the connection");
-        let mut client = pb::tunnel_client::TunnelClient::new(channel);
+        pb::tunnel_client::TunnelClient::new(channel)
+    }
+
+    /// Opens a data stream for `session` on a connection of its own: the
+    /// stream's inbound side, or the edge's refusal; and the connection
+    /// with the stream's outbound side, both closed when it is dropped.
+    pub async fn raw_data_connection(
+        &self,
+        session: &RawSession,
+    ) -> (
+        Result<tonic::Streaming<pb::Frame>, tonic::Status>,
+        RawConnection,
+    ) {
+        let mut client = self.raw_connection().await;
+        let (outbound, frames) = mpsc::channel(1);
+        let mut request = tonic::Request::new(ReceiverStream::new(frames));
+        let meta = request.metadata_mut();
+        meta.insert(
+            postern_proto::metadata::SESSION,
+            session.welcome.session_id.parse().expect("an ASCII id"),
+        );
+        meta.insert(
+            postern_proto::metadata::STREAM_TOKEN,
+            session
+                .welcome
+                .stream_token
+                .parse()
+                .expect("an ASCII token"),
+        );
+        let opened = client.data(request).await.map(|r| r.into_inner());
+        (
+            opened,
+            RawConnection {
+                _client: client,
+                _outbound: outbound,
+            },
+        )
+    }
+
+    /// Opens a control stream with `token` and waits for the Welcome.
+    pub async fn raw_session(&self, token: &str) -> RawSession {
+        let mut client = self.raw_connection().await;
         let (tx, rx) = mpsc::channel(4096);
         let hello = pb::Hello {
             protocol_version: MAX_PROTOCOL_VERSION,

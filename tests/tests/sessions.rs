@@ -332,3 +332,28 @@ async fn a_session_with_three_connections_survives_one_cut_and_a_stop_closes_the
     .await;
     agent.kill().await;
 }
+
+/// A session takes at most 16 connections: a data stream on a 17th is
+/// refused (`RESOURCE_EXHAUSTED`); once one of them has closed, a new
+/// connection is taken again.
+#[tokio::test]
+async fn a_session_takes_at_most_sixteen_connections_and_a_closed_one_makes_room() {
+    let edge = TestEdge::start().await;
+    let session = edge.raw_session(&edge.token.clone()).await;
+    let mut open = Vec::new();
+    for i in 1..16 {
+        let (stream, connection) = edge.raw_data_connection(&session).await;
+        assert!(stream.is_ok(), "connection {i}: {:?}", stream.err());
+        open.push((stream, connection));
+    }
+    let (refused, _) = edge.raw_data_connection(&session).await;
+    let status = refused.expect_err("a 17th connection is refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("16 connections"), "{status:?}");
+
+    drop(open.pop());
+    eventually(10, "a closed connection makes room", || async {
+        edge.raw_data_connection(&session).await.0.is_ok()
+    })
+    .await;
+}

@@ -41,8 +41,8 @@ pub struct AgentSession {
     pub(super) end_reason: Mutex<Option<Failure>>,
     pub(super) stream_wait: Duration,
     /// The agent's connections (the control stream's first, then those
-    /// it opened for data streams), by id, and what cuts each.
-    pub(super) connections: Mutex<Vec<(u64, CancellationToken)>>,
+    /// it opened for data streams).
+    pub(super) connections: Mutex<Vec<PeerInfo>>,
     /// Permits for simultaneous proxied connections.
     pub(super) streams: Arc<Semaphore>,
 }
@@ -67,6 +67,10 @@ pub trait SdkLink: Send + Sync {
     /// means); done when the agent says it did.
     fn command(&self, command: SessionCommand) -> BoxFuture<'static, Result<(), Failure>>;
 }
+
+/// Connections one session may use at most (the agent's `connections`
+/// accepts up to as many).
+pub const MAX_CONNECTIONS: usize = 16;
 
 /// How long an agent's handler may take to answer a command.
 pub const COMMAND_WAIT: Duration = Duration::from_secs(10);
@@ -185,14 +189,22 @@ impl AgentSession {
     }
 
     /// Counts `peer`'s connection as one of the session's, to be cut with
-    /// it; cut at once when the session has ended already.
-    pub fn join(&self, peer: &PeerInfo) {
+    /// it; cut at once when the session has ended already. False when the
+    /// session has [`MAX_CONNECTIONS`] already and this is another.
+    pub fn join(&self, peer: &PeerInfo) -> bool {
         let mut connections = self.connections.lock().expect("connections lock");
         if self.cancel.is_cancelled() {
             peer.cut.cancel();
-        } else if !connections.iter().any(|(id, _)| *id == peer.id) {
-            connections.push((peer.id, peer.cut.clone()));
+        } else if !connections.iter().any(|c| c.id == peer.id) {
+            // Connections that ended (a cut one the agent dialled again)
+            // make room.
+            connections.retain(|c| !c.closed.is_cancelled());
+            if connections.len() >= MAX_CONNECTIONS {
+                return false;
+            }
+            connections.push(peer.clone());
         }
+        true
     }
 
     /// Whether the session bound the endpoint `id`.
