@@ -1090,7 +1090,7 @@ impl RawAgentConfig {
         }
         let proxy = problems.check(crate::proxy::Proxy::configured(self.proxy_url.as_deref()));
         let connections = match self.connections {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            None => postern_proto::h2_settings::default_connections(),
             Some(n @ 1..=MAX_CONNECTIONS) => n as usize,
             Some(n) => {
                 problems.0.push(invalid!(

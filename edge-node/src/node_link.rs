@@ -72,13 +72,18 @@ pub enum LinkError {
     Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
+/// Another node's address and the channels to it.
+type Peer = (SocketAddr, Arc<[Channel]>);
+
 /// This node's side of the links: the TLS configs for both directions and
-/// one HTTP/2 channel per peer, opened on first use.
+/// a few HTTP/2 channels per peer (as many as an agent opens), each opened
+/// on first use, which streams take in turn.
 pub struct NodeLinks {
     node_id: String,
     client_tls: Arc<ClientConfig>,
     server_tls: Arc<ServerConfig>,
-    channels: Mutex<HashMap<String, (SocketAddr, Channel)>>,
+    channels: Mutex<HashMap<String, Peer>>,
+    next: std::sync::atomic::AtomicUsize,
     /// Bound on getting a stream from the other node's agent.
     stream_wait: Duration,
 }
@@ -113,25 +118,36 @@ impl NodeLinks {
             client_tls: Arc::new(client_tls),
             server_tls: Arc::new(server_tls),
             channels: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicUsize::new(0),
             stream_wait,
         })
     }
 
-    /// The channel to `node` at `addr` (a new one when its address changed,
-    /// as after a restart elsewhere).
+    /// A channel to `node` at `addr`, the next in turn (new ones when its
+    /// address changed, as after a restart elsewhere).
     fn channel(&self, node: &str, addr: SocketAddr) -> Channel {
         let mut channels = self.channels.lock().expect("channels lock");
-        if let Some((known, channel)) = channels.get(node)
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((known, list)) = channels.get(node)
             && *known == addr
         {
-            return channel.clone();
+            return list[turn % list.len()].clone();
         }
+        let list: Arc<[Channel]> = (0..h2_settings::default_connections())
+            .map(|_| self.new_channel(node, addr))
+            .collect();
+        channels.insert(node.to_string(), (addr, list.clone()));
+        list[turn % list.len()].clone()
+    }
+
+    /// A channel to `node` at `addr`, connecting on first use.
+    fn new_channel(&self, node: &str, addr: SocketAddr) -> Channel {
         let connector = TlsConnect {
             dial: move || tcp_nodelay(addr),
             name: ServerName::try_from(node_name(node)).expect("node names are DNS names"),
             tls: TlsConnector::from(self.client_tls.clone()),
         };
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        Endpoint::from_shared(format!("http://{addr}"))
             .expect("a socket address is a URI authority")
             .connect_timeout(CONNECT_TIMEOUT)
             .initial_stream_window_size(h2_settings::STREAM_WINDOW)
@@ -141,9 +157,7 @@ impl NodeLinks {
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
-            .connect_with_connector_lazy(connector);
-        channels.insert(node.to_string(), (addr, channel.clone()));
-        channel
+            .connect_with_connector_lazy(connector)
     }
 
     /// Drops the channels of nodes no longer live.

@@ -74,4 +74,11 @@ pub mod h2_settings {
     pub const MAX_FRAME_SIZE: u32 = 256 * 1024;
     /// Concurrent streams per agent connection (tonic's default is unlimited).
     pub const MAX_CONCURRENT_STREAMS: u32 = 16 * 1024;
+
+    /// Connections one peer opens to another by default, streams taken in
+    /// turn: one per core, at most 4 (one HTTP/2 connection is one task on
+    /// each side, so one core).
+    pub fn default_connections() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    }
 }
