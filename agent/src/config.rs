@@ -1256,6 +1256,11 @@ tunnels:
             ),
             ("version: \"4\"\n", "version"),
             ("heartbeat_interval: soon\n", "heartbeat_interval"),
+            ("connections: 0\n", "connections: 0 is not between 1 and 16"),
+            (
+                "connections: 17\n",
+                "connections: 17 is not between 1 and 16",
+            ),
         ] {
             let err = format!("{:#}", parse(&format!("{base}{tail}")).unwrap_err());
             assert!(err.contains(want), "{want:?} not in: {err}");
