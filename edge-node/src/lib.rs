@@ -374,6 +374,7 @@ impl Edge {
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         let mut stats = self.gateway.metrics().counters();
         stats.push(("agent_sessions", self.registry.session_count() as u64));
+        stats.push(("agent_connections", self.registry.connection_count() as u64));
         stats.push(("open_connections", self.gateway.open_connections() as u64));
         stats.extend(self.events.metrics().pairs());
         if let Some(cluster) = &self.cluster {

@@ -249,6 +249,16 @@ impl Registry {
         self.sessions.lock().expect("sessions lock").len()
     }
 
+    /// The connections the agents of this node's sessions have open.
+    pub fn connection_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(|s| s.open_connections())
+            .sum()
+    }
+
     /// Authenticates a hello and registers the session; the caller then
     /// runs [`Registry::spawn_session`]. On refusal, the error to send.
     pub fn open_session(

@@ -94,6 +94,18 @@ impl Telemetry {
             &[("region", &self.region)],
             self.registry.session_count() as u64,
         );
+        metric_header(
+            &mut out,
+            "postern_agent_connections",
+            "gauge",
+            "Connections the agents of this node's sessions have open (several per session with `connections`).",
+        );
+        metric_sample(
+            &mut out,
+            "postern_agent_connections",
+            &[("region", &self.region)],
+            self.registry.connection_count() as u64,
+        );
         let counters = self.registry.counters();
         let region = [("region", self.region.as_str())];
         for (name, help, value) in [

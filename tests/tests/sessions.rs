@@ -284,6 +284,14 @@ async fn a_session_with_three_connections_survives_one_cut_and_a_stop_closes_the
         relay.carried() == 3
     })
     .await;
+    // Each has carried a data stream (the agent's parked ones), so the
+    // edge counts all three as the session's.
+    eventually(10, "the edge counts three agent connections", || async {
+        edge.metrics_text()
+            .await
+            .contains("postern_agent_connections{region=\"us\"} 3\n")
+    })
+    .await;
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     let get_all = |tag: &'static str| {
         let client = &client;

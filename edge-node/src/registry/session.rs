@@ -207,6 +207,16 @@ impl AgentSession {
         true
     }
 
+    /// How many of its connections are open.
+    pub(super) fn open_connections(&self) -> usize {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .iter()
+            .filter(|c| !c.closed.is_cancelled())
+            .count()
+    }
+
     /// Whether the session bound the endpoint `id`.
     pub(super) fn has_endpoint(&self, id: &str) -> bool {
         self.endpoints
