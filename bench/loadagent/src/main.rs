@@ -29,11 +29,14 @@ struct Args {
     /// Sessions started before waiting for them to come online.
     batch: usize,
     batch_timeout: Duration,
+    /// `connections` for every session (the agent's default when absent).
+    connections: Option<u32>,
 }
 
 const USAGE: &str = "postern-loadagent --sessions N --server-addr HOST:PORT --root-cas PEM \
 --authtoken T [--proto http|tcp] [--upstream HOST:PORT] [--domain postern.localhost] \
-[--tcp-host 127.0.0.1] [--tcp-port-base PORT] [--batch 250] [--batch-timeout-secs 20]";
+[--tcp-host 127.0.0.1] [--tcp-port-base PORT] [--batch 250] [--batch-timeout-secs 20] \
+[--connections N]";
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
@@ -48,6 +51,7 @@ fn parse_args() -> anyhow::Result<Args> {
         tcp_port_base: 31000,
         batch: 250,
         batch_timeout: Duration::from_secs(20),
+        connections: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +74,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--tcp-port-base" => args.tcp_port_base = value.parse()?,
             "--batch" => args.batch = value.parse::<usize>()?.max(1),
             "--batch-timeout-secs" => args.batch_timeout = Duration::from_secs(value.parse()?),
+            "--connections" => args.connections = Some(value.parse()?),
             other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
@@ -97,13 +102,17 @@ fn config_yaml(args: &Args, i: usize) -> anyhow::Result<String> {
         ),
         other => bail!("--proto {other}: use http or tcp"),
     };
+    let connections = args
+        .connections
+        .map(|n| format!("connections: {n}\n"))
+        .unwrap_or_default();
     let root_cas = if args.root_cas.is_empty() {
         String::new()
     } else {
         format!("root_cas: \"{}\"\n", args.root_cas)
     };
     Ok(format!(
-        "version: \"2\"\nauthtoken: \"{}\"\nserver_addr: \"{}\"\n{root_cas}stream_pool: 0\n\
+        "version: \"2\"\nauthtoken: \"{}\"\nserver_addr: \"{}\"\n{root_cas}{connections}stream_pool: 0\n\
          tunnels:\n  t{i}:\n{tunnel}",
         args.authtoken, args.server_addr
     ))
