@@ -26,10 +26,6 @@ impl<S, H> Hooked<S, H> {
     pub fn new(io: S, hook: H) -> Self {
         Hooked { io, hook }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
 }
 
 impl<S: AsyncRead + Unpin, H: IoHook<S> + Unpin> AsyncRead for Hooked<S, H> {

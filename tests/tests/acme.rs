@@ -615,9 +615,19 @@ async fn a_three_node_cluster_orders_once_and_all_three_serve_it() {
     }
     assert!(serials.iter().all(|s| *s == serials[0]), "{serials:?}");
 
-    // Long enough for a second order (a node that did not stand down) to
-    // show: the retry and gossip here take about a second.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Settled: every other node has installed the shared certificate (so
+    // none is due for an order before its renewal) and no lease is held.
+    eventually(
+        20,
+        "the others installed the shared certificate",
+        || async {
+            let received = stat("acme_certificates_received");
+            let held = stat("acme_leases_held");
+            (0..cluster.nodes.len()).all(|i| i == h || received[i] >= 1)
+                && held.iter().all(|n| *n == 0)
+        },
+    )
+    .await;
     let issued = stat("acme_orders_issued");
     let mut once = vec![0; cluster.nodes.len()];
     once[h] = 1;
@@ -731,7 +741,23 @@ async fn when_the_lease_holder_dies_another_node_orders_and_a_third_answers_tls_
         serials.push(serial);
     }
     assert_eq!(serials[0], serials[1], "one certificate");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Settled: the other live node installed the shared certificate (it
+    // is not due for an order before renewal) and no lease is held.
+    eventually(
+        20,
+        "the other node installed the shared certificate",
+        || async {
+            let mut settled = true;
+            for i in &rest {
+                let metrics = cluster.nodes[*i].metrics_text().await;
+                let received = *i == orderer
+                    || metrics.contains("postern_acme_certificates_received_total 1\n");
+                settled &= received && metrics.contains("postern_acme_leases_held 0\n");
+            }
+            settled
+        },
+    )
+    .await;
     let log = pebble.log();
     let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
     assert_eq!(count("Added order"), 1, "Pebble saw one order: {log:#?}");
