@@ -11,8 +11,12 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use postern_net::proxy_header;
-use postern_proto::{BoxFrames, ErrorCode, Failure, attachable, metadata, pb, pipe, tunnel_io};
+use postern_proto::{
+    BoxFrames, ErrorCode, Failure, InboundFrames, attachable, direct::DataConnection, metadata, pb,
+    pipe, tunnel_io,
+};
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -21,7 +25,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::task::TaskTracker;
-use tonic::{Request, Streaming, metadata::MetadataValue, transport::Channel};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
 use tracing::Instrument;
 
 use crate::{
@@ -124,25 +128,35 @@ pub struct StreamContext {
 
 type Client = pb::tunnel_client::TunnelClient<Channel>;
 
+/// A connection data streams are opened on.
+#[derive(Clone)]
+pub enum DataClient {
+    /// The control stream's, through tonic.
+    Control(Client),
+    /// One of data streams only, spoken with `h2` directly: the same gRPC
+    /// streams, without a hand-off between tasks per message.
+    Direct(DataConnection),
+}
+
 /// The session's connections to the edge, which data streams take in
 /// turn: the control stream's (id 0) and those opened for data streams.
-/// One the edge refuses (behind a load balancer it reached another node)
-/// leaves the rotation.
+/// One the edge refuses (behind a load balancer it reached another node),
+/// or that broke, leaves the rotation.
 pub struct Channels {
-    clients: std::sync::Mutex<Vec<(usize, Client)>>,
+    clients: std::sync::Mutex<Vec<(usize, DataClient)>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
 impl Channels {
     pub fn new(control: Client) -> Channels {
         Channels {
-            clients: std::sync::Mutex::new(vec![(0, control)]),
+            clients: std::sync::Mutex::new(vec![(0, DataClient::Control(control))]),
             next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// Adds the connection `id` (not 0) to the rotation.
-    pub fn add(&self, id: usize, client: Client) {
+    pub fn add(&self, id: usize, client: DataClient) {
         self.clients
             .lock()
             .expect("channels lock")
@@ -155,7 +169,7 @@ impl Channels {
     }
 
     /// The connection for the next data stream.
-    fn next(&self) -> (usize, Client) {
+    fn next(&self) -> (usize, DataClient) {
         let clients = self.clients.lock().expect("channels lock");
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         clients[n % clients.len()].clone()
@@ -163,7 +177,7 @@ impl Channels {
 
     /// Takes connection `id` out of the rotation; false for the control
     /// stream's, which stays.
-    fn refused(&self, id: usize) -> bool {
+    pub fn remove(&self, id: usize) -> bool {
         if id == 0 {
             return false;
         }
@@ -188,26 +202,45 @@ pub fn spawn_stream(ctx: Arc<StreamContext>, pooled: bool) {
 
 async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Failure> {
     let (attach_tx, frames) = attachable();
-    let mut request = Request::new(frames);
-    request
-        .metadata_mut()
-        .insert(metadata::SESSION, ctx.session_id.clone());
-    request
-        .metadata_mut()
-        .insert(metadata::STREAM_TOKEN, ctx.stream_token.clone());
-    let (channel, mut client) = ctx.channels.next();
-    let response = match client.data(request).await {
-        Ok(response) => response,
+    let (channel, client) = ctx.channels.next();
+    let opened = match client {
+        DataClient::Control(mut client) => {
+            let mut request = Request::new(frames);
+            request
+                .metadata_mut()
+                .insert(metadata::SESSION, ctx.session_id.clone());
+            request
+                .metadata_mut()
+                .insert(metadata::STREAM_TOKEN, ctx.stream_token.clone());
+            client
+                .data(request)
+                .await
+                .map(|response| Box::pin(response.into_inner()) as InboundFrames)
+        }
+        DataClient::Direct(connection) => {
+            let value = |v: &MetadataValue<_>| v.to_str().unwrap_or_default().to_string();
+            let (session, token) = (value(&ctx.session_id), value(&ctx.stream_token));
+            let metadata = [
+                (metadata::SESSION, session.as_str()),
+                (metadata::STREAM_TOKEN, token.as_str()),
+            ];
+            connection.open(&metadata, Box::pin(frames)).await
+        }
+    };
+    let mut inbound = match opened {
+        Ok(inbound) => inbound,
         Err(status) => {
+            // A refusal on an extra connection, or a broken one: it leaves
+            // the rotation (a broken one comes back when dialled again).
             let refused = matches!(
                 status.code(),
                 tonic::Code::PermissionDenied | tonic::Code::ResourceExhausted
             );
-            if refused && ctx.channels.refused(channel) {
+            if (refused || channel != 0) && ctx.channels.remove(channel) {
                 tracing::warn!(
                     connection = channel,
                     error = status.message(),
-                    "the edge refused a data stream on an extra connection (it reached another node, or the session has its most connections); the session goes on without it"
+                    "the edge refused a data stream on an extra connection (it reached another node, the session has its most connections, or the connection broke); the session goes on without it"
                 );
                 spawn_stream(ctx.clone(), pooled);
             }
@@ -217,14 +250,13 @@ async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Fail
             ));
         }
     };
-    let mut inbound = response.into_inner();
-    let first = match inbound.message().await {
-        Ok(Some(frame)) => frame,
+    let first = match inbound.next().await {
+        Some(Ok(frame)) => frame,
         // Ended unclaimed (pool trimmed, session over): nothing to do.
-        Ok(None) => return Ok(()),
+        None => return Ok(()),
         // Broken with its connection: a pooled one is replaced (on another
         // connection, or this one once it is back).
-        Err(_) => {
+        Some(Err(_)) => {
             if pooled {
                 spawn_stream(ctx.clone(), true);
             }
@@ -267,7 +299,7 @@ async fn serve_open(
     target: Arc<Target>,
     open: pb::StreamOpen,
     first: Bytes,
-    inbound: Streaming<pb::Frame>,
+    inbound: InboundFrames,
     attach_tx: oneshot::Sender<BoxFrames>,
 ) -> Result<(), Failure> {
     let conn = target.metrics.open_conn();
@@ -336,7 +368,7 @@ async fn serve_open(
 /// lose the error frame.
 async fn refuse(
     attach: oneshot::Sender<BoxFrames>,
-    mut inbound: Streaming<pb::Frame>,
+    mut inbound: InboundFrames,
     failure: Failure,
 ) -> Failure {
     let frame = pb::Frame {
@@ -344,7 +376,7 @@ async fn refuse(
         ..Default::default()
     };
     let _ = attach.send(Box::pin(futures_util::stream::iter([frame])));
-    let drained = async { while let Ok(Some(_)) = inbound.message().await {} };
+    let drained = async { while let Some(Ok(_)) = inbound.next().await {} };
     let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
     failure
 }
@@ -354,7 +386,7 @@ async fn refuse(
 async fn splice<R, W>(
     reader: R,
     mut writer: W,
-    inbound: Streaming<pb::Frame>,
+    inbound: InboundFrames,
     first: Bytes,
     attach: oneshot::Sender<BoxFrames>,
     metrics: &TunnelMetrics,

@@ -17,7 +17,9 @@ use std::{
 
 use postern_net::TlsConnect;
 use postern_proto::{
-    ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, TokenBucket, h2_settings, pb,
+    ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, TokenBucket,
+    direct::{DataConnection, Driver},
+    h2_settings, pb,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -30,7 +32,7 @@ use tracing::Instrument;
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     error::{AgentError, Chain},
-    forward::{Channels, Routes, StreamContext, Target, spawn_stream},
+    forward::{Channels, DataClient, Routes, StreamContext, Target, spawn_stream},
     state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
 };
@@ -285,6 +287,73 @@ async fn connect(
     Ok(channel)
 }
 
+/// What drives a connection of data streams.
+type DataDriver = Driver<tokio_rustls::client::TlsStream<Box<dyn crate::proxy::Io>>>;
+
+/// Dials the edge for a connection of data streams only, spoken with `h2`
+/// directly (`postern_proto::direct`): TCP (or the proxy), TLS with ALPN
+/// h2, the HTTP/2 handshake.
+async fn connect_direct(
+    config: &AgentConfig,
+    addr: &str,
+    tls: Arc<ClientConfig>,
+) -> Result<(DataConnection, DataDriver), AgentError> {
+    let name = ServerName::try_from(config.server_name.clone()).map_err(AgentError::ServerName)?;
+    let dialled = async {
+        let io = crate::proxy::dial(config.proxy.as_ref(), addr).await?;
+        let tls = TlsConnector::from(tls)
+            .connect(name, io)
+            .await
+            .map_err(|e| AgentError::Connect(format!("TLS: {e}")))?;
+        DataConnection::handshake(tls, config.heartbeat_interval, config.heartbeat_tolerance)
+            .await
+            .map_err(|e| AgentError::Connect(format!("HTTP/2: {e}")))
+    };
+    tokio::time::timeout(config.connect_timeout, dialled)
+        .await
+        .map_err(|_| AgentError::Timeout(config.connect_timeout))?
+}
+
+/// Runs the extra connection `id` of a session, and while the session
+/// lasts dials it again after it broke (out of the rotation meanwhile).
+async fn keep_direct(
+    ctx: std::sync::Weak<StreamContext>,
+    id: usize,
+    mut driver: DataDriver,
+    config: AgentConfig,
+    addr: String,
+    tls: Arc<ClientConfig>,
+) {
+    loop {
+        if let Err(e) = driver.run().await {
+            tracing::debug!(connection = id, error = %e, "an extra connection to the edge ended");
+        }
+        let live = |ctx: &std::sync::Weak<StreamContext>| {
+            ctx.upgrade().filter(|ctx| !ctx.tracker.is_closed())
+        };
+        let Some(session) = live(&ctx) else { return };
+        session.channels.remove(id);
+        drop(session);
+        loop {
+            tokio::time::sleep(BACKOFF_BASE).await;
+            if live(&ctx).is_none() {
+                return;
+            }
+            match connect_direct(&config, &addr, tls.clone()).await {
+                Ok((connection, next)) => {
+                    let Some(session) = live(&ctx) else { return };
+                    session.channels.add(id, DataClient::Direct(connection));
+                    driver = next;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(connection = id, error = %Chain(&e), "dialling an extra connection to the edge again");
+                }
+            }
+        }
+    }
+}
+
 /// An error and its causes in one line, each message once: tonic's
 /// transport error repeats the connector's message at two levels.
 fn each_cause_once(error: &dyn std::error::Error) -> String {
@@ -367,15 +436,14 @@ impl Session<'_> {
         );
         let routes = Arc::new(Routes::default());
         let tracker = TaskTracker::new();
-        let channels = Channels::new(client.clone());
-        self.extra_connections(&channels).await;
         let ctx = Arc::new(StreamContext {
-            channels,
+            channels: Channels::new(client.clone()),
             session_id,
             stream_token,
             routes: routes.clone(),
             tracker: tracker.clone(),
         });
+        self.extra_connections(&ctx).await;
         let mut live = Live {
             state: self.state,
             tx: &tx,
@@ -397,21 +465,36 @@ impl Session<'_> {
     }
 
     /// Opens the session's other connections to the node that welcomed
-    /// it, for data streams; one that fails is left out (the session works
-    /// with the control stream's alone).
-    async fn extra_connections(&self, channels: &Channels) {
+    /// it, for data streams, and keeps them on the session's tracker; one
+    /// that fails is left out (the session works with the control stream's
+    /// alone).
+    async fn extra_connections(&self, ctx: &Arc<StreamContext>) {
         let config = &self.state.config;
-        let dials = (1..config.connections)
-            .map(|id| async move { (id, connect(config, self.addr, self.tls.clone()).await) });
+        let dials = (1..config.connections).map(|id| async move {
+            (
+                id,
+                connect_direct(config, self.addr, self.tls.clone()).await,
+            )
+        });
         for (id, dialled) in futures_util::future::join_all(dials).await {
             match dialled {
-                Ok(channel) => channels.add(id, pb::tunnel_client::TunnelClient::new(channel)),
+                Ok((connection, driver)) => {
+                    ctx.channels.add(id, DataClient::Direct(connection));
+                    ctx.tracker.spawn(keep_direct(
+                        Arc::downgrade(ctx),
+                        id,
+                        driver,
+                        config.clone(),
+                        self.addr.to_string(),
+                        self.tls.clone(),
+                    ));
+                }
                 Err(e) => {
                     tracing::warn!(connection = id, error = %Chain(&e), "an extra connection to the edge failed; the session goes on with fewer")
                 }
             }
         }
-        tracing::debug!(connections = channels.len(), "connections to the edge");
+        tracing::debug!(connections = ctx.channels.len(), "connections to the edge");
     }
 
     async fn run_session(

@@ -7,6 +7,7 @@ mod attach;
 mod basic_auth;
 mod budget;
 mod codec;
+pub mod direct;
 mod error;
 pub mod muxado;
 mod pipe;

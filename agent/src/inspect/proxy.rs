@@ -592,7 +592,7 @@ fn bad_gateway(failure: &Failure) -> Response<ProxyBody> {
 /// How long a finished stream waits for the edge to end its side.
 const LINGER: Duration = Duration::from_secs(5);
 
-type Visitor = TunnelIo<tonic::Streaming<pb::Frame>>;
+type Visitor = TunnelIo<postern_proto::InboundFrames>;
 
 /// The data stream as hyper's IO: counts its bytes into the tunnel's
 /// metrics as they move, and when dropped (hyper is done with it) keeps the

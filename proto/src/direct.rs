@@ -1,0 +1,437 @@
+//! Data streams spoken with the `h2` crate directly instead of through
+//! tonic and hyper: the same gRPC messages on the wire, so the peer cannot
+//! tell (a tonic edge serves them as any `Tunnel.Data` stream).
+//!
+//! What changes is who does the work. With tonic, a stream's outgoing frames
+//! are polled by a task of hyper's that hands each message to the HTTP/2
+//! connection task: two tasks woken per message. Here one task per
+//! connection ([`DataConnection::run`]) polls the connection *and* every
+//! stream's outgoing frames, so a frame read from a local socket reaches
+//! TLS without waking another task (bench/dataplane measured the shapes).
+//! Incoming frames are read by the stream's own task, as with tonic.
+
+use std::{
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut, buf::Chain};
+use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
+use prost::Message;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::mpsc,
+    time::Instant,
+};
+use tonic::Status;
+
+use crate::{BoxFrames, InboundFrames, h2_settings, pb, pipe::MAX_READ};
+
+/// A message as sent: gRPC's prefix and the encoded message, then a `Frame`'s
+/// data as it came, uncopied.
+pub type Body = Chain<Bytes, Bytes>;
+
+/// Encodes `frame` as one gRPC message. The data field goes last (protobuf
+/// fields may come in any order) so that its bytes are chained, not copied.
+pub fn encode_frame(mut frame: pb::Frame) -> Body {
+    let data = std::mem::take(&mut frame.data);
+    let rest = frame.encoded_len();
+    let field = if data.is_empty() {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(data.len() as u64) + data.len()
+    };
+    let mut head = BytesMut::with_capacity(5 + rest + 6);
+    head.put_u8(0);
+    head.put_u32((rest + field) as u32);
+    frame.encode(&mut head).expect("the buffer has room");
+    if !data.is_empty() {
+        // Field 2 (`data`), length-delimited.
+        head.put_u8(0x12);
+        prost::encoding::encode_varint(data.len() as u64, &mut head);
+    }
+    head.freeze().chain(data)
+}
+
+/// Cuts gRPC messages out of HTTP/2 DATA frames; a message that lies whole
+/// in one DATA frame is sliced out of it without a copy.
+#[derive(Default)]
+pub struct Deframer {
+    chunk: Bytes,
+    partial: BytesMut,
+}
+
+/// The whole length (prefix included) of the message `bytes` starts with.
+fn message_len(bytes: &[u8]) -> Option<usize> {
+    let len: [u8; 4] = bytes.get(1..5)?.try_into().ok()?;
+    Some(5 + u32::from_be_bytes(len) as usize)
+}
+
+impl Deframer {
+    /// Takes the next DATA frame; call when [`Deframer::next`] gave `None`.
+    pub fn push(&mut self, chunk: Bytes) {
+        debug_assert!(self.chunk.is_empty());
+        self.chunk = chunk;
+    }
+
+    /// True when no part of a message is waiting for more bytes.
+    pub fn is_empty(&self) -> bool {
+        self.chunk.is_empty() && self.partial.is_empty()
+    }
+
+    /// The next whole message, if the frames so far hold one.
+    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        loop {
+            if self.partial.is_empty() {
+                match message_len(&self.chunk) {
+                    Some(len) if self.chunk.len() >= len => {
+                        let message = self.chunk.split_to(len);
+                        return decode(message).map(Some);
+                    }
+                    _ if self.chunk.is_empty() => return Ok(None),
+                    _ => {}
+                }
+            }
+            if let Some(len) = message_len(&self.partial)
+                && self.partial.len() >= len
+            {
+                return decode(self.partial.split_to(len).freeze()).map(Some);
+            }
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+            let need = message_len(&self.partial).unwrap_or(5) - self.partial.len();
+            let take = need.min(self.chunk.len());
+            self.partial.extend_from_slice(&self.chunk.split_to(take));
+        }
+    }
+}
+
+fn decode<M: Message + Default>(mut message: Bytes) -> Result<M, Status> {
+    if message[0] != 0 {
+        return Err(Status::internal(
+            "a compressed message, which nothing asked for",
+        ));
+    }
+    message.advance(5);
+    M::decode(message).map_err(|e| Status::internal(format!("a bad message: {e}")))
+}
+
+/// The frames of an incoming stream; ends with the stream, or with the
+/// status its trailers carry when that is not OK.
+pub struct Inbound {
+    recv: h2::RecvStream,
+    frames: Deframer,
+    done: bool,
+}
+
+impl Inbound {
+    pub fn new(recv: h2::RecvStream) -> Inbound {
+        Inbound {
+            recv,
+            frames: Deframer::default(),
+            done: false,
+        }
+    }
+}
+
+fn h2_status(e: h2::Error) -> Status {
+    Status::from_error(Box::new(e))
+}
+
+impl Stream for Inbound {
+    type Item = Result<pb::Frame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.frames.next() {
+                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(None) => {}
+                Err(status) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+            }
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    // Room for more once the frame is handed on: what the
+                    // peer may send is bounded by what the reader has taken.
+                    let _ = this.recv.flow_control().release_capacity(chunk.len());
+                    this.frames.push(chunk);
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(h2_status(e))));
+                }
+                None => {
+                    this.done = true;
+                    let trailers = std::task::ready!(this.recv.poll_trailers(cx));
+                    let status = match trailers {
+                        Ok(Some(trailers)) => Status::from_header_map(&trailers)
+                            .filter(|s| s.code() != tonic::Code::Ok),
+                        Ok(None) => None,
+                        Err(e) => Some(h2_status(e)),
+                    };
+                    let cut = (!this.frames.is_empty())
+                        .then(|| Status::internal("the stream ended inside a message"));
+                    return Poll::Ready(cut.or(status).map(Err));
+                }
+            }
+        }
+    }
+}
+
+/// Sends `frames` on `send` as they come, no faster than the peer's window
+/// allows (a frame is asked for only once there is room), then ends the
+/// stream.
+async fn send_frames(mut frames: BoxFrames, mut send: h2::SendStream<Body>) {
+    loop {
+        send.reserve_capacity(MAX_READ + 16);
+        while send.capacity() == 0 {
+            match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                // The stream is gone: the reader side sees why.
+                Some(Err(_)) | None => return,
+            }
+        }
+        let Some(frame) = frames.next().await else {
+            let _ = send.send_data(Bytes::new().chain(Bytes::new()), true);
+            return;
+        };
+        if send.send_data(encode_frame(frame), false).is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection to an edge on which this side opens data streams, driven by
+/// [`DataConnection::run`].
+#[derive(Clone)]
+pub struct DataConnection {
+    requests: h2::client::SendRequest<Body>,
+    senders: mpsc::UnboundedSender<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+/// What [`DataConnection::run`] drives.
+pub struct Driver<T> {
+    connection: h2::client::Connection<T, Body>,
+    senders: mpsc::UnboundedReceiver<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    heartbeat: Duration,
+    tolerance: Duration,
+}
+
+impl DataConnection {
+    /// The HTTP/2 handshake on `io` (TLS already done), with the tunnel's
+    /// settings.
+    pub async fn handshake<T>(
+        io: T,
+        heartbeat: Duration,
+        tolerance: Duration,
+    ) -> Result<(DataConnection, Driver<T>), h2::Error>
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (requests, connection) = h2::client::Builder::new()
+            .initial_window_size(h2_settings::STREAM_WINDOW)
+            .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
+            .max_frame_size(h2_settings::MAX_FRAME_SIZE)
+            .handshake(io)
+            .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok((
+            DataConnection {
+                requests,
+                senders: tx,
+            },
+            Driver {
+                connection,
+                senders: rx,
+                heartbeat,
+                tolerance,
+            },
+        ))
+    }
+
+    /// Opens a `Tunnel.Data` stream with `metadata` (name, value) pairs; the
+    /// frames of `outbound` are sent from the connection's task. Fails with
+    /// the edge's status when it refuses the stream.
+    pub async fn open(
+        &self,
+        metadata: &[(&'static str, &str)],
+        outbound: BoxFrames,
+    ) -> Result<InboundFrames, Status> {
+        let mut request = http::Request::post("https://edge/postern.tunnel.v1.Tunnel/Data")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (name, value) in metadata {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(())
+            .map_err(|e| Status::invalid_argument(format!("request metadata: {e}")))?;
+        let mut requests = self.requests.clone().ready().await.map_err(h2_status)?;
+        let (response, send) = requests.send_request(request, false).map_err(h2_status)?;
+        self.senders
+            .send(Box::pin(send_frames(outbound, send)))
+            .map_err(|_| Status::unavailable("the connection to the edge is closed"))?;
+        let response = response.await.map_err(h2_status)?;
+        if let Some(status) =
+            Status::from_header_map(response.headers()).filter(|s| s.code() != tonic::Code::Ok)
+        {
+            return Err(status);
+        }
+        if response.status() != http::StatusCode::OK {
+            return Err(Status::unknown(format!(
+                "the edge answered HTTP {}",
+                response.status()
+            )));
+        }
+        Ok(Box::pin(Inbound::new(response.into_body())))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
+    /// Drives the connection and every stream's outgoing frames until the
+    /// connection ends, or its peer has not answered a ping within
+    /// `tolerance` (one goes every `heartbeat`, as on tonic's connections).
+    pub async fn run(mut self) -> io::Result<()> {
+        let mut senders = FuturesUnordered::new();
+        let mut pings = self
+            .connection
+            .ping_pong()
+            .ok_or_else(|| io::Error::other("the connection's pings were taken"))?;
+        let mut ticks = tokio::time::interval(self.heartbeat);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the ping that is out must have been answered.
+        let mut answer_by: Option<Instant> = None;
+        let mut handles_gone = false;
+        loop {
+            tokio::select! {
+                ended = &mut self.connection => return ended.map_err(io::Error::other),
+                sender = self.senders.recv(), if !handles_gone => match sender {
+                    Some(sender) => senders.push(sender),
+                    // Every handle is gone: end once the streams have.
+                    None if senders.is_empty() => return Ok(()),
+                    None => handles_gone = true,
+                },
+                Some(()) = senders.next(), if !senders.is_empty() => {
+                    if handles_gone && senders.is_empty() {
+                        return Ok(());
+                    }
+                }
+                _ = ticks.tick(), if answer_by.is_none() => {
+                    pings.send_ping(h2::Ping::opaque()).map_err(io::Error::other)?;
+                    answer_by = Some(Instant::now() + self.tolerance);
+                }
+                pong = poll_fn(|cx| pings.poll_pong(cx)), if answer_by.is_some() => {
+                    pong.map_err(io::Error::other)?;
+                    answer_by = None;
+                }
+                _ = tokio::time::sleep_until(answer_by.unwrap_or_else(Instant::now)),
+                    if answer_by.is_some() =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the edge answered no ping within {:?}", self.tolerance),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<pb::Frame> {
+        vec![
+            pb::Frame {
+                open: Some(pb::StreamOpen {
+                    endpoint_id: "ep_1".into(),
+                    ..Default::default()
+                }),
+                data: Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+                ..Default::default()
+            },
+            pb::Frame {
+                data: Bytes::from(vec![7u8; 70_000]),
+                ..Default::default()
+            },
+            pb::Frame {
+                eof: true,
+                ..Default::default()
+            },
+            pb::Frame {
+                error: Some(crate::ErrorCode::CONNECTION_RESET.to_pb("gone")),
+                ..Default::default()
+            },
+        ]
+    }
+
+    fn wire() -> Vec<u8> {
+        let mut wire = Vec::new();
+        for frame in frames() {
+            let mut body = encode_frame(frame);
+            wire.extend_from_slice(&body.copy_to_bytes(body.remaining()));
+        }
+        wire
+    }
+
+    #[test]
+    fn messages_decode_as_encoded_however_the_frames_cut_them() {
+        let wire = wire();
+        // The same bytes as prost's own encoding, data field and all.
+        let first = frames().remove(0);
+        assert_eq!(&wire[5..5 + first.encoded_len()], {
+            let mut other = first.clone();
+            other.data = Bytes::new();
+            let mut expected = other.encode_to_vec();
+            expected.push(0x12);
+            prost::encoding::encode_varint(first.data.len() as u64, &mut expected);
+            expected.extend_from_slice(&first.data);
+            expected
+        });
+        for cut in [1, 3, 5, 6, 4096, 65_536, wire.len()] {
+            let mut deframer = Deframer::default();
+            let mut got = Vec::new();
+            for chunk in wire.chunks(cut) {
+                deframer.push(Bytes::copy_from_slice(chunk));
+                while let Some(frame) = deframer.next::<pb::Frame>().unwrap() {
+                    got.push(frame);
+                }
+            }
+            assert_eq!(got, frames(), "cut every {cut} bytes");
+            assert!(deframer.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_message_whole_in_one_data_frame_is_not_copied() {
+        let wire = Bytes::from(wire());
+        let mut deframer = Deframer::default();
+        deframer.push(wire.clone());
+        deframer.next::<pb::Frame>().unwrap().unwrap();
+        let bulk = deframer.next::<pb::Frame>().unwrap().unwrap();
+        let range = wire.as_ptr_range();
+        assert!(
+            range.contains(&bulk.data.as_ptr()),
+            "the data points into the DATA frame"
+        );
+    }
+
+    #[test]
+    fn a_compressed_message_is_refused() {
+        let mut deframer = Deframer::default();
+        deframer.push(Bytes::from_static(&[1, 0, 0, 0, 2, 0x18, 1]));
+        let status = deframer.next::<pb::Frame>().unwrap_err();
+        assert!(status.message().contains("compressed"), "{status}");
+    }
+}
