@@ -38,7 +38,7 @@ pub use shared::{
 };
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -55,7 +55,10 @@ use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::cluster::{ClusterNode, KeyType, ReservedDomain};
-use shared::{key_of, lease_holder, millis, policy_names, time_of};
+use shared::{
+    ingress_policy_names, key_of, lease_holder, millis, policy_names, reserved_policy_names,
+    time_of,
+};
 
 /// How often the names are looked at when nothing changes.
 const SCAN: Duration = Duration::from_secs(60);
@@ -719,12 +722,16 @@ fn reserved_ids(cluster: &ClusterNode) -> Vec<(String, String)> {
 /// The names this node orders: those the cluster's reserved domains ask
 /// certificates for, the wildcards only when `config` has the DNS hook
 /// that proves them (the API refuses them at a node without one, but
-/// another node may have one).
+/// another node may have one); and this region's names of the agent
+/// ingresses with a policy (each region's nodes order their own).
 fn managed(cluster: &ClusterNode, config: &AcmeConfig) -> Vec<(String, KeyType)> {
-    policy_names(cluster)
+    let mut names: Vec<(String, KeyType)> = reserved_policy_names(cluster)
         .into_iter()
         .filter(|(name, _)| config.dns_hook.is_some() || !name.starts_with("*."))
-        .collect()
+        .collect();
+    let here = BTreeSet::from([cluster.region().to_string()]);
+    names.extend(ingress_policy_names(cluster, &here));
+    names
 }
 
 async fn run(

@@ -277,6 +277,15 @@ impl CertStore {
             .collect()
     }
 
+    /// The certificate `source` serves as `key`, if any.
+    pub fn get(&self, source: CertSource, key: &str) -> Option<Arc<CertifiedKey>> {
+        let served = self.served.read().expect("cert store lock");
+        served
+            .certs
+            .get(&(source, key.to_string()))
+            .map(|cert| cert.key.clone())
+    }
+
     /// The certificate for a normalised name, issuing one in dev mode.
     pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         if let Some(key) = self

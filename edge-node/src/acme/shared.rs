@@ -27,7 +27,7 @@ use postern_config_sync::{Kind, Local};
 use postern_ingress::{AcmeChallenges, ServingCert};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{ClusterNode, KeyType, ReservedDomain, open_certificate};
+use crate::cluster::{AgentIngress, ClusterNode, KeyType, ReservedDomain, open_certificate};
 
 /// The longest the ordering node waits for every node to answer a
 /// challenge before it asks the CA to validate anyway (a node that runs an
@@ -170,9 +170,18 @@ pub fn lease_holder<'a>(
         })
 }
 
-/// The names the cluster's reserved domains ask certificates for, with
-/// their key types: every node serves these, whether it orders or not.
+/// The names the cluster asks certificates for, with their key types:
+/// those of reserved domains with a policy, and every region's name of
+/// the agent ingresses with one. Every node serves these and answers
+/// their challenges, whether it orders them or not.
 pub fn policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
+    let mut names = reserved_policy_names(cluster);
+    names.extend(ingress_policy_names(cluster, &cluster.regions()));
+    names
+}
+
+/// The reserved domains with a policy, with their key types.
+pub fn reserved_policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
     cluster
         .objects::<ReservedDomain>()
         .into_iter()
@@ -180,6 +189,31 @@ pub fn policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
             let policy = reserved.certificate_management_policy?;
             Some((reserved.domain, policy.private_key_type))
         })
+        .collect()
+}
+
+/// The names in `regions` (`tunnel.<region>.<domain>`) of the agent
+/// ingresses with a policy, with their key types.
+pub fn ingress_policy_names(
+    cluster: &ClusterNode,
+    regions: &BTreeSet<String>,
+) -> Vec<(String, KeyType)> {
+    cluster
+        .objects::<AgentIngress>()
+        .into_iter()
+        .filter_map(|(_, ingress)| {
+            let key_type = ingress
+                .certificate_management_policy
+                .as_ref()?
+                .private_key_type;
+            Some(
+                regions
+                    .iter()
+                    .map(move |region| (ingress.region_domain(region), key_type))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
         .collect()
 }
 
@@ -248,7 +282,8 @@ impl RemoteAnswers {
     }
 
     /// Makes the gateway answer exactly the other live nodes' pending
-    /// challenges for names a reserved domain with a policy names (an
+    /// challenges for names a reserved domain or an agent ingress with a
+    /// policy names (an
     /// answer for any other name is refused: nothing but such a name is
     /// ever ordered), and acknowledges them.
     pub async fn apply(&mut self, cluster: &ClusterNode) {
@@ -262,7 +297,7 @@ impl RemoteAnswers {
             }
             let answer = local.value;
             if !names.contains(answer.name()) {
-                tracing::warn!(node = %local.node.node_id, name = answer.name(), "a challenge answer for a name no reserved domain manages is refused");
+                tracing::warn!(node = %local.node.node_id, name = answer.name(), "a challenge answer for a name no reserved domain or agent ingress manages is refused");
                 continue;
             }
             let (id, name) = (answer.id(), answer.name().to_string());
