@@ -596,6 +596,95 @@ async fn an_agent_ingress_with_a_policy_serves_agents_a_certificate_of_the_ca() 
     edge.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn names_bound_under_a_wildcard_get_certificates_on_demand_within_the_hourly_limit() {
+    let mut pebble = Pebble::prepare().await;
+    let extra = format!(
+        "{}on_demand = true\non_demand_per_hour = 2\n{}",
+        acme_toml(&pebble, "1s"),
+        cluster_of_one()
+    );
+    let mut edge = TestEdge::start_node("edge-demand-1", "us", &extra).await;
+    pebble
+        .start(
+            edge.addrs.http.unwrap().port(),
+            edge.addrs.https.port(),
+            None,
+        )
+        .await;
+    let root = pebble.root("pebble-root.pem").await;
+    // A policy on a wildcard needs no DNS hook with on_demand: the
+    // wildcard itself is not ordered, the names bound under it are.
+    reserve(
+        &edge,
+        r#"{"domain": "*.od.acme.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    // A name an uploaded certificate covers is not ordered.
+    let ca = TestCa::root("Uploaded test CA");
+    let uploaded = ca.server(&["covered.od.acme.test"]);
+    let (status, answer) = edge
+        .api(
+            "POST",
+            "/tls_certificates",
+            Some((JSON, &upload(&uploaded.cert_pem, &uploaded.key_pem))),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+
+    let upstream = HttpUpstream::start().await;
+    let bind = |name: &'static str| {
+        let (edge, port) = (&edge, upstream.port());
+        async move { edge.agent(&http_tunnels(port, &[name])).await.0 }
+    };
+    let _covered = bind("covered.od.acme.test").await;
+    let _app1 = bind("app1.od.acme.test").await;
+    wait_trusted(&edge, "app1.od.acme.test", &root, 60).await;
+    let _app2 = bind("app2.od.acme.test").await;
+    wait_trusted(&edge, "app2.od.acme.test", &root, 60).await;
+
+    // The third new name within the hour is refused: no order, a
+    // metric, and the name is served by what there is (the dev CA here).
+    let _app3 = bind("app3.od.acme.test").await;
+    eventually(30, "the third name refused", || async {
+        metric(&edge, "postern_acme_on_demand_refused_total").await == 1
+    })
+    .await;
+    assert!(
+        curl_trusting(&edge, "app3.od.acme.test", &root)
+            .await
+            .is_err()
+    );
+    let resolve = edge.resolve("app3.od.acme.test");
+    let url = edge.https_url("app3.od.acme.test", "/");
+    let out = curl(&["-fk", "--resolve", &resolve, &url]).await;
+    assert!(out.status.success(), "app3 is still served: {out:?}");
+
+    // A visitor asking for a name nobody bound causes no order.
+    let resolve = edge.resolve("nobody.od.acme.test");
+    let url = edge.https_url("nobody.od.acme.test", "/");
+    curl(&["-k", "--resolve", &resolve, &url]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(&edge, "postern_acme_orders_total{result=\"issued\"}").await,
+        2,
+        "app1 and app2 only"
+    );
+    assert_eq!(edge.stat("acme_orders_failed"), 0);
+    let log = pebble.log().join("\n");
+    assert!(log.contains("app1.od.acme.test"), "{log}");
+    for name in [
+        "covered.od.acme.test",
+        "app3.od.acme.test",
+        "nobody.od.acme.test",
+        "*.od.acme.test",
+    ] {
+        assert!(!log.contains(name), "{name} was ordered: {log}");
+    }
+    edge.stop().await;
+}
+
 /// `path` at the nodes `which` of `cluster`; `None` until each has it.
 async fn at_nodes(cluster: &TestCluster, which: &[usize], path: &str) -> Option<Vec<Value>> {
     let mut shown = Vec::new();

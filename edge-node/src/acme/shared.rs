@@ -180,6 +180,32 @@ pub fn policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
     names
 }
 
+/// The names the cluster may hold ACME certificates for: those of
+/// [`policy_names`], and the names under a wildcard reserved domain with a
+/// policy (ordered on demand, see `on_demand`). Every node serves these
+/// and answers their challenges.
+pub struct Cover {
+    names: BTreeSet<String>,
+    /// The wildcards' suffixes (`.example.com`).
+    under: Vec<String>,
+}
+
+impl Cover {
+    pub fn of(cluster: &ClusterNode) -> Cover {
+        let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+        let under = names
+            .iter()
+            .filter_map(|n| n.strip_prefix('*'))
+            .map(str::to_string)
+            .collect();
+        Cover { names, under }
+    }
+
+    pub fn covers(&self, name: &str) -> bool {
+        self.names.contains(name) || self.under.iter().any(|suffix| name.ends_with(suffix))
+    }
+}
+
 /// The reserved domains with a policy, with their key types.
 pub fn reserved_policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
     cluster
@@ -217,15 +243,15 @@ pub fn ingress_policy_names(
         .collect()
 }
 
-/// The shared certificates this node serves: those of the names a
-/// reserved domain with a policy names. One that cannot be served (its key
+/// The shared certificates this node serves: those of the names the
+/// cluster's policies [`Cover`]. One that cannot be served (its key
 /// sealed with another cluster key, or expired) is left out and logged.
 pub fn shared_certificates(cluster: &ClusterNode) -> Vec<(String, ServingCert)> {
-    let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+    let cover = Cover::of(cluster);
     cluster
         .objects::<AcmeCertificate>()
         .into_iter()
-        .filter(|(_, shared)| names.contains(&shared.name))
+        .filter(|(_, shared)| cover.covers(&shared.name))
         .filter_map(|(_, shared)| {
             shared
                 .serving(|sealed| cluster.open_sealed(sealed))
@@ -237,7 +263,8 @@ pub fn shared_certificates(cluster: &ClusterNode) -> Vec<(String, ServingCert)> 
 }
 
 /// Deletes from the cluster the shared certificates this node ordered for
-/// names no reserved domain with a policy names any more, so that their
+/// names no policy [`Cover`]s any more (a name ordered on demand stays while
+/// its wildcard's policy does, whether an agent binds it or not), so that their
 /// sealed keys do not stay in the gossip for good. Only once the node has
 /// caught up with the cluster's config: before, a reservation that seems
 /// missing may just not have arrived. (One whose orderer never comes back
@@ -246,9 +273,9 @@ pub async fn prune_shared_certificates(cluster: &ClusterNode) {
     if !cluster.caught_up() {
         return;
     }
-    let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+    let cover = Cover::of(cluster);
     for (id, shared) in cluster.objects::<AcmeCertificate>() {
-        if shared.ordered_by != cluster.node_id() || names.contains(&shared.name) {
+        if shared.ordered_by != cluster.node_id() || cover.covers(&shared.name) {
             continue;
         }
         match cluster.delete_object::<AcmeCertificate>(&id).await {
@@ -282,12 +309,11 @@ impl RemoteAnswers {
     }
 
     /// Makes the gateway answer exactly the other live nodes' pending
-    /// challenges for names a reserved domain or an agent ingress with a
-    /// policy names (an
-    /// answer for any other name is refused: nothing but such a name is
-    /// ever ordered), and acknowledges them.
+    /// challenges for names the cluster's policies [`Cover`] (an answer for
+    /// any other name is refused: nothing but such a name is ever
+    /// ordered), and acknowledges them.
     pub async fn apply(&mut self, cluster: &ClusterNode) {
-        let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+        let cover = Cover::of(cluster);
         let mut http01 = Vec::new();
         let mut tls_alpn01 = Vec::new();
         let mut ids: HashMap<String, String> = HashMap::new();
@@ -296,8 +322,8 @@ impl RemoteAnswers {
                 continue;
             }
             let answer = local.value;
-            if !names.contains(answer.name()) {
-                tracing::warn!(node = %local.node.node_id, name = answer.name(), "a challenge answer for a name no reserved domain or agent ingress manages is refused");
+            if !cover.covers(answer.name()) {
+                tracing::warn!(node = %local.node.node_id, name = answer.name(), "a challenge answer for a name no certificate policy covers is refused");
                 continue;
             }
             let (id, name) = (answer.id(), answer.name().to_string());

@@ -574,7 +574,7 @@ where
 
 /// A policy checked: its fields (`private_key_type` defaulting to
 /// `default_key`), a node that can order, and for a wildcard a node that
-/// can prove it (DNS-01).
+/// can prove it (DNS-01) or order the names bound under it (on demand).
 fn certificate_policy(
     node: &ClusterNode,
     domain: &str,
@@ -595,11 +595,11 @@ fn certificate_policy(
             "this edge has no [acme] table in its config, so it cannot order certificates",
         ));
     };
-    if domain.starts_with("*.") && !acme.orders_wildcards() {
+    if domain.starts_with("*.") && !acme.orders_wildcards() && !acme.on_demand() {
         return Err(bad(
             "certificate_management_policy",
             format!(
-                "{domain} is a wildcard, which is proved by the DNS-01 challenge, and this edge has no acme.dns_hook to publish its TXT record"
+                "{domain} is a wildcard, which is proved by the DNS-01 challenge, and this edge has no acme.dns_hook to publish its TXT record, nor acme.on_demand to order the names agents bind under it"
             ),
         ));
     }
