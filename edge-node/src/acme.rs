@@ -23,11 +23,16 @@
 //! the log, in `/metrics` and in the reserved domain's
 //! `certificate_management_status`, at every node.
 //!
+//! The names: reserved domains with a policy, each region's name of the
+//! agent ingresses with one, and, with `acme.on_demand`, the names agents
+//! bind under a wildcard reserved domain with one (see `on_demand`).
+//!
 //! One task per node (owned by [`Acme`], stopped and joined at shutdown)
 //! orders one name at a time.
 
 mod config;
 mod issue;
+mod on_demand;
 mod shared;
 mod store;
 
@@ -38,7 +43,7 @@ pub use shared::{
 };
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -55,7 +60,11 @@ use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::cluster::{ClusterNode, KeyType, ReservedDomain};
-use shared::{key_of, lease_holder, millis, policy_names, time_of};
+use on_demand::{Admissions, on_demand_names};
+use shared::{
+    Cover, ingress_policy_names, key_of, lease_holder, millis, policy_names, reserved_policy_names,
+    time_of,
+};
 
 /// How often the names are looked at when nothing changes.
 const SCAN: Duration = Duration::from_secs(60);
@@ -178,6 +187,9 @@ struct Shared {
     /// DNS hook cleanups and withdrawals of gossiped challenge answers
     /// still running; shutdown waits for them.
     cleanups: TaskTracker,
+    /// With `acme.on_demand`: the names ordered on demand per wildcard
+    /// within the hour.
+    admissions: Option<Admissions>,
 }
 
 /// The node's certificate manager.
@@ -201,6 +213,12 @@ impl Acme {
         self.shared.config.dns_hook.is_some()
     }
 
+    /// Whether this node orders the names agents bind under a wildcard
+    /// reserved domain with a policy (`acme.on_demand`).
+    pub fn on_demand(&self) -> bool {
+        self.shared.admissions.is_some()
+    }
+
     /// Serves the certificates kept in `<data_dir>/acme/` for the names
     /// the cluster's reserved domains ask for, then manages those names.
     pub fn start(
@@ -215,7 +233,9 @@ impl Acme {
             path: dir.clone(),
             source,
         })?;
+        let admissions = config.on_demand_per_hour.map(Admissions::new);
         let shared = Arc::new(Shared {
+            admissions,
             config,
             dir,
             certs,
@@ -231,10 +251,9 @@ impl Acme {
         });
         // What the snapshot of the cluster's config says is managed: a
         // name no longer reserved with a policy is not served again.
-        let managed_names: Vec<String> =
-            policy_names(&cluster).into_iter().map(|(n, _)| n).collect();
+        let cover = Cover::of(&cluster);
         for name in store::names(&shared.dir) {
-            if !managed_names.contains(&name) {
+            if !cover.covers(&name) {
                 continue;
             }
             match store::load(&shared.dir, &name).and_then(|c| c.map(validity).transpose()) {
@@ -317,7 +336,13 @@ impl Acme {
             .count() as u64;
         let held = self.shared.held.lock().expect("acme lease lock").len() as u64;
         let count = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let refused = self
+            .shared
+            .admissions
+            .as_ref()
+            .map_or(0, Admissions::refusals);
         vec![
+            ("acme_on_demand_refused", refused),
             ("acme_orders_issued", count(&self.shared.issued)),
             ("acme_orders_failed", count(&self.shared.failed)),
             ("acme_names_failing", failing),
@@ -689,13 +714,13 @@ impl Shared {
     }
 
     /// Withdraws the leases of names this node no longer orders.
-    async fn release(&self, ordered: &[(String, KeyType)]) {
+    async fn release(&self, ordered: &[Ordered]) {
         let stale: Vec<String> = self
             .held
             .lock()
             .expect("acme lease lock")
             .keys()
-            .filter(|name| !ordered.iter().any(|(n, _)| n == *name))
+            .filter(|name| !ordered.iter().any(|o| o.name == **name))
             .cloned()
             .collect();
         for name in stale {
@@ -716,15 +741,60 @@ fn reserved_ids(cluster: &ClusterNode) -> Vec<(String, String)> {
     ids
 }
 
-/// The names this node orders: those the cluster's reserved domains ask
-/// certificates for, the wildcards only when `config` has the DNS hook
-/// that proves them (the API refuses them at a node without one, but
-/// another node may have one).
-fn managed(cluster: &ClusterNode, config: &AcmeConfig) -> Vec<(String, KeyType)> {
-    policy_names(cluster)
-        .into_iter()
-        .filter(|(name, _)| config.dns_hook.is_some() || !name.starts_with("*."))
-        .collect()
+/// A name this node orders.
+struct Ordered {
+    name: String,
+    key_type: KeyType,
+    /// For a name ordered on demand, the wildcard reserved domain it is
+    /// bound under.
+    under: Option<String>,
+}
+
+impl Shared {
+    /// The names this node orders: those the cluster's reserved domains
+    /// ask certificates for, the wildcards only when it has the DNS hook
+    /// that proves them (the API refuses them at a node without one, but
+    /// another node may have one); this region's names of the agent
+    /// ingresses with a policy (each region's nodes order their own); and
+    /// with `acme.on_demand`, of the names bound under a wildcard with a
+    /// policy (`on_demand`), those no certificate served here covers
+    /// unless ordered before (a wildcard's own certificate, an uploaded
+    /// one).
+    fn managed(&self, on_demand: Vec<on_demand::OnDemandName>) -> Vec<Ordered> {
+        let cluster = &self.cluster;
+        let ordered = |(name, key_type)| Ordered {
+            name,
+            key_type,
+            under: None,
+        };
+        let mut names: Vec<Ordered> = reserved_policy_names(cluster)
+            .into_iter()
+            .filter(|(name, _)| self.config.dns_hook.is_some() || !name.starts_with("*."))
+            .map(ordered)
+            .collect();
+        let here = BTreeSet::from([cluster.region().to_string()]);
+        names.extend(
+            ingress_policy_names(cluster, &here)
+                .into_iter()
+                .map(ordered),
+        );
+        if self.admissions.is_some() {
+            names.extend(
+                on_demand
+                    .into_iter()
+                    .filter(|o| {
+                        self.with_status(&o.name, |s| s.not_after.is_some())
+                            || !self.certs.serves(&o.name)
+                    })
+                    .map(|o| Ordered {
+                        name: o.name,
+                        key_type: o.key_type,
+                        under: Some(o.under),
+                    }),
+            );
+        }
+        names
+    }
 }
 
 async fn run(
@@ -737,13 +807,31 @@ async fn run(
     let mut seen = HashMap::new();
     loop {
         let mut next = SystemTime::now() + SCAN;
-        for (name, _) in policy_names(&shared.cluster) {
+        let on_demand = on_demand_names(&shared.cluster);
+        let names = policy_names(&shared.cluster).into_iter().map(|(n, _)| n);
+        for name in names.chain(on_demand.iter().map(|o| o.name.clone())) {
             shared.adopt(&name, &mut seen);
         }
-        let ordered = managed(&shared.cluster, &shared.config);
+        let ordered = shared.managed(on_demand);
         shared.release(&ordered).await;
-        for (name, key_type) in ordered {
+        for Ordered {
+            name,
+            key_type,
+            under,
+        } in ordered
+        {
             if let Turn::Wait(until) = shared.turn(&name, SystemTime::now()) {
+                next = next.min(until);
+                continue;
+            }
+            // A first order on demand, within the wildcard's hourly limit.
+            let first_on_demand = under
+                .as_deref()
+                .zip(shared.admissions.as_ref())
+                .filter(|_| shared.with_status(&name, |s| s.not_after.is_none()));
+            if let Some((under, admissions)) = first_on_demand
+                && let Err(until) = admissions.check(under, &name, SystemTime::now())
+            {
                 next = next.min(until);
                 continue;
             }
@@ -762,6 +850,9 @@ async fn run(
                 }
             }
             let now = SystemTime::now();
+            if let Some((under, admissions)) = first_on_demand {
+                admissions.record(under, &name, now);
+            }
             shared.with_status(&name, |s| s.ordering_since = Some(now));
             tracing::info!(name, "ordering an ACME certificate");
             let order = tokio::time::timeout(limit, shared.issue(&mut account, &name, key_type));

@@ -245,6 +245,7 @@ impl ClusterNode {
                 "agent ingress",
                 pki::agent_ca(&config.cluster_id, &config.key),
             )?,
+            joining.certs.clone(),
             joining.region,
         ));
         let node = ClusterNode {
@@ -435,6 +436,11 @@ impl ClusterNode {
 
     pub fn node_id(&self) -> &str {
         self.cluster.node_id()
+    }
+
+    /// This node's region.
+    pub fn region(&self) -> &str {
+        self.cluster.region()
     }
 
     /// The gossip round; how fast news spreads scales with it.
@@ -822,7 +828,6 @@ async fn follow(
                 apply_credentials(&node.cluster, &node.tokens);
                 registry.revalidate();
             }
-            Ok(Change::Config(kind)) if kind == AgentIngress::KIND => node.apply_ingresses(),
             Ok(Change::Config(kind)) if kind == TlsCertificate::KIND => {
                 apply_tls_certificates(&node.cluster, &node.certs)
             }
@@ -836,8 +841,13 @@ async fn follow(
                 apply_event_subscriptions(&node.cluster, &events).await
             }
             Ok(Change::Config(kind))
-                if kind == ReservedDomain::KIND || kind == AcmeCertificate::KIND =>
+                if kind == ReservedDomain::KIND
+                    || kind == AcmeCertificate::KIND
+                    || kind == AgentIngress::KIND =>
             {
+                if kind == AgentIngress::KIND {
+                    node.apply_ingresses();
+                }
                 node.apply_acme_certificates();
                 answers.apply(&node).await;
                 prune_shared_certificates(&node).await;

@@ -242,6 +242,12 @@ fn render_acme(out: &mut String, acme: &Acme) {
             "acme_leases_held",
         ),
         (
+            "postern_acme_on_demand_refused_total",
+            "counter",
+            "Names bound under a wildcard reserved domain that got no order on demand: acme.on_demand_per_hour was reached.",
+            "acme_on_demand_refused",
+        ),
+        (
             "postern_acme_leases_stood_down_total",
             "counter",
             "Leases this node took and gave up to another node's earlier one.",

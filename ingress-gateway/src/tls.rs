@@ -277,6 +277,22 @@ impl CertStore {
             .collect()
     }
 
+    /// The certificate `source` serves as `key`, if any.
+    pub fn get(&self, source: CertSource, key: &str) -> Option<Arc<CertifiedKey>> {
+        let served = self.served.read().expect("cert store lock");
+        served
+            .certs
+            .get(&(source, key.to_string()))
+            .map(|cert| cert.key.clone())
+    }
+
+    /// Whether a certificate of any source covers a normalised name (the
+    /// dev CA's aside).
+    pub fn serves(&self, name: &str) -> bool {
+        let served = self.served.read().expect("cert store lock");
+        served.router.lookup(name).is_some()
+    }
+
     /// The certificate for a normalised name, issuing one in dev mode.
     pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         if let Some(key) = self

@@ -488,6 +488,203 @@ async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
     edge.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_ingress_with_a_policy_serves_agents_a_certificate_of_the_ca() {
+    let mut pebble = Pebble::prepare().await;
+    let mut edge = edge_with_acme(&pebble).await;
+    pebble
+        .start(
+            edge.addrs.http.unwrap().port(),
+            edge.addrs.https.port(),
+            None,
+        )
+        .await;
+    let create = |body: &'static str| {
+        let edge = &edge;
+        async move {
+            edge.api("POST", "/agent_ingresses", Some((JSON, body)), API_KEY)
+                .await
+        }
+    };
+    let (status, error) = create(
+        r#"{"domain": "bad.acme.test", "certificate_management_policy": {"private_key_type": "dsa"}}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["msg"]
+            .as_str()
+            .unwrap()
+            .contains("certificate_management_policy.private_key_type"),
+        "{error}"
+    );
+    let (status, managed) = create(
+        r#"{"domain": "connect.acme.test", "certificate_management_policy": {"authority": "letsencrypt", "private_key_type": "ecdsa"}}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{managed}");
+    assert_eq!(
+        managed["certificate_management_policy"],
+        serde_json::json!({"authority": "letsencrypt", "private_key_type": "ecdsa"})
+    );
+    assert!(
+        managed["certificate_management_status"].is_object(),
+        "{managed}"
+    );
+    let (status, plain) = create(r#"{"domain": "plain.acme.test"}"#).await;
+    assert_eq!(status, 201, "{plain}");
+    assert_eq!(plain["certificate_management_policy"], Value::Null);
+    let derived = edge.dir.path().join("agent-ingress-ca.pem");
+    std::fs::write(
+        &derived,
+        plain["certificate_authority_pem"].as_str().unwrap(),
+    )
+    .unwrap();
+
+    // The agent listener serves this region's name a certificate Pebble's
+    // root verifies, instead of the agent-ingress CA's.
+    let name = "tunnel.us.connect.acme.test";
+    let root = pebble.root("pebble-root.pem").await;
+    wait_for_serial_of(edge.addrs.agent, name, &root, "").await;
+    let (_, verified) = served_serial(edge.addrs.agent, name, &derived).await;
+    assert!(
+        !verified,
+        "the derived CA's certificate is no longer served"
+    );
+    // An ingress without a policy keeps the agent-ingress CA's.
+    let (_, verified) =
+        served_serial(edge.addrs.agent, "tunnel.us.plain.acme.test", &derived).await;
+    assert!(
+        verified,
+        "an ingress without a policy is served by the derived CA"
+    );
+
+    // An agent whose only trusted root is Pebble's connects through the
+    // name and serves an endpoint.
+    let upstream = HttpUpstream::start().await;
+    let tunnel = http_tunnels(upstream.port(), &["app.connect-test.test"]);
+    let (agent, _) = edge
+        .agent_through(&edge.token, name, &root, &tunnel)
+        .await
+        .unwrap_or_else(|e| panic!("an agent through {name} trusting Pebble: {e:#}"));
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let answer = client.get("app.connect-test.test", "/").await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    agent.shutdown().await.unwrap();
+
+    let (_, shown) = edge
+        .api(
+            "GET",
+            &format!("/agent_ingresses/{}", managed["id"].as_str().unwrap()),
+            None,
+            API_KEY,
+        )
+        .await;
+    let status = &shown["certificate_management_status"];
+    assert!(status["renews_at"].is_string(), "{shown}");
+    assert_eq!(status["provisioning_job"], Value::Null, "{shown}");
+    assert_eq!(
+        edge.stat("acme_orders_issued"),
+        1,
+        "one order: connect.acme.test's"
+    );
+    let log = pebble.log().join("\n");
+    assert!(
+        !log.contains("plain.acme.test"),
+        "ordered without a policy: {log}"
+    );
+    edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_bound_under_a_wildcard_get_certificates_on_demand_within_the_hourly_limit() {
+    let mut pebble = Pebble::prepare().await;
+    let extra = format!(
+        "{}on_demand = true\non_demand_per_hour = 2\n{}",
+        acme_toml(&pebble, "1s"),
+        cluster_of_one()
+    );
+    let mut edge = TestEdge::start_node("edge-demand-1", "us", &extra).await;
+    pebble
+        .start(
+            edge.addrs.http.unwrap().port(),
+            edge.addrs.https.port(),
+            None,
+        )
+        .await;
+    let root = pebble.root("pebble-root.pem").await;
+    // A policy on a wildcard needs no DNS hook with on_demand: the
+    // wildcard itself is not ordered, the names bound under it are.
+    reserve(
+        &edge,
+        r#"{"domain": "*.od.acme.test", "certificate_management_policy": {}}"#,
+    )
+    .await;
+    // A name an uploaded certificate covers is not ordered.
+    let ca = TestCa::root("Uploaded test CA");
+    let uploaded = ca.server(&["covered.od.acme.test"]);
+    let (status, answer) = edge
+        .api(
+            "POST",
+            "/tls_certificates",
+            Some((JSON, &upload(&uploaded.cert_pem, &uploaded.key_pem))),
+            API_KEY,
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+
+    let upstream = HttpUpstream::start().await;
+    let bind = |name: &'static str| {
+        let (edge, port) = (&edge, upstream.port());
+        async move { edge.agent(&http_tunnels(port, &[name])).await.0 }
+    };
+    let _covered = bind("covered.od.acme.test").await;
+    let _app1 = bind("app1.od.acme.test").await;
+    wait_trusted(&edge, "app1.od.acme.test", &root, 60).await;
+    let _app2 = bind("app2.od.acme.test").await;
+    wait_trusted(&edge, "app2.od.acme.test", &root, 60).await;
+
+    // The third new name within the hour is refused: no order, a
+    // metric, and the name is served by what there is (the dev CA here).
+    let _app3 = bind("app3.od.acme.test").await;
+    eventually(30, "the third name refused", || async {
+        metric(&edge, "postern_acme_on_demand_refused_total").await == 1
+    })
+    .await;
+    assert!(
+        curl_trusting(&edge, "app3.od.acme.test", &root)
+            .await
+            .is_err()
+    );
+    let resolve = edge.resolve("app3.od.acme.test");
+    let url = edge.https_url("app3.od.acme.test", "/");
+    let out = curl(&["-fk", "--resolve", &resolve, &url]).await;
+    assert!(out.status.success(), "app3 is still served: {out:?}");
+
+    // A visitor asking for a name nobody bound causes no order.
+    let resolve = edge.resolve("nobody.od.acme.test");
+    let url = edge.https_url("nobody.od.acme.test", "/");
+    curl(&["-k", "--resolve", &resolve, &url]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(&edge, "postern_acme_orders_total{result=\"issued\"}").await,
+        2,
+        "app1 and app2 only"
+    );
+    assert_eq!(edge.stat("acme_orders_failed"), 0);
+    let log = pebble.log().join("\n");
+    assert!(log.contains("app1.od.acme.test"), "{log}");
+    for name in [
+        "covered.od.acme.test",
+        "app3.od.acme.test",
+        "nobody.od.acme.test",
+        "*.od.acme.test",
+    ] {
+        assert!(!log.contains(name), "{name} was ordered: {log}");
+    }
+    edge.stop().await;
+}
+
 /// `path` at the nodes `which` of `cluster`; `None` until each has it.
 async fn at_nodes(cluster: &TestCluster, which: &[usize], path: &str) -> Option<Vec<Value>> {
     let mut shown = Vec::new();

@@ -56,6 +56,19 @@ pub struct RawAcme {
     /// How long to wait after the hook published a record before the CA is
     /// asked to look (DNS propagation). Default `10s`.
     pub dns_hook_wait: Option<String>,
+    /// Certificates on demand: when an agent binds a name under a wildcard
+    /// reserved domain that has a `certificate_management_policy`
+    /// (`app.example.com` under `*.example.com`), and no certificate the
+    /// edge holds covers it, order one for that exact name with
+    /// `challenge` (no DNS hook needed). Only names agents bind, never
+    /// names visitors ask for. Default `false`.
+    pub on_demand: Option<bool>,
+    /// At most this many names under one wildcard reserved domain get a
+    /// first order on demand per hour, at this node (renewals and retries
+    /// of admitted names are not counted); beyond it a name is served by
+    /// whatever certificate there is, with a warning and
+    /// `postern_acme_on_demand_refused_total`. Default 20.
+    pub on_demand_per_hour: Option<u32>,
 }
 
 /// The ACME challenge the edge answers.
@@ -92,6 +105,9 @@ pub struct AcmeConfig {
     pub challenge: Challenge,
     /// Proves wildcards, and every name when `challenge` is DNS-01.
     pub dns_hook: Option<DnsHook>,
+    /// `acme.on_demand`: with `acme.on_demand_per_hour`, the names an
+    /// hour each wildcard reserved domain may have ordered.
+    pub on_demand_per_hour: Option<u32>,
 }
 
 impl AcmeConfig {
@@ -251,9 +267,25 @@ impl RawAcme {
                 Some(DnsHook { argv, wait })
             }
         };
+        let on_demand_per_hour = match (self.on_demand, self.on_demand_per_hour) {
+            (Some(true), None) => Some(20),
+            (Some(true), Some(0)) => {
+                return Err(invalid!(
+                    "acme.on_demand_per_hour: 0 would order nothing; set acme.on_demand = false instead"
+                ));
+            }
+            (Some(true), Some(limit)) => Some(limit),
+            (_, Some(_)) => {
+                return Err(invalid!(
+                    "acme.on_demand_per_hour: set without acme.on_demand = true, so nothing is ordered on demand"
+                ));
+            }
+            (_, None) => None,
+        };
         Ok(AcmeConfig {
             challenge,
             dns_hook,
+            on_demand_per_hour,
             directory_url,
             contact,
             eab,
@@ -281,6 +313,11 @@ mod tests {
         assert!(config.eab.is_none() && config.contact.is_none());
         assert_eq!(config.challenge, Challenge::Http01);
         assert!(config.dns_hook.is_none());
+        assert_eq!(config.on_demand_per_hour, None, "off by default");
+        assert_eq!(
+            check("on_demand = true").unwrap().on_demand_per_hour,
+            Some(20)
+        );
         let base = Duration::from_secs(180);
         assert_eq!(config.order_timeout(base), base);
         let config = check(
@@ -323,6 +360,15 @@ eab_hmac_key = "!!""#,
             ("dns_hook = []", "acme.dns_hook"),
             (r#"dns_hook = ["/nonexistent/hook"]"#, "acme.dns_hook"),
             (r#"dns_hook_wait = "1s""#, "acme.dns_hook_wait"),
+            ("on_demand_per_hour = 5", "acme.on_demand_per_hour"),
+            (
+                "on_demand = false\non_demand_per_hour = 5",
+                "acme.on_demand_per_hour",
+            ),
+            (
+                "on_demand = true\non_demand_per_hour = 0",
+                "acme.on_demand_per_hour",
+            ),
             (
                 r#"dns_hook = ["sh"]
 dns_hook_wait = "later""#,

@@ -27,7 +27,7 @@ use postern_config_sync::{Kind, Local};
 use postern_ingress::{AcmeChallenges, ServingCert};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{ClusterNode, KeyType, ReservedDomain, open_certificate};
+use crate::cluster::{AgentIngress, ClusterNode, KeyType, ReservedDomain, open_certificate};
 
 /// The longest the ordering node waits for every node to answer a
 /// challenge before it asks the CA to validate anyway (a node that runs an
@@ -170,9 +170,44 @@ pub fn lease_holder<'a>(
         })
 }
 
-/// The names the cluster's reserved domains ask certificates for, with
-/// their key types: every node serves these, whether it orders or not.
+/// The names the cluster asks certificates for, with their key types:
+/// those of reserved domains with a policy, and every region's name of
+/// the agent ingresses with one. Every node serves these and answers
+/// their challenges, whether it orders them or not.
 pub fn policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
+    let mut names = reserved_policy_names(cluster);
+    names.extend(ingress_policy_names(cluster, &cluster.regions()));
+    names
+}
+
+/// The names the cluster may hold ACME certificates for: those of
+/// [`policy_names`], and the names under a wildcard reserved domain with a
+/// policy (ordered on demand, see `on_demand`). Every node serves these
+/// and answers their challenges.
+pub struct Cover {
+    names: BTreeSet<String>,
+    /// The wildcards' suffixes (`.example.com`).
+    under: Vec<String>,
+}
+
+impl Cover {
+    pub fn of(cluster: &ClusterNode) -> Cover {
+        let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+        let under = names
+            .iter()
+            .filter_map(|n| n.strip_prefix('*'))
+            .map(str::to_string)
+            .collect();
+        Cover { names, under }
+    }
+
+    pub fn covers(&self, name: &str) -> bool {
+        self.names.contains(name) || self.under.iter().any(|suffix| name.ends_with(suffix))
+    }
+}
+
+/// The reserved domains with a policy, with their key types.
+pub fn reserved_policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
     cluster
         .objects::<ReservedDomain>()
         .into_iter()
@@ -183,15 +218,40 @@ pub fn policy_names(cluster: &ClusterNode) -> Vec<(String, KeyType)> {
         .collect()
 }
 
-/// The shared certificates this node serves: those of the names a
-/// reserved domain with a policy names. One that cannot be served (its key
+/// The names in `regions` (`tunnel.<region>.<domain>`) of the agent
+/// ingresses with a policy, with their key types.
+pub fn ingress_policy_names(
+    cluster: &ClusterNode,
+    regions: &BTreeSet<String>,
+) -> Vec<(String, KeyType)> {
+    cluster
+        .objects::<AgentIngress>()
+        .into_iter()
+        .filter_map(|(_, ingress)| {
+            let key_type = ingress
+                .certificate_management_policy
+                .as_ref()?
+                .private_key_type;
+            Some(
+                regions
+                    .iter()
+                    .map(move |region| (ingress.region_domain(region), key_type))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect()
+}
+
+/// The shared certificates this node serves: those of the names the
+/// cluster's policies [`Cover`]. One that cannot be served (its key
 /// sealed with another cluster key, or expired) is left out and logged.
 pub fn shared_certificates(cluster: &ClusterNode) -> Vec<(String, ServingCert)> {
-    let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+    let cover = Cover::of(cluster);
     cluster
         .objects::<AcmeCertificate>()
         .into_iter()
-        .filter(|(_, shared)| names.contains(&shared.name))
+        .filter(|(_, shared)| cover.covers(&shared.name))
         .filter_map(|(_, shared)| {
             shared
                 .serving(|sealed| cluster.open_sealed(sealed))
@@ -203,7 +263,8 @@ pub fn shared_certificates(cluster: &ClusterNode) -> Vec<(String, ServingCert)> 
 }
 
 /// Deletes from the cluster the shared certificates this node ordered for
-/// names no reserved domain with a policy names any more, so that their
+/// names no policy [`Cover`]s any more (a name ordered on demand stays while
+/// its wildcard's policy does, whether an agent binds it or not), so that their
 /// sealed keys do not stay in the gossip for good. Only once the node has
 /// caught up with the cluster's config: before, a reservation that seems
 /// missing may just not have arrived. (One whose orderer never comes back
@@ -212,9 +273,9 @@ pub async fn prune_shared_certificates(cluster: &ClusterNode) {
     if !cluster.caught_up() {
         return;
     }
-    let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+    let cover = Cover::of(cluster);
     for (id, shared) in cluster.objects::<AcmeCertificate>() {
-        if shared.ordered_by != cluster.node_id() || names.contains(&shared.name) {
+        if shared.ordered_by != cluster.node_id() || cover.covers(&shared.name) {
             continue;
         }
         match cluster.delete_object::<AcmeCertificate>(&id).await {
@@ -248,11 +309,11 @@ impl RemoteAnswers {
     }
 
     /// Makes the gateway answer exactly the other live nodes' pending
-    /// challenges for names a reserved domain with a policy names (an
-    /// answer for any other name is refused: nothing but such a name is
-    /// ever ordered), and acknowledges them.
+    /// challenges for names the cluster's policies [`Cover`] (an answer for
+    /// any other name is refused: nothing but such a name is ever
+    /// ordered), and acknowledges them.
     pub async fn apply(&mut self, cluster: &ClusterNode) {
-        let names: BTreeSet<String> = policy_names(cluster).into_iter().map(|(n, _)| n).collect();
+        let cover = Cover::of(cluster);
         let mut http01 = Vec::new();
         let mut tls_alpn01 = Vec::new();
         let mut ids: HashMap<String, String> = HashMap::new();
@@ -261,8 +322,8 @@ impl RemoteAnswers {
                 continue;
             }
             let answer = local.value;
-            if !names.contains(answer.name()) {
-                tracing::warn!(node = %local.node.node_id, name = answer.name(), "a challenge answer for a name no reserved domain manages is refused");
+            if !cover.covers(answer.name()) {
+                tracing::warn!(node = %local.node.node_id, name = answer.name(), "a challenge answer for a name no certificate policy covers is refused");
                 continue;
             }
             let (id, name) = (answer.id(), answer.name().to_string());

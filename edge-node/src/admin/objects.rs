@@ -484,7 +484,7 @@ impl Resource for SshCredential {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewNamed {
+pub struct NewAgentIngress {
     #[serde(default)]
     domain: String,
     #[serde(default)]
@@ -496,6 +496,11 @@ pub struct NewNamed {
     /// every region, so it is accepted and ignored.
     #[serde(default, rename = "region")]
     _region: Option<String>,
+    /// ngrok's `{authority, private_key_type}` (key `rsa` by default, as
+    /// ngrok's): each region's nodes order the certificate of their name
+    /// `tunnel.<region>.<domain>` from the CA of `[acme]`, renew it, and
+    /// serve it to agents instead of the agent-ingress CA's.
+    certificate_management_policy: Option<RawCertificatePolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -508,7 +513,7 @@ pub struct NewReservedDomain {
     #[serde(default)]
     metadata: String,
     owner_id: Option<String>,
-    /// As [`NewNamed`]'s: accepted and ignored.
+    /// As [`NewAgentIngress`]'s: accepted and ignored.
     #[serde(default, rename = "region")]
     _region: Option<String>,
     /// ngrok's `{authority, private_key_type}`: the edge orders the name's
@@ -524,15 +529,38 @@ pub struct RawCertificatePolicy {
     private_key_type: Option<String>,
 }
 
+/// A `PATCH` of a reserved domain or an agent ingress.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ReservedDomainUpdate {
+pub struct ManagedUpdate {
     description: Option<String>,
     metadata: Option<String>,
     /// A policy sets or replaces it; `null` stops managing the
     /// certificate (the one issued stays until it expires).
     #[serde(default, deserialize_with = "present")]
     certificate_management_policy: Option<Option<RawCertificatePolicy>>,
+}
+
+impl ManagedUpdate {
+    /// Applies the update to an object of `domain`: its texts, and its
+    /// policy (a new one's key defaulting to `default_key`).
+    fn apply(
+        self,
+        node: &ClusterNode,
+        domain: &str,
+        (description, metadata): (&mut String, &mut String),
+        (policy, default_key): (&mut Option<CertificatePolicy>, KeyType),
+    ) -> Result<(), Failure> {
+        let text = TextUpdate {
+            description: self.description,
+            metadata: self.metadata,
+        };
+        text.apply(description, metadata)?;
+        if let Some(raw) = self.certificate_management_policy {
+            *policy = certificate_policy(node, domain, raw, default_key)?;
+        }
+        Ok(())
+    }
 }
 
 /// A field that may be given as `null`: `Some(None)`.
@@ -544,29 +572,34 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-/// A policy checked: its fields, a node that can order, and for a
-/// wildcard a node that can prove it (DNS-01).
+/// A policy checked: its fields (`private_key_type` defaulting to
+/// `default_key`), a node that can order, and for a wildcard a node that
+/// can prove it (DNS-01) or order the names bound under it (on demand).
 fn certificate_policy(
     node: &ClusterNode,
     domain: &str,
     raw: Option<RawCertificatePolicy>,
+    default_key: KeyType,
 ) -> Result<Option<CertificatePolicy>, Failure> {
     let Some(raw) = raw else {
         return Ok(None);
     };
-    let policy =
-        CertificatePolicy::parse(raw.authority.as_deref(), raw.private_key_type.as_deref())?;
+    let policy = CertificatePolicy::parse(
+        raw.authority.as_deref(),
+        raw.private_key_type.as_deref(),
+        default_key,
+    )?;
     let Some(acme) = node.acme() else {
         return Err(bad(
             "certificate_management_policy",
             "this edge has no [acme] table in its config, so it cannot order certificates",
         ));
     };
-    if domain.starts_with("*.") && !acme.orders_wildcards() {
+    if domain.starts_with("*.") && !acme.orders_wildcards() && !acme.on_demand() {
         return Err(bad(
             "certificate_management_policy",
             format!(
-                "{domain} is a wildcard, which is proved by the DNS-01 challenge, and this edge has no acme.dns_hook to publish its TXT record"
+                "{domain} is a wildcard, which is proved by the DNS-01 challenge, and this edge has no acme.dns_hook to publish its TXT record, nor acme.on_demand to order the names agents bind under it"
             ),
         ));
     }
@@ -578,7 +611,7 @@ impl Resource for ReservedDomain {
     const ID_PREFIX: &'static str = "rd_";
     const NAME: &'static str = "reserved domain";
     type New = NewReservedDomain;
-    type Update = ReservedDomainUpdate;
+    type Update = ManagedUpdate;
 
     fn create(
         node: &ClusterNode,
@@ -598,6 +631,7 @@ impl Resource for ReservedDomain {
                 node,
                 &domain.to_string(),
                 new.certificate_management_policy,
+                KeyType::Ecdsa,
             )?,
         };
         let overlap = node
@@ -622,31 +656,22 @@ impl Resource for ReservedDomain {
         Ok((reserved, Value::Null))
     }
 
-    fn update(mut self, node: &ClusterNode, update: ReservedDomainUpdate) -> Result<Self, Failure> {
-        let text = TextUpdate {
-            description: update.description,
-            metadata: update.metadata,
-        };
-        text.apply(&mut self.description, &mut self.metadata)?;
-        if let Some(policy) = update.certificate_management_policy {
-            self.certificate_management_policy = certificate_policy(node, &self.domain, policy)?;
-        }
+    fn update(mut self, node: &ClusterNode, update: ManagedUpdate) -> Result<Self, Failure> {
+        update.apply(
+            node,
+            &self.domain,
+            (&mut self.description, &mut self.metadata),
+            (&mut self.certificate_management_policy, KeyType::Ecdsa),
+        )?;
         Ok(self)
     }
 
     fn json(&self, node: &ClusterNode, id: &str) -> Value {
-        let policy = self.certificate_management_policy.as_ref().map(|p| {
-            let key_type = match p.private_key_type {
-                KeyType::Ecdsa => "ecdsa",
-                KeyType::Rsa => "rsa",
-            };
-            json!({ "authority": p.authority, "private_key_type": key_type })
-        });
-        let status = policy.as_ref().map(|_| {
-            node.acme()
-                .and_then(|acme| acme.status(&self.domain))
-                .unwrap_or_default()
-        });
+        let (policy, status) = managed_certificate(
+            node,
+            self.certificate_management_policy.as_ref(),
+            &self.domain,
+        );
         // The ACME certificate served, as `/tls_certificates` lists it.
         let certificate = status.as_ref().filter(|s| s.not_after.is_some()).map(|_| {
             let cert = acme_certificate_id(&self.domain);
@@ -669,6 +694,30 @@ impl Resource for ReservedDomain {
             "owner_id": self.owner_id,
         })
     }
+}
+
+/// A `certificate_management_policy` as ngrok shows it, and what this
+/// node knows of `name`'s managed certificate when there is a policy.
+fn managed_certificate(
+    node: &ClusterNode,
+    policy: Option<&CertificatePolicy>,
+    name: &str,
+) -> (Value, Option<CertStatus>) {
+    let Some(policy) = policy else {
+        return (Value::Null, None);
+    };
+    let key_type = match policy.private_key_type {
+        KeyType::Ecdsa => "ecdsa",
+        KeyType::Rsa => "rsa",
+    };
+    let status = node
+        .acme()
+        .and_then(|acme| acme.status(name))
+        .unwrap_or_default();
+    (
+        json!({ "authority": policy.authority, "private_key_type": key_type }),
+        Some(status),
+    )
 }
 
 /// ngrok's `certificate_management_status` from what this node knows:
@@ -725,35 +774,58 @@ impl Resource for AgentIngress {
     const PATH: &'static str = "agent_ingresses";
     const ID_PREFIX: &'static str = "agin_";
     const NAME: &'static str = "agent ingress";
-    type New = NewNamed;
-    type Update = TextUpdate;
+    type New = NewAgentIngress;
+    type Update = ManagedUpdate;
 
-    fn create(node: &ClusterNode, _id: &str, new: NewNamed) -> Result<(Self, Value), Failure> {
+    fn create(
+        node: &ClusterNode,
+        _id: &str,
+        new: NewAgentIngress,
+    ) -> Result<(Self, Value), Failure> {
         let domain = parse_domain(&new.domain, false)?.to_string();
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
         unique_domain::<AgentIngress>(node, &domain, |i| &i.domain)?;
+        let certificate_management_policy = certificate_policy(
+            node,
+            &domain,
+            new.certificate_management_policy,
+            KeyType::Rsa,
+        )?;
         let ingress = AgentIngress {
             domain,
             description: new.description,
             metadata: new.metadata,
             owner_id: new.owner_id,
             created_at: now_rfc3339(),
+            certificate_management_policy,
         };
         Ok((ingress, Value::Null))
     }
 
-    fn update(mut self, _node: &ClusterNode, update: TextUpdate) -> Result<Self, Failure> {
-        update.apply(&mut self.description, &mut self.metadata)?;
+    fn update(mut self, node: &ClusterNode, update: ManagedUpdate) -> Result<Self, Failure> {
+        update.apply(
+            node,
+            &self.domain,
+            (&mut self.description, &mut self.metadata),
+            (&mut self.certificate_management_policy, KeyType::Rsa),
+        )?;
         Ok(self)
     }
 
+    /// `certificate_management_status` is that of this node's region's
+    /// name, as this node knows it.
     fn json(&self, node: &ClusterNode, id: &str) -> Value {
         let region_domains: Vec<String> = node
             .regions()
             .iter()
             .map(|region| self.region_domain(region))
             .collect();
+        let (policy, status) = managed_certificate(
+            node,
+            self.certificate_management_policy.as_ref(),
+            &self.region_domain(node.region()),
+        );
         json!({
             "id": id,
             "uri": format!("/agent_ingresses/{id}"),
@@ -763,8 +835,8 @@ impl Resource for AgentIngress {
             "ns_targets": [],
             "region_domains": region_domains,
             "created_at": self.created_at,
-            "certificate_management_policy": null,
-            "certificate_management_status": null,
+            "certificate_management_policy": policy,
+            "certificate_management_status": status.as_ref().map(certificate_status),
             "owner_id": self.owner_id,
             "certificate_authority_pem": node.ingress_certs().ca_pem(),
         })

@@ -65,10 +65,12 @@ pub enum KeyType {
 
 impl CertificatePolicy {
     /// Checks a policy as the API gives it (ngrok's defaults: authority
-    /// `letsencrypt`, key `ecdsa`); an error names the field.
+    /// `letsencrypt`, key `default_key`: ECDSA for reserved domains, RSA
+    /// for agent ingresses); an error names the field.
     pub fn parse(
         authority: Option<&str>,
         private_key_type: Option<&str>,
+        default_key: KeyType,
     ) -> Result<CertificatePolicy, Failure> {
         let field = |name: &str| format!("certificate_management_policy.{name}");
         let authority = match authority.unwrap_or("letsencrypt") {
@@ -80,10 +82,11 @@ impl CertificatePolicy {
                 ));
             }
         };
-        let private_key_type = match private_key_type.unwrap_or("ecdsa") {
-            "ecdsa" => KeyType::Ecdsa,
-            "rsa" => KeyType::Rsa,
-            other => {
+        let private_key_type = match private_key_type {
+            None => default_key,
+            Some("ecdsa") => KeyType::Ecdsa,
+            Some("rsa") => KeyType::Rsa,
+            Some(other) => {
                 return Err(bad(
                     &field("private_key_type"),
                     format!("{other:?}: \"ecdsa\" or \"rsa\""),
@@ -216,6 +219,12 @@ pub struct AgentIngress {
     #[serde(default)]
     pub owner_id: Option<String>,
     pub created_at: String,
+    /// ngrok's `certificate_management_policy`: the nodes of each region
+    /// order and renew their region's name (`tunnel.<region>.<domain>`)
+    /// from the ACME CA of `[acme]`, and serve it to agents instead of a
+    /// certificate of the cluster's agent-ingress CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_management_policy: Option<CertificatePolicy>,
 }
 
 impl Kind for AgentIngress {
@@ -332,6 +341,24 @@ mod tests {
             Some("rd_1")
         );
         assert_eq!(refused_by("free.test", None), None);
+    }
+
+    #[test]
+    fn a_policy_defaults_its_key_type_and_names_a_bad_field() {
+        for default_key in [KeyType::Ecdsa, KeyType::Rsa] {
+            let policy = CertificatePolicy::parse(None, None, default_key).unwrap();
+            assert_eq!(policy.authority, "letsencrypt");
+            assert_eq!(policy.private_key_type, default_key);
+        }
+        let given = CertificatePolicy::parse(Some("letsencrypt"), Some("ecdsa"), KeyType::Rsa);
+        assert_eq!(given.unwrap().private_key_type, KeyType::Ecdsa);
+        let bad = CertificatePolicy::parse(None, Some("dsa"), KeyType::Rsa).unwrap_err();
+        assert!(
+            bad.detail
+                .starts_with("certificate_management_policy.private_key_type"),
+            "{}",
+            bad.detail
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! link between nodes, one for agent ingresses. And the agent listener's
 //! certificate choice: `tunnel.<this region>.<ingress domain>` gets a
 //! certificate of the agent-ingress CA, any other name the node's own
-//! agent certificate.
+//! agent certificate. An agent ingress with a certificate policy has its
+//! name's ACME certificate served instead, once one is issued.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -11,7 +12,7 @@ use std::{
 };
 
 use postern_config_sync::ClusterKey;
-use postern_ingress::{DevCa, normalize_name};
+use postern_ingress::{CertSource, CertStore, DevCa, normalize_name};
 use postern_net::{Pem, TlsError, certified_key_from_pem};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
@@ -35,10 +36,14 @@ pub fn agent_ca(cluster_id: &str, key: &ClusterKey) -> Result<DevCa, TlsError> {
     )
 }
 
-/// Certificates for this region's names of the agent ingresses, issued on
-/// first use.
+/// Certificates for this region's names of the agent ingresses: the one
+/// ACME issued for the name when there is one (an ingress with a
+/// certificate policy), else one of the agent-ingress CA, issued on first
+/// use.
 pub struct IngressCerts {
     ca: DevCa,
+    /// The gateway's certificates, where ACME installs what it issued.
+    acme: Arc<CertStore>,
     region: String,
     /// The ingresses' domains.
     domains: RwLock<BTreeSet<String>>,
@@ -46,9 +51,10 @@ pub struct IngressCerts {
 }
 
 impl IngressCerts {
-    pub fn new(ca: DevCa, region: &str) -> IngressCerts {
+    pub fn new(ca: DevCa, acme: Arc<CertStore>, region: &str) -> IngressCerts {
         IngressCerts {
             ca,
+            acme,
             region: region.to_string(),
             domains: RwLock::default(),
             issued: Mutex::default(),
@@ -77,6 +83,9 @@ impl IngressCerts {
     fn key_for(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         self.ingress_of(name)?;
         let name = normalize_name(name).ok()?;
+        if let Some(key) = self.acme.get(CertSource::Acme, &name) {
+            return Some(key);
+        }
         let mut issued = self.issued.lock().expect("issued lock");
         if let Some(key) = issued.get(&name) {
             return Some(key.clone());
@@ -136,7 +145,8 @@ mod tests {
     #[test]
     fn only_this_regions_names_of_known_ingresses() {
         let key = ClusterKey::from_secret("a-cluster-secret-of-32-characters-or-more").unwrap();
-        let certs = IngressCerts::new(agent_ca("c1", &key).unwrap(), "eu");
+        let store = Arc::new(CertStore::new(None));
+        let certs = IngressCerts::new(agent_ca("c1", &key).unwrap(), store.clone(), "eu");
         certs.set_domains(BTreeSet::from(["connect.acme.test".to_string()]));
         assert_eq!(
             certs.ingress_of("Tunnel.EU.connect.acme.test.").as_deref(),
@@ -146,6 +156,23 @@ mod tests {
         assert!(certs.ingress_of("tunnel.eu.connect.other.test").is_none());
         assert!(certs.key_for("tunnel.eu.connect.acme.test").is_some());
         assert!(certs.key_for("tunnel.us.connect.acme.test").is_none());
+        // An ACME certificate for the name is served instead, once issued.
+        let name = "tunnel.eu.connect.acme.test".to_string();
+        let derived = certs.key_for(&name).unwrap().cert[0].clone();
+        let other_ca = node_ca("c1", &key).unwrap();
+        let (cert, key_pem) = other_ca.issue_pem(std::slice::from_ref(&name)).unwrap();
+        let acme = postern_ingress::ServingCert::from_pem(
+            Pem::new("cert", cert.as_bytes()),
+            Pem::new("key", key_pem.as_bytes()),
+        )
+        .unwrap();
+        store.set(CertSource::Acme, &name, &acme);
+        let served = certs.key_for("Tunnel.EU.connect.acme.test").unwrap().cert[0].clone();
+        assert_ne!(
+            served, derived,
+            "the ACME certificate, not the derived CA's"
+        );
+        assert_eq!(served, acme.key.cert[0]);
         // Every node derives the same CA from the same key.
         assert_eq!(
             agent_ca("c1", &key).unwrap().cert_pem(),
