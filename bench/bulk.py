@@ -11,7 +11,9 @@ from round to round, all in the same run. The report gives medians and the
 ratios between systems measured side by side, and the edge's plus the
 tunnel client's CPU seconds per GB.
 
-Usage: bench/bulk.py [--rounds N] [--duration SECONDS]
+Usage: bench/bulk.py [--rounds N] [--duration SECONDS] [--baseline-agent PATH]
+With --baseline-agent, a third Postern agent (that binary, another build,
+default connections) serves the same server, for a before/after in one run.
 Needs iperf3 and release builds of postern-edge and postern (POSTERN_BIN_DIR
 names another directory of them), and the test venv's `ngrok` package
 (POSTERN_TEST_PYTHON, else .venv-svc). Writes bench/out/sdk-bulk/."""
@@ -68,7 +70,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=10, help="seconds per iperf3 run")
+    ap.add_argument("--baseline-agent", help="a `postern` binary of another build")
     args = ap.parse_args()
+    if args.baseline_agent:
+        SYSTEMS["agent-base"] = ("TCP endpoint through the baseline agent (--baseline-agent), "
+                                 "default connections", ("edge", "agent-base"))
     os.makedirs(OUT, exist_ok=True)
     data = os.path.join(OUT, "edge-data")
     bins = os.environ.get("POSTERN_BIN_DIR", os.path.join(TARGET, "release"))
@@ -95,7 +101,10 @@ dev_ca = true
 token = "{TOKEN}"
 """)
     agent_ymls = {}
-    for name, (connections, port) in {"agent": ("", 0), "agent-1c": ("connections: 1\n", 1)}.items():
+    agents = {"agent": ("", 0), "agent-1c": ("connections: 1\n", 1)}
+    if args.baseline_agent:
+        agents["agent-base"] = ("", 2)
+    for name, (connections, port) in agents.items():
         agent_ymls[name] = os.path.join(OUT, f"{name}.yml")
         with open(agent_ymls[name], "w") as f:
             f.write(f"""version: "2"
@@ -125,14 +134,16 @@ root_cas: "{data}/dev-ca.pem"
         return m and m.group(1)
 
     ports = {"direct": PORTS["iperf"], "agent": PORTS["tcp_first"],
-             "agent-1c": PORTS["tcp_first"] + 1}
+             "agent-1c": PORTS["tcp_first"] + 1, "agent-base": PORTS["tcp_first"] + 2}
     rounds = []
     try:
         start("iperf3", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORTS["iperf"])])
         start("edge", [os.path.join(bins, "postern-edge"), "--config", edge_toml])
         wait_for(lambda: os.path.exists(f"{data}/dev-ca.pem"), "the edge's dev CA")
         for name, yml in agent_ymls.items():
-            start(name, [os.path.join(bins, "postern"), "start", "--all", "--config", yml])
+            binary = (args.baseline_agent if name == "agent-base"
+                      else os.path.join(bins, "postern"))
+            start(name, [binary, "start", "--all", "--config", yml])
         # Before the SDK asks for a port, so that it gets none of theirs.
         for name in agent_ymls:
             wait_for(lambda n=name: log_match(n, r"(Forwarding)"), f"{name}'s tunnel")
@@ -175,8 +186,11 @@ def report(args, rounds):
     lines += ["", "| comparison, medians of the per-round values | value |", "|---|---:|"]
     ratios = {}
     for streams in (1, 8):
-        for a, b in (("agent", "agent-1c"), ("sdk", "agent"), ("sdk", "direct"),
-                     ("agent", "direct"), ("agent-1c", "direct")):
+        pairs = [("agent", "agent-1c"), ("sdk", "agent"), ("sdk", "direct"),
+                 ("agent", "direct"), ("agent-1c", "direct")]
+        if "agent-base" in SYSTEMS:
+            pairs.append(("agent", "agent-base"))
+        for a, b in pairs:
             label = f"bulk {streams} stream{'s' if streams > 1 else ''}: {a} ÷ {b}"
             ratio = statistics.median(r[f"{a}-{streams}"]["gbps"] / r[f"{b}-{streams}"]["gbps"]
                                       for r in rounds)

@@ -13,7 +13,12 @@ ping-pong (64 bytes) on one connection and on 64 at once. The report gives
 medians, ratios to the tonic shape measured in the same round, and the two
 processes' CPU per GB and per round trip.
 
-Usage: bench/dataplane.py [--rounds N] [--duration SECONDS]
+A system named `<system>@alt` is `<system>` run with the binary that
+--alt-bin names (another build of bench/dataplane, e.g. against a changed
+postern-proto), for an A/B of one change in the same run.
+
+Usage: bench/dataplane.py [--rounds N] [--duration SECONDS] [--systems a,b]
+                          [--alt-bin PATH]
 Builds bench/dataplane in release into the workspace's target directory.
 Writes bench/out/dataplane/."""
 
@@ -109,7 +114,9 @@ def measure(workload, port, duration, pids):
     return out
 
 
-def run_system(system, duration):
+def run_system(system, duration, alt_bin):
+    system, at, _ = system.partition("@")
+    binary = alt_bin if at else BIN
     _, shape, connections = SYSTEMS[system]
     if shape is None:
         return {w: measure(w, PORTS["echo" if w.startswith("rtt") else "iperf"], duration, [])
@@ -119,14 +126,14 @@ def run_system(system, duration):
     for upstream, workloads in (("iperf", WORKLOADS[:3]), ("echo", WORKLOADS[3:])):
         procs = Procs(OUT)
         try:
-            name = system.replace("/", "-")
+            name = system.replace("/", "-") + ("-alt" if at else "")
             procs.start(f"{name}-{upstream}-server",
-                        [BIN, "server", "--shape", server_shape,
+                        [binary, "server", "--shape", server_shape,
                          "--listen", f"127.0.0.1:{PORTS['tunnel']}",
                          "--upstream", f"127.0.0.1:{PORTS[upstream]}", "--cert-dir", OUT])
             wait_port(PORTS["tunnel"])
             procs.start(f"{name}-{upstream}-client",
-                        [BIN, "client", "--shape", client_shape,
+                        [binary, "client", "--shape", client_shape,
                          "--listen", f"127.0.0.1:{PORTS['visitor']}",
                          "--server", f"127.0.0.1:{PORTS['tunnel']}", "--cert-dir", OUT,
                          "--connections", str(connections)])
@@ -144,6 +151,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=5, help="seconds per run")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--alt-bin", help="the binary of `<system>@alt` systems")
     args = ap.parse_args()
     systems = args.systems.split(",")
     os.makedirs(OUT, exist_ok=True)
@@ -156,7 +164,7 @@ def main():
         wait_port(PORTS["echo"])
         for r in range(args.rounds):
             order = systems[r % len(systems):] + systems[:r % len(systems)]
-            row = {s: run_system(s, args.duration) for s in order}
+            row = {s: run_system(s, args.duration, args.alt_bin) for s in order}
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
     finally:
@@ -177,9 +185,13 @@ def report(args, systems, rounds):
              "8 streams | 1 stream reversed | CPU-s/GB (1 stream) | round trip p50 µs, "
              "1 conn | p99 | round trips/s, 64 conns | CPU µs per round trip (64) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def label(s):
+        name, at, _ = s.partition("@")
+        return SYSTEMS[name][0] + (" (--alt-bin)" if at else "")
+
     for s in systems:
         lines.append(
-            f"| {SYSTEMS[s][0]} | {fmt(med(s, 'bulk-1', 'gbps'), '.2f')} | "
+            f"| {label(s)} | {fmt(med(s, 'bulk-1', 'gbps'), '.2f')} | "
             f"{fmt(med(s, 'bulk-8', 'gbps'), '.2f')} | {fmt(med(s, 'bulk-1r', 'gbps'), '.2f')} | "
             f"{fmt(med(s, 'bulk-1', 'cpu_s_per_gb'), '.2f')} | "
             f"{fmt(med(s, 'rtt-1', 'p50_us'), '.0f')} | {fmt(med(s, 'rtt-1', 'p99_us'), '.0f')} | "
@@ -198,7 +210,7 @@ def report(args, systems, rounds):
                 ratio = statistics.median(r[s][w][field] / r["tonic"][w][field] for r in rounds)
                 ratios[f"{s} ÷ tonic, {w}"] = round(ratio, 3)
                 cells.append(f"{ratio:.2f}")
-            lines.append(f"| {SYSTEMS[s][0]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(s)} | " + " | ".join(cells) + " |")
     with open(os.path.join(OUT, "result.json"), "w") as f:
         json.dump({"rounds": rounds, "ratios": ratios,
                    "load_average_at_end": os.getloadavg()}, f, indent=2)
