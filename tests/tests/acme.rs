@@ -1278,6 +1278,19 @@ async fn sighup_reloads_certificate_files_in_the_binary() {
     edge.process().terminate().await;
 }
 
+/// Waits until openssl, trusting only `ca`, gets the certificate with
+/// `serial` for `name` at `addr`.
+async fn wait_served(addr: SocketAddr, name: &str, ca: &Path, serial: String, what: &str) {
+    eventually(10, what, || {
+        let serial = serial.clone();
+        async move {
+            let (served, verified) = served_serial(addr, name, ca).await;
+            verified && served == serial
+        }
+    })
+    .await
+}
+
 /// An `[acme]` table whose CA never answers: enough for the API to take a
 /// `certificate_management_policy`, ordering nothing.
 fn unreachable_acme() -> String {
@@ -1328,20 +1341,9 @@ async fn a_reserved_domain_names_the_certificate_the_edge_serves() {
     // (the most specific), the wildcard only when a reserved domain names it.
     let (exact, exact_serial) = uploaded(ca.server(&[name])).await;
     let (wildcard, wildcard_serial) = uploaded(ca.server(&["*.named.test"])).await;
-    let served = |serial: String, what: &'static str| {
-        let ca_file = ca_file.clone();
-        let https = edge.addrs.https;
-        async move {
-            eventually(10, what, || {
-                let (ca_file, serial) = (ca_file.clone(), serial.clone());
-                async move {
-                    let (served, verified) = served_serial(https, name, &ca_file).await;
-                    verified && served == serial
-                }
-            })
-            .await
-        }
-    };
+    let https = edge.addrs.https;
+    let served =
+        |serial: String, what: &'static str| wait_served(https, name, &ca_file, serial, what);
     served(exact_serial.clone(), "the exact certificate, by default").await;
 
     let body = |fields: Value| Some(fields.to_string());
@@ -1511,4 +1513,71 @@ async fn a_reserved_domain_names_the_certificate_the_edge_serves() {
     let (status, _) = api("DELETE", format!("{rd_path}/nothing"), None).await;
     assert_eq!(status, 404);
     edge.stop().await;
+}
+
+/// Every node serves the certificate a reserved domain names, whichever
+/// node the certificates were uploaded at and the reservation written at,
+/// and every node goes back to the default choice once it is detached.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_node_serves_the_certificate_a_reserved_domain_names() {
+    let specs = [
+        ("edge-us-1", "us", Run::InProcess),
+        ("edge-eu-1", "eu", Run::InProcess),
+    ];
+    let cluster = TestCluster::start_nodes(&specs, "").await;
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let upstream = HttpUpstream::start().await;
+    let name = "app.cluster-named.test";
+    let (_agent, _) = first.agent(&http_tunnels(upstream.port(), &[name])).await;
+    let dir = TempDir::new("named-in-a-cluster");
+    let ca = TestCa::root("Cluster named CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let mut ids = Vec::new();
+    for cert in [ca.server(&[name]), ca.server(&["*.cluster-named.test"])] {
+        let (status, created) = first
+            .api(
+                "POST",
+                "/tls_certificates",
+                Some((JSON, &upload(&cert.cert_pem, &cert.key_pem))),
+                API_KEY,
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        ids.push((
+            created["id"].as_str().unwrap().to_string(),
+            serial_of(&cert.cert_pem),
+        ));
+    }
+    let [(_, exact_serial), (wildcard, wildcard_serial)] = <[_; 2]>::try_from(ids).unwrap();
+    let all_serve = |serial: &str, what: &str| {
+        let (serial, what, ca_file) = (serial.to_string(), what.to_string(), ca_file.clone());
+        let nodes: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.addrs.https).collect();
+        async move {
+            for https in nodes {
+                wait_served(
+                    https,
+                    name,
+                    &ca_file,
+                    serial.clone(),
+                    &format!("{what} at {https}"),
+                )
+                .await;
+            }
+        }
+    };
+    all_serve(&exact_serial, "the exact certificate, by default").await;
+    let body = serde_json::json!({"domain": name, "certificate_id": wildcard}).to_string();
+    let (status, reserved) = second
+        .api("POST", "/reserved_domains", Some((JSON, &body)), API_KEY)
+        .await;
+    assert_eq!(status, 201, "{reserved}");
+    all_serve(&wildcard_serial, "the named certificate").await;
+    let detach = format!(
+        "/reserved_domains/{}/certificate",
+        reserved["id"].as_str().unwrap()
+    );
+    let (status, _) = first.api("DELETE", &detach, None, API_KEY).await;
+    assert_eq!(status, 204);
+    all_serve(&exact_serial, "the exact certificate once detached").await;
 }
