@@ -45,7 +45,10 @@ use std::{
 
 use postern_config_sync::{Change, Cluster, ClusterSettings, GossipTransport, Kind, Local, Member};
 use postern_events::{RuntimeSubscriptions, Subscription};
-use postern_ingress::{AcmeChallenges, CertSource, CertStore, DevCa, EndpointSpec, Protocol};
+use postern_ingress::{
+    AcmeChallenges, CertSource, CertStore, DevCa, DomainPattern, EndpointSpec, Protocol,
+    ServingCert,
+};
 use postern_net::TlsError;
 use postern_proto::{ErrorCode, Failure};
 use tokio::{net::TcpListener, sync::broadcast::error::RecvError, task::JoinHandle};
@@ -737,11 +740,12 @@ fn credential_record(
     Some(record)
 }
 
-/// Makes the uploaded certificates served those of the cluster; one that
-/// cannot be served here (its key sealed with another cluster key, or
-/// expired since) is left out and logged.
+/// Makes the uploaded certificates served those of the cluster, and
+/// those reserved domains name (`certificate_id`) served for their
+/// domains first; one that cannot be served here (its key sealed with
+/// another cluster key, or expired since) is left out and logged.
 fn apply_tls_certificates(cluster: &Cluster, certs: &CertStore) {
-    let serving = cluster
+    let serving: Vec<(String, ServingCert)> = cluster
         .list::<TlsCertificate>()
         .into_iter()
         .filter_map(|(id, stored)| {
@@ -752,7 +756,29 @@ fn apply_tls_certificates(cluster: &Cluster, certs: &CertStore) {
                 .map(|cert| (id, cert))
         })
         .collect();
+    let named = cluster
+        .list::<ReservedDomain>()
+        .into_iter()
+        .filter_map(|(rd, reserved)| {
+            let id = reserved.certificate_id?;
+            let domain = DomainPattern::parse(&reserved.domain).ok()?;
+            let Some((_, cert)) = serving.iter().find(|(other, _)| *other == id) else {
+                tracing::warn!(
+                    rd,
+                    id,
+                    "the certificate a reserved domain names is not served here"
+                );
+                return None;
+            };
+            let named = ServingCert {
+                key: cert.key.clone(),
+                names: vec![domain],
+            };
+            Some((rd, named))
+        })
+        .collect();
     certs.replace(CertSource::Uploaded, serving);
+    certs.replace(CertSource::Named, named);
 }
 
 /// Makes the pipeline's runtime subscriptions the cluster's event
@@ -847,6 +873,9 @@ async fn follow(
             {
                 if kind == AgentIngress::KIND {
                     node.apply_ingresses();
+                }
+                if kind == ReservedDomain::KIND {
+                    apply_tls_certificates(&node.cluster, &node.certs);
                 }
                 node.apply_acme_certificates();
                 answers.apply(&node).await;

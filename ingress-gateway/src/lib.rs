@@ -40,6 +40,6 @@ pub use policy::{Document as PolicyDocument, PolicyError, RateStore, RedisRates,
 pub use router::{DomainPattern, NameError, Router, normalize_host, normalize_name};
 pub use sni::{ClientHello, Peek, PeekError, peek_client_hello};
 pub use tls::{
-    CertSource, CertStore, DevCa, ServingCert, build_server_config, certificate_names,
+    CertSource, CertStore, DevCa, ServingCert, build_server_config, certificate_names, names_cover,
     single_cert_config,
 };

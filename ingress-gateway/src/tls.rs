@@ -186,9 +186,22 @@ impl ServingCert {
     }
 }
 
+/// Whether a certificate carrying `names` is valid for every name of
+/// `domain` by the usual rule (RFC 6125): an exact name is covered by the
+/// same name or by `*.` over its parent (one label, not more); a wildcard
+/// only by the same wildcard.
+pub fn names_cover(names: &[DomainPattern], domain: &DomainPattern) -> bool {
+    names.iter().any(|name| {
+        name == domain
+            || matches!((name, domain), (DomainPattern::Wildcard(suffix), DomainPattern::Exact(exact))
+                if exact.split_once('.').is_some_and(|(_, parent)| parent == suffix))
+    })
+}
+
 /// Where a served certificate comes from. When certificates of two
 /// sources carry the same name, the later source here is served: an
-/// uploaded certificate over an ACME one over a file of the config.
+/// uploaded certificate over an ACME one over a file of the config. A
+/// certificate of `Named` is looked up first, for the names it is given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CertSource {
     /// `[[tls.certificates]]`, read at start-up and on SIGHUP.
@@ -197,26 +210,43 @@ pub enum CertSource {
     Acme,
     /// Uploaded through `/tls_certificates`.
     Uploaded,
+    /// An uploaded certificate a reserved domain names (`certificate_id`),
+    /// with the reserved domain as its only name: served for the domain's
+    /// names over any other source's, more specific ones included.
+    Named,
 }
 
 #[derive(Default)]
 struct Served {
     /// Every certificate by source and key (a file, a name, an id).
     certs: BTreeMap<(CertSource, String), ServingCert>,
-    /// Built from `certs`: the certificate for each name.
+    /// Built from `certs` of [`CertSource::Named`]: the certificate for
+    /// each reserved domain naming one.
+    named: Router<Arc<CertifiedKey>>,
+    /// Built from the other `certs`: the certificate for each name.
     router: Router<Arc<CertifiedKey>>,
 }
 
 impl Served {
     fn rebuild(&mut self) {
-        let mut router = Router::default();
-        for cert in self.certs.values() {
+        let (mut named, mut router) = (Router::default(), Router::default());
+        for ((source, _), cert) in &self.certs {
+            let router = match source {
+                CertSource::Named => &mut named,
+                _ => &mut router,
+            };
             for name in &cert.names {
                 router.remove(name);
                 let _ = router.insert(name, cert.key.clone());
             }
         }
-        self.router = router;
+        (self.named, self.router) = (named, router);
+    }
+
+    /// The certificate for a normalised name: a reserved domain's named
+    /// one, else the most specific one carrying it.
+    fn lookup(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
+        self.named.lookup(name).or_else(|| self.router.lookup(name))
     }
 }
 
@@ -290,18 +320,12 @@ impl CertStore {
     /// dev CA's aside).
     pub fn serves(&self, name: &str) -> bool {
         let served = self.served.read().expect("cert store lock");
-        served.router.lookup(name).is_some()
+        served.lookup(name).is_some()
     }
 
     /// The certificate for a normalised name, issuing one in dev mode.
     pub fn lookup(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(key) = self
-            .served
-            .read()
-            .expect("cert store lock")
-            .router
-            .lookup(name)
-        {
+        if let Some(key) = self.served.read().expect("cert store lock").lookup(name) {
             return Some(key.clone());
         }
         let ca = self.dev_ca.as_ref()?;
@@ -439,6 +463,69 @@ mod tests {
         verifier
             .verify_server_cert(&leaf, &[], &name, &[], rustls::pki_types::UnixTime::now())
             .expect("the leaf chains to the derived CA");
+    }
+
+    #[test]
+    fn certificate_names_cover_by_the_usual_rule() {
+        let names = |raw: &[&str]| -> Vec<DomainPattern> {
+            raw.iter()
+                .map(|n| DomainPattern::parse(n).unwrap())
+                .collect()
+        };
+        let domain = |raw| DomainPattern::parse(raw).unwrap();
+        let wildcard = names(&["*.example.test"]);
+        assert!(names_cover(&wildcard, &domain("app.example.test")));
+        assert!(names_cover(&wildcard, &domain("*.example.test")));
+        assert!(
+            !names_cover(&wildcard, &domain("a.b.example.test")),
+            "one label only"
+        );
+        assert!(!names_cover(&wildcard, &domain("example.test")));
+        assert!(!names_cover(&wildcard, &domain("*.a.example.test")));
+        let exact = names(&["app.example.test", "www.example.test"]);
+        assert!(names_cover(&exact, &domain("www.example.test")));
+        assert!(
+            !names_cover(&exact, &domain("*.example.test")),
+            "a wildcard needs a wildcard"
+        );
+    }
+
+    #[test]
+    fn a_named_certificate_wins_for_its_domain() {
+        let ca = DevCa::derived("Postern test CA", &[9u8; 32]).unwrap();
+        let serving = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let (cert, key) = ca.issue_pem(&names).unwrap();
+            ServingCert::from_pem(
+                Pem::new("cert", cert.as_bytes()),
+                Pem::new("key", key.as_bytes()),
+            )
+            .unwrap()
+        };
+        let store = CertStore::new(None);
+        let exact = serving(&["app.example.test"]);
+        let wildcard = serving(&["*.example.test"]);
+        store.set(CertSource::Uploaded, "exact", &exact);
+        store.set(CertSource::Config, "wildcard", &wildcard);
+        let served = |name| store.lookup(name).unwrap();
+        assert!(
+            Arc::ptr_eq(&served("app.example.test"), &exact.key),
+            "most specific"
+        );
+        // A reserved domain `*.example.test` names the wildcard one: it
+        // wins under the domain, more specific names included.
+        let named = ServingCert {
+            names: vec![DomainPattern::Wildcard("example.test".into())],
+            ..wildcard.clone()
+        };
+        store.set(CertSource::Named, "rd_1", &named);
+        assert!(Arc::ptr_eq(&served("app.example.test"), &wildcard.key));
+        assert!(store.serves("other.example.test"));
+        store.replace(CertSource::Named, Vec::new());
+        assert!(
+            Arc::ptr_eq(&served("app.example.test"), &exact.key),
+            "detached"
+        );
     }
 
     #[test]

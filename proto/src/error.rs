@@ -139,6 +139,10 @@ codes! {
     TLS_KEY_INVALID = (9041, 400, Client, "the uploaded private key is not a usable unencrypted PEM key");
     TLS_KEY_MISMATCH = (9042, 400, Client, "the uploaded private key does not belong to the certificate");
     TLS_CERT_NOT_CURRENT = (9043, 400, Client, "the uploaded certificate has expired or is not valid yet");
+    CERT_UNKNOWN = (9044, 400, Client, "certificate_id names no uploaded TLS certificate");
+    CERT_NOT_COVERING = (9045, 400, Client, "the certificate's DNS names do not cover the reserved domain");
+    CERT_EXCLUSIVE = (9046, 400, Client, "a reserved domain takes certificate_id or certificate_management_policy, not both");
+    CERT_IN_USE = (9047, 409, Client, "the certificate is named by a reserved domain; detach it first");
     API_UNAUTHORIZED = (9401, 401, Client, "a valid API key is required");
     API_NOT_FOUND = (9404, 404, Client, "no such resource");
     API_BAD_REQUEST = (9400, 400, Client, "the request is invalid");

@@ -1277,3 +1277,307 @@ async fn sighup_reloads_certificate_files_in_the_binary() {
     assert_eq!(edge.process().pid(), pid, "the same process throughout");
     edge.process().terminate().await;
 }
+
+/// Waits until openssl, trusting only `ca`, gets the certificate with
+/// `serial` for `name` at `addr`.
+async fn wait_served(addr: SocketAddr, name: &str, ca: &Path, serial: String, what: &str) {
+    eventually(10, what, || {
+        let serial = serial.clone();
+        async move {
+            let (served, verified) = served_serial(addr, name, ca).await;
+            verified && served == serial
+        }
+    })
+    .await
+}
+
+/// An `[acme]` table whose CA never answers: enough for the API to take a
+/// `certificate_management_policy`, ordering nothing.
+fn unreachable_acme() -> String {
+    format!(
+        "[acme]\ndirectory_url = \"https://127.0.0.1:{}/dir\"\nretry_min = \"30s\"\nretry_max = \"60s\"\n",
+        free_port()
+    )
+}
+
+/// A reserved domain naming an uploaded certificate (`certificate_id`,
+/// ngrok's shape): the edge serves that one for the domain over another
+/// uploaded certificate carrying the name (more specific, even), shows it
+/// as `certificate`, goes back to the default choice once detached (by
+/// `PATCH` or `DELETE …/certificate`), and refuses to delete it while
+/// named. Each refusal names the field with its own code.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reserved_domain_names_the_certificate_the_edge_serves() {
+    let extra = format!("{}{}", unreachable_acme(), cluster_of_one());
+    let mut edge = TestEdge::start_node("edge-named-1", "us", &extra).await;
+    let upstream = HttpUpstream::start().await;
+    let name = "app.named.test";
+    let (_agent, _) = edge.agent(&http_tunnels(upstream.port(), &[name])).await;
+    let dir = TempDir::new("named-certificate");
+    let ca = TestCa::root("Named test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let api = |method: &'static str, path: String, body: Option<String>| {
+        let edge = &edge;
+        async move {
+            edge.api(method, &path, body.as_deref().map(|b| (JSON, b)), API_KEY)
+                .await
+        }
+    };
+    let uploaded = |cert: postern_tests::Issued| async move {
+        let (status, created) = api(
+            "POST",
+            "/tls_certificates".into(),
+            Some(upload(&cert.cert_pem, &cert.key_pem)),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        (
+            created["id"].as_str().unwrap().to_string(),
+            serial_of(&cert.cert_pem),
+        )
+    };
+    // Two certificates for the name: by default the exact one is served
+    // (the most specific), the wildcard only when a reserved domain names it.
+    let (exact, exact_serial) = uploaded(ca.server(&[name])).await;
+    let (wildcard, wildcard_serial) = uploaded(ca.server(&["*.named.test"])).await;
+    let https = edge.addrs.https;
+    let served =
+        |serial: String, what: &'static str| wait_served(https, name, &ca_file, serial, what);
+    served(exact_serial.clone(), "the exact certificate, by default").await;
+
+    let body = |fields: Value| Some(fields.to_string());
+    let (status, reserved) = api(
+        "POST",
+        "/reserved_domains".into(),
+        body(serde_json::json!({"domain": name, "certificate_id": wildcard})),
+    )
+    .await;
+    assert_eq!(status, 201, "{reserved}");
+    let rd = reserved["id"].as_str().unwrap().to_string();
+    let named = serde_json::json!({"id": wildcard, "uri": format!("/tls_certificates/{wildcard}")});
+    assert_eq!(reserved["certificate"], named, "{reserved}");
+    assert_eq!(reserved["certificate_management_policy"], Value::Null);
+    served(
+        wildcard_serial.clone(),
+        "the certificate the reserved domain names",
+    )
+    .await;
+    let rd_path = format!("/reserved_domains/{rd}");
+    let (_, got) = api("GET", rd_path.clone(), None).await;
+    assert_eq!(got["certificate"], named, "{got}");
+
+    // PATCH with "" detaches it: the default choice again.
+    let (status, patched) = api(
+        "PATCH",
+        rd_path.clone(),
+        body(serde_json::json!({"certificate_id": ""})),
+    )
+    .await;
+    assert_eq!(
+        (status, &patched["certificate"]),
+        (200, &Value::Null),
+        "{patched}"
+    );
+    served(exact_serial.clone(), "the exact certificate once detached").await;
+    let (status, patched) = api(
+        "PATCH",
+        rd_path.clone(),
+        body(serde_json::json!({"certificate_id": wildcard})),
+    )
+    .await;
+    assert_eq!(
+        (status, &patched["certificate"]),
+        (200, &named),
+        "{patched}"
+    );
+    served(wildcard_serial.clone(), "named again").await;
+
+    // A named certificate is not deleted; detached, it is.
+    let cert_path = format!("/tls_certificates/{wildcard}");
+    let (status, refused) = api("DELETE", cert_path.clone(), None).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error_code"], "ERR_POSTERN_9047", "{refused}");
+    let msg = refused["msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&rd) && msg.contains("certificate_id"),
+        "{refused}"
+    );
+    served(wildcard_serial.clone(), "still named after the refusal").await;
+
+    // Refusals, each naming the field.
+    let acme_id = format!("cert_acme_{name}");
+    let policy = serde_json::json!({"authority": "letsencrypt"});
+    for (method, path, fields, code) in [
+        (
+            "POST",
+            "/reserved_domains".to_string(),
+            serde_json::json!({"domain": "other.named.test", "certificate_id": "cert_nope"}),
+            "ERR_POSTERN_9044",
+        ),
+        (
+            "PATCH",
+            rd_path.clone(),
+            serde_json::json!({"certificate_id": acme_id}),
+            "ERR_POSTERN_9044",
+        ),
+        (
+            "POST",
+            "/reserved_domains".to_string(),
+            serde_json::json!({"domain": "a.b.named.test", "certificate_id": wildcard}),
+            "ERR_POSTERN_9045",
+        ),
+        (
+            "POST",
+            "/reserved_domains".to_string(),
+            serde_json::json!({"domain": "*.named.test", "certificate_id": exact}),
+            "ERR_POSTERN_9045",
+        ),
+        (
+            "POST",
+            "/reserved_domains".to_string(),
+            serde_json::json!({"domain": "other.named.test", "certificate_id": exact,
+                "certificate_management_policy": policy}),
+            "ERR_POSTERN_9046",
+        ),
+        (
+            "PATCH",
+            rd_path.clone(),
+            serde_json::json!({"certificate_management_policy": policy}),
+            "ERR_POSTERN_9046",
+        ),
+    ] {
+        let (status, error) = api(method, path.clone(), body(fields.clone())).await;
+        assert_eq!(status, 400, "{fields}: {error}");
+        assert_eq!(error["error_code"], code, "{fields}: {error}");
+        let msg = error["msg"].as_str().unwrap_or_default();
+        assert!(msg.starts_with("certificate_id: "), "{fields}: {error}");
+    }
+    let (_, got) = api("GET", rd_path.clone(), None).await;
+    assert_eq!(
+        got["certificate"], named,
+        "unchanged by the refusals: {got}"
+    );
+
+    // Switching to a policy clears certificate_id in the same request;
+    // back again likewise; a policy's certificate is not named meanwhile.
+    let (status, patched) = api(
+        "PATCH",
+        rd_path.clone(),
+        body(serde_json::json!({"certificate_management_policy": policy, "certificate_id": null})),
+    )
+    .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["certificate"], Value::Null, "{patched}");
+    assert_eq!(
+        patched["certificate_management_policy"]["authority"],
+        "letsencrypt"
+    );
+    let (status, refused) = api(
+        "PATCH",
+        rd_path.clone(),
+        body(serde_json::json!({"certificate_id": wildcard})),
+    )
+    .await;
+    assert_eq!(
+        (status, &refused["error_code"]),
+        (400, &"ERR_POSTERN_9046".into()),
+        "{refused}"
+    );
+    let (status, patched) = api(
+        "PATCH",
+        rd_path.clone(),
+        body(
+            serde_json::json!({"certificate_id": wildcard, "certificate_management_policy": null}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, &patched["certificate"]),
+        (200, &named),
+        "{patched}"
+    );
+
+    // DELETE …/certificate detaches it, as ngrok's.
+    let (status, _) = api("DELETE", format!("{rd_path}/certificate"), None).await;
+    assert_eq!(status, 204);
+    let (_, got) = api("GET", rd_path.clone(), None).await;
+    assert_eq!(got["certificate"], Value::Null, "{got}");
+    served(
+        exact_serial,
+        "the exact certificate after DELETE …/certificate",
+    )
+    .await;
+    let (status, deleted) = api("DELETE", cert_path, None).await;
+    assert_eq!(status, 204, "{deleted}");
+    let (status, _) = api("DELETE", format!("{rd_path}/nothing"), None).await;
+    assert_eq!(status, 404);
+    edge.stop().await;
+}
+
+/// Every node serves the certificate a reserved domain names, whichever
+/// node the certificates were uploaded at and the reservation written at,
+/// and every node goes back to the default choice once it is detached.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_node_serves_the_certificate_a_reserved_domain_names() {
+    let specs = [
+        ("edge-us-1", "us", Run::InProcess),
+        ("edge-eu-1", "eu", Run::InProcess),
+    ];
+    let cluster = TestCluster::start_nodes(&specs, "").await;
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let upstream = HttpUpstream::start().await;
+    let name = "app.cluster-named.test";
+    let (_agent, _) = first.agent(&http_tunnels(upstream.port(), &[name])).await;
+    let dir = TempDir::new("named-in-a-cluster");
+    let ca = TestCa::root("Cluster named CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let mut ids = Vec::new();
+    for cert in [ca.server(&[name]), ca.server(&["*.cluster-named.test"])] {
+        let (status, created) = first
+            .api(
+                "POST",
+                "/tls_certificates",
+                Some((JSON, &upload(&cert.cert_pem, &cert.key_pem))),
+                API_KEY,
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        ids.push((
+            created["id"].as_str().unwrap().to_string(),
+            serial_of(&cert.cert_pem),
+        ));
+    }
+    let [(_, exact_serial), (wildcard, wildcard_serial)] = <[_; 2]>::try_from(ids).unwrap();
+    let all_serve = |serial: &str, what: &str| {
+        let (serial, what, ca_file) = (serial.to_string(), what.to_string(), ca_file.clone());
+        let nodes: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.addrs.https).collect();
+        async move {
+            for https in nodes {
+                wait_served(
+                    https,
+                    name,
+                    &ca_file,
+                    serial.clone(),
+                    &format!("{what} at {https}"),
+                )
+                .await;
+            }
+        }
+    };
+    all_serve(&exact_serial, "the exact certificate, by default").await;
+    let body = serde_json::json!({"domain": name, "certificate_id": wildcard}).to_string();
+    let (status, reserved) = second
+        .api("POST", "/reserved_domains", Some((JSON, &body)), API_KEY)
+        .await;
+    assert_eq!(status, 201, "{reserved}");
+    all_serve(&wildcard_serial, "the named certificate").await;
+    let detach = format!(
+        "/reserved_domains/{}/certificate",
+        reserved["id"].as_str().unwrap()
+    );
+    let (status, _) = first.api("DELETE", &detach, None, API_KEY).await;
+    assert_eq!(status, 204);
+    all_serve(&exact_serial, "the exact certificate once detached").await;
+}

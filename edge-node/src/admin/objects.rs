@@ -10,9 +10,12 @@
 //!   owner_id}`, the key in OpenSSH's `authorized_keys` format: SSH clients
 //!   log in to the SSH ingress with it and bind under its `acl`; the key is
 //!   fixed once created (a `PATCH` changes the rest).
-//! - `/reserved_domains`: `{domain, description, metadata, owner_id}`,
-//!   exact or `*.` wildcard: the name and everything under it may be bound
-//!   only by the owner's credentials.
+//! - `/reserved_domains`: `{domain, description, metadata, owner_id,
+//!   certificate_management_policy | certificate_id}`, exact or `*.`
+//!   wildcard: the name and everything under it may be bound only by the
+//!   owner's credentials; the certificate named is served for it.
+//!   `DELETE /reserved_domains/{id}/certificate` (or
+//!   `/certificate_management_policy`) clears the field.
 //! - `/agent_ingresses`: `{domain, description, metadata, owner_id}`:
 //!   agents connect to `tunnel.<region>.<domain>` at the nodes of each
 //!   region; `region_domains` lists them.
@@ -35,6 +38,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use postern_config_sync::Kind;
 use postern_events::{ApiSubscription, RawDestination, RawSource};
+use postern_ingress::{DomainPattern, names_cover};
 use postern_net::{Secret, random_id};
 use postern_proto::{ErrorCode, Failure};
 use serde::{Deserialize, de::DeserializeOwned};
@@ -48,8 +52,8 @@ use crate::{
     ca_store::now_rfc3339,
     cluster::{
         AgentIngress, BotUser, CertificatePolicy, ClusterNode, Credential, CredentialCommon,
-        EndpointPolicyRecord, EventSubscription, KeyType, ReservedDomain, SshCredential, bad,
-        check_text, parse_domain,
+        EndpointPolicyRecord, EventSubscription, KeyType, ReservedDomain, SshCredential,
+        TlsCertificate, bad, check_text, parse_domain,
     },
     config::EndpointPolicy,
     ssh::AuthorizedKey,
@@ -81,6 +85,15 @@ pub trait Resource: Kind + Clone {
     /// list and by `GET`, refused to `PATCH` and `DELETE`.
     fn read_only(_node: &ClusterNode) -> Vec<(String, Value)> {
         Vec::new()
+    }
+    /// Refuses to delete object `id` while others need it.
+    fn check_delete(_node: &ClusterNode, _id: &str) -> Result<(), Failure> {
+        Ok(())
+    }
+    /// The object after `DELETE /<path>/{id}/<part>` (ngrok's way of
+    /// clearing one field); `None`: no such part.
+    fn detach(self, _part: &str) -> Option<Self> {
+        None
     }
 }
 
@@ -154,7 +167,20 @@ pub async fn handle<R: Resource>(
             tracing::info!(id, kind = R::NAME, "updated");
             Ok(json_response(StatusCode::OK, &object.json(node, id)))
         }
+        (Method::DELETE, [id, part]) => {
+            let object = node.object::<R>(id).ok_or_else(|| not_found(id))?;
+            let object = object.detach(part).ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::API_NOT_FOUND,
+                    format!("{} has no {part} to delete", R::NAME),
+                )
+            })?;
+            node.put_object(id, &object).await?;
+            tracing::info!(id, kind = R::NAME, part, "detached");
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
         (Method::DELETE, [id]) => {
+            R::check_delete(node, id)?;
             let owned = R::owned_credentials(node, id);
             if !node.delete_object::<R>(id).await? {
                 return Err(not_found(id));
@@ -519,6 +545,21 @@ pub struct NewReservedDomain {
     /// ngrok's `{authority, private_key_type}`: the edge orders the name's
     /// certificate from the CA of `[acme]` and renews it.
     certificate_management_policy: Option<RawCertificatePolicy>,
+    /// The id of an uploaded certificate covering the domain, served for
+    /// it over any other; not with a `certificate_management_policy`.
+    certificate_id: Option<String>,
+}
+
+/// A `PATCH` of a reserved domain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservedDomainUpdate {
+    #[serde(flatten)]
+    managed: ManagedUpdate,
+    /// An id names (or replaces) the certificate; `""` or `null`
+    /// detaches it.
+    #[serde(default, deserialize_with = "present")]
+    certificate_id: Option<Option<String>>,
 }
 
 /// ngrok's `certificate_management_policy` as a body gives it.
@@ -606,12 +647,69 @@ fn certificate_policy(
     Ok(Some(policy))
 }
 
+/// A `certificate_id` checked for `domain`: `None` for none (or `""`),
+/// else the id of an uploaded certificate valid for every name of the
+/// domain (a wildcard domain needs the same wildcard).
+fn named_certificate(
+    node: &ClusterNode,
+    domain: &DomainPattern,
+    id: Option<String>,
+) -> Result<Option<String>, Failure> {
+    let Some(id) = id.filter(|id| !id.is_empty()) else {
+        return Ok(None);
+    };
+    if id.starts_with(&acme_certificate_id("")) {
+        return Err(Failure::new(
+            ErrorCode::CERT_UNKNOWN,
+            format!(
+                "certificate_id: {id} was issued by ACME and is managed by a certificate_management_policy; name a certificate uploaded through /tls_certificates"
+            ),
+        ));
+    }
+    let Some(cert) = node.object::<TlsCertificate>(&id) else {
+        return Err(Failure::new(
+            ErrorCode::CERT_UNKNOWN,
+            format!("certificate_id: there is no TLS certificate {id}"),
+        ));
+    };
+    let names = cert.names();
+    if !names_cover(&names, domain) {
+        let carried: Vec<String> = names.iter().map(ToString::to_string).collect();
+        let wildcard = match domain {
+            DomainPattern::Wildcard(_) => {
+                " (a wildcard reserved domain needs a certificate for the same wildcard)"
+            }
+            DomainPattern::Exact(_) => "",
+        };
+        return Err(Failure::new(
+            ErrorCode::CERT_NOT_COVERING,
+            format!(
+                "certificate_id: TLS certificate {id} is for {}, which does not cover {domain}{wildcard}",
+                carried.join(", ")
+            ),
+        ));
+    }
+    Ok(Some(id))
+}
+
+/// Refuses a reserved domain that would have both a `certificate_id` and
+/// a `certificate_management_policy`.
+fn one_certificate_source(certificate_id: bool, policy: bool) -> Result<(), Failure> {
+    if certificate_id && policy {
+        return Err(Failure::new(
+            ErrorCode::CERT_EXCLUSIVE,
+            "certificate_id: a reserved domain takes either certificate_id (an uploaded certificate) or certificate_management_policy (certificates from ACME), not both; set the other to null in the same request",
+        ));
+    }
+    Ok(())
+}
+
 impl Resource for ReservedDomain {
     const PATH: &'static str = "reserved_domains";
     const ID_PREFIX: &'static str = "rd_";
     const NAME: &'static str = "reserved domain";
     type New = NewReservedDomain;
-    type Update = ManagedUpdate;
+    type Update = ReservedDomainUpdate;
 
     fn create(
         node: &ClusterNode,
@@ -621,6 +719,11 @@ impl Resource for ReservedDomain {
         let domain = parse_domain(&new.domain, true)?;
         check_text(&new.description, &new.metadata)?;
         check_owner(node, &new.owner_id)?;
+        one_certificate_source(
+            new.certificate_id.as_ref().is_some_and(|id| !id.is_empty()),
+            new.certificate_management_policy.is_some(),
+        )?;
+        let certificate_id = named_certificate(node, &domain, new.certificate_id)?;
         let reserved = ReservedDomain {
             domain: domain.to_string(),
             description: new.description,
@@ -633,6 +736,7 @@ impl Resource for ReservedDomain {
                 new.certificate_management_policy,
                 KeyType::Ecdsa,
             )?,
+            certificate_id,
         };
         let overlap = node
             .objects::<ReservedDomain>()
@@ -656,14 +760,43 @@ impl Resource for ReservedDomain {
         Ok((reserved, Value::Null))
     }
 
-    fn update(mut self, node: &ClusterNode, update: ManagedUpdate) -> Result<Self, Failure> {
-        update.apply(
+    fn update(mut self, node: &ClusterNode, update: ReservedDomainUpdate) -> Result<Self, Failure> {
+        let ReservedDomainUpdate {
+            managed,
+            certificate_id,
+        } = update;
+        one_certificate_source(
+            match &certificate_id {
+                Some(id) => id.as_ref().is_some_and(|id| !id.is_empty()),
+                None => self.certificate_id.is_some(),
+            },
+            match &managed.certificate_management_policy {
+                Some(policy) => policy.is_some(),
+                None => self.certificate_management_policy.is_some(),
+            },
+        )?;
+        managed.apply(
             node,
             &self.domain,
             (&mut self.description, &mut self.metadata),
             (&mut self.certificate_management_policy, KeyType::Ecdsa),
         )?;
+        if let Some(id) = certificate_id {
+            let domain = parse_domain(&self.domain, true)?;
+            self.certificate_id = named_certificate(node, &domain, id)?;
+        }
         Ok(self)
+    }
+
+    /// `certificate` detaches the certificate named, and
+    /// `certificate_management_policy` stops managing one, as ngrok's.
+    fn detach(mut self, part: &str) -> Option<Self> {
+        match part {
+            "certificate" => self.certificate_id = None,
+            "certificate_management_policy" => self.certificate_management_policy = None,
+            _ => return None,
+        }
+        Some(self)
     }
 
     fn json(&self, node: &ClusterNode, id: &str) -> Value {
@@ -672,11 +805,16 @@ impl Resource for ReservedDomain {
             self.certificate_management_policy.as_ref(),
             &self.domain,
         );
-        // The ACME certificate served, as `/tls_certificates` lists it.
-        let certificate = status.as_ref().filter(|s| s.not_after.is_some()).map(|_| {
-            let cert = acme_certificate_id(&self.domain);
-            json!({ "id": cert, "uri": format!("/tls_certificates/{cert}") })
-        });
+        // The certificate named, or the ACME one served, as
+        // `/tls_certificates` lists it.
+        let certificate = match &self.certificate_id {
+            Some(cert) => Some(cert.clone()),
+            None => status
+                .as_ref()
+                .filter(|s| s.not_after.is_some())
+                .map(|_| acme_certificate_id(&self.domain)),
+        }
+        .map(|cert| json!({ "id": cert, "uri": format!("/tls_certificates/{cert}") }));
         let status = status.as_ref().map(certificate_status);
         json!({
             "id": id,

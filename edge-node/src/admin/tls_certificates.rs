@@ -2,13 +2,15 @@
 //! its key uploaded, checked (PEM, a DNS name, the key unencrypted and
 //! belonging to the leaf, valid today: each refusal names the field with
 //! its own `ERR_POSTERN_904x`), kept as a cluster object with the key
-//! sealed, and served by every node by SNI for the names it carries. The
-//! key is never shown. The certificates ACME issued for reserved domains
+//! sealed, and served by every node by SNI for the names it carries (and,
+//! named by a reserved domain's `certificate_id`, for the domain's names
+//! over any other; it cannot be deleted while named). The key is never
+//! shown. The certificates ACME issued for reserved domains
 //! are listed too, with ids `cert_acme_<name>`, read-only.
 
 use postern_ingress::CertSource;
 use postern_net::{fingerprint, usages};
-use postern_proto::Failure;
+use postern_proto::{ErrorCode, Failure};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -83,6 +85,26 @@ impl Resource for TlsCertificate {
             certificate_pem: &self.certificate_pem,
         };
         shown.with(&chain, false)
+    }
+
+    /// A certificate a reserved domain names stays until detached.
+    fn check_delete(node: &ClusterNode, id: &str) -> Result<(), Failure> {
+        let naming: Vec<String> = node
+            .objects::<ReservedDomain>()
+            .into_iter()
+            .filter(|(_, reserved)| reserved.certificate_id.as_deref() == Some(id))
+            .map(|(rd, reserved)| format!("{rd} ({})", reserved.domain))
+            .collect();
+        if naming.is_empty() {
+            return Ok(());
+        }
+        Err(Failure::new(
+            ErrorCode::CERT_IN_USE,
+            format!(
+                "TLS certificate {id} is the certificate_id of reserved domain {}; detach it first (DELETE /reserved_domains/{{id}}/certificate, or PATCH another certificate_id)",
+                naming.join(", ")
+            ),
+        ))
     }
 
     fn read_only(node: &ClusterNode) -> Vec<(String, Value)> {

@@ -7,9 +7,10 @@ use std::path::Path;
 
 use postern_config_sync::Kind;
 use postern_events::{ApiSubscription, Subscription};
-use postern_ingress::{DomainPattern, ServingCert};
+use postern_ingress::{DomainPattern, ServingCert, certificate_names};
 use postern_net::{Pem, Secret, TlsError};
 use postern_proto::{ErrorCode, Failure};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 
 /// A service account owning credentials (ngrok's bot user). Tokens of an
@@ -43,6 +44,11 @@ pub struct ReservedDomain {
     /// the name's certificate from the ACME CA of `[acme]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_management_policy: Option<CertificatePolicy>,
+    /// ngrok's `certificate_id`: the uploaded [`TlsCertificate`] every
+    /// node serves for the domain's names, over any other certificate
+    /// carrying them. Never set with a `certificate_management_policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<String>,
 }
 
 /// How a reserved domain's certificate is managed (ngrok's shape).
@@ -154,6 +160,18 @@ impl Kind for TlsCertificate {
 }
 
 impl TlsCertificate {
+    /// The DNS names of the leaf.
+    pub fn names(&self) -> Vec<DomainPattern> {
+        CertificateDer::pem_slice_iter(self.certificate_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .map(|leaf| certificate_names(&leaf))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|name| DomainPattern::parse(name).ok())
+            .collect()
+    }
+
     /// The certificate as this node serves it, its key opened with
     /// `open`, checked as an upload is (a certificate that has expired
     /// since is refused).
@@ -289,6 +307,7 @@ mod tests {
             owner_id: None,
             created_at: String::new(),
             certificate_management_policy: None,
+            certificate_id: None,
         }
     }
 
