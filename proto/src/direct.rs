@@ -71,7 +71,7 @@ fn message_len(bytes: &[u8]) -> Option<usize> {
 }
 
 impl Deframer {
-    /// Takes the next DATA frame; call when [`Deframer::next`] gave `None`.
+    /// Takes the next DATA frame; call when [`Deframer::message`] gave `None`.
     pub fn push(&mut self, chunk: Bytes) {
         debug_assert!(self.chunk.is_empty());
         self.chunk = chunk;
@@ -83,7 +83,7 @@ impl Deframer {
     }
 
     /// The next whole message, if the frames so far hold one.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+    pub fn message<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
         loop {
             if self.partial.is_empty() {
                 match message_len(&self.chunk) {
@@ -104,6 +104,8 @@ impl Deframer {
                 return Ok(None);
             }
             let need = message_len(&self.partial).unwrap_or(5) - self.partial.len();
+            // Once the length is known, room for the whole message at once.
+            self.partial.reserve(need);
             let take = need.min(self.chunk.len());
             self.partial.extend_from_slice(&self.chunk.split_to(take));
         }
@@ -151,7 +153,7 @@ impl Stream for Inbound {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.frames.next() {
+            match this.frames.message() {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Ok(None) => {}
                 Err(status) => {
@@ -404,7 +406,7 @@ mod tests {
             let mut got = Vec::new();
             for chunk in wire.chunks(cut) {
                 deframer.push(Bytes::copy_from_slice(chunk));
-                while let Some(frame) = deframer.next::<pb::Frame>().unwrap() {
+                while let Some(frame) = deframer.message::<pb::Frame>().unwrap() {
                     got.push(frame);
                 }
             }
@@ -418,8 +420,8 @@ mod tests {
         let wire = Bytes::from(wire());
         let mut deframer = Deframer::default();
         deframer.push(wire.clone());
-        deframer.next::<pb::Frame>().unwrap().unwrap();
-        let bulk = deframer.next::<pb::Frame>().unwrap().unwrap();
+        deframer.message::<pb::Frame>().unwrap().unwrap();
+        let bulk = deframer.message::<pb::Frame>().unwrap().unwrap();
         let range = wire.as_ptr_range();
         assert!(
             range.contains(&bulk.data.as_ptr()),
@@ -431,7 +433,7 @@ mod tests {
     fn a_compressed_message_is_refused() {
         let mut deframer = Deframer::default();
         deframer.push(Bytes::from_static(&[1, 0, 0, 0, 2, 0x18, 1]));
-        let status = deframer.next::<pb::Frame>().unwrap_err();
+        let status = deframer.message::<pb::Frame>().unwrap_err();
         assert!(status.message().contains("compressed"), "{status}");
     }
 }
