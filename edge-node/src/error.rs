@@ -160,8 +160,6 @@ pub enum StartError {
 /// A drain that did not end cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
-    #[error("agent gRPC server")]
-    Grpc(#[source] tonic::transport::Error),
     #[error("agent gRPC server task")]
     GrpcTask(#[source] tokio::task::JoinError),
 }

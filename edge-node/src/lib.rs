@@ -135,7 +135,7 @@ pub struct Edge {
     registry: Arc<Registry>,
     admin: Option<HttpServer>,
     stop_grpc: CancellationToken,
-    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    grpc: JoinHandle<()>,
     /// The agent listeners' connection tasks (TLS handshakes; the ngrok
     /// SDKs' sessions and their streams).
     agent_connections: TaskTracker,
@@ -443,7 +443,7 @@ impl Edge {
             tokio::time::timeout(STOP_WAIT, self.agent_connections.wait()),
         );
         let grpc = match grpc {
-            Ok(Ok(result)) => result.map_err(ShutdownError::Grpc),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(join)) => Err(ShutdownError::GrpcTask(join)),
             Err(_) => {
                 tracing::warn!("agent connections did not close within 5s");
@@ -577,7 +577,9 @@ fn agent_certs(
 }
 
 /// Serves agents on `listener` (gRPC over TLS, the connections' tasks on
-/// `connections`) until `stop`.
+/// `connections`) until `stop`: data streams spoken with `h2` directly
+/// (`postern_proto::direct`: a connection's task polls its streams'
+/// outgoing frames), the control stream by tonic.
 fn serve_agents(
     config: &EdgeConfig,
     listener: TcpListener,
@@ -585,16 +587,44 @@ fn serve_agents(
     registry: Arc<Registry>,
     connections: &TaskTracker,
     stop: CancellationToken,
-) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    let incoming = service::tls_incoming("agent", listener, tls, connections, &stop, false);
-    let svc =
-        postern_proto::pb::tunnel_server::TunnelServer::new(service::TunnelService::new(registry));
-    tokio::spawn(
-        service::server_builder(
-            config.session.heartbeat_interval,
-            config.session.heartbeat_tolerance,
-        )
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
-    )
+) -> JoinHandle<()> {
+    let mut incoming = Box::pin(service::tls_incoming(
+        "agent",
+        listener,
+        tls,
+        connections,
+        &stop,
+        false,
+    ));
+    let control = tonic::service::Routes::new(postern_proto::pb::tunnel_server::TunnelServer::new(
+        service::TunnelService::new(registry.clone()),
+    ));
+    let (heartbeat, tolerance) = (
+        config.session.heartbeat_interval,
+        config.session.heartbeat_tolerance,
+    );
+    let connections = connections.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(conn)) = futures_util::StreamExt::next(&mut incoming).await {
+            let peer = tonic::transport::server::Connected::connect_info(&conn);
+            let settings = postern_proto::direct::ServerSettings {
+                heartbeat,
+                tolerance,
+                max_header_list_size: service::MAX_HEADER_LIST_SIZE,
+            };
+            let served = postern_proto::direct::serve_connection(
+                conn,
+                peer.clone(),
+                settings,
+                stop.clone(),
+                service::TunnelService::new(registry.clone()),
+                control.clone(),
+            );
+            connections.spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::debug!(peer = %peer.addr, error = %e, "agent connection ended");
+                }
+            });
+        }
+    })
 }

@@ -11,7 +11,9 @@ use std::{
 
 use futures_util::{Future, Stream, StreamExt};
 use postern_net::{AcceptLoop, Hooked, IoHook};
-use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
+use postern_proto::{
+    BoxFrames, ErrorCode, Failure, InboundFrames, direct::DataStreams, metadata, pb,
+};
 use rustls::ServerConfig;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -93,23 +95,40 @@ impl pb::tunnel_server::Tunnel for TunnelService {
         &self,
         request: Request<Streaming<pb::Frame>>,
     ) -> Result<Response<Self::DataStream>, Status> {
+        let (metadata, extensions, inbound) = request.into_parts();
+        let frames = self.open_data(
+            &metadata.into_headers(),
+            extensions.get(),
+            Box::pin(inbound),
+        )?;
+        Ok(Response::new(Box::pin(frames.map(Ok))))
+    }
+}
+
+impl TunnelService {
+    /// Parks a data stream the agent opened on a connection `peer`, with
+    /// `headers` (its session id and stream token); the frames to send it.
+    fn open_data(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<&PeerInfo>,
+        inbound: InboundFrames,
+    ) -> Result<BoxFrames, Status> {
         let value = |key: &str| {
-            request
-                .metadata()
+            headers
                 .get(key)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
-                .to_string()
         };
         let (session_id, token) = (value(metadata::SESSION), value(metadata::STREAM_TOKEN));
         let session = self
             .registry
-            .session(&session_id)
-            .filter(|s| s.stream_token_matches(&token))
+            .session(session_id)
+            .filter(|s| s.stream_token_matches(token))
             .ok_or_else(|| Status::permission_denied("unknown session or stream token"))?;
         // An agent may open its data streams on connections of their own:
         // each is cut with the session.
-        if let Some(peer) = request.extensions().get::<PeerInfo>()
+        if let Some(peer) = peer
             && !session.join(peer)
         {
             return Err(Status::resource_exhausted(format!(
@@ -119,11 +138,21 @@ impl pb::tunnel_server::Tunnel for TunnelService {
         }
         let (attach, frames) = postern_proto::attachable();
         session.park(postern_ingress::ClaimedStream {
-            inbound: Box::pin(request.into_inner()),
+            inbound,
             attach,
             permit: None,
         });
-        Ok(Response::new(Box::pin(frames.map(Ok))))
+        Ok(Box::pin(frames))
+    }
+}
+
+impl DataStreams for TunnelService {
+    fn open(
+        &self,
+        head: &http::request::Parts,
+        inbound: InboundFrames,
+    ) -> Result<BoxFrames, Status> {
+        self.open_data(&head.headers, head.extensions.get(), inbound)
     }
 }
 
@@ -291,16 +320,5 @@ pub fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The tonic server with the tunnel's HTTP/2 settings. HTTP/2 pings on the
-/// heartbeat interval close a connection whose peer stopped answering,
-/// failing its data streams at once.
-pub fn server_builder(heartbeat: Duration, tolerance: Duration) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(heartbeat))
-        .http2_keepalive_timeout(Some(tolerance))
-        .initial_stream_window_size(h2_settings::STREAM_WINDOW)
-        .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
-        .max_frame_size(h2_settings::MAX_FRAME_SIZE)
-        .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
-        .tcp_nodelay(true)
-}
+/// Request headers an agent may send on its connection, in bytes.
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;

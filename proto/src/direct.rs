@@ -24,7 +24,6 @@ use prost::Message;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::mpsc,
-    time::Instant,
 };
 use tonic::Status;
 
@@ -190,10 +189,18 @@ impl Stream for Inbound {
     }
 }
 
+/// How a side ends its half of a stream: the client with an empty DATA
+/// frame that ends the stream, the server with gRPC's OK trailers.
+#[derive(Clone, Copy)]
+enum Ending {
+    EndStream,
+    Trailers,
+}
+
 /// Sends `frames` on `send` as they come, no faster than the peer's window
 /// allows (a frame is asked for only once there is room), then ends the
 /// stream.
-async fn send_frames(mut frames: BoxFrames, mut send: h2::SendStream<Body>) {
+async fn send_frames(mut frames: BoxFrames, mut send: h2::SendStream<Body>, ending: Ending) {
     loop {
         send.reserve_capacity(MAX_READ + 16);
         while send.capacity() == 0 {
@@ -204,11 +211,78 @@ async fn send_frames(mut frames: BoxFrames, mut send: h2::SendStream<Body>) {
             }
         }
         let Some(frame) = frames.next().await else {
-            let _ = send.send_data(Bytes::new().chain(Bytes::new()), true);
+            let _ = match ending {
+                Ending::EndStream => send.send_data(Bytes::new().chain(Bytes::new()), true),
+                Ending::Trailers => send.send_trailers(ok_trailers()),
+            };
             return;
         };
         if send.send_data(encode_frame(frame), false).is_err() {
             return;
+        }
+    }
+}
+
+fn ok_trailers() -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers
+}
+
+/// HTTP/2 pings every `heartbeat`; a connection whose peer has not answered
+/// one within `tolerance` is given up (tonic's keepalive, done by hand).
+struct Keepalive {
+    pings: h2::PingPong,
+    ticks: tokio::time::Interval,
+    tolerance: Duration,
+    /// The deadline of the ping that is out.
+    answer_by: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Keepalive {
+    fn new(
+        pings: Option<h2::PingPong>,
+        heartbeat: Duration,
+        tolerance: Duration,
+    ) -> io::Result<Keepalive> {
+        let pings = pings.ok_or_else(|| io::Error::other("the connection's pings were taken"))?;
+        let mut ticks = tokio::time::interval(heartbeat);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Keepalive {
+            pings,
+            ticks,
+            tolerance,
+            answer_by: None,
+        })
+    }
+
+    /// Ready only when the connection must be given up.
+    fn poll_failed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            match self.answer_by.as_mut() {
+                None => {
+                    std::task::ready!(self.ticks.poll_tick(cx));
+                    if let Err(e) = self.pings.send_ping(h2::Ping::opaque()) {
+                        return Poll::Ready(io::Error::other(e));
+                    }
+                    self.answer_by = Some(Box::pin(tokio::time::sleep(self.tolerance)));
+                }
+                Some(deadline) => {
+                    match self.pings.poll_pong(cx) {
+                        Poll::Ready(Ok(_)) => {
+                            self.answer_by = None;
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(io::Error::other(e)),
+                        Poll::Pending => {}
+                    }
+                    std::task::ready!(deadline.as_mut().poll(cx));
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer answered no ping within {:?}", self.tolerance),
+                    ));
+                }
+            }
         }
     }
 }
@@ -281,7 +355,7 @@ impl DataConnection {
         let mut requests = self.requests.clone().ready().await.map_err(h2_status)?;
         let (response, send) = requests.send_request(request, false).map_err(h2_status)?;
         self.senders
-            .send(Box::pin(send_frames(outbound, send)))
+            .send(Box::pin(send_frames(outbound, send, Ending::EndStream)))
             .map_err(|_| Status::unavailable("the connection to the edge is closed"))?;
         let response = response.await.map_err(h2_status)?;
         if let Some(status) =
@@ -305,14 +379,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     /// `tolerance` (one goes every `heartbeat`, as on tonic's connections).
     pub async fn run(mut self) -> io::Result<()> {
         let mut senders = FuturesUnordered::new();
-        let mut pings = self
-            .connection
-            .ping_pong()
-            .ok_or_else(|| io::Error::other("the connection's pings were taken"))?;
-        let mut ticks = tokio::time::interval(self.heartbeat);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the ping that is out must have been answered.
-        let mut answer_by: Option<Instant> = None;
+        let mut keepalive =
+            Keepalive::new(self.connection.ping_pong(), self.heartbeat, self.tolerance)?;
         let mut handles_gone = false;
         loop {
             tokio::select! {
@@ -328,22 +396,208 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                         return Ok(());
                     }
                 }
-                _ = ticks.tick(), if answer_by.is_none() => {
-                    pings.send_ping(h2::Ping::opaque()).map_err(io::Error::other)?;
-                    answer_by = Some(Instant::now() + self.tolerance);
+                failed = poll_fn(|cx| keepalive.poll_failed(cx)) => return Err(failed),
+            }
+        }
+    }
+}
+
+/// What a server does with a `Tunnel.Data` stream: given the request's
+/// head (its metadata, and the connection's info among the extensions) and
+/// the stream's incoming frames, the frames to send back, or a refusal.
+pub trait DataStreams: Send + 'static {
+    fn open(
+        &self,
+        head: &http::request::Parts,
+        inbound: InboundFrames,
+    ) -> Result<BoxFrames, Status>;
+}
+
+/// The other requests of a connection (the control stream): a tonic
+/// service.
+pub trait Fallback:
+    tower_service::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Fallback for S where
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The path of `Tunnel.Data`.
+pub const DATA_PATH: &str = "/postern.tunnel.v1.Tunnel/Data";
+
+/// How a server connection is run.
+pub struct ServerSettings {
+    pub heartbeat: Duration,
+    pub tolerance: Duration,
+    /// Request headers a peer may send, in bytes.
+    pub max_header_list_size: u32,
+}
+
+/// Serves one connection (TLS done) as an HTTP/2 server: `Tunnel.Data`
+/// streams by `data`, their outgoing frames polled by this task (no
+/// hand-off per message, as on the agent's side), every other request by
+/// `fallback` (tonic), also polled here. `info` goes into every request's
+/// extensions. At `stop` the connection is drained (GOAWAY, the streams
+/// open finish).
+pub async fn serve_connection<T, I, D, F>(
+    io: T,
+    info: I,
+    settings: ServerSettings,
+    stop: tokio_util::sync::CancellationToken,
+    data: D,
+    mut fallback: F,
+) -> io::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    I: Clone + Send + Sync + 'static,
+    D: DataStreams,
+    F: Fallback,
+{
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(h2_settings::STREAM_WINDOW)
+        .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
+        .max_frame_size(h2_settings::MAX_FRAME_SIZE)
+        .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(settings.max_header_list_size)
+        .handshake::<_, Body>(io)
+        .await
+        .map_err(io::Error::other)?;
+    let mut keepalive = Keepalive::new(
+        connection.ping_pong(),
+        settings.heartbeat,
+        settings.tolerance,
+    )?;
+    let mut streams: FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>> =
+        FuturesUnordered::new();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            accepted = connection.accept() => {
+                let Some(accepted) = accepted else { break };
+                let (request, mut respond) = accepted.map_err(io::Error::other)?;
+                let (mut head, body) = request.into_parts();
+                head.extensions.insert(info.clone());
+                if head.uri.path() == DATA_PATH {
+                    match data.open(&head, Box::pin(Inbound::new(body))) {
+                        Ok(outbound) => {
+                            let response = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .expect("a valid response");
+                            if let Ok(send) = respond.send_response(response, false) {
+                                streams.push(Box::pin(send_frames(outbound, send, Ending::Trailers)));
+                            }
+                        }
+                        Err(status) => {
+                            let _ = respond.send_response(status.into_http(), true);
+                        }
+                    }
+                } else {
+                    let request = http::Request::from_parts(head, tonic::body::Body::new(H2Body(body)));
+                    let call = fallback.call(request);
+                    streams.push(Box::pin(async move {
+                        let Ok(response) = call.await;
+                        let (head, body) = response.into_parts();
+                        if let Ok(send) = respond.send_response(http::Response::from_parts(head, ()), false) {
+                            send_body(body, send).await;
+                        }
+                    }));
                 }
-                pong = poll_fn(|cx| pings.poll_pong(cx)), if answer_by.is_some() => {
-                    pong.map_err(io::Error::other)?;
-                    answer_by = None;
+            }
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            failed = poll_fn(|cx| keepalive.poll_failed(cx)) => return Err(failed),
+            () = stop.cancelled(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A request body as tonic reads it: the stream's DATA frames, then its
+/// trailers.
+struct H2Body(h2::RecvStream);
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        match std::task::ready!(self.0.poll_data(cx)) {
+            Some(Ok(data)) => {
+                let _ = self.0.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => match std::task::ready!(self.0.poll_trailers(cx)) {
+                Ok(Some(trailers)) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+                Ok(None) => Poll::Ready(None),
+                Err(e) => Poll::Ready(Some(Err(e))),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+}
+
+/// Sends a response body (tonic's) on `send`: its data within the peer's
+/// window, then its trailers.
+async fn send_body(mut body: tonic::body::Body, mut send: h2::SendStream<Body>) {
+    use http_body_util::BodyExt;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    // Room for some of it: h2 holds the rest until the
+                    // window opens.
+                    send.reserve_capacity(data.len());
+                    while !data.is_empty() && send.capacity() == 0 {
+                        match poll_fn(|cx| send.poll_capacity(cx)).await {
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => return,
+                        }
+                    }
+                    if send.send_data(data.chain(Bytes::new()), false).is_err() {
+                        return;
+                    }
                 }
-                _ = tokio::time::sleep_until(answer_by.unwrap_or_else(Instant::now)),
-                    if answer_by.is_some() =>
-                {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the edge answered no ping within {:?}", self.tolerance),
-                    ));
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = send.send_trailers(trailers);
+                    }
+                    return;
                 }
+            },
+            Some(Err(_)) => {
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            None => {
+                let _ = send.send_data(Bytes::new().chain(Bytes::new()), true);
+                return;
             }
         }
     }
