@@ -53,7 +53,11 @@ SYSTEMS = {
     "tonic/h2one": ("tonic at the visitor side, h2 in one task at the upstream side",
                     "tonic/h2one", 1),
     "direct/tonic": ("the product's direct data connection (the agent's extra connections) "
-                     "at the visitor side, tonic (the edge) at the other", "direct/tonic", 1),
+                     "at the opening side, tonic at the other", "direct/tonic", 1),
+    "tonic/direct": ("tonic at the opening side (the agent's first connection), the product's "
+                     "direct connection server (the edge) at the other", "tonic/direct", 1),
+    "direct": ("the product's direct code at both ends", "direct", 1),
+    "direct-2c": ("the product's direct code at both ends, 2 connections", "direct", 2),
 }
 WORKLOADS = ("bulk-1", "bulk-8", "bulk-1r", "rtt-1", "rtt-64")
 

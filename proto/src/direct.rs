@@ -383,8 +383,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             Keepalive::new(self.connection.ping_pong(), self.heartbeat, self.tolerance)?;
         let mut handles_gone = false;
         loop {
+            // In this order: what the streams queue goes out when the
+            // connection is polled right after, in the same wake-up,
+            // instead of after a wake-up of its own.
             tokio::select! {
-                ended = &mut self.connection => return ended.map_err(io::Error::other),
+                biased;
                 sender = self.senders.recv(), if !handles_gone => match sender {
                     Some(sender) => senders.push(sender),
                     // Every handle is gone: end once the streams have.
@@ -396,6 +399,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                         return Ok(());
                     }
                 }
+                ended = &mut self.connection => return ended.map_err(io::Error::other),
                 failed = poll_fn(|cx| keepalive.poll_failed(cx)) => return Err(failed),
             }
         }
@@ -488,7 +492,10 @@ where
         FuturesUnordered::new();
     let mut draining = false;
     loop {
+        // The streams first, as in `Driver::run`.
         tokio::select! {
+            biased;
+            Some(()) = streams.next(), if !streams.is_empty() => {}
             accepted = connection.accept() => {
                 let Some(accepted) = accepted else { break };
                 let (request, mut respond) = accepted.map_err(io::Error::other)?;
@@ -521,7 +528,6 @@ where
                     }));
                 }
             }
-            Some(()) = streams.next(), if !streams.is_empty() => {}
             failed = poll_fn(|cx| keepalive.poll_failed(cx)) => return Err(failed),
             () = stop.cancelled(), if !draining => {
                 draining = true;

@@ -16,10 +16,11 @@
 //! - `h2one`: the `h2` crate with a connection and all its streams' pumps
 //!   polled by one task: a message goes from socket to TLS without waking
 //!   another task.
-//! - `direct` (client side only): the product's direct data connection
-//!   (`postern_proto::direct::DataConnection`, the agent's extra
-//!   connections) with the product's `pipe`: a stream's outgoing frames
-//!   polled by the connection's task, its incoming ones by its own.
+//! - `direct`: the product's code (`postern_proto::direct`): at the client
+//!   side the agent's data connection, at the server side the edge's
+//!   connection server, each with the product's `pipe`; a stream's
+//!   outgoing frames are polled by the connection's task, its incoming ones
+//!   by its own.
 //! - `tls`: one TLS connection per visitor and no multiplexing (rathole's
 //!   data channels), for reference.
 //!
@@ -47,7 +48,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
 use postern_proto::{
     InboundFrames, attachable,
-    direct::{Body, DataConnection, Inbound, encode_frame},
+    direct::{self, Body, DataConnection, Inbound, encode_frame},
     h2_settings, pb, pipe,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -272,7 +273,27 @@ async fn server(
                 });
             }
         }
-        Shape::Direct => bail!("`direct` is a client shape; serve it with `tonic`"),
+        Shape::Direct => {
+            let fallback =
+                tonic::service::Routes::new(pb::tunnel_server::TunnelServer::new(TonicData {
+                    upstream,
+                }));
+            while let Some(tls) = connections.next().await {
+                let settings = direct::ServerSettings {
+                    heartbeat: Duration::from_secs(10),
+                    tolerance: Duration::from_secs(10),
+                    max_header_list_size: 16 * 1024,
+                };
+                tokio::spawn(direct::serve_connection(
+                    tls,
+                    (),
+                    settings,
+                    tokio_util::sync::CancellationToken::new(),
+                    DirectData { upstream },
+                    fallback.clone(),
+                ));
+            }
+        }
         Shape::Tls => {
             while let Some(mut tls) = connections.next().await {
                 tokio::spawn(async move {
@@ -366,6 +387,34 @@ impl pb::tunnel_server::Tunnel for TonicData {
         let (outbound, pump) = pipe(reader, writer, request.into_inner(), Vec::new());
         tokio::spawn(pump.run());
         Ok(Response::new(Box::pin(outbound.map(Ok))))
+    }
+}
+
+/// As the product's edge does it: take the stream, plug frames in later
+/// (here once the upstream is dialled).
+struct DirectData {
+    upstream: SocketAddr,
+}
+
+impl direct::DataStreams for DirectData {
+    fn open(
+        &self,
+        _head: &http::request::Parts,
+        inbound: InboundFrames,
+    ) -> Result<postern_proto::BoxFrames, Status> {
+        let (attach, frames) = attachable();
+        let upstream = self.upstream;
+        tokio::spawn(async move {
+            let Ok(up) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let (reader, writer) = nodelay(up).await.into_split();
+            let (outbound, pump) = pipe(reader, writer, inbound, Vec::new());
+            if attach.send(Box::pin(outbound)).is_ok() {
+                pump.run().await;
+            }
+        });
+        Ok(Box::pin(frames))
     }
 }
 
