@@ -417,32 +417,6 @@ pub trait DataStreams: Send + 'static {
     ) -> Result<BoxFrames, Status>;
 }
 
-/// The other requests of a connection (the control stream): a tonic
-/// service.
-pub trait Fallback:
-    tower_service::Service<
-        http::Request<tonic::body::Body>,
-        Response = http::Response<tonic::body::Body>,
-        Error = std::convert::Infallible,
-        Future: Send,
-    > + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> Fallback for S where
-    S: tower_service::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-            Future: Send,
-        > + Clone
-        + Send
-        + 'static
-{
-}
-
 /// The path of `Tunnel.Data`.
 pub const DATA_PATH: &str = "/postern.tunnel.v1.Tunnel/Data";
 
@@ -457,9 +431,9 @@ pub struct ServerSettings {
 /// Serves one connection (TLS done) as an HTTP/2 server: `Tunnel.Data`
 /// streams by `data`, their outgoing frames polled by this task (no
 /// hand-off per message, as on the agent's side), every other request by
-/// `fallback` (tonic), also polled here. `info` goes into every request's
-/// extensions. At `stop` the connection is drained (GOAWAY, the streams
-/// open finish).
+/// `fallback` (the control stream: tonic's service), also polled here.
+/// `info` goes into every request's extensions. At `stop` the connection
+/// is drained (GOAWAY, the streams open finish).
 pub async fn serve_connection<T, I, D, F>(
     io: T,
     info: I,
@@ -472,7 +446,12 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     I: Clone + Send + Sync + 'static,
     D: DataStreams,
-    F: Fallback,
+    F: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        >,
 {
     let mut connection = h2::server::Builder::new()
         .initial_window_size(h2_settings::STREAM_WINDOW)
@@ -518,6 +497,9 @@ where
                     }
                 } else {
                     let request = http::Request::from_parts(head, tonic::body::Body::new(H2Body(body)));
+                    // tonic's routes are always ready; asked all the same,
+                    // as a tower service must be.
+                    let Ok(()) = poll_fn(|cx| fallback.poll_ready(cx)).await;
                     let call = fallback.call(request);
                     streams.push(Box::pin(async move {
                         let Ok(response) = call.await;

@@ -32,10 +32,15 @@ fn cluster_of_one() -> String {
     format!("{table}catch_up_timeout = \"1s\"\n")
 }
 
+/// The config of a node in a cluster of one ordering from `pebble`, with
+/// more `[acme]` keys.
+fn acme_node_toml(pebble: &Pebble, keys: &str) -> String {
+    format!("{}{keys}\n{}", acme_toml(pebble, "1s"), cluster_of_one())
+}
+
 /// A node in a cluster of one, ordering from `pebble`.
 async fn edge_with_acme(pebble: &Pebble) -> TestEdge {
-    let extra = format!("{}\n{}", acme_toml(pebble, "1s"), cluster_of_one());
-    TestEdge::start_node("edge-acme-1", "us", &extra).await
+    TestEdge::start_node("edge-acme-1", "us", &acme_node_toml(pebble, "")).await
 }
 
 fn http_tunnels(port: u16, names: &[&str]) -> String {
@@ -349,11 +354,12 @@ exit 2
 async fn a_wildcard_is_proved_through_the_dns_hook_and_its_failure_reported() {
     let mut pebble = Pebble::prepare().await;
     let hook = dns_hook(&pebble);
-    let extra = format!(
-        "{}dns_hook = [\"{}\"]\ndns_hook_wait = \"0s\"\n{}",
-        acme_toml(&pebble, "1s"),
-        hook.display(),
-        cluster_of_one()
+    let extra = acme_node_toml(
+        &pebble,
+        &format!(
+            "dns_hook = [\"{}\"]\ndns_hook_wait = \"0s\"",
+            hook.display()
+        ),
     );
     let mut edge = TestEdge::start_node("edge-acme-dns", "us", &extra).await;
     let (http, https) = (edge.addrs.http.unwrap(), edge.addrs.https);
@@ -414,11 +420,7 @@ async fn a_wildcard_is_proved_through_the_dns_hook_and_its_failure_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_alpn_01_on_the_https_listener_with_plain_http_off() {
     let mut pebble = Pebble::prepare().await;
-    let extra = format!(
-        "{}challenge = \"tls-alpn-01\"\n{}",
-        acme_toml(&pebble, "1s"),
-        cluster_of_one()
-    );
+    let extra = acme_node_toml(&pebble, "challenge = \"tls-alpn-01\"");
     let mut edge = TestEdge::start_node_without_http("edge-alpn-1", "us", &extra).await;
     assert!(edge.addrs.http.is_none(), "no plain-HTTP listener");
     // Pebble would try HTTP-01 on a port where nothing listens: only
@@ -599,11 +601,7 @@ async fn an_agent_ingress_with_a_policy_serves_agents_a_certificate_of_the_ca() 
 #[tokio::test(flavor = "multi_thread")]
 async fn names_bound_under_a_wildcard_get_certificates_on_demand_within_the_hourly_limit() {
     let mut pebble = Pebble::prepare().await;
-    let extra = format!(
-        "{}on_demand = true\non_demand_per_hour = 2\n{}",
-        acme_toml(&pebble, "1s"),
-        cluster_of_one()
-    );
+    let extra = acme_node_toml(&pebble, "on_demand = true\non_demand_per_hour = 2");
     let mut edge = TestEdge::start_node("edge-demand-1", "us", &extra).await;
     pebble
         .start(
