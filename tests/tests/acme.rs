@@ -38,6 +38,18 @@ fn acme_node_toml(pebble: &Pebble, keys: &str) -> String {
     format!("{}{keys}\n{}", acme_toml(pebble, "1s"), cluster_of_one())
 }
 
+/// The object at `/<path>/<id of object>` shows an issued certificate with
+/// its renewal planned and no job running.
+async fn assert_issued(edge: &TestEdge, path: &str, object: &Value) {
+    let id = object["id"].as_str().unwrap();
+    let (_, shown) = edge
+        .api("GET", &format!("/{path}/{id}"), None, API_KEY)
+        .await;
+    let status = &shown["certificate_management_status"];
+    assert!(status["renews_at"].is_string(), "{shown}");
+    assert_eq!(status["provisioning_job"], Value::Null, "{shown}");
+}
+
 /// A node in a cluster of one, ordering from `pebble`.
 async fn edge_with_acme(pebble: &Pebble) -> TestEdge {
     TestEdge::start_node("edge-acme-1", "us", &acme_node_toml(pebble, "")).await
@@ -174,17 +186,7 @@ async fn a_reserved_domain_with_a_policy_gets_a_certificate_curl_trusts() {
         "private_key_type rsa makes an RSA certificate"
     );
 
-    let (_, shown) = edge
-        .api(
-            "GET",
-            &format!("/reserved_domains/{}", app["id"].as_str().unwrap()),
-            None,
-            API_KEY,
-        )
-        .await;
-    let status = &shown["certificate_management_status"];
-    assert!(status["renews_at"].is_string(), "{shown}");
-    assert_eq!(status["provisioning_job"], Value::Null, "{shown}");
+    assert_issued(&edge, "reserved_domains", &app).await;
 
     // Names nothing manages (reserved without a policy, or not reserved)
     // are served, from the dev CA here, and never ordered: visitors cannot
@@ -574,17 +576,7 @@ async fn an_agent_ingress_with_a_policy_serves_agents_a_certificate_of_the_ca() 
     assert_eq!(answer.status, 200, "{}", answer.text());
     agent.shutdown().await.unwrap();
 
-    let (_, shown) = edge
-        .api(
-            "GET",
-            &format!("/agent_ingresses/{}", managed["id"].as_str().unwrap()),
-            None,
-            API_KEY,
-        )
-        .await;
-    let status = &shown["certificate_management_status"];
-    assert!(status["renews_at"].is_string(), "{shown}");
-    assert_eq!(status["provisioning_job"], Value::Null, "{shown}");
+    assert_issued(&edge, "agent_ingresses", &managed).await;
     assert_eq!(
         edge.stat("acme_orders_issued"),
         1,
@@ -1565,6 +1557,15 @@ async fn every_node_serves_the_certificate_a_reserved_domain_names() {
         }
     };
     all_serve(&exact_serial, "the exact certificate, by default").await;
+    // The second node checks the id against the certificates it has heard
+    // of: both uploads must have reached it over the gossip.
+    let path = format!("/tls_certificates/{wildcard}");
+    eventually(
+        10,
+        "the second node knows the wildcard certificate",
+        || async { second.api("GET", &path, None, API_KEY).await.0 == 200 },
+    )
+    .await;
     let body = serde_json::json!({"domain": name, "certificate_id": wildcard}).to_string();
     let (status, reserved) = second
         .api("POST", "/reserved_domains", Some((JSON, &body)), API_KEY)
