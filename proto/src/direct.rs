@@ -63,10 +63,24 @@ pub struct Deframer {
     partial: BytesMut,
 }
 
+/// The largest message taken, as tonic's default: a peer cannot make this
+/// side buffer more for one message.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
 /// The whole length (prefix included) of the message `bytes` starts with.
 fn message_len(bytes: &[u8]) -> Option<usize> {
     let len: [u8; 4] = bytes.get(1..5)?.try_into().ok()?;
     Some(5 + u32::from_be_bytes(len) as usize)
+}
+
+fn too_large(len: usize) -> Result<(), Status> {
+    if len > 5 + MAX_MESSAGE {
+        return Err(Status::resource_exhausted(format!(
+            "a message of {} bytes, over the {MAX_MESSAGE} taken",
+            len - 5
+        )));
+    }
+    Ok(())
 }
 
 impl Deframer {
@@ -102,7 +116,9 @@ impl Deframer {
             if self.chunk.is_empty() {
                 return Ok(None);
             }
-            let need = message_len(&self.partial).unwrap_or(5) - self.partial.len();
+            let len = message_len(&self.partial).unwrap_or(5);
+            too_large(len)?;
+            let need = len - self.partial.len();
             // Once the length is known, room for the whole message at once.
             self.partial.reserve(need);
             let take = need.min(self.chunk.len());
@@ -668,6 +684,19 @@ mod tests {
         assert!(
             range.contains(&bulk.data.as_ptr()),
             "the data points into the DATA frame"
+        );
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_refused_before_it_is_buffered() {
+        let mut deframer = Deframer::default();
+        // Announces 4 GiB − 1 and sends three bytes of it.
+        deframer.push(Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]));
+        let status = deframer.message::<pb::Frame>().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        assert!(
+            deframer.partial.capacity() < 1024,
+            "nothing reserved for it"
         );
     }
 
