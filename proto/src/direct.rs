@@ -1,14 +1,17 @@
 //! Data streams spoken with the `h2` crate directly instead of through
-//! tonic and hyper: the same gRPC messages on the wire, so the peer cannot
-//! tell (a tonic edge serves them as any `Tunnel.Data` stream).
+//! tonic and hyper: the same gRPC requests, messages and trailers on the
+//! wire, so either end works with a peer that uses tonic.
 //!
 //! What changes is who does the work. With tonic, a stream's outgoing frames
 //! are polled by a task of hyper's that hands each message to the HTTP/2
 //! connection task: two tasks woken per message. Here one task per
-//! connection ([`DataConnection::run`]) polls the connection *and* every
-//! stream's outgoing frames, so a frame read from a local socket reaches
-//! TLS without waking another task (bench/dataplane measured the shapes).
+//! connection polls the connection *and* every data stream's outgoing
+//! frames, so a frame read from a local socket reaches TLS without waking
+//! another task: [`Driver::run`] for the agent's connections
+//! ([`DataConnection`]), [`serve_connection`] for the edge's, which hands
+//! every other request (the control stream) to tonic's service.
 //! Incoming frames are read by the stream's own task, as with tonic.
+//! `bench/dataplane.py` measured the shapes.
 
 use std::{
     future::poll_fn,
@@ -304,14 +307,14 @@ impl Keepalive {
 }
 
 /// A connection to an edge on which this side opens data streams, driven by
-/// [`DataConnection::run`].
+/// [`Driver::run`].
 #[derive(Clone)]
 pub struct DataConnection {
     requests: h2::client::SendRequest<Body>,
     senders: mpsc::UnboundedSender<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
-/// What [`DataConnection::run`] drives.
+/// What [`Driver::run`] drives.
 pub struct Driver<T> {
     connection: h2::client::Connection<T, Body>,
     senders: mpsc::UnboundedReceiver<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -359,7 +362,7 @@ impl DataConnection {
         metadata: &[(&'static str, &str)],
         outbound: BoxFrames,
     ) -> Result<InboundFrames, Status> {
-        let mut request = http::Request::post("https://edge/postern.tunnel.v1.Tunnel/Data")
+        let mut request = http::Request::post(format!("https://edge{DATA_PATH}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers");
         for (name, value) in metadata {
