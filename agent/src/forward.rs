@@ -19,7 +19,7 @@ use postern_proto::{
 };
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWriteExt},
     net::TcpStream,
     sync::oneshot,
 };
@@ -424,9 +424,7 @@ pub(crate) enum Upstream {
 }
 
 /// A byte stream of any kind, for code that does not care which.
-pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub(crate) use crate::proxy::Io;
 
 impl Upstream {
     pub(crate) fn boxed(self) -> Box<dyn Io> {

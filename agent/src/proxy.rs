@@ -26,7 +26,8 @@ macro_rules! refuse {
     };
 }
 
-/// A byte stream to the edge: a TCP connection, or a tunnel through a proxy.
+/// A byte stream of any kind: to the edge (a TCP connection, or a tunnel
+/// through a proxy), or to an upstream.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 

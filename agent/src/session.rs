@@ -33,6 +33,7 @@ use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     error::{AgentError, Chain},
     forward::{Channels, DataClient, Routes, StreamContext, Target, spawn_stream},
+    proxy::Io,
     state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
 };
@@ -288,7 +289,7 @@ async fn connect(
 }
 
 /// What drives a connection of data streams.
-type DataDriver = Driver<tokio_rustls::client::TlsStream<Box<dyn crate::proxy::Io>>>;
+type DataDriver = Driver<tokio_rustls::client::TlsStream<Box<dyn Io>>>;
 
 /// Dials the edge for a connection of data streams only, spoken with `h2`
 /// directly (`postern_proto::direct`): TCP (or the proxy), TLS with ALPN

@@ -221,13 +221,10 @@ enum Ending {
 /// stream.
 async fn send_frames(mut frames: BoxFrames, mut send: h2::SendStream<Body>, ending: Ending) {
     loop {
-        send.reserve_capacity(MAX_READ + 16);
-        while send.capacity() == 0 {
-            match poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(Ok(_)) => {}
-                // The stream is gone: the reader side sees why.
-                Some(Err(_)) | None => return,
-            }
+        // The stream is gone when there can be no room: the reader side
+        // sees why.
+        if !room(&mut send, MAX_READ + 16).await {
+            return;
         }
         let Some(frame) = frames.next().await else {
             let _ = match ending {
@@ -240,6 +237,19 @@ async fn send_frames(mut frames: BoxFrames, mut send: h2::SendStream<Body>, endi
             return;
         }
     }
+}
+
+/// Asks for `want` bytes of the peer's window and waits until some of it
+/// is there; false when the stream is gone.
+async fn room(send: &mut h2::SendStream<Body>, want: usize) -> bool {
+    send.reserve_capacity(want);
+    while send.capacity() == 0 {
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return false,
+        }
+    }
+    true
 }
 
 fn ok_trailers() -> http::HeaderMap {
@@ -580,12 +590,8 @@ async fn send_body(mut body: tonic::body::Body, mut send: h2::SendStream<Body>) 
                 Ok(data) => {
                     // Room for some of it: h2 holds the rest until the
                     // window opens.
-                    send.reserve_capacity(data.len());
-                    while !data.is_empty() && send.capacity() == 0 {
-                        match poll_fn(|cx| send.poll_capacity(cx)).await {
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => return,
-                        }
+                    if !data.is_empty() && !room(&mut send, data.len()).await {
+                        return;
                     }
                     if send.send_data(data.chain(Bytes::new()), false).is_err() {
                         return;

@@ -655,7 +655,14 @@ async fn names_bound_under_a_wildcard_get_certificates_on_demand_within_the_hour
     let resolve = edge.resolve("nobody.od.acme.test");
     let url = edge.https_url("nobody.od.acme.test", "/");
     curl(&["-k", "--resolve", &resolve, &url]).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The readiness signal: a name bound after that handshake has been
+    // through the on-demand admission (refused, over the limit), so the
+    // handshake had its chance to cause an order too.
+    let _app4 = bind("app4.od.acme.test").await;
+    eventually(30, "the name bound after the visitor refused", || async {
+        metric(&edge, "postern_acme_on_demand_refused_total").await == 2
+    })
+    .await;
     assert_eq!(
         metric(&edge, "postern_acme_orders_total{result=\"issued\"}").await,
         2,
@@ -667,6 +674,7 @@ async fn names_bound_under_a_wildcard_get_certificates_on_demand_within_the_hour
     for name in [
         "covered.od.acme.test",
         "app3.od.acme.test",
+        "app4.od.acme.test",
         "nobody.od.acme.test",
         "*.od.acme.test",
     ] {
