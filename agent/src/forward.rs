@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use postern_net::proxy_header;
 use postern_proto::{
-    BoxFrames, ErrorCode, Failure, InboundFrames, attachable, direct::DataConnection, metadata, pb,
+    BoxFrames, ErrorCode, Failure, InboundFrames, attachable, direct::EdgeConnection, metadata, pb,
     pipe, tunnel_io,
 };
 use rustls::pki_types::ServerName;
@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::task::TaskTracker;
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic::metadata::MetadataValue;
 use tracing::Instrument;
 
 use crate::{
@@ -126,37 +126,25 @@ pub struct StreamContext {
     pub tracker: TaskTracker,
 }
 
-type Client = pb::tunnel_client::TunnelClient<Channel>;
-
-/// A connection data streams are opened on.
-#[derive(Clone)]
-pub enum DataClient {
-    /// The control stream's, through tonic.
-    Control(Client),
-    /// One of data streams only, spoken with `h2` directly: the same gRPC
-    /// streams, without a hand-off between tasks per message.
-    Direct(DataConnection),
-}
-
 /// The session's connections to the edge, which data streams take in
 /// turn: the control stream's (id 0) and those opened for data streams.
 /// One the edge refuses (behind a load balancer it reached another node),
 /// or that broke, leaves the rotation.
 pub struct Channels {
-    clients: std::sync::Mutex<Vec<(usize, DataClient)>>,
+    clients: std::sync::Mutex<Vec<(usize, EdgeConnection)>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
 impl Channels {
-    pub fn new(control: Client) -> Channels {
+    pub fn new(control: EdgeConnection) -> Channels {
         Channels {
-            clients: std::sync::Mutex::new(vec![(0, DataClient::Control(control))]),
+            clients: std::sync::Mutex::new(vec![(0, control)]),
             next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// Adds the connection `id` (not 0) to the rotation.
-    pub fn add(&self, id: usize, client: DataClient) {
+    pub fn add(&self, id: usize, client: EdgeConnection) {
         self.clients
             .lock()
             .expect("channels lock")
@@ -169,7 +157,7 @@ impl Channels {
     }
 
     /// The connection for the next data stream.
-    fn next(&self) -> (usize, DataClient) {
+    fn next(&self) -> (usize, EdgeConnection) {
         let clients = self.clients.lock().expect("channels lock");
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         clients[n % clients.len()].clone()
@@ -202,31 +190,14 @@ pub fn spawn_stream(ctx: Arc<StreamContext>, pooled: bool) {
 
 async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Failure> {
     let (attach_tx, frames) = attachable();
-    let (channel, client) = ctx.channels.next();
-    let opened = match client {
-        DataClient::Control(mut client) => {
-            let mut request = Request::new(frames);
-            request
-                .metadata_mut()
-                .insert(metadata::SESSION, ctx.session_id.clone());
-            request
-                .metadata_mut()
-                .insert(metadata::STREAM_TOKEN, ctx.stream_token.clone());
-            client
-                .data(request)
-                .await
-                .map(|response| Box::pin(response.into_inner()) as InboundFrames)
-        }
-        DataClient::Direct(connection) => {
-            let value = |v: &MetadataValue<_>| v.to_str().unwrap_or_default().to_string();
-            let (session, token) = (value(&ctx.session_id), value(&ctx.stream_token));
-            let metadata = [
-                (metadata::SESSION, session.as_str()),
-                (metadata::STREAM_TOKEN, token.as_str()),
-            ];
-            connection.open(&metadata, Box::pin(frames)).await
-        }
-    };
+    let (channel, connection) = ctx.channels.next();
+    let value = |v: &MetadataValue<_>| v.to_str().unwrap_or_default().to_string();
+    let (session, token) = (value(&ctx.session_id), value(&ctx.stream_token));
+    let metadata = [
+        (metadata::SESSION, session.as_str()),
+        (metadata::STREAM_TOKEN, token.as_str()),
+    ];
+    let opened = connection.open_data(&metadata, Box::pin(frames)).await;
     let mut inbound = match opened {
         Ok(inbound) => inbound,
         Err(status) => {

@@ -10,29 +10,26 @@
 use std::{
     collections::{HashMap, VecDeque},
     future::Future,
-    io,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use postern_net::TlsConnect;
 use postern_proto::{
     ErrorCode, Failure, MAX_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, TokenBucket,
-    direct::{DataConnection, Driver},
-    h2_settings, pb,
+    direct::{Driver, EdgeConnection, Inbound},
+    pb,
 };
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     error::{AgentError, Chain},
-    forward::{Channels, DataClient, Routes, StreamContext, Target, spawn_stream},
+    forward::{Channels, Routes, StreamContext, Target, spawn_stream},
     proxy::Io,
     state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
@@ -109,7 +106,7 @@ pub(crate) async fn run(
         )
         .await;
         let end = match connected {
-            Ok(channel) => {
+            Ok((connection, driver)) => {
                 let session = Session {
                     state: &state,
                     instance_id: &instance_id,
@@ -128,7 +125,10 @@ pub(crate) async fn run(
                     region = tracing::field::Empty,
                     node.id = tracing::field::Empty,
                 );
-                session.serve(channel, &mut commands).instrument(span).await
+                session
+                    .serve(connection, driver, &mut commands)
+                    .instrument(span)
+                    .await
             }
             Err(e) => SessionEnd::Lost(format!("connecting to {addr}: {}", Chain(&e))),
         };
@@ -248,57 +248,21 @@ fn postern_proto_random() -> String {
         .collect()
 }
 
-/// Dials the edge: TCP, TLS with ALPN h2, then the HTTP/2 channel.
+/// The session's control stream: the edge's messages.
+type ControlStream = Inbound<pb::EdgeMessage>;
+
+/// What drives a connection to the edge.
+type EdgeDriver = Driver<tokio_rustls::client::TlsStream<Box<dyn Io>>>;
+
+/// Dials the edge: TCP (or the proxy), TLS with ALPN h2, the HTTP/2
+/// handshake. The streams are spoken with `h2` directly
+/// (`postern_proto::direct`): the control stream on the first connection
+/// of a session, data streams on every one.
 async fn connect(
     config: &AgentConfig,
     addr: &str,
     tls: Arc<ClientConfig>,
-) -> Result<Channel, AgentError> {
-    let name = ServerName::try_from(config.server_name.clone()).map_err(AgentError::ServerName)?;
-    let (to, proxy) = (addr.to_string(), config.proxy.clone());
-    let connector = TlsConnect {
-        dial: move || {
-            let (to, proxy) = (to.clone(), proxy.clone());
-            async move {
-                crate::proxy::dial(proxy.as_ref(), &to)
-                    .await
-                    .map_err(|e| io::Error::other(Chain(&e).to_string()))
-            }
-        },
-        name,
-        tls: TlsConnector::from(tls),
-    };
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(AgentError::Endpoint)?
-        .connect_timeout(config.connect_timeout)
-        .initial_stream_window_size(h2_settings::STREAM_WINDOW)
-        .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
-        .max_frame_size(h2_settings::MAX_FRAME_SIZE)
-        .http2_keep_alive_interval(config.heartbeat_interval)
-        .keep_alive_timeout(config.heartbeat_tolerance)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    let channel = tokio::time::timeout(
-        config.connect_timeout,
-        endpoint.connect_with_connector(connector),
-    )
-    .await
-    .map_err(|_| AgentError::Timeout(config.connect_timeout))?
-    .map_err(|e| AgentError::Connect(each_cause_once(&e)))?;
-    Ok(channel)
-}
-
-/// What drives a connection of data streams.
-type DataDriver = Driver<tokio_rustls::client::TlsStream<Box<dyn Io>>>;
-
-/// Dials the edge for a connection of data streams only, spoken with `h2`
-/// directly (`postern_proto::direct`): TCP (or the proxy), TLS with ALPN
-/// h2, the HTTP/2 handshake.
-async fn connect_direct(
-    config: &AgentConfig,
-    addr: &str,
-    tls: Arc<ClientConfig>,
-) -> Result<(DataConnection, DataDriver), AgentError> {
+) -> Result<(EdgeConnection, EdgeDriver), AgentError> {
     let name = ServerName::try_from(config.server_name.clone()).map_err(AgentError::ServerName)?;
     let dialled = async {
         let io = crate::proxy::dial(config.proxy.as_ref(), addr).await?;
@@ -306,7 +270,7 @@ async fn connect_direct(
             .connect(name, io)
             .await
             .map_err(|e| AgentError::Connect(format!("TLS: {e}")))?;
-        DataConnection::handshake(tls, config.heartbeat_interval, config.heartbeat_tolerance)
+        EdgeConnection::handshake(tls, config.heartbeat_interval, config.heartbeat_tolerance)
             .await
             .map_err(|e| AgentError::Connect(format!("HTTP/2: {e}")))
     };
@@ -320,7 +284,7 @@ async fn connect_direct(
 async fn keep_direct(
     ctx: std::sync::Weak<StreamContext>,
     id: usize,
-    mut driver: DataDriver,
+    mut driver: EdgeDriver,
     config: AgentConfig,
     addr: String,
     tls: Arc<ClientConfig>,
@@ -340,10 +304,10 @@ async fn keep_direct(
             if live(&ctx).is_none() {
                 return;
             }
-            match connect_direct(&config, &addr, tls.clone()).await {
+            match connect(&config, &addr, tls.clone()).await {
                 Ok((connection, next)) => {
                     let Some(session) = live(&ctx) else { return };
-                    session.channels.add(id, DataClient::Direct(connection));
+                    session.channels.add(id, connection);
                     driver = next;
                     break;
                 }
@@ -353,21 +317,6 @@ async fn keep_direct(
             }
         }
     }
-}
-
-/// An error and its causes in one line, each message once: tonic's
-/// transport error repeats the connector's message at two levels.
-fn each_cause_once(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let message = cause.to_string();
-        if !text.contains(&message) {
-            text = format!("{text}: {message}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 struct Session<'a> {
@@ -387,9 +336,21 @@ fn agent_message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
 }
 
 impl Session<'_> {
-    async fn serve(&self, channel: Channel, commands: &mut mpsc::Receiver<Command>) -> SessionEnd {
+    async fn serve(
+        &self,
+        connection: EdgeConnection,
+        driver: EdgeDriver,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> SessionEnd {
         let config = &self.state.config;
-        let mut client = pb::tunnel_client::TunnelClient::new(channel);
+        // Ends with an error when the edge stops answering pings, which
+        // fails the control stream; otherwise once the session's handles
+        // and streams are gone.
+        tokio::spawn(async move {
+            if let Err(e) = driver.run().await {
+                tracing::debug!(error = %e, "the connection to the edge ended");
+            }
+        });
         let (tx, rx) = mpsc::channel(64);
         let hello = pb::Hello {
             protocol_version: MAX_PROTOCOL_VERSION,
@@ -401,8 +362,8 @@ impl Session<'_> {
             stream_pool: config.stream_pool,
         };
         let _ = tx.try_send(agent_message(pb::agent_message::Msg::Hello(hello)));
-        let mut inbound = match client.control(ReceiverStream::new(rx)).await {
-            Ok(response) => response.into_inner(),
+        let mut inbound = match connection.open_control(ReceiverStream::new(rx)).await {
+            Ok(inbound) => inbound,
             Err(status) => {
                 return SessionEnd::Lost(format!("control stream refused: {}", status.message()));
             }
@@ -438,7 +399,7 @@ impl Session<'_> {
         let routes = Arc::new(Routes::default());
         let tracker = TaskTracker::new();
         let ctx = Arc::new(StreamContext {
-            channels: Channels::new(client.clone()),
+            channels: Channels::new(connection),
             session_id,
             stream_token,
             routes: routes.clone(),
@@ -471,16 +432,12 @@ impl Session<'_> {
     /// alone).
     async fn extra_connections(&self, ctx: &Arc<StreamContext>) {
         let config = &self.state.config;
-        let dials = (1..config.connections).map(|id| async move {
-            (
-                id,
-                connect_direct(config, self.addr, self.tls.clone()).await,
-            )
-        });
+        let dials = (1..config.connections)
+            .map(|id| async move { (id, connect(config, self.addr, self.tls.clone()).await) });
         for (id, dialled) in futures_util::future::join_all(dials).await {
             match dialled {
                 Ok((connection, driver)) => {
-                    ctx.channels.add(id, DataClient::Direct(connection));
+                    ctx.channels.add(id, connection);
                     ctx.tracker.spawn(keep_direct(
                         Arc::downgrade(ctx),
                         id,
@@ -502,7 +459,7 @@ impl Session<'_> {
         &self,
         welcome: &pb::Welcome,
         live: &mut Live<'_>,
-        inbound: &mut tonic::Streaming<pb::EdgeMessage>,
+        inbound: &mut ControlStream,
         ctx: &Arc<StreamContext>,
         commands: &mut mpsc::Receiver<Command>,
     ) -> SessionEnd {
@@ -1159,7 +1116,7 @@ fn bind_request(request_id: u64, spec: &TunnelSpec) -> pb::BindRequest {
 /// the session closes).
 async fn unbind_all<'a>(
     live: &mut Live<'_>,
-    inbound: &mut tonic::Streaming<pb::EdgeMessage>,
+    inbound: &mut ControlStream,
     endpoint_ids: impl Iterator<Item = &'a String>,
 ) {
     live.outbox.clear();

@@ -48,7 +48,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
 use postern_proto::{
     InboundFrames, attachable,
-    direct::{self, Body, DataConnection, Inbound, encode_frame},
+    direct::{self, Body, EdgeConnection, Inbound, encode_frame},
     h2_settings, pb, pipe,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -535,7 +535,7 @@ async fn client(
                 let tls = tls_connect(&connector, server).await?;
                 let heartbeat = Duration::from_secs(10);
                 let (connection, driver) =
-                    DataConnection::handshake(tls, heartbeat, heartbeat).await?;
+                    EdgeConnection::handshake(tls, heartbeat, heartbeat).await?;
                 tokio::spawn(driver.run());
                 direct.push(connection);
             }
@@ -543,7 +543,7 @@ async fn client(
                 let (visitor, _) = listener.accept().await?;
                 let connection = direct[turn()].clone();
                 let (attach, frames) = attachable();
-                let opened = async move { connection.open(&[], Box::pin(frames)).await };
+                let opened = async move { connection.open_data(&[], Box::pin(frames)).await };
                 tokio::spawn(visit(nodelay(visitor).await, attach, opened));
             }
         }
