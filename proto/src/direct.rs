@@ -1,6 +1,8 @@
-//! Data streams spoken with the `h2` crate directly instead of through
-//! tonic and hyper: the same gRPC requests, messages and trailers on the
-//! wire, so either end works with a peer that uses tonic.
+//! The tunnel's streams spoken with the `h2` crate directly instead of
+//! through tonic and hyper: the same gRPC requests, messages and trailers
+//! on the wire, so either end works with a peer that uses tonic. The agent
+//! opens its control stream and its data streams this way; the edge serves
+//! data streams itself and hands the control stream to tonic's service.
 //!
 //! What changes is who does the work. With tonic, a stream's outgoing frames
 //! are polled by a task of hyper's that hands each message to the HTTP/2
