@@ -19,16 +19,12 @@ use std::{
     future::poll_fn,
     io,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU8, Ordering},
-    },
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut, buf::Chain};
-use futures_util::{Stream, StreamExt, stream::FuturesUnordered, task::AtomicWaker};
+use futures_util::{Stream, StreamExt, stream::FuturesUnordered};
 use prost::Message;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -36,7 +32,7 @@ use tokio::{
 };
 use tonic::Status;
 
-use crate::{BoxFrames, InboundFrames, h2_settings, pb, pipe::MAX_READ};
+use crate::{BoxFrames, InboundFrames, drive::drive, h2_settings, pb, pipe::MAX_READ};
 
 /// A message as sent: gRPC's prefix and the encoded message, then a `Frame`'s
 /// data as it came, uncopied.
@@ -277,83 +273,6 @@ fn ok_trailers() -> http::HeaderMap {
     trailers
 }
 
-/// Runs `pass` until it is ready. A pass polls everything a connection's
-/// task drives (its streams' outgoing frames first, the connection last,
-/// through [`Pass::connection`]).
-///
-/// Why not just `select!`: h2 wakes the task that polls a connection
-/// whenever a stream queues something to send. Here the streams are polled
-/// by that same task, so every such wake would be the task waking itself,
-/// and tokio reschedules a self-woken task as a yield: at the back of the
-/// queue, with an idle worker woken to steal it. That is a context switch
-/// and a hop between cores per message (measured in the product: 0.35 more
-/// context switches per request at each end, 15–20 µs on one connection's
-/// p50). So the connection is polled with a waker of its own that, during a
-/// pass, only notes a wake; the connection is polled after the streams
-/// anyway, and a wake that came during its own poll means another pass.
-fn drive<R>(mut pass: impl FnMut(&mut Context<'_>, &Pass) -> Poll<R>) -> impl Future<Output = R> {
-    let quiet = Arc::new(Quiet {
-        state: AtomicU8::new(IDLE),
-        task: AtomicWaker::new(),
-    });
-    let connection = Pass {
-        waker: Waker::from(quiet.clone()),
-        quiet,
-    };
-    poll_fn(move |cx| {
-        connection.quiet.task.register(cx.waker());
-        loop {
-            connection.quiet.state.store(IN_PASS, Ordering::Release);
-            let polled = pass(cx, &connection);
-            if connection.quiet.state.swap(IDLE, Ordering::AcqRel) != WOKEN || polled.is_ready() {
-                return polled;
-            }
-        }
-    })
-}
-
-/// The connection's waker while [`drive`] runs it.
-struct Quiet {
-    state: AtomicU8,
-    task: AtomicWaker,
-}
-
-/// The task is between passes: a wake wakes it.
-const IDLE: u8 = 0;
-/// The task is in a pass that has yet to poll the connection.
-const IN_PASS: u8 = 1;
-/// Woken while the connection was being polled: another pass follows.
-const WOKEN: u8 = 2;
-
-impl std::task::Wake for Quiet {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let noted =
-            self.state
-                .compare_exchange(IN_PASS, WOKEN, Ordering::AcqRel, Ordering::Acquire);
-        if let Err(IDLE) = noted {
-            self.task.wake();
-        }
-    }
-}
-
-/// What a pass of [`drive`] polls the connection through.
-struct Pass {
-    quiet: Arc<Quiet>,
-    waker: Waker,
-}
-
-impl Pass {
-    /// Polls the connection: wakes before this are served by this poll.
-    fn connection<R>(&self, poll: impl FnOnce(&mut Context<'_>) -> R) -> R {
-        self.quiet.state.store(IN_PASS, Ordering::Release);
-        poll(&mut Context::from_waker(&self.waker))
-    }
-}
-
 /// HTTP/2 pings every `heartbeat`; a connection whose peer has not answered
 /// one within `tolerance` is given up (tonic's keepalive, done by hand).
 struct Keepalive {
@@ -568,7 +487,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             if let Poll::Ready(failed) = keepalive.poll_failed(cx) {
                 return Poll::Ready(Err(failed));
             }
-            pass.connection(|cx| Pin::new(&mut connection).poll(cx))
+            pass.poll(|cx| Pin::new(&mut connection).poll(cx))
                 .map_err(io::Error::other)
         })
         .await
@@ -652,7 +571,7 @@ where
                 return Poll::Ready(Err(failed));
             }
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            let (request, mut respond) = match pass.connection(|cx| connection.poll_accept(cx)) {
+            let (request, mut respond) = match pass.poll(|cx| connection.poll_accept(cx)) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),

@@ -8,6 +8,7 @@ mod basic_auth;
 mod budget;
 mod codec;
 pub mod direct;
+pub mod drive;
 mod error;
 pub mod muxado;
 mod pipe;

@@ -319,11 +319,25 @@ impl Upstreams {
 
     /// Runs `connection` (a visitor connection) and, in the same task, the
     /// upstream connections its requests use.
-    pub(crate) fn drive<F: Future + Unpin>(self, connection: F) -> Driven<F> {
-        Driven {
-            connection,
-            upstreams: self,
-        }
+    /// They wake each other (a request handed to an upstream connection,
+    /// its response handed back), and so the task itself: polled through
+    /// `postern_proto::drive`, such a wake is served in the same turn
+    /// instead of rescheduling the task.
+    pub(crate) fn drive<F>(self, mut connection: F) -> impl Future<Output = F::Output> + Send
+    where
+        F: Future + Unpin + Send,
+    {
+        postern_proto::drive::drive(move |_, pass| {
+            pass.poll(|cx| {
+                self.poll_upstreams(cx);
+                let output = Pin::new(&mut connection).poll(cx);
+                self.poll_upstreams(cx);
+                if output.is_ready() {
+                    self.finish();
+                }
+                output
+            })
+        })
     }
 
     /// Sends `req` to `pool`'s upstream: on an idle connection if there
@@ -461,28 +475,6 @@ impl Upstreams {
                 }
             }
         }
-    }
-}
-
-/// A visitor connection and the upstream connections its requests use,
-/// polled together.
-pub(crate) struct Driven<F> {
-    connection: F,
-    upstreams: Upstreams,
-}
-
-impl<F: Future + Unpin> Future for Driven<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        this.upstreams.poll_upstreams(cx);
-        let output = Pin::new(&mut this.connection).poll(cx);
-        this.upstreams.poll_upstreams(cx);
-        if output.is_ready() {
-            this.upstreams.finish();
-        }
-        output
     }
 }
 
