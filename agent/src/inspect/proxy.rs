@@ -196,18 +196,30 @@ pub(crate) async fn serve(
     builder.http1().auto_date_header(false);
     builder.http2().auto_date_header(false);
     let server = builder.serve_connection_with_upgrades(TokioIo::new(visitor), service);
-    tokio::pin!(server, upstream);
-    let mut upstream_done = false;
-    let result = loop {
-        tokio::select! {
-            result = &mut server => break result,
-            () = &mut upstream, if !upstream_done => upstream_done = true,
-            _ = closed.cancelled() => {
+    let closed = closed.cancelled();
+    tokio::pin!(server, upstream, closed);
+    let (mut upstream_done, mut closing) = (false, false);
+    // The two connections wake each other (a request handed over, its
+    // response handed back), and so this task: `drive` serves such a wake
+    // in the same turn instead of rescheduling the task.
+    let result = postern_proto::drive::drive(|_, pass| {
+        pass.poll(|cx| {
+            let mut poll_upstream = |cx: &mut Context<'_>| {
+                if !upstream_done && upstream.as_mut().poll(cx).is_ready() {
+                    upstream_done = true;
+                }
+            };
+            poll_upstream(cx);
+            if !closing && closed.as_mut().poll(cx).is_ready() {
+                closing = true;
                 server.as_mut().graceful_shutdown();
-                break server.await;
             }
-        }
-    };
+            let served = server.as_mut().poll(cx);
+            poll_upstream(cx);
+            served
+        })
+    })
+    .await;
     // An upgraded upstream connection is handed to the upgrade's task
     // when its connection future completes.
     if !upstream_done && shared_upgrading.load(Ordering::Acquire) {
