@@ -176,7 +176,7 @@ pub struct ClusterNode {
     /// The follow task, then the announcer: stopped and joined in that
     /// order.
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    link_server: Mutex<Option<JoinHandle<Result<(), tonic::transport::Error>>>>,
+    link_server: Mutex<Option<JoinHandle<()>>>,
     /// The link listener's connection tasks.
     link_connections: TaskTracker,
     /// This node's certificate manager (`[acme]`), for the reserved
@@ -376,6 +376,7 @@ impl ClusterNode {
                 let _ = server.await;
             }
             self.link_connections.wait().await;
+            self.links.close().await;
         };
         if tokio::time::timeout(Duration::from_secs(5), stopped)
             .await

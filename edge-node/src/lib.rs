@@ -588,43 +588,23 @@ fn serve_agents(
     connections: &TaskTracker,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
-    let mut incoming = Box::pin(service::tls_incoming(
-        "agent",
-        listener,
-        tls,
-        connections,
-        &stop,
-        false,
-    ));
+    let incoming = service::tls_incoming("agent", listener, tls, connections, &stop, false);
+    let service = service::TunnelService::new(registry);
     let control = tonic::service::Routes::new(postern_proto::pb::tunnel_server::TunnelServer::new(
-        service::TunnelService::new(registry.clone()),
+        service.clone(),
     ));
-    let (heartbeat, tolerance) = (
-        config.session.heartbeat_interval,
-        config.session.heartbeat_tolerance,
-    );
-    let connections = connections.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(conn)) = futures_util::StreamExt::next(&mut incoming).await {
-            let peer = tonic::transport::server::Connected::connect_info(&conn);
-            let settings = postern_proto::direct::ServerSettings {
-                heartbeat,
-                tolerance,
-                max_header_list_size: service::MAX_HEADER_LIST_SIZE,
-            };
-            let served = postern_proto::direct::serve_connection(
-                conn,
-                peer.clone(),
-                settings,
-                stop.clone(),
-                service::TunnelService::new(registry.clone()),
-                control.clone(),
-            );
-            connections.spawn(async move {
-                if let Err(e) = served.await {
-                    tracing::debug!(peer = %peer.addr, error = %e, "agent connection ended");
-                }
-            });
-        }
-    })
+    let settings = postern_proto::direct::ServerSettings {
+        heartbeat: config.session.heartbeat_interval,
+        tolerance: config.session.heartbeat_tolerance,
+        max_header_list_size: service::MAX_HEADER_LIST_SIZE,
+    };
+    service::serve_direct(
+        "agent",
+        incoming,
+        settings,
+        connections,
+        stop,
+        service,
+        control,
+    )
 }

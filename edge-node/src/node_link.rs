@@ -10,11 +10,17 @@
 //! its agent. TLS, modules and the event stay at the node the visitor
 //! reached; the serving node only relays. `StopSession` ends an agent
 //! session of the receiving node for another node's admin API.
+//!
+//! Both ends speak HTTP/2 with `h2` directly (`postern_proto::direct`, as
+//! the agent tunnel does; the wire is tonic's gRPC): a few connections per
+//! peer, each dialled on first use and again once it broke or the peer
+//! went away, whose tasks poll the `Forward` streams' outgoing frames; the
+//! listener serves `Forward` itself and `StopSession` through tonic's
+//! service.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,7 +30,13 @@ use postern_ingress::{ClaimedStream, DevCa, StreamSource};
 use postern_net::{
     Pem, TlsConnect, TlsError, certified_key_from_pem, crypto_provider, tcp_nodelay,
 };
-use postern_proto::{ErrorCode, Failure, h2_settings, metadata, pb};
+use postern_proto::{
+    ErrorCode, Failure, InboundFrames,
+    direct::{
+        DataStreams, EdgeConnection, FORWARD_PATH, STOP_SESSION_PATH, ServedFrames, ServerSettings,
+    },
+    h2_settings, metadata, pb,
+};
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     pki_types::{CertificateDer, ServerName, pem::PemObject},
@@ -35,11 +47,7 @@ use tokio::net::TcpListener;
 use crate::registry::{COMMAND_WAIT, Registry, SessionCommand};
 use tokio_rustls::TlsConnector;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::{
-    Request, Response, Status, Streaming,
-    metadata::MetadataValue,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
 /// How long dialling another node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -72,18 +80,26 @@ pub enum LinkError {
     Verifier(#[source] rustls::server::VerifierBuilderError),
 }
 
-/// Another node's address and the channels to it.
-type Peer = (SocketAddr, Arc<[Channel]>);
+/// A connection to another node: dialled on first use, and again once it
+/// broke or the node is going away (a stream that comes meanwhile waits
+/// for the dial under way).
+#[derive(Default)]
+struct Link(tokio::sync::Mutex<Option<EdgeConnection>>);
+
+/// Another node's address and the connections to it.
+type Peer = (SocketAddr, Arc<[Link]>);
 
 /// This node's side of the links: the TLS configs for both directions and
-/// a few HTTP/2 channels per peer (as many as an agent opens), each opened
-/// on first use, which streams take in turn.
+/// a few HTTP/2 connections per peer (as many as an agent opens), each
+/// dialled on first use, which streams take in turn.
 pub struct NodeLinks {
     node_id: String,
     client_tls: Arc<ClientConfig>,
     server_tls: Arc<ServerConfig>,
-    channels: Mutex<HashMap<String, Peer>>,
+    peers: Mutex<HashMap<String, Peer>>,
     next: std::sync::atomic::AtomicUsize,
+    /// The tasks that drive the connections this node dialled.
+    dialled: TaskTracker,
     /// Bound on getting a stream from the other node's agent.
     stream_wait: Duration,
 }
@@ -117,67 +133,105 @@ impl NodeLinks {
             node_id: node_id.to_string(),
             client_tls: Arc::new(client_tls),
             server_tls: Arc::new(server_tls),
-            channels: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
             next: std::sync::atomic::AtomicUsize::new(0),
+            dialled: TaskTracker::new(),
             stream_wait,
         })
     }
 
-    /// A channel to `node` at `addr`, the next in turn (new ones when its
-    /// address changed, as after a restart elsewhere).
-    fn channel(&self, node: &str, addr: SocketAddr) -> Channel {
-        let mut channels = self.channels.lock().expect("channels lock");
+    /// A connection to `node` at `addr`, the next in turn (new ones when
+    /// its address changed, as after a restart elsewhere), dialled if it
+    /// is not open.
+    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<EdgeConnection, Failure> {
+        let peer = {
+            let mut peers = self.peers.lock().expect("peers lock");
+            match peers.get(node) {
+                Some((known, links)) if *known == addr => links.clone(),
+                _ => {
+                    let links: Arc<[Link]> = (0..h2_settings::default_connections())
+                        .map(|_| Link::default())
+                        .collect();
+                    peers.insert(node.to_string(), (addr, links.clone()));
+                    links
+                }
+            }
+        };
         let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some((known, list)) = channels.get(node)
-            && *known == addr
-        {
-            return list[turn % list.len()].clone();
+        let mut link = peer[turn % peer.len()].0.lock().await;
+        if let Some(connection) = link.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(connection.clone());
         }
-        let list: Arc<[Channel]> = (0..h2_settings::default_connections())
-            .map(|_| self.new_channel(node, addr))
-            .collect();
-        channels.insert(node.to_string(), (addr, list.clone()));
-        list[turn % list.len()].clone()
+        // A broken one is dropped (its task ends with its last stream).
+        *link = None;
+        let connection = self.dial(node, addr).await?;
+        *link = Some(connection.clone());
+        Ok(connection)
     }
 
-    /// A channel to `node` at `addr`, connecting on first use.
-    fn new_channel(&self, node: &str, addr: SocketAddr) -> Channel {
+    /// Dials `node` at `addr`: TCP, mutual TLS, the HTTP/2 handshake, within
+    /// `CONNECT_TIMEOUT`; the connection's task goes on `dialled`.
+    async fn dial(&self, node: &str, addr: SocketAddr) -> Result<EdgeConnection, Failure> {
+        let unreachable =
+            |why: String| Failure::new(ErrorCode::NODE_UNREACHABLE, format!("node {node}: {why}"));
         let connector = TlsConnect {
             dial: move || tcp_nodelay(addr),
             name: ServerName::try_from(node_name(node)).expect("node names are DNS names"),
             tls: TlsConnector::from(self.client_tls.clone()),
         };
-        Endpoint::from_shared(format!("http://{addr}"))
-            .expect("a socket address is a URI authority")
-            .connect_timeout(CONNECT_TIMEOUT)
-            .initial_stream_window_size(h2_settings::STREAM_WINDOW)
-            .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
-            .max_frame_size(h2_settings::MAX_FRAME_SIZE)
-            .http2_keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_with_connector_lazy(connector)
+        let dialled = async {
+            let tls = connector
+                .connect()
+                .await
+                .map_err(|e| unreachable(format!("connecting to {addr} failed: {e}")))?;
+            EdgeConnection::handshake(tls, KEEPALIVE, KEEPALIVE_TIMEOUT)
+                .await
+                .map_err(|e| unreachable(format!("the HTTP/2 handshake with {addr} failed: {e}")))
+        };
+        let (connection, driver) = tokio::time::timeout(CONNECT_TIMEOUT, dialled)
+            .await
+            .map_err(|_| {
+                unreachable(format!(
+                    "no connection to {addr} within {CONNECT_TIMEOUT:?}"
+                ))
+            })??;
+        let node = node.to_string();
+        self.dialled.spawn(async move {
+            if let Err(e) = driver.linger().run().await {
+                tracing::debug!(node, error = %e, "a link to another node ended");
+            }
+        });
+        Ok(connection)
     }
 
-    /// Drops the channels of nodes no longer live.
+    /// Drops the connections to nodes no longer live.
     pub fn retain(&self, live: &std::collections::BTreeSet<String>) {
-        self.channels
+        self.peers
             .lock()
-            .expect("channels lock")
+            .expect("peers lock")
             .retain(|node, _| live.contains(node));
     }
 
+    /// Drops every connection this node dialled and waits for their tasks,
+    /// which end with their last streams.
+    pub async fn close(&self) {
+        self.peers.lock().expect("peers lock").clear();
+        self.dialled.close();
+        self.dialled.wait().await;
+    }
+
     /// Serves `Forward` streams for this node's endpoints, and
-    /// `StopSession` for its sessions, on `listener`; the connections'
-    /// tasks run on `tracker`.
+    /// `StopSession` for its sessions, on `listener` until `stop`, with
+    /// `h2` directly (`postern_proto::direct`): `Forward` by
+    /// [`LinkService`]'s [`DataStreams`], `StopSession` by tonic's service.
+    /// The connections' tasks run on `tracker`.
     pub fn serve(
         &self,
         listener: TcpListener,
         registry: Arc<Registry>,
         tracker: &TaskTracker,
         stop: CancellationToken,
-    ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    ) -> tokio::task::JoinHandle<()> {
         let incoming = crate::service::tls_incoming(
             "node link",
             listener,
@@ -186,18 +240,22 @@ impl NodeLinks {
             &stop,
             false,
         );
-        let service = pb::node_link_server::NodeLinkServer::new(LinkService { registry });
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(KEEPALIVE))
-                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-                .initial_stream_window_size(h2_settings::STREAM_WINDOW)
-                .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
-                .max_frame_size(h2_settings::MAX_FRAME_SIZE)
-                .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
-                .tcp_nodelay(true)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+        let service = LinkService { registry };
+        let routes =
+            tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(service.clone()));
+        let settings = ServerSettings {
+            heartbeat: KEEPALIVE,
+            tolerance: KEEPALIVE_TIMEOUT,
+            max_header_list_size: crate::service::MAX_HEADER_LIST_SIZE,
+        };
+        crate::service::serve_direct(
+            "node link",
+            incoming,
+            settings,
+            tracker,
+            stop,
+            service,
+            routes,
         )
     }
 }
@@ -211,21 +269,23 @@ impl NodeLinks {
         session_id: &str,
         command: &SessionCommand,
     ) -> Result<(), Failure> {
-        let mut client = pb::node_link_client::NodeLinkClient::new(self.channel(node, addr));
         let request = command.to_pb(session_id, &self.node_id);
-        tokio::time::timeout(
-            CONNECT_TIMEOUT * 2 + COMMAND_WAIT,
-            client.stop_session(request),
-        )
-        .await
-        .map_err(|_| {
-            Failure::new(
-                ErrorCode::NODE_UNREACHABLE,
-                format!("node {node} did not answer"),
-            )
-        })?
-        .map(|_| ())
-        .map_err(|status| refusal(node, &status))
+        let call = async {
+            let connection = self.connection(node, addr).await?;
+            connection
+                .unary::<_, pb::StopSessionResponse>(STOP_SESSION_PATH, &request)
+                .await
+                .map_err(|status| refusal(node, &status))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT * 2 + COMMAND_WAIT, call)
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorCode::NODE_UNREACHABLE,
+                    format!("node {node} did not answer"),
+                )
+            })?
+            .map(|_| ())
     }
 }
 
@@ -241,37 +301,38 @@ pub struct RemoteSource {
 
 impl StreamSource for RemoteSource {
     fn claim(&self) -> BoxFuture<'static, Result<ClaimedStream, Failure>> {
-        let channel = self.links.channel(&self.node_id, self.addr);
+        let links = self.links.clone();
+        let addr = self.addr;
         let endpoint_id = self.endpoint_id.clone();
-        let from = self.links.node_id.clone();
         let node = self.node_id.clone();
         let wait = self.links.stream_wait + CONNECT_TIMEOUT;
         Box::pin(async move {
-            let (attach, frames) = postern_proto::attachable();
-            let mut request = Request::new(frames);
-            let meta = request.metadata_mut();
-            for (key, value) in [
-                (metadata::FORWARD_ENDPOINT, endpoint_id),
+            let from = links.node_id.as_str();
+            let meta = [
+                (metadata::FORWARD_ENDPOINT, endpoint_id.as_str()),
                 (metadata::FORWARD_FROM, from),
-            ] {
-                let value = MetadataValue::try_from(value).map_err(|_| {
+            ];
+            for (key, value) in meta {
+                http::HeaderValue::from_str(value).map_err(|_| {
                     Failure::new(ErrorCode::INTERNAL, format!("{key}: not a header value"))
                 })?;
-                meta.insert(key, value);
             }
-            let mut client = pb::node_link_client::NodeLinkClient::new(channel)
-                .max_decoding_message_size(usize::MAX);
-            let response = tokio::time::timeout(wait, client.forward(request))
-                .await
-                .map_err(|_| {
-                    Failure::new(
-                        ErrorCode::NODE_UNREACHABLE,
-                        format!("node {node} did not answer within {wait:?}"),
-                    )
-                })?
-                .map_err(|status| refusal(&node, &status))?;
+            let (attach, frames) = postern_proto::attachable();
+            let forward = async {
+                let connection = links.connection(&node, addr).await?;
+                connection
+                    .open_frames(FORWARD_PATH, &meta, Box::pin(frames))
+                    .await
+                    .map_err(|status| refusal(&node, &status))
+            };
+            let inbound = tokio::time::timeout(wait, forward).await.map_err(|_| {
+                Failure::new(
+                    ErrorCode::NODE_UNREACHABLE,
+                    format!("node {node} did not answer within {wait:?}"),
+                )
+            })??;
             Ok(ClaimedStream {
-                inbound: Box::pin(response.into_inner()),
+                inbound,
                 attach,
                 permit: None,
             })
@@ -311,29 +372,37 @@ fn status_of(failure: &Failure) -> Status {
     status
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
+#[derive(Clone)]
 struct LinkService {
     registry: Arc<Registry>,
 }
 
-#[tonic::async_trait]
-impl pb::node_link_server::NodeLink for LinkService {
-    type ForwardStream = BoxStream<pb::Frame>;
+/// `Forward` streams, served with `h2` directly.
+impl DataStreams for LinkService {
+    const PATH: &'static str = FORWARD_PATH;
+    type Opening = BoxFuture<'static, Result<ServedFrames, Status>>;
 
-    async fn forward(
-        &self,
-        request: Request<Streaming<pb::Frame>>,
-    ) -> Result<Response<Self::ForwardStream>, Status> {
-        let endpoint_id = request
-            .metadata()
-            .get(metadata::FORWARD_ENDPOINT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+    fn open(&self, head: &http::request::Parts, inbound: InboundFrames) -> Self::Opening {
+        Box::pin(forward(self.registry.clone(), &head.headers, inbound))
+    }
+}
+
+/// Relays a `Forward` stream with `headers` and the forwarding node's
+/// frames `inbound` into a data stream of this node's agent: the agent's
+/// frames to send back, or a refusal.
+fn forward(
+    registry: Arc<Registry>,
+    headers: &http::HeaderMap,
+    inbound: InboundFrames,
+) -> impl Future<Output = Result<ServedFrames, Status>> + Send + 'static {
+    let endpoint_id = headers
+        .get(metadata::FORWARD_ENDPOINT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    async move {
         // Only this node's own agents: a forwarded stream never travels on.
-        let endpoint = self
-            .registry
+        let endpoint = registry
             .gateway()
             .endpoint(&endpoint_id)
             .filter(|e| e.remote.is_none())
@@ -344,7 +413,7 @@ impl pb::node_link_server::NodeLink for LinkService {
                 ))
             })?;
         let claimed = endpoint.source.claim().await.map_err(|f| status_of(&f))?;
-        let from_peer = relay_in(request.into_inner(), endpoint_id);
+        let from_peer = relay_in(inbound, endpoint_id);
         claimed.attach.send(Box::pin(from_peer)).map_err(|_| {
             status_of(&Failure::new(
                 ErrorCode::AGENT_FORWARD_FAILED,
@@ -358,7 +427,28 @@ impl pb::node_link_server::NodeLink for LinkService {
             let _held = &permit;
             frame
         });
-        Ok(Response::new(Box::pin(to_peer)))
+        Ok(Box::pin(to_peer) as ServedFrames)
+    }
+}
+
+/// `StopSession`, served by tonic; `Forward` too for a peer served by
+/// tonic alone (the link listener serves it with [`DataStreams`]).
+#[tonic::async_trait]
+impl pb::node_link_server::NodeLink for LinkService {
+    type ForwardStream = ServedFrames;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<pb::Frame>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let (metadata, _, inbound) = request.into_parts();
+        let frames = forward(
+            self.registry.clone(),
+            &metadata.into_headers(),
+            Box::pin(inbound),
+        )
+        .await?;
+        Ok(Response::new(frames))
     }
 
     async fn stop_session(
@@ -386,11 +476,8 @@ impl pb::node_link_server::NodeLink for LinkService {
 /// The forwarding node's frames as the agent gets them: the `open` frame
 /// names this node's endpoint, and a broken link ends the stream with an
 /// error frame rather than silently.
-fn relay_in(
-    inbound: Streaming<pb::Frame>,
-    endpoint_id: String,
-) -> impl Stream<Item = pb::Frame> + Send {
-    // After an error a tonic stream ends, so the error frame is the last.
+fn relay_in(inbound: InboundFrames, endpoint_id: String) -> impl Stream<Item = pb::Frame> + Send {
+    // After an error the stream ends, so the error frame is the last.
     inbound.map(move |item| match item {
         Ok(mut frame) => {
             if let Some(open) = frame.open.as_mut() {
@@ -406,4 +493,129 @@ fn relay_in(
             ..Default::default()
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Takes every `Forward` stream and sends nothing back.
+    #[derive(Clone)]
+    struct Nothing;
+
+    impl DataStreams for Nothing {
+        const PATH: &'static str = FORWARD_PATH;
+        type Opening = std::future::Ready<Result<ServedFrames, Status>>;
+
+        fn open(&self, _head: &http::request::Parts, _inbound: InboundFrames) -> Self::Opening {
+            std::future::ready(Ok(Box::pin(futures_util::stream::empty()) as ServedFrames))
+        }
+    }
+
+    /// Node `b`'s link listener, with its TLS, counting the connections
+    /// it accepted; at `drain` it drains them (GOAWAY) and takes no more.
+    async fn serve_b(
+        links: &NodeLinks,
+        drain: CancellationToken,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (tls, count) = (
+            tokio_rustls::TlsAcceptor::from(links.server_tls.clone()),
+            accepted.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tls = tls.accept(tcp).await.expect("mutual TLS");
+                count.fetch_add(1, Ordering::SeqCst);
+                let settings = ServerSettings {
+                    heartbeat: KEEPALIVE,
+                    tolerance: KEEPALIVE_TIMEOUT,
+                    max_header_list_size: crate::service::MAX_HEADER_LIST_SIZE,
+                };
+                let routes = tonic::service::RoutesBuilder::default().routes();
+                let served = postern_proto::direct::serve_connection(
+                    tls,
+                    (),
+                    settings,
+                    drain.clone(),
+                    Nothing,
+                    routes,
+                );
+                tokio::spawn(served);
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn forward(links: &NodeLinks, addr: SocketAddr) -> Result<InboundFrames, Failure> {
+        let connection = links.connection("b", addr).await?;
+        connection
+            .open_frames(FORWARD_PATH, &[], Box::pin(futures_util::stream::empty()))
+            .await
+            .map_err(|status| refusal("b", &status))
+    }
+
+    #[tokio::test]
+    async fn connections_are_dialled_on_first_use_taken_in_turn_and_dialled_again_after_a_drain() {
+        let ca = DevCa::derived("node CA", &[7; 32]).unwrap();
+        let wait = Duration::from_secs(1);
+        let (a, b) = (
+            NodeLinks::new("a", &ca, wait).unwrap(),
+            NodeLinks::new("b", &ca, wait).unwrap(),
+        );
+        let n = h2_settings::default_connections();
+        let first = CancellationToken::new();
+        let (addr, accepted) = serve_b(&b, first.clone()).await;
+        for _ in 0..2 * n {
+            let _ = forward(&a, addr).await.unwrap();
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            n,
+            "one dial per connection"
+        );
+
+        // Node b drains those connections: none is taken again.
+        first.cancel();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let peer = a.peers.lock().unwrap()["b"].1.clone();
+                let mut closed = 0;
+                for link in peer.iter() {
+                    closed += usize::from(link.0.lock().await.as_ref().unwrap().is_closed());
+                }
+                if closed == n {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every connection sees the GOAWAY");
+        for _ in 0..n {
+            // Dialled again, then refused by the draining server: what
+            // counts is that a new connection was dialled.
+            let _ = forward(&a, addr).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2 * n, "dialled again");
+
+        // A node that cannot be dialled.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone_addr = gone.local_addr().unwrap();
+        drop(gone);
+        let failure = forward(&a, gone_addr).await.err().expect("not reached");
+        assert_eq!(failure.code, ErrorCode::NODE_UNREACHABLE, "{failure}");
+        assert!(
+            failure.to_string().contains("node b: connecting to"),
+            "{failure}"
+        );
+
+        a.retain(&Default::default());
+        assert!(a.peers.lock().unwrap().is_empty());
+        a.close().await;
+    }
 }

@@ -12,7 +12,9 @@ use std::{
 use futures_util::{Future, Stream, StreamExt};
 use postern_net::{AcceptLoop, Hooked, IoHook};
 use postern_proto::{
-    BoxFrames, ErrorCode, Failure, InboundFrames, direct::DataStreams, metadata, pb,
+    BoxFrames, ErrorCode, Failure, InboundFrames,
+    direct::{DataStreams, ServedFrames, ServerSettings},
+    metadata, pb,
 };
 use rustls::ServerConfig;
 use tokio::{
@@ -31,6 +33,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent has for the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Clone)]
 pub struct TunnelService {
     registry: Arc<Registry>,
 }
@@ -147,12 +150,12 @@ impl TunnelService {
 }
 
 impl DataStreams for TunnelService {
-    fn open(
-        &self,
-        head: &http::request::Parts,
-        inbound: InboundFrames,
-    ) -> Result<BoxFrames, Status> {
-        self.open_data(&head.headers, head.extensions.get(), inbound)
+    const PATH: &'static str = postern_proto::direct::DATA_PATH;
+    type Opening = std::future::Ready<Result<ServedFrames, Status>>;
+
+    fn open(&self, head: &http::request::Parts, inbound: InboundFrames) -> Self::Opening {
+        let opened = self.open_data(&head.headers, head.extensions.get(), inbound);
+        std::future::ready(opened.map(|frames| Box::pin(frames.map(Ok)) as ServedFrames))
     }
 }
 
@@ -320,5 +323,43 @@ pub fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Request headers an agent may send on its connection, in bytes.
+/// Request headers a peer (an agent, another node) may send on its
+/// connection, in bytes.
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+
+/// Serves every connection `incoming` yields, until it ends, with `h2`
+/// directly (`postern_proto::direct::serve_connection`), each on a task of
+/// `connections`: the streams of `D::PATH` by a clone of `data` (their
+/// outgoing frames polled by the connection's task), every other request
+/// by `fallback` (tonic's service); at `stop` the connections drain.
+/// `listener` names them in the log.
+pub fn serve_direct<D: DataStreams + Clone>(
+    listener: &'static str,
+    incoming: impl Stream<Item = Result<TlsConn, io::Error>> + Send + 'static,
+    settings: ServerSettings,
+    connections: &TaskTracker,
+    stop: CancellationToken,
+    data: D,
+    fallback: tonic::service::Routes,
+) -> tokio::task::JoinHandle<()> {
+    let connections = connections.clone();
+    tokio::spawn(async move {
+        let mut incoming = std::pin::pin!(incoming);
+        while let Some(Ok(conn)) = incoming.next().await {
+            let peer = conn.connect_info();
+            let served = postern_proto::direct::serve_connection(
+                conn,
+                peer.clone(),
+                settings,
+                stop.clone(),
+                data.clone(),
+                fallback.clone(),
+            );
+            connections.spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::debug!(listener, peer = %peer.addr, error = %e, "a connection ended");
+                }
+            });
+        }
+    })
+}

@@ -1,5 +1,6 @@
-//! The connector a tonic channel dials with: TLS naming a server over a
-//! stream a function opens (plain TCP, or through a proxy).
+//! The connector a tonic channel dials with, and the links between edge
+//! nodes: TLS naming a server over a stream a function opens (plain TCP,
+//! or through a proxy).
 
 use std::{
     future::Future,
@@ -38,8 +39,23 @@ where
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
+        let connect = self.connect();
+        Box::pin(async move { Ok(TokioIo::new(connect.await?)) })
+    }
+}
+
+impl<D, F, S> TlsConnect<D>
+where
+    D: Fn() -> F,
+    F: Future<Output = io::Result<S>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Opens the stream and completes the TLS handshake over it: what a
+    /// channel's dial does, for a caller that speaks HTTP/2 itself (the
+    /// links between edge nodes).
+    pub fn connect(&self) -> impl Future<Output = io::Result<TlsStream<S>>> + Send + 'static {
         let (stream, name, tls) = ((self.dial)(), self.name.clone(), self.tls.clone());
-        Box::pin(async move { Ok(TokioIo::new(tls.connect(name, stream.await?).await?)) })
+        async move { tls.connect(name, stream.await?).await }
     }
 }
 

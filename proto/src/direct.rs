@@ -3,15 +3,19 @@
 //! on the wire, so either end works with a peer that uses tonic. The agent
 //! opens its control stream and its data streams this way; the edge serves
 //! data streams itself and hands the control stream to tonic's service.
+//! Links between edge nodes are the same: a node opens `NodeLink.Forward`
+//! streams (and its unary `StopSession` calls) this way, and the other
+//! serves `Forward` itself, `StopSession` through tonic's service.
 //!
 //! What changes is who does the work. With tonic, a stream's outgoing frames
 //! are polled by a task of hyper's that hands each message to the HTTP/2
 //! connection task: two tasks woken per message. Here one task per
 //! connection polls the connection *and* every data stream's outgoing
 //! frames, so a frame read from a local socket reaches TLS without waking
-//! another task: [`Driver::run`] for the agent's connections
-//! ([`EdgeConnection`]), [`serve_connection`] for the edge's, which hands
-//! every other request (the control stream) to tonic's service.
+//! another task: [`Driver::run`] for the client's connections
+//! ([`EdgeConnection`]: an agent's, or a node's to another node),
+//! [`serve_connection`] for the edge's, which hands every other request
+//! (the control stream, `StopSession`) to tonic's service.
 //! Incoming frames are read by the stream's own task, as with tonic.
 //! `bench/dataplane.py` measured the shapes.
 
@@ -230,10 +234,11 @@ enum Ending {
 
 /// Sends `messages` (encoded) on `send` as they come, no faster than the
 /// peer's window allows (a message is asked for only once there is room),
-/// then ends the stream.
+/// then ends the stream. A failed stream (only a server's fails) ends with
+/// the status in its trailers, as tonic ends it.
 async fn send_messages<S>(mut messages: S, mut send: h2::SendStream<Body>, ending: Ending)
 where
-    S: Stream<Item = Body> + Unpin,
+    S: Stream<Item = Result<Body, Status>> + Unpin,
 {
     loop {
         // The stream is gone when there can be no room: the reader side
@@ -247,6 +252,19 @@ where
                 Ending::Trailers => send.send_trailers(ok_trailers()),
             };
             return;
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(status) => {
+                let mut trailers = http::HeaderMap::new();
+                match status.add_header(&mut trailers) {
+                    Ok(()) => {
+                        let _ = send.send_trailers(trailers);
+                    }
+                    Err(_) => send.send_reset(h2::Reason::INTERNAL_ERROR),
+                }
+                return;
+            }
         };
         if send.send_data(message, false).is_err() {
             return;
@@ -331,8 +349,9 @@ impl Keepalive {
     }
 }
 
-/// An agent's connection to an edge, driven by [`Driver::run`]: the
-/// control stream and data streams are opened on it.
+/// A client's connection to an edge node, driven by [`Driver::run`]: an
+/// agent's (its control stream and data streams are opened on it), or a
+/// node's link to another node (`Forward` streams, `StopSession` calls).
 #[derive(Clone)]
 pub struct EdgeConnection {
     requests: h2::client::SendRequest<Body>,
@@ -345,6 +364,8 @@ pub struct Driver<T> {
     senders: mpsc::UnboundedReceiver<Pin<Box<dyn Future<Output = ()> + Send>>>,
     heartbeat: Duration,
     tolerance: Duration,
+    /// See [`Driver::linger`].
+    linger: bool,
 }
 
 /// The path of `Tunnel.Control`.
@@ -389,8 +410,23 @@ impl EdgeConnection {
                 senders: rx,
                 heartbeat,
                 tolerance,
+                linger: false,
             },
         ))
+    }
+
+    /// True once no stream can be opened on the connection any more: its
+    /// driver ended, or the connection failed, or the peer is going away
+    /// (GOAWAY).
+    pub fn is_closed(&self) -> bool {
+        if self.senders.is_closed() {
+            return true;
+        }
+        // A fresh handle has no request pending, so this never waits: it
+        // fails only once the connection can take no new stream.
+        let mut requests = self.requests.clone();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        !matches!(requests.poll_ready(&mut cx), Poll::Ready(Ok(())))
     }
 
     /// Opens a `Tunnel.Data` stream with `metadata` (name, value) pairs; the
@@ -401,10 +437,45 @@ impl EdgeConnection {
         metadata: &[(&'static str, &str)],
         outbound: BoxFrames,
     ) -> Result<InboundFrames, Status> {
+        self.open_frames(DATA_PATH, metadata, outbound).await
+    }
+
+    /// Opens a stream of `Frame`s both ways of gRPC method `path` (as
+    /// `Tunnel.Data` or `NodeLink.Forward`), with `metadata` (name, value)
+    /// pairs; the frames of `outbound` are sent from the connection's task.
+    /// Fails with the peer's status when it refuses the stream.
+    pub async fn open_frames(
+        &self,
+        path: &str,
+        metadata: &[(&'static str, &str)],
+        outbound: BoxFrames,
+    ) -> Result<InboundFrames, Status> {
         let inbound = self
-            .open(DATA_PATH, metadata, outbound.map(encode_frame))
+            .open(
+                path,
+                metadata,
+                outbound.map(|frame| Ok(encode_frame(frame))),
+            )
             .await?;
         Ok(Box::pin(inbound))
+    }
+
+    /// Calls unary gRPC method `path` with `request`: the peer's answer,
+    /// or its status when that is not OK.
+    pub async fn unary<Q, A>(&self, path: &str, request: &Q) -> Result<A, Status>
+    where
+        Q: Message,
+        A: Message + Default,
+    {
+        let request = futures_util::stream::iter([Ok(encode_message(request))]);
+        let mut inbound = self.open::<_, A>(path, &[], request).await?;
+        let answer = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::internal("the peer answered no message"))?;
+        // The trailers may still carry a failure.
+        while inbound.message().await?.is_some() {}
+        Ok(answer)
     }
 
     /// Opens the session's `Tunnel.Control` stream, `outbound` its
@@ -414,7 +485,7 @@ impl EdgeConnection {
     where
         S: Stream<Item = pb::AgentMessage> + Send + Unpin + 'static,
     {
-        let encoded = outbound.map(|message| encode_message(&message));
+        let encoded = outbound.map(|message| Ok(encode_message(&message)));
         self.open(CONTROL_PATH, &[], encoded).await
     }
 
@@ -426,7 +497,7 @@ impl EdgeConnection {
         outbound: S,
     ) -> Result<Inbound<M>, Status>
     where
-        S: Stream<Item = Body> + Send + Unpin + 'static,
+        S: Stream<Item = Result<Body, Status>> + Send + Unpin + 'static,
     {
         let mut request = http::Request::post(format!("https://edge{path}"))
             .header("content-type", "application/grpc")
@@ -459,15 +530,26 @@ impl EdgeConnection {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
+    /// Once every handle is gone, runs on until the connection's last
+    /// stream has ended (h2 then closes the connection), as hyper's client
+    /// does, instead of ending as soon as the streams' outgoing halves are
+    /// done (which cuts an answer still coming in).
+    pub fn linger(mut self) -> Driver<T> {
+        self.linger = true;
+        self
+    }
+
     /// Drives the connection and every stream's outgoing frames until the
     /// connection ends, or its peer has not answered a ping within
-    /// `tolerance` (one goes every `heartbeat`, as on tonic's connections).
+    /// `tolerance` (one goes every `heartbeat`, as on tonic's connections),
+    /// or every handle is gone and the streams are done.
     pub async fn run(self) -> io::Result<()> {
         let Driver {
             mut connection,
             mut senders,
             heartbeat,
             tolerance,
+            linger,
         } = self;
         let mut streams = FuturesUnordered::new();
         let mut keepalive = Keepalive::new(connection.ping_pong(), heartbeat, tolerance)?;
@@ -481,7 +563,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 }
             }
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            if handles_gone && streams.is_empty() {
+            if handles_gone && streams.is_empty() && !linger {
                 return Poll::Ready(Ok(()));
             }
             if let Poll::Ready(failed) = keepalive.poll_failed(cx) {
@@ -494,21 +576,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     }
 }
 
-/// What a server does with a `Tunnel.Data` stream: given the request's
-/// head (its metadata, and the connection's info among the extensions) and
-/// the stream's incoming frames, the frames to send back, or a refusal.
-pub trait DataStreams: Send + 'static {
-    fn open(
-        &self,
-        head: &http::request::Parts,
-        inbound: InboundFrames,
-    ) -> Result<BoxFrames, Status>;
+/// The frames a server sends back on a stream it serves; an error ends
+/// the stream with that status in its trailers.
+pub type ServedFrames = Pin<Box<dyn Stream<Item = Result<pb::Frame, Status>> + Send>>;
+
+/// What a server does with the streams of one bidirectional method of
+/// `Frame`s (`Tunnel.Data` at the agent listener, `NodeLink.Forward` at the
+/// link between nodes): given the request's head (its metadata, and the
+/// connection's info among the extensions) and the stream's incoming
+/// frames, the frames to send back, or a refusal.
+pub trait DataStreams: Send + Sync + 'static {
+    /// The method's path, `/package.Service/Method`.
+    const PATH: &'static str;
+    /// Accepting a stream: polled by the connection's task, the response
+    /// sent once it is ready.
+    type Opening: Future<Output = Result<ServedFrames, Status>> + Send + 'static;
+
+    fn open(&self, head: &http::request::Parts, inbound: InboundFrames) -> Self::Opening;
 }
 
 /// The path of `Tunnel.Data`.
 pub const DATA_PATH: &str = "/postern.tunnel.v1.Tunnel/Data";
+/// The path of `NodeLink.Forward`.
+pub const FORWARD_PATH: &str = "/postern.tunnel.v1.NodeLink/Forward";
+/// The path of `NodeLink.StopSession`.
+pub const STOP_SESSION_PATH: &str = "/postern.tunnel.v1.NodeLink/StopSession";
 
 /// How a server connection is run.
+#[derive(Clone, Copy)]
 pub struct ServerSettings {
     pub heartbeat: Duration,
     pub tolerance: Duration,
@@ -516,10 +611,11 @@ pub struct ServerSettings {
     pub max_header_list_size: u32,
 }
 
-/// Serves one connection (TLS done) as an HTTP/2 server: `Tunnel.Data`
-/// streams by `data`, their outgoing frames polled by this task (no
-/// hand-off per message, as on the agent's side), every other request by
-/// `fallback` (the control stream: tonic's service), also polled here.
+/// Serves one connection (TLS done) as an HTTP/2 server: the streams of
+/// `D::PATH` (`Tunnel.Data`, `NodeLink.Forward`) by `data`, their outgoing
+/// frames polled by this task (no hand-off per message, as on the client's
+/// side), every other request by `fallback` (the control stream,
+/// `StopSession`: tonic's service), also polled here.
 /// `info` goes into every request's extensions. At `stop` the connection
 /// is drained (GOAWAY, the streams open finish).
 pub async fn serve_connection<T, I, D, F>(
@@ -571,7 +667,7 @@ where
                 return Poll::Ready(Err(failed));
             }
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            let (request, mut respond) = match pass.poll(|cx| connection.poll_accept(cx)) {
+            let (request, respond) = match pass.poll(|cx| connection.poll_accept(cx)) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
@@ -580,32 +676,39 @@ where
             // Served in the next turn, with the streams.
             let (mut head, body) = request.into_parts();
             head.extensions.insert(info.clone());
-            if head.uri.path() != DATA_PATH {
+            if head.uri.path() != D::PATH {
                 let request = http::Request::from_parts(head, tonic::body::Body::new(H2Body(body)));
                 streams.push(Box::pin(serve_fallback(fallback.clone(), request, respond)));
                 continue;
             }
-            match data.open(&head, Box::pin(Inbound::new(body))) {
-                Ok(outbound) => {
-                    let response = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .expect("a valid response");
-                    if let Ok(send) = respond.send_response(response, false) {
-                        streams.push(Box::pin(send_messages(
-                            outbound.map(encode_frame),
-                            send,
-                            Ending::Trailers,
-                        )));
-                    }
-                }
-                Err(status) => {
-                    let _ = respond.send_response(status.into_http(), true);
-                }
-            }
+            let opening = data.open(&head, Box::pin(Inbound::new(body)));
+            streams.push(Box::pin(serve_frames(opening, respond)));
         }
     })
     .await
+}
+
+/// Answers a stream of frames once `opening` is ready: its frames, or the
+/// refusal as a trailers-only response.
+async fn serve_frames(
+    opening: impl Future<Output = Result<ServedFrames, Status>>,
+    mut respond: h2::server::SendResponse<Body>,
+) {
+    match opening.await {
+        Ok(outbound) => {
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("a valid response");
+            if let Ok(send) = respond.send_response(response, false) {
+                let messages = outbound.map(|frame| frame.map(encode_frame));
+                send_messages(messages, send, Ending::Trailers).await;
+            }
+        }
+        Err(status) => {
+            let _ = respond.send_response(status.into_http(), true);
+        }
+    }
 }
 
 /// Answers `request` with `service` (tonic's), its body sent on `respond`.
@@ -788,6 +891,148 @@ mod tests {
             deframer.partial.capacity() < 1024,
             "nothing reserved for it"
         );
+    }
+
+    /// A `Forward`-like method: its opening waits a turn, then refuses
+    /// (with a code in the metadata) or echoes the frames and fails.
+    struct Echo;
+
+    impl DataStreams for Echo {
+        const PATH: &'static str = FORWARD_PATH;
+        type Opening = Pin<Box<dyn Future<Output = Result<ServedFrames, Status>> + Send>>;
+
+        fn open(&self, head: &http::request::Parts, inbound: InboundFrames) -> Self::Opening {
+            let refuse = head.headers.contains_key("refuse");
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                if refuse {
+                    let mut status = Status::unavailable("refused");
+                    status.metadata_mut().insert(
+                        crate::metadata::ERROR_CODE,
+                        tonic::metadata::MetadataValue::from_static("3200"),
+                    );
+                    return Err(status);
+                }
+                let broke = futures_util::stream::iter([Err(Status::unavailable("it broke"))]);
+                Ok(Box::pin(inbound.chain(broke)) as ServedFrames)
+            })
+        }
+    }
+
+    /// `StopSession` through tonic: known for session `s1` only.
+    struct Stops;
+
+    #[tonic::async_trait]
+    impl pb::node_link_server::NodeLink for Stops {
+        type ForwardStream = ServedFrames;
+
+        async fn forward(
+            &self,
+            _request: tonic::Request<tonic::Streaming<pb::Frame>>,
+        ) -> Result<tonic::Response<ServedFrames>, Status> {
+            Err(Status::unimplemented("served directly"))
+        }
+
+        async fn stop_session(
+            &self,
+            request: tonic::Request<pb::StopSessionRequest>,
+        ) -> Result<tonic::Response<pb::StopSessionResponse>, Status> {
+            match request.into_inner().session_id.as_str() {
+                "s1" => Ok(tonic::Response::new(pb::StopSessionResponse {})),
+                id => Err(Status::not_found(format!("no session {id}"))),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_method_of_frames_is_served_directly_the_rest_by_tonic_and_a_drain_closes_the_client()
+    {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let settings = ServerSettings {
+            heartbeat: Duration::from_secs(10),
+            tolerance: Duration::from_secs(10),
+            max_header_list_size: 16 * 1024,
+        };
+        let routes = tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops));
+        let server = tokio::spawn(serve_connection(
+            server_io,
+            (),
+            settings,
+            stop.clone(),
+            Echo,
+            routes,
+        ));
+        let ten = Duration::from_secs(10);
+        let (connection, driver) = EdgeConnection::handshake(client_io, ten, ten)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(driver.linger().run());
+
+        let refused = connection
+            .open_frames(
+                FORWARD_PATH,
+                &[("refuse", "yes")],
+                Box::pin(futures_util::stream::empty()),
+            )
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+        assert_eq!(
+            refused.metadata().get(crate::metadata::ERROR_CODE).unwrap(),
+            "3200"
+        );
+
+        let mut inbound = connection
+            .open_frames(
+                FORWARD_PATH,
+                &[],
+                Box::pin(futures_util::stream::iter(frames())),
+            )
+            .await
+            .unwrap();
+        let mut echoed = Vec::new();
+        let failed = loop {
+            match inbound.next().await.expect("a status at the end") {
+                Ok(frame) => echoed.push(frame),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(echoed, frames());
+        assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed}");
+        assert_eq!(failed.message(), "it broke");
+        assert!(inbound.next().await.is_none(), "the status ends the stream");
+
+        let stop_session = |id: &str| pb::StopSessionRequest {
+            session_id: id.into(),
+            ..Default::default()
+        };
+        let _: pb::StopSessionResponse = connection
+            .unary(STOP_SESSION_PATH, &stop_session("s1"))
+            .await
+            .unwrap();
+        let missing = connection
+            .unary::<_, pb::StopSessionResponse>(STOP_SESSION_PATH, &stop_session("s2"))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+        assert_eq!(missing.message(), "no session s2");
+
+        // The server drains: GOAWAY, so the connection takes no new stream.
+        assert!(!connection.is_closed());
+        stop.cancel();
+        tokio::time::timeout(ten, async {
+            while !connection.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("closed once the server drains");
+        // Both ends then close (the server may see the client gone first).
+        let _ = tokio::time::timeout(ten, server).await.unwrap().unwrap();
+        drop(connection);
+        let _ = tokio::time::timeout(ten, driver).await.unwrap().unwrap();
     }
 
     #[test]

@@ -397,11 +397,10 @@ struct DirectData {
 }
 
 impl direct::DataStreams for DirectData {
-    fn open(
-        &self,
-        _head: &http::request::Parts,
-        inbound: InboundFrames,
-    ) -> Result<postern_proto::BoxFrames, Status> {
+    const PATH: &'static str = direct::DATA_PATH;
+    type Opening = std::future::Ready<Result<direct::ServedFrames, Status>>;
+
+    fn open(&self, _head: &http::request::Parts, inbound: InboundFrames) -> Self::Opening {
         let (attach, frames) = attachable();
         let upstream = self.upstream;
         tokio::spawn(async move {
@@ -414,7 +413,7 @@ impl direct::DataStreams for DirectData {
                 pump.run().await;
             }
         });
-        Ok(Box::pin(frames))
+        std::future::ready(Ok(Box::pin(frames.map(Ok))))
     }
 }
 
