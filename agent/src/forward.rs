@@ -180,17 +180,35 @@ impl Channels {
 /// Opens a data stream as a tracked task. A pooled stream opens its own
 /// replacement as soon as the edge claims it.
 pub fn spawn_stream(ctx: Arc<StreamContext>, pooled: bool) {
+    spawn_stream_on(ctx, pooled, None);
+}
+
+/// Opens a pooled stream on the connection `id`, just dialled again: the
+/// edge counts a connection as the session's (and cuts it with the
+/// session) once a data stream comes on it, and the streams that replace
+/// claimed ones may not come on it for a long while (an HTTP endpoint's
+/// upstream connections are kept alive). The edge closes the stream when
+/// its pool is full; the connection has joined all the same.
+pub fn join_connection(ctx: Arc<StreamContext>, id: usize, connection: EdgeConnection) {
+    spawn_stream_on(ctx, true, Some((id, connection)));
+}
+
+fn spawn_stream_on(ctx: Arc<StreamContext>, pooled: bool, on: Option<(usize, EdgeConnection)>) {
     let tracker = ctx.tracker.clone();
     tracker.spawn(async move {
-        if let Err(e) = serve_stream(&ctx, pooled).await {
+        if let Err(e) = serve_stream(&ctx, pooled, on).await {
             tracing::debug!(error = %e, "data stream ended with an error");
         }
     });
 }
 
-async fn serve_stream(ctx: &Arc<StreamContext>, pooled: bool) -> Result<(), Failure> {
+async fn serve_stream(
+    ctx: &Arc<StreamContext>,
+    pooled: bool,
+    on: Option<(usize, EdgeConnection)>,
+) -> Result<(), Failure> {
     let (attach_tx, frames) = attachable();
-    let (channel, connection) = ctx.channels.next();
+    let (channel, connection) = on.unwrap_or_else(|| ctx.channels.next());
     let value = |v: &MetadataValue<_>| v.to_str().unwrap_or_default().to_string();
     let (session, token) = (value(&ctx.session_id), value(&ctx.stream_token));
     let metadata = [

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::{
     config::{AgentConfig, MutualTlsCas, Proto, TerminateAt, TunnelSpec},
     error::{AgentError, Chain},
-    forward::{Channels, Routes, StreamContext, Target, spawn_stream},
+    forward::{Channels, Routes, StreamContext, Target, join_connection, spawn_stream},
     proxy::Io,
     state::{AgentState, BindState, Command, CommandError, Origin, Tunnel},
     tls::edge_client_config,
@@ -307,7 +307,8 @@ async fn keep_direct(
             match connect(&config, &addr, tls.clone()).await {
                 Ok((connection, next)) => {
                     let Some(session) = live(&ctx) else { return };
-                    session.channels.add(id, connection);
+                    session.channels.add(id, connection.clone());
+                    join_connection(session, id, connection);
                     driver = next;
                     break;
                 }
