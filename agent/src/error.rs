@@ -213,12 +213,9 @@ pub enum AgentError {
     Address(String),
     #[error(transparent)]
     ServerName(rustls::pki_types::InvalidDnsNameError),
-    #[error(transparent)]
-    Endpoint(tonic::transport::Error),
     #[error("no connection within {0:?}")]
     Timeout(std::time::Duration),
-    /// The connection to the edge failed: the error and its causes, each
-    /// message once.
+    /// The connection to the edge failed: its TLS or HTTP/2 handshake.
     #[error("{0}")]
     Connect(String),
     /// The proxy refused, or answered what the agent cannot use (the
