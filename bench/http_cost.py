@@ -85,7 +85,7 @@ RATIOS = [
     ("HTTP inspect on ÷ inspect off", "http-on", "http-off"),
     ("HTTPS inspect on ÷ nginx HTTPS direct", "https-on", "direct-https"),
     ("HTTPS inspect off ÷ nginx HTTPS direct", "https-off", "direct-https"),
-    ("HTTP events on (file + Kafka) ÷ events off", "http-events", "http-off"),
+    ("HTTP events on ÷ events off", "http-events", "http-off"),
     ("HTTPS 10-rule policy ÷ no policy", "https-policy", "https-off"),
     ("TCP endpoint ÷ nginx direct", "tcp", "direct"),
     ("HTTP via ngrok SDK session ÷ via Postern agent (inspect off)", "sdk-http", "http-off"),
