@@ -25,7 +25,6 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::task::TaskTracker;
-use tonic::metadata::MetadataValue;
 use tracing::Instrument;
 
 use crate::{
@@ -120,8 +119,9 @@ impl Routes {
 /// What a stream task needs.
 pub struct StreamContext {
     pub channels: Channels,
-    pub session_id: MetadataValue<tonic::metadata::Ascii>,
-    pub stream_token: MetadataValue<tonic::metadata::Ascii>,
+    /// Both valid header values (checked when the edge sent them).
+    pub session_id: String,
+    pub stream_token: String,
     pub routes: Arc<Routes>,
     pub tracker: TaskTracker,
 }
@@ -209,11 +209,9 @@ async fn serve_stream(
 ) -> Result<(), Failure> {
     let (attach_tx, frames) = attachable();
     let (channel, connection) = on.unwrap_or_else(|| ctx.channels.next());
-    let value = |v: &MetadataValue<_>| v.to_str().unwrap_or_default().to_string();
-    let (session, token) = (value(&ctx.session_id), value(&ctx.stream_token));
     let metadata = [
-        (metadata::SESSION, session.as_str()),
-        (metadata::STREAM_TOKEN, token.as_str()),
+        (metadata::SESSION, ctx.session_id.as_str()),
+        (metadata::STREAM_TOKEN, ctx.stream_token.as_str()),
     ];
     let opened = connection.open_data(&metadata, Box::pin(frames)).await;
     let mut inbound = match opened {

@@ -383,9 +383,10 @@ impl Session<'_> {
                 return SessionEnd::Lost(format!("control stream: {}", status.message()));
             }
         };
-        let parse = |v: &str| {
-            v.parse()
-                .map_err(|_| SessionEnd::Lost("the edge sent a bad session id".into()))
+        // Each goes into every data stream's request headers.
+        let parse = |v: &str| match http::HeaderValue::from_str(v) {
+            Ok(_) => Ok(v.to_string()),
+            Err(_) => Err(SessionEnd::Lost("the edge sent a bad session id".into())),
         };
         let (session_id, stream_token) =
             match (parse(&welcome.session_id), parse(&welcome.stream_token)) {
