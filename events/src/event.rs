@@ -225,9 +225,135 @@ pub struct Http {
     pub response: Option<HttpResponse>,
 }
 
-/// Headers as ngrok normalises them: keys capitalised (`Content-Type`),
-/// values lower-cased, every value kept.
-pub type Headers = BTreeMap<String, Vec<String>>;
+/// Headers as ngrok's events carry them: each key capitalised per word
+/// (`content-type` as `Content-Type`), values lower-cased (bytes that are
+/// not UTF-8 as U+FFFD), every value kept, as a JSON object of arrays.
+///
+/// They are held as the `HeaderMap` they came from, whose names and values
+/// are shared rather than copied, and normalised only while the event is
+/// written: a request costs its event one copy of the map, not a string
+/// per header name and value.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Headers(http::HeaderMap);
+
+impl Headers {
+    pub fn new(headers: &http::HeaderMap) -> Headers {
+        Headers(headers.clone())
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.keys_len()))?;
+        for name in self.0.keys() {
+            map.serialize_entry(&Capitalised(name.as_str()), &Values(self.0.get_all(name)))?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Headers, D::Error> {
+        use serde::de::Error;
+        let written = BTreeMap::<String, Vec<String>>::deserialize(deserializer)?;
+        let mut map = http::HeaderMap::new();
+        for (name, values) in written {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                D::Error::custom(format_args!("{name:?} is not an HTTP header name"))
+            })?;
+            for value in values {
+                let value = http::HeaderValue::from_str(&value).map_err(|_| {
+                    D::Error::custom(format_args!(
+                        "the value {value:?} of header {name} is not an HTTP header value"
+                    ))
+                })?;
+                map.append(name.clone(), value);
+            }
+        }
+        Ok(Headers(map))
+    }
+}
+
+/// One header's values, each lower-cased.
+struct Values<'a>(http::header::GetAll<'a, http::HeaderValue>);
+
+impl Serialize for Values<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|v| Lowercase(v.as_bytes())))
+    }
+}
+
+/// How many bytes the two writers below change at a time.
+const CHUNK: usize = 64;
+
+/// A header name (lower case, ASCII) written capitalised per word.
+struct Capitalised<'a>(&'a str);
+
+impl std::fmt::Display for Capitalised<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut word_start = true;
+        for chunk in self.0.as_bytes().chunks(CHUNK) {
+            let mut buf = [0u8; CHUNK];
+            for (out, &b) in buf.iter_mut().zip(chunk) {
+                *out = if word_start {
+                    b.to_ascii_uppercase()
+                } else {
+                    b
+                };
+                word_start = b == b'-';
+            }
+            // Header names are ASCII; changing the case of ASCII letters
+            // keeps them so.
+            f.write_str(std::str::from_utf8(&buf[..chunk.len()]).map_err(|_| std::fmt::Error)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Capitalised<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A header value written lower-cased, with U+FFFD for bytes that are not
+/// UTF-8 (as `String::from_utf8_lossy(..).to_lowercase()`, without the
+/// two strings).
+struct Lowercase<'a>(&'a [u8]);
+
+impl std::fmt::Display for Lowercase<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for part in self.0.utf8_chunks() {
+            let text = part.valid();
+            if !text.is_ascii() {
+                f.write_str(&text.to_lowercase())?;
+            } else if !text.bytes().any(|b| b.is_ascii_uppercase()) {
+                f.write_str(text)?;
+            } else {
+                for chunk in text.as_bytes().chunks(CHUNK) {
+                    let mut buf = [0u8; CHUNK];
+                    for (out, b) in buf.iter_mut().zip(chunk) {
+                        *out = b.to_ascii_lowercase();
+                    }
+                    f.write_str(
+                        std::str::from_utf8(&buf[..chunk.len()]).map_err(|_| std::fmt::Error)?,
+                    )?;
+                }
+            }
+            if !part.invalid().is_empty() {
+                f.write_str("\u{FFFD}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Lowercase<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
 
 /// `http.request.*`
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -106,28 +106,6 @@ impl Event {
     }
 }
 
-/// Headers as ngrok's events carry them: each key capitalised per word
-/// (`content-type` → `Content-Type`), values lower-cased, all values kept.
-pub fn normalize_headers(headers: &http::HeaderMap) -> Headers {
-    let mut out = Headers::new();
-    for (name, value) in headers {
-        // `x-forwarded-for` as `X-Forwarded-For`, in one allocation.
-        let mut key = String::with_capacity(name.as_str().len());
-        let mut word_start = true;
-        for c in name.as_str().chars() {
-            key.push(if word_start {
-                c.to_ascii_uppercase()
-            } else {
-                c
-            });
-            word_start = c == '-';
-        }
-        let value = String::from_utf8_lossy(value.as_bytes()).to_lowercase();
-        out.entry(key).or_default().push(value);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,13 +138,46 @@ mod tests {
     }
 
     #[test]
-    fn headers_are_normalised_like_ngrok() {
+    fn headers_are_written_normalised_like_ngrok() {
         let mut h = http::HeaderMap::new();
         h.insert("content-type", "Text/HTML".parse().unwrap());
         h.append("x-multi", "A".parse().unwrap());
         h.append("x-multi", "B".parse().unwrap());
-        let n = normalize_headers(&h);
-        assert_eq!(n["Content-Type"], vec!["text/html"]);
-        assert_eq!(n["X-Multi"], vec!["a", "b"]);
+        h.insert(
+            "x-a-very-long-header-name-that-is-longer-than-one-chunk-of-sixty-four-bytes",
+            "ÄBC Straße".parse().unwrap(),
+        );
+        h.insert(
+            "x-bytes",
+            http::HeaderValue::from_bytes(b"AB\xffC").unwrap(),
+        );
+        let json = serde_json::to_value(Headers::new(&h)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "Content-Type": ["text/html"],
+                "X-Multi": ["a", "b"],
+                "X-A-Very-Long-Header-Name-That-Is-Longer-Than-One-Chunk-Of-Sixty-Four-Bytes": ["äbc straße"],
+                "X-Bytes": ["ab\u{FFFD}c"],
+            })
+        );
+        let back: Headers = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            json,
+            "read back, written the same"
+        );
+    }
+
+    #[test]
+    fn headers_that_are_not_http_headers_are_refused_by_name() {
+        let e = serde_json::from_value::<Headers>(serde_json::json!({"Bad Name": ["x"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"Bad Name\" is not an HTTP header name"), "{e}");
+        let e = serde_json::from_value::<Headers>(serde_json::json!({"X-A": ["a\nb"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("header x-a is not an HTTP header value"), "{e}");
     }
 }

@@ -17,9 +17,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use postern_events::{
-    ClientCert, Conn, Decision, DecisionField, Event, EventSink, EventType, Http, HttpRequest,
-    HttpRequestComplete, HttpResponse, PosternClientCert, PosternFields, Subject,
-    TcpConnectionClosed, Tls, Url, normalize_headers, timestamp,
+    ClientCert, Conn, Decision, DecisionField, Event, EventSink, EventType, Headers, Http,
+    HttpRequest, HttpRequestComplete, HttpResponse, PosternClientCert, PosternFields, Subject,
+    TcpConnectionClosed, Tls, Url, timestamp,
 };
 use postern_proto::PipeOutcome;
 
@@ -406,7 +406,7 @@ impl HttpRecord {
             .get_or_insert_with(Default::default)
             .response = Some(HttpResponse {
             status_code: Some(parts.status.as_u16()),
-            headers: self.publish.then(|| normalize_headers(&parts.headers)),
+            headers: self.publish.then(|| Headers::new(&parts.headers)),
             ..Default::default()
         });
         let stats = self.response_body.clone();
@@ -520,7 +520,7 @@ fn request_fields<B>(
             request: Some(HttpRequest {
                 method: Some(req.method().to_string()),
                 version: Some(format!("{:?}", req.version())),
-                headers: Some(normalize_headers(req.headers())),
+                headers: Some(Headers::new(req.headers())),
                 user_agent: req
                     .headers()
                     .get(http::header::USER_AGENT)

@@ -63,7 +63,7 @@ pub(crate) fn sample(i: usize) -> Event {
                         method: Some("GET".into()),
                         version: Some("HTTP/1.1".into()),
                         body_length: Some(0),
-                        headers: Some(normalize_headers(&headers)),
+                        headers: Some(Headers::new(&headers)),
                         user_agent: Some("curl/8".into()),
                         url: Some(Url {
                             raw: Some(format!("https://{host}/r/{i}?q=1")),
