@@ -881,6 +881,7 @@ def sessions_test(n, proto):
         time.sleep(1)
         edge = PROCS.pid("sess-edge")
         base = rss_kb(edge)
+        base_fds = len(os.listdir(f"/proc/{edge}/fd"))
         t0 = time.time()
         la = PROCS.start("loadagent", [
             LOADAGENT_BIN, "--sessions", str(n),
@@ -919,6 +920,9 @@ def sessions_test(n, proto):
         res["edge_kb_per_session"] = round((res["edge_rss_kb"] - base) / max(1, res["online"]), 2)
         res["loadagent_rss_kb"] = rss_kb(la.pid)
         res["edge_fds"] = len(os.listdir(f"/proc/{edge}/fd"))
+        # Each agent connection is one descriptor at the edge.
+        res["connections_per_session"] = round((res["edge_fds"] - base_fds)
+                                               / max(1, res["online"]), 2)
         res["projected_10k_mib"] = round((res["edge_rss_kb"] - base) / max(1, res["online"])
                                          * 10000 / 1024, 1)
         res["projected_10k_total_mib"] = round(
@@ -1539,16 +1543,20 @@ def md_tables(summary, results, meta, sessions, fdres, perf, plots):
         a("")
     if sessions:
         a("### Memory per idle agent session (edge)\n")
-        a("`bench/loadagent` starts N agents in one process, each with its own TLS/HTTP2 "
-          "connection, `stream_pool: 0` and one tunnel; the edge is a fresh process per row.\n")
-        a("| sessions | tunnel | online | ramp-up | edge RSS before → after | per session | "
-          "edge CPU while idle | load agent RSS |")
-        a("|---:|---|---:|---:|---:|---:|---:|---:|")
+        a("`bench/loadagent` starts N agents in one process, each with the agent's default "
+          "number of TLS/HTTP2 connections (one per core, at most four), `stream_pool: 0` and "
+          "one tunnel; the edge is a fresh process per row. Connections per session are the "
+          "edge's new file descriptors per session online.\n")
+        a("| sessions | tunnel | online | connections per session | ramp-up | "
+          "edge RSS before → after | per session | edge CPU while idle | load agent RSS |")
+        a("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         for s in sessions:
             if "edge_kb_per_session" not in s:
-                a(f"| {s['sessions']:,} | {s['proto']} | failed: {s.get('error', '')} | | | | | |")
+                a(f"| {s['sessions']:,} | {s['proto']} | failed: {s.get('error', '')} "
+                  "| | | | | | |")
                 continue
-            a(f"| {s['sessions']:,} | {s['proto']} | {s['online']:,} | {s['ramp_s']} s | "
+            a(f"| {s['sessions']:,} | {s['proto']} | {s['online']:,} | "
+              f"{s.get('connections_per_session', '–')} | {s['ramp_s']} s | "
               f"{s['edge_rss_base_kb'] / 1024:.0f} → {s['edge_rss_kb'] / 1024:.0f} MiB | "
               f"{s['edge_kb_per_session']:.1f} KB | {s['edge_idle_cpu_pct']}% of a core | "
               f"{s['loadagent_rss_kb'] / 1024:.0f} MiB |")

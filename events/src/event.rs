@@ -284,74 +284,67 @@ impl Serialize for Values<'_> {
     }
 }
 
-/// How many bytes the two writers below change at a time.
-const CHUNK: usize = 64;
+/// Names and values up to this long are rewritten on the stack; longer
+/// ones (rare) in a string of their own.
+const ON_STACK: usize = 128;
+
+/// Serialises `text` changed byte by byte by `change` (ASCII to ASCII),
+/// without allocating when it is short.
+fn serialize_changed<S: serde::Serializer>(
+    serializer: S,
+    text: &str,
+    change: impl FnMut(u8) -> u8,
+) -> Result<S::Ok, S::Error> {
+    let mut buf = [0u8; ON_STACK];
+    if text.len() <= ON_STACK {
+        let out = &mut buf[..text.len()];
+        for (o, b) in out.iter_mut().zip(text.bytes().map(change)) {
+            *o = b;
+        }
+        // ASCII stays ASCII, so this is UTF-8; a change that broke that
+        // would be written as U+FFFD rather than fail the event.
+        serializer.serialize_str(&String::from_utf8_lossy(out))
+    } else {
+        let changed: Vec<u8> = text.bytes().map(change).collect();
+        serializer.serialize_str(&String::from_utf8_lossy(&changed))
+    }
+}
 
 /// A header name (lower case, ASCII) written capitalised per word.
 struct Capitalised<'a>(&'a str);
 
-impl std::fmt::Display for Capitalised<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut word_start = true;
-        for chunk in self.0.as_bytes().chunks(CHUNK) {
-            let mut buf = [0u8; CHUNK];
-            for (out, &b) in buf.iter_mut().zip(chunk) {
-                *out = if word_start {
-                    b.to_ascii_uppercase()
-                } else {
-                    b
-                };
-                word_start = b == b'-';
-            }
-            // Header names are ASCII; changing the case of ASCII letters
-            // keeps them so.
-            f.write_str(std::str::from_utf8(&buf[..chunk.len()]).map_err(|_| std::fmt::Error)?)?;
-        }
-        Ok(())
-    }
-}
-
 impl Serialize for Capitalised<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        let mut word_start = true;
+        serialize_changed(serializer, self.0, |b| {
+            let out = if word_start {
+                b.to_ascii_uppercase()
+            } else {
+                b
+            };
+            word_start = b == b'-';
+            out
+        })
     }
 }
 
 /// A header value written lower-cased, with U+FFFD for bytes that are not
-/// UTF-8 (as `String::from_utf8_lossy(..).to_lowercase()`, without the
-/// two strings).
+/// UTF-8 (as `String::from_utf8_lossy(..).to_lowercase()`), allocating
+/// only for values that are long or not ASCII.
 struct Lowercase<'a>(&'a [u8]);
-
-impl std::fmt::Display for Lowercase<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for part in self.0.utf8_chunks() {
-            let text = part.valid();
-            if !text.is_ascii() {
-                f.write_str(&text.to_lowercase())?;
-            } else if !text.bytes().any(|b| b.is_ascii_uppercase()) {
-                f.write_str(text)?;
-            } else {
-                for chunk in text.as_bytes().chunks(CHUNK) {
-                    let mut buf = [0u8; CHUNK];
-                    for (out, b) in buf.iter_mut().zip(chunk) {
-                        *out = b.to_ascii_lowercase();
-                    }
-                    f.write_str(
-                        std::str::from_utf8(&buf[..chunk.len()]).map_err(|_| std::fmt::Error)?,
-                    )?;
-                }
-            }
-            if !part.invalid().is_empty() {
-                f.write_str("\u{FFFD}")?;
-            }
-        }
-        Ok(())
-    }
-}
 
 impl Serialize for Lowercase<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        match std::str::from_utf8(self.0) {
+            Ok(text) if text.is_ascii() => {
+                if text.bytes().any(|b| b.is_ascii_uppercase()) {
+                    serialize_changed(serializer, text, |b| b.to_ascii_lowercase())
+                } else {
+                    serializer.serialize_str(text)
+                }
+            }
+            _ => serializer.serialize_str(&String::from_utf8_lossy(self.0).to_lowercase()),
+        }
     }
 }
 

@@ -143,9 +143,12 @@ mod tests {
         h.insert("content-type", "Text/HTML".parse().unwrap());
         h.append("x-multi", "A".parse().unwrap());
         h.append("x-multi", "B".parse().unwrap());
+        h.insert("x-unicode", "ÄBC Straße".parse().unwrap());
+        // Longer than what is rewritten on the stack.
+        let long = format!("x{}", "-long".repeat(30));
         h.insert(
-            "x-a-very-long-header-name-that-is-longer-than-one-chunk-of-sixty-four-bytes",
-            "ÄBC Straße".parse().unwrap(),
+            http::HeaderName::from_bytes(long.as_bytes()).unwrap(),
+            "Z".repeat(200).parse().unwrap(),
         );
         h.insert(
             "x-bytes",
@@ -157,8 +160,9 @@ mod tests {
             serde_json::json!({
                 "Content-Type": ["text/html"],
                 "X-Multi": ["a", "b"],
-                "X-A-Very-Long-Header-Name-That-Is-Longer-Than-One-Chunk-Of-Sixty-Four-Bytes": ["äbc straße"],
+                "X-Unicode": ["äbc straße"],
                 "X-Bytes": ["ab\u{FFFD}c"],
+                format!("X{}", "-Long".repeat(30)): ["z".repeat(200)],
             })
         );
         let back: Headers = serde_json::from_value(json.clone()).unwrap();

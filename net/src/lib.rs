@@ -40,3 +40,16 @@ pub use mtls::{
 pub use secret::Secret;
 pub use signal::shutdown_signal;
 pub use tls::{Pem, TlsError, certified_key_from_pem, crypto_provider};
+
+/// An HTTP version as ngrok writes it in events, the agent API and Traffic
+/// Policy's `req.version` (`"HTTP/1.1"`, `"HTTP/2.0"`): the text of
+/// `http::Version`'s `Debug`, without formatting.
+pub fn http_version_text(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}

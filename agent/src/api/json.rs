@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use base64::Engine;
-use http::{HeaderMap, StatusCode, Version};
+use http::{HeaderMap, StatusCode};
+use postern_net::http_version_text;
 use serde_json::{Map, Value, json};
 
 use crate::{
@@ -109,16 +110,6 @@ fn headers(h: &HeaderMap) -> Value {
     Value::Object(map)
 }
 
-fn proto(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_2 => "HTTP/2.0",
-        Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/1.1",
-    }
-}
-
 /// The message as HTTP/1.1 text (reconstructed from what hyper parsed) and
 /// the captured body: ngrok's `raw`, base64.
 fn raw(first_line: &str, h: &HeaderMap, body: &CapturedBody) -> String {
@@ -175,10 +166,10 @@ pub(crate) fn captured(c: &Captured) -> Value {
     let r = &c.request;
     let request = json!({
         "method": r.method.as_str(),
-        "proto": proto(r.version),
+        "proto": http_version_text(r.version),
         "headers": headers(&r.headers),
         "uri": r.uri,
-        "raw": raw(&format!("{} {} {}", r.method, r.uri, proto(r.version)), &r.headers, &c.request_body),
+        "raw": raw(&format!("{} {} {}", r.method, r.uri, http_version_text(r.version)), &r.headers, &c.request_body),
         "body": body_state(&c.request_body),
     });
     let request = with_trailers(request, &c.request_body);
@@ -189,9 +180,9 @@ pub(crate) fn captured(c: &Captured) -> Value {
             let mut v = json!({
                 "status": status,
                 "status_code": resp.status.as_u16(),
-                "proto": proto(resp.version),
+                "proto": http_version_text(resp.version),
                 "headers": headers(&resp.headers),
-                "raw": raw(&format!("{} {status}", proto(resp.version)), &resp.headers, &resp.body),
+                "raw": raw(&format!("{} {status}", http_version_text(resp.version)), &resp.headers, &resp.body),
                 "body": body_state(&resp.body),
             });
             if let Some((status, message)) = grpc_status(resp) {
@@ -246,7 +237,7 @@ pub(crate) fn error(status: StatusCode, code: u32, msg: &str, err: &str) -> Valu
 mod tests {
     use std::sync::Arc;
 
-    use http::HeaderValue;
+    use http::{HeaderValue, Version};
 
     use super::*;
     use crate::{config::parse_raw, forward::Target, inspect::Captures};

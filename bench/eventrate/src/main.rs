@@ -24,8 +24,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use postern_events::{
-    Conn, Event, EventPipeline, EventSink, Headers, Http, HttpRequest, HttpRequestComplete,
-    HttpResponse, MetricsSnapshot, PosternFields, RawEventsConfig, Url, timestamp,
+    Conn, Event, EventPipeline, Headers, Http, HttpRequest, HttpRequestComplete, HttpResponse,
+    MetricsSnapshot, PosternFields, RawEventsConfig, Url, timestamp,
 };
 
 const USAGE: &str = "postern-eventrate --brokers HOST:PORT --data-dir DIR \
@@ -177,7 +177,8 @@ fn main() -> anyhow::Result<()> {
     let config = raw.validate().context("the benchmark's events config")?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let pipeline = EventPipeline::start(&config, &args.data_dir).context("starting the pipeline")?;
+    let pipeline =
+        EventPipeline::start(&config, &args.data_dir).context("starting the pipeline")?;
     let sink = pipeline.publisher();
     let request = headers(&[("host", "off.postern.localhost"), ("user-agent", "wrk")]);
     let response = headers(&[

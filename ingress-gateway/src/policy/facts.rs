@@ -507,7 +507,7 @@ impl Facts<'_> {
             "url" => Fact::Value(fields_value(URL_FIELDS, |f| self.url_field(f))),
             "headers" => Fact::Value(headers_value(headers)),
             "cookies" => Fact::Value(cookies(headers)),
-            "version" => text(format!("{:?}", r.version)),
+            "version" => text(postern_net::http_version_text(r.version)),
             "user_agent" => Fact::Value(user_agent(headers)),
             other => return message_field(headers, other),
         })
