@@ -538,7 +538,7 @@ mod tests {
                 };
                 let routes = tonic::service::RoutesBuilder::default().routes();
                 let served = postern_proto::direct::serve_connection(
-                    tls,
+                    Box::new(tls),
                     (),
                     settings,
                     drain.clone(),

@@ -348,7 +348,7 @@ pub fn serve_direct<D: DataStreams + Clone>(
         while let Some(Ok(conn)) = incoming.next().await {
             let peer = conn.connect_info();
             let served = postern_proto::direct::serve_connection(
-                conn,
+                Box::new(conn),
                 peer.clone(),
                 settings,
                 stop.clone(),

@@ -618,8 +618,13 @@ pub struct ServerSettings {
 /// `StopSession`: tonic's service), also polled here.
 /// `info` goes into every request's extensions. At `stop` the connection
 /// is drained (GOAWAY, the streams open finish).
+///
+/// `io` comes boxed: a TLS stream is kilobytes, and a future holds its
+/// arguments, so inline it would be held in this future (which the
+/// connection's task keeps for its whole life) as the argument, as the
+/// handshake's and as the connection's.
 pub async fn serve_connection<T, I, D, F>(
-    io: T,
+    io: Box<T>,
     info: I,
     settings: ServerSettings,
     stop: tokio_util::sync::CancellationToken,
@@ -639,15 +644,18 @@ where
         + Send
         + 'static,
 {
-    let mut connection = h2::server::Builder::new()
-        .initial_window_size(h2_settings::STREAM_WINDOW)
-        .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
-        .max_frame_size(h2_settings::MAX_FRAME_SIZE)
-        .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(settings.max_header_list_size)
-        .handshake::<_, Body>(io)
-        .await
-        .map_err(io::Error::other)?;
+    // The handshake in a box of its own, gone once it is done.
+    let mut connection = Box::pin(
+        h2::server::Builder::new()
+            .initial_window_size(h2_settings::STREAM_WINDOW)
+            .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
+            .max_frame_size(h2_settings::MAX_FRAME_SIZE)
+            .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(settings.max_header_list_size)
+            .handshake::<_, Body>(io),
+    )
+    .await
+    .map_err(io::Error::other)?;
     let mut keepalive = Keepalive::new(
         connection.ping_pong(),
         settings.heartbeat,
@@ -944,6 +952,64 @@ mod tests {
         }
     }
 
+    /// An I/O as large as a TLS stream.
+    struct Large {
+        inner: tokio::io::DuplexStream,
+        _state: [u8; 8192],
+    }
+
+    impl AsyncRead for Large {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Large {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[test]
+    fn a_connections_task_holds_its_io_on_the_heap_not_inline() {
+        // Every agent connection's task keeps this future for its life:
+        // with the I/O inline it was 14 KB per TLS connection at the edge.
+        let (_client, inner) = tokio::io::duplex(1024);
+        let served = serve_connection(
+            Box::new(Large {
+                inner,
+                _state: [0; 8192],
+            }),
+            (),
+            ServerSettings {
+                heartbeat: Duration::from_secs(10),
+                tolerance: Duration::from_secs(10),
+                max_header_list_size: 16 * 1024,
+            },
+            tokio_util::sync::CancellationToken::new(),
+            Echo,
+            tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops)),
+        );
+        let size = std::mem::size_of_val(&served);
+        assert!(size < 4096, "the connection's future is {size} bytes");
+    }
+
     #[tokio::test]
     async fn a_method_of_frames_is_served_directly_the_rest_by_tonic_and_a_drain_closes_the_client()
     {
@@ -956,7 +1022,7 @@ mod tests {
         };
         let routes = tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops));
         let server = tokio::spawn(serve_connection(
-            server_io,
+            Box::new(server_io),
             (),
             settings,
             stop.clone(),

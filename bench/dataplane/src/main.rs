@@ -285,7 +285,7 @@ async fn server(
                     max_header_list_size: 16 * 1024,
                 };
                 tokio::spawn(direct::serve_connection(
-                    tls,
+                    Box::new(tls),
                     (),
                     settings,
                     tokio_util::sync::CancellationToken::new(),
