@@ -76,7 +76,9 @@ pub(super) async fn run(
                 return Some(flood);
             }
         };
-        let reply = match answer(registry, session, msg, throttled).await {
+        // Boxed: a bind's future (certificates, policy, ACLs) is kilobytes,
+        // and inline every idle session's task would hold room for it.
+        let reply = match Box::pin(answer(registry, session, msg, throttled)).await {
             Ok(Some(reply)) => reply,
             Ok(None) => continue,
             Err(failure) => return Some(failure),
