@@ -25,23 +25,20 @@ Writes bench/out/dataplane/."""
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import time
 
-from procs import Procs, cpu_seconds
+from procs import TARGET, Procs, build_crate, cpu_seconds, wait_port
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
 OUT = os.path.join(BENCH, "out", "dataplane")
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
 BIN = os.path.join(TARGET, "release", "postern-dataplane-bench")
 PORTS = dict(iperf=31150, echo=31151, tunnel=31152, visitor=31153)
 # system: (label, shape, tunnel connections); a shape "a/b" is the visitor
 # side's a and the upstream side's b (the wire is the same gRPC either way)
 SYSTEMS = {
-    "direct": ("no tunnel", None, 0),
+    "no-tunnel": ("no tunnel", None, 0),
     "tls": ("a TLS connection per visitor (rathole's shape)", "tls", 1),
     "tonic": ("tonic streams, 1 connection (today)", "tonic", 1),
     "h2": ("h2 directly, a task per stream, 1 connection", "h2", 1),
@@ -60,25 +57,6 @@ SYSTEMS = {
     "direct-2c": ("the product's direct code at both ends, 2 connections", "direct", 2),
 }
 WORKLOADS = ("bulk-1", "bulk-8", "bulk-1r", "rtt-1", "rtt-64")
-
-
-def build():
-    shutil.copy(os.path.join(REPO, "Cargo.lock"), os.path.join(BENCH, "dataplane"))
-    subprocess.run(["cargo", "build", "--release", "--manifest-path",
-                    os.path.join(BENCH, "dataplane", "Cargo.toml")],
-                   env=dict(os.environ, CARGO_TARGET_DIR=TARGET), check=True)
-
-
-def wait_port(port, seconds=20):
-    import socket
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}; logs in {OUT}")
 
 
 def measure(workload, port, duration, pids):
@@ -135,13 +113,13 @@ def run_system(system, duration, alt_bin):
                         [binary, "server", "--shape", server_shape,
                          "--listen", f"127.0.0.1:{PORTS['tunnel']}",
                          "--upstream", f"127.0.0.1:{PORTS[upstream]}", "--cert-dir", OUT])
-            wait_port(PORTS["tunnel"])
+            wait_port(PORTS["tunnel"], logs=OUT)
             procs.start(f"{name}-{upstream}-client",
                         [binary, "client", "--shape", client_shape,
                          "--listen", f"127.0.0.1:{PORTS['visitor']}",
                          "--server", f"127.0.0.1:{PORTS['tunnel']}", "--cert-dir", OUT,
                          "--connections", str(connections)])
-            wait_port(PORTS["visitor"])
+            wait_port(PORTS["visitor"], logs=OUT)
             pids = list(procs.pids.values())
             for w in workloads:
                 row[w] = measure(w, PORTS["visitor"], duration, pids)
@@ -159,13 +137,13 @@ def main():
     args = ap.parse_args()
     systems = args.systems.split(",")
     os.makedirs(OUT, exist_ok=True)
-    build()
+    build_crate("dataplane")
     upstreams = Procs(OUT)
     rounds = []
     try:
         upstreams.start("iperf3", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORTS["iperf"])])
         upstreams.start("echo", [BIN, "echo", "--listen", f"127.0.0.1:{PORTS['echo']}"])
-        wait_port(PORTS["echo"])
+        wait_port(PORTS["echo"], logs=OUT)
         for r in range(args.rounds):
             order = systems[r % len(systems):] + systems[:r % len(systems)]
             row = {s: run_system(s, args.duration, args.alt_bin) for s in order}

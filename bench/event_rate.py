@@ -21,39 +21,20 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 
-from procs import Procs, cpu_seconds
+from procs import TARGET, Procs, build_crate, cpu_seconds, wait_port
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
 OUT = os.path.join(BENCH, "out", "event-rate")
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
 KAFKA_PORT = 30875
 
 
-def build():
-    binary = os.environ.get("POSTERN_EVENTRATE_BIN")
-    if binary:
-        return binary
-    manifest = os.path.join(BENCH, "eventrate", "Cargo.toml")
-    shutil.copy(os.path.join(REPO, "Cargo.lock"), os.path.join(BENCH, "eventrate", "Cargo.lock"))
-    subprocess.run(["cargo", "build", "--release", "--manifest-path", manifest],
-                   check=True, env=dict(os.environ, CARGO_TARGET_DIR=TARGET))
+def binary():
+    if os.environ.get("POSTERN_EVENTRATE_BIN"):
+        return os.environ["POSTERN_EVENTRATE_BIN"]
+    build_crate("eventrate")
     return os.path.join(TARGET, "release", "postern-eventrate")
-
-
-def wait_for_port(port, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 def main():
@@ -64,7 +45,7 @@ def main():
     tansu = os.environ.get("POSTERN_TEST_TANSU")
     if not tansu:
         raise SystemExit("POSTERN_TEST_TANSU must name the tansu binary (see scripts/test.sh)")
-    binary = build()
+    eventrate = binary()
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
     procs = Procs(OUT)
@@ -73,11 +54,11 @@ def main():
                               f"tcp://127.0.0.1:{KAFKA_PORT}", "--advertised-listener-url",
                               f"tcp://127.0.0.1:{KAFKA_PORT}", "--storage-engine",
                               "memory://tansu/"])
-        wait_for_port(KAFKA_PORT)
+        wait_port(KAFKA_PORT, seconds=30, logs=OUT)
         with open("/proc/loadavg") as f:
             load_before = f.read().split()[0]
         tansu_cpu = cpu_seconds(procs.pids["tansu"])
-        run = subprocess.run([binary, "--brokers", f"127.0.0.1:{KAFKA_PORT}", "--data-dir",
+        run = subprocess.run([eventrate, "--brokers", f"127.0.0.1:{KAFKA_PORT}", "--data-dir",
                               os.path.join(OUT, "data"), "--rates", args.rates,
                               "--seconds", str(args.seconds)],
                              check=True, capture_output=True, text=True)

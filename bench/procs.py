@@ -1,11 +1,41 @@
-"""What the small bench scripts share: the processes they start, and the
-CPU time those use."""
+"""What the small bench scripts share: building a bench crate, the
+processes they start, waiting for their ports, and the CPU time those use."""
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import time
 
 HOST_CLK = os.sysconf("SC_CLK_TCK")
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+
+
+def build_crate(name):
+    """Builds bench/<name> (a crate outside the workspace) in release, with
+    the workspace's lock file and target directory so that shared
+    dependencies are reused."""
+    crate = os.path.join(BENCH, name)
+    shutil.copy(os.path.join(REPO, "Cargo.lock"), crate)
+    subprocess.run(["cargo", "build", "--release", "--manifest-path",
+                    os.path.join(crate, "Cargo.toml")],
+                   env=dict(os.environ, CARGO_TARGET_DIR=TARGET), check=True)
+
+
+def wait_port(port, seconds=20, logs=None):
+    """Returns once something accepts on 127.0.0.1:`port`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {seconds} s"
+                     + (f"; logs in {logs}" if logs else ""))
 
 
 def cpu_seconds(pid):
