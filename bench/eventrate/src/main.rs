@@ -22,68 +22,45 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use postern_events::{
     Conn, Event, EventPipeline, Headers, Http, HttpRequest, HttpRequestComplete, HttpResponse,
     MetricsSnapshot, PosternFields, RawEventsConfig, Url, timestamp,
 };
 
-const USAGE: &str = "postern-eventrate --brokers HOST:PORT --data-dir DIR \
-[--rates 25000,50000,100000,max] [--seconds 10] [--drain-timeout-secs 60]";
-
+/// Publishes events at each offered rate into a pipeline with one Kafka
+/// subscription; one JSON line per step.
+#[derive(clap::Parser)]
 struct Args {
+    /// The Kafka broker, `host:port`.
+    #[arg(long)]
     brokers: String,
+    /// Where the pipeline keeps its spool.
+    #[arg(long)]
     data_dir: PathBuf,
-    /// Events per second; `None` is as fast as one thread publishes.
-    rates: Vec<Option<u64>>,
+    /// Events per second, in turn; `max` is as fast as one thread publishes.
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate,
+          default_value = "25000,50000,100000,max")]
+    rates: Vec<Rate>,
+    /// Seconds per rate.
+    #[arg(long, default_value_t = 10)]
     seconds: u64,
-    drain_timeout: Duration,
+    /// How long to wait for the spool to empty after each rate.
+    #[arg(long, default_value_t = 60)]
+    drain_timeout_secs: u64,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args {
-        brokers: String::new(),
-        data_dir: PathBuf::new(),
-        rates: vec![Some(25_000), Some(50_000), Some(100_000), None],
-        seconds: 10,
-        drain_timeout: Duration::from_secs(60),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value; usage: {USAGE}"))?;
-        match flag.as_str() {
-            "--brokers" => args.brokers = value,
-            "--data-dir" => args.data_dir = value.into(),
-            "--rates" => {
-                args.rates = value
-                    .split(',')
-                    .map(|r| match r {
-                        "max" => Ok(None),
-                        _ => r
-                            .parse()
-                            .map(Some)
-                            .with_context(|| format!("--rates: {r:?} is not a number or max")),
-                    })
-                    .collect::<anyhow::Result<_>>()?;
-            }
-            "--seconds" => args.seconds = value.parse().context("--seconds")?,
-            "--drain-timeout-secs" => {
-                args.drain_timeout =
-                    Duration::from_secs(value.parse().context("--drain-timeout-secs")?);
-            }
-            _ => bail!("unknown flag {flag}; usage: {USAGE}"),
-        }
+/// Events per second; `None` is as fast as one thread publishes.
+type Rate = Option<u64>;
+
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    match text {
+        "max" => Ok(None),
+        _ => text
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{text:?} is not a number of events per second or max")),
     }
-    if args.brokers.is_empty() || args.data_dir.as_os_str().is_empty() {
-        bail!("--brokers and --data-dir are required; usage: {USAGE}");
-    }
-    Ok(args)
 }
 
 /// The event the edge publishes for `GET /` answered by nginx with 100
@@ -165,7 +142,7 @@ fn sample(pipeline: &EventPipeline) -> (MetricsSnapshot, MetricsSnapshot) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     let raw: RawEventsConfig = serde_json::from_value(serde_json::json!({
         "subscriptions": [{
             "id": "kafka",
@@ -210,7 +187,9 @@ fn main() -> anyhow::Result<()> {
         let (after, kafka_after) = sample(&pipeline);
         let drain_started = Instant::now();
         let mut drained = sample(&pipeline).1;
-        while drained.spool_events > 0 && drain_started.elapsed() < args.drain_timeout {
+        while drained.spool_events > 0
+            && drain_started.elapsed() < Duration::from_secs(args.drain_timeout_secs)
+        {
             thread::sleep(Duration::from_millis(50));
             drained = sample(&pipeline).1;
         }
