@@ -163,15 +163,19 @@ async fn a_full_session_rebinds_every_tunnel_after_a_restart_within_the_budget()
     .await
     .expect("all 100 tunnels bound again")
     .unwrap();
+    let rebound = agent.status().borrow().session_id.clone();
     let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
     assert_eq!(
         client.get("t99.example.test", "/").await.unwrap().status,
         200
     );
-    assert_eq!(
-        agent.status().borrow().reconnects,
-        1,
-        "one reconnect: the restart"
+    // Not cut after rebinding: the session that bound all 100 is still the
+    // one online. (How many attempts the reconnect took is not fixed: the
+    // first may find the restarted edge not listening yet.)
+    let now = agent.status().borrow().clone();
+    assert!(
+        now.online && now.session_id == rebound,
+        "the rebound session was cut"
     );
     let metrics = edge.metrics_text().await;
     for code in ["ERR_POSTERN_9013", "ERR_POSTERN_9008"] {
