@@ -384,15 +384,18 @@ impl Session<'_> {
             }
         };
         // Each goes into every data stream's request headers.
-        let parse = |v: &str| match http::HeaderValue::from_str(v) {
-            Ok(_) => Ok(v.to_string()),
-            Err(_) => Err(SessionEnd::Lost("the edge sent a bad session id".into())),
+        let parse = |what: &str, v: &str| {
+            http::HeaderValue::from_str(v)
+                .map(|_| v.to_string())
+                .map_err(|_| SessionEnd::Lost(format!("the edge sent a bad {what}")))
         };
-        let (session_id, stream_token) =
-            match (parse(&welcome.session_id), parse(&welcome.stream_token)) {
-                (Ok(a), Ok(b)) => (a, b),
-                (Err(e), _) | (_, Err(e)) => return e,
-            };
+        let (session_id, stream_token) = match (
+            parse("session id", &welcome.session_id),
+            parse("stream token", &welcome.stream_token),
+        ) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return e,
+        };
         *self.alternates.lock().expect("alternates lock") = alternates(
             &self.state.config.server_addr,
             self.addr,

@@ -186,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         let took = started.elapsed().as_secs_f64();
         let (after, kafka_after) = sample(&pipeline);
         let drain_started = Instant::now();
-        let mut drained = sample(&pipeline).1;
+        let mut drained = kafka_after;
         while drained.spool_events > 0
             && drain_started.elapsed() < Duration::from_secs(args.drain_timeout_secs)
         {
