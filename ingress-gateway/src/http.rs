@@ -108,7 +108,14 @@ impl VisitorBody {
 
 /// Header an edge failure carries; ngrok's name, so existing monitoring
 /// keeps working. Upstreams can never set it.
-pub const ERROR_CODE_HEADER: &str = "ngrok-error-code";
+pub const ERROR_CODE_HEADER: HeaderName = HeaderName::from_static("ngrok-error-code");
+
+/// Header names the request path looks up on every request, made once:
+/// a name given as a string is parsed and checked at each use.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The connection a request arrived on.
 #[derive(Clone, Debug)]
@@ -270,7 +277,8 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Headers that describe one connection and never cross a proxy
 /// (RFC 9110 7.6.1), plus the HTTP/2 `te`.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOPS: usize = 8;
+static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -288,7 +296,18 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
+        headers.remove(name);
+    }
+    // A message has few of them, often one (`Connection`): one look at the
+    // names it has costs less than a lookup of each of these.
+    let mut present = [false; HOPS];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     if keep_upgrade {
@@ -371,22 +390,22 @@ fn upstream_request<B>(
         }
     }
     let client_ip = conn.client.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
         _ => client_ip,
     };
     headers.insert(
-        "x-forwarded-for",
+        X_FORWARDED_FOR,
         HeaderValue::from_str(&forwarded_for).expect("IP addresses are valid header values"),
     );
     let proto = if conn.sni.is_some() { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     // The request's span (see `HttpRecord`) becomes the upstream's parent.
     postern_telemetry::inject_trace(&tracing::Span::current(), headers);
-    if !headers.contains_key("x-forwarded-host")
+    if !headers.contains_key(X_FORWARDED_HOST)
         && let Some(host) = headers.get(HOST).cloned()
     {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
     Ok(Request::from_parts(parts, body))
 }

@@ -403,7 +403,7 @@ impl HttpRecord {
     /// Notes a gRPC status (`grpc-status`) in `headers`, if there is one.
     fn grpc_status(&mut self, headers: &http::HeaderMap) {
         if let Some(status) = headers
-            .get("grpc-status")
+            .get(crate::http::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
         {

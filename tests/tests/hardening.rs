@@ -70,6 +70,26 @@ async fn huge_or_too_many_headers_get_431() {
 }
 
 #[tokio::test]
+async fn a_configured_header_count_limit_is_the_one_enforced() {
+    let (edge, upstream, _agent) = http_edge_with_upstream("[limits]\nmax_headers = 10\n").await;
+    let request = |n: usize| {
+        let extra: String = (0..n).map(|i| format!("X-H{i}: v\r\n")).collect();
+        format!("GET /n{n} HTTP/1.1\r\nHost: app.example.test\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // 2 + 12 headers: over the limit of 10, under hyper's default of 100.
+    let out = raw_http(&edge, request(12).as_bytes(), 5).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    let out = raw_http(&edge, request(6).as_bytes(), 5).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let paths: Vec<String> = upstream.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        ["/n6"],
+        "only the request within the limit reached the upstream"
+    );
+}
+
+#[tokio::test]
 async fn slowloris_is_cut_off_at_the_header_read_timeout() {
     let (edge, _upstream, _agent) =
         http_edge_with_upstream("[limits]\nheader_read_timeout = \"1s\"\n").await;

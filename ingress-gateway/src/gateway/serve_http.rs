@@ -66,7 +66,7 @@ async fn handle_request(
     };
     let forwarded_for = req
         .headers()
-        .get("x-forwarded-for")
+        .get(crate::http::X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok());
     let client_ip = inner
         .config
@@ -237,9 +237,9 @@ impl Visit<'_> {
             let headers = req.headers_mut();
             if let Some(original) = visitor_host
                 && headers.get(http::header::HOST) != Some(&original)
-                && !headers.contains_key("x-forwarded-host")
+                && !headers.contains_key(crate::http::X_FORWARDED_HOST)
             {
-                headers.insert("x-forwarded-host", original);
+                headers.insert(crate::http::X_FORWARDED_HOST, original);
             }
             if policy.has(Phase::Response) {
                 head = Some(request_head(&req));
