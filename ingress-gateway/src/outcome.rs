@@ -314,8 +314,16 @@ impl HttpRecord {
 
     /// Names the endpoint that serves (or was chosen to serve) the request.
     pub fn served_by(&mut self, endpoint: &Endpoint) {
-        let (region, node) = (self.outcomes.region.clone(), self.outcomes.node_id.clone());
-        serving_fields(self.postern_mut(), endpoint, region, node);
+        let (region, node) = (&self.outcomes.region, &self.outcomes.node_id);
+        let postern = self.object.postern.get_or_insert_with(Default::default);
+        // Named already: the endpoint chosen is nearly always the one that
+        // served, and naming it again is six strings made and dropped.
+        if postern.endpoint_id.as_deref() == Some(endpoint.id.as_str())
+            && postern.agent_session_id.as_deref() == Some(endpoint.source.session_id())
+        {
+            return;
+        }
+        serving_fields(postern, endpoint, region.clone(), node.clone());
     }
 
     /// Records the verified client certificate.
@@ -691,7 +699,78 @@ pub fn tcp_closed(
 mod tests {
     use std::net::IpAddr;
 
-    use super::ip_text;
+    use postern_events::{EventObject, MemorySink};
+
+    use super::*;
+    use crate::{endpoint::EndpointKind, route::tests::Gone};
+
+    fn endpoint(id: &str, remote: Option<(&str, &str)>) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            name: "web".into(),
+            kind: EndpointKind::Http,
+            public_url: "https://app.example.test".into(),
+            source: Arc::new(Gone),
+            remote: remote.map(|(region, node)| crate::endpoint::Location {
+                region: region.into(),
+                node_id: node.into(),
+            }),
+        }
+    }
+
+    /// The `postern` fields of the event a request published after
+    /// `served` named its endpoints in turn.
+    fn serving_after(served: &[&Endpoint]) -> PosternFields {
+        let sink = Arc::new(MemorySink::default());
+        let outcomes = Outcomes {
+            sink: Some(sink.clone() as Arc<dyn EventSink>),
+            region: "us".into(),
+            node_id: "us1".into(),
+            account_id: None,
+            metrics: Default::default(),
+        };
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let req = Request::get("/").body(()).unwrap();
+        let mut record =
+            HttpRecord::start(&outcomes, &req, addr, addr, "h", None, SystemTime::now());
+        for endpoint in served {
+            record.served_by(endpoint);
+        }
+        drop(record.finish(Response::new(())));
+        let events = sink.events();
+        let EventObject::Http(object) = &events[0].object else {
+            panic!("an HTTP event");
+        };
+        PosternFields {
+            duration_ms: None,
+            ..object.postern.clone().unwrap()
+        }
+    }
+
+    #[test]
+    fn the_event_names_the_endpoint_that_served_last() {
+        let here = endpoint("ep_here", None);
+        let there = endpoint("ep_there", Some(("eu", "eu1")));
+        let once = serving_after(&[&here]);
+        assert_eq!(
+            serving_after(&[&here, &here]),
+            once,
+            "named twice: the same"
+        );
+        assert_eq!(once.endpoint_id.as_deref(), Some("ep_here"));
+        assert_eq!(once.serving_region.as_deref(), Some("us"));
+        assert_eq!(once.serving_node_id.as_deref(), Some("us1"));
+        let moved = serving_after(&[&here, &there]);
+        assert_eq!(moved.endpoint_id.as_deref(), Some("ep_there"));
+        assert_eq!(moved.agent_session_id.as_deref(), Some("ts_gone"));
+        assert_eq!(moved.serving_region.as_deref(), Some("eu"));
+        assert_eq!(moved.serving_node_id.as_deref(), Some("eu1"));
+        assert_eq!(
+            moved.region.as_deref(),
+            Some("us"),
+            "the receiving node stays"
+        );
+    }
 
     #[test]
     fn addresses_are_written_as_to_string_writes_them() {

@@ -208,12 +208,13 @@ impl Pool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::endpoint::{Location, StreamSource};
     use futures_util::future::BoxFuture;
 
-    struct Gone;
+    /// A stream source whose agent has gone.
+    pub(crate) struct Gone;
 
     impl StreamSource for Gone {
         fn claim(&self) -> BoxFuture<'static, Result<ClaimedStream, Failure>> {
