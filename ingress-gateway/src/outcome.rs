@@ -696,7 +696,7 @@ pub fn tcp_closed(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::IpAddr;
 
     use postern_events::{EventObject, MemorySink};
@@ -718,10 +718,8 @@ mod tests {
         }
     }
 
-    /// The `postern` fields of the event a request published after
-    /// `served` named its endpoints in turn.
-    fn serving_after(served: &[&Endpoint]) -> PosternFields {
-        let sink = Arc::new(MemorySink::default());
+    /// A record of `req` on node `us1` in `us`, published into `sink`.
+    pub(crate) fn record(sink: &Arc<MemorySink>, req: &Request<()>) -> HttpRecord {
         let outcomes = Outcomes {
             sink: Some(sink.clone() as Arc<dyn EventSink>),
             region: "us".into(),
@@ -730,9 +728,22 @@ mod tests {
             metrics: Default::default(),
         };
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let req = Request::get("/").body(()).unwrap();
-        let mut record =
-            HttpRecord::start(&outcomes, &req, addr, addr, "h", None, SystemTime::now());
+        HttpRecord::start(
+            &outcomes,
+            req,
+            addr,
+            addr,
+            "app.example.test",
+            None,
+            SystemTime::now(),
+        )
+    }
+
+    /// The `postern` fields of the event a request published after
+    /// `served` named its endpoints in turn.
+    fn serving_after(served: &[&Endpoint]) -> PosternFields {
+        let sink = Arc::new(MemorySink::default());
+        let mut record = record(&sink, &Request::get("/").body(()).unwrap());
         for endpoint in served {
             record.served_by(endpoint);
         }

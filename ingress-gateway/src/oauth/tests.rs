@@ -8,7 +8,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use postern_events::{Decision, EventSink, MemorySink};
+use postern_events::{Decision, MemorySink};
 use postern_proto::pb;
 
 use super::{
@@ -25,7 +25,7 @@ use super::{
     store::{StoreError, StoreFuture},
     *,
 };
-use crate::outcome::{HttpRecord, Outcomes};
+use crate::outcome::tests::record;
 
 /// A fake GitHub: token endpoint and user API. The token endpoint takes
 /// `code=good` with a PKCE verifier, `grant_type=refresh_token` with
@@ -300,26 +300,6 @@ async fn github_code_exchange_user_api_and_refresh() {
         provider.refresh(&http, &client, &dead, "42").await,
         Err(IdpError::Rejected(_))
     ));
-}
-
-fn record(sink: &Arc<MemorySink>, req: &Request<()>) -> HttpRecord {
-    let outcomes = Outcomes {
-        sink: Some(sink.clone() as Arc<dyn EventSink>),
-        region: "us".into(),
-        node_id: "n".into(),
-        account_id: None,
-        metrics: Default::default(),
-    };
-    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    HttpRecord::start(
-        &outcomes,
-        req,
-        addr,
-        addr,
-        "app.example.test",
-        None,
-        SystemTime::now(),
-    )
 }
 
 fn get(path: &str, cookies: &[String]) -> Request<()> {
