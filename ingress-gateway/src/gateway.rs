@@ -131,7 +131,7 @@ impl Default for GatewayConfig {
             default_server_name: None,
             max_connections: 20_000,
             max_header_bytes: 60 * 1024,
-            max_headers: 100,
+            max_headers: HYPER_MAX_HEADERS,
             h2_max_concurrent_streams: 100,
             h2_stream_window: 64 * 1024,
             h2_connection_window: 1024 * 1024,
@@ -232,10 +232,11 @@ impl Inner {
     }
 }
 
-/// The public side of one edge node. Cheap to clone.
-/// hyper's HTTP/1.1 header limit when none is set (`max_headers`).
+/// hyper's HTTP/1.1 header limit when none is set (`max_headers`), and
+/// the gateway's default.
 const HYPER_MAX_HEADERS: usize = 100;
 
+/// The public side of one edge node. Cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,

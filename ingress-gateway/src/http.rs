@@ -389,7 +389,7 @@ fn upstream_request<B>(
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
-    let client_ip = conn.client.ip().to_string();
+    let client_ip = crate::outcome::ip_text(conn.client.ip());
     let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
         _ => client_ip,

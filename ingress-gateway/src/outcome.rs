@@ -108,7 +108,7 @@ fn conn_fields(client: SocketAddr, server: SocketAddr, name: &str, start: System
 /// An address as text, as `to_string` writes it; IPv4 (the common case)
 /// without the formatting machinery, which costs more than the rest of
 /// the connection's fields together.
-fn ip_text(ip: IpAddr) -> String {
+pub(crate) fn ip_text(ip: IpAddr) -> String {
     let IpAddr::V4(v4) = ip else {
         return ip.to_string();
     };

@@ -472,9 +472,9 @@ impl Facts<'_> {
     fn conn_field(&self, field: &str) -> Option<Fact<'_>> {
         let c = self.conn;
         Some(match field {
-            "client_ip" => text(c.client.ip().to_string()),
+            "client_ip" => text(crate::outcome::ip_text(c.client.ip())),
             "client_port" => Fact::Int(i64::from(c.client.port())),
-            "server_ip" => text(c.server.ip().to_string()),
+            "server_ip" => text(crate::outcome::ip_text(c.server.ip())),
             "server_port" => Fact::Int(i64::from(c.server.port())),
             "server_region" => text(&*c.region),
             "ts" => Fact::Value(map_value([(
