@@ -1,7 +1,8 @@
 //! The agent's data path: open a data stream, wait for the edge to claim it,
 //! dial the upstream (PROXY header, TLS), and pipe bytes both ways. With
 //! `terminate_at: agent`, TLS from the visitor ends here first. HTTP tunnels
-//! with `inspect` go through the inspector instead of the byte pipe.
+//! with `inspect` are parsed beside the byte pipe, or go through the
+//! inspector's proxy where a copy of the bytes is not enough.
 
 use std::{
     collections::HashMap,
@@ -30,7 +31,7 @@ use tracing::Instrument;
 use crate::{
     config::{MutualTlsCas, TerminateAt, TunnelSpec},
     error::TlsSetupError,
-    inspect::Captures,
+    inspect::{Captures, Tap, Watched},
     state::TunnelMetrics,
     tls::{agent_server_config, upstream_client_config},
 };
@@ -297,7 +298,20 @@ async fn serve_open(
             return Err(refuse(attach_tx, inbound, failure).await);
         }
     };
-    if let Some(captures) = &target.captures {
+    // HTTP/1.1 is inspected beside the pipe; see `crate::inspect`.
+    let beside_pipe = !target.spec.upstream.http2
+        && target.agent_tls.is_none()
+        && tracing::Span::current().is_disabled();
+    let tap = match &target.captures {
+        Some(captures) if beside_pipe => Some(Tap::new(
+            captures.clone(),
+            &target.spec.name,
+            &open,
+            target.metrics.clone(),
+        )),
+        _ => None,
+    };
+    if let Some(captures) = target.captures.as_ref().filter(|_| tap.is_none()) {
         let (mut io, frames) = tunnel_io(inbound, Vec::new());
         io.prepend(first);
         if attach_tx.send(Box::pin(frames)).is_err() {
@@ -320,11 +334,15 @@ async fn serve_open(
         None => match upstream {
             Upstream::Plain(tcp) => {
                 let (r, w) = tcp.into_split();
-                splice(r, w, inbound, first, attach_tx, metrics).await
+                let r = Watched::new(r, metrics.clone(), tap.clone());
+                let w = Watched::new(w, metrics.clone(), tap);
+                splice(r, w, inbound, first, attach_tx).await
             }
             Upstream::Tls(tls) => {
                 let (r, w) = tokio::io::split(*tls);
-                splice(r, w, inbound, first, attach_tx, metrics).await
+                let r = Watched::new(r, metrics.clone(), tap.clone());
+                let w = Watched::new(w, metrics.clone(), tap);
+                splice(r, w, inbound, first, attach_tx).await
             }
         },
         Some(acceptor) => {
@@ -369,14 +387,14 @@ async fn refuse(
 }
 
 /// Pipes a dialled upstream and the data stream, after writing the bytes
-/// that came with the `open` frame.
+/// that came with the `open` frame. The upstream's halves count the bytes
+/// ([`Watched`]).
 async fn splice<R, W>(
     reader: R,
     mut writer: W,
     inbound: InboundFrames,
     first: Bytes,
     attach: oneshot::Sender<BoxFrames>,
-    metrics: &TunnelMetrics,
 ) -> Result<(), Failure>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -396,10 +414,6 @@ where
         ));
     }
     let outcome = pump.run().await;
-    metrics.add_bytes(
-        first.len() as u64 + outcome.bytes_from_peer,
-        outcome.bytes_to_peer,
-    );
     tracing::debug!(?outcome, "stream finished");
     Ok(())
 }

@@ -1,15 +1,22 @@
 //! The request inspector: HTTP tunnels with `inspect` (the default, as in
-//! ngrok) are served as HTTP/1.1 (or HTTP/2, for `upstream_protocol:
-//! http2`) on each data stream and forwarded to the upstream with a hyper
-//! client, so the agent sees every request and response. Bodies are teed
-//! into the capture as they stream, up to [`BODY_CAPTURE_LIMIT`] each, never
-//! buffered whole, and their trailers kept; the captures live in memory,
-//! bounded by `inspect_db_size`, and can be replayed.
+//! ngrok) show every request and response. An HTTP/1.1 stream goes through
+//! the byte pipe as if uninspected, with a parse of its bytes beside it
+//! ([`passive`]). Streams that need more than a copy of their bytes go
+//! through a proxy instead ([`proxy`]): HTTP/2 (`upstream_protocol: http2`),
+//! and any stream while spans are recorded (each request then gets a span
+//! and carries its trace context to the upstream). There the agent serves
+//! the stream with hyper and forwards each request with a hyper client.
+//! Either way bodies are copied into the capture as they stream, up to
+//! [`BODY_CAPTURE_LIMIT`] each, never buffered whole, and their trailers
+//! kept; the captures live in memory, bounded by `inspect_db_size`, and can
+//! be replayed.
 
+mod passive;
 mod proxy;
 mod store;
 mod tee;
 
+pub(crate) use passive::{Tap, Watched};
 pub(crate) use proxy::{Replay, Stream, replay, serve};
 #[cfg(test)]
 pub(crate) use store::tests as store_tests;

@@ -252,7 +252,7 @@ impl Shared {
     ) -> Response<ProxyBody> {
         let stream = &self.stream;
         stream.target.metrics.add_request();
-        let upgrade = is_upgrade(&req);
+        let upgrade = is_upgrade(req.version(), req.headers());
         let visitor_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let remote_addr = remote_addr(&parts.headers, &stream.open.client_addr);
@@ -289,7 +289,7 @@ impl Shared {
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let (parts, _) = response.into_parts();
-            capture.response(&parts, true);
+            capture.response_of(&parts, true);
             let keep = self.clone();
             self.stream.tracker.spawn(async move {
                 match tokio::try_join!(visitor_upgrade, upstream_upgrade) {
@@ -308,7 +308,7 @@ impl Shared {
         }
         self.upgrading.store(false, Ordering::Release);
         let (parts, body) = response.into_parts();
-        capture.response(&parts, false);
+        capture.response_of(&parts, false);
         Response::from_parts(parts, capture.tee_response(body))
     }
 }
@@ -418,7 +418,7 @@ pub(crate) async fn replay(
         }
     };
     let (parts, body) = response.into_parts();
-    capture.response(&parts, false);
+    capture.response_of(&parts, false);
     let id = capture.id.clone();
     let mut body = capture.tee_response(body);
     let shutdown = shutdown.clone();
@@ -434,14 +434,14 @@ pub(crate) async fn replay(
 }
 
 /// One request's entry in the store, filled in as the exchange goes.
-struct Capture {
+pub(super) struct Capture {
     captures: Arc<Captures>,
     id: String,
     started: Instant,
 }
 
 impl Capture {
-    fn begin(
+    pub(super) fn begin(
         captures: Arc<Captures>,
         tunnel_name: &str,
         remote_addr: String,
@@ -476,23 +476,33 @@ impl Capture {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError> + std::fmt::Display,
     {
-        let captures = self.captures.clone();
-        let id = self.id.clone();
-        Tee::new(body, BODY_CAPTURE_LIMIT, move |body| {
-            captures.update(&id, |c| c.request_body = body);
-        })
-        .map_err(Into::into)
-        .boxed_unsync()
+        Tee::new(body, BODY_CAPTURE_LIMIT, self.request_body_done())
+            .map_err(Into::into)
+            .boxed_unsync()
     }
 
-    /// Records the response head; an upgrade is complete at once.
-    fn response(&self, parts: &http::response::Parts, upgraded: bool) {
+    /// Stores the request body once it ended.
+    pub(super) fn request_body_done(&self) -> impl FnOnce(CapturedBody) + Send + 'static {
+        let captures = self.captures.clone();
+        let id = self.id.clone();
+        move |body| captures.update(&id, |c| c.request_body = body)
+    }
+
+    /// Records the response head (`headers` owned, see [`owned`]); an
+    /// upgrade is complete at once.
+    pub(super) fn response(
+        &self,
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        upgraded: bool,
+    ) {
         let elapsed = self.started.elapsed();
         self.captures.update(&self.id, |c| {
             c.response = Some(ResponseCapture {
-                status: parts.status,
-                version: parts.version,
-                headers: owned(&parts.headers),
+                status,
+                version,
+                headers,
                 body: CapturedBody::default(),
             });
             if upgraded {
@@ -501,11 +511,23 @@ impl Capture {
         });
     }
 
+    /// Records the response head of `parts`.
+    fn response_of(&self, parts: &http::response::Parts, upgraded: bool) {
+        self.response(parts.status, parts.version, owned(&parts.headers), upgraded);
+    }
+
     fn tee_response(&self, body: Incoming) -> ProxyBody {
+        Tee::new(body, BODY_CAPTURE_LIMIT, self.response_body_done())
+            .map_err(Into::into)
+            .boxed_unsync()
+    }
+
+    /// Stores the response body once it ended, and so the duration.
+    pub(super) fn response_body_done(&self) -> impl FnOnce(CapturedBody) + Send + 'static {
         let captures = self.captures.clone();
         let id = self.id.clone();
         let started = self.started;
-        Tee::new(body, BODY_CAPTURE_LIMIT, move |body| {
+        move |body| {
             let elapsed = started.elapsed();
             captures.update(&id, |c| {
                 c.duration = Some(elapsed);
@@ -513,12 +535,10 @@ impl Capture {
                     response.body = body;
                 }
             });
-        })
-        .map_err(Into::into)
-        .boxed_unsync()
+        }
     }
 
-    fn failed(&self, error: String) {
+    pub(super) fn failed(&self, error: String) {
         let elapsed = self.started.elapsed();
         self.captures.update(&self.id, |c| {
             c.duration = Some(elapsed);
@@ -552,7 +572,7 @@ fn head_of(parts: &http::request::Parts) -> RequestHead {
 /// The visitor's IP: the last `X-Forwarded-For` entry, which the edge
 /// appends; else the stream's client address (the visitor that opened a
 /// pooled stream, not necessarily this request's).
-fn remote_addr(headers: &HeaderMap, client_addr: &str) -> String {
+pub(super) fn remote_addr(headers: &HeaderMap, client_addr: &str) -> String {
     headers
         .get_all("x-forwarded-for")
         .iter()
@@ -569,11 +589,11 @@ fn remote_addr(headers: &HeaderMap, client_addr: &str) -> String {
         })
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
+/// Whether a request asks to switch protocols (WebSocket and the like).
+pub(super) fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -706,7 +726,11 @@ mod tests {
                 .body(())
                 .unwrap()
         };
-        assert!(is_upgrade(&req("keep-alive, Upgrade")));
-        assert!(!is_upgrade(&req("keep-alive")));
+        let upgrade = |conn: &str| {
+            let req = req(conn);
+            is_upgrade(req.version(), req.headers())
+        };
+        assert!(upgrade("keep-alive, Upgrade"));
+        assert!(!upgrade("keep-alive"));
     }
 }

@@ -24,11 +24,15 @@ pin_project! {
     pub(crate) struct Tee<B> {
         #[pin]
         inner: B,
-        capture: Capture,
+        capture: BodyCopy,
     }
 }
 
-struct Capture {
+/// The part of a body kept for the capture: the first `limit` bytes, the
+/// size of the whole and the trailers, handed to `done` once the body ends
+/// (or, as cut, when dropped before). The passive inspector fills one from
+/// the bytes it parses; [`Tee`] from the frames it passes.
+pub(super) struct BodyCopy {
     buf: BytesMut,
     limit: usize,
     size: u64,
@@ -36,14 +40,28 @@ struct Capture {
     done: Option<OnDone>,
 }
 
-impl Capture {
-    fn feed(&mut self, data: &[u8]) {
+impl BodyCopy {
+    pub(super) fn new(limit: usize, done: impl FnOnce(CapturedBody) + Send + 'static) -> Self {
+        BodyCopy {
+            buf: BytesMut::new(),
+            limit,
+            size: 0,
+            trailers: HeaderMap::new(),
+            done: Some(Box::new(done)),
+        }
+    }
+
+    pub(super) fn feed(&mut self, data: &[u8]) {
         self.size += data.len() as u64;
         let room = self.limit.saturating_sub(self.buf.len());
         self.buf.extend_from_slice(&data[..room.min(data.len())]);
     }
 
-    fn finish(&mut self, state: BodyState) {
+    pub(super) fn set_trailers(&mut self, trailers: HeaderMap) {
+        self.trailers = trailers;
+    }
+
+    pub(super) fn finish(&mut self, state: BodyState) {
         if let Some(done) = self.done.take() {
             // A copy trims the buffer's spare capacity.
             done(CapturedBody {
@@ -56,7 +74,7 @@ impl Capture {
     }
 }
 
-impl Drop for Capture {
+impl Drop for BodyCopy {
     fn drop(&mut self) {
         self.finish(BodyState::Cut("the body was not read to its end".into()));
     }
@@ -65,13 +83,7 @@ impl Drop for Capture {
 impl<B: Body> Tee<B> {
     /// Tees `inner`, keeping at most `limit` bytes; `done` gets them.
     pub fn new(inner: B, limit: usize, done: impl FnOnce(CapturedBody) + Send + 'static) -> Self {
-        let mut capture = Capture {
-            buf: BytesMut::new(),
-            limit,
-            size: 0,
-            trailers: HeaderMap::new(),
-            done: Some(Box::new(done)),
-        };
+        let mut capture = BodyCopy::new(limit, done);
         // hyper never polls a body that is already at its end.
         if inner.is_end_stream() {
             capture.finish(BodyState::Complete);
@@ -98,7 +110,7 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.capture.feed(data);
                 } else if let Some(trailers) = frame.trailers_ref() {
-                    this.capture.trailers = owned(trailers);
+                    this.capture.set_trailers(owned(trailers));
                 }
                 // Content-length bodies may never be polled past their end.
                 if this.inner.is_end_stream() {

@@ -1,0 +1,943 @@
+//! Inspection of an HTTP/1.1 stream beside the byte pipe. The stream goes
+//! through the same pipe as an uninspected tunnel's, byte for byte; a
+//! [`Tap`] on the upstream socket sees each write toward the upstream
+//! (requests) and each read from it (responses) and parses them to fill in
+//! the captures. Nothing is parsed twice or served again, and what the tap
+//! cannot follow (a head too large, a malformed message, a response nobody
+//! asked for) only ends the capturing of that stream: the bytes go on.
+//!
+//! After a `101 Switching Protocols` (WebSocket and other upgrades) the
+//! stream is no longer HTTP and both directions go unparsed.
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    task::{Context, Poll, ready},
+};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use postern_proto::{LocalWrite, pb};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{
+    BODY_CAPTURE_LIMIT,
+    proxy::{Capture, is_upgrade, remote_addr},
+    store::{BodyState, Captures, RequestHead},
+    tee::BodyCopy,
+};
+use crate::state::TunnelMetrics;
+
+/// The longest message head (or chunked trailer section) the tap holds
+/// while waiting for its end; a longer one ends capturing.
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers parsed per message head; more ends capturing.
+const MAX_HEADERS: usize = 128;
+
+/// One stream's parse, shared by its two directions.
+#[derive(Clone)]
+pub(crate) struct Tap(Arc<Mutex<Exchange>>);
+
+impl Tap {
+    pub(crate) fn new(
+        captures: Arc<Captures>,
+        tunnel_name: &str,
+        open: &pb::StreamOpen,
+        metrics: Arc<TunnelMetrics>,
+    ) -> Tap {
+        Tap(Arc::new(Mutex::new(Exchange {
+            source: Source {
+                captures,
+                tunnel_name: tunnel_name.to_string(),
+                open: pb::StreamOpen {
+                    client_addr: open.client_addr.clone(),
+                    server_addr: open.server_addr.clone(),
+                    ..Default::default()
+                },
+                metrics,
+            },
+            requests: Side::Head(Vec::new()),
+            responses: Side::Head(Vec::new()),
+            pending: VecDeque::new(),
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Exchange> {
+        // A poisoned lock only means a parse panicked: the bytes matter more.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Where captures go and what they name.
+struct Source {
+    captures: Arc<Captures>,
+    tunnel_name: String,
+    /// The stream's addresses.
+    open: pb::StreamOpen,
+    metrics: Arc<TunnelMetrics>,
+}
+
+/// The parse of both directions of a stream.
+struct Exchange {
+    source: Source,
+    /// Toward the upstream.
+    requests: Side,
+    /// Back from the upstream.
+    responses: Side,
+    /// Requests sent, oldest first, still waiting for their response head.
+    pending: VecDeque<Pending>,
+}
+
+/// A request waiting for its response.
+struct Pending {
+    capture: Capture,
+    /// A HEAD request: its response has no body, whatever it says.
+    head: bool,
+    /// It asks to switch protocols with `Upgrade` (a 101 switches).
+    upgrade: bool,
+    /// A CONNECT (a 2xx switches).
+    connect: bool,
+}
+
+/// Where one direction's parse is.
+enum Side {
+    /// Reading a message head; the bytes of it held so far.
+    Head(Vec<u8>),
+    /// In a message body. `then_hold`: the message asked for an upgrade,
+    /// so what follows it waits for the response.
+    Body {
+        framing: Framing,
+        copy: BodyCopy,
+        then_hold: bool,
+    },
+    /// After an upgrade request: the bytes so far, parsed if the upstream
+    /// declines the upgrade.
+    Held(Vec<u8>),
+    /// Not parsed any more (upgraded, or lost track).
+    Off,
+}
+
+/// How a message body ends.
+enum Framing {
+    /// With the head.
+    Empty,
+    /// After this many more bytes.
+    Length(u64),
+    Chunked(Chunked),
+    /// When the upstream closes the connection.
+    UntilClose,
+}
+
+/// A parse that could not go on.
+struct Lost(&'static str);
+
+impl Exchange {
+    /// Bytes written toward the upstream.
+    fn requests(&mut self, mut data: &[u8]) {
+        loop {
+            match &mut self.requests {
+                Side::Off => return,
+                Side::Held(held) => {
+                    if held.len() + data.len() > MAX_HEAD {
+                        return self.lose(Lost("the bytes after an upgrade request"));
+                    }
+                    held.extend_from_slice(data);
+                    return;
+                }
+                Side::Body {
+                    framing,
+                    copy,
+                    then_hold,
+                } => match framing.feed(data, copy) {
+                    Err(lost) => return self.lose(lost),
+                    Ok(None) => return,
+                    Ok(Some(used)) => {
+                        copy.finish(BodyState::Complete);
+                        self.requests = if *then_hold {
+                            Side::Held(Vec::new())
+                        } else {
+                            Side::Head(Vec::new())
+                        };
+                        data = &data[used..];
+                    }
+                },
+                Side::Head(held) => {
+                    if data.is_empty() {
+                        return;
+                    }
+                    let (request, used) = match read_head(held, data, parse_request) {
+                        Err(lost) => return self.lose(lost),
+                        Ok(None) => return,
+                        Ok(Some(parsed)) => parsed,
+                    };
+                    data = &data[used..];
+                    self.begin(request);
+                }
+            }
+        }
+    }
+
+    /// Captures a request whose head was just read.
+    fn begin(&mut self, request: ParsedRequest) {
+        let source = &self.source;
+        source.metrics.add_request();
+        let connect = request.head.method == Method::CONNECT;
+        let upgrade = is_upgrade(request.head.version, &request.head.headers);
+        let framing = Framing::of(&request.head.headers, Framing::Empty);
+        let capture = Capture::begin(
+            source.captures.clone(),
+            &source.tunnel_name,
+            remote_addr(&request.head.headers, &source.open.client_addr),
+            &source.open,
+            request.head,
+            None,
+        );
+        self.requests = Side::Body {
+            framing,
+            copy: BodyCopy::new(BODY_CAPTURE_LIMIT, capture.request_body_done()),
+            then_hold: upgrade || connect,
+        };
+        self.pending.push_back(Pending {
+            capture,
+            head: request.is_head,
+            upgrade,
+            connect,
+        });
+    }
+
+    /// Bytes read from the upstream.
+    fn responses(&mut self, mut data: &[u8]) {
+        loop {
+            match &mut self.responses {
+                Side::Off | Side::Held(_) => return,
+                Side::Body { framing, copy, .. } => match framing.feed(data, copy) {
+                    Err(lost) => return self.lose(lost),
+                    Ok(None) => return,
+                    Ok(Some(used)) => {
+                        copy.finish(BodyState::Complete);
+                        self.responses = Side::Head(Vec::new());
+                        data = &data[used..];
+                    }
+                },
+                Side::Head(held) => {
+                    if data.is_empty() {
+                        return;
+                    }
+                    let (response, used) = match read_head(held, data, parse_response) {
+                        Err(lost) => return self.lose(lost),
+                        Ok(None) => return,
+                        Ok(Some(parsed)) => parsed,
+                    };
+                    data = &data[used..];
+                    if let Err(lost) = self.answer(response) {
+                        return self.lose(lost);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the oldest pending request the response whose head was just
+    /// read.
+    fn answer(&mut self, response: ParsedResponse) -> Result<(), Lost> {
+        let status = response.status;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // 100 Continue and the like: the final response follows.
+            return Ok(());
+        }
+        let pending = self
+            .pending
+            .pop_front()
+            .ok_or(Lost("a response with no request waiting for it"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS && !pending.upgrade {
+            return Err(Lost(
+                "a 101 response to a request that asked for no upgrade",
+            ));
+        }
+        if status == StatusCode::SWITCHING_PROTOCOLS || (pending.connect && status.is_success()) {
+            pending
+                .capture
+                .response(status, response.version, response.headers, true);
+            self.requests = Side::Off;
+            self.responses = Side::Off;
+            return Ok(());
+        }
+        let framing = if pending.head
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Empty
+        } else {
+            Framing::of(&response.headers, Framing::UntilClose)
+        };
+        pending
+            .capture
+            .response(status, response.version, response.headers, false);
+        self.responses = Side::Body {
+            framing,
+            copy: BodyCopy::new(BODY_CAPTURE_LIMIT, pending.capture.response_body_done()),
+            then_hold: false,
+        };
+        // A declined upgrade: the connection goes on as HTTP/1.1.
+        if let Side::Held(held) = &mut self.requests {
+            let held = std::mem::take(held);
+            self.requests = Side::Head(Vec::new());
+            self.requests(&held);
+        }
+        Ok(())
+    }
+
+    /// The upstream closed its side: a body read to the close is complete,
+    /// and requests still waiting get no answer.
+    fn upstream_closed(&mut self) {
+        if let Side::Body {
+            framing: Framing::UntilClose,
+            copy,
+            ..
+        } = &mut self.responses
+        {
+            copy.finish(BodyState::Complete);
+        }
+        self.responses = Side::Off;
+        for pending in self.pending.drain(..) {
+            pending
+                .capture
+                .failed("the upstream closed the connection before it answered".into());
+        }
+    }
+
+    /// Stops capturing this stream; the requests still waiting say why.
+    fn lose(&mut self, Lost(what): Lost) {
+        tracing::debug!(what, "the inspector stopped following a stream");
+        self.requests = Side::Off;
+        self.responses = Side::Off;
+        for pending in self.pending.drain(..) {
+            pending.capture.failed(format!(
+                "the inspector could not follow this connection's HTTP after {what}"
+            ));
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        for pending in self.pending.drain(..) {
+            pending
+                .capture
+                .failed("the stream ended before the upstream answered".into());
+        }
+    }
+}
+
+impl Framing {
+    /// From a message's headers; `otherwise` when they give no length.
+    fn of(headers: &HeaderMap, otherwise: Framing) -> Framing {
+        if let Some(coding) = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            let last = coding
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"");
+            return if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                Framing::Chunked(Chunked::Size {
+                    size: 0,
+                    digits: 0,
+                    ext: false,
+                })
+            } else {
+                otherwise
+            };
+        }
+        match headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => otherwise,
+        }
+    }
+
+    /// Feeds body bytes into `copy`: `Some(used)` once the body ended,
+    /// `used` bytes of `data` into it; `None` when all of `data` was body.
+    fn feed(&mut self, data: &[u8], copy: &mut BodyCopy) -> Result<Option<usize>, Lost> {
+        match self {
+            Framing::Empty => Ok(Some(0)),
+            Framing::Length(left) => {
+                let n = data.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                copy.feed(&data[..n]);
+                *left -= n as u64;
+                Ok((*left == 0).then_some(n))
+            }
+            Framing::Chunked(chunked) => chunked.feed(data, copy),
+            Framing::UntilClose => {
+                copy.feed(data);
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Where a chunked body's decoding is (RFC 9112 7.1).
+#[derive(Debug, PartialEq, Eq)]
+enum Chunked {
+    /// In a chunk-size line: the size so far, its digits, and whether the
+    /// extensions (ignored) began.
+    Size { size: u64, digits: u8, ext: bool },
+    /// Chunk data still to come.
+    Data(u64),
+    /// The line end after a chunk's data.
+    DataEnd,
+    /// After the last chunk: the trailer section so far.
+    Trailers(Vec<u8>),
+}
+
+impl Chunked {
+    fn feed(&mut self, data: &[u8], copy: &mut BodyCopy) -> Result<Option<usize>, Lost> {
+        let mut at = 0;
+        while at < data.len() {
+            match self {
+                Chunked::Size { size, digits, ext } => {
+                    let b = data[at];
+                    at += 1;
+                    match b {
+                        b'\n' if *digits == 0 => return Err(Lost("a chunk with no size")),
+                        b'\n' if *size == 0 => *self = Chunked::Trailers(Vec::new()),
+                        b'\n' => *self = Chunked::Data(*size),
+                        b'\r' => {}
+                        _ if *ext => {}
+                        b';' | b' ' | b'\t' => *ext = true,
+                        _ => {
+                            let digit = (b as char)
+                                .to_digit(16)
+                                .ok_or(Lost("a chunk size that is not hexadecimal"))?;
+                            if *digits >= 15 {
+                                return Err(Lost("a chunk size too large"));
+                            }
+                            *size = *size * 16 + u64::from(digit);
+                            *digits += 1;
+                        }
+                    }
+                }
+                Chunked::Data(left) => {
+                    let n = (data.len() - at).min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    copy.feed(&data[at..at + n]);
+                    at += n;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = Chunked::DataEnd;
+                    }
+                }
+                Chunked::DataEnd => {
+                    let b = data[at];
+                    at += 1;
+                    match b {
+                        b'\r' => {}
+                        b'\n' => {
+                            *self = Chunked::Size {
+                                size: 0,
+                                digits: 0,
+                                ext: false,
+                            }
+                        }
+                        _ => return Err(Lost("chunk data longer than its size")),
+                    }
+                }
+                Chunked::Trailers(held) => {
+                    held.push(data[at]);
+                    at += 1;
+                    if held.len() > MAX_HEAD {
+                        return Err(Lost("a trailer section too large"));
+                    }
+                    let ended = held.as_slice() == b"\r\n"
+                        || held.as_slice() == b"\n"
+                        || held.ends_with(b"\r\n\r\n")
+                        || held.ends_with(b"\n\n");
+                    if ended {
+                        if held.len() > 2 {
+                            copy.set_trailers(parse_trailers(held)?);
+                        }
+                        return Ok(Some(at));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads a message head from `held` (bytes of it from earlier reads) and
+/// `data`: the parsed head and how many bytes of `data` it took, or `None`
+/// when the head goes on past `data` (then kept in `held`).
+fn read_head<T>(
+    held: &mut Vec<u8>,
+    data: &[u8],
+    parse: fn(&[u8]) -> Result<Option<(T, usize)>, Lost>,
+) -> Result<Option<(T, usize)>, Lost> {
+    let before = held.len();
+    let parsed = if before == 0 {
+        parse(data)?
+    } else {
+        held.extend_from_slice(data);
+        parse(held)?
+    };
+    match parsed {
+        Some((head, len)) => {
+            held.clear();
+            // A head held before ends in `data`: earlier parses found no end.
+            Ok(Some((head, len - before)))
+        }
+        None => {
+            if before == 0 {
+                held.extend_from_slice(data);
+            }
+            if held.len() > MAX_HEAD {
+                return Err(Lost("a message head too large"));
+            }
+            Ok(None)
+        }
+    }
+}
+
+struct ParsedRequest {
+    head: RequestHead,
+    /// A HEAD request.
+    is_head: bool,
+}
+
+fn parse_request(bytes: &[u8]) -> Result<Option<(ParsedRequest, usize)>, Lost> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(Lost("a malformed request head")),
+    };
+    let method = request
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(Lost("a request with an invalid method"))?;
+    let head = RequestHead {
+        uri: request.path.unwrap_or("/").to_string(),
+        version: version(request.version),
+        headers: header_map(request.headers),
+        method,
+    };
+    Ok(Some((
+        ParsedRequest {
+            is_head: head.method == Method::HEAD,
+            head,
+        },
+        len,
+    )))
+}
+
+struct ParsedResponse {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+fn parse_response(bytes: &[u8]) -> Result<Option<(ParsedResponse, usize)>, Lost> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(Lost("a malformed response head")),
+    };
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(Lost("a response with an invalid status"))?;
+    Ok(Some((
+        ParsedResponse {
+            status,
+            version: version(response.version),
+            headers: header_map(response.headers),
+        },
+        len,
+    )))
+}
+
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Lost> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(section, &mut headers) {
+        Ok(httparse::Status::Complete((_, parsed))) => Ok(header_map(parsed)),
+        _ => Err(Lost("a malformed trailer section")),
+    }
+}
+
+fn version(minor: Option<u8>) -> Version {
+    match minor {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    }
+}
+
+/// The headers as owned values; a name or value `http` refuses is left out
+/// of the capture (the bytes still went through).
+fn header_map(parsed: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// A half of a piped stream's upstream socket: counts its bytes into the
+/// tunnel's metrics as they move, and gives them to the stream's [`Tap`]
+/// when it is inspected.
+pub(crate) struct Watched<T> {
+    inner: T,
+    metrics: Arc<TunnelMetrics>,
+    tap: Option<Tap>,
+}
+
+impl<T> Watched<T> {
+    pub(crate) fn new(inner: T, metrics: Arc<TunnelMetrics>, tap: Option<Tap>) -> Self {
+        Watched {
+            inner,
+            metrics,
+            tap,
+        }
+    }
+}
+
+/// Reads from the upstream: responses.
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        this.metrics.add_bytes(0, read.len() as u64);
+        if let Some(tap) = &this.tap {
+            if read.is_empty() {
+                tap.lock().upstream_closed();
+            } else {
+                tap.lock().responses(read);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes to the upstream: requests.
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.metrics.add_bytes(n as u64, 0);
+        if let Some(tap) = &this.tap {
+            tap.lock().requests(&buf[..n]);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.metrics.add_bytes(n as u64, 0);
+        if let Some(tap) = &this.tap {
+            let mut exchange = tap.lock();
+            let mut left = n;
+            for buf in bufs {
+                if left == 0 {
+                    break;
+                }
+                let k = left.min(buf.len());
+                exchange.requests(&buf[..k]);
+                left -= k;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: LocalWrite> LocalWrite for Watched<T> {
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::Captured;
+
+    fn new_tap() -> (Tap, Arc<Captures>) {
+        let captures = Arc::new(Captures::new(u64::MAX));
+        let open = pb::StreamOpen {
+            client_addr: "198.51.100.7:4431".into(),
+            server_addr: "127.0.0.1:80".into(),
+            ..Default::default()
+        };
+        let tap = Tap::new(captures.clone(), "web", &open, Arc::default());
+        (tap, captures)
+    }
+
+    /// Oldest first.
+    fn captured(captures: &Captures) -> Vec<Captured> {
+        let mut all = captures.list(usize::MAX, None);
+        all.reverse();
+        all
+    }
+
+    /// Feeds `bytes` in pieces of `piece` bytes.
+    fn requests(tap: &Tap, bytes: &[u8], piece: usize) {
+        for chunk in bytes.chunks(piece) {
+            tap.lock().requests(chunk);
+        }
+    }
+
+    fn responses(tap: &Tap, bytes: &[u8], piece: usize) {
+        for chunk in bytes.chunks(piece) {
+            tap.lock().responses(chunk);
+        }
+    }
+
+    const KEPT_ALIVE_REQUESTS: &[u8] = b"GET /a?x=1 HTTP/1.1\r\nhost: app.example.test\r\n\
+        x-forwarded-for: 203.0.113.9\r\n\r\n\
+        POST /b HTTP/1.1\r\nhost: app.example.test\r\ncontent-length: 5\r\n\r\nhello\
+        PUT /c HTTP/1.1\r\nhost: app.example.test\r\ntransfer-encoding: chunked\r\n\r\n\
+        3;ext=1\r\nabc\r\n0\r\n\r\n";
+
+    const KEPT_ALIVE_RESPONSES: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok\
+        HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n\
+        4\r\nmade\r\nA\r\n0123456789\r\n0\r\ngrpc-status: 0\r\n\r\n\
+        HTTP/1.1 204 No Content\r\n\r\n";
+
+    #[test]
+    fn kept_alive_exchanges_are_captured_however_the_reads_split_them() {
+        for piece in [1, 2, 3, 7, 64, 4096] {
+            let (tap, captures) = new_tap();
+            requests(&tap, KEPT_ALIVE_REQUESTS, piece);
+            responses(&tap, KEPT_ALIVE_RESPONSES, piece);
+            let all = captured(&captures);
+            assert_eq!(all.len(), 3, "pieces of {piece}");
+            let [a, b, c] = &all[..] else { unreachable!() };
+            assert_eq!(
+                (a.request.method.as_str(), a.request.uri.as_str()),
+                ("GET", "/a?x=1")
+            );
+            assert_eq!(a.request.headers["host"], "app.example.test");
+            assert_eq!(a.remote_addr, "203.0.113.9", "the edge's X-Forwarded-For");
+            assert_eq!(b.remote_addr, "198.51.100.7", "else the stream's client");
+            assert_eq!(b.request_body.data, "hello");
+            assert_eq!(b.request_body.state, BodyState::Complete);
+            assert_eq!(c.request_body.data, "abc", "chunked, decoded");
+            assert_eq!(c.request_body.state, BodyState::Complete);
+            let (ra, rb, rc) = (
+                a.response.as_ref().unwrap(),
+                b.response.as_ref().unwrap(),
+                c.response.as_ref().unwrap(),
+            );
+            assert_eq!((ra.status.as_u16(), &ra.body.data[..]), (200, &b"ok"[..]));
+            assert_eq!(rb.status, StatusCode::CREATED);
+            assert_eq!(rb.body.data, "made0123456789");
+            assert_eq!(rb.body.size, 14);
+            assert_eq!(rb.body.trailers["grpc-status"], "0");
+            assert_eq!(rc.status, StatusCode::NO_CONTENT);
+            for c in &all {
+                let response = c.response.as_ref().unwrap();
+                assert_eq!(response.body.state, BodyState::Complete);
+                assert!(c.duration.is_some(), "complete: {}", c.request.uri);
+                assert_eq!(c.error, None);
+            }
+        }
+    }
+
+    #[test]
+    fn head_responses_and_interim_ones_have_no_body() {
+        let (tap, captures) = new_tap();
+        requests(
+            &tap,
+            b"HEAD /h HTTP/1.1\r\n\r\nPOST /p HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\nhi",
+            5,
+        );
+        responses(
+            &tap,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n\
+              HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nyes",
+            5,
+        );
+        let all = captured(&captures);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].response.as_ref().unwrap().body.size, 0);
+        assert!(all[0].duration.is_some());
+        let second = all[1].response.as_ref().unwrap();
+        assert_eq!(
+            second.status,
+            StatusCode::OK,
+            "the final response, not the 100"
+        );
+        assert_eq!(second.body.data, "yes");
+    }
+
+    #[test]
+    fn an_upgrade_ends_the_parse_and_a_declined_one_does_not() {
+        let upgrade = b"GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+        // Declined: the connection goes on as HTTP, the next request too.
+        let (tap, captures) = new_tap();
+        requests(&tap, upgrade, 9);
+        requests(&tap, b"GET /next HTTP/1.1\r\n\r\n", 9);
+        responses(
+            &tap,
+            b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            9,
+        );
+        let all = captured(&captures);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].response.as_ref().unwrap().status.as_u16(), 426);
+        assert_eq!(all[1].request.uri, "/next");
+        assert_eq!(all[1].response.as_ref().unwrap().status, StatusCode::OK);
+
+        // Switched: what follows is WebSocket frames, not HTTP.
+        let (tap, captures) = new_tap();
+        requests(&tap, upgrade, 9);
+        responses(
+            &tap,
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n\x81\x02hi",
+            9,
+        );
+        requests(&tap, b"GET /not-a-request HTTP/1.1\r\n\r\n", 9);
+        let all = captured(&captures);
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            all[0].response.as_ref().unwrap().status,
+            StatusCode::SWITCHING_PROTOCOLS
+        );
+        assert!(all[0].duration.is_some(), "an upgrade is complete at once");
+    }
+
+    #[test]
+    fn the_upstream_closing_ends_a_body_read_to_the_close_and_fails_the_unanswered() {
+        let (tap, captures) = new_tap();
+        requests(&tap, b"GET /one HTTP/1.1\r\n\r\n", 64);
+        responses(&tap, b"HTTP/1.1 200 OK\r\n\r\nuntil the close", 64);
+        tap.lock().upstream_closed();
+        let one = &captured(&captures)[0];
+        let body = &one.response.as_ref().unwrap().body;
+        assert_eq!(
+            (body.data.as_ref(), &body.state),
+            (&b"until the close"[..], &BodyState::Complete)
+        );
+
+        let (tap, captures) = new_tap();
+        requests(&tap, b"GET /two HTTP/1.1\r\n\r\n", 64);
+        responses(
+            &tap,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            64,
+        );
+        requests(&tap, b"GET /three HTTP/1.1\r\n\r\n", 64);
+        tap.lock().upstream_closed();
+        let all = captured(&captures);
+        assert!(matches!(
+            all[0].response.as_ref().unwrap().body.state,
+            BodyState::Cut(_)
+        ));
+        assert_eq!(
+            all[1].error.as_deref(),
+            Some("the upstream closed the connection before it answered")
+        );
+    }
+
+    #[test]
+    fn what_the_tap_cannot_follow_ends_capturing_and_says_why() {
+        let (tap, captures) = new_tap();
+        requests(&tap, b"GET /ok HTTP/1.1\r\n\r\n", 64);
+        responses(
+            &tap,
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            64,
+        );
+        // Nothing more is parsed, whatever comes.
+        requests(&tap, b"GET /after HTTP/1.1\r\n\r\n", 64);
+        responses(&tap, b"\0\x01garbage", 64);
+        let all = captured(&captures);
+        assert_eq!(all.len(), 1);
+        assert!(matches!(
+            all[0].response.as_ref().unwrap().body.state,
+            BodyState::Cut(_)
+        ));
+
+        let (tap, captures) = new_tap();
+        requests(&tap, b"GET /waiting HTTP/1.1\r\n\r\n", 64);
+        responses(&tap, b"NOT HTTP\r\n\r\n", 64);
+        assert_eq!(
+            captured(&captures)[0].error.as_deref(),
+            Some(
+                "the inspector could not follow this connection's HTTP after a malformed response head"
+            )
+        );
+
+        let (tap, captures) = new_tap();
+        let mut long = b"GET / HTTP/1.1\r\nx-long: ".to_vec();
+        long.resize(MAX_HEAD + 10, b'a');
+        requests(&tap, &long, 4096);
+        requests(&tap, b"\r\n\r\n", 4096);
+        assert!(captured(&captures).is_empty(), "a head past the limit");
+    }
+
+    #[test]
+    fn a_stream_that_ends_leaves_no_request_in_flight() {
+        let (tap, captures) = new_tap();
+        requests(&tap, b"GET /cut HTTP/1.1\r\n\r\n", 64);
+        drop(tap);
+        assert_eq!(
+            captured(&captures)[0].error.as_deref(),
+            Some("the stream ended before the upstream answered")
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_are_checked() {
+        let (tap, captures) = new_tap();
+        requests(
+            &tap,
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\n",
+            64,
+        );
+        assert!(matches!(
+            captured(&captures)[0].request_body.state,
+            BodyState::Cut(_)
+        ));
+    }
+}
