@@ -646,10 +646,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        // Held across the write: the upstream's answer can be read on
+        // another thread at once, and must find its request recorded.
+        let mut exchange = this.tap.as_ref().map(Tap::lock);
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
         this.metrics.add_bytes(n as u64, 0);
-        if let Some(tap) = &this.tap {
-            tap.lock().requests(&buf[..n]);
+        if let Some(exchange) = &mut exchange {
+            exchange.requests(&buf[..n]);
         }
         Poll::Ready(Ok(n))
     }
@@ -660,10 +663,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        // Held across the write, as in `poll_write`.
+        let mut exchange = this.tap.as_ref().map(Tap::lock);
         let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
         this.metrics.add_bytes(n as u64, 0);
-        if let Some(tap) = &this.tap {
-            let mut exchange = tap.lock();
+        if let Some(exchange) = &mut exchange {
             let mut left = n;
             for buf in bufs {
                 if left == 0 {
