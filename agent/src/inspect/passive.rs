@@ -17,6 +17,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use postern_proto::{LocalWrite, pb};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -526,7 +527,7 @@ fn parse_request(bytes: &[u8]) -> Result<Option<(ParsedRequest, usize)>, Lost> {
     let head = RequestHead {
         uri: request.path.unwrap_or("/").to_string(),
         version: version(request.version),
-        headers: header_map(request.headers),
+        headers: header_map(bytes, len, request.headers),
         method,
     };
     Ok(Some((
@@ -560,7 +561,7 @@ fn parse_response(bytes: &[u8]) -> Result<Option<(ParsedResponse, usize)>, Lost>
         ParsedResponse {
             status,
             version: version(response.version),
-            headers: header_map(response.headers),
+            headers: header_map(bytes, len, response.headers),
         },
         len,
     )))
@@ -569,7 +570,7 @@ fn parse_response(bytes: &[u8]) -> Result<Option<(ParsedResponse, usize)>, Lost>
 fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Lost> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(section, &mut headers) {
-        Ok(httparse::Status::Complete((_, parsed))) => Ok(header_map(parsed)),
+        Ok(httparse::Status::Complete((len, parsed))) => Ok(header_map(section, len, parsed)),
         _ => Err(Lost("a malformed trailer section")),
     }
 }
@@ -581,15 +582,24 @@ fn version(minor: Option<u8>) -> Version {
     }
 }
 
-/// The headers as owned values; a name or value `http` refuses is left out
-/// of the capture (the bytes still went through).
-fn header_map(parsed: &[httparse::Header<'_>]) -> HeaderMap {
+/// The headers `parsed` from the first `len` bytes of `bytes`, as owned
+/// values. The values share one copy of those bytes (no allocation each);
+/// a name or value `http` refuses is left out of the capture (the bytes
+/// still went through).
+fn header_map(bytes: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> HeaderMap {
+    let copy = Bytes::copy_from_slice(&bytes[..len]);
     let mut map = HeaderMap::with_capacity(parsed.len());
     for h in parsed {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) {
+        // httparse's values are slices of `bytes` (checked all the same:
+        // an empty one need not point into it).
+        let start = (h.value.as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+        let value = match start.checked_add(h.value.len()) {
+            Some(end) if end <= len && !h.value.is_empty() => {
+                HeaderValue::from_maybe_shared(copy.slice(start..end))
+            }
+            _ => HeaderValue::from_bytes(h.value),
+        };
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.name.as_bytes()), value) {
             map.append(name, value);
         }
     }
@@ -929,6 +939,21 @@ mod tests {
             captured(&captures)[0].error.as_deref(),
             Some("the stream ended before the upstream answered")
         );
+    }
+
+    #[test]
+    fn header_values_are_kept_whatever_their_place_in_the_head() {
+        let (tap, captures) = new_tap();
+        requests(
+            &tap,
+            b"GET / HTTP/1.1\r\nx-empty:\r\nhost: a.example.test\r\nx-two: 1\r\nx-two: 2\r\n\r\n",
+            3,
+        );
+        let head = &captured(&captures)[0].request;
+        assert_eq!(head.headers["x-empty"], "");
+        assert_eq!(head.headers["host"], "a.example.test");
+        let two: Vec<_> = head.headers.get_all("x-two").iter().collect();
+        assert_eq!(two, ["1", "2"]);
     }
 
     #[test]
