@@ -133,6 +133,10 @@ enum Framing {
 /// A parse that could not go on.
 struct Lost(&'static str);
 
+/// A message head parsed, and its length in bytes; `None` when the bytes
+/// end before the head does.
+type Parsed<T> = Result<Option<(T, usize)>, Lost>;
+
 impl Exchange {
     /// Bytes written toward the upstream.
     fn requests(&mut self, mut data: &[u8]) {
@@ -476,11 +480,7 @@ impl Chunked {
 /// Reads a message head from `held` (bytes of it from earlier reads) and
 /// `data`: the parsed head and how many bytes of `data` it took, or `None`
 /// when the head goes on past `data` (then kept in `held`).
-fn read_head<T>(
-    held: &mut Vec<u8>,
-    data: &[u8],
-    parse: fn(&[u8]) -> Result<Option<(T, usize)>, Lost>,
-) -> Result<Option<(T, usize)>, Lost> {
+fn read_head<T>(held: &mut Vec<u8>, data: &[u8], parse: fn(&[u8]) -> Parsed<T>) -> Parsed<T> {
     let before = held.len();
     let parsed = if before == 0 {
         parse(data)?
@@ -512,7 +512,7 @@ struct ParsedRequest {
     is_head: bool,
 }
 
-fn parse_request(bytes: &[u8]) -> Result<Option<(ParsedRequest, usize)>, Lost> {
+fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(bytes) {
@@ -545,7 +545,7 @@ struct ParsedResponse {
     headers: HeaderMap,
 }
 
-fn parse_response(bytes: &[u8]) -> Result<Option<(ParsedResponse, usize)>, Lost> {
+fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(bytes) {
