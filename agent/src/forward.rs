@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use postern_net::proxy_header;
+use postern_net::{Hooked, proxy_header};
 use postern_proto::{
     BoxFrames, ErrorCode, Failure, InboundFrames, attachable, direct::EdgeConnection, metadata, pb,
     pipe, tunnel_io,
@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::{
     config::{MutualTlsCas, TerminateAt, TunnelSpec},
     error::TlsSetupError,
-    inspect::{Captures, Tap, Watched},
+    inspect::{Captures, Tap, Watch},
     state::TunnelMetrics,
     tls::{agent_server_config, upstream_client_config},
 };
@@ -334,14 +334,14 @@ async fn serve_open(
         None => match upstream {
             Upstream::Plain(tcp) => {
                 let (r, w) = tcp.into_split();
-                let r = Watched::new(r, metrics.clone(), tap.clone());
-                let w = Watched::new(w, metrics.clone(), tap);
+                let r = Hooked::new(r, Watch::new(metrics.clone(), tap.clone()));
+                let w = Hooked::new(w, Watch::new(metrics.clone(), tap));
                 splice(r, w, inbound, first, attach_tx).await
             }
             Upstream::Tls(tls) => {
                 let (r, w) = tokio::io::split(*tls);
-                let r = Watched::new(r, metrics.clone(), tap.clone());
-                let w = Watched::new(w, metrics.clone(), tap);
+                let r = Hooked::new(r, Watch::new(metrics.clone(), tap.clone()));
+                let w = Hooked::new(w, Watch::new(metrics.clone(), tap));
                 splice(r, w, inbound, first, attach_tx).await
             }
         },
@@ -388,7 +388,7 @@ async fn refuse(
 
 /// Pipes a dialled upstream and the data stream, after writing the bytes
 /// that came with the `open` frame. The upstream's halves count the bytes
-/// ([`Watched`]).
+/// ([`Watch`]).
 async fn splice<R, W>(
     reader: R,
     mut writer: W,

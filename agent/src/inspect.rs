@@ -16,7 +16,7 @@ mod proxy;
 mod store;
 mod tee;
 
-pub(crate) use passive::{Tap, Watched};
+pub(crate) use passive::{Tap, Watch};
 pub(crate) use proxy::{Replay, Stream, replay, serve};
 #[cfg(test)]
 pub(crate) use store::tests as store_tests;

@@ -284,7 +284,7 @@ pub type AckStream = Hooked<TcpStream, QuickAck>;
 pub struct QuickAck(bool);
 
 impl IoHook<TcpStream> for QuickAck {
-    fn read(&self, tcp: &TcpStream, _n: usize) {
+    fn read(&self, tcp: &TcpStream, _bytes: &[u8]) {
         if self.0 {
             // Linux leaves quick-ACK mode on its own: set it per read.
             let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);

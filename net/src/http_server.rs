@@ -152,11 +152,11 @@ impl Activity {
 
 /// Notes every read or write that moves bytes.
 impl<S> IoHook<S> for Arc<Activity> {
-    fn read(&self, _io: &S, _n: usize) {
+    fn read(&self, _io: &S, _bytes: &[u8]) {
         self.touch();
     }
 
-    fn wrote(&self, _io: &S, _n: usize) {
+    fn wrote(&self, _io: &S, _bytes: &[u8]) {
         self.touch();
     }
 }

@@ -10,10 +10,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a [`Hooked`] stream does beside moving bytes.
 pub trait IoHook<S> {
-    /// After a read that brought `n > 0` bytes from `io`.
-    fn read(&self, _io: &S, _n: usize) {}
-    /// After a write that took `n > 0` bytes into `io`.
-    fn wrote(&self, _io: &S, _n: usize) {}
+    /// After a read that brought `bytes` (never empty) from `io`.
+    fn read(&self, _io: &S, _bytes: &[u8]) {}
+    /// After a read that found the end of `io`.
+    fn read_eof(&self, _io: &S) {}
+    /// After a write that took `bytes` (never empty) into `io`; a
+    /// vectored write tells of each slice it took from.
+    fn wrote(&self, _io: &S, _bytes: &[u8]) {}
 }
 
 /// `io`, with `hook` told of every read and write that moves bytes.
@@ -26,6 +29,11 @@ impl<S, H> Hooked<S, H> {
     pub fn new(io: S, hook: H) -> Self {
         Hooked { io, hook }
     }
+
+    /// The stream, for what is not reading or writing.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
 }
 
 impl<S: AsyncRead + Unpin, H: IoHook<S> + Unpin> AsyncRead for Hooked<S, H> {
@@ -35,10 +43,13 @@ impl<S: AsyncRead + Unpin, H: IoHook<S> + Unpin> AsyncRead for Hooked<S, H> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining() > 0;
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.hook.read(&self.io, n);
+        let read = &buf.filled()[before..];
+        if !read.is_empty() {
+            self.hook.read(&self.io, read);
+        } else if room && matches!(polled, Poll::Ready(Ok(()))) {
+            self.hook.read_eof(&self.io);
         }
         polled
     }
@@ -54,7 +65,7 @@ impl<S: AsyncWrite + Unpin, H: IoHook<S> + Unpin> AsyncWrite for Hooked<S, H> {
         if let Poll::Ready(Ok(n)) = polled
             && n > 0
         {
-            self.hook.wrote(&self.io, n);
+            self.hook.wrote(&self.io, &buf[..n]);
         }
         polled
     }
@@ -65,10 +76,18 @@ impl<S: AsyncWrite + Unpin, H: IoHook<S> + Unpin> AsyncWrite for Hooked<S, H> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.hook.wrote(&self.io, n);
+        if let Poll::Ready(Ok(n)) = polled {
+            let mut left = n;
+            for buf in bufs {
+                if left == 0 {
+                    break;
+                }
+                let took = left.min(buf.len());
+                if took > 0 {
+                    self.hook.wrote(&self.io, &buf[..took]);
+                }
+                left -= took;
+            }
         }
         polled
     }
@@ -83,5 +102,56 @@ impl<S: AsyncWrite + Unpin, H: IoHook<S> + Unpin> AsyncWrite for Hooked<S, H> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Every call, in order.
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl<S> IoHook<S> for Log {
+        fn read(&self, _io: &S, bytes: &[u8]) {
+            self.0.lock().unwrap().push(format!("read {bytes:?}"));
+        }
+
+        fn read_eof(&self, _io: &S) {
+            self.0.lock().unwrap().push("eof".into());
+        }
+
+        fn wrote(&self, _io: &S, bytes: &[u8]) {
+            self.0.lock().unwrap().push(format!("wrote {bytes:?}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_hook_sees_the_bytes_moved_and_the_end() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut hooked = Hooked::new(ours, Log::default());
+        let slices = [io::IoSlice::new(b"ab"), io::IoSlice::new(b"cd")];
+        let n = hooked.write_vectored(&slices).await.unwrap();
+        theirs.write_all(b"xyz").await.unwrap();
+        drop(theirs);
+        let mut got = Vec::new();
+        hooked.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"xyz");
+        let log = hooked.hook.0.into_inner().unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(
+            log,
+            [
+                "wrote [97, 98]",
+                "wrote [99, 100]",
+                "read [120, 121, 122]",
+                "eof"
+            ]
+        );
     }
 }

@@ -294,6 +294,13 @@ impl LocalWrite for tokio::net::tcp::OwnedWriteHalf {
 
 impl<T: AsyncWrite> LocalWrite for tokio::io::WriteHalf<T> {}
 
+/// A hooked socket resets as the socket does.
+impl<S: LocalWrite, H: postern_net::IoHook<S> + Unpin> LocalWrite for postern_net::Hooked<S, H> {
+    fn abort(&mut self) {
+        self.get_mut().abort();
+    }
+}
+
 impl<W, S> InboundPump<W, S>
 where
     W: LocalWrite,

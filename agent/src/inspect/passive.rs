@@ -11,16 +11,13 @@
 
 use std::{
     collections::VecDeque,
-    io::{self, IoSlice},
-    pin::Pin,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
-    task::{Context, Poll, ready},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
-use postern_proto::{LocalWrite, pb};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use postern_net::IoHook;
+use postern_proto::pb;
 
 use super::{
     BODY_CAPTURE_LIMIT,
@@ -112,8 +109,9 @@ enum Side {
         copy: BodyCopy,
         then_hold: bool,
     },
-    /// After an upgrade request: the bytes so far, parsed if the upstream
-    /// declines the upgrade.
+    /// Bytes kept unparsed for now: toward the upstream, what follows an
+    /// upgrade request, parsed if the upstream declines the upgrade; back
+    /// from it, a response read before its request was recorded.
     Held(Vec<u8>),
     /// Not parsed any more (upgraded, or lost track).
     Off,
@@ -137,65 +135,95 @@ struct Lost(&'static str);
 /// end before the head does.
 type Parsed<T> = Result<Option<(T, usize)>, Lost>;
 
+/// What a direction made of bytes, in the states both share.
+enum Flow {
+    /// All taken; nothing more to do now.
+    Wait,
+    Lost(Lost),
+    /// A body ended after this many of the bytes; the rest follow it.
+    Ended(usize),
+    /// At a message head, to be read by the direction.
+    AtHead,
+}
+
+impl Side {
+    /// Takes `data` into held bytes or a body; `held_what` names held
+    /// bytes grown past [`MAX_HEAD`].
+    fn take(&mut self, data: &[u8], held_what: &'static str) -> Flow {
+        match self {
+            Side::Off => Flow::Wait,
+            Side::Held(held) => {
+                if held.len() + data.len() > MAX_HEAD {
+                    return Flow::Lost(Lost(held_what));
+                }
+                held.extend_from_slice(data);
+                Flow::Wait
+            }
+            Side::Body {
+                framing,
+                copy,
+                then_hold,
+            } => match framing.feed(data, copy) {
+                Err(lost) => Flow::Lost(lost),
+                Ok(None) => Flow::Wait,
+                Ok(Some(used)) => {
+                    copy.finish(BodyState::Complete);
+                    *self = if *then_hold {
+                        Side::Held(Vec::new())
+                    } else {
+                        Side::Head(Vec::new())
+                    };
+                    Flow::Ended(used)
+                }
+            },
+            Side::Head(_) if data.is_empty() => Flow::Wait,
+            Side::Head(_) => Flow::AtHead,
+        }
+    }
+}
+
 impl Exchange {
     /// Bytes written toward the upstream.
     fn requests(&mut self, mut data: &[u8]) {
         loop {
-            match &mut self.requests {
-                Side::Off => return,
-                Side::Held(held) => {
-                    if held.len() + data.len() > MAX_HEAD {
-                        return self.lose(Lost("the bytes after an upgrade request"));
-                    }
-                    held.extend_from_slice(data);
-                    return;
-                }
-                Side::Body {
-                    framing,
-                    copy,
-                    then_hold,
-                } => match framing.feed(data, copy) {
-                    Err(lost) => return self.lose(lost),
-                    Ok(None) => return,
-                    Ok(Some(used)) => {
-                        copy.finish(BodyState::Complete);
-                        self.requests = if *then_hold {
-                            Side::Held(Vec::new())
-                        } else {
-                            Side::Head(Vec::new())
-                        };
-                        data = &data[used..];
-                    }
-                },
-                Side::Head(held) => {
-                    if data.is_empty() {
+            match self
+                .requests
+                .take(data, "the bytes after an upgrade request")
+            {
+                Flow::Wait => return,
+                Flow::Lost(lost) => return self.lose(lost),
+                Flow::Ended(used) => data = &data[used..],
+                Flow::AtHead => {
+                    let Side::Head(held) = &mut self.requests else {
                         return;
-                    }
-                    let (request, used) = match read_head(held, data, parse_request) {
+                    };
+                    match read_head(held, data, parse_request) {
                         Err(lost) => return self.lose(lost),
                         Ok(None) => return,
-                        Ok(Some(parsed)) => parsed,
-                    };
-                    data = &data[used..];
-                    self.begin(request);
+                        Ok(Some((request, used))) => {
+                            data = &data[used..];
+                            self.begin(request);
+                        }
+                    }
                 }
             }
         }
     }
 
     /// Captures a request whose head was just read.
-    fn begin(&mut self, request: ParsedRequest) {
+    fn begin(&mut self, request: RequestHead) {
         let source = &self.source;
         source.metrics.add_request();
-        let connect = request.head.method == Method::CONNECT;
-        let upgrade = is_upgrade(request.head.version, &request.head.headers);
-        let framing = Framing::of(&request.head.headers, Framing::Empty);
+        let head = request.method == Method::HEAD;
+        let connect = request.method == Method::CONNECT;
+        let upgrade = is_upgrade(request.version, &request.headers);
+        let framing = Framing::of(&request.headers, Framing::Empty);
         let capture = Capture::begin(
             source.captures.clone(),
             &source.tunnel_name,
-            remote_addr(&request.head.headers, &source.open.client_addr),
+            remote_addr(&request.headers, &source.open.client_addr),
             &source.open,
-            request.head,
+            request,
             None,
         );
         self.requests = Side::Body {
@@ -205,38 +233,49 @@ impl Exchange {
         };
         self.pending.push_back(Pending {
             capture,
-            head: request.is_head,
+            head,
             upgrade,
             connect,
         });
+        if let Side::Held(early) = &mut self.responses {
+            let early = std::mem::take(early);
+            self.responses = Side::Head(Vec::new());
+            self.responses(&early);
+        }
     }
 
     /// Bytes read from the upstream.
     fn responses(&mut self, mut data: &[u8]) {
         loop {
-            match &mut self.responses {
-                Side::Off | Side::Held(_) => return,
-                Side::Body { framing, copy, .. } => match framing.feed(data, copy) {
-                    Err(lost) => return self.lose(lost),
-                    Ok(None) => return,
-                    Ok(Some(used)) => {
-                        copy.finish(BodyState::Complete);
-                        self.responses = Side::Head(Vec::new());
-                        data = &data[used..];
-                    }
-                },
-                Side::Head(held) => {
-                    if data.is_empty() {
+            match self
+                .responses
+                .take(data, "a response with no request waiting for it")
+            {
+                Flow::Wait => return,
+                Flow::Lost(lost) => return self.lose(lost),
+                Flow::Ended(used) => data = &data[used..],
+                Flow::AtHead => {
+                    let Side::Head(held) = &mut self.responses else {
+                        return;
+                    };
+                    if self.pending.is_empty() {
+                        // Read before its request's write was told of (the
+                        // two directions run on different threads): held
+                        // until the request is recorded.
+                        let mut early = std::mem::take(held);
+                        early.extend_from_slice(data);
+                        self.responses = Side::Held(early);
                         return;
                     }
-                    let (response, used) = match read_head(held, data, parse_response) {
+                    match read_head(held, data, parse_response) {
                         Err(lost) => return self.lose(lost),
                         Ok(None) => return,
-                        Ok(Some(parsed)) => parsed,
-                    };
-                    data = &data[used..];
-                    if let Err(lost) = self.answer(response) {
-                        return self.lose(lost);
+                        Ok(Some((response, used))) => {
+                            data = &data[used..];
+                            if let Err(lost) = self.answer(response) {
+                                return self.lose(lost);
+                            }
+                        }
                     }
                 }
             }
@@ -251,10 +290,11 @@ impl Exchange {
             // 100 Continue and the like: the final response follows.
             return Ok(());
         }
-        let pending = self
-            .pending
-            .pop_front()
-            .ok_or(Lost("a response with no request waiting for it"))?;
+        let Some(pending) = self.pending.pop_front() else {
+            // Not reached: heads are read only while a request waits
+            // (see `responses`).
+            return Err(Lost("a response with no request waiting for it"));
+        };
         if status == StatusCode::SWITCHING_PROTOCOLS && !pending.upgrade {
             return Err(Lost(
                 "a 101 response to a request that asked for no upgrade",
@@ -506,19 +546,23 @@ fn read_head<T>(held: &mut Vec<u8>, data: &[u8], parse: fn(&[u8]) -> Parsed<T>) 
     }
 }
 
-struct ParsedRequest {
-    head: RequestHead,
-    /// A HEAD request.
-    is_head: bool,
+/// The length of a complete head, `None` for a partial one.
+fn head_len(
+    status: httparse::Result<usize>,
+    malformed: &'static str,
+) -> Result<Option<usize>, Lost> {
+    match status {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(Lost(malformed)),
+    }
 }
 
-fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
+fn parse_request(bytes: &[u8]) -> Parsed<RequestHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let len = match request.parse(bytes) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(Lost("a malformed request head")),
+    let Some(len) = head_len(request.parse(bytes), "a malformed request head")? else {
+        return Ok(None);
     };
     let method = request
         .method
@@ -530,13 +574,7 @@ fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
         headers: header_map(bytes, len, request.headers),
         method,
     };
-    Ok(Some((
-        ParsedRequest {
-            is_head: head.method == Method::HEAD,
-            head,
-        },
-        len,
-    )))
+    Ok(Some((head, len)))
 }
 
 struct ParsedResponse {
@@ -548,10 +586,8 @@ struct ParsedResponse {
 fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(bytes) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(Lost("a malformed response head")),
+    let Some(len) = head_len(response.parse(bytes), "a malformed response head")? else {
+        return Ok(None);
     };
     let status = response
         .code
@@ -606,107 +642,40 @@ fn header_map(bytes: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> Head
     map
 }
 
-/// A half of a piped stream's upstream socket: counts its bytes into the
-/// tunnel's metrics as they move, and gives them to the stream's [`Tap`]
-/// when it is inspected.
-pub(crate) struct Watched<T> {
-    inner: T,
+/// The hook on a piped stream's upstream socket ([`Hooked`]): counts the
+/// bytes into the tunnel's metrics as they move, and gives them to the
+/// stream's [`Tap`] when it is inspected. Writes are requests, reads are
+/// responses.
+pub(crate) struct Watch {
     metrics: Arc<TunnelMetrics>,
     tap: Option<Tap>,
 }
 
-impl<T> Watched<T> {
-    pub(crate) fn new(inner: T, metrics: Arc<TunnelMetrics>, tap: Option<Tap>) -> Self {
-        Watched {
-            inner,
-            metrics,
-            tap,
-        }
+impl Watch {
+    pub(crate) fn new(metrics: Arc<TunnelMetrics>, tap: Option<Tap>) -> Self {
+        Watch { metrics, tap }
     }
 }
 
-/// Reads from the upstream: responses.
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let read = &buf.filled()[before..];
-        this.metrics.add_bytes(0, read.len() as u64);
-        if let Some(tap) = &this.tap {
-            if read.is_empty() {
-                tap.lock().upstream_closed();
-            } else {
-                tap.lock().responses(read);
-            }
+impl<S> IoHook<S> for Watch {
+    fn read(&self, _io: &S, bytes: &[u8]) {
+        self.metrics.add_bytes(0, bytes.len() as u64);
+        if let Some(tap) = &self.tap {
+            tap.lock().responses(bytes);
         }
-        Poll::Ready(Ok(()))
     }
-}
 
-/// Writes to the upstream: requests.
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        // Held across the write: the upstream's answer can be read on
-        // another thread at once, and must find its request recorded.
-        let mut exchange = this.tap.as_ref().map(Tap::lock);
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-        this.metrics.add_bytes(n as u64, 0);
-        if let Some(exchange) = &mut exchange {
-            exchange.requests(&buf[..n]);
+    fn read_eof(&self, _io: &S) {
+        if let Some(tap) = &self.tap {
+            tap.lock().upstream_closed();
         }
-        Poll::Ready(Ok(n))
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        // Held across the write, as in `poll_write`.
-        let mut exchange = this.tap.as_ref().map(Tap::lock);
-        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
-        this.metrics.add_bytes(n as u64, 0);
-        if let Some(exchange) = &mut exchange {
-            let mut left = n;
-            for buf in bufs {
-                if left == 0 {
-                    break;
-                }
-                let k = left.min(buf.len());
-                exchange.requests(&buf[..k]);
-                left -= k;
-            }
+    fn wrote(&self, _io: &S, bytes: &[u8]) {
+        self.metrics.add_bytes(bytes.len() as u64, 0);
+        if let Some(tap) = &self.tap {
+            tap.lock().requests(bytes);
         }
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl<T: LocalWrite> LocalWrite for Watched<T> {
-    fn abort(&mut self) {
-        self.inner.abort();
     }
 }
 
@@ -954,6 +923,33 @@ mod tests {
         assert_eq!(head.headers["host"], "a.example.test");
         let two: Vec<_> = head.headers.get_all("x-two").iter().collect();
         assert_eq!(two, ["1", "2"]);
+    }
+
+    #[test]
+    fn an_answer_read_before_its_request_was_told_of_waits_for_it() {
+        let (tap, captures) = new_tap();
+        responses(
+            &tap,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst",
+            7,
+        );
+        assert!(captured(&captures).is_empty());
+        requests(&tap, b"GET /one HTTP/1.1\r\n\r\n", 7);
+        responses(
+            &tap,
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+            7,
+        );
+        requests(&tap, b"GET /two HTTP/1.1\r\n\r\n", 7);
+        let all = captured(&captures);
+        assert_eq!(all.len(), 2);
+        let one = all[0].response.as_ref().expect("the held answer, given");
+        assert_eq!(
+            (one.status.as_u16(), &one.body.data[..]),
+            (200, &b"first"[..])
+        );
+        assert_eq!(all[1].response.as_ref().unwrap().status.as_u16(), 404);
+        assert!(all.iter().all(|c| c.error.is_none()));
     }
 
     #[test]

@@ -641,12 +641,12 @@ struct StreamIo {
 struct Counting(Arc<TunnelMetrics>);
 
 impl IoHook<Visitor> for Counting {
-    fn read(&self, _io: &Visitor, n: usize) {
-        self.0.add_bytes(n as u64, 0);
+    fn read(&self, _io: &Visitor, bytes: &[u8]) {
+        self.0.add_bytes(bytes.len() as u64, 0);
     }
 
-    fn wrote(&self, _io: &Visitor, n: usize) {
-        self.0.add_bytes(0, n as u64);
+    fn wrote(&self, _io: &Visitor, bytes: &[u8]) {
+        self.0.add_bytes(0, bytes.len() as u64);
     }
 }
 
