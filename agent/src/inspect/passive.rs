@@ -1,10 +1,10 @@
 //! Inspection of an HTTP/1.1 stream beside the byte pipe. The stream goes
 //! through the same pipe as an uninspected tunnel's, byte for byte; a
-//! [`Tap`] on the upstream socket sees each write toward the upstream
-//! (requests) and each read from it (responses) and parses them to fill in
-//! the captures. Nothing is parsed twice or served again, and what the tap
-//! cannot follow (a head too large, a malformed message, a response nobody
-//! asked for) only ends the capturing of that stream: the bytes go on.
+//! [`Tap`], hooked on the upstream socket ([`Watch`]), sees each write
+//! toward the upstream (requests) and each read from it (responses) and
+//! parses them to fill in the captures. Nothing is parsed twice or served
+//! again, and what the tap cannot follow (a head too large, a malformed
+//! message) only ends the capturing of that stream: the bytes go on.
 //!
 //! After a `101 Switching Protocols` (WebSocket and other upgrades) the
 //! stream is no longer HTTP and both directions go unparsed.
