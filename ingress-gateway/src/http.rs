@@ -292,10 +292,23 @@ static HOP_BY_HOP: [HeaderName; HOPS] = [
 /// Removes hop-by-hop headers, including those the Connection header names;
 /// keeps `Connection: upgrade` and `Upgrade` when `keep_upgrade`.
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
+    // The usual token, `keep-alive`, names a header of the list below and
+    // goes with it; only other names (`close`, a header of the sender's)
+    // are made here, and the vector allocated for them.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for token in connection_tokens(headers) {
+        if HOP_BY_HOP
+            .iter()
+            .any(|hop| token.eq_ignore_ascii_case(hop.as_str()))
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            && !(keep_upgrade && name == header::UPGRADE)
+        {
+            named.push(name);
+        }
+    }
     for name in &named {
         headers.remove(name);
     }
