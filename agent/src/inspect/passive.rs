@@ -290,16 +290,19 @@ impl Exchange {
             // 100 Continue and the like: the final response follows.
             return Ok(());
         }
-        let Some(pending) = self.pending.pop_front() else {
-            // Not reached: heads are read only while a request waits
-            // (see `responses`).
+        // Heads are read only while a request waits (see `responses`); a
+        // request given up on stays pending, for `lose` to fail it.
+        let Some(front) = self.pending.front() else {
             return Err(Lost("a response with no request waiting for it"));
         };
-        if status == StatusCode::SWITCHING_PROTOCOLS && !pending.upgrade {
+        if status == StatusCode::SWITCHING_PROTOCOLS && !front.upgrade {
             return Err(Lost(
                 "a 101 response to a request that asked for no upgrade",
             ));
         }
+        let Some(pending) = self.pending.pop_front() else {
+            return Err(Lost("a response with no request waiting for it"));
+        };
         if status == StatusCode::SWITCHING_PROTOCOLS || (pending.connect && status.is_success()) {
             pending
                 .capture
@@ -950,6 +953,84 @@ mod tests {
         );
         assert_eq!(all[1].response.as_ref().unwrap().status.as_u16(), 404);
         assert!(all.iter().all(|c| c.error.is_none()));
+    }
+
+    /// Pieces of HTTP/1.1 traffic, right and wrong, for the test below.
+    const REQUEST_PIECES: &[&[u8]] = &[
+        b"GET / HTTP/1.1\r\nhost: a\r\n\r\n",
+        b"HEAD /h HTTP/1.1\r\n\r\n",
+        b"POST /p HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
+        b"PUT /c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.0\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+        b"\r\n\r\n",
+        b"ffffffffffffffff\r\n",
+        b"\x00\xff\xfe garbage",
+    ];
+    const RESPONSE_PIECES: &[&[u8]] = &[
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;x\r\na\r\n0\r\nt: 1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nto the close",
+        b"HTTP/1.0 404 Not Found\r\ncontent-length: 99999999999\r\n\r\n",
+        b"HTTP/1.1 999 Odd\r\n\r\n",
+        b"zz\r\n",
+        b"\xff\x00\x01",
+    ];
+
+    /// Whatever bytes come either way, in whatever pieces and order, the
+    /// tap never panics, and once the stream is gone no capture is left
+    /// in flight: each has its answer (bodies ended or cut) or an error.
+    #[test]
+    fn any_bytes_either_way_leave_no_capture_in_flight() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(27);
+        for _ in 0..5_000 {
+            let (tap, captures) = new_tap();
+            for _ in 0..rng.random_range(1..12) {
+                let (pieces, toward_upstream) = if rng.random_bool(0.5) {
+                    (REQUEST_PIECES, true)
+                } else {
+                    (RESPONSE_PIECES, false)
+                };
+                let mut bytes = pieces[rng.random_range(0..pieces.len())].to_vec();
+                if rng.random_bool(0.2) {
+                    // A piece cut short, or with a byte changed.
+                    let at = rng.random_range(0..bytes.len());
+                    if rng.random_bool(0.5) {
+                        bytes.truncate(at);
+                    } else {
+                        bytes[at] = rng.random();
+                    }
+                }
+                let piece = rng.random_range(1..=bytes.len().max(1));
+                if toward_upstream {
+                    requests(&tap, &bytes, piece);
+                } else {
+                    responses(&tap, &bytes, piece);
+                }
+                if rng.random_bool(0.05) {
+                    tap.lock().upstream_closed();
+                }
+            }
+            drop(tap);
+            for c in captured(&captures) {
+                let answered = c.response.as_ref().is_some_and(|r| {
+                    r.body.state != BodyState::Streaming
+                        && c.request_body.state != BodyState::Streaming
+                });
+                assert!(
+                    answered || c.error.is_some(),
+                    "left in flight: {} {} {:?}",
+                    c.request.method,
+                    c.request.uri,
+                    c.response.as_ref().map(|r| r.status)
+                );
+            }
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ use tracing::Instrument;
 
 use super::{
     BODY_CAPTURE_LIMIT,
-    store::{Captured, CapturedBody, Captures, RequestHead, ResponseCapture, owned},
+    store::{BodyState, Captured, CapturedBody, Captures, RequestHead, ResponseCapture, owned},
     tee::Tee,
 };
 use crate::{
@@ -489,7 +489,8 @@ impl Capture {
     }
 
     /// Records the response head (`headers` owned, see [`owned`]); an
-    /// upgrade is complete at once.
+    /// upgrade is complete at once, its body empty (what follows is not
+    /// HTTP).
     pub(super) fn response(
         &self,
         status: StatusCode,
@@ -499,11 +500,19 @@ impl Capture {
     ) {
         let elapsed = self.started.elapsed();
         self.captures.update(&self.id, |c| {
+            let state = if upgraded {
+                BodyState::Complete
+            } else {
+                BodyState::Streaming
+            };
             c.response = Some(ResponseCapture {
                 status,
                 version,
                 headers,
-                body: CapturedBody::default(),
+                body: CapturedBody {
+                    state,
+                    ..CapturedBody::default()
+                },
             });
             if upgraded {
                 c.duration = Some(elapsed);
