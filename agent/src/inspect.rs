@@ -19,6 +19,8 @@ mod tee;
 pub(crate) use passive::{Tap, Watch};
 pub(crate) use proxy::{Replay, Stream, replay, serve};
 #[cfg(test)]
+pub(crate) use store::Headers;
+#[cfg(test)]
 pub(crate) use store::tests as store_tests;
 pub(crate) use store::{BodyState, Captured, CapturedBody, Captures, ResponseCapture};
 

@@ -147,7 +147,8 @@ fn with_trailers(mut message: Value, body: &CapturedBody) -> Value {
 /// A gRPC answer's status and message, from its trailers or, in a
 /// trailers-only answer, its headers.
 fn grpc_status(resp: &ResponseCapture) -> Option<(u64, Option<String>)> {
-    let source = [&resp.body.trailers, &resp.headers]
+    let headers = resp.headers.map();
+    let source = [&resp.body.trailers, &*headers]
         .into_iter()
         .find(|h| h.contains_key("grpc-status"))?;
     let status = source.get("grpc-status")?.to_str().ok()?.parse().ok()?;
@@ -164,12 +165,13 @@ fn nanos(d: Duration) -> u64 {
 /// A CapturedRequest object.
 pub(crate) fn captured(c: &Captured) -> Value {
     let r = &c.request;
+    let request_headers = r.headers.map();
     let request = json!({
         "method": r.method.as_str(),
         "proto": http_version_text(r.version),
-        "headers": headers(&r.headers),
+        "headers": headers(&request_headers),
         "uri": r.uri,
-        "raw": raw(&format!("{} {} {}", r.method, r.uri, http_version_text(r.version)), &r.headers, &c.request_body),
+        "raw": raw(&format!("{} {} {}", r.method, r.uri, http_version_text(r.version)), &request_headers, &c.request_body),
         "body": body_state(&c.request_body),
     });
     let request = with_trailers(request, &c.request_body);
@@ -177,12 +179,13 @@ pub(crate) fn captured(c: &Captured) -> Value {
         None => Value::Null,
         Some(resp) => {
             let status = status_text(resp.status);
+            let response_headers = resp.headers.map();
             let mut v = json!({
                 "status": status,
                 "status_code": resp.status.as_u16(),
                 "proto": http_version_text(resp.version),
-                "headers": headers(&resp.headers),
-                "raw": raw(&format!("{} {status}", http_version_text(resp.version)), &resp.headers, &resp.body),
+                "headers": headers(&response_headers),
+                "raw": raw(&format!("{} {status}", http_version_text(resp.version)), &response_headers, &resp.body),
                 "body": body_state(&resp.body),
             });
             if let Some((status, message)) = grpc_status(resp) {
@@ -301,15 +304,11 @@ mod tests {
     #[test]
     fn captured_request_object() {
         let mut c = crate::inspect::store_tests::captured("airt_1", "web", 3);
-        c.request
-            .headers
-            .insert("content-type", HeaderValue::from_static("application/json"));
-        c.request
-            .headers
-            .append("x-multi", HeaderValue::from_static("a"));
-        c.request
-            .headers
-            .append("x-multi", HeaderValue::from_static("b"));
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        c.request.headers = headers.into();
         c.duration = Some(Duration::from_millis(3));
         let v = captured(&c);
         assert_eq!(v["uri"], "/api/requests/http/airt_1");
@@ -347,7 +346,7 @@ mod tests {
         c.response = Some(ResponseCapture {
             status: StatusCode::OK,
             version: Version::HTTP_2,
-            headers: HeaderMap::new(),
+            headers: HeaderMap::new().into(),
             body: CapturedBody {
                 trailers,
                 ..CapturedBody::default()
@@ -363,12 +362,10 @@ mod tests {
         // A trailers-only answer carries the status in its headers.
         let response = c.response.as_mut().unwrap();
         response.body.trailers.clear();
-        response
-            .headers
-            .insert("grpc-status", HeaderValue::from_static("3"));
-        response
-            .headers
-            .insert("grpc-message", HeaderValue::from_static("bad thing"));
+        // As the passive inspector keeps them: the head as it passed.
+        response.headers = crate::inspect::Headers::Head(bytes::Bytes::from_static(
+            b"HTTP/1.1 200 OK\r\ngrpc-status: 3\r\ngrpc-message: bad thing\r\n\r\n",
+        ));
         let v = captured(&c);
         assert_eq!(v["response"]["grpc_status"], 3);
         assert_eq!(v["response"]["grpc_message"], "bad thing");

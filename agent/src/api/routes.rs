@@ -542,7 +542,7 @@ impl Api {
             .filter(|u: &Uri| u.scheme().is_none() && uri_text.starts_with('/'))
             .ok_or_else(|| invalid(format!("uri: {uri_text:?} must be a path like /a?b=c")))?;
         let headers = match r.headers {
-            None => original.request.headers.clone(),
+            None => original.request.headers.map().into_owned(),
             Some(edited) => {
                 let mut h = HeaderMap::new();
                 for (name, values) in edited {

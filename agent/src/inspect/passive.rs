@@ -15,14 +15,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use http::{HeaderMap, Method, StatusCode, Version, header};
 use postern_net::IoHook;
 use postern_proto::pb;
 
 use super::{
     BODY_CAPTURE_LIMIT,
     proxy::{Capture, is_upgrade, remote_addr},
-    store::{BodyState, Captures, RequestHead},
+    store::{BodyState, Captures, Headers, MAX_HEADERS, RequestHead, header_map},
     tee::BodyCopy,
 };
 use crate::state::TunnelMetrics;
@@ -30,8 +30,6 @@ use crate::state::TunnelMetrics;
 /// The longest message head (or chunked trailer section) the tap holds
 /// while waiting for its end; a longer one ends capturing.
 const MAX_HEAD: usize = 64 * 1024;
-/// Headers parsed per message head; more ends capturing.
-const MAX_HEADERS: usize = 128;
 
 /// One stream's parse, shared by its two directions.
 #[derive(Clone)]
@@ -211,17 +209,17 @@ impl Exchange {
     }
 
     /// Captures a request whose head was just read.
-    fn begin(&mut self, request: RequestHead) {
+    fn begin(&mut self, ParsedRequest { request, read_here }: ParsedRequest) {
         let source = &self.source;
         source.metrics.add_request();
         let head = request.method == Method::HEAD;
         let connect = request.method == Method::CONNECT;
-        let upgrade = is_upgrade(request.version, &request.headers);
-        let framing = Framing::of(&request.headers, Framing::Empty);
+        let upgrade = is_upgrade(request.version, &read_here);
+        let framing = Framing::of(&read_here, Framing::Empty);
         let capture = Capture::begin(
             source.captures.clone(),
             &source.tunnel_name,
-            remote_addr(&request.headers, &source.open.client_addr),
+            remote_addr(&read_here, &source.open.client_addr),
             &source.open,
             request,
             None,
@@ -317,7 +315,7 @@ impl Exchange {
         {
             Framing::Empty
         } else {
-            Framing::of(&response.headers, Framing::UntilClose)
+            Framing::of(&response.read_here, Framing::UntilClose)
         };
         pending
             .capture
@@ -561,7 +559,44 @@ fn head_len(
     }
 }
 
-fn parse_request(bytes: &[u8]) -> Parsed<RequestHead> {
+/// Headers the tap itself reads (framing, upgrades, the visitor's
+/// address); the capture keeps the whole head as it passed.
+const READ_HERE: [&str; 5] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "x-forwarded-for",
+];
+
+/// A message head read: the head's bytes for the capture, and the headers
+/// of [`READ_HERE`] it has.
+struct Head {
+    bytes: Bytes,
+    read_here: HeaderMap,
+}
+
+impl Head {
+    fn new(bytes: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> Head {
+        let copy = Bytes::copy_from_slice(&bytes[..len]);
+        let wanted = parsed.iter().filter(|h| {
+            READ_HERE
+                .iter()
+                .any(|name| h.name.eq_ignore_ascii_case(name))
+        });
+        Head {
+            read_here: header_map(bytes, &copy, wanted),
+            bytes: copy,
+        }
+    }
+}
+
+struct ParsedRequest {
+    request: RequestHead,
+    read_here: HeaderMap,
+}
+
+fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let Some(len) = head_len(request.parse(bytes), "a malformed request head")? else {
@@ -571,19 +606,22 @@ fn parse_request(bytes: &[u8]) -> Parsed<RequestHead> {
         .method
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
         .ok_or(Lost("a request with an invalid method"))?;
-    let head = RequestHead {
+    let head = Head::new(bytes, len, request.headers);
+    let request = RequestHead {
         uri: request.path.unwrap_or("/").to_string(),
         version: version(request.version),
-        headers: header_map(bytes, len, request.headers),
+        headers: Headers::Head(head.bytes),
         method,
     };
-    Ok(Some((head, len)))
+    let read_here = head.read_here;
+    Ok(Some((ParsedRequest { request, read_here }, len)))
 }
 
 struct ParsedResponse {
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
+    headers: Headers,
+    read_here: HeaderMap,
 }
 
 fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
@@ -596,11 +634,13 @@ fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(Lost("a response with an invalid status"))?;
+    let head = Head::new(bytes, len, response.headers);
     Ok(Some((
         ParsedResponse {
             status,
             version: version(response.version),
-            headers: header_map(bytes, len, response.headers),
+            headers: Headers::Head(head.bytes),
+            read_here: head.read_here,
         },
         len,
     )))
@@ -609,7 +649,11 @@ fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
 fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Lost> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(section, &mut headers) {
-        Ok(httparse::Status::Complete((len, parsed))) => Ok(header_map(section, len, parsed)),
+        Ok(httparse::Status::Complete((len, parsed))) => Ok(header_map(
+            section,
+            &Bytes::copy_from_slice(&section[..len]),
+            parsed,
+        )),
         _ => Err(Lost("a malformed trailer section")),
     }
 }
@@ -619,30 +663,6 @@ fn version(minor: Option<u8>) -> Version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     }
-}
-
-/// The headers `parsed` from the first `len` bytes of `bytes`, as owned
-/// values. The values share one copy of those bytes (no allocation each);
-/// a name or value `http` refuses is left out of the capture (the bytes
-/// still went through).
-fn header_map(bytes: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> HeaderMap {
-    let copy = Bytes::copy_from_slice(&bytes[..len]);
-    let mut map = HeaderMap::with_capacity(parsed.len());
-    for h in parsed {
-        // httparse's values are slices of `bytes` (checked all the same:
-        // an empty one need not point into it).
-        let start = (h.value.as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
-        let value = match start.checked_add(h.value.len()) {
-            Some(end) if end <= len && !h.value.is_empty() => {
-                HeaderValue::from_maybe_shared(copy.slice(start..end))
-            }
-            _ => HeaderValue::from_bytes(h.value),
-        };
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.name.as_bytes()), value) {
-            map.append(name, value);
-        }
-    }
-    map
 }
 
 /// The hook on a piped stream's upstream socket ([`Hooked`]): counts the
@@ -742,7 +762,7 @@ mod tests {
                 (a.request.method.as_str(), a.request.uri.as_str()),
                 ("GET", "/a?x=1")
             );
-            assert_eq!(a.request.headers["host"], "app.example.test");
+            assert_eq!(a.request.headers.map()["host"], "app.example.test");
             assert_eq!(a.remote_addr, "203.0.113.9", "the edge's X-Forwarded-For");
             assert_eq!(b.remote_addr, "198.51.100.7", "else the stream's client");
             assert_eq!(b.request_body.data, "hello");
@@ -921,10 +941,10 @@ mod tests {
             b"GET / HTTP/1.1\r\nx-empty:\r\nhost: a.example.test\r\nx-two: 1\r\nx-two: 2\r\n\r\n",
             3,
         );
-        let head = &captured(&captures)[0].request;
-        assert_eq!(head.headers["x-empty"], "");
-        assert_eq!(head.headers["host"], "a.example.test");
-        let two: Vec<_> = head.headers.get_all("x-two").iter().collect();
+        let headers = captured(&captures)[0].request.headers.map().into_owned();
+        assert_eq!(headers["x-empty"], "");
+        assert_eq!(headers["host"], "a.example.test");
+        let two: Vec<_> = headers.get_all("x-two").iter().collect();
         assert_eq!(two, ["1", "2"]);
     }
 

@@ -39,7 +39,9 @@ use tracing::Instrument;
 
 use super::{
     BODY_CAPTURE_LIMIT,
-    store::{BodyState, Captured, CapturedBody, Captures, RequestHead, ResponseCapture, owned},
+    store::{
+        BodyState, Captured, CapturedBody, Captures, Headers, RequestHead, ResponseCapture, owned,
+    },
     tee::Tee,
 };
 use crate::{
@@ -495,7 +497,7 @@ impl Capture {
         &self,
         status: StatusCode,
         version: Version,
-        headers: HeaderMap,
+        headers: Headers,
         upgraded: bool,
     ) {
         let elapsed = self.started.elapsed();
@@ -522,7 +524,8 @@ impl Capture {
 
     /// Records the response head of `parts`.
     fn response_of(&self, parts: &http::response::Parts, upgraded: bool) {
-        self.response(parts.status, parts.version, owned(&parts.headers), upgraded);
+        let headers = owned(&parts.headers).into();
+        self.response(parts.status, parts.version, headers, upgraded);
     }
 
     fn tee_response(&self, body: Incoming) -> ProxyBody {
@@ -574,7 +577,7 @@ fn head_of(parts: &http::request::Parts) -> RequestHead {
             .map_or("/", |p| p.as_str())
             .to_string(),
         version: parts.version,
-        headers,
+        headers: headers.into(),
     }
 }
 

@@ -2,13 +2,14 @@
 //! size passes `inspect_db_size`.
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
     sync::Mutex,
     time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// How far a captured body got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,6 +44,85 @@ impl CapturedBody {
     }
 }
 
+/// A message's captured headers: a map, or the head's bytes as they
+/// passed (the passive inspector's), made a map only when read.
+#[derive(Clone, Debug)]
+pub(crate) enum Headers {
+    Map(HeaderMap),
+    /// A whole message head (start line, header lines, blank line).
+    Head(Bytes),
+}
+
+impl Headers {
+    /// The headers as a map; a head's values are slices of its bytes.
+    pub fn map(&self) -> Cow<'_, HeaderMap> {
+        match self {
+            Headers::Map(map) => Cow::Borrowed(map),
+            Headers::Head(head) => Cow::Owned(head_headers(head)),
+        }
+    }
+
+    /// Bytes the headers hold, roughly.
+    fn weight(&self) -> usize {
+        match self {
+            Headers::Map(map) => map_weight(map),
+            Headers::Head(head) => head.len(),
+        }
+    }
+}
+
+impl From<HeaderMap> for Headers {
+    fn from(map: HeaderMap) -> Self {
+        Headers::Map(map)
+    }
+}
+
+/// The header lines of a message head that parsed before; a line that does
+/// not (it cannot happen) ends the map there.
+fn head_headers(head: &Bytes) -> HeaderMap {
+    let lines = head
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(head.len(), |start_line| start_line + 1);
+    let block = head.slice(lines..);
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(&block, &mut parsed) {
+        Ok(httparse::Status::Complete((_, parsed))) => header_map(&block, &block, parsed),
+        _ => HeaderMap::new(),
+    }
+}
+
+/// Headers parsed from a message head; more end the parse.
+pub(super) const MAX_HEADERS: usize = 128;
+
+/// The headers `parsed` from `base`, as owned values sharing `copy`, which
+/// holds `base`'s bytes up to its last header at least (no allocation
+/// each). A name or value `http` refuses is left out (the bytes still went
+/// through).
+pub(super) fn header_map<'a>(
+    base: &[u8],
+    copy: &Bytes,
+    parsed: impl IntoIterator<Item = &'a httparse::Header<'a>>,
+) -> HeaderMap {
+    let parsed = parsed.into_iter();
+    let mut map = HeaderMap::with_capacity(parsed.size_hint().0);
+    for h in parsed {
+        // httparse's values are slices of `base` (checked all the same:
+        // an empty one need not point into it).
+        let start = (h.value.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+        let value = match start.checked_add(h.value.len()) {
+            Some(end) if end <= copy.len() && !h.value.is_empty() => {
+                HeaderValue::from_maybe_shared(copy.slice(start..end))
+            }
+            _ => HeaderValue::from_bytes(h.value),
+        };
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.name.as_bytes()), value) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
 /// The request line and headers as the agent received them.
 #[derive(Clone, Debug)]
 pub(crate) struct RequestHead {
@@ -50,7 +130,7 @@ pub(crate) struct RequestHead {
     /// Path and query.
     pub uri: String,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: Headers,
 }
 
 /// The upstream's answer.
@@ -58,7 +138,7 @@ pub(crate) struct RequestHead {
 pub(crate) struct ResponseCapture {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: Headers,
     pub body: CapturedBody,
 }
 
@@ -89,23 +169,26 @@ impl Captured {
     /// What the capture costs in memory, roughly: the bodies kept, the
     /// headers, and a fixed overhead.
     fn weight(&self) -> u64 {
-        let headers = |h: &HeaderMap| -> usize {
-            h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum()
-        };
         let mut n = 256
             + self.id.len()
             + self.tunnel_name.len()
             + self.request.uri.len()
-            + headers(&self.request.headers)
-            + headers(&self.request_body.trailers)
+            + self.request.headers.weight()
+            + map_weight(&self.request_body.trailers)
             + self.request_body.data.len();
         if let Some(response) = &self.response {
-            n += headers(&response.headers)
-                + headers(&response.body.trailers)
+            n += response.headers.weight()
+                + map_weight(&response.body.trailers)
                 + response.body.data.len();
         }
         n as u64
     }
+}
+
+fn map_weight(map: &HeaderMap) -> usize {
+    map.iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 /// A copy of `headers` that owns its values. hyper's values are slices of
@@ -233,7 +316,7 @@ pub(crate) mod tests {
                 method: Method::POST,
                 uri: "/items?x=1".into(),
                 version: Version::HTTP_11,
-                headers: HeaderMap::new(),
+                headers: HeaderMap::new().into(),
             },
             request_body: CapturedBody {
                 data: Bytes::from(vec![b'a'; body]),
@@ -279,7 +362,7 @@ pub(crate) mod tests {
             c.response = Some(ResponseCapture {
                 status: StatusCode::OK,
                 version: Version::HTTP_11,
-                headers: HeaderMap::new(),
+                headers: HeaderMap::new().into(),
                 body: CapturedBody {
                     data: Bytes::from(vec![b'r'; 10_000]),
                     size: 10_000,
