@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use postern_net::{Hooked, proxy_header};
+use postern_net::proxy_header;
 use postern_proto::{
     BoxFrames, ErrorCode, Failure, InboundFrames, attachable, direct::EdgeConnection, metadata, pb,
     pipe, tunnel_io,
@@ -333,15 +333,11 @@ async fn serve_open(
     match &target.agent_tls {
         None => match upstream {
             Upstream::Plain(tcp) => {
-                let (r, w) = tcp.into_split();
-                let r = Hooked::new(r, Watch::new(metrics.clone(), tap.clone()));
-                let w = Hooked::new(w, Watch::new(metrics.clone(), tap));
+                let (r, w) = Watch::halves(tcp.into_split(), metrics, tap);
                 splice(r, w, inbound, first, attach_tx).await
             }
             Upstream::Tls(tls) => {
-                let (r, w) = tokio::io::split(*tls);
-                let r = Hooked::new(r, Watch::new(metrics.clone(), tap.clone()));
-                let w = Hooked::new(w, Watch::new(metrics.clone(), tap));
+                let (r, w) = Watch::halves(tokio::io::split(*tls), metrics, tap);
                 splice(r, w, inbound, first, attach_tx).await
             }
         },

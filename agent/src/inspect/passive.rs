@@ -16,7 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Version, header};
-use postern_net::IoHook;
+use postern_net::{Hooked, IoHook};
 use postern_proto::pb;
 
 use super::{
@@ -180,30 +180,73 @@ impl Side {
     }
 }
 
+/// A direction of the stream.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Written toward the upstream: requests.
+    Requests,
+    /// Read back from the upstream: responses.
+    Responses,
+}
+
+/// What a response parsed while no request waits ends in, held past
+/// [`MAX_HEAD`] or found in a head.
+const NO_REQUEST: &str = "a response with no request waiting for it";
+
 impl Exchange {
-    /// Bytes written toward the upstream.
-    fn requests(&mut self, mut data: &[u8]) {
+    /// Bytes that went one way.
+    fn feed(&mut self, direction: Direction, mut data: &[u8]) {
         loop {
-            match self
-                .requests
-                .take(data, "the bytes after an upgrade request")
-            {
+            let (side, held_what) = match direction {
+                Direction::Requests => (&mut self.requests, "the bytes after an upgrade request"),
+                Direction::Responses => (&mut self.responses, NO_REQUEST),
+            };
+            match side.take(data, held_what) {
                 Flow::Wait => return,
                 Flow::Lost(lost) => return self.lose(lost),
                 Flow::Ended(used) => data = &data[used..],
-                Flow::AtHead => {
-                    let Side::Head(held) = &mut self.requests else {
-                        return;
-                    };
-                    match read_head(held, data, parse_request) {
-                        Err(lost) => return self.lose(lost),
-                        Ok(None) => return,
-                        Ok(Some((request, used))) => {
-                            data = &data[used..];
-                            self.begin(request);
-                        }
-                    }
+                Flow::AtHead => match self.at_head(direction, data) {
+                    Err(lost) => return self.lose(lost),
+                    Ok(None) => return,
+                    Ok(Some(used)) => data = &data[used..],
+                },
+            }
+        }
+    }
+
+    /// Reads the message head `data` begins or goes on with, and acts on
+    /// it: how many bytes of `data` it took, or `None` when it goes on past
+    /// them (or a response waits for its request).
+    fn at_head(&mut self, direction: Direction, data: &[u8]) -> Result<Option<usize>, Lost> {
+        match direction {
+            Direction::Requests => {
+                let Side::Head(held) = &mut self.requests else {
+                    return Ok(None);
+                };
+                let Some((request, used)) = read_head(held, data, parse_request)? else {
+                    return Ok(None);
+                };
+                self.begin(request);
+                Ok(Some(used))
+            }
+            Direction::Responses => {
+                let Side::Head(held) = &mut self.responses else {
+                    return Ok(None);
+                };
+                if self.pending.is_empty() {
+                    // Read before its request's write was told of (the
+                    // two directions run on different threads): held
+                    // until the request is recorded.
+                    let mut early = std::mem::take(held);
+                    early.extend_from_slice(data);
+                    self.responses = Side::Held(early);
+                    return Ok(None);
                 }
+                let Some((response, used)) = read_head(held, data, parse_response)? else {
+                    return Ok(None);
+                };
+                self.answer(response)?;
+                Ok(Some(used))
             }
         }
     }
@@ -238,45 +281,7 @@ impl Exchange {
         if let Side::Held(early) = &mut self.responses {
             let early = std::mem::take(early);
             self.responses = Side::Head(Vec::new());
-            self.responses(&early);
-        }
-    }
-
-    /// Bytes read from the upstream.
-    fn responses(&mut self, mut data: &[u8]) {
-        loop {
-            match self
-                .responses
-                .take(data, "a response with no request waiting for it")
-            {
-                Flow::Wait => return,
-                Flow::Lost(lost) => return self.lose(lost),
-                Flow::Ended(used) => data = &data[used..],
-                Flow::AtHead => {
-                    let Side::Head(held) = &mut self.responses else {
-                        return;
-                    };
-                    if self.pending.is_empty() {
-                        // Read before its request's write was told of (the
-                        // two directions run on different threads): held
-                        // until the request is recorded.
-                        let mut early = std::mem::take(held);
-                        early.extend_from_slice(data);
-                        self.responses = Side::Held(early);
-                        return;
-                    }
-                    match read_head(held, data, parse_response) {
-                        Err(lost) => return self.lose(lost),
-                        Ok(None) => return,
-                        Ok(Some((response, used))) => {
-                            data = &data[used..];
-                            if let Err(lost) = self.answer(response) {
-                                return self.lose(lost);
-                            }
-                        }
-                    }
-                }
-            }
+            self.feed(Direction::Responses, &early);
         }
     }
 
@@ -288,19 +293,15 @@ impl Exchange {
             // 100 Continue and the like: the final response follows.
             return Ok(());
         }
-        // Heads are read only while a request waits (see `responses`); a
+        // Heads are read only while a request waits (see `at_head`); a
         // request given up on stays pending, for `lose` to fail it.
-        let Some(front) = self.pending.front() else {
-            return Err(Lost("a response with no request waiting for it"));
-        };
-        if status == StatusCode::SWITCHING_PROTOCOLS && !front.upgrade {
+        let asked_upgrade = self.pending.front().ok_or(Lost(NO_REQUEST))?.upgrade;
+        if status == StatusCode::SWITCHING_PROTOCOLS && !asked_upgrade {
             return Err(Lost(
                 "a 101 response to a request that asked for no upgrade",
             ));
         }
-        let Some(pending) = self.pending.pop_front() else {
-            return Err(Lost("a response with no request waiting for it"));
-        };
+        let pending = self.pending.pop_front().ok_or(Lost(NO_REQUEST))?;
         if status == StatusCode::SWITCHING_PROTOCOLS || (pending.connect && status.is_success()) {
             pending
                 .capture
@@ -329,7 +330,7 @@ impl Exchange {
         if let Side::Held(held) = &mut self.requests {
             let held = std::mem::take(held);
             self.requests = Side::Head(Vec::new());
-            self.requests(&held);
+            self.feed(Direction::Requests, &held);
         }
         Ok(())
     }
@@ -675,8 +676,21 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(metrics: Arc<TunnelMetrics>, tap: Option<Tap>) -> Self {
-        Watch { metrics, tap }
+    /// An upstream socket's two halves, each with its hook.
+    pub(crate) fn halves<R, W>(
+        (reader, writer): (R, W),
+        metrics: &Arc<TunnelMetrics>,
+        tap: Option<Tap>,
+    ) -> (Hooked<R, Watch>, Hooked<W, Watch>) {
+        let reads = Watch {
+            metrics: metrics.clone(),
+            tap: tap.clone(),
+        };
+        let writes = Watch {
+            metrics: metrics.clone(),
+            tap,
+        };
+        (Hooked::new(reader, reads), Hooked::new(writer, writes))
     }
 }
 
@@ -684,7 +698,7 @@ impl<S> IoHook<S> for Watch {
     fn read(&self, _io: &S, bytes: &[u8]) {
         self.metrics.add_bytes(0, bytes.len() as u64);
         if let Some(tap) = &self.tap {
-            tap.lock().responses(bytes);
+            tap.lock().feed(Direction::Responses, bytes);
         }
     }
 
@@ -697,7 +711,7 @@ impl<S> IoHook<S> for Watch {
     fn wrote(&self, _io: &S, bytes: &[u8]) {
         self.metrics.add_bytes(bytes.len() as u64, 0);
         if let Some(tap) = &self.tap {
-            tap.lock().requests(bytes);
+            tap.lock().feed(Direction::Requests, bytes);
         }
     }
 }
@@ -728,13 +742,13 @@ mod tests {
     /// Feeds `bytes` in pieces of `piece` bytes.
     fn requests(tap: &Tap, bytes: &[u8], piece: usize) {
         for chunk in bytes.chunks(piece) {
-            tap.lock().requests(chunk);
+            tap.lock().feed(Direction::Requests, chunk);
         }
     }
 
     fn responses(tap: &Tap, bytes: &[u8], piece: usize) {
         for chunk in bytes.chunks(piece) {
-            tap.lock().responses(chunk);
+            tap.lock().feed(Direction::Responses, chunk);
         }
     }
 
