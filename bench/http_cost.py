@@ -152,9 +152,10 @@ def wrk(system, conns, duration, pids):
     else:
         cmd = ["wrk", f"http://127.0.0.1:{port}/"] + (["-H", f"Host: {name}"] if name else [])
     cmd += [f"-t{min(conns, 2)}", f"-c{conns}", f"-d{duration}s", "--latency"]
-    before = {p: cpu_seconds(pids[p]) for p in procs}
+    before = {p: cpu_seconds(pid) for p, pid in pids.items()}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
-    used = sum(cpu_seconds(pids[p]) - before[p] for p in procs)
+    spent = {p: cpu_seconds(pid) - before[p] for p, pid in pids.items()}
+    used = sum(spent[p] for p in procs)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -163,6 +164,10 @@ def wrk(system, conns, duration, pids):
     scale = {"us": 1, "ms": 1e3, "s": 1e6}[p50.group(2)]
     return {"rps": float(rps.group(1)), "p50_us": float(p50.group(1)) * scale,
             "cpu_us_per_req": used / int(total.group(1)) * 1e6 if procs else None,
+            # Every process this bench started (nginx, the broker, idle
+            # edges): what the system's work cost elsewhere.
+            "cpu_us_per_req_by_process": {p: round(s / int(total.group(1)) * 1e6, 2)
+                                          for p, s in spent.items() if s > 0},
             "requests": int(total.group(1))}
 
 
@@ -323,6 +328,8 @@ http {{
                 one = wrk(system, 1, args.duration, pids)
                 row[system] = {"rps": keep_alive["rps"], "p50_us": one["p50_us"],
                                "cpu_us_per_req": keep_alive["cpu_us_per_req"],
+                               "cpu_us_per_req_by_process":
+                                   keep_alive["cpu_us_per_req_by_process"],
                                "requests": keep_alive["requests"] + one["requests"]}
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)

@@ -13,6 +13,7 @@ mod cel_regex;
 mod config;
 mod event;
 mod filter;
+mod json;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod memory;
@@ -58,9 +59,53 @@ pub trait EventSink: Send + Sync + 'static {
     }
 }
 
-/// RFC 3339 in UTC with nanoseconds.
+/// RFC 3339 in UTC with nanoseconds, as humantime's
+/// `format_rfc3339_nanos` writes it (`2026-12-07T06:59:32.180819448Z`),
+/// without the formatting machinery: an HTTP event has five. Times before
+/// 1970 are written as 1970's first instant, after 9999 as its last (an
+/// event never has them; a certificate's end might).
 pub fn timestamp(at: SystemTime) -> Timestamp {
-    humantime::format_rfc3339_nanos(at).to_string()
+    /// 10000-01-01T00:00:00Z, in seconds since the epoch.
+    const YEAR_10000: u64 = 253_402_300_800;
+    let (secs, nanos) = match at.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) if d.as_secs() < YEAR_10000 => (d.as_secs(), d.subsec_nanos()),
+        Ok(_) => (YEAR_10000 - 1, 999_999_999),
+        Err(_) => (0, 0),
+    };
+    let (year, month, day) = civil_date(secs / 86_400);
+    let time = secs % 86_400;
+    let mut text = *b"0000-00-00T00:00:00.000000000Z";
+    let mut put = |at: usize, width: usize, mut n: u64| {
+        for b in text[at..at + width].iter_mut().rev() {
+            *b = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, time / 3600);
+    put(14, 2, time / 60 % 60);
+    put(17, 2, time % 60);
+    put(20, 9, u64::from(nanos));
+    std::str::from_utf8(&text).expect("digits").to_owned()
+}
+
+/// Year, month and day of the `days`th day after 1970-01-01 (the
+/// proleptic Gregorian calendar, by Howard Hinnant's `civil_from_days`).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    // Days since 0000-03-01, in 400-year eras of 146,097 days.
+    let z = days + 719_468;
+    let (era, day_of_era) = (z / 146_097, z % 146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    // Months counted from March.
+    let m = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * m + 2) / 5 + 1;
+    let month = if m < 10 { m + 3 } else { m - 9 };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// `ev_` + 27 base-62 characters.
@@ -108,7 +153,46 @@ impl Event {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
+
+    #[test]
+    fn timestamps_are_written_as_humantime_writes_them() {
+        let last = 253_402_300_799u64;
+        let mut times = vec![
+            (0, 0),
+            (0, 999_999_999),
+            (951_782_400, 1),   // 2000-02-29
+            (951_868_800, 10),  // 2000-03-01
+            (4_107_542_400, 5), // 2100-03-01
+            (1_796_600_372, 180_819_448),
+            (last, 999_999_999),
+        ];
+        // xorshift64, seeded: the same times every run.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            times.push((state % (last + 1), (state >> 20) as u32 % 1_000_000_000));
+        }
+        for (secs, nanos) in times {
+            let at = UNIX_EPOCH + Duration::new(secs, nanos);
+            assert_eq!(
+                timestamp(at),
+                humantime::format_rfc3339_nanos(at).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_out_of_rfc_3339s_range_are_clamped_to_it() {
+        let before = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(timestamp(before), "1970-01-01T00:00:00.000000000Z");
+        let after = UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 86_400);
+        assert_eq!(timestamp(after), "9999-12-31T23:59:59.999999999Z");
+    }
 
     #[test]
     fn envelope_shape() {

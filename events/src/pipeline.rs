@@ -222,7 +222,7 @@ impl EventSink for Front {
         // Room for a typical event at once, rather than growing through
         // eight sizes to get there.
         let mut json = Vec::with_capacity(JSON_CAPACITY);
-        if let Err(e) = serde_json::to_writer(&mut json, &event) {
+        if let Err(e) = crate::json::write(&mut json, &event) {
             tracing::error!(error = %e, "an event could not be serialised");
             return self.drop_event("unserialisable");
         }
@@ -1294,7 +1294,9 @@ impl SubscriptionWriter {
                 let mut value: serde_json::Value =
                     serde_json::from_slice(&queued.json).expect("the pipeline wrote this JSON");
                 selection.apply(&mut value);
-                Cow::Owned(serde_json::to_vec(&value).expect("JSON values serialise"))
+                let mut json = Vec::with_capacity(queued.json.len());
+                crate::json::write(&mut json, &value).expect("JSON values serialise");
+                Cow::Owned(json)
             }
         };
         match &mut self.destination {
@@ -1381,4 +1383,4 @@ impl SubscriptionWriter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
