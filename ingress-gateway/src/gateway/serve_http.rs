@@ -97,7 +97,10 @@ async fn handle_request(
             (_, Some(failure)) => proxy::close_after(proxy::error_response(&failure)),
             (Some(Ok(host)), None) => match &inner.config.oauth {
                 Some(oauth) if oauth.is_auth_host(&host) => {
-                    auth_host_request(oauth, conn, &host, &req).await
+                    // Boxed, like a policy's run and WebSocket-to-TCP: inline,
+                    // those paths made every request's future 40 KB rather
+                    // than 8.5 KB, and hyper moves it once per request.
+                    Box::pin(auth_host_request(oauth, conn, &host, &req)).await
                 }
                 _ => route_request(inner, visitor, &mut record, client_ip, &host, req).await,
             },
@@ -219,7 +222,8 @@ impl Visit<'_> {
                 scratch: &mut scratch,
                 internal: self,
             };
-            let stop = policy.on_request(&mut cx).await;
+            // Boxed: see `handle_request`.
+            let stop = Box::pin(policy.on_request(&mut cx)).await;
             inner.count_ip_denial(record.ip_decision_made());
             match stop {
                 Ok(None) => {}
@@ -265,7 +269,7 @@ impl Visit<'_> {
                 .clone(),
         };
         let mut response = if member.forwarding.websocket_tcp {
-            proxy::websocket_to_tcp(&pool, req, &inner.tracker).await
+            Box::pin(proxy::websocket_to_tcp(&pool, req, &inner.tracker)).await
         } else {
             let upstream = (self.visitor.upstreams, &pool);
             proxy::forward(&member.endpoint, upstream, conn, host, req, &inner.tracker).await
