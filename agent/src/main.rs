@@ -26,6 +26,12 @@ use postern_agent::{Agent, load_files, overlay, parse_raw};
 use postern_telemetry::{LogFormat, Telemetry, TraceSettings};
 use serde_yaml_ng::{Mapping, Value};
 
+/// mimalloc: memory freed on another thread than the one that took it
+/// (a request's buffers, an event's JSON) goes back without glibc's
+/// arena lock, which two busy threads otherwise fight over.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "postern",

@@ -10,6 +10,12 @@ use postern_edge::{EdgeConfig, Listeners, dev_config};
 use postern_telemetry::{LogFormat, Telemetry};
 use tokio::signal::unix::{SignalKind, signal};
 
+/// mimalloc: memory freed on another thread than the one that took it
+/// (a request's buffers, an event's JSON) goes back without glibc's
+/// arena lock, which two busy threads otherwise fight over.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A Postern edge node.
 #[derive(Debug, Parser)]
 #[command(name = "postern-edge", version)]
