@@ -61,9 +61,9 @@ pub trait EventSink: Send + Sync + 'static {
 
 /// RFC 3339 in UTC with nanoseconds, as humantime's
 /// `format_rfc3339_nanos` writes it (`2026-12-07T06:59:32.180819448Z`),
-/// without the formatting machinery: an HTTP event has five. Times before
-/// 1970 are written as 1970's first instant, after 9999 as its last (an
-/// event never has them; a certificate's end might).
+/// without the formatting machinery: an HTTP event has up to six. Times
+/// before 1970 are written as 1970's first instant, after 9999 as its
+/// last (an event never has them; a certificate's end might).
 pub fn timestamp(at: SystemTime) -> Timestamp {
     /// 10000-01-01T00:00:00Z, in seconds since the epoch.
     const YEAR_10000: u64 = 253_402_300_800;
