@@ -34,14 +34,17 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// Whether no byte of `bytes` needs an escape, checked eight bytes at a
-/// time (the words' high bits say whether a byte is below 0x20 or equal
-/// to a quote or a backslash; the answer is exact, though not where).
+/// time: a word's high bits say whether some byte is below 0x20 or equal
+/// to a quote or a backslash (exactly whether, though not always which:
+/// a borrow needs a byte below the bound to start it).
 fn clean(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGH: u64 = ONES * 0x80;
     let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH;
     let dirty = |w: u64| {
-        below(w, 0x20) | below(w ^ (ONES * u64::from(b'"')), 1) | below(w ^ (ONES * 0x5c), 1) != 0
+        let quote = ONES * u64::from(b'"');
+        let backslash = ONES * u64::from(b'\\');
+        below(w, 0x20) | below(w ^ quote, 1) | below(w ^ backslash, 1) != 0
     };
     let word = |eight: &[u8]| u64::from_ne_bytes(eight.try_into().expect("eight bytes"));
     let mut words = bytes.chunks_exact(8);
