@@ -145,10 +145,9 @@ fn with_trailers(mut message: Value, body: &CapturedBody) -> Value {
 }
 
 /// A gRPC answer's status and message, from its trailers or, in a
-/// trailers-only answer, its headers.
-fn grpc_status(resp: &ResponseCapture) -> Option<(u64, Option<String>)> {
-    let headers = resp.headers.map();
-    let source = [&resp.body.trailers, &*headers]
+/// trailers-only answer, its `headers` (the response's, made a map once).
+fn grpc_status(resp: &ResponseCapture, headers: &HeaderMap) -> Option<(u64, Option<String>)> {
+    let source = [&resp.body.trailers, headers]
         .into_iter()
         .find(|h| h.contains_key("grpc-status"))?;
     let status = source.get("grpc-status")?.to_str().ok()?.parse().ok()?;
@@ -188,7 +187,7 @@ pub(crate) fn captured(c: &Captured) -> Value {
                 "raw": raw(&format!("{} {status}", http_version_text(resp.version)), &response_headers, &resp.body),
                 "body": body_state(&resp.body),
             });
-            if let Some((status, message)) = grpc_status(resp) {
+            if let Some((status, message)) = grpc_status(resp, &response_headers) {
                 v["grpc_status"] = json!(status);
                 if let Some(message) = message {
                     v["grpc_message"] = json!(message);
