@@ -2,6 +2,7 @@
 //! as HTTP/1.1 over a pool of tunnel data streams, WebSocket upgrades, and
 //! the error pages visitors see.
 
+mod h1;
 mod upstream;
 mod websocket_tcp;
 
@@ -250,13 +251,11 @@ pub(crate) async fn forward(
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
-        let (mut parts, body) = response.into_parts();
-        clean_response_headers(&mut parts.headers, true);
-        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+        clean_response_headers(response.headers_mut(), true);
+        return response;
     }
-    let (mut parts, body) = response.into_parts();
-    clean_response_headers(&mut parts.headers, false);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    clean_response_headers(response.headers_mut(), false);
+    response
 }
 
 fn is_upgrade_request<B>(req: &Request<B>) -> bool {
@@ -443,8 +442,9 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(ERROR_CODE_HEADER);
 }
 
-/// Maps a client failure to what the visitor is told.
-fn classify_client_error(e: &hyper::Error) -> Failure {
+/// Maps a client failure (hyper's, or the data stream's) to what the
+/// visitor is told.
+fn classify_client_error(e: &(dyn StdError + 'static)) -> Failure {
     let mut source: Option<&(dyn StdError + 'static)> = Some(e);
     let mut io_reset = None;
     while let Some(err) = source {

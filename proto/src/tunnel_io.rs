@@ -1,6 +1,8 @@
 //! A tunnel data stream as an `AsyncRead + AsyncWrite` byte stream, for code
 //! that wants an IO object rather than a pump: hyper's HTTP/1 client at the
-//! edge, and TLS termination inside the agent.
+//! edge, and TLS termination inside the agent. The edge's own HTTP/1.1
+//! exchange takes and gives whole frames instead ([`TunnelIo::poll_chunk`],
+//! [`TunnelIo::poll_send`]), without copying them.
 //!
 //! Writes go through a small channel to [`ChannelFrames`], the `Stream` handed
 //! to tonic. Prefer [`crate::pipe`] where both ends are sockets: it needs no
@@ -63,24 +65,18 @@ impl<S> TunnelIo<S> {
     }
 }
 
-impl<S> AsyncRead for TunnelIo<S>
+impl<S> TunnelIo<S>
 where
     S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,
 {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    /// Waits until bytes the peer sent are at hand: `false` at eof.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         loop {
             if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(true));
             }
             if self.read_done {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
             match ready!(Pin::new(&mut self.inbound).poll_next(cx)) {
                 Some(Ok(frame)) => {
@@ -113,6 +109,59 @@ where
             }
         }
     }
+
+    /// The next bytes the peer sent, as they arrived (not copied); `None`
+    /// at eof.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        Poll::Ready(match ready!(self.poll_fill(cx)) {
+            Ok(true) => Ok(Some(std::mem::take(&mut self.pending))),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Writes `data` as one frame, without copying it; `data` is empty
+    /// once it is sent.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        self.poll_put(cx, || pb::Frame {
+            data: std::mem::take(data),
+            ..Default::default()
+        })
+    }
+}
+
+impl<S> TunnelIo<S> {
+    /// Sends the frame `make` gives once there is room for it.
+    fn poll_put(
+        &mut self,
+        cx: &mut Context<'_>,
+        make: impl FnOnce() -> pb::Frame,
+    ) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
+        self.tx.send_item(make()).map_err(|_| broken())?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S> AsyncRead for TunnelIo<S>
+where
+    S: Stream<Item = Result<pb::Frame, tonic::Status>> + Unpin,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if ready!(self.poll_fill(cx))? {
+            let n = self.pending.len().min(buf.remaining());
+            buf.put_slice(&self.pending[..n]);
+            self.pending.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl<S: Unpin> AsyncWrite for TunnelIo<S> {
@@ -121,16 +170,11 @@ impl<S: Unpin> AsyncWrite for TunnelIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
         let n = buf.len().min(MAX_READ);
-        let frame = pb::Frame {
+        ready!(self.poll_put(cx, || pb::Frame {
             data: Bytes::copy_from_slice(&buf[..n]),
             ..Default::default()
-        };
-        self.tx.send_item(frame).map_err(|_| broken())?;
+        }))?;
         Poll::Ready(Ok(n))
     }
 
@@ -142,12 +186,10 @@ impl<S: Unpin> AsyncWrite for TunnelIo<S> {
         if self.write_closed {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
-        let eof = pb::Frame {
+        ready!(self.poll_put(cx, || pb::Frame {
             eof: true,
             ..Default::default()
-        };
-        self.tx.send_item(eof).map_err(|_| broken())?;
+        }))?;
         self.write_closed = true;
         Poll::Ready(Ok(()))
     }

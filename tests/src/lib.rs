@@ -40,7 +40,7 @@ pub use process::{Spawned, binary, free_port, read_rss_kib};
 pub use raw_agent::RawSession;
 pub use redis::{RedisCluster, RedisServer};
 pub use relay::TcpRelay;
-pub use upstream::{HttpUpstream, Recorded, TcpEcho, TlsUpstream};
+pub use upstream::{HttpUpstream, Recorded, Script, ScriptedUpstream, TcpEcho, TlsUpstream};
 
 use std::path::PathBuf;
 

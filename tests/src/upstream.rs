@@ -249,6 +249,81 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<Body> {
         .unwrap()
 }
 
+/// An HTTP/1.1 upstream written by hand: each request gets the bytes
+/// `script` gives for its request line, written a few bytes at a time so
+/// that they reach the edge in many frames; `None` after the bytes closes
+/// the connection. It counts the connections it accepted.
+pub struct ScriptedUpstream {
+    pub addr: SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+/// What a scripted upstream answers: the bytes, and whether the
+/// connection stays open after them.
+pub type Script = fn(&str) -> (&'static [u8], bool);
+
+impl ScriptedUpstream {
+    pub async fn start(script: Script) -> ScriptedUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                stream.set_nodelay(true).unwrap();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                        seen.drain(..end + 4);
+                        let line = head.lines().next().unwrap_or_default().to_string();
+                        let (answer, keep) = script(&line);
+                        for piece in answer.chunks(7) {
+                            if stream.write_all(piece).await.is_err() {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        if !keep {
+                            let _ = stream.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedUpstream {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A TCP echo server that records the PROXY header of each connection
 /// when `proxy` is set.
 pub struct TcpEcho {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use postern_tests::{HttpUpstream, HttpsClient, TestEdge, curl, openssl_s_client, websocket_echo};
+use postern_tests::{
+    HttpUpstream, HttpsClient, ScriptedUpstream, TestEdge, curl, openssl_s_client, websocket_echo,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn http_tunnel(name: &str, domain: &str, port: u16) -> String {
@@ -367,4 +369,85 @@ async fn upstream_down_gives_502_with_the_agents_code() {
         .await
         .unwrap();
     assert_eq!(r.status, 502);
+}
+
+/// The scripted upstream's answers, by request target.
+fn framings(line: &str) -> (&'static [u8], bool) {
+    match line.split(' ').nth(1).unwrap_or_default() {
+        "/plain" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true),
+        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", true),
+        "/chunked" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+            true,
+        ),
+        "/interim" => (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            true,
+        ),
+        "/old" => (b"HTTP/1.0 200 OK\r\n\r\nuntil the end", false),
+        "/conflict" => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            true,
+        ),
+        "/short" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b", false),
+        _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", true),
+    }
+}
+
+#[tokio::test]
+async fn responses_of_every_framing_come_through_and_their_streams_are_reused() {
+    let edge = TestEdge::start().await;
+    let upstream = ScriptedUpstream::start(framings).await;
+    let host = "framing.example.test";
+    let tunnel = format!(
+        "{}    inspect: false\n",
+        http_tunnel("web", host, upstream.addr.port())
+    );
+    let (_agent, _) = edge.agent(&tunnel).await;
+    // A new visitor connection each time: only the edge's pool of data
+    // streams can carry a stream from one request to the next.
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    for _ in 0..5 {
+        let r = client.get(host, "/plain").await.unwrap();
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(upstream.connections(), 1, "one stream served all five");
+
+    let r = client
+        .request(host, "HEAD", "/head", Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-length"], "1000");
+    assert!(r.body.is_empty());
+    let r = client.get(host, "/chunked").await.unwrap();
+    assert_eq!(r.text(), "hello world");
+    let r = client.get(host, "/interim").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "after a HEAD, a chunked body and an interim response the stream is still in use"
+    );
+
+    let r = client.get(host, "/old").await.unwrap();
+    assert_eq!(r.text(), "until the end");
+    let r = client.get(host, "/plain").await.unwrap();
+    assert_eq!(r.text(), "ok");
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "a body read until the upstream closed ends its stream"
+    );
+
+    let r = client.get(host, "/conflict").await.unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.headers["ngrok-error-code"], "ERR_POSTERN_3004");
+    let cut = client.get(host, "/short").await;
+    assert!(
+        cut.is_err(),
+        "a body cut short is not passed off as whole: {cut:?}"
+    );
+    let r = client.get(host, "/plain").await.unwrap();
+    assert_eq!(r.text(), "ok");
 }

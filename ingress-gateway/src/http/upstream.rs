@@ -1,6 +1,9 @@
 //! Upstream HTTP connections, each over a tunnel data stream of its own.
 //!
-//! An HTTP/1.1 connection is driven by the task of the visitor connection
+//! A request without a body or an upgrade is exchanged by the edge's own
+//! HTTP/1.1 code (`h1`) in the request's future; its stream goes back to
+//! the endpoint's pool when the response's body has ended. Other HTTP/1.1
+//! requests take hyper's client, whose connection is driven by the task of the visitor connection
 //! whose request it carries ([`Upstreams`], wrapped around that visitor
 //! connection with [`Upstreams::drive`]): a request is written to the data
 //! stream and its response read back in the task that read the request and
@@ -20,8 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{Request, Response, Uri};
-use http_body_util::Full;
+use http::{Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
 use hyper::{
     body::Incoming,
     client::conn::{TrySendError, http1, http2},
@@ -29,7 +32,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use postern_proto::{ErrorCode, Failure, pb, tunnel_io};
 
-use super::{Tracked, TunnelConn, VisitorBody};
+use super::{
+    BoxError, ProxyBody, Tracked, TunnelConn, VisitorBody, classify_client_error,
+    h1::{self, ExchangeError},
+};
 use crate::{
     endpoint::{ClaimedStream, Endpoint, ServedBy},
     route::Pool,
@@ -54,7 +60,7 @@ pub struct UpstreamPool {
     inner: Arc<PoolInner>,
 }
 
-struct PoolInner {
+pub(super) struct PoolInner {
     connector: ConnectorInner,
     http2: bool,
     /// Idle HTTP/1.1 connections, the most recently used last.
@@ -70,8 +76,15 @@ struct H1 {
     served: ServedBy,
 }
 
+/// An idle HTTP/1.1 connection: hyper's, or a stream the edge's own
+/// exchange used.
+enum Parked {
+    Hyper(H1),
+    Own(TunnelConn),
+}
+
 struct Idle {
-    upstream: H1,
+    upstream: Parked,
     since: Instant,
 }
 
@@ -118,33 +131,55 @@ impl UpstreamPool {
 }
 
 impl PoolInner {
-    fn park(&self, upstream: H1) {
+    fn park(&self, upstream: Parked) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().expect("idle lock");
-        idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+        // Oldest first: those that waited too long are at the front.
+        let expired = idle.partition_point(|i| now.duration_since(i.since) >= IDLE_TIMEOUT);
+        idle.drain(..expired);
         if idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
         idle.push(Idle {
             upstream,
-            since: Instant::now(),
+            since: now,
         });
     }
 
-    /// The most recently used idle connection that is still open. Each is
+    /// A stream whose response has ended, kept for the next request.
+    pub(super) fn park_raw(&self, conn: TunnelConn) {
+        self.park(Parked::Own(conn));
+    }
+
+    /// The most recently used idle connection that is still open (only
+    /// streams the edge's own exchange used when `own_only`). Each is
     /// polled once (with `cx`, the task that will drive it) to take in an
     /// end the agent sent while it waited.
-    fn unpark(&self, cx: &mut Context<'_>) -> Option<H1> {
+    fn unpark(&self, cx: &mut Context<'_>, own_only: bool) -> Option<Parked> {
         loop {
-            let Idle {
-                mut upstream,
-                since,
-            } = self.idle.lock().expect("idle lock").pop()?;
-            if since.elapsed() >= IDLE_TIMEOUT {
-                // The others waited longer still.
-                self.idle.lock().expect("idle lock").clear();
-                return None;
-            }
-            if upstream.conn.as_mut().poll(cx).is_pending() && upstream.sender.is_ready() {
+            let mut upstream = {
+                let mut idle = self.idle.lock().expect("idle lock");
+                let at = if own_only {
+                    idle.iter()
+                        .rposition(|i| matches!(i.upstream, Parked::Own(_)))?
+                } else {
+                    idle.len().checked_sub(1)?
+                };
+                let Idle { upstream, since } = idle.remove(at);
+                if since.elapsed() >= IDLE_TIMEOUT {
+                    // Those before it waited longer still.
+                    idle.drain(..at);
+                    return None;
+                }
+                upstream
+            };
+            let open = match &mut upstream {
+                Parked::Hyper(h1) => h1.conn.as_mut().poll(cx).is_pending() && h1.sender.is_ready(),
+                // Anything but waiting (bytes nobody asked for, an end)
+                // makes the stream useless.
+                Parked::Own(conn) => conn.io.inner_mut().poll_chunk(cx).is_pending(),
+            };
+            if open {
                 return Some(upstream);
             }
         }
@@ -153,14 +188,49 @@ impl PoolInner {
     /// A new connection, from another pool member than the `avoid`ed
     /// endpoints when there is one.
     async fn connect_h1(&self, avoid: &[&str]) -> Result<H1, UpstreamError> {
-        let io = self.connector.connect(avoid).await?;
-        let served = io.served.clone();
-        let (sender, conn) = http1::Builder::new().handshake(io).await?;
-        Ok(H1 {
-            sender,
-            conn: Box::pin(conn.with_upgrades()),
-            served,
-        })
+        handshake(self.connector.connect(avoid).await?).await
+    }
+
+    /// Sends a request without a body or an upgrade (see `h1`) on a stream
+    /// of the pool, or a new one. A request that got no response is sent
+    /// again as hyper's client would: one that never left, or an
+    /// idempotent one.
+    async fn send_own(
+        self: &Arc<Self>,
+        req: Request<VisitorBody>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let head = h1::encode_head(&req);
+        let head_request = req.method() == Method::HEAD;
+        let idempotent = req.method().is_idempotent();
+        drop(req);
+        let mut retry = Retry::default();
+        loop {
+            let parked = match retry.failed.is_empty() {
+                true => self.unpark(&mut Context::from_waker(Waker::noop()), true),
+                false => None,
+            };
+            let conn = match parked {
+                Some(Parked::Own(conn)) => conn,
+                _ => self.connector.connect(&retry.avoid()).await?,
+            };
+            let served = conn.served.clone();
+            let (e, again) =
+                match h1::exchange(conn, head.clone(), head_request, self.clone()).await {
+                    Ok(response) => {
+                        let mut response = response.map(BodyExt::boxed);
+                        response.extensions_mut().insert(served);
+                        return Ok(response);
+                    }
+                    Err(ExchangeError::Failed(failure)) => return Err(failure.into()),
+                    Err(ExchangeError::Unsent(e)) => (e, true),
+                    Err(ExchangeError::NoResponse(e)) => (e, idempotent),
+                };
+            if !again || retry.failed.len() + 1 >= ATTEMPTS {
+                return Err(classify_client_error(&e).into());
+            }
+            tracing::debug!(endpoint = %served.0.id, error = %e, "request got no response; sending it again");
+            retry.failed.push(served);
+        }
     }
 
     /// Sends `req` on the HTTP/2 connection all requests share, opened
@@ -272,6 +342,17 @@ impl Retry {
     }
 }
 
+/// Makes a stream an HTTP/1.1 connection of hyper's client.
+async fn handshake(io: TunnelConn) -> Result<H1, UpstreamError> {
+    let served = io.served.clone();
+    let (sender, conn) = http1::Builder::new().handshake(io).await?;
+    Ok(H1 {
+        sender,
+        conn: Box::pin(conn.with_upgrades()),
+        served,
+    })
+}
+
 /// The upstream connections the requests of one visitor connection are
 /// using, driven by that connection's task. Cloned into each request.
 #[derive(Clone)]
@@ -347,10 +428,16 @@ impl Upstreams {
         &self,
         pool: &UpstreamPool,
         req: Request<VisitorBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         let pool = &pool.inner;
+        let boxed = |response: Response<Incoming>| {
+            response.map(|body| body.map_err(BoxError::from).boxed())
+        };
         if pool.http2 {
-            return pool.send_h2(self, req).await;
+            return pool.send_h2(self, req).await.map(boxed);
+        }
+        if h1::suits(&req) {
+            return pool.send_own(req).await;
         }
         let mut retry = Retry::default();
         let mut req = req;
@@ -362,7 +449,7 @@ impl Upstreams {
             let result = sender.try_send_request(req).await;
             self.checkin(id, sender);
             match retry.settle(result, served, replay) {
-                ControlFlow::Break(result) => return result,
+                ControlFlow::Break(result) => return result.map(boxed),
                 ControlFlow::Continue(again) => req = again,
             }
         }
@@ -378,11 +465,14 @@ impl Upstreams {
     ) -> Result<(u64, H1Sender, ServedBy), UpstreamError> {
         let driver = self.active.lock().expect("upstreams lock").waker.clone();
         let parked = match &driver {
-            Some(waker) if retry.failed.is_empty() => pool.unpark(&mut Context::from_waker(waker)),
+            Some(waker) if retry.failed.is_empty() => {
+                pool.unpark(&mut Context::from_waker(waker), false)
+            }
             _ => None,
         };
         let upstream = match parked {
-            Some(upstream) => upstream,
+            Some(Parked::Hyper(upstream)) => upstream,
+            Some(Parked::Own(conn)) => handshake(conn).await?,
             None => pool.connect_h1(&retry.avoid()).await?,
         };
         let mut active = self.active.lock().expect("upstreams lock");
@@ -443,11 +533,11 @@ impl Upstreams {
                     ..
                 } = active.slots.swap_remove(i);
                 let sender = sender.expect("checked above");
-                pool.park(H1 {
+                pool.park(Parked::Hyper(H1 {
                     sender,
                     conn,
                     served,
-                });
+                }));
             } else {
                 i += 1;
             }
@@ -461,11 +551,11 @@ impl Upstreams {
         let slots = std::mem::take(&mut self.active.lock().expect("upstreams lock").slots);
         for slot in slots {
             match slot.sender {
-                Some(sender) if sender.is_ready() => slot.pool.park(H1 {
+                Some(sender) if sender.is_ready() => slot.pool.park(Parked::Hyper(H1 {
                     sender,
                     conn: slot.conn,
                     served: slot.served,
-                }),
+                })),
                 _ => {
                     self.tracker.spawn(async move {
                         if let Err(e) = slot.conn.await {
