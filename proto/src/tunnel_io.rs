@@ -120,11 +120,11 @@ where
         })
     }
 
-    /// Writes `data` as one frame, without copying it; `data` is empty
-    /// once it is sent.
+    /// Writes the start of `data` as one frame (all of it up to the size
+    /// a write takes), without copying it; what is left stays in `data`.
     pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
         self.poll_put(cx, || pb::Frame {
-            data: std::mem::take(data),
+            data: data.split_to(data.len().min(MAX_READ)),
             ..Default::default()
         })
     }
@@ -271,6 +271,41 @@ mod tests {
         assert!(frames.next().await.unwrap().eof);
         drop(io);
         assert!(frames.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn whole_frames_are_taken_and_given_without_a_copy() {
+        let sent = Bytes::from(vec![7u8; 100]);
+        let peer = futures_util::stream::iter(vec![
+            Ok(pb::Frame {
+                data: sent.clone(),
+                ..Default::default()
+            }),
+            Ok(pb::Frame {
+                eof: true,
+                ..Default::default()
+            }),
+        ]);
+        let (mut io, mut frames) = tunnel_io(peer, vec![]);
+        let chunk = std::future::poll_fn(|cx| io.poll_chunk(cx)).await.unwrap();
+        assert_eq!(
+            chunk.unwrap().as_ptr(),
+            sent.as_ptr(),
+            "the frame's own bytes"
+        );
+        let end = std::future::poll_fn(|cx| io.poll_chunk(cx)).await.unwrap();
+        assert!(end.is_none(), "eof");
+
+        let big = Bytes::from(vec![1u8; MAX_READ + 10]);
+        let mut left = big.clone();
+        while !left.is_empty() {
+            std::future::poll_fn(|cx| io.poll_send(cx, &mut left))
+                .await
+                .unwrap();
+        }
+        let first = frames.next().await.unwrap().data;
+        assert_eq!((first.len(), first.as_ptr()), (MAX_READ, big.as_ptr()));
+        assert_eq!(frames.next().await.unwrap().data.len(), 10);
     }
 
     #[tokio::test]

@@ -105,9 +105,11 @@ pub(super) async fn exchange(
     pool: Arc<PoolInner>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let io = conn.io.inner_mut();
-    poll_fn(|cx| io.poll_send(cx, &mut head))
-        .await
-        .map_err(ExchangeError::Unsent)?;
+    while !head.is_empty() {
+        poll_fn(|cx| io.poll_send(cx, &mut head))
+            .await
+            .map_err(ExchangeError::Unsent)?;
+    }
     let mut gathered = BytesMut::new();
     // Where the search for the head's end goes on from.
     let mut scanned: usize = 0;
