@@ -390,6 +390,8 @@ fn framings(line: &str) -> (&'static [u8], bool) {
             true,
         ),
         "/short" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b", false),
+        // Keep-alive by its headers, closed right after.
+        "/close-after" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
         _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", true),
     }
 }
@@ -450,4 +452,36 @@ async fn responses_of_every_framing_come_through_and_their_streams_are_reused() 
     );
     let r = client.get(host, "/plain").await.unwrap();
     assert_eq!(r.text(), "ok");
+}
+
+#[tokio::test]
+async fn a_stream_whose_upstream_closed_after_answering_is_not_used_again() {
+    let edge = TestEdge::start().await;
+    let upstream = ScriptedUpstream::start(framings).await;
+    let host = "stale.example.test";
+    let tunnel = format!(
+        "{}    inspect: false\n",
+        http_tunnel("web", host, upstream.addr.port())
+    );
+    let (_agent, _) = edge.agent(&tunnel).await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    // Each answer to /close-after says keep-alive and then closes, so the
+    // edge parks a stream that is ending; the request after it finds the
+    // end while taking the stream out, or gets no answer on it and is
+    // sent again on a new one. Either way the visitor gets its answer.
+    for round in 0..20 {
+        for path in ["/close-after", "/plain"] {
+            let r = client.get(host, path).await.unwrap();
+            assert_eq!(
+                (r.status.as_u16(), r.text().as_str()),
+                (200, "ok"),
+                "round {round}, {path}"
+            );
+        }
+    }
+    assert!(
+        upstream.connections() >= 20,
+        "every closed connection was replaced: {}",
+        upstream.connections()
+    );
 }
