@@ -341,7 +341,7 @@ impl ResponseBody {
             && self.rest.is_empty()
             && let Some(conn) = conn
         {
-            self.pool.park_raw(conn.into_inner());
+            self.pool.park_own(conn.into_inner());
         }
     }
 
@@ -379,21 +379,20 @@ impl http_body::Body for ResponseBody {
         loop {
             match &mut this.state {
                 State::Done => return Poll::Ready(None),
-                State::Length(_) => {
+                State::Length(left) => {
+                    let left = *left;
                     let Some(mut data) = ready!(this.poll_bytes(cx))? else {
                         this.state = State::Done;
                         return Poll::Ready(Some(Err(cut_short())));
                     };
-                    let State::Length(left) = &mut this.state else {
-                        unreachable!("the state is still Length")
-                    };
-                    if data.len() as u64 > *left {
+                    if data.len() as u64 > left {
                         // More than the body: the connection is not reused.
                         this.keep_alive = false;
-                        data.truncate(*left as usize);
+                        data.truncate(left as usize);
                     }
-                    *left -= data.len() as u64;
-                    if *left == 0 {
+                    let left = left - data.len() as u64;
+                    this.state = State::Length(left);
+                    if left == 0 {
                         this.finish();
                     }
                     if !data.is_empty() {

@@ -3,15 +3,16 @@
 //! A request without a body or an upgrade is exchanged by the edge's own
 //! HTTP/1.1 code (`h1`) in the request's future; its stream goes back to
 //! the endpoint's pool when the response's body has ended. Other HTTP/1.1
-//! requests take hyper's client, whose connection is driven by the task of the visitor connection
-//! whose request it carries ([`Upstreams`], wrapped around that visitor
-//! connection with [`Upstreams::drive`]): a request is written to the data
-//! stream and its response read back in the task that read the request and
-//! writes the response, with no hand-off to a connection task of its own in
-//! between. Between requests a connection waits, not driven, in its
-//! endpoint's pool, for the next request of any visitor; a closed one is
-//! noticed when it is taken out. HTTP/2 upstreams multiplex every visitor's
-//! requests on one connection, which runs on a task of its own.
+//! requests take hyper's client, whose connection is driven by the task of
+//! the visitor connection whose request it carries ([`Upstreams`], wrapped
+//! around that visitor connection with [`Upstreams::drive`]): a request is
+//! written to the data stream and its response read back in the task that
+//! read the request and writes the response, with no hand-off to a
+//! connection task of its own in between. Between requests a connection
+//! waits, not driven, in its endpoint's pool, for the next request of any
+//! visitor; a closed one is noticed when it is taken out. HTTP/2 upstreams
+//! multiplex every visitor's requests on one connection, which runs on a
+//! task of its own.
 
 use std::{
     future::Future,
@@ -147,7 +148,7 @@ impl PoolInner {
     }
 
     /// A stream whose response has ended, kept for the next request.
-    pub(super) fn park_raw(&self, conn: TunnelConn) {
+    pub(super) fn park_own(&self, conn: TunnelConn) {
         self.park(Parked::Own(conn));
     }
 
@@ -205,13 +206,16 @@ impl PoolInner {
         drop(req);
         let mut retry = Retry::default();
         loop {
-            let parked = match retry.failed.is_empty() {
-                true => self.unpark(&mut Context::from_waker(Waker::noop()), true),
-                false => None,
+            // A retry takes a new stream, as in `Upstreams::send`.
+            let parked = if retry.failed.is_empty() {
+                self.unpark(&mut Context::from_waker(Waker::noop()), true)
+            } else {
+                None
             };
             let conn = match parked {
                 Some(Parked::Own(conn)) => conn,
-                _ => self.connector.connect(&retry.avoid()).await?,
+                // Only the edge's own streams were asked for.
+                Some(Parked::Hyper(_)) | None => self.connector.connect(&retry.avoid()).await?,
             };
             let served = conn.served.clone();
             let (e, again) =
