@@ -36,6 +36,7 @@ pub fn tunnel_io<S>(inbound: S, first: Vec<pb::Frame>) -> (TunnelIo<S>, ChannelF
         pending: Bytes::new(),
         read_done: false,
         tx: PollSender::new(tx),
+        reserving: false,
         write_closed: false,
     };
     let frames = ChannelFrames {
@@ -53,6 +54,8 @@ pub struct TunnelIo<S> {
     pending: Bytes,
     read_done: bool,
     tx: PollSender<pb::Frame>,
+    /// A reservation of `tx` is under way.
+    reserving: bool,
     write_closed: bool,
 }
 
@@ -140,7 +143,25 @@ impl<S> TunnelIo<S> {
         if self.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| broken())?;
+        // Room at once, the usual case, needs no reservation future. One
+        // under way (the channel was full) is finished first: left behind,
+        // it would hold a slot of the channel that nothing fills.
+        if !self.reserving
+            && let Some(tx) = self.tx.get_ref()
+        {
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    permit.send(make());
+                    return Poll::Ready(Ok(()));
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => return Poll::Ready(Err(broken())),
+                Err(mpsc::error::TrySendError::Full(())) => {}
+            }
+        }
+        self.reserving = true;
+        let reserved = ready!(self.tx.poll_reserve(cx));
+        self.reserving = false;
+        reserved.map_err(|_| broken())?;
         self.tx.send_item(make()).map_err(|_| broken())?;
         Poll::Ready(Ok(()))
     }
@@ -306,6 +327,37 @@ mod tests {
         let first = frames.next().await.unwrap().data;
         assert_eq!((first.len(), first.as_ptr()), (MAX_READ, big.as_ptr()));
         assert_eq!(frames.next().await.unwrap().data.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn frames_keep_their_order_when_the_channel_fills() {
+        let (mut io, frames) = tunnel_io(
+            futures_util::stream::pending::<Result<pb::Frame, tonic::Status>>(),
+            vec![],
+        );
+        let writer = tokio::spawn(async move {
+            for i in 0..(CHANNEL_FRAMES * 4) {
+                let mut data = Bytes::from(i.to_string());
+                std::future::poll_fn(|cx| io.poll_send(cx, &mut data))
+                    .await
+                    .unwrap();
+            }
+            io.shutdown().await.unwrap();
+            io
+        });
+        // Read slowly, so that the writer finds the channel full.
+        let mut got = Vec::new();
+        let mut frames = Box::pin(frames);
+        while let Some(frame) = frames.next().await {
+            if frame.eof {
+                break;
+            }
+            got.push(String::from_utf8(frame.data.to_vec()).unwrap());
+            tokio::task::yield_now().await;
+        }
+        let want: Vec<String> = (0..CHANNEL_FRAMES * 4).map(|i| i.to_string()).collect();
+        assert_eq!(got, want);
+        drop(writer.await.unwrap());
     }
 
     #[tokio::test]
