@@ -485,3 +485,47 @@ async fn a_stream_whose_upstream_closed_after_answering_is_not_used_again() {
         upstream.connections()
     );
 }
+
+#[tokio::test]
+async fn request_bodies_of_known_and_unknown_length_reach_the_upstream_whole() {
+    let edge = TestEdge::start().await;
+    let upstream = HttpUpstream::start().await;
+    let host = "bodies.example.test";
+    let tunnel = format!(
+        "{}    inspect: false\n",
+        http_tunnel("web", host, upstream.port())
+    );
+    let (_agent, _) = edge.agent(&tunnel).await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    // With Content-Length, sent as it comes.
+    let big = Bytes::from(vec![b'b'; 5_000_000]);
+    let r = client.request(host, "POST", "/count", big).await.unwrap();
+    assert_eq!(r.text(), "5000000");
+    assert_eq!(upstream.last("/count").headers["content-length"], "5000000");
+    // Chunked by the visitor, chunked to the upstream.
+    let ca = edge.ca_pem();
+    let out = curl(&[
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &edge.resolve(host),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "hello, chunked world",
+        &edge.https_url(host, "/count"),
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "20");
+    let seen = upstream.last("/count");
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+    assert!(!seen.headers.contains_key("content-length"));
+    // Several bodies in turn on one kept stream.
+    for n in [1usize, 70_000, 3] {
+        let r = client
+            .request(host, "PUT", "/count", Bytes::from(vec![b'x'; n]))
+            .await
+            .unwrap();
+        assert_eq!(r.text(), n.to_string());
+    }
+}

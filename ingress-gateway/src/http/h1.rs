@@ -1,11 +1,11 @@
-//! HTTP/1.1 to the upstream without hyper's client, for the requests most
-//! traffic is made of: no body, no upgrade. The request's head goes out as
-//! one frame on the data stream, and the response is read from the frames
-//! as they arrive: its head parsed in place, its body handed on as the
-//! frames' own bytes, not copied. The exchange runs inside the request's
-//! future, so the only task it wakes is the visitor connection's. Requests
-//! with a body or an upgrade still go through hyper's client (see
-//! `upstream`), which also writes request bodies while it reads.
+//! HTTP/1.1 to the upstream without hyper's client, for every request but
+//! an upgrade. The request's head goes out as one frame on the data
+//! stream, its body (if any) after it, frame by frame, while the response
+//! is read from the frames as they arrive: its head parsed in place, its
+//! body handed on as the frames' own bytes, not copied. The exchange runs
+//! inside the request's future, so the only task it wakes is the visitor
+//! connection's. Upgrades (WebSockets) and CONNECT still go through
+//! hyper's client (see `upstream`), which hands over the connection.
 
 use std::{
     future::poll_fn,
@@ -19,7 +19,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use postern_proto::{ErrorCode, Failure};
+use postern_proto::{ErrorCode, Failure, InboundFrames, TunnelIo};
 use sync_wrapper::SyncWrapper;
 
 use super::{BoxError, TunnelConn, upstream::PoolInner};
@@ -34,16 +34,14 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// Bytes the trailers of a chunked body may take.
 const MAX_TRAILERS: usize = 16 * 1024;
 
-/// Whether the request can take this path: no body to send, no upgrade.
-pub(super) fn suits<B: http_body::Body>(req: &Request<B>) -> bool {
-    req.body().is_end_stream()
-        && req.method() != Method::CONNECT
-        && !req.headers().contains_key(http::header::UPGRADE)
+/// Whether the request can take this path: anything but an upgrade.
+pub(super) fn suits<B>(req: &Request<B>) -> bool {
+    req.method() != Method::CONNECT && !req.headers().contains_key(http::header::UPGRADE)
 }
 
 /// The request's head as HTTP/1.1 puts it on the wire; its headers as the
-/// request has them (the hop-by-hop ones already gone), no body framing
-/// added, as hyper's client writes a request without a body.
+/// request has them (the hop-by-hop ones already gone, the body's framing
+/// added by [`sending`]).
 pub(super) fn encode_head<B>(req: &Request<B>) -> Bytes {
     let method = req.method().as_str();
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -96,11 +94,49 @@ fn invalid(detail: impl Into<String>) -> Failure {
     Failure::new(ErrorCode::UPSTREAM_INVALID_RESPONSE, detail)
 }
 
-/// Sends `head` on `conn` and reads the response's head. `head_request`:
-/// the request is a HEAD, whose response has no body.
+/// How a request's body goes to the upstream.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Sending {
+    /// No body.
+    Nothing,
+    /// As it comes, its length in `Content-Length`.
+    AsIs,
+    /// In chunks.
+    Chunked,
+}
+
+/// How `req`'s body will be sent, with the header that says so added
+/// when the request has none: its `Content-Length` kept, an exact length
+/// known (a body a policy read whole) given one, any other body chunked.
+pub(super) fn sending<B: http_body::Body>(req: &mut Request<B>) -> Sending {
+    if req.body().is_end_stream() {
+        return Sending::Nothing;
+    }
+    if req.headers().contains_key(http::header::CONTENT_LENGTH) {
+        return Sending::AsIs;
+    }
+    if let Some(length) = req.body().size_hint().exact() {
+        req.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+        return Sending::AsIs;
+    }
+    req.headers_mut().insert(
+        http::header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    Sending::Chunked
+}
+
+/// Sends `head` on `conn`, then the request's `body` (taken once the head
+/// is out, so that a request whose head could not be sent keeps it) while
+/// the response's head is read. `head_request`: the request is a HEAD,
+/// whose response has no body. A response that comes before the request's
+/// body has all been sent ends the sending, and its stream is not used
+/// again.
 pub(super) async fn exchange(
     mut conn: TunnelConn,
     mut head: Bytes,
+    (body, sending): (&mut Option<super::VisitorBody>, Sending),
     head_request: bool,
     pool: Arc<PoolInner>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
@@ -110,52 +146,61 @@ pub(super) async fn exchange(
             .await
             .map_err(ExchangeError::Unsent)?;
     }
-    let mut gathered = BytesMut::new();
-    // Where the search for the head's end goes on from.
-    let mut scanned: usize = 0;
-    let (parsed, rest) = loop {
-        let chunk = match poll_fn(|cx| io.poll_chunk(cx)).await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => {
-                let e = io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the upstream closed the connection before it responded",
-                );
-                return Err(if gathered.is_empty() {
-                    ExchangeError::NoResponse(e)
-                } else {
-                    ExchangeError::Failed(invalid(e.to_string()))
-                });
+    let mut body = body.take().filter(|_| sending != Sending::Nothing);
+    // Bytes of the body taken from the visitor and not yet sent.
+    let mut out = Bytes::new();
+    let mut ended = false;
+    let mut reader = HeadReader::default();
+    let (mut parsed, rest) = poll_fn(|cx| {
+        while let Some(visitor) = body.as_mut() {
+            if !out.is_empty() {
+                match io.poll_send(cx, &mut out) {
+                    Poll::Ready(Ok(())) => continue,
+                    // The stream is gone: the reading says how.
+                    Poll::Ready(Err(_)) => body = None,
+                    Poll::Pending => {}
+                }
+                break;
             }
-            Err(e) if gathered.is_empty() => return Err(ExchangeError::NoResponse(e)),
-            Err(e) => return Err(ExchangeError::Failed(super::classify_client_error(&e))),
-        };
-        if gathered.is_empty() {
-            // The usual case: the whole head in the first frame.
-            if let Some((len, parsed)) =
-                parse_head(&chunk, head_request).map_err(ExchangeError::Failed)?
-            {
-                break (parsed, chunk.slice(len..));
+            if ended {
+                body = None;
+                break;
+            }
+            match http_body::Body::poll_frame(Pin::new(visitor), cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers are dropped, as hyper's client drops those
+                    // no `Trailer` header announced (it is hop-by-hop).
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        out = match sending {
+                            Sending::Chunked => chunk(&data),
+                            _ => data,
+                        };
+                    }
+                }
+                Poll::Ready(None) => {
+                    ended = true;
+                    if sending == Sending::Chunked {
+                        out = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(ExchangeError::Failed(Failure::new(
+                        ErrorCode::BAD_REQUEST,
+                        format!("the request body failed: {e}"),
+                    ))));
+                }
+                Poll::Pending => break,
             }
         }
-        gathered.extend_from_slice(&chunk);
-        if gathered.len() > MAX_HEAD {
-            return Err(ExchangeError::Failed(invalid(
-                "the upstream's response head is too large",
-            )));
-        }
-        // Parse again only once a head's end has arrived.
-        let from = scanned.saturating_sub(3);
-        scanned = gathered.len();
-        if !gathered[from..].windows(4).any(|w| w == b"\r\n\r\n") {
-            continue;
-        }
-        let whole = gathered.split().freeze();
-        match parse_head(&whole, head_request).map_err(ExchangeError::Failed)? {
-            Some((len, parsed)) => break (parsed, whole.slice(len..)),
-            None => gathered = BytesMut::from(whole),
-        }
-    };
+        reader.poll(io, cx, head_request)
+    })
+    .await?;
+    if body.is_some() {
+        // Answered before all of the body was sent.
+        parsed.keep_alive = false;
+    }
     let Head {
         response,
         framing,
@@ -178,6 +223,85 @@ pub(super) async fn exchange(
         body.finish();
     }
     Ok(response.map(|()| body))
+}
+
+/// One chunk of a chunked request body: size line, data, CRLF.
+fn chunk(data: &[u8]) -> Bytes {
+    let size = format!("{:x}\r\n", data.len());
+    let mut chunk = BytesMut::with_capacity(size.len() + data.len() + 2);
+    for part in [size.as_bytes(), data, b"\r\n"] {
+        chunk.extend_from_slice(part);
+    }
+    chunk.freeze()
+}
+
+/// Reads a response head from the frames as they arrive.
+#[derive(Default)]
+struct HeadReader {
+    /// The head so far, when it did not come in one frame.
+    gathered: BytesMut,
+    /// Where the search for the head's end goes on from.
+    scanned: usize,
+}
+
+impl HeadReader {
+    /// The head, and the bytes after it.
+    fn poll(
+        &mut self,
+        io: &mut TunnelIo<InboundFrames>,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Poll<Result<(Head, Bytes), ExchangeError>> {
+        loop {
+            let chunk = match ready!(io.poll_chunk(cx)) {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    let e = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before it responded",
+                    );
+                    return Poll::Ready(Err(if self.gathered.is_empty() {
+                        ExchangeError::NoResponse(e)
+                    } else {
+                        ExchangeError::Failed(invalid(e.to_string()))
+                    }));
+                }
+                Err(e) if self.gathered.is_empty() => {
+                    return Poll::Ready(Err(ExchangeError::NoResponse(e)));
+                }
+                Err(e) => {
+                    return Poll::Ready(Err(ExchangeError::Failed(super::classify_client_error(
+                        &e,
+                    ))));
+                }
+            };
+            if self.gathered.is_empty() {
+                // The usual case: the whole head in the first frame.
+                if let Some((len, parsed)) =
+                    parse_head(&chunk, head_request).map_err(ExchangeError::Failed)?
+                {
+                    return Poll::Ready(Ok((parsed, chunk.slice(len..))));
+                }
+            }
+            self.gathered.extend_from_slice(&chunk);
+            if self.gathered.len() > MAX_HEAD {
+                return Poll::Ready(Err(ExchangeError::Failed(invalid(
+                    "the upstream's response head is too large",
+                ))));
+            }
+            // Parse again only once a head's end has arrived.
+            let from = self.scanned.saturating_sub(3);
+            self.scanned = self.gathered.len();
+            if !self.gathered[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+                continue;
+            }
+            let whole = self.gathered.split().freeze();
+            match parse_head(&whole, head_request).map_err(ExchangeError::Failed)? {
+                Some((len, parsed)) => return Poll::Ready(Ok((parsed, whole.slice(len..)))),
+                None => self.gathered = BytesMut::from(whole),
+            }
+        }
+    }
 }
 
 /// Parses the response head at the start of `buf`, skipping 1xx interim
@@ -641,20 +765,57 @@ mod tests {
     }
 
     #[test]
-    fn only_requests_without_a_body_or_an_upgrade_take_this_path() {
-        let get = Request::get("/")
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
-        assert!(suits(&get));
+    fn every_request_but_an_upgrade_takes_this_path() {
         let post = Request::post("/")
             .body(http_body_util::Full::new(Bytes::from_static(b"x")))
             .unwrap();
-        assert!(!suits(&post));
+        assert!(suits(&post));
         let upgrade = Request::get("/")
             .header("upgrade", "websocket")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
         assert!(!suits(&upgrade));
+        let connect = Request::connect("example.test:443")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert!(!suits(&connect));
+    }
+
+    #[test]
+    fn a_request_body_is_sent_as_its_headers_say_or_in_chunks() {
+        let mut get = Request::get("/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert!(sending(&mut get) == Sending::Nothing);
+        assert!(get.headers().is_empty(), "nothing added");
+
+        let mut known = Request::post("/")
+            .body(http_body_util::Full::new(Bytes::from_static(b"abc")))
+            .unwrap();
+        assert!(sending(&mut known) == Sending::AsIs);
+        assert_eq!(
+            known.headers()["content-length"],
+            "3",
+            "an exact length is told"
+        );
+
+        let mut told = Request::post("/")
+            .header("content-length", "3")
+            .body(http_body_util::Full::new(Bytes::from_static(b"abc")))
+            .unwrap();
+        assert!(sending(&mut told) == Sending::AsIs);
+        assert_eq!(told.headers().len(), 1, "the visitor's length is kept");
+
+        let streamed = http_body_util::StreamBody::new(futures_util::stream::iter(vec![Ok::<
+            _,
+            std::convert::Infallible,
+        >(
+            Frame::data(Bytes::from_static(b"abc")),
+        )]));
+        let mut unknown = Request::post("/").body(streamed).unwrap();
+        assert!(sending(&mut unknown) == Sending::Chunked);
+        assert_eq!(unknown.headers()["transfer-encoding"], "chunked");
+        assert_eq!(chunk(b"hello, world!!!!!"), "11\r\nhello, world!!!!!\r\n");
     }
 
     #[test]

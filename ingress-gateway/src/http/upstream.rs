@@ -1,9 +1,9 @@
 //! Upstream HTTP connections, each over a tunnel data stream of its own.
 //!
-//! A request without a body or an upgrade is exchanged by the edge's own
-//! HTTP/1.1 code (`h1`) in the request's future; its stream goes back to
-//! the endpoint's pool when the response's body has ended. Other HTTP/1.1
-//! requests take hyper's client, whose connection is driven by the task of
+//! A request that does not upgrade is exchanged by the edge's own HTTP/1.1
+//! code (`h1`) in the request's future; its stream goes back to the
+//! endpoint's pool when the response's body has ended. Upgrades (and
+//! CONNECT) take hyper's client, whose connection is driven by the task of
 //! the visitor connection whose request it carries ([`Upstreams`], wrapped
 //! around that visitor connection with [`Upstreams::drive`]): a request is
 //! written to the data stream and its response read back in the task that
@@ -192,18 +192,19 @@ impl PoolInner {
         handshake(self.connector.connect(avoid).await?).await
     }
 
-    /// Sends a request without a body or an upgrade (see `h1`) on a stream
-    /// of the pool, or a new one. A request that got no response is sent
-    /// again as hyper's client would: one that never left, or an
-    /// idempotent one.
+    /// Sends a request that does not upgrade (see `h1`) on a stream of the
+    /// pool, or a new one. A request that got no response is sent again
+    /// as hyper's client would: one whose head never left, or an
+    /// idempotent one without a body.
     async fn send_own(
         self: &Arc<Self>,
-        req: Request<VisitorBody>,
+        mut req: Request<VisitorBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let sending = h1::sending(&mut req);
         let head = h1::encode_head(&req);
         let head_request = req.method() == Method::HEAD;
-        let idempotent = req.method().is_idempotent();
-        drop(req);
+        let idempotent = req.method().is_idempotent() && sending == h1::Sending::Nothing;
+        let mut body = Some(req.into_body());
         let mut retry = Retry::default();
         loop {
             // A retry takes a new stream, as in `Upstreams::send`.
@@ -218,17 +219,24 @@ impl PoolInner {
                 Some(Parked::Hyper(_)) | None => self.connector.connect(&retry.avoid()).await?,
             };
             let served = conn.served.clone();
-            let (e, again) =
-                match h1::exchange(conn, head.clone(), head_request, self.clone()).await {
-                    Ok(response) => {
-                        let mut response = response.map(BodyExt::boxed);
-                        response.extensions_mut().insert(served);
-                        return Ok(response);
-                    }
-                    Err(ExchangeError::Failed(failure)) => return Err(failure.into()),
-                    Err(ExchangeError::Unsent(e)) => (e, true),
-                    Err(ExchangeError::NoResponse(e)) => (e, idempotent),
-                };
+            let (e, again) = match h1::exchange(
+                conn,
+                head.clone(),
+                (&mut body, sending),
+                head_request,
+                self.clone(),
+            )
+            .await
+            {
+                Ok(response) => {
+                    let mut response = response.map(BodyExt::boxed);
+                    response.extensions_mut().insert(served);
+                    return Ok(response);
+                }
+                Err(ExchangeError::Failed(failure)) => return Err(failure.into()),
+                Err(ExchangeError::Unsent(e)) => (e, true),
+                Err(ExchangeError::NoResponse(e)) => (e, idempotent),
+            };
             if !again || retry.failed.len() + 1 >= ATTEMPTS {
                 return Err(classify_client_error(&e).into());
             }
