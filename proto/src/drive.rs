@@ -2,11 +2,12 @@
 //! itself through the scheduler.
 //!
 //! A task that drives an HTTP/2 connection together with its streams (the
-//! tunnel's connections), or a visitor's HTTP/1.1 connection together with
-//! the upstream connections its requests use, is woken by its own futures:
-//! h2 wakes the task polling a connection whenever a stream queues data,
-//! hyper's client wakes its connection when a request is handed over, and
-//! the connection wakes the request's future when the response comes. When
+//! tunnel's connections), or an HTTP/1.1 connection together with the
+//! client connection its requests go on (the agent's inspector), is woken
+//! by its own futures: h2 wakes the task polling a connection whenever a
+//! stream queues data, hyper's client wakes its connection when a request
+//! is handed over, and the connection wakes the request's future when the
+//! response comes. When
 //! those are all polled by the same task, each such wake is the task waking
 //! itself, and tokio reschedules a self-woken task as a yield: at the back
 //! of the queue, with an idle worker woken to steal it. That is a futex

@@ -35,14 +35,13 @@ where
         Some(graceful) => graceful.watch(connection),
         None => return, // draining: do not start new connections
     };
-    // The upstream connections its requests use run in this task too.
-    if let Err(e) = upstreams.drive(Box::pin(watched)).await {
+    if let Err(e) = watched.await {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
-/// The visitor connection a request arrived on, and the upstream
-/// connections its requests use.
+/// The visitor connection a request arrived on, and what its requests
+/// share upstream.
 #[derive(Clone, Copy)]
 struct VisitorConn<'a> {
     conn: &'a ConnInfo,

@@ -1,26 +1,19 @@
 //! Upstream HTTP connections, each over a tunnel data stream of its own.
 //!
-//! A request that does not upgrade is exchanged by the edge's own HTTP/1.1
+//! Every HTTP/1.1 request but an upgrade is exchanged by the edge's own
 //! code (`h1`) in the request's future; its stream goes back to the
-//! endpoint's pool when the response's body has ended. Upgrades (and
-//! CONNECT) take hyper's client, whose connection is driven by the task of
-//! the visitor connection whose request it carries ([`Upstreams`], wrapped
-//! around that visitor connection with [`Upstreams::drive`]): a request is
-//! written to the data stream and its response read back in the task that
-//! read the request and writes the response, with no hand-off to a
-//! connection task of its own in between. Between requests a connection
-//! waits, not driven, in its endpoint's pool, for the next request of any
-//! visitor; a closed one is noticed when it is taken out. HTTP/2 upstreams
-//! multiplex every visitor's requests on one connection, which runs on a
-//! task of its own.
+//! endpoint's pool when the response's body has ended, and waits there,
+//! not driven, for the next request of any visitor (a closed one is
+//! noticed when it is taken out). An upgrade (a WebSocket) or a CONNECT
+//! takes hyper's client, whose connection runs on a task of its own until
+//! it hands the connection over. HTTP/2 upstreams multiplex every
+//! visitor's requests on one connection, which runs on a task of its own.
 
 use std::{
-    future::Future,
     net::SocketAddr,
     ops::ControlFlow,
-    pin::Pin,
     sync::{Arc, Mutex, Weak},
-    task::{Context, Poll, Waker},
+    task::{Context, Waker},
     time::{Duration, Instant},
 };
 
@@ -50,10 +43,6 @@ const MAX_IDLE: usize = 256;
 /// connection, then on new ones (another pool member's when there is one).
 const ATTEMPTS: usize = 3;
 
-/// An HTTP/1.1 connection with upgrades (hyper does not name its type).
-type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
-type H1Sender = http1::SendRequest<VisitorBody>;
-
 /// HTTP connections to one endpoint's upstream, kept alive and reused
 /// across visitors.
 #[derive(Clone)]
@@ -64,28 +53,15 @@ pub struct UpstreamPool {
 pub(super) struct PoolInner {
     connector: ConnectorInner,
     http2: bool,
-    /// Idle HTTP/1.1 connections, the most recently used last.
+    /// Idle HTTP/1.1 streams, the most recently used last.
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection all requests share while it is open.
     h2: tokio::sync::Mutex<Option<(http2::SendRequest<VisitorBody>, ServedBy)>>,
 }
 
-/// An HTTP/1.1 connection and the endpoint whose stream carries it.
-struct H1 {
-    sender: H1Sender,
-    conn: H1Conn,
-    served: ServedBy,
-}
-
-/// An idle HTTP/1.1 connection: hyper's, or a stream the edge's own
-/// exchange used.
-enum Parked {
-    Hyper(H1),
-    Own(TunnelConn),
-}
-
+/// A stream whose last response has ended, and since when.
 struct Idle {
-    upstream: Parked,
+    conn: TunnelConn,
     since: Instant,
 }
 
@@ -132,7 +108,8 @@ impl UpstreamPool {
 }
 
 impl PoolInner {
-    fn park(&self, upstream: Parked) {
+    /// A stream whose response has ended, kept for the next request.
+    pub(super) fn park_own(&self, conn: TunnelConn) {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("idle lock");
         // Oldest first: those that waited too long are at the front.
@@ -141,55 +118,35 @@ impl PoolInner {
         if idle.len() >= MAX_IDLE {
             idle.remove(0);
         }
-        idle.push(Idle {
-            upstream,
-            since: now,
-        });
+        idle.push(Idle { conn, since: now });
     }
 
-    /// A stream whose response has ended, kept for the next request.
-    pub(super) fn park_own(&self, conn: TunnelConn) {
-        self.park(Parked::Own(conn));
-    }
-
-    /// The most recently used idle connection that is still open (only
-    /// streams the edge's own exchange used when `own_only`). Each is
-    /// polled once (with `cx`, the task that will drive it) to take in an
-    /// end the agent sent while it waited.
-    fn unpark(&self, cx: &mut Context<'_>, own_only: bool) -> Option<Parked> {
+    /// The most recently used idle stream that is still open. Each is
+    /// looked at once to take in an end the agent sent while it waited:
+    /// anything but waiting (bytes nobody asked for, an end) makes it
+    /// useless. The request that takes it polls it from then on.
+    fn unpark(&self) -> Option<TunnelConn> {
+        let mut cx = Context::from_waker(Waker::noop());
         loop {
-            let mut upstream = {
-                let mut idle = self.idle.lock().expect("idle lock");
-                let at = if own_only {
-                    idle.iter()
-                        .rposition(|i| matches!(i.upstream, Parked::Own(_)))?
-                } else {
-                    idle.len().checked_sub(1)?
-                };
-                let Idle { upstream, since } = idle.remove(at);
-                if since.elapsed() >= IDLE_TIMEOUT {
-                    // Those before it waited longer still.
-                    idle.drain(..at);
-                    return None;
-                }
-                upstream
-            };
-            let open = match &mut upstream {
-                Parked::Hyper(h1) => h1.conn.as_mut().poll(cx).is_pending() && h1.sender.is_ready(),
-                // Anything but waiting (bytes nobody asked for, an end)
-                // makes the stream useless.
-                Parked::Own(conn) => conn.io.inner_mut().poll_chunk(cx).is_pending(),
-            };
-            if open {
-                return Some(upstream);
+            let Idle { mut conn, since } = self.idle.lock().expect("idle lock").pop()?;
+            if since.elapsed() >= IDLE_TIMEOUT {
+                // The others waited longer still.
+                self.idle.lock().expect("idle lock").clear();
+                return None;
+            }
+            if conn.io.inner_mut().poll_chunk(&mut cx).is_pending() {
+                return Some(conn);
             }
         }
     }
 
-    /// A new connection, from another pool member than the `avoid`ed
-    /// endpoints when there is one.
-    async fn connect_h1(&self, avoid: &[&str]) -> Result<H1, UpstreamError> {
-        handshake(self.connector.connect(avoid).await?).await
+    /// A parked stream on the first attempt, else a new one (from another
+    /// pool member than those that failed, when there is one).
+    async fn stream(&self, retry: &Retry) -> Result<TunnelConn, Failure> {
+        match retry.failed.is_empty().then(|| self.unpark()).flatten() {
+            Some(conn) => Ok(conn),
+            None => self.connector.connect(&retry.avoid()).await,
+        }
     }
 
     /// Sends a request that does not upgrade (see `h1`) on a stream of the
@@ -207,17 +164,9 @@ impl PoolInner {
         let mut body = Some(req.into_body());
         let mut retry = Retry::default();
         loop {
-            // A retry takes a new stream, as in `Upstreams::send`.
-            let parked = if retry.failed.is_empty() {
-                self.unpark(&mut Context::from_waker(Waker::noop()), true)
-            } else {
-                None
-            };
-            let conn = match parked {
-                Some(Parked::Own(conn)) => conn,
-                // Only the edge's own streams were asked for.
-                Some(Parked::Hyper(_)) | None => self.connector.connect(&retry.avoid()).await?,
-            };
+            // A retry takes a new stream: the parked ones may all have lost
+            // their agent at the same moment as the first.
+            let conn = self.stream(&retry).await?;
             let served = conn.served.clone();
             let (e, again) = match h1::exchange(
                 conn,
@@ -354,230 +303,74 @@ impl Retry {
     }
 }
 
-/// Makes a stream an HTTP/1.1 connection of hyper's client.
-async fn handshake(io: TunnelConn) -> Result<H1, UpstreamError> {
-    let served = io.served.clone();
-    let (sender, conn) = http1::Builder::new().handshake(io).await?;
-    Ok(H1 {
-        sender,
-        conn: Box::pin(conn.with_upgrades()),
-        served,
-    })
-}
-
-/// The upstream connections the requests of one visitor connection are
-/// using, driven by that connection's task. Cloned into each request.
+/// What the requests of one visitor connection share: the tasks that
+/// run upstream connections of their own, and the gateway's drain.
 #[derive(Clone)]
 pub(crate) struct Upstreams {
-    active: Arc<Mutex<Active>>,
     tracker: tokio_util::task::TaskTracker,
     /// Cancelled when the gateway drains.
     draining: tokio_util::sync::CancellationToken,
 }
 
-#[derive(Default)]
-struct Active {
-    slots: Vec<Slot>,
-    /// The visitor connection's task, to wake when a request started on
-    /// another task (HTTP/2 visitors) adds a connection to drive.
-    waker: Option<Waker>,
-    /// That task.
-    task: Option<tokio::task::Id>,
-    next_id: u64,
-}
-
-struct Slot {
-    id: u64,
-    pool: Arc<PoolInner>,
-    /// Taken while a request is being sent.
-    sender: Option<H1Sender>,
-    conn: H1Conn,
-    served: ServedBy,
-}
-
 impl Upstreams {
-    /// `tracker` runs the connections still busy (an upgrade under way)
-    /// when the visitor connection ends, and HTTP/2 upstream connections,
-    /// which `draining` ends once idle.
+    /// `tracker` runs the connections of upgrades and HTTP/2 upstream
+    /// connections, which `draining` ends once idle.
     pub(crate) fn new(
         tracker: tokio_util::task::TaskTracker,
         draining: tokio_util::sync::CancellationToken,
     ) -> Upstreams {
-        Upstreams {
-            active: Arc::default(),
-            tracker,
-            draining,
-        }
+        Upstreams { tracker, draining }
     }
 
-    /// Runs `connection` (a visitor connection) and, in the same task, the
-    /// upstream connections its requests use.
-    /// They wake each other (a request handed to an upstream connection,
-    /// its response handed back), and so the task itself: polled through
-    /// `postern_proto::drive`, such a wake is served in the same turn
-    /// instead of rescheduling the task.
-    pub(crate) fn drive<F>(self, mut connection: F) -> impl Future<Output = F::Output> + Send
-    where
-        F: Future + Unpin + Send,
-    {
-        postern_proto::drive::drive(move |_, pass| {
-            pass.poll(|cx| {
-                self.poll_upstreams(cx);
-                let output = Pin::new(&mut connection).poll(cx);
-                self.poll_upstreams(cx);
-                if output.is_ready() {
-                    self.finish();
-                }
-                output
-            })
-        })
-    }
-
-    /// Sends `req` to `pool`'s upstream: on an idle connection if there
-    /// is one, else on a new data stream. A request that never left (the
-    /// connection had closed meanwhile) is sent once more on another.
+    /// Sends `req` to `pool`'s upstream: on an idle stream if there is
+    /// one, else on a new data stream. A request that got no response is
+    /// sent again on another when hyper's client would send it again.
     pub(crate) async fn send(
         &self,
         pool: &UpstreamPool,
         req: Request<VisitorBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let pool = &pool.inner;
-        let boxed = |response: Response<Incoming>| {
-            response.map(|body| body.map_err(BoxError::from).boxed())
-        };
         if pool.http2 {
             return pool.send_h2(self, req).await.map(boxed);
         }
         if h1::suits(&req) {
             return pool.send_own(req).await;
         }
+        self.send_upgrade(pool, req).await.map(boxed)
+    }
+
+    /// An upgrade (or a CONNECT) through hyper's client, on a stream of
+    /// its own whose connection runs on a task of the tracker until it
+    /// hands the connection over or ends.
+    async fn send_upgrade(
+        &self,
+        pool: &Arc<PoolInner>,
+        req: Request<VisitorBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut retry = Retry::default();
         let mut req = req;
         loop {
-            // A retry takes a new connection: the parked ones may all have
-            // lost their agent at the same moment as the first.
-            let (id, mut sender, served) = self.checkout(pool, &retry).await?;
+            let io = pool.stream(&retry).await?;
+            let served = io.served.clone();
+            let (mut sender, conn) = http1::Builder::new().handshake(io).await?;
+            self.tracker.spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
             let replay = replay(&req);
-            let result = sender.try_send_request(req).await;
-            self.checkin(id, sender);
-            match retry.settle(result, served, replay) {
-                ControlFlow::Break(result) => return result.map(boxed),
+            match retry.settle(sender.try_send_request(req).await, served, replay) {
+                ControlFlow::Break(result) => return result,
                 ControlFlow::Continue(again) => req = again,
             }
         }
     }
+}
 
-    /// A connection to `pool`'s upstream that is ready for a request (a
-    /// parked one on the first attempt), now driven by this visitor
-    /// connection's task.
-    async fn checkout(
-        &self,
-        pool: &Arc<PoolInner>,
-        retry: &Retry,
-    ) -> Result<(u64, H1Sender, ServedBy), UpstreamError> {
-        let driver = self.active.lock().expect("upstreams lock").waker.clone();
-        let parked = match &driver {
-            Some(waker) if retry.failed.is_empty() => {
-                pool.unpark(&mut Context::from_waker(waker), false)
-            }
-            _ => None,
-        };
-        let upstream = match parked {
-            Some(Parked::Hyper(upstream)) => upstream,
-            Some(Parked::Own(conn)) => handshake(conn).await?,
-            None => pool.connect_h1(&retry.avoid()).await?,
-        };
-        let mut active = self.active.lock().expect("upstreams lock");
-        let id = active.next_id;
-        active.next_id += 1;
-        active.slots.push(Slot {
-            id,
-            pool: pool.clone(),
-            sender: None,
-            conn: upstream.conn,
-            served: upstream.served.clone(),
-        });
-        // The visitor connection's task polls its connections right after
-        // this request; a request running on a task of its own (an HTTP/2
-        // visitor's) must wake it.
-        if active.task != tokio::task::try_id()
-            && let Some(waker) = &active.waker
-        {
-            waker.wake_by_ref();
-        }
-        Ok((id, upstream.sender, upstream.served))
-    }
-
-    /// Gives the sender back to its connection once the request is sent.
-    fn checkin(&self, id: u64, sender: H1Sender) {
-        let mut active = self.active.lock().expect("upstreams lock");
-        if let Some(slot) = active.slots.iter_mut().find(|s| s.id == id) {
-            slot.sender = Some(sender);
-        }
-    }
-
-    /// Polls every upstream connection in use; one that has answered its
-    /// request in full goes back to its pool, one that ended is dropped.
-    fn poll_upstreams(&self, cx: &mut Context<'_>) {
-        let mut active = self.active.lock().expect("upstreams lock");
-        if !active
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            active.waker = Some(cx.waker().clone());
-            active.task = tokio::task::try_id();
-        }
-        let mut i = 0;
-        while i < active.slots.len() {
-            let slot = &mut active.slots[i];
-            if let Poll::Ready(result) = slot.conn.as_mut().poll(cx) {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                active.slots.swap_remove(i);
-            } else if slot.sender.as_ref().is_some_and(H1Sender::is_ready) {
-                let Slot {
-                    pool,
-                    sender,
-                    conn,
-                    served,
-                    ..
-                } = active.slots.swap_remove(i);
-                let sender = sender.expect("checked above");
-                pool.park(Parked::Hyper(H1 {
-                    sender,
-                    conn,
-                    served,
-                }));
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// The visitor connection ended: idle connections go back to their
-    /// pools; a busy one (an upgraded connection being handed over, a
-    /// response nobody reads any more) finishes on a task of its own.
-    fn finish(&self) {
-        let slots = std::mem::take(&mut self.active.lock().expect("upstreams lock").slots);
-        for slot in slots {
-            match slot.sender {
-                Some(sender) if sender.is_ready() => slot.pool.park(Parked::Hyper(H1 {
-                    sender,
-                    conn: slot.conn,
-                    served: slot.served,
-                })),
-                _ => {
-                    self.tracker.spawn(async move {
-                        if let Err(e) = slot.conn.await {
-                            tracing::debug!(error = %e, "upstream connection ended");
-                        }
-                    });
-                }
-            }
-        }
-    }
+/// hyper's response with the body type every response has.
+fn boxed(response: Response<Incoming>) -> Response<ProxyBody> {
+    response.map(|body| body.map_err(BoxError::from).boxed())
 }
 
 struct ConnectorInner {
