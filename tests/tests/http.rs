@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use postern_agent::Agent;
 use postern_tests::{
     HttpUpstream, HttpsClient, ScriptedUpstream, TestEdge, curl, openssl_s_client, websocket_echo,
 };
@@ -371,6 +372,16 @@ async fn upstream_down_gives_502_with_the_agents_code() {
     assert_eq!(r.status, 502);
 }
 
+/// An edge, an agent whose HTTP tunnel at `host` to `port` pipes bytes
+/// (inspection off), and a client of the edge's HTTPS listener.
+async fn uninspected(host: &str, port: u16) -> (TestEdge, Agent, HttpsClient) {
+    let edge = TestEdge::start().await;
+    let tunnel = format!("{}    inspect: false\n", http_tunnel("web", host, port));
+    let (agent, _) = edge.agent(&tunnel).await;
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    (edge, agent, client)
+}
+
 /// The scripted upstream's answers, by request target.
 fn framings(line: &str) -> (&'static [u8], bool) {
     match line.split(' ').nth(1).unwrap_or_default() {
@@ -398,17 +409,11 @@ fn framings(line: &str) -> (&'static [u8], bool) {
 
 #[tokio::test]
 async fn responses_of_every_framing_come_through_and_their_streams_are_reused() {
-    let edge = TestEdge::start().await;
     let upstream = ScriptedUpstream::start(framings).await;
     let host = "framing.example.test";
-    let tunnel = format!(
-        "{}    inspect: false\n",
-        http_tunnel("web", host, upstream.addr.port())
-    );
-    let (_agent, _) = edge.agent(&tunnel).await;
     // A new visitor connection each time: only the edge's pool of data
     // streams can carry a stream from one request to the next.
-    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let (_edge, _agent, client) = uninspected(host, upstream.addr.port()).await;
     for _ in 0..5 {
         let r = client.get(host, "/plain").await.unwrap();
         assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "ok"));
@@ -456,15 +461,9 @@ async fn responses_of_every_framing_come_through_and_their_streams_are_reused() 
 
 #[tokio::test]
 async fn a_stream_whose_upstream_closed_after_answering_is_not_used_again() {
-    let edge = TestEdge::start().await;
     let upstream = ScriptedUpstream::start(framings).await;
     let host = "stale.example.test";
-    let tunnel = format!(
-        "{}    inspect: false\n",
-        http_tunnel("web", host, upstream.addr.port())
-    );
-    let (_agent, _) = edge.agent(&tunnel).await;
-    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let (_edge, _agent, client) = uninspected(host, upstream.addr.port()).await;
     // Each answer to /close-after says keep-alive and then closes, so the
     // edge parks a stream that is ending; the request after it finds the
     // end while taking the stream out, or gets no answer on it and is
@@ -488,15 +487,9 @@ async fn a_stream_whose_upstream_closed_after_answering_is_not_used_again() {
 
 #[tokio::test]
 async fn request_bodies_of_known_and_unknown_length_reach_the_upstream_whole() {
-    let edge = TestEdge::start().await;
     let upstream = HttpUpstream::start().await;
     let host = "bodies.example.test";
-    let tunnel = format!(
-        "{}    inspect: false\n",
-        http_tunnel("web", host, upstream.port())
-    );
-    let (_agent, _) = edge.agent(&tunnel).await;
-    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let (edge, _agent, client) = uninspected(host, upstream.port()).await;
     // With Content-Length, sent as it comes.
     let big = Bytes::from(vec![b'b'; 5_000_000]);
     let r = client.request(host, "POST", "/count", big).await.unwrap();
