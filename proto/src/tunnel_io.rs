@@ -116,11 +116,8 @@ where
     /// The next bytes the peer sent, as they arrived (not copied); `None`
     /// at eof.
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        Poll::Ready(match ready!(self.poll_fill(cx)) {
-            Ok(true) => Ok(Some(std::mem::take(&mut self.pending))),
-            Ok(false) => Ok(None),
-            Err(e) => Err(e),
-        })
+        let more = ready!(self.poll_fill(cx))?;
+        Poll::Ready(Ok(more.then(|| std::mem::take(&mut self.pending))))
     }
 
     /// Writes the start of `data` as one frame (all of it up to the size

@@ -150,6 +150,8 @@ pub(super) async fn exchange(
     // Bytes of the body taken from the visitor and not yet sent.
     let mut out = Bytes::new();
     let mut ended = false;
+    // All of the body went out: only then may the stream be used again.
+    let mut sent = body.is_none();
     let mut reader = HeadReader::default();
     let (mut parsed, rest) = poll_fn(|cx| {
         while let Some(visitor) = body.as_mut() {
@@ -163,6 +165,7 @@ pub(super) async fn exchange(
                 break;
             }
             if ended {
+                sent = true;
                 body = None;
                 break;
             }
@@ -197,8 +200,8 @@ pub(super) async fn exchange(
         reader.poll(io, cx, head_request)
     })
     .await?;
-    if body.is_some() {
-        // Answered before all of the body was sent.
+    if !sent {
+        // Answered before all of the body was sent, or the sending failed.
         parsed.keep_alive = false;
     }
     let Head {
@@ -207,7 +210,7 @@ pub(super) async fn exchange(
         keep_alive,
     } = parsed;
     let state = match framing {
-        Framing::Empty => State::Done,
+        Framing::Empty | Framing::Length(0) => State::Done,
         Framing::Length(n) => State::Length(n),
         Framing::Chunked => State::Chunked(Chunked::default()),
         Framing::Close => State::Close,
@@ -219,7 +222,7 @@ pub(super) async fn exchange(
         keep_alive,
         pool,
     };
-    if matches!(body.state, State::Done | State::Length(0)) {
+    if matches!(body.state, State::Done) {
         body.finish();
     }
     Ok(response.map(|()| body))
