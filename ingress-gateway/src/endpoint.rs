@@ -93,8 +93,8 @@ pub fn open_frame(
     pb::Frame {
         open: Some(pb::StreamOpen {
             endpoint_id: endpoint.id.clone(),
-            client_addr: client.to_string(),
-            server_addr: server.to_string(),
+            client_addr: crate::outcome::socket_text(client),
+            server_addr: crate::outcome::socket_text(server),
             server_name: name.to_string(),
             traceparent: postern_telemetry::traceparent(&tracing::Span::current())
                 .unwrap_or_default(),

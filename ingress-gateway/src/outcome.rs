@@ -112,7 +112,8 @@ pub(crate) fn ip_text(ip: IpAddr) -> String {
     let IpAddr::V4(v4) = ip else {
         return ip.to_string();
     };
-    let mut text = String::with_capacity(15);
+    // Room for a port too (`socket_text`).
+    let mut text = String::with_capacity(21);
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
             text.push('.');
@@ -125,6 +126,18 @@ pub(crate) fn ip_text(ip: IpAddr) -> String {
         }
         text.push(char::from(b'0' + octet % 10));
     }
+    text
+}
+
+/// A socket address as text, as `to_string` writes it: `ip_text` and the
+/// port.
+pub(crate) fn socket_text(addr: SocketAddr) -> String {
+    if addr.is_ipv6() {
+        return addr.to_string();
+    }
+    let mut text = ip_text(addr.ip());
+    text.push(':');
+    text.push_str(itoa::Buffer::new().format(addr.port()));
     text
 }
 
@@ -651,15 +664,31 @@ pub fn tcp_closed(
     span: &tracing::Span,
     result: &Result<PipeOutcome, postern_proto::Failure>,
 ) {
-    let mut conn = conn_fields(record.client, record.server, record.name, record.start);
     let (bytes_in, bytes_out) = match result {
         Ok(outcome) => (outcome.bytes_to_peer, outcome.bytes_from_peer),
         Err(_) => (0, 0),
     };
-    conn.bytes_in = Some(bytes_in);
-    conn.bytes_out = Some(bytes_out);
     span.record("bytes.in", bytes_in);
     span.record("bytes.out", bytes_out);
+    if let Err(failure) = result {
+        span.record("error.code", failure.code.id());
+        span.record("otel.status_code", "ERROR");
+    }
+    outcomes.metrics.connection(
+        &record.endpoint.id,
+        record.proto,
+        decision_label(&[record.ip_decision]),
+        bytes_in,
+        bytes_out,
+    );
+    // The event's fields (two timestamps, the addresses as text) are made
+    // only when a subscription will take it.
+    if !outcomes.wants(EventType::TcpConnectionClosed) {
+        return;
+    }
+    let mut conn = conn_fields(record.client, record.server, record.name, record.start);
+    conn.bytes_in = Some(bytes_in);
+    conn.bytes_out = Some(bytes_out);
     conn.end_ts = Some(timestamp(SystemTime::now()));
     let mut postern = outcomes.postern();
     postern.endpoint_proto = Some(record.proto.to_string());
@@ -667,8 +696,6 @@ pub fn tcp_closed(
     serving_fields(&mut postern, &record.endpoint, region, node);
     if let Err(failure) = result {
         postern.error_code = Some(failure.code.id());
-        span.record("error.code", failure.code.id());
-        span.record("otel.status_code", "ERROR");
     }
     postern.duration_ms = record
         .start
@@ -685,13 +712,6 @@ pub fn tcp_closed(
         }),
         postern: Some(postern),
     };
-    outcomes.metrics.connection(
-        &record.endpoint.id,
-        record.proto,
-        decision_label(&[record.ip_decision]),
-        bytes_in,
-        bytes_out,
-    );
     outcomes.publish(|account| Event::tcp(object, SystemTime::now(), account));
 }
 
@@ -797,6 +817,10 @@ pub(crate) mod tests {
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(ip_text(ip), ip.to_string());
+            for port in [0, 9, 80, 443, 8080, 65535] {
+                let addr = SocketAddr::new(ip, port);
+                assert_eq!(socket_text(addr), addr.to_string());
+            }
         }
     }
 }

@@ -287,8 +287,20 @@ async fn room(send: &mut h2::SendStream<Body>, want: usize) -> bool {
 
 fn ok_trailers() -> http::HeaderMap {
     let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert(
+        http::HeaderName::from_static("grpc-status"),
+        http::HeaderValue::from_static("0"),
+    );
     trailers
+}
+
+/// `content-type: application/grpc`, made without parsing either half (a
+/// stream is opened per proxied connection).
+fn grpc_content_type(headers: &mut http::HeaderMap) {
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
 }
 
 /// HTTP/2 pings every `heartbeat`; a connection whose peer has not answered
@@ -446,7 +458,7 @@ impl EdgeConnection {
     /// Fails with the peer's status when it refuses the stream.
     pub async fn open_frames(
         &self,
-        path: &str,
+        path: &'static str,
         metadata: &[(&'static str, &str)],
         outbound: BoxFrames,
     ) -> Result<InboundFrames, Status> {
@@ -462,7 +474,7 @@ impl EdgeConnection {
 
     /// Calls unary gRPC method `path` with `request`: the peer's answer,
     /// or its status when that is not OK.
-    pub async fn unary<Q, A>(&self, path: &str, request: &Q) -> Result<A, Status>
+    pub async fn unary<Q, A>(&self, path: &'static str, request: &Q) -> Result<A, Status>
     where
         Q: Message,
         A: Message + Default,
@@ -490,24 +502,37 @@ impl EdgeConnection {
     }
 
     /// Opens a stream of gRPC method `path`; the edge's answer is awaited.
+    /// The metadata's names are the crate's constants (lowercase, valid).
     async fn open<S, M>(
         &self,
-        path: &str,
+        path: &'static str,
         metadata: &[(&'static str, &str)],
         outbound: S,
     ) -> Result<Inbound<M>, Status>
     where
         S: Stream<Item = Result<Body, Status>> + Send + Unpin + 'static,
     {
-        let mut request = http::Request::post(format!("https://edge{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers");
+        // Built from its parts: nothing here is parsed but the metadata's
+        // values (a stream is opened per proxied connection).
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTPS);
+        parts.authority = Some(http::uri::Authority::from_static("edge"));
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        let uri = http::Uri::from_parts(parts).expect("a scheme, an authority and a path");
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        grpc_content_type(headers);
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         for (name, value) in metadata {
-            request = request.header(*name, *value);
+            let value = http::HeaderValue::from_str(value).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "request metadata: the value of {name} is not a valid header value"
+                ))
+            })?;
+            headers.insert(http::HeaderName::from_static(name), value);
         }
-        let request = request
-            .body(())
-            .map_err(|e| Status::invalid_argument(format!("request metadata: {e}")))?;
         let mut requests = self.requests.clone().ready().await.map_err(h2_status)?;
         let (response, send) = requests.send_request(request, false).map_err(h2_status)?;
         self.senders
@@ -704,10 +729,8 @@ async fn serve_frames(
 ) {
     match opening.await {
         Ok(outbound) => {
-            let response = http::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(())
-                .expect("a valid response");
+            let mut response = http::Response::new(());
+            grpc_content_type(response.headers_mut());
             if let Ok(send) = respond.send_response(response, false) {
                 let messages = outbound.map(|frame| frame.map(encode_frame));
                 send_messages(messages, send, Ending::Trailers).await;
