@@ -32,6 +32,7 @@ use crate::{
     config::{MutualTlsCas, TerminateAt, TunnelSpec},
     error::TlsSetupError,
     inspect::{Captures, Tap, Watch},
+    resolve::UpstreamAddrs,
     state::TunnelMetrics,
     tls::{agent_server_config, upstream_client_config},
 };
@@ -48,6 +49,8 @@ pub struct Target {
     pub captures: Option<Arc<Captures>>,
     agent_tls: Option<TlsAcceptor>,
     upstream_tls: Option<TlsConnector>,
+    /// The upstream's addresses, kept across dials.
+    addrs: UpstreamAddrs,
 }
 
 impl Target {
@@ -79,6 +82,7 @@ impl Target {
         Ok(Target {
             agent_tls,
             upstream_tls,
+            addrs: UpstreamAddrs::new(&spec.upstream.host, spec.upstream.port),
             metrics: Arc::default(),
             captures: captures.filter(|_| spec.inspect).cloned(),
             spec,
@@ -441,11 +445,13 @@ pub(crate) async fn dial(target: &Target, open: &pb::StreamOpen) -> Result<Upstr
             format!("{upstream}: {detail}"),
         )
     };
-    let addr = (upstream.host.as_str(), upstream.port);
-    let mut tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+    let mut tcp = match tokio::time::timeout(DIAL_TIMEOUT, target.addrs.connect()).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(fail(e.to_string())),
-        Err(_) => return Err(fail(format!("no connection within {DIAL_TIMEOUT:?}"))),
+        Err(_) => {
+            target.addrs.forget();
+            return Err(fail(format!("no connection within {DIAL_TIMEOUT:?}")));
+        }
     };
     let _ = tcp.set_nodelay(true);
     if let Some(version) = target.spec.proxy_proto {

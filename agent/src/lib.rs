@@ -12,6 +12,7 @@ mod inspect;
 mod modules;
 mod oauth;
 mod proxy;
+mod resolve;
 mod session;
 mod state;
 mod tls;
