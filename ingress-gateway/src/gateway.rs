@@ -191,7 +191,8 @@ pub enum Protocol {
 
 struct Inner {
     config: GatewayConfig,
-    outcomes: Outcomes,
+    /// Shared with every request's record, which keeps it to the end.
+    outcomes: Arc<Outcomes>,
     certs: Arc<CertStore>,
     http_tls: Arc<ServerConfig>,
     tls_edge: Arc<ServerConfig>,
@@ -294,7 +295,7 @@ impl Gateway {
                 connections: ConnectionLimit::new(config.max_connections),
                 certs,
                 config,
-                outcomes,
+                outcomes: Arc::new(outcomes),
                 routes: RwLock::new(Router::default()),
                 internal: RwLock::new(Router::default()),
                 tcp_routes: Mutex::new(HashMap::new()),

@@ -242,7 +242,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 
 /// The outcome of one HTTP request, published when dropped.
 pub struct HttpRecord {
-    outcomes: Outcomes,
+    outcomes: Arc<Outcomes>,
     object: HttpRequestComplete,
     /// Some subscription took HTTP events when the request came: the
     /// event is gathered and published. Otherwise only metrics and the
@@ -260,7 +260,7 @@ pub struct HttpRecord {
 impl HttpRecord {
     /// Starts a record from the request as the visitor sent it.
     pub fn start<B>(
-        outcomes: &Outcomes,
+        outcomes: &Arc<Outcomes>,
         req: &Request<B>,
         client: SocketAddr,
         server: SocketAddr,
@@ -272,9 +272,10 @@ impl HttpRecord {
         let object = if publish {
             request_fields(outcomes, req, (client, server), host, tls, conn_start)
         } else {
-            // Only what metrics, spans and the response need.
+            // Only what metrics, spans and the response need: no
+            // strings are made for an event nobody takes.
             HttpRequestComplete {
-                postern: Some(outcomes.postern()),
+                postern: Some(PosternFields::default()),
                 ..Default::default()
             }
         };
@@ -336,7 +337,11 @@ impl HttpRecord {
         {
             return;
         }
-        serving_fields(postern, endpoint, region.clone(), node.clone());
+        if self.publish {
+            serving_fields(postern, endpoint, region.clone(), node.clone());
+        } else {
+            serving_ids(postern, endpoint);
+        }
     }
 
     /// Records the verified client certificate.
@@ -485,10 +490,10 @@ impl Drop for HttpRecord {
             .object
             .postern
             .as_ref()
-            .and_then(|p| p.endpoint_id.clone())
+            .and_then(|p| p.endpoint_id.as_deref())
             .unwrap_or_default();
         self.outcomes.metrics.request(
-            &endpoint,
+            endpoint,
             status,
             decision,
             self.started.elapsed(),
@@ -596,14 +601,20 @@ fn request_fields<B>(
 /// `postern.endpoint_id`, `agent_session_id` and the serving region and
 /// node: another node's when the endpoint is served through it.
 fn serving_fields(postern: &mut PosternFields, endpoint: &Endpoint, region: String, node: String) {
-    postern.endpoint_id = Some(endpoint.id.clone());
-    postern.agent_session_id = Some(endpoint.source.session_id().to_string());
+    serving_ids(postern, endpoint);
     let (region, node) = match &endpoint.remote {
         Some(at) => (at.region.clone(), at.node_id.clone()),
         None => (region, node),
     };
     postern.serving_region = Some(region);
     postern.serving_node_id = Some(node);
+}
+
+/// The endpoint and the agent session that serve: all metrics and spans
+/// need of `serving_fields`.
+fn serving_ids(postern: &mut PosternFields, endpoint: &Endpoint) {
+    postern.endpoint_id = Some(endpoint.id.clone());
+    postern.agent_session_id = Some(endpoint.source.session_id().to_string());
 }
 
 /// A TCP or TLS endpoint connection, as its event describes it.
@@ -740,13 +751,13 @@ pub(crate) mod tests {
 
     /// A record of `req` on node `us1` in `us`, published into `sink`.
     pub(crate) fn record(sink: &Arc<MemorySink>, req: &Request<()>) -> HttpRecord {
-        let outcomes = Outcomes {
+        let outcomes = Arc::new(Outcomes {
             sink: Some(sink.clone() as Arc<dyn EventSink>),
             region: "us".into(),
             node_id: "us1".into(),
             account_id: None,
             metrics: Default::default(),
-        };
+        });
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         HttpRecord::start(
             &outcomes,
