@@ -105,7 +105,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_names_addresses_are_kept_until_they_expire_or_a_dial_reaches_none() {
+    async fn a_names_addresses_are_kept_until_they_expire_or_are_forgotten() {
         let addrs = UpstreamAddrs::new("localhost", 9);
         let first = addrs.get().await.unwrap();
         assert!(first.iter().all(|a| a.ip().is_loopback() && a.port() == 9));
@@ -126,15 +126,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dial_that_reaches_no_address_fails_with_the_last_error_and_forgets_them() {
+    async fn a_dial_that_reaches_no_address_fails_and_forgets_them() {
         // A port nothing listens on: bound, then closed.
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
         };
         let addrs = UpstreamAddrs::new("localhost", port);
-        let e = addrs.connect().await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        // Refused on 127.0.0.1; on ::1 refused too, or unreachable where
+        // IPv6 is off.
+        assert!(addrs.connect().await.is_err());
         assert!(addrs.cached.lock().unwrap().is_none());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
