@@ -6,7 +6,10 @@
 //! each new connection's p50 and a fifth fewer `Connection: close`
 //! requests per second through a TCP endpoint. A name's addresses are
 //! kept for a few seconds (Envoy refreshes DNS every 5 s by default) and
-//! looked up again at once after a dial that reached none of them.
+//! looked up again at once after a dial that reached none of them. Once
+//! they are due, one dial looks the name up while the others go on with
+//! the addresses it had, and a lookup that fails keeps them for another
+//! period: a resolver's hiccup does not take a working upstream away.
 
 use std::{
     io,
@@ -26,8 +29,16 @@ pub(crate) struct UpstreamAddrs {
     port: u16,
     /// An IP literal: its one address, never looked up.
     literal: Option<Arc<[SocketAddr]>>,
-    /// A name's addresses and when they were looked up.
-    cached: Mutex<Option<(Instant, Arc<[SocketAddr]>)>>,
+    /// A name's addresses, once looked up.
+    cached: Mutex<Option<Looked>>,
+}
+
+/// A name's addresses and when they were looked up.
+struct Looked {
+    at: Instant,
+    addrs: Arc<[SocketAddr]>,
+    /// A dial is looking the name up again; the others use these meanwhile.
+    refreshing: bool,
 }
 
 impl UpstreamAddrs {
@@ -49,21 +60,27 @@ impl UpstreamAddrs {
         if let Some(addrs) = &self.literal {
             return Ok(addrs.clone());
         }
-        if let Some((at, addrs)) = &*self.cached.lock().expect("addresses lock")
-            && at.elapsed() < RESOLVED_FOR
-        {
-            return Ok(addrs.clone());
-        }
-        let addrs: Arc<[SocketAddr]> = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await?
-            .collect();
-        if addrs.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} has no address", self.host),
-            ));
-        }
-        *self.cached.lock().expect("addresses lock") = Some((Instant::now(), addrs.clone()));
+        let stale = match self.cached.lock().expect("addresses lock").as_mut() {
+            Some(looked) if looked.refreshing || looked.at.elapsed() < RESOLVED_FOR => {
+                return Ok(looked.addrs.clone());
+            }
+            Some(looked) => {
+                looked.refreshing = true;
+                Some(looked.addrs.clone())
+            }
+            None => None,
+        };
+        let found = lookup(&self.host, self.port).await;
+        let addrs = match (found, stale) {
+            (Ok(addrs), _) => addrs,
+            (Err(_), Some(stale)) => stale,
+            (Err(e), None) => return Err(e),
+        };
+        *self.cached.lock().expect("addresses lock") = Some(Looked {
+            at: Instant::now(),
+            addrs: addrs.clone(),
+            refreshing: false,
+        });
         Ok(addrs)
     }
 
@@ -88,6 +105,18 @@ impl UpstreamAddrs {
     pub(crate) fn forget(&self) {
         *self.cached.lock().expect("addresses lock") = None;
     }
+}
+
+/// `host`'s addresses, from the system's resolver.
+async fn lookup(host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
+    let addrs: Arc<[SocketAddr]> = tokio::net::lookup_host((host, port)).await?.collect();
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        ));
+    }
+    Ok(addrs)
 }
 
 #[cfg(test)]
@@ -123,6 +152,44 @@ mod tests {
             !Arc::ptr_eq(&expired, &forgotten),
             "looked up again once forgotten"
         );
+    }
+
+    /// `addrs` as if looked up `ago`, and whether a dial is refreshing them.
+    fn looked(addrs: &UpstreamAddrs, ago: Duration, refreshing: bool) -> Arc<[SocketAddr]> {
+        let old: Arc<[SocketAddr]> = Arc::from(["192.0.2.1:9".parse::<SocketAddr>().unwrap()]);
+        *addrs.cached.lock().unwrap() = Some(Looked {
+            at: Instant::now() - ago,
+            addrs: old.clone(),
+            refreshing,
+        });
+        old
+    }
+
+    #[tokio::test]
+    async fn while_one_dial_looks_a_name_up_again_the_others_use_its_old_addresses() {
+        let addrs = UpstreamAddrs::new("localhost", 9);
+        let old = looked(&addrs, RESOLVED_FOR * 2, true);
+        assert!(Arc::ptr_eq(&addrs.get().await.unwrap(), &old));
+        looked(&addrs, RESOLVED_FOR * 2, false);
+        let new = addrs.get().await.unwrap();
+        assert!(
+            !Arc::ptr_eq(&new, &old),
+            "the dial that found them due looks up"
+        );
+        assert!(new.iter().all(|a| a.ip().is_loopback()));
+    }
+
+    #[tokio::test]
+    async fn a_lookup_that_fails_keeps_the_old_addresses_and_none_is_an_error() {
+        // Refused by the resolver itself: a host name has no spaces.
+        let addrs = UpstreamAddrs::new("no such host", 9);
+        assert!(addrs.get().await.is_err(), "nothing to fall back on");
+        let old = looked(&addrs, RESOLVED_FOR * 2, false);
+        assert!(Arc::ptr_eq(&addrs.get().await.unwrap(), &old));
+        let kept = addrs.cached.lock().unwrap();
+        let kept = kept.as_ref().unwrap();
+        assert!(!kept.refreshing);
+        assert!(kept.at.elapsed() < RESOLVED_FOR, "kept for another period");
     }
 
     #[tokio::test]
