@@ -8,6 +8,7 @@
 //! hyper's client (see `upstream`), which hands over the connection.
 
 use std::{
+    fmt::Write as _,
     future::poll_fn,
     io,
     mem::MaybeUninit,
@@ -230,11 +231,11 @@ pub(super) async fn exchange(
 
 /// One chunk of a chunked request body: size line, data, CRLF.
 fn chunk(data: &[u8]) -> Bytes {
-    let size = format!("{:x}\r\n", data.len());
-    let mut chunk = BytesMut::with_capacity(size.len() + data.len() + 2);
-    for part in [size.as_bytes(), data, b"\r\n"] {
-        chunk.extend_from_slice(part);
-    }
+    // At most 16 hexadecimal digits and two CRLFs around the data.
+    let mut chunk = BytesMut::with_capacity(data.len() + 20);
+    write!(chunk, "{:x}\r\n", data.len()).expect("a BytesMut grows");
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(b"\r\n");
     chunk.freeze()
 }
 
@@ -352,14 +353,7 @@ fn parse_head(buf: &Bytes, head_request: bool) -> Result<Option<(usize, Head)>, 
         let mut keep_alive = version == Version::HTTP_11;
         let mut close = false;
         for field in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
-                invalid(format!(
-                    "the upstream sent an invalid header name {:?}",
-                    field.name
-                ))
-            })?;
-            let value = HeaderValue::from_maybe_shared(buf.slice_ref(field.value))
-                .map_err(|_| invalid(format!("the upstream sent an invalid value for {name}")))?;
+            let (name, value) = header_field(buf, field)?;
             if name == http::header::CONNECTION {
                 for token in value.as_bytes().split(|b| *b == b',') {
                     let token = token.trim_ascii();
@@ -390,6 +384,23 @@ fn parse_head(buf: &Bytes, head_request: bool) -> Result<Option<(usize, Head)>, 
             },
         )));
     }
+}
+
+/// A parsed header field of `buf` as a name and a value, the value's
+/// bytes shared with `buf`.
+fn header_field(
+    buf: &Bytes,
+    field: &httparse::Header<'_>,
+) -> Result<(HeaderName, HeaderValue), Failure> {
+    let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| {
+        invalid(format!(
+            "the upstream sent an invalid header name {:?}",
+            field.name
+        ))
+    })?;
+    let value = HeaderValue::from_maybe_shared(buf.slice_ref(field.value))
+        .map_err(|_| invalid(format!("the upstream sent an invalid value for {name}")))?;
+    Ok((name, value))
 }
 
 /// How the body of a response is delimited (RFC 9112 section 6.3).
@@ -693,9 +704,7 @@ impl Chunked {
             Ok(httparse::Status::Complete((_, fields))) => {
                 let mut trailers = HeaderMap::with_capacity(fields.len());
                 for field in fields.iter() {
-                    let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| bad())?;
-                    let value = HeaderValue::from_maybe_shared(block.slice_ref(field.value))
-                        .map_err(|_| bad())?;
+                    let (name, value) = header_field(&block, field).map_err(|_| bad())?;
                     trailers.append(name, value);
                 }
                 Ok(Some(trailers))
