@@ -19,12 +19,26 @@ pub struct RawConnection {
 
 /// A control stream opened with Hello and answered with Welcome.
 pub struct RawSession {
+    /// The connection the control stream is on, as tonic's client.
+    pub client: pb::tunnel_client::TunnelClient<tonic::transport::Channel>,
     pub tx: mpsc::Sender<pb::AgentMessage>,
     pub inbound: tonic::Streaming<pb::EdgeMessage>,
     pub welcome: pb::Welcome,
 }
 
 impl RawSession {
+    /// Opens a data stream on the session's own connection, as an agent
+    /// with one connection and tonic's client does: the stream's inbound
+    /// side, or the edge's refusal, and its outbound side.
+    pub async fn open_data(
+        &self,
+    ) -> (
+        Result<tonic::Streaming<pb::Frame>, tonic::Status>,
+        mpsc::Sender<pb::Frame>,
+    ) {
+        open_data(&mut self.client.clone(), self).await
+    }
+
     /// Sends one message; false when the stream is gone.
     pub async fn send(&self, msg: pb::agent_message::Msg) -> bool {
         self.tx
@@ -73,22 +87,7 @@ impl TestEdge {
         RawConnection,
     ) {
         let mut client = self.raw_connection().await;
-        let (outbound, frames) = mpsc::channel(1);
-        let mut request = tonic::Request::new(ReceiverStream::new(frames));
-        let meta = request.metadata_mut();
-        meta.insert(
-            postern_proto::metadata::SESSION,
-            session.welcome.session_id.parse().expect("an ASCII id"),
-        );
-        meta.insert(
-            postern_proto::metadata::STREAM_TOKEN,
-            session
-                .welcome
-                .stream_token
-                .parse()
-                .expect("an ASCII token"),
-        );
-        let opened = client.data(request).await.map(|r| r.into_inner());
+        let (opened, outbound) = open_data(&mut client, session).await;
         (
             opened,
             RawConnection {
@@ -97,10 +96,9 @@ impl TestEdge {
             },
         )
     }
-
     /// Opens a control stream with `token` and waits for the Welcome.
     pub async fn raw_session(&self, token: &str) -> RawSession {
-        let mut client = self.raw_connection().await;
+        let client = self.raw_connection().await;
         let (tx, rx) = mpsc::channel(4096);
         let hello = pb::Hello {
             protocol_version: MAX_PROTOCOL_VERSION,
@@ -118,10 +116,12 @@ impl TestEdge {
         .unwrap();
         let mut session = RawSession {
             inbound: client
+                .clone()
                 .control(ReceiverStream::new(rx))
                 .await
                 .expect("the control stream opens")
                 .into_inner(),
+            client,
             tx,
             welcome: pb::Welcome::default(),
         };
@@ -131,4 +131,31 @@ impl TestEdge {
         }
         session
     }
+}
+
+/// Opens a data stream for `session` on `client`'s connection.
+async fn open_data(
+    client: &mut pb::tunnel_client::TunnelClient<tonic::transport::Channel>,
+    session: &RawSession,
+) -> (
+    Result<tonic::Streaming<pb::Frame>, tonic::Status>,
+    mpsc::Sender<pb::Frame>,
+) {
+    let (outbound, frames) = mpsc::channel(8);
+    let mut request = tonic::Request::new(ReceiverStream::new(frames));
+    let meta = request.metadata_mut();
+    meta.insert(
+        postern_proto::metadata::SESSION,
+        session.welcome.session_id.parse().expect("an ASCII id"),
+    );
+    meta.insert(
+        postern_proto::metadata::STREAM_TOKEN,
+        session
+            .welcome
+            .stream_token
+            .parse()
+            .expect("an ASCII token"),
+    );
+    let opened = client.data(request).await.map(|r| r.into_inner());
+    (opened, outbound)
 }

@@ -383,3 +383,76 @@ async fn a_session_takes_at_most_sixteen_connections_and_a_closed_one_makes_room
     })
     .await;
 }
+
+/// Issue 20's compatibility rule: an agent of the transport before it (one
+/// connection, tonic's client, no pooled streams) still serves. Its data
+/// stream is opened on the control stream's connection when the edge asks
+/// for one, and a visitor's request and answer cross it.
+#[tokio::test]
+async fn an_agent_with_one_tonic_connection_still_serves() {
+    let edge = TestEdge::start().await;
+    let mut old = edge.raw_session(&edge.token.clone()).await;
+    assert!(
+        old.send(pb::agent_message::Msg::Bind(pb::BindRequest {
+            request_id: 1,
+            name: "old".into(),
+            protocol: pb::Protocol::Http as i32,
+            domain: "old.example.test".into(),
+            forwards_to: "http://localhost:9".into(),
+            ..Default::default()
+        }))
+        .await
+    );
+    let endpoint_id = match old.next().await {
+        Some(pb::edge_message::Msg::Bind(r)) if r.error.is_none() => r.endpoint_id,
+        other => panic!("not bound: {other:?}"),
+    };
+
+    let client = HttpsClient::new(edge.addrs.https, &edge.ca_pem());
+    let visitor = tokio::spawn(async move { client.get("old.example.test", "/then").await });
+    // Pool 0: the edge asks for the stream on the control stream.
+    loop {
+        match old.next().await.expect("the session is open") {
+            pb::edge_message::Msg::OpenStreams(o) => {
+                assert_eq!(o.count, 1);
+                break;
+            }
+            pb::edge_message::Msg::Ping(p) => {
+                old.send(pb::agent_message::Msg::Pong(p)).await;
+            }
+            _ => {}
+        }
+    }
+    let (inbound, outbound) = old.open_data().await;
+    let mut inbound = inbound.expect("the edge takes a data stream on the control connection");
+    let mut first = inbound
+        .message()
+        .await
+        .expect("a frame")
+        .expect("the stream is open");
+    let open = first.open.take().expect("the first frame opens the stream");
+    assert_eq!(open.endpoint_id, endpoint_id);
+    let mut request = first.data.to_vec();
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let frame = inbound
+            .message()
+            .await
+            .expect("a frame")
+            .expect("more of the request");
+        request.extend_from_slice(&frame.data);
+    }
+    let head = String::from_utf8_lossy(&request);
+    assert!(head.starts_with("GET /then HTTP/1.1\r\n"), "{head}");
+    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 13\r\n\r\nold transport";
+    outbound
+        .send(pb::Frame {
+            data: answer.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let response = visitor.await.unwrap().expect("the visitor is answered");
+    assert_eq!(response.status, 200);
+    assert_eq!(&response.body[..], b"old transport");
+}
