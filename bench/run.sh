@@ -69,7 +69,8 @@ if [[ -n "$REV" ]]; then
     SRC="$BENCH/out/src"
     rm -rf "$SRC"
     mkdir -p "$SRC"
-    git -C "$REPO" archive "$SHA" | tar -x -C "$SRC"
+    # -m: see the baseline's extraction below.
+    git -C "$REPO" archive "$SHA" | tar -x -m -C "$SRC"
     # The load agent as it is now, built against that revision's agent crate.
     rm -rf "$SRC/bench"
     mkdir -p "$SRC/bench/loadagent"
@@ -121,7 +122,12 @@ if [[ -n "$BASELINE" ]]; then
     log "exporting the baseline $BASELINE ($BSHA) to bench/out/src-base and building it"
     rm -rf "$BSRC"
     mkdir -p "$BSRC"
-    git -C "$REPO" archive "$BSHA" | tar -x -C "$BSRC"
+    # -m: the files get the time of extraction, not the commit's. Cargo
+    # hashes a workspace member by its path inside the workspace, so this
+    # build shares the working tree's artifacts; with the commit's older
+    # times a build script's output (the generated protobuf code) would
+    # look up to date and be reused.
+    git -C "$REPO" archive "$BSHA" | tar -x -m -C "$BSRC"
     (cd "$BSRC" && cargo build --release --bin postern-edge --bin postern)
     mkdir -p "$BENCH/out/bin-base"
     for b in postern-edge postern; do
