@@ -134,6 +134,10 @@ if [[ -n "$BASELINE" ]]; then
         cp "$CARGO_TARGET_DIR/release/$b" "$BENCH/out/bin-base/$b.new"
         mv -f "$BENCH/out/bin-base/$b.new" "$BENCH/out/bin-base/$b"
     done
+    # The baseline's artifacts now sit where the working tree's were, under
+    # the same hashes; cargo would take them for the working tree's, whose
+    # files are older. Newer times make its next build compile them again.
+    git -C "$REPO" ls-files -z '*.rs' | (cd "$REPO" && xargs -0 touch -c)
     export POSTERN_BASELINE_BIN_DIR="$BENCH/out/bin-base"
     export POSTERN_BASELINE_SOURCE="git $BSHA"
 fi
