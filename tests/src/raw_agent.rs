@@ -20,7 +20,7 @@ pub struct RawConnection {
 /// A control stream opened with Hello and answered with Welcome.
 pub struct RawSession {
     /// The connection the control stream is on, as tonic's client.
-    pub client: pb::tunnel_client::TunnelClient<tonic::transport::Channel>,
+    client: pb::tunnel_client::TunnelClient<tonic::transport::Channel>,
     pub tx: mpsc::Sender<pb::AgentMessage>,
     pub inbound: tonic::Streaming<pb::EdgeMessage>,
     pub welcome: pb::Welcome,
@@ -96,6 +96,7 @@ impl TestEdge {
             },
         )
     }
+
     /// Opens a control stream with `token` and waits for the Welcome.
     pub async fn raw_session(&self, token: &str) -> RawSession {
         let client = self.raw_connection().await;
