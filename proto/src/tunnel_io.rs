@@ -11,11 +11,15 @@
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll, ready},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Wake, Waker, ready},
 };
 
 use bytes::{Buf, Bytes};
-use futures_util::Stream;
+use futures_util::{Stream, task::AtomicWaker};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     sync::mpsc,
@@ -31,7 +35,12 @@ const CHANNEL_FRAMES: usize = 8;
 /// [`ChannelFrames`] must be sent to the peer; `first` frames lead it.
 pub fn tunnel_io<S>(inbound: S, first: Vec<pb::Frame>) -> (TunnelIo<S>, ChannelFrames) {
     let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+    let wakes = Arc::new(Wakes {
+        task: AtomicWaker::new(),
+        deferred: AtomicBool::new(false),
+    });
     let io = TunnelIo {
+        wakes: wakes.clone(),
         inbound,
         pending: Bytes::new(),
         read_done: false,
@@ -44,12 +53,15 @@ pub fn tunnel_io<S>(inbound: S, first: Vec<pb::Frame>) -> (TunnelIo<S>, ChannelF
         rx,
         sent_eof: false,
         done: false,
+        waker: Waker::from(wakes.clone()),
+        wakes,
     };
     (io, frames)
 }
 
 /// The byte-stream side. Dropping it without `shutdown` resets the stream.
 pub struct TunnelIo<S> {
+    wakes: Arc<Wakes>,
     inbound: S,
     pending: Bytes,
     read_done: bool,
@@ -118,6 +130,13 @@ where
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         let more = ready!(self.poll_fill(cx))?;
         Poll::Ready(Ok(more.then(|| std::mem::take(&mut self.pending))))
+    }
+
+    /// Whether the frames written from now on wake the task sending them
+    /// to the peer only once the worker has run every other ready task
+    /// (see [`Wakes`]). For a writer that knows others are writing too.
+    pub fn defer_wakes(&self, deferred: bool) {
+        self.wakes.deferred.store(deferred, Ordering::Relaxed);
     }
 
     /// Writes the start of `data` as one frame (all of it up to the size
@@ -225,6 +244,39 @@ pub struct ChannelFrames {
     rx: mpsc::Receiver<pb::Frame>,
     sent_eof: bool,
     done: bool,
+    /// What the channel wakes: [`Wakes`], over the task's waker.
+    wakes: Arc<Wakes>,
+    waker: Waker,
+}
+
+/// The waker of the task that sends a stream's frames to the peer (the
+/// connection's task), as the channel from [`TunnelIo`] wakes it. With
+/// `deferred`, the wake is handed to tokio's scheduler to do once the
+/// worker has run every task that is ready, as `yield_now` does with its
+/// own: the frames that other visitors' tasks write in the same turn then
+/// go to the peer in one write, not one each. Without, or outside a
+/// worker of the runtime, it wakes at once: when a worker runs out of
+/// tasks before a deferred wake is due, tokio wakes its other worker, a
+/// futex wake-up that one visitor alone would pay on every request.
+struct Wakes {
+    task: AtomicWaker,
+    deferred: AtomicBool,
+}
+
+impl Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(task) = self.task.take() else { return };
+        if !self.deferred.load(Ordering::Relaxed) {
+            return task.wake();
+        }
+        let mut defer = std::pin::pin!(tokio::task::yield_now());
+        // Its first poll hands the waker to the scheduler; it is pending.
+        let _ = defer.as_mut().poll(&mut Context::from_waker(&task));
+    }
 }
 
 impl Stream for ChannelFrames {
@@ -237,7 +289,9 @@ impl Stream for ChannelFrames {
         if self.done {
             return Poll::Ready(None);
         }
-        match ready!(self.rx.poll_recv(cx)) {
+        self.wakes.task.register(cx.waker());
+        let waker = self.waker.clone();
+        match ready!(self.rx.poll_recv(&mut Context::from_waker(&waker))) {
             Some(frame) => {
                 self.sent_eof |= frame.eof;
                 Poll::Ready(Some(frame))
@@ -324,6 +378,46 @@ mod tests {
         let first = frames.next().await.unwrap().data;
         assert_eq!((first.len(), first.as_ptr()), (MAX_READ, big.as_ptr()));
         assert_eq!(frames.next().await.unwrap().data.len(), 10);
+    }
+
+    /// On a worker of its own, which of two tasks runs first once a writer
+    /// has written a frame: the one taking the frames (woken by it), or one
+    /// the writer spawned just before writing.
+    async fn first_after_a_write(deferred: bool) -> Vec<&'static str> {
+        let (mut io, mut frames) = tunnel_io(
+            futures_util::stream::pending::<Result<pb::Frame, tonic::Status>>(),
+            vec![],
+        );
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = log.clone();
+        let taker = tokio::spawn(async move {
+            frames.next().await;
+            seen.lock().unwrap().push("taker");
+        });
+        // It waits on the channel.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let seen = log.clone();
+        let writer = tokio::spawn(async move {
+            io.defer_wakes(deferred);
+            let other = tokio::spawn(async move { seen.lock().unwrap().push("other") });
+            let mut data = Bytes::from_static(b"x");
+            std::future::poll_fn(|cx| io.poll_send(cx, &mut data))
+                .await
+                .unwrap();
+            (io, other)
+        });
+        let (_io, other) = writer.await.unwrap();
+        other.await.unwrap();
+        taker.await.unwrap();
+        log.lock().unwrap().clone()
+    }
+
+    /// tokio runs a task woken by the running one next, before the tasks
+    /// already waiting; a deferred wake waits for them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_deferred_wake_lets_the_ready_tasks_run_first() {
+        assert_eq!(first_after_a_write(false).await, ["taker", "other"]);
+        assert_eq!(first_after_a_write(true).await, ["other", "taker"]);
     }
 
     #[tokio::test]

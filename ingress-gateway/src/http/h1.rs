@@ -13,7 +13,10 @@ use std::{
     io,
     mem::MaybeUninit,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -142,6 +145,7 @@ pub(super) async fn exchange(
     pool: Arc<PoolInner>,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let io = conn.io.inner_mut();
+    let _waiting = Waiting::start(io);
     while !head.is_empty() {
         poll_fn(|cx| io.poll_send(cx, &mut head))
             .await
@@ -237,6 +241,29 @@ fn chunk(data: &[u8]) -> Bytes {
     chunk.extend_from_slice(data);
     chunk.extend_from_slice(b"\r\n");
     chunk.freeze()
+}
+
+/// Exchanges between sending their request and the end of their
+/// response, in the whole process.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// One exchange counted in [`WAITING`] while it lives. An exchange that
+/// starts while others wait defers its stream's wakes of the connection's
+/// task ([`TunnelIo::defer_wakes`]): under load, its frames join the
+/// others' in one write to the tunnel; one visitor alone pays nothing.
+struct Waiting;
+
+impl Waiting {
+    fn start(io: &TunnelIo<InboundFrames>) -> Waiting {
+        io.defer_wakes(WAITING.fetch_add(1, Ordering::Relaxed) > 0);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Reads a response head from the frames as they arrive.
