@@ -290,8 +290,16 @@ impl Stream for ChannelFrames {
             return Poll::Ready(None);
         }
         self.wakes.task.register(cx.waker());
-        let waker = self.waker.clone();
-        match ready!(self.rx.poll_recv(&mut Context::from_waker(&waker))) {
+        let this = self.as_mut().get_mut();
+        // Outside tokio's budget: a receiver whose task has spent it hands
+        // the waker it was polled with (this one) to the same deferred list,
+        // and tokio wakes that list holding it, so this waker's deferring
+        // again from there would find it taken. The task's own budget is
+        // spent by its sockets and its HTTP/2 connection.
+        let mut recv = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| this
+            .rx
+            .poll_recv(cx))));
+        match ready!(recv.as_mut().poll(&mut Context::from_waker(&this.waker))) {
             Some(frame) => {
                 self.sent_eof |= frame.eof;
                 Poll::Ready(Some(frame))
