@@ -243,8 +243,8 @@ fn chunk(data: &[u8]) -> Bytes {
     chunk.freeze()
 }
 
-/// Exchanges between sending their request and the end of their
-/// response, in the whole process.
+/// Exchanges between sending their request and reading their response's
+/// head, in the whole process.
 static WAITING: AtomicUsize = AtomicUsize::new(0);
 
 /// One exchange counted in [`WAITING`] while it lives. An exchange that
