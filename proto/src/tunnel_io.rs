@@ -398,12 +398,16 @@ mod tests {
         );
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = log.clone();
+        let (waiting, ready) = tokio::sync::oneshot::channel();
         let taker = tokio::spawn(async move {
+            let _ = waiting.send(());
             frames.next().await;
             seen.lock().unwrap().push("taker");
         });
-        // It waits on the channel.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The one worker is in the taker's poll when this hears from it, so
+        // the writer, spawned from this thread, runs only once the taker
+        // waits on the channel.
+        ready.await.unwrap();
         let seen = log.clone();
         let writer = tokio::spawn(async move {
             io.defer_wakes(deferred);
