@@ -11,6 +11,7 @@
 
 use std::{
     collections::VecDeque,
+    mem::MaybeUninit,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -598,9 +599,15 @@ struct ParsedRequest {
 }
 
 fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    let Some(len) = head_len(request.parse(bytes), "a malformed request head")? else {
+    // Left uninitialised: the parser writes the fields it finds.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        bytes,
+        &mut headers,
+    );
+    let Some(len) = head_len(parsed, "a malformed request head")? else {
         return Ok(None);
     };
     let method = request
@@ -626,9 +633,14 @@ struct ParsedResponse {
 }
 
 fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let Some(len) = head_len(response.parse(bytes), "a malformed response head")? else {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        bytes,
+        &mut headers,
+    );
+    let Some(len) = head_len(parsed, "a malformed response head")? else {
         return Ok(None);
     };
     let status = response
