@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from procs import write_between
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 OUT = os.path.join(BENCH, "out")
@@ -1640,17 +1642,7 @@ the harness; the rest is prose.
 
 
 def write_md(text):
-    if os.path.exists(BENCHMARKS_MD):
-        with open(BENCHMARKS_MD) as f:
-            doc = f.read()
-    else:
-        doc = SKELETON
-    if BEGIN not in doc or END not in doc:
-        doc = doc.rstrip() + "\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(BENCHMARKS_MD, "w") as f:
-        f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
+    write_between(BENCHMARKS_MD, BEGIN, END, text, SKELETON)
 
 
 def first_line(cmd):

