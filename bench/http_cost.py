@@ -16,7 +16,10 @@ The `sdk-http` system serves the HTTP endpoint through ngrok's Python SDK
 POSTERN_TEST_PYTHON) connected to the edge's SDK ingress instead of
 Postern's agent (issue 22).
 
-Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--systems a,b,...]
+Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--systems a,b,...] [--perf]
+With --perf, the edge of each system is sampled with `perf record` during
+its keep-alive runs, and a table says where its CPU time went
+(bench/perf_profile.py; needs perf and objdump).
 Needs nginx, wrk, openssl and release builds of postern-edge and postern
 (cargo build --release --bin postern-edge --bin postern; POSTERN_BIN_DIR
 names another directory of them). POSTERN_BASELINE_BIN_DIR names the
@@ -36,6 +39,7 @@ import statistics
 import subprocess
 import time
 
+import perf_profile
 from procs import Procs, cpu_seconds, write_between
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -264,6 +268,8 @@ def main():
                     help="default: every one (sdk-http only when the test venv has ngrok)")
     ap.add_argument("--write-md", action="store_true",
                     help="also write the tables into BENCHMARKS.md's part for this script")
+    ap.add_argument("--perf", action="store_true",
+                    help="sample each system's edge with perf during its keep-alive runs")
     args = ap.parse_args()
     if args.systems:
         systems = args.systems.split(",")
@@ -350,12 +356,22 @@ http {{
                           "http"])
         for system in systems:
             wait_for(lambda s=system: status(s) == 200, f"{system} answering 200")
-        rounds = []
+        rounds, profiles = [], {}
         for r in range(args.rounds):
             order = systems[r % len(systems):] + systems[:r % len(systems)]
             row = {}
             for system in order:
+                edge = next((p for p in SYSTEMS[system][4] if p.startswith("edge")), None)
+                recorder = None
+                if args.perf and edge:
+                    data = os.path.join(OUT, f"perf-{system}-{r + 1}.data")
+                    recorder = perf_profile.record(pids[edge], data)
                 keep_alive = wrk(system, 64, args.duration, pids)
+                if recorder:
+                    perf_profile.stop(recorder)
+                    binary = os.path.realpath(os.path.join(edges[edge], "postern-edge"))
+                    profiles.setdefault(system, []).append(
+                        perf_profile.summarise(data, binary, keep_alive["requests"]))
                 one = wrk(system, 1, args.duration, pids)
                 row[system] = {"rps": keep_alive["rps"], "p50_us": one["p50_us"],
                                "cpu_us_per_req": keep_alive["cpu_us_per_req"],
@@ -373,6 +389,29 @@ http {{
         with open(f"{OUT}/edge-ev-data/events.jsonl") as f:
             events = (sum(1 for _ in f), sum(r["http-events"]["requests"] for r in rounds))
     report(args, systems, rounds, events)
+    if profiles:
+        print_profiles(profiles)
+
+
+def print_profiles(profiles):
+    """The edge's CPU µs per request by group, each system's mean over
+    its rounds, as a Markdown table (and in perf.json)."""
+    def mean(system, get):
+        return statistics.mean(get(p) for p in profiles[system])
+
+    names = list(profiles)
+    lines = ["| the edge's CPU, µs per request (perf samples) | "
+             + " | ".join(SYSTEMS[s][0] for s in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for group, _ in perf_profile.GROUPS:
+        lines.append(f"| {group} | " + " | ".join(
+            f"{mean(s, lambda p: p['by_group_us'][group]):.1f}" for s in names) + " |")
+    lines.append("| **the whole edge** | " + " | ".join(
+        f"**{mean(s, lambda p: p['us_per_request']):.1f}**" for s in names) + " |")
+    lines.append("| of it, on the instruction after an atomic (`lock`) one | " + " | ".join(
+        f"{mean(s, lambda p: p['after_lock_us']):.1f}" for s in names) + " |")
+    write("perf.json", json.dumps(profiles, indent=2))
+    print("\n" + "\n".join(lines))
 
 
 def report(args, systems, rounds, events):
