@@ -278,6 +278,9 @@ def main():
         if not imports(PYTHON, "ngrok"):
             print(f"{PYTHON} cannot import ngrok: no sdk-http system", flush=True)
             systems.remove("sdk-http")
+    missing = [t for t in perf_profile.TOOLS if not shutil.which(t)] if args.perf else []
+    if missing:
+        raise SystemExit(f"--perf needs {', '.join(missing)} (Debian: linux-perf, binutils)")
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")

@@ -11,6 +11,8 @@ import signal
 import subprocess
 
 FREQ = 2999
+# What the sampling and the reading of the samples run.
+TOOLS = ("perf", "objdump", "readelf")
 
 # (group, pattern on the `dso symbol` text of perf's report), first match wins.
 GROUPS = [
@@ -23,7 +25,7 @@ GROUPS = [
     ("Postern's edge and events (postern_edge, postern_events)",
      r"postern_edge::|postern_events::"),
     ("the allocator (mimalloc)", r"\bmi_|_mi_"),
-    ("memcpy/memmove/memcmp", r"memmove|memcpy|memset|memcmp"),
+    ("memcpy, memmove, memset, memcmp", r"memmove|memcpy|memset|memcmp"),
     ("http", r"\bhttp::"),
     ("rustls and ring", r"rustls::|\bring::|ring_core"),
     ("bytes, httparse, libc, futures, tracing, the rest", r""),
