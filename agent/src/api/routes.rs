@@ -582,7 +582,10 @@ impl Api {
             )
         })?;
         let mut response = no_content();
-        if let Ok(location) = HeaderValue::from_str(&json::request_uri(&id)) {
+        // None when a store smaller than one capture let it go at once.
+        if let Some(id) = id
+            && let Ok(location) = HeaderValue::from_str(&json::request_uri(&id))
+        {
             response.headers_mut().insert(header::LOCATION, location);
         }
         Ok(response)

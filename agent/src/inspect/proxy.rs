@@ -40,7 +40,8 @@ use tracing::Instrument;
 use super::{
     BODY_CAPTURE_LIMIT,
     store::{
-        BodyState, Captured, CapturedBody, Captures, Headers, RequestHead, ResponseCapture, owned,
+        BodyState, Captured, CapturedBody, Captures, Headers, Key, RequestHead, ResponseCapture,
+        owned,
     },
     tee::Tee,
 };
@@ -327,7 +328,8 @@ pub(crate) struct Replay {
 }
 
 /// Sends a request to `target`'s upstream from the agent, capturing it as a
-/// new request; returns the new capture's id once the upstream answered.
+/// new request; returns the new capture's id once the upstream answered
+/// (`None` if the store already let it go).
 /// The response body is read to its end in the background (on `tracker`,
 /// until `shutdown`). An HTTP/2 upstream gets the request as HTTP/2, its
 /// Host as `:authority` and `te: trailers` kept, so a gRPC call replays
@@ -338,7 +340,7 @@ pub(crate) async fn replay(
     replay: Replay,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Result<String, Failure> {
+) -> Result<Option<String>, Failure> {
     let open = pb::StreamOpen {
         client_addr: replay.of.client_addr.clone(),
         server_addr: replay.of.server_addr.clone(),
@@ -421,7 +423,7 @@ pub(crate) async fn replay(
     };
     let (parts, body) = response.into_parts();
     capture.response_of(&parts, false);
-    let id = capture.id.clone();
+    let id = capture.id();
     let mut body = capture.tee_response(body);
     let shutdown = shutdown.clone();
     tracker.spawn(async move {
@@ -438,7 +440,7 @@ pub(crate) async fn replay(
 /// One request's entry in the store, filled in as the exchange goes.
 pub(super) struct Capture {
     captures: Arc<Captures>,
-    id: String,
+    key: Key,
     started: Instant,
 }
 
@@ -451,9 +453,8 @@ impl Capture {
         request: RequestHead,
         replay_of: Option<String>,
     ) -> Capture {
-        let id = postern_net::random_id("airt_");
-        captures.insert(Captured {
-            id: id.clone(),
+        let key = captures.insert(Captured {
+            id: postern_net::random_id("airt_"),
             tunnel_name: tunnel_name.to_string(),
             remote_addr,
             client_addr: open.client_addr.clone(),
@@ -468,9 +469,14 @@ impl Capture {
         });
         Capture {
             captures,
-            id,
+            key,
             started: Instant::now(),
         }
+    }
+
+    /// The capture's id, unless the store has already let it go.
+    fn id(&self) -> Option<String> {
+        self.captures.id(self.key)
     }
 
     fn tee_request<B>(&self, body: B) -> ProxyBody
@@ -485,9 +491,8 @@ impl Capture {
 
     /// Stores the request body once it ended.
     pub(super) fn request_body_done(&self) -> impl FnOnce(CapturedBody) + Send + 'static {
-        let captures = self.captures.clone();
-        let id = self.id.clone();
-        move |body| captures.update(&id, |c| c.request_body = body)
+        let (captures, key) = (self.captures.clone(), self.key);
+        move |body| captures.update(key, |c| c.request_body = body)
     }
 
     /// Records the response head (`headers` owned, see [`owned`]); an
@@ -501,7 +506,7 @@ impl Capture {
         upgraded: bool,
     ) {
         let elapsed = self.started.elapsed();
-        self.captures.update(&self.id, |c| {
+        self.captures.update(self.key, |c| {
             let state = if upgraded {
                 BodyState::Complete
             } else {
@@ -536,12 +541,10 @@ impl Capture {
 
     /// Stores the response body once it ended, and so the duration.
     pub(super) fn response_body_done(&self) -> impl FnOnce(CapturedBody) + Send + 'static {
-        let captures = self.captures.clone();
-        let id = self.id.clone();
-        let started = self.started;
+        let (captures, key, started) = (self.captures.clone(), self.key, self.started);
         move |body| {
             let elapsed = started.elapsed();
-            captures.update(&id, |c| {
+            captures.update(key, |c| {
                 c.duration = Some(elapsed);
                 if let Some(response) = &mut c.response {
                     response.body = body;
@@ -552,7 +555,7 @@ impl Capture {
 
     pub(super) fn failed(&self, error: String) {
         let elapsed = self.started.elapsed();
-        self.captures.update(&self.id, |c| {
+        self.captures.update(self.key, |c| {
             c.duration = Some(elapsed);
             c.error = Some(error);
         });

@@ -235,6 +235,11 @@ pub(super) fn owned(headers: &HeaderMap) -> HeaderMap {
 /// A capture in the store, with its weight when last changed.
 type Entry = (u64, Box<Captured>);
 
+/// Which capture of the store: the number of captures inserted before it.
+/// What an exchange changes its capture by, found without a search.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Key(u64);
+
 /// The inspector's store.
 pub(crate) struct Captures {
     limit: u64,
@@ -248,16 +253,27 @@ struct Inner {
     /// are small.
     entries: VecDeque<Entry>,
     total: u64,
+    /// The key of the oldest capture kept (of the next one, when none is).
+    first: u64,
 }
 
 impl Inner {
     fn evict(&mut self, limit: u64) {
         while self.total > limit {
             match self.entries.pop_front() {
-                Some((weight, _)) => self.total -= weight,
+                Some((weight, _)) => {
+                    self.total -= weight;
+                    self.first += 1;
+                }
                 None => break,
             }
         }
+    }
+
+    /// Where the capture of `key` is, if it is still kept.
+    fn index(&self, Key(key): Key) -> Option<usize> {
+        let i = usize::try_from(key.checked_sub(self.first)?).ok()?;
+        (i < self.entries.len()).then_some(i)
     }
 
     fn position(&self, id: &str) -> Option<usize> {
@@ -279,18 +295,20 @@ impl Captures {
     }
 
     /// Adds a capture as the newest.
-    pub fn insert(&self, captured: Captured) {
+    pub fn insert(&self, captured: Captured) -> Key {
         let weight = captured.weight();
         let mut inner = self.lock();
+        let key = Key(inner.first + inner.entries.len() as u64);
         inner.total += weight;
         inner.entries.push_back((weight, Box::new(captured)));
         inner.evict(self.limit);
+        key
     }
 
     /// Changes a capture, if it is still kept.
-    pub fn update(&self, id: &str, f: impl FnOnce(&mut Captured)) {
+    pub fn update(&self, key: Key, f: impl FnOnce(&mut Captured)) {
         let mut inner = self.lock();
-        let Some(i) = inner.position(id) else { return };
+        let Some(i) = inner.index(key) else { return };
         let (old, captured) = &mut inner.entries[i];
         let old = *old;
         f(captured);
@@ -318,8 +336,15 @@ impl Captures {
         inner.position(id).map(|i| (*inner.entries[i].1).clone())
     }
 
+    /// The id of the capture of `key`, if it is still kept.
+    pub fn id(&self, key: Key) -> Option<String> {
+        let inner = self.lock();
+        inner.index(key).map(|i| inner.entries[i].1.id.clone())
+    }
+
     pub fn clear(&self) {
         let mut inner = self.lock();
+        inner.first += inner.entries.len() as u64;
         inner.entries.clear();
         inner.total = 0;
     }
@@ -384,14 +409,15 @@ pub(crate) mod tests {
     fn the_oldest_go_when_the_size_limit_is_passed() {
         // Each capture weighs a little over 10 KB.
         let store = Captures::new(35_000);
-        for id in ["a", "b", "c", "d"] {
-            store.insert(captured(id, "web", 10_000));
-        }
+        let keys: Vec<Key> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|id| store.insert(captured(id, "web", 10_000)))
+            .collect();
         let ids: Vec<_> = store.list(10, None).into_iter().map(|c| c.id).collect();
         assert_eq!(ids, ["d", "c", "b"], "a was evicted");
         assert!(store.total() <= 35_000);
         // Growing a capture (its response arrives) evicts older ones too.
-        store.update("d", |c| {
+        store.update(keys[3], |c| {
             c.response = Some(ResponseCapture {
                 status: StatusCode::OK,
                 version: Version::HTTP_11,
@@ -408,8 +434,10 @@ pub(crate) mod tests {
         assert_eq!(ids, ["d", "c"]);
         assert!(store.total() <= 35_000);
         // Updating an evicted capture is a no-op.
-        store.update("a", |c| c.error = Some("late".into()));
+        store.update(keys[0], |c| c.error = Some("late".into()));
         assert!(store.get("a").is_none());
+        assert_eq!(store.id(keys[0]), None);
+        assert_eq!(store.id(keys[2]).as_deref(), Some("c"));
     }
 
     #[test]
