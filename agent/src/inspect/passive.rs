@@ -16,13 +16,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, Version, header};
+use http::{HeaderMap, Method, StatusCode, Version};
 use postern_net::{Hooked, IoHook};
 use postern_proto::pb;
 
 use super::{
     BODY_CAPTURE_LIMIT,
-    proxy::{Capture, is_upgrade, remote_addr},
+    proxy::{Capture, HeaderValues, forwarded_for, is_upgrade, remote_addr, text},
     store::{BodyState, Captures, Headers, MAX_HEADERS, RequestHead, header_map},
     tee::BodyCopy,
 };
@@ -253,17 +253,21 @@ impl Exchange {
     }
 
     /// Captures a request whose head was just read.
-    fn begin(&mut self, ParsedRequest { request, read_here }: ParsedRequest) {
+    fn begin(&mut self, parsed: ParsedRequest) {
+        let ParsedRequest {
+            request,
+            upgrade,
+            framing,
+            forwarded_for,
+        } = parsed;
         let source = &self.source;
         source.metrics.add_request();
         let head = request.method == Method::HEAD;
         let connect = request.method == Method::CONNECT;
-        let upgrade = is_upgrade(request.version, &read_here);
-        let framing = Framing::of(&read_here, Framing::Empty);
         let capture = Capture::begin(
             source.captures.clone(),
             &source.tunnel_name,
-            remote_addr(&read_here, &source.open.client_addr),
+            remote_addr(forwarded_for, &source.open.client_addr),
             &source.open,
             request,
             None,
@@ -317,7 +321,7 @@ impl Exchange {
         {
             Framing::Empty
         } else {
-            Framing::of(&response.read_here, Framing::UntilClose)
+            response.framing
         };
         pending
             .capture
@@ -380,17 +384,9 @@ impl Drop for Exchange {
 
 impl Framing {
     /// From a message's headers; `otherwise` when they give no length.
-    fn of(headers: &HeaderMap, otherwise: Framing) -> Framing {
-        if let Some(coding) = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
-            let last = coding
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
+    fn of(headers: &(impl HeaderValues + ?Sized), otherwise: Framing) -> Framing {
+        if let Some(coding) = headers.values("transfer-encoding").last() {
+            let last = coding.rsplit(|&b| b == b',').next().unwrap_or(b"");
             return if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 Framing::Chunked(Chunked::Size {
                     size: 0,
@@ -402,8 +398,9 @@ impl Framing {
             };
         }
         match headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
+            .values("content-length")
+            .next()
+            .and_then(text)
             .and_then(|v| v.trim().parse::<u64>().ok())
         {
             Some(0) => Framing::Empty,
@@ -561,41 +558,14 @@ fn head_len(
     }
 }
 
-/// Headers the tap itself reads (framing, upgrades, the visitor's
-/// address); the capture keeps the whole head as it passed.
-const READ_HERE: [&str; 5] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "x-forwarded-for",
-];
-
-/// A message head read: the head's bytes for the capture, and the headers
-/// of [`READ_HERE`] it has.
-struct Head {
-    bytes: Bytes,
-    read_here: HeaderMap,
-}
-
-impl Head {
-    fn new(bytes: &[u8], len: usize, parsed: &[httparse::Header<'_>]) -> Head {
-        let copy = Bytes::copy_from_slice(&bytes[..len]);
-        let wanted = parsed.iter().filter(|h| {
-            READ_HERE
-                .iter()
-                .any(|name| h.name.eq_ignore_ascii_case(name))
-        });
-        Head {
-            read_here: header_map(bytes, &copy, wanted),
-            bytes: copy,
-        }
-    }
-}
-
+/// A request head read: what the capture keeps (the head as it passed),
+/// and what the tap reads from its headers itself.
 struct ParsedRequest {
     request: RequestHead,
-    read_here: HeaderMap,
+    upgrade: bool,
+    framing: Framing,
+    /// Its last `X-Forwarded-For` entry: the visitor's address.
+    forwarded_for: Option<String>,
 }
 
 fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
@@ -614,22 +584,29 @@ fn parse_request(bytes: &[u8]) -> Parsed<ParsedRequest> {
         .method
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
         .ok_or(Lost("a request with an invalid method"))?;
-    let head = Head::new(bytes, len, request.headers);
-    let request = RequestHead {
-        uri: request.path.unwrap_or("/").to_string(),
-        version: version(request.version),
-        headers: Headers::Head(head.bytes),
-        method,
+    let version = version(request.version);
+    let parsed = ParsedRequest {
+        upgrade: is_upgrade(version, request.headers),
+        framing: Framing::of(request.headers, Framing::Empty),
+        forwarded_for: forwarded_for(request.headers),
+        request: RequestHead {
+            uri: request.path.unwrap_or("/").to_string(),
+            version,
+            headers: Headers::Head(Bytes::copy_from_slice(&bytes[..len])),
+            method,
+        },
     };
-    let read_here = head.read_here;
-    Ok(Some((ParsedRequest { request, read_here }, len)))
+    Ok(Some((parsed, len)))
 }
 
+/// A response head read: what the capture keeps, and how its body ends
+/// by its headers (a response to HEAD, a 204 and a 304 have none
+/// whatever they say).
 struct ParsedResponse {
     status: StatusCode,
     version: Version,
     headers: Headers,
-    read_here: HeaderMap,
+    framing: Framing,
 }
 
 fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
@@ -647,13 +624,12 @@ fn parse_response(bytes: &[u8]) -> Parsed<ParsedResponse> {
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(Lost("a response with an invalid status"))?;
-    let head = Head::new(bytes, len, response.headers);
     Ok(Some((
         ParsedResponse {
             status,
             version: version(response.version),
-            headers: Headers::Head(head.bytes),
-            read_here: head.read_here,
+            headers: Headers::Head(Bytes::copy_from_slice(&bytes[..len])),
+            framing: Framing::of(response.headers, Framing::UntilClose),
         },
         len,
     )))

@@ -258,7 +258,7 @@ impl Shared {
         let upgrade = is_upgrade(req.version(), req.headers());
         let visitor_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let remote_addr = remote_addr(&parts.headers, &stream.open.client_addr);
+        let remote_addr = remote_addr(forwarded_for(&parts.headers), &stream.open.client_addr);
         let capture = Capture::begin(
             stream.captures.clone(),
             &stream.target.spec.name,
@@ -584,34 +584,70 @@ fn head_of(parts: &http::request::Parts) -> RequestHead {
     }
 }
 
-/// The visitor's IP: the last `X-Forwarded-For` entry, which the edge
-/// appends; else the stream's client address (the visitor that opened a
-/// pooled stream, not necessarily this request's).
-pub(super) fn remote_addr(headers: &HeaderMap, client_addr: &str) -> String {
-    headers
-        .get_all("x-forwarded-for")
+/// A message's header values by name (lower case): of a map (the
+/// proxy's), or of a head as httparse read it (the tap's, which builds no
+/// map for the few it reads).
+pub(super) trait HeaderValues {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]>;
+
+    /// The values that are [`text`].
+    fn texts<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a str> {
+        self.values(name).filter_map(text)
+    }
+}
+
+/// A header value as text, if it is visible ASCII (as `HeaderValue::to_str`).
+pub(super) fn text(value: &[u8]) -> Option<&str> {
+    value
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
+}
+
+impl HeaderValues for HeaderMap {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> {
+        self.get_all(name).iter().map(HeaderValue::as_bytes)
+    }
+}
+
+impl HeaderValues for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'static str) -> impl Iterator<Item = &'a [u8]> {
+        self.iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// The last `X-Forwarded-For` entry, which the edge appends.
+pub(super) fn forwarded_for(headers: &(impl HeaderValues + ?Sized)) -> Option<String> {
+    headers
+        .texts("x-forwarded-for")
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .rfind(|v| !v.is_empty())
+        .filter(|v| !v.is_empty())
+        .last()
         .map(str::to_string)
-        .unwrap_or_else(|| {
-            client_addr
-                .parse::<std::net::SocketAddr>()
-                .map(|a| a.ip().to_string())
-                .unwrap_or_else(|_| client_addr.to_string())
-        })
+}
+
+/// The visitor's IP: its [`forwarded_for`] entry; else the stream's
+/// client address (the visitor that opened a pooled stream, not
+/// necessarily this request's).
+pub(super) fn remote_addr(forwarded_for: Option<String>, client_addr: &str) -> String {
+    forwarded_for.unwrap_or_else(|| {
+        client_addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|_| client_addr.to_string())
+    })
 }
 
 /// Whether a request asks to switch protocols (WebSocket and the like).
-pub(super) fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+pub(super) fn is_upgrade(version: Version, headers: &(impl HeaderValues + ?Sized)) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && headers.values("upgrade").next().is_some()
         && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+            .texts("connection")
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
@@ -724,12 +760,40 @@ mod tests {
     #[test]
     fn the_visitor_is_the_last_forwarded_for_entry() {
         let mut h = HeaderMap::new();
-        assert_eq!(remote_addr(&h, "198.51.100.2:4431"), "198.51.100.2");
+        assert_eq!(
+            remote_addr(forwarded_for(&h), "198.51.100.2:4431"),
+            "198.51.100.2"
+        );
         h.insert(
             "x-forwarded-for",
             HeaderValue::from_static("203.0.113.9, 127.0.0.1"),
         );
-        assert_eq!(remote_addr(&h, "198.51.100.2:4431"), "127.0.0.1");
+        assert_eq!(
+            remote_addr(forwarded_for(&h), "198.51.100.2:4431"),
+            "127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn a_parsed_head_reads_as_its_map_does() {
+        let head = b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\
+            X-Forwarded-For: 203.0.113.9\r\nx-forwarded-for: 127.0.0.1, \r\n\r\n";
+        let mut slots = [httparse::EMPTY_HEADER; 8];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(head).unwrap().is_complete());
+        let parsed = &*req.headers;
+        let mut map = HeaderMap::new();
+        for h in parsed {
+            map.append(
+                http::HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(h.value).unwrap(),
+            );
+        }
+        assert!(is_upgrade(Version::HTTP_11, parsed));
+        assert!(is_upgrade(Version::HTTP_11, &map));
+        assert_eq!(forwarded_for(parsed).as_deref(), Some("127.0.0.1"));
+        assert_eq!(forwarded_for(&map).as_deref(), Some("127.0.0.1"));
+        assert_eq!(text(b"caf\xc3\xa9"), None, "not visible ASCII");
     }
 
     #[test]
