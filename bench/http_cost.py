@@ -19,7 +19,7 @@ Postern's agent (issue 22).
 Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--systems a,b,...] [--perf]
 With --perf, the edge of each system is sampled with `perf record` during
 its keep-alive runs, and a table says where its CPU time went
-(bench/perf_profile.py; needs perf and objdump).
+(bench/perf_profile.py; needs perf, objdump and readelf).
 Needs nginx, wrk, openssl and release builds of postern-edge and postern
 (cargo build --release --bin postern-edge --bin postern; POSTERN_BIN_DIR
 names another directory of them). POSTERN_BASELINE_BIN_DIR names the

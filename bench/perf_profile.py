@@ -85,22 +85,22 @@ def _load_offset(binary):
 
 def _sample_addresses(path, binary):
     """The addresses in `binary`'s layout of the samples that fall in it,
-    and the number of samples in all."""
-    maps = subprocess.run(["perf", "script", "-i", path, "--show-mmap-events"],
-                          capture_output=True, text=True).stdout
-    base = None
-    for line in maps.splitlines():
-        m = re.search(r"\[0x([0-9a-f]+)\([0-9a-fx]+\) @ 0x([0-9a-f]+) .*r-xp (\S+)", line)
-        if m and m.group(3) == binary:
-            base = int(m.group(1), 16) - int(m.group(2), 16)
-            break
-    ips = subprocess.run(["perf", "script", "-i", path, "-F", "ip,dso"],
-                         capture_output=True, text=True).stdout.splitlines()
+    and the number of samples in all (one pass over the recording: its
+    mappings say where `binary` was loaded)."""
+    lines = subprocess.run(["perf", "script", "-i", path, "--show-mmap-events", "-F",
+                            "ip,dso"], capture_output=True, text=True).stdout.splitlines()
+    base, ips = None, []
+    for line in lines:
+        if "PERF_RECORD_MMAP" in line:
+            m = re.search(r"\[0x([0-9a-f]+)\([0-9a-fx]+\) @ 0x([0-9a-f]+) .*r-xp (\S+)", line)
+            if base is None and m and m.group(3) == binary:
+                base = int(m.group(1), 16) - int(m.group(2), 16)
+        elif len(f := line.split(None, 1)) == 2:
+            ips.append(f)
     if base is None:
         return [], len(ips)
     shift = _load_offset(binary)
-    samples = (line.split(None, 1) for line in ips)
-    inside = [int(f[0], 16) - base + shift for f in samples if len(f) == 2 and binary in f[1]]
+    inside = [int(ip, 16) - base + shift for ip, dso in ips if binary in dso]
     return inside, len(ips)
 
 
