@@ -36,7 +36,13 @@ use tokio::{
 };
 use tonic::Status;
 
-use crate::{BoxFrames, InboundFrames, drive::drive, h2_settings, pb, pipe::MAX_READ};
+use crate::{
+    BoxFrames, InboundFrames,
+    cork::{Cork, Corked},
+    drive::drive,
+    h2_settings, pb,
+    pipe::MAX_READ,
+};
 
 /// A message as sent: gRPC's prefix and the encoded message, then a `Frame`'s
 /// data as it came, uncopied.
@@ -372,7 +378,8 @@ pub struct EdgeConnection {
 
 /// What [`Driver::run`] drives.
 pub struct Driver<T> {
-    connection: h2::client::Connection<T, Body>,
+    connection: h2::client::Connection<Corked<T>, Body>,
+    cork: Cork,
     senders: mpsc::UnboundedReceiver<Pin<Box<dyn Future<Output = ()> + Send>>>,
     heartbeat: Duration,
     tolerance: Duration,
@@ -405,11 +412,12 @@ impl EdgeConnection {
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
+        let cork = Cork::default();
         let (requests, connection) = h2::client::Builder::new()
             .initial_window_size(h2_settings::STREAM_WINDOW)
             .initial_connection_window_size(h2_settings::CONNECTION_WINDOW)
             .max_frame_size(h2_settings::MAX_FRAME_SIZE)
-            .handshake(io)
+            .handshake(Corked::new(io, cork.clone()))
             .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok((
@@ -419,6 +427,7 @@ impl EdgeConnection {
             },
             Driver {
                 connection,
+                cork,
                 senders: rx,
                 heartbeat,
                 tolerance,
@@ -571,6 +580,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     pub async fn run(self) -> io::Result<()> {
         let Driver {
             mut connection,
+            cork,
             mut senders,
             heartbeat,
             tolerance,
@@ -594,8 +604,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             if let Poll::Ready(failed) = keepalive.poll_failed(cx) {
                 return Poll::Ready(Err(failed));
             }
-            pass.poll(|cx| Pin::new(&mut connection).poll(cx))
-                .map_err(io::Error::other)
+            let mut poll = || pass.poll(|cx| Pin::new(&mut connection).poll(cx));
+            match cork.held(&mut poll) {
+                // What the pass wrote goes out in one write.
+                (Poll::Pending, true) => poll(),
+                (polled, _) => polled,
+            }
+            .map_err(io::Error::other)
         })
         .await
     }
@@ -669,6 +684,7 @@ where
         + Send
         + 'static,
 {
+    let cork = Cork::default();
     // The handshake in a box of its own, gone once it is done.
     let mut connection = Box::pin(
         h2::server::Builder::new()
@@ -677,7 +693,7 @@ where
             .max_frame_size(h2_settings::MAX_FRAME_SIZE)
             .max_concurrent_streams(h2_settings::MAX_CONCURRENT_STREAMS)
             .max_header_list_size(settings.max_header_list_size)
-            .handshake::<_, Body>(io),
+            .handshake::<_, Body>(Corked::new(io, cork.clone())),
     )
     .await
     .map_err(io::Error::other)?;
@@ -700,7 +716,13 @@ where
                 return Poll::Ready(Err(failed));
             }
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            let (request, respond) = match pass.poll(|cx| connection.poll_accept(cx)) {
+            let mut accept = || pass.poll(|cx| connection.poll_accept(cx));
+            let accepted = match cork.held(&mut accept) {
+                // What the pass wrote goes out in one write.
+                (Poll::Pending, true) => accept(),
+                (polled, _) => polled,
+            };
+            let (request, respond) = match accepted {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
@@ -996,7 +1018,7 @@ mod tests {
             tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops)),
         );
         let size = std::mem::size_of_val(&served);
-        let connection = std::mem::size_of::<h2::server::Connection<Box<Large>, Body>>();
+        let connection = std::mem::size_of::<h2::server::Connection<Corked<Box<Large>>, Body>>();
         assert!(
             size < connection + 1024,
             "the connection's future is {size} bytes, its h2 connection {connection}"
@@ -1092,6 +1114,72 @@ mod tests {
         let _ = tokio::time::timeout(ten, server).await.unwrap().unwrap();
         drop(connection);
         let _ = tokio::time::timeout(ten, driver).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_small_messages_of_one_pass_leave_in_a_few_writes_not_one_each() {
+        // h2 flushes after every DATA frame of 256 bytes or more; corked,
+        // the frames of one pass leave together (crate::cork).
+        use crate::cork::tests::{Log, Logged};
+        const STREAMS: usize = 32;
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (client_log, server_log) = (Log::default(), Log::default());
+        let settings = ServerSettings {
+            heartbeat: Duration::from_secs(10),
+            tolerance: Duration::from_secs(10),
+            max_header_list_size: 16 * 1024,
+        };
+        let routes = tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops));
+        let server_io = Logged {
+            io: server_io,
+            log: server_log.clone(),
+        };
+        tokio::spawn(serve_connection(
+            Box::new(server_io),
+            (),
+            settings,
+            tokio_util::sync::CancellationToken::new(),
+            Echo,
+            routes,
+        ));
+        let ten = Duration::from_secs(10);
+        let client_io = Logged {
+            io: client_io,
+            log: client_log.clone(),
+        };
+        let (connection, driver) = EdgeConnection::handshake(client_io, ten, ten)
+            .await
+            .unwrap();
+        tokio::spawn(driver.run());
+        let message = |i: usize| pb::Frame {
+            data: Bytes::from(vec![i as u8; 300]),
+            ..Default::default()
+        };
+        let echo = |frame| {
+            connection.open_frames(
+                FORWARD_PATH,
+                &[],
+                Box::pin(futures_util::stream::iter([frame])),
+            )
+        };
+        // One exchange first: the settings and their acknowledgements are
+        // then behind.
+        let mut first = echo(message(0)).await.unwrap();
+        assert_eq!(first.next().await.unwrap().unwrap(), message(0));
+        let writes = |log: &Log| log.writes().len();
+        let (client_before, server_before) = (writes(&client_log), writes(&server_log));
+
+        let opened = futures_util::future::join_all((0..STREAMS).map(|i| echo(message(i)))).await;
+        for (i, inbound) in opened.into_iter().enumerate() {
+            let echoed = inbound.unwrap().next().await.unwrap().unwrap();
+            assert_eq!(echoed, message(i));
+        }
+        let sent = writes(&client_log) - client_before;
+        let echoed = writes(&server_log) - server_before;
+        assert!(
+            sent < STREAMS / 4 && echoed < STREAMS / 4,
+            "{STREAMS} messages left the client in {sent} writes, their echoes the server in {echoed}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod attach;
 mod basic_auth;
 mod budget;
 mod codec;
+mod cork;
 pub mod direct;
 pub mod drive;
 mod error;
