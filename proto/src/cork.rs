@@ -15,8 +15,8 @@
 //! is only noted as owed. The connection's task keeps the cork in while it
 //! polls the connection, and when a flush is owed polls it once more
 //! without: h2 then flushes, and everything the pass wrote goes out in one
-//! write (as TLS records of up to 16 KiB). Large writes (bulk data) go
-//! straight through, after what is buffered, uncopied.
+//! write (as TLS records of up to 16 KiB). Large writes (bulk data) are
+//! not copied: they go out in one write with what is buffered.
 
 use std::{
     io,
@@ -95,24 +95,58 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
         Poll::Ready(Ok(()))
     }
 
-    /// Takes `len` bytes: into the buffer (`copy` copies them there), or,
-    /// for a large write, `None` once the buffer is written out, for the
-    /// caller to write them itself.
+    /// Takes `data` (a large write) after what is buffered, in one write
+    /// of both where the stream takes it: the bytes of `data` written.
+    fn poll_write_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let buffered = &self.buf[self.sent..];
+            if buffered.is_empty() {
+                self.buf.clear();
+                self.sent = 0;
+                return Pin::new(&mut self.io).poll_write_vectored(cx, data);
+            }
+            let mut slices = [io::IoSlice::new(&[]); 4];
+            slices[0] = io::IoSlice::new(buffered);
+            let taken = data.len().min(slices.len() - 1);
+            slices[1..=taken].copy_from_slice(&data[..taken]);
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..=taken]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n <= buffered.len() {
+                self.sent += n;
+                continue;
+            }
+            let of_data = n - buffered.len();
+            self.buf.clear();
+            self.sent = 0;
+            return Poll::Ready(Ok(of_data));
+        }
+    }
+
+    /// Takes the `len` bytes of `data`: copied into the buffer, or, from
+    /// [`PASS_THROUGH`] bytes, written after it.
     fn poll_take(
         &mut self,
         cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
         len: usize,
-        copy: impl FnOnce(&mut Vec<u8>),
-    ) -> Poll<io::Result<Option<usize>>> {
+    ) -> Poll<io::Result<usize>> {
         self.dirty = true;
-        if len >= PASS_THROUGH || self.buf.len() + len > CAPACITY {
+        if len >= PASS_THROUGH {
+            return self.poll_write_through(cx, data);
+        }
+        if self.buf.len() + len > CAPACITY {
             ready!(self.poll_drain(cx))?;
         }
-        if len >= PASS_THROUGH {
-            return Poll::Ready(Ok(None));
+        for slice in data {
+            self.buf.extend_from_slice(slice);
         }
-        copy(&mut self.buf);
-        Poll::Ready(Ok(Some(len)))
+        Poll::Ready(Ok(len))
     }
 }
 
@@ -132,10 +166,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match ready!(self.poll_take(cx, data.len(), |buf| buf.extend_from_slice(data)))? {
-            Some(n) => Poll::Ready(Ok(n)),
-            None => Pin::new(&mut self.io).poll_write(cx, data),
-        }
+        self.poll_take(cx, &[io::IoSlice::new(data)], data.len())
     }
 
     fn poll_write_vectored(
@@ -144,15 +175,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Corked<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        let copy = |buf: &mut Vec<u8>| {
-            for b in bufs {
-                buf.extend_from_slice(b);
-            }
-        };
-        match ready!(self.poll_take(cx, len, copy))? {
-            Some(n) => Poll::Ready(Ok(n)),
-            None => Pin::new(&mut self.io).poll_write_vectored(cx, bufs),
-        }
+        self.poll_take(cx, bufs, len)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -228,6 +251,20 @@ pub(crate) mod tests {
             Poll::Ready(Ok(n))
         }
 
+        /// All the slices in one write, as `writev` takes them.
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             ready!(Pin::new(&mut self.io).poll_flush(cx))?;
             self.log.0.lock().unwrap().1 += 1;
@@ -280,13 +317,14 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_large_write_goes_through_after_what_is_buffered_and_shutdown_writes_the_rest() {
+    async fn a_large_write_leaves_in_one_write_with_what_is_buffered_and_shutdown_writes_the_rest()
+    {
         let (mut io, _, log) = corked();
         let large = vec![7u8; PASS_THROUGH];
         io.write_all(b"head").await.unwrap();
         io.write_all(&large).await.unwrap();
         io.write_all(b"tail").await.unwrap();
-        assert_eq!(log.writes(), [b"head".to_vec(), large]);
+        assert_eq!(log.writes(), [[&b"head"[..], &large].concat()]);
         io.shutdown().await.unwrap();
         assert_eq!(log.writes().last().unwrap(), b"tail");
     }
