@@ -1130,10 +1130,13 @@ mod tests {
             max_header_list_size: 16 * 1024,
         };
         let routes = tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops));
-        let server_io = Logged {
-            io: server_io,
-            log: server_log.clone(),
+        // Each end's writes logged on their way to the pipe.
+        let logged = |io: tokio::io::DuplexStream, log: &Log| {
+            let (read, write) = tokio::io::split(io);
+            let log = log.clone();
+            tokio::io::join(read, Logged { io: write, log })
         };
+        let server_io = logged(server_io, &server_log);
         tokio::spawn(serve_connection(
             Box::new(server_io),
             (),
@@ -1143,10 +1146,7 @@ mod tests {
             routes,
         ));
         let ten = Duration::from_secs(10);
-        let client_io = Logged {
-            io: client_io,
-            log: client_log.clone(),
-        };
+        let client_io = logged(client_io, &client_log);
         let (connection, driver) = EdgeConnection::handshake(client_io, ten, ten)
             .await
             .unwrap();
