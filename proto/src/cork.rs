@@ -34,6 +34,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const PASS_THROUGH: usize = 8 * 1024;
 /// Bytes buffered at most; more are written out first.
 const CAPACITY: usize = 64 * 1024;
+/// A drained buffer larger than this is let go, so that a connection that
+/// was busy once does not hold it while idle (h2 keeps 16 KiB of its own).
+const KEPT: usize = 16 * 1024;
 
 /// Whether a connection's flushes are held back, and whether one is owed:
 /// shared by the connection's [`Corked`] stream and the task that polls
@@ -90,9 +93,18 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
                 n => self.sent += n,
             }
         }
-        self.buf.clear();
-        self.sent = 0;
+        self.emptied();
         Poll::Ready(Ok(()))
+    }
+
+    /// Everything buffered was written.
+    fn emptied(&mut self) {
+        self.sent = 0;
+        if self.buf.capacity() > KEPT {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
     }
 
     /// Takes `data` (a large write) after what is buffered, in one write
@@ -105,8 +117,7 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
         loop {
             let buffered = &self.buf[self.sent..];
             if buffered.is_empty() {
-                self.buf.clear();
-                self.sent = 0;
+                self.emptied();
                 return Pin::new(&mut self.io).poll_write_vectored(cx, data);
             }
             let mut slices = [io::IoSlice::new(&[]); 4];
@@ -122,8 +133,7 @@ impl<T: AsyncWrite + Unpin> Corked<T> {
                 continue;
             }
             let of_data = n - buffered.len();
-            self.buf.clear();
-            self.sent = 0;
+            self.emptied();
             return Poll::Ready(Ok(of_data));
         }
     }
@@ -316,5 +326,19 @@ pub(crate) mod tests {
         assert_eq!(log.writes(), [[&b"head"[..], &large].concat()]);
         io.shutdown().await.unwrap();
         assert_eq!(log.writes().last().unwrap(), b"tail");
+    }
+
+    #[tokio::test]
+    async fn a_large_buffer_is_let_go_once_written_a_small_one_kept() {
+        let (mut io, _, _) = corked();
+        for _ in 0..10 {
+            io.write_all(&[1; 4096]).await.unwrap();
+        }
+        assert!(io.buf.capacity() > KEPT);
+        io.flush().await.unwrap();
+        assert_eq!(io.buf.capacity(), 0, "let go");
+        io.write_all(&[1; 100]).await.unwrap();
+        io.flush().await.unwrap();
+        assert!(io.buf.capacity() >= 100, "kept");
     }
 }
