@@ -32,6 +32,9 @@ pub const MAX_PEER_STREAMS: usize = 64;
 const MAX_DATA: usize = 64 * 1024;
 /// Frames queued for the writer.
 const OUT_QUEUE: usize = 64;
+/// Bytes of frames gathered before they are written; a larger frame is
+/// written as it is.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// What arrives on a stream.
 enum Inbound {
@@ -459,7 +462,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> MuxDriver<T> {
         let mux = Mux {
             shared: shared.clone(),
         };
-        let (mut read, mut write) = tokio::io::split(io);
+        let (mut read, write) = tokio::io::split(io);
+        // Frames queued together leave together: written one by one to
+        // TLS, each would be a record and a system call of its own.
+        let mut write = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, write);
         let reader = read_frames(&mut read, &mux, &accept_tx);
         let writer = async {
             loop {
