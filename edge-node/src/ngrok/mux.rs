@@ -501,10 +501,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> MuxDriver<T> {
                 code: e.code,
                 message: Bytes::from(e.reason.clone()),
             };
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                write.write_all(&goaway.encode()),
-            )
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                write.write_all(&goaway.encode()).await?;
+                write.flush().await
+            })
             .await;
         }
         shared.finish();
