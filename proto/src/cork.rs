@@ -52,9 +52,19 @@ struct Flags {
 }
 
 impl Cork {
+    /// Polls the connection (`poll`) with the cork in; when that is
+    /// pending with a flush held back, polls it once more without, so that
+    /// what the pass wrote goes out in one write.
+    pub fn poll<R>(&self, mut poll: impl FnMut() -> Poll<R>) -> Poll<R> {
+        match self.held(&mut poll) {
+            (Poll::Pending, true) => poll(),
+            (polled, _) => polled,
+        }
+    }
+
     /// Runs `poll` with the cork in, and says whether a flush was held back
-    /// during it: the caller then polls once more, uncorked.
-    pub fn held<R>(&self, poll: impl FnOnce() -> R) -> (R, bool) {
+    /// during it.
+    fn held<R>(&self, poll: impl FnOnce() -> R) -> (R, bool) {
         self.0.corked.store(true, Ordering::Relaxed);
         let polled = poll();
         self.0.corked.store(false, Ordering::Relaxed);

@@ -604,13 +604,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             if let Poll::Ready(failed) = keepalive.poll_failed(cx) {
                 return Poll::Ready(Err(failed));
             }
-            let mut poll = || pass.poll(|cx| Pin::new(&mut connection).poll(cx));
-            match cork.held(&mut poll) {
-                // What the pass wrote goes out in one write.
-                (Poll::Pending, true) => poll(),
-                (polled, _) => polled,
-            }
-            .map_err(io::Error::other)
+            cork.poll(|| pass.poll(|cx| Pin::new(&mut connection).poll(cx)))
+                .map_err(io::Error::other)
         })
         .await
     }
@@ -716,13 +711,8 @@ where
                 return Poll::Ready(Err(failed));
             }
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            let mut accept = || pass.poll(|cx| connection.poll_accept(cx));
-            let accepted = match cork.held(&mut accept) {
-                // What the pass wrote goes out in one write.
-                (Poll::Pending, true) => accept(),
-                (polled, _) => polled,
-            };
-            let (request, respond) = match accepted {
+            let (request, respond) = match cork.poll(|| pass.poll(|cx| connection.poll_accept(cx)))
+            {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(io::Error::other(e))),
@@ -997,6 +987,20 @@ mod tests {
         }
     }
 
+    /// The server settings of these tests.
+    fn settings() -> ServerSettings {
+        ServerSettings {
+            heartbeat: Duration::from_secs(10),
+            tolerance: Duration::from_secs(10),
+            max_header_list_size: 16 * 1024,
+        }
+    }
+
+    /// tonic's service behind these tests' servers: `StopSession`.
+    fn routes() -> tonic::service::Routes {
+        tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops))
+    }
+
     #[test]
     fn a_connections_task_holds_the_connection_and_little_else() {
         // Every agent connection's task keeps this future for its life:
@@ -1008,14 +1012,10 @@ mod tests {
         let served = serve_connection(
             Box::new(large),
             (),
-            ServerSettings {
-                heartbeat: Duration::from_secs(10),
-                tolerance: Duration::from_secs(10),
-                max_header_list_size: 16 * 1024,
-            },
+            settings(),
             tokio_util::sync::CancellationToken::new(),
             Echo,
-            tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops)),
+            routes(),
         );
         let size = std::mem::size_of_val(&served);
         let connection = std::mem::size_of::<h2::server::Connection<Corked<Box<Large>>, Body>>();
@@ -1030,19 +1030,13 @@ mod tests {
     {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let stop = tokio_util::sync::CancellationToken::new();
-        let settings = ServerSettings {
-            heartbeat: Duration::from_secs(10),
-            tolerance: Duration::from_secs(10),
-            max_header_list_size: 16 * 1024,
-        };
-        let routes = tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops));
         let server = tokio::spawn(serve_connection(
             Box::new(server_io),
             (),
-            settings,
+            settings(),
             stop.clone(),
             Echo,
-            routes,
+            routes(),
         ));
         let ten = Duration::from_secs(10);
         let (connection, driver) = EdgeConnection::handshake(client_io, ten, ten)
@@ -1124,12 +1118,6 @@ mod tests {
         const STREAMS: usize = 32;
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let (client_log, server_log) = (Log::default(), Log::default());
-        let settings = ServerSettings {
-            heartbeat: Duration::from_secs(10),
-            tolerance: Duration::from_secs(10),
-            max_header_list_size: 16 * 1024,
-        };
-        let routes = tonic::service::Routes::new(pb::node_link_server::NodeLinkServer::new(Stops));
         // Each end's writes logged on their way to the pipe.
         let logged = |io: tokio::io::DuplexStream, log: &Log| {
             let (read, write) = tokio::io::split(io);
@@ -1140,10 +1128,10 @@ mod tests {
         tokio::spawn(serve_connection(
             Box::new(server_io),
             (),
-            settings,
+            settings(),
             tokio_util::sync::CancellationToken::new(),
             Echo,
-            routes,
+            routes(),
         ));
         let ten = Duration::from_secs(10);
         let client_io = logged(client_io, &client_log);
