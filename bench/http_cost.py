@@ -10,13 +10,17 @@ HTTP endpoint again. wrk loads every system in turn, the order rotating
 from round to round, all in the same run. The report gives ratios between
 systems measured side by side (medians of the rounds) and the edge's plus
 agent's CPU time per request (from /proc), never absolute speed alone.
+The added one-connection latencies come from pairs of short runs back to
+back after the rounds (`--pairs`, `--pair-duration`), not from the
+rounds, whose runs of two systems are a minute apart.
 
 The `sdk-http` system serves the HTTP endpoint through ngrok's Python SDK
 (tests/ngrok-sdk/forward.py, the `ngrok` package of the test venv or
 POSTERN_TEST_PYTHON) connected to the edge's SDK ingress instead of
 Postern's agent (issue 22).
 
-Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--systems a,b,...] [--perf]
+Usage: bench/http_cost.py [--rounds N] [--duration SECONDS] [--pairs N]
+                          [--pair-duration SECONDS] [--systems a,b,...] [--perf]
 With --perf, the edge of each system is sampled with `perf record` during
 its keep-alive runs, and a table says where its CPU time went
 (bench/perf_profile.py; needs perf, objdump and readelf).
@@ -268,6 +272,9 @@ def main():
                     help="default: every one (sdk-http only when the test venv has ngrok)")
     ap.add_argument("--write-md", action="store_true",
                     help="also write the tables into BENCHMARKS.md's part for this script")
+    ap.add_argument("--pairs", type=int, default=15,
+                    help="alternating one-connection runs per latency comparison")
+    ap.add_argument("--pair-duration", type=int, default=1, help="seconds per paired run")
     ap.add_argument("--perf", action="store_true",
                     help="sample each system's edge with perf during its keep-alive runs")
     args = ap.parse_args()
@@ -383,6 +390,8 @@ http {{
                                "requests": keep_alive["requests"] + one["requests"]}
             rounds.append(row)
             print(f"round {r + 1}: {json.dumps(row)}", flush=True)
+        paired = {label: paired_p50(a, b, args.pairs, args.pair_duration, pids)
+                  for label, a, b in ADDED_P50 if a in systems and b in systems}
     finally:
         procs.stop()
     events = None
@@ -391,9 +400,25 @@ http {{
         # request answered, the readiness checks included.
         with open(f"{OUT}/edge-ev-data/events.jsonl") as f:
             events = (sum(1 for _ in f), sum(r["http-events"]["requests"] for r in rounds))
-    report(args, systems, rounds, events)
+    report(args, systems, rounds, paired, events)
     if profiles:
         print_profiles(profiles)
+
+
+def paired_p50(a, b, pairs, duration, pids):
+    """One-connection p50 of `a` minus that of `b`, from `pairs` pairs of
+    short runs back to back (which goes first alternating): the host's
+    latency drifts by tens of µs between the rounds' runs, a minute
+    apart, and much less between two runs a second apart. The median and
+    quartiles of the differences, in µs."""
+    diffs = []
+    for i in range(pairs):
+        order = (a, b) if i % 2 == 0 else (b, a)
+        p50 = {s: wrk(s, 1, duration, pids)["p50_us"] for s in order}
+        diffs.append(p50[a] - p50[b])
+    q1, median, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else diffs * 3
+    print(f"paired p50 {a} − {b}: {[round(d, 1) for d in diffs]}", flush=True)
+    return {"median": median, "q1": q1, "q3": q3, "pairs": pairs}
 
 
 def print_profiles(profiles):
@@ -417,7 +442,7 @@ def print_profiles(profiles):
     print("\n" + "\n".join(lines))
 
 
-def report(args, systems, rounds, events):
+def report(args, systems, rounds, paired, events):
     def med(system, key):
         values = [r[system][key] for r in rounds if r[system][key] is not None]
         return statistics.median(values) if values else None
@@ -437,11 +462,11 @@ def report(args, systems, rounds, events):
             ratio = statistics.median(r[a]["rps"] / r[b]["rps"] for r in rounds)
             result["ratios"][label] = round(ratio, 3)
             lines.append(f"| {label} | {ratio:.2f} |")
-    for label, a, b in ADDED_P50:
-        if a in systems and b in systems:
-            added = statistics.median(r[a]["p50_us"] - r[b]["p50_us"] for r in rounds)
-            result["added_p50_us"][label] = round(added, 1)
-            lines.append(f"| one-connection p50, {label} | {added:+.0f} µs |")
+    for label, p in paired.items():
+        result["added_p50_us"][label] = {k: round(v, 1) for k, v in p.items()}
+        lines.append(f"| one-connection p50, {label} ({p['pairs']} pairs of "
+                     f"{args.pair_duration} s runs back to back) | {p['median']:+.0f} µs "
+                     f"(quartiles {p['q1']:+.0f} to {p['q3']:+.0f}) |")
     if events is not None:
         lines.append(f"| events in the file after the run / requests wrk counted | "
                      f"{events[0]} / {events[1]} |")

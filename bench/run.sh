@@ -181,7 +181,7 @@ python3 "$BENCH/harness.py" "${ARGS[@]}"
 if [[ -n "$HTTP_COST" ]]; then
     # Every system (the `…-before` ones with --baseline, which exports
     # their binaries); it finds the test venv's SDK and tansu itself.
-    if [[ -n "$QUICK" ]]; then rounds=(--rounds 1 --duration 2); else rounds=(--rounds 3 --duration 5); fi
+    if [[ -n "$QUICK" ]]; then rounds=(--rounds 1 --duration 2 --pairs 3); else rounds=(--rounds 3 --duration 5); fi
     log "bench/http_cost.py (HTTP and HTTPS endpoints against the TCP endpoint)"
     python3 "$BENCH/http_cost.py" "${rounds[@]}" --write-md
 fi
