@@ -1308,12 +1308,12 @@ impl SubscriptionWriter {
             }
             #[cfg(feature = "kafka")]
             DestinationWriter::Kafka { writer, topics, .. } => {
-                let record = crate::spool::Record {
-                    key: queued.key.clone(),
-                    topic: topics[index(queued.event_type)].clone(),
-                    value: json.into_owned(),
+                let entry = crate::spool::Entry {
+                    key: queued.key.as_deref(),
+                    topic: &topics[index(queued.event_type)],
+                    value: &json,
                 };
-                match writer.append(&record) {
+                match writer.append(entry) {
                     Ok(()) => add(&self.metrics.spooled, 1),
                     Err(e) => {
                         add(&self.metrics.dropped, 1);

@@ -46,9 +46,18 @@ pub(crate) struct Record {
     pub value: Vec<u8>,
 }
 
-impl Record {
-    fn encode_into(&self, out: &mut Vec<u8>) {
-        let key = self.key.as_deref().map(str::as_bytes);
+/// A record to append, its parts borrowed from whoever holds them: the
+/// writer spools an event's JSON without copying it into a `Record` first.
+#[derive(Clone, Copy)]
+pub(crate) struct Entry<'a> {
+    pub key: Option<&'a str>,
+    pub topic: &'a str,
+    pub value: &'a [u8],
+}
+
+impl Entry<'_> {
+    fn encode_into(self, out: &mut Vec<u8>) {
+        let key = self.key.map(str::as_bytes);
         let key_len = key.map_or(NO_KEY, |k| k.len().min(NO_KEY as usize - 1) as u16);
         let key = key.map_or(&[][..], |k| &k[..key_len as usize]);
         let topic = &self.topic.as_bytes()[..self.topic.len().min(u16::MAX as usize)];
@@ -58,31 +67,52 @@ impl Record {
         out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
         out.extend_from_slice(key);
         out.extend_from_slice(topic);
-        out.extend_from_slice(&self.value);
+        out.extend_from_slice(self.value);
         let body = &out[start + HEADER..];
         let len = body.len() as u32;
         let crc = crc32fast::hash(body);
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
+}
 
-    fn decode(body: &[u8]) -> Option<Record> {
-        let key_len = u16::from_le_bytes(body.get(0..2)?.try_into().ok()?);
+impl Record {
+    #[cfg(test)]
+    fn entry(&self) -> Entry<'_> {
+        Entry {
+            key: self.key.as_deref(),
+            topic: &self.topic,
+            value: &self.value,
+        }
+    }
+
+    /// The record `body` holds; its value keeps the body's buffer (the
+    /// key and topic before it are moved out of the way), not a copy.
+    fn decode(mut body: Vec<u8>) -> Option<Record> {
+        let raw_key_len = u16::from_le_bytes(body.get(0..2)?.try_into().ok()?);
         let topic_len = u16::from_le_bytes(body.get(2..4)?.try_into().ok()?) as usize;
-        let (key, rest) = if key_len == NO_KEY {
-            (None, body.get(4..)?)
+        let key_len = if raw_key_len == NO_KEY {
+            0
         } else {
-            let key = body.get(4..4 + key_len as usize)?;
-            (
-                Some(String::from_utf8(key.to_vec()).ok()?),
-                body.get(4 + key_len as usize..)?,
-            )
+            raw_key_len as usize
         };
-        let topic = String::from_utf8(rest.get(..topic_len)?.to_vec()).ok()?;
+        let value_at = 4 + key_len + topic_len;
+        let key = match raw_key_len {
+            NO_KEY => None,
+            _ => Some(
+                std::str::from_utf8(body.get(4..4 + key_len)?)
+                    .ok()?
+                    .to_owned(),
+            ),
+        };
+        let topic = std::str::from_utf8(body.get(4 + key_len..value_at)?)
+            .ok()?
+            .to_owned();
+        body.drain(..value_at);
         Some(Record {
             key,
             topic,
-            value: rest.get(topic_len..)?.to_vec(),
+            value: body,
         })
     }
 
@@ -406,9 +436,9 @@ impl SpoolWriter {
 
     /// Adds a record to the current batch, or refuses it when the spool is
     /// at a limit.
-    pub(crate) fn append(&mut self, record: &Record) -> Result<(), AppendError> {
+    pub(crate) fn append(&mut self, entry: Entry<'_>) -> Result<(), AppendError> {
         let start = self.batch.len();
-        record.encode_into(&mut self.batch);
+        entry.encode_into(&mut self.batch);
         let len = (self.batch.len() - start) as u64;
         let mut st = self.spool.lock();
         let limits = self.spool.limits;
@@ -575,7 +605,7 @@ impl SpoolReader {
                 *at += 1;
             }
             match (crc32fast::hash(&body) == crc)
-                .then(|| Record::decode(&body))
+                .then(|| Record::decode(body))
                 .flatten()
             {
                 Some(record) => return Ok(Some((seq, record))),
@@ -627,6 +657,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_body_decodes_to_its_record_and_a_cut_one_to_none() {
+        for i in 0..3 {
+            let mut encoded = Vec::new();
+            record(i).entry().encode_into(&mut encoded);
+            let body = &encoded[HEADER..];
+            assert_eq!(Record::decode(body.to_vec()), Some(record(i)));
+            let value_at = body.len() - record(i).value.len();
+            for cut in 0..value_at {
+                assert_eq!(Record::decode(body[..cut].to_vec()), None, "cut at {cut}");
+            }
+        }
+    }
+
     const ROOMY: SpoolLimits = SpoolLimits {
         events: 1_000_000,
         bytes: 1 << 30,
@@ -647,7 +691,7 @@ mod tests {
         assert_eq!(recovery.pending, 0);
         let mut reader = spool.reader();
         for i in 0..10 {
-            writer.append(&record(i)).unwrap();
+            writer.append(record(i).entry()).unwrap();
         }
         assert!(reader.next().unwrap().is_none(), "not flushed yet");
         writer.flush().unwrap();
@@ -671,7 +715,7 @@ mod tests {
         {
             let (spool, mut writer, _) = open(&d, small);
             for i in 0..200 {
-                writer.append(&record(i)).unwrap();
+                writer.append(record(i).entry()).unwrap();
                 if i % 7 == 0 {
                     writer.flush().unwrap();
                 }
@@ -700,21 +744,21 @@ mod tests {
         {
             let (_spool, mut writer, _) = open(&d, ROOMY);
             for i in 0..5 {
-                writer.append(&record(i)).unwrap();
+                writer.append(record(i).entry()).unwrap();
             }
             writer.flush().unwrap();
         }
         // A crash in the middle of the sixth record's write.
         let seg = segment_path(&d, 0);
         let mut partial = Vec::new();
-        record(5).encode_into(&mut partial);
+        record(5).entry().encode_into(&mut partial);
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&partial[..partial.len() / 2]).unwrap();
         drop(f);
         let (spool, mut writer, recovery) = open(&d, ROOMY);
         assert_eq!(recovery.pending, 5);
         assert_eq!(recovery.truncated_bytes, (partial.len() / 2) as u64);
-        writer.append(&record(99)).unwrap();
+        writer.append(record(99).entry()).unwrap();
         writer.flush().unwrap();
         let got = read_all(&mut spool.reader());
         assert_eq!(got.len(), 6);
@@ -728,7 +772,7 @@ mod tests {
         {
             let (_spool, mut writer, _) = open(&d, ROOMY);
             for i in 0..3 {
-                writer.append(&record(i)).unwrap();
+                writer.append(record(i).entry()).unwrap();
             }
             writer.flush().unwrap();
         }
@@ -736,7 +780,7 @@ mod tests {
         let seg = segment_path(&d, 0);
         let mut bytes = fs::read(&seg).unwrap();
         let mut first = Vec::new();
-        record(0).encode_into(&mut first);
+        record(0).entry().encode_into(&mut first);
         let target = first.len() + HEADER + 30;
         bytes[target] ^= 0x55;
         fs::write(&seg, &bytes).unwrap();
@@ -760,15 +804,15 @@ mod tests {
             },
         );
         for i in 0..10 {
-            writer.append(&record(i)).unwrap();
+            writer.append(record(i).entry()).unwrap();
         }
         assert!(matches!(
-            writer.append(&record(10)),
+            writer.append(record(10).entry()),
             Err(AppendError::Full("spool_events"))
         ));
         writer.flush().unwrap();
         spool.commit(4, false).unwrap();
-        writer.append(&record(10)).unwrap();
+        writer.append(record(10).entry()).unwrap();
         drop(writer);
         let d2 = dir("limits-bytes");
         let (_spool, mut writer, _) = open(
@@ -779,7 +823,7 @@ mod tests {
             },
         );
         let mut n = 0;
-        while writer.append(&record(n)).is_ok() {
+        while writer.append(record(n).entry()).is_ok() {
             n += 1;
         }
         assert!(n > 3 && n < 10, "{n}");
