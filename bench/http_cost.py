@@ -109,6 +109,8 @@ ADDED_P50 = [
     ("HTTP inspect off − TCP endpoint", "http-off", "tcp"),
     ("HTTP inspect on − TCP endpoint", "http-on", "tcp"),
     ("HTTPS 10-rule policy − no policy", "https-policy", "https-off"),
+    ("before: HTTP inspect off − TCP endpoint", "http-off-before", "tcp-before"),
+    ("before: HTTP inspect on − TCP endpoint", "http-on-before", "tcp-before"),
 ]
 
 
