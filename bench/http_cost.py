@@ -280,6 +280,8 @@ def main():
     ap.add_argument("--perf", action="store_true",
                     help="sample each system's edge with perf during its keep-alive runs")
     args = ap.parse_args()
+    if args.pairs < 1 or args.pair_duration < 1:
+        raise SystemExit("--pairs and --pair-duration must be at least 1")
     if args.systems:
         systems = args.systems.split(",")
     else:

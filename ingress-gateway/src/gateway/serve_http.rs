@@ -97,8 +97,8 @@ async fn handle_request(
             (Some(Ok(host)), None) => match &inner.config.oauth {
                 Some(oauth) if oauth.is_auth_host(&host) => {
                     // Boxed, like a policy's run and WebSocket-to-TCP: inline,
-                    // those paths made every request's future 40 KB rather
-                    // than 8.5 KB, and hyper moves it once per request.
+                    // those rare paths made every request's future 40 KB,
+                    // and hyper moves that future once per request.
                     Box::pin(auth_host_request(oauth, conn, &host, &req)).await
                 }
                 // Boxed: the routing, the policy and the forwarding are 5.5
