@@ -272,16 +272,6 @@ impl HttpRecord {
         conn_start: SystemTime,
     ) -> Box<HttpRecord> {
         let publish = outcomes.wants(EventType::HttpRequestComplete);
-        let object = if publish {
-            request_fields(outcomes, req, (client, server), host, tls, conn_start)
-        } else {
-            // Only what metrics, spans and the response need: no
-            // strings are made for an event nobody takes.
-            HttpRequestComplete {
-                postern: Some(PosternFields::default()),
-                ..Default::default()
-            }
-        };
         // A root of its own (not a child of the connection), unless the
         // visitor sent a trace context to continue.
         let span = tracing::info_span!(
@@ -302,16 +292,26 @@ impl HttpRecord {
             error.code = tracing::field::Empty,
         );
         postern_telemetry::continue_trace(&span, req.headers());
-        Box::new(HttpRecord {
+        let mut record = Box::new(HttpRecord {
             outcomes: outcomes.clone(),
-            object,
+            // Only what metrics, spans and the response need; the event's
+            // fields replace it below when some subscription takes HTTP
+            // events (no strings are made for an event nobody takes).
+            object: HttpRequestComplete {
+                postern: Some(PosternFields::default()),
+                ..Default::default()
+            },
             publish,
             at: SystemTime::now(),
             started: Instant::now(),
             request_body: Arc::default(),
             response_body: Arc::default(),
             span,
-        })
+        });
+        if publish {
+            record.object = request_fields(outcomes, req, (client, server), host, tls, conn_start);
+        }
+        record
     }
 
     /// The request's span; routing, modules and forwarding run in it.
