@@ -116,9 +116,10 @@ impl Record {
         })
     }
 
-    /// Bytes this record takes in memory, for the delivery window.
+    /// Bytes this record takes in memory, for the delivery window (a
+    /// value read from the spool keeps the whole record's buffer).
     pub(crate) fn size(&self) -> usize {
-        self.value.len() + self.topic.len() + self.key.as_ref().map_or(0, String::len) + 64
+        self.value.capacity() + self.topic.len() + self.key.as_ref().map_or(0, String::len) + 64
     }
 }
 
